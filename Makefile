@@ -1,0 +1,105 @@
+# Pluvio - build, test, demo, install.  `make help` lists the targets.
+
+PREFIX      ?= /usr/local
+DESTDIR     ?=
+BINDIR      ?= $(PREFIX)/bin
+LIBDIR      ?= $(PREFIX)/lib/lua/5.1
+LUADIR      ?= $(PREFIX)/share/lua/5.1
+
+CC          ?= cc
+CFLAGS      ?= -O2 -g
+BUILD       ?= build
+SANITIZE    ?=
+
+DEB_PACKAGES = build-essential pkg-config luajit libluajit-5.1-dev liburing-dev \
+               libucx-dev ucx-utils lua-busted luarocks fio
+
+LUAJIT_CFLAGS := $(shell pkg-config --cflags luajit 2>/dev/null)
+LUAJIT_LIBS   := $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5.1)
+
+VERSION     = 0.1.0
+PL_CFLAGS  = -DPL_VERSION='"$(VERSION)"' -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC $(SANITIZE) $(CFLAGS)
+CORE_SRC   = src/runtime.c src/timer.c src/error.c
+CORE_OBJ   = $(CORE_SRC:src/%.c=$(BUILD)/%.o)
+CORE_LIBS  = -luring
+LIB        = $(BUILD)/libpluvio.so
+HOST       = $(BUILD)/pluvio
+CDEF       = lua/pluvio/cdef.lua
+LUA_MODULES = $(wildcard lua/pluvio/*.lua)
+
+BUSTED      = busted --lua=luajit
+SPEC_FLAGS ?=
+
+.PHONY: all test demo bench install uninstall clean help deps asan-test check-deps lint
+
+all: $(LIB) $(HOST) $(CDEF)
+
+$(BUILD):
+	mkdir -p $(BUILD)
+
+$(BUILD)/%.o: src/%.c src/pluvio.h src/internal.h | $(BUILD)
+	$(CC) $(PL_CFLAGS) -c $< -o $@
+
+$(LIB): $(CORE_OBJ)
+	$(CC) $(SANITIZE) -shared -o $@ $(CORE_OBJ) $(CORE_LIBS)
+
+$(HOST): src/main.c | $(BUILD)
+	$(CC) $(PL_CFLAGS) $(LUAJIT_CFLAGS) -o $@ src/main.c $(LUAJIT_LIBS) -Wl,-E -ldl
+
+# The FFI cdef is the marked region of the public header: one source of truth.
+$(CDEF): src/pluvio.h Makefile
+	{ echo '-- Generated from src/pluvio.h by make; do not edit.'; \
+	  echo 'return [==['; \
+	  sed -n '/^\/\* PL_CDEF_BEGIN \*\/$$/,/^\/\* PL_CDEF_END \*\/$$/{/PL_CDEF_/d;p}' src/pluvio.h; \
+	  echo ']==]'; } > $@
+
+test: all ## build, then run every spec
+	@spec/run $(SPEC_FLAGS)
+
+asan-test: ## run the specs with the C core under AddressSanitizer + UBSan
+	$(MAKE) BUILD=build-asan SANITIZE="-fsanitize=address,undefined -fno-omit-frame-pointer" all
+	@PLUVIO_BUILD=build-asan spec/run $(SPEC_FLAGS)
+
+demo: check-deps all ## build and run the demo scenario
+	$(HOST) examples/demo.lua
+
+bench: all ## run the benchmarks
+	$(HOST) examples/runtime_bench.lua
+
+lint: ## cppcheck the C core
+	cppcheck --enable=warning,style,performance,portability --error-exitcode=1 \
+	  --inline-suppr --suppress=missingIncludeSystem -q src/
+
+deps: ## install the Debian packages Pluvio needs (as root), else print the command
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES); \
+	else \
+	  echo "run as root:  apt-get install -y $(DEB_PACKAGES)"; \
+	fi
+
+# Installs missing packages only when something is missing.
+check-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "missing Debian packages:$$missing"; $(MAKE) --no-print-directory deps; \
+	fi
+
+install: all ## install into $(DESTDIR)$(PREFIX) with LuaRocks' layout
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(LUADIR)/pluvio
+	install -m 755 $(HOST) $(DESTDIR)$(BINDIR)/pluvio
+	install -m 755 $(LIB) $(DESTDIR)$(LIBDIR)/libpluvio.so
+	install -m 644 lua/pluvio/*.lua $(DESTDIR)$(LUADIR)/pluvio/
+
+uninstall: ## remove what install put in place
+	rm -f $(DESTDIR)$(BINDIR)/pluvio $(DESTDIR)$(LIBDIR)/libpluvio.so
+	rm -rf $(DESTDIR)$(LUADIR)/pluvio
+
+clean: ## remove build products
+	rm -rf build build-asan $(CDEF) luacov.*
+
+help: ## list the targets
+	@echo "Pluvio make targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo "Variables: PREFIX=$(PREFIX) DESTDIR= BUILD=$(BUILD) CC=$(CC) CFLAGS='$(CFLAGS)'"

@@ -1,0 +1,183 @@
+-- pluvio.channel: a bounded FIFO between tasks.  send parks while the
+-- channel is full, recv parks while it is empty; close wakes everyone.
+-- Values are Lua values, so the buffer is a Lua ring; waking goes through
+-- the runtime's C ready ring like every other wake-up.
+local pluvio = require "pluvio"
+local check = require "pluvio.check"
+
+local park, wake, current_task = pluvio._park, pluvio._wake, pluvio._current_task
+local WAIT = pluvio.WAIT
+local format = string.format
+
+local M = {}
+
+local Channel = {}
+Channel.__index = Channel
+M.Channel = Channel
+
+local MAX_CAPACITY = 2 ^ 31
+
+-- new(capacity): capacity is an integer >= 1 (how many values it holds
+-- before send parks).
+function M.new(capacity)
+    if capacity == nil then
+        capacity = 1
+    end
+    if type(capacity) ~= "number" or capacity ~= capacity or capacity % 1 ~= 0
+        or capacity < 1 or capacity > MAX_CAPACITY then
+        error(format("pluvio.channel: capacity must be an integer from 1 to %d (got %s)",
+                     MAX_CAPACITY, check.show(capacity)), 3)
+    end
+    return setmetatable({
+        cap = capacity, buf = {}, head = 1, count = 0, closed = false,
+        -- waiting tasks, FIFO: arrays with a read index
+        recvq = {}, recv_head = 1, recv_tail = 0, sendq = {}, send_head = 1, send_tail = 0,
+        sent = 0, received = 0,
+    }, Channel)
+end
+
+-- Wake the oldest task still waiting on this channel; entries of tasks that
+-- died or stopped waiting are skipped, so a wake-up is never spent on them.
+local function wake_first(ch, q, head)
+    local t = q[head]
+    while t do
+        q[head] = nil
+        head = head + 1
+        if t.live and t.parked_on == ch then
+            t.parked_on = nil
+            t.baton = ch      -- if t dies before it runs, it passes the wake on
+            wake(t)
+            return head
+        end
+        t = q[head]
+    end
+    return head
+end
+
+local function wake_all(q, head)
+    local t = q[head]
+    while t do
+        q[head] = nil
+        head = head + 1
+        t.parked_on = nil
+        wake(t)
+        t = q[head]
+    end
+    return head
+end
+
+function Channel:describe()
+    return format("channel (%d/%d%s)", self.count, self.cap, self.closed and ", closed" or "")
+end
+
+-- send(v): queue v (not nil); parks while the channel is full.  Sending on a
+-- closed channel raises.
+function Channel:send(v)
+    check.self("Channel:send", self, Channel, "a channel")
+    if v == nil then
+        error("Channel:send: value must not be nil (recv returns nil only when closed)", 2)
+    end
+    if self.closed then
+        error("Channel:send: the channel is closed", 2)
+    end
+    if self.count >= self.cap then
+        local t = current_task("Channel:send")
+        repeat
+            if t.parked_on ~= self then
+                t.parked_on = self
+                self.send_tail = self.send_tail + 1
+                self.sendq[self.send_tail] = t
+            end
+            park(t, WAIT.CHANNEL_SEND, self.cap, self)
+            t.baton = nil
+            if self.closed then
+                t.parked_on = nil
+                error("Channel:send: the channel was closed while this send waited " ..
+                      "(the value was not delivered)", 2)
+            end
+        until self.count < self.cap
+        t.parked_on = nil
+    end
+    local n = self.count
+    self.buf[(self.head + n - 1) % self.cap + 1] = v
+    self.count = n + 1
+    self.sent = self.sent + 1
+    if self.recvq[self.recv_head] then
+        self.recv_head = wake_first(self, self.recvq, self.recv_head)
+    end
+    return true
+end
+
+-- recv(): the oldest value; parks while empty; nil, "closed" once the
+-- channel is closed and drained.
+function Channel:recv()
+    check.self("Channel:recv", self, Channel, "a channel")
+    if self.count == 0 then
+        if self.closed then
+            return nil, "closed"
+        end
+        local t = current_task("Channel:recv")
+        repeat
+            if t.parked_on ~= self then
+                t.parked_on = self
+                self.recv_tail = self.recv_tail + 1
+                self.recvq[self.recv_tail] = t
+            end
+            park(t, WAIT.CHANNEL_RECV, self.cap, self)
+            t.baton = nil
+            if self.count == 0 and self.closed then
+                t.parked_on = nil
+                return nil, "closed"
+            end
+        until self.count > 0
+        t.parked_on = nil
+    end
+    local h = self.head
+    local v = self.buf[h]
+    self.buf[h] = nil
+    self.head = h % self.cap + 1
+    self.count = self.count - 1
+    self.received = self.received + 1
+    if self.sendq[self.send_head] then
+        self.send_head = wake_first(self, self.sendq, self.send_head)
+    end
+    return v
+end
+
+-- close(): no more sends; receivers drain what is buffered, then get
+-- nil, "closed".  Closing twice is harmless.
+function Channel:close()
+    check.self("Channel:close", self, Channel, "a channel")
+    if self.closed then
+        return false
+    end
+    self.closed = true
+    self.recv_head = wake_all(self.recvq, self.recv_head)
+    self.send_head = wake_all(self.sendq, self.send_head)
+    return true
+end
+
+-- A task chosen by a wake-up died before it could use it: wake the next
+-- waiter on each side that can make progress now.
+function Channel:_pass_baton()
+    if self.count > 0 or self.closed then
+        self.recv_head = wake_first(self, self.recvq, self.recv_head)
+    end
+    if self.count < self.cap or self.closed then
+        self.send_head = wake_first(self, self.sendq, self.send_head)
+    end
+end
+
+function Channel:len()
+    return self.count
+end
+
+function Channel:capacity()
+    return self.cap
+end
+
+function Channel:is_closed()
+    return self.closed
+end
+
+return M

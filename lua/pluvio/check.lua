@@ -1,0 +1,60 @@
+-- pluvio.check: argument checks shared by the modules.  Each raises at the
+-- caller's caller (the user's line) with the function, the argument and the
+-- rule it broke.
+local M = {}
+
+local type, floor, tostring, format = type, math.floor, tostring, string.format
+
+local function show(v)
+    if type(v) == "string" then
+        return format("%q", v)
+    end
+    return tostring(v)
+end
+M.show = show
+
+-- Raise "fname: what (got v)" at the user's level (level 3: the user called
+-- fname, fname called the check).
+function M.fail(fname, what, v, level)
+    error(format("%s: %s (got %s)", fname, what, show(v)), level or 3)
+end
+
+function M.integer(fname, argname, v, min, max)
+    if type(v) ~= "number" or v ~= v or floor(v) ~= v or v < min or v > max then
+        error(format("%s: %s must be an integer from %d to %d (got %s)",
+                     fname, argname, min, max, show(v)), 3)
+    end
+    return v
+end
+
+function M.number(fname, argname, v, min, max)
+    if type(v) ~= "number" or v ~= v or v < min or v > max then
+        local range = max == math.huge and format(">= %g", min) or format("from %g to %g", min, max)
+        error(format("%s: %s must be a finite number %s (got %s)", fname, argname, range, show(v)), 3)
+    end
+    return v
+end
+
+function M.func(fname, argname, v)
+    if type(v) ~= "function" then
+        error(format("%s: %s must be a function (got %s)", fname, argname, type(v)), 3)
+    end
+    return v
+end
+
+function M.string(fname, argname, v)
+    if type(v) ~= "string" then
+        error(format("%s: %s must be a string (got %s)", fname, argname, type(v)), 3)
+    end
+    return v
+end
+
+function M.self(fname, v, mt, what)
+    if getmetatable(v) ~= mt then
+        error(format("%s: call it as a method on %s (obj:%s(...)); got %s as self",
+                     fname, what, fname:match("[:.](.*)$") or fname, type(v)), 3)
+    end
+    return v
+end
+
+return M

@@ -1,0 +1,104 @@
+-- pluvio.host: the Lua half of the `pluvio` binary (src/main.c parses the
+-- command line and calls main).  Runs -l / -e actions and the script inside
+-- the main task of a default runtime and turns the outcome into an exit
+-- status.
+local M = {}
+
+local format = string.format
+
+local function load_script(script)
+    if script == "-" then
+        return load(io.stdin:read("*a"), "=stdin")
+    end
+    return loadfile(script)
+end
+
+-- Statistics and live tasks, as `pluvio --stats` prints them at exit.
+function M.format_stats(rt)
+    local s = rt:stats()
+    local lines = {
+        format("pluvio: tasks: %d spawned, %d finished (%d failed, %d cancelled), %d live",
+               s.tasks_spawned, s.tasks_finished, s.tasks_failed, s.tasks_cancelled, s.tasks_live),
+        format("pluvio: loop: %d ticks, %d resumes, %d wakes, %d timers fired, %d idle waits, %.6f s blocked",
+               s.ticks, s.resumes, s.wakes, s.timers_fired, s.idle_waits, s.time_blocked),
+    }
+    local names = {}
+    for name in pairs(s.reactors) do
+        names[#names + 1] = name
+    end
+    table.sort(names)
+    for _, name in ipairs(names) do
+        local r = s.reactors[name]
+        local extra = {}
+        for k, v in pairs(r) do
+            if k ~= "kind" and k ~= "status" and k ~= "polls" and k ~= "completions" then
+                extra[#extra + 1] = format("%s=%s", k, tostring(v))
+            end
+        end
+        table.sort(extra)
+        lines[#lines + 1] = format("pluvio: reactor %s (%s): %s, %d polls, %d completions%s",
+                                   name, r.kind, r.status, r.polls, r.completions,
+                                   #extra > 0 and ", " .. table.concat(extra, ", ") or "")
+    end
+    local tasks = rt:tasks()
+    lines[#lines + 1] = format("pluvio: %d live task%s", #tasks, #tasks == 1 and "" or "s")
+    for _, t in ipairs(tasks) do
+        lines[#lines + 1] = format("pluvio:   %s #%d %s%s, %d resumes, %.6f s running",
+                                   t.name, t.id, t.state, t.waits_on and (" on " .. t.waits_on) or "",
+                                   t.resumes, t.run_time)
+    end
+    return table.concat(lines, "\n") .. "\n"
+end
+
+-- opts: { script = path or "-" or nil, actions = { {"e", code} | {"l", module} }, stats = bool }
+function M.main(opts)
+    local pluvio = require "pluvio"
+    local chunk
+    if opts.script then
+        local err
+        chunk, err = load_script(opts.script)
+        if not chunk then
+            io.stderr:write("pluvio: ", tostring(err), "\n")
+            return 1
+        end
+    end
+    local actions = {}
+    for i, a in ipairs(opts.actions) do
+        if a[1] == "e" then
+            local f, err = load(a[2], "=(command line)")
+            if not f then
+                io.stderr:write("pluvio: ", err, "\n")
+                return 1
+            end
+            actions[i] = f
+        else
+            local name = a[2]
+            actions[i] = function() rawset(_G, name, require(name)) end
+        end
+    end
+    -- Scripts and -e code may use `pluvio` without requiring it.
+    rawset(_G, "pluvio", pluvio)
+    local rt = pluvio.default_runtime()
+    local args = arg or {}
+    local ok, err = pcall(rt.run, rt, function(...)
+        for _, f in ipairs(actions) do
+            f()
+        end
+        if chunk then
+            return chunk(...)
+        end
+    end, unpack(args, 1, #args))
+    if opts.stats then
+        io.stderr:write(M.format_stats(rt))
+    end
+    if not ok then
+        io.stderr:write("pluvio: ", tostring(err), "\n")
+        return 1
+    end
+    if rt:unjoined_failures() > 0 then
+        return 1
+    end
+    return 0
+end
+
+return M

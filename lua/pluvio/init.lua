@@ -1,0 +1,810 @@
+-- pluvio: the runtime, tasks and time.
+--
+-- C (libpluvio) owns the task slots, the ready ring, timers, reactors and the
+-- idle wait; this module owns only the coroutines and the Lua values they
+-- produce.  A blocking call has one shape: record what the task waits on in
+-- C, yield, and be resumed by the loop once something woke the slot.  Every
+-- wait is a loop on its condition, so a spurious wake-up is harmless.
+local core = require "pluvio.core"
+local check = require "pluvio.check"
+
+local ffi, C = core.ffi, core.C
+local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
+local co_running, co_status = coroutine.running, coroutine.status
+local select, type, tostring, setmetatable = select, type, tostring, setmetatable
+local unpack, traceback, format = unpack, debug.traceback, string.format
+
+local M = {}
+
+local BATCH = 256                 -- slots taken from the ready ring per tick
+local DEFAULT_CAPACITY = 1024
+local MAX_CAPACITY = 16777216     -- PL_MAX_TASKS
+local EDEADLK = core.errno.EDEADLK
+
+-- What a pluvio wait yields; any other yield is treated as pluvio.yield().
+local WAIT = setmetatable({}, { __tostring = function() return "pluvio wait" end })
+-- The error a task raises when it kills itself.
+local KILLED = setmetatable({}, { __tostring = function() return "cancelled" end })
+
+local WAIT_NAMES = {
+    [C.PL_WAIT_NONE] = "nothing", [C.PL_WAIT_SLEEP] = "sleep", [C.PL_WAIT_JOIN] = "join",
+    [C.PL_WAIT_SELECT] = "select", [C.PL_WAIT_CHANNEL_SEND] = "channel send",
+    [C.PL_WAIT_CHANNEL_RECV] = "channel recv", [C.PL_WAIT_IO] = "io",
+    [C.PL_WAIT_BUFFER] = "buffer", [C.PL_WAIT_RUNTIME] = "nested runtime",
+    [C.PL_WAIT_REACTOR] = "reactor", [C.PL_WAIT_OTHER] = "other",
+}
+local STATE_NAMES = {
+    [C.PL_TASK_READY] = "ready", [C.PL_TASK_RUNNING] = "running",
+    [C.PL_TASK_WAITING] = "waiting",
+}
+M.WAIT = {
+    SLEEP = C.PL_WAIT_SLEEP, JOIN = C.PL_WAIT_JOIN, SELECT = C.PL_WAIT_SELECT,
+    CHANNEL_SEND = C.PL_WAIT_CHANNEL_SEND, CHANNEL_RECV = C.PL_WAIT_CHANNEL_RECV,
+    IO = C.PL_WAIT_IO, BUFFER = C.PL_WAIT_BUFFER, REACTOR = C.PL_WAIT_REACTOR,
+    OTHER = C.PL_WAIT_OTHER,
+}
+
+local Runtime = {}
+Runtime.__index = Runtime
+M.Runtime = Runtime
+
+local Task = {}
+Task.__index = Task
+M.Task = Task
+
+-- The runtime whose loop runs now (innermost, for nested runtimes).
+local current_rt = nil
+
+local function pack(...)
+    return { n = select("#", ...), ... }
+end
+
+-- The task calling a blocking function, or a clear error naming fname.
+local function current_task(fname)
+    local rt = current_rt
+    local t = rt and rt.current
+    if not t then
+        error(fname .. ": not inside a pluvio task (call it from a function run by " ..
+              "pluvio.run / rt:run, or from a script run by the pluvio host)", 3)
+    end
+    if co_running() ~= t.co then
+        error(fname .. ": called from a coroutine that is not a pluvio task " ..
+              "(only pluvio tasks may block)", 3)
+    end
+    return t, rt
+end
+
+-- Park the running task until something wakes its slot.  what describes the
+-- wait for rt:tasks() and deadlock reports.
+local function park(t, kind, arg, what)
+    C.pl_task_wait(t.rt.crt, t.slot, kind, arg or 0)
+    t.waiting_for = what
+    co_yield(WAIT)
+    t.waiting_for = nil
+end
+
+local function wake(t)
+    if t.live then
+        C.pl_task_wake(t.rt.crt, t.slot, t.gen)
+    end
+end
+
+---------------------------------------------------------------------------
+-- Tasks
+---------------------------------------------------------------------------
+
+-- The error with its traceback, cut where the task's own frames end (the
+-- runtime's xpcall and task body are noise to the reader).
+local function on_error(e)
+    if e == KILLED then
+        return KILLED
+    end
+    local tb = traceback(tostring(e), 2)
+    local cut = tb:find("\n%s*%[C%]: in function 'xpcall'")
+    return cut and tb:sub(1, cut - 1) or tb
+end
+
+-- The body of every task's coroutine: run the function, keep its results.
+local function task_body(t)
+    local args = t.args
+    t.args = nil
+    t.results = pack(xpcall(t.fn, on_error, unpack(args, 1, args.n)))
+    t.fn = nil
+end
+
+local function spawn(rt, name, fn, args)
+    local gen = rt.gen_out
+    local slot = C.pl_task_spawn(rt.crt, gen)
+    if slot < 0 then
+        error("spawn: cannot create a task: " .. core.errstr(slot), 3)
+    end
+    rt.seq = rt.seq + 1
+    local t = setmetatable({
+        rt = rt, slot = slot, gen = gen[0], co = co_create(task_body),
+        fn = fn, args = args, _name = name or ("task-" .. rt.seq), id = rt.seq,
+        live = true, final = nil, joiners = nil,
+    }, Task)
+    rt.slots[slot] = t
+    rt.nlive = rt.nlive + 1
+    return t
+end
+
+-- A task ended (returned, raised, or was killed): free its slot, run its
+-- clean-ups (release buffers, cancel I/O), wake whoever joins it.
+local function finish(rt, t, final)
+    t.live = false
+    t.final = final
+    rt.slots[t.slot] = nil
+    rt.nlive = rt.nlive - 1
+    local outcome = final == "done" and C.PL_TASK_DONE
+        or final == "failed" and C.PL_TASK_FAILED or C.PL_TASK_CANCELLED
+    C.pl_task_exit(rt.crt, t.slot, outcome)
+    local baton = t.baton
+    if baton then           -- it was woken to take a turn it will never take
+        t.baton = nil
+        baton:_pass_baton()
+    end
+    local cleanups = t.cleanups
+    if cleanups then
+        t.cleanups = nil
+        for i = #cleanups, 1, -1 do
+            pcall(cleanups[i], t)
+        end
+    end
+    if final == "failed" then
+        rt.failed_list[#rt.failed_list + 1] = t
+    end
+    local joiners = t.joiners
+    if joiners then
+        t.joiners = nil
+        for i = 1, #joiners do
+            wake(joiners[i])
+        end
+    end
+end
+
+local function settle(rt, t)
+    local r = t.results
+    if r[1] then
+        finish(rt, t, "done")
+    elseif r[2] == KILLED then
+        t.results = { n = 3, false, nil, "cancelled" }
+        finish(rt, t, "cancelled")
+    else
+        finish(rt, t, "failed")
+    end
+end
+
+function Task:name()
+    check.self("Task:name", self, Task, "a task")
+    return self._name
+end
+
+-- "ready", "running", "waiting", "done", "failed" or "cancelled".
+function Task:status()
+    check.self("Task:status", self, Task, "a task")
+    if not self.live then
+        return self.final
+    end
+    local info = self.rt.info_out
+    if C.pl_task_info(self.rt.crt, self.slot, info) < 0 then
+        return "done"
+    end
+    return STATE_NAMES[info.state] or "waiting"
+end
+
+function Task:__tostring()
+    return format("task %q (#%d, %s)", self._name, self.id, self:status())
+end
+
+local function results_of(t)
+    t.joined = true
+    local r = t.results
+    if r[1] then
+        return unpack(r, 2, r.n)
+    end
+    return nil, r[2] == KILLED and "cancelled" or r[2]
+end
+
+-- The task's results, or nil and the error (with its traceback).
+function Task:join()
+    check.self("Task:join", self, Task, "a task")
+    local me = current_task("Task:join")
+    if me == self then
+        error("Task:join: a task cannot join itself (" .. tostring(self) .. ")", 2)
+    end
+    if self.joined or self.joining then
+        error("Task:join: " .. tostring(self) .. " was already joined; " ..
+              "a task's results are given once", 2)
+    end
+    self.joining = true
+    while self.live do
+        local j = self.joiners
+        if not j then
+            j = {}
+            self.joiners = j
+        end
+        j[#j + 1] = me
+        park(me, C.PL_WAIT_JOIN, self.id, self)
+    end
+    return results_of(self)
+end
+
+-- Cancel a task: it stops at its current wait point, what it waits on is
+-- cancelled and its clean-ups run.  Killing a finished task does nothing and
+-- returns false.  A task killing itself raises and never returns.
+function Task:kill()
+    check.self("Task:kill", self, Task, "a task")
+    if not self.live then
+        return false
+    end
+    local rt = self.rt
+    if rt.current == self then
+        error(KILLED, 0)
+    end
+    self.results = { n = 3, false, nil, "cancelled" }
+    self.co = nil
+    finish(rt, self, "cancelled")
+    return true
+end
+
+-- Run fn(t) when the task ends, however it ends (for resource owners).
+function Task:on_exit(fn)
+    local c = self.cleanups
+    if not c then
+        c = {}
+        self.cleanups = c
+    end
+    c[#c + 1] = fn
+    return fn
+end
+
+-- Low level: wake a task parked with pluvio.suspend().
+function Task:wake()
+    wake(self)
+end
+
+---------------------------------------------------------------------------
+-- Runtime
+---------------------------------------------------------------------------
+
+local function new_runtime(capacity)
+    local err = ffi.new("int[1]")
+    local crt = C.pl_runtime_new(capacity, err)
+    if crt == nil then
+        error("Runtime.new: cannot create the runtime: " .. core.errstr(err[0]) ..
+              (err[0] == -core.errno.ENOMEM and "" or
+               " (the runtime blocks in io_uring: is io_uring allowed here?)"), 3)
+    end
+    return setmetatable({
+        crt = ffi.gc(crt, C.pl_runtime_free),
+        slots = {}, nlive = 0, seq = 0,
+        ready = ffi.new("uint32_t[?]", BATCH),
+        gen_out = ffi.new("uint32_t[1]"),
+        info_out = ffi.new("pl_task_info_t"),
+        reactors = {},            -- name -> object (keeps C reactors alive)
+        lua_reactors = {},        -- array of { name, reactor }
+        failed_list = {},
+        n_unjoined = 0,
+        running = false,
+        current = nil,
+    }, Runtime)
+end
+
+-- Runtime.new([capacity]): capacity is the initial task-table size (it grows
+-- when needed), an integer from 1 to 16777216; default 1024.
+function Runtime.new(capacity)
+    if capacity == nil then
+        capacity = DEFAULT_CAPACITY
+    end
+    check.integer("Runtime.new", "capacity", capacity, 1, MAX_CAPACITY)
+    return new_runtime(capacity)
+end
+
+function Runtime:set_affinity(cpu)
+    check.self("Runtime:set_affinity", self, Runtime, "a runtime")
+    local n = C.pl_runtime_cpu_count()
+    if type(cpu) ~= "number" or cpu ~= cpu or cpu % 1 ~= 0 or cpu < 0 or cpu >= n then
+        error(format("Runtime:set_affinity: cpu %s does not exist (this machine has %d CPU%s: 0-%d)",
+                     check.show(cpu), n, n == 1 and "" or "s", n - 1), 2)
+    end
+    local rc = C.pl_runtime_set_affinity(self.crt, cpu)
+    if rc < 0 then
+        error(format("Runtime:set_affinity: cannot pin to cpu %d: %s", cpu, core.errstr(rc)), 2)
+    end
+    return true
+end
+
+-- Busy-poll for up to seconds before blocking when idle (trades CPU for
+-- wake-up latency).  0 turns it off.
+function Runtime:set_spin(seconds)
+    check.self("Runtime:set_spin", self, Runtime, "a runtime")
+    check.number("Runtime:set_spin", "seconds", seconds, 0, 10)
+    C.pl_runtime_set_spin(self.crt, seconds)
+end
+
+local function c_reactor_of(r)
+    if type(r) == "cdata" and ffi.istype("pl_reactor_t *", r) then
+        return r
+    end
+    if type(r) == "table" and type(r.c_reactor) == "function" then
+        return r:c_reactor()
+    end
+    return nil
+end
+
+-- register_reactor(name, reactor): a C reactor (cdata pl_reactor_t*, or an
+-- object with a :c_reactor() method) or a Lua reactor: a table with
+-- r:poll(budget) -> completions and r:status() -> "idle"|"pending"|"ready".
+function Runtime:register_reactor(name, reactor)
+    local fname = "Runtime:register_reactor"
+    check.self(fname, self, Runtime, "a runtime")
+    check.string(fname, "name", name)
+    if name == "" or #name >= 64 then
+        check.fail(fname, "name must be 1 to 63 characters", name)
+    end
+    if self.reactors[name] then
+        error(fname .. ": a reactor named " .. check.show(name) .. " is already registered", 2)
+    end
+    local cr = c_reactor_of(reactor)
+    if cr then
+        local rc = C.pl_runtime_register_reactor(self.crt, name, cr)
+        if rc < 0 then
+            error(fname .. ": cannot register " .. check.show(name) .. ": " .. core.errstr(rc), 2)
+        end
+    elseif type(reactor) == "table" then
+        if type(reactor.poll) ~= "function" then
+            error(fname .. ": reactor must be a C reactor or a table with a poll function " ..
+                  "(reactor:poll(budget) -> completions)", 2)
+        end
+        if type(reactor.status) ~= "function" then
+            error(fname .. ": reactor must have a status function " ..
+                  "(reactor:status() -> \"idle\", \"pending\" or \"ready\")", 2)
+        end
+        self.lua_reactors[#self.lua_reactors + 1] = { name = name, reactor = reactor, polls = 0, completions = 0 }
+    else
+        error(fname .. ": reactor must be a C reactor or a table with poll and status " ..
+              "functions (got " .. type(reactor) .. ")", 2)
+    end
+    self.reactors[name] = reactor
+    return true
+end
+
+function Runtime:reactor(name)
+    return self.reactors[name]
+end
+
+local LUA_STATUS = { idle = 0, pending = 1, ready = 2 }
+
+-- Poll the Lua reactors; returns the pl_tick flags they call for.
+local function poll_lua_reactors(rt)
+    local busy = false
+    local list = rt.lua_reactors
+    for i = 1, #list do
+        local e = list[i]
+        local st = e.reactor:status()
+        local code = LUA_STATUS[st] or st
+        if code ~= 0 then
+            local n = e.reactor:poll(BATCH)
+            e.polls = e.polls + 1
+            if type(n) == "number" and n > 0 then
+                e.completions = e.completions + n
+            end
+            busy = true
+        end
+    end
+    return busy and (C.PL_TICK_MAY_BLOCK + C.PL_TICK_EXTERNAL_BUSY) or C.PL_TICK_MAY_BLOCK
+end
+
+-- What a waiting task waits on, in words.
+local function describe_wait(t, kind)
+    local w = t.waiting_for
+    if getmetatable(w) == Task then
+        return "join of " .. tostring(w)
+    elseif type(w) == "string" then
+        return w
+    elseif w ~= nil and type(w) == "table" and w.describe then
+        return w:describe()
+    end
+    return WAIT_NAMES[kind] or "something"
+end
+
+-- One entry per live task: name, state, what it waits on, resumes, run time.
+function Runtime:tasks()
+    check.self("Runtime:tasks", self, Runtime, "a runtime")
+    local list, info = {}, self.info_out
+    for slot, t in pairs(self.slots) do
+        if C.pl_task_info(self.crt, slot, info) == 0 then
+            list[#list + 1] = {
+                id = t.id, name = t._name, state = STATE_NAMES[info.state] or "waiting",
+                waits_on = info.state == C.PL_TASK_WAITING and describe_wait(t, info.wait) or nil,
+                resumes = info.resumes, run_time = info.run_s,
+                deadline = info.deadline >= 0 and info.deadline or nil,
+                task = t,
+            }
+        end
+    end
+    table.sort(list, function(a, b) return a.id < b.id end)
+    return list
+end
+
+function Runtime:stats()
+    check.self("Runtime:stats", self, Runtime, "a runtime")
+    local s = ffi.new("pl_runtime_stats_t")
+    C.pl_runtime_stats(self.crt, s)
+    local out = {
+        tasks_spawned = s.spawned, tasks_finished = s.finished, tasks_failed = s.failed,
+        tasks_cancelled = s.cancelled, tasks_live = s.live, tasks_ready = s.ready,
+        timers_armed = s.timers, ticks = s.ticks, resumes = s.resumes, wakes = s.wakes,
+        timers_fired = s.timers_fired, idle_waits = s.idle_waits, time_blocked = s.blocked_s,
+        task_capacity = s.capacity, unjoined_failures = self.n_unjoined,
+        reactors = {},
+    }
+    local info = ffi.new("pl_reactor_info_t")
+    local figures = ffi.new("pl_stat_t[32]")
+    for i = 0, s.reactors - 1 do
+        if C.pl_runtime_reactor_info(self.crt, i, info) == 0 then
+            local r = { kind = ffi.string(info.kind), status = ({ "idle", "pending", "ready" })[info.status + 1],
+                        polls = info.polls, completions = info.completions }
+            local n = C.pl_runtime_reactor_stats(self.crt, i, figures, 32)
+            for k = 0, n - 1 do
+                r[ffi.string(figures[k].name)] = figures[k].value
+            end
+            out.reactors[ffi.string(info.name)] = r
+        end
+    end
+    for _, e in ipairs(self.lua_reactors) do
+        local r = { kind = "lua", status = tostring(e.reactor:status()),
+                    polls = e.polls, completions = e.completions }
+        if type(e.reactor.stats) == "function" then
+            for k, v in pairs(e.reactor:stats()) do
+                r[k] = v
+            end
+        end
+        out.reactors[e.name] = r
+    end
+    return out
+end
+
+local function deadlock_message(rt)
+    local lines = {}
+    for _, e in ipairs(rt:tasks()) do
+        lines[#lines + 1] = format("  %s waits on %s", tostring(e.task), e.waits_on or e.state)
+    end
+    return format("deadlock: %d task%s wait%s and nothing can wake %s " ..
+                  "(no task ready, no I/O in flight, no timer armed):\n%s",
+                  #lines, #lines == 1 and "" or "s", #lines == 1 and "s" or "",
+                  #lines == 1 and "it" or "them", table.concat(lines, "\n"))
+end
+
+-- Cancel every live task (after a deadlock or a failed main task).
+local function cancel_all(rt)
+    for _, t in pairs(rt.slots) do
+        if t.live then
+            t.results = { n = 3, false, nil, "cancelled" }
+            t.co = nil
+            t.joined = true
+            finish(rt, t, "cancelled")
+        end
+    end
+end
+
+-- Resume each ready task once; returns when the batch is done.
+local function run_batch(rt, n)
+    local crt, ready, slots = rt.crt, rt.ready, rt.slots
+    local prev = -1
+    for i = 0, n - 1 do
+        local slot = ready[i]
+        local t = slots[slot]
+        if t and t.co then
+            C.pl_task_switch(crt, prev, slot)
+            prev = slot
+            rt.current = t
+            local co = t.co
+            local ok, y = co_resume(co, t)
+            rt.current = nil
+            if co_status(co) == "dead" then
+                prev = -1
+                if not ok then    -- only if task_body itself failed
+                    t.results = { n = 2, false, traceback(co, tostring(y)) }
+                end
+                if t.live then
+                    settle(rt, t)
+                end
+            elseif y ~= WAIT then -- a bare coroutine.yield(): yield the CPU
+                C.pl_task_wake(crt, slot, t.gen)
+            end
+        end
+    end
+    C.pl_task_switch(crt, prev, -1)
+end
+
+-- Report failed tasks nobody joined, once each.
+local function report_unjoined(rt)
+    local list = rt.failed_list
+    rt.failed_list = {}
+    for _, t in ipairs(list) do
+        if not t.joined then
+            rt.n_unjoined = rt.n_unjoined + 1
+            io.stderr:write(format("pluvio: %s failed and was never joined: %s\n",
+                                   tostring(t), tostring(t.results[2])))
+        end
+    end
+end
+
+-- The loop: tick, resume, repeat, until done() says so or no task is live.
+local function loop(rt, done)
+    local crt, ready = rt.crt, rt.ready
+    while rt.nlive > 0 and not done() do
+        local flags = C.PL_TICK_MAY_BLOCK
+        if rt.lua_reactors[1] then
+            flags = poll_lua_reactors(rt)
+        end
+        local n = C.pl_tick(crt, ready, BATCH, flags)
+        if n < 0 then
+            if n == -EDEADLK then
+                local msg = deadlock_message(rt)
+                cancel_all(rt)
+                return nil, msg
+            end
+            cancel_all(rt)
+            return nil, "the runtime cannot wait: " .. core.errstr(n)
+        end
+        run_batch(rt, n)
+    end
+    return true
+end
+
+-- Run fn(...) as the main task; until_all: wait for every task (run) or
+-- only the main one (block_on).  Returns the main task's results; raises its
+-- error (and then cancels the tasks left).
+local function drive(rt, fname, until_all, fn, ...)
+    check.self(fname, rt, Runtime, "a runtime")
+    check.func(fname, "fn", fn)
+    if rt.running then
+        error(fname .. ": this runtime is already running (a task cannot run its own runtime)", 3)
+    end
+    local outer_rt = current_rt
+    local outer_task = outer_rt and outer_rt.current
+    if outer_task then
+        C.pl_task_wait(outer_rt.crt, outer_task.slot, C.PL_WAIT_RUNTIME, 0)
+    end
+    local main = spawn(rt, "main", fn, pack(...))
+    main.joined = true
+    local done
+    if until_all then
+        done = function() return main.final == "failed" or main.final == "cancelled" end
+    else
+        done = function() return not main.live end
+    end
+    rt.running = true
+    current_rt = rt
+    local ok, lok, lerr = pcall(loop, rt, done)
+    current_rt = outer_rt
+    rt.running = false
+    if not ok then          -- a bug in the loop itself: never leave tasks half-run
+        cancel_all(rt)
+        error(lok, 0)
+    end
+    local r = main.results
+    if r and not r[1] and until_all then
+        cancel_all(rt)
+    end
+    report_unjoined(rt)
+    if not lok then         -- deadlock or a failed wait; every task was cancelled
+        error(lerr, 0)
+    end
+    if not r[1] then
+        error(r[2] == KILLED and "the main task was cancelled" or r[2], 0)
+    end
+    return unpack(r, 2, r.n)
+end
+
+-- rt:run(fn, ...): run fn as the main task and every task it spawns until
+-- all have finished; returns fn's results, raises fn's error.
+function Runtime:run(fn, ...)
+    return drive(self, "Runtime:run", true, fn, ...)
+end
+
+-- rt:block_on(fn, ...): run until fn's task finishes and return its results;
+-- other tasks stay in the runtime for the next run/block_on.
+function Runtime:block_on(fn, ...)
+    return drive(self, "Runtime:block_on", false, fn, ...)
+end
+
+-- How many failed tasks were never joined (the host exits 1 when > 0).
+function Runtime:unjoined_failures()
+    return self.n_unjoined
+end
+
+---------------------------------------------------------------------------
+-- The default runtime and the direct-style functions
+---------------------------------------------------------------------------
+
+-- Hooks that add the default reactors (io_uring, UCX) to a new default
+-- runtime; the reactor modules register themselves here.
+M.default_reactor_hooks = {}
+
+-- A runtime with the default reactors, as the host and pluvio.run use.
+function M.default_runtime(capacity)
+    local rt = Runtime.new(capacity)
+    for _, hook in ipairs(M.default_reactor_hooks) do
+        hook(rt)
+    end
+    return rt
+end
+
+-- pluvio.run(fn, ...): run fn as the main task of a new default runtime;
+-- returns fn's results.
+function M.run(fn, ...)
+    check.func("pluvio.run", "fn", fn)
+    return M.default_runtime():run(fn, ...)
+end
+
+-- pluvio.wrap(fn): a plain function that runs fn in a new runtime, for
+-- busted's it() and other synchronous callers.
+function M.wrap(fn)
+    check.func("pluvio.wrap", "fn", fn)
+    return function(...)
+        return M.run(fn, ...)
+    end
+end
+
+-- The runtime running the current task, or nil.
+function M.runtime()
+    return current_rt
+end
+
+-- The running task, or nil outside tasks.
+function M.current()
+    local rt = current_rt
+    local t = rt and rt.current
+    if t and co_running() == t.co then
+        return t
+    end
+    return nil
+end
+
+local function spawn_checked(fname, name, fn, ...)
+    local rt = current_rt
+    if not rt or not rt.running then
+        error(fname .. ": no runtime is running (call it inside pluvio.run(fn), rt:run(fn), " ..
+              "or a script run by the pluvio host)", 3)
+    end
+    return spawn(rt, name, fn, pack(...))
+end
+
+function M.spawn(fn, ...)
+    check.func("pluvio.spawn", "fn", fn)
+    return spawn_checked("pluvio.spawn", nil, fn, ...)
+end
+
+function M.spawn_named(name, fn, ...)
+    check.string("pluvio.spawn_named", "name", name)
+    check.func("pluvio.spawn_named", "fn", fn)
+    return spawn_checked("pluvio.spawn_named", name, fn, ...)
+end
+
+-- Let every other ready task run once, then continue.
+function M.yield()
+    local t, rt = current_task("pluvio.yield")
+    C.pl_task_wake(rt.crt, t.slot, t.gen)
+    co_yield(WAIT)
+end
+
+-- Monotonic seconds (CLOCK_MONOTONIC, sub-microsecond resolution).
+M.now = C.pl_now
+
+-- Park the running task until the monotonic clock reaches deadline.
+local function sleep_until(t, rt, deadline, what)
+    local crt = rt.crt
+    while C.pl_now() < deadline do
+        C.pl_task_set_timer(crt, t.slot, deadline)
+        park(t, C.PL_WAIT_SLEEP, deadline, what)
+    end
+    C.pl_task_clear_timer(crt, t.slot)
+end
+
+-- pluvio.sleep(seconds): seconds is a finite number >= 0; 0 yields once.
+function M.sleep(seconds)
+    if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > 1e9 then
+        check.fail("pluvio.sleep", "seconds must be a finite number from 0 to 1e9", seconds)
+    end
+    local t, rt = current_task("pluvio.sleep")
+    if seconds == 0 then
+        C.pl_task_wake(rt.crt, t.slot, t.gen)
+        co_yield(WAIT)
+        return
+    end
+    sleep_until(t, rt, C.pl_now() + seconds)
+end
+
+-- Low level: park the running task until task:wake() is called on it (or a
+-- spurious wake-up: callers loop on their condition).  what is shown in
+-- rt:tasks() and deadlock reports.
+function M.suspend(what)
+    local t = current_task("pluvio.suspend")
+    park(t, C.PL_WAIT_OTHER, 0, what ~= nil and tostring(what) or "suspend")
+end
+
+local function task_arg(fname, i, v)
+    if getmetatable(v) ~= Task then
+        error(format("%s: argument %d must be a task (got %s)", fname, i, type(v)), 3)
+    end
+end
+
+-- pluvio.select(t1, t2, ...): wait for the first task to finish; returns its
+-- index and its results (or index, nil, err).
+function M.select(...)
+    local n = select("#", ...)
+    if n == 0 then
+        error("pluvio.select: give at least one task", 2)
+    end
+    local tasks = { ... }
+    for i = 1, n do
+        task_arg("pluvio.select", i, tasks[i])
+    end
+    local me = current_task("pluvio.select")
+    while true do
+        for i = 1, n do
+            if not tasks[i].live then
+                return i, results_of(tasks[i])
+            end
+        end
+        for i = 1, n do
+            local j = tasks[i].joiners or {}
+            tasks[i].joiners = j
+            j[#j + 1] = me
+        end
+        park(me, C.PL_WAIT_SELECT, n, format("select of %d tasks", n))
+    end
+end
+
+-- pluvio.timeout(seconds, fn, ...): fn's results, or nil, "timeout" when it
+-- takes longer (fn then is cancelled).  fn runs as a child task; its error
+-- is raised here.
+function M.timeout(seconds, fn, ...)
+    if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > 1e9 then
+        check.fail("pluvio.timeout", "seconds must be a finite number from 0 to 1e9", seconds)
+    end
+    check.func("pluvio.timeout", "fn", fn)
+    local me, rt = current_task("pluvio.timeout")
+    local child = spawn(rt, me._name .. "/timeout", fn, pack(...))
+    local deadline = C.pl_now() + seconds
+    while child.live and C.pl_now() < deadline do
+        local j = child.joiners or {}
+        child.joiners = j
+        j[#j + 1] = me
+        C.pl_task_set_timer(rt.crt, me.slot, deadline)
+        park(me, C.PL_WAIT_JOIN, child.id, child)
+    end
+    C.pl_task_clear_timer(rt.crt, me.slot)
+    if child.live then
+        child:kill()
+        child.joined = true
+        return nil, "timeout"
+    end
+    local r = child.results
+    child.joined = true
+    if r[1] then
+        return unpack(r, 2, r.n)
+    end
+    if r[2] == KILLED or r[3] == "cancelled" then
+        return nil, "cancelled"
+    end
+    error(r[2], 0)
+end
+
+-- Channels live in their own module; exposed here for convenience.
+function M.channel(capacity)
+    return require("pluvio.channel").new(capacity)
+end
+
+-- For modules built on the runtime (channels, reactors): park and wake.
+M._park = park
+M._wake = wake
+M._current_task = current_task
+
+M.version = ffi.string(C.pl_version())
+
+return M

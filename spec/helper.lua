@@ -1,0 +1,46 @@
+-- Shared by the specs (busted loads it first; specs require "helper").
+-- spec/run exports PLUVIO_LIB and PLUVIO_HOST for the build tree under test.
+local M = {}
+
+M.root = (debug.getinfo(1, "S").source:match("^@(.*)/spec/helper%.lua$")) or "."
+M.host = os.getenv("PLUVIO_HOST") or (M.root .. "/build/pluvio")
+
+local function shell_quote(s)
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+M.quote = shell_quote
+
+-- Run a shell command; returns exit status, stdout, stderr.
+function M.sh(cmd)
+    local out, err = os.tmpname(), os.tmpname()
+    local ok, how, code = os.execute("(" .. cmd .. ") >" .. out .. " 2>" .. err)
+    local function slurp(p)
+        local f = io.open(p, "rb")
+        local s = f and f:read("*a") or ""
+        if f then f:close() end
+        os.remove(p)
+        return s
+    end
+    local status = type(ok) == "number" and math.floor(ok / 256) or (how == "exit" and code or 128 + (code or 0))
+    return status, slurp(out), slurp(err)
+end
+
+-- Write code to a temporary script and run it with the pluvio host.
+function M.run_script(code, args)
+    local path = os.tmpname() .. ".lua"
+    local f = assert(io.open(path, "w"))
+    f:write(code)
+    f:close()
+    local status, out, err = M.sh(shell_quote(M.host) .. " " .. shell_quote(path) .. " " .. (args or ""))
+    os.remove(path)
+    return status, out, err, path
+end
+
+-- Run fn as the main task of a fresh runtime (for specs of async code).
+function M.async(fn)
+    return function()
+        return require("pluvio").run(fn)
+    end
+end
+
+return M

@@ -1,0 +1,43 @@
+/*
+ * error.c - names and messages for the negative errno values the ABI returns.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "pluvio.h"
+
+#ifndef PL_VERSION
+#define PL_VERSION "0.0.0"
+#endif
+
+const char *pl_strerror(int err)
+{
+    return strerror(err < 0 ? -err : err);
+}
+
+const char *pl_errname(int err)
+{
+    switch (err < 0 ? -err : err) {
+#define NAME(e) case e: return #e;
+    NAME(EPERM) NAME(ENOENT) NAME(ESRCH) NAME(EINTR) NAME(EIO) NAME(ENXIO)
+    NAME(E2BIG) NAME(EBADF) NAME(EAGAIN) NAME(ENOMEM) NAME(EACCES)
+    NAME(EFAULT) NAME(EBUSY) NAME(EEXIST) NAME(EXDEV) NAME(ENODEV)
+    NAME(ENOTDIR) NAME(EISDIR) NAME(EINVAL) NAME(ENFILE) NAME(EMFILE)
+    NAME(ENOTTY) NAME(EFBIG) NAME(ENOSPC) NAME(ESPIPE) NAME(EROFS)
+    NAME(EMLINK) NAME(EPIPE) NAME(ERANGE) NAME(EDEADLK) NAME(ENAMETOOLONG)
+    NAME(ENOSYS) NAME(ENOTEMPTY) NAME(ELOOP) NAME(ENODATA) NAME(ETIME)
+    NAME(EOVERFLOW) NAME(ENOTSOCK) NAME(EMSGSIZE) NAME(EPROTONOSUPPORT)
+    NAME(EOPNOTSUPP) NAME(EADDRINUSE) NAME(EADDRNOTAVAIL) NAME(ENETDOWN)
+    NAME(ENETUNREACH) NAME(ECONNABORTED) NAME(ECONNRESET) NAME(ENOBUFS)
+    NAME(EISCONN) NAME(ENOTCONN) NAME(ETIMEDOUT) NAME(ECONNREFUSED)
+    NAME(EHOSTUNREACH) NAME(EALREADY) NAME(EINPROGRESS) NAME(ECANCELED)
+#undef NAME
+    default:
+        return "E?";
+    }
+}
+
+const char *pl_version(void)
+{
+    return PL_VERSION;
+}

@@ -1,0 +1,86 @@
+/*
+ * internal.h - state shared by the C core's files; nothing here is public.
+ */
+#ifndef PL_INTERNAL_H
+#define PL_INTERNAL_H
+
+#include <liburing.h>
+#include <stdbool.h>
+
+#include "pluvio.h"
+
+#define PL_MAX_REACTORS 16
+#define PL_REACTOR_NAME_MAX 64
+#define PL_MAX_TASKS (1u << 24)
+#define PL_NO_TIMER (-1)
+
+/*
+ * One task slot.  Owned by the runtime's task table; a slot is either on the
+ * free list (state FREE) or belongs to one live task.  A released slot that
+ * is still on the ready ring is a zombie: the drain gives it back, so the
+ * ring never holds a slot twice.
+ */
+struct pl_task {
+    uint32_t gen;
+    uint32_t next_free;
+    uint8_t state;          /* enum pl_task_state */
+    uint8_t wait;           /* enum pl_wait_kind */
+    bool queued;
+    bool zombie;
+    int32_t heap_pos;       /* index in the timer heap, or PL_NO_TIMER */
+    int64_t deadline_ns;
+    double wait_arg;
+    uint64_t resumes;
+    int64_t run_ns;
+};
+
+/* Bounded ring of ready slots; capacity is a power of two >= task slots. */
+struct pl_ready_ring {
+    uint32_t *slots;
+    uint32_t mask;
+    uint32_t head;
+    uint32_t tail;
+};
+
+/* A registered reactor: borrowed pointer plus the runtime's book-keeping. */
+struct pl_reactor_slot {
+    pl_reactor_t *reactor;
+    char name[PL_REACTOR_NAME_MAX];
+    bool armed;             /* a poll request on its wait fd is in the ring */
+    uint32_t token;         /* tells a stale poll completion from a live one */
+    double polls;
+    double completions;
+};
+
+struct pl_runtime {
+    struct pl_task *tasks;
+    uint32_t capacity;
+    uint32_t free_head;     /* UINT32_MAX when empty */
+    uint32_t live;
+
+    struct pl_ready_ring ready;
+
+    uint32_t *heap;         /* slots ordered by deadline_ns (binary heap) */
+    uint32_t heap_len;
+
+    struct pl_reactor_slot reactors[PL_MAX_REACTORS];
+    int nreactors;
+
+    struct io_uring ring;   /* the one place the runtime blocks */
+    int64_t enter_ns;       /* when the running task was resumed */
+    int64_t spin_ns;
+
+    pl_runtime_stats_t stats;
+};
+
+int64_t pl_clock_ns(void);
+
+/* timer.c */
+void pl_timer_remove(pl_runtime_t *rt, uint32_t slot);
+int pl_timer_fire(pl_runtime_t *rt, int64_t now);
+int64_t pl_timer_next(const pl_runtime_t *rt);
+
+/* runtime.c */
+int pl_ready_push(pl_runtime_t *rt, uint32_t slot);
+
+#endif /* PL_INTERNAL_H */

@@ -1,0 +1,223 @@
+/*
+ * main.c - the pluvio host: embeds LuaJIT and runs a script as the main task
+ * of a ready runtime.
+ *
+ * This is the only file that uses the Lua C API, and it only embeds the
+ * interpreter: it finds Pluvio's Lua modules and library next to the
+ * executable (the build tree or an installed PREFIX), builds `arg` the way
+ * luajit does, and hands the parsed command line to pluvio.host.
+ */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <luajit.h>
+#include <lualib.h>
+
+#ifndef PL_VERSION
+#define PL_VERSION "0.0.0"
+#endif
+
+static const char usage[] =
+    "usage: pluvio [options] [script.lua [args...]]\n"
+    "Runs a Lua script as the main task of a Pluvio runtime (io_uring, UCX, timers).\n"
+    "\n"
+    "options:\n"
+    "  -e code      run code (inside the main task, before the script)\n"
+    "  -l module    require module (inside the main task, before the script)\n"
+    "  --stats      print runtime statistics and live tasks at exit (stderr)\n"
+    "  -v           print the version\n"
+    "  -h, --help   print this help\n"
+    "  --           stop handling options\n"
+    "  -            read the script from standard input\n"
+    "\n"
+    "Exit status: 0, or 1 on an uncaught error or a failed task nobody joined.\n";
+
+/* Does dir/rel exist? */
+static int exists(const char *dir, const char *rel)
+{
+    char path[PATH_MAX];
+
+    if (snprintf(path, sizeof(path), "%s/%s", dir, rel) >= (int)sizeof(path))
+        return 0;
+    return access(path, F_OK) == 0;
+}
+
+/* Prepend Pluvio's own module and library directories to package.path and
+ * package.cpath: the build tree (bin next to libpluvio.so, lua/ one level
+ * up) or LuaRocks' layout under PREFIX (bin, share/lua/5.1, lib/lua/5.1). */
+static void set_paths(lua_State *L)
+{
+    char exe[PATH_MAX], buf[4 * PATH_MAX];
+    const char *lua_dir, *lib_dir;
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    char *slash;
+
+    if (n <= 0)
+        return;
+    exe[n] = '\0';
+    slash = strrchr(exe, '/');
+    if (!slash)
+        return;
+    *slash = '\0';
+    if (exists(exe, "libpluvio.so") && exists(exe, "../lua/pluvio/init.lua")) {
+        lua_dir = "../lua";
+        lib_dir = ".";
+    } else {
+        lua_dir = "../share/lua/5.1";
+        lib_dir = "../lib/lua/5.1";
+    }
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "path");
+    snprintf(buf, sizeof(buf), "%s/%s/?.lua;%s/%s/?/init.lua;%s", exe, lua_dir, exe, lua_dir,
+             lua_tostring(L, -1));
+    lua_pop(L, 1);
+    lua_pushstring(L, buf);
+    lua_setfield(L, -2, "path");
+    lua_getfield(L, -1, "cpath");
+    snprintf(buf, sizeof(buf), "%s/%s/?.so;%s", exe, lib_dir, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    lua_pushstring(L, buf);
+    lua_setfield(L, -2, "cpath");
+    lua_pop(L, 1);
+}
+
+/* arg as luajit builds it: arg[0] the script, arg[1..] its arguments,
+ * negative indices the interpreter and its options. */
+static void set_arg(lua_State *L, int argc, char **argv, int script)
+{
+    int base = script < argc ? script : argc;
+
+    lua_createtable(L, argc - base, base + 1);
+    for (int i = 0; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i - base);
+    }
+    lua_setglobal(L, "arg");
+}
+
+struct options {
+    int script;         /* index of the script in argv, argc when none */
+    int stats;
+    int version;
+    int help;
+    const char *bad;    /* an option we do not know, or one missing its value */
+};
+
+/* Parse options; -e and -l are pushed, in order, into the table on top. */
+static struct options parse(lua_State *L, int argc, char **argv)
+{
+    struct options o = { .script = argc };
+    int n = 0;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--") == 0) {
+            o.script = i + 1 < argc ? i + 1 : argc;
+            return o;
+        }
+        if (a[0] != '-' || strcmp(a, "-") == 0) {
+            o.script = i;
+            return o;
+        }
+        if (strcmp(a, "-e") == 0 || strcmp(a, "-l") == 0) {
+            if (i + 1 >= argc) {
+                o.bad = a;
+                return o;
+            }
+            lua_createtable(L, 2, 0);
+            lua_pushstring(L, a + 1);
+            lua_rawseti(L, -2, 1);
+            lua_pushstring(L, argv[++i]);
+            lua_rawseti(L, -2, 2);
+            lua_rawseti(L, -2, ++n);
+        } else if (strcmp(a, "--stats") == 0) {
+            o.stats = 1;
+        } else if (strcmp(a, "-v") == 0 || strcmp(a, "--version") == 0) {
+            o.version = 1;
+        } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            o.help = 1;
+        } else {
+            o.bad = a;
+            return o;
+        }
+    }
+    return o;
+}
+
+static int traceback(lua_State *L)
+{
+    luaL_traceback(L, L, lua_tostring(L, 1), 1);
+    return 1;
+}
+
+/* Call require("pluvio.host").main(opts) with the actions table at stack
+ * index 1; returns the exit status. */
+static int run_host(lua_State *L, const struct options *o, int argc, char **argv)
+{
+    lua_pushcfunction(L, traceback);        /* 2: message handler */
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "pluvio.host");
+    if (lua_pcall(L, 1, 1, 2) != 0) {
+        fprintf(stderr, "pluvio: cannot load the Pluvio modules: %s\n", lua_tostring(L, -1));
+        return 1;
+    }
+    lua_getfield(L, -1, "main");
+    lua_createtable(L, 0, 3);
+    lua_pushvalue(L, 1);
+    lua_setfield(L, -2, "actions");
+    if (o->script < argc)
+        lua_pushstring(L, argv[o->script]);
+    else
+        lua_pushnil(L);
+    lua_setfield(L, -2, "script");
+    lua_pushboolean(L, o->stats);
+    lua_setfield(L, -2, "stats");
+    if (lua_pcall(L, 1, 1, 2) != 0) {
+        fprintf(stderr, "pluvio: %s\n", lua_tostring(L, -1));
+        return 1;
+    }
+    return (int)lua_tointeger(L, -1);
+}
+
+int main(int argc, char **argv)
+{
+    lua_State *L = luaL_newstate();
+    struct options o;
+    int status;
+
+    if (!L) {
+        fprintf(stderr, "pluvio: cannot create the Lua state (out of memory)\n");
+        return 1;
+    }
+    luaL_openlibs(L);
+    set_paths(L);
+    lua_newtable(L);                        /* stack 1: the -e / -l actions */
+    o = parse(L, argc, argv);
+    if (o.bad) {
+        fprintf(stderr, "pluvio: unknown option or missing value: '%s'\n%s", o.bad, usage);
+        lua_close(L);
+        return 1;
+    }
+    if (o.help || o.version) {
+        if (o.help)
+            fputs(usage, stdout);
+        else
+            printf("pluvio %s (%s)\n", PL_VERSION, LUAJIT_VERSION);
+        lua_close(L);
+        return 0;
+    }
+    if (o.script == argc && lua_objlen(L, 1) == 0) {
+        fputs(usage, stderr);
+        lua_close(L);
+        return 1;
+    }
+    set_arg(L, argc, argv, o.script);
+    status = run_host(L, &o, argc, argv);
+    lua_close(L);
+    return status;
+}

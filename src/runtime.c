@@ -1,0 +1,549 @@
+/*
+ * runtime.c - task slots, the ready ring, the reactor registry and the tick.
+ *
+ * Lifetime: a pl_runtime_t owns its task table, ready ring, timer heap and
+ * the io_uring it blocks in; pl_runtime_free releases all of them.  Reactors
+ * are borrowed (their Lua wrappers own them).
+ */
+
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define HOME_RING_ENTRIES 64
+#define REACTOR_POLL_BUDGET 256
+#define NO_SLOT UINT32_MAX
+
+static uint32_t pow2_at_least(uint32_t n)
+{
+    uint32_t p = 1;
+
+    while (p < n)
+        p <<= 1;
+    return p;
+}
+
+/* Slots [from, to) join the free list in index order. */
+static void free_list_add_range(pl_runtime_t *rt, uint32_t from, uint32_t to)
+{
+    for (uint32_t i = to; i-- > from;) {
+        rt->tasks[i] = (struct pl_task){ .heap_pos = PL_NO_TIMER, .deadline_ns = -1 };
+        rt->tasks[i].next_free = rt->free_head;
+        rt->free_head = i;
+    }
+}
+
+/* Move the ring's entries to a larger array, oldest first. */
+static int ready_ring_grow(struct pl_ready_ring *r, uint32_t cap)
+{
+    uint32_t *slots = malloc(sizeof(*slots) * cap);
+    uint32_t n = 0;
+
+    if (!slots)
+        return -ENOMEM;
+    for (uint32_t i = r->head; i != r->tail; i++)
+        slots[n++] = r->slots[i & r->mask];
+    free(r->slots);
+    r->slots = slots;
+    r->mask = cap - 1;
+    r->head = 0;
+    r->tail = n;
+    return 0;
+}
+
+/* Double the task table (and the ring and heap sized after it). */
+static int task_table_grow(pl_runtime_t *rt)
+{
+    uint32_t old = rt->capacity, cap = old * 2;
+    struct pl_task *tasks;
+    uint32_t *heap;
+
+    if (old >= PL_MAX_TASKS)
+        return -ENOMEM;
+    if (cap > PL_MAX_TASKS)
+        cap = PL_MAX_TASKS;
+    tasks = realloc(rt->tasks, sizeof(*tasks) * cap);
+    if (!tasks)
+        return -ENOMEM;
+    rt->tasks = tasks;
+    heap = realloc(rt->heap, sizeof(*heap) * cap);
+    if (!heap)
+        return -ENOMEM;
+    rt->heap = heap;
+    if (pow2_at_least(cap) > rt->ready.mask + 1 &&
+        ready_ring_grow(&rt->ready, pow2_at_least(cap)) < 0)
+        return -ENOMEM;
+    rt->capacity = cap;
+    free_list_add_range(rt, old, cap);
+    rt->stats.capacity = cap;
+    return 0;
+}
+
+pl_runtime_t *pl_runtime_new(uint32_t capacity, int *err)
+{
+    pl_runtime_t *rt;
+    int rc = -EINVAL;
+
+    if (capacity == 0 || capacity > PL_MAX_TASKS)
+        goto fail;
+    rc = -ENOMEM;
+    rt = calloc(1, sizeof(*rt));
+    if (!rt)
+        goto fail;
+    rt->capacity = capacity;
+    rt->free_head = NO_SLOT;
+    rt->tasks = malloc(sizeof(*rt->tasks) * capacity);
+    rt->heap = malloc(sizeof(*rt->heap) * capacity);
+    rt->ready.mask = pow2_at_least(capacity) - 1;
+    rt->ready.slots = malloc(sizeof(uint32_t) * (rt->ready.mask + 1));
+    if (!rt->tasks || !rt->heap || !rt->ready.slots)
+        goto fail_free;
+    rc = io_uring_queue_init(HOME_RING_ENTRIES, &rt->ring, 0);
+    if (rc < 0)
+        goto fail_free;
+    free_list_add_range(rt, 0, capacity);
+    rt->stats.capacity = capacity;
+    return rt;
+
+fail_free:
+    free(rt->tasks);
+    free(rt->heap);
+    free(rt->ready.slots);
+    free(rt);
+fail:
+    if (err)
+        *err = rc;
+    return NULL;
+}
+
+void pl_runtime_free(pl_runtime_t *rt)
+{
+    if (!rt)
+        return;
+    io_uring_queue_exit(&rt->ring);
+    free(rt->tasks);
+    free(rt->heap);
+    free(rt->ready.slots);
+    free(rt);
+}
+
+int pl_runtime_cpu_count(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_CONF);
+
+    return n > 0 ? (int)n : 1;
+}
+
+int pl_runtime_set_affinity(pl_runtime_t *rt, int cpu)
+{
+    cpu_set_t set;
+
+    (void)rt;
+    if (cpu < 0 || cpu >= pl_runtime_cpu_count() || cpu >= CPU_SETSIZE)
+        return -EINVAL;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof(set), &set) < 0)
+        return -errno;
+    return 0;
+}
+
+void pl_runtime_set_spin(pl_runtime_t *rt, double seconds)
+{
+    rt->spin_ns = seconds > 0 ? (int64_t)(seconds * 1e9) : 0;
+}
+
+/* ---- the ready ring ------------------------------------------------------ */
+
+/* Queue a live slot unless it is queued already; returns 1 if queued now. */
+int pl_ready_push(pl_runtime_t *rt, uint32_t slot)
+{
+    struct pl_task *t = &rt->tasks[slot];
+
+    if (t->queued)
+        return 0;
+    t->queued = true;
+    if (t->state == PL_TASK_WAITING)
+        t->state = PL_TASK_READY;
+    rt->ready.slots[rt->ready.tail++ & rt->ready.mask] = slot;
+    rt->stats.wakes++;
+    return 1;
+}
+
+static void slot_release(pl_runtime_t *rt, uint32_t slot)
+{
+    struct pl_task *t = &rt->tasks[slot];
+
+    t->zombie = false;
+    t->next_free = rt->free_head;
+    rt->free_head = slot;
+}
+
+static int ready_drain(pl_runtime_t *rt, uint32_t *out, int max)
+{
+    struct pl_ready_ring *r = &rt->ready;
+    int n = 0;
+
+    while (n < max && r->head != r->tail) {
+        uint32_t slot = r->slots[r->head++ & r->mask];
+        struct pl_task *t = &rt->tasks[slot];
+
+        t->queued = false;
+        if (t->zombie)
+            slot_release(rt, slot);
+        else
+            out[n++] = slot;
+    }
+    return n;
+}
+
+/* ---- tasks --------------------------------------------------------------- */
+
+int pl_task_spawn(pl_runtime_t *rt, uint32_t *gen)
+{
+    uint32_t slot;
+    struct pl_task *t;
+
+    if (rt->free_head == NO_SLOT) {
+        int rc = task_table_grow(rt);
+        if (rc < 0)
+            return rc;
+    }
+    slot = rt->free_head;
+    t = &rt->tasks[slot];
+    rt->free_head = t->next_free;
+    t->state = PL_TASK_READY;
+    t->wait = PL_WAIT_NONE;
+    t->wait_arg = 0;
+    t->resumes = 0;
+    t->run_ns = 0;
+    rt->live++;
+    rt->stats.spawned++;
+    pl_ready_push(rt, slot);
+    *gen = t->gen;
+    return (int)slot;
+}
+
+static struct pl_task *task_get(pl_runtime_t *rt, uint32_t slot)
+{
+    if (slot >= rt->capacity || rt->tasks[slot].state == PL_TASK_FREE)
+        return NULL;
+    return &rt->tasks[slot];
+}
+
+int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen)
+{
+    struct pl_task *t = task_get(rt, slot);
+
+    if (!t || t->gen != gen)
+        return -ESRCH;
+    return pl_ready_push(rt, slot);
+}
+
+int pl_task_wait(pl_runtime_t *rt, uint32_t slot, int kind, double arg)
+{
+    struct pl_task *t = task_get(rt, slot);
+
+    if (!t)
+        return -ESRCH;
+    t->wait = (uint8_t)kind;
+    t->wait_arg = arg;
+    return 0;
+}
+
+/* Account the task leaving the CPU and the one entering, with one clock read. */
+void pl_task_switch(pl_runtime_t *rt, int leave_slot, int enter_slot)
+{
+    int64_t now = pl_clock_ns();
+
+    if (leave_slot >= 0 && (uint32_t)leave_slot < rt->capacity) {
+        struct pl_task *t = &rt->tasks[leave_slot];
+        if (t->state == PL_TASK_RUNNING) {
+            t->run_ns += now - rt->enter_ns;
+            t->state = t->queued ? PL_TASK_READY : PL_TASK_WAITING;
+        }
+    }
+    if (enter_slot >= 0 && (uint32_t)enter_slot < rt->capacity) {
+        struct pl_task *t = &rt->tasks[enter_slot];
+        if (t->state != PL_TASK_FREE) {
+            t->state = PL_TASK_RUNNING;
+            t->wait = PL_WAIT_NONE;
+            t->resumes++;
+            rt->stats.resumes++;
+            rt->enter_ns = now;
+        }
+    }
+}
+
+int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome)
+{
+    struct pl_task *t = task_get(rt, slot);
+
+    if (!t)
+        return -ESRCH;
+    if (t->state == PL_TASK_RUNNING)
+        t->run_ns += pl_clock_ns() - rt->enter_ns;
+    pl_timer_remove(rt, slot);
+    t->state = PL_TASK_FREE;
+    t->gen++;
+    rt->live--;
+    rt->stats.finished++;
+    if (outcome == PL_TASK_FAILED)
+        rt->stats.failed++;
+    else if (outcome == PL_TASK_CANCELLED)
+        rt->stats.cancelled++;
+    if (t->queued)
+        t->zombie = true;   /* the drain gives the slot back */
+    else
+        slot_release(rt, slot);
+    return 0;
+}
+
+int pl_task_info(pl_runtime_t *rt, uint32_t slot, pl_task_info_t *out)
+{
+    struct pl_task *t = task_get(rt, slot);
+
+    if (!t)
+        return -ESRCH;
+    out->state = t->state;
+    out->wait = t->wait;
+    out->gen = t->gen;
+    out->wait_arg = t->wait_arg;
+    out->deadline = t->heap_pos == PL_NO_TIMER ? -1 : (double)t->deadline_ns / 1e9;
+    out->resumes = (double)t->resumes;
+    out->run_s = (double)t->run_ns / 1e9;
+    return 0;
+}
+
+/* ---- reactors ------------------------------------------------------------ */
+
+static int reactor_find(pl_runtime_t *rt, const char *name)
+{
+    for (int i = 0; i < rt->nreactors; i++)
+        if (strcmp(rt->reactors[i].name, name) == 0)
+            return i;
+    return -1;
+}
+
+int pl_runtime_register_reactor(pl_runtime_t *rt, const char *name, pl_reactor_t *reactor)
+{
+    struct pl_reactor_slot *s;
+
+    if (!name || !*name || strlen(name) >= PL_REACTOR_NAME_MAX)
+        return -ENAMETOOLONG;
+    if (!reactor || !reactor->poll || !reactor->status)
+        return -EINVAL;
+    if (reactor_find(rt, name) >= 0)
+        return -EEXIST;
+    if (rt->nreactors == PL_MAX_REACTORS)
+        return -ENOSPC;
+    s = &rt->reactors[rt->nreactors++];
+    *s = (struct pl_reactor_slot){ .reactor = reactor, .token = s->token + 1 };
+    memcpy(s->name, name, strlen(name) + 1);
+    rt->stats.reactors = rt->nreactors;
+    return 0;
+}
+
+/* user_data of a wait-fd poll: reactor index in the low 16 bits, token above. */
+static uint64_t poll_user_data(int index, uint32_t token)
+{
+    return ((uint64_t)token << 16) | (uint64_t)(index + 1);
+}
+
+int pl_runtime_unregister_reactor(pl_runtime_t *rt, const char *name)
+{
+    int i = reactor_find(rt, name);
+
+    if (i < 0)
+        return -ENOENT;
+    if (rt->reactors[i].armed) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&rt->ring);
+        if (sqe) {
+            io_uring_prep_poll_remove(sqe, poll_user_data(i, rt->reactors[i].token));
+            io_uring_sqe_set_data64(sqe, 0);
+            io_uring_submit(&rt->ring);
+        }
+    }
+    /* Keep the order of the others; tokens tell stale completions apart. */
+    for (int j = i; j + 1 < rt->nreactors; j++) {
+        rt->reactors[j] = rt->reactors[j + 1];
+        rt->reactors[j].armed = false;
+        rt->reactors[j].token++;
+    }
+    rt->nreactors--;
+    rt->reactors[rt->nreactors].token++;
+    rt->stats.reactors = rt->nreactors;
+    return 0;
+}
+
+int pl_runtime_reactor_info(pl_runtime_t *rt, int index, pl_reactor_info_t *out)
+{
+    struct pl_reactor_slot *s;
+
+    if (index < 0 || index >= rt->nreactors)
+        return -ENOENT;
+    s = &rt->reactors[index];
+    out->name = s->name;
+    out->kind = s->reactor->kind ? s->reactor->kind : "";
+    out->status = s->reactor->status(s->reactor);
+    out->polls = s->polls;
+    out->completions = s->completions;
+    return 0;
+}
+
+int pl_runtime_reactor_stats(pl_runtime_t *rt, int index, pl_stat_t *out, int max)
+{
+    pl_reactor_t *r;
+
+    if (index < 0 || index >= rt->nreactors)
+        return -ENOENT;
+    r = rt->reactors[index].reactor;
+    return r->stats ? r->stats(r, out, max) : 0;
+}
+
+static void reactors_poll(pl_runtime_t *rt)
+{
+    for (int i = 0; i < rt->nreactors; i++) {
+        struct pl_reactor_slot *s = &rt->reactors[i];
+        int n;
+
+        if (s->reactor->status(s->reactor) == PL_REACTOR_IDLE)
+            continue;
+        n = s->reactor->poll(s->reactor, rt, REACTOR_POLL_BUDGET);
+        s->polls++;
+        if (n > 0)
+            s->completions += n;
+    }
+}
+
+/* ---- the tick ------------------------------------------------------------ */
+
+static bool ready_empty(const pl_runtime_t *rt)
+{
+    return rt->ready.head == rt->ready.tail;
+}
+
+static void collect(pl_runtime_t *rt)
+{
+    reactors_poll(rt);
+    if (rt->heap_len > 0)
+        pl_timer_fire(rt, pl_clock_ns());
+}
+
+/*
+ * Before blocking, every reactor must agree: one with completions waiting or
+ * one whose arm() says "poll me again" means we must not sleep.  Reactors
+ * with a wait fd get a poll request in the home ring so that their fd wakes
+ * us.  Returns 1 when it is safe to block, 0 when the caller should poll
+ * again, -EDEADLK when nothing at all could ever wake a task.
+ */
+static int prepare_block(pl_runtime_t *rt)
+{
+    bool can_wake = rt->heap_len > 0;
+
+    for (int i = 0; i < rt->nreactors; i++) {
+        struct pl_reactor_slot *s = &rt->reactors[i];
+        pl_reactor_t *r = s->reactor;
+        int st = r->status(r), fd;
+
+        if (st == PL_REACTOR_READY)
+            return 0;
+        if (st == PL_REACTOR_IDLE)
+            continue;
+        can_wake = true;
+        if (r->arm && r->arm(r) == -EAGAIN)
+            return 0;
+        fd = r->wait_fd ? r->wait_fd(r) : -1;
+        if (fd < 0)
+            return 0;           /* pending without a wait fd: busy-poll it */
+        if (!s->armed) {
+            struct io_uring_sqe *sqe = io_uring_get_sqe(&rt->ring);
+            if (!sqe)
+                return 0;
+            io_uring_prep_poll_add(sqe, fd, POLLIN);
+            io_uring_sqe_set_data64(sqe, poll_user_data(i, s->token));
+            s->armed = true;
+        }
+    }
+    return can_wake ? 1 : -EDEADLK;
+}
+
+static void reap_home_ring(pl_runtime_t *rt)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+
+    io_uring_for_each_cqe(&rt->ring, head, cqe) {
+        uint64_t ud = io_uring_cqe_get_data64(cqe);
+        int i = (int)(ud & 0xffff) - 1;
+
+        if (i >= 0 && i < rt->nreactors && rt->reactors[i].token == (uint32_t)(ud >> 16))
+            rt->reactors[i].armed = false;
+        n++;
+    }
+    io_uring_cq_advance(&rt->ring, n);
+}
+
+static void spin(pl_runtime_t *rt)
+{
+    int64_t until = pl_clock_ns() + rt->spin_ns;
+
+    while (ready_empty(rt) && pl_clock_ns() < until)
+        collect(rt);
+}
+
+static int block(pl_runtime_t *rt)
+{
+    struct __kernel_timespec ts, *tsp = NULL;
+    struct io_uring_cqe *cqe;
+    int64_t next = pl_timer_next(rt), t0 = pl_clock_ns();
+    int rc = prepare_block(rt);
+
+    if (rc <= 0)
+        return rc;
+    if (next >= 0) {
+        int64_t d = next > t0 ? next - t0 : 0;
+        ts.tv_sec = d / 1000000000;
+        ts.tv_nsec = d % 1000000000;
+        tsp = &ts;
+    }
+    rc = io_uring_submit_and_wait_timeout(&rt->ring, &cqe, 1, tsp, NULL);
+    rt->stats.idle_waits++;
+    rt->stats.blocked_s += (double)(pl_clock_ns() - t0) / 1e9;
+    reap_home_ring(rt);
+    if (rc < 0 && rc != -ETIME && rc != -EINTR)
+        return rc;
+    return 0;
+}
+
+int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
+{
+    rt->stats.ticks++;
+    collect(rt);
+    if (ready_empty(rt) && rt->live > 0 && !(flags & PL_TICK_EXTERNAL_BUSY) &&
+        (flags & PL_TICK_MAY_BLOCK)) {
+        int rc;
+        if (rt->spin_ns > 0)
+            spin(rt);
+        if (ready_empty(rt)) {
+            rc = block(rt);
+            if (rc < 0)
+                return rc;
+            collect(rt);
+        }
+    }
+    return ready_drain(rt, out, max);
+}
+
+void pl_runtime_stats(pl_runtime_t *rt, pl_runtime_stats_t *out)
+{
+    *out = rt->stats;
+    out->live = rt->live;
+    out->ready = rt->ready.tail - rt->ready.head;
+    out->timers = rt->heap_len;
+}

@@ -1,0 +1,140 @@
+/*
+ * timer.c - the deadline heap.
+ *
+ * Each task owns at most one timer (a sleep, or the deadline of a timeout it
+ * waits on), so the heap stores task slots and the deadline lives in the task
+ * slot: arming, re-arming and cancelling never allocate.
+ */
+#include <errno.h>
+#include <math.h>
+#include <time.h>
+
+#include "internal.h"
+
+int64_t pl_clock_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+double pl_now(void)
+{
+    return (double)pl_clock_ns() / 1e9;
+}
+
+static int64_t deadline_of(const pl_runtime_t *rt, uint32_t heap_index)
+{
+    return rt->tasks[rt->heap[heap_index]].deadline_ns;
+}
+
+static void heap_put(pl_runtime_t *rt, uint32_t heap_index, uint32_t slot)
+{
+    rt->heap[heap_index] = slot;
+    rt->tasks[slot].heap_pos = (int32_t)heap_index;
+}
+
+static void sift_up(pl_runtime_t *rt, uint32_t i)
+{
+    uint32_t slot = rt->heap[i];
+    int64_t d = rt->tasks[slot].deadline_ns;
+
+    while (i > 0) {
+        uint32_t parent = (i - 1) / 2;
+        if (deadline_of(rt, parent) <= d)
+            break;
+        heap_put(rt, i, rt->heap[parent]);
+        i = parent;
+    }
+    heap_put(rt, i, slot);
+}
+
+static void sift_down(pl_runtime_t *rt, uint32_t i)
+{
+    uint32_t slot = rt->heap[i];
+    int64_t d = rt->tasks[slot].deadline_ns;
+
+    for (;;) {
+        uint32_t child = 2 * i + 1;
+        if (child >= rt->heap_len)
+            break;
+        if (child + 1 < rt->heap_len &&
+            deadline_of(rt, child + 1) < deadline_of(rt, child))
+            child++;
+        if (d <= deadline_of(rt, child))
+            break;
+        heap_put(rt, i, rt->heap[child]);
+        i = child;
+    }
+    heap_put(rt, i, slot);
+}
+
+void pl_timer_remove(pl_runtime_t *rt, uint32_t slot)
+{
+    struct pl_task *t = &rt->tasks[slot];
+    uint32_t i, last;
+
+    if (t->heap_pos == PL_NO_TIMER)
+        return;
+    i = (uint32_t)t->heap_pos;
+    t->heap_pos = PL_NO_TIMER;
+    t->deadline_ns = -1;
+    last = rt->heap[--rt->heap_len];
+    if (i == rt->heap_len)
+        return;
+    heap_put(rt, i, last);
+    sift_up(rt, i);
+    sift_down(rt, (uint32_t)rt->tasks[last].heap_pos);
+}
+
+/* deadline is monotonic seconds (pl_now's clock). */
+int pl_task_set_timer(pl_runtime_t *rt, uint32_t slot, double deadline)
+{
+    struct pl_task *t;
+
+    if (slot >= rt->capacity || rt->tasks[slot].state == PL_TASK_FREE)
+        return -ESRCH;
+    if (!isfinite(deadline) || deadline < 0 || deadline > 9.2e9)
+        return -EINVAL;
+    t = &rt->tasks[slot];
+    t->deadline_ns = (int64_t)(deadline * 1e9);
+    if (t->heap_pos == PL_NO_TIMER) {
+        rt->heap_len++;
+        heap_put(rt, rt->heap_len - 1, slot);
+        sift_up(rt, rt->heap_len - 1);
+    } else {
+        sift_up(rt, (uint32_t)t->heap_pos);
+        sift_down(rt, (uint32_t)t->heap_pos);
+    }
+    return 0;
+}
+
+int pl_task_clear_timer(pl_runtime_t *rt, uint32_t slot)
+{
+    if (slot >= rt->capacity || rt->tasks[slot].state == PL_TASK_FREE)
+        return -ESRCH;
+    pl_timer_remove(rt, slot);
+    return 0;
+}
+
+/* Wake every task whose deadline has passed; returns how many. */
+int pl_timer_fire(pl_runtime_t *rt, int64_t now)
+{
+    int fired = 0;
+
+    while (rt->heap_len > 0 && deadline_of(rt, 0) <= now) {
+        uint32_t slot = rt->heap[0];
+        pl_timer_remove(rt, slot);
+        pl_ready_push(rt, slot);
+        fired++;
+    }
+    rt->stats.timers_fired += fired;
+    return fired;
+}
+
+/* The nearest deadline in ns, or -1 when no timer is armed. */
+int64_t pl_timer_next(const pl_runtime_t *rt)
+{
+    return rt->heap_len > 0 ? deadline_of(rt, 0) : -1;
+}
