@@ -527,11 +527,10 @@ int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
     collect(rt);
     if (ready_empty(rt) && rt->live > 0 && !(flags & PL_TICK_EXTERNAL_BUSY) &&
         (flags & PL_TICK_MAY_BLOCK)) {
-        int rc;
         if (rt->spin_ns > 0)
             spin(rt);
         if (ready_empty(rt)) {
-            rc = block(rt);
+            int rc = block(rt);
             if (rc < 0)
                 return rc;
             collect(rt);

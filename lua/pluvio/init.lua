@@ -168,7 +168,7 @@ local function settle(rt, t)
     if r[1] then
         finish(rt, t, "done")
     elseif r[2] == KILLED then
-        t.results = { n = 3, false, nil, "cancelled" }
+        t.results = { n = 2, false, KILLED }
         finish(rt, t, "cancelled")
     else
         finish(rt, t, "failed")
@@ -242,7 +242,7 @@ function Task:kill()
     if rt.current == self then
         error(KILLED, 0)
     end
-    self.results = { n = 3, false, nil, "cancelled" }
+    self.results = { n = 2, false, KILLED }
     self.co = nil
     finish(rt, self, "cancelled")
     return true
@@ -481,7 +481,7 @@ end
 local function cancel_all(rt)
     for _, t in pairs(rt.slots) do
         if t.live then
-            t.results = { n = 3, false, nil, "cancelled" }
+            t.results = { n = 2, false, KILLED }
             t.co = nil
             t.joined = true
             finish(rt, t, "cancelled")
@@ -789,7 +789,7 @@ function M.timeout(seconds, fn, ...)
     if r[1] then
         return unpack(r, 2, r.n)
     end
-    if r[2] == KILLED or r[3] == "cancelled" then
+    if r[2] == KILLED then
         return nil, "cancelled"
     end
     error(r[2], 0)

@@ -1,0 +1,153 @@
+-- Channels: bounded FIFO between tasks.
+local pluvio = require "pluvio"
+local helper = require "helper"
+
+local async = helper.async
+
+describe("pluvio.channel", function()
+    it("delivers every value in order through a small buffer", async(function()
+        local ch = pluvio.channel(2)
+        local producer = pluvio.spawn(function()
+            for i = 1, 100 do ch:send(i) end
+            ch:close()
+        end)
+        local got = {}
+        while true do
+            local v, err = ch:recv()
+            if v == nil then
+                assert.equal("closed", err)
+                break
+            end
+            got[#got + 1] = v
+        end
+        producer:join()
+        assert.equal(100, #got)
+        for i = 1, 100 do assert.equal(i, got[i]) end
+    end))
+
+    it("parks the sender while full and the receiver while empty", async(function()
+        local ch = pluvio.channel(1)
+        ch:send("a")
+        local sent_second = false
+        local sender = pluvio.spawn(function() ch:send("b"); sent_second = true end)
+        pluvio.yield()
+        assert.is_false(sent_second)
+        assert.equal("waiting", sender:status())
+        assert.equal("a", ch:recv())
+        sender:join()
+        assert.is_true(sent_second)
+        assert.equal("b", ch:recv())
+        local receiver = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()
+        assert.equal("waiting", receiver:status())
+        ch:send("c")
+        assert.equal("c", receiver:join())
+    end))
+
+    it("serves waiting receivers in FIFO order", async(function()
+        local ch = pluvio.channel(1)
+        local order = {}
+        local tasks = {}
+        for i = 1, 3 do
+            tasks[i] = pluvio.spawn(function() local v = ch:recv(); order[#order + 1] = i .. ":" .. v end)
+        end
+        pluvio.yield()
+        for _, v in ipairs({ "x", "y", "z" }) do ch:send(v) end
+        for i = 1, 3 do tasks[i]:join() end
+        assert.same({ "1:x", "2:y", "3:z" }, order)
+    end))
+
+    it("lets receivers drain buffered values after close, then says closed", async(function()
+        local ch = pluvio.channel(4)
+        ch:send(1); ch:send(2)
+        assert.is_true(ch:close())
+        assert.is_false(ch:close())
+        assert.is_true(ch:is_closed())
+        assert.equal(1, ch:recv())
+        assert.equal(2, ch:recv())
+        local v, err = ch:recv()
+        assert.is_nil(v)
+        assert.equal("closed", err)
+    end))
+
+    it("wakes parked receivers with nil, 'closed' when closed", async(function()
+        local ch = pluvio.channel(1)
+        local t = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()
+        ch:close()
+        local r = { t:join() }
+        assert.same({ nil, "closed" }, r)
+    end))
+
+    it("raises in a sender parked when the channel closes (the value is not lost silently)", async(function()
+        local ch = pluvio.channel(1)
+        ch:send(1)
+        local t = pluvio.spawn(function() ch:send(2) end)
+        pluvio.yield()
+        ch:close()
+        local r, err = t:join()
+        assert.is_nil(r)
+        assert.matches("Channel:send: the channel was closed while this send waited", err)
+    end))
+
+    it("reports its length and capacity", async(function()
+        local ch = pluvio.channel(3)
+        assert.equal(3, ch:capacity())
+        assert.equal(0, ch:len())
+        ch:send(true)
+        assert.equal(1, ch:len())
+    end))
+
+    it("rejects capacity 0, negative, fractional and non-numbers", function()
+        local msg = "pluvio.channel: capacity must be an integer from 1 to 2147483648 (got %s)"
+        assert.has_error(function() pluvio.channel(0) end, msg:format("0"))
+        assert.has_error(function() pluvio.channel(-2) end, msg:format("-2"))
+        assert.has_error(function() pluvio.channel(1.5) end, msg:format("1.5"))
+        assert.has_error(function() pluvio.channel("x") end, msg:format('"x"'))
+    end)
+
+    it("rejects send on a closed channel and sending nil", async(function()
+        local ch = pluvio.channel(1)
+        assert.has_error(function() ch:send(nil) end,
+            "Channel:send: value must not be nil (recv returns nil only when closed)")
+        ch:close()
+        assert.has_error(function() ch:send(1) end, "Channel:send: the channel is closed")
+    end))
+
+    it("refuses to park outside a task", function()
+        local ch = pluvio.channel(1)
+        assert.has_error(function() ch:recv() end,
+            "Channel:recv: not inside a pluvio task (call it from a function run by pluvio.run / rt:run, or from a script run by the pluvio host)")
+        ch:send(1)   -- does not need to park
+        assert.has_error(function() ch:send(2) end,
+            "Channel:send: not inside a pluvio task (call it from a function run by pluvio.run / rt:run, or from a script run by the pluvio host)")
+        assert.equal(1, ch:recv())
+    end)
+
+    it("keeps every value with many producers and consumers", async(function()
+        local ch = pluvio.channel(3)
+        local producers, consumers = {}, {}
+        for p = 1, 5 do
+            producers[p] = pluvio.spawn(function()
+                for i = 1, 200 do ch:send(p * 1000 + i) end
+            end)
+        end
+        local seen, count = {}, 0
+        for c = 1, 4 do
+            consumers[c] = pluvio.spawn(function()
+                while true do
+                    local v = ch:recv()
+                    if not v then return end
+                    assert.is_nil(seen[v])
+                    seen[v] = true
+                    count = count + 1
+                    if count % 7 == 0 then pluvio.yield() end
+                end
+            end)
+        end
+        for p = 1, 5 do producers[p]:join() end
+        ch:close()
+        for c = 1, 4 do consumers[c]:join() end
+        assert.equal(1000, count)
+    end))
+end)

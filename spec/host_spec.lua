@@ -1,0 +1,108 @@
+-- The pluvio host binary: options, arg, exit status, error reports.
+local helper = require "helper"
+
+local host, sh, q = helper.host, helper.sh, helper.quote
+
+describe("pluvio (the host)", function()
+    it("runs a script as the main task with arg set as luajit does", function()
+        local status, out, err, path = helper.run_script([[
+            local pluvio = require "pluvio"
+            local t = pluvio.spawn(function(a, b) pluvio.sleep(0.01); return a + b end, 1, 2)
+            print(t:join())
+            print(arg[0] ~= nil, arg[1], arg[2], #arg, ...)
+        ]], "x y")
+        assert.equal(0, status, err)
+        assert.equal("3\ntrue\tx\ty\t2\tx\ty\n", out)
+        assert.equal("", err)
+        assert.is_string(path)
+    end)
+
+    it("reports an uncaught error as 'pluvio: file:line: message' with a traceback and exits 1", function()
+        local status, out, err = helper.run_script("local x = 1\nerror('bad thing')\n")
+        assert.equal(1, status)
+        assert.equal("", out)
+        assert.matches("^pluvio: [^\n]+%.lua:2: bad thing\nstack traceback:", err)
+    end)
+
+    it("reports a syntax error and exits 1", function()
+        local status, _, err = helper.run_script("local x = = 2\n")
+        assert.equal(1, status)
+        assert.matches("^pluvio: [^\n]+%.lua:1: unexpected symbol near '='", err)
+    end)
+
+    it("reports a missing script and exits 1", function()
+        local status, _, err = sh(q(host) .. " /nonexistent/missing.lua")
+        assert.equal(1, status)
+        assert.equal("pluvio: cannot open /nonexistent/missing.lua\n", err:gsub(": No such file or directory", ""))
+    end)
+
+    it("runs -e code and -l modules inside the main task, in order", function()
+        local status, out, err = sh(q(host) .. [[ -l string -e 'pluvio.sleep(0.001) print(type(string), pluvio.current():name())' -e 'print(2)']])
+        assert.equal(0, status, err)
+        assert.equal("table\tmain\n2\n", out)
+    end)
+
+    it("reads the script from standard input with -", function()
+        local status, out = sh("echo 'print(pluvio.now() > 0)' | " .. q(host) .. " - a")
+        assert.equal(0, status)
+        assert.equal("true\n", out)
+    end)
+
+    it("prints the version with -v and help with -h", function()
+        local status, out = sh(q(host) .. " -v")
+        assert.equal(0, status)
+        assert.matches("^pluvio %d+%.%d+%.%d+ %(LuaJIT", out)
+        status, out = sh(q(host) .. " -h")
+        assert.equal(0, status)
+        assert.matches("^usage: pluvio %[options%]", out)
+    end)
+
+    it("prints usage and exits 1 without a script, and rejects unknown options", function()
+        local status, out, err = sh(q(host) .. " </dev/null")
+        assert.equal(1, status)
+        assert.equal("", out)
+        assert.matches("^usage: pluvio", err)
+        status, _, err = sh(q(host) .. " --bogus x.lua")
+        assert.equal(1, status)
+        assert.matches("^pluvio: unknown option or missing value: '%-%-bogus'", err)
+        status, _, err = sh(q(host) .. " -e")
+        assert.equal(1, status)
+        assert.matches("^pluvio: unknown option or missing value: '%-e'", err)
+    end)
+
+    it("prints statistics and live tasks at exit with --stats", function()
+        local status, _, err = helper.run_script("pluvio.sleep(0.001)", "")
+        assert.equal(0, status)
+        local path = os.tmpname() .. ".lua"
+        local f = io.open(path, "w")
+        f:write("pluvio.spawn_named('sleepy', function() pluvio.sleep(0.01) end)\npluvio.sleep(0.001)\n")
+        f:close()
+        status, _, err = sh(q(host) .. " --stats " .. q(path))
+        os.remove(path)
+        assert.equal(0, status, err)
+        assert.matches("pluvio: tasks: 2 spawned, 2 finished %(0 failed, 0 cancelled%), 0 live", err)
+        assert.matches("pluvio: loop: %d+ ticks, %d+ resumes, %d+ wakes, %d+ timers fired, %d+ idle waits", err)
+        assert.matches("pluvio: 0 live tasks", err)
+    end)
+
+    it("reports a deadlock with the waiting tasks and exits 1", function()
+        local status, _, err = helper.run_script([[
+            local ch = pluvio.channel(1)
+            pluvio.spawn_named("stuck", function() ch:recv() end)
+            ch:recv()
+        ]])
+        assert.equal(1, status)
+        assert.matches("^pluvio: deadlock: 2 tasks wait and nothing can wake them", err)
+        assert.matches('task "stuck" %(#%d+, waiting%) waits on channel', err)
+    end)
+
+    it("idles in the kernel: a 0.3 s sleep costs almost no CPU", function()
+        local status, out, err = helper.run_script([[
+            local c0 = os.clock()
+            pluvio.sleep(0.3)
+            print(os.clock() - c0)
+        ]])
+        assert.equal(0, status, err)
+        assert.is_true(tonumber(out) < 0.03, "cpu seconds " .. out)
+    end)
+end)

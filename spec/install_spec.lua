@@ -1,0 +1,74 @@
+-- Packaging: make install (PREFIX, DESTDIR) and the rockspec, each into a
+-- temporary tree, then the installed host and module run from there with no
+-- LUA_PATH, LUA_CPATH, LD_LIBRARY_PATH or PLUVIO_LIB help.
+local helper = require "helper"
+
+local sh, q, root = helper.sh, helper.quote, helper.root
+
+local CLEAN_ENV = "env -u PLUVIO_LIB -u PLUVIO_HOST -u LUA_PATH -u LUA_CPATH -u LD_LIBRARY_PATH -u LD_PRELOAD "
+
+local function tmpdir()
+    local status, out = sh("mktemp -d")
+    assert.equal(0, status)
+    return (out:gsub("%s+$", ""))
+end
+
+local SCRIPT = [[
+local pluvio = require "pluvio"
+local t = pluvio.spawn(function(a, b) pluvio.sleep(0.001); return a + b end, 1, 2)
+print(t:join(), package.searchpath("libpluvio", package.cpath))
+]]
+
+local function check_tree(tree)
+    local script = tree .. "/check.lua"
+    local f = assert(io.open(script, "w"))
+    f:write(SCRIPT)
+    f:close()
+    local status, out, err = sh(CLEAN_ENV .. q(tree .. "/bin/pluvio") .. " " .. q(script))
+    assert.equal(0, status, err)
+    assert.equal("3\t" .. tree .. "/bin/../lib/lua/5.1/libpluvio.so\n", out)
+    -- plain luajit finds the module and library through package.path / cpath
+    local paths = ("LUA_PATH=%s LUA_CPATH=%s "):format(
+        q(tree .. "/share/lua/5.1/?.lua;" .. tree .. "/share/lua/5.1/?/init.lua;;"),
+        q(tree .. "/lib/lua/5.1/?.so;;"))
+    status, out, err = sh(CLEAN_ENV .. paths .. "luajit -e " ..
+        q('local p = require "pluvio"; print(p.run(function() p.sleep(0.001); return "ok" end))'))
+    assert.equal(0, status, err)
+    assert.equal("ok\n", out)
+end
+
+describe("make install", function()
+    it("installs host, library and modules in LuaRocks' layout under PREFIX", function()
+        local tree = tmpdir()
+        local status, _, err = sh("make -s -C " .. q(root) .. " install PREFIX=" .. q(tree))
+        assert.equal(0, status, err)
+        check_tree(tree)
+        status, _, err = sh("make -s -C " .. q(root) .. " uninstall PREFIX=" .. q(tree))
+        assert.equal(0, status, err)
+        status = sh("test -e " .. q(tree .. "/bin/pluvio") .. " || test -e " .. q(tree .. "/lib/lua/5.1/libpluvio.so"))
+        assert.are_not.equal(0, status)
+        sh("rm -rf " .. q(tree))
+    end)
+
+    it("stages into DESTDIR", function()
+        local stage = tmpdir()
+        local status, _, err = sh("make -s -C " .. q(root) .. " install DESTDIR=" .. q(stage) .. " PREFIX=/opt/pluvio")
+        assert.equal(0, status, err)
+        for _, f in ipairs({ "bin/pluvio", "lib/lua/5.1/libpluvio.so", "share/lua/5.1/pluvio/init.lua",
+                             "share/lua/5.1/pluvio/cdef.lua" }) do
+            assert.equal(0, (sh("test -f " .. q(stage .. "/opt/pluvio/" .. f))), f)
+        end
+        sh("rm -rf " .. q(stage))
+    end)
+end)
+
+describe("rockspec/pluvio-scm-1.rockspec", function()
+    it("builds and installs with luarocks make into a tree that works", function()
+        local tree = tmpdir()
+        local status, out, err = sh("cd " .. q(root) .. " && luarocks --lua-version=5.1 --tree=" .. q(tree) ..
+                                    " make rockspec/pluvio-scm-1.rockspec")
+        assert.equal(0, status, out .. err)
+        check_tree(tree)
+        sh("rm -rf " .. q(tree))
+    end)
+end)

@@ -1,0 +1,302 @@
+-- The Runtime object: creation, run/block_on, reactors, affinity, stats.
+local pluvio = require "pluvio"
+local core = require "pluvio.core"
+local helper = require "helper"
+
+local ffi, C = core.ffi, core.C
+
+describe("Runtime.new", function()
+    it("creates a runtime with the given capacity, 1024 by default", function()
+        assert.equal(1024, pluvio.Runtime.new():stats().task_capacity)
+        assert.equal(8, pluvio.Runtime.new(8):stats().task_capacity)
+    end)
+
+    it("rejects capacities that are not integers from 1 to 16777216", function()
+        local msg = "Runtime.new: capacity must be an integer from 1 to 16777216 (got %s)"
+        for _, bad in ipairs({ 0, -1, 1.5, 0 / 0, 2 ^ 24 + 1, math.huge }) do
+            assert.has_error(function() pluvio.Runtime.new(bad) end, msg:format(tostring(bad)))
+        end
+        assert.has_error(function() pluvio.Runtime.new("8") end, msg:format('"8"'))
+    end)
+end)
+
+describe("Runtime:run", function()
+    it("returns the main function's results after every task has finished", function()
+        local rt = pluvio.Runtime.new()
+        local finished = false
+        local a, b = rt:run(function(x)
+            pluvio.spawn(function() pluvio.sleep(0.005); finished = true end)
+            return x, "b"
+        end, "a")
+        assert.equal("a", a)
+        assert.equal("b", b)
+        assert.is_true(finished)
+        assert.equal(0, rt:stats().tasks_live)
+    end)
+
+    it("raises the main task's error with its traceback and cancels the rest", function()
+        local rt = pluvio.Runtime.new()
+        local ok, err = pcall(rt.run, rt, function()
+            pluvio.spawn(function() pluvio.sleep(10) end)
+            error("main failed")
+        end)
+        assert.is_false(ok)
+        assert.matches("runtime_spec.lua:%d+: main failed", err)
+        assert.matches("stack traceback", err)
+        assert.equal(0, rt:stats().tasks_live)
+        assert.equal(1, rt:stats().tasks_cancelled)
+    end)
+
+    it("can run again after it finished", function()
+        local rt = pluvio.Runtime.new()
+        assert.equal(1, rt:run(function() return 1 end))
+        assert.equal(2, rt:run(function() pluvio.sleep(0.001); return 2 end))
+    end)
+
+    it("rejects a non-function and a runtime that is already running", function()
+        local rt = pluvio.Runtime.new()
+        assert.has_error(function() rt:run(5) end, "Runtime:run: fn must be a function (got number)")
+        local ok, err = pcall(rt.run, rt, function() return rt:run(function() end) end)
+        assert.is_false(ok)
+        assert.matches("Runtime:run: this runtime is already running", err)
+    end)
+
+    it("runs a runtime inside a task of another, blocking that task until done", function()
+        local outer = pluvio.Runtime.new()
+        local order = {}
+        outer:run(function()
+            local sibling = pluvio.spawn(function() order[#order + 1] = "outer sibling" end)
+            local inner = pluvio.Runtime.new()
+            local r = inner:run(function()
+                local t = pluvio.spawn(function() pluvio.sleep(0.001); return 21 end)
+                order[#order + 1] = "inner"
+                return t:join() * 2
+            end)
+            order[#order + 1] = "inner done " .. r
+            assert.equal(outer, pluvio.runtime())
+            sibling:join()
+        end)
+        assert.same({ "inner", "inner done 42", "outer sibling" }, order)
+    end)
+end)
+
+describe("Runtime:block_on", function()
+    it("returns when the main function finishes, leaving other tasks for later", function()
+        local rt = pluvio.Runtime.new()
+        local bg_done = false
+        local r = rt:block_on(function()
+            pluvio.spawn(function() pluvio.sleep(0.01); bg_done = true end)
+            return "main"
+        end)
+        assert.equal("main", r)
+        assert.is_false(bg_done)
+        assert.equal(1, rt:stats().tasks_live)
+        rt:run(function() end)
+        assert.is_true(bg_done)
+    end)
+end)
+
+describe("pluvio.run and pluvio.wrap", function()
+    it("runs a function as the main task of a default runtime", function()
+        assert.equal(6, pluvio.run(function(a, b) pluvio.sleep(0.001); return a * b end, 2, 3))
+        assert.has_error(function() pluvio.run(nil) end, "pluvio.run: fn must be a function (got nil)")
+    end)
+
+    it("wraps a function for synchronous callers such as busted's it()", function()
+        local f = pluvio.wrap(function(x) pluvio.yield(); return x + 1 end)
+        assert.equal(2, f(1))
+    end)
+end)
+
+describe("Runtime:set_affinity", function()
+    it("pins the thread to an existing CPU", function()
+        local rt = pluvio.Runtime.new()
+        assert.is_true(rt:set_affinity(0))
+        local f = io.open("/proc/self/status")
+        local status = f:read("*a")
+        f:close()
+        assert.equal("0", status:match("Cpus_allowed_list:%s*(%S+)"))
+        -- give the rest of the specs every CPU back
+        for cpu = C.pl_runtime_cpu_count() - 1, 0, -1 do
+            local set = ffi.new("uint64_t[16]")
+            set[0] = 2 ^ C.pl_runtime_cpu_count() - 1
+            ffi.cdef[[ int sched_setaffinity(int pid, size_t size, const void *mask); ]]
+            ffi.C.sched_setaffinity(0, ffi.sizeof(set), set)
+            break
+        end
+    end)
+
+    it("rejects a CPU that does not exist", function()
+        local rt = pluvio.Runtime.new()
+        local n = C.pl_runtime_cpu_count()
+        assert.has_error(function() rt:set_affinity(9999) end,
+            ("Runtime:set_affinity: cpu 9999 does not exist (this machine has %d CPU%s: 0-%d)")
+                :format(n, n == 1 and "" or "s", n - 1))
+        assert.has_error(function() rt:set_affinity(-1) end)
+        assert.has_error(function() rt:set_affinity("0") end)
+    end)
+end)
+
+describe("Runtime:register_reactor", function()
+    it("polls a Lua reactor whose completions wake tasks", function()
+        local rt = pluvio.Runtime.new()
+        local queue = {}
+        local reactor = {
+            status = function(self) return #queue > 0 and "ready" or "idle" end,
+            poll = function(self, budget)
+                local n = 0
+                while #queue > 0 and n < budget do
+                    local op = table.remove(queue, 1)
+                    op.done = true
+                    op.task:wake()
+                    n = n + 1
+                end
+                return n
+            end,
+        }
+        rt:register_reactor("fake", reactor)
+        local r = rt:run(function()
+            local op = { task = pluvio.current() }
+            queue[#queue + 1] = op
+            while not op.done do pluvio.suspend("fake op") end
+            return "completed"
+        end)
+        assert.equal("completed", r)
+        local s = rt:stats().reactors.fake
+        assert.equal("lua", s.kind)
+        assert.equal(1, s.completions)
+        assert.is_true(s.polls >= 1)
+    end)
+
+    it("does not report a deadlock while a Lua reactor is pending", function()
+        local rt = pluvio.Runtime.new()
+        local op = { polls = 0 }
+        rt:register_reactor("slow", {
+            status = function() return op.task and "pending" or "idle" end,
+            poll = function()
+                op.polls = op.polls + 1
+                if op.polls >= 3 and op.task then
+                    local t = op.task
+                    op.task = nil
+                    op.done = true
+                    t:wake()
+                    return 1
+                end
+                return 0
+            end,
+        })
+        assert.equal("ok", rt:run(function()
+            op.task = pluvio.current()
+            while not op.done do pluvio.suspend("slow op") end
+            return "ok"
+        end))
+    end)
+
+    it("rejects a duplicate name, a table without poll or status, and other types", function()
+        local rt = pluvio.Runtime.new()
+        local r = { poll = function() return 0 end, status = function() return "idle" end }
+        rt:register_reactor("a", r)
+        assert.has_error(function() rt:register_reactor("a", r) end,
+            'Runtime:register_reactor: a reactor named "a" is already registered')
+        assert.has_error(function() rt:register_reactor("b", {}) end,
+            "Runtime:register_reactor: reactor must be a C reactor or a table with a poll function (reactor:poll(budget) -> completions)")
+        assert.has_error(function() rt:register_reactor("c", { poll = function() end }) end,
+            'Runtime:register_reactor: reactor must have a status function (reactor:status() -> "idle", "pending" or "ready")')
+        assert.has_error(function() rt:register_reactor("d", 42) end,
+            "Runtime:register_reactor: reactor must be a C reactor or a table with poll and status functions (got number)")
+        assert.has_error(function() rt:register_reactor(7, r) end,
+            "Runtime:register_reactor: name must be a string (got number)")
+        assert.has_error(function() rt:register_reactor("", r) end,
+            'Runtime:register_reactor: name must be 1 to 63 characters (got "")')
+        assert.equal(r, rt:reactor("a"))
+    end)
+end)
+
+describe("Runtime:stats and Runtime:tasks", function()
+    it("counts tasks, ticks, wakes, timers and idle waits", function()
+        local rt = pluvio.Runtime.new()
+        rt:run(function()
+            local t = pluvio.spawn(function() pluvio.sleep(0.005) end)
+            local f = pluvio.spawn(function() error("x") end)
+            local k = pluvio.spawn(function() pluvio.sleep(1) end)
+            pluvio.yield()
+            k:kill()
+            t:join()
+            f:join()
+        end)
+        local s = rt:stats()
+        assert.equal(4, s.tasks_spawned)
+        assert.equal(4, s.tasks_finished)
+        assert.equal(1, s.tasks_failed)
+        assert.equal(1, s.tasks_cancelled)
+        assert.equal(0, s.tasks_live)
+        assert.is_true(s.ticks >= 2)
+        assert.is_true(s.resumes >= 4)
+        assert.is_true(s.timers_fired >= 1)
+        assert.is_true(s.idle_waits >= 1)
+        assert.is_true(s.time_blocked > 0.002 and s.time_blocked < 1)
+        assert.equal(0, s.unjoined_failures)
+    end)
+
+    it("lists live tasks with name, state, wait, resumes and run time", function()
+        local rt = pluvio.Runtime.new()
+        rt:run(function()
+            local t = pluvio.spawn_named("sleeper", function() pluvio.sleep(0.05) end)
+            pluvio.yield()
+            local list = rt:tasks()
+            assert.equal(2, #list)
+            assert.equal("main", list[1].name)
+            assert.equal("running", list[1].state)
+            assert.equal("sleeper", list[2].name)
+            assert.equal("waiting", list[2].state)
+            assert.equal("sleep", list[2].waits_on)
+            assert.equal(1, list[2].resumes)
+            assert.is_true(list[2].run_time >= 0)
+            assert.is_true(list[2].deadline > pluvio.now())
+            t:kill()
+        end)
+    end)
+
+    it("blocks in the kernel when idle instead of spinning", function()
+        local rt = pluvio.Runtime.new()
+        local c0 = os.clock()
+        rt:run(function() pluvio.sleep(0.2) end)
+        local s = rt:stats()
+        assert.is_true(s.ticks <= 5, "ticks " .. s.ticks)
+        assert.is_true(s.time_blocked >= 0.19)
+        assert.is_true(os.clock() - c0 < 0.1, "cpu " .. (os.clock() - c0))
+    end)
+end)
+
+describe("task ids", function()
+    it("carry a generation so a stale id never wakes the slot's next task", function()
+        local rt = pluvio.Runtime.new(1)
+        local gen = ffi.new("uint32_t[1]")
+        local crt = rt.crt
+        local slot = C.pl_task_spawn(crt, gen)
+        local old = gen[0]
+        C.pl_task_exit(crt, slot, C.PL_TASK_DONE)
+        -- drain the finished task's ring entry so the slot is free again
+        local out = ffi.new("uint32_t[4]")
+        assert.equal(0, C.pl_tick(crt, out, 4, 0))
+        local slot2 = C.pl_task_spawn(crt, gen)
+        assert.equal(slot, slot2)
+        assert.are_not.equal(old, gen[0])
+        assert.equal(1, C.pl_tick(crt, out, 4, 0))
+        assert.equal(-core.errno.ESRCH, C.pl_task_wake(crt, slot, old))
+        assert.equal(1, C.pl_task_wake(crt, slot, gen[0]))
+        assert.equal(0, C.pl_task_wake(crt, slot, gen[0]))   -- already queued: once only
+        C.pl_task_exit(crt, slot, C.PL_TASK_DONE)
+    end)
+end)
+
+describe("the FFI boundary", function()
+    it("declares exactly the public header's marked region", function()
+        local f = assert(io.open(helper.root .. "/src/pluvio.h"))
+        local h = f:read("*a")
+        f:close()
+        local region = h:match("\n/%* PL_CDEF_BEGIN %*/\n(.-)/%* PL_CDEF_END %*/\n")
+        assert.is_string(region)
+        assert.equal(region, require("pluvio.cdef"))
+    end)
+end)

@@ -1,0 +1,395 @@
+-- Tasks and time: spawn, join, kill, select, timeout, sleep, yield, now.
+local pluvio = require "pluvio"
+local helper = require "helper"
+
+local async = helper.async
+
+describe("pluvio.spawn", function()
+    it("runs the function with its arguments and join returns its results", async(function()
+        local t = pluvio.spawn(function(a, b) pluvio.sleep(0.001); return a + b, "x" end, 1, 2)
+        local sum, x = t:join()
+        assert.equal(3, sum)
+        assert.equal("x", x)
+    end))
+
+    it("keeps nil results and trailing nils", async(function()
+        local t = pluvio.spawn(function() return nil, 2, nil end)
+        assert.same({ n = 3, nil, 2, nil }, table.pack and table.pack(t:join()) or { n = select("#", t:join()), t:join() })
+    end))
+
+    it("gives default names and spawn_named names", async(function()
+        local a = pluvio.spawn(function() end)
+        local b = pluvio.spawn_named("worker", function() end)
+        assert.matches("^task%-%d+$", a:name())
+        assert.equal("worker", b:name())
+        a:join(); b:join()
+    end))
+
+    it("rejects a non-function", async(function()
+        assert.has_error(function() pluvio.spawn(42) end,
+            "pluvio.spawn: fn must be a function (got number)")
+        assert.has_error(function() pluvio.spawn_named("x", "nope") end,
+            "pluvio.spawn_named: fn must be a function (got string)")
+        assert.has_error(function() pluvio.spawn_named(nil, function() end) end,
+            "pluvio.spawn_named: name must be a string (got nil)")
+    end))
+
+    it("refuses to spawn when no runtime is running", function()
+        assert.has_error(function() pluvio.spawn(function() end) end,
+            "pluvio.spawn: no runtime is running (call it inside pluvio.run(fn), rt:run(fn), or a script run by the pluvio host)")
+    end)
+
+    it("runs many tasks concurrently and the table grows past its initial capacity", function()
+        local rt = pluvio.Runtime.new(4)
+        local total = rt:run(function()
+            local tasks = {}
+            for i = 1, 100 do
+                tasks[i] = pluvio.spawn(function() pluvio.sleep(0.001); return i end)
+            end
+            local sum = 0
+            for i = 1, 100 do sum = sum + tasks[i]:join() end
+            return sum
+        end)
+        assert.equal(5050, total)
+        assert.is_true(rt:stats().task_capacity >= 101)
+    end)
+end)
+
+describe("Task:join", function()
+    it("returns nil and the error with a traceback when the task failed", async(function()
+        local t = pluvio.spawn(function() error("boom") end)
+        local r, err = t:join()
+        assert.is_nil(r)
+        assert.matches("task_spec.lua:%d+: boom", err)
+        assert.matches("stack traceback:", err)
+    end))
+
+    it("refuses to join the task itself", async(function()
+        local me = pluvio.current()
+        assert.has_error(function() me:join() end)
+        local ok, err = pcall(me.join, me)
+        assert.is_false(ok)
+        assert.matches("Task:join: a task cannot join itself", err)
+    end))
+
+    it("refuses a second join", async(function()
+        local t = pluvio.spawn(function() return 1 end)
+        assert.equal(1, t:join())
+        local ok, err = pcall(t.join, t)
+        assert.is_false(ok)
+        assert.matches('Task:join: task "task%-%d+" %(#%d+, done%) was already joined', err)
+    end))
+
+    it("refuses to join outside a task", function()
+        local t
+        pluvio.Runtime.new():block_on(function() t = pluvio.spawn(function() end) end)
+        local ok, err = pcall(t.join, t)
+        assert.is_false(ok)
+        assert.matches("Task:join: not inside a pluvio task", err)
+    end)
+
+    it("refuses a non-task self", async(function()
+        local t = pluvio.spawn(function() end)
+        local ok, err = pcall(t.join, {})
+        assert.is_false(ok)
+        assert.matches("Task:join: call it as a method on a task", err)
+        t:join()
+    end))
+end)
+
+describe("Task:kill", function()
+    it("stops a sleeping task at its wait point and join reports it cancelled", async(function()
+        local reached = false
+        local t = pluvio.spawn(function() pluvio.sleep(10); reached = true end)
+        pluvio.sleep(0.001)
+        assert.equal("waiting", t:status())
+        assert.is_true(t:kill())
+        assert.equal("cancelled", t:status())
+        local r, err = t:join()
+        assert.is_nil(r)
+        assert.equal("cancelled", err)
+        pluvio.sleep(0.002)
+        assert.is_false(reached)
+        -- the killed task's timer was cancelled: nothing keeps the runtime busy
+        assert.equal(0, pluvio.runtime():stats().timers_armed)
+    end))
+
+    it("kills a task that never ran", async(function()
+        local ran = false
+        local t = pluvio.spawn(function() ran = true end)
+        t:kill()
+        pluvio.yield()
+        assert.is_false(ran)
+        assert.equal("cancelled", t:status())
+    end))
+
+    it("does nothing to a finished task and returns false", async(function()
+        local t = pluvio.spawn(function() return 1 end)
+        assert.equal(1, t:join())
+        assert.is_false(t:kill())
+        assert.equal("done", t:status())
+    end))
+
+    it("runs on_exit clean-ups of a killed task", async(function()
+        local cleaned = 0
+        local t = pluvio.spawn(function()
+            pluvio.current():on_exit(function() cleaned = cleaned + 1 end)
+            pluvio.sleep(10)
+        end)
+        pluvio.yield()
+        t:kill()
+        assert.equal(1, cleaned)
+    end))
+
+    it("lets a task kill itself", async(function()
+        local after = false
+        local t = pluvio.spawn(function() pluvio.current():kill(); after = true end)
+        local r, err = t:join()
+        assert.is_nil(r)
+        assert.equal("cancelled", err)
+        assert.is_false(after)
+    end))
+
+    it("wakes the joiner of a killed task", async(function()
+        local victim = pluvio.spawn(function() pluvio.sleep(10) end)
+        local joiner = pluvio.spawn(function() return victim:join() end)
+        pluvio.sleep(0.001)
+        victim:kill()
+        local r, err = joiner:join()
+        assert.is_nil(r)
+        assert.equal("cancelled", err)
+    end))
+
+    it("passes a channel wake-up on when the woken receiver is killed before it runs", async(function()
+        local ch = pluvio.channel(1)
+        local a = pluvio.spawn(function() return ch:recv() end)
+        local b = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()          -- both wait on the empty channel, a first
+        ch:send("v")            -- wakes a
+        a:kill()                -- a dies before it takes the value
+        assert.equal("v", b:join())
+    end))
+end)
+
+describe("Task:status", function()
+    it("follows a task through ready, running, waiting and done", async(function()
+        local seen
+        local t = pluvio.spawn(function() seen = pluvio.current():status(); pluvio.sleep(0.002) end)
+        assert.equal("ready", t:status())
+        pluvio.sleep(0.001)
+        assert.equal("running", seen)
+        assert.equal("waiting", t:status())
+        t:join()
+        assert.equal("done", t:status())
+        local f = pluvio.spawn(function() error("x") end)
+        f:join()
+        assert.equal("failed", f:status())
+    end))
+end)
+
+describe("pluvio.yield", function()
+    it("lets the other ready tasks run before continuing", async(function()
+        local order = {}
+        local t = pluvio.spawn(function() order[#order + 1] = "other" end)
+        order[#order + 1] = "before"
+        pluvio.yield()
+        order[#order + 1] = "after"
+        t:join()
+        assert.same({ "before", "other", "after" }, order)
+    end))
+
+    it("treats a bare coroutine.yield inside a task as pluvio.yield", async(function()
+        local t = pluvio.spawn(function() coroutine.yield(); return "resumed" end)
+        assert.equal("resumed", t:join())
+    end))
+
+    it("refuses to block outside a task", function()
+        assert.has_error(function() pluvio.yield() end,
+            "pluvio.yield: not inside a pluvio task (call it from a function run by pluvio.run / rt:run, or from a script run by the pluvio host)")
+        assert.has_error(function() pluvio.sleep(0.1) end,
+            "pluvio.sleep: not inside a pluvio task (call it from a function run by pluvio.run / rt:run, or from a script run by the pluvio host)")
+    end)
+
+    it("refuses to block from a plain coroutine inside a task", async(function()
+        local co = coroutine.create(function() pluvio.sleep(0.001) end)
+        local ok, err = coroutine.resume(co)
+        assert.is_false(ok)
+        assert.matches("pluvio.sleep: called from a coroutine that is not a pluvio task", err)
+    end))
+end)
+
+describe("pluvio.sleep", function()
+    it("sleeps at least the time asked and wakes promptly", async(function()
+        local t0 = pluvio.now()
+        pluvio.sleep(0.02)
+        local dt = pluvio.now() - t0
+        assert.is_true(dt >= 0.02, "slept " .. dt)
+        assert.is_true(dt < 0.5, "slept " .. dt)
+    end))
+
+    it("wakes sleepers in deadline order", async(function()
+        local order = {}
+        local tasks = {}
+        for _, d in ipairs({ 0.03, 0.01, 0.02 }) do
+            tasks[#tasks + 1] = pluvio.spawn(function() pluvio.sleep(d); order[#order + 1] = d end)
+        end
+        for _, t in ipairs(tasks) do t:join() end
+        assert.same({ 0.01, 0.02, 0.03 }, order)
+    end))
+
+    it("sleep(0) yields once", async(function()
+        local ran = false
+        pluvio.spawn(function() ran = true end)
+        pluvio.sleep(0)
+        assert.is_true(ran)
+    end))
+
+    it("rejects negative, NaN, infinite and non-number durations", async(function()
+        local msg = "pluvio.sleep: seconds must be a finite number from 0 to 1e9 (got %s)"
+        assert.has_error(function() pluvio.sleep(-1) end, msg:format("-1"))
+        assert.has_error(function() pluvio.sleep(0 / 0) end, msg:format(tostring(0 / 0)))
+        assert.has_error(function() pluvio.sleep(math.huge) end, msg:format("inf"))
+        assert.has_error(function() pluvio.sleep("1") end, msg:format('"1"'))
+        assert.has_error(function() pluvio.sleep() end, msg:format("nil"))
+    end))
+end)
+
+describe("pluvio.now", function()
+    it("is monotonic with sub-microsecond resolution", function()
+        local a = pluvio.now()
+        local b = pluvio.now()
+        assert.is_true(b >= a)
+        assert.is_true(a > 0)
+        local min = math.huge
+        for _ = 1, 100 do
+            local x, y = pluvio.now(), pluvio.now()
+            if y > x and y - x < min then min = y - x end
+        end
+        assert.is_true(min < 1e-6, "smallest step " .. min)
+    end)
+end)
+
+describe("pluvio.timeout", function()
+    it("returns the function's results when it finishes in time", async(function()
+        local a, b = pluvio.timeout(1, function(x) pluvio.sleep(0.001); return x, "y" end, "x")
+        assert.equal("x", a)
+        assert.equal("y", b)
+    end))
+
+    it("returns nil, 'timeout' and cancels the function when it takes too long", async(function()
+        local finished = false
+        local t0 = pluvio.now()
+        local r, err = pluvio.timeout(0.01, function() pluvio.sleep(5); finished = true end)
+        assert.is_nil(r)
+        assert.equal("timeout", err)
+        assert.is_true(pluvio.now() - t0 < 1)
+        pluvio.sleep(0.01)
+        assert.is_false(finished)
+        assert.equal(0, pluvio.runtime():stats().timers_armed)
+    end))
+
+    it("raises the function's error", async(function()
+        local ok, err = pcall(pluvio.timeout, 1, function() error("inner") end)
+        assert.is_false(ok)
+        assert.matches("inner", err)
+    end))
+
+    it("nests", async(function()
+        local r, err = pluvio.timeout(1, function()
+            return pluvio.timeout(0.005, function() pluvio.sleep(1) end)
+        end)
+        assert.is_nil(r)
+        assert.equal("timeout", err)
+    end))
+
+    it("rejects bad arguments", async(function()
+        assert.has_error(function() pluvio.timeout(-1, function() end) end,
+            "pluvio.timeout: seconds must be a finite number from 0 to 1e9 (got -1)")
+        assert.has_error(function() pluvio.timeout(1, nil) end,
+            "pluvio.timeout: fn must be a function (got nil)")
+    end))
+end)
+
+describe("pluvio.select", function()
+    it("returns the index and results of the first task to finish", async(function()
+        local slow = pluvio.spawn(function() pluvio.sleep(0.05); return "slow" end)
+        local fast = pluvio.spawn(function() pluvio.sleep(0.001); return "fast", 2 end)
+        local i, a, b = pluvio.select(slow, fast)
+        assert.equal(2, i)
+        assert.equal("fast", a)
+        assert.equal(2, b)
+        assert.equal("slow", slow:join())
+    end))
+
+    it("returns index, nil, err for a failed task", async(function()
+        local bad = pluvio.spawn(function() error("bad") end)
+        local i, r, err = pluvio.select(bad)
+        assert.equal(1, i)
+        assert.is_nil(r)
+        assert.matches("bad", err)
+    end))
+
+    it("rejects non-tasks and an empty call", async(function()
+        assert.has_error(function() pluvio.select() end, "pluvio.select: give at least one task")
+        assert.has_error(function() pluvio.select(pluvio.current(), 5) end,
+            "pluvio.select: argument 2 must be a task (got number)")
+    end))
+end)
+
+describe("pluvio.suspend and Task:wake", function()
+    it("parks a task until another wakes it", async(function()
+        local flag = false
+        local t = pluvio.spawn(function()
+            while not flag do pluvio.suspend("flag") end
+            return "woken"
+        end)
+        pluvio.yield()
+        local listed = pluvio.runtime():tasks()
+        local entry
+        for _, e in ipairs(listed) do if e.task == t then entry = e end end
+        assert.equal("flag", entry.waits_on)
+        flag = true
+        t:wake()
+        assert.equal("woken", t:join())
+    end))
+end)
+
+describe("failed tasks", function()
+    it("reports a failed task nobody joined on stderr and counts it", function()
+        local status, _, err = helper.run_script([[
+            pluvio.spawn_named("doomed", function() error("never joined") end)
+            pluvio.sleep(0.001)
+        ]])
+        assert.equal(1, status)
+        assert.matches('pluvio: task "doomed" %(#%d+, failed%) failed and was never joined: .*never joined', err)
+        assert.matches("stack traceback", err)
+    end)
+
+    it("does not report a failed task that was joined", function()
+        local status, out, err = helper.run_script([[
+            local t = pluvio.spawn(function() error("joined") end)
+            print(select(2, t:join()) ~= nil)
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("true\n", out)
+        assert.equal("", err)
+    end)
+end)
+
+describe("deadlock", function()
+    it("stops with an error naming every waiting task and what it waits on", function()
+        local rt = pluvio.Runtime.new()
+        local ok, err = pcall(rt.run, rt, function()
+            local ch = pluvio.channel(1)
+            local a = pluvio.spawn_named("reader", function() ch:recv() end)
+            pluvio.spawn_named("joiner", function() a:join() end)
+            pluvio.suspend("nothing")
+        end)
+        assert.is_false(ok)
+        assert.matches("^deadlock: 3 tasks wait and nothing can wake them", err)
+        assert.matches('task "main" %(#1, waiting%) waits on nothing', err)
+        assert.matches('task "reader" %(#%d, waiting%) waits on channel %(0/1%)', err)
+        assert.matches('task "joiner" %(#%d, waiting%) waits on join of task "reader"', err)
+        assert.equal(0, rt:stats().tasks_live)
+    end)
+end)
