@@ -10,10 +10,12 @@ local function shell_quote(s)
 end
 M.quote = shell_quote
 
--- Run a shell command; returns exit status, stdout, stderr.
+-- Run a shell command; returns exit status, stdout, stderr.  LD_PRELOAD
+-- (set by the sanitizer run for luajit alone) is not passed on: the ASan
+-- host links its runtime itself, and other tools would report their leaks.
 function M.sh(cmd)
     local out, err = os.tmpname(), os.tmpname()
-    local ok, how, code = os.execute("(" .. cmd .. ") >" .. out .. " 2>" .. err)
+    local ok, how, code = os.execute("unset LD_PRELOAD; (" .. cmd .. ") >" .. out .. " 2>" .. err)
     local function slurp(p)
         local f = io.open(p, "rb")
         local s = f and f:read("*a") or ""
