@@ -331,7 +331,7 @@ describe("pluvio.select", function()
 
     it("rejects non-tasks and an empty call", async(function()
         assert.has_error(function() pluvio.select() end, "pluvio.select: give at least one task")
-        assert.has_error(function() pluvio.select(pluvio.current(), 5) end,
+        assert.has_error(function() pluvio.select(pluvio.spawn(function() end), 5) end,
             "pluvio.select: argument 2 must be a task (got number)")
     end))
 end)
@@ -392,4 +392,99 @@ describe("deadlock", function()
         assert.matches('task "joiner" %(#%d, waiting%) waits on join of task "reader"', err)
         assert.equal(0, rt:stats().tasks_live)
     end)
+end)
+
+-- One spec per fixed bug (found by the docs review).
+describe("regressions", function()
+    it("points misuse errors of pluvio.channel, spawn and default_runtime at the caller's line", async(function()
+        local function line_of(f)
+            local ok, err = pcall(f)
+            assert.is_false(ok)
+            return tonumber(err:match("task_spec%.lua:(%d+):"))
+        end
+        local l = debug.getinfo(1, "l").currentline
+        assert.equal(l + 1, line_of(function() local c = pluvio.channel(0); return c end))
+        assert.equal(l + 2, line_of(function() local t = pluvio.spawn(1); return t end))
+        assert.equal(l + 3, line_of(function() local r = pluvio.default_runtime(0); return r end))
+    end))
+
+    it("cancels a task that caught its own kill with pcall", async(function()
+        local t = pluvio.spawn(function()
+            pcall(function() pluvio.current():kill() end)
+            return "continued"
+        end)
+        local r, err = t:join()
+        assert.is_nil(r)
+        assert.equal("cancelled", err)
+        assert.equal("cancelled", t:status())
+    end))
+
+    it("lets another task join a target whose first joiner was killed", async(function()
+        local target = pluvio.spawn(function() pluvio.sleep(0.01); return 1 end)
+        local j = pluvio.spawn(function() return target:join() end)
+        pluvio.yield()
+        j:kill()
+        assert.equal(1, target:join())
+    end))
+
+    it("cancels the function of a pluvio.timeout whose task is killed", async(function()
+        local ran_on = false
+        local w = pluvio.spawn(function()
+            return pluvio.timeout(5, function() pluvio.sleep(0.02); ran_on = true end)
+        end)
+        pluvio.sleep(0.005)
+        w:kill()
+        pluvio.sleep(0.03)
+        assert.is_false(ran_on)
+        assert.equal(0, pluvio.runtime():stats().tasks_live - 1)
+    end))
+
+    it("runs on_exit at once on a finished task, checks its arguments and reports failing clean-ups", function()
+        local status, out, err = helper.run_script([[
+            local t = pluvio.spawn(function() end)
+            t:join()
+            local ran = false
+            t:on_exit(function() ran = true end)
+            print(ran)
+            print(select(2, pcall(t.on_exit, t, 42)))
+            local u = pluvio.spawn(function() pluvio.sleep(1) end)
+            u:on_exit(function() error("cleanup broke") end)
+            pluvio.yield()
+            u:kill()
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("true\nTask:on_exit: fn must be a function (got number)\n", out)
+        assert.matches("pluvio: an on_exit clean%-up of task .* failed: .*cleanup broke", err)
+    end)
+
+    it("checks self on every method", function()
+        local ch = pluvio.channel(1)
+        for _, case in ipairs({
+            { pluvio.Runtime.reactor, "Runtime:reactor" },
+            { pluvio.Runtime.unjoined_failures, "Runtime:unjoined_failures" },
+            { pluvio.Task.wake, "Task:wake" },
+            { ch.len, "Channel:len" }, { ch.capacity, "Channel:capacity" },
+            { ch.is_closed, "Channel:is_closed" },
+        }) do
+            local ok, err = pcall(case[1], nil)
+            assert.is_false(ok)
+            assert.matches(case[2]:gsub("%p", "%%%0") .. ": call it as a method", err)
+        end
+    end)
+
+    it("refuses to select a task whose results were already taken", async(function()
+        local s = pluvio.spawn(function() return 1 end)
+        s:join()
+        local ok, err = pcall(pluvio.select, s)
+        assert.is_false(ok)
+        assert.matches("pluvio.select: argument 1, task .* was already joined", err)
+    end))
+
+    it("keeps error objects that are not strings as they are", async(function()
+        local obj = { code = 7 }
+        local t = pluvio.spawn(function() error(obj) end)
+        local r, err = t:join()
+        assert.is_nil(r)
+        assert.equal(obj, err)
+    end))
 end)

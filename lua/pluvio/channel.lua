@@ -17,16 +17,14 @@ M.Channel = Channel
 
 local MAX_CAPACITY = 2 ^ 31
 
--- new(capacity): capacity is an integer >= 1 (how many values it holds
--- before send parks).
-function M.new(capacity)
+local function new_channel(capacity, level)
     if capacity == nil then
         capacity = 1
     end
     if type(capacity) ~= "number" or capacity ~= capacity or capacity % 1 ~= 0
         or capacity < 1 or capacity > MAX_CAPACITY then
         error(format("pluvio.channel: capacity must be an integer from 1 to %d (got %s)",
-                     MAX_CAPACITY, check.show(capacity)), 3)
+                     MAX_CAPACITY, check.show(capacity)), level)
     end
     return setmetatable({
         cap = capacity, buf = {}, head = 1, count = 0, closed = false,
@@ -36,8 +34,19 @@ function M.new(capacity)
     }, Channel)
 end
 
--- Wake the oldest task still waiting on this channel; entries of tasks that
--- died or stopped waiting are skipped, so a wake-up is never spent on them.
+-- new(capacity): capacity is an integer >= 1 (how many values it holds
+-- before send parks); default 1.
+function M.new(capacity)
+    local ch = new_channel(capacity, 3)
+    return ch
+end
+
+-- For pluvio.channel, one call deeper.
+function M._new(capacity, level)
+    local ch = new_channel(capacity, level + 1)
+    return ch
+end
+
 local function wake_first(ch, q, head)
     local t = q[head]
     while t do
@@ -169,14 +178,17 @@ function Channel:_pass_baton()
 end
 
 function Channel:len()
+    check.self("Channel:len", self, Channel, "a channel")
     return self.count
 end
 
 function Channel:capacity()
+    check.self("Channel:capacity", self, Channel, "a channel")
     return self.cap
 end
 
 function Channel:is_closed()
+    check.self("Channel:is_closed", self, Channel, "a channel")
     return self.closed
 end
 

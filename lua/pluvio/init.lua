@@ -96,8 +96,8 @@ end
 -- The error with its traceback, cut where the task's own frames end (the
 -- runtime's xpcall and task body are noise to the reader).
 local function on_error(e)
-    if e == KILLED then
-        return KILLED
+    if type(e) ~= "string" and type(e) ~= "number" then
+        return e            -- error objects (tables, KILLED) pass through as they are
     end
     local tb = traceback(tostring(e), 2)
     local cut = tb:find("\n%s*%[C%]: in function 'xpcall'")
@@ -144,11 +144,21 @@ local function finish(rt, t, final)
         t.baton = nil
         baton:_pass_baton()
     end
+    local child = t.timeout_child
+    if child then           -- a task that dies inside pluvio.timeout takes fn with it
+        t.timeout_child = nil
+        child.joined = true
+        child:kill()
+    end
     local cleanups = t.cleanups
     if cleanups then
         t.cleanups = nil
         for i = #cleanups, 1, -1 do
-            pcall(cleanups[i], t)
+            local ok, err = pcall(cleanups[i], t)
+            if not ok then
+                io.stderr:write(format("pluvio: an on_exit clean-up of %s failed: %s\n",
+                                       tostring(t), tostring(err)))
+            end
         end
     end
     if final == "failed" then
@@ -165,7 +175,10 @@ end
 
 local function settle(rt, t)
     local r = t.results
-    if r[1] then
+    if t.kill_requested then    -- it killed itself, even if a pcall caught that
+        t.results = { n = 2, false, KILLED }
+        finish(rt, t, "cancelled")
+    elseif r[1] then
         finish(rt, t, "done")
     elseif r[2] == KILLED then
         t.results = { n = 2, false, KILLED }
@@ -213,11 +226,12 @@ function Task:join()
     if me == self then
         error("Task:join: a task cannot join itself (" .. tostring(self) .. ")", 2)
     end
-    if self.joined or self.joining then
+    local other = self.joiner
+    if self.joined or (other and other.live and other ~= me) then
         error("Task:join: " .. tostring(self) .. " was already joined; " ..
               "a task's results are given once", 2)
     end
-    self.joining = true
+    self.joiner = me
     while self.live do
         local j = self.joiners
         if not j then
@@ -240,6 +254,7 @@ function Task:kill()
     end
     local rt = self.rt
     if rt.current == self then
+        self.kill_requested = true
         error(KILLED, 0)
     end
     self.results = { n = 2, false, KILLED }
@@ -250,6 +265,12 @@ end
 
 -- Run fn(t) when the task ends, however it ends (for resource owners).
 function Task:on_exit(fn)
+    check.self("Task:on_exit", self, Task, "a task")
+    check.func("Task:on_exit", "fn", fn)
+    if not self.live then   -- already ended: clean up now
+        fn(self)
+        return fn
+    end
     local c = self.cleanups
     if not c then
         c = {}
@@ -261,6 +282,7 @@ end
 
 -- Low level: wake a task parked with pluvio.suspend().
 function Task:wake()
+    check.self("Task:wake", self, Task, "a task")
     wake(self)
 end
 
@@ -371,6 +393,7 @@ function Runtime:register_reactor(name, reactor)
 end
 
 function Runtime:reactor(name)
+    check.self("Runtime:reactor", self, Runtime, "a runtime")
     return self.reactors[name]
 end
 
@@ -511,6 +534,11 @@ local function run_batch(rt, n)
                 if t.live then
                     settle(rt, t)
                 end
+            elseif t.kill_requested and t.live then   -- caught its own kill: stop it here
+                prev = -1
+                t.co = nil
+                t.results = { n = 2, false, KILLED }
+                finish(rt, t, "cancelled")
             elseif y ~= WAIT then -- a bare coroutine.yield(): yield the CPU
                 C.pl_task_wake(crt, slot, t.gen)
             end
@@ -614,6 +642,7 @@ end
 
 -- How many failed tasks were never joined (the host exits 1 when > 0).
 function Runtime:unjoined_failures()
+    check.self("Runtime:unjoined_failures", self, Runtime, "a runtime")
     return self.n_unjoined
 end
 
@@ -627,7 +656,11 @@ M.default_reactor_hooks = {}
 
 -- A runtime with the default reactors, as the host and pluvio.run use.
 function M.default_runtime(capacity)
-    local rt = Runtime.new(capacity)
+    if capacity == nil then
+        capacity = DEFAULT_CAPACITY
+    end
+    check.integer("pluvio.default_runtime", "capacity", capacity, 1, MAX_CAPACITY)
+    local rt = new_runtime(capacity)
     for _, hook in ipairs(M.default_reactor_hooks) do
         hook(rt)
     end
@@ -674,15 +707,18 @@ local function spawn_checked(fname, name, fn, ...)
     return spawn(rt, name, fn, pack(...))
 end
 
+-- (Not tail calls: the error level of spawn_checked must reach the caller.)
 function M.spawn(fn, ...)
     check.func("pluvio.spawn", "fn", fn)
-    return spawn_checked("pluvio.spawn", nil, fn, ...)
+    local t = spawn_checked("pluvio.spawn", nil, fn, ...)
+    return t
 end
 
 function M.spawn_named(name, fn, ...)
     check.string("pluvio.spawn_named", "name", name)
     check.func("pluvio.spawn_named", "fn", fn)
-    return spawn_checked("pluvio.spawn_named", name, fn, ...)
+    local t = spawn_checked("pluvio.spawn_named", name, fn, ...)
+    return t
 end
 
 -- Let every other ready task run once, then continue.
@@ -743,6 +779,10 @@ function M.select(...)
     local tasks = { ... }
     for i = 1, n do
         task_arg("pluvio.select", i, tasks[i])
+        if tasks[i].joined then
+            error(format("pluvio.select: argument %d, %s, was already joined; " ..
+                         "a task's results are given once", i, tostring(tasks[i])), 2)
+        end
     end
     local me = current_task("pluvio.select")
     while true do
@@ -771,6 +811,7 @@ function M.timeout(seconds, fn, ...)
     local me, rt = current_task("pluvio.timeout")
     local child = spawn(rt, me._name .. "/timeout", fn, pack(...))
     local deadline = C.pl_now() + seconds
+    me.timeout_child = child
     while child.live and C.pl_now() < deadline do
         local j = child.joiners or {}
         child.joiners = j
@@ -779,6 +820,7 @@ function M.timeout(seconds, fn, ...)
         park(me, C.PL_WAIT_JOIN, child.id, child)
     end
     C.pl_task_clear_timer(rt.crt, me.slot)
+    me.timeout_child = nil
     if child.live then
         child:kill()
         child.joined = true
@@ -797,7 +839,8 @@ end
 
 -- Channels live in their own module; exposed here for convenience.
 function M.channel(capacity)
-    return require("pluvio.channel").new(capacity)
+    local ch = require("pluvio.channel")._new(capacity, 3)
+    return ch
 end
 
 -- For modules built on the runtime (channels, reactors): park and wake.

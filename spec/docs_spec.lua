@@ -1,0 +1,117 @@
+-- The documentation's examples: every ```lua block of README.md and
+-- docs/*.md runs as a script under the pluvio host and must exit 0 (the
+-- examples assert their own results).  A block whose preceding line is
+-- `<!-- norun -->` is only shown, not run (for snippets that need a peer).
+local helper = require "helper"
+
+local root = helper.root
+
+local function read(path)
+    local f = io.open(path, "rb")
+    if not f then
+        return nil
+    end
+    local s = f:read("*a")
+    f:close()
+    return s
+end
+
+-- The markdown files to check, as paths relative to the repository root.
+local function doc_files()
+    local files = {}
+    if read(root .. "/README.md") then
+        files[#files + 1] = "README.md"
+    end
+    local p = io.popen("ls " .. helper.quote(root .. "/docs") .. " 2>/dev/null")
+    local names = {}
+    for name in p:lines() do
+        if name:match("%.md$") then
+            names[#names + 1] = name
+        end
+    end
+    p:close()
+    table.sort(names)
+    for _, name in ipairs(names) do
+        files[#files + 1] = "docs/" .. name
+    end
+    return files
+end
+
+-- The ```lua blocks of one markdown text: { heading, line, code, norun }.
+-- Fences may be indented (inside a list); the indent is removed.
+local function lua_blocks(text)
+    local blocks, heading, prev = {}, "(top)", ""
+    local block, indent
+    local n = 0
+    for line in (text .. (text:sub(-1) == "\n" and "" or "\n")):gmatch("([^\n]*)\n") do
+        n = n + 1
+        if block then
+            if line:match("^%s*```%s*$") then
+                block.code = table.concat(block.lines, "\n") .. "\n"
+                block.lines = nil
+                blocks[#blocks + 1] = block
+                block = nil
+            else
+                local cut = line:sub(1, #indent) == indent and #indent or #line:match("^%s*")
+                block.lines[#block.lines + 1] = line:sub(cut + 1)
+            end
+        else
+            local fence_indent, lang = line:match("^(%s*)```%s*(%S*)")
+            if fence_indent then
+                if lang == "lua" then
+                    indent = fence_indent
+                    block = { heading = heading, line = n, lines = {},
+                              norun = prev:match("^%s*<!%-%-%s*norun%s*%-%->%s*$") ~= nil }
+                else
+                    -- another language: skip to its closing fence
+                    block = { skip = true, lines = {}, heading = heading, line = n }
+                    indent = fence_indent
+                end
+            elseif line:match("^#+%s") then
+                heading = line:gsub("^#+%s*", ""):gsub("%s*#*%s*$", "")
+            end
+            if line:match("%S") then
+                prev = line
+            end
+        end
+    end
+    assert(not block, "unclosed ``` fence opened at line " .. (block and block.line or 0))
+    local out = {}
+    for _, b in ipairs(blocks) do
+        if not b.skip then
+            out[#out + 1] = b
+        end
+    end
+    return out
+end
+
+describe("documentation examples", function()
+    local files = doc_files()
+
+    it("include docs/API.md", function()
+        local text = read(root .. "/docs/API.md")
+        assert.is_string(text, "docs/API.md is missing")
+        assert.is_true(#lua_blocks(text) > 0, "docs/API.md has no ```lua examples")
+    end)
+
+    for _, file in ipairs(files) do
+        local seen = {}
+        for _, b in ipairs(lua_blocks(read(root .. "/" .. file))) do
+            local name = file .. ": " .. b.heading
+            seen[name] = (seen[name] or 0) + 1
+            if seen[name] > 1 then
+                name = name .. " (" .. seen[name] .. ")"
+            end
+            if b.norun then
+                pending(name .. " (norun)")
+            else
+                it(name, function()
+                    local status, out, err = helper.run_script(b.code)
+                    assert.are.equal(0, status, string.format(
+                        "%s line %d: the example exited %d\n--- stderr:\n%s\n--- stdout:\n%s",
+                        file, b.line, status, err, out))
+                end)
+            end
+        end
+    end
+end)
