@@ -85,6 +85,10 @@ typedef struct pl_stat {
  *   arm       optional: called just before the runtime blocks; returns 0
  *             when it is safe to sleep or -EAGAIN when poll must run again
  *             first (the ucp_worker_arm protocol).
+ *   block     optional: when this reactor is the only thing that can wake
+ *             a task, the runtime sleeps here instead of in its own ring:
+ *             wait up to timeout_ns (-1: no limit) for a completion.
+ *             Saves a poll request and a second io_uring_enter per sleep.
  *   stats     optional: fills up to max figures, returns how many.
  */
 struct pl_reactor {
@@ -93,6 +97,7 @@ struct pl_reactor {
     int (*status)(pl_reactor_t *self);
     int (*wait_fd)(pl_reactor_t *self);
     int (*arm)(pl_reactor_t *self);
+    int (*block)(pl_reactor_t *self, int64_t timeout_ns);
     int (*stats)(pl_reactor_t *self, pl_stat_t *out, int max);
 };
 

@@ -435,42 +435,65 @@ static void collect(pl_runtime_t *rt)
         pl_timer_fire(rt, pl_clock_ns());
 }
 
-/*
- * Before blocking, every reactor must agree: one with completions waiting or
- * one whose arm() says "poll me again" means we must not sleep.  Reactors
- * with a wait fd get a poll request in the home ring so that their fd wakes
- * us.  Returns 1 when it is safe to block, 0 when the caller should poll
- * again, -EDEADLK when nothing at all could ever wake a task.
- */
-static int prepare_block(pl_runtime_t *rt)
+/* Watch a pending reactor's wait fd from the home ring.  Returns false
+ * when it has no fd (the caller must busy-poll it) or the ring is full. */
+static bool watch_wait_fd(pl_runtime_t *rt, int i)
 {
-    bool can_wake = rt->heap_len > 0;
+    struct pl_reactor_slot *s = &rt->reactors[i];
+    struct io_uring_sqe *sqe;
+    int fd = s->reactor->wait_fd ? s->reactor->wait_fd(s->reactor) : -1;
 
+    if (fd < 0)
+        return false;
+    if (s->armed)
+        return true;
+    sqe = io_uring_get_sqe(&rt->ring);
+    if (!sqe)
+        return false;
+    io_uring_prep_poll_add(sqe, fd, POLLIN);
+    io_uring_sqe_set_data64(sqe, poll_user_data(i, s->token));
+    s->armed = true;
+    return true;
+}
+
+/*
+ * Before blocking, every reactor must agree: one with completions waiting, or
+ * one whose arm() says "poll me again", means we must not sleep.  When one
+ * pending reactor alone can wake a task and it can block, *only is set and
+ * the runtime sleeps in it; otherwise each pending reactor's wait fd gets a
+ * poll request in the home ring.  Returns 1 when it is safe to block, 0 when
+ * the caller should poll again, -EDEADLK when nothing could ever wake a task.
+ */
+static int prepare_block(pl_runtime_t *rt, pl_reactor_t **only)
+{
+    int pending = 0, first = -1;
+
+    *only = NULL;
     for (int i = 0; i < rt->nreactors; i++) {
-        struct pl_reactor_slot *s = &rt->reactors[i];
-        pl_reactor_t *r = s->reactor;
-        int st = r->status(r), fd;
+        pl_reactor_t *r = rt->reactors[i].reactor;
+        int st = r->status(r);
 
         if (st == PL_REACTOR_READY)
             return 0;
         if (st == PL_REACTOR_IDLE)
             continue;
-        can_wake = true;
         if (r->arm && r->arm(r) == -EAGAIN)
             return 0;
-        fd = r->wait_fd ? r->wait_fd(r) : -1;
-        if (fd < 0)
-            return 0;           /* pending without a wait fd: busy-poll it */
-        if (!s->armed) {
-            struct io_uring_sqe *sqe = io_uring_get_sqe(&rt->ring);
-            if (!sqe)
-                return 0;
-            io_uring_prep_poll_add(sqe, fd, POLLIN);
-            io_uring_sqe_set_data64(sqe, poll_user_data(i, s->token));
-            s->armed = true;
-        }
+        if (pending++ == 0)
+            first = i;
     }
-    return can_wake ? 1 : -EDEADLK;
+    if (pending == 0)
+        return rt->heap_len > 0 ? 1 : -EDEADLK;
+    if (pending == 1 && rt->reactors[first].reactor->block) {
+        *only = rt->reactors[first].reactor;
+        return 1;
+    }
+    for (int i = 0; i < rt->nreactors; i++) {
+        pl_reactor_t *r = rt->reactors[i].reactor;
+        if (r->status(r) == PL_REACTOR_PENDING && !watch_wait_fd(rt, i))
+            return 0;           /* pending without a wait fd: busy-poll it */
+    }
+    return 1;
 }
 
 static void reap_home_ring(pl_runtime_t *rt)
@@ -501,13 +524,21 @@ static int block(pl_runtime_t *rt)
 {
     struct __kernel_timespec ts, *tsp = NULL;
     struct io_uring_cqe *cqe;
-    int64_t next = pl_timer_next(rt), t0 = pl_clock_ns();
-    int rc = prepare_block(rt);
+    pl_reactor_t *only;
+    int64_t next = pl_timer_next(rt), t0 = pl_clock_ns(), d = -1;
+    int rc = prepare_block(rt, &only);
 
     if (rc <= 0)
         return rc;
-    if (next >= 0) {
-        int64_t d = next > t0 ? next - t0 : 0;
+    if (next >= 0)
+        d = next > t0 ? next - t0 : 0;
+    if (only) {     /* one reactor can wake us: sleep in its ring */
+        rc = only->block(only, d);
+        rt->stats.idle_waits++;
+        rt->stats.blocked_s += (double)(pl_clock_ns() - t0) / 1e9;
+        return rc < 0 && rc != -ETIME && rc != -EINTR ? rc : 0;
+    }
+    if (d >= 0) {
         ts.tv_sec = d / 1000000000;
         ts.tv_nsec = d % 1000000000;
         tsp = &ts;
