@@ -89,6 +89,9 @@ typedef struct pl_stat {
  *             a task, the runtime sleeps here instead of in its own ring:
  *             wait up to timeout_ns (-1: no limit) for a completion.
  *             Saves a poll request and a second io_uring_enter per sleep.
+ *   flush     optional: submit work batched during the tick; called when
+ *             the tick returns ready tasks instead of sleeping (sleeping
+ *             submits too), so a tick costs one system call for both.
  *   stats     optional: fills up to max figures, returns how many.
  */
 struct pl_reactor {
@@ -98,6 +101,7 @@ struct pl_reactor {
     int (*wait_fd)(pl_reactor_t *self);
     int (*arm)(pl_reactor_t *self);
     int (*block)(pl_reactor_t *self, int64_t timeout_ns);
+    int (*flush)(pl_reactor_t *self);
     int (*stats)(pl_reactor_t *self, pl_stat_t *out, int max);
 };
 
@@ -167,6 +171,109 @@ int pl_task_info(pl_runtime_t *rt, uint32_t slot, pl_task_info_t *out);
 int pl_task_set_timer(pl_runtime_t *rt, uint32_t slot, double deadline);
 int pl_task_clear_timer(pl_runtime_t *rt, uint32_t slot);
 double pl_now(void);
+
+/*
+ * io_uring reactor (uring.c).  One ring, a pool of op slots, and a pool of
+ * registered ("fixed") buffers.  Starting an operation returns an op id (or
+ * -errno); the op's completion wakes the task (slot, gen), which then takes
+ * the result with pl_uring_op_take.  Short reads and writes are resubmitted
+ * in C until done, end of file, or an error.
+ */
+typedef struct pl_uring pl_uring_t;
+
+typedef struct pl_uring_options {
+    uint32_t queue_size;            /* SQ entries */
+    uint32_t buffer_size;           /* bytes per registered buffer (page multiple) */
+    uint32_t buffer_count;          /* registered buffers (0: none); registered on first use */
+    uint32_t submit_depth;          /* submit as soon as this many SQEs wait */
+    double wait_submit_timeout;     /* seconds an SQE may wait for a submit */
+    double wait_complete_timeout;   /* longest single sleep for completions */
+    int sqpoll;                     /* 1: kernel SQ polling thread */
+    uint32_t sqpoll_idle_ms;
+} pl_uring_options_t;
+
+/* The result of a finished op: res is bytes (or the op's value, e.g. an fd)
+ * or -errno; bytes counts what was transferred before an error. */
+typedef struct pl_uring_result {
+    int32_t res;
+    uint32_t bytes;
+} pl_uring_result_t;
+
+/* What pl_uring_statx_decode makes of a struct statx. */
+typedef struct pl_file_stat {
+    double size, blocks, blksize, mode, uid, gid, nlink, ino;
+    double atime, mtime, ctime, btime;
+    double dio_mem_align, dio_offset_align;   /* 0 when not reported */
+    double dev_major, dev_minor;
+} pl_file_stat_t;
+
+typedef struct pl_uring_stats {
+    double sqes;            /* SQEs submitted */
+    double enters;          /* io_uring_enter calls (submit and/or wait) */
+    double completions;
+    double in_flight;
+    double in_flight_max;
+    double buffer_waits;    /* acquires that had to park */
+    double buffers_free;
+    double resubmits;       /* short reads/writes continued */
+    double cancels;
+} pl_uring_stats_t;
+
+pl_uring_t *pl_uring_new(const pl_uring_options_t *opts, int *err);
+void pl_uring_free(pl_uring_t *u);
+pl_reactor_t *pl_uring_reactor(pl_uring_t *u);
+void pl_uring_get_stats(pl_uring_t *u, pl_uring_stats_t *out);
+int pl_uring_flush(pl_uring_t *u);
+
+/* Operations: each returns an op id >= 0 or -errno.  buf_index >= 0 makes
+ * read/write use the registered buffer (addr must lie inside it). */
+int pl_uring_read(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *addr,
+                  uint32_t len, uint64_t offset, int buf_index);
+int pl_uring_write(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *addr,
+                   uint32_t len, uint64_t offset, int buf_index);
+int pl_uring_fsync(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int datasync);
+int pl_uring_fallocate(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int mode,
+                       uint64_t offset, uint64_t len);
+int pl_uring_openat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path,
+                    int flags, int mode);
+int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
+int pl_uring_statx(pl_uring_t *u, uint32_t slot, uint32_t gen, int dirfd, const char *path,
+                   int flags, void *statx_buf);
+int pl_uring_unlinkat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path, int flags);
+int pl_uring_renameat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *from,
+                      const char *to);
+int pl_uring_mkdirat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path, int mode);
+
+/* 1 and the result when the op finished (the op id is then free), 0 while
+ * it is in flight, -ESRCH for an unknown id. */
+int pl_uring_op_take(pl_uring_t *u, int op, pl_uring_result_t *out);
+/* The task gave up on the op (killed): cancel it in the kernel; its slot
+ * and buffer are reclaimed when the kernel is done with them. */
+int pl_uring_op_abandon(pl_uring_t *u, int op);
+
+/* Registered buffers: mapped and registered on first use (or by this call). */
+int pl_uring_buffers_register(pl_uring_t *u);
+int pl_uring_buffer_count(pl_uring_t *u);
+uint32_t pl_uring_buffer_size(pl_uring_t *u);
+void *pl_uring_buffer_ptr(pl_uring_t *u, int index);
+/* A free buffer's index, or -EAGAIN after queueing (slot, gen) as a waiter
+ * (FIFO): call again once woken.  A released buffer goes straight to the
+ * first waiter. */
+int pl_uring_buffer_acquire(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint32_t gen);
+/* A waiter stops waiting (killed); a buffer already handed to it is passed on. */
+void pl_uring_buffer_abandon(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint32_t gen);
+int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index);
+
+int pl_uring_statx_size(void);
+void pl_uring_statx_decode(const void *statx_buf, pl_file_stat_t *out);
+int pl_file_truncate(int fd, uint64_t len);
+int pl_file_flags(const char *mode, int direct);
+int pl_file_open_sync(const char *path, int flags, int mode);
+int pl_file_close_sync(int fd);
+
+/* Checksums for verification (checksum.c): 64-bit, order-sensitive. */
+uint64_t pl_checksum64(const void *data, size_t len, uint64_t seed);
+void pl_fill_pattern(void *data, size_t len, uint64_t seed, uint64_t offset);
 
 const char *pl_strerror(int err);
 const char *pl_errname(int err);

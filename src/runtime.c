@@ -552,6 +552,17 @@ static int block(pl_runtime_t *rt)
     return 0;
 }
 
+/* Work the tasks queued during the last batch goes out now, in one call
+ * per reactor, since we are not going to sleep (which would submit it). */
+static void reactors_flush(pl_runtime_t *rt)
+{
+    for (int i = 0; i < rt->nreactors; i++) {
+        pl_reactor_t *r = rt->reactors[i].reactor;
+        if (r->flush)
+            r->flush(r);
+    }
+}
+
 int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
 {
     rt->stats.ticks++;
@@ -567,6 +578,8 @@ int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
             collect(rt);
         }
     }
+    if (!ready_empty(rt))
+        reactors_flush(rt);
     return ready_drain(rt, out, max);
 }
 

@@ -144,6 +144,23 @@ local function finish(rt, t, final)
         t.baton = nil
         baton:_pass_baton()
     end
+    local reactor = t.io_reactor
+    if reactor then         -- an operation in flight: cancel it in the kernel
+        t.io_reactor = nil
+        reactor:_abandon(t)
+    end
+    local pool = t.buffer_wait
+    if pool then            -- it queued for a registered buffer: leave the queue
+        t.buffer_wait = nil
+        pool:_buffer_abandon(t)
+    end
+    local held = t.resources
+    if held then            -- buffers and the like go back to their pools
+        t.resources = nil
+        for obj in pairs(held) do
+            obj:_task_exit(t)
+        end
+    end
     local child = t.timeout_child
     if child then           -- a task that dies inside pluvio.timeout takes fn with it
         t.timeout_child = nil
@@ -278,6 +295,25 @@ function Task:on_exit(fn)
     end
     c[#c + 1] = fn
     return fn
+end
+
+-- For resource owners (registered buffers): obj:_task_exit(task) runs when
+-- the task ends unless disowned first.  One table per owning task, no
+-- closure per resource.
+function Task:_own(obj)
+    local held = self.resources
+    if not held then
+        held = {}
+        self.resources = held
+    end
+    held[obj] = true
+end
+
+function Task:_disown(obj)
+    local held = self.resources
+    if held then
+        held[obj] = nil
+    end
 end
 
 -- Low level: wake a task parked with pluvio.suspend().
@@ -650,10 +686,6 @@ end
 -- The default runtime and the direct-style functions
 ---------------------------------------------------------------------------
 
--- Hooks that add the default reactors (io_uring, UCX) to a new default
--- runtime; the reactor modules register themselves here.
-M.default_reactor_hooks = {}
-
 -- A runtime with the default reactors, as the host and pluvio.run use.
 function M.default_runtime(capacity)
     if capacity == nil then
@@ -661,9 +693,7 @@ function M.default_runtime(capacity)
     end
     check.integer("pluvio.default_runtime", "capacity", capacity, 1, MAX_CAPACITY)
     local rt = new_runtime(capacity)
-    for _, hook in ipairs(M.default_reactor_hooks) do
-        hook(rt)
-    end
+    rt.auto_reactors = true     -- io_uring / UCX reactors are made on first use
     return rt
 end
 

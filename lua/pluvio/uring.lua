@@ -1,0 +1,893 @@
+-- pluvio.uring: the io_uring reactor, files (DmaFile with O_DIRECT, File
+-- buffered) and registered buffers.
+--
+-- Every operation has the shape of DESIGN.md section 2: C starts it and
+-- returns an op id, the task parks, the completion wakes it, and it takes
+-- the result from C.  The read_fixed / write_fixed path makes no Lua
+-- garbage: the result struct is reused and the wait description is the file.
+local pluvio = require "pluvio"
+local core = require "pluvio.core"
+local check = require "pluvio.check"
+
+local ffi, C = core.ffi, core.C
+local park, current_task = pluvio._park, pluvio._current_task
+local WAIT_IO, WAIT_BUFFER = pluvio.WAIT.IO, pluvio.WAIT.BUFFER
+local errstr = core.errstr
+local ffi_string, ffi_copy, ffi_fill, ffi_cast = ffi.string, ffi.copy, ffi.fill, ffi.cast
+local type, format, setmetatable, getmetatable = type, string.format, setmetatable, getmetatable
+local tonumber, floor = tonumber, math.floor
+local bit = require "bit"
+
+local M = {}
+
+local EAGAIN, ENOBUFS, ENOMEM, EPERM = -11, -105, -12, -1
+local AT_FDCWD, AT_EMPTY_PATH, AT_REMOVEDIR = -100, 0x1000, 0x200
+local MAX_IO = 0x7ffff000          -- Linux caps one read/write at this many bytes
+
+M.DEFAULTS = {
+    queue_size = 256,              -- SQ entries
+    buffer_size = 1048576,         -- bytes per registered buffer
+    buffer_count = 16,             -- registered buffers (mapped on first acquire)
+    submit_depth = 64,             -- submit at once when this many SQEs wait
+    wait_submit_timeout = 0.1,     -- s an SQE may wait before a forced submit
+    wait_complete_timeout = 0.15,  -- s the reactor sleeps at most per wait
+    sqpoll = false,                -- kernel submission thread
+    sqpoll_idle_ms = 1000,
+}
+
+local OPTION_RULES = {
+    queue_size = { "integer", 1, 32768 },
+    buffer_size = { "integer", 4096, 1073741824, "a multiple of 4096" },
+    buffer_count = { "integer", 0, 65536 },
+    submit_depth = { "integer", 1, 32768 },
+    wait_submit_timeout = { "number", 0, 60 },
+    wait_complete_timeout = { "number", 0, 60 },
+    sqpoll = { "boolean" },
+    sqpoll_idle_ms = { "integer", 0, 3600000 },
+}
+
+local function check_option(fname, name, v)
+    local rule = OPTION_RULES[name]
+    if not rule then
+        local known = {}
+        for k in pairs(OPTION_RULES) do known[#known + 1] = k end
+        table.sort(known)
+        error(format("%s: unknown option %s (known: %s)", fname, check.show(name),
+                     table.concat(known, ", ")), 4)
+    end
+    local kind, min, max = rule[1], rule[2], rule[3]
+    if kind == "boolean" then
+        if type(v) ~= "boolean" then
+            error(format("%s: %s must be a boolean (got %s)", fname, name, check.show(v)), 4)
+        end
+        return v
+    end
+    if type(v) ~= "number" or v ~= v or v < min or v > max or (kind == "integer" and v % 1 ~= 0) then
+        error(format("%s: %s must be %s from %s to %s (got %s)", fname, name,
+                     kind == "integer" and "an integer" or "a number", min, max, check.show(v)), 4)
+    end
+    if name == "buffer_size" and v % 4096 ~= 0 then
+        error(format("%s: buffer_size must be a multiple of 4096 (got %s)", fname, check.show(v)), 4)
+    end
+    return v
+end
+
+---------------------------------------------------------------------------
+-- The reactor
+---------------------------------------------------------------------------
+
+local IoUringReactor = {}
+IoUringReactor.__index = IoUringReactor
+M.IoUringReactor = IoUringReactor
+
+local Buffer = {}
+Buffer.__index = Buffer
+M.Buffer = Buffer
+
+local function new_reactor(fname, opts)
+    local o = {}
+    for k, v in pairs(M.DEFAULTS) do o[k] = v end
+    if opts ~= nil then
+        if type(opts) ~= "table" then
+            error(format("%s: options must be a table (got %s)", fname, type(opts)), 3)
+        end
+        for k, v in pairs(opts) do
+            o[k] = check_option(fname, k, v)
+        end
+    end
+    local copts = ffi.new("pl_uring_options_t", {
+        queue_size = o.queue_size, buffer_size = o.buffer_size, buffer_count = o.buffer_count,
+        submit_depth = o.submit_depth, wait_submit_timeout = o.wait_submit_timeout,
+        wait_complete_timeout = o.wait_complete_timeout, sqpoll = o.sqpoll and 1 or 0,
+        sqpoll_idle_ms = o.sqpoll_idle_ms,
+    })
+    local err = ffi.new("int[1]")
+    local u = C.pl_uring_new(copts, err)
+    if u == nil then
+        local hint = ""
+        if o.sqpoll and err[0] == EPERM then
+            hint = " (the kernel refused SQPOLL: it needs CAP_SYS_NICE or a newer kernel; drop sqpoll)"
+        elseif err[0] == ENOMEM then
+            hint = " (lower queue_size, or raise the locked-memory limit: ulimit -l)"
+        end
+        error(format("%s: cannot set up io_uring with queue_size %d: %s%s",
+                     fname, o.queue_size, errstr(err[0]), hint), 3)
+    end
+    return setmetatable({
+        u = ffi.gc(u, C.pl_uring_free),
+        opts = o,
+        result = ffi.new("pl_uring_result_t"),
+        buffers_reclaimed = 0,
+        bounce = {},            -- size class -> free list of aligned scratch memory
+    }, IoUringReactor)
+end
+
+-- uring.reactor{opts}: a reactor from an options table (see M.DEFAULTS).
+function M.reactor(opts)
+    return new_reactor("uring.reactor", opts)
+end
+
+function IoUringReactor.new(opts)
+    return new_reactor("IoUringReactor.new", opts)
+end
+
+-- The seed's builder: IoUringReactor.builder():queue_size(2048):...:build()
+local Builder = {}
+Builder.__index = Builder
+for name in pairs(OPTION_RULES) do
+    Builder[name] = function(self, v)
+        if v == nil and name == "sqpoll" then
+            v = true
+        end
+        self.opts[name] = check_option("IoUringReactor.builder():" .. name, name, v)
+        return self
+    end
+end
+-- :sqpoll(idle_ms) turns SQPOLL on with that idle time.
+function Builder:sqpoll(idle_ms)
+    self.opts.sqpoll = true
+    if idle_ms ~= nil then
+        self.opts.sqpoll_idle_ms = check_option("IoUringReactor.builder():sqpoll", "sqpoll_idle_ms", idle_ms)
+    end
+    return self
+end
+
+function Builder:build()
+    return new_reactor("IoUringReactor.builder():build", self.opts)
+end
+
+function IoUringReactor.builder()
+    return setmetatable({ opts = {} }, Builder)
+end
+
+function IoUringReactor:c_reactor()
+    return C.pl_uring_reactor(self.u)
+end
+
+function IoUringReactor:options()
+    local o = {}
+    for k, v in pairs(self.opts) do o[k] = v end
+    return o
+end
+
+-- Figures: sqes, enters, completions, in_flight, in_flight_max,
+-- buffer_waits, buffers_free, resubmits, cancels, buffers_reclaimed.
+function IoUringReactor:stats()
+    check.self("IoUringReactor:stats", self, IoUringReactor, "an io_uring reactor")
+    local s = ffi.new("pl_uring_stats_t")
+    C.pl_uring_get_stats(self.u, s)
+    return {
+        sqes = s.sqes, enters = s.enters, completions = s.completions,
+        in_flight = s.in_flight, in_flight_max = s.in_flight_max,
+        buffer_waits = s.buffer_waits, buffers_free = s.buffers_free,
+        resubmits = s.resubmits, cancels = s.cancels,
+        buffers_reclaimed = self.buffers_reclaimed,
+    }
+end
+
+-- The io_uring reactor of the running runtime: the first registered one,
+-- or (on default runtimes: pluvio.run, the host) one made on first use.
+local function reactor_of(rt, fname)
+    local r = rt._uring
+    if r then
+        return r
+    end
+    for _, obj in pairs(rt.reactors) do
+        if getmetatable(obj) == IoUringReactor then
+            rt._uring = obj
+            return obj
+        end
+    end
+    if rt.auto_reactors then
+        r = new_reactor(fname, nil)
+        rt:register_reactor("io_uring", r)
+        rt._uring = r
+        return r
+    end
+    error(fname .. ": no io_uring reactor is registered on this runtime " ..
+          "(rt:register_reactor(\"io_uring\", uring.reactor{...}))", 3)
+end
+
+-- The running task and its runtime's reactor.
+local function context(fname)
+    local t, rt = current_task(fname)
+    return t, reactor_of(rt, fname), rt
+end
+
+-- uring.current(): the io_uring reactor of the running runtime.
+function M.current()
+    local rt = pluvio.runtime()
+    if not rt then
+        error("uring.current: no runtime is running", 2)
+    end
+    local r = reactor_of(rt, "uring.current")
+    return r
+end
+
+-- Park until op completes; returns res, bytes.  If the task is killed
+-- meanwhile, finish() calls _abandon and the kernel op is cancelled.
+local function await(r, t, op, what)
+    t.io_reactor = r
+    t.io_op = op
+    local u, result = r.u, r.result
+    repeat
+        park(t, WAIT_IO, op, what)
+    until C.pl_uring_op_take(u, op, result) ~= 0
+    t.io_reactor = nil
+    return result.res, result.bytes
+end
+
+function IoUringReactor:_abandon(t)
+    C.pl_uring_op_abandon(self.u, t.io_op)
+    t.io_op = nil
+end
+
+-- Start an op (a C call that returned op id or -errno) and wait for it.
+local function run_op(r, t, op, what)
+    if op < 0 then
+        return op, 0
+    end
+    return await(r, t, op, what)
+end
+
+---------------------------------------------------------------------------
+-- Registered buffers
+---------------------------------------------------------------------------
+
+local function acquire(r, t, rt, fname)
+    local u, crt = r.u, rt.crt
+    local idx = C.pl_uring_buffer_acquire(u, crt, t.slot, t.gen)
+    if idx == EAGAIN then
+        t.buffer_wait = r
+        repeat
+            park(t, WAIT_BUFFER, 0, "a registered buffer")
+            idx = C.pl_uring_buffer_acquire(u, crt, t.slot, t.gen)
+        until idx ~= EAGAIN
+        t.buffer_wait = nil
+    end
+    if idx < 0 then
+        local o = r.opts
+        if idx == ENOBUFS then
+            error(fname .. ": this reactor has no registered buffers (buffer_count = 0)", 3)
+        end
+        error(format("%s: cannot register %d buffers of %d bytes: %s " ..
+                     "(lower buffer_count or buffer_size, or raise the locked-memory limit: ulimit -l)",
+                     fname, o.buffer_count, o.buffer_size, errstr(idx)), 3)
+    end
+    local b = setmetatable({
+        reactor = r, index = idx, owner = t, rt = rt,
+        base = ffi_cast("uint8_t *", C.pl_uring_buffer_ptr(u, idx)),
+        len = r.opts.buffer_size,
+    }, Buffer)
+    t:_own(b)
+    return b
+end
+
+-- reactor:acquire_buffer(): a registered buffer; parks (FIFO) while the
+-- pool is empty.  The buffer belongs to the calling task: it is released
+-- when the task ends if not before.
+function IoUringReactor:acquire_buffer()
+    check.self("IoUringReactor:acquire_buffer", self, IoUringReactor, "an io_uring reactor")
+    local t, rt = current_task("IoUringReactor:acquire_buffer")
+    local b = acquire(self, t, rt, "IoUringReactor:acquire_buffer")
+    return b
+end
+
+-- A killed task that waited for a buffer stops waiting (a buffer already
+-- handed to it goes to the next waiter).
+function IoUringReactor:_buffer_abandon(t)
+    C.pl_uring_buffer_abandon(self.u, t.rt.crt, t.slot, t.gen)
+end
+
+local function live_buffer(fname, b)
+    if getmetatable(b) ~= Buffer then
+        error(format("%s: expected a registered buffer (got %s)", fname, type(b)), 3)
+    end
+    if not b.base then
+        error(fname .. ": the buffer was released", 3)
+    end
+    return b
+end
+
+-- Validate [off, off + len) against the buffer; defaults: off 0, len rest.
+local function span(fname, b, len, off)
+    off = off or 0
+    if type(off) ~= "number" or off % 1 ~= 0 or off < 0 or off > b.len then
+        error(format("%s: offset must be an integer from 0 to %d (got %s)", fname, b.len, check.show(off)), 3)
+    end
+    if len == nil then
+        len = b.len - off
+    elseif type(len) ~= "number" or len % 1 ~= 0 or len < 0 or off + len > b.len then
+        error(format("%s: length must be an integer from 0 to %d (got %s)", fname, b.len - off,
+                     check.show(len)), 3)
+    end
+    return len, off
+end
+
+function Buffer:ptr()
+    live_buffer("Buffer:ptr", self)
+    return self.base
+end
+
+function Buffer:size()
+    live_buffer("Buffer:size", self)
+    return self.len
+end
+
+-- fill(byte[, len[, off]]): set bytes to byte (0-255).
+function Buffer:fill(byte, len, off)
+    live_buffer("Buffer:fill", self)
+    if type(byte) ~= "number" or byte % 1 ~= 0 or byte < 0 or byte > 255 then
+        error("Buffer:fill: byte must be an integer from 0 to 255 (got " .. check.show(byte) .. ")", 2)
+    end
+    len, off = span("Buffer:fill", self, len, off)
+    ffi_fill(self.base + off, len, byte)
+    return self
+end
+
+-- write(str[, off]): copy a string into the buffer at off (default 0).
+function Buffer:write(str, off)
+    live_buffer("Buffer:write", self)
+    check.string("Buffer:write", "data", str)
+    local _, o = span("Buffer:write", self, #str, off)
+    ffi_copy(self.base + o, str, #str)
+    return #str
+end
+
+-- tostring([len[, off]]): the bytes as a Lua string.
+function Buffer:tostring(len, off)
+    live_buffer("Buffer:tostring", self)
+    len, off = span("Buffer:tostring", self, len, off)
+    return ffi_string(self.base + off, len)
+end
+
+-- checksum([len[, off]]): 64-bit checksum of the bytes, as 16 hex digits.
+function Buffer:checksum(len, off)
+    live_buffer("Buffer:checksum", self)
+    len, off = span("Buffer:checksum", self, len, off)
+    return bit.tohex(C.pl_checksum64(self.base + off, len, 0), 16)
+end
+
+-- fill_pattern(seed, file_offset[, len[, off]]): bytes that depend only on
+-- seed and the file offset they will be written at (for verification).
+function Buffer:fill_pattern(seed, file_offset, len, off)
+    live_buffer("Buffer:fill_pattern", self)
+    check.integer("Buffer:fill_pattern", "seed", seed, 0, 2 ^ 53)
+    check.integer("Buffer:fill_pattern", "file_offset", file_offset, 0, 2 ^ 53)
+    len, off = span("Buffer:fill_pattern", self, len, off)
+    C.pl_fill_pattern(self.base + off, len, seed, file_offset)
+    return self
+end
+
+-- release(): give the buffer back to the pool (to the first waiter, if any).
+function Buffer:release()
+    if getmetatable(self) ~= Buffer then
+        error("Buffer:release: call it as a method on a buffer (buf:release())", 2)
+    end
+    if not self.base then
+        error("Buffer:release: the buffer was already released", 2)
+    end
+    self.base = nil
+    self.owner:_disown(self)
+    C.pl_uring_buffer_release(self.reactor.u, self.rt.crt, self.index)
+    return true
+end
+
+-- Its owner ended without releasing it.
+function Buffer:_task_exit()
+    if self.base then
+        self.base = nil
+        self.reactor.buffers_reclaimed = self.reactor.buffers_reclaimed + 1
+        C.pl_uring_buffer_release(self.reactor.u, self.rt.crt, self.index)
+    end
+end
+
+function Buffer:__tostring()
+    return format("registered buffer #%d (%d bytes%s)", self.index, self.len,
+                  self.base and "" or ", released")
+end
+
+---------------------------------------------------------------------------
+-- Scratch memory for read()/write() of strings: aligned for O_DIRECT,
+-- reused per size class, so steady state allocates nothing but the string.
+---------------------------------------------------------------------------
+
+local ALIGN = 4096
+
+local function bounce_get(r, len)
+    local class = ALIGN
+    while class < len do class = class * 2 end
+    local list = r.bounce[class]
+    local n = list and #list or 0
+    if n > 0 then
+        local e = list[n]
+        list[n] = nil
+        return e
+    end
+    local raw = ffi.new("uint8_t[?]", class + ALIGN)
+    local addr = tonumber(ffi_cast("uintptr_t", raw))
+    local aligned = ffi_cast("uint8_t *", raw) + ((ALIGN - addr % ALIGN) % ALIGN)
+    return { raw = raw, ptr = aligned, class = class }
+end
+
+local function bounce_put(r, e)
+    local list = r.bounce[e.class]
+    if not list then
+        list = {}
+        r.bounce[e.class] = list
+    end
+    list[#list + 1] = e
+end
+
+---------------------------------------------------------------------------
+-- Files
+---------------------------------------------------------------------------
+
+local File = {}
+File.__index = File
+M.File = File
+
+local DmaFile = setmetatable({}, { __index = File })
+DmaFile.__index = DmaFile
+M.DmaFile = DmaFile
+
+local function is_file(f)
+    local mt = getmetatable(f)
+    return mt == File or mt == DmaFile
+end
+
+local function self_file(fname, f)
+    if not is_file(f) then
+        error(format("%s: call it as a method on a file (f:%s(...)); got %s as self",
+                     fname, fname:match("[:.](.*)$"), type(f)), 3)
+    end
+    if f.fd < 0 then
+        error(fname .. ": the file is closed (" .. f.path .. ")", 3)
+    end
+    return f
+end
+
+function File:describe()
+    return "io on " .. self.path
+end
+
+function File:__tostring()
+    return format("%s %s (fd %d%s)", self.direct and "DmaFile" or "File", self.path, self.fd,
+                  self.fd < 0 and ", closed" or "")
+end
+
+-- The message of a failed operation: what, on which file, errno and a hint.
+local function fail(f, what, rc, detail, bytes)
+    local hint = ""
+    if f.direct and rc == -22 then
+        hint = format(" (O_DIRECT needs offset and length multiples of %d and memory aligned to %d on this file)",
+                      f.offset_align, f.mem_align)
+    end
+    local msg = format("%s %s%s: %s%s", what, f.path, detail or "", errstr(rc), hint)
+    if bytes and bytes > 0 then
+        msg = msg .. format(" (%d bytes done before the error)", bytes)
+    end
+    return nil, msg, ffi_string(C.pl_errname(rc)), bytes or 0
+end
+
+-- O_DIRECT alignment rules, checked before anything is submitted.
+local function check_direct(fname, f, offset, len, addr)
+    if not f.direct then
+        return
+    end
+    local a = f.offset_align
+    if offset % a ~= 0 then
+        error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s",
+                     fname, offset, a, f.path), 3)
+    end
+    if len % a ~= 0 then
+        error(format("%s: O_DIRECT length %d is not a multiple of %d (the file's block size) on %s",
+                     fname, len, a, f.path), 3)
+    end
+    if addr and tonumber(ffi_cast("uintptr_t", addr)) % f.mem_align ~= 0 then
+        error(format("%s: O_DIRECT buffer address is not aligned to %d bytes on %s",
+                     fname, f.mem_align, f.path), 3)
+    end
+end
+
+local function check_offset(fname, offset)
+    if type(offset) ~= "number" or offset ~= offset or offset % 1 ~= 0 or offset < 0 or offset > 2 ^ 62 then
+        error(format("%s: offset must be an integer >= 0 (got %s)", fname, check.show(offset)), 3)
+    end
+end
+
+local function check_len(fname, len, max)
+    if type(len) ~= "number" or len ~= len or len % 1 ~= 0 or len < 0 or len > max then
+        error(format("%s: length must be an integer from 0 to %d (got %s)", fname, max, check.show(len)), 3)
+    end
+end
+
+local statx_buf_size = C.pl_uring_statx_size()
+
+local function stat_table(raw)
+    local s = ffi.new("pl_file_stat_t")
+    C.pl_uring_statx_decode(raw, s)
+    return {
+        size = s.size, blocks = s.blocks, blksize = s.blksize, mode = s.mode,
+        uid = s.uid, gid = s.gid, nlink = s.nlink, ino = s.ino,
+        atime = s.atime, mtime = s.mtime, ctime = s.ctime, btime = s.btime,
+        dio_mem_align = s.dio_mem_align, dio_offset_align = s.dio_offset_align,
+        dev_major = s.dev_major, dev_minor = s.dev_minor,
+        type = bit.band(s.mode, 0xF000) == 0x8000 and "file"
+            or bit.band(s.mode, 0xF000) == 0x4000 and "directory"
+            or bit.band(s.mode, 0xF000) == 0xA000 and "link"
+            or bit.band(s.mode, 0xF000) == 0x6000 and "block device" or "other",
+    }
+end
+
+local function statx_op(r, t, dirfd, path, flags, what)
+    local raw = ffi.new("uint8_t[?]", statx_buf_size)
+    local rc = run_op(r, t, C.pl_uring_statx(r.u, t.slot, t.gen, dirfd, path, flags, raw), what)
+    if rc < 0 then
+        return nil, rc
+    end
+    return stat_table(raw)
+end
+
+local function wrap_fd(cls, r, fd, path, direct, owned)
+    return setmetatable({
+        reactor = r, fd = fd, path = path, direct = direct, owned = owned,
+        offset_align = 1, mem_align = 1,
+    }, cls)
+end
+
+-- Learn the O_DIRECT rules of an open file (STATX_DIOALIGN where the kernel
+-- reports it, else the file system's block size).
+local function learn_alignment(f, t)
+    if not f.direct then
+        return
+    end
+    local st = statx_op(f.reactor, t, f.fd, "", AT_EMPTY_PATH, f)
+    if st and st.dio_offset_align > 0 then
+        f.offset_align, f.mem_align = st.dio_offset_align, st.dio_mem_align
+    else
+        f.offset_align = 512
+        f.mem_align = 512
+    end
+end
+
+local function open_file(cls, fname, direct, path, mode, perms)
+    check.string(fname, "path", path)
+    if mode == nil then
+        mode = "r"
+    end
+    check.string(fname, "mode", mode)
+    local flags = C.pl_file_flags(mode, direct and 1 or 0)
+    if flags < 0 then
+        error(format('%s: mode must be one of "r", "w", "a", "r+", "w+", "a+" (got %s)',
+                     fname, check.show(mode)), 3)
+    end
+    if perms == nil then
+        perms = 420     -- 0644
+    end
+    check.integer(fname, "perms", perms, 0, 4095)
+    local t, r = context(fname)
+    local fd = run_op(r, t, C.pl_uring_openat(r.u, t.slot, t.gen, path, flags, perms), path)
+    local f = wrap_fd(cls, r, -1, path, direct, true)
+    if fd < 0 then
+        local hint = ""
+        if direct and fd == -22 then
+            hint = " (this file system may not support O_DIRECT: use uring.File)"
+        end
+        local _, msg, code = fail(f, "open", fd, format(" (mode %q)", mode))
+        return nil, msg .. hint, code
+    end
+    f.fd = fd
+    learn_alignment(f, t)
+    return f
+end
+
+-- DmaFile.open(path[, mode[, perms]]): open with O_DIRECT through io_uring.
+function DmaFile.open(path, mode, perms)
+    local f, err, code = open_file(DmaFile, "DmaFile.open", true, path, mode, perms)
+    return f, err, code
+end
+
+-- File.open(path[, mode[, perms]]): open buffered through io_uring.
+function File.open(path, mode, perms)
+    local f, err, code = open_file(File, "File.open", false, path, mode, perms)
+    return f, err, code
+end
+
+local function new_from_fd(cls, fname, direct, fd, path)
+    check.integer(fname, "fd", fd, 0, 2 ^ 31 - 1)
+    local t, r = context(fname)
+    local f = wrap_fd(cls, r, fd, path or ("fd " .. fd), direct, true)
+    learn_alignment(f, t)
+    return f
+end
+
+-- DmaFile.new(fd[, name]): wrap an fd opened with O_DIRECT; close() closes it.
+function DmaFile.new(fd, name)
+    local f = new_from_fd(DmaFile, "DmaFile.new", true, fd, name)
+    return f
+end
+
+function File.new(fd, name)
+    local f = new_from_fd(File, "File.new", false, fd, name)
+    return f
+end
+
+-- f:read_fixed(buf, offset[, len]): read into a registered buffer; returns
+-- the bytes read (fewer only at end of file) or nil, err.
+function File:read_fixed(buf, offset, len)
+    self_file("File:read_fixed", self)
+    live_buffer("File:read_fixed", buf)
+    check_offset("File:read_fixed", offset)
+    if len == nil then
+        len = buf.len
+    else
+        check_len("File:read_fixed", len, buf.len)
+    end
+    local r = self.reactor
+    if buf.reactor ~= r then
+        error("File:read_fixed: the buffer belongs to another io_uring reactor", 2)
+    end
+    check_direct("File:read_fixed", self, offset, len, buf.base)
+    local t = current_task("File:read_fixed")
+    local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, buf.base, len, offset,
+                                                    buf.index), self)
+    if res < 0 then
+        return fail(self, "read", res, format(" (offset %d, %d bytes)", offset, len), bytes)
+    end
+    return res
+end
+
+-- f:write_fixed(buf, offset[, len]): write from a registered buffer; returns
+-- the bytes written (all of them; a short write is continued) or nil, err.
+function File:write_fixed(buf, offset, len)
+    self_file("File:write_fixed", self)
+    live_buffer("File:write_fixed", buf)
+    check_offset("File:write_fixed", offset)
+    if len == nil then
+        len = buf.len
+    else
+        check_len("File:write_fixed", len, buf.len)
+    end
+    local r = self.reactor
+    if buf.reactor ~= r then
+        error("File:write_fixed: the buffer belongs to another io_uring reactor", 2)
+    end
+    check_direct("File:write_fixed", self, offset, len, buf.base)
+    local t = current_task("File:write_fixed")
+    local res, bytes = run_op(r, t, C.pl_uring_write(r.u, t.slot, t.gen, self.fd, buf.base, len, offset,
+                                                     buf.index), self)
+    if res < 0 then
+        return fail(self, "write", res, format(" (offset %d, %d bytes)", offset, len), bytes)
+    end
+    if res < len then   -- the device stopped taking data without an error
+        return fail(self, "write", -28, format(" (offset %d, %d bytes)", offset, len), res)
+    end
+    return res
+end
+
+-- f:read(offset, len): the bytes as a string (shorter only at end of file).
+function File:read(offset, len)
+    self_file("File:read", self)
+    check_offset("File:read", offset)
+    check_len("File:read", len, MAX_IO)
+    check_direct("File:read", self, offset, len)
+    local t = current_task("File:read")
+    local r = self.reactor
+    local scratch = bounce_get(r, len)
+    local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
+                              self)
+    if res < 0 then
+        bounce_put(r, scratch)
+        return fail(self, "read", res, format(" (offset %d, %d bytes)", offset, len), bytes)
+    end
+    local s = ffi_string(scratch.ptr, res)
+    bounce_put(r, scratch)
+    return s
+end
+
+-- f:write(offset, data): write a string; returns #data or nil, err.
+function File:write(offset, data)
+    self_file("File:write", self)
+    check_offset("File:write", offset)
+    check.string("File:write", "data", data)
+    local len = #data
+    check_len("File:write", len, MAX_IO)
+    check_direct("File:write", self, offset, len)
+    local t = current_task("File:write")
+    local r = self.reactor
+    local scratch = bounce_get(r, len)
+    ffi_copy(scratch.ptr, data, len)
+    local res, bytes = run_op(r, t, C.pl_uring_write(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
+                              self)
+    bounce_put(r, scratch)
+    if res < 0 then
+        return fail(self, "write", res, format(" (offset %d, %d bytes)", offset, len), bytes)
+    end
+    if res < len then
+        return fail(self, "write", -28, format(" (offset %d, %d bytes)", offset, len), res)
+    end
+    return res
+end
+
+local function simple_op(f, fname, what, start)
+    self_file(fname, f)
+    local t = current_task(fname)
+    local r = f.reactor
+    local res = run_op(r, t, start(r, t), f)
+    if res < 0 then
+        return fail(f, what, res)
+    end
+    return true
+end
+
+function File:fsync()
+    local ok, err, code = simple_op(self, "File:fsync", "fsync", function(r, t)
+        return C.pl_uring_fsync(r.u, t.slot, t.gen, self.fd, 0)
+    end)
+    return ok, err, code
+end
+
+function File:fdatasync()
+    local ok, err, code = simple_op(self, "File:fdatasync", "fdatasync", function(r, t)
+        return C.pl_uring_fsync(r.u, t.slot, t.gen, self.fd, 1)
+    end)
+    return ok, err, code
+end
+
+-- f:fallocate(offset, len[, mode]): reserve space (mode as fallocate(2)).
+function File:fallocate(offset, len, mode)
+    check_offset("File:fallocate", offset)
+    check_len("File:fallocate", len, 2 ^ 62)
+    mode = mode or 0
+    check.integer("File:fallocate", "mode", mode, 0, 255)
+    local ok, err, code = simple_op(self, "File:fallocate", "fallocate", function(r, t)
+        return C.pl_uring_fallocate(r.u, t.slot, t.gen, self.fd, mode, offset, len)
+    end)
+    return ok, err, code
+end
+
+-- f:statx(): size, blocks, mode, times, dio alignment... as a table.
+function File:statx()
+    self_file("File:statx", self)
+    local t = current_task("File:statx")
+    local st, rc = statx_op(self.reactor, t, self.fd, "", AT_EMPTY_PATH, self)
+    if not st then
+        return fail(self, "statx", rc)
+    end
+    return st
+end
+
+-- f:truncate(len): set the size (synchronous: no io_uring op before Linux 6.9).
+function File:truncate(len)
+    self_file("File:truncate", self)
+    check_len("File:truncate", len, 2 ^ 62)
+    local rc = C.pl_file_truncate(self.fd, len)
+    if rc < 0 then
+        return fail(self, "truncate", rc)
+    end
+    return true
+end
+
+-- f:close(): close through io_uring.  Closing twice is an error.
+function File:close()
+    if not is_file(self) then
+        error("File:close: call it as a method on a file (f:close())", 2)
+    end
+    if self.fd < 0 then
+        error("File:close: the file is already closed (" .. self.path .. ")", 2)
+    end
+    local fd = self.fd
+    self.fd = -1
+    local t = current_task("File:close")
+    local r = self.reactor
+    local res = run_op(r, t, C.pl_uring_close(r.u, t.slot, t.gen, fd), self)
+    if res < 0 then
+        return fail(self, "close", res)
+    end
+    return true
+end
+
+DmaFile.__tostring = File.__tostring
+
+function File:fileno()
+    return self.fd
+end
+
+-- The seed's spelling: file:acquire_buffer() takes from the file's reactor.
+function File:acquire_buffer()
+    self_file("File:acquire_buffer", self)
+    local t, rt = current_task("File:acquire_buffer")
+    local b = acquire(self.reactor, t, rt, "File:acquire_buffer")
+    return b
+end
+
+---------------------------------------------------------------------------
+-- Path operations
+---------------------------------------------------------------------------
+
+local function path_fail(what, path, rc)
+    return nil, format("%s %s: %s", what, path, errstr(rc)), ffi_string(C.pl_errname(rc))
+end
+
+function M.statx(path)
+    check.string("uring.statx", "path", path)
+    local t, r = context("uring.statx")
+    local st, rc = statx_op(r, t, AT_FDCWD, path, 0, path)
+    if not st then
+        return path_fail("statx", path, rc)
+    end
+    return st
+end
+
+function M.unlink(path)
+    check.string("uring.unlink", "path", path)
+    local t, r = context("uring.unlink")
+    local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, 0), path)
+    if rc < 0 then
+        return path_fail("unlink", path, rc)
+    end
+    return true
+end
+
+function M.rmdir(path)
+    check.string("uring.rmdir", "path", path)
+    local t, r = context("uring.rmdir")
+    local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, AT_REMOVEDIR), path)
+    if rc < 0 then
+        return path_fail("rmdir", path, rc)
+    end
+    return true
+end
+
+function M.rename(from, to)
+    check.string("uring.rename", "from", from)
+    check.string("uring.rename", "to", to)
+    local t, r = context("uring.rename")
+    local rc = run_op(r, t, C.pl_uring_renameat(r.u, t.slot, t.gen, from, to), from)
+    if rc < 0 then
+        return path_fail("rename", from .. " -> " .. to, rc)
+    end
+    return true
+end
+
+function M.mkdir(path, perms)
+    check.string("uring.mkdir", "path", path)
+    perms = perms or 493    -- 0755
+    check.integer("uring.mkdir", "perms", perms, 0, 4095)
+    local t, r = context("uring.mkdir")
+    local rc = run_op(r, t, C.pl_uring_mkdirat(r.u, t.slot, t.gen, path, perms), path)
+    if rc < 0 then
+        return path_fail("mkdir", path, rc)
+    end
+    return true
+end
+
+-- The reactor's acquire, reachable from the module for convenience.
+function M.acquire_buffer()
+    local t, r, rt = context("uring.acquire_buffer")
+    local b = acquire(r, t, rt, "uring.acquire_buffer")
+    return b
+end
+
+return M
