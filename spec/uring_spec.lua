@@ -1,0 +1,517 @@
+-- The io_uring reactor: options, files, registered buffers, batching,
+-- cancellation, errors.
+local pluvio = require "pluvio"
+local uring = require "pluvio.uring"
+local helper = require "helper"
+local ffi = require "ffi"
+
+local async = helper.async
+
+ffi.cdef [[
+int pipe(int fds[2]);
+int close(int fd);
+long write(int fd, const void *buf, size_t n);
+]]
+
+local function tmpfile()
+    local p = os.tmpname()
+    os.remove(p)
+    return p
+end
+
+-- A runtime with an explicit reactor, as the seed writes it.
+local function with_reactor(opts, fn)
+    local rt = pluvio.Runtime.new()
+    local r = uring.reactor(opts)
+    rt:register_reactor("io_uring_reactor", r)
+    return rt:run(fn, r, rt)
+end
+
+describe("IoUringReactor", function()
+    it("builds from the seed's builder and from an options table", function()
+        local r = uring.IoUringReactor.builder()
+            :queue_size(2048):buffer_size(1048576):buffer_count(8):submit_depth(64)
+            :wait_submit_timeout(0.1):wait_complete_timeout(0.15):build()
+        local o = r:options()
+        assert.equal(2048, o.queue_size)
+        assert.equal(8, o.buffer_count)
+        assert.equal(0.15, o.wait_complete_timeout)
+        local r2 = uring.reactor { queue_size = 64, buffer_count = 2 }
+        assert.equal(64, r2:options().queue_size)
+        assert.equal(uring.DEFAULTS.buffer_size, r2:options().buffer_size)
+    end)
+
+    it("runs the seed's example as written", function()
+        local path = tmpfile()
+        local rt = pluvio.Runtime.new(1024)
+        local reactor = uring.IoUringReactor.builder()
+            :queue_size(2048):buffer_size(1048576):buffer_count(64):submit_depth(64)
+            :wait_submit_timeout(0.1):wait_complete_timeout(0.15):build()
+        rt:register_reactor("io_uring_reactor", reactor)
+        rt:run(function()
+            local file = uring.DmaFile.open(path, "w+")
+            local buf = file:acquire_buffer()
+            buf:fill(0x5a)
+            assert(file:write_fixed(buf, 0))
+            buf:release()
+            file:close()
+        end)
+        local f = io.open(path, "rb")
+        local data = f:read("*a")
+        f:close()
+        os.remove(path)
+        assert.equal(1048576, #data)
+        assert.equal(("\x5a"):rep(16), data:sub(1, 16))
+    end)
+
+    it("rejects unknown options and out-of-range values", function()
+        assert.has_error(function() uring.reactor { queue_sise = 1 } end,
+            'uring.reactor: unknown option "queue_sise" (known: buffer_count, buffer_size, queue_size, sqpoll, sqpoll_idle_ms, submit_depth, wait_complete_timeout, wait_submit_timeout)')
+        assert.has_error(function() uring.reactor { queue_size = 0 } end,
+            "uring.reactor: queue_size must be an integer from 1 to 32768 (got 0)")
+        assert.has_error(function() uring.reactor { buffer_size = 5000 } end,
+            "uring.reactor: buffer_size must be a multiple of 4096 (got 5000)")
+        assert.has_error(function() uring.reactor { wait_submit_timeout = -1 } end,
+            "uring.reactor: wait_submit_timeout must be a number from 0 to 60 (got -1)")
+        assert.has_error(function() uring.reactor { sqpoll = 1 } end,
+            "uring.reactor: sqpoll must be a boolean (got 1)")
+        assert.has_error(function() uring.reactor(5) end, "uring.reactor: options must be a table (got number)")
+        assert.has_error(function() uring.IoUringReactor.builder():submit_depth(1.5) end,
+            "IoUringReactor.builder():submit_depth: submit_depth must be an integer from 1 to 32768 (got 1.5)")
+    end)
+
+    it("says which option to lower when the buffer pool cannot be registered", function()
+        with_reactor({ buffer_size = 1073741824, buffer_count = 65536 }, function(r)
+            local ok, err = pcall(r.acquire_buffer, r)
+            assert.is_false(ok)
+            assert.matches("cannot register 65536 buffers of 1073741824 bytes: ENOMEM", err)
+            assert.matches("lower buffer_count or buffer_size", err)
+        end)
+    end)
+
+    it("runs with SQPOLL when the kernel allows it", function()
+        local ok, r = pcall(uring.reactor, { sqpoll = true, sqpoll_idle_ms = 10 })
+        if not ok then
+            assert.matches("the kernel refused SQPOLL", r)
+            return
+        end
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring", r)
+        local path = tmpfile()
+        local got = rt:run(function()
+            local f = assert(uring.File.open(path, "w+"))
+            assert.equal(5, f:write(0, "hello"))
+            local s = f:read(0, 5)
+            f:close()
+            return s
+        end)
+        os.remove(path)
+        assert.equal("hello", got)
+    end)
+
+    it("is made on first use by default runtimes, and required on plain ones", function()
+        assert.is_true(pluvio.run(function()
+            return uring.current() ~= nil and pluvio.runtime():reactor("io_uring") ~= nil
+        end))
+        local rt = pluvio.Runtime.new()
+        local ok, err = pcall(rt.run, rt, function() return uring.File.open("/etc/hostname") end)
+        assert.is_false(ok)
+        assert.matches('File.open: no io_uring reactor is registered on this runtime', err)
+    end)
+end)
+
+describe("File and DmaFile", function()
+    for _, kind in ipairs({ "File", "DmaFile" }) do
+        local cls = uring[kind]
+
+        it(kind .. " writes and reads back strings and registered buffers", async(function()
+            local path = tmpfile()
+            local f = assert(cls.open(path, "w+"))
+            local block = ("0123456789abcdef"):rep(256)  -- 4096 bytes
+            assert.equal(4096, f:write(0, block))
+            assert.equal(block, f:read(0, 4096))
+            local buf = f:acquire_buffer()
+            buf:fill_pattern(7, 8192, 8192)
+            local sum = buf:checksum(8192)
+            assert.equal(8192, f:write_fixed(buf, 8192, 8192))
+            buf:fill(0)
+            assert.equal(8192, f:read_fixed(buf, 8192, 8192))
+            assert.equal(sum, buf:checksum(8192))
+            buf:release()
+            assert.equal(16384, f:statx().size)
+            assert.is_true(f:fsync())
+            assert.is_true(f:fdatasync())
+            assert.is_true(f:close())
+            assert.is_true(uring.unlink(path))
+        end))
+
+        it(kind .. " keeps data intact with 128 patterned writes in flight at random offsets", async(function()
+            local path = tmpfile()
+            local f = assert(cls.open(path, "w+"))
+            local bs, nblocks = 4096, 512
+            local order = {}
+            for i = 1, nblocks do order[i] = i - 1 end
+            math.randomseed(42)
+            for i = nblocks, 2, -1 do
+                local j = math.random(i)
+                order[i], order[j] = order[j], order[i]
+            end
+            local work = pluvio.channel(nblocks)
+            for _, b in ipairs(order) do work:send(b) end
+            work:close()
+            local function writer()
+                local buf = f:acquire_buffer()
+                while true do
+                    local b = work:recv()
+                    if not b then break end
+                    buf:fill_pattern(99, b * bs, bs)
+                    assert.equal(bs, f:write_fixed(buf, b * bs, bs))
+                end
+                buf:release()
+            end
+            local tasks = {}
+            for i = 1, 16 do tasks[i] = pluvio.spawn(writer) end
+            for i = 1, 16 do tasks[i]:join() end
+            -- read back with 128 tasks in flight, each checking its block
+            local bad = 0
+            local readers = {}
+            local next_block = 0
+            for i = 1, 128 do
+                readers[i] = pluvio.spawn(function()
+                    while next_block < nblocks do
+                        local b = next_block
+                        next_block = next_block + 1
+                        local s = f:read(b * bs, bs)
+                        local buf = f:acquire_buffer()
+                        buf:fill_pattern(99, b * bs, bs)
+                        if s ~= buf:tostring(bs) then bad = bad + 1 end
+                        buf:release()
+                    end
+                end)
+            end
+            for i = 1, 128 do readers[i]:join() end
+            assert.equal(0, bad)
+            assert.is_true(uring.current():stats().in_flight_max >= 16)
+            f:close()
+            uring.unlink(path)
+        end))
+    end
+
+    it("returns the count of a short read at end of file (File)", async(function()
+        local path = tmpfile()
+        local f = assert(uring.File.open(path, "w+"))
+        assert.equal(5000, f:write(0, ("z"):rep(5000)))
+        assert.equal(5000 - 4096, #f:read(4096, 4096))
+        assert.equal("", f:read(8192, 4096))
+        local buf = f:acquire_buffer()
+        assert.equal(904, f:read_fixed(buf, 4096, 4096))
+        buf:release()
+        f:close()
+        uring.unlink(path)
+    end))
+
+    it("returns the count of a short read at end of file (DmaFile, size not a block multiple)", async(function()
+        local path = tmpfile()
+        local w = assert(uring.File.open(path, "w"))
+        w:write(0, ("q"):rep(5000))
+        w:close()
+        local f = assert(uring.DmaFile.open(path, "r"))
+        local s = f:read(4096, 4096)
+        assert.equal(5000 - 4096, #s)
+        assert.equal(("q"):rep(904), s)
+        f:close()
+        uring.unlink(path)
+    end))
+
+    it("checks every O_DIRECT alignment rule before submitting", async(function()
+        local path = tmpfile()
+        local f = assert(uring.DmaFile.open(path, "w+"))
+        local a = f.offset_align
+        assert.is_true(a >= 512)
+        assert.has_error(function() f:read(1, a) end,
+            ("File:read: O_DIRECT offset 1 is not a multiple of %d (the file's block size) on %s"):format(a, path))
+        assert.has_error(function() f:write(0, "abc") end,
+            ("File:write: O_DIRECT length 3 is not a multiple of %d (the file's block size) on %s"):format(a, path))
+        local buf = f:acquire_buffer()
+        assert.has_error(function() f:write_fixed(buf, a + 1, a) end,
+            ("File:write_fixed: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s"):format(a + 1, a, path))
+        assert.has_error(function() f:read_fixed(buf, 0, a - 1) end,
+            ("File:read_fixed: O_DIRECT length %d is not a multiple of %d (the file's block size) on %s"):format(a - 1, a, path))
+        buf:release()
+        assert.equal(0, uring.current():stats().in_flight)
+        f:close()
+        uring.unlink(path)
+    end))
+
+    it("fallocates and truncates", async(function()
+        local path = tmpfile()
+        local f = assert(uring.File.open(path, "w+"))
+        assert.is_true(f:fallocate(0, 65536))
+        assert.equal(65536, f:statx().size)
+        assert.is_true(f:truncate(100))
+        assert.equal(100, f:statx().size)
+        f:close()
+        uring.unlink(path)
+    end))
+
+    it("reports failures as nil, message with operation, path and errno", async(function()
+        local f, err, code = uring.File.open("/nonexistent/dir/x", "r")
+        assert.is_nil(f)
+        assert.equal('open /nonexistent/dir/x (mode "r"): ENOENT: No such file or directory', err)
+        assert.equal("ENOENT", code)
+        local g = uring.File.new(999, "bogus")
+        local s, err2, code2 = g:read(0, 10)
+        assert.is_nil(s)
+        assert.equal("read bogus (offset 0, 10 bytes): EBADF: Bad file descriptor", err2)
+        assert.equal("EBADF", code2)
+        local ro = assert(uring.File.open("/etc/hostname", "r"))
+        local n, err3 = ro:write(0, "x")
+        assert.is_nil(n)
+        assert.matches("^write /etc/hostname %(offset 0, 1 bytes%): EBADF", err3)
+        ro:close()
+    end))
+
+    it("refuses to use a closed file", async(function()
+        local path = tmpfile()
+        local f = assert(uring.File.open(path, "w+"))
+        f:close()
+        assert.has_error(function() f:read(0, 1) end, "File:read: the file is closed (" .. path .. ")")
+        assert.has_error(function() f:close() end, "File:close: the file is already closed (" .. path .. ")")
+        uring.unlink(path)
+    end))
+
+    it("rejects bad arguments with the argument and the rule", async(function()
+        local path = tmpfile()
+        local f = assert(uring.File.open(path, "w+"))
+        assert.has_error(function() f:read(-1, 1) end, "File:read: offset must be an integer >= 0 (got -1)")
+        assert.has_error(function() f:read(0, 1.5) end, "File:read: length must be an integer from 0 to 2147479552 (got 1.5)")
+        assert.has_error(function() f:write(0, 42) end, "File:write: data must be a string (got number)")
+        assert.has_error(function() f:read_fixed("buf", 0) end, "File:read_fixed: expected a registered buffer (got string)")
+        assert.has_error(function() uring.File.open(path, "rw") end,
+            'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+" (got "rw")')
+        assert.has_error(function() uring.File.open(42) end, "File.open: path must be a string (got number)")
+        assert.has_error(function() f.read({}, 0, 1) end,
+            "File:read: call it as a method on a file (f:read(...)); got table as self")
+        f:close()
+        uring.unlink(path)
+    end))
+
+    it("refuses to start I/O outside a task", function()
+        assert.has_error(function() uring.File.open("/etc/hostname") end,
+            "File.open: not inside a pluvio task (call it from a function run by pluvio.run / rt:run, or from a script run by the pluvio host)")
+    end)
+
+    it("reports ENOSPC with the bytes written on a full file system", function()
+        local dir = os.tmpname()
+        os.remove(dir)
+        os.execute("mkdir -p " .. dir)
+        local ok = os.execute("mount -t tmpfs -o size=1m pluvio-spec " .. dir .. " 2>/dev/null")
+        if ok ~= 0 and ok ~= true then
+            pending("mounting a small tmpfs is not permitted here; ENOSPC not checked")
+            os.execute("rmdir " .. dir)
+            return
+        end
+        local n, err, code, done = pluvio.run(function()
+            local f = assert(uring.File.open(dir .. "/big", "w"))
+            local r1, r2, r3, r4 = f:write(0, ("x"):rep(2 * 1048576))
+            f:close()
+            return r1, r2, r3, r4
+        end)
+        os.execute("umount " .. dir .. "; rmdir " .. dir)
+        assert.is_nil(n)
+        assert.equal("ENOSPC", code)
+        assert.is_true(done > 0 and done <= 1048576, "bytes done " .. tostring(done))
+        assert.matches("write " .. dir .. "/big %(offset 0, 2097152 bytes%): ENOSPC: No space left on device %(" ..
+                       done .. " bytes done before the error%)", err)
+    end)
+end)
+
+describe("path operations", function()
+    it("make, stat, rename and remove files and directories", async(function()
+        local dir = tmpfile()
+        assert.is_true(uring.mkdir(dir))
+        local st = assert(uring.statx(dir))
+        assert.equal("directory", st.type)
+        local f = assert(uring.File.open(dir .. "/a", "w"))
+        f:write(0, "12345")
+        f:close()
+        assert.equal(5, uring.statx(dir .. "/a").size)
+        assert.is_true(uring.rename(dir .. "/a", dir .. "/b"))
+        local none, err, code = uring.statx(dir .. "/a")
+        assert.is_nil(none)
+        assert.equal("ENOENT", code)
+        assert.matches("^statx .*/a: ENOENT", err)
+        assert.is_true(uring.unlink(dir .. "/b"))
+        assert.is_true(uring.rmdir(dir))
+        local ok, err2 = uring.mkdir("/proc/forbidden/x")
+        assert.is_nil(ok)
+        assert.matches("^mkdir /proc/forbidden/x: ENOENT", err2)
+    end))
+end)
+
+describe("registered buffers", function()
+    it("park the task while the pool is empty and hand buffers out in FIFO order", function()
+        with_reactor({ buffer_count = 2, buffer_size = 4096 }, function(r)
+            local a = r:acquire_buffer()
+            local b = r:acquire_buffer()
+            local order = {}
+            local waiters = {}
+            for i = 1, 3 do
+                waiters[i] = pluvio.spawn(function()
+                    local buf = r:acquire_buffer()
+                    order[#order + 1] = i
+                    pluvio.sleep(0.001)
+                    buf:release()
+                end)
+            end
+            pluvio.yield()
+            assert.equal("waiting", waiters[1]:status())
+            assert.equal(3, r:stats().buffer_waits)
+            a:release()
+            b:release()
+            for i = 1, 3 do waiters[i]:join() end
+            assert.same({ 1, 2, 3 }, order)
+            assert.equal(2, r:stats().buffers_free)
+        end)
+    end)
+
+    it("passes the turn of a killed waiter on to the next", function()
+        with_reactor({ buffer_count = 1, buffer_size = 4096 }, function(r)
+            local held = r:acquire_buffer()
+            local w1 = pluvio.spawn(function() return r:acquire_buffer() end)
+            local w2 = pluvio.spawn(function() local b = r:acquire_buffer(); b:release(); return "got" end)
+            pluvio.yield()
+            held:release()      -- handed to w1
+            w1:kill()           -- which dies before it runs
+            assert.equal("got", w2:join())
+            assert.equal(1, r:stats().buffers_free)
+        end)
+    end)
+
+    it("are released when their task ends", function()
+        with_reactor({ buffer_count = 2, buffer_size = 4096 }, function(r)
+            local t = pluvio.spawn(function() r:acquire_buffer(); r:acquire_buffer() end)
+            t:join()
+            local s = r:stats()
+            assert.equal(2, s.buffers_free)
+            assert.equal(2, s.buffers_reclaimed)
+        end)
+    end)
+
+    it("work as memory from Lua", function()
+        with_reactor({ buffer_count = 1, buffer_size = 8192 }, function(r)
+            local b = r:acquire_buffer()
+            assert.equal(8192, b:size())
+            assert.is_true(b:ptr() ~= nil)
+            b:fill(65, 4)
+            assert.equal("AAAA", b:tostring(4))
+            assert.equal(3, b:write("xyz", 1))
+            assert.equal("Axyz", b:tostring(4))
+            assert.equal("yz", b:tostring(2, 2))
+            assert.equal(16, #b:checksum())
+            assert.are_not.equal(b:checksum(4), b:checksum(4, 1))
+            b:fill_pattern(1, 0)
+            local p1 = b:tostring(64)
+            b:fill_pattern(1, 0)
+            assert.equal(p1, b:tostring(64))
+            b:fill_pattern(2, 0)
+            assert.are_not.equal(p1, b:tostring(64))
+            b:release()
+        end)
+    end)
+
+    it("reject use after release, double release, out-of-range spans and foreign reactors", function()
+        with_reactor({ buffer_count = 1, buffer_size = 4096 }, function(r)
+            local b = r:acquire_buffer()
+            assert.has_error(function() b:fill(300) end, "Buffer:fill: byte must be an integer from 0 to 255 (got 300)")
+            assert.has_error(function() b:tostring(5000) end, "Buffer:tostring: length must be an integer from 0 to 4096 (got 5000)")
+            assert.has_error(function() b:write("abc", 4095) end, "Buffer:write: length must be an integer from 0 to 1 (got 3)")
+            local other = uring.reactor { buffer_count = 1, buffer_size = 4096 }
+            local f = assert(uring.File.open("/etc/hostname"))
+            f.reactor = other       -- a file bound to another reactor
+            assert.has_error(function() f:read_fixed(b, 0) end,
+                "File:read_fixed: the buffer belongs to another io_uring reactor")
+            f.reactor = r
+            f:close()
+            b:release()
+            assert.has_error(function() b:fill(1) end, "Buffer:fill: the buffer was released")
+            assert.has_error(function() b:release() end, "Buffer:release: the buffer was already released")
+        end)
+    end)
+end)
+
+describe("submission and completion", function()
+    it("batches: 128 tasks each issuing one read cost a handful of io_uring_enter calls", function()
+        local path = tmpfile()
+        local fh = io.open(path, "wb")
+        fh:write(("b"):rep(128 * 4096))
+        fh:close()
+        with_reactor({ queue_size = 256, submit_depth = 256 }, function(r)
+            local f = assert(uring.File.open(path, "r"))
+            local before = r:stats()
+            local tasks = {}
+            for i = 1, 128 do
+                tasks[i] = pluvio.spawn(function() return #f:read((i - 1) * 4096, 4096) end)
+            end
+            for i = 1, 128 do assert.equal(4096, tasks[i]:join()) end
+            local after = r:stats()
+            assert.equal(128, after.sqes - before.sqes)
+            assert.is_true(after.enters - before.enters <= 4, "enters " .. (after.enters - before.enters))
+            f:close()
+        end)
+        os.remove(path)
+    end)
+
+    it("completes a lone read without paying wait_complete_timeout", function()
+        with_reactor({ wait_complete_timeout = 5, wait_submit_timeout = 5 }, function()
+            local f = assert(uring.File.open("/etc/hostname"))
+            local t0 = pluvio.now()
+            for _ = 1, 20 do f:read(0, 16) end
+            assert.is_true(pluvio.now() - t0 < 1)
+            f:close()
+        end)
+    end)
+
+    it("cancels a read in the kernel when its task is killed", function()
+        with_reactor(nil, function(r)
+            local fds = ffi.new("int[2]")
+            assert.equal(0, ffi.C.pipe(fds))
+            local f = uring.File.new(fds[0], "pipe")
+            local reader = pluvio.spawn(function() return f:read(0, 10) end)
+            pluvio.sleep(0.01)
+            assert.equal("waiting", reader:status())
+            assert.equal(1, r:stats().in_flight)
+            reader:kill()
+            pluvio.sleep(0.01)
+            local s = r:stats()
+            assert.equal(1, s.cancels)
+            assert.equal(0, s.in_flight)
+            -- the pipe still works for the next reader
+            local again = pluvio.spawn(function() return f:read(0, 5) end)
+            pluvio.yield()
+            ffi.C.write(fds[1], "hello", 5)
+            assert.equal("hello", again:join())
+            ffi.C.close(fds[1])
+            f:close()
+        end)
+    end)
+
+    it("returns a cancelled read's buffer to the pool only after the kernel is done", function()
+        with_reactor({ buffer_count = 1, buffer_size = 4096 }, function(r)
+            local fds = ffi.new("int[2]")
+            assert.equal(0, ffi.C.pipe(fds))
+            local f = uring.File.new(fds[0], "pipe")
+            local reader = pluvio.spawn(function()
+                local b = r:acquire_buffer()
+                return f:read_fixed(b, 0, 10)
+            end)
+            pluvio.sleep(0.005)
+            reader:kill()
+            local b = r:acquire_buffer()     -- parks until the cancel completes
+            assert.equal(0, r:stats().in_flight)
+            b:release()
+            ffi.C.close(fds[1])
+            f:close()
+        end)
+    end)
+end)
