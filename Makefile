@@ -32,7 +32,9 @@ SPEC_FLAGS ?=
 
 .PHONY: all test demo bench install uninstall clean help deps asan-test check-deps lint
 
-all: $(LIB) $(HOST) $(CDEF)
+C_BENCH    = $(BUILD)/uring_c_bench
+
+all: $(LIB) $(HOST) $(CDEF) $(C_BENCH)
 
 $(BUILD):
 	mkdir -p $(BUILD)
@@ -45,6 +47,10 @@ $(LIB): $(CORE_OBJ)
 
 $(HOST): src/main.c | $(BUILD)
 	$(CC) $(PL_CFLAGS) $(LUAJIT_CFLAGS) -o $@ src/main.c $(LUAJIT_LIBS) -Wl,-E -ldl
+
+# The plain liburing loop the benchmarks compare against.
+$(C_BENCH): examples/uring_c_bench.c | $(BUILD)
+	$(CC) $(PL_CFLAGS) -o $@ $< -luring
 
 # The FFI cdef is the marked region of the public header: one source of truth.
 $(CDEF): src/pluvio.h Makefile
