@@ -67,7 +67,7 @@ struct pl_runtime {
     int nreactors;
 
     struct io_uring ring;   /* the one place the runtime blocks */
-    int64_t enter_ns;       /* when the running task was resumed */
+    int64_t switch_ns;      /* when the last task stopped running (or the batch began) */
     int64_t spin_ns;
 
     pl_runtime_stats_t stats;

@@ -48,11 +48,13 @@ enum pl_wait_kind {
     PL_WAIT_OTHER = 10
 };
 
-/* How a task ended, for pl_task_exit. */
+/* How a task ended, for pl_task_exit; add PL_TASK_WAS_RUNNING when it
+ * ended while it ran (not killed by another task) to account its run time. */
 enum pl_task_outcome {
     PL_TASK_DONE = 0,
     PL_TASK_FAILED = 1,
-    PL_TASK_CANCELLED = 2
+    PL_TASK_CANCELLED = 2,
+    PL_TASK_WAS_RUNNING = 8
 };
 
 /* Flags for pl_tick. */
@@ -159,11 +161,16 @@ void pl_runtime_set_spin(pl_runtime_t *rt, double seconds);
  * nothing can wake them, or another -errno. */
 int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags);
 
-/* Tasks (runtime.c).  spawn returns the slot (queued ready) and its gen. */
+/* Tasks (runtime.c).  spawn returns the slot (queued ready) and its gen.
+ * The running task stops running at exactly one of: pl_task_wait (it
+ * parks), pl_task_yield (it goes to the back of the ready ring), an I/O op
+ * start (which parks it), or pl_task_exit with PL_TASK_WAS_RUNNING; that is
+ * where its run time and resume count are accounted, so resuming a task
+ * costs no call into C. */
 int pl_task_spawn(pl_runtime_t *rt, uint32_t *gen);
 int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen);
 int pl_task_wait(pl_runtime_t *rt, uint32_t slot, int kind, double arg);
-void pl_task_switch(pl_runtime_t *rt, int leave_slot, int enter_slot);
+int pl_task_yield(pl_runtime_t *rt, uint32_t slot);
 int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome);
 int pl_task_info(pl_runtime_t *rt, uint32_t slot, pl_task_info_t *out);
 
@@ -222,6 +229,8 @@ typedef struct pl_uring_stats {
 pl_uring_t *pl_uring_new(const pl_uring_options_t *opts, int *err);
 void pl_uring_free(pl_uring_t *u);
 pl_reactor_t *pl_uring_reactor(pl_uring_t *u);
+/* The runtime whose tasks start ops (they are parked on I/O in C). */
+void pl_uring_attach(pl_uring_t *u, pl_runtime_t *rt);
 void pl_uring_get_stats(pl_uring_t *u, pl_uring_stats_t *out);
 int pl_uring_flush(pl_uring_t *u);
 

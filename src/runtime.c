@@ -199,6 +199,7 @@ static int ready_drain(pl_runtime_t *rt, uint32_t *out, int max)
         else
             out[n++] = slot;
     }
+    rt->switch_ns = pl_clock_ns();      /* the batch begins */
     return n;
 }
 
@@ -245,6 +246,18 @@ int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen)
     return pl_ready_push(rt, slot);
 }
 
+/* The running task stops running: charge it the time since the last task
+ * stopped (or the batch began). */
+static void task_leave(pl_runtime_t *rt, struct pl_task *t)
+{
+    int64_t now = pl_clock_ns();
+
+    t->run_ns += now - rt->switch_ns;
+    t->resumes++;
+    rt->stats.resumes++;
+    rt->switch_ns = now;
+}
+
 int pl_task_wait(pl_runtime_t *rt, uint32_t slot, int kind, double arg)
 {
     struct pl_task *t = task_get(rt, slot);
@@ -253,31 +266,21 @@ int pl_task_wait(pl_runtime_t *rt, uint32_t slot, int kind, double arg)
         return -ESRCH;
     t->wait = (uint8_t)kind;
     t->wait_arg = arg;
+    if (!t->queued)
+        t->state = PL_TASK_WAITING;
+    task_leave(rt, t);
     return 0;
 }
 
-/* Account the task leaving the CPU and the one entering, with one clock read. */
-void pl_task_switch(pl_runtime_t *rt, int leave_slot, int enter_slot)
+int pl_task_yield(pl_runtime_t *rt, uint32_t slot)
 {
-    int64_t now = pl_clock_ns();
+    struct pl_task *t = task_get(rt, slot);
 
-    if (leave_slot >= 0 && (uint32_t)leave_slot < rt->capacity) {
-        struct pl_task *t = &rt->tasks[leave_slot];
-        if (t->state == PL_TASK_RUNNING) {
-            t->run_ns += now - rt->enter_ns;
-            t->state = t->queued ? PL_TASK_READY : PL_TASK_WAITING;
-        }
-    }
-    if (enter_slot >= 0 && (uint32_t)enter_slot < rt->capacity) {
-        struct pl_task *t = &rt->tasks[enter_slot];
-        if (t->state != PL_TASK_FREE) {
-            t->state = PL_TASK_RUNNING;
-            t->wait = PL_WAIT_NONE;
-            t->resumes++;
-            rt->stats.resumes++;
-            rt->enter_ns = now;
-        }
-    }
+    if (!t)
+        return -ESRCH;
+    t->wait = PL_WAIT_NONE;
+    task_leave(rt, t);
+    return pl_ready_push(rt, slot);
 }
 
 int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome)
@@ -286,8 +289,10 @@ int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome)
 
     if (!t)
         return -ESRCH;
-    if (t->state == PL_TASK_RUNNING)
-        t->run_ns += pl_clock_ns() - rt->enter_ns;
+    if (outcome & PL_TASK_WAS_RUNNING) {
+        task_leave(rt, t);
+        outcome &= ~PL_TASK_WAS_RUNNING;
+    }
     pl_timer_remove(rt, slot);
     t->state = PL_TASK_FREE;
     t->gen++;

@@ -222,6 +222,11 @@ pl_reactor_t *pl_uring_reactor(pl_uring_t *u)
     return &u->reactor;
 }
 
+void pl_uring_attach(pl_uring_t *u, pl_runtime_t *rt)
+{
+    u->rt = rt;
+}
+
 /* ---- submission ---------------------------------------------------------- */
 
 static int submit(pl_uring_t *u)
@@ -303,14 +308,19 @@ static uint64_t op_user_data(const pl_uring_t *u, uint32_t i)
     return ((uint64_t)u->ops[i].gen << 32) | i;
 }
 
-/* Hand the SQE to the ring and account the op as in flight. */
+/* Hand the SQE to the ring, account the op as in flight and park its task
+ * on it (saving the task a second call into C before it yields). */
 static int op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 {
+    struct uring_op *op = &u->ops[i];
+
     io_uring_sqe_set_data64(sqe, op_user_data(u, i));
     u->in_flight++;
     if (u->in_flight > u->stats.in_flight_max)
         u->stats.in_flight_max = u->in_flight;
     maybe_submit(u);
+    if (u->rt)
+        pl_task_wait(u->rt, op->task_slot, PL_WAIT_IO, (double)i);
     return (int)i;
 }
 

@@ -131,13 +131,16 @@ end
 
 -- A task ended (returned, raised, or was killed): free its slot, run its
 -- clean-ups (release buffers, cancel I/O), wake whoever joins it.
-local function finish(rt, t, final)
+local function finish(rt, t, final, was_running)
     t.live = false
     t.final = final
     rt.slots[t.slot] = nil
     rt.nlive = rt.nlive - 1
     local outcome = final == "done" and C.PL_TASK_DONE
         or final == "failed" and C.PL_TASK_FAILED or C.PL_TASK_CANCELLED
+    if was_running then
+        outcome = outcome + C.PL_TASK_WAS_RUNNING
+    end
     C.pl_task_exit(rt.crt, t.slot, outcome)
     local baton = t.baton
     if baton then           -- it was woken to take a turn it will never take
@@ -190,18 +193,19 @@ local function finish(rt, t, final)
     end
 end
 
+-- The task's coroutine returned (it was running until now).
 local function settle(rt, t)
     local r = t.results
     if t.kill_requested then    -- it killed itself, even if a pcall caught that
         t.results = { n = 2, false, KILLED }
-        finish(rt, t, "cancelled")
+        finish(rt, t, "cancelled", true)
     elseif r[1] then
-        finish(rt, t, "done")
+        finish(rt, t, "done", true)
     elseif r[2] == KILLED then
         t.results = { n = 2, false, KILLED }
-        finish(rt, t, "cancelled")
+        finish(rt, t, "cancelled", true)
     else
-        finish(rt, t, "failed")
+        finish(rt, t, "failed", true)
     end
 end
 
@@ -215,6 +219,9 @@ function Task:status()
     check.self("Task:status", self, Task, "a task")
     if not self.live then
         return self.final
+    end
+    if self.rt.current == self then
+        return "running"
     end
     local info = self.rt.info_out
     if C.pl_task_info(self.rt.crt, self.slot, info) < 0 then
@@ -410,6 +417,9 @@ function Runtime:register_reactor(name, reactor)
         if rc < 0 then
             error(fname .. ": cannot register " .. check.show(name) .. ": " .. core.errstr(rc), 2)
         end
+        if type(reactor) == "table" and type(reactor.attach) == "function" then
+            reactor:attach(self)
+        end
     elseif type(reactor) == "table" then
         if type(reactor.poll) ~= "function" then
             error(fname .. ": reactor must be a C reactor or a table with a poll function " ..
@@ -475,8 +485,10 @@ function Runtime:tasks()
     for slot, t in pairs(self.slots) do
         if C.pl_task_info(self.crt, slot, info) == 0 then
             list[#list + 1] = {
-                id = t.id, name = t._name, state = STATE_NAMES[info.state] or "waiting",
-                waits_on = info.state == C.PL_TASK_WAITING and describe_wait(t, info.wait) or nil,
+                id = t.id, name = t._name,
+                state = t == self.current and "running" or STATE_NAMES[info.state] or "waiting",
+                waits_on = t ~= self.current and info.state == C.PL_TASK_WAITING
+                    and describe_wait(t, info.wait) or nil,
                 resumes = info.resumes, run_time = info.run_s,
                 deadline = info.deadline >= 0 and info.deadline or nil,
                 task = t,
@@ -548,22 +560,19 @@ local function cancel_all(rt)
     end
 end
 
--- Resume each ready task once; returns when the batch is done.
+-- Resume each ready task once; returns when the batch is done.  No call
+-- into C per resume: the task's own last call before it stopped (park,
+-- yield, I/O start, exit) did the accounting.
 local function run_batch(rt, n)
     local crt, ready, slots = rt.crt, rt.ready, rt.slots
-    local prev = -1
     for i = 0, n - 1 do
-        local slot = ready[i]
-        local t = slots[slot]
+        local t = slots[ready[i]]
         if t and t.co then
-            C.pl_task_switch(crt, prev, slot)
-            prev = slot
             rt.current = t
             local co = t.co
             local ok, y = co_resume(co, t)
             rt.current = nil
             if co_status(co) == "dead" then
-                prev = -1
                 if not ok then    -- only if task_body itself failed
                     t.results = { n = 2, false, traceback(co, tostring(y)) }
                 end
@@ -571,16 +580,14 @@ local function run_batch(rt, n)
                     settle(rt, t)
                 end
             elseif t.kill_requested and t.live then   -- caught its own kill: stop it here
-                prev = -1
                 t.co = nil
                 t.results = { n = 2, false, KILLED }
-                finish(rt, t, "cancelled")
+                finish(rt, t, "cancelled", true)
             elseif y ~= WAIT then -- a bare coroutine.yield(): yield the CPU
-                C.pl_task_wake(crt, slot, t.gen)
+                C.pl_task_yield(crt, t.slot)
             end
         end
     end
-    C.pl_task_switch(crt, prev, -1)
 end
 
 -- Report failed tasks nobody joined, once each.
@@ -754,7 +761,7 @@ end
 -- Let every other ready task run once, then continue.
 function M.yield()
     local t, rt = current_task("pluvio.yield")
-    C.pl_task_wake(rt.crt, t.slot, t.gen)
+    C.pl_task_yield(rt.crt, t.slot)
     co_yield(WAIT)
 end
 
@@ -778,7 +785,7 @@ function M.sleep(seconds)
     end
     local t, rt = current_task("pluvio.sleep")
     if seconds == 0 then
-        C.pl_task_wake(rt.crt, t.slot, t.gen)
+        C.pl_task_yield(rt.crt, t.slot)
         co_yield(WAIT)
         return
     end
@@ -875,6 +882,7 @@ end
 
 -- For modules built on the runtime (channels, reactors): park and wake.
 M._park = park
+M._WAIT = WAIT
 M._wake = wake
 M._current_task = current_task
 

@@ -10,7 +10,8 @@ local core = require "pluvio.core"
 local check = require "pluvio.check"
 
 local ffi, C = core.ffi, core.C
-local park, current_task = pluvio._park, pluvio._current_task
+local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
+local co_yield = coroutine.yield
 local WAIT_IO, WAIT_BUFFER = pluvio.WAIT.IO, pluvio.WAIT.BUFFER
 local errstr = core.errstr
 local ffi_string, ffi_copy, ffi_fill, ffi_cast = ffi.string, ffi.copy, ffi.fill, ffi.cast
@@ -164,6 +165,11 @@ function IoUringReactor:c_reactor()
     return C.pl_uring_reactor(self.u)
 end
 
+-- Called by rt:register_reactor: ops park their task in C from now on.
+function IoUringReactor:attach(rt)
+    C.pl_uring_attach(self.u, rt.crt)
+end
+
 function IoUringReactor:options()
     local o = {}
     for k, v in pairs(self.opts) do o[k] = v end
@@ -229,10 +235,13 @@ end
 local function await(r, t, op, what)
     t.io_reactor = r
     t.io_op = op
+    t.waiting_for = what
+    co_yield(WAIT)          -- starting the op parked the task in C already
     local u, result = r.u, r.result
-    repeat
-        park(t, WAIT_IO, op, what)
-    until C.pl_uring_op_take(u, op, result) ~= 0
+    while C.pl_uring_op_take(u, op, result) == 0 do
+        park(t, WAIT_IO, op, what)      -- a spurious wake-up: park again
+    end
+    t.waiting_for = nil
     t.io_reactor = nil
     return result.res, result.bytes
 end
