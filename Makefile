@@ -19,9 +19,9 @@ LUAJIT_LIBS   := $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5
 
 VERSION     = 0.1.0
 PL_CFLAGS  = -DPL_VERSION='"$(VERSION)"' -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC $(SANITIZE) $(CFLAGS)
-CORE_SRC   = src/runtime.c src/timer.c src/error.c src/uring.c src/checksum.c
+CORE_SRC   = src/runtime.c src/timer.c src/error.c src/uring.c src/checksum.c src/ucx.c src/ucx_am.c
 CORE_OBJ   = $(CORE_SRC:src/%.c=$(BUILD)/%.o)
-CORE_LIBS  = -luring
+CORE_LIBS  = -luring -lucp -lucs
 LIB        = $(BUILD)/libpluvio.so
 HOST       = $(BUILD)/pluvio
 CDEF       = lua/pluvio/cdef.lua
@@ -39,7 +39,7 @@ all: $(LIB) $(HOST) $(CDEF) $(C_BENCH)
 $(BUILD):
 	mkdir -p $(BUILD)
 
-$(BUILD)/%.o: src/%.c src/pluvio.h src/internal.h | $(BUILD)
+$(BUILD)/%.o: src/%.c src/pluvio.h src/internal.h src/ucx_internal.h | $(BUILD)
 	$(CC) $(PL_CFLAGS) -c $< -o $@
 
 $(LIB): $(CORE_OBJ)

@@ -95,9 +95,12 @@ typedef struct pl_stat {
  *             the tick returns ready tasks instead of sleeping (sleeping
  *             submits too), so a tick costs one system call for both.
  *   stats     optional: fills up to max figures, returns how many.
+ *   max_wait_ns  when > 0 and the reactor is pending, the runtime never
+ *             sleeps longer than this (a safety net against lost wake-ups).
  */
 struct pl_reactor {
     const char *kind;       /* what it is ("io_uring", "ucx"); registration names it */
+    int64_t max_wait_ns;
     int (*poll)(pl_reactor_t *self, pl_runtime_t *rt, int budget);
     int (*status)(pl_reactor_t *self);
     int (*wait_fd)(pl_reactor_t *self);
@@ -283,6 +286,91 @@ int pl_file_close_sync(int fd);
 /* Checksums for verification (checksum.c): 64-bit, order-sensitive. */
 uint64_t pl_checksum64(const void *data, size_t len, uint64_t seed);
 void pl_fill_pattern(void *data, size_t len, uint64_t seed, uint64_t offset);
+
+/*
+ * UCX reactor (ucx.c, ucx_am.c).  A context owns workers; a worker owns its
+ * endpoints, listeners, Active Message streams and op slots (UCX requests
+ * allocated by us, never per message).  Endpoints, listeners and messages
+ * are small integer handles within their worker.  UCX callbacks only record
+ * what happened and wake tasks; tasks are resumed by the executor.
+ * Operations return 0 when they completed at once, an op id > 0 while in
+ * flight (take its result after the task is woken), or -errno.
+ */
+typedef struct pl_ucx_context pl_ucx_context_t;
+typedef struct pl_ucx_worker pl_ucx_worker_t;
+typedef struct pl_ucx_reactor pl_ucx_reactor_t;
+
+typedef struct pl_ucx_result {
+    int32_t status;         /* 0 or -errno */
+    uint32_t pad;
+    double length;          /* bytes received (receives) */
+    uint64_t sender_tag;    /* tag receives */
+} pl_ucx_result_t;
+
+typedef struct pl_ucx_msg_info {
+    const void *header;
+    double header_length;
+    double data_length;
+    int rndv;               /* 1: data still with the sender (rendezvous) */
+    int can_reply;
+    int ep;                 /* endpoint handle to reply on, or -1 */
+} pl_ucx_msg_info_t;
+
+typedef struct pl_ucx_stats {
+    double am_sent, am_bytes_sent, am_received, am_bytes_received;
+    double eager_received, rndv_received, tag_sent, tag_received;
+    double progress_calls, wakeups, ops_in_flight, msgs_held, endpoints, failed_endpoints;
+} pl_ucx_stats_t;
+
+pl_ucx_context_t *pl_ucx_context_new(int *err);
+int pl_ucx_context_close(pl_ucx_context_t *c);
+const char *pl_ucx_status_string(int err);
+
+pl_ucx_reactor_t *pl_ucx_reactor_new(int *err);
+void pl_ucx_reactor_free(pl_ucx_reactor_t *r);
+pl_reactor_t *pl_ucx_reactor_vtable(pl_ucx_reactor_t *r);
+void pl_ucx_reactor_attach(pl_ucx_reactor_t *r, pl_runtime_t *rt);
+int pl_ucx_reactor_add_worker(pl_ucx_reactor_t *r, pl_ucx_worker_t *w);
+
+pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err);
+int pl_ucx_worker_close(pl_ucx_worker_t *w);
+int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap);
+double pl_ucx_worker_max_am_header(pl_ucx_worker_t *w);
+void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out);
+
+int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len);
+int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *ep_out,
+                          uint32_t slot, uint32_t gen);
+int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port);
+int pl_ucx_listener_port(pl_ucx_worker_t *w, int listener);
+int pl_ucx_accept(pl_ucx_worker_t *w, int listener, uint32_t slot, uint32_t gen);
+int pl_ucx_listener_close(pl_ucx_worker_t *w, int listener);
+int pl_ucx_ep_status(pl_ucx_worker_t *w, int ep);
+const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep);
+int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
+int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
+
+int pl_ucx_op_take(pl_ucx_worker_t *w, int op, pl_ucx_result_t *out);
+int pl_ucx_op_abandon(pl_ucx_worker_t *w, int op);
+
+/* flags: 1 reply wanted, 2 force eager, 4 force rendezvous */
+int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, size_t header_len,
+                   const void *data, size_t data_len, int flags, uint32_t slot, uint32_t gen);
+int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window);
+int pl_ucx_stream_close(pl_ucx_worker_t *w, unsigned id);
+/* A held message's handle, -EAGAIN after queueing the task as a waiter, or
+ * -ENOTCONN when nothing can feed the stream any more (no live endpoint, no
+ * listener). */
+int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen);
+void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen);
+int pl_ucx_msg_info(pl_ucx_worker_t *w, int msg, pl_ucx_msg_info_t *out);
+int pl_ucx_msg_recv(pl_ucx_worker_t *w, int msg, void *buf, size_t len, uint32_t slot, uint32_t gen);
+int pl_ucx_msg_release(pl_ucx_worker_t *w, int msg);
+
+int pl_ucx_tag_send(pl_ucx_worker_t *w, int ep, uint64_t tag, const void *data, size_t len,
+                    uint32_t slot, uint32_t gen);
+int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, size_t len,
+                    uint32_t slot, uint32_t gen);
 
 const char *pl_strerror(int err);
 const char *pl_errname(int err);

@@ -537,6 +537,12 @@ static int block(pl_runtime_t *rt)
         return rc;
     if (next >= 0)
         d = next > t0 ? next - t0 : 0;
+    for (int i = 0; i < rt->nreactors; i++) {
+        pl_reactor_t *r = rt->reactors[i].reactor;
+        if (r->max_wait_ns > 0 && (d < 0 || d > r->max_wait_ns) &&
+            r->status(r) == PL_REACTOR_PENDING)
+            d = r->max_wait_ns;
+    }
     if (only) {     /* one reactor can wake us: sleep in its ring */
         rc = only->block(only, d);
         rt->stats.idle_waits++;

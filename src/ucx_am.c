@@ -1,0 +1,447 @@
+/*
+ * ucx_am.c - Active Messages and tags: sends, receive streams and the
+ * messages they hold.
+ *
+ * Receiving is pull-style.  The AM callback (inside ucp_worker_progress)
+ * only records the message: eager data is kept by UCX without a copy
+ * (UCS_INPROGRESS with UCP_AM_FLAG_PERSISTENT_DATA) and rendezvous data
+ * stays with the sender as a descriptor until the reader pulls it into a
+ * buffer of its choice (ucp_am_recv_data_nbx).  Nothing is dropped: a
+ * stream holds what its reader has not taken, and once it holds its window
+ * the reactor stops progressing the worker, which slows the sender.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ucx_internal.h"
+
+/* ---- sends --------------------------------------------------------------- */
+
+int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, size_t header_len,
+                   const void *data, size_t data_len, int flags, uint32_t slot, uint32_t gen)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+    ucp_request_param_t p;
+    struct ucx_op *op;
+    int rc;
+
+    if (!e)
+        return -EBADF;
+    if (e->state != EP_OPEN)
+        return pl_ucx_ep_status(w, ep);
+    if (header_len > w->max_am_header)
+        return -EMSGSIZE;   /* UCX 1.13 would abort the process */
+    rc = ucx_op_new(w, slot, gen, ep, &op);
+    if (rc < 0)
+        return rc;
+    ucx_op_param(&p, op);
+    p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = ((flags & 1) ? UCP_AM_SEND_FLAG_REPLY : 0) |
+              ((flags & 2) ? UCP_AM_SEND_FLAG_EAGER : 0) |
+              ((flags & 4) ? UCP_AM_SEND_FLAG_RNDV : 0);
+    w->stats.am_sent++;
+    w->stats.am_bytes_sent += (double)data_len;
+    return ucx_op_result(w, op, ucp_am_send_nbx(e->ep, id, header, header_len, data, data_len, &p));
+}
+
+/* ---- held messages ------------------------------------------------------- */
+
+static int msg_alloc(pl_ucx_worker_t *w)
+{
+    uint32_t i;
+
+    if (w->free_msg == UCX_NONE) {
+        uint32_t n = w->nmsgs ? w->nmsgs * 2 : 64;
+        struct ucx_msg *m = realloc(w->msgs, sizeof(*m) * n);
+        if (!m)
+            return -ENOMEM;
+        w->msgs = m;
+        for (uint32_t k = n; k-- > w->nmsgs;) {
+            m[k] = (struct ucx_msg){ .next = w->free_msg };
+            w->free_msg = k;
+        }
+        w->nmsgs = n;
+    }
+    i = w->free_msg;
+    w->free_msg = w->msgs[i].next;
+    w->msgs[i].used = true;
+    w->msgs[i].next = UCX_NONE;
+    w->held++;
+    return (int)i;
+}
+
+/* Message handles carry a generation so a stale handle is refused. */
+static int msg_handle(pl_ucx_worker_t *w, uint32_t i)
+{
+    return (int)((w->msgs[i].gen & 0x7fff) << 16 | i);
+}
+
+static struct ucx_msg *msg_get(pl_ucx_worker_t *w, int h)
+{
+    uint32_t i = (uint32_t)h & 0xffff;
+
+    if (h < 0 || i >= w->nmsgs || !w->msgs[i].used ||
+        (w->msgs[i].gen & 0x7fff) != ((uint32_t)h >> 16))
+        return NULL;
+    return &w->msgs[i];
+}
+
+/* Give UCX back what it kept for the message, and the slot to the pool. */
+static void msg_free(pl_ucx_worker_t *w, struct ucx_msg *m)
+{
+    if (m->data_held || m->rndv)
+        ucp_am_data_release(w->ucp, m->data);
+    if (m->header != m->header_inline)
+        free(m->header);
+    m->header = NULL;
+    m->data_held = false;
+    m->rndv = false;
+    m->used = false;
+    m->gen++;
+    m->next = w->free_msg;
+    w->free_msg = (uint32_t)(m - w->msgs);
+    w->held--;
+}
+
+int pl_ucx_msg_info(pl_ucx_worker_t *w, int h, pl_ucx_msg_info_t *out)
+{
+    struct ucx_msg *m = msg_get(w, h);
+
+    if (!m)
+        return -EBADF;
+    out->header = m->header;
+    out->header_length = (double)m->header_len;
+    out->data_length = (double)m->length;
+    out->rndv = m->rndv;
+    out->can_reply = m->reply_ep != NULL;
+    out->ep = m->reply_ep ? ucx_ep_add(w, m->reply_ep, false, "reply") : -1;
+    return 0;
+}
+
+int pl_ucx_msg_release(pl_ucx_worker_t *w, int h)
+{
+    struct ucx_msg *m = msg_get(w, h);
+
+    if (!m)
+        return -EBADF;
+    msg_free(w, m);
+    return 0;
+}
+
+static void recv_done(void *request, ucs_status_t status, size_t length, void *user_data)
+{
+    struct ucx_op *op = user_data;
+
+    (void)request;
+    op->length = length;
+    ucx_op_finish(op, status);
+}
+
+/* Take the message's data into buf: a copy for eager data (done at once),
+ * a rendezvous pull for the rest (in flight).  The message is consumed. */
+int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t slot, uint32_t gen)
+{
+    struct ucx_msg *m = msg_get(w, h);
+    ucp_request_param_t p;
+    struct ucx_op *op;
+    ucs_status_ptr_t sp;
+    int rc;
+
+    if (!m)
+        return -EBADF;
+    if (len < m->length)
+        return -ENOBUFS;
+    if (!m->rndv) {
+        if (m->length)
+            memcpy(buf, m->data, m->length);
+        msg_free(w, m);
+        return 0;
+    }
+    rc = ucx_op_new(w, slot, gen, -1, &op);
+    if (rc < 0)
+        return rc;
+    ucx_op_param(&p, op);
+    p.cb.recv_am = recv_done;
+    op->length = m->length;
+    sp = ucp_am_recv_data_nbx(w->ucp, m->data, buf, m->length, &p);
+    m->rndv = false;            /* the descriptor now belongs to the receive */
+    msg_free(w, m);
+    if (!UCS_PTR_IS_PTR(sp) && UCS_PTR_STATUS(sp) == UCS_OK) {
+        ucx_op_free(w, op);
+        return 0;
+    }
+    return ucx_op_result(w, op, sp);
+}
+
+/* ---- streams ------------------------------------------------------------- */
+
+static struct ucx_stream *stream_get(pl_ucx_worker_t *w, unsigned id)
+{
+    struct ucx_stream *s = id < UCX_MAX_STREAMS ? w->streams[id] : NULL;
+
+    return s && s->open ? s : NULL;
+}
+
+static void stream_wake_one(struct ucx_stream *s)
+{
+    while (s->wlen > 0) {
+        struct ucx_waiter wt = s->waiters[s->whead];
+        s->whead = (s->whead + 1) % s->wcap;
+        s->wlen--;
+        if (s->w->rt && pl_task_wake(s->w->rt, wt.slot, wt.gen) >= 0)
+            return;
+    }
+}
+
+static void stream_wake_all(struct ucx_stream *s)
+{
+    while (s->wlen > 0) {
+        struct ucx_waiter wt = s->waiters[s->whead];
+        s->whead = (s->whead + 1) % s->wcap;
+        s->wlen--;
+        ucx_wake(s->w, wt.slot, wt.gen);
+    }
+}
+
+void ucx_streams_wake_all(pl_ucx_worker_t *w)
+{
+    for (unsigned id = 0; id < UCX_MAX_STREAMS; id++)
+        if (stream_get(w, id))
+            stream_wake_all(w->streams[id]);
+}
+
+bool ucx_worker_over_window(pl_ucx_worker_t *w)
+{
+    for (unsigned id = 0; id < UCX_MAX_STREAMS; id++) {
+        struct ucx_stream *s = stream_get(w, id);
+        if (s && s->len >= s->window)
+            return true;
+    }
+    return false;
+}
+
+/* The AM callback: hold the message, wake one reader. */
+static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len, void *data,
+                               size_t length, const ucp_am_recv_param_t *param)
+{
+    struct ucx_stream *s = arg;
+    pl_ucx_worker_t *w = s->w;
+    struct ucx_msg *m;
+    int i = msg_alloc(w);
+
+    if (i < 0)
+        return UCS_ERR_NO_MEMORY;   /* UCX reports it; we cannot hold it */
+    m = &w->msgs[i];
+    m->header_len = header_len;
+    m->header = header_len <= sizeof(m->header_inline) ? m->header_inline : malloc(header_len);
+    if (!m->header) {
+        msg_free(w, m);
+        return UCS_ERR_NO_MEMORY;
+    }
+    if (header_len)
+        memcpy(m->header, header, header_len);
+    m->length = length;
+    m->data = data;
+    m->rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    m->data_held = !m->rndv && (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA) && length > 0;
+    m->reply_ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
+    if (s->len == 0)
+        s->head = (uint32_t)i;
+    else
+        w->msgs[s->tail].next = (uint32_t)i;
+    s->tail = (uint32_t)i;
+    s->len++;
+    w->stats.am_received++;
+    w->stats.am_bytes_received += (double)length;
+    if (m->rndv)
+        w->stats.rndv_received++;
+    else
+        w->stats.eager_received++;
+    stream_wake_one(s);
+    return (m->rndv || m->data_held) ? UCS_INPROGRESS : UCS_OK;
+}
+
+static ucs_status_t set_handler(pl_ucx_worker_t *w, unsigned id, struct ucx_stream *s)
+{
+    ucp_am_handler_param_t p = {
+        .field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                      UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS,
+        .id = id,
+        .cb = s ? am_arrived : NULL,
+        .arg = s,
+        .flags = s ? UCP_AM_FLAG_WHOLE_MSG | UCP_AM_FLAG_PERSISTENT_DATA : 0,
+    };
+
+    return ucp_worker_set_am_recv_handler(w->ucp, &p);
+}
+
+int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window)
+{
+    struct ucx_stream *s;
+    ucs_status_t st;
+
+    if (id >= UCX_MAX_STREAMS || window == 0)
+        return -EINVAL;
+    if (stream_get(w, id))
+        return -EEXIST;
+    s = calloc(1, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    s->open = true;
+    s->id = id;
+    s->window = window;
+    s->w = w;
+    st = set_handler(w, id, s);
+    if (st != UCS_OK) {
+        free(s);
+        return pl_ucx_errno(st);
+    }
+    w->streams[id] = s;
+    return 0;
+}
+
+static void stream_free(pl_ucx_worker_t *w, struct ucx_stream *s)
+{
+    set_handler(w, s->id, NULL);
+    while (s->len > 0) {
+        uint32_t i = s->head;
+        s->head = w->msgs[i].next;
+        s->len--;
+        msg_free(w, &w->msgs[i]);
+    }
+    stream_wake_all(s);
+    free(s->waiters);
+    w->streams[s->id] = NULL;
+    free(s);
+}
+
+int pl_ucx_stream_close(pl_ucx_worker_t *w, unsigned id)
+{
+    struct ucx_stream *s = stream_get(w, id);
+
+    if (!s)
+        return -EBADF;
+    stream_free(w, s);
+    return 0;
+}
+
+void ucx_streams_free(pl_ucx_worker_t *w)
+{
+    for (unsigned id = 0; id < UCX_MAX_STREAMS; id++)
+        if (w->streams[id])
+            stream_free(w, w->streams[id]);
+}
+
+static int waiter_push(struct ucx_stream *s, uint32_t slot, uint32_t gen)
+{
+    for (uint32_t k = 0; k < s->wlen; k++) {
+        struct ucx_waiter *wt = &s->waiters[(s->whead + k) % s->wcap];
+        if (wt->slot == slot && wt->gen == gen)
+            return 0;
+    }
+    if (s->wlen == s->wcap) {
+        uint32_t cap = s->wcap ? s->wcap * 2 : 8;
+        struct ucx_waiter *n = malloc(sizeof(*n) * cap);
+        if (!n)
+            return -ENOMEM;
+        for (uint32_t k = 0; k < s->wlen; k++)
+            n[k] = s->waiters[(s->whead + k) % s->wcap];
+        free(s->waiters);
+        s->waiters = n;
+        s->wcap = cap;
+        s->whead = 0;
+    }
+    s->waiters[(s->whead + s->wlen++) % s->wcap] = (struct ucx_waiter){ slot, gen };
+    return 0;
+}
+
+int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen)
+{
+    struct ucx_stream *s = stream_get(w, id);
+    uint32_t i;
+
+    if (!s)
+        return -EBADF;
+    if (s->len == 0) {
+        int rc;
+        if (!ucx_worker_has_peers(w))
+            return -ENOTCONN;
+        rc = waiter_push(s, slot, gen);
+        return rc < 0 ? rc : -EAGAIN;
+    }
+    i = s->head;
+    s->head = w->msgs[i].next;
+    s->len--;
+    if (s->len > 0)
+        stream_wake_one(s);     /* more held: the next reader may go on */
+    return msg_handle(w, i);
+}
+
+void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen)
+{
+    struct ucx_stream *s = stream_get(w, id);
+
+    if (!s)
+        return;
+    for (uint32_t k = 0; k < s->wlen; k++) {
+        struct ucx_waiter *wt = &s->waiters[(s->whead + k) % s->wcap];
+        if (wt->slot == slot && wt->gen == gen)
+            wt->slot = UCX_NONE;
+    }
+    if (s->len > 0)
+        stream_wake_one(s);     /* its turn passes on */
+}
+
+/* ---- tags ---------------------------------------------------------------- */
+
+int pl_ucx_tag_send(pl_ucx_worker_t *w, int ep, uint64_t tag, const void *data, size_t len,
+                    uint32_t slot, uint32_t gen)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+    ucp_request_param_t p;
+    struct ucx_op *op;
+    int rc;
+
+    if (!e)
+        return -EBADF;
+    if (e->state != EP_OPEN)
+        return pl_ucx_ep_status(w, ep);
+    rc = ucx_op_new(w, slot, gen, ep, &op);
+    if (rc < 0)
+        return rc;
+    ucx_op_param(&p, op);
+    w->stats.tag_sent++;
+    return ucx_op_result(w, op, ucp_tag_send_nbx(e->ep, data, len, tag, &p));
+}
+
+static void tag_recv_done(void *request, ucs_status_t status, const ucp_tag_recv_info_t *info,
+                          void *user_data)
+{
+    struct ucx_op *op = user_data;
+
+    (void)request;
+    if (info) {
+        op->length = info->length;
+        op->sender_tag = info->sender_tag;
+    }
+    op->w->stats.tag_received++;
+    ucx_op_finish(op, status);
+}
+
+/* Always completes through the op (UCP_OP_ATTR_FLAG_NO_IMM_CMPL), so the
+ * received length and tag are in one place. */
+int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, size_t len,
+                    uint32_t slot, uint32_t gen)
+{
+    ucp_request_param_t p;
+    struct ucx_op *op;
+    int rc = ucx_op_new(w, slot, gen, -1, &op);
+
+    if (rc < 0)
+        return rc;
+    ucx_op_param(&p, op);
+    p.op_attr_mask |= UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    p.cb.recv = tag_recv_done;
+    return ucx_op_result(w, op, ucp_tag_recv_nbx(w->ucp, buf, len, tag, mask, &p));
+}

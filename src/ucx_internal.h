@@ -1,0 +1,142 @@
+/*
+ * ucx_internal.h - state shared by ucx.c (context, worker, reactor,
+ * endpoints, listeners) and ucx_am.c (Active Messages, tags, streams).
+ */
+#ifndef PL_UCX_INTERNAL_H
+#define PL_UCX_INTERNAL_H
+
+#include <stdbool.h>
+#include <ucp/api/ucp.h>
+
+#include "internal.h"
+
+#define UCX_MAX_ENDPOINTS 4096
+#define UCX_MAX_LISTENERS 64
+#define UCX_MAX_STREAMS 256
+#define UCX_OPS_PER_CHUNK 256
+#define UCX_MAX_OP_CHUNKS 256
+#define UCX_PEER_LEN 64
+
+struct pl_ucx_context {
+    ucp_context_h ucp;
+    size_t request_size;    /* bytes UCX keeps in front of each request */
+    int workers;            /* live workers: the context outlives them */
+};
+
+enum ucx_op_state { UOP_FREE, UOP_IN_FLIGHT, UOP_DONE, UOP_ABANDONED };
+
+/* An operation slot.  UCX's own request bytes sit just in front of it
+ * (user-allocated requests), so a slot never moves: slots live in chunks. */
+struct ucx_op {
+    uint32_t index;
+    uint32_t gen;
+    uint8_t state;
+    uint32_t task_slot, task_gen;
+    int32_t status;
+    size_t length;
+    uint64_t sender_tag;
+    int ep;                 /* endpoint it runs on, or -1 */
+    struct pl_ucx_worker *w;
+    uint32_t next_free;
+};
+
+enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED, EP_CLOSED };
+
+struct ucx_ep {
+    ucp_ep_h ep;
+    uint16_t gen;
+    uint8_t state;
+    bool owned;             /* false: a reply endpoint UCX handed us */
+    int32_t error;          /* -errno once failed */
+    char peer[UCX_PEER_LEN];
+};
+
+struct ucx_conn {           /* a connection request waiting for accept() */
+    ucp_conn_request_h req;
+    char peer[UCX_PEER_LEN];
+};
+
+struct ucx_listener {
+    ucp_listener_h l;
+    struct pl_ucx_worker *w;
+    int index;
+    int port;
+    bool open;
+    struct ucx_conn *pending;   /* FIFO ring */
+    uint32_t cap, head, len;
+    uint32_t waiter_slot, waiter_gen;
+    bool has_waiter;
+};
+
+/* A received message held until the reader takes it. */
+struct ucx_msg {
+    uint32_t gen;
+    bool used;
+    bool rndv;
+    bool data_held;         /* eager data kept by UCX (UCS_INPROGRESS) */
+    void *data;             /* eager data or rendezvous descriptor */
+    size_t length;
+    ucp_ep_h reply_ep;
+    size_t header_len;
+    char *header;           /* malloc'd only when larger than the inline room */
+    char header_inline[128];
+    uint32_t next;          /* next message of the stream, or free list */
+};
+
+struct ucx_waiter {
+    uint32_t slot, gen;
+};
+
+struct ucx_stream {
+    bool open;
+    unsigned id;
+    uint32_t window;
+    uint32_t head, tail, len;   /* message handles, linked through next */
+    struct ucx_waiter *waiters; /* FIFO ring */
+    uint32_t wcap, whead, wlen;
+    struct pl_ucx_worker *w;
+};
+
+struct pl_ucx_worker {
+    pl_ucx_context_t *ctx;
+    ucp_worker_h ucp;
+    int efd;
+    pl_runtime_t *rt;       /* runtime of the reactor progressing it */
+    struct pl_ucx_reactor *reactor;     /* progressing it, or NULL */
+    size_t max_am_header;
+
+    struct ucx_ep eps[UCX_MAX_ENDPOINTS];
+    int neps;               /* high-water mark of used endpoint slots */
+    struct ucx_listener listeners[UCX_MAX_LISTENERS];
+
+    char *op_chunks[UCX_MAX_OP_CHUNKS];
+    int nchunks;
+    size_t op_stride;
+    uint32_t free_op, nops, in_flight;
+
+    struct ucx_msg *msgs;
+    uint32_t nmsgs, free_msg, held;
+
+    struct ucx_stream *streams[UCX_MAX_STREAMS];
+
+    pl_ucx_stats_t stats;
+};
+
+#define UCX_NONE UINT32_MAX
+
+int pl_ucx_errno(ucs_status_t status);
+struct ucx_op *ucx_op_get(pl_ucx_worker_t *w, uint32_t index);
+int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct ucx_op **out);
+void ucx_op_free(pl_ucx_worker_t *w, struct ucx_op *op);
+void ucx_op_finish(struct ucx_op *op, ucs_status_t status);
+int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp);
+void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op);
+struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep);
+int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer);
+void ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);
+void ucx_streams_wake_all(pl_ucx_worker_t *w);
+bool ucx_worker_has_peers(pl_ucx_worker_t *w);
+bool ucx_worker_over_window(pl_ucx_worker_t *w);
+void ucx_streams_free(pl_ucx_worker_t *w);
+
+#endif /* PL_UCX_INTERNAL_H */
