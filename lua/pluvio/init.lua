@@ -152,10 +152,10 @@ local function finish(rt, t, final, was_running)
         t.io_reactor = nil
         reactor:_abandon(t)
     end
-    local pool = t.buffer_wait
-    if pool then            -- it queued for a registered buffer: leave the queue
-        t.buffer_wait = nil
-        pool:_buffer_abandon(t)
+    local queue = t.wait_obj
+    if queue then           -- it queued in C (a buffer pool, a stream): leave the queue
+        t.wait_obj = nil
+        queue:_abandon_wait(t)
     end
     local held = t.resources
     if held then            -- buffers and the like go back to their pools

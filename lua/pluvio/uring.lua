@@ -267,12 +267,12 @@ local function acquire(r, t, rt, fname)
     local u, crt = r.u, rt.crt
     local idx = C.pl_uring_buffer_acquire(u, crt, t.slot, t.gen)
     if idx == EAGAIN then
-        t.buffer_wait = r
+        t.wait_obj = r
         repeat
             park(t, WAIT_BUFFER, 0, "a registered buffer")
             idx = C.pl_uring_buffer_acquire(u, crt, t.slot, t.gen)
         until idx ~= EAGAIN
-        t.buffer_wait = nil
+        t.wait_obj = nil
     end
     if idx < 0 then
         local o = r.opts
@@ -304,7 +304,7 @@ end
 
 -- A killed task that waited for a buffer stops waiting (a buffer already
 -- handed to it goes to the next waiter).
-function IoUringReactor:_buffer_abandon(t)
+function IoUringReactor:_abandon_wait(t)
     C.pl_uring_buffer_abandon(self.u, t.rt.crt, t.slot, t.gen)
 end
 

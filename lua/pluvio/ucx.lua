@@ -1,0 +1,807 @@
+-- pluvio.ucx: the UCX reactor: contexts, workers, listeners, endpoints,
+-- Active Message streams and tags.
+--
+-- Same shape as every blocking call (DESIGN.md section 2): C starts the
+-- operation and says "done" (0), "in flight" (op id) or -errno; the task
+-- parks; the UCX callback, run inside ucp_worker_progress by the reactor,
+-- records the result and wakes the task; the task takes the result.
+local pluvio = require "pluvio"
+local core = require "pluvio.core"
+local check = require "pluvio.check"
+local uring = require "pluvio.uring"
+
+local ffi, C = core.ffi, core.C
+local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
+local WAIT_IO, WAIT_OTHER = pluvio.WAIT.IO, pluvio.WAIT.OTHER
+local co_yield = coroutine.yield
+local errstr = core.errstr
+local ffi_string = ffi.string
+local type, format, setmetatable, getmetatable, tostring = type, string.format, setmetatable, getmetatable, tostring
+
+local M = {}
+
+local EAGAIN, ENOTCONN = -11, -107
+local MAX_AM_ID = 255
+local Buffer = uring.Buffer
+
+local function errname(rc)
+    return ffi_string(C.pl_errname(rc))
+end
+
+---------------------------------------------------------------------------
+-- The reactor
+---------------------------------------------------------------------------
+
+local UCXReactor = {}
+UCXReactor.__index = UCXReactor
+M.UCXReactor = UCXReactor
+
+local singleton = nil
+
+local function new_reactor()
+    local err = ffi.new("int[1]")
+    local r = C.pl_ucx_reactor_new(err)
+    if r == nil then
+        error("UCXReactor: cannot create the reactor: " .. errstr(err[0]), 3)
+    end
+    return setmetatable({ r = ffi.gc(r, C.pl_ucx_reactor_free), workers = {} }, UCXReactor)
+end
+
+-- UCXReactor.current(): this Lua state's UCX reactor (made on first call).
+function UCXReactor.current()
+    if not singleton then
+        singleton = new_reactor()
+    end
+    return singleton
+end
+
+function UCXReactor:c_reactor()
+    return C.pl_ucx_reactor_vtable(self.r)
+end
+
+function UCXReactor:attach(rt)
+    self.rt = rt
+    C.pl_ucx_reactor_attach(self.r, rt.crt)
+end
+
+-- register_worker(worker): progress the worker from now on (once, however
+-- often it is registered).
+function UCXReactor:register_worker(w)
+    check.self("UCXReactor:register_worker", self, UCXReactor, "the UCX reactor")
+    if getmetatable(w) ~= M.Worker then
+        error("UCXReactor:register_worker: expected a worker (got " .. type(w) .. ")", 2)
+    end
+    if not w.w then
+        error("UCXReactor:register_worker: the worker is closed", 2)
+    end
+    local rc = C.pl_ucx_reactor_add_worker(self.r, w.w)
+    if rc < 0 then
+        error("UCXReactor:register_worker: " .. errstr(rc), 2)
+    end
+    self.workers[w] = true
+    w.reactor = self
+    return true
+end
+
+-- On default runtimes (pluvio.run, the host) the reactor is registered and
+-- workers are progressed without boilerplate.
+local function auto_register(w)
+    local rt = pluvio.runtime()
+    if not (rt and rt.auto_reactors) then
+        return
+    end
+    local r = UCXReactor.current()
+    if rt:reactor("ucx") ~= r then
+        local found = false
+        for _, obj in pairs(rt.reactors) do
+            if obj == r then found = true end
+        end
+        if not found then
+            rt:register_reactor("ucx", r)
+        end
+    end
+    r:register_worker(w)
+end
+
+---------------------------------------------------------------------------
+-- Context
+---------------------------------------------------------------------------
+
+local Context = {}
+Context.__index = Context
+M.Context = Context
+
+local Worker = {}
+Worker.__index = Worker
+M.Worker = Worker
+
+local Endpoint = {}
+Endpoint.__index = Endpoint
+M.Endpoint = Endpoint
+
+local Listener = {}
+Listener.__index = Listener
+M.Listener = Listener
+
+local Stream = {}
+Stream.__index = Stream
+M.Stream = Stream
+
+local Message = {}
+Message.__index = Message
+M.Message = Message
+
+-- Context.new([opts]): a UCX context (AM, tags, wake-ups).  Transports and
+-- devices come from UCX's environment (UCX_TLS, UCX_NET_DEVICES).
+function Context.new(opts)
+    if opts ~= nil and type(opts) ~= "table" then
+        error("Context.new: options must be a table (got " .. type(opts) .. ")", 2)
+    end
+    for k in pairs(opts or {}) do
+        error("Context.new: unknown option " .. check.show(k) ..
+              " (choose transports with the UCX_TLS environment variable)", 2)
+    end
+    local err = ffi.new("int[1]")
+    local c = C.pl_ucx_context_new(err)
+    if c == nil then
+        return nil, "Context.new: cannot initialise UCX: " .. errstr(err[0])
+    end
+    return setmetatable({ c = c, workers = {} }, Context)
+end
+
+local function live_context(fname, c)
+    check.self(fname, c, Context, "a context")
+    if not c.c then
+        error(fname .. ": the context is closed", 3)
+    end
+    return c
+end
+
+function Context:create_worker(opts)
+    live_context("Context:create_worker", self)
+    if opts ~= nil and type(opts) ~= "table" then
+        error("Context:create_worker: options must be a table (got " .. type(opts) .. ")", 2)
+    end
+    local err = ffi.new("int[1]")
+    local w = C.pl_ucx_worker_new(self.c, err)
+    if w == nil then
+        return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0])
+    end
+    local worker = setmetatable({
+        w = w, context = self, result = ffi.new("pl_ucx_result_t"),
+        info = ffi.new("pl_ucx_msg_info_t"), eps = {}, listeners = {}, streams = {},
+        max_header = C.pl_ucx_worker_max_am_header(w),
+    }, Worker)
+    self.workers[worker] = true
+    auto_register(worker)
+    return worker
+end
+
+-- close(): close the workers still open, then the context.
+function Context:close()
+    live_context("Context:close", self)
+    for w in pairs(self.workers) do
+        if w.w then w:close() end
+    end
+    C.pl_ucx_context_close(self.c)
+    self.c = nil
+    return true
+end
+
+---------------------------------------------------------------------------
+-- Operations: start, park, take
+---------------------------------------------------------------------------
+
+-- Park until op completes; returns status (0 or -errno), length, tag.
+local function await(w, t, op, what)
+    t.io_reactor = w
+    t.io_op = op
+    t.waiting_for = what
+    C.pl_task_wait(w.rt_crt or t.rt.crt, t.slot, WAIT_IO, op)
+    co_yield(WAIT)
+    local result = w.result
+    while C.pl_ucx_op_take(w.w, op, result) == 0 do
+        park(t, WAIT_IO, op, what)
+    end
+    t.waiting_for = nil
+    t.io_reactor = nil
+    return result.status, result.length, result.sender_tag
+end
+
+-- A killed task's op is cancelled; UCX completes it and the slot is freed.
+function Worker:_abandon(t)
+    if self.w then
+        C.pl_ucx_op_abandon(self.w, t.io_op)
+    end
+    t.io_op = nil
+end
+
+local function run_op(w, t, rc, what)
+    if rc <= 0 then
+        return rc, 0
+    end
+    return await(w, t, rc, what)
+end
+
+local function live_worker(fname, w)
+    check.self(fname, w, Worker, "a worker")
+    if not w.w then
+        error(fname .. ": the worker is closed", 3)
+    end
+    return w
+end
+
+---------------------------------------------------------------------------
+-- Worker
+---------------------------------------------------------------------------
+
+-- address(): this worker's UCX address, for connect_addr on a peer.
+function Worker:address()
+    live_worker("Worker:address", self)
+    local n = C.pl_ucx_worker_address(self.w, nil, 0)
+    if n < 0 then
+        return nil, "Worker:address: " .. errstr(n)
+    end
+    local buf = ffi.new("uint8_t[?]", n)
+    C.pl_ucx_worker_address(self.w, buf, n)
+    return ffi_string(buf, n)
+end
+
+-- max_am_header(): the largest AM header this worker can send.
+function Worker:max_am_header()
+    live_worker("Worker:max_am_header", self)
+    return self.max_header
+end
+
+local function new_endpoint(w, h, peer)
+    local ep = setmetatable({ worker = w, h = h, peer = peer }, Endpoint)
+    w.eps[ep] = true
+    return ep
+end
+
+-- connect_addr(addr): an endpoint to the worker whose address() is addr.
+function Worker:connect_addr(addr)
+    live_worker("Worker:connect_addr", self)
+    check.string("Worker:connect_addr", "addr", addr)
+    if #addr == 0 then
+        error("Worker:connect_addr: addr must be a worker address from Worker:address() (got \"\")", 2)
+    end
+    local h = C.pl_ucx_connect_addr(self.w, addr, #addr)
+    if h < 0 then
+        return nil, "connect_addr: " .. errstr(h), errname(h)
+    end
+    return new_endpoint(self, h, "worker address")
+end
+
+local function check_port(fname, port)
+    if type(port) ~= "number" or port % 1 ~= 0 or port < 0 or port > 65535 then
+        error(format("%s: port must be an integer from 0 to 65535 (got %s)", fname, check.show(port)), 3)
+    end
+end
+
+-- connect_socket(host, port): an endpoint to a listener; returns once the
+-- connection is wired up (or nil, err).
+function Worker:connect_socket(host, port)
+    live_worker("Worker:connect_socket", self)
+    check.string("Worker:connect_socket", "host", host)
+    check_port("Worker:connect_socket", port)
+    local t = current_task("Worker:connect_socket")
+    local hout = ffi.new("int[1]", -1)
+    local what = format("connect to %s:%d", host, port)
+    local rc = run_op(self, t, C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen), what)
+    local h = hout[0]
+    if rc < 0 then
+        if h >= 0 then      -- the endpoint exists but never came up: drop it
+            C.pl_ucx_ep_close(self.w, h, t.slot, t.gen)
+        end
+        return nil, format("connect to %s:%d: %s", host, port, errstr(rc)), errname(rc)
+    end
+    return new_endpoint(self, h, ffi_string(C.pl_ucx_ep_peer(self.w, h)))
+end
+
+-- create_listener(host, port): accept connections on host:port (port 0:
+-- any free port, see listener:port()).  Binds only where told.
+function Worker:create_listener(host, port)
+    live_worker("Worker:create_listener", self)
+    check.string("Worker:create_listener", "host", host)
+    check_port("Worker:create_listener", port)
+    local i = C.pl_ucx_listen(self.w, host, port)
+    if i < 0 then
+        return nil, format("listen on %s:%d: %s", host, port, errstr(i)), errname(i)
+    end
+    local l = setmetatable({ worker = self, i = i, host = host }, Listener)
+    self.listeners[l] = true
+    return l
+end
+
+-- am_stream(id[, {window = n}]): the stream of messages with AM id.  The
+-- window (default 64) is how many unread messages it holds before the
+-- sender is slowed.
+function Worker:am_stream(id, opts)
+    live_worker("Worker:am_stream", self)
+    check.integer("Worker:am_stream", "id", id, 0, MAX_AM_ID)
+    local window = 64
+    if opts ~= nil then
+        if type(opts) ~= "table" then
+            error("Worker:am_stream: options must be a table (got " .. type(opts) .. ")", 2)
+        end
+        for k, v in pairs(opts) do
+            if k == "window" then
+                window = check.integer("Worker:am_stream", "window", v, 1, 1048576)
+            else
+                error("Worker:am_stream: unknown option " .. check.show(k) .. " (known: window)", 2)
+            end
+        end
+    end
+    local rc = C.pl_ucx_stream_open(self.w, id, window)
+    if rc < 0 then
+        if rc == -17 then
+            error(format("Worker:am_stream: a stream for AM id %d is already open on this worker", id), 2)
+        end
+        error("Worker:am_stream: " .. errstr(rc), 2)
+    end
+    local s = setmetatable({ worker = self, id = id, window = window, open = true }, Stream)
+    self.streams[id] = s
+    return s
+end
+
+local function tag_value(fname, name, v)
+    if type(v) == "number" then
+        if v ~= v or v < 0 or v % 1 ~= 0 or v > 2 ^ 53 then
+            error(format("%s: %s must be an integer from 0 to 2^53 or a uint64_t (got %s)", fname, name,
+                         check.show(v)), 3)
+        end
+        return v
+    elseif type(v) == "cdata" then
+        return v
+    end
+    error(format("%s: %s must be an integer or a uint64_t (got %s)", fname, name, type(v)), 3)
+end
+
+-- tag_recv(tag, mask, len_or_buf): receive a tagged message: with a length,
+-- returns the data as a string and the sender's tag; with a registered
+-- buffer, the byte count and the sender's tag.
+function Worker:tag_recv(tag, mask, len_or_buf)
+    live_worker("Worker:tag_recv", self)
+    tag = tag_value("Worker:tag_recv", "tag", tag)
+    mask = tag_value("Worker:tag_recv", "mask", mask)
+    local ptr, cap, scratch
+    if getmetatable(len_or_buf) == Buffer then
+        ptr, cap = len_or_buf:ptr(), len_or_buf:size()
+    else
+        check.integer("Worker:tag_recv", "len_or_buf", len_or_buf, 0, 2 ^ 31)
+        cap = len_or_buf
+        scratch = ffi.new("uint8_t[?]", cap)
+        ptr = scratch
+    end
+    local t = current_task("Worker:tag_recv")
+    local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
+                                 "tag receive")
+    if rc < 0 then
+        return nil, "tag_recv: " .. errstr(rc), errname(rc)
+    end
+    if scratch then
+        return ffi_string(scratch, len), stag
+    end
+    return len, stag
+end
+
+-- stats(): AMs and bytes sent/received, eager/rndv counts, tags, progress
+-- calls, wake-ups, ops in flight, held messages, endpoints.
+function Worker:stats()
+    live_worker("Worker:stats", self)
+    local s = ffi.new("pl_ucx_stats_t")
+    C.pl_ucx_worker_stats(self.w, s)
+    return {
+        am_sent = s.am_sent, am_bytes_sent = s.am_bytes_sent, am_received = s.am_received,
+        am_bytes_received = s.am_bytes_received, eager_received = s.eager_received,
+        rndv_received = s.rndv_received, tag_sent = s.tag_sent, tag_received = s.tag_received,
+        progress_calls = s.progress_calls, wakeups = s.wakeups, ops_in_flight = s.ops_in_flight,
+        msgs_held = s.msgs_held, endpoints = s.endpoints, failed_endpoints = s.failed_endpoints,
+    }
+end
+
+-- close(): endpoints, listeners, streams, then the worker itself.
+function Worker:close()
+    check.self("Worker:close", self, Worker, "a worker")
+    if not self.w then
+        return false
+    end
+    for ep in pairs(self.eps) do ep.h = nil end
+    for l in pairs(self.listeners) do l.i = nil end
+    for _, s in pairs(self.streams) do s.open = false end
+    C.pl_ucx_worker_close(self.w)
+    self.w = nil
+    if self.reactor then self.reactor.workers[self] = nil end
+    self.context.workers[self] = nil
+    return true
+end
+
+---------------------------------------------------------------------------
+-- Listener
+---------------------------------------------------------------------------
+
+local function live_listener(fname, l)
+    check.self(fname, l, Listener, "a listener")
+    if not l.i or not l.worker.w then
+        error(fname .. ": the listener is closed", 3)
+    end
+    return l
+end
+
+function Listener:port()
+    live_listener("Listener:port", self)
+    return C.pl_ucx_listener_port(self.worker.w, self.i)
+end
+
+-- accept(): the next connection as an endpoint; parks until a client
+-- connects.  Returns nil, err once the listener is closed.
+function Listener:accept()
+    live_listener("Listener:accept", self)
+    local t = current_task("Listener:accept")
+    local w = self.worker
+    while true do
+        if not self.i or not w.w then
+            return nil, "accept: the listener was closed"
+        end
+        local h = C.pl_ucx_accept(w.w, self.i, t.slot, t.gen)
+        if h >= 0 then
+            return new_endpoint(w, h, ffi_string(C.pl_ucx_ep_peer(w.w, h)))
+        elseif h == -16 then
+            error("Listener:accept: another task is already accepting on this listener", 2)
+        elseif h ~= EAGAIN then
+            return nil, "accept: " .. errstr(h), errname(h)
+        end
+        park(t, WAIT_OTHER, 0, self)
+    end
+end
+
+function Listener:describe()
+    return format("accept on %s:%d", self.host, self.i and C.pl_ucx_listener_port(self.worker.w, self.i) or -1)
+end
+
+function Listener:close()
+    check.self("Listener:close", self, Listener, "a listener")
+    if not self.i or not self.worker.w then
+        return false
+    end
+    C.pl_ucx_listener_close(self.worker.w, self.i)
+    self.i = nil
+    self.worker.listeners[self] = nil
+    return true
+end
+
+---------------------------------------------------------------------------
+-- Endpoint
+---------------------------------------------------------------------------
+
+local function live_ep(fname, ep)
+    check.self(fname, ep, Endpoint, "an endpoint")
+    if not ep.h or not ep.worker.w then
+        error(fname .. ": the endpoint is closed", 3)
+    end
+    return ep
+end
+
+local PROTO_FLAGS = { eager = 2, rndv = 4 }
+
+-- A string, nil (empty) or a registered buffer: pointer and length.
+local function payload(fname, name, v, len)
+    if v == nil then
+        return nil, 0
+    elseif type(v) == "string" then
+        return v, #v
+    elseif getmetatable(v) == Buffer then
+        local size = v:size()
+        if len == nil then
+            len = size
+        else
+            check.integer(fname, "len", len, 0, size)
+        end
+        return v:ptr(), len
+    end
+    error(format("%s: %s must be a string, nil or a registered buffer (got %s)", fname, name, type(v)), 3)
+end
+
+local function send_args(fname, ep, id, header, data, need_reply, proto, len)
+    live_ep(fname, ep)
+    check.integer(fname, "id", id, 0, MAX_AM_ID)
+    local hptr, hlen = payload(fname, "header", header)
+    local dptr, dlen = payload(fname, "data", data, len)
+    if hlen > ep.worker.max_header then
+        error(format("%s: header is %d bytes, more than this worker's limit of %d (Worker:max_am_header())",
+                     fname, hlen, ep.worker.max_header), 3)
+    end
+    if need_reply ~= nil and type(need_reply) ~= "boolean" then
+        error(format("%s: need_reply must be a boolean or nil (got %s)", fname, type(need_reply)), 3)
+    end
+    local flags = need_reply and 1 or 0
+    if proto ~= nil then
+        local f = PROTO_FLAGS[proto]
+        if not f then
+            error(format('%s: proto must be nil, "eager" or "rndv" (got %s)', fname, check.show(proto)), 3)
+        end
+        flags = flags + f
+    end
+    return hptr, hlen, dptr, dlen, flags
+end
+
+local function send_failed(ep, what, rc)
+    return nil, format("%s to %s: %s", what, ep.peer, errstr(rc)), errname(rc)
+end
+
+-- am_send(id, header, data, need_reply, proto[, len]): send an Active
+-- Message and wait until it is sent.  header and data are strings, nil or
+-- registered buffers (sent without a copy; len bytes of a buffer, default
+-- all).  proto: nil (UCX chooses), "eager" or "rndv".  Returns true or nil, err.
+function Endpoint:am_send(id, header, data, need_reply, proto, len)
+    local hptr, hlen, dptr, dlen, flags = send_args("Endpoint:am_send", self, id, header, data, need_reply,
+                                                     proto, len)
+    local t = current_task("Endpoint:am_send")
+    local w = self.worker
+    local rc = run_op(w, t, C.pl_ucx_am_send(w.w, self.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen),
+                      self)
+    if rc < 0 then
+        return send_failed(self, "am_send", rc)
+    end
+    return true
+end
+
+function Endpoint:describe()
+    return "ucx op to " .. self.peer
+end
+
+local Handle = {}
+Handle.__index = Handle
+M.SendHandle = Handle
+
+-- am_send_nb(...): start the send and return a handle at once (for windowed
+-- pipelines); handle:wait() returns true or nil, err.  header and data are
+-- kept alive by the handle until it completes.
+function Endpoint:am_send_nb(id, header, data, need_reply, proto, len)
+    local hptr, hlen, dptr, dlen, flags = send_args("Endpoint:am_send_nb", self, id, header, data, need_reply,
+                                                     proto, len)
+    local t = current_task("Endpoint:am_send_nb")
+    local w = self.worker
+    local rc = C.pl_ucx_am_send(w.w, self.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen)
+    return setmetatable({ ep = self, op = rc, header = header, data = data, owner = t }, Handle)
+end
+
+function Handle:wait()
+    check.self("SendHandle:wait", self, Handle, "a send handle")
+    local rc = self.op
+    if rc > 0 then
+        local t = current_task("SendHandle:wait")
+        local w = self.ep.worker
+        if t ~= self.owner then
+            error("SendHandle:wait: only the task that started the send can wait for it", 2)
+        end
+        t.io_reactor = w
+        t.io_op = rc
+        t.waiting_for = self.ep
+        local result = w.result
+        while C.pl_ucx_op_take(w.w, rc, result) == 0 do
+            park(t, WAIT_IO, rc, self.ep)
+        end
+        t.waiting_for = nil
+        t.io_reactor = nil
+        rc = result.status
+        self.op = rc
+    end
+    self.header, self.data = nil, nil
+    if rc < 0 then
+        return send_failed(self.ep, "am_send", rc)
+    end
+    return true
+end
+
+-- tag_send(tag, data): send data (string or registered buffer) with a tag.
+function Endpoint:tag_send(tag, data, len)
+    live_ep("Endpoint:tag_send", self)
+    tag = tag_value("Endpoint:tag_send", "tag", tag)
+    local dptr, dlen = payload("Endpoint:tag_send", "data", data, len)
+    local t = current_task("Endpoint:tag_send")
+    local w = self.worker
+    local rc = run_op(w, t, C.pl_ucx_tag_send(w.w, self.h, tag, dptr, dlen, t.slot, t.gen), self)
+    if rc < 0 then
+        return send_failed(self, "tag_send", rc)
+    end
+    return true
+end
+
+-- flush(): wait until everything sent on the endpoint has completed.
+function Endpoint:flush()
+    live_ep("Endpoint:flush", self)
+    local t = current_task("Endpoint:flush")
+    local w = self.worker
+    local rc = run_op(w, t, C.pl_ucx_ep_flush(w.w, self.h, t.slot, t.gen), self)
+    if rc < 0 then
+        return send_failed(self, "flush", rc)
+    end
+    return true
+end
+
+-- status(): true, or nil and why the endpoint is unusable (peer failed).
+function Endpoint:status()
+    live_ep("Endpoint:status", self)
+    local rc = C.pl_ucx_ep_status(self.worker.w, self.h)
+    if rc < 0 then
+        return nil, format("endpoint to %s: %s", self.peer, errstr(rc)), errname(rc)
+    end
+    return true
+end
+
+-- close(): flush and close (forced if the peer failed).
+function Endpoint:close()
+    check.self("Endpoint:close", self, Endpoint, "an endpoint")
+    if not self.h or not self.worker.w then
+        return false
+    end
+    local t = current_task("Endpoint:close")
+    local w = self.worker
+    local h = self.h
+    self.h = nil
+    w.eps[self] = nil
+    local rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
+    if rc < 0 and rc ~= -125 and rc ~= -104 then     -- cancelled / reset: closed anyway
+        return send_failed(self, "close", rc)
+    end
+    return true
+end
+
+function Endpoint:__tostring()
+    return format("UCX endpoint to %s%s", self.peer, self.h and "" or " (closed)")
+end
+
+---------------------------------------------------------------------------
+-- Streams and messages
+---------------------------------------------------------------------------
+
+function Stream:describe()
+    return format("AM stream %d", self.id)
+end
+
+function Stream:_abandon_wait(t)
+    if self.open and self.worker.w then
+        C.pl_ucx_stream_abandon(self.worker.w, self.id, t.slot, t.gen)
+    end
+end
+
+-- wait_msg(): the next message; parks until one arrives.  nil, err when
+-- the stream is closed or nothing can feed it any more (every endpoint
+-- failed or closed, and no listener open).
+function Stream:wait_msg()
+    check.self("Stream:wait_msg", self, Stream, "a stream")
+    local t = current_task("Stream:wait_msg")
+    local w = self.worker
+    while true do
+        if not self.open or not w.w then
+            return nil, "wait_msg: the stream is closed", "EBADF"
+        end
+        local h = C.pl_ucx_stream_next(w.w, self.id, t.slot, t.gen)
+        if h >= 0 then
+            local info = w.info
+            C.pl_ucx_msg_info(w.w, h, info)
+            local hlen = info.header_length
+            return setmetatable({
+                worker = w, h = h,
+                header = hlen > 0 and ffi_string(info.header, hlen) or "",
+                len = info.data_length, rndv = info.rndv ~= 0,
+                reply_h = info.can_reply ~= 0 and info.ep or nil,
+            }, Message)
+        elseif h == ENOTCONN then
+            return nil, format("wait_msg: no peer can send to AM stream %d any more " ..
+                               "(every endpoint failed or closed, no listener open)", self.id), "ENOTCONN"
+        elseif h ~= EAGAIN then
+            return nil, "wait_msg: " .. errstr(h), errname(h)
+        end
+        t.wait_obj = self
+        park(t, WAIT_OTHER, self.id, self)
+        t.wait_obj = nil
+    end
+end
+
+-- close(): stop receiving this id; held messages are released.
+function Stream:close()
+    check.self("Stream:close", self, Stream, "a stream")
+    if not self.open then
+        return false
+    end
+    self.open = false
+    if self.worker.w then
+        C.pl_ucx_stream_close(self.worker.w, self.id)
+    end
+    self.worker.streams[self.id] = nil
+    return true
+end
+
+local function live_msg(fname, m)
+    check.self(fname, m, Message, "a message")
+    if not m.h then
+        error(fname .. ": the message's data was already taken or released", 3)
+    end
+    if not m.worker.w then
+        error(fname .. ": the worker is closed", 3)
+    end
+    return m
+end
+
+function Message:data_len()
+    check.self("Message:data_len", self, Message, "a message")
+    return self.len
+end
+
+function Message:is_rndv()
+    return self.rndv
+end
+
+local function take(m, fname, ptr, cap)
+    local t = current_task(fname)
+    local w = m.worker
+    local h = m.h
+    m.h = nil
+    local rc = run_op(w, t, C.pl_ucx_msg_recv(w.w, h, ptr, cap, t.slot, t.gen), "AM data")
+    if rc < 0 then
+        return nil, "receive AM data: " .. errstr(rc), errname(rc)
+    end
+    return m.len
+end
+
+-- data(): the message's data as a string (pulls rendezvous data first).
+function Message:data()
+    live_msg("Message:data", self)
+    if self.len == 0 then
+        C.pl_ucx_msg_release(self.worker.w, self.h)
+        self.h = nil
+        return ""
+    end
+    local scratch = ffi.new("uint8_t[?]", self.len)
+    local n, err, code = take(self, "Message:data", scratch, self.len)
+    if not n then
+        return nil, err, code
+    end
+    return ffi_string(scratch, self.len)
+end
+
+-- recv_data(buf): the data straight into a registered buffer (rendezvous
+-- data goes there with no intermediate copy); returns the byte count.
+function Message:recv_data(buf)
+    live_msg("Message:recv_data", self)
+    if getmetatable(buf) ~= Buffer then
+        error("Message:recv_data: expected a registered buffer (got " .. type(buf) .. ")", 2)
+    end
+    if buf:size() < self.len then
+        error(format("Message:recv_data: the buffer holds %d bytes, the message has %d", buf:size(), self.len), 2)
+    end
+    local n, err, code = take(self, "Message:recv_data", buf:ptr(), buf:size())
+    return n, err, code
+end
+
+-- release(): drop the message without reading its data.
+function Message:release()
+    check.self("Message:release", self, Message, "a message")
+    if self.h and self.worker.w then
+        C.pl_ucx_msg_release(self.worker.w, self.h)
+    end
+    self.h = nil
+    return true
+end
+
+-- reply(id, header, data[, need_reply, proto]): answer the sender (it must
+-- have sent with need_reply).
+function Message:reply(id, header, data, need_reply, proto)
+    check.self("Message:reply", self, Message, "a message")
+    if not self.reply_h then
+        error("Message:reply: the sender did not ask for a reply (need_reply was false)", 2)
+    end
+    local w = self.worker
+    local ep = self.reply_ep
+    if not ep then
+        ep = setmetatable({ worker = w, h = self.reply_h, peer = "the sender" }, Endpoint)
+        self.reply_ep = ep
+    end
+    local ok, err, code = ep:am_send(id, header, data, need_reply, proto)
+    return ok, err, code
+end
+
+return M
