@@ -43,7 +43,7 @@ $(BUILD)/%.o: src/%.c src/pluvio.h src/internal.h src/ucx_internal.h | $(BUILD)
 	$(CC) $(PL_CFLAGS) -c $< -o $@
 
 $(LIB): $(CORE_OBJ)
-	$(CC) $(SANITIZE) -shared -o $@ $(CORE_OBJ) $(CORE_LIBS)
+	$(CC) $(SANITIZE) -shared -Wl,-z,nodelete -o $@ $(CORE_OBJ) $(CORE_LIBS)
 
 $(HOST): src/main.c | $(BUILD)
 	$(CC) $(PL_CFLAGS) $(LUAJIT_CFLAGS) -o $@ src/main.c $(LUAJIT_LIBS) -Wl,-E -ldl

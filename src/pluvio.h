@@ -324,6 +324,8 @@ typedef struct pl_ucx_stats {
 
 pl_ucx_context_t *pl_ucx_context_new(int *err);
 int pl_ucx_context_close(pl_ucx_context_t *c);
+/* For finalizers: close now, or as soon as the last worker is closed. */
+void pl_ucx_context_release(pl_ucx_context_t *c);
 const char *pl_ucx_status_string(int err);
 
 pl_ucx_reactor_t *pl_ucx_reactor_new(int *err);

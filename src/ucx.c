@@ -115,6 +115,14 @@ int pl_ucx_context_close(pl_ucx_context_t *c)
     return 0;
 }
 
+void pl_ucx_context_release(pl_ucx_context_t *c)
+{
+    if (c->workers > 0)
+        c->released = true;
+    else
+        pl_ucx_context_close(c);
+}
+
 /* ---- op slots ------------------------------------------------------------ */
 
 static struct ucx_op *op_at(pl_ucx_worker_t *w, uint32_t index)
@@ -308,6 +316,7 @@ int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap)
 
     if (st != UCS_OK)
         return pl_ucx_errno(st);
+    w->address_shared = true;
     if ((size_t)cap >= len)
         memcpy(buf, addr, len);
     ucp_worker_release_address(w->ucp, addr);
@@ -416,6 +425,8 @@ const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep)
 
 bool ucx_worker_has_peers(pl_ucx_worker_t *w)
 {
+    if (w->address_shared)
+        return true;
     for (int i = 0; i < w->neps; i++)
         if (w->eps[i].state == EP_OPEN)
             return true;
@@ -726,6 +737,9 @@ int pl_ucx_listener_close(pl_ucx_worker_t *w, int i)
  * then the ucp worker. */
 int pl_ucx_worker_close(pl_ucx_worker_t *w)
 {
+    pl_ucx_context_t *ctx = w->ctx;
+
+    w->rt = NULL;       /* its runtime may be gone: wake nobody from now on */
     for (int i = 0; i < w->neps; i++) {
         struct ucx_ep *e = &w->eps[i];
         if (e->state != EP_FREE && e->owned) {
@@ -751,8 +765,9 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w)
     for (int k = 0; k < w->nchunks; k++)
         free(w->op_chunks[k]);
     free(w->msgs);
-    w->ctx->workers--;
     free(w);
+    if (--ctx->workers == 0 && ctx->released)
+        pl_ucx_context_close(ctx);
     return 0;
 }
 
@@ -772,12 +787,13 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
     for (int i = 0; i < r->nworkers; i++) {
         pl_ucx_worker_t *w = r->workers[i];
         w->rt = rt;
-        /* flow control: a stream over its window stops progress (the
-         * sender is slowed), unless our own ops need progress */
-        if (w->in_flight == 0 && ucx_worker_over_window(w))
-            continue;
         for (int k = 0; k < budget; k++) {
-            unsigned got = ucp_worker_progress(w->ucp);
+            unsigned got;
+            /* flow control: a stream over its window stops progress (the
+             * sender is slowed), unless our own ops need progress */
+            if (w->in_flight == 0 && ucx_worker_over_window(w))
+                break;
+            got = ucp_worker_progress(w->ucp);
             w->stats.progress_calls++;
             if (got == 0)
                 break;
@@ -856,6 +872,8 @@ void pl_ucx_reactor_free(pl_ucx_reactor_t *r)
 {
     if (!r)
         return;
+    for (int i = 0; i < r->nworkers; i++)
+        r->workers[i]->reactor = NULL;
     close(r->epfd);
     free(r);
 }
@@ -865,6 +883,7 @@ pl_reactor_t *pl_ucx_reactor_vtable(pl_ucx_reactor_t *r)
     return &r->reactor;
 }
 
+/* Also used by workers progressed by a reactor that is being freed. */
 void pl_ucx_reactor_attach(pl_ucx_reactor_t *r, pl_runtime_t *rt)
 {
     r->rt = rt;

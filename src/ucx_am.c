@@ -87,14 +87,18 @@ static struct ucx_msg *msg_get(pl_ucx_worker_t *w, int h)
     return &w->msgs[i];
 }
 
+static const char *msg_header(const struct ucx_msg *m)
+{
+    return m->header_heap ? m->header_heap : m->header_inline;
+}
+
 /* Give UCX back what it kept for the message, and the slot to the pool. */
 static void msg_free(pl_ucx_worker_t *w, struct ucx_msg *m)
 {
     if (m->data_held || m->rndv)
         ucp_am_data_release(w->ucp, m->data);
-    if (m->header != m->header_inline)
-        free(m->header);
-    m->header = NULL;
+    free(m->header_heap);
+    m->header_heap = NULL;
     m->data_held = false;
     m->rndv = false;
     m->used = false;
@@ -110,7 +114,7 @@ int pl_ucx_msg_info(pl_ucx_worker_t *w, int h, pl_ucx_msg_info_t *out)
 
     if (!m)
         return -EBADF;
-    out->header = m->header;
+    out->header = msg_header(m);
     out->header_length = (double)m->header_len;
     out->data_length = (double)m->length;
     out->rndv = m->rndv;
@@ -234,13 +238,15 @@ static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len,
         return UCS_ERR_NO_MEMORY;   /* UCX reports it; we cannot hold it */
     m = &w->msgs[i];
     m->header_len = header_len;
-    m->header = header_len <= sizeof(m->header_inline) ? m->header_inline : malloc(header_len);
-    if (!m->header) {
-        msg_free(w, m);
-        return UCS_ERR_NO_MEMORY;
+    if (header_len > sizeof(m->header_inline)) {
+        m->header_heap = malloc(header_len);
+        if (!m->header_heap) {
+            msg_free(w, m);
+            return UCS_ERR_NO_MEMORY;
+        }
     }
     if (header_len)
-        memcpy(m->header, header, header_len);
+        memcpy((char *)msg_header(m), header, header_len);
     m->length = length;
     m->data = data;
     m->rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;

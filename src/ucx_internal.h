@@ -21,6 +21,7 @@ struct pl_ucx_context {
     ucp_context_h ucp;
     size_t request_size;    /* bytes UCX keeps in front of each request */
     int workers;            /* live workers: the context outlives them */
+    bool released;          /* its owner let go: free with the last worker */
 };
 
 enum ucx_op_state { UOP_FREE, UOP_IN_FLIGHT, UOP_DONE, UOP_ABANDONED };
@@ -78,8 +79,8 @@ struct ucx_msg {
     size_t length;
     ucp_ep_h reply_ep;
     size_t header_len;
-    char *header;           /* malloc'd only when larger than the inline room */
-    char header_inline[128];
+    char *header_heap;      /* when larger than the inline room, else NULL; */
+    char header_inline[128];    /* never point at this: the array moves */
     uint32_t next;          /* next message of the stream, or free list */
 };
 
@@ -103,6 +104,7 @@ struct pl_ucx_worker {
     int efd;
     pl_runtime_t *rt;       /* runtime of the reactor progressing it */
     struct pl_ucx_reactor *reactor;     /* progressing it, or NULL */
+    bool address_shared;    /* anyone holding address() may send to it */
     size_t max_am_header;
 
     struct ucx_ep eps[UCX_MAX_ENDPOINTS];

@@ -146,7 +146,9 @@ function Context.new(opts)
     if c == nil then
         return nil, "Context.new: cannot initialise UCX: " .. errstr(err[0])
     end
-    return setmetatable({ c = c, workers = {} }, Context)
+    -- Finalizers may run in any order at exit: C frees a released context
+    -- with its last worker, so neither order trips a UCX assertion.
+    return setmetatable({ c = ffi.gc(c, C.pl_ucx_context_release), workers = {} }, Context)
 end
 
 local function live_context(fname, c)
@@ -168,7 +170,7 @@ function Context:create_worker(opts)
         return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0])
     end
     local worker = setmetatable({
-        w = w, context = self, result = ffi.new("pl_ucx_result_t"),
+        w = ffi.gc(w, C.pl_ucx_worker_close), context = self, result = ffi.new("pl_ucx_result_t"),
         info = ffi.new("pl_ucx_msg_info_t"), eps = {}, listeners = {}, streams = {},
         max_header = C.pl_ucx_worker_max_am_header(w),
     }, Worker)
@@ -183,8 +185,10 @@ function Context:close()
     for w in pairs(self.workers) do
         if w.w then w:close() end
     end
-    C.pl_ucx_context_close(self.c)
+    local c = self.c
     self.c = nil
+    ffi.gc(c, nil)
+    C.pl_ucx_context_close(c)
     return true
 end
 
@@ -410,8 +414,10 @@ function Worker:close()
     for ep in pairs(self.eps) do ep.h = nil end
     for l in pairs(self.listeners) do l.i = nil end
     for _, s in pairs(self.streams) do s.open = false end
-    C.pl_ucx_worker_close(self.w)
+    local w = self.w
     self.w = nil
+    ffi.gc(w, nil)
+    C.pl_ucx_worker_close(w)
     if self.reactor then self.reactor.workers[self] = nil end
     self.context.workers[self] = nil
     return true

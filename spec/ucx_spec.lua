@@ -1,0 +1,399 @@
+-- The UCX reactor: connections, Active Message streams, tags, failures.
+local pluvio = require "pluvio"
+local ucx = require "pluvio.ucx"
+local helper = require "helper"
+
+local async = helper.async
+
+-- A server worker with a listener on loopback and a connected client.
+local function pair(opts)
+    local ctx = assert(ucx.Context.new())
+    local sw = assert(ctx:create_worker())
+    local cw = assert(ctx:create_worker())
+    local stream = sw:am_stream(opts and opts.id or 1, opts and { window = opts.window } or nil)
+    local l = assert(sw:create_listener("127.0.0.1", 0))
+    local accepted = pluvio.spawn(function() return assert(l:accept()) end)
+    local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+    local sep = accepted:join()
+    return { ctx = ctx, sw = sw, cw = cw, stream = stream, listener = l, ep = ep, sep = sep }
+end
+
+local function close_pair(p)
+    p.ep:close()
+    p.listener:close()
+    p.cw:close()
+    p.sw:close()
+    p.ctx:close()
+end
+
+-- Deterministic bytes of a given size (a repeated pattern with a marker).
+local function payload(size, seed)
+    local unit = ("%08d"):format(seed % 100000000)
+    local s = unit:rep(math.ceil(size / #unit)):sub(1, size)
+    return s
+end
+
+describe("UCX", function()
+    it("runs the seed's example as written (connect_addr, am_send)", function()
+        local rt = pluvio.Runtime.new(1024)
+        local ucx_reactor = ucx.UCXReactor.current()
+        rt:register_reactor("ucx_reactor", ucx_reactor)
+        local got = rt:run(function()
+            local context = ucx.Context.new()
+            local receiver = context:create_worker()
+            ucx_reactor:register_worker(receiver)
+            local stream = receiver:am_stream(3)
+            local worker_addr = receiver:address()
+            local worker = context:create_worker()
+            ucx_reactor:register_worker(worker)
+            ucx_reactor:register_worker(worker)     -- twice: progressed once
+            local endpoint = worker:connect_addr(worker_addr)
+            local id, header, data = 3, "hdr", "payload"
+            assert(endpoint:am_send(id, header, data, true, nil))
+            local msg = assert(stream:wait_msg())
+            local r = { msg.header, msg:data(), msg:data_len() }
+            endpoint:close()
+            worker:close()
+            receiver:close()
+            context:close()
+            return r
+        end)
+        assert.same({ "hdr", "payload", 7 }, got)
+    end)
+
+    it("delivers every size class intact, eager and rendezvous", async(function()
+        local p = pair()
+        for i, size in ipairs({ 8, 4096, 65536, 1048576, 16777216 }) do
+            local data = payload(size, i)
+            local sender = pluvio.spawn(function() return assert(p.ep:am_send(1, "size" .. size, data)) end)
+            local m = assert(p.stream:wait_msg())
+            assert.equal("size" .. size, m.header)
+            assert.equal(size, m:data_len())
+            local got = m:data()
+            assert.is_true(got == data, "payload of " .. size .. " bytes differs")
+            assert.is_true(sender:join())
+        end
+        local s = p.sw:stats()
+        assert.equal(5, s.am_received)
+        assert.is_true(s.rndv_received >= 1, "no rendezvous message")
+        assert.is_true(s.eager_received >= 1, "no eager message")
+        close_pair(p)
+    end))
+
+    it("receives rendezvous data straight into a registered buffer", async(function()
+        local uring = require "pluvio.uring"
+        local p = pair()
+        local data = payload(1048576, 9)
+        local sender = pluvio.spawn(function() return p.ep:am_send(1, "", data, false, "rndv") end)
+        local m = assert(p.stream:wait_msg())
+        assert.is_true(m:is_rndv())
+        local buf = uring.acquire_buffer()
+        assert.equal(1048576, m:recv_data(buf))
+        assert.is_true(buf:tostring(1048576) == data)
+        buf:release()
+        assert.is_true(sender:join())
+        close_pair(p)
+    end))
+
+    it("sends registered buffers without a copy", async(function()
+        local uring = require "pluvio.uring"
+        local p = pair()
+        local buf = uring.acquire_buffer()
+        buf:fill_pattern(5, 0)
+        local sum = buf:checksum(65536)
+        local sender = pluvio.spawn(function() return p.ep:am_send(1, "buf", buf, false, nil, 65536) end)
+        local m = assert(p.stream:wait_msg())
+        local out = uring.acquire_buffer()
+        assert.equal(65536, m:recv_data(out))
+        assert.equal(sum, out:checksum(65536))
+        assert.is_true(sender:join())
+        buf:release()
+        out:release()
+        close_pair(p)
+    end))
+
+    it("takes headers up to the worker's limit and refuses one byte more before calling UCX", async(function()
+        local p = pair()
+        local max = p.cw:max_am_header()
+        assert.is_true(max >= 64)
+        for _, n in ipairs({ 0, 1, 128, max }) do
+            local h = ("h"):rep(n)
+            local sender = pluvio.spawn(function() return p.ep:am_send(1, h, "d") end)
+            local m = assert(p.stream:wait_msg())
+            assert.equal(n, #m.header)
+            assert.is_true(m.header == h)
+            m:release()
+            assert.is_true(sender:join())
+        end
+        local ok, err = pcall(p.ep.am_send, p.ep, 1, ("h"):rep(max + 1), "d")
+        assert.is_false(ok)
+        assert.matches(("Endpoint:am_send: header is %d bytes, more than this worker's limit of %d"):format(max + 1, max), err)
+        close_pair(p)
+    end))
+
+    it("holds messages for a slow reader up to the window, slows the sender, loses nothing and keeps order", async(function()
+        -- 16 MB of eager messages: more than the transport can buffer
+        -- (about 4.6 MB on loopback here), so the sender must be slowed
+        local p = pair { window = 4 }
+        local n = 2000
+        local sent = 0
+        local sender = pluvio.spawn(function()
+            for i = 1, n do
+                assert(p.ep:am_send(1, tostring(i), payload(8000, i)))
+                sent = i
+            end
+        end)
+        local max_held, max_lead = 0, 0
+        for i = 1, n do
+            if i % 50 == 0 then pluvio.sleep(0.002) end     -- a slow reader
+            local m = assert(p.stream:wait_msg())
+            assert.equal(tostring(i), m.header)
+            assert.equal(payload(8000, i), m:data())
+            max_held = math.max(max_held, p.sw:stats().msgs_held)
+            max_lead = math.max(max_lead, sent - i)
+        end
+        sender:join()
+        -- held: the window plus at most one progress burst (the transport's FIFO)
+        assert.is_true(max_held <= 4 + 80, "held " .. max_held .. " messages")
+        -- the sender was held back: it never ran far ahead of the reader
+        assert.is_true(max_lead < n / 2, "the sender ran " .. max_lead .. " messages ahead")
+        close_pair(p)
+    end))
+
+    it("keeps every message and per-task order with many concurrent senders on one endpoint", async(function()
+        local p = pair()
+        local senders = {}
+        for k = 1, 8 do
+            senders[k] = pluvio.spawn(function()
+                for i = 1, 50 do assert(p.ep:am_send(1, k .. ":" .. i, payload(100 * k, i))) end
+            end)
+        end
+        local last = {}
+        for _ = 1, 400 do
+            local m = assert(p.stream:wait_msg())
+            local k, i = m.header:match("^(%d+):(%d+)$")
+            k, i = tonumber(k), tonumber(i)
+            assert.equal((last[k] or 0) + 1, i)
+            last[k] = i
+            assert.equal(payload(100 * k, i), m:data())
+        end
+        for k = 1, 8 do senders[k]:join(); assert.equal(50, last[k]) end
+        close_pair(p)
+    end))
+
+    it("sends and receives tagged messages", async(function()
+        local p = pair()
+        local r = pluvio.spawn(function() return { p.sw:tag_recv(42, 2 ^ 53, 100) } end)
+        assert.is_true(p.ep:tag_send(42, "tagged data"))
+        local got = r:join()
+        assert.equal("tagged data", got[1])
+        assert.equal(42, tonumber(got[2]))
+        close_pair(p)
+    end))
+
+    it("starts sends without waiting and waits for them later", async(function()
+        local p = pair()
+        local handles = {}
+        for i = 1, 16 do handles[i] = p.ep:am_send_nb(1, tostring(i), payload(65536, i)) end
+        for i = 1, 16 do
+            local m = assert(p.stream:wait_msg())
+            assert.equal(tostring(i), m.header)
+            assert.equal(payload(65536, i), m:data())
+        end
+        for i = 1, 16 do assert.is_true(handles[i]:wait()) end
+        close_pair(p)
+    end))
+
+    it("reports a connection to a closed port", async(function()
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local l = assert(w:create_listener("127.0.0.1", 0))
+        local port = l:port()
+        l:close()
+        local ep, err = w:connect_socket("127.0.0.1", port)
+        assert.is_nil(ep)
+        assert.matches("^connect to 127%.0%.0%.1:" .. port .. ": E", err)
+        w:close()
+        ctx:close()
+    end))
+
+    it("rejects bad arguments with clear errors", async(function()
+        local p = pair()
+        local ep = p.ep
+        assert.has_error(function() ep:am_send(256, "", "") end,
+            "Endpoint:am_send: id must be an integer from 0 to 255 (got 256)")
+        assert.has_error(function() ep:am_send(-1, "", "") end,
+            "Endpoint:am_send: id must be an integer from 0 to 255 (got -1)")
+        assert.has_error(function() ep:am_send(1, "", 42) end,
+            "Endpoint:am_send: data must be a string, nil or a registered buffer (got number)")
+        assert.has_error(function() ep:am_send(1, {}, "") end,
+            "Endpoint:am_send: header must be a string, nil or a registered buffer (got table)")
+        assert.has_error(function() ep:am_send(1, "", "", "yes") end,
+            "Endpoint:am_send: need_reply must be a boolean or nil (got string)")
+        assert.has_error(function() ep:am_send(1, "", "", false, "fast") end,
+            'Endpoint:am_send: proto must be nil, "eager" or "rndv" (got "fast")')
+        assert.has_error(function() p.sw:create_listener("127.0.0.1", 70000) end,
+            "Worker:create_listener: port must be an integer from 0 to 65535 (got 70000)")
+        assert.has_error(function() p.sw:am_stream(1) end,
+            "Worker:am_stream: a stream for AM id 1 is already open on this worker")
+        assert.has_error(function() p.sw:am_stream(2, { windw = 3 }) end,
+            'Worker:am_stream: unknown option "windw" (known: window)')
+        assert.has_error(function() ucx.Context.new({ tls = "tcp" }) end,
+            'Context.new: unknown option "tls" (choose transports with the UCX_TLS environment variable)')
+        close_pair(p)
+        assert.has_error(function() ep:am_send(1, "", "") end, "Endpoint:am_send: the endpoint is closed")
+        assert.has_error(function() p.sw:address() end, "Worker:address: the worker is closed")
+    end))
+
+    it("fails wait_msg instead of hanging when no peer can feed the stream", async(function()
+        local p = pair()
+        p.listener:close()
+        local reader = pluvio.spawn(function() return { p.stream:wait_msg() } end)
+        pluvio.sleep(0.01)
+        p.ep:close()        -- the only peer goes away
+        local r = pluvio.timeout(5, function() return reader:join() end)
+        assert.is_table(r)
+        assert.is_nil(r[1])
+        assert.matches("no peer can send to AM stream 1", r[2])
+        p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+end)
+
+describe("UCX across processes", function()
+    local SERVER = [[
+        local ucx = require "pluvio.ucx"
+        local portfile = ...
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local stream = w:am_stream(1)
+        local l = assert(w:create_listener("127.0.0.1", 0))
+        local f = io.open(portfile .. ".tmp", "w"); f:write(l:port()); f:close()
+        os.rename(portfile .. ".tmp", portfile)
+        local ep = assert(l:accept())
+        l:close()
+        while true do
+            local m = stream:wait_msg()
+            if not m then break end
+            local d = m:data()
+            if m.header == "bye" then assert(m:reply(2, "bye", "")); break end
+            assert(m:reply(2, tostring(#d), ""))
+        end
+        pluvio.sleep(0.05)
+        ep:close(); w:close(); ctx:close()
+    ]]
+
+    local function start_server(code)
+        local script = os.tmpname() .. ".lua"
+        local portfile = os.tmpname()
+        os.remove(portfile)
+        local f = io.open(script, "w")
+        f:write(code)
+        f:close()
+        local pidfile = os.tmpname()
+        local errfile = os.tmpname()
+        os.execute(("%s %s %s 2>%s & echo $! > %s"):format(helper.quote(helper.host), helper.quote(script),
+                   helper.quote(portfile), helper.quote(errfile), helper.quote(pidfile)))
+        local pid = io.open(pidfile):read("*l")
+        local deadline = pluvio.now() + 10
+        local port
+        repeat
+            pluvio.sleep(0.01)
+            local pf = io.open(portfile)
+            if pf then port = tonumber(pf:read("*a")); pf:close() end
+        until port or pluvio.now() > deadline
+        assert(port, "the server did not start")
+        return { pid = pid, port = port, script = script, errfile = errfile }
+    end
+
+    local function stderr_of(s)
+        local f = io.open(s.errfile)
+        local e = f and f:read("*a") or ""
+        if f then f:close() end
+        return e
+    end
+
+    it("exchanges messages with a pluvio server process and shuts down cleanly", async(function()
+        local s = start_server(SERVER)
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local replies = w:am_stream(2)
+        local ep = assert(w:connect_socket("127.0.0.1", s.port))
+        for _, size in ipairs({ 8, 4096, 65536, 1048576 }) do
+            assert(ep:am_send(1, "data", payload(size, size), true))
+            local r = assert(replies:wait_msg())
+            assert.equal(tostring(size), r.header)
+            r:release()
+        end
+        assert(ep:am_send(1, "bye", "", true))
+        assert.equal("bye", assert(replies:wait_msg()).header)
+        pluvio.sleep(0.2)
+        ep:close(); w:close(); ctx:close()
+        assert.equal("", stderr_of(s))
+    end))
+
+    it("fails sends within a second when the peer is killed mid-stream", async(function()
+        local s = start_server(SERVER)
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local replies = w:am_stream(2)
+        local ep = assert(w:connect_socket("127.0.0.1", s.port))
+        assert(ep:am_send(1, "data", "x", true))
+        assert(replies:wait_msg())
+        os.execute("kill -9 " .. s.pid)
+        local t0 = pluvio.now()
+        local failed_at
+        for _ = 1, 10000 do
+            local ok = ep:am_send(1, "data", payload(65536, 1), false)
+            if not ok then failed_at = pluvio.now(); break end
+            pluvio.sleep(0.001)
+        end
+        assert.is_number(failed_at, "sends kept succeeding after the peer died")
+        assert.is_true(failed_at - t0 < 1.5, "took " .. (failed_at - t0) .. " s")
+        local ok, err = ep:status()
+        assert.is_nil(ok)
+        assert.matches("endpoint to 127%.0%.0%.1:%d+: E", err)
+        local sent, err2 = ep:am_send(1, "after", "x")
+        assert.is_nil(sent)
+        assert.matches("^am_send to 127%.0%.0%.1:%d+: E", err2)
+        -- the reply stream was fed only by that peer: it does not hang
+        local m, err3 = replies:wait_msg()
+        assert.is_nil(m)
+        assert.matches("no peer can send", err3)
+        ep:close(); w:close(); ctx:close()
+    end))
+end)
+
+describe("UCX and the runtime", function()
+    it("idles in the kernel with an open listener", function()
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w = assert(ctx:create_worker())
+            local l = assert(w:create_listener("127.0.0.1", 0))
+            local c0 = os.clock()
+            pluvio.sleep(0.5)
+            print(os.clock() - c0)
+            l:close(); w:close(); ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        assert.is_true(tonumber(out) < 0.05, "cpu seconds " .. out)
+    end)
+
+    it("shuts down without UCX warnings when objects are left to the garbage collector", function()
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local sw = assert(ctx:create_worker())
+            local cw = assert(ctx:create_worker())
+            local st = sw:am_stream(1)
+            local l = assert(sw:create_listener("127.0.0.1", 0))
+            pluvio.spawn(function() l:accept() end)
+            local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+            assert(ep:am_send(1, "h", "d"))
+            print("ok")
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("ok\n", out)
+        assert.equal("", err)
+    end)
+end)
