@@ -239,7 +239,7 @@ describe("UCX", function()
         assert.has_error(function() p.sw:am_stream(2, { windw = 3 }) end,
             'Worker:am_stream: unknown option "windw" (known: window)')
         assert.has_error(function() ucx.Context.new({ tls = "tcp" }) end,
-            'Context.new: unknown option "tls" (choose transports with the UCX_TLS environment variable)')
+            'Context.new: unknown option "tls" (known: wakeup; choose transports with the UCX_TLS environment variable)')
         close_pair(p)
         assert.has_error(function() ep:am_send(1, "", "") end, "Endpoint:am_send: the endpoint is closed")
         assert.has_error(function() p.sw:address() end, "Worker:address: the worker is closed")

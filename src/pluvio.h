@@ -322,7 +322,9 @@ typedef struct pl_ucx_stats {
     double progress_calls, wakeups, ops_in_flight, msgs_held, endpoints, failed_endpoints;
 } pl_ucx_stats_t;
 
-pl_ucx_context_t *pl_ucx_context_new(int *err);
+/* wakeup 1: workers can sleep in the kernel (transports with events: tcp);
+ * 0: busy-polled workers, but shared-memory transports become usable. */
+pl_ucx_context_t *pl_ucx_context_new(int wakeup, int *err);
 int pl_ucx_context_close(pl_ucx_context_t *c);
 /* For finalizers: close now, or as soon as the last worker is closed. */
 void pl_ucx_context_release(pl_ucx_context_t *c);
@@ -340,7 +342,9 @@ int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap);
 double pl_ucx_worker_max_am_header(pl_ucx_worker_t *w);
 void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out);
 
-int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len);
+/* peer_errors 1: UCP_ERR_HANDLING_MODE_PEER (failures reported, but UCX
+ * 1.13 then uses no shared-memory transport); 0: none (fastest lanes). */
+int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_errors);
 int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *ep_out,
                           uint32_t slot, uint32_t gen);
 int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port);
@@ -373,6 +377,23 @@ int pl_ucx_tag_send(pl_ucx_worker_t *w, int ep, uint64_t tag, const void *data, 
                     uint32_t slot, uint32_t gen);
 int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, size_t len,
                     uint32_t slot, uint32_t gen);
+
+/* Latency histogram (histogram.c): log-linear buckets, <= 0.4% error,
+ * constant memory, mergeable.  Values are seconds. */
+typedef struct pl_hist pl_hist_t;
+
+pl_hist_t *pl_hist_new(void);
+void pl_hist_free(pl_hist_t *h);
+void pl_hist_reset(pl_hist_t *h);
+void pl_hist_record(pl_hist_t *h, double seconds);
+double pl_hist_record_since(pl_hist_t *h, double start);
+void pl_hist_merge(pl_hist_t *into, const pl_hist_t *from);
+double pl_hist_count(const pl_hist_t *h);
+double pl_hist_min(const pl_hist_t *h);
+double pl_hist_max(const pl_hist_t *h);
+double pl_hist_mean(const pl_hist_t *h);
+double pl_hist_percentile(const pl_hist_t *h, double p);
+int pl_hist_buckets(const pl_hist_t *h, double *lower, double *counts, int max);
 
 const char *pl_strerror(int err);
 const char *pl_errname(int err);

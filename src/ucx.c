@@ -73,11 +73,11 @@ const char *pl_ucx_status_string(int err)
 
 /* ---- context ------------------------------------------------------------- */
 
-pl_ucx_context_t *pl_ucx_context_new(int *err)
+pl_ucx_context_t *pl_ucx_context_new(int wakeup, int *err)
 {
     ucp_params_t params = {
         .field_mask = UCP_PARAM_FIELD_FEATURES,
-        .features = UCP_FEATURE_AM | UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP,
+        .features = UCP_FEATURE_AM | UCP_FEATURE_TAG | (wakeup ? UCP_FEATURE_WAKEUP : 0),
     };
     ucp_context_attr_t attr = { .field_mask = UCP_ATTR_FIELD_REQUEST_SIZE };
     pl_ucx_context_t *c = calloc(1, sizeof(*c));
@@ -103,6 +103,7 @@ pl_ucx_context_t *pl_ucx_context_new(int *err)
         return NULL;
     }
     c->request_size = attr.request_size;
+    c->wakeup = wakeup != 0;
     return c;
 }
 
@@ -291,8 +292,9 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     w->free_op = UCX_NONE;
     w->free_msg = UCX_NONE;
     w->op_stride = (c->request_size + sizeof(struct ucx_op) + 15) & ~(size_t)15;
+    w->efd = -1;
     st = ucp_worker_create(c->ucp, &params, &w->ucp);
-    if (st == UCS_OK)
+    if (st == UCS_OK && c->wakeup)
         st = ucp_worker_get_efd(w->ucp, &w->efd);
     if (st == UCS_OK)
         st = ucp_worker_query(w->ucp, &attr);
@@ -436,13 +438,13 @@ bool ucx_worker_has_peers(pl_ucx_worker_t *w)
     return false;
 }
 
-int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len)
+int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_errors)
 {
     ucp_ep_params_t p = {
         .field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLER |
                       UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE,
         .address = addr,
-        .err_mode = UCP_ERR_HANDLING_MODE_PEER,
+        .err_mode = peer_errors ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE,
         .err_handler = { .cb = ep_error, .arg = w },
     };
     ucp_ep_h ep;
@@ -813,9 +815,15 @@ static int ucx_status(pl_reactor_t *self)
     return PL_REACTOR_IDLE;
 }
 
+/* A busy worker without an event fd (no wakeup) means: busy-poll. */
 static int ucx_wait_fd(pl_reactor_t *self)
 {
-    return ((pl_ucx_reactor_t *)self)->epfd;
+    pl_ucx_reactor_t *r = (pl_ucx_reactor_t *)self;
+
+    for (int i = 0; i < r->nworkers; i++)
+        if (r->workers[i]->efd < 0 && worker_busy(r->workers[i]))
+            return -1;
+    return r->epfd;
 }
 
 /* Arm every worker; BUSY means events are pending: progress first. */
@@ -826,8 +834,8 @@ static int ucx_arm(pl_reactor_t *self)
     for (int i = 0; i < r->nworkers; i++) {
         pl_ucx_worker_t *w = r->workers[i];
         ucs_status_t st;
-        if (w->in_flight == 0 && ucx_worker_over_window(w))
-            continue;           /* paused: its events wait for the reader */
+        if (w->efd < 0 || (w->in_flight == 0 && ucx_worker_over_window(w)))
+            continue;           /* polled, or paused: its events wait for the reader */
         st = ucp_worker_arm(w->ucp);
         if (st == UCS_ERR_BUSY)
             return -EAGAIN;
@@ -901,7 +909,7 @@ int pl_ucx_reactor_add_worker(pl_ucx_reactor_t *r, pl_ucx_worker_t *w)
             return 0;
     if (r->nworkers == UCX_MAX_WORKERS)
         return -EMFILE;
-    if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, w->efd, &ev) < 0)
+    if (w->efd >= 0 && epoll_ctl(r->epfd, EPOLL_CTL_ADD, w->efd, &ev) < 0)
         return -errno;
     r->workers[r->nworkers++] = w;
     w->rt = r->rt;
@@ -913,7 +921,8 @@ static void reactor_remove_worker(pl_ucx_reactor_t *r, pl_ucx_worker_t *w)
 {
     for (int i = 0; i < r->nworkers; i++) {
         if (r->workers[i] == w) {
-            epoll_ctl(r->epfd, EPOLL_CTL_DEL, w->efd, NULL);
+            if (w->efd >= 0)
+                epoll_ctl(r->epfd, EPOLL_CTL_DEL, w->efd, NULL);
             r->workers[i] = r->workers[--r->nworkers];
             return;
         }

@@ -217,12 +217,16 @@ void ucx_streams_wake_all(pl_ucx_worker_t *w)
 
 bool ucx_worker_over_window(pl_ucx_worker_t *w)
 {
-    for (unsigned id = 0; id < UCX_MAX_STREAMS; id++) {
-        struct ucx_stream *s = stream_get(w, id);
-        if (s && s->len >= s->window)
-            return true;
-    }
-    return false;
+    return w->streams_full > 0;
+}
+
+/* Keep streams_full in step with a stream's length crossing its window. */
+static void stream_len_changed(struct ucx_stream *s, uint32_t before)
+{
+    bool was = before >= s->window, is = s->len >= s->window;
+
+    if (was != is)
+        s->w->streams_full += is ? 1 : -1;
 }
 
 /* The AM callback: hold the message, wake one reader. */
@@ -258,6 +262,7 @@ static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len,
         w->msgs[s->tail].next = (uint32_t)i;
     s->tail = (uint32_t)i;
     s->len++;
+    stream_len_changed(s, s->len - 1);
     w->stats.am_received++;
     w->stats.am_bytes_received += (double)length;
     if (m->rndv)
@@ -314,6 +319,7 @@ static void stream_free(pl_ucx_worker_t *w, struct ucx_stream *s)
         uint32_t i = s->head;
         s->head = w->msgs[i].next;
         s->len--;
+        stream_len_changed(s, s->len + 1);
         msg_free(w, &w->msgs[i]);
     }
     stream_wake_all(s);
@@ -379,6 +385,7 @@ int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t 
     i = s->head;
     s->head = w->msgs[i].next;
     s->len--;
+    stream_len_changed(s, s->len + 1);
     if (s->len > 0)
         stream_wake_one(s);     /* more held: the next reader may go on */
     return msg_handle(w, i);

@@ -22,6 +22,7 @@ struct pl_ucx_context {
     size_t request_size;    /* bytes UCX keeps in front of each request */
     int workers;            /* live workers: the context outlives them */
     bool released;          /* its owner let go: free with the last worker */
+    bool wakeup;            /* workers have event fds (UCP_FEATURE_WAKEUP) */
 };
 
 enum ucx_op_state { UOP_FREE, UOP_IN_FLIGHT, UOP_DONE, UOP_ABANDONED };
@@ -105,6 +106,7 @@ struct pl_ucx_worker {
     pl_runtime_t *rt;       /* runtime of the reactor progressing it */
     struct pl_ucx_reactor *reactor;     /* progressing it, or NULL */
     bool address_shared;    /* anyone holding address() may send to it */
+    int streams_full;       /* streams holding their window: progress pauses */
     size_t max_am_header;
 
     struct ucx_ep eps[UCX_MAX_ENDPOINTS];

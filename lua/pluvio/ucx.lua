@@ -131,18 +131,30 @@ local Message = {}
 Message.__index = Message
 M.Message = Message
 
--- Context.new([opts]): a UCX context (AM, tags, wake-ups).  Transports and
--- devices come from UCX's environment (UCX_TLS, UCX_NET_DEVICES).
+-- Context.new([opts]): a UCX context (AM, tags).  opts.wakeup (default
+-- true): workers sleep in the kernel when idle, which in UCX 1.13 limits
+-- them to transports with events (tcp); false: workers are busy-polled
+-- while they have peers, and shared memory becomes usable (lowest
+-- latency, one core).  Transports and devices otherwise come from UCX's
+-- environment (UCX_TLS, UCX_NET_DEVICES).
 function Context.new(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("Context.new: options must be a table (got " .. type(opts) .. ")", 2)
     end
-    for k in pairs(opts or {}) do
-        error("Context.new: unknown option " .. check.show(k) ..
-              " (choose transports with the UCX_TLS environment variable)", 2)
+    local wakeup = true
+    for k, v in pairs(opts or {}) do
+        if k == "wakeup" then
+            if type(v) ~= "boolean" then
+                error("Context.new: wakeup must be a boolean (got " .. check.show(v) .. ")", 2)
+            end
+            wakeup = v
+        else
+            error("Context.new: unknown option " .. check.show(k) ..
+                  " (known: wakeup; choose transports with the UCX_TLS environment variable)", 2)
+        end
     end
     local err = ffi.new("int[1]")
-    local c = C.pl_ucx_context_new(err)
+    local c = C.pl_ucx_context_new(wakeup and 1 or 0, err)
     if c == nil then
         return nil, "Context.new: cannot initialise UCX: " .. errstr(err[0])
     end
@@ -263,14 +275,33 @@ local function new_endpoint(w, h, peer)
     return ep
 end
 
--- connect_addr(addr): an endpoint to the worker whose address() is addr.
-function Worker:connect_addr(addr)
+-- connect_addr(addr[, {peer_errors = false}]): an endpoint to the worker
+-- whose address() is addr.  peer_errors = true reports a failed peer
+-- (UCP_ERR_HANDLING_MODE_PEER), but UCX 1.13 then uses no shared-memory
+-- transport; by default the fastest transports are used and a peer's
+-- failure is not detected (use connect_socket for that).
+function Worker:connect_addr(addr, opts)
     live_worker("Worker:connect_addr", self)
     check.string("Worker:connect_addr", "addr", addr)
     if #addr == 0 then
         error("Worker:connect_addr: addr must be a worker address from Worker:address() (got \"\")", 2)
     end
-    local h = C.pl_ucx_connect_addr(self.w, addr, #addr)
+    local peer_errors = false
+    if opts ~= nil then
+        if type(opts) ~= "table" then
+            error("Worker:connect_addr: options must be a table (got " .. type(opts) .. ")", 2)
+        end
+        for k, v in pairs(opts) do
+            if k ~= "peer_errors" then
+                error("Worker:connect_addr: unknown option " .. check.show(k) .. " (known: peer_errors)", 2)
+            end
+            if type(v) ~= "boolean" then
+                error("Worker:connect_addr: peer_errors must be a boolean (got " .. check.show(v) .. ")", 2)
+            end
+            peer_errors = v
+        end
+    end
+    local h = C.pl_ucx_connect_addr(self.w, addr, #addr, peer_errors and 1 or 0)
     if h < 0 then
         return nil, "connect_addr: " .. errstr(h), errname(h)
     end

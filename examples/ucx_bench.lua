@@ -1,0 +1,311 @@
+-- ucx_bench.lua: Active Message latency (ping-pong) and windowed bandwidth
+-- over UCX, reported like ucx_perftest.  Runs as a server and a client
+-- process (--server / --connect host:port) or both in one process
+-- (--loopback, the default).
+--
+-- It counts what it measures: after each bandwidth run the receiver reports
+-- how many messages and bytes it got, and the run fails if that differs
+-- from what the sender sent.
+--
+--   pluvio examples/ucx_bench.lua --loopback --sizes 8,4k,64k,1m
+--   pluvio examples/ucx_bench.lua --server --port 13337 &
+--   pluvio examples/ucx_bench.lua --connect 127.0.0.1:13337
+local pluvio = require "pluvio"
+local ucx = require "pluvio.ucx"
+local bench = require "pluvio.bench"
+
+local spec = {
+    name = "ucx_bench",
+    usage = "usage: pluvio examples/ucx_bench.lua [--loopback | --server | --connect HOST:PORT] [options]\n" ..
+            "Active Message ping-pong latency and windowed bandwidth over UCX.",
+    options = {
+        { "loopback", "flag", false, "server and client in this process (default when neither --server nor --connect)" },
+        { "server", "flag", false, "serve clients until one says goodbye" },
+        { "connect", "string", nil, "HOST:PORT of a --server" },
+        { "host", "string", "127.0.0.1", "address the server listens on" },
+        { "port", "integer", 0, "port the server listens on (0: any; printed)" },
+        { "test", "string", "both", "lat, bw or both" },
+        { "transport", "string", "address", "address: exchange worker addresses over the socket and use\n" ..
+          "                           the fastest lanes (shared memory), as ucx_perftest does;\n" ..
+          "                           socket: use the listener's connection (tcp, peer failures detected)" },
+        { "sizes", "list", { 8, 4096, 65536, 1048576 }, "message sizes" },
+        { "iters", "integer", 2000, "messages per size (bandwidth) and round trips (latency)" },
+        { "warmup", "integer", 100, "untimed round trips / messages first" },
+        { "window", "integer", 32, "sends in flight (bandwidth)" },
+        { "proto", "string", nil, "eager or rndv (default: UCX chooses)" },
+        { "spin", "number", 0, "busy-poll this many seconds before sleeping (latency; like ucx_perftest)" },
+        { "no-wakeup", "flag", false, "busy-polled workers: shared-memory transports usable (as ucx_perftest)" },
+        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
+        { "quiet", "flag", false, "no progress line" },
+    },
+}
+
+local o = bench.parse_args(spec, arg)
+
+local function fail(msg)
+    io.stderr:write("ucx_bench: ", msg, "\n")
+    os.exit(2)
+end
+
+if o.test ~= "lat" and o.test ~= "bw" and o.test ~= "both" then fail("--test must be lat, bw or both (got " .. o.test .. ")") end
+if o.proto and o.proto ~= "eager" and o.proto ~= "rndv" then fail("--proto must be eager or rndv (got " .. o.proto .. ")") end
+if o.iters < 1 then fail("--iters must be >= 1") end
+if o.window < 1 or o.window > 4096 then fail("--window must be from 1 to 4096") end
+if o.warmup < 0 then fail("--warmup must be >= 0") end
+for _, s in ipairs(o.sizes) do
+    if s < 0 or s > 1073741824 then fail("--sizes must be from 0 to 1g") end
+end
+local roles = (o.server and 1 or 0) + (o.connect and 1 or 0) + (o.loopback and 1 or 0)
+if roles > 1 then fail("choose one of --loopback, --server and --connect") end
+local connect_host, connect_port
+if o.connect then
+    connect_host, connect_port = o.connect:match("^%[?([^%]]+)%]?:(%d+)$")
+    connect_port = tonumber(connect_port)
+    if not connect_host or not connect_port or connect_port > 65535 then
+        fail("--connect must be HOST:PORT (got " .. o.connect .. ")")
+    end
+end
+
+if o.transport ~= "address" and o.transport ~= "socket" then
+    fail("--transport must be address or socket (got " .. o.transport .. ")")
+end
+
+-- AM ids of the protocol.
+local PING, PONG, DATA, DONE, COUNT, ADDR, ADDR_REPLY = 10, 11, 12, 13, 14, 16, 17
+
+---------------------------------------------------------------------------
+-- Server: answers pings, counts data, reports counts, stops on BYE.
+---------------------------------------------------------------------------
+
+local function serve_connection(w, ep, streams)
+    local counts = {}            -- size -> { msgs, bytes }
+    local ping_task = pluvio.spawn_named("pong", function()
+        while true do
+            local m = streams.ping:wait_msg()
+            if not m then return end
+            local d = m:data()
+            assert(ep:am_send(PONG, "", d, false, o.proto))
+        end
+    end)
+    local data_task = pluvio.spawn_named("sink", function()
+        while true do
+            local m = streams.data:wait_msg()
+            if not m then return end
+            local size = m:data_len()
+            local c = counts[size] or { 0, 0 }
+            counts[size] = c
+            m:data()             -- take it (rendezvous data is pulled)
+            c[1] = c[1] + 1
+            c[2] = c[2] + size
+        end
+    end)
+    while true do
+        local m = streams.done:wait_msg()
+        if not m then break end
+        local size, want = m.header:match("^(%d+) (%d+)$")
+        m:release()
+        if m.header == "bye" or not size then break end
+        size, want = tonumber(size), tonumber(want)
+        -- DONE says how many were sent; the sink may still be taking them
+        -- (pulling rendezvous data): wait, bounded, then report what it got
+        local deadline = pluvio.now() + 10
+        while (counts[size] or { 0 })[1] < want and pluvio.now() < deadline do pluvio.sleep(0.0005) end
+        local c = counts[size] or { 0, 0 }
+        assert(ep:am_send(COUNT, ("%d %d %d"):format(size, c[1], c[2]), ""))
+        counts[size] = nil
+    end
+    ping_task:kill()
+    data_task:kill()
+end
+
+local function open_streams(w)
+    return {
+        ping = w:am_stream(PING, { window = 256 }), data = w:am_stream(DATA, { window = 1024 }),
+        done = w:am_stream(DONE), pong = w:am_stream(PONG, { window = 256 }),
+        count = w:am_stream(COUNT), addr = w:am_stream(ADDR), addr_reply = w:am_stream(ADDR_REPLY),
+    }
+end
+
+-- With --transport address the peers swap worker addresses over the socket
+-- connection and talk over address endpoints (shared memory when both are
+-- on one machine).  Returns the endpoint to use for the benchmark.
+local function client_data_ep(w, streams, ctrl)
+    if o.transport == "socket" then
+        return ctrl
+    end
+    assert(ctrl:am_send(ADDR, "", assert(w:address())))
+    local m = assert(streams.addr_reply:wait_msg())
+    return assert(w:connect_addr(m:data()))
+end
+
+local function server_data_ep(w, streams, ctrl)
+    if o.transport == "socket" then
+        return ctrl
+    end
+    local m = assert(streams.addr:wait_msg())
+    local back = assert(w:connect_addr(m:data()))
+    assert(ctrl:am_send(ADDR_REPLY, "", assert(w:address())))
+    return back
+end
+
+---------------------------------------------------------------------------
+-- Client
+---------------------------------------------------------------------------
+
+local function measure_latency(ep, streams, size, progress)
+    local data = string.rep("p", size)
+    local hist = bench.Histogram.new()
+    for i = 1, o.warmup + o.iters do
+        local t0 = pluvio.now()
+        assert(ep:am_send(PING, "", data, false, o.proto))
+        local m = assert(streams.pong:wait_msg())
+        m:release()
+        if i > o.warmup then
+            hist:record((pluvio.now() - t0) / 2)     -- one way, as ucx_perftest reports it
+        end
+        if i % 256 == 0 then progress:update(("latency %s: %d/%d"):format(bench.human(size), i, o.iters)) end
+    end
+    return hist:summary()
+end
+
+local function measure_bandwidth(ep, streams, size, progress)
+    local data = string.rep("b", size)
+    local handles = {}
+    local sent = 0
+    local function send_n(n)
+        for _ = 1, n do
+            local slot = sent % o.window + 1
+            if handles[slot] then assert(handles[slot]:wait()) end
+            handles[slot] = ep:am_send_nb(DATA, "", data, false, o.proto)
+            sent = sent + 1
+        end
+    end
+    -- warm-up messages are counted by the receiver too
+    send_n(o.warmup)
+    local t0 = pluvio.now()
+    local chunk = 256
+    local left = o.iters
+    while left > 0 do
+        local n = math.min(chunk, left)
+        send_n(n)
+        left = left - n
+        progress:update(("bandwidth %s: %d/%d"):format(bench.human(size), o.iters - left, o.iters))
+    end
+    for i = 1, o.window do
+        if handles[i] then assert(handles[i]:wait()); handles[i] = nil end
+    end
+    -- the receiver's count, checked against ours
+    assert(ep:am_send(DONE, ("%d %d"):format(size, sent), ""))
+    local m = assert(streams.count:wait_msg())
+    local elapsed = pluvio.now() - t0
+    local rsize, rmsgs, rbytes = m.header:match("^(%d+) (%d+) (%d+)$")
+    m:release()
+    rmsgs, rbytes = tonumber(rmsgs), tonumber(rbytes)
+    if tonumber(rsize) ~= size or rmsgs ~= sent or rbytes ~= sent * size then
+        error(("ucx_bench: count mismatch at size %d: sent %d messages (%d bytes), the receiver got %s (%s bytes)")
+              :format(size, sent, sent * size, tostring(rmsgs), tostring(rbytes)), 0)
+    end
+    return { messages = o.iters, seconds = elapsed, mib_s = o.iters * size / elapsed / 1048576,
+             msgs_s = o.iters / elapsed, receiver_messages = rmsgs }
+end
+
+local function run_client(w, ep, streams)
+    local progress = bench.progress("ucx_bench", o.quiet)
+    local results = {}
+    for _, size in ipairs(o.sizes) do
+        local r = { size = size }
+        if o.test ~= "bw" then
+            r.lat = measure_latency(ep, streams, size, progress)
+        end
+        if o.test ~= "lat" then
+            r.bw = measure_bandwidth(ep, streams, size, progress)
+        end
+        results[#results + 1] = r
+    end
+    progress:done()
+    assert(ep:am_send(DONE, "bye", ""))
+    return results
+end
+
+local function report(results, mode)
+    io.write(("ucx_bench: %s, %d iterations, window %d%s\n"):format(mode, o.iters, o.window,
+        o.proto and (", proto " .. o.proto) or ""))
+    io.write(("%10s  %12s  %12s  %12s  %12s  %12s\n"):format("size", "lat p50", "lat p99", "lat mean", "MiB/s", "msgs/s"))
+    local json = { mode = mode, iters = o.iters, window = o.window, proto = o.proto, results = {} }
+    for _, r in ipairs(results) do
+        io.write(("%10s  %12s  %12s  %12s  %12s  %12s\n"):format(bench.human(r.size),
+            r.lat and bench.human(r.lat.p50, "s") or "-", r.lat and bench.human(r.lat.p99, "s") or "-",
+            r.lat and bench.human(r.lat.mean, "s") or "-", r.bw and ("%.1f"):format(r.bw.mib_s) or "-",
+            r.bw and bench.human(r.bw.msgs_s) or "-"))
+        json.results[#json.results + 1] = {
+            size = r.size,
+            lat_us = r.lat and { p50 = r.lat.p50 * 1e6, p99 = r.lat.p99 * 1e6, mean = r.lat.mean * 1e6,
+                                 min = r.lat.min * 1e6, max = r.lat.max * 1e6, count = r.lat.count } or nil,
+            bw = r.bw,
+        }
+    end
+    if o.json then
+        local text = bench.json(json) .. "\n"
+        if o.json == "-" then io.write(text) else
+            local f = assert(io.open(o.json, "w")); f:write(text); f:close()
+        end
+    end
+end
+
+---------------------------------------------------------------------------
+
+if o.spin < 0 or o.spin > 10 then fail("--spin must be from 0 to 10 seconds") end
+if o.spin > 0 then pluvio.runtime():set_spin(o.spin) end
+
+local ctx = assert(ucx.Context.new { wakeup = not o.no_wakeup })
+
+if o.server then
+    local w = assert(ctx:create_worker())
+    local streams = open_streams(w)
+    local l, err = w:create_listener(o.host, o.port)
+    if not l then fail(err) end
+    io.write(("ucx_bench: listening on %s:%d\n"):format(o.host, l:port()))
+    io.stdout:flush()
+    local ctrl = assert(l:accept())
+    l:close()
+    local ep = server_data_ep(w, streams, ctrl)
+    serve_connection(w, ep, streams)
+    pluvio.sleep(0.05)
+    if ep ~= ctrl then ep:close() end
+    ctrl:close()
+    w:close()
+elseif o.connect then
+    local w = assert(ctx:create_worker())
+    local streams = open_streams(w)
+    local ctrl, err = w:connect_socket(connect_host, connect_port)
+    if not ctrl then fail(err) end
+    local ep = client_data_ep(w, streams, ctrl)
+    local results = run_client(w, ep, streams)
+    report(results, "client of " .. o.connect .. " (" .. o.transport .. ")")
+    if ep ~= ctrl then ep:close() end
+    ctrl:close()
+    w:close()
+else
+    local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+    local sstreams, cstreams = open_streams(sw), open_streams(cw)
+    local l = assert(sw:create_listener("127.0.0.1", 0))
+    local server = pluvio.spawn_named("server", function()
+        local ctrl = assert(l:accept())
+        l:close()
+        local ep = server_data_ep(sw, sstreams, ctrl)
+        serve_connection(sw, ep, sstreams)
+        return ep, ctrl
+    end)
+    local ctrl = assert(cw:connect_socket("127.0.0.1", l:port()))
+    local ep = client_data_ep(cw, cstreams, ctrl)
+    local results = run_client(cw, ep, cstreams)
+    local sep, sctrl = server:join()
+    report(results, "loopback (" .. o.transport .. ")")
+    if ep ~= ctrl then ep:close() end
+    ctrl:close()
+    if sep and sep ~= sctrl then sep:close() end
+    if sctrl then sctrl:close() end
+    cw:close()
+    sw:close()
+end
+ctx:close()

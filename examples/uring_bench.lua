@@ -1,0 +1,260 @@
+-- uring_bench.lua: file I/O benchmark on Pluvio's io_uring reactor, a small
+-- fio.  iodepth tasks each keep one operation in flight; latencies go into
+-- one histogram; the report gives IOPS, MiB/s, latency percentiles, ops per
+-- io_uring_enter and CPU time, as a table and (--json) as JSON.
+--
+--   pluvio examples/uring_bench.lua --rw randread --bs 4k --iodepth 32 --runtime 5
+local pluvio = require "pluvio"
+local uring = require "pluvio.uring"
+local bench = require "pluvio.bench"
+
+local spec = {
+    name = "uring_bench",
+    usage = "usage: pluvio examples/uring_bench.lua [options]\n" ..
+            "File I/O through Pluvio's io_uring reactor, reported like fio.",
+    options = {
+        { "rw", "string", "randread", "read, write, randread, randwrite or rw (random 50/50)" },
+        { "bs", "size", 4096, "block size (4096, 4k, 1m)" },
+        { "size", "size", 64 * 1048576, "file size; the file is created (patterned) if shorter" },
+        { "iodepth", "integer", 32, "concurrent tasks, one operation in flight each" },
+        { "direct", "flag", false, "O_DIRECT (DmaFile)" },
+        { "fixed", "flag", false, "registered buffers (read_fixed / write_fixed)" },
+        { "runtime", "number", 0, "seconds to run (0: transfer --bytes)" },
+        { "bytes", "size", 0, "bytes to transfer (default: --size)" },
+        { "file", "string", nil, "file to use (default: a temporary file, removed after)" },
+        { "verify", "flag", false, "write a pattern, read it back and check every block" },
+        { "fsync-every", "integer", 0, "fsync after this many writes (0: never)" },
+        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
+        { "plot", "string", nil, "write latency and throughput plots to this SVG file" },
+        { "quiet", "flag", false, "no progress line" },
+        { "seed", "integer", 42, "seed of the offsets and the data pattern" },
+    },
+}
+
+local o = bench.parse_args(spec, arg)
+
+local function fail(msg)
+    io.stderr:write("uring_bench: ", msg, "\n")
+    os.exit(2)
+end
+
+local modes = { read = true, write = true, randread = true, randwrite = true, rw = true }
+if not modes[o.rw] then fail("--rw must be read, write, randread, randwrite or rw (got " .. o.rw .. ")") end
+if o.bs <= 0 then fail("--bs must be > 0 (got " .. o.bs .. ")") end
+if o.bs > 1073741824 then fail("--bs must be at most 1g") end
+if o.iodepth < 1 or o.iodepth > 4096 then fail("--iodepth must be from 1 to 4096 (got " .. o.iodepth .. ")") end
+if o.size < o.bs then fail("--size must be at least --bs") end
+if o.size % o.bs ~= 0 then fail(("--size %d is not a multiple of --bs %d"):format(o.size, o.bs)) end
+if o.direct and o.bs % 512 ~= 0 then
+    fail(("--bs %d with --direct: O_DIRECT needs a multiple of the device block size (512 or 4096)"):format(o.bs))
+end
+if o.runtime < 0 then fail("--runtime must be >= 0") end
+if o.fsync_every < 0 then fail("--fsync-every must be >= 0") end
+
+local writes = o.rw == "write" or o.rw == "randwrite" or o.rw == "rw"
+local random = o.rw:match("^rand") ~= nil or o.rw == "rw"
+local nblocks = math.floor(o.size / o.bs)
+local total_bytes = o.bytes > 0 and o.bytes or o.size
+local total_ops = math.max(1, math.floor(total_bytes / o.bs))
+local temp = o.file == nil
+local path = o.file or (os.tmpname() .. ".uring_bench")
+
+-- One reactor sized for the run: a registered buffer per task.
+local rt = pluvio.runtime()
+local reactor = uring.reactor {
+    queue_size = math.max(64, math.min(4096, o.iodepth * 2)),
+    buffer_size = math.ceil(o.bs / 4096) * 4096,
+    buffer_count = o.iodepth + 2,
+    submit_depth = math.max(1, o.iodepth),
+}
+rt:register_reactor("uring_bench", reactor)
+
+-- Make sure the file holds --size bytes of the pattern (for reads and verify).
+local function prepare()
+    local st = uring.statx(path)
+    if st and st.size >= o.size and not (o.verify and writes == false and temp) then
+        return false
+    end
+    local f = assert(uring.File.open(path, st and "r+" or "w+"))
+    local buf = f:acquire_buffer()
+    local chunk = buf:size() - buf:size() % o.bs
+    local off = 0
+    while off < o.size do
+        local n = math.min(chunk, o.size - off)
+        buf:fill_pattern(o.seed, off, n)
+        assert(f:write_fixed(buf, off, n))
+        off = off + n
+    end
+    buf:release()
+    assert(f:fsync())
+    f:close()
+    return true
+end
+
+if not writes or o.verify or temp then
+    prepare()
+end
+
+local open = o.direct and uring.DmaFile.open or uring.File.open
+local f, err = open(path, writes and "r+" or "r")
+if not f then fail(err) end
+
+local hist = bench.Histogram.new()
+local progress = bench.progress("uring_bench " .. o.rw, o.quiet)
+local started, done_ops, done_bytes, writes_since_sync = pluvio.now(), 0, 0, 0
+local deadline = o.runtime > 0 and started + o.runtime or math.huge
+local bad_blocks, checked_blocks = 0, 0
+local series, last_t, last_bytes = {}, started, 0
+
+local claimed = 0      -- operations handed out so far (all tasks)
+
+-- The next operation's block, or nil when the run is over.
+local function claim()
+    if o.runtime > 0 then
+        if pluvio.now() >= deadline then return nil end
+    elseif claimed >= total_ops then
+        return nil
+    end
+    claimed = claimed + 1
+    if random then
+        return math.random(0, nblocks - 1)
+    end
+    return (claimed - 1) % nblocks
+end
+
+-- Each worker task keeps one operation in flight.
+local function worker(id)
+    math.randomseed(o.seed * 1000 + id)
+    local buf = o.fixed and reactor:acquire_buffer() or nil
+    local expect = o.verify and reactor:acquire_buffer() or nil
+    local t = pluvio.now()
+    while true do
+        local block = claim()
+        if not block then break end
+        local off = block * o.bs
+        local is_write = writes and (o.rw ~= "rw" or math.random() < 0.5)
+        local ok, e
+        if is_write then
+            if buf then
+                buf:fill_pattern(o.seed, off, o.bs)
+                ok, e = f:write_fixed(buf, off, o.bs)
+            elseif expect then
+                ok, e = f:write(off, expect:fill_pattern(o.seed, off, o.bs):tostring(o.bs))
+            else
+                ok, e = f:write(off, string.rep("w", o.bs))
+            end
+        elseif buf then
+            ok, e = f:read_fixed(buf, off, o.bs)
+        else
+            ok, e = f:read(off, o.bs)
+        end
+        if not ok then error(e, 0) end
+        t = hist:record_since(t)
+        done_ops = done_ops + 1
+        done_bytes = done_bytes + o.bs
+        if expect and not is_write then
+            expect:fill_pattern(o.seed, off, o.bs)
+            local good
+            if buf then
+                good = buf:checksum(o.bs) == expect:checksum(o.bs)
+            else
+                good = ok == expect:tostring(o.bs)
+            end
+            checked_blocks = checked_blocks + 1
+            if not good then bad_blocks = bad_blocks + 1 end
+        end
+        if is_write and o.fsync_every > 0 then
+            writes_since_sync = writes_since_sync + 1
+            if writes_since_sync >= o.fsync_every then
+                writes_since_sync = 0
+                assert(f:fsync())
+            end
+        end
+        if t - last_t >= 0.1 then
+            series[#series + 1] = { t - started, (done_bytes - last_bytes) / (t - last_t) / 1048576 }
+            last_t, last_bytes = t, done_bytes
+            progress:update(("%s ops, %.0f MiB/s"):format(bench.human(done_ops),
+                                                          done_bytes / (t - started) / 1048576))
+        end
+    end
+    if buf then buf:release() end
+    if expect then expect:release() end
+end
+
+local s0 = reactor:stats()
+local cpu0 = bench.cpu_time()
+local tasks = {}
+for i = 1, o.iodepth do
+    tasks[i] = pluvio.spawn_named("io-" .. i, worker, i)
+end
+for i = 1, o.iodepth do
+    local ok, e = tasks[i]:join()
+    if ok == nil and e then error(e, 0) end
+end
+local elapsed = pluvio.now() - started
+local cpu = bench.cpu_time() - cpu0
+local s1 = reactor:stats()
+progress:done()
+
+-- --verify after writing: read every block back and check it.
+if o.verify and writes then
+    local verifier = pluvio.spawn(function()
+        local buf, expect = reactor:acquire_buffer(), reactor:acquire_buffer()
+        -- only blocks written in this run carry the pattern for sure
+        for b = 0, nblocks - 1 do
+            local off = b * o.bs
+            assert(f:read_fixed(buf, off, o.bs))
+            expect:fill_pattern(o.seed, off, o.bs)
+            checked_blocks = checked_blocks + 1
+            if buf:checksum(o.bs) ~= expect:checksum(o.bs) then bad_blocks = bad_blocks + 1 end
+        end
+        buf:release(); expect:release()
+    end)
+    verifier:join()
+end
+f:close()
+if temp then uring.unlink(path) end
+
+local enters = s1.enters - s0.enters
+local lat = hist:summary()
+local result = {
+    rw = o.rw, bs = o.bs, iodepth = o.iodepth, direct = o.direct, fixed = o.fixed,
+    ops = done_ops, bytes = done_bytes, seconds = elapsed,
+    iops = done_ops / elapsed, mib_s = done_bytes / elapsed / 1048576,
+    lat_us = { min = lat.min * 1e6, mean = lat.mean * 1e6, p50 = lat.p50 * 1e6, p90 = lat.p90 * 1e6,
+               p99 = lat.p99 * 1e6, p99_9 = lat.p99_9 * 1e6, max = lat.max * 1e6 },
+    io_uring_enters = enters, ops_per_enter = enters > 0 and done_ops / enters or done_ops,
+    cpu_seconds = cpu, cpu_percent = cpu / elapsed * 100,
+    verify = o.verify and { checked = checked_blocks, bad = bad_blocks } or nil,
+}
+
+io.write(("uring_bench: %s bs=%s iodepth=%d%s%s, %s ops in %.2f s\n"):format(o.rw, bench.human(o.bs),
+    o.iodepth, o.direct and " direct" or "", o.fixed and " fixed" or "", bench.human(done_ops), elapsed))
+io.write(("  %-14s %12s\n"):format("IOPS", bench.human(result.iops)))
+io.write(("  %-14s %12.1f\n"):format("MiB/s", result.mib_s))
+for _, k in ipairs({ "min", "p50", "p90", "p99", "p99_9", "max" }) do
+    io.write(("  %-14s %12s\n"):format("lat " .. k:gsub("_", "."), bench.human(result.lat_us[k] / 1e6, "s")))
+end
+io.write(("  %-14s %12.1f\n"):format("ops/enter", result.ops_per_enter))
+io.write(("  %-14s %12s  (%.0f%% of one core)\n"):format("CPU", bench.human(cpu, "s"), result.cpu_percent))
+if result.verify then
+    io.write(("  %-14s %12s\n"):format("verify", ("%d blocks, %d bad"):format(checked_blocks, bad_blocks)))
+end
+if o.json then
+    local text = bench.json(result) .. "\n"
+    if o.json == "-" then
+        io.write(text)
+    else
+        local jf = assert(io.open(o.json, "w"))
+        jf:write(text)
+        jf:close()
+    end
+end
+if o.plot then
+    assert(bench.svg(o.plot, { title = "uring_bench " .. o.rw, histogram = hist, series = series,
+                               series_label = "MiB/s" }))
+end
+if bad_blocks > 0 then
+    io.stderr:write(("uring_bench: verify failed: %d of %d blocks differ\n"):format(bad_blocks, checked_blocks))
+    os.exit(1)
+end

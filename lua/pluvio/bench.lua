@@ -1,0 +1,390 @@
+-- pluvio.bench: what benchmark scenarios need: a latency histogram (in C:
+-- log-linear buckets, <= 0.4% error, constant memory, mergeable),
+-- command-line options with --help, a report printed as a table and as
+-- JSON with the same fields, a progress line, and an SVG plot.
+local core = require "pluvio.core"
+local check = require "pluvio.check"
+
+local ffi, C = core.ffi, core.C
+local format, type, tostring, pairs, ipairs = string.format, type, tostring, pairs, ipairs
+local floor = math.floor
+
+local M = {}
+
+ffi.cdef [[ int isatty(int fd); ]]
+
+---------------------------------------------------------------------------
+-- Histogram
+---------------------------------------------------------------------------
+
+local Histogram = {}
+Histogram.__index = Histogram
+M.Histogram = Histogram
+
+function Histogram.new()
+    local h = C.pl_hist_new()
+    if h == nil then
+        error("Histogram.new: out of memory", 2)
+    end
+    return setmetatable({ h = ffi.gc(h, C.pl_hist_free) }, Histogram)
+end
+
+-- record(seconds): one value (negative and NaN count as 0).
+function Histogram:record(seconds)
+    C.pl_hist_record(self.h, seconds)
+end
+
+-- record_since(start): record now - start and return now (one call per
+-- operation when timing back-to-back operations).
+function Histogram:record_since(start)
+    return C.pl_hist_record_since(self.h, start)
+end
+
+function Histogram:count() return C.pl_hist_count(self.h) end
+function Histogram:min() return C.pl_hist_min(self.h) end
+function Histogram:max() return C.pl_hist_max(self.h) end
+function Histogram:mean() return C.pl_hist_mean(self.h) end
+function Histogram:reset() C.pl_hist_reset(self.h) end
+
+-- percentile(p): p from 0 to 100.
+function Histogram:percentile(p)
+    check.number("Histogram:percentile", "p", p, 0, 100)
+    return C.pl_hist_percentile(self.h, p)
+end
+
+function Histogram:merge(other)
+    if getmetatable(other) ~= Histogram then
+        error("Histogram:merge: expected a histogram (got " .. type(other) .. ")", 2)
+    end
+    C.pl_hist_merge(self.h, other.h)
+    return self
+end
+
+-- summary(): count, min, mean, p50, p90, p99, p99_9, max (seconds).
+function Histogram:summary()
+    return {
+        count = self:count(), min = self:min(), mean = self:mean(),
+        p50 = self:percentile(50), p90 = self:percentile(90), p99 = self:percentile(99),
+        p99_9 = self:percentile(99.9), max = self:max(),
+    }
+end
+
+-- buckets(): non-empty buckets as { {lower_seconds, count}, ... }.
+function Histogram:buckets()
+    local n = 6000
+    local lower, counts = ffi.new("double[?]", n), ffi.new("double[?]", n)
+    local got = C.pl_hist_buckets(self.h, lower, counts, n)
+    local out = {}
+    for i = 0, got - 1 do
+        out[#out + 1] = { lower[i], counts[i] }
+    end
+    return out
+end
+
+---------------------------------------------------------------------------
+-- Options
+---------------------------------------------------------------------------
+
+-- Byte counts: "4k", "1m", "1g", "4096", "4KiB".
+function M.parse_size(s)
+    if type(s) == "number" then
+        return s
+    end
+    local num, unit = tostring(s):lower():match("^(%d+%.?%d*)%s*([kmgt]?)i?b?$")
+    if not num then
+        return nil
+    end
+    local mult = ({ [""] = 1, k = 1024, m = 1024 ^ 2, g = 1024 ^ 3, t = 1024 ^ 4 })[unit]
+    return floor(tonumber(num) * mult)
+end
+
+-- parse_args(spec, argv): spec = { usage = "...", options = { {name, kind,
+-- default, help}, ... } } with kind "string", "integer", "number",
+-- "size", "flag" or "list" (comma-separated sizes).  Returns the options
+-- table, or prints the help and exits 0 (--help), or prints a one-line
+-- error and exits 2.
+function M.parse_args(spec, argv)
+    local opts, by_name = {}, {}
+    for _, o in ipairs(spec.options) do
+        by_name[o[1]] = o
+        opts[o[1]:gsub("-", "_")] = o[3]
+    end
+    local function fail(msg)
+        io.stderr:write((spec.name or "bench"), ": ", msg, " (see --help)\n")
+        os.exit(2)
+    end
+    local i = 1
+    while argv[i] do
+        local a = argv[i]
+        if a == "--help" or a == "-h" then
+            io.stdout:write(M.help(spec))
+            os.exit(0)
+        end
+        local name, inline = a:match("^%-%-([%w%-]+)=(.*)$")
+        name = name or a:match("^%-%-([%w%-]+)$")
+        local o = name and by_name[name]
+        if not o then
+            fail("unknown option " .. a)
+        end
+        local key = name:gsub("-", "_")
+        if o[2] == "flag" then
+            opts[key] = true
+        else
+            local v = inline
+            if v == nil then
+                i = i + 1
+                v = argv[i]
+            end
+            if v == nil then
+                fail("--" .. name .. " needs a value")
+            end
+            if o[2] == "integer" or o[2] == "number" then
+                local n = tonumber(v)
+                if not n or (o[2] == "integer" and n % 1 ~= 0) then
+                    fail(format("--%s must be %s (got %s)", name, o[2] == "integer" and "an integer" or "a number", v))
+                end
+                v = n
+            elseif o[2] == "size" then
+                local n = M.parse_size(v)
+                if not n then
+                    fail(format("--%s must be a size like 4096, 4k, 1m or 1g (got %s)", name, v))
+                end
+                v = n
+            elseif o[2] == "list" then
+                local list = {}
+                for item in v:gmatch("[^,]+") do
+                    local n = M.parse_size(item)
+                    if not n then
+                        fail(format("--%s must be a comma-separated list of sizes (got %s)", name, v))
+                    end
+                    list[#list + 1] = n
+                end
+                v = list
+            end
+            opts[key] = v
+        end
+        i = i + 1
+    end
+    return opts
+end
+
+function M.help(spec)
+    local lines = { spec.usage or "", "", "options:" }
+    for _, o in ipairs(spec.options) do
+        local arg = o[2] == "flag" and "" or (" " .. o[2]:upper())
+        local default = o[3] ~= nil and o[3] ~= false and format(" (default %s)",
+            type(o[3]) == "table" and table.concat(o[3], ",") or tostring(o[3])) or ""
+        lines[#lines + 1] = format("  --%-22s %s%s", o[1] .. arg, o[4] or "", default)
+    end
+    lines[#lines + 1] = format("  --%-22s %s", "help", "print this help")
+    return table.concat(lines, "\n") .. "\n"
+end
+
+---------------------------------------------------------------------------
+-- JSON (enough for reports: tables, arrays, strings, numbers, booleans)
+---------------------------------------------------------------------------
+
+local function encode(v, out)
+    local t = type(v)
+    if t == "table" then
+        if #v > 0 or next(v) == nil then
+            out[#out + 1] = "["
+            for i, x in ipairs(v) do
+                if i > 1 then out[#out + 1] = "," end
+                encode(x, out)
+            end
+            out[#out + 1] = "]"
+        else
+            local keys = {}
+            for k in pairs(v) do keys[#keys + 1] = tostring(k) end
+            table.sort(keys)
+            out[#out + 1] = "{"
+            for i, k in ipairs(keys) do
+                if i > 1 then out[#out + 1] = "," end
+                encode(k, out)
+                out[#out + 1] = ":"
+                encode(v[k], out)
+            end
+            out[#out + 1] = "}"
+        end
+    elseif t == "string" then
+        out[#out + 1] = '"' .. v:gsub('[%c"\\]', function(c)
+            return ({ ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\t"] = "\\t" })[c]
+                or format("\\u%04x", c:byte())
+        end) .. '"'
+    elseif t == "number" then
+        if v ~= v or v == math.huge or v == -math.huge then
+            out[#out + 1] = "null"
+        elseif v == floor(v) and math.abs(v) < 2 ^ 53 then
+            out[#out + 1] = format("%d", v)
+        else
+            out[#out + 1] = format("%.9g", v)
+        end
+    elseif t == "boolean" then
+        out[#out + 1] = tostring(v)
+    elseif t == "cdata" then
+        out[#out + 1] = tostring(tonumber(v))
+    else
+        out[#out + 1] = "null"
+    end
+end
+
+function M.json(v)
+    local out = {}
+    encode(v, out)
+    return table.concat(out)
+end
+
+---------------------------------------------------------------------------
+-- Reports
+---------------------------------------------------------------------------
+
+-- Format a figure for people: 1234567 -> "1.23M", seconds -> "12.3 us".
+function M.human(v, unit)
+    if unit == "s" then
+        if v < 1e-6 then return format("%.0f ns", v * 1e9) end
+        if v < 1e-3 then return format("%.2f us", v * 1e6) end
+        if v < 1 then return format("%.2f ms", v * 1e3) end
+        return format("%.2f s", v)
+    end
+    local a = math.abs(v)
+    if a >= 1e9 then return format("%.2fG", v / 1e9) end
+    if a >= 1e6 then return format("%.2fM", v / 1e6) end
+    if a >= 1e4 then return format("%.1fk", v / 1e3) end
+    if a == floor(a) then return format("%d", v) end
+    return format("%.3g", v)
+end
+
+-- A table of rows: columns are the union of the rows' keys in order of
+-- first appearance (or cols).
+function M.table(rows, cols)
+    if not cols then
+        cols = {}
+        local seen = {}
+        for _, r in ipairs(rows) do
+            for _, k in ipairs(r.__order or {}) do
+                if not seen[k] then seen[k] = true; cols[#cols + 1] = k end
+            end
+        end
+    end
+    local widths, cells = {}, {}
+    for c, name in ipairs(cols) do widths[c] = #name end
+    for r, row in ipairs(rows) do
+        cells[r] = {}
+        for c, name in ipairs(cols) do
+            local v = row[name]
+            local s = v == nil and "-" or type(v) == "number" and M.human(v, row.__units and row.__units[name]) or tostring(v)
+            cells[r][c] = s
+            if #s > widths[c] then widths[c] = #s end
+        end
+    end
+    local out = {}
+    local line = {}
+    for c, name in ipairs(cols) do line[c] = format("%-" .. widths[c] .. "s", name) end
+    out[1] = table.concat(line, "  ")
+    for r = 1, #rows do
+        for c = 1, #cols do line[c] = format("%" .. widths[c] .. "s", cells[r][c]) end
+        out[#out + 1] = table.concat(line, "  ")
+    end
+    return table.concat(out, "\n") .. "\n"
+end
+
+---------------------------------------------------------------------------
+-- Progress on a terminal
+---------------------------------------------------------------------------
+
+local Progress = {}
+Progress.__index = Progress
+
+-- progress(label[, quiet]): a progress line on stderr, shown only on a
+-- terminal, after the first second, at most 4 times a second.
+function M.progress(label, quiet)
+    return setmetatable({ label = label, t0 = C.pl_now(), last = 0,
+                          on = not quiet and ffi.C.isatty(2) == 1, shown = false }, Progress)
+end
+
+function Progress:update(text)
+    if not self.on then return end
+    local now = C.pl_now()
+    if now - self.t0 < 1 or now - self.last < 0.25 then return end
+    self.last = now
+    self.shown = true
+    io.stderr:write(format("\r%s: %s  [%.0f s]\27[K", self.label, text, now - self.t0))
+end
+
+function Progress:done()
+    if self.shown then io.stderr:write("\r\27[K") end
+end
+
+---------------------------------------------------------------------------
+-- SVG: latency distribution and throughput over time, no dependency
+---------------------------------------------------------------------------
+
+local function svg_escape(s)
+    return (tostring(s):gsub("[<>&]", { ["<"] = "&lt;", [">"] = "&gt;", ["&"] = "&amp;" }))
+end
+
+-- svg(path, { title = ..., histogram = h, series = { {t, value}, ... },
+-- series_label = "MiB/s" }): two panels side by side.
+function M.svg(path, spec)
+    local W, H, pad = 960, 360, 50
+    local pw = (W - 3 * pad) / 2
+    local out = { format('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">', W, H),
+                  format('<rect width="%d" height="%d" fill="white"/>', W, H),
+                  format('<text x="%d" y="20" font-size="15">%s</text>', pad, svg_escape(spec.title or "pluvio benchmark")) }
+    local function axes(x0, title)
+        out[#out + 1] = format('<rect x="%g" y="%d" width="%g" height="%d" fill="none" stroke="#888"/>', x0, pad, pw, H - 2 * pad)
+        out[#out + 1] = format('<text x="%g" y="%d">%s</text>', x0, pad - 8, svg_escape(title))
+    end
+    -- latency: log-x CDF from the histogram buckets
+    axes(pad, "latency CDF (log time)")
+    local b = spec.histogram and spec.histogram:buckets() or {}
+    if #b > 0 then
+        local total = 0
+        for _, e in ipairs(b) do total = total + e[2] end
+        local lmin, lmax = math.log10(math.max(b[1][1], 1e-9)), math.log10(math.max(b[#b][1], 1e-9) * 1.01)
+        if lmax <= lmin then lmax = lmin + 1 end
+        local pts, acc = {}, 0
+        for _, e in ipairs(b) do
+            acc = acc + e[2]
+            local x = pad + (math.log10(math.max(e[1], 1e-9)) - lmin) / (lmax - lmin) * pw
+            local y = H - pad - acc / total * (H - 2 * pad)
+            pts[#pts + 1] = format("%.1f,%.1f", x, y)
+        end
+        out[#out + 1] = format('<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="%s"/>', table.concat(pts, " "))
+        out[#out + 1] = format('<text x="%d" y="%d">%s</text>', pad, H - pad + 16, M.human(10 ^ lmin, "s"))
+        out[#out + 1] = format('<text x="%g" y="%d" text-anchor="end">%s</text>', pad + pw, H - pad + 16, M.human(10 ^ lmax, "s"))
+    end
+    -- throughput over time
+    local x1 = 2 * pad + pw
+    axes(x1, "throughput over time" .. (spec.series_label and (" (" .. spec.series_label .. ")") or ""))
+    local s = spec.series or {}
+    if #s > 1 then
+        local tmax, vmax = s[#s][1], 0
+        for _, e in ipairs(s) do if e[2] > vmax then vmax = e[2] end end
+        if vmax <= 0 then vmax = 1 end
+        if tmax <= 0 then tmax = 1 end
+        local pts = {}
+        for _, e in ipairs(s) do
+            pts[#pts + 1] = format("%.1f,%.1f", x1 + e[1] / tmax * pw, H - pad - e[2] / vmax * (H - 2 * pad))
+        end
+        out[#out + 1] = format('<polyline fill="none" stroke="#d62728" stroke-width="2" points="%s"/>', table.concat(pts, " "))
+        out[#out + 1] = format('<text x="%g" y="%d">%s</text>', x1 - 4, pad + 4, M.human(vmax))
+        out[#out + 1] = format('<text x="%g" y="%d" text-anchor="end">%.1f s</text>', x1 + pw, H - pad + 16, tmax)
+    end
+    out[#out + 1] = "</svg>"
+    local f, err = io.open(path, "w")
+    if not f then
+        return nil, "svg: cannot write " .. path .. ": " .. tostring(err)
+    end
+    f:write(table.concat(out, "\n"), "\n")
+    f:close()
+    return true
+end
+
+-- CPU seconds used by this process (user + system).
+function M.cpu_time()
+    return os.clock()
+end
+
+return M
