@@ -27,6 +27,10 @@ HOST       = $(BUILD)/pluvio
 CDEF       = lua/pluvio/cdef.lua
 LUA_MODULES = $(wildcard lua/pluvio/*.lua)
 
+# Demos, benchmarks and specs keep UCX on loopback unless told otherwise.
+UCX_NET_DEVICES ?= lo
+export UCX_NET_DEVICES
+
 BUSTED      = busted --lua=luajit
 SPEC_FLAGS ?=
 
@@ -66,8 +70,8 @@ asan-test: ## run the specs with the C core under AddressSanitizer + UBSan
 	$(MAKE) BUILD=build-asan SANITIZE="-fsanitize=address,undefined -fno-omit-frame-pointer" all
 	@PLUVIO_BUILD=build-asan spec/run $(SPEC_FLAGS)
 
-demo: check-deps all ## build and run the demo scenario
-	$(HOST) examples/demo.lua
+demo: check-deps all ## build, then stream a file through io_uring and UCX and verify it
+	$(HOST) examples/pipeline.lua
 
 bench: all ## run the benchmarks
 	$(HOST) examples/runtime_bench.lua

@@ -233,7 +233,7 @@ local function report(results, mode)
     io.write(("%10s  %12s  %12s  %12s  %12s  %12s\n"):format("size", "lat p50", "lat p99", "lat mean", "MiB/s", "msgs/s"))
     local json = { mode = mode, iters = o.iters, window = o.window, proto = o.proto, results = {} }
     for _, r in ipairs(results) do
-        io.write(("%10s  %12s  %12s  %12s  %12s  %12s\n"):format(bench.human(r.size),
+        io.write(("%10s  %12s  %12s  %12s  %12s  %12s\n"):format(bench.bytes(r.size),
             r.lat and bench.human(r.lat.p50, "s") or "-", r.lat and bench.human(r.lat.p99, "s") or "-",
             r.lat and bench.human(r.lat.mean, "s") or "-", r.bw and ("%.1f"):format(r.bw.mib_s) or "-",
             r.bw and bench.human(r.bw.msgs_s) or "-"))

@@ -228,7 +228,7 @@ local result = {
     verify = o.verify and { checked = checked_blocks, bad = bad_blocks } or nil,
 }
 
-io.write(("uring_bench: %s bs=%s iodepth=%d%s%s, %s ops in %.2f s\n"):format(o.rw, bench.human(o.bs),
+io.write(("uring_bench: %s bs=%s iodepth=%d%s%s, %s ops in %.2f s\n"):format(o.rw, bench.bytes(o.bs),
     o.iodepth, o.direct and " direct" or "", o.fixed and " fixed" or "", bench.human(done_ops), elapsed))
 io.write(("  %-14s %12s\n"):format("IOPS", bench.human(result.iops)))
 io.write(("  %-14s %12.1f\n"):format("MiB/s", result.mib_s))

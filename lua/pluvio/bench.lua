@@ -255,6 +255,20 @@ function M.human(v, unit)
     return format("%.3g", v)
 end
 
+-- Byte counts for people: 65536 -> "64 KiB".
+function M.bytes(n)
+    local units = { "B", "KiB", "MiB", "GiB", "TiB" }
+    local i = 1
+    while n >= 1024 and i < #units and n % 1024 == 0 do
+        n = n / 1024
+        i = i + 1
+    end
+    if n >= 1024 and i < #units then
+        return format("%.1f %s", n / 1024, units[i + 1])
+    end
+    return format("%d %s", n, units[i])
+end
+
 -- A table of rows: columns are the union of the rows' keys in order of
 -- first appearance (or cols).
 function M.table(rows, cols)
@@ -380,6 +394,12 @@ function M.svg(path, spec)
     f:write(table.concat(out, "\n"), "\n")
     f:close()
     return true
+end
+
+-- checksum(data): 64-bit checksum of a string, as 16 hex digits.
+function M.checksum(data)
+    check.string("bench.checksum", "data", data)
+    return require("bit").tohex(C.pl_checksum64(data, #data, 0), 16)
 end
 
 -- CPU seconds used by this process (user + system).
