@@ -43,11 +43,11 @@ if not modes[o.rw] then fail("--rw must be read, write, randread, randwrite or r
 if o.bs <= 0 then fail("--bs must be > 0 (got " .. o.bs .. ")") end
 if o.bs > 1073741824 then fail("--bs must be at most 1g") end
 if o.iodepth < 1 or o.iodepth > 4096 then fail("--iodepth must be from 1 to 4096 (got " .. o.iodepth .. ")") end
-if o.size < o.bs then fail("--size must be at least --bs") end
-if o.size % o.bs ~= 0 then fail(("--size %d is not a multiple of --bs %d"):format(o.size, o.bs)) end
 if o.direct and o.bs % 512 ~= 0 then
     fail(("--bs %d with --direct: O_DIRECT needs a multiple of the device block size (512 or 4096)"):format(o.bs))
 end
+if o.size < o.bs then fail("--size must be at least --bs") end
+if o.size % o.bs ~= 0 then fail(("--size %d is not a multiple of --bs %d"):format(o.size, o.bs)) end
 if o.runtime < 0 then fail("--runtime must be >= 0") end
 if o.fsync_every < 0 then fail("--fsync-every must be >= 0") end
 
@@ -126,7 +126,8 @@ end
 local function worker(id)
     math.randomseed(o.seed * 1000 + id)
     local buf = o.fixed and reactor:acquire_buffer() or nil
-    local expect = o.verify and reactor:acquire_buffer() or nil
+    -- every write writes the pattern, so --verify can check any file we wrote
+    local expect = (o.verify or (writes and not o.fixed)) and reactor:acquire_buffer() or nil
     local t = pluvio.now()
     while true do
         local block = claim()
@@ -138,10 +139,8 @@ local function worker(id)
             if buf then
                 buf:fill_pattern(o.seed, off, o.bs)
                 ok, e = f:write_fixed(buf, off, o.bs)
-            elseif expect then
-                ok, e = f:write(off, expect:fill_pattern(o.seed, off, o.bs):tostring(o.bs))
             else
-                ok, e = f:write(off, string.rep("w", o.bs))
+                ok, e = f:write(off, expect:fill_pattern(o.seed, off, o.bs):tostring(o.bs))
             end
         elseif buf then
             ok, e = f:read_fixed(buf, off, o.bs)
@@ -152,7 +151,7 @@ local function worker(id)
         t = hist:record_since(t)
         done_ops = done_ops + 1
         done_bytes = done_bytes + o.bs
-        if expect and not is_write then
+        if o.verify and not is_write then
             expect:fill_pattern(o.seed, off, o.bs)
             local good
             if buf then

@@ -1,0 +1,182 @@
+-- The example scripts and pluvio.bench: tiny runs, help, JSON, bad
+-- arguments, the histogram's error bound, verification.
+local helper = require "helper"
+local json = require "dkjson"
+
+local sh, q = helper.sh, helper.quote
+
+local function run(script, args)
+    return sh(q(helper.host) .. " " .. q(helper.root .. "/examples/" .. script) .. " " .. (args or ""))
+end
+
+local function run_json(script, args)
+    local path = os.tmpname()
+    local status, out, err = run(script, (args or "") .. " --quiet --json " .. q(path))
+    local f = io.open(path)
+    local text = f and f:read("*a") or ""
+    if f then f:close() end
+    os.remove(path)
+    return status, json.decode(text), out, err
+end
+
+describe("examples/uring_bench.lua", function()
+    it("runs a tiny random read and reports well-formed figures", function()
+        local status, r, _, err = run_json("uring_bench.lua", "--rw randread --bs 4k --size 1m --bytes 256k --iodepth 4 --fixed")
+        assert.equal(0, status, err)
+        assert.equal(64, r.ops)
+        assert.equal(262144, r.bytes)
+        assert.equal("randread", r.rw)
+        assert.is_true(r.iops > 0 and r.mib_s > 0 and r.seconds > 0)
+        local l = r.lat_us
+        assert.is_true(l.min <= l.p50 and l.p50 <= l.p90 and l.p90 <= l.p99 and l.p99 <= l.p99_9 and l.p99_9 <= l.max)
+        assert.is_true(r.ops_per_enter >= 1)
+        assert.is_number(r.cpu_seconds)
+    end)
+
+    it("writes, reads back and verifies every block, with and without O_DIRECT and registered buffers", function()
+        for _, flags in ipairs({ "", "--direct", "--fixed", "--direct --fixed" }) do
+            local status, r, _, err = run_json("uring_bench.lua", "--rw randwrite --bs 4k --size 512k --iodepth 8 --verify " .. flags)
+            assert.equal(0, status, err)
+            assert.equal(0, r.verify.bad)
+            assert.equal(128, r.verify.checked)
+        end
+    end)
+
+    it("detects a corrupted block with --verify", function()
+        local path = os.tmpname()
+        local status, _, err = run("uring_bench.lua", "--rw write --bs 4k --size 256k --file " .. q(path) .. " --quiet")
+        assert.equal(0, status, err)
+        local f = io.open(path, "r+b")
+        f:seek("set", 8192 + 100)
+        f:write("CORRUPT")
+        f:close()
+        status, _, err = run("uring_bench.lua", "--rw read --bs 4k --size 256k --verify --file " .. q(path) .. " --quiet")
+        os.remove(path)
+        assert.equal(1, status)
+        assert.matches("verify failed: 1 of 64 blocks differ", err)
+    end)
+
+    it("prints help and rejects bad arguments with one line and a non-zero exit", function()
+        local status, out = run("uring_bench.lua", "--help")
+        assert.equal(0, status)
+        assert.matches("^usage: pluvio examples/uring_bench.lua", out)
+        for args, msg in pairs({
+            ["--bogus 1"] = "uring_bench: unknown option %-%-bogus %(see %-%-help%)",
+            ["--bs 0"] = "uring_bench: %-%-bs must be > 0",
+            ["--bs 3000 --direct"] = "uring_bench: %-%-bs 3000 with %-%-direct",
+            ["--size 10000 --bs 4096"] = "uring_bench: %-%-size 10000 is not a multiple of %-%-bs 4096",
+            ["--rw sideways"] = "uring_bench: %-%-rw must be read, write, randread, randwrite or rw",
+            ["--iodepth x"] = "uring_bench: %-%-iodepth must be an integer %(got x%)",
+        }) do
+            local st, _, err = run("uring_bench.lua", args)
+            assert.are_not.equal(0, st, args)
+            assert.matches("^" .. msg, err)
+            assert.equal(1, select(2, err:gsub("\n", "")), "one line for " .. args)
+        end
+    end)
+end)
+
+describe("examples/ucx_bench.lua", function()
+    it("measures latency and bandwidth in one process and counts what it sent", function()
+        local status, r, _, err = run_json("ucx_bench.lua", "--loopback --sizes 8,64k --iters 50 --warmup 5")
+        assert.equal(0, status, err)
+        assert.equal(2, #r.results)
+        for _, e in ipairs(r.results) do
+            assert.is_true(e.lat_us.p50 > 0 and e.lat_us.p50 <= e.lat_us.p99 and e.lat_us.count == 50)
+            assert.equal(50, e.bw.messages)
+            assert.equal(55, e.bw.receiver_messages)      -- warm-up included, as sent
+            assert.is_true(e.bw.mib_s > 0)
+        end
+    end)
+
+    it("runs as a server and a client process", function()
+        local port = 20000 + math.random(0, 20000)
+        local errfile = os.tmpname()
+        os.execute(("%s %s --server --port %d >/dev/null 2>%s &"):format(q(helper.host),
+            q(helper.root .. "/examples/ucx_bench.lua"), port, q(errfile)))
+        local status, r, _, err
+        for _ = 1, 50 do
+            status, r, _, err = run_json("ucx_bench.lua", ("--connect 127.0.0.1:%d --sizes 4k --iters 20 --warmup 2"):format(port))
+            if status == 0 or not err:match("connect to") then break end
+            os.execute("sleep 0.1")
+        end
+        assert.equal(0, status, err)
+        assert.equal(20, r.results[1].bw.messages)
+        os.remove(errfile)
+    end)
+
+    it("gives a one-line error for an unreachable peer and bad arguments", function()
+        local status, _, err = run("ucx_bench.lua", "--connect 127.0.0.1:1 --iters 1")
+        assert.are_not.equal(0, status)
+        assert.matches("^ucx_bench: connect to 127%.0%.0%.1:1: ", err)
+        status, _, err = run("ucx_bench.lua", "--test sideways")
+        assert.equal(2, status)
+        assert.matches("^ucx_bench: %-%-test must be lat, bw or both", err)
+        status, _, err = run("ucx_bench.lua", "--connect nowhere")
+        assert.equal(2, status)
+        assert.matches("^ucx_bench: %-%-connect must be HOST:PORT", err)
+    end)
+end)
+
+describe("examples/pipeline.lua", function()
+    it("moves a file through io_uring and UCX and verifies it", function()
+        local status, r, _, err = run_json("pipeline.lua", "--size 4m --chunk 256k --window 4")
+        assert.equal(0, status, err)
+        assert.is_true(r.ok)
+        assert.equal(r.source_checksum, r.received_checksum)
+        assert.equal(4194304, r.size)
+        assert.is_true(r.mib_s > 0)
+    end)
+
+    it("prints help and rejects bad arguments", function()
+        local status, out = run("pipeline.lua", "--help")
+        assert.equal(0, status)
+        assert.matches("^usage: pluvio examples/pipeline.lua", out)
+        local st, _, err = run("pipeline.lua", "--chunk 1000")
+        assert.equal(2, st)
+        assert.matches("^pipeline: %-%-chunk must be a multiple of 4096", err)
+    end)
+end)
+
+describe("pluvio.bench", function()
+    local bench = require "pluvio.bench"
+
+    it("gives percentiles within 0.4% of a sorted-array computation", function()
+        local h = bench.Histogram.new()
+        local values = {}
+        math.randomseed(7)
+        for i = 1, 50000 do
+            local v = math.exp(math.random() * 12) * 1e-6       -- 1 us .. 160 ms
+            values[i] = v
+            h:record(v)
+        end
+        table.sort(values)
+        for _, p in ipairs({ 1, 10, 50, 90, 99, 99.9 }) do
+            local exact = values[math.ceil(p / 100 * #values)]
+            local got = h:percentile(p)
+            assert.is_true(math.abs(got - exact) / exact <= 0.004, ("p%g: %g vs %g"):format(p, got, exact))
+        end
+        assert.equal(50000, h:count())
+        assert.near(values[#values], h:max(), 1e-9)
+    end)
+
+    it("merges histograms and summarises them", function()
+        local a, b = bench.Histogram.new(), bench.Histogram.new()
+        for i = 1, 100 do a:record(i * 1e-6) end
+        for i = 101, 200 do b:record(i * 1e-6) end
+        a:merge(b)
+        local s = a:summary()
+        assert.equal(200, s.count)
+        assert.near(100.5e-6, s.mean, 1e-9)
+        assert.near(100e-6, s.p50, 1e-6)
+        assert.has_error(function() a:percentile(101) end, "Histogram:percentile: p must be a finite number from 0 to 100 (got 101)")
+    end)
+
+    it("encodes JSON and parses sizes", function()
+        assert.equal('{"a":[1,2.5,"x"],"b":true}', bench.json({ a = { 1, 2.5, "x" }, b = true }))
+        assert.equal(4096, bench.parse_size("4k"))
+        assert.equal(1048576, bench.parse_size("1MiB"))
+        assert.is_nil(bench.parse_size("lots"))
+        assert.equal("64 KiB", bench.bytes(65536))
+    end)
+end)
