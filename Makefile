@@ -34,7 +34,7 @@ export UCX_NET_DEVICES
 BUSTED      = busted --lua=luajit
 SPEC_FLAGS ?=
 
-.PHONY: all test demo bench install uninstall clean help deps asan-test check-deps lint
+.PHONY: all test demo bench bench-quick install uninstall clean help deps asan-test check-deps lint
 
 C_BENCH    = $(BUILD)/uring_c_bench
 
@@ -73,8 +73,11 @@ asan-test: ## run the specs with the C core under AddressSanitizer + UBSan
 demo: check-deps all ## build, then stream a file through io_uring and UCX and verify it
 	$(HOST) examples/pipeline.lua
 
-bench: all ## run the benchmarks
-	$(HOST) examples/runtime_bench.lua
+bench: check-deps all ## Pluvio vs fio, a C liburing loop and ucx_perftest; writes docs/PERFORMANCE.md
+	$(HOST) examples/bench_compare.lua $(BENCH_FLAGS)
+
+bench-quick: check-deps all ## the same in under a minute (1 round, short runs)
+	$(HOST) examples/bench_compare.lua --quick $(BENCH_FLAGS)
 
 lint: ## cppcheck the C core
 	cppcheck --enable=warning,style,performance,portability --error-exitcode=1 \

@@ -235,6 +235,83 @@ function M.json(v)
     return table.concat(out)
 end
 
+-- json_decode(text): a value, or nil and where it went wrong (enough for
+-- reading fio's and our own reports).
+function M.json_decode(text)
+    local pos = 1
+    local function ws() pos = text:find("[^ \t\r\n]", pos) or #text + 1 end
+    local value
+    local function err(what) error({ json_error = ("%s at byte %d"):format(what, pos) }) end
+    local function str()
+        local out, i = {}, pos + 1
+        while true do
+            local c = text:sub(i, i)
+            if c == "" then err("unterminated string") end
+            if c == '"' then pos = i + 1; return table.concat(out) end
+            if c == "\\" then
+                local e = text:sub(i + 1, i + 1)
+                local map = { n = "\n", t = "\t", r = "\r", b = "\b", f = "\f", ["/"] = "/", ["\\"] = "\\", ['"'] = '"' }
+                if e == "u" then
+                    local code = tonumber(text:sub(i + 2, i + 5), 16) or err("bad \\u escape")
+                    out[#out + 1] = code < 128 and string.char(code) or "?"
+                    i = i + 6
+                else
+                    out[#out + 1] = map[e] or err("bad escape")
+                    i = i + 2
+                end
+            else
+                out[#out + 1] = c
+                i = i + 1
+            end
+        end
+    end
+    function value()
+        ws()
+        local c = text:sub(pos, pos)
+        if c == "{" then
+            local t = {}
+            pos = pos + 1; ws()
+            if text:sub(pos, pos) == "}" then pos = pos + 1; return t end
+            while true do
+                ws()
+                if text:sub(pos, pos) ~= '"' then err("expected a key") end
+                local k = str(); ws()
+                if text:sub(pos, pos) ~= ":" then err("expected ':'") end
+                pos = pos + 1
+                t[k] = value(); ws()
+                local d = text:sub(pos, pos); pos = pos + 1
+                if d == "}" then return t end
+                if d ~= "," then err("expected ',' or '}'") end
+            end
+        elseif c == "[" then
+            local t = {}
+            pos = pos + 1; ws()
+            if text:sub(pos, pos) == "]" then pos = pos + 1; return t end
+            while true do
+                t[#t + 1] = value(); ws()
+                local d = text:sub(pos, pos); pos = pos + 1
+                if d == "]" then return t end
+                if d ~= "," then err("expected ',' or ']'") end
+            end
+        elseif c == '"' then
+            return str()
+        elseif text:sub(pos, pos + 3) == "true" then pos = pos + 4; return true
+        elseif text:sub(pos, pos + 4) == "false" then pos = pos + 5; return false
+        elseif text:sub(pos, pos + 3) == "null" then pos = pos + 4; return nil
+        end
+        local num = text:match("^-?%d+%.?%d*[eE]?[-+]?%d*", pos)
+        if not num or num == "" then err("unexpected character") end
+        pos = pos + #num
+        return tonumber(num)
+    end
+    local ok, v = pcall(value)
+    if not ok then
+        if type(v) == "table" and v.json_error then return nil, v.json_error end
+        error(v, 0)
+    end
+    return v
+end
+
 ---------------------------------------------------------------------------
 -- Reports
 ---------------------------------------------------------------------------

@@ -1,0 +1,289 @@
+-- bench_compare.lua: what `make bench` runs.  Pluvio's benchmark scripts
+-- side by side with the tools people trust, on the same parameters,
+-- interleaved over several rounds: uring_bench.lua against fio
+-- (--ioengine=io_uring) and a plain C liburing loop, ucx_bench.lua against
+-- ucx_perftest.  Prints medians with min-max and the ratios, and writes
+-- them to docs/PERFORMANCE.md with the machine and the exact commands.
+local bench = require "pluvio.bench"
+
+local spec = {
+    name = "bench_compare",
+    usage = "usage: pluvio examples/bench_compare.lua [--quick] [options]\n" ..
+            "Pluvio vs fio, a C liburing loop and ucx_perftest; writes docs/PERFORMANCE.md.",
+    options = {
+        { "quick", "flag", false, "1 round, short runs, small file (under a minute)" },
+        { "rounds", "integer", 5, "rounds (each runs every tool once, interleaved)" },
+        { "seconds", "number", 2, "seconds per file run" },
+        { "file", "string", "/tmp/pluvio-bench.dat", "the file for the file tests" },
+        { "size", "size", 1073741824, "its size" },
+        { "output", "string", "docs/PERFORMANCE.md", "where the report goes ('-' for none)" },
+        { "only", "string", nil, "uring or ucx: run one half" },
+    },
+}
+local o = bench.parse_args(spec, arg)
+if o.quick then
+    o.rounds, o.seconds, o.size = 1, 0.5, 128 * 1048576
+end
+
+local root = (debug.getinfo(1, "S").source:match("^@(.*)/examples/") or ".")
+local host = arg[-1] and arg[-1]:match("pluvio$") and arg[-1] or (root .. "/build/pluvio")
+local c_loop = root .. "/build/uring_c_bench"
+
+local function sh_out(cmd)
+    local p = io.popen(cmd .. " 2>&1")
+    local out = p:read("*a")
+    local ok, how, code = p:close()
+    local status = type(ok) == "number" and ok or (ok and 0 or (code or 1))
+    return out, status
+end
+
+local function have(tool)
+    local _, st = sh_out("command -v " .. tool .. " >/dev/null")
+    return st == 0
+end
+
+local function note(fmt, ...)
+    io.stderr:write(fmt:format(...), "\n")
+end
+
+---------------------------------------------------------------------------
+-- Running each tool once, returning one figure
+---------------------------------------------------------------------------
+
+local function json_of(text)
+    local start = text:find("{", 1, true)
+    if not start then return nil end
+    return bench.json_decode(text:sub(start))
+end
+
+local function run_pluvio_uring(t)
+    local cmd = ("%s %s/examples/uring_bench.lua --file %s --size %d --rw %s --bs %d --iodepth %d --runtime %g --quiet --json -%s%s")
+        :format(host, root, o.file, o.size, t.rw, t.bs, t.qd, o.seconds, t.direct and " --direct" or "", " --fixed")
+    local out, st = sh_out(cmd)
+    local j = st == 0 and json_of(out:match("\n(%{.*)$") or out)
+    return j and (t.metric == "mib_s" and j.mib_s or j.iops), cmd, out
+end
+
+local function run_c_loop(t)
+    local cmd = ("%s %s --rw %s --bs %d --iodepth %d --runtime %g%s"):format(c_loop, o.file,
+        t.rw == "randread" and "randread" or t.rw, t.bs, t.qd, o.seconds, t.direct and " --direct" or "")
+    local out, st = sh_out(cmd)
+    local j = st == 0 and json_of(out)
+    return j and (t.metric == "mib_s" and j.mib_s or j.iops), cmd, out
+end
+
+local function run_fio(t)
+    local cmd = ("fio --name=bench --filename=%s --ioengine=io_uring --rw=%s --bs=%d --iodepth=%d --size=%d " ..
+                 "--runtime=%g --time_based --invalidate=0 --fixedbufs=1 --direct=%d --output-format=json")
+        :format(o.file, t.rw, t.bs, t.qd, o.size, o.seconds, t.direct and 1 or 0)
+    local out, st = sh_out(cmd)
+    local j = st == 0 and json_of(out)
+    if not j then return nil, cmd, out end
+    local job = j.jobs[1]
+    local side = (t.rw:match("write") and job.write) or job.read
+    return t.metric == "mib_s" and side.bw / 1024 or side.iops, cmd, out
+end
+
+local UCX_TRANSPORTS = {
+    shm = "sysv,posix,cma,self,tcp",     -- tcp for the connection manager
+    tcp = "tcp",
+}
+
+local port_seq = 24000 + math.random(0, 5000)
+local function next_port()
+    port_seq = port_seq + 1
+    return port_seq
+end
+
+local function run_perftest(t)
+    local port = next_port()
+    local env = ("env UCX_TLS=%s UCX_NET_DEVICES=lo"):format(UCX_TRANSPORTS[t.tl])
+    local test = t.kind == "lat" and "ucp_am_lat" or "ucp_am_bw"
+    local iters = t.kind == "lat" and (o.quick and 2000 or 20000) or (t.size >= 1048576 and 500 or 5000)
+    os.execute(("timeout 30 %s ucx_perftest -p %d >/dev/null 2>&1 &"):format(env, port))
+    os.execute("sleep 0.3")
+    local cmd = ("%s ucx_perftest 127.0.0.1 -p %d -t %s -s %d -n %d"):format(env, port, test, t.size, iters)
+    local out = sh_out("timeout 30 " .. cmd)
+    local f = { out:match("Final:%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)") }
+    if #f < 6 then return nil, cmd, out end
+    -- Final: iterations, p50 latency, avg latency, overall, MB/s avg, MB/s overall
+    if t.kind == "lat" then return tonumber(f[2]), cmd, out end
+    return tonumber(f[5]), cmd, out
+end
+
+local function run_ucx_bench(t)
+    local port = next_port()
+    local env = ("env UCX_TLS=%s UCX_NET_DEVICES=lo"):format(UCX_TRANSPORTS[t.tl])
+    local iters = t.kind == "lat" and (o.quick and 2000 or 20000) or (t.size >= 1048576 and 500 or 5000)
+    local common = ("--test %s --sizes %d --iters %d --spin 1 --quiet"):format(t.kind, t.size, iters)
+    os.execute(("timeout 60 %s %s %s/examples/ucx_bench.lua --server --port %d %s >/dev/null 2>&1 &")
+        :format(env, host, root, port, common))
+    os.execute("sleep 0.3")
+    local cmd = ("%s %s %s/examples/ucx_bench.lua --connect 127.0.0.1:%d %s --json -"):format(env, host, root, port, common)
+    local out = sh_out("timeout 60 " .. cmd)
+    local j = json_of(out:match("\n(%{.*)$") or "")
+    if not j then return nil, cmd, out end
+    local r = j.results[1]
+    if t.kind == "lat" then return r.lat_us.p50, cmd, out end
+    return r.bw.mib_s, cmd, out
+end
+
+---------------------------------------------------------------------------
+-- The tests
+---------------------------------------------------------------------------
+
+local tests = {}
+local function add(t) tests[#tests + 1] = t end
+
+if o.only ~= "ucx" then
+    for _, qd in ipairs({ 1, 32, 128 }) do
+        add { group = "uring", name = ("4 KiB randread, page cache, QD %d"):format(qd), rw = "randread", bs = 4096,
+              qd = qd, metric = "iops", unit = "IOPS", higher = true,
+              goal = qd == 1 and 0.9 or 0.95, ref = "C loop",
+              runs = { pluvio = run_pluvio_uring, ["C loop"] = run_c_loop, fio = run_fio } }
+    end
+    add { group = "uring", name = "4 KiB randread, O_DIRECT, QD 128", rw = "randread", bs = 4096, qd = 128,
+          direct = true, metric = "iops", unit = "IOPS", higher = true, goal = 0.9, ref = "fio",
+          runs = { pluvio = run_pluvio_uring, ["C loop"] = run_c_loop, fio = run_fio } }
+    add { group = "uring", name = "1 MiB seq write, O_DIRECT, QD 16", rw = "write", bs = 1048576, qd = 16,
+          direct = true, metric = "mib_s", unit = "MiB/s", higher = true, goal = 0.9, ref = "fio",
+          runs = { pluvio = run_pluvio_uring, ["C loop"] = run_c_loop, fio = run_fio } }
+    add { group = "uring", name = "1 MiB seq read, O_DIRECT, QD 16", rw = "read", bs = 1048576, qd = 16,
+          direct = true, metric = "mib_s", unit = "MiB/s", higher = true, goal = 0.9, ref = "fio",
+          runs = { pluvio = run_pluvio_uring, ["C loop"] = run_c_loop, fio = run_fio } }
+end
+if o.only ~= "uring" and have("ucx_perftest") then
+    for _, tl in ipairs({ "shm", "tcp" }) do
+        for _, size in ipairs(o.quick and { 8, 65536 } or { 8, 4096, 65536, 1048576 }) do
+            add { group = "ucx", name = ("AM latency %s, %s"):format(bench.bytes(size), tl), kind = "lat", tl = tl,
+                  size = size, unit = "us p50", higher = false, goal = 1.25, ref = "ucx_perftest",
+                  runs = { pluvio = run_ucx_bench, ucx_perftest = run_perftest } }
+            add { group = "ucx", name = ("AM bandwidth %s, %s"):format(bench.bytes(size), tl), kind = "bw", tl = tl,
+                  size = size, unit = "MiB/s", higher = true, goal = size >= 65536 and 0.9 or nil,
+                  ref = "ucx_perftest", runs = { pluvio = run_ucx_bench, ucx_perftest = run_perftest } }
+        end
+    end
+end
+
+---------------------------------------------------------------------------
+
+if o.only ~= "ucx" then
+    local f = io.open(o.file)
+    local size = f and f:seek("end") or 0
+    if f then f:close() end
+    if size < o.size then
+        note("bench_compare: writing %s (%s)", o.file, bench.bytes(o.size))
+        os.execute(("dd if=/dev/urandom of=%s bs=1M count=%d status=none"):format(o.file, math.ceil(o.size / 1048576)))
+    end
+    os.execute(("cat %s >/dev/null"):format(o.file))      -- into the page cache
+end
+
+local samples, commands = {}, {}
+local t_start = os.time()
+for round = 1, o.rounds do
+    for _, t in ipairs(tests) do
+        local tools = {}
+        for tool in pairs(t.runs) do tools[#tools + 1] = tool end
+        table.sort(tools)
+        if round % 2 == 0 then          -- alternate the order: no tool always goes first
+            table.sort(tools, function(a, b) return a > b end)
+        end
+        for _, tool in ipairs(tools) do
+            local v, cmd, out = t.runs[tool](t)
+            samples[t] = samples[t] or {}
+            samples[t][tool] = samples[t][tool] or {}
+            if v then
+                table.insert(samples[t][tool], v)
+            else
+                note("bench_compare: %s / %s failed: %s\n%s", t.name, tool, cmd, out:sub(1, 400))
+            end
+            commands[t] = commands[t] or {}
+            commands[t][tool] = cmd
+        end
+        note("bench_compare: round %d/%d: %s", round, o.rounds, t.name)
+    end
+end
+
+local function stats(list)
+    if not list or #list == 0 then return nil end
+    table.sort(list)
+    local n = #list
+    local median = n % 2 == 1 and list[(n + 1) / 2] or (list[n / 2] + list[n / 2 + 1]) / 2
+    return { median = median, min = list[1], max = list[n], n = n }
+end
+
+local function fmt(s)
+    if not s then return "failed" end
+    local function f(v) return v >= 1000 and bench.human(v) or ("%.3g"):format(v) end
+    if s.n == 1 then return f(s.median) end
+    return ("%s (%s-%s)"):format(f(s.median), f(s.min), f(s.max))
+end
+
+local lines = {}
+local function out(l) lines[#lines + 1] = l end
+out("| test | unit | Pluvio | reference | ratio | goal | other |")
+out("| --- | --- | --- | --- | --- | --- | --- |")
+for _, t in ipairs(tests) do
+    local p = stats(samples[t].pluvio)
+    local r = stats(samples[t][t.ref])
+    local ratio = p and r and (t.higher and p.median / r.median or r.median / p.median)
+    local others = {}
+    for tool, list in pairs(samples[t]) do
+        if tool ~= "pluvio" and tool ~= t.ref then others[#others + 1] = tool .. " " .. fmt(stats(list)) end
+    end
+    out(("| %s | %s | %s | %s: %s | %s | %s | %s |"):format(t.name, t.unit, fmt(p), t.ref, fmt(r),
+        ratio and ("%.2fx"):format(ratio) or "-",
+        t.goal and (t.higher and (">= %.2fx"):format(t.goal) or ("latency <= %.2fx"):format(t.goal)) or "-",
+        table.concat(others, "; ")))
+end
+local table_text = table.concat(lines, "\n")
+print(table_text)
+
+if o.output ~= "-" then
+    local function first_line(cmd) local s = sh_out(cmd); return (s:gsub("\n.*", "")) end
+    local doc = {
+        "# Performance",
+        "",
+        "Generated by `make bench` (examples/bench_compare.lua" .. (o.quick and ", --quick" or "") .. ") on " ..
+            os.date("!%Y-%m-%d %H:%M UTC") .. ".",
+        ("Each figure is the median of %d round%s (min-max in brackets); the tools ran interleaved, " ..
+         "alternating their order, on the same file and parameters."):format(o.rounds, o.rounds == 1 and "" or "s"),
+        "Ratio: Pluvio / reference for throughput, reference / Pluvio for latency (higher is better for Pluvio).",
+        "",
+        "## Machine",
+        "",
+        "- CPU: " .. first_line("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'") ..
+            ", " .. first_line("nproc") .. " cores",
+        "- Memory: " .. first_line("free -g | awk '/Mem:/{print $2 \" GiB\"}'"),
+        "- Kernel: " .. first_line("uname -r"),
+        "- File system of " .. o.file .. ": " .. first_line("df -T " .. o.file .. " | awk 'NR==2{print $2}'"),
+        "- liburing " .. first_line("dpkg-query -W -f='${Version}' liburing2") .. ", UCX " ..
+            first_line("dpkg-query -W -f='${Version}' libucx0") .. ", LuaJIT " ..
+            first_line("luajit -v | cut -d' ' -f2") .. ", " .. first_line("fio --version"),
+        "",
+        "## Results",
+        "",
+        table_text,
+        "",
+        "UCX: Pluvio and ucx_perftest both run as a server and a client process on loopback; both busy-poll " ..
+        "(ucx_bench --spin 1). `shm` allows shared memory (UCX_TLS=" .. UCX_TRANSPORTS.shm .. "), `tcp` only tcp; " ..
+        "ucx_bench --transport address exchanges worker addresses as ucx_perftest does. Latency is one way " ..
+        "(half the round trip), p50 for Pluvio, ucx_perftest's p50 column for the reference.",
+        "",
+        "## Commands",
+        "",
+    }
+    for _, t in ipairs(tests) do
+        doc[#doc + 1] = "- " .. t.name .. ":"
+        for tool, cmd in pairs(commands[t] or {}) do
+            doc[#doc + 1] = "  - " .. tool .. ": `" .. cmd:gsub(root .. "/", "") .. "`"
+        end
+    end
+    doc[#doc + 1] = ""
+    doc[#doc + 1] = ("Total time: %d s."):format(os.time() - t_start)
+    local path = o.output:sub(1, 1) == "/" and o.output or (root .. "/" .. o.output)
+    local f = assert(io.open(path, "w"))
+    f:write(table.concat(doc, "\n"), "\n")
+    f:close()
+    note("bench_compare: wrote %s", path)
+end
