@@ -138,6 +138,25 @@ describe("examples/pipeline.lua", function()
     end)
 end)
 
+describe("examples/remoteio.lua", function()
+    it("writes a file to the server and reads one back, verified by checksum on both ends", function()
+        for _, mode in ipairs({ "write", "read" }) do
+            local status, r, _, err = run_json("remoteio.lua", "--mode " .. mode .. " --size 2m --chunk 256k --window 4")
+            assert.equal(0, status, err)
+            assert.is_true(r.ok)
+            assert.equal(r.local_checksum, r.remote_checksum)
+            assert.equal(mode, r.mode)
+            assert.is_true(r.mib_s > 0)
+        end
+    end)
+
+    it("rejects bad arguments", function()
+        local status, _, err = run("remoteio.lua", "--mode sideways")
+        assert.equal(2, status)
+        assert.matches("^remoteio: %-%-mode must be write or read", err)
+    end)
+end)
+
 describe("pluvio.bench", function()
     local bench = require "pluvio.bench"
 

@@ -1,0 +1,294 @@
+-- remoteio.lua: remote I/O over UCX Active Messages, as the Rust
+-- original's remote I/O example.
+--
+--   write: the client streams a local file to the server in rendezvous AMs
+--          (header: "W offset length"); the server pulls each payload
+--          straight into a registered buffer, writes it with write_fixed
+--          and replies "offset".
+--   read:  the client asks for a range (header: "R offset length", need a
+--          reply); the server reads it with read_fixed and replies with
+--          the data (rendezvous) from the registered buffer; the client
+--          pulls it into a registered buffer and writes it locally.
+--
+-- `window` requests are in flight.  Both ends checksum their file at the
+-- end; the client compares.  One process (--loopback, the default) or two
+-- (--server / --connect HOST:PORT).
+local pluvio = require "pluvio"
+local uring = require "pluvio.uring"
+local ucx = require "pluvio.ucx"
+local bench = require "pluvio.bench"
+
+local spec = {
+    name = "remoteio",
+    usage = "usage: pluvio examples/remoteio.lua [--mode write|read] [--loopback | --server | --connect HOST:PORT]\n" ..
+            "Remote file I/O over UCX Active Messages with registered buffers on both ends.",
+    options = {
+        { "mode", "string", "write", "write (client -> server file) or read (server file -> client)" },
+        { "size", "size", 32 * 1048576, "bytes to move" },
+        { "chunk", "size", 1048576, "bytes per request" },
+        { "window", "integer", 8, "requests in flight" },
+        { "loopback", "flag", false, "both ends in this process (the default)" },
+        { "server", "flag", false, "serve requests on --port until the client says goodbye" },
+        { "port", "integer", 0, "port for --server (0: any, printed)" },
+        { "connect", "string", nil, "HOST:PORT of a --server" },
+        { "direct", "flag", false, "O_DIRECT files" },
+        { "dir", "string", nil, "directory for the files (default: a temporary one)" },
+        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
+        { "quiet", "flag", false, "no progress line" },
+    },
+}
+local o = bench.parse_args(spec, arg)
+local function fail(msg)
+    io.stderr:write("remoteio: ", msg, "\n")
+    os.exit(2)
+end
+if o.mode ~= "write" and o.mode ~= "read" then fail("--mode must be write or read (got " .. o.mode .. ")") end
+if o.chunk < 4096 or o.chunk % 4096 ~= 0 then fail("--chunk must be a multiple of 4096") end
+if o.size < o.chunk or o.size % 4096 ~= 0 then fail("--size must be a multiple of 4096 and at least --chunk") end
+if o.window < 1 or o.window > 256 then fail("--window must be from 1 to 256") end
+if (o.server and o.connect) or (o.loopback and (o.server or o.connect)) then
+    fail("choose one of --loopback, --server and --connect")
+end
+
+local REQ, REPLY, META = 30, 31, 32
+local SEED = 77
+
+local reactor = uring.reactor { buffer_size = o.chunk, buffer_count = 3 * o.window + 4, queue_size = 256 }
+pluvio.runtime():register_reactor("remoteio", reactor)
+local open = o.direct and uring.DmaFile.open or uring.File.open
+
+local dir = o.dir
+if not dir then
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(uring.mkdir(dir))
+end
+
+local function checksum(path, size)
+    local f = assert(open(path, "r"))
+    local buf = reactor:acquire_buffer()
+    local sums = {}
+    for off = 0, size - 1, o.chunk do
+        local n = math.min(o.chunk, size - off)
+        assert(f:read_fixed(buf, off, n))
+        sums[#sums + 1] = buf:checksum(n)
+    end
+    buf:release()
+    f:close()
+    return bench.checksum(table.concat(sums))
+end
+
+local function fill(path, size)
+    local f = assert(open(path, "w+"))
+    local buf = reactor:acquire_buffer()
+    for off = 0, size - 1, o.chunk do
+        local n = math.min(o.chunk, size - off)
+        buf:fill_pattern(SEED, off, n)
+        assert(f:write_fixed(buf, off, n))
+    end
+    buf:release()
+    assert(f:fsync())
+    f:close()
+end
+
+---------------------------------------------------------------------------
+-- Server: one task per request in flight.
+---------------------------------------------------------------------------
+
+local function serve(ep, requests, path)
+    local f = assert(open(path, "w+"))
+    local served = 0
+    local handlers = {}
+    local inbox = pluvio.channel(o.window)
+    for i = 1, o.window do
+        handlers[i] = pluvio.spawn_named("handler-" .. i, function()
+            local buf = reactor:acquire_buffer()
+            while true do
+                local msg = inbox:recv()
+                if not msg then break end
+                local op, off, n = msg.header:match("^(%u) (%d+) (%d+)$")
+                off, n = tonumber(off), tonumber(n)
+                if op == "W" then
+                    assert(msg:recv_data(buf))                -- straight into buf
+                    assert(f:write_fixed(buf, off, n))
+                    assert(ep:am_send(REPLY, tostring(off), nil))
+                else
+                    msg:release()
+                    assert(f:read_fixed(buf, off, n))
+                    assert(ep:am_send(REPLY, tostring(off), buf, false, "rndv", n))
+                end
+                served = served + 1
+            end
+            buf:release()
+        end)
+    end
+    while true do
+        local msg = assert(requests:wait_msg())
+        local op = msg.header:sub(1, 1)
+        if op == "Q" then                       -- the client is done: checksum and goodbye
+            local size = tonumber(msg.header:match("^Q (%d+)$"))
+            msg:release()
+            inbox:close()
+            for i = 1, o.window do handlers[i]:join() end
+            assert(f:fsync())
+            f:close()
+            assert(ep:am_send(META, checksum(path, size), nil))
+            return served
+        elseif op == "P" then                   -- remote read: prepare the server's file
+            local size = tonumber(msg.header:match("^P (%d+)$"))
+            msg:release()
+            f:close()
+            fill(path, size)
+            f = assert(open(path, "r+"))
+            assert(ep:am_send(META, "ready", nil))
+        else
+            inbox:send(msg)
+        end
+    end
+end
+
+---------------------------------------------------------------------------
+-- Client
+---------------------------------------------------------------------------
+
+local function run_client(ep, replies, meta, path)
+    local progress = bench.progress("remoteio " .. o.mode, o.quiet)
+    local t0, moved = pluvio.now(), 0
+    if o.mode == "write" then
+        fill(path, o.size)
+    else
+        assert(ep:am_send(REQ, ("P %d"):format(o.size), nil))
+        assert(assert(meta:wait_msg()).header == "ready")
+    end
+    local f = assert(open(path, o.mode == "write" and "r" or "w+"))
+    local start = pluvio.now()
+    local next_off = 0
+    local movers = {}
+    -- Replies may come back in any order: match them to their request.
+    local waiting = {}
+    local dispatcher = pluvio.spawn_named("replies", function()
+        while true do
+            local m = replies:wait_msg()
+            if not m then return end
+            local w = waiting[tonumber(m.header)]
+            waiting[tonumber(m.header)] = nil
+            w.msg = m
+            w.task:wake()
+        end
+    end)
+    for i = 1, o.window do
+        movers[i] = pluvio.spawn_named("mover-" .. i, function()
+            local buf = reactor:acquire_buffer()
+            while next_off < o.size do
+                local off = next_off
+                next_off = next_off + o.chunk
+                local n = math.min(o.chunk, o.size - off)
+                local w = { task = pluvio.current() }
+                waiting[off] = w
+                if o.mode == "write" then
+                    assert(f:read_fixed(buf, off, n))
+                    assert(ep:am_send(REQ, ("W %d %d"):format(off, n), buf, false, "rndv", n))
+                else
+                    assert(ep:am_send(REQ, ("R %d %d"):format(off, n), nil, true))
+                end
+                while not w.msg do pluvio.suspend("reply for offset " .. off) end
+                if o.mode == "read" then
+                    assert(w.msg:recv_data(buf) == n)
+                    assert(f:write_fixed(buf, off, n))
+                else
+                    w.msg:release()
+                end
+                moved = moved + n
+                progress:update(("%d of %d MiB"):format(math.floor(moved / 1048576), math.floor(o.size / 1048576)))
+            end
+            buf:release()
+        end)
+    end
+    for i = 1, o.window do movers[i]:join() end
+    local elapsed = pluvio.now() - start
+    dispatcher:kill()
+    progress:done()
+    if o.mode == "read" then assert(f:fsync()) end
+    f:close()
+    assert(ep:am_send(REQ, ("Q %d"):format(o.size), nil))
+    local remote_sum = assert(meta:wait_msg()).header
+    local local_sum = checksum(path, o.size)
+    return {
+        mode = o.mode, size = o.size, chunk = o.chunk, window = o.window, seconds = elapsed,
+        mib_s = moved / elapsed / 1048576, total_seconds = pluvio.now() - t0,
+        local_checksum = local_sum, remote_checksum = remote_sum, ok = local_sum == remote_sum,
+    }
+end
+
+---------------------------------------------------------------------------
+
+local ctx = assert(ucx.Context.new())
+local result
+
+if o.server then
+    local w = assert(ctx:create_worker())
+    local requests = w:am_stream(REQ, { window = 4 * o.window })
+    local l, err = w:create_listener("127.0.0.1", o.port)
+    if not l then fail(err) end
+    io.write(("remoteio: serving on 127.0.0.1:%d, file %s/server.bin\n"):format(l:port(), dir))
+    io.stdout:flush()
+    local ep = assert(l:accept())
+    l:close()
+    local served = serve(ep, requests, dir .. "/server.bin")
+    io.write(("remoteio: served %d requests\n"):format(served))
+    pluvio.sleep(0.1)
+    ep:close()
+    w:close()
+else
+    local cw = assert(ctx:create_worker())
+    local replies, meta = cw:am_stream(REPLY, { window = 4 * o.window }), cw:am_stream(META)
+    local ep, server_task
+    if o.connect then
+        local host, port = o.connect:match("^(.+):(%d+)$")
+        if not host then fail("--connect must be HOST:PORT (got " .. o.connect .. ")") end
+        local err
+        ep, err = cw:connect_socket(host, tonumber(port))
+        if not ep then fail(err) end
+    else
+        local sw = assert(ctx:create_worker())
+        local requests = sw:am_stream(REQ, { window = 4 * o.window })
+        local l = assert(sw:create_listener("127.0.0.1", 0))
+        server_task = pluvio.spawn_named("server", function()
+            local sep = assert(l:accept())
+            l:close()
+            serve(sep, requests, dir .. "/server.bin")
+            return sep, sw
+        end)
+        ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+    end
+    result = run_client(ep, replies, meta, dir .. "/client.bin")
+    if server_task then
+        local sep, sw = server_task:join()
+        sep:close()
+        sw:close()
+    end
+    ep:close()
+    cw:close()
+    if o.json ~= "-" then
+        io.write(("remoteio: %s %s in %s chunks, %d in flight: %.2f s, %.0f MiB/s\n"):format(o.mode,
+            bench.bytes(o.size), bench.bytes(o.chunk), o.window, result.seconds, result.mib_s))
+        io.write(("  checksums: client %s, server %s: %s\n"):format(result.local_checksum, result.remote_checksum,
+            result.ok and "match" or "DIFFER"))
+    end
+end
+ctx:close()
+if not o.dir then
+    uring.unlink(dir .. "/client.bin")
+    uring.unlink(dir .. "/server.bin")
+    uring.rmdir(dir)
+end
+if result and o.json then
+    local text = bench.json(result) .. "\n"
+    if o.json == "-" then io.write(text) else
+        local f = assert(io.open(o.json, "w")); f:write(text); f:close()
+    end
+end
+if result and not result.ok then
+    io.stderr:write("remoteio: the files differ\n")
+    os.exit(1)
+end
