@@ -19,7 +19,8 @@ LUAJIT_LIBS   := $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5
 
 VERSION     = 0.1.0
 PL_CFLAGS  = -DPL_VERSION='"$(VERSION)"' -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC $(SANITIZE) $(CFLAGS)
-CORE_SRC   = src/runtime.c src/timer.c src/error.c src/uring.c src/checksum.c src/ucx.c src/ucx_am.c src/histogram.c
+CORE_SRC   = src/runtime.c src/timer.c src/error.c src/uring.c src/uring_file.c src/uring_buf.c \
+             src/checksum.c src/ucx.c src/ucx_am.c src/histogram.c
 CORE_OBJ   = $(CORE_SRC:src/%.c=$(BUILD)/%.o)
 CORE_LIBS  = -luring -lucp -lucs
 LIB        = $(BUILD)/libpluvio.so
@@ -43,7 +44,7 @@ all: $(LIB) $(HOST) $(CDEF) $(C_BENCH)
 $(BUILD):
 	mkdir -p $(BUILD)
 
-$(BUILD)/%.o: src/%.c src/pluvio.h src/internal.h src/ucx_internal.h | $(BUILD)
+$(BUILD)/%.o: src/%.c src/pluvio.h src/internal.h src/ucx_internal.h src/uring_internal.h | $(BUILD)
 	$(CC) $(PL_CFLAGS) -c $< -o $@
 
 $(LIB): $(CORE_OBJ)

@@ -1,0 +1,216 @@
+/*
+ * uring_buf.c - the registered ("fixed") buffer pool of the io_uring
+ * reactor: mapped and registered on first use, handed out in FIFO order to
+ * parked tasks, and reclaimed only when the kernel is done with a buffer.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "uring_internal.h"
+
+/* The pool is mapped and registered on first use, so a reactor nobody asks
+ * for buffers never pins memory (and never hits RLIMIT_MEMLOCK). */
+int pl_uring_buffers_register(pl_uring_t *u)
+{
+    uint32_t n = u->opts.buffer_count;
+    size_t size = u->opts.buffer_size;
+    struct iovec *iov;
+    int rc = -ENOMEM;
+
+    if (n == 0)
+        return -ENOBUFS;
+    if (u->bufs)
+        return 0;
+    u->buf_mem_len = size * n;
+    u->buf_mem = mmap(NULL, u->buf_mem_len, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (u->buf_mem == MAP_FAILED) {
+        u->buf_mem = NULL;
+        return -ENOMEM;
+    }
+    u->bufs = calloc(n, sizeof(*u->bufs));
+    iov = calloc(n, sizeof(*iov));
+    if (!u->bufs || !iov) {
+        free(iov);
+        goto fail;
+    }
+    u->free_buf = NONE;
+    for (uint32_t i = n; i-- > 0;) {
+        iov[i].iov_base = u->buf_mem + (size_t)i * size;
+        iov[i].iov_len = size;
+        u->bufs[i].next_free = u->free_buf;
+        u->free_buf = i;
+    }
+    u->nfree_bufs = n;
+    rc = io_uring_register_buffers(&u->ring, iov, n);
+    free(iov);
+    if (rc == 0)
+        return 0;
+fail:
+    munmap(u->buf_mem, u->buf_mem_len);
+    u->buf_mem = NULL;
+    free(u->bufs);
+    u->bufs = NULL;
+    u->free_buf = NONE;
+    u->nfree_bufs = 0;
+    return rc < 0 ? rc : -ENOMEM;
+}
+
+/* ---- registered buffers -------------------------------------------------- */
+
+int pl_uring_buffer_count(pl_uring_t *u)
+{
+    return (int)u->opts.buffer_count;
+}
+
+uint32_t pl_uring_buffer_size(pl_uring_t *u)
+{
+    return u->opts.buffer_size;
+}
+
+void *pl_uring_buffer_ptr(pl_uring_t *u, int index)
+{
+    if (!u->buf_mem || index < 0 || (uint32_t)index >= u->opts.buffer_count)
+        return NULL;
+    return u->buf_mem + (size_t)index * u->opts.buffer_size;
+}
+
+/* handoff[] is indexed by task slot; it grows with the largest slot seen. */
+static int handoff_reserve(pl_uring_t *u, uint32_t slot)
+{
+    uint32_t cap = u->handoff_cap ? u->handoff_cap : 64;
+    int32_t *h;
+    uint32_t *g;
+
+    if (slot < u->handoff_cap)
+        return 0;
+    while (cap <= slot)
+        cap *= 2;
+    h = realloc(u->handoff, sizeof(*h) * cap);
+    if (!h)
+        return -ENOMEM;
+    u->handoff = h;
+    g = realloc(u->handoff_gen, sizeof(*g) * cap);
+    if (!g)
+        return -ENOMEM;
+    u->handoff_gen = g;
+    for (uint32_t i = u->handoff_cap; i < cap; i++) {
+        h[i] = NO_BUF;
+        g[i] = 0;
+    }
+    u->handoff_cap = cap;
+    return 0;
+}
+
+static int waiters_push(pl_uring_t *u, uint32_t slot, uint32_t gen)
+{
+    if (u->waiters_len == u->waiters_cap) {
+        uint32_t cap = u->waiters_cap ? u->waiters_cap * 2 : 64;
+        struct buf_waiter *w = malloc(sizeof(*w) * cap);
+        if (!w)
+            return -ENOMEM;
+        for (uint32_t k = 0; k < u->waiters_len; k++)
+            w[k] = u->waiters[(u->waiters_head + k) % u->waiters_cap];
+        free(u->waiters);
+        u->waiters = w;
+        u->waiters_cap = cap;
+        u->waiters_head = 0;
+    }
+    u->waiters[(u->waiters_head + u->waiters_len++) % u->waiters_cap] =
+        (struct buf_waiter){ slot, gen };
+    return 0;
+}
+
+static struct buf_waiter *find_waiter(pl_uring_t *u, uint32_t slot, uint32_t gen)
+{
+    for (uint32_t k = 0; k < u->waiters_len; k++) {
+        struct buf_waiter *w = &u->waiters[(u->waiters_head + k) % u->waiters_cap];
+        if (w->slot == slot && w->gen == gen)
+            return w;
+    }
+    return NULL;
+}
+
+/* Give buffer index to the first waiter still waiting (FIFO), or free it. */
+void uring_buffer_put(pl_uring_t *u, pl_runtime_t *rt, int index)
+{
+    while (u->waiters_len > 0) {
+        struct buf_waiter w = u->waiters[u->waiters_head];
+        u->waiters_head = (u->waiters_head + 1) % u->waiters_cap;
+        u->waiters_len--;
+        if (w.slot < u->handoff_cap && rt && pl_task_wake(rt, w.slot, w.gen) >= 0) {
+            u->handoff[w.slot] = index;
+            u->handoff_gen[w.slot] = w.gen;
+            return;             /* stays held, now by the waiter */
+        }
+    }
+    u->bufs[index].state = BUF_FREE;
+    u->bufs[index].next_free = u->free_buf;
+    u->free_buf = (uint32_t)index;
+    u->nfree_bufs++;
+}
+
+int pl_uring_buffer_acquire(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint32_t gen)
+{
+    int rc = pl_uring_buffers_register(u);
+
+    if (rc < 0)
+        return rc;
+    if (slot < u->handoff_cap && u->handoff[slot] != NO_BUF) {
+        int index = u->handoff[slot];
+        u->handoff[slot] = NO_BUF;
+        if (u->handoff_gen[slot] == gen)
+            return index;
+        uring_buffer_put(u, rt, index);   /* a dead task's: pass it on */
+    }
+    if (u->free_buf != NONE && u->waiters_len == 0) {
+        uint32_t i = u->free_buf;
+        u->free_buf = u->bufs[i].next_free;
+        u->nfree_bufs--;
+        u->bufs[i].state = BUF_HELD;
+        return (int)i;
+    }
+    if (find_waiter(u, slot, gen))
+        return -EAGAIN;
+    rc = handoff_reserve(u, slot);
+    if (rc == 0)
+        rc = waiters_push(u, slot, gen);
+    if (rc < 0)
+        return rc;
+    u->stats.buffer_waits++;
+    return -EAGAIN;
+}
+
+void pl_uring_buffer_abandon(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint32_t gen)
+{
+    struct buf_waiter *w = find_waiter(u, slot, gen);
+
+    if (w)
+        w->slot = NONE;         /* skipped when its turn comes */
+    if (slot < u->handoff_cap && u->handoff[slot] != NO_BUF && u->handoff_gen[slot] == gen) {
+        int index = u->handoff[slot];
+        u->handoff[slot] = NO_BUF;
+        uring_buffer_put(u, rt, index);
+    }
+}
+
+int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index)
+{
+    struct uring_buf *b;
+
+    if (!u->bufs || index < 0 || (uint32_t)index >= u->opts.buffer_count)
+        return -EINVAL;
+    b = &u->bufs[index];
+    if (b->state != BUF_HELD || b->release_pending)
+        return -EALREADY;
+    u->rt = rt;
+    if (b->users > 0) {         /* an abandoned op may still write into it */
+        b->release_pending = true;
+        return 0;
+    }
+    uring_buffer_put(u, rt, index);
+    return 0;
+}
+

@@ -1,0 +1,129 @@
+/*
+ * uring_file.c - file and path operations of the io_uring reactor, and the
+ * small synchronous helpers around them (statx decoding, open flags).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/stat.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "uring_internal.h"
+
+int pl_uring_fsync(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int datasync)
+{
+    START_OTHER(io_uring_prep_fsync(sqe, fd, datasync ? IORING_FSYNC_DATASYNC : 0));
+}
+
+int pl_uring_fallocate(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int mode,
+                       uint64_t offset, uint64_t len)
+{
+    START_OTHER(io_uring_prep_fallocate(sqe, fd, mode, (off_t)offset, (off_t)len));
+}
+
+int pl_uring_openat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path,
+                    int flags, int mode)
+{
+    START_OTHER(io_uring_prep_openat(sqe, AT_FDCWD, path, flags | O_CLOEXEC, (mode_t)mode));
+}
+
+int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
+{
+    START_OTHER(io_uring_prep_close(sqe, fd));
+}
+
+int pl_uring_statx(pl_uring_t *u, uint32_t slot, uint32_t gen, int dirfd, const char *path,
+                   int flags, void *statx_buf)
+{
+    START_OTHER(io_uring_prep_statx(sqe, dirfd, path, flags,
+                                    STATX_BASIC_STATS | STATX_BTIME | STATX_DIOALIGN,
+                                    (struct statx *)statx_buf));
+}
+
+int pl_uring_unlinkat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path, int flags)
+{
+    START_OTHER(io_uring_prep_unlinkat(sqe, AT_FDCWD, path, flags));
+}
+
+int pl_uring_renameat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *from,
+                      const char *to)
+{
+    START_OTHER(io_uring_prep_renameat(sqe, AT_FDCWD, from, AT_FDCWD, to, 0));
+}
+
+int pl_uring_mkdirat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path, int mode)
+{
+    START_OTHER(io_uring_prep_mkdirat(sqe, AT_FDCWD, path, (mode_t)mode));
+}
+
+int pl_uring_statx_size(void)
+{
+    return (int)sizeof(struct statx);
+}
+
+static double ts_of(const struct statx_timestamp *t)
+{
+    return (double)t->tv_sec + (double)t->tv_nsec / 1e9;
+}
+
+void pl_uring_statx_decode(const void *statx_buf, pl_file_stat_t *out)
+{
+    const struct statx *st = statx_buf;
+
+    out->size = (double)st->stx_size;
+    out->blocks = (double)st->stx_blocks;
+    out->blksize = st->stx_blksize;
+    out->mode = st->stx_mode;
+    out->uid = st->stx_uid;
+    out->gid = st->stx_gid;
+    out->nlink = st->stx_nlink;
+    out->ino = (double)st->stx_ino;
+    out->atime = ts_of(&st->stx_atime);
+    out->mtime = ts_of(&st->stx_mtime);
+    out->ctime = ts_of(&st->stx_ctime);
+    out->btime = (st->stx_mask & STATX_BTIME) ? ts_of(&st->stx_btime) : 0;
+    if (st->stx_mask & STATX_DIOALIGN) {
+        out->dio_mem_align = st->stx_dio_mem_align;
+        out->dio_offset_align = st->stx_dio_offset_align;
+    } else {
+        out->dio_mem_align = 0;
+        out->dio_offset_align = 0;
+    }
+    out->dev_major = st->stx_dev_major;
+    out->dev_minor = st->stx_dev_minor;
+}
+
+/* No IORING_OP_FTRUNCATE before Linux 6.9: truncate is a quick metadata
+ * call, done synchronously. */
+int pl_file_truncate(int fd, uint64_t len)
+{
+    return ftruncate(fd, (off_t)len) < 0 ? -errno : 0;
+}
+
+/* open(2) flags for an io.open-style mode ("r", "w", "a", "r+", "w+", "a+"),
+ * plus O_DIRECT when direct; -EINVAL for any other mode. */
+int pl_file_flags(const char *mode, int direct)
+{
+    static const struct { const char *mode; int flags; } modes[] = {
+        { "r", O_RDONLY }, { "w", O_WRONLY | O_CREAT | O_TRUNC },
+        { "a", O_WRONLY | O_CREAT | O_APPEND }, { "r+", O_RDWR },
+        { "w+", O_RDWR | O_CREAT | O_TRUNC }, { "a+", O_RDWR | O_CREAT | O_APPEND },
+    };
+
+    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++)
+        if (strcmp(mode, modes[i].mode) == 0)
+            return modes[i].flags | (direct ? O_DIRECT : 0);
+    return -EINVAL;
+}
+
+int pl_file_open_sync(const char *path, int flags, int mode)
+{
+    int fd = open(path, flags | O_CLOEXEC, (mode_t)mode);
+
+    return fd < 0 ? -errno : fd;
+}
+
+int pl_file_close_sync(int fd)
+{
+    return close(fd) < 0 ? -errno : 0;
+}

@@ -1,0 +1,116 @@
+/*
+ * uring_internal.h - state shared by the io_uring reactor's files: uring.c
+ * (ring, op slots, submission, completion), uring_file.c (file and path
+ * operations), uring_buf.c (registered buffers), uring_net.c (sockets).
+ */
+#ifndef PL_URING_INTERNAL_H
+#define PL_URING_INTERNAL_H
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "internal.h"
+
+#define URING_OPS_PER_CHUNK 256
+#define URING_MAX_OP_CHUNKS 1024
+#define NONE UINT32_MAX
+
+enum op_state { OP_FREE, OP_IN_FLIGHT, OP_DONE, OP_ABANDONED };
+enum op_kind { OP_READ, OP_WRITE, OP_OTHER, OP_SEND };
+
+#define NO_BUF (-1)
+#define CANCEL_TAG UINT64_MAX   /* user_data of cancel requests: ignored */
+
+/* One operation.  Reads and writes remember where they are so that a short
+ * transfer is continued here, not in Lua. */
+struct uring_op {
+    uint32_t index;
+    uint32_t gen;
+    uint8_t state;
+    uint8_t kind;
+    uint32_t task_slot, task_gen;
+    int fd;
+    int buf_index;          /* registered buffer used, or NO_BUF */
+    char *addr;
+    uint32_t len;           /* bytes asked */
+    uint32_t done;          /* bytes transferred so far */
+    uint64_t offset;
+    int32_t res;
+    uint32_t next_free;
+    /* sockets: the kernel reads (and for recvmsg writes) these after the
+     * SQE is queued, which is why op slots never move */
+    struct msghdr msg;
+    struct iovec iov;
+    struct sockaddr_storage peer;
+};
+
+enum buf_state { BUF_FREE, BUF_HELD };
+
+struct uring_buf {
+    uint8_t state;
+    bool release_pending;   /* released while an abandoned op still uses it */
+    uint32_t users;         /* in-flight ops using it */
+    uint32_t next_free;
+};
+
+/* A task waiting for a buffer; handed is set when a buffer was passed to it. */
+struct buf_waiter {
+    uint32_t slot, gen;
+};
+
+struct pl_uring {
+    pl_reactor_t reactor;   /* first: the vtable the runtime polls */
+    pl_runtime_t *rt;       /* last runtime that polled us (for wakes) */
+    struct io_uring ring;
+    bool ring_ready;
+    pl_uring_options_t opts;
+    int64_t wait_submit_ns, wait_complete_ns;
+    int64_t first_unsubmitted_ns;
+
+    struct uring_op *op_chunks[URING_MAX_OP_CHUNKS];   /* slots never move */
+    uint32_t nops, free_op;
+    uint32_t in_flight;     /* ops the kernel has (including abandoned) */
+
+    char *buf_mem;
+    size_t buf_mem_len;
+    struct uring_buf *bufs;
+    uint32_t free_buf, nfree_bufs;
+
+    struct buf_waiter *waiters;     /* FIFO ring */
+    uint32_t waiters_cap, waiters_head, waiters_len;
+    /* handoff[slot]: buffer passed to the waiting task in that slot */
+    int32_t *handoff;
+    uint32_t *handoff_gen;
+    uint32_t handoff_cap;
+
+    pl_uring_stats_t stats;
+};
+
+static inline struct uring_op *uring_op(pl_uring_t *u, uint32_t i)
+{
+    return &u->op_chunks[i / URING_OPS_PER_CHUNK][i % URING_OPS_PER_CHUNK];
+}
+
+/* uring.c */
+struct io_uring_sqe *uring_get_sqe(pl_uring_t *u);
+int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind);
+int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
+void uring_sqe_void(struct io_uring_sqe *sqe);
+int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
+int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len);
+
+/* uring_buf.c */
+void uring_buffer_put(pl_uring_t *u, pl_runtime_t *rt, int index);
+
+/* Start an op whose SQE `prep` fills in (uses u, slot, gen, sqe). */
+#define START_OTHER(prep)                                   \
+    do {                                                    \
+        struct io_uring_sqe *sqe;                           \
+        int i = uring_start_other(u, slot, gen, &sqe);      \
+        if (i < 0)                                          \
+            return i;                                       \
+        prep;                                               \
+        return uring_op_queue(u, (uint32_t)i, sqe);         \
+    } while (0)
+
+#endif /* PL_URING_INTERNAL_H */
