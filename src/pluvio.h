@@ -276,6 +276,25 @@ int pl_uring_buffer_acquire(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint
 void pl_uring_buffer_abandon(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint32_t gen);
 int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index);
 
+/* Sockets over io_uring (uring_net.c).  Set-up is synchronous; the ops
+ * behave like the file ops above (connect also returns the socket in
+ * *fd_out, which the caller closes if the op fails). */
+int pl_net_tcp_listen(const char *host, int port, int backlog);
+int pl_net_udp_bind(const char *host, int port);
+int pl_net_name(int fd, int which, char *out, int cap);
+int pl_net_local_port(int fd);
+int pl_net_nodelay(int fd);
+int pl_uring_accept(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
+int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *host, int port,
+                     int *fd_out);
+int pl_uring_send(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *data, uint32_t len);
+int pl_uring_recv(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len);
+int pl_uring_sendto(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *data,
+                    uint32_t len, const char *host, int port);
+int pl_uring_recvfrom(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len);
+int pl_uring_op_peer(pl_uring_t *u, int op, char *out, int cap);
+int pl_uring_cancel_fd(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
+
 int pl_uring_statx_size(void);
 void pl_uring_statx_decode(const void *statx_buf, pl_file_stat_t *out);
 int pl_file_truncate(int fd, uint64_t len);

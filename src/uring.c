@@ -12,6 +12,7 @@
  */
 #include <errno.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -213,7 +214,7 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
     return (int)i;
 }
 
-/* Prepare the (rest of a) read or write of op i. */
+/* Prepare the (rest of a) read, write or send of op i. */
 static void prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 {
     struct uring_op *op = uring_op(u, i);
@@ -221,17 +222,16 @@ static void prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
     uint32_t len = op->len - op->done;
     uint64_t off = op->offset + op->done;
 
-    if (op->kind == OP_READ) {
-        if (op->buf_index >= 0)
-            io_uring_prep_read_fixed(sqe, op->fd, addr, len, off, op->buf_index);
-        else
-            io_uring_prep_read(sqe, op->fd, addr, len, off);
-    } else {
-        if (op->buf_index >= 0)
-            io_uring_prep_write_fixed(sqe, op->fd, addr, len, off, op->buf_index);
-        else
-            io_uring_prep_write(sqe, op->fd, addr, len, off);
-    }
+    if (op->kind == OP_SEND)
+        io_uring_prep_send(sqe, op->fd, addr, len, MSG_NOSIGNAL);
+    else if (op->kind == OP_READ && op->buf_index >= 0)
+        io_uring_prep_read_fixed(sqe, op->fd, addr, len, off, op->buf_index);
+    else if (op->kind == OP_READ)
+        io_uring_prep_read(sqe, op->fd, addr, len, off);
+    else if (op->buf_index >= 0)
+        io_uring_prep_write_fixed(sqe, op->fd, addr, len, off, op->buf_index);
+    else
+        io_uring_prep_write(sqe, op->fd, addr, len, off);
 }
 
 int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len)

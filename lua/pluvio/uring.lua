@@ -892,11 +892,19 @@ function M.mkdir(path, perms)
     return true
 end
 
+-- What uring_net.lua (sockets) builds on.
+M._internal = {
+    context = context, run_op = run_op, bounce_get = bounce_get, bounce_put = bounce_put,
+    WAIT = WAIT, park = park, WAIT_IO = WAIT_IO,
+}
+
 -- The reactor's acquire, reachable from the module for convenience.
 function M.acquire_buffer()
     local t, r, rt = context("uring.acquire_buffer")
     local b = acquire(r, t, rt, "uring.acquire_buffer")
     return b
 end
+
+require("pluvio.uring_net").install(M)
 
 return M

@@ -1,0 +1,305 @@
+-- pluvio.uring_net: TCP and UDP sockets over the io_uring reactor, part of
+-- pluvio.uring (uring.tcp_listen, uring.tcp_connect, uring.udp_bind).
+-- Binding needs an address: nothing listens on a wildcard unless asked.
+local core = require "pluvio.core"
+local check = require "pluvio.check"
+
+local ffi, C = core.ffi, core.C
+local format, type, setmetatable, getmetatable = string.format, type, setmetatable, getmetatable
+local ffi_string = ffi.string
+local errstr = core.errstr
+
+local M = {}
+
+local MAX_IO = 0x7ffff000
+
+local function errname(rc)
+    return ffi_string(C.pl_errname(rc))
+end
+
+local namebuf = ffi.new("char[80]")
+
+local function sock_name(fd, which)
+    if C.pl_net_name(fd, which, namebuf, 80) < 0 then
+        return "?"
+    end
+    return ffi_string(namebuf)
+end
+
+local function check_port(fname, port)
+    if type(port) ~= "number" or port ~= port or port % 1 ~= 0 or port < 0 or port > 65535 then
+        error(format("%s: port must be an integer from 0 to 65535 (got %s)", fname, check.show(port)), 3)
+    end
+end
+
+local function check_host(fname, host)
+    if type(host) ~= "string" or host == "" then
+        error(format("%s: host must be an address or a name, e.g. \"127.0.0.1\" or \"::1\" (got %s)",
+                     fname, check.show(host)), 3)
+    end
+end
+
+function M.install(U)
+    local I = U._internal
+    local context, run_op, bounce_get, bounce_put = I.context, I.run_op, I.bounce_get, I.bounce_put
+
+    local TcpListener = {}
+    TcpListener.__index = TcpListener
+    U.TcpListener = TcpListener
+
+    local TcpSocket = {}
+    TcpSocket.__index = TcpSocket
+    U.TcpSocket = TcpSocket
+
+    local UdpSocket = {}
+    UdpSocket.__index = UdpSocket
+    U.UdpSocket = UdpSocket
+
+    local function failed(what, obj, rc)
+        if rc == -125 then      -- ECANCELED: closed under it
+            return nil, format("%s %s: the socket was closed", what, obj.name), "ECANCELED"
+        end
+        return nil, format("%s %s: %s", what, obj.name, errstr(rc)), errname(rc)
+    end
+
+    local function live(fname, obj, mt, what)
+        if getmetatable(obj) ~= mt then
+            error(format("%s: call it as a method on %s; got %s as self", fname, what, type(obj)), 3)
+        end
+        if obj.fd < 0 then
+            error(fname .. ": the socket is closed (" .. obj.name .. ")", 3)
+        end
+        return obj
+    end
+
+    -- Close: cancel what other tasks wait for on the fd, then close it.
+    local function close_socket(obj, fname)
+        local t, r = context(fname)
+        local fd = obj.fd
+        obj.fd = -1
+        run_op(r, t, C.pl_uring_cancel_fd(r.u, t.slot, t.gen, fd), obj)
+        local rc = run_op(r, t, C.pl_uring_close(r.u, t.slot, t.gen, fd), obj)
+        if rc < 0 then
+            return failed("close", obj, rc)
+        end
+        return true
+    end
+
+    function TcpListener:describe() return "accept on " .. self.name end
+    function TcpSocket:describe() return "tcp " .. self.name end
+    function UdpSocket:describe() return "udp " .. self.name end
+
+    -- tcp_listen(host, port[, backlog]): a listening socket on host:port
+    -- (port 0: any free port, see :port()).
+    function U.tcp_listen(host, port, backlog)
+        check_host("uring.tcp_listen", host)
+        check_port("uring.tcp_listen", port)
+        backlog = backlog or 128
+        check.integer("uring.tcp_listen", "backlog", backlog, 1, 65535)
+        local _, r = context("uring.tcp_listen")
+        local fd = C.pl_net_tcp_listen(host, port, backlog)
+        if fd < 0 then
+            return nil, format("listen on %s:%d: %s", host, port, errstr(fd)), errname(fd)
+        end
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0) }, TcpListener)
+    end
+
+    function TcpListener:port()
+        live("TcpListener:port", self, TcpListener, "a listener")
+        return C.pl_net_local_port(self.fd)
+    end
+
+    -- accept(): the next connection; parks until a client connects.
+    function TcpListener:accept()
+        live("TcpListener:accept", self, TcpListener, "a listener")
+        local t, r = context("TcpListener:accept")
+        local fd = run_op(r, t, C.pl_uring_accept(r.u, t.slot, t.gen, self.fd), self)
+        if fd < 0 then
+            return failed("accept", self, fd)
+        end
+        C.pl_net_nodelay(fd)
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "" }, TcpSocket)
+    end
+
+    function TcpListener:close()
+        if getmetatable(self) ~= TcpListener then
+            error("TcpListener:close: call it as a method on a listener", 2)
+        end
+        if self.fd < 0 then return false end
+        return close_socket(self, "TcpListener:close")
+    end
+
+    -- tcp_connect(host, port): a connected socket, or nil, err.
+    function U.tcp_connect(host, port)
+        check_host("uring.tcp_connect", host)
+        check_port("uring.tcp_connect", port)
+        local t, r = context("uring.tcp_connect")
+        local fdout = ffi.new("int[1]", -1)
+        local what = format("connect to %s:%d", host, port)
+        local rc = run_op(r, t, C.pl_uring_connect(r.u, t.slot, t.gen, host, port, fdout), what)
+        local fd = fdout[0]
+        if rc < 0 then
+            if fd >= 0 then C.pl_file_close_sync(fd) end
+            return nil, format("connect to %s:%d: %s", host, port, errstr(rc)), errname(rc)
+        end
+        C.pl_net_nodelay(fd)
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "" }, TcpSocket)
+    end
+
+    -- send(data): send all of data (a short send is continued); returns
+    -- #data or nil, err.
+    function TcpSocket:send(data)
+        live("TcpSocket:send", self, TcpSocket, "a socket")
+        check.string("TcpSocket:send", "data", data)
+        if #data > MAX_IO then
+            error(format("TcpSocket:send: data must be at most %d bytes (got %d)", MAX_IO, #data), 2)
+        end
+        local t, r = context("TcpSocket:send")
+        local rc = run_op(r, t, C.pl_uring_send(r.u, t.slot, t.gen, self.fd, data, #data), self)
+        if rc < 0 then
+            return failed("send", self, rc)
+        end
+        return rc
+    end
+
+    local function recv_raw(self, t, r, max)
+        local scratch = bounce_get(r, max)
+        local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self)
+        local s = rc > 0 and ffi_string(scratch.ptr, rc) or nil
+        bounce_put(r, scratch)
+        return s, rc
+    end
+
+    -- recv(max): up to max bytes as soon as some arrive; nil, "closed"
+    -- when the peer closed the connection.
+    function TcpSocket:recv(max)
+        live("TcpSocket:recv", self, TcpSocket, "a socket")
+        check.integer("TcpSocket:recv", "max", max, 1, MAX_IO)
+        if #self.pending > 0 then
+            local s = self.pending:sub(1, max)
+            self.pending = self.pending:sub(max + 1)
+            return s
+        end
+        local t, r = context("TcpSocket:recv")
+        local s, rc = recv_raw(self, t, r, max)
+        if rc < 0 then
+            return failed("recv", self, rc)
+        elseif rc == 0 then
+            return nil, "closed", "EOF"
+        end
+        return s
+    end
+
+    -- recv_exact(n): exactly n bytes, or nil, err (the bytes that did
+    -- arrive before the peer closed are kept for the next recv).
+    function TcpSocket:recv_exact(n)
+        live("TcpSocket:recv_exact", self, TcpSocket, "a socket")
+        check.integer("TcpSocket:recv_exact", "n", n, 0, MAX_IO)
+        local t, r = context("TcpSocket:recv_exact")
+        local parts, have = { self.pending }, #self.pending
+        self.pending = ""
+        while have < n do
+            local s, rc = recv_raw(self, t, r, math.min(n - have, 1048576))
+            if rc <= 0 then
+                self.pending = table.concat(parts)
+                if rc == 0 then
+                    return nil, format("recv %s: connection closed after %d of %d bytes", self.name, have, n), "EOF"
+                end
+                return failed("recv", self, rc)
+            end
+            parts[#parts + 1] = s
+            have = have + rc
+        end
+        local all = table.concat(parts)
+        self.pending = all:sub(n + 1)
+        return all:sub(1, n)
+    end
+
+    function TcpSocket:peer()
+        return self.name
+    end
+
+    function TcpSocket:close()
+        if getmetatable(self) ~= TcpSocket then
+            error("TcpSocket:close: call it as a method on a socket", 2)
+        end
+        if self.fd < 0 then return false end
+        return close_socket(self, "TcpSocket:close")
+    end
+
+    -- udp_bind(host, port): a datagram socket bound to host:port.
+    function U.udp_bind(host, port)
+        check_host("uring.udp_bind", host)
+        check_port("uring.udp_bind", port)
+        local _, r = context("uring.udp_bind")
+        local fd = C.pl_net_udp_bind(host, port)
+        if fd < 0 then
+            return nil, format("bind %s:%d: %s", host, port, errstr(fd)), errname(fd)
+        end
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0) }, UdpSocket)
+    end
+
+    function UdpSocket:port()
+        live("UdpSocket:port", self, UdpSocket, "a UDP socket")
+        return C.pl_net_local_port(self.fd)
+    end
+
+    -- send_to(data, host, port): one datagram; returns #data or nil, err.
+    function UdpSocket:send_to(data, host, port)
+        live("UdpSocket:send_to", self, UdpSocket, "a UDP socket")
+        check.string("UdpSocket:send_to", "data", data)
+        check_host("UdpSocket:send_to", host)
+        check_port("UdpSocket:send_to", port)
+        if #data > 65507 then
+            error(format("UdpSocket:send_to: a datagram holds at most 65507 bytes (got %d)", #data), 2)
+        end
+        local t, r = context("UdpSocket:send_to")
+        local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, host, port), self)
+        if rc < 0 then
+            return failed(format("send_to %s:%d from", host, port), self, rc)
+        end
+        return rc
+    end
+
+    -- recv_from(max): the next datagram (truncated to max bytes), and the
+    -- sender's host and port.
+    function UdpSocket:recv_from(max)
+        live("UdpSocket:recv_from", self, UdpSocket, "a UDP socket")
+        check.integer("UdpSocket:recv_from", "max", max, 1, 65536)
+        local t, r = context("UdpSocket:recv_from")
+        local scratch = bounce_get(r, max)
+        local op = C.pl_uring_recvfrom(r.u, t.slot, t.gen, self.fd, scratch.ptr, max)
+        if op < 0 then
+            bounce_put(r, scratch)
+            return failed("recv_from", self, op)
+        end
+        -- the sender's address is read from the op before its result is taken
+        t.io_reactor, t.io_op, t.waiting_for = r, op, self
+        coroutine.yield(I.WAIT)                 -- the op start parked the task
+        while C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 do
+            I.park(t, I.WAIT_IO, op, self)     -- a spurious wake-up
+        end
+        local from = ffi_string(namebuf)
+        local result = r.result
+        C.pl_uring_op_take(r.u, op, result)
+        t.io_reactor, t.waiting_for = nil, nil
+        local rc = result.res
+        local s = rc >= 0 and ffi_string(scratch.ptr, rc) or nil
+        bounce_put(r, scratch)
+        if rc < 0 then
+            return failed("recv_from", self, rc)
+        end
+        local host, port = (from or "?:0"):match("^%[?(.-)%]?:(%d+)$")
+        return s, host, tonumber(port)
+    end
+
+    function UdpSocket:close()
+        if getmetatable(self) ~= UdpSocket then
+            error("UdpSocket:close: call it as a method on a UDP socket", 2)
+        end
+        if self.fd < 0 then return false end
+        return close_socket(self, "UdpSocket:close")
+    end
+end
+
+return M

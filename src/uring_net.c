@@ -1,0 +1,249 @@
+/*
+ * uring_net.c - TCP and UDP sockets over the io_uring reactor.
+ *
+ * Setting a socket up (socket, bind, listen) is a few quick system calls,
+ * done synchronously; everything that can wait (accept, connect, send,
+ * recv, sendmsg, recvmsg) goes through the ring like file I/O.  Sends use
+ * MSG_NOSIGNAL: a peer that went away gives EPIPE to the caller instead of
+ * killing the process.  A short TCP send is continued in C (OP_SEND).
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "uring_internal.h"
+
+/* host:port as a socket address; the host must be an address or a name the
+ * resolver knows (we never pick a wildcard for the caller). */
+static int resolve(const char *host, int port, int socktype, struct sockaddr_storage *ss,
+                   socklen_t *len)
+{
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = socktype,
+                              .ai_flags = AI_NUMERICSERV };
+    struct addrinfo *res;
+    char service[16];
+
+    if (!host || !*host || port < 0 || port > 65535)
+        return -EINVAL;
+    snprintf(service, sizeof(service), "%d", port);
+    if (getaddrinfo(host, service, &hints, &res) != 0)
+        return -EADDRNOTAVAIL;
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    *len = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+static int bound_socket(const char *host, int port, int socktype)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    int one = 1, fd, rc = resolve(host, port, socktype, &ss, &len);
+
+    if (rc < 0)
+        return rc;
+    fd = socket(ss.ss_family, socktype | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    if (socktype == SOCK_STREAM)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, (struct sockaddr *)&ss, len) < 0) {
+        rc = -errno;
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+int pl_net_tcp_listen(const char *host, int port, int backlog)
+{
+    int fd = bound_socket(host, port, SOCK_STREAM);
+
+    if (fd < 0)
+        return fd;
+    if (listen(fd, backlog) < 0) {
+        int rc = -errno;
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+int pl_net_udp_bind(const char *host, int port)
+{
+    return bound_socket(host, port, SOCK_DGRAM);
+}
+
+/* "host:port" or "[v6]:port" of an address. */
+static void addr_text(const struct sockaddr_storage *ss, char *out, int cap)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, ip, sizeof(ip));
+        snprintf(out, (size_t)cap, "%s:%d", ip, ntohs(a->sin_port));
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof(ip));
+        snprintf(out, (size_t)cap, "[%s]:%d", ip, ntohs(a->sin6_port));
+    } else {
+        snprintf(out, (size_t)cap, "?");
+    }
+}
+
+/* The local (which 0) or peer (which 1) address of a socket as text. */
+int pl_net_name(int fd, int which, char *out, int cap)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    int rc = which ? getpeername(fd, (struct sockaddr *)&ss, &len)
+                   : getsockname(fd, (struct sockaddr *)&ss, &len);
+
+    if (rc < 0)
+        return -errno;
+    addr_text(&ss, out, cap);
+    return 0;
+}
+
+int pl_net_local_port(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
+        return -errno;
+    if (ss.ss_family == AF_INET)
+        return ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+}
+
+int pl_net_nodelay(int fd)
+{
+    int one = 1;
+
+    return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0 ? -errno : 0;
+}
+
+int pl_uring_accept(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
+{
+    START_OTHER(io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC));
+}
+
+/* A socket for host:port in *fd_out (the caller closes it on failure) and
+ * the connect op; the kernel copies the address when it takes the SQE,
+ * but the op slot holds it anyway. */
+int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *host, int port,
+                     int *fd_out)
+{
+    struct sockaddr_storage ss;
+    struct io_uring_sqe *sqe;
+    struct uring_op *op;
+    socklen_t len;
+    int i, rc = resolve(host, port, SOCK_STREAM, &ss, &len);
+
+    *fd_out = -1;
+    if (rc < 0)
+        return rc;
+    *fd_out = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (*fd_out < 0)
+        return -errno;
+    i = uring_start_other(u, slot, gen, &sqe);
+    if (i < 0)
+        return i;
+    op = uring_op(u, (uint32_t)i);
+    op->peer = ss;
+    io_uring_prep_connect(sqe, *fd_out, (struct sockaddr *)&op->peer, len);
+    return uring_op_queue(u, (uint32_t)i, sqe);
+}
+
+int pl_uring_send(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *data, uint32_t len)
+{
+    struct io_uring_sqe *sqe = uring_get_sqe(u);
+    struct uring_op *op;
+    int i;
+
+    if (!sqe)
+        return -EBUSY;
+    i = uring_op_new(u, slot, gen, OP_SEND);
+    if (i < 0) {
+        uring_sqe_void(sqe);
+        return i;
+    }
+    op = uring_op(u, (uint32_t)i);
+    op->fd = fd;
+    op->addr = (char *)data;
+    op->len = len;
+    op->offset = 0;
+    io_uring_prep_send(sqe, fd, data, len, MSG_NOSIGNAL);
+    return uring_op_queue(u, (uint32_t)i, sqe);
+}
+
+int pl_uring_recv(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len)
+{
+    START_OTHER(io_uring_prep_recv(sqe, fd, buf, len, 0));
+}
+
+/* A datagram to host:port; the message header lives in the op slot. */
+int pl_uring_sendto(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *data,
+                    uint32_t len, const char *host, int port)
+{
+    struct sockaddr_storage ss;
+    struct io_uring_sqe *sqe;
+    struct uring_op *op;
+    socklen_t alen;
+    int i, rc = resolve(host, port, SOCK_DGRAM, &ss, &alen);
+
+    if (rc < 0)
+        return rc;
+    i = uring_start_other(u, slot, gen, &sqe);
+    if (i < 0)
+        return i;
+    op = uring_op(u, (uint32_t)i);
+    op->peer = ss;
+    op->iov = (struct iovec){ .iov_base = (void *)data, .iov_len = len };
+    op->msg = (struct msghdr){ .msg_name = &op->peer, .msg_namelen = alen,
+                               .msg_iov = &op->iov, .msg_iovlen = 1 };
+    io_uring_prep_sendmsg(sqe, fd, &op->msg, MSG_NOSIGNAL);
+    return uring_op_queue(u, (uint32_t)i, sqe);
+}
+
+/* A datagram and, once complete, its sender (pl_uring_op_peer). */
+int pl_uring_recvfrom(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len)
+{
+    struct io_uring_sqe *sqe;
+    struct uring_op *op;
+    int i = uring_start_other(u, slot, gen, &sqe);
+
+    if (i < 0)
+        return i;
+    op = uring_op(u, (uint32_t)i);
+    memset(&op->peer, 0, sizeof(op->peer));
+    op->iov = (struct iovec){ .iov_base = buf, .iov_len = len };
+    op->msg = (struct msghdr){ .msg_name = &op->peer, .msg_namelen = sizeof(op->peer),
+                               .msg_iov = &op->iov, .msg_iovlen = 1 };
+    io_uring_prep_recvmsg(sqe, fd, &op->msg, 0);
+    return uring_op_queue(u, (uint32_t)i, sqe);
+}
+
+/* The sender of a finished recvfrom, before its result is taken. */
+int pl_uring_op_peer(pl_uring_t *u, int i, char *out, int cap)
+{
+    if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, (uint32_t)i)->state != OP_DONE)
+        return -ESRCH;
+    addr_text(&uring_op(u, (uint32_t)i)->peer, out, cap);
+    return 0;
+}
+
+/* Cancel every operation in flight on fd (before closing it: an op holds
+ * its own reference to the file, so close alone would not end a pending
+ * accept or recv).  Their tasks get -ECANCELED. */
+int pl_uring_cancel_fd(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
+{
+    START_OTHER(io_uring_prep_cancel_fd(sqe, fd, IORING_ASYNC_CANCEL_ALL));
+}
