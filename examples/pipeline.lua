@@ -302,10 +302,7 @@ if not o.keep and not o.dir then
     uring.rmdir(dir)
 end
 if o.json then
-    local text = bench.json(result) .. "\n"
-    if o.json == "-" then io.write(text) else
-        local f = assert(io.open(o.json, "w")); f:write(text); f:close()
-    end
+    bench.write_json(o.json, result)
 end
 if result.ok == false then
     io.stderr:write("pipeline: the received file differs from the source\n")

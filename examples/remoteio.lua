@@ -283,10 +283,7 @@ if not o.dir then
     uring.rmdir(dir)
 end
 if result and o.json then
-    local text = bench.json(result) .. "\n"
-    if o.json == "-" then io.write(text) else
-        local f = assert(io.open(o.json, "w")); f:write(text); f:close()
-    end
+    bench.write_json(o.json, result)
 end
 if result and not result.ok then
     io.stderr:write("remoteio: the files differ\n")

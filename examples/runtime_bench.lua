@@ -142,8 +142,5 @@ for _, r in ipairs(rows) do
 end
 io.write(("CPU time %.2f s\n"):format(os.clock()))
 if o.json then
-    local text = bench.json(results) .. "\n"
-    if o.json == "-" then io.write(text) else
-        local f = assert(io.open(o.json, "w")); f:write(text); f:close()
-    end
+    bench.write_json(o.json, results)
 end

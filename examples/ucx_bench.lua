@@ -245,10 +245,7 @@ local function report(results, mode)
         }
     end
     if o.json then
-        local text = bench.json(json) .. "\n"
-        if o.json == "-" then io.write(text) else
-            local f = assert(io.open(o.json, "w")); f:write(text); f:close()
-        end
+        bench.write_json(o.json, json)
     end
 end
 

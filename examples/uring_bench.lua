@@ -240,14 +240,7 @@ if result.verify then
     io.write(("  %-14s %12s\n"):format("verify", ("%d blocks, %d bad"):format(checked_blocks, bad_blocks)))
 end
 if o.json then
-    local text = bench.json(result) .. "\n"
-    if o.json == "-" then
-        io.write(text)
-    else
-        local jf = assert(io.open(o.json, "w"))
-        jf:write(text)
-        jf:close()
-    end
+    bench.write_json(o.json, result)
 end
 if o.plot then
     assert(bench.svg(o.plot, { title = "uring_bench " .. o.rw, histogram = hist, series = series,

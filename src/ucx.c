@@ -533,21 +533,34 @@ int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *e
     return pl_ucx_ep_flush(w, *ep_out, slot, gen);
 }
 
-int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
+/* The start of every operation on an endpoint: it must be open; then an
+ * op slot and its request parameters. */
+int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,
+                  struct ucx_op **op, ucp_request_param_t *p)
 {
-    struct ucx_ep *e = ucx_ep_get(w, ep);
-    ucp_request_param_t p;
-    struct ucx_op *op;
     int rc;
 
-    if (!e)
+    *e = ucx_ep_get(w, ep);
+    if (!*e)
         return -EBADF;
-    if (e->state != EP_OPEN)
+    if ((*e)->state != EP_OPEN)
         return pl_ucx_ep_status(w, ep);
-    rc = ucx_op_new(w, slot, gen, ep, &op);
+    rc = ucx_op_new(w, slot, gen, ep, op);
     if (rc < 0)
         return rc;
-    ucx_op_param(&p, op);
+    ucx_op_param(p, *op);
+    return 0;
+}
+
+int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
+{
+    ucp_request_param_t p;
+    struct ucx_ep *e;
+    struct ucx_op *op;
+    int rc = ucx_ep_op_new(w, ep, slot, gen, &e, &op, &p);
+
+    if (rc < 0)
+        return rc;
     return ucx_op_result(w, op, ucp_ep_flush_nbx(e->ep, &p));
 }
 

@@ -21,21 +21,16 @@
 int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, size_t header_len,
                    const void *data, size_t data_len, int flags, uint32_t slot, uint32_t gen)
 {
-    struct ucx_ep *e = ucx_ep_get(w, ep);
     ucp_request_param_t p;
+    struct ucx_ep *e;
     struct ucx_op *op;
     int rc;
 
-    if (!e)
-        return -EBADF;
-    if (e->state != EP_OPEN)
-        return pl_ucx_ep_status(w, ep);
     if (header_len > w->max_am_header)
         return -EMSGSIZE;   /* UCX 1.13 would abort the process */
-    rc = ucx_op_new(w, slot, gen, ep, &op);
+    rc = ucx_ep_op_new(w, ep, slot, gen, &e, &op, &p);
     if (rc < 0)
         return rc;
-    ucx_op_param(&p, op);
     p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = ((flags & 1) ? UCP_AM_SEND_FLAG_REPLY : 0) |
               ((flags & 2) ? UCP_AM_SEND_FLAG_EAGER : 0) |
@@ -411,19 +406,13 @@ void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint3
 int pl_ucx_tag_send(pl_ucx_worker_t *w, int ep, uint64_t tag, const void *data, size_t len,
                     uint32_t slot, uint32_t gen)
 {
-    struct ucx_ep *e = ucx_ep_get(w, ep);
     ucp_request_param_t p;
+    struct ucx_ep *e;
     struct ucx_op *op;
-    int rc;
+    int rc = ucx_ep_op_new(w, ep, slot, gen, &e, &op, &p);
 
-    if (!e)
-        return -EBADF;
-    if (e->state != EP_OPEN)
-        return pl_ucx_ep_status(w, ep);
-    rc = ucx_op_new(w, slot, gen, ep, &op);
     if (rc < 0)
         return rc;
-    ucx_op_param(&p, op);
     w->stats.tag_sent++;
     return ucx_op_result(w, op, ucp_tag_send_nbx(e->ep, data, len, tag, &p));
 }

@@ -235,6 +235,23 @@ function M.json(v)
     return table.concat(out)
 end
 
+-- write_json(dest, value): the value as one line of JSON to a file, or to
+-- stdout when dest is "-".
+function M.write_json(dest, value)
+    local text = M.json(value) .. "\n"
+    if dest == "-" then
+        io.stdout:write(text)
+        return true
+    end
+    local f, err = io.open(dest, "w")
+    if not f then
+        error("cannot write " .. dest .. ": " .. tostring(err), 2)
+    end
+    f:write(text)
+    f:close()
+    return true
+end
+
 -- json_decode(text): a value, or nil and where it went wrong (enough for
 -- reading fio's and our own reports).
 function M.json_decode(text)

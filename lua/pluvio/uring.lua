@@ -642,57 +642,46 @@ function File.new(fd, name)
     return f
 end
 
--- f:read_fixed(buf, offset[, len]): read into a registered buffer; returns
--- the bytes read (fewer only at end of file) or nil, err.
-function File:read_fixed(buf, offset, len)
-    self_file("File:read_fixed", self)
-    live_buffer("File:read_fixed", buf)
-    check_offset("File:read_fixed", offset)
+-- read_fixed / write_fixed: the checks and the op, one body for both.
+local function fixed_io(self, fname, write, buf, offset, len)
+    self_file(fname, self)
+    live_buffer(fname, buf)
+    check_offset(fname, offset)
     if len == nil then
         len = buf.len
     else
-        check_len("File:read_fixed", len, buf.len)
+        check_len(fname, len, buf.len)
     end
     local r = self.reactor
     if buf.reactor ~= r then
-        error("File:read_fixed: the buffer belongs to another io_uring reactor", 2)
+        error(fname .. ": the buffer belongs to another io_uring reactor", 3)
     end
-    check_direct("File:read_fixed", self, offset, len, buf.base)
-    local t = current_task("File:read_fixed")
-    local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, buf.base, len, offset,
-                                                    buf.index), self)
+    check_direct(fname, self, offset, len, buf.base)
+    local t = current_task(fname)
+    local start = write and C.pl_uring_write or C.pl_uring_read
+    local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, buf.base, len, offset, buf.index), self)
+    local what = write and "write" or "read"
     if res < 0 then
-        return fail(self, "read", res, format(" (offset %d, %d bytes)", offset, len), bytes)
+        return fail(self, what, res, format(" (offset %d, %d bytes)", offset, len), bytes)
+    end
+    if write and res < len then     -- the device stopped taking data without an error
+        return fail(self, what, -28, format(" (offset %d, %d bytes)", offset, len), res)
     end
     return res
+end
+
+-- f:read_fixed(buf, offset[, len]): read into a registered buffer; returns
+-- the bytes read (fewer only at end of file) or nil, err.
+function File:read_fixed(buf, offset, len)
+    local n, err, code, bytes = fixed_io(self, "File:read_fixed", false, buf, offset, len)
+    return n, err, code, bytes
 end
 
 -- f:write_fixed(buf, offset[, len]): write from a registered buffer; returns
 -- the bytes written (all of them; a short write is continued) or nil, err.
 function File:write_fixed(buf, offset, len)
-    self_file("File:write_fixed", self)
-    live_buffer("File:write_fixed", buf)
-    check_offset("File:write_fixed", offset)
-    if len == nil then
-        len = buf.len
-    else
-        check_len("File:write_fixed", len, buf.len)
-    end
-    local r = self.reactor
-    if buf.reactor ~= r then
-        error("File:write_fixed: the buffer belongs to another io_uring reactor", 2)
-    end
-    check_direct("File:write_fixed", self, offset, len, buf.base)
-    local t = current_task("File:write_fixed")
-    local res, bytes = run_op(r, t, C.pl_uring_write(r.u, t.slot, t.gen, self.fd, buf.base, len, offset,
-                                                     buf.index), self)
-    if res < 0 then
-        return fail(self, "write", res, format(" (offset %d, %d bytes)", offset, len), bytes)
-    end
-    if res < len then   -- the device stopped taking data without an error
-        return fail(self, "write", -28, format(" (offset %d, %d bytes)", offset, len), res)
-    end
-    return res
+    local n, err, code, bytes = fixed_io(self, "File:write_fixed", true, buf, offset, len)
+    return n, err, code, bytes
 end
 
 -- f:read(offset, len): the bytes as a string (shorter only at end of file).
