@@ -12,6 +12,7 @@
 --   pluvio examples/ucx_bench.lua --connect 127.0.0.1:13337
 local pluvio = require "pluvio"
 local ucx = require "pluvio.ucx"
+local uring = require "pluvio.uring"
 local bench = require "pluvio.bench"
 
 local spec = {
@@ -70,6 +71,22 @@ if o.transport ~= "address" and o.transport ~= "socket" then
     fail("--transport must be address or socket (got " .. o.transport .. ")")
 end
 
+-- Payloads live in registered buffers on both ends, as an application would
+-- keep them (and as ucx_perftest does): no Lua string per message.
+local max_size = 4096
+for _, s in ipairs(o.sizes) do max_size = math.max(max_size, s) end
+local buffers = uring.reactor { buffer_size = math.ceil(max_size / 4096) * 4096, buffer_count = 4 }
+pluvio.runtime():register_reactor("ucx_bench buffers", buffers)
+
+-- Take a message's data into buf (or drop it when empty).
+local function take(m, buf)
+    if m:data_len() > 0 then
+        assert(m:recv_data(buf))
+    else
+        m:release()
+    end
+end
+
 -- AM ids of the protocol.
 local PING, PONG, DATA, DONE, COUNT, ADDR, ADDR_REPLY = 10, 11, 12, 13, 14, 16, 17
 
@@ -80,21 +97,24 @@ local PING, PONG, DATA, DONE, COUNT, ADDR, ADDR_REPLY = 10, 11, 12, 13, 14, 16, 
 local function serve_connection(w, ep, streams)
     local counts = {}            -- size -> { msgs, bytes }
     local ping_task = pluvio.spawn_named("pong", function()
+        local buf = buffers:acquire_buffer()
         while true do
             local m = streams.ping:wait_msg()
             if not m then return end
-            local d = m:data()
-            assert(ep:am_send(PONG, "", d, false, o.proto))
+            local n = m:data_len()
+            take(m, buf)
+            assert(ep:am_send(PONG, "", buf, false, o.proto, n))
         end
     end)
     local data_task = pluvio.spawn_named("sink", function()
+        local buf = buffers:acquire_buffer()
         while true do
             local m = streams.data:wait_msg()
             if not m then return end
             local size = m:data_len()
             local c = counts[size] or { 0, 0 }
             counts[size] = c
-            m:data()             -- take it (rendezvous data is pulled)
+            take(m, buf)         -- rendezvous data is pulled into buf
             c[1] = c[1] + 1
             c[2] = c[2] + size
         end
@@ -152,14 +172,13 @@ end
 -- Client
 ---------------------------------------------------------------------------
 
-local function measure_latency(ep, streams, size, progress)
-    local data = string.rep("p", size)
+local function measure_latency(ep, streams, size, progress, buf, inbuf)
     local hist = bench.Histogram.new()
     for i = 1, o.warmup + o.iters do
         local t0 = pluvio.now()
-        assert(ep:am_send(PING, "", data, false, o.proto))
+        assert(ep:am_send(PING, "", buf, false, o.proto, size))
         local m = assert(streams.pong:wait_msg())
-        m:release()
+        take(m, inbuf)
         if i > o.warmup then
             hist:record((pluvio.now() - t0) / 2)     -- one way, as ucx_perftest reports it
         end
@@ -168,15 +187,14 @@ local function measure_latency(ep, streams, size, progress)
     return hist:summary()
 end
 
-local function measure_bandwidth(ep, streams, size, progress)
-    local data = string.rep("b", size)
+local function measure_bandwidth(ep, streams, size, progress, buf)
     local handles = {}
     local sent = 0
     local function send_n(n)
         for _ = 1, n do
             local slot = sent % o.window + 1
             if handles[slot] then assert(handles[slot]:wait()) end
-            handles[slot] = ep:am_send_nb(DATA, "", data, false, o.proto)
+            handles[slot] = ep:am_send_nb(DATA, "", buf, false, o.proto, size)
             sent = sent + 1
         end
     end
@@ -212,16 +230,20 @@ end
 local function run_client(w, ep, streams)
     local progress = bench.progress("ucx_bench", o.quiet)
     local results = {}
+    local buf, inbuf = buffers:acquire_buffer(), buffers:acquire_buffer()
+    buf:fill(0x62)
     for _, size in ipairs(o.sizes) do
         local r = { size = size }
         if o.test ~= "bw" then
-            r.lat = measure_latency(ep, streams, size, progress)
+            r.lat = measure_latency(ep, streams, size, progress, buf, inbuf)
         end
         if o.test ~= "lat" then
-            r.bw = measure_bandwidth(ep, streams, size, progress)
+            r.bw = measure_bandwidth(ep, streams, size, progress, buf)
         end
         results[#results + 1] = r
     end
+    buf:release()
+    inbuf:release()
     progress:done()
     assert(ep:am_send(DONE, "bye", ""))
     return results
