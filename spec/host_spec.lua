@@ -96,6 +96,26 @@ describe("pluvio (the host)", function()
         assert.matches('task "stuck" %(#%d+, waiting%) waits on channel', err)
     end)
 
+    it("gives an interactive prompt on a terminal whose lines run in the main task", function()
+        if sh("command -v script >/dev/null") ~= 0 then
+            pending("script(1) is not installed: no terminal to test the prompt with")
+            return
+        end
+        local input = os.tmpname()
+        local f = io.open(input, "w")
+        f:write('x = 40\n=x + 2\npluvio.sleep(0.01) print("slept")\nerror("oops")\n')
+        f:write('local t = pluvio.spawn(function() return 7 end) print(t:join())\n')
+        f:close()
+        local status, out = sh("script -qec " .. q(q(host)) .. " /dev/null < " .. q(input))
+        os.remove(input)
+        assert.equal(0, status, out)
+        assert.matches("Pluvio %d+%.%d+%.%d+ %(LuaJIT", out)
+        assert.matches("> 42", out)
+        assert.matches("> slept", out)
+        assert.matches("> [^\n]*oops", out)
+        assert.matches("> 7", out)
+    end)
+
     it("idles in the kernel: a 0.3 s sleep costs almost no CPU", function()
         local status, out, err = helper.run_script([[
             local c0 = os.clock()

@@ -34,6 +34,8 @@ static const char usage[] =
     "  -h, --help   print this help\n"
     "  --           stop handling options\n"
     "  -            read the script from standard input\n"
+    "With no script and a terminal on stdin: an interactive prompt whose\n"
+    "lines run inside the main task.\n"
     "\n"
     "Exit status: 0, or 1 on an uncaught error or a failed task nobody joined.\n";
 
@@ -105,6 +107,7 @@ struct options {
     int stats;
     int version;
     int help;
+    int interactive;    /* no script, stdin a terminal: read-eval-print */
     const char *bad;    /* an option we do not know, or one missing its value */
 };
 
@@ -177,6 +180,8 @@ static int run_host(lua_State *L, const struct options *o, int argc, char **argv
     lua_setfield(L, -2, "script");
     lua_pushboolean(L, o->stats);
     lua_setfield(L, -2, "stats");
+    lua_pushboolean(L, o->interactive);
+    lua_setfield(L, -2, "interactive");
     if (lua_pcall(L, 1, 1, 2) != 0) {
         fprintf(stderr, "pluvio: %s\n", lua_tostring(L, -1));
         return 1;
@@ -212,9 +217,12 @@ int main(int argc, char **argv)
         return 0;
     }
     if (o.script == argc && lua_objlen(L, 1) == 0) {
-        fputs(usage, stderr);
-        lua_close(L);
-        return 1;
+        if (!isatty(STDIN_FILENO)) {
+            fputs(usage, stderr);
+            lua_close(L);
+            return 1;
+        }
+        o.interactive = 1;      /* a terminal: the prompt */
     }
     set_arg(L, argc, argv, o.script);
     status = run_host(L, &o, argc, argv);

@@ -50,7 +50,42 @@ function M.format_stats(rt)
     return table.concat(lines, "\n") .. "\n"
 end
 
--- opts: { script = path or "-" or nil, actions = { {"e", code} | {"l", module} }, stats = bool }
+-- The interactive prompt: each line runs inside the main task, so blocking
+-- calls (pluvio.sleep, file and network operations) work; `=expr` or an
+-- expression prints its values.
+local function repl(pluvio)
+    io.stdout:write(("Pluvio %s (%s): lines run in the main task; Ctrl-D ends.\n")
+                    :format(pluvio.version, jit and jit.version or _VERSION))
+    while true do
+        io.stdout:write("> ")
+        io.stdout:flush()
+        local line = io.stdin:read("*l")
+        if not line then
+            io.stdout:write("\n")
+            return
+        end
+        local code = line:gsub("^=", "return ")
+        local f, err = load("return " .. code, "=stdin")
+        if not f then
+            f, err = load(code, "=stdin")
+        end
+        if not f then
+            io.stdout:write(err, "\n")
+        else
+            local r = { pcall(f) }
+            if not r[1] then
+                io.stdout:write(tostring(r[2]), "\n")
+            elseif #r > 1 then
+                local out = {}
+                for i = 2, table.maxn(r) do out[#out + 1] = tostring(r[i]) end
+                io.stdout:write(table.concat(out, "\t"), "\n")
+            end
+        end
+    end
+end
+
+-- opts: { script = path or "-" or nil, actions = { {"e", code} | {"l", module} },
+--         stats = bool, interactive = bool }
 function M.main(opts)
     local pluvio = require "pluvio"
     local chunk
@@ -86,6 +121,9 @@ function M.main(opts)
         end
         if chunk then
             return chunk(...)
+        end
+        if opts.interactive then
+            repl(pluvio)
         end
     end, unpack(args, 1, #args))
     if opts.stats then
