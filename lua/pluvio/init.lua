@@ -93,47 +93,44 @@ end
 -- Tasks
 ---------------------------------------------------------------------------
 
--- The error with its traceback, cut where the task's own frames end (the
--- runtime's xpcall and task body are noise to the reader).
-local function on_error(e)
+-- A failed task's error: strings get the traceback of the task's
+-- coroutine (a coroutine that raised keeps its stack), cut where the
+-- runtime's own frame begins; error objects (tables, KILLED) stay as they are.
+local function task_error(co, e)
     if type(e) ~= "string" and type(e) ~= "number" then
-        return e            -- error objects (tables, KILLED) pass through as they are
+        return e
     end
-    local tb = traceback(tostring(e), 2)
-    local cut = tb:find("\n%s*%[C%]: in function 'xpcall'")
+    local tb = traceback(co, tostring(e))
+    local cut = tb:find("\n[^\n]*pluvio/init%.lua:%d+: in function <[^\n]*pluvio/init%.lua:%d+>%s*$")
     return cut and tb:sub(1, cut - 1) or tb
-end
-
--- Run the task's function with its arguments (up to three are kept in the
--- task table itself: no argument table for the common case).
-local function run_task(t)
-    local fn, n = t.fn, t.nargs
-    t.fn = nil
-    if n == 0 then
-        t.results = pack(xpcall(fn, on_error))
-    elseif n == 1 then
-        t.results = pack(xpcall(fn, on_error, t.a1))
-    elseif n == 2 then
-        t.results = pack(xpcall(fn, on_error, t.a1, t.a2))
-    elseif n == 3 then
-        t.results = pack(xpcall(fn, on_error, t.a1, t.a2, t.a3))
-    else
-        local args = t.args
-        t.args = nil
-        t.results = pack(xpcall(fn, on_error, unpack(args, 1, args.n)))
-    end
-    t.a1, t.a2, t.a3 = nil, nil, nil
 end
 
 -- Coroutines are reused: after its task a coroutine yields DONE and is
 -- resumed with the next task, which saves coroutine.create, a fresh stack
--- and garbage per task.
+-- and garbage per task.  There is no xpcall: a task that raises ends its
+-- coroutine, and resume hands the error to run_batch with the coroutine's
+-- stack still there for the traceback (only failing tasks lose reuse).
 local DONE = setmetatable({}, { __tostring = function() return "pluvio task done" end })
 local POOL_MAX = 1024
 
 local function task_body(t)
     while true do
-        run_task(t)
+        local fn, n = t.fn, t.nargs
+        t.fn = nil
+        if n == 0 then
+            t.results = pack(true, fn())
+        elseif n == 1 then
+            t.results = pack(true, fn(t.a1))
+        elseif n == 2 then
+            t.results = pack(true, fn(t.a1, t.a2))
+        elseif n == 3 then
+            t.results = pack(true, fn(t.a1, t.a2, t.a3))
+        else
+            local args = t.args
+            t.args = nil
+            t.results = pack(true, fn(unpack(args, 1, args.n)))
+        end
+        t.a1, t.a2, t.a3 = nil, nil, nil
         t = co_yield(DONE)
     end
 end
@@ -632,11 +629,10 @@ local function run_batch(rt, n)
                 if #pool < POOL_MAX then
                     pool[#pool + 1] = co
                 end
-            elseif co_status(co) == "dead" then
-                if not ok then    -- only if task_body itself failed
-                    t.results = { n = 2, false, traceback(co, tostring(y)) }
-                end
+            elseif not ok then  -- the task raised: its coroutine is over
+                t.co = nil
                 if t.live then
+                    t.results = { n = 2, false, task_error(co, y) }
                     settle(rt, t)
                 end
             elseif t.kill_requested and t.live then   -- caught its own kill: stop it here
