@@ -22,7 +22,7 @@ local function doc_files()
     if read(root .. "/README.md") then
         files[#files + 1] = "README.md"
     end
-    local p = io.popen("ls " .. helper.quote(root .. "/docs") .. " 2>/dev/null")
+    local p = io.popen("unset LD_PRELOAD; ls " .. helper.quote(root .. "/docs") .. " 2>/dev/null")
     local names = {}
     for name in p:lines() do
         if name:match("%.md$") then

@@ -92,13 +92,13 @@ describe("examples/ucx_bench.lua", function()
     it("runs as a server and a client process", function()
         local port = 20000 + math.random(0, 20000)
         local errfile = os.tmpname()
-        os.execute(("%s %s --server --port %d >/dev/null 2>%s &"):format(q(helper.host),
+        helper.exec(("%s %s --server --port %d >/dev/null 2>%s &"):format(q(helper.host),
             q(helper.root .. "/examples/ucx_bench.lua"), port, q(errfile)))
         local status, r, _, err
         for _ = 1, 50 do
             status, r, _, err = run_json("ucx_bench.lua", ("--connect 127.0.0.1:%d --sizes 4k --iters 20 --warmup 2"):format(port))
             if status == 0 or not err:match("connect to") then break end
-            os.execute("sleep 0.1")
+            helper.exec("sleep 0.1")
         end
         assert.equal(0, status, err)
         assert.equal(20, r.results[1].bw.messages)

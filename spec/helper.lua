@@ -27,6 +27,16 @@ function M.sh(cmd)
     return status, slurp(out), slurp(err)
 end
 
+-- os.execute without the sanitizer preload (for commands whose output is
+-- not wanted, background starts included); returns the exit status.
+function M.exec(cmd)
+    local ok, how, code = os.execute("unset LD_PRELOAD; " .. cmd)
+    if type(ok) == "number" then
+        return math.floor(ok / 256)
+    end
+    return how == "exit" and code or 128 + (code or 0)
+end
+
 -- Write code to a temporary script and run it with the pluvio host.
 function M.run_script(code, args)
     local path = os.tmpname() .. ".lua"

@@ -54,8 +54,14 @@ local function start(args)
     local out, status = os.tmpname(), os.tmpname()
     os.remove(status)
     -- line-buffered: its progress lines must reach the file as they happen
-    os.execute(("(timeout 30 stdbuf -oL %s %s > %s 2>&1; echo $? > %s) &"):format(q(binary), args, q(out), q(status)))
+    helper.exec(("(timeout 30 stdbuf -oL %s %s > %s 2>&1; echo $? > %s) &"):format(q(binary), args, q(out), q(status)))
     return out, status
+end
+
+-- Stop the example server on port ("[u]cp..." keeps pkill from matching
+-- the shell that runs it).
+local function stop_server(port)
+    sh("pkill -f " .. q("[u]cp_client_server -c am -l 127.0.0.1 -p " .. port .. "( |$)"))
 end
 
 local function wait_file(path, pattern, seconds)
@@ -116,7 +122,7 @@ describe("UCX interoperability with ucp_client_server.c", function()
                     port = math.random(20000, 45000)
                     out, status = start(("-c am -l 127.0.0.1 -p %d -i 3 -s %d"):format(port, size))
                     if wait_file(out, "Waiting for connection", 10) then break end
-                    os.execute("pkill -f " .. q(binary .. " -c am -l 127.0.0.1 -p " .. port) .. " 2>/dev/null")
+                    stop_server(port)
                     out = nil
                 end
                 assert(out, "the example server did not start")
@@ -136,7 +142,7 @@ describe("UCX interoperability with ucp_client_server.c", function()
                     pluvio.sleep(0.3)
                 end
                 local text = wait_file(out, "Server: iteration #3", 20)
-                os.execute("pkill -f " .. q(binary .. " -c am -l 127.0.0.1 -p " .. port) .. " 2>/dev/null")
+                stop_server(port)
                 assert(text, "the example server did not receive 3 messages:\n" .. slurp(out))
                 assert.matches("UCX data message was received", text)
                 assert.is_nil(text:find("received wrong data length", 1, true))

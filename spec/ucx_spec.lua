@@ -291,7 +291,7 @@ describe("UCX across processes", function()
         f:close()
         local pidfile = os.tmpname()
         local errfile = os.tmpname()
-        os.execute(("%s %s %s 2>%s & echo $! > %s"):format(helper.quote(helper.host), helper.quote(script),
+        helper.exec(("%s %s %s 2>%s & echo $! > %s"):format(helper.quote(helper.host), helper.quote(script),
                    helper.quote(portfile), helper.quote(errfile), helper.quote(pidfile)))
         local pid = io.open(pidfile):read("*l")
         local deadline = pluvio.now() + 10
@@ -339,7 +339,7 @@ describe("UCX across processes", function()
         local ep = assert(w:connect_socket("127.0.0.1", s.port))
         assert(ep:am_send(1, "data", "x", true))
         assert(replies:wait_msg())
-        os.execute("kill -9 " .. s.pid)
+        helper.exec("kill -9 " .. s.pid)
         local t0 = pluvio.now()
         local failed_at
         for _ = 1, 10000 do
