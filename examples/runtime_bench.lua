@@ -19,7 +19,7 @@ local spec = {
         { "quick", "flag", false, "small sizes (about a second in all)" },
         { "gc-pause", "integer", 0, "LuaJIT's collectgarbage('setpause') (0: leave the default, 200); with\n" ..
           "                           100k live tasks each GC cycle ends in an atomic pass over every\n" ..
-          "                           coroutine stack (~100 ms): a larger pause runs fewer cycles" },
+          "                           coroutine stack (~45 ms): a larger pause runs fewer cycles" },
         { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
     },
 }

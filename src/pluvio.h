@@ -177,7 +177,10 @@ int pl_task_yield(pl_runtime_t *rt, uint32_t slot);
 int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome);
 int pl_task_info(pl_runtime_t *rt, uint32_t slot, pl_task_info_t *out);
 
-/* Timers (timer.c): one per task; firing wakes the task. */
+/* Timers (timer.c): one per task; firing wakes the task.  pl_task_sleep
+ * parks the task (PL_WAIT_SLEEP) until seconds from now: only its timer
+ * (or pl_task_exit) ends the sleep, pl_task_wake leaves it asleep. */
+int pl_task_sleep(pl_runtime_t *rt, uint32_t slot, double seconds);
 int pl_task_set_timer(pl_runtime_t *rt, uint32_t slot, double deadline);
 int pl_task_clear_timer(pl_runtime_t *rt, uint32_t slot);
 double pl_now(void);

@@ -165,11 +165,11 @@ int pl_ready_push(pl_runtime_t *rt, uint32_t slot)
 {
     struct pl_task *t = &rt->tasks[slot];
 
+    if (t->state == PL_TASK_WAITING)
+        t->state = PL_TASK_READY;
     if (t->queued)
         return 0;
     t->queued = true;
-    if (t->state == PL_TASK_WAITING)
-        t->state = PL_TASK_READY;
     rt->ready.slots[rt->ready.tail++ & rt->ready.mask] = slot;
     rt->stats.wakes++;
     return 1;
@@ -196,7 +196,7 @@ static int ready_drain(pl_runtime_t *rt, uint32_t *out, int max)
         t->queued = false;
         if (t->zombie)
             slot_release(rt, slot);
-        else
+        else if (t->state != PL_TASK_WAITING)   /* not a sleep begun after its wake */
             out[n++] = slot;
     }
     rt->switch_ns = pl_clock_ns();      /* the batch begins */
@@ -243,6 +243,9 @@ int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen)
 
     if (!t || t->gen != gen)
         return -ESRCH;
+    if (t->state == PL_TASK_WAITING && t->wait == PL_WAIT_SLEEP &&
+        t->heap_pos != PL_NO_TIMER)
+        return 0;           /* a sleep ends at its deadline, not before */
     return pl_ready_push(rt, slot);
 }
 

@@ -88,17 +88,11 @@ void pl_timer_remove(pl_runtime_t *rt, uint32_t slot)
     sift_down(rt, (uint32_t)rt->tasks[last].heap_pos);
 }
 
-/* deadline is monotonic seconds (pl_now's clock). */
-int pl_task_set_timer(pl_runtime_t *rt, uint32_t slot, double deadline)
+static void timer_arm(pl_runtime_t *rt, uint32_t slot, int64_t deadline_ns)
 {
-    struct pl_task *t;
+    struct pl_task *t = &rt->tasks[slot];
 
-    if (slot >= rt->capacity || rt->tasks[slot].state == PL_TASK_FREE)
-        return -ESRCH;
-    if (!isfinite(deadline) || deadline < 0 || deadline > 9.2e9)
-        return -EINVAL;
-    t = &rt->tasks[slot];
-    t->deadline_ns = (int64_t)(deadline * 1e9);
+    t->deadline_ns = deadline_ns;
     if (t->heap_pos == PL_NO_TIMER) {
         rt->heap_len++;
         heap_put(rt, rt->heap_len - 1, slot);
@@ -107,6 +101,33 @@ int pl_task_set_timer(pl_runtime_t *rt, uint32_t slot, double deadline)
         sift_up(rt, (uint32_t)t->heap_pos);
         sift_down(rt, (uint32_t)t->heap_pos);
     }
+}
+
+/* deadline is monotonic seconds (pl_now's clock). */
+int pl_task_set_timer(pl_runtime_t *rt, uint32_t slot, double deadline)
+{
+    if (slot >= rt->capacity || rt->tasks[slot].state == PL_TASK_FREE)
+        return -ESRCH;
+    if (!isfinite(deadline) || deadline < 0 || deadline > 9.2e9)
+        return -EINVAL;
+    timer_arm(rt, slot, (int64_t)(deadline * 1e9));
+    return 0;
+}
+
+int pl_task_sleep(pl_runtime_t *rt, uint32_t slot, double seconds)
+{
+    int64_t deadline_ns;
+
+    if (slot >= rt->capacity || rt->tasks[slot].state == PL_TASK_FREE)
+        return -ESRCH;
+    if (!isfinite(seconds) || seconds < 0 || seconds > 1e9)
+        return -EINVAL;
+    deadline_ns = pl_clock_ns() + (int64_t)(seconds * 1e9);
+    timer_arm(rt, slot, deadline_ns);
+    pl_task_wait(rt, slot, PL_WAIT_SLEEP, (double)deadline_ns / 1e9);
+    /* Even if it was woken while it ran (and so is queued), a sleeper
+     * waits: the drain passes it over and only the timer makes it ready. */
+    rt->tasks[slot].state = PL_TASK_WAITING;
     return 0;
 }
 

@@ -5,7 +5,7 @@
 local pluvio = require "pluvio"
 local check = require "pluvio.check"
 
-local park, wake, current_task = pluvio._park, pluvio._wake, pluvio._current_task
+local park, wake, running_task = pluvio._park, pluvio._wake, pluvio._running_task
 local WAIT = pluvio.WAIT
 local format = string.format
 
@@ -90,14 +90,14 @@ function Channel:send(v)
         error("Channel:send: the channel is closed", 2)
     end
     if self.count >= self.cap then
-        local t = current_task("Channel:send")
+        local t = running_task("Channel:send")
         repeat
             if t.parked_on ~= self then
                 t.parked_on = self
                 self.send_tail = self.send_tail + 1
                 self.sendq[self.send_tail] = t
             end
-            park(t, WAIT.CHANNEL_SEND, self.cap, self)
+            park(t, WAIT.CHANNEL_SEND, self.cap, self, "Channel:send")
             t.baton = nil
             if self.closed then
                 t.parked_on = nil
@@ -125,14 +125,14 @@ function Channel:recv()
         if self.closed then
             return nil, "closed"
         end
-        local t = current_task("Channel:recv")
+        local t = running_task("Channel:recv")
         repeat
             if t.parked_on ~= self then
                 t.parked_on = self
                 self.recv_tail = self.recv_tail + 1
                 self.recvq[self.recv_tail] = t
             end
-            park(t, WAIT.CHANNEL_RECV, self.cap, self)
+            park(t, WAIT.CHANNEL_RECV, self.cap, self, "Channel:recv")
             t.baton = nil
             if self.count == 0 and self.closed then
                 t.parked_on = nil

@@ -21,8 +21,17 @@ local DEFAULT_CAPACITY = 1024
 local MAX_CAPACITY = 16777216     -- PL_MAX_TASKS
 local EDEADLK = core.errno.EDEADLK
 
--- What a pluvio wait yields; any other yield is treated as pluvio.yield().
-local WAIT = setmetatable({}, { __tostring = function() return "pluvio wait" end })
+-- What a task yields to the loop.  WAIT: it parked itself in C already
+-- (an I/O start); PARK, kind, arg: park it; SLEEP, seconds: put it to
+-- sleep; YIELD (or any other value): pluvio.yield().  The loop makes the
+-- calls into C for PARK and SLEEP: an FFI call the JIT did not compile,
+-- made deep in a task's frames, grows the coroutine's stack to more than
+-- twice its first size, which stays (measured: +440 bytes per parked task).
+local function marker(name)
+    local text = "pluvio " .. name .. " (a blocking call's yield: only pluvio tasks may block)"
+    return setmetatable({}, { __tostring = function() return text end })
+end
+local WAIT, PARK, SLEEP, YIELD = marker("wait"), marker("park"), marker("sleep"), marker("yield")
 -- The error a task raises when it kills itself.
 local KILLED = setmetatable({}, { __tostring = function() return "cancelled" end })
 
@@ -59,27 +68,57 @@ local function pack(...)
     return { n = select("#", ...), ... }
 end
 
--- The task calling a blocking function, or a clear error naming fname.
+local function not_in_task(fname)
+    error(fname .. ": not inside a pluvio task (call it from a function run by " ..
+          "pluvio.run / rt:run, or from a script run by the pluvio host)", 4)
+end
+
+local function not_the_task(fname)
+    error(fname .. ": called from a coroutine that is not a pluvio task " ..
+          "(only pluvio tasks may block)", 4)
+end
+
+-- The task calling a blocking function that makes calls into C before it
+-- yields (I/O starts), or a clear error naming fname.
 local function current_task(fname)
     local rt = current_rt
     local t = rt and rt.current
     if not t then
-        error(fname .. ": not inside a pluvio task (call it from a function run by " ..
-              "pluvio.run / rt:run, or from a script run by the pluvio host)", 3)
+        not_in_task(fname)
     end
     if co_running() ~= t.co then
-        error(fname .. ": called from a coroutine that is not a pluvio task " ..
-              "(only pluvio tasks may block)", 3)
+        not_the_task(fname)
     end
     return t, rt
 end
 
+-- The same for the executor's own waits (park, sleep, yield), which leave
+-- every call into C to the loop: no coroutine.running() here, a C function
+-- that, called deep in a task, grows its stack and breaks the JIT's traces.
+-- A plain coroutine inside a task that calls one yields the wait to whoever
+-- resumed it, with nothing started; yielded() raises when it is resumed.
+local function running_task(fname)
+    local rt = current_rt
+    local t = rt and rt.current
+    if not t then
+        not_in_task(fname)
+    end
+    return t, rt
+end
+
+-- After a wait's yield: only the task's own loop resumes it with the task.
+local function yielded(t, resumed_with, fname)
+    if resumed_with ~= t then
+        t.waiting_for = nil
+        not_the_task(fname)
+    end
+end
+
 -- Park the running task until something wakes its slot.  what describes the
--- wait for rt:tasks() and deadlock reports.
-local function park(t, kind, arg, what)
-    C.pl_task_wait(t.rt.crt, t.slot, kind, arg or 0)
+-- wait for rt:tasks() and deadlock reports; fname names the caller in errors.
+local function park(t, kind, arg, what, fname)
     t.waiting_for = what
-    co_yield(WAIT)
+    yielded(t, co_yield(PARK, kind, arg or 0), fname or "pluvio wait")
     t.waiting_for = nil
 end
 
@@ -293,7 +332,7 @@ end
 -- The task's results, or nil and the error (with its traceback).
 function Task:join()
     check.self("Task:join", self, Task, "a task")
-    local me = current_task("Task:join")
+    local me = running_task("Task:join")
     if me == self then
         error("Task:join: a task cannot join itself (" .. tostring(self) .. ")", 2)
     end
@@ -310,7 +349,7 @@ function Task:join()
             self.joiners = j
         end
         j[#j + 1] = me
-        park(me, C.PL_WAIT_JOIN, self.id, self)
+        park(me, C.PL_WAIT_JOIN, self.id, self, "Task:join")
     end
     return results_of(self)
 end
@@ -618,9 +657,13 @@ local function run_batch(rt, n)
         if t and t.co then
             rt.current = t
             local co = t.co
-            local ok, y = co_resume(co, t)
+            local ok, y, a, b = co_resume(co, t)
             rt.current = nil
-            if y == DONE then   -- the task returned; its coroutine waits for the next
+            if y == PARK and not t.kill_requested then
+                C.pl_task_wait(crt, t.slot, a, b)
+            elseif y == SLEEP and not t.kill_requested then
+                C.pl_task_sleep(crt, t.slot, a)
+            elseif y == DONE then   -- the task returned; its coroutine waits for the next
                 t.co = nil
                 if t.live then
                     settle(rt, t)
@@ -816,44 +859,32 @@ end
 
 -- Let every other ready task run once, then continue.
 function M.yield()
-    local t, rt = current_task("pluvio.yield")
-    C.pl_task_yield(rt.crt, t.slot)
-    co_yield(WAIT)
+    local t = running_task("pluvio.yield")
+    yielded(t, co_yield(YIELD), "pluvio.yield")  -- the loop puts it at the back of the ring
 end
 
 -- Monotonic seconds (CLOCK_MONOTONIC, sub-microsecond resolution).
 M.now = C.pl_now
-
--- Park the running task until the monotonic clock reaches deadline.
-local function sleep_until(t, rt, deadline, what)
-    local crt = rt.crt
-    while C.pl_now() < deadline do
-        C.pl_task_set_timer(crt, t.slot, deadline)
-        park(t, C.PL_WAIT_SLEEP, deadline, what)
-    end
-    C.pl_task_clear_timer(crt, t.slot)
-end
 
 -- pluvio.sleep(seconds): seconds is a finite number >= 0; 0 yields once.
 function M.sleep(seconds)
     if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > 1e9 then
         check.fail("pluvio.sleep", "seconds must be a finite number from 0 to 1e9", seconds)
     end
-    local t, rt = current_task("pluvio.sleep")
+    local t = running_task("pluvio.sleep")
     if seconds == 0 then
-        C.pl_task_yield(rt.crt, t.slot)
-        co_yield(WAIT)
-        return
+        yielded(t, co_yield(YIELD), "pluvio.sleep")
+    else                            -- only the timer (or a kill) ends it
+        yielded(t, co_yield(SLEEP, seconds), "pluvio.sleep")
     end
-    sleep_until(t, rt, C.pl_now() + seconds)
 end
 
 -- Low level: park the running task until task:wake() is called on it (or a
 -- spurious wake-up: callers loop on their condition).  what is shown in
 -- rt:tasks() and deadlock reports.
 function M.suspend(what)
-    local t = current_task("pluvio.suspend")
-    park(t, C.PL_WAIT_OTHER, 0, what ~= nil and tostring(what) or "suspend")
+    local t = running_task("pluvio.suspend")
+    park(t, C.PL_WAIT_OTHER, 0, what ~= nil and tostring(what) or "suspend", "pluvio.suspend")
 end
 
 local function task_arg(fname, i, v)
@@ -877,7 +908,7 @@ function M.select(...)
                          "a task's results are given once", i, tostring(tasks[i])), 2)
         end
     end
-    local me = current_task("pluvio.select")
+    local me = running_task("pluvio.select")
     while true do
         for i = 1, n do
             if not tasks[i].live then
@@ -889,7 +920,7 @@ function M.select(...)
             tasks[i].joiners = j
             j[#j + 1] = me
         end
-        park(me, C.PL_WAIT_SELECT, n, format("select of %d tasks", n))
+        park(me, C.PL_WAIT_SELECT, n, format("select of %d tasks", n), "pluvio.select")
     end
 end
 
@@ -910,7 +941,7 @@ function M.timeout(seconds, fn, ...)
         child.joiners = j
         j[#j + 1] = me
         C.pl_task_set_timer(rt.crt, me.slot, deadline)
-        park(me, C.PL_WAIT_JOIN, child.id, child)
+        park(me, C.PL_WAIT_JOIN, child.id, child, "pluvio.timeout")
     end
     C.pl_task_clear_timer(rt.crt, me.slot)
     me.timeout_child = nil
@@ -941,6 +972,7 @@ M._park = park
 M._WAIT = WAIT
 M._wake = wake
 M._current_task = current_task
+M._running_task = running_task
 
 M.version = ffi.string(C.pl_version())
 
