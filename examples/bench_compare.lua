@@ -326,10 +326,15 @@ if o.output ~= "-" then
         "## Commands",
         "",
     }
+    local root_prefix = (root .. "/"):gsub("%p", "%%%0")    -- root, literally
     for _, t in ipairs(tests) do
         doc[#doc + 1] = "- " .. t.name .. ":"
-        for tool, cmd in pairs(commands[t] or {}) do
-            doc[#doc + 1] = "  - " .. tool .. ": `" .. cmd:gsub(root .. "/", "") .. "`"
+        local by_tool = commands[t] or {}
+        local tools = {}
+        for tool in pairs(by_tool) do tools[#tools + 1] = tool end
+        table.sort(tools)
+        for _, tool in ipairs(tools) do
+            doc[#doc + 1] = "  - " .. tool .. ": `" .. by_tool[tool]:gsub(root_prefix, "") .. "`"
         end
     end
     doc[#doc + 1] = ""

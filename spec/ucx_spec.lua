@@ -112,6 +112,34 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("keeps a killed sender's registered buffer out of the pool until UCX is done with it", async(function()
+        local uring = require "pluvio.uring"
+        local r = uring.current()
+        local p = pair()
+        local ref = uring.acquire_buffer()
+        ref:fill_pattern(7, 0)
+        local sum = ref:checksum(65536)
+        ref:release()
+        local sender = pluvio.spawn(function()
+            local b = uring.acquire_buffer()
+            b:fill_pattern(7, 0)
+            return p.ep:am_send(1, "buf", b, false, "rndv", 65536)
+        end)
+        local m = assert(p.stream:wait_msg())   -- the data waits for us to pull it
+        local free = r:stats().buffers_free
+        sender:kill()                           -- its buffer is released...
+        assert.equal(free, r:stats().buffers_free)  -- ...but UCX still reads it
+        local grabbed = {}
+        for i = 1, free do grabbed[i] = uring.acquire_buffer(); grabbed[i]:fill(0xee) end
+        local out = grabbed[free]
+        assert.equal(65536, m:recv_data(out))
+        assert.equal(sum, out:checksum(65536))
+        for i = 1, free do grabbed[i]:release() end
+        assert.is_true(p.ep:flush())            -- the send settled: the buffer goes back
+        assert.equal(free + 1, r:stats().buffers_free)
+        close_pair(p)
+    end))
+
     it("takes headers up to the worker's limit and refuses one byte more before calling UCX", async(function()
         local p = pair()
         local max = p.cw:max_am_header()

@@ -629,6 +629,28 @@ describe("sockets over io_uring", function()
         a:close()
         b:close()
     end))
+
+    it("keeps a killed recv's memory until the kernel has let go of it", async(function()
+        local r = uring.current()
+        local a = assert(uring.udp_bind("127.0.0.1", 0))
+        local t = pluvio.spawn(function() return a:recv_from(100) end)
+        pluvio.yield()
+        t:kill()                    -- the cancel is queued, not yet done
+        assert.equal(1, #r.limbo)
+        local kept = r.limbo[1].keep
+        collectgarbage()
+        assert.equal(kept, r.limbo[1].keep)
+        pluvio.sleep(0.005)         -- the kernel completes the cancelled op
+        assert.equal(0, r:stats().in_flight)
+        local b = assert(uring.udp_bind("127.0.0.1", 0))
+        local again = pluvio.spawn(function() return a:recv_from(100) end)
+        pluvio.yield()              -- its scratch space: the one given back
+        assert.equal(0, #r.limbo)
+        b:send_to("reused", "127.0.0.1", a:port())
+        assert.equal("reused", again:join())
+        a:close()
+        b:close()
+    end))
 end)
 
 describe("the registered-buffer path", function()

@@ -265,6 +265,11 @@ int pl_uring_op_take(pl_uring_t *u, int op, pl_uring_result_t *out);
 /* The task gave up on the op (killed): cancel it in the kernel; its slot
  * and buffer are reclaimed when the kernel is done with them. */
 int pl_uring_op_abandon(pl_uring_t *u, int op);
+/* Memory an abandoned op reads or writes (a string, scratch space) must
+ * outlive it: note pl_uring_op_gen before abandoning, then keep the memory
+ * until pl_uring_op_settled(op, gen) is 1 (the kernel is done with it). */
+uint32_t pl_uring_op_gen(pl_uring_t *u, int op);
+int pl_uring_op_settled(pl_uring_t *u, int op, uint32_t gen);
 
 /* Registered buffers: mapped and registered on first use (or by this call). */
 int pl_uring_buffers_register(pl_uring_t *u);
@@ -278,6 +283,10 @@ int pl_uring_buffer_acquire(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint
 /* A waiter stops waiting (killed); a buffer already handed to it is passed on. */
 void pl_uring_buffer_abandon(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint32_t gen);
 int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index);
+/* Another engine (UCX) may still read or fill a held buffer after its task
+ * died: hold keeps it out of the pool, unhold lets a pending release finish. */
+int pl_uring_buffer_hold(pl_uring_t *u, int index);
+int pl_uring_buffer_unhold(pl_uring_t *u, int index);
 
 /* Sockets over io_uring (uring_net.c).  Set-up is synchronous; the ops
  * behave like the file ops above (connect also returns the socket in
@@ -380,6 +389,9 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
 
 int pl_ucx_op_take(pl_ucx_worker_t *w, int op, pl_ucx_result_t *out);
 int pl_ucx_op_abandon(pl_ucx_worker_t *w, int op);
+/* As for io_uring: memory an abandoned op uses is kept until it settles. */
+uint32_t pl_ucx_op_gen(pl_ucx_worker_t *w, int op);
+int pl_ucx_op_settled(pl_ucx_worker_t *w, int op, uint32_t gen);
 
 /* flags: 1 reply wanted, 2 force eager, 4 force rendezvous */
 int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, size_t header_len,

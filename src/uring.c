@@ -467,6 +467,23 @@ int pl_uring_op_take(pl_uring_t *u, int i, pl_uring_result_t *out)
     return 1;
 }
 
+uint32_t pl_uring_op_gen(pl_uring_t *u, int i)
+{
+    if (i < 0 || (uint32_t)i >= u->nops)
+        return 0;
+    return uring_op(u, i)->gen;
+}
+
+int pl_uring_op_settled(pl_uring_t *u, int i, uint32_t gen)
+{
+    const struct uring_op *op;
+
+    if (i < 0 || (uint32_t)i >= u->nops)
+        return 1;
+    op = uring_op(u, i);
+    return op->gen != gen || op->state == OP_FREE || op->state == OP_DONE;
+}
+
 int pl_uring_op_abandon(pl_uring_t *u, int i)
 {
     struct uring_op *op;

@@ -214,3 +214,28 @@ int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index)
     return 0;
 }
 
+
+int pl_uring_buffer_hold(pl_uring_t *u, int index)
+{
+    if (!u->bufs || index < 0 || (uint32_t)index >= u->opts.buffer_count ||
+        u->bufs[index].state != BUF_HELD)
+        return -EINVAL;
+    u->bufs[index].users++;
+    return 0;
+}
+
+int pl_uring_buffer_unhold(pl_uring_t *u, int index)
+{
+    struct uring_buf *b;
+
+    if (!u->bufs || index < 0 || (uint32_t)index >= u->opts.buffer_count)
+        return -EINVAL;
+    b = &u->bufs[index];
+    if (b->state != BUF_HELD || b->users == 0)
+        return -EINVAL;
+    if (--b->users == 0 && b->release_pending) {
+        b->release_pending = false;
+        uring_buffer_put(u, u->rt, index);
+    }
+    return 0;
+}

@@ -183,7 +183,7 @@ function Context:create_worker(opts)
     end
     local worker = setmetatable({
         w = ffi.gc(w, C.pl_ucx_worker_close), context = self, result = ffi.new("pl_ucx_result_t"),
-        info = ffi.new("pl_ucx_msg_info_t"), eps = {}, listeners = {}, streams = {},
+        info = ffi.new("pl_ucx_msg_info_t"), eps = {}, listeners = {}, streams = {}, limbo = {},
         max_header = C.pl_ucx_worker_max_am_header(w),
     }, Worker)
     self.workers[worker] = true
@@ -209,9 +209,12 @@ end
 ---------------------------------------------------------------------------
 
 -- Park until op completes; returns status (0 or -errno), length, tag.
-local function await(w, t, op, what)
+-- keep, keep2: what UCX reads or fills (strings, scratch, registered
+-- buffers), kept from reuse past a kill until UCX is done with it.
+local function await(w, t, op, what, keep, keep2)
     t.io_reactor = w
     t.io_op = op
+    t.io_keep, t.io_keep2 = keep, keep2
     t.waiting_for = what
     C.pl_task_wait(w.rt_crt or t.rt.crt, t.slot, WAIT_IO, op)
     co_yield(WAIT)
@@ -221,22 +224,68 @@ local function await(w, t, op, what)
     end
     t.waiting_for = nil
     t.io_reactor = nil
+    t.io_keep, t.io_keep2 = nil, nil
     return result.status, result.length, result.sender_tag
 end
 
--- A killed task's op is cancelled; UCX completes it and the slot is freed.
-function Worker:_abandon(t)
-    if self.w then
-        C.pl_ucx_op_abandon(self.w, t.io_op)
+-- A registered buffer a dead task's op still uses stays out of the pool:
+-- returns the buffer if it was held, for unhold.
+local function hold(v)
+    if getmetatable(v) == Buffer and v.base and C.pl_uring_buffer_hold(v.reactor.u, v.index) == 0 then
+        return v
     end
-    t.io_op = nil
+    return nil
 end
 
-local function run_op(w, t, rc, what)
+local function unhold(b)
+    if b then
+        C.pl_uring_buffer_unhold(b.reactor.u, b.index)
+    end
+end
+
+-- Let go of what settled abandoned ops kept (all of it once the worker is
+-- closed: its ops are gone).
+local function limbo_sweep(w, all)
+    local limbo = w.limbo
+    local kept = 0
+    for i = 1, #limbo do
+        local e = limbo[i]
+        limbo[i] = nil
+        if not all and C.pl_ucx_op_settled(w.w, e.op, e.gen) == 0 then
+            kept = kept + 1
+            limbo[kept] = e
+        else
+            unhold(e.held1)
+            unhold(e.held2)
+        end
+    end
+end
+
+-- A killed task's op is cancelled (UCX may still finish a send: it reads
+-- the data until then); the slot is freed when UCX completes it.
+function Worker:_abandon(t)
+    local op, k1, k2 = t.io_op, t.io_keep, t.io_keep2
+    t.io_op, t.io_keep, t.io_keep2 = nil, nil, nil
+    if not self.w then
+        return
+    end
+    local gen = C.pl_ucx_op_gen(self.w, op)
+    C.pl_ucx_op_abandon(self.w, op)
+    if k1 ~= nil or k2 ~= nil then
+        limbo_sweep(self)
+        self.limbo[#self.limbo + 1] = { op = op, gen = gen, k1, k2, held1 = hold(k1), held2 = hold(k2) }
+    end
+end
+
+local function run_op(w, t, rc, what, keep, keep2)
     if rc <= 0 then
         return rc, 0
     end
-    return await(w, t, rc, what)
+    local status, len, tag = await(w, t, rc, what, keep, keep2)
+    if w.limbo[1] then
+        limbo_sweep(w)
+    end
+    return status, len, tag
 end
 
 local function live_worker(fname, w)
@@ -411,7 +460,7 @@ function Worker:tag_recv(tag, mask, len_or_buf)
     end
     local t = current_task("Worker:tag_recv")
     local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
-                                 "tag receive")
+                                 "tag receive", scratch or len_or_buf)
     if rc < 0 then
         return nil, "tag_recv: " .. errstr(rc), errname(rc)
     end
@@ -446,9 +495,10 @@ function Worker:close()
     for l in pairs(self.listeners) do l.i = nil end
     for _, s in pairs(self.streams) do s.open = false end
     local w = self.w
-    self.w = nil
     ffi.gc(w, nil)
     C.pl_ucx_worker_close(w)
+    limbo_sweep(self, true)         -- its ops are gone with it
+    self.w = nil
     if self.reactor then self.reactor.workers[self] = nil end
     self.context.workers[self] = nil
     return true
@@ -577,7 +627,7 @@ function Endpoint:am_send(id, header, data, need_reply, proto, len)
     local t = current_task("Endpoint:am_send")
     local w = self.worker
     local rc = run_op(w, t, C.pl_ucx_am_send(w.w, self.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen),
-                      self)
+                      self, header, data)
     if rc < 0 then
         return send_failed(self, "am_send", rc)
     end
@@ -615,6 +665,7 @@ function Handle:wait()
         end
         t.io_reactor = w
         t.io_op = rc
+        t.io_keep, t.io_keep2 = self.header, self.data
         t.waiting_for = self.ep
         local result = w.result
         while C.pl_ucx_op_take(w.w, rc, result) == 0 do
@@ -622,6 +673,7 @@ function Handle:wait()
         end
         t.waiting_for = nil
         t.io_reactor = nil
+        t.io_keep, t.io_keep2 = nil, nil
         rc = result.status
         self.op = rc
     end
@@ -639,7 +691,7 @@ function Endpoint:tag_send(tag, data, len)
     local dptr, dlen = payload("Endpoint:tag_send", "data", data, len)
     local t = current_task("Endpoint:tag_send")
     local w = self.worker
-    local rc = run_op(w, t, C.pl_ucx_tag_send(w.w, self.h, tag, dptr, dlen, t.slot, t.gen), self)
+    local rc = run_op(w, t, C.pl_ucx_tag_send(w.w, self.h, tag, dptr, dlen, t.slot, t.gen), self, data)
     if rc < 0 then
         return send_failed(self, "tag_send", rc)
     end
@@ -772,12 +824,12 @@ function Message:is_rndv()
     return self.rndv
 end
 
-local function take(m, fname, ptr, cap)
+local function take(m, fname, ptr, cap, keep)
     local t = current_task(fname)
     local w = m.worker
     local h = m.h
     m.h = nil
-    local rc = run_op(w, t, C.pl_ucx_msg_recv(w.w, h, ptr, cap, t.slot, t.gen), "AM data")
+    local rc = run_op(w, t, C.pl_ucx_msg_recv(w.w, h, ptr, cap, t.slot, t.gen), "AM data", keep)
     if rc < 0 then
         return nil, "receive AM data: " .. errstr(rc), errname(rc)
     end
@@ -793,7 +845,7 @@ function Message:data()
         return ""
     end
     local scratch = ffi.new("uint8_t[?]", self.len)
-    local n, err, code = take(self, "Message:data", scratch, self.len)
+    local n, err, code = take(self, "Message:data", scratch, self.len, scratch)
     if not n then
         return nil, err, code
     end
@@ -810,7 +862,7 @@ function Message:recv_data(buf)
     if buf:size() < self.len then
         error(format("Message:recv_data: the buffer holds %d bytes, the message has %d", buf:size(), self.len), 2)
     end
-    local n, err, code = take(self, "Message:recv_data", buf:ptr(), buf:size())
+    local n, err, code = take(self, "Message:recv_data", buf:ptr(), buf:size(), buf)
     return n, err, code
 end
 

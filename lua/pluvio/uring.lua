@@ -120,6 +120,7 @@ local function new_reactor(fname, opts)
         result = ffi.new("pl_uring_result_t"),
         buffers_reclaimed = 0,
         bounce = {},            -- size class -> free list of aligned scratch memory
+        limbo = {},             -- memory of abandoned ops the kernel may still use
     }, IoUringReactor)
 end
 
@@ -231,10 +232,13 @@ function M.current()
 end
 
 -- Park until op completes; returns res, bytes.  If the task is killed
--- meanwhile, finish() calls _abandon and the kernel op is cancelled.
-local function await(r, t, op, what)
+-- meanwhile, finish() calls _abandon and the kernel op is cancelled; keep
+-- (the string or scratch space the kernel reads or fills) then stays
+-- referenced until the kernel is done with it.
+local function await(r, t, op, what, keep)
     t.io_reactor = r
     t.io_op = op
+    t.io_keep = keep
     t.waiting_for = what
     co_yield(WAIT)          -- starting the op parked the task in C already
     local u, result = r.u, r.result
@@ -243,20 +247,48 @@ local function await(r, t, op, what)
     end
     t.waiting_for = nil
     t.io_reactor = nil
+    t.io_keep = nil
     return result.res, result.bytes
 end
 
+-- Scratch space back to its pool, or a string let go, once the kernel is
+-- done with the abandoned op that used it.
+local function limbo_sweep(r)
+    local limbo, u = r.limbo, r.u
+    local kept = 0
+    for i = 1, #limbo do
+        local e = limbo[i]
+        limbo[i] = nil
+        if C.pl_uring_op_settled(u, e.op, e.gen) == 0 then
+            kept = kept + 1
+            limbo[kept] = e
+        elseif type(e.keep) == "table" and e.keep.class then   -- scratch space
+            local list = r.bounce[e.keep.class]
+            list[#list + 1] = e.keep
+        end
+    end
+end
+
 function IoUringReactor:_abandon(t)
-    C.pl_uring_op_abandon(self.u, t.io_op)
-    t.io_op = nil
+    local u, op, keep = self.u, t.io_op, t.io_keep
+    t.io_op, t.io_keep = nil, nil
+    local gen = C.pl_uring_op_gen(u, op)
+    C.pl_uring_op_abandon(u, op)
+    if keep ~= nil then
+        local limbo = self.limbo
+        if limbo[1] then
+            limbo_sweep(self)
+        end
+        limbo[#limbo + 1] = { op = op, gen = gen, keep = keep }
+    end
 end
 
 -- Start an op (a C call that returned op id or -errno) and wait for it.
-local function run_op(r, t, op, what)
+local function run_op(r, t, op, what, keep)
     if op < 0 then
         return op, 0
     end
-    return await(r, t, op, what)
+    return await(r, t, op, what, keep)
 end
 
 ---------------------------------------------------------------------------
@@ -424,6 +456,9 @@ end
 local ALIGN = 4096
 
 local function bounce_get(r, len)
+    if r.limbo[1] then
+        limbo_sweep(r)
+    end
     local class = ALIGN
     while class < len do class = class * 2 end
     local list = r.bounce[class]
@@ -433,6 +468,9 @@ local function bounce_get(r, len)
         list[n] = nil
         return e
     end
+    if not list then
+        r.bounce[class] = {}
+    end
     local raw = ffi.new("uint8_t[?]", class + ALIGN)
     local addr = tonumber(ffi_cast("uintptr_t", raw))
     local aligned = ffi_cast("uint8_t *", raw) + ((ALIGN - addr % ALIGN) % ALIGN)
@@ -441,10 +479,6 @@ end
 
 local function bounce_put(r, e)
     local list = r.bounce[e.class]
-    if not list then
-        list = {}
-        r.bounce[e.class] = list
-    end
     list[#list + 1] = e
 end
 
@@ -551,7 +585,8 @@ end
 
 local function statx_op(r, t, dirfd, path, flags, what)
     local raw = ffi.new("uint8_t[?]", statx_buf_size)
-    local rc = run_op(r, t, C.pl_uring_statx(r.u, t.slot, t.gen, dirfd, path, flags, raw), what)
+    local rc = run_op(r, t, C.pl_uring_statx(r.u, t.slot, t.gen, dirfd, path, flags, raw), what,
+                      { path, raw })
     if rc < 0 then
         return nil, rc
     end
@@ -596,7 +631,7 @@ local function open_file(cls, fname, direct, path, mode, perms)
     end
     check.integer(fname, "perms", perms, 0, 4095)
     local t, r = context(fname)
-    local fd = run_op(r, t, C.pl_uring_openat(r.u, t.slot, t.gen, path, flags, perms), path)
+    local fd = run_op(r, t, C.pl_uring_openat(r.u, t.slot, t.gen, path, flags, perms), path, path)
     local f = wrap_fd(cls, r, -1, path, direct, true)
     if fd < 0 then
         local hint = ""
@@ -694,7 +729,7 @@ function File:read(offset, len)
     local r = self.reactor
     local scratch = bounce_get(r, len)
     local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
-                              self)
+                              self, scratch)
     if res < 0 then
         bounce_put(r, scratch)
         return fail(self, "read", res, format(" (offset %d, %d bytes)", offset, len), bytes)
@@ -717,7 +752,7 @@ function File:write(offset, data)
     local scratch = bounce_get(r, len)
     ffi_copy(scratch.ptr, data, len)
     local res, bytes = run_op(r, t, C.pl_uring_write(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
-                              self)
+                              self, scratch)
     bounce_put(r, scratch)
     if res < 0 then
         return fail(self, "write", res, format(" (offset %d, %d bytes)", offset, len), bytes)
@@ -841,7 +876,7 @@ end
 function M.unlink(path)
     check.string("uring.unlink", "path", path)
     local t, r = context("uring.unlink")
-    local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, 0), path)
+    local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, 0), path, path)
     if rc < 0 then
         return path_fail("unlink", path, rc)
     end
@@ -851,7 +886,7 @@ end
 function M.rmdir(path)
     check.string("uring.rmdir", "path", path)
     local t, r = context("uring.rmdir")
-    local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, AT_REMOVEDIR), path)
+    local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, AT_REMOVEDIR), path, path)
     if rc < 0 then
         return path_fail("rmdir", path, rc)
     end
@@ -862,7 +897,7 @@ function M.rename(from, to)
     check.string("uring.rename", "from", from)
     check.string("uring.rename", "to", to)
     local t, r = context("uring.rename")
-    local rc = run_op(r, t, C.pl_uring_renameat(r.u, t.slot, t.gen, from, to), from)
+    local rc = run_op(r, t, C.pl_uring_renameat(r.u, t.slot, t.gen, from, to), from, { from, to })
     if rc < 0 then
         return path_fail("rename", from .. " -> " .. to, rc)
     end
@@ -874,7 +909,7 @@ function M.mkdir(path, perms)
     perms = perms or 493    -- 0755
     check.integer("uring.mkdir", "perms", perms, 0, 4095)
     local t, r = context("uring.mkdir")
-    local rc = run_op(r, t, C.pl_uring_mkdirat(r.u, t.slot, t.gen, path, perms), path)
+    local rc = run_op(r, t, C.pl_uring_mkdirat(r.u, t.slot, t.gen, path, perms), path, path)
     if rc < 0 then
         return path_fail("mkdir", path, rc)
     end

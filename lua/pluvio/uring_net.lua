@@ -155,7 +155,7 @@ function M.install(U)
             error(format("TcpSocket:send: data must be at most %d bytes (got %d)", MAX_IO, #data), 2)
         end
         local t, r = context("TcpSocket:send")
-        local rc = run_op(r, t, C.pl_uring_send(r.u, t.slot, t.gen, self.fd, data, #data), self)
+        local rc = run_op(r, t, C.pl_uring_send(r.u, t.slot, t.gen, self.fd, data, #data), self, data)
         if rc < 0 then
             return failed("send", self, rc)
         end
@@ -164,7 +164,7 @@ function M.install(U)
 
     local function recv_raw(self, t, r, max)
         local scratch = bounce_get(r, max)
-        local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self)
+        local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self, scratch)
         local s = rc > 0 and ffi_string(scratch.ptr, rc) or nil
         bounce_put(r, scratch)
         return s, rc
@@ -254,7 +254,8 @@ function M.install(U)
             error(format("UdpSocket:send_to: a datagram holds at most 65507 bytes (got %d)", #data), 2)
         end
         local t, r = context("UdpSocket:send_to")
-        local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, host, port), self)
+        local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, host, port), self,
+                          data)
         if rc < 0 then
             return failed(format("send_to %s:%d from", host, port), self, rc)
         end
@@ -274,7 +275,7 @@ function M.install(U)
             return failed("recv_from", self, op)
         end
         -- the sender's address is read from the op before its result is taken
-        t.io_reactor, t.io_op, t.waiting_for = r, op, self
+        t.io_reactor, t.io_op, t.io_keep, t.waiting_for = r, op, scratch, self
         coroutine.yield(I.WAIT)                 -- the op start parked the task
         while C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 do
             I.park(t, I.WAIT_IO, op, self)     -- a spurious wake-up
@@ -282,7 +283,7 @@ function M.install(U)
         local from = ffi_string(namebuf)
         local result = r.result
         C.pl_uring_op_take(r.u, op, result)
-        t.io_reactor, t.waiting_for = nil, nil
+        t.io_reactor, t.io_keep, t.waiting_for = nil, nil, nil
         local rc = result.res
         local s = rc >= 0 and ffi_string(scratch.ptr, rc) or nil
         bounce_put(r, scratch)
