@@ -246,6 +246,18 @@ int pl_uring_read(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *addr
                   uint32_t len, uint64_t offset, int buf_index);
 int pl_uring_write(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *addr,
                    uint32_t len, uint64_t offset, int buf_index);
+/* Vectored read and write: up to PL_URING_IOV_MAX parts, copied (the
+ * array may be reused at once); short transfers are continued like the
+ * plain ones.  The memory itself must stay valid until the op is done. */
+enum { PL_URING_IOV_MAX = 16 };
+typedef struct pl_iovec {
+    void *base;
+    size_t len;
+} pl_iovec_t;
+int pl_uring_readv(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const pl_iovec_t *parts,
+                   int nparts, uint64_t offset);
+int pl_uring_writev(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const pl_iovec_t *parts,
+                    int nparts, uint64_t offset);
 int pl_uring_fsync(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int datasync);
 int pl_uring_fallocate(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int mode,
                        uint64_t offset, uint64_t len);

@@ -218,10 +218,21 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 static void prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 {
     struct uring_op *op = uring_op(u, i);
-    char *addr = op->addr + op->done;
-    uint32_t len = op->len - op->done;
     uint64_t off = op->offset + op->done;
+    char *addr;
+    uint32_t len;
 
+    if (op->kind == OP_READV || op->kind == OP_WRITEV) {
+        const struct iovec *v = &op->iovs[op->iov_first];
+        unsigned n = op->iov_count - op->iov_first;
+        if (op->kind == OP_READV)
+            io_uring_prep_readv(sqe, op->fd, v, n, off);
+        else
+            io_uring_prep_writev(sqe, op->fd, v, n, off);
+        return;
+    }
+    addr = op->addr + op->done;
+    len = op->len - op->done;
     if (op->kind == OP_SEND)
         io_uring_prep_send(sqe, op->fd, addr, len, MSG_NOSIGNAL);
     else if (op->kind == OP_READ && op->buf_index >= 0)
@@ -296,6 +307,53 @@ int pl_uring_write(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const voi
     return start_rw(u, slot, gen, OP_WRITE, fd, (void *)addr, len, offset, buf_index);
 }
 
+static int start_rwv(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                     const pl_iovec_t *parts, int nparts, uint64_t offset)
+{
+    struct io_uring_sqe *sqe;
+    struct uring_op *op;
+    uint64_t total = 0;
+    int i;
+
+    if (nparts < 1 || nparts > PL_URING_IOV_MAX)
+        return -EINVAL;
+    for (int p = 0; p < nparts; p++)
+        total += parts[p].len;
+    if (total > UINT32_MAX)
+        return -EINVAL;
+    sqe = uring_get_sqe(u);
+    if (!sqe)
+        return -EBUSY;
+    i = uring_op_new(u, slot, gen, kind);
+    if (i < 0) {
+        uring_sqe_void(sqe);
+        return i;
+    }
+    op = uring_op(u, i);
+    op->fd = fd;
+    op->addr = NULL;
+    op->len = (uint32_t)total;
+    op->offset = offset;
+    for (int p = 0; p < nparts; p++)
+        op->iovs[p] = (struct iovec){ .iov_base = parts[p].base, .iov_len = parts[p].len };
+    op->iov_first = 0;
+    op->iov_count = (uint32_t)nparts;
+    prep_rw(u, (uint32_t)i, sqe);
+    return uring_op_queue(u, (uint32_t)i, sqe);
+}
+
+int pl_uring_readv(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const pl_iovec_t *parts,
+                   int nparts, uint64_t offset)
+{
+    return start_rwv(u, slot, gen, OP_READV, fd, parts, nparts, offset);
+}
+
+int pl_uring_writev(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const pl_iovec_t *parts,
+                    int nparts, uint64_t offset)
+{
+    return start_rwv(u, slot, gen, OP_WRITEV, fd, parts, nparts, offset);
+}
+
 /* Start an op whose SQE the caller prepares: returns the SQE via *sqe_out. */
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen,
                        struct io_uring_sqe **sqe_out)
@@ -318,6 +376,21 @@ int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen,
 
 void uring_buffer_put(pl_uring_t *u, pl_runtime_t *rt, int index);
 
+/* Skip the first n bytes of a vectored op's remaining parts. */
+static void iov_advance(struct uring_op *op, uint32_t n)
+{
+    while (n > 0 && op->iov_first < op->iov_count) {
+        struct iovec *v = &op->iovs[op->iov_first];
+        if (n < v->iov_len) {
+            v->iov_base = (char *)v->iov_base + n;
+            v->iov_len -= n;
+            return;
+        }
+        n -= (uint32_t)v->iov_len;
+        op->iov_first++;
+    }
+}
+
 /* A read or write came back short: continue it.  Returns true when it was
  * resubmitted (the op stays in flight). */
 static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
@@ -333,6 +406,8 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
     sqe = uring_get_sqe(u);
     if (!sqe)
         return false;   /* report the partial count rather than lose it */
+    if (op->kind == OP_READV || op->kind == OP_WRITEV)
+        iov_advance(op, (uint32_t)res);
     prep_rw(u, i, sqe);
     io_uring_sqe_set_data64(sqe, op_user_data(u, i));
     u->stats.resubmits++;

@@ -16,7 +16,7 @@
 #define NONE UINT32_MAX
 
 enum op_state { OP_FREE, OP_IN_FLIGHT, OP_DONE, OP_ABANDONED };
-enum op_kind { OP_READ, OP_WRITE, OP_OTHER, OP_SEND };
+enum op_kind { OP_READ, OP_WRITE, OP_OTHER, OP_SEND, OP_READV, OP_WRITEV };
 
 #define NO_BUF (-1)
 #define CANCEL_TAG UINT64_MAX   /* user_data of cancel requests: ignored */
@@ -37,11 +37,21 @@ struct uring_op {
     uint64_t offset;
     int32_t res;
     uint32_t next_free;
-    /* sockets: the kernel reads (and for recvmsg writes) these after the
-     * SQE is queued, which is why op slots never move */
-    struct msghdr msg;
-    struct iovec iov;
-    struct sockaddr_storage peer;
+    union {
+        /* sockets: the kernel reads (and for recvmsg writes) these after
+         * the SQE is queued, which is why op slots never move */
+        struct {
+            struct msghdr msg;
+            struct iovec iov;
+            struct sockaddr_storage peer;
+        };
+        /* readv / writev: the parts not yet done (a short transfer moves
+         * iov_first and trims the part it stopped in) */
+        struct {
+            struct iovec iovs[PL_URING_IOV_MAX];
+            uint32_t iov_first, iov_count;
+        };
+    };
 };
 
 enum buf_state { BUF_FREE, BUF_HELD };

@@ -118,6 +118,7 @@ local function new_reactor(fname, opts)
         u = ffi.gc(u, C.pl_uring_free),
         opts = o,
         result = ffi.new("pl_uring_result_t"),
+        iov = ffi.new("pl_iovec_t[?]", C.PL_URING_IOV_MAX),   -- readv / writev parts, copied by C
         buffers_reclaimed = 0,
         bounce = {},            -- size class -> free list of aligned scratch memory
         limbo = {},             -- memory of abandoned ops the kernel may still use
@@ -262,9 +263,14 @@ local function limbo_sweep(r)
         if C.pl_uring_op_settled(u, e.op, e.gen) == 0 then
             kept = kept + 1
             limbo[kept] = e
-        elseif type(e.keep) == "table" and e.keep.class then   -- scratch space
-            local list = r.bounce[e.keep.class]
-            list[#list + 1] = e.keep
+        else
+            if type(e.keep) == "table" and e.keep.class then   -- scratch space
+                local list = r.bounce[e.keep.class]
+                list[#list + 1] = e.keep
+            end
+            for j = 1, #e.held do
+                C.pl_uring_buffer_unhold(u, e.held[j].index)
+            end
         end
     end
 end
@@ -279,7 +285,16 @@ function IoUringReactor:_abandon(t)
         if limbo[1] then
             limbo_sweep(self)
         end
-        limbo[#limbo + 1] = { op = op, gen = gen, keep = keep }
+        local held = {}     -- registered buffers of a readv / writev
+        if type(keep) == "table" and keep.parts then
+            for j = 1, #keep do
+                local b = keep[j]
+                if getmetatable(b) == Buffer and b.base and C.pl_uring_buffer_hold(u, b.index) == 0 then
+                    held[#held + 1] = b
+                end
+            end
+        end
+        limbo[#limbo + 1] = { op = op, gen = gen, keep = keep, held = held }
     end
 end
 
@@ -288,7 +303,11 @@ local function run_op(r, t, op, what, keep)
     if op < 0 then
         return op, 0
     end
-    return await(r, t, op, what, keep)
+    local res, bytes = await(r, t, op, what, keep)
+    if r.limbo[1] then
+        limbo_sweep(r)
+    end
+    return res, bytes
 end
 
 ---------------------------------------------------------------------------
@@ -759,6 +778,108 @@ function File:write(offset, data)
     end
     if res < len then
         return fail(self, "write", -28, format(" (offset %d, %d bytes)", offset, len), res)
+    end
+    return res
+end
+
+-- The parts of a readv / writev as iovecs (in the reactor's array, which C
+-- copies); returns their count, total bytes and what the op must keep.
+local function vector(fname, f, r, offset, parts, lens, strings_ok)
+    local kinds = strings_ok and "registered buffers or strings" or "registered buffers"
+    if type(parts) ~= "table" then
+        error(format("%s: parts must be a list of %s (got %s)", fname, kinds, check.show(parts)), 3)
+    end
+    local n, max = #parts, C.PL_URING_IOV_MAX
+    if n < 1 or n > max then
+        error(format("%s: parts must hold 1 to %d entries (got %d)", fname, max, n), 3)
+    end
+    if lens ~= nil and type(lens) ~= "table" then
+        error(format("%s: lens must be nil or a list of byte counts (got %s)", fname, check.show(lens)), 3)
+    end
+    local iov, total = r.iov, 0
+    local keep = { parts = true }
+    for i = 1, n do
+        local p = parts[i]
+        local ptr, size
+        if getmetatable(p) == Buffer then
+            if not p.base then
+                error(format("%s: part %d, %s, was released", fname, i, tostring(p)), 3)
+            end
+            if p.reactor ~= r then
+                error(format("%s: part %d belongs to another io_uring reactor", fname, i), 3)
+            end
+            ptr, size = p.base, p.len
+        elseif strings_ok and type(p) == "string" then
+            ptr, size = p, #p
+        else
+            error(format("%s: part %d must be a registered buffer%s (got %s)", fname, i,
+                         strings_ok and " or a string" or "", check.show(p)), 3)
+        end
+        local len = size
+        if lens then
+            len = lens[i]
+            if type(len) ~= "number" or len % 1 ~= 0 or len < 0 or len > size then
+                error(format("%s: lens[%d] must be an integer from 0 to %d, the size of part %d (got %s)",
+                             fname, i, size, i, check.show(len)), 3)
+            end
+        end
+        if f.direct then
+            local a = f.offset_align
+            if len % a ~= 0 then
+                error(format("%s: O_DIRECT length %d of part %d is not a multiple of %d (the file's " ..
+                             "block size) on %s", fname, len, i, a, f.path), 3)
+            end
+            if tonumber(ffi_cast("uintptr_t", ptr)) % f.mem_align ~= 0 then
+                error(format("%s: O_DIRECT address of part %d is not aligned to %d bytes on %s " ..
+                             "(strings never are: use registered buffers)", fname, i, f.mem_align, f.path), 3)
+            end
+        end
+        iov[i - 1].base = ffi_cast("void *", ptr)
+        iov[i - 1].len = len
+        total = total + len
+        keep[i] = p
+    end
+    if total > MAX_IO then
+        error(format("%s: the parts hold %d bytes; one operation moves at most %d", fname, total, MAX_IO), 3)
+    end
+    if f.direct and offset % f.offset_align ~= 0 then
+        error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s",
+                     fname, offset, f.offset_align, f.path), 3)
+    end
+    return n, total, keep
+end
+
+-- f:readv(offset, bufs[, lens]): read into registered buffers in order (lens[i]
+-- bytes into bufs[i], default all of it); returns the bytes read (fewer only
+-- at end of file) or nil, err.
+function File:readv(offset, bufs, lens)
+    self_file("File:readv", self)
+    check_offset("File:readv", offset)
+    local r = self.reactor
+    local n, total, keep = vector("File:readv", self, r, offset, bufs, lens, false)
+    local t = current_task("File:readv")
+    local res, bytes = run_op(r, t, C.pl_uring_readv(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
+    if res < 0 then
+        return fail(self, "readv", res, format(" (offset %d, %d bytes in %d parts)", offset, total, n), bytes)
+    end
+    return res
+end
+
+-- f:writev(offset, parts[, lens]): write registered buffers and strings in
+-- order, as one operation; returns the bytes written (all of them) or nil, err.
+function File:writev(offset, parts, lens)
+    self_file("File:writev", self)
+    check_offset("File:writev", offset)
+    local r = self.reactor
+    local n, total, keep = vector("File:writev", self, r, offset, parts, lens, true)
+    local t = current_task("File:writev")
+    local res, bytes = run_op(r, t, C.pl_uring_writev(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
+    local where = format(" (offset %d, %d bytes in %d parts)", offset, total, n)
+    if res < 0 then
+        return fail(self, "writev", res, where, bytes)
+    end
+    if res < total then     -- the device stopped taking data without an error
+        return fail(self, "writev", -28, where, res)
     end
     return res
 end
