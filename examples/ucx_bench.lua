@@ -148,14 +148,19 @@ end
 
 -- With --transport address the peers swap worker addresses over the socket
 -- connection and talk over address endpoints (shared memory when both are
--- on one machine).  Returns the endpoint to use for the benchmark.
+-- on one machine).  Returns the endpoint to use for the benchmark.  The
+-- socket connection is closed then: while a worker has a tcp endpoint, each
+-- progress call polls the tcp interface (an epoll_wait system call), which
+-- would more than double small-message latency.
 local function client_data_ep(w, streams, ctrl)
     if o.transport == "socket" then
         return ctrl
     end
     assert(ctrl:am_send(ADDR, "", assert(w:address())))
     local m = assert(streams.addr_reply:wait_msg())
-    return assert(w:connect_addr(m:data()))
+    local ep = assert(w:connect_addr(m:data()))
+    ctrl:close()
+    return ep
 end
 
 local function server_data_ep(w, streams, ctrl)
@@ -165,6 +170,7 @@ local function server_data_ep(w, streams, ctrl)
     local m = assert(streams.addr:wait_msg())
     local back = assert(w:connect_addr(m:data()))
     assert(ctrl:am_send(ADDR_REPLY, "", assert(w:address())))
+    ctrl:close()
     return back
 end
 
@@ -290,8 +296,7 @@ if o.server then
     local ep = server_data_ep(w, streams, ctrl)
     serve_connection(w, ep, streams)
     pluvio.sleep(0.05)
-    if ep ~= ctrl then ep:close() end
-    ctrl:close()
+    ep:close()
     w:close()
 elseif o.connect then
     local w = assert(ctx:create_worker())
@@ -301,8 +306,7 @@ elseif o.connect then
     local ep = client_data_ep(w, streams, ctrl)
     local results = run_client(w, ep, streams)
     report(results, "client of " .. o.connect .. " (" .. o.transport .. ")")
-    if ep ~= ctrl then ep:close() end
-    ctrl:close()
+    ep:close()
     w:close()
 else
     local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
@@ -313,17 +317,15 @@ else
         l:close()
         local ep = server_data_ep(sw, sstreams, ctrl)
         serve_connection(sw, ep, sstreams)
-        return ep, ctrl
+        return ep
     end)
     local ctrl = assert(cw:connect_socket("127.0.0.1", l:port()))
     local ep = client_data_ep(cw, cstreams, ctrl)
     local results = run_client(cw, ep, cstreams)
-    local sep, sctrl = server:join()
+    local sep = server:join()
     report(results, "loopback (" .. o.transport .. ")")
-    if ep ~= ctrl then ep:close() end
-    ctrl:close()
-    if sep and sep ~= sctrl then sep:close() end
-    if sctrl then sctrl:close() end
+    ep:close()
+    if sep then sep:close() end
     cw:close()
     sw:close()
 end
