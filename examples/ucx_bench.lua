@@ -75,7 +75,10 @@ end
 -- keep them (and as ucx_perftest does): no Lua string per message.
 local max_size = 4096
 for _, s in ipairs(o.sizes) do max_size = math.max(max_size, s) end
-local buffers = uring.reactor { buffer_size = math.ceil(max_size / 4096) * 4096, buffer_count = 4 }
+-- The server takes data with several tasks, so that pulling one rendezvous
+-- message overlaps with the next (as UCX's callbacks do for ucx_perftest).
+local SINKS = 8
+local buffers = uring.reactor { buffer_size = math.ceil(max_size / 4096) * 4096, buffer_count = 4 + SINKS }
 pluvio.runtime():register_reactor("ucx_bench buffers", buffers)
 
 -- Take a message's data into buf (or drop it when empty).
@@ -106,7 +109,7 @@ local function serve_connection(w, ep, streams)
             assert(ep:am_send(PONG, "", buf, false, o.proto, n))
         end
     end)
-    local data_task = pluvio.spawn_named("sink", function()
+    local function sink()
         local buf = buffers:acquire_buffer()
         while true do
             local m = streams.data:wait_msg()
@@ -118,7 +121,9 @@ local function serve_connection(w, ep, streams)
             c[1] = c[1] + 1
             c[2] = c[2] + size
         end
-    end)
+    end
+    local sinks = {}
+    for i = 1, SINKS do sinks[i] = pluvio.spawn_named("sink " .. i, sink) end
     while true do
         local m = streams.done:wait_msg()
         if not m then break end
@@ -135,7 +140,7 @@ local function serve_connection(w, ep, streams)
         counts[size] = nil
     end
     ping_task:kill()
-    data_task:kill()
+    for i = 1, SINKS do sinks[i]:kill() end
 end
 
 local function open_streams(w)
