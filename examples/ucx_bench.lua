@@ -175,6 +175,10 @@ local function server_data_ep(w, streams, ctrl)
     local m = assert(streams.addr:wait_msg())
     local back = assert(w:connect_addr(m:data()))
     assert(ctrl:am_send(ADDR_REPLY, "", assert(w:address())))
+    -- the client closes first, so that TCP's TIME_WAIT stays on its side
+    -- and a new server can listen on this port at once
+    local deadline = pluvio.now() + 5
+    while ctrl:status() and pluvio.now() < deadline do pluvio.sleep(0.001) end
     ctrl:close()
     return back
 end

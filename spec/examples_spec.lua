@@ -90,6 +90,7 @@ describe("examples/ucx_bench.lua", function()
     end)
 
     it("runs as a server and a client process", function()
+        math.randomseed(os.time() + math.floor(os.clock() * 1e6))
         local port = 20000 + math.random(0, 20000)
         local errfile = os.tmpname()
         helper.exec(("%s %s --server --port %d >/dev/null 2>%s &"):format(q(helper.host),
@@ -100,7 +101,8 @@ describe("examples/ucx_bench.lua", function()
             if status == 0 or not err:match("connect to") then break end
             helper.exec("sleep 0.1")
         end
-        assert.equal(0, status, err)
+        local ef = io.open(errfile); local server_err = ef:read("*a"); ef:close()
+        assert.equal(0, status, err .. "\nserver: " .. server_err)
         assert.equal(20, r.results[1].bw.messages)
         os.remove(errfile)
     end)

@@ -266,16 +266,15 @@ void uring_sqe_void(struct io_uring_sqe *sqe)
     io_uring_sqe_set_data64(sqe, CANCEL_TAG);
 }
 
-static int start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
-                    void *addr, uint32_t len, uint64_t offset, int buf_index)
+/* An SQE and an op of the given kind for fd (len bytes at offset), or
+ * -errno with nothing taken. */
+int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                   uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out)
 {
-    struct io_uring_sqe *sqe;
+    struct io_uring_sqe *sqe = uring_get_sqe(u);
     struct uring_op *op;
-    int i, rc = uring_buffer_check(u, buf_index, addr, len);
+    int i;
 
-    if (rc < 0)
-        return rc;
-    sqe = uring_get_sqe(u);
     if (!sqe)
         return -EBUSY;
     i = uring_op_new(u, slot, gen, kind);
@@ -285,9 +284,26 @@ static int start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, in
     }
     op = uring_op(u, i);
     op->fd = fd;
-    op->addr = addr;
     op->len = len;
     op->offset = offset;
+    *sqe_out = sqe;
+    return i;
+}
+
+static int start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                    void *addr, uint32_t len, uint64_t offset, int buf_index)
+{
+    struct io_uring_sqe *sqe;
+    struct uring_op *op;
+    int i, rc = uring_buffer_check(u, buf_index, addr, len);
+
+    if (rc < 0)
+        return rc;
+    i = uring_op_begin(u, slot, gen, kind, fd, len, offset, &sqe);
+    if (i < 0)
+        return i;
+    op = uring_op(u, i);
+    op->addr = addr;
     op->buf_index = buf_index;
     if (buf_index >= 0)
         u->bufs[buf_index].users++;
@@ -321,19 +337,10 @@ static int start_rwv(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, i
         total += parts[p].len;
     if (total > UINT32_MAX)
         return -EINVAL;
-    sqe = uring_get_sqe(u);
-    if (!sqe)
-        return -EBUSY;
-    i = uring_op_new(u, slot, gen, kind);
-    if (i < 0) {
-        uring_sqe_void(sqe);
+    i = uring_op_begin(u, slot, gen, kind, fd, (uint32_t)total, offset, &sqe);
+    if (i < 0)
         return i;
-    }
     op = uring_op(u, i);
-    op->fd = fd;
-    op->addr = NULL;
-    op->len = (uint32_t)total;
-    op->offset = offset;
     for (int p = 0; p < nparts; p++)
         op->iovs[p] = (struct iovec){ .iov_base = parts[p].base, .iov_len = parts[p].len };
     op->iov_first = 0;
@@ -358,18 +365,7 @@ int pl_uring_writev(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const pl
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen,
                        struct io_uring_sqe **sqe_out)
 {
-    struct io_uring_sqe *sqe = uring_get_sqe(u);
-    int i;
-
-    if (!sqe)
-        return -EBUSY;
-    i = uring_op_new(u, slot, gen, OP_OTHER);
-    if (i < 0) {
-        uring_sqe_void(sqe);
-        return i;
-    }
-    *sqe_out = sqe;
-    return i;
+    return uring_op_begin(u, slot, gen, OP_OTHER, -1, 0, 0, sqe_out);
 }
 
 /* ---- completion ---------------------------------------------------------- */

@@ -106,6 +106,8 @@ struct io_uring_sqe *uring_get_sqe(pl_uring_t *u);
 int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind);
 int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
 void uring_sqe_void(struct io_uring_sqe *sqe);
+int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                   uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out);
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
 int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len);
 

@@ -164,22 +164,12 @@ int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *hos
 
 int pl_uring_send(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *data, uint32_t len)
 {
-    struct io_uring_sqe *sqe = uring_get_sqe(u);
-    struct uring_op *op;
-    int i;
+    struct io_uring_sqe *sqe;
+    int i = uring_op_begin(u, slot, gen, OP_SEND, fd, len, 0, &sqe);
 
-    if (!sqe)
-        return -EBUSY;
-    i = uring_op_new(u, slot, gen, OP_SEND);
-    if (i < 0) {
-        uring_sqe_void(sqe);
+    if (i < 0)
         return i;
-    }
-    op = uring_op(u, (uint32_t)i);
-    op->fd = fd;
-    op->addr = (char *)data;
-    op->len = len;
-    op->offset = 0;
+    uring_op(u, (uint32_t)i)->addr = (char *)data;
     io_uring_prep_send(sqe, fd, data, len, MSG_NOSIGNAL);
     return uring_op_queue(u, (uint32_t)i, sqe);
 }
