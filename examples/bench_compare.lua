@@ -313,8 +313,9 @@ if o.output ~= "-" then
         "## The runtime itself",
         "",
         "examples/runtime_bench.lua, once with LuaJIT's default GC pause and once with `--gc-pause 1000`: with " ..
-        "100 000 live tasks every GC cycle ends in an atomic pass over all coroutine stacks, and the tasks due " ..
-        "meanwhile wake that late.",
+        "100 000 live tasks the collector's largest steps (the atomic pass over every coroutine stack, whole " ..
+        "tables) take tens of milliseconds, and the tasks due meanwhile wake that late; a larger pause runs " ..
+        "fewer cycles.",
         "",
         table.concat(runtime_lines, "\n"),
         "",

@@ -18,8 +18,8 @@ local spec = {
         { "idle-seconds", "number", 2, "how long the idle scenario sleeps" },
         { "quick", "flag", false, "small sizes (about a second in all)" },
         { "gc-pause", "integer", 0, "LuaJIT's collectgarbage('setpause') (0: leave the default, 200); with\n" ..
-          "                           100k live tasks each GC cycle ends in an atomic pass over every\n" ..
-          "                           coroutine stack (~45 ms): a larger pause runs fewer cycles" },
+          "                           100k live tasks the collector's largest steps take tens of ms\n" ..
+          "                           (tasks due meanwhile wake that late): a larger pause runs fewer cycles" },
         { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
     },
 }
