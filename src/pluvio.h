@@ -166,10 +166,12 @@ int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags);
 
 /* Tasks (runtime.c).  spawn returns the slot (queued ready) and its gen.
  * The running task stops running at exactly one of: pl_task_wait (it
- * parks), pl_task_yield (it goes to the back of the ready ring), an I/O op
- * start (which parks it), or pl_task_exit with PL_TASK_WAS_RUNNING; that is
- * where its run time and resume count are accounted, so resuming a task
- * costs no call into C. */
+ * parks), pl_task_sleep (it parks until a deadline), pl_task_yield (it goes
+ * to the back of the ready ring), an I/O op start (which parks it), or
+ * pl_task_exit with PL_TASK_WAS_RUNNING; that is where its run time and
+ * resume count are accounted, so resuming a task costs no call into C.  The
+ * Lua loop makes the wait, sleep and yield calls for the task once it has
+ * yielded (a call into C deep in a coroutine grows its stack for good). */
 int pl_task_spawn(pl_runtime_t *rt, uint32_t *gen);
 int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen);
 int pl_task_wait(pl_runtime_t *rt, uint32_t slot, int kind, double arg);
