@@ -140,6 +140,37 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("keeps an unwaited am_send_nb's buffer until UCX is done, though released and its task killed", async(function()
+        local uring = require "pluvio.uring"
+        local r = uring.current()
+        local p = pair()
+        local ref = uring.acquire_buffer()
+        ref:fill_pattern(9, 0)
+        local sum = ref:checksum(65536)
+        ref:release()
+        local free0 = r:stats().buffers_free
+        local sender = pluvio.spawn(function()
+            local b = uring.acquire_buffer()
+            b:fill_pattern(9, 0)
+            local h = p.ep:am_send_nb(1, "nb", b, false, "rndv", 65536)
+            b:release()                         -- UCX still reads it
+            pluvio.suspend("never waits for " .. tostring(h))
+        end)
+        local m = assert(p.stream:wait_msg())
+        assert.equal(free0 - 1, r:stats().buffers_free)
+        sender:kill()
+        assert.equal(free0 - 1, r:stats().buffers_free)
+        local grabbed = {}
+        for i = 1, free0 - 1 do grabbed[i] = uring.acquire_buffer(); grabbed[i]:fill(0xee) end
+        local out = grabbed[#grabbed]
+        assert.equal(65536, m:recv_data(out))
+        assert.equal(sum, out:checksum(65536))
+        for i = 1, #grabbed do grabbed[i]:release() end
+        assert.is_true(p.ep:flush())            -- the send settled: the buffer goes back
+        assert.equal(free0, r:stats().buffers_free)
+        close_pair(p)
+    end))
+
     it("takes headers up to the worker's limit and refuses one byte more before calling UCX", async(function()
         local p = pair()
         local max = p.cw:max_am_header()
@@ -229,6 +260,20 @@ describe("UCX", function()
             assert.equal(payload(65536, i), m:data())
         end
         for i = 1, 16 do assert.is_true(handles[i]:wait()) end
+        -- registered buffers: out of the pool while in flight, back after wait
+        local uring = require "pluvio.uring"
+        local r = uring.current()
+        local b = uring.acquire_buffer()
+        local free = r:stats().buffers_free + 1
+        b:fill(7)
+        local h = p.ep:am_send_nb(1, "buf", b, false, "rndv", 4096)
+        b:release()
+        assert.equal(free - 1, r:stats().buffers_free)
+        local out = uring.acquire_buffer()
+        assert.equal(4096, assert(p.stream:wait_msg()):recv_data(out))
+        out:release()
+        assert.is_true(h:wait())
+        assert.equal(free, r:stats().buffers_free)
         close_pair(p)
     end))
 

@@ -20,7 +20,7 @@ local type, format, setmetatable, getmetatable, tostring = type, string.format, 
 
 local M = {}
 
-local EAGAIN, ENOTCONN = -11, -107
+local EAGAIN, ENOTCONN, ECANCELED = -11, -107, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
 
@@ -261,20 +261,26 @@ local function limbo_sweep(w, all)
     end
 end
 
--- A killed task's op is cancelled (UCX may still finish a send: it reads
--- the data until then); the slot is freed when UCX completes it.
-function Worker:_abandon(t)
-    local op, k1, k2 = t.io_op, t.io_keep, t.io_keep2
-    t.io_op, t.io_keep, t.io_keep2 = nil, nil, nil
-    if not self.w then
+-- Cancel op (UCX may still finish a send: it reads the data until then);
+-- k1, k2 stay referenced, and registered buffers among them out of the
+-- pool (held now, or already: h1, h2), until UCX completes it.
+local function abandon_op(w, op, k1, k2, h1, h2)
+    if not w.w then
         return
     end
-    local gen = C.pl_ucx_op_gen(self.w, op)
-    C.pl_ucx_op_abandon(self.w, op)
+    local gen = C.pl_ucx_op_gen(w.w, op)
+    C.pl_ucx_op_abandon(w.w, op)
     if k1 ~= nil or k2 ~= nil then
-        limbo_sweep(self)
-        self.limbo[#self.limbo + 1] = { op = op, gen = gen, k1, k2, held1 = hold(k1), held2 = hold(k2) }
+        limbo_sweep(w)
+        w.limbo[#w.limbo + 1] = { op = op, gen = gen, k1, k2, held1 = h1 or hold(k1), held2 = h2 or hold(k2) }
     end
+end
+
+-- A killed task's op is cancelled; the slot is freed when UCX completes it.
+function Worker:_abandon(t)
+    local op, k1, k2, h1, h2 = t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2
+    t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2 = nil, nil, nil, nil, nil
+    abandon_op(self, op, k1, k2, h1, h2)
 end
 
 local function run_op(w, t, rc, what, keep, keep2)
@@ -644,14 +650,28 @@ M.SendHandle = Handle
 
 -- am_send_nb(...): start the send and return a handle at once (for windowed
 -- pipelines); handle:wait() returns true or nil, err.  header and data are
--- kept alive by the handle until it completes.
+-- kept alive by the handle until it completes (registered buffers stay out
+-- of the pool even if released); if the task ends first, the send is
+-- cancelled and they are kept until UCX lets go.
 function Endpoint:am_send_nb(id, header, data, need_reply, proto, len)
     local hptr, hlen, dptr, dlen, flags = send_args("Endpoint:am_send_nb", self, id, header, data, need_reply,
                                                      proto, len)
     local t = current_task("Endpoint:am_send_nb")
     local w = self.worker
     local rc = C.pl_ucx_am_send(w.w, self.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen)
-    return setmetatable({ ep = self, op = rc, header = header, data = data, owner = t }, Handle)
+    local handle = setmetatable({ ep = self, op = rc, header = header, data = data, owner = t }, Handle)
+    if rc > 0 then          -- in flight: the task's until it is waited for
+        handle.held1, handle.held2 = hold(header), hold(data)
+        t:_own(handle)
+    end
+    return handle
+end
+
+-- The owner ended with the send in flight.
+function Handle:_task_exit()
+    abandon_op(self.ep.worker, self.op, self.header, self.data, self.held1, self.held2)
+    self.op = -ECANCELED
+    self.header, self.data, self.held1, self.held2 = nil, nil, nil, nil
 end
 
 function Handle:wait()
@@ -663,9 +683,11 @@ function Handle:wait()
         if t ~= self.owner then
             error("SendHandle:wait: only the task that started the send can wait for it", 2)
         end
+        t:_disown(self)     -- from here a kill abandons the op through t.io_op
         t.io_reactor = w
         t.io_op = rc
         t.io_keep, t.io_keep2 = self.header, self.data
+        t.io_held1, t.io_held2 = self.held1, self.held2     -- held already
         t.waiting_for = self.ep
         local result = w.result
         while C.pl_ucx_op_take(w.w, rc, result) == 0 do
@@ -673,11 +695,13 @@ function Handle:wait()
         end
         t.waiting_for = nil
         t.io_reactor = nil
-        t.io_keep, t.io_keep2 = nil, nil
+        t.io_keep, t.io_keep2, t.io_held1, t.io_held2 = nil, nil, nil, nil
         rc = result.status
         self.op = rc
+        unhold(self.held1)
+        unhold(self.held2)
     end
-    self.header, self.data = nil, nil
+    self.header, self.data, self.held1, self.held2 = nil, nil, nil, nil
     if rc < 0 then
         return send_failed(self.ep, "am_send", rc)
     end
