@@ -723,6 +723,22 @@ describe("readv and writev", function()
         wr:close()
     end))
 
+    it("keeps readv's buffers out of the pool while the kernel has them, even if released", async(function()
+        local r = uring.current()
+        local rd, wr = pipe()
+        local a = uring.acquire_buffer()
+        local free = r:stats().buffers_free
+        local reader = pluvio.spawn(function() return rd:readv(0, { a }, { 3 }) end)
+        pluvio.yield()
+        a:release()                             -- while the read is in flight
+        assert.equal(free, r:stats().buffers_free)
+        assert.equal(3, wr:write(0, "abc"))
+        assert.equal(3, reader:join())
+        assert.equal(free + 1, r:stats().buffers_free)
+        rd:close()
+        wr:close()
+    end))
+
     it("keeps a killed readv's buffers out of the pool until the kernel lets go", async(function()
         local r = uring.current()
         local rd, wr = pipe()

@@ -252,6 +252,8 @@ local function await(r, t, op, what, keep)
     return result.res, result.bytes
 end
 
+local NONE = {}
+
 -- Scratch space back to its pool, or a string let go, once the kernel is
 -- done with the abandoned op that used it.
 local function limbo_sweep(r)
@@ -285,15 +287,8 @@ function IoUringReactor:_abandon(t)
         if limbo[1] then
             limbo_sweep(self)
         end
-        local held = {}     -- registered buffers of a readv / writev
-        if type(keep) == "table" and keep.parts then
-            for j = 1, #keep do
-                local b = keep[j]
-                if getmetatable(b) == Buffer and b.base and C.pl_uring_buffer_hold(u, b.index) == 0 then
-                    held[#held + 1] = b
-                end
-            end
-        end
+        -- the buffers of a readv / writev are held already (see vector)
+        local held = type(keep) == "table" and keep.held or NONE
         limbo[#limbo + 1] = { op = op, gen = gen, keep = keep, held = held }
     end
 end
@@ -797,7 +792,7 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
         error(format("%s: lens must be nil or a list of byte counts (got %s)", fname, check.show(lens)), 3)
     end
     local iov, total = r.iov, 0
-    local keep = { parts = true }
+    local keep = { held = {} }     -- the parts, and the buffers held for the op
     for i = 1, n do
         local p = parts[i]
         local ptr, size
@@ -846,7 +841,24 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
         error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s",
                      fname, offset, f.offset_align, f.path), 3)
     end
+    -- Like read_fixed's buffer, the parts stay out of the pool while the
+    -- kernel has them, even if released meanwhile (a kill hands the holds
+    -- to the limbo).
+    local held = keep.held
+    for i = 1, n do
+        local p = parts[i]
+        if getmetatable(p) == Buffer and C.pl_uring_buffer_hold(r.u, p.index) == 0 then
+            held[#held + 1] = p
+        end
+    end
     return n, total, keep
+end
+
+local function unhold_all(r, keep)
+    local held = keep.held
+    for i = 1, #held do
+        C.pl_uring_buffer_unhold(r.u, held[i].index)
+    end
 end
 
 -- f:readv(offset, bufs[, lens]): read into registered buffers in order (lens[i]
@@ -856,9 +868,10 @@ function File:readv(offset, bufs, lens)
     self_file("File:readv", self)
     check_offset("File:readv", offset)
     local r = self.reactor
-    local n, total, keep = vector("File:readv", self, r, offset, bufs, lens, false)
     local t = current_task("File:readv")
+    local n, total, keep = vector("File:readv", self, r, offset, bufs, lens, false)
     local res, bytes = run_op(r, t, C.pl_uring_readv(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
+    unhold_all(r, keep)
     if res < 0 then
         return fail(self, "readv", res, format(" (offset %d, %d bytes in %d parts)", offset, total, n), bytes)
     end
@@ -871,9 +884,10 @@ function File:writev(offset, parts, lens)
     self_file("File:writev", self)
     check_offset("File:writev", offset)
     local r = self.reactor
-    local n, total, keep = vector("File:writev", self, r, offset, parts, lens, true)
     local t = current_task("File:writev")
+    local n, total, keep = vector("File:writev", self, r, offset, parts, lens, true)
     local res, bytes = run_op(r, t, C.pl_uring_writev(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
+    unhold_all(r, keep)
     local where = format(" (offset %d, %d bytes in %d parts)", offset, total, n)
     if res < 0 then
         return fail(self, "writev", res, where, bytes)
