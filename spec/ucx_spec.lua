@@ -146,6 +146,27 @@ describe("UCX", function()
         close_pair(p)
     end
 
+    it("keeps a sending buffer out of the pool while UCX reads it, though another task releases it", async(function()
+        local uring = require "pluvio.uring"
+        local r = uring.current()
+        local p = pair()
+        local b = uring.acquire_buffer()
+        b:fill_pattern(5, 0)
+        local sum = b:checksum(65536)
+        local free = r:stats().buffers_free
+        local sender = pluvio.spawn(function() return p.ep:am_send(1, "buf", b, false, "rndv", 65536) end)
+        local m = assert(p.stream:wait_msg())
+        b:release()                             -- the sender is still in am_send
+        assert.equal(free, r:stats().buffers_free)
+        local out = uring.acquire_buffer()
+        assert.equal(65536, m:recv_data(out))
+        assert.equal(sum, out:checksum(65536))
+        out:release()
+        assert.is_true(sender:join())
+        assert.equal(free + 1, r:stats().buffers_free)
+        close_pair(p)
+    end))
+
     it("keeps a killed sender's registered buffer out of the pool until UCX is done with it", async(function()
         killed_sender_keeps_buffer(function(ep, b) return ep:am_send(1, "buf", b, false, "rndv", 65536) end)
     end))

@@ -283,11 +283,19 @@ function Worker:_abandon(t)
     abandon_op(self, op, k1, k2, h1, h2)
 end
 
+-- Wait for op rc (or take its immediate result).  Registered buffers among
+-- keep, keep2 stay out of the pool while UCX has them, even if another
+-- task releases them meanwhile (a kill hands the holds to the limbo).
 local function run_op(w, t, rc, what, keep, keep2)
     if rc <= 0 then
         return rc, 0
     end
+    local h1, h2 = hold(keep), hold(keep2)
+    t.io_held1, t.io_held2 = h1, h2
     local status, len, tag = await(w, t, rc, what, keep, keep2)
+    t.io_held1, t.io_held2 = nil, nil
+    unhold(h1)
+    unhold(h2)
     if w.limbo[1] then
         limbo_sweep(w)
     end
