@@ -265,7 +265,9 @@ end
 -- k1, k2 stay referenced, and registered buffers among them out of the
 -- pool (held now, or already: h1, h2), until UCX completes it.
 local function abandon_op(w, op, k1, k2, h1, h2)
-    if not w.w then
+    if not w.w then         -- closed: its ops are gone
+        unhold(h1)
+        unhold(h2)
         return
     end
     local gen = C.pl_ucx_op_gen(w.w, op)
