@@ -781,6 +781,15 @@ describe("readv and writev", function()
             "File:writev: lens must be nil or a list of byte counts (got 3)")
         assert.has_error(function() f:writev(-1, { "abc" }) end,
             "File:writev: offset must be an integer >= 0 (got -1)")
+        -- errors name the caller's line, not the library's
+        for _, call in ipairs({
+            function() local n = f:readv(0, "x"); return n end,
+            function() local n = f:read_fixed(a, -1); return n end,
+            function() local n = f:fallocate(-1, 1); return n end,
+        }) do
+            local _, err = pcall(call)
+            assert.matches("uring_spec%.lua:%d+: File:", err)
+        end
         a:release()
         assert.has_error(function() f:readv(0, { a }) end,
             "File:readv: part 1, " .. tostring(a) .. ", was released")

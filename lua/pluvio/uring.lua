@@ -722,15 +722,13 @@ end
 -- f:read_fixed(buf, offset[, len]): read into a registered buffer; returns
 -- the bytes read (fewer only at end of file) or nil, err.
 function File:read_fixed(buf, offset, len)
-    local n, err, code, bytes = fixed_io(self, "File:read_fixed", false, buf, offset, len)
-    return n, err, code, bytes
+    return fixed_io(self, "File:read_fixed", false, buf, offset, len)  -- a tail call: errors point at our caller
 end
 
 -- f:write_fixed(buf, offset[, len]): write from a registered buffer; returns
 -- the bytes written (all of them; a short write is continued) or nil, err.
 function File:write_fixed(buf, offset, len)
-    local n, err, code, bytes = fixed_io(self, "File:write_fixed", true, buf, offset, len)
-    return n, err, code, bytes
+    return fixed_io(self, "File:write_fixed", true, buf, offset, len)
 end
 
 -- f:read(offset, len): the bytes as a string (shorter only at end of file).
@@ -861,66 +859,58 @@ local function unhold_all(r, keep)
     end
 end
 
+-- readv / writev: the checks and the op, one body for both.
+local function vectored_io(self, fname, write, offset, parts, lens)
+    self_file(fname, self)
+    check_offset(fname, offset)
+    local r = self.reactor
+    local t = current_task(fname)
+    local n, total, keep = vector(fname, self, r, offset, parts, lens, write)
+    local start = write and C.pl_uring_writev or C.pl_uring_readv
+    local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
+    unhold_all(r, keep)
+    local what = write and "writev" or "readv"
+    if res < 0 then
+        return fail(self, what, res, format(" (offset %d, %d bytes in %d parts)", offset, total, n), bytes)
+    end
+    if write and res < total then   -- the device stopped taking data without an error
+        return fail(self, what, -28, format(" (offset %d, %d bytes in %d parts)", offset, total, n), res)
+    end
+    return res
+end
+
 -- f:readv(offset, bufs[, lens]): read into registered buffers in order (lens[i]
 -- bytes into bufs[i], default all of it); returns the bytes read (fewer only
 -- at end of file) or nil, err.
 function File:readv(offset, bufs, lens)
-    self_file("File:readv", self)
-    check_offset("File:readv", offset)
-    local r = self.reactor
-    local t = current_task("File:readv")
-    local n, total, keep = vector("File:readv", self, r, offset, bufs, lens, false)
-    local res, bytes = run_op(r, t, C.pl_uring_readv(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
-    unhold_all(r, keep)
-    if res < 0 then
-        return fail(self, "readv", res, format(" (offset %d, %d bytes in %d parts)", offset, total, n), bytes)
-    end
-    return res
+    return vectored_io(self, "File:readv", false, offset, bufs, lens)  -- a tail call, as above
 end
 
 -- f:writev(offset, parts[, lens]): write registered buffers and strings in
 -- order, as one operation; returns the bytes written (all of them) or nil, err.
 function File:writev(offset, parts, lens)
-    self_file("File:writev", self)
-    check_offset("File:writev", offset)
-    local r = self.reactor
-    local t = current_task("File:writev")
-    local n, total, keep = vector("File:writev", self, r, offset, parts, lens, true)
-    local res, bytes = run_op(r, t, C.pl_uring_writev(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
-    unhold_all(r, keep)
-    local where = format(" (offset %d, %d bytes in %d parts)", offset, total, n)
-    if res < 0 then
-        return fail(self, "writev", res, where, bytes)
-    end
-    if res < total then     -- the device stopped taking data without an error
-        return fail(self, "writev", -28, where, res)
-    end
-    return res
+    return vectored_io(self, "File:writev", true, offset, parts, lens)
 end
 
-local function simple_op(f, fname, what, start)
+-- An op on the file's fd with no data: start(u, slot, gen, fd, ...).
+local function simple_op(f, fname, what, start, ...)
     self_file(fname, f)
     local t = current_task(fname)
     local r = f.reactor
-    local res = run_op(r, t, start(r, t), f)
+    local res = run_op(r, t, start(r.u, t.slot, t.gen, f.fd, ...), f)
     if res < 0 then
         return fail(f, what, res)
     end
     return true
 end
 
+-- (Tail calls here and below: an error then points at our caller's line.)
 function File:fsync()
-    local ok, err, code = simple_op(self, "File:fsync", "fsync", function(r, t)
-        return C.pl_uring_fsync(r.u, t.slot, t.gen, self.fd, 0)
-    end)
-    return ok, err, code
+    return simple_op(self, "File:fsync", "fsync", C.pl_uring_fsync, 0)
 end
 
 function File:fdatasync()
-    local ok, err, code = simple_op(self, "File:fdatasync", "fdatasync", function(r, t)
-        return C.pl_uring_fsync(r.u, t.slot, t.gen, self.fd, 1)
-    end)
-    return ok, err, code
+    return simple_op(self, "File:fdatasync", "fdatasync", C.pl_uring_fsync, 1)
 end
 
 -- f:fallocate(offset, len[, mode]): reserve space (mode as fallocate(2)).
@@ -929,10 +919,7 @@ function File:fallocate(offset, len, mode)
     check_len("File:fallocate", len, 2 ^ 62)
     mode = mode or 0
     check.integer("File:fallocate", "mode", mode, 0, 255)
-    local ok, err, code = simple_op(self, "File:fallocate", "fallocate", function(r, t)
-        return C.pl_uring_fallocate(r.u, t.slot, t.gen, self.fd, mode, offset, len)
-    end)
-    return ok, err, code
+    return simple_op(self, "File:fallocate", "fallocate", C.pl_uring_fallocate, mode, offset, len)
 end
 
 -- f:statx(): size, blocks, mode, times, dio alignment... as a table.
