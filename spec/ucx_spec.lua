@@ -313,6 +313,13 @@ describe("UCX", function()
             "Endpoint:am_send: need_reply must be a boolean or nil (got string)")
         assert.has_error(function() ep:am_send(1, "", "", false, "fast") end,
             'Endpoint:am_send: proto must be nil, "eager" or "rndv" (got "fast")')
+        for _, call in ipairs({         -- errors name the caller's line
+            function() local r = ep:am_send(-1, "", ""); return r end,
+            function() local r = ep:am_send_nb(1, "", "", false, "fast"); return r end,
+        }) do
+            local _, err = pcall(call)
+            assert.matches("ucx_spec%.lua:%d+: Endpoint:am_send", err)
+        end
         assert.has_error(function() p.sw:create_listener("127.0.0.1", 70000) end,
             "Worker:create_listener: port must be an integer from 0 to 65535 (got 70000)")
         assert.has_error(function() p.sw:am_stream(1) end,

@@ -598,39 +598,60 @@ local function payload(fname, name, v, len)
         local size = v:size()
         if len == nil then
             len = size
-        else
-            check.integer(fname, "len", len, 0, size)
+        elseif type(len) ~= "number" or len % 1 ~= 0 or len < 0 or len > size then
+            error(format("%s: len must be an integer from 0 to %d (got %s)", fname, size, check.show(len)), 3)
         end
         return v:ptr(), len
     end
     error(format("%s: %s must be a string, nil or a registered buffer (got %s)", fname, name, type(v)), 3)
 end
 
-local function send_args(fname, ep, id, header, data, need_reply, proto, len)
+local function send_failed(ep, what, rc)
+    return nil, format("%s to %s: %s", what, ep.peer, errstr(rc)), errname(rc)
+end
+
+-- am_send and am_send_nb: the checks and the start, in one function that
+-- both tail-call (so that an argument error names the caller's line).
+local Handle = {}
+Handle.__index = Handle
+M.SendHandle = Handle
+
+local function start_send(fname, nb, ep, id, header, data, need_reply, proto, len)
     live_ep(fname, ep)
     check.integer(fname, "id", id, 0, MAX_AM_ID)
     local hptr, hlen = payload(fname, "header", header)
     local dptr, dlen = payload(fname, "data", data, len)
     if hlen > ep.worker.max_header then
         error(format("%s: header is %d bytes, more than this worker's limit of %d (Worker:max_am_header())",
-                     fname, hlen, ep.worker.max_header), 3)
+                     fname, hlen, ep.worker.max_header), 2)
     end
     if need_reply ~= nil and type(need_reply) ~= "boolean" then
-        error(format("%s: need_reply must be a boolean or nil (got %s)", fname, type(need_reply)), 3)
+        error(format("%s: need_reply must be a boolean or nil (got %s)", fname, type(need_reply)), 2)
     end
     local flags = need_reply and 1 or 0
     if proto ~= nil then
         local f = PROTO_FLAGS[proto]
         if not f then
-            error(format('%s: proto must be nil, "eager" or "rndv" (got %s)', fname, check.show(proto)), 3)
+            error(format('%s: proto must be nil, "eager" or "rndv" (got %s)', fname, check.show(proto)), 2)
         end
         flags = flags + f
     end
-    return hptr, hlen, dptr, dlen, flags
-end
-
-local function send_failed(ep, what, rc)
-    return nil, format("%s to %s: %s", what, ep.peer, errstr(rc)), errname(rc)
+    local t = current_task(fname)
+    local w = ep.worker
+    local rc = C.pl_ucx_am_send(w.w, ep.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen)
+    if nb then
+        local handle = setmetatable({ ep = ep, op = rc, header = header, data = data, owner = t }, Handle)
+        if rc > 0 then      -- in flight: the task's until it is waited for
+            handle.held1, handle.held2 = hold(header), hold(data)
+            t:_own(handle)
+        end
+        return handle
+    end
+    rc = run_op(w, t, rc, ep, header, data)
+    if rc < 0 then
+        return send_failed(ep, "am_send", rc)
+    end
+    return true
 end
 
 -- am_send(id, header, data, need_reply, proto[, len]): send an Active
@@ -638,25 +659,12 @@ end
 -- registered buffers (sent without a copy; len bytes of a buffer, default
 -- all).  proto: nil (UCX chooses), "eager" or "rndv".  Returns true or nil, err.
 function Endpoint:am_send(id, header, data, need_reply, proto, len)
-    local hptr, hlen, dptr, dlen, flags = send_args("Endpoint:am_send", self, id, header, data, need_reply,
-                                                     proto, len)
-    local t = current_task("Endpoint:am_send")
-    local w = self.worker
-    local rc = run_op(w, t, C.pl_ucx_am_send(w.w, self.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen),
-                      self, header, data)
-    if rc < 0 then
-        return send_failed(self, "am_send", rc)
-    end
-    return true
+    return start_send("Endpoint:am_send", false, self, id, header, data, need_reply, proto, len)
 end
 
 function Endpoint:describe()
     return "ucx op to " .. self.peer
 end
-
-local Handle = {}
-Handle.__index = Handle
-M.SendHandle = Handle
 
 -- am_send_nb(...): start the send and return a handle at once (for windowed
 -- pipelines); handle:wait() returns true or nil, err.  header and data are
@@ -664,17 +672,7 @@ M.SendHandle = Handle
 -- of the pool even if released); if the task ends first, the send is
 -- cancelled and they are kept until UCX lets go.
 function Endpoint:am_send_nb(id, header, data, need_reply, proto, len)
-    local hptr, hlen, dptr, dlen, flags = send_args("Endpoint:am_send_nb", self, id, header, data, need_reply,
-                                                     proto, len)
-    local t = current_task("Endpoint:am_send_nb")
-    local w = self.worker
-    local rc = C.pl_ucx_am_send(w.w, self.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen)
-    local handle = setmetatable({ ep = self, op = rc, header = header, data = data, owner = t }, Handle)
-    if rc > 0 then          -- in flight: the task's until it is waited for
-        handle.held1, handle.held2 = hold(header), hold(data)
-        t:_own(handle)
-    end
-    return handle
+    return start_send("Endpoint:am_send_nb", true, self, id, header, data, need_reply, proto, len)
 end
 
 -- The owner ended with the send in flight.
@@ -923,8 +921,7 @@ function Message:reply(id, header, data, need_reply, proto)
         ep = setmetatable({ worker = w, h = self.reply_h, peer = "the sender" }, Endpoint)
         self.reply_ep = ep
     end
-    local ok, err, code = ep:am_send(id, header, data, need_reply, proto)
-    return ok, err, code
+    return ep:am_send(id, header, data, need_reply, proto)     -- a tail call: errors name our caller
 end
 
 return M
