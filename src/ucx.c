@@ -256,7 +256,6 @@ int pl_ucx_op_take(pl_ucx_worker_t *w, int id, pl_ucx_result_t *out)
     return 1;
 }
 
-/* The task gave up (killed): cancel; the slot is freed by the callback. */
 uint32_t pl_ucx_op_gen(pl_ucx_worker_t *w, int id)
 {
     const struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;
@@ -271,6 +270,7 @@ int pl_ucx_op_settled(pl_ucx_worker_t *w, int id, uint32_t gen)
     return !op || op->gen != gen || op->state == UOP_FREE || op->state == UOP_DONE;
 }
 
+/* The task gave up (killed): cancel; the slot is freed by the callback. */
 int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
 {
     struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;

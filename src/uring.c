@@ -341,8 +341,13 @@ static int start_rwv(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, i
     if (i < 0)
         return i;
     op = uring_op(u, i);
-    for (int p = 0; p < nparts; p++)
+    for (int p = 0; p < nparts; p++) {
+        int b = uring_buffer_index_of(u, parts[p].base, parts[p].len);
         op->iovs[p] = (struct iovec){ .iov_base = parts[p].base, .iov_len = parts[p].len };
+        op->iov_buf[p] = b;
+        if (b != NO_BUF)    /* out of the pool while the kernel has it */
+            u->bufs[b].users++;
+    }
     op->iov_first = 0;
     op->iov_count = (uint32_t)nparts;
     prep_rw(u, (uint32_t)i, sqe);
@@ -410,18 +415,15 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
     return true;
 }
 
-/* The op's buffer is no longer in the kernel's hands. */
+/* The op's buffers are no longer in the kernel's hands. */
 static void op_drop_buffer(pl_uring_t *u, struct uring_op *op)
 {
-    struct uring_buf *b;
-
-    if (op->buf_index < 0)
-        return;
-    b = &u->bufs[op->buf_index];
-    b->users--;
-    if (b->users == 0 && b->release_pending) {
-        b->release_pending = false;
-        uring_buffer_put(u, u->rt, op->buf_index);
+    if (op->kind == OP_READV || op->kind == OP_WRITEV) {
+        for (uint32_t p = 0; p < op->iov_count; p++)
+            if (op->iov_buf[p] != NO_BUF)
+                uring_buffer_unuse(u, op->iov_buf[p]);
+    } else if (op->buf_index >= 0) {
+        uring_buffer_unuse(u, op->buf_index);
     }
 }
 

@@ -214,6 +214,31 @@ int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index)
     return 0;
 }
 
+/* The registered buffer holding [addr, addr + len), or NO_BUF. */
+int uring_buffer_index_of(const pl_uring_t *u, const void *addr, size_t len)
+{
+    const char *p = addr;
+    size_t size = u->opts.buffer_size, off;
+
+    if (!u->buf_mem || p < u->buf_mem || p >= u->buf_mem + u->buf_mem_len)
+        return NO_BUF;
+    off = (size_t)(p - u->buf_mem);
+    if (off % size + len > size)
+        return NO_BUF;
+    return (int)(off / size);
+}
+
+/* An op (or a hold) stops using buffer index; a release that waited for
+ * the last user completes now. */
+void uring_buffer_unuse(pl_uring_t *u, int index)
+{
+    struct uring_buf *b = &u->bufs[index];
+
+    if (--b->users == 0 && b->release_pending) {
+        b->release_pending = false;
+        uring_buffer_put(u, u->rt, index);
+    }
+}
 
 int pl_uring_buffer_hold(pl_uring_t *u, int index)
 {
@@ -233,9 +258,6 @@ int pl_uring_buffer_unhold(pl_uring_t *u, int index)
     b = &u->bufs[index];
     if (b->state != BUF_HELD || b->users == 0)
         return -EINVAL;
-    if (--b->users == 0 && b->release_pending) {
-        b->release_pending = false;
-        uring_buffer_put(u, u->rt, index);
-    }
+    uring_buffer_unuse(u, index);
     return 0;
 }

@@ -46,9 +46,12 @@ struct uring_op {
             struct sockaddr_storage peer;
         };
         /* readv / writev: the parts not yet done (a short transfer moves
-         * iov_first and trims the part it stopped in) */
+         * iov_first and trims the part it stopped in), and the registered
+         * buffer each part lies in (NO_BUF: other memory), counted in use
+         * like a fixed op's buffer */
         struct {
             struct iovec iovs[PL_URING_IOV_MAX];
+            int32_t iov_buf[PL_URING_IOV_MAX];
             uint32_t iov_first, iov_count;
         };
     };
@@ -113,6 +116,8 @@ int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len)
 
 /* uring_buf.c */
 void uring_buffer_put(pl_uring_t *u, pl_runtime_t *rt, int index);
+int uring_buffer_index_of(const pl_uring_t *u, const void *addr, size_t len);
+void uring_buffer_unuse(pl_uring_t *u, int index);
 
 /* Start an op whose SQE `prep` fills in (uses u, slot, gen, sqe). */
 #define START_OTHER(prep)                                   \

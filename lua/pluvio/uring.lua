@@ -121,7 +121,7 @@ local function new_reactor(fname, opts)
         iov = ffi.new("pl_iovec_t[?]", C.PL_URING_IOV_MAX),   -- readv / writev parts, copied by C
         buffers_reclaimed = 0,
         bounce = {},            -- size class -> free list of aligned scratch memory
-        limbo = {},             -- memory of abandoned ops the kernel may still use
+        limbo = {},             -- strings and scratch of abandoned ops the kernel may still use
     }, IoUringReactor)
 end
 
@@ -252,8 +252,6 @@ local function await(r, t, op, what, keep)
     return result.res, result.bytes
 end
 
-local NONE = {}
-
 -- Scratch space back to its pool, or a string let go, once the kernel is
 -- done with the abandoned op that used it.
 local function limbo_sweep(r)
@@ -265,14 +263,9 @@ local function limbo_sweep(r)
         if C.pl_uring_op_settled(u, e.op, e.gen) == 0 then
             kept = kept + 1
             limbo[kept] = e
-        else
-            if type(e.keep) == "table" and e.keep.class then   -- scratch space
-                local list = r.bounce[e.keep.class]
-                list[#list + 1] = e.keep
-            end
-            for j = 1, #e.held do
-                C.pl_uring_buffer_unhold(u, e.held[j].index)
-            end
+        elseif type(e.keep) == "table" and e.keep.class then   -- scratch space
+            local list = r.bounce[e.keep.class]
+            list[#list + 1] = e.keep
         end
     end
 end
@@ -287,9 +280,7 @@ function IoUringReactor:_abandon(t)
         if limbo[1] then
             limbo_sweep(self)
         end
-        -- the buffers of a readv / writev are held already (see vector)
-        local held = type(keep) == "table" and keep.held or NONE
-        limbo[#limbo + 1] = { op = op, gen = gen, keep = keep, held = held }
+        limbo[#limbo + 1] = { op = op, gen = gen, keep = keep }
     end
 end
 
@@ -790,7 +781,7 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
         error(format("%s: lens must be nil or a list of byte counts (got %s)", fname, check.show(lens)), 3)
     end
     local iov, total = r.iov, 0
-    local keep = { held = {} }     -- the parts, and the buffers held for the op
+    local keep = {}         -- the parts (strings must outlive a killed op)
     for i = 1, n do
         local p = parts[i]
         local ptr, size
@@ -839,24 +830,7 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
         error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s",
                      fname, offset, f.offset_align, f.path), 3)
     end
-    -- Like read_fixed's buffer, the parts stay out of the pool while the
-    -- kernel has them, even if released meanwhile (a kill hands the holds
-    -- to the limbo).
-    local held = keep.held
-    for i = 1, n do
-        local p = parts[i]
-        if getmetatable(p) == Buffer and C.pl_uring_buffer_hold(r.u, p.index) == 0 then
-            held[#held + 1] = p
-        end
-    end
-    return n, total, keep
-end
-
-local function unhold_all(r, keep)
-    local held = keep.held
-    for i = 1, #held do
-        C.pl_uring_buffer_unhold(r.u, held[i].index)
-    end
+    return n, total, keep   -- C counts registered parts in use, as for read_fixed
 end
 
 -- readv / writev: the checks and the op, one body for both.
@@ -868,7 +842,6 @@ local function vectored_io(self, fname, write, offset, parts, lens)
     local n, total, keep = vector(fname, self, r, offset, parts, lens, write)
     local start = write and C.pl_uring_writev or C.pl_uring_readv
     local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
-    unhold_all(r, keep)
     local what = write and "writev" or "readv"
     if res < 0 then
         return fail(self, what, res, format(" (offset %d, %d bytes in %d parts)", offset, total, n), bytes)
