@@ -1,0 +1,415 @@
+/*
+ * ucx_conn.c - connections of a UCX worker: endpoints (by worker address
+ * or by socket address, with peer error handling), their flush and close,
+ * and listeners with the connection requests they queue for accept().
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ucx_internal.h"
+
+/* ---- endpoints ----------------------------------------------------------- */
+
+struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep)
+{
+    int i = ep & 0xffff;
+
+    if (ep < 0 || i >= w->neps || w->eps[i].state == EP_FREE ||
+        w->eps[i].gen != (uint16_t)(ep >> 16))
+        return NULL;
+    return &w->eps[i];
+}
+
+static int ep_handle(pl_ucx_worker_t *w, int i)
+{
+    return ((int)w->eps[i].gen << 16) | i;
+}
+
+/* The entry of an endpoint UCX knows, or -1. */
+static int ep_find(pl_ucx_worker_t *w, ucp_ep_h ep)
+{
+    for (int i = 0; i < w->neps; i++)
+        if (w->eps[i].state != EP_FREE && w->eps[i].ep == ep)
+            return i;
+    return -1;
+}
+
+int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
+{
+    int i = ep_find(w, ep);
+
+    if (i >= 0)
+        return ep_handle(w, i);
+    for (i = 0; i < UCX_MAX_ENDPOINTS; i++)
+        if (w->eps[i].state == EP_FREE)
+            break;
+    if (i == UCX_MAX_ENDPOINTS)
+        return -EMFILE;
+    if (i >= w->neps)
+        w->neps = i + 1;
+    w->eps[i].ep = ep;
+    w->eps[i].gen++;
+    w->eps[i].state = EP_OPEN;
+    w->eps[i].owned = owned;
+    w->eps[i].error = 0;
+    snprintf(w->eps[i].peer, UCX_PEER_LEN, "%s", peer);
+    return ep_handle(w, i);
+}
+
+/* The peer failed (UCP_ERR_HANDLING_MODE_PEER): UCX fails the endpoint's
+ * requests itself; we mark it and let waiting readers re-check. */
+static void ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
+{
+    pl_ucx_worker_t *w = arg;
+    int i = ep_find(w, ep);
+
+    if (i >= 0 && w->eps[i].state == EP_OPEN) {
+        w->eps[i].state = EP_FAILED;
+        w->eps[i].error = pl_ucx_errno(status);
+    }
+    ucx_streams_wake_all(w);
+}
+
+int pl_ucx_ep_status(pl_ucx_worker_t *w, int ep)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+
+    if (!e)
+        return -EBADF;
+    if (e->state == EP_FAILED)
+        return e->error ? e->error : -ECONNRESET;
+    return e->state == EP_OPEN ? 0 : -ENOTCONN;
+}
+
+const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+
+    return e ? e->peer : "";
+}
+
+bool ucx_worker_has_peers(pl_ucx_worker_t *w)
+{
+    if (w->address_shared)
+        return true;
+    for (int i = 0; i < w->neps; i++)
+        if (w->eps[i].state == EP_OPEN)
+            return true;
+    for (int i = 0; i < UCX_MAX_LISTENERS; i++)
+        if (w->listeners[i].open)
+            return true;
+    return false;
+}
+
+int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_errors)
+{
+    ucp_ep_params_t p = {
+        .field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLER |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE,
+        .address = addr,
+        .err_mode = peer_errors ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE,
+        .err_handler = { .cb = ep_error, .arg = w },
+    };
+    ucp_ep_h ep;
+    ucs_status_t st;
+    int h;
+
+    if (len <= 0)
+        return -EINVAL;
+    st = ucp_ep_create(w->ucp, &p, &ep);
+    if (st != UCS_OK)
+        return pl_ucx_errno(st);
+    h = ucx_ep_add(w, ep, true, "worker address");
+    if (h < 0)
+        ucp_ep_destroy(ep);
+    return h;
+}
+
+/* Resolve host:port (numeric or a name) into a socket address. */
+static int resolve(const char *host, int port, struct sockaddr_storage *ss, socklen_t *len)
+{
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                              .ai_flags = AI_NUMERICSERV };
+    struct addrinfo *res;
+    char service[16];
+    int rc;
+
+    snprintf(service, sizeof(service), "%d", port);
+    rc = getaddrinfo(host, service, &hints, &res);
+    if (rc != 0)
+        return -EADDRNOTAVAIL;
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    *len = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+static void sockaddr_text(const struct sockaddr_storage *ss, char *out, size_t cap)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, ip, sizeof(ip));
+        snprintf(out, cap, "%s:%d", ip, ntohs(a->sin_port));
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof(ip));
+        snprintf(out, cap, "[%s]:%d", ip, ntohs(a->sin6_port));
+    } else {
+        snprintf(out, cap, "?");
+    }
+}
+
+/* Create the endpoint, then flush it so the caller waits for wire-up: the
+ * first large message then goes rendezvous, as it should. */
+int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *ep_out,
+                          uint32_t slot, uint32_t gen)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    char peer[UCX_PEER_LEN];
+    ucp_ep_params_t p = {
+        .field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE,
+        .flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER,
+        .err_mode = UCP_ERR_HANDLING_MODE_PEER,
+        .err_handler = { .cb = ep_error, .arg = w },
+    };
+    ucp_ep_h ep;
+    ucs_status_t st;
+    int rc = resolve(host, port, &ss, &len);
+
+    if (rc < 0)
+        return rc;
+    p.sockaddr.addr = (struct sockaddr *)&ss;
+    p.sockaddr.addrlen = len;
+    st = ucp_ep_create(w->ucp, &p, &ep);
+    if (st != UCS_OK)
+        return pl_ucx_errno(st);
+    sockaddr_text(&ss, peer, sizeof(peer));
+    *ep_out = ucx_ep_add(w, ep, true, peer);
+    if (*ep_out < 0) {
+        ucp_ep_destroy(ep);
+        return *ep_out;
+    }
+    return pl_ucx_ep_flush(w, *ep_out, slot, gen);
+}
+
+/* The start of every operation on an endpoint: it must be open; then an
+ * op slot and its request parameters. */
+int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,
+                  struct ucx_op **op, ucp_request_param_t *p)
+{
+    int rc;
+
+    *e = ucx_ep_get(w, ep);
+    if (!*e)
+        return -EBADF;
+    if ((*e)->state != EP_OPEN)
+        return pl_ucx_ep_status(w, ep);
+    rc = ucx_op_new(w, slot, gen, ep, op);
+    if (rc < 0)
+        return rc;
+    ucx_op_param(p, *op);
+    return 0;
+}
+
+int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
+{
+    ucp_request_param_t p;
+    struct ucx_ep *e;
+    struct ucx_op *op;
+    int rc = ucx_ep_op_new(w, ep, slot, gen, &e, &op, &p);
+
+    if (rc < 0)
+        return rc;
+    return ucx_op_result(w, op, ucp_ep_flush_nbx(e->ep, &p));
+}
+
+/* Close gracefully (flush) a healthy endpoint, forcefully a failed one. */
+int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+    ucp_request_param_t p;
+    struct ucx_op *op;
+    int rc;
+
+    if (!e)
+        return -EBADF;
+    if (e->state == EP_CLOSED)
+        return -EALREADY;
+    if (!e->owned) {            /* a reply endpoint: UCX closes it */
+        e->state = EP_FREE;
+        return 0;
+    }
+    rc = ucx_op_new(w, slot, gen, -1, &op);
+    if (rc < 0)
+        return rc;
+    ucx_op_param(&p, op);
+    p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = e->state == EP_FAILED ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    e->state = EP_FREE;
+    return ucx_op_result(w, op, ucp_ep_close_nbx(e->ep, &p));
+}
+
+/* ---- listeners ----------------------------------------------------------- */
+
+static void conn_request(ucp_conn_request_h req, void *arg)
+{
+    struct ucx_listener *l = arg;
+    ucp_conn_request_attr_t attr = { .field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR };
+    struct ucx_conn *c;
+
+    if (!l->open || (l->len == l->cap && l->cap == 1024)) {
+        ucp_listener_reject(l->l, req);
+        return;
+    }
+    if (l->len == l->cap) {
+        uint32_t cap = l->cap ? l->cap * 2 : 8;
+        struct ucx_conn *p = malloc(sizeof(*p) * cap);
+        if (!p) {
+            ucp_listener_reject(l->l, req);
+            return;
+        }
+        for (uint32_t k = 0; k < l->len; k++)
+            p[k] = l->pending[(l->head + k) % l->cap];
+        free(l->pending);
+        l->pending = p;
+        l->cap = cap;
+        l->head = 0;
+    }
+    c = &l->pending[(l->head + l->len++) % l->cap];
+    c->req = req;
+    if (ucp_conn_request_query(req, &attr) == UCS_OK)
+        sockaddr_text(&attr.client_address, c->peer, sizeof(c->peer));
+    else
+        snprintf(c->peer, sizeof(c->peer), "?");
+    if (l->has_waiter) {
+        l->has_waiter = false;
+        ucx_wake(l->w, l->waiter_slot, l->waiter_gen);
+    }
+}
+
+int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    ucp_listener_attr_t attr = { .field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR };
+    ucp_listener_params_t p = {
+        .field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER,
+    };
+    struct ucx_listener *l = NULL;
+    ucs_status_t st;
+    int i, rc = resolve(host, port, &ss, &len);
+
+    if (rc < 0)
+        return rc;
+    for (i = 0; i < UCX_MAX_LISTENERS; i++)
+        if (!w->listeners[i].open && !w->listeners[i].l)
+            break;
+    if (i == UCX_MAX_LISTENERS)
+        return -EMFILE;
+    l = &w->listeners[i];
+    *l = (struct ucx_listener){ .w = w, .index = i };
+    p.sockaddr.addr = (struct sockaddr *)&ss;
+    p.sockaddr.addrlen = len;
+    p.conn_handler.cb = conn_request;
+    p.conn_handler.arg = l;
+    st = ucp_listener_create(w->ucp, &p, &l->l);
+    if (st != UCS_OK) {
+        l->l = NULL;
+        return st == UCS_ERR_BUSY ? -EADDRINUSE : pl_ucx_errno(st);
+    }
+    l->open = true;
+    l->port = port;
+    if (ucp_listener_query(l->l, &attr) == UCS_OK) {
+        if (attr.sockaddr.ss_family == AF_INET)
+            l->port = ntohs(((struct sockaddr_in *)&attr.sockaddr)->sin_port);
+        else if (attr.sockaddr.ss_family == AF_INET6)
+            l->port = ntohs(((struct sockaddr_in6 *)&attr.sockaddr)->sin6_port);
+    }
+    return i;
+}
+
+static struct ucx_listener *listener_get(pl_ucx_worker_t *w, int i)
+{
+    if (i < 0 || i >= UCX_MAX_LISTENERS || !w->listeners[i].open)
+        return NULL;
+    return &w->listeners[i];
+}
+
+int pl_ucx_listener_port(pl_ucx_worker_t *w, int i)
+{
+    struct ucx_listener *l = listener_get(w, i);
+
+    return l ? l->port : -EBADF;
+}
+
+/* An endpoint for the oldest connection request, or -EAGAIN after making
+ * the task the listener's waiter. */
+int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
+{
+    struct ucx_listener *l = listener_get(w, i);
+    ucp_ep_params_t p = {
+        .field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE,
+        .err_mode = UCP_ERR_HANDLING_MODE_PEER,
+        .err_handler = { .cb = ep_error, .arg = w },
+    };
+    struct ucx_conn c;
+    ucp_ep_h ep;
+    ucs_status_t st;
+    int h;
+
+    if (!l)
+        return -EBADF;
+    if (l->len == 0) {
+        if (l->has_waiter && (l->waiter_slot != slot || l->waiter_gen != gen) &&
+            w->rt && pl_task_wake(w->rt, l->waiter_slot, l->waiter_gen) >= 0)
+            return -EBUSY;      /* another live task is accepting */
+        l->has_waiter = true;
+        l->waiter_slot = slot;
+        l->waiter_gen = gen;
+        return -EAGAIN;
+    }
+    c = l->pending[l->head];
+    l->head = (l->head + 1) % l->cap;
+    l->len--;
+    p.conn_request = c.req;
+    st = ucp_ep_create(w->ucp, &p, &ep);
+    if (st != UCS_OK)
+        return pl_ucx_errno(st);
+    h = ucx_ep_add(w, ep, true, c.peer);
+    if (h < 0)
+        ucp_ep_destroy(ep);
+    return h;
+}
+
+int pl_ucx_listener_close(pl_ucx_worker_t *w, int i)
+{
+    struct ucx_listener *l = listener_get(w, i);
+
+    if (!l)
+        return -EBADF;
+    while (l->len > 0) {        /* nobody will accept these now */
+        ucp_listener_reject(l->l, l->pending[l->head].req);
+        l->head = (l->head + 1) % l->cap;
+        l->len--;
+    }
+    ucp_listener_destroy(l->l);
+    l->l = NULL;
+    l->open = false;
+    free(l->pending);
+    l->pending = NULL;
+    if (l->has_waiter) {
+        l->has_waiter = false;
+        ucx_wake(w, l->waiter_slot, l->waiter_gen);
+    }
+    ucx_streams_wake_all(w);
+    return 0;
+}
