@@ -108,10 +108,11 @@ local series, last_t, last_bytes = {}, started, 0
 
 local claimed = 0      -- operations handed out so far (all tasks)
 
--- The next operation's block, or nil when the run is over.
-local function claim()
+-- The next operation's block, or nil when the run is over; now is the time
+-- the worker's last operation ended (read once, for the histogram too).
+local function claim(now)
     if o.runtime > 0 then
-        if pluvio.now() >= deadline then return nil end
+        if now >= deadline then return nil end
     elseif claimed >= total_ops then
         return nil
     end
@@ -130,7 +131,7 @@ local function worker(id)
     local expect = (o.verify or (writes and not o.fixed)) and reactor:acquire_buffer() or nil
     local t = pluvio.now()
     while true do
-        local block = claim()
+        local block = claim(t)
         if not block then break end
         local off = block * o.bs
         local is_write = writes and (o.rw ~= "rw" or math.random() < 0.5)

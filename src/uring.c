@@ -149,16 +149,18 @@ struct io_uring_sqe *uring_get_sqe(pl_uring_t *u)
 }
 
 /* Batching: an SQE waits for the next tick, unless submit_depth SQEs wait
- * or the oldest has waited wait_submit_timeout. */
-static void maybe_submit(pl_uring_t *u)
+ * or the oldest has waited wait_submit_timeout.  now is the time the
+ * starting task stopped running (its park just read the clock): a second
+ * clock read per operation would cost more than the check itself. */
+static void maybe_submit(pl_uring_t *u, int64_t now)
 {
     unsigned ready = io_uring_sq_ready(&u->ring);
 
     if (ready >= u->opts.submit_depth) {
         submit(u);
     } else if (ready == 1 || u->first_unsubmitted_ns == 0) {
-        u->first_unsubmitted_ns = pl_clock_ns();
-    } else if (pl_clock_ns() - u->first_unsubmitted_ns >= u->wait_submit_ns) {
+        u->first_unsubmitted_ns = now;
+    } else if (now - u->first_unsubmitted_ns >= u->wait_submit_ns) {
         submit(u);
     }
 }
@@ -208,9 +210,12 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
     u->in_flight++;
     if (u->in_flight > u->stats.in_flight_max)
         u->stats.in_flight_max = u->in_flight;
-    maybe_submit(u);
-    if (u->rt)
+    if (u->rt) {
         pl_task_wait(u->rt, op->task_slot, PL_WAIT_IO, (double)i);
+        maybe_submit(u, u->rt->switch_ns);
+    } else {
+        maybe_submit(u, pl_clock_ns());
+    }
     return (int)i;
 }
 
