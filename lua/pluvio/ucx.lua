@@ -804,12 +804,17 @@ function Stream:wait_msg()
             local info = w.info
             C.pl_ucx_msg_info(w.w, h, info)
             local hlen = info.header_length
-            return setmetatable({
+            -- not "return setmetatable(...)": a tail call to a built-in
+            -- with side effects makes the JIT give up on the return to
+            -- the caller, and everything after a message arrives would run
+            -- in the interpreter
+            local m = setmetatable({
                 worker = w, h = h,
                 header = hlen > 0 and ffi_string(info.header, hlen) or "",
                 len = info.data_length, rndv = info.rndv ~= 0,
                 reply_h = info.can_reply ~= 0 and info.ep or nil,
             }, Message)
+            return m
         elseif h == ENOTCONN then
             return nil, format("wait_msg: no peer can send to AM stream %d any more " ..
                                "(every endpoint failed or closed, no listener open)", self.id), "ENOTCONN"
