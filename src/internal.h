@@ -83,4 +83,10 @@ int64_t pl_timer_next(const pl_runtime_t *rt);
 /* runtime.c */
 int pl_ready_push(pl_runtime_t *rt, uint32_t slot);
 
+/* Tasks pushed onto the ready ring so far (wraps; compare for change). */
+static inline uint32_t pl_ready_pushed(const pl_runtime_t *rt)
+{
+    return rt->ready.tail;
+}
+
 #endif /* PL_INTERNAL_H */

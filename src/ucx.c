@@ -411,6 +411,8 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
     r->rt = rt;
     for (int i = 0; i < r->nworkers; i++) {
         pl_ucx_worker_t *w = r->workers[i];
+        uint32_t pushed = pl_ready_pushed(rt);
+
         w->rt = rt;
         for (int k = 0; k < budget; k++) {
             unsigned got;
@@ -420,9 +422,12 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
                 break;
             got = ucp_worker_progress(w->ucp);
             w->stats.progress_calls++;
-            if (got == 0)
-                break;
             n += (int)got;
+            /* Stop once a task can run: one more progress call finds
+             * nothing most of the time and costs a system call on tcp
+             * (epoll_wait) before the woken task may answer. */
+            if (got == 0 || pl_ready_pushed(rt) != pushed)
+                break;
         }
     }
     return n;
