@@ -462,6 +462,40 @@ describe("submission and completion", function()
         os.remove(path)
     end)
 
+    it("takes a read the kernel finished inside its submit without parking, but lets timers run", function()
+        local path = tmpfile()
+        local fh = io.open(path, "wb")
+        for i = 0, 15 do fh:write(string.char(65 + i):rep(4096)) end
+        fh:close()
+        with_reactor({ submit_depth = 1, buffer_count = 1, buffer_size = 4096 }, function(r, rt)
+            local f = assert(uring.File.open(path, "r"))
+            local buf = f:acquire_buffer()
+            assert.equal(4096, f:read_fixed(buf, 0))     -- the file is in the page cache now
+            local woke, finished
+            local sleeper = pluvio.spawn(function()
+                pluvio.sleep(0.001)
+                woke = pluvio.now()
+            end)
+            local resumes = rt:stats().resumes
+            local n = 5000
+            for i = 1, n do
+                local block = i % 16
+                assert.equal(4096, f:read_fixed(buf, block * 4096))
+                assert.equal(string.char(65 + block):rep(64), buf:tostring(64))
+            end
+            finished = pluvio.now()
+            local parked = rt:stats().resumes - resumes
+            sleeper:join()
+            -- most reads skipped the park; 1 in 17 parks so the sleeper is not starved
+            assert.is_true(parked < n / 4, ("%d of %d reads parked"):format(parked, n))
+            assert.is_true(parked >= n / 20, ("only %d of %d reads parked"):format(parked, n))
+            assert.is_true(woke < finished, "the sleeper woke only after the reads")
+            buf:release()
+            f:close()
+        end)
+        os.remove(path)
+    end)
+
     it("completes a lone read without paying wait_complete_timeout", function()
         with_reactor({ wait_complete_timeout = 5, wait_submit_timeout = 5 }, function()
             local f = assert(uring.File.open("/etc/hostname"))

@@ -243,7 +243,11 @@ void pl_uring_get_stats(pl_uring_t *u, pl_uring_stats_t *out);
 int pl_uring_flush(pl_uring_t *u);
 
 /* Operations: each returns an op id >= 0 or -errno.  buf_index >= 0 makes
- * read/write use the registered buffer (addr must lie inside it). */
+ * read/write use the registered buffer (addr must lie inside it).  An op
+ * the kernel finished inside its own submission, when no other task was
+ * ready to run, comes back as id + PL_URING_OP_INLINE: its task was not
+ * parked and takes the result at once. */
+enum { PL_URING_OP_INLINE = 0x40000000 };
 int pl_uring_read(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *addr,
                   uint32_t len, uint64_t offset, int buf_index);
 int pl_uring_write(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *addr,

@@ -69,6 +69,7 @@ pl_uring_t *pl_uring_new(const pl_uring_options_t *opts, int *err)
     u->wait_submit_ns = (int64_t)(opts->wait_submit_timeout * 1e9);
     u->wait_complete_ns = (int64_t)(opts->wait_complete_timeout * 1e9);
     u->free_op = NONE;
+    u->inline_op = NONE;
     u->free_buf = NONE;
     p.flags = IORING_SETUP_CQSIZE;
     p.cq_entries = opts->queue_size * 4;
@@ -200,22 +201,55 @@ static uint64_t op_user_data(pl_uring_t *u, uint32_t i)
     return ((uint64_t)uring_op(u, i)->gen << 32) | i;
 }
 
+static int reap(pl_uring_t *u, int budget);
+
+/* The op was just submitted: when the kernel finished it inside the submit
+ * (a page-cache read, a socket with data waiting) and no other task waits
+ * to run, its task takes the result at once instead of parking and being
+ * resumed by the next tick.  At most URING_INLINE_MAX in a row per tick, so
+ * that timers and other reactors are not kept waiting. */
+static bool finish_inline(pl_uring_t *u, uint32_t i)
+{
+    pl_runtime_t *rt = u->rt;
+
+    if (u->inline_streak >= URING_INLINE_MAX || rt->ready.head != rt->ready.tail ||
+        io_uring_cq_ready(&u->ring) == 0)
+        return false;
+    u->inline_op = i;           /* its completion wakes nobody: the task runs */
+    reap(u, INT32_MAX);
+    u->inline_op = NONE;
+    if (uring_op(u, i)->state != OP_DONE)
+        return false;
+    u->inline_streak++;
+    return true;
+}
+
 /* Hand the SQE to the ring, account the op as in flight and park its task
- * on it (saving the task a second call into C before it yields). */
+ * on it (saving the task a second call into C before it yields).  Returns
+ * the op id, with PL_URING_OP_INLINE added when the op is already done and
+ * the task was not parked. */
 int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 {
     struct uring_op *op = uring_op(u, i);
+    bool now;
 
     io_uring_sqe_set_data64(sqe, op_user_data(u, i));
     u->in_flight++;
     if (u->in_flight > u->stats.in_flight_max)
         u->stats.in_flight_max = u->in_flight;
-    if (u->rt) {
-        pl_task_wait(u->rt, op->task_slot, PL_WAIT_IO, (double)i);
-        maybe_submit(u, u->rt->switch_ns);
-    } else {
+    if (!u->rt) {
         maybe_submit(u, pl_clock_ns());
+        return (int)i;
     }
+    now = io_uring_sq_ready(&u->ring) >= u->opts.submit_depth;
+    if (now) {
+        submit(u);
+        if (finish_inline(u, i))
+            return (int)i + PL_URING_OP_INLINE;
+    }
+    pl_task_wait(u->rt, op->task_slot, PL_WAIT_IO, (double)i);
+    if (!now)
+        maybe_submit(u, u->rt->switch_ns);
     return (int)i;
 }
 
@@ -450,7 +484,7 @@ static void op_complete(pl_uring_t *u, uint32_t i, int32_t res)
     else
         op->res = res;
     op->state = OP_DONE;
-    if (u->rt)
+    if (u->rt && i != u->inline_op)
         pl_task_wake(u->rt, op->task_slot, op->task_gen);
 }
 
@@ -483,6 +517,7 @@ static int uring_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
     pl_uring_t *u = (pl_uring_t *)self;
 
     u->rt = rt;
+    u->inline_streak = 0;
     return reap(u, budget);
 }
 

@@ -14,6 +14,7 @@
 #define URING_OPS_PER_CHUNK 256
 #define URING_MAX_OP_CHUNKS 1024
 #define NONE UINT32_MAX
+#define URING_INLINE_MAX 16     /* ops finished inline in a row before the task parks */
 
 enum op_state { OP_FREE, OP_IN_FLIGHT, OP_DONE, OP_ABANDONED };
 enum op_kind { OP_READ, OP_WRITE, OP_OTHER, OP_SEND, OP_READV, OP_WRITEV };
@@ -79,6 +80,8 @@ struct pl_uring {
     pl_uring_options_t opts;
     int64_t wait_submit_ns, wait_complete_ns;
     int64_t first_unsubmitted_ns;
+    uint32_t inline_op;         /* the op being finished inline (no wake), or NONE */
+    uint32_t inline_streak;     /* ops finished inline since the last tick */
 
     struct uring_op *op_chunks[URING_MAX_OP_CHUNKS];   /* slots never move */
     uint32_t nops, free_op;

@@ -24,6 +24,7 @@ local M = {}
 local EAGAIN, ENOBUFS, ENOMEM, EPERM = -11, -105, -12, -1
 local AT_FDCWD, AT_EMPTY_PATH, AT_REMOVEDIR = -100, 0x1000, 0x200
 local MAX_IO = 0x7ffff000          -- Linux caps one read/write at this many bytes
+local OP_INLINE = C.PL_URING_OP_INLINE
 
 M.DEFAULTS = {
     queue_size = 256,              -- SQ entries
@@ -289,7 +290,14 @@ local function run_op(r, t, op, what, keep)
     if op < 0 then
         return op, 0
     end
-    local res, bytes = await(r, t, op, what, keep)
+    local res, bytes
+    if op >= OP_INLINE then     -- done inside its submission: the task was not parked
+        local result = r.result
+        C.pl_uring_op_take(r.u, op - OP_INLINE, result)
+        res, bytes = result.res, result.bytes
+    else
+        res, bytes = await(r, t, op, what, keep)
+    end
     if r.limbo[1] then
         limbo_sweep(r)
     end
