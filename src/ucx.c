@@ -423,10 +423,12 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
             got = ucp_worker_progress(w->ucp);
             w->stats.progress_calls++;
             n += (int)got;
-            /* Stop once a task can run: one more progress call finds
-             * nothing most of the time and costs a system call on tcp
+            /* Stop once a task can run, unless our own operations are in
+             * flight (rendezvous pulls, sends: progress moves them on,
+             * one after the other): one more progress call finds nothing
+             * most of the time and costs a system call on tcp
              * (epoll_wait) before the woken task may answer. */
-            if (got == 0 || pl_ready_pushed(rt) != pushed)
+            if (got == 0 || (pl_ready_pushed(rt) != pushed && w->in_flight == 0))
                 break;
         }
     }
