@@ -4,11 +4,38 @@
  * parked tasks, and reclaimed only when the kernel is done with a buffer.
  */
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
 #include "uring_internal.h"
+
+#define HUGE_PAGE ((size_t)2 << 20)
+
+/* The pool's memory: a pool of 2 MiB or more starts on a 2 MiB boundary and
+ * asks for transparent huge pages.  The kernel then pins and maps it (for
+ * io_uring's registration, for UCX's process_vm_readv on a peer's buffer)
+ * in 2 MiB steps instead of 4 KiB ones.  Without THP it is plain memory. */
+static char *map_pool(size_t len)
+{
+    size_t slack = len >= HUGE_PAGE ? HUGE_PAGE : 0;
+    char *p = mmap(NULL, len + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uintptr_t start, end;
+
+    if (p == MAP_FAILED)
+        return NULL;
+    if (slack == 0)
+        return p;
+    start = ((uintptr_t)p + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
+    end = start + len;
+    if (start > (uintptr_t)p)
+        munmap(p, start - (uintptr_t)p);
+    if ((uintptr_t)p + len + slack > end)
+        munmap((char *)end, (uintptr_t)p + len + slack - end);
+    (void)madvise((char *)start, len, MADV_HUGEPAGE);   /* a hint: no THP is fine */
+    return (char *)start;
+}
 
 /* The pool is mapped and registered on first use, so a reactor nobody asks
  * for buffers never pins memory (and never hits RLIMIT_MEMLOCK). */
@@ -24,12 +51,9 @@ int pl_uring_buffers_register(pl_uring_t *u)
     if (u->bufs)
         return 0;
     u->buf_mem_len = size * n;
-    u->buf_mem = mmap(NULL, u->buf_mem_len, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (u->buf_mem == MAP_FAILED) {
-        u->buf_mem = NULL;
+    u->buf_mem = map_pool(u->buf_mem_len);
+    if (!u->buf_mem)
         return -ENOMEM;
-    }
     u->bufs = calloc(n, sizeof(*u->bufs));
     iov = calloc(n, sizeof(*iov));
     if (!u->bufs || !iov) {
