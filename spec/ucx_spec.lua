@@ -258,6 +258,40 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("raises for a receive from a plain coroutine inside a task and cancels it", async(function()
+        local p = pair()
+        local co = coroutine.create(function() return p.sw:tag_recv(7, 2 ^ 53, 100) end)
+        local ok, marker = coroutine.resume(co)
+        assert.is_true(ok)
+        assert.is_not_nil(marker)
+        local ok2, err = coroutine.resume(co)
+        assert.is_false(ok2)
+        assert.matches("Worker:tag_recv: called from a coroutine that is not a pluvio task", err)
+        -- the cancelled receive takes nothing: the task's own receive gets the message
+        local r = pluvio.spawn(function() return p.sw:tag_recv(7, 2 ^ 53, 100) end)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(7, "for the task"))
+        assert.equal("for the task", r:join())
+        close_pair(p)
+    end))
+
+    it("does not let a plain coroutine's wait_msg take a waiting reader's turn", async(function()
+        local p = pair()
+        local co = coroutine.create(function() return p.stream:wait_msg() end)
+        assert.is_true((coroutine.resume(co)))      -- first in the stream's line, then left
+        local reader = pluvio.spawn(function() return assert(p.stream:wait_msg()):data() end)
+        pluvio.yield()
+        pluvio.spawn(function() assert(p.ep:am_send(1, "", "to the reader")) end)
+        local deadline = pluvio.now() + 2
+        while reader:status() ~= "done" and pluvio.now() < deadline do pluvio.sleep(0.002) end
+        assert.equal("done", reader:status())
+        assert.equal("to the reader", reader:join())
+        local ok, err = coroutine.resume(co)
+        assert.is_false(ok)
+        assert.matches("Stream:wait_msg: called from a coroutine that is not a pluvio task", err)
+        close_pair(p)
+    end))
+
     it("starts sends without waiting and waits for them later", async(function()
         local p = pair()
         local handles = {}

@@ -530,6 +530,52 @@ describe("submission and completion", function()
         end)
     end)
 
+    it("raises for I/O from a plain coroutine inside a task and cancels what it started", function()
+        with_reactor(nil, function(r)
+            local fds = ffi.new("int[2]")
+            assert.equal(0, ffi.C.pipe(fds))
+            local p = uring.File.new(fds[0], "pipe")
+            local function settled()
+                local deadline = pluvio.now() + 2
+                while r:stats().in_flight > 0 and pluvio.now() < deadline do pluvio.sleep(0.001) end
+                return r:stats().in_flight
+            end
+            -- resumed by the task's code, not the loop: the read is cancelled
+            -- and the coroutine raises
+            local co = coroutine.create(function() return p:read(0, 10) end)
+            local ok, marker = coroutine.resume(co)
+            assert.is_true(ok)
+            assert.is_not_nil(marker)
+            assert.equal(1, r:stats().in_flight)
+            local ok2, err = coroutine.resume(co)
+            assert.is_false(ok2)
+            assert.matches("File:read: called from a coroutine that is not a pluvio task", err)
+            assert.equal(0, settled())
+            assert.equal(1, r:stats().cancels)
+            -- never resumed: cancelled when the task starts its next operation
+            local co2 = coroutine.create(function() return p:read(0, 10) end)
+            assert.is_true((coroutine.resume(co2)))
+            local path = tmpfile()
+            local f = assert(uring.File.open(path, "w+"))
+            assert.equal(2, r:stats().cancels)
+            assert.equal(4, f:write(0, "kept"))
+            assert.equal("kept", f:read(0, 16))
+            assert.equal(0, settled())
+            local ok3, err3 = coroutine.resume(co2)
+            assert.is_false(ok3)
+            assert.matches("File:read: called from a coroutine that is not a pluvio task", err3)
+            -- the task's own reads of the pipe still work
+            local again = pluvio.spawn(function() return p:read(0, 5) end)
+            pluvio.yield()
+            ffi.C.write(fds[1], "hello", 5)
+            assert.equal("hello", again:join())
+            ffi.C.close(fds[1])
+            p:close()
+            f:close()
+            os.remove(path)
+        end)
+    end)
+
     it("returns a cancelled read's buffer to the pool only after the kernel is done", function()
         with_reactor({ buffer_count = 1, buffer_size = 4096 }, function(r)
             local fds = ffi.new("int[2]")

@@ -416,10 +416,11 @@ int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, 
                    const void *data, size_t data_len, int flags, uint32_t slot, uint32_t gen);
 int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window);
 int pl_ucx_stream_close(pl_ucx_worker_t *w, unsigned id);
-/* A held message's handle, -EAGAIN after queueing the task as a waiter, or
- * -ENOTCONN when nothing can feed the stream any more (no live endpoint, no
- * listener). */
-int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen);
+/* A held message's handle (its description in *info unless info is NULL),
+ * -EAGAIN after queueing the task as a waiter, or -ENOTCONN when nothing
+ * can feed the stream any more (no live endpoint, no listener). */
+int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen,
+                       pl_ucx_msg_info_t *info);
 void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen);
 int pl_ucx_msg_info(pl_ucx_worker_t *w, int msg, pl_ucx_msg_info_t *out);
 int pl_ucx_msg_recv(pl_ucx_worker_t *w, int msg, void *buf, size_t len, uint32_t slot, uint32_t gen);

@@ -249,6 +249,14 @@ int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen)
     return pl_ready_push(rt, slot);
 }
 
+bool pl_task_is_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind, double arg)
+{
+    const struct pl_task *t = task_get(rt, slot);
+
+    return t && t->gen == gen && t->state == PL_TASK_WAITING && t->wait == kind &&
+           t->wait_arg == arg;
+}
+
 /* The running task stops running: charge it the time since the last task
  * stopped (or the batch began). */
 static void task_leave(pl_runtime_t *rt, struct pl_task *t)

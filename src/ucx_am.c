@@ -182,13 +182,18 @@ static struct ucx_stream *stream_get(pl_ucx_worker_t *w, unsigned id)
     return s && s->open ? s : NULL;
 }
 
+/* Wake the first reader still parked on this stream.  An entry whose task
+ * is not (any more) parked here is dropped: a task woken otherwise, or a
+ * plain coroutine's wait that yielded to its resumer instead of the loop
+ * must not take the turn of a reader that is waiting. */
 static void stream_wake_one(struct ucx_stream *s)
 {
     while (s->wlen > 0) {
         struct ucx_waiter wt = s->waiters[s->whead];
         s->whead = (s->whead + 1) % s->wcap;
         s->wlen--;
-        if (s->w->rt && pl_task_wake(s->w->rt, wt.slot, wt.gen) >= 0)
+        if (s->w->rt && pl_task_is_waiting(s->w->rt, wt.slot, wt.gen, PL_WAIT_OTHER, (double)s->id) &&
+            pl_task_wake(s->w->rt, wt.slot, wt.gen) >= 0)
             return;
     }
 }
@@ -363,7 +368,8 @@ static int waiter_push(struct ucx_stream *s, uint32_t slot, uint32_t gen)
     return 0;
 }
 
-int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen)
+int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen,
+                       pl_ucx_msg_info_t *info)
 {
     struct ucx_stream *s = stream_get(w, id);
     uint32_t i;
@@ -383,6 +389,8 @@ int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t 
     stream_len_changed(s, s->len + 1);
     if (s->len > 0)
         stream_wake_one(s);     /* more held: the next reader may go on */
+    if (info)
+        pl_ucx_msg_info(w, msg_handle(w, i), info);
     return msg_handle(w, i);
 }
 

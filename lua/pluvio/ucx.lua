@@ -12,6 +12,7 @@ local uring = require "pluvio.uring"
 
 local ffi, C = core.ffi, core.C
 local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
+local io_task, io_resumed = pluvio._io_task, pluvio._io_resumed
 local WAIT_IO, WAIT_OTHER = pluvio.WAIT.IO, pluvio.WAIT.OTHER
 local co_yield = coroutine.yield
 local errstr = core.errstr
@@ -217,7 +218,8 @@ local function await(w, t, op, what, keep, keep2)
     t.io_keep, t.io_keep2 = keep, keep2
     t.waiting_for = what
     C.pl_task_wait(w.rt_crt or t.rt.crt, t.slot, WAIT_IO, op)
-    co_yield(WAIT)
+    local fname = t.io_fname
+    io_resumed(t, co_yield(WAIT), op, fname)
     local result = w.result
     while C.pl_ucx_op_take(w.w, op, result) == 0 do
         park(t, WAIT_IO, op, what)
@@ -474,7 +476,7 @@ function Worker:tag_recv(tag, mask, len_or_buf)
         scratch = ffi.new("uint8_t[?]", cap)
         ptr = scratch
     end
-    local t = current_task("Worker:tag_recv")
+    local t = io_task("Worker:tag_recv")
     local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
                                  "tag receive", scratch or len_or_buf)
     if rc < 0 then
@@ -636,7 +638,7 @@ local function start_send(fname, nb, ep, id, header, data, need_reply, proto, le
         end
         flags = flags + f
     end
-    local t = current_task(fname)
+    local t = io_task(fname)
     local w = ep.worker
     local rc = C.pl_ucx_am_send(w.w, ep.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen)
     if nb then
@@ -686,7 +688,7 @@ function Handle:wait()
     check.self("SendHandle:wait", self, Handle, "a send handle")
     local rc = self.op
     if rc > 0 then
-        local t = current_task("SendHandle:wait")
+        local t = io_task("SendHandle:wait")
         local w = self.ep.worker
         if t ~= self.owner then
             error("SendHandle:wait: only the task that started the send can wait for it", 2)
@@ -699,7 +701,7 @@ function Handle:wait()
         t.waiting_for = self.ep
         local result = w.result
         while C.pl_ucx_op_take(w.w, rc, result) == 0 do
-            park(t, WAIT_IO, rc, self.ep)
+            park(t, WAIT_IO, rc, self.ep, "SendHandle:wait")
         end
         t.waiting_for = nil
         t.io_reactor = nil
@@ -721,7 +723,7 @@ function Endpoint:tag_send(tag, data, len)
     live_ep("Endpoint:tag_send", self)
     tag = tag_value("Endpoint:tag_send", "tag", tag)
     local dptr, dlen = payload("Endpoint:tag_send", "data", data, len)
-    local t = current_task("Endpoint:tag_send")
+    local t = io_task("Endpoint:tag_send")
     local w = self.worker
     local rc = run_op(w, t, C.pl_ucx_tag_send(w.w, self.h, tag, dptr, dlen, t.slot, t.gen), self, data)
     if rc < 0 then
@@ -793,16 +795,15 @@ end
 -- failed or closed, and no listener open).
 function Stream:wait_msg()
     check.self("Stream:wait_msg", self, Stream, "a stream")
-    local t = current_task("Stream:wait_msg")
+    local t = io_task("Stream:wait_msg")
     local w = self.worker
     while true do
         if not self.open or not w.w then
             return nil, "wait_msg: the stream is closed", "EBADF"
         end
-        local h = C.pl_ucx_stream_next(w.w, self.id, t.slot, t.gen)
+        local info = w.info
+        local h = C.pl_ucx_stream_next(w.w, self.id, t.slot, t.gen, info)
         if h >= 0 then
-            local info = w.info
-            C.pl_ucx_msg_info(w.w, h, info)
             local hlen = info.header_length
             -- not "return setmetatable(...)": a tail call to a built-in
             -- with side effects makes the JIT give up on the return to
@@ -822,7 +823,7 @@ function Stream:wait_msg()
             return nil, "wait_msg: " .. errstr(h), errname(h)
         end
         t.wait_obj = self
-        park(t, WAIT_OTHER, self.id, self)
+        park(t, WAIT_OTHER, self.id, self, "Stream:wait_msg")
         t.wait_obj = nil
     end
 end
@@ -862,7 +863,7 @@ function Message:is_rndv()
 end
 
 local function take(m, fname, ptr, cap, keep)
-    local t = current_task(fname)
+    local t = io_task(fname)
     local w = m.worker
     local h = m.h
     m.h = nil
@@ -899,7 +900,7 @@ function Message:recv_data(buf)
     if buf:size() < self.len then
         error(format("Message:recv_data: the buffer holds %d bytes, the message has %d", buf:size(), self.len), 2)
     end
-    local n, err, code = take(self, "Message:recv_data", buf:ptr(), buf:size(), buf)
+    local n, err, code = take(self, "Message:recv_data", buf.base, buf.len, buf)
     return n, err, code
 end
 

@@ -11,6 +11,7 @@ local check = require "pluvio.check"
 
 local ffi, C = core.ffi, core.C
 local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
+local io_task, io_resumed = pluvio._io_task, pluvio._io_resumed
 local co_yield = coroutine.yield
 local WAIT_IO, WAIT_BUFFER = pluvio.WAIT.IO, pluvio.WAIT.BUFFER
 local errstr = core.errstr
@@ -219,7 +220,7 @@ end
 
 -- The running task and its runtime's reactor.
 local function context(fname)
-    local t, rt = current_task(fname)
+    local t, rt = io_task(fname)
     return t, reactor_of(rt, fname), rt
 end
 
@@ -242,7 +243,9 @@ local function await(r, t, op, what, keep)
     t.io_op = op
     t.io_keep = keep
     t.waiting_for = what
-    co_yield(WAIT)          -- starting the op parked the task in C already
+    local fname = t.io_fname
+    -- starting the op parked the task in C already
+    io_resumed(t, co_yield(WAIT), op, fname)
     local u, result = r.u, r.result
     while C.pl_uring_op_take(u, op, result) == 0 do
         park(t, WAIT_IO, op, what)      -- a spurious wake-up: park again
@@ -705,7 +708,7 @@ local function fixed_io(self, fname, write, buf, offset, len)
         error(fname .. ": the buffer belongs to another io_uring reactor", 3)
     end
     check_direct(fname, self, offset, len, buf.base)
-    local t = current_task(fname)
+    local t = io_task(fname)
     local start = write and C.pl_uring_write or C.pl_uring_read
     local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, buf.base, len, offset, buf.index), self)
     local what = write and "write" or "read"
@@ -736,7 +739,7 @@ function File:read(offset, len)
     check_offset("File:read", offset)
     check_len("File:read", len, MAX_IO)
     check_direct("File:read", self, offset, len)
-    local t = current_task("File:read")
+    local t = io_task("File:read")
     local r = self.reactor
     local scratch = bounce_get(r, len)
     local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
@@ -758,7 +761,7 @@ function File:write(offset, data)
     local len = #data
     check_len("File:write", len, MAX_IO)
     check_direct("File:write", self, offset, len)
-    local t = current_task("File:write")
+    local t = io_task("File:write")
     local r = self.reactor
     local scratch = bounce_get(r, len)
     ffi_copy(scratch.ptr, data, len)
@@ -846,7 +849,7 @@ local function vectored_io(self, fname, write, offset, parts, lens)
     self_file(fname, self)
     check_offset(fname, offset)
     local r = self.reactor
-    local t = current_task(fname)
+    local t = io_task(fname)
     local n, total, keep = vector(fname, self, r, offset, parts, lens, write)
     local start = write and C.pl_uring_writev or C.pl_uring_readv
     local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
@@ -876,7 +879,7 @@ end
 -- An op on the file's fd with no data: start(u, slot, gen, fd, ...).
 local function simple_op(f, fname, what, start, ...)
     self_file(fname, f)
-    local t = current_task(fname)
+    local t = io_task(fname)
     local r = f.reactor
     local res = run_op(r, t, start(r.u, t.slot, t.gen, f.fd, ...), f)
     if res < 0 then
@@ -906,7 +909,7 @@ end
 -- f:statx(): size, blocks, mode, times, dio alignment... as a table.
 function File:statx()
     self_file("File:statx", self)
-    local t = current_task("File:statx")
+    local t = io_task("File:statx")
     local st, rc = statx_op(self.reactor, t, self.fd, "", AT_EMPTY_PATH, self)
     if not st then
         return fail(self, "statx", rc)
@@ -935,7 +938,7 @@ function File:close()
     end
     local fd = self.fd
     self.fd = -1
-    local t = current_task("File:close")
+    local t = io_task("File:close")
     local r = self.reactor
     local res = run_op(r, t, C.pl_uring_close(r.u, t.slot, t.gen, fd), self)
     if res < 0 then
@@ -1022,7 +1025,7 @@ end
 -- What uring_net.lua (sockets) builds on.
 M._internal = {
     context = context, run_op = run_op, bounce_get = bounce_get, bounce_put = bounce_put,
-    WAIT = WAIT, park = park, WAIT_IO = WAIT_IO,
+    WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, io_resumed = io_resumed,
 }
 
 -- The reactor's acquire, reachable from the module for convenience.

@@ -276,7 +276,7 @@ function M.install(U)
         end
         -- the sender's address is read from the op before its result is taken
         t.io_reactor, t.io_op, t.io_keep, t.waiting_for = r, op, scratch, self
-        coroutine.yield(I.WAIT)                 -- the op start parked the task
+        I.io_resumed(t, coroutine.yield(I.WAIT), op, "UdpSocket:recv_from")  -- the op start parked the task
         while C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 do
             I.park(t, I.WAIT_IO, op, self)     -- a spurious wake-up
         end
