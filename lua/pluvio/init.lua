@@ -68,9 +68,9 @@ local function pack(...)
     return { n = select("#", ...), ... }
 end
 
-local function not_in_task(fname)
+local function not_in_task(fname, level)
     error(fname .. ": not inside a pluvio task (call it from a function run by " ..
-          "pluvio.run / rt:run, or from a script run by the pluvio host)", 4)
+          "pluvio.run / rt:run, or from a script run by the pluvio host)", level or 4)
 end
 
 local function not_the_task(fname)
@@ -95,19 +95,28 @@ local function orphan(t)
     t.waiting_for = nil
 end
 
--- The task calling a blocking function that makes calls into C before it
--- yields (I/O starts), or a clear error naming fname.
-local function current_task(fname)
+-- The running task (a clear error naming fname outside tasks), with what a
+-- plain coroutine of it left behind cancelled.  For current_task and
+-- io_task: the error names their caller's caller.
+local function task_of(fname)
     local rt = current_rt
     local t = rt and rt.current
     if not t then
-        not_in_task(fname)
-    end
-    if co_running() ~= t.co then
-        not_the_task(fname)
+        not_in_task(fname, 5)
     end
     if t.io_reactor or t.wait_obj then
         orphan(t)
+    end
+    return t, rt
+end
+
+-- The task calling a blocking function that queues it in C before it
+-- yields and is not on a per-operation path (acquire_buffer, accept, ...),
+-- or a clear error naming fname, also from a plain coroutine in a task.
+local function current_task(fname)
+    local t, rt = task_of(fname)
+    if co_running() ~= t.co then
+        not_the_task(fname)
     end
     return t, rt
 end
@@ -121,14 +130,7 @@ end
 -- coroutine is resumed again, and the operation is cancelled then, or when
 -- the task starts its next one or ends, whichever comes first.
 local function io_task(fname)
-    local rt = current_rt
-    local t = rt and rt.current
-    if not t then
-        not_in_task(fname)
-    end
-    if t.io_reactor or t.wait_obj then
-        orphan(t)
-    end
+    local t, rt = task_of(fname)
     t.io_fname = fname
     return t, rt
 end
