@@ -700,8 +700,15 @@ function Handle:wait()
         t.io_held1, t.io_held2 = self.held1, self.held2     -- held already
         t.waiting_for = self.ep
         local result = w.result
-        while C.pl_ucx_op_take(w.w, rc, result) == 0 do
+        if C.pl_ucx_op_take(w.w, rc, result) == 0 then
+            -- not a plain loop: one entered on every call becomes a root
+            -- trace of its own and breaks the caller's
             park(t, WAIT_IO, rc, self.ep, "SendHandle:wait")
+            if C.pl_ucx_op_take(w.w, rc, result) == 0 then
+                repeat
+                    park(t, WAIT_IO, rc, self.ep, "SendHandle:wait")
+                until C.pl_ucx_op_take(w.w, rc, result) ~= 0
+            end
         end
         t.waiting_for = nil
         t.io_reactor = nil
@@ -790,42 +797,64 @@ function Stream:_abandon_wait(t)
     end
 end
 
+-- The stream's next message, false when the task must wait (it was queued
+-- as a reader in C), or nil, err, code.
+local function next_msg(self, w, t)
+    if not self.open or not w.w then
+        return nil, "wait_msg: the stream is closed", "EBADF"
+    end
+    local info = w.info
+    local h = C.pl_ucx_stream_next(w.w, self.id, t.slot, t.gen, info)
+    if h >= 0 then
+        local hlen = info.header_length
+        -- not "return setmetatable(...)": a tail call to a built-in with
+        -- side effects makes the JIT give up on the return to the caller,
+        -- and everything after a message arrives would run in the
+        -- interpreter
+        local m = setmetatable({
+            worker = w, h = h,
+            header = hlen > 0 and ffi_string(info.header, hlen) or "",
+            len = info.data_length, rndv = info.rndv ~= 0,
+            reply_h = info.can_reply ~= 0 and info.ep or nil,
+        }, Message)
+        return m
+    elseif h == EAGAIN then
+        return false
+    elseif h == ENOTCONN then
+        return nil, format("wait_msg: no peer can send to AM stream %d any more " ..
+                           "(every endpoint failed or closed, no listener open)", self.id), "ENOTCONN"
+    end
+    return nil, "wait_msg: " .. errstr(h), errname(h)
+end
+
+local function park_reader(self, t)
+    t.wait_obj = self
+    park(t, WAIT_OTHER, self.id, self, "Stream:wait_msg")
+    t.wait_obj = nil
+end
+
 -- wait_msg(): the next message; parks until one arrives.  nil, err when
 -- the stream is closed or nothing can feed it any more (every endpoint
--- failed or closed, and no listener open).
+-- failed or closed, and no listener open).  The usual paths (a message
+-- waiting, or one park) go through no loop: a loop entered on every call
+-- becomes a root trace of its own and breaks the caller's.
 function Stream:wait_msg()
     check.self("Stream:wait_msg", self, Stream, "a stream")
     local t = io_task("Stream:wait_msg")
     local w = self.worker
-    while true do
-        if not self.open or not w.w then
-            return nil, "wait_msg: the stream is closed", "EBADF"
-        end
-        local info = w.info
-        local h = C.pl_ucx_stream_next(w.w, self.id, t.slot, t.gen, info)
-        if h >= 0 then
-            local hlen = info.header_length
-            -- not "return setmetatable(...)": a tail call to a built-in
-            -- with side effects makes the JIT give up on the return to
-            -- the caller, and everything after a message arrives would run
-            -- in the interpreter
-            local m = setmetatable({
-                worker = w, h = h,
-                header = hlen > 0 and ffi_string(info.header, hlen) or "",
-                len = info.data_length, rndv = info.rndv ~= 0,
-                reply_h = info.can_reply ~= 0 and info.ep or nil,
-            }, Message)
-            return m
-        elseif h == ENOTCONN then
-            return nil, format("wait_msg: no peer can send to AM stream %d any more " ..
-                               "(every endpoint failed or closed, no listener open)", self.id), "ENOTCONN"
-        elseif h ~= EAGAIN then
-            return nil, "wait_msg: " .. errstr(h), errname(h)
-        end
-        t.wait_obj = self
-        park(t, WAIT_OTHER, self.id, self, "Stream:wait_msg")
-        t.wait_obj = nil
+    local m, err, code = next_msg(self, w, t)
+    if m ~= false then
+        return m, err, code
     end
+    park_reader(self, t)
+    m, err, code = next_msg(self, w, t)
+    if m == false then      -- woken without a message for it (another reader took it)
+        repeat
+            park_reader(self, t)
+            m, err, code = next_msg(self, w, t)
+        until m ~= false
+    end
+    return m, err, code
 end
 
 -- close(): stop receiving this id; held messages are released.
