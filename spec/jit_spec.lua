@@ -24,10 +24,13 @@ jit.attach(function(what, tr, func, pc, otr, oex)
         local from, at = started[tr] or "?", where(func, pc)
         local msg = vmdef.traceerr[otr] or tostring(otr)
         if oex ~= nil and msg:find("%%d", 1, true) then msg = msg:format(oex) end
-        -- what the JIT cannot compile (NYI) or gives up on for good; not
-        -- "leaving loop in root trace", after which it records elsewhere
+        -- what the JIT cannot compile (NYI) or gives up on for good, and
+        -- a loop inside pluvio that keeps the caller's loop from having a
+        -- root trace; not "leaving loop in root trace", after which it
+        -- records elsewhere
         local lasting = msg:find("^NYI") or msg:find("blacklist")
-        if lasting and (from:find("pluvio/", 1, true) or at:find("pluvio/", 1, true)) then
+        local inner = msg:find("inner loop in root trace", 1, true) and at:find("pluvio/", 1, true)
+        if inner or (lasting and (from:find("pluvio/", 1, true) or at:find("pluvio/", 1, true))) then
             aborts[#aborts + 1] = ("trace from %s aborted at %s: %s"):format(from, at, msg)
         end
     end
@@ -49,7 +52,7 @@ for _, a in ipairs(aborts) do print(a) end
 end
 
 describe("JIT-compiled hot paths", function()
-    it("AM ping-pong (am_send, wait_msg, recv_data) has no trace aborts in pluvio", function()
+    it("AM ping-pong and windowed sends (am_send, wait_msg, recv_data, am_send_nb) have no trace aborts in pluvio", function()
         local ran, aborts = aborts_in([[
 local pluvio = require "pluvio"
 local ucx = require "pluvio.ucx"
@@ -79,8 +82,20 @@ local function run()
         assert(m:recv_data(buf))
         done = done + 1
     end
-    buf:release()
     pong:join()
+    -- windowed sends: am_send_nb, then wait for the oldest
+    local sink = pluvio.spawn(function()
+        for _ = 1, N do assert(sb:wait_msg()):release() end
+    end)
+    local handles = {}
+    for i = 1, N do
+        local k = i % 8 + 1
+        if handles[k] then assert(handles[k]:wait()) end
+        handles[k] = ab:am_send_nb(2, "", buf, false, nil, 4096)
+    end
+    for k = 1, 8 do if handles[k] then assert(handles[k]:wait()) end end
+    sink:join()
+    buf:release()
     ab:close(); ba:close(); a:close(); b:close(); ctx:close()
     return done
 end
