@@ -101,14 +101,21 @@ local function next_port()
     return port_seq
 end
 
+-- Iterations of a UCX test, and as many warm-up iterations first on both
+-- sides: the JIT compiles Pluvio's paths during the first few thousand
+-- messages, and ucx_perftest warms up too (10 000 by default).
+local function ucx_iters(t)
+    return t.kind == "lat" and (o.quick and 2000 or 10000) or (t.size >= 1048576 and 500 or 5000)
+end
+
 local function run_perftest(t)
     local port = next_port()
     local env = ("env UCX_TLS=%s UCX_NET_DEVICES=lo"):format(UCX_TRANSPORTS[t.tl])
     local test = t.kind == "lat" and "ucp_am_lat" or "ucp_am_bw"
-    local iters = t.kind == "lat" and (o.quick and 2000 or 10000) or (t.size >= 1048576 and 500 or 5000)
+    local iters = ucx_iters(t)
     os.execute(("timeout 30 %s ucx_perftest -p %d >/dev/null 2>&1 &"):format(env, port))
     os.execute("sleep 0.3")
-    local cmd = ("%s ucx_perftest 127.0.0.1 -p %d -t %s -s %d -n %d"):format(env, port, test, t.size, iters)
+    local cmd = ("%s ucx_perftest 127.0.0.1 -p %d -t %s -s %d -n %d -w %d"):format(env, port, test, t.size, iters, iters)
     local out = sh_out("timeout 30 " .. cmd)
     local f = { out:match("Final:%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)") }
     if #f < 6 then return nil, cmd, out end
@@ -120,8 +127,8 @@ end
 local function run_ucx_bench(t)
     local port = next_port()
     local env = ("env UCX_TLS=%s UCX_NET_DEVICES=lo"):format(UCX_TRANSPORTS[t.tl])
-    local iters = t.kind == "lat" and (o.quick and 2000 or 10000) or (t.size >= 1048576 and 500 or 5000)
-    local common = ("--test %s --sizes %d --iters %d --spin 1 --quiet"):format(t.kind, t.size, iters)
+    local iters = ucx_iters(t)
+    local common = ("--test %s --sizes %d --iters %d --warmup %d --spin 1 --quiet"):format(t.kind, t.size, iters, iters)
     os.execute(("timeout 60 %s %s %s/examples/ucx_bench.lua --server --port %d %s >/dev/null 2>&1 &")
         :format(env, host, root, port, common))
     os.execute("sleep 0.3")

@@ -31,7 +31,7 @@ local spec = {
           "                           socket: use the listener's connection (tcp, peer failures detected)" },
         { "sizes", "list", { 8, 4096, 65536, 1048576 }, "message sizes" },
         { "iters", "integer", 2000, "messages per size (bandwidth) and round trips (latency)" },
-        { "warmup", "integer", 100, "untimed round trips / messages first" },
+        { "warmup", "integer", 1000, "untimed round trips / messages first (the JIT compiles meanwhile)" },
         { "window", "integer", 32, "sends in flight (bandwidth)" },
         { "proto", "string", nil, "eager or rndv (default: UCX chooses)" },
         { "spin", "number", 0, "busy-poll this many seconds before sleeping (latency; like ucx_perftest)" },
