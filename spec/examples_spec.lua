@@ -44,7 +44,8 @@ describe("examples/uring_bench.lua", function()
 
     it("detects a corrupted block with --verify", function()
         local path = os.tmpname()
-        local status, _, err = run("uring_bench.lua", "--rw write --bs 4k --size 256k --file " .. q(path) .. " --quiet")
+        -- written with --verify: every block carries the pattern of its offset
+        local status, _, err = run("uring_bench.lua", "--rw write --verify --bs 4k --size 256k --file " .. q(path) .. " --quiet")
         assert.equal(0, status, err)
         local f = io.open(path, "r+b")
         f:seek("set", 8192 + 100)
