@@ -190,10 +190,12 @@ static void stream_wake_one(struct ucx_stream *s)
 {
     while (s->wlen > 0) {
         struct ucx_waiter wt = s->waiters[s->whead];
+        pl_runtime_t *rt = s->w->rt;
+
         s->whead = (s->whead + 1) % s->wcap;
         s->wlen--;
-        if (s->w->rt && pl_task_is_waiting(s->w->rt, wt.slot, wt.gen, PL_WAIT_OTHER, (double)s->id) &&
-            pl_task_wake(s->w->rt, wt.slot, wt.gen) >= 0)
+        if (rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_OTHER, (double)s->id) &&
+            pl_task_wake(rt, wt.slot, wt.gen) >= 0)
             return;
     }
 }
