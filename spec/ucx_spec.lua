@@ -275,6 +275,24 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("cancels a send handle's wait left in a plain coroutine, and the handle then says so", async(function()
+        local p = pair()
+        -- rendezvous data stays with the sender until the receiver pulls it
+        local h = p.ep:am_send_nb(1, "", ("x"):rep(1048576), false, "rndv")
+        local co = coroutine.create(function() return h:wait() end)
+        assert.is_true((coroutine.resume(co)))
+        local ok, err = pcall(p.ep.am_send, p.ep, 1, "", "next")
+        assert.is_false(ok)
+        assert.matches("SendHandle:wait: called from a coroutine that is not a pluvio task %(only " ..
+                       "pluvio tasks may block%); its operation was cancelled when the task called " ..
+                       "Endpoint:am_send", err)
+        local sent, why = h:wait()
+        assert.is_nil(sent)
+        assert.matches("am_send", why)
+        assert.is_true(p.ep:am_send(1, "", "next"))
+        close_pair(p)
+    end))
+
     it("does not let a plain coroutine's wait_msg take a waiting reader's turn", async(function()
         local p = pair()
         local co = coroutine.create(function() return p.stream:wait_msg() end)

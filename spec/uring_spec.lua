@@ -552,12 +552,17 @@ describe("submission and completion", function()
             assert.matches("File:read: called from a coroutine that is not a pluvio task", err)
             assert.equal(0, settled())
             assert.equal(1, r:stats().cancels)
-            -- never resumed: cancelled when the task starts its next operation
+            -- never resumed: the task's next operation cancels it and says so
             local co2 = coroutine.create(function() return p:read(0, 10) end)
             assert.is_true((coroutine.resume(co2)))
             local path = tmpfile()
-            local f = assert(uring.File.open(path, "w+"))
+            local ok_open, err_open = pcall(uring.File.open, path, "w+")
+            assert.is_false(ok_open)
+            assert.matches("File:read: called from a coroutine that is not a pluvio task %(only pluvio " ..
+                           "tasks may block%); its operation was cancelled when the task called File.open",
+                           err_open)
             assert.equal(2, r:stats().cancels)
+            local f = assert(uring.File.open(path, "w+"))
             assert.equal(4, f:write(0, "kept"))
             assert.equal("kept", f:read(0, 16))
             assert.equal(0, settled())
@@ -573,6 +578,39 @@ describe("submission and completion", function()
             p:close()
             f:close()
             os.remove(path)
+        end)
+    end)
+
+    it("cancels only the plain coroutine's operation, though the task's next one has its op id", function()
+        with_reactor(nil, function(r)
+            local pf, qf = ffi.new("int[2]"), ffi.new("int[2]")
+            assert.equal(0, ffi.C.pipe(pf))
+            assert.equal(0, ffi.C.pipe(qf))
+            local p = uring.File.new(pf[0], "p")
+            local q = uring.File.new(qf[0], "q")
+            local co
+            local a = pluvio.spawn(function()
+                co = coroutine.create(function() return p:read(0, 10) end)
+                assert(coroutine.resume(co))        -- op X, left behind
+                ffi.C.write(pf[1], "xxxxxxxxxx", 10)
+                pluvio.sleep(0.02)                  -- X completes
+                local ok = pcall(q.read, q, 0, 5)   -- cancels X and says so
+                assert(not ok)
+                return q:read(0, 5)                 -- op Y: X's slot again
+            end)
+            pluvio.sleep(0.05)
+            assert.equal("waiting", a:status())
+            local ok, err = coroutine.resume(co)    -- another task resumes X's coroutine
+            assert.is_false(ok)
+            assert.matches("File:read: called from a coroutine that is not a pluvio task", err)
+            ffi.C.write(qf[1], "hello", 5)
+            local deadline = pluvio.now() + 2
+            while a:status() ~= "done" and pluvio.now() < deadline do pluvio.sleep(0.002) end
+            assert.equal("done", a:status())        -- Y was not cancelled
+            assert.equal("hello", a:join())
+            for _, fd in ipairs({ pf[1], qf[1] }) do ffi.C.close(fd) end
+            p:close()
+            q:close()
         end)
     end)
 
@@ -665,6 +703,24 @@ describe("sockets over io_uring", function()
             b:close()
         end
     end))
+
+    it("takes a datagram that was already waiting, received inside its submit", function()
+        with_reactor({ submit_depth = 1 }, function()
+            local a = assert(uring.udp_bind("127.0.0.1", 0))
+            local b = assert(uring.udp_bind("127.0.0.1", 0))
+            assert.equal(5, b:send_to("early", "127.0.0.1", a:port()))
+            pluvio.sleep(0.01)
+            local receiver = pluvio.spawn(function() return { a:recv_from(100) } end)
+            local deadline = pluvio.now() + 2
+            while receiver:status() ~= "done" and pluvio.now() < deadline do pluvio.sleep(0.002) end
+            assert.equal("done", receiver:status())
+            local r = receiver:join()
+            assert.equal("early", r[1])
+            assert.equal(b:port(), r[3])
+            a:close()
+            b:close()
+        end)
+    end)
 
     it("reports a refused connection and refuses wildcard defaults", async(function()
         local c, err, code = uring.tcp_connect("127.0.0.1", 1)
@@ -889,18 +945,24 @@ describe("the registered-buffer path", function()
             f:write_fixed(buf, (i % 64) * 4096, 4096)
             f:read_fixed(buf, (i % 64) * 4096, 4096)
         end
-        collectgarbage()
-        collectgarbage()
-        collectgarbage("stop")
-        local before = collectgarbage("count")
-        for i = 1, 50000 do
-            f:write_fixed(buf, (i % 64) * 4096, 4096)
-            f:read_fixed(buf, (i % 64) * 4096, 4096)
+        -- The JIT may still make a trace or two (a few KiB of heap each):
+        -- the least growth of five windows counts.  Per-operation garbage
+        -- shows in every window: 40 000 operations, even 1 byte each would
+        -- be ~39 KiB.
+        local least = math.huge
+        for _ = 1, 5 do
+            collectgarbage()
+            collectgarbage()
+            collectgarbage("stop")
+            local before = collectgarbage("count")
+            for i = 1, 20000 do
+                f:write_fixed(buf, (i % 64) * 4096, 4096)
+                f:read_fixed(buf, (i % 64) * 4096, 4096)
+            end
+            least = math.min(least, collectgarbage("count") - before)
+            collectgarbage("restart")
         end
-        local grew = collectgarbage("count") - before
-        collectgarbage("restart")
-        -- 100 000 operations; even 1 byte each would be ~98 KiB
-        assert.is_true(grew < 16, ("the Lua heap grew %.1f KiB"):format(grew))
+        assert.is_true(least < 8, ("the Lua heap grew %.1f KiB"):format(least))
         buf:release()
         f:close()
         uring.unlink(path)

@@ -204,10 +204,11 @@ static uint64_t op_user_data(pl_uring_t *u, uint32_t i)
 static int reap(pl_uring_t *u, int budget);
 
 /* The op was just submitted: when the kernel finished it inside the submit
- * (a page-cache read, a socket with data waiting) and no other task waits
- * to run, its task takes the result at once instead of parking and being
- * resumed by the next tick.  At most URING_INLINE_MAX in a row per tick, so
- * that timers and other reactors are not kept waiting. */
+ * (a page-cache read, a socket with data waiting) and the ready ring is
+ * empty, its task takes the result at once instead of parking and being
+ * resumed by the next tick.  (Tasks of the current batch, already drained
+ * from the ring, wait meanwhile.)  At most URING_INLINE_MAX in a row per
+ * tick, so that they, timers and other reactors are not kept waiting long. */
 static bool finish_inline(pl_uring_t *u, uint32_t i)
 {
     pl_runtime_t *rt = u->rt;

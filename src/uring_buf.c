@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "uring_internal.h"
 
@@ -19,7 +20,9 @@
  * in 2 MiB steps instead of 4 KiB ones.  Without THP it is plain memory. */
 static char *map_pool(size_t len)
 {
-    size_t slack = len >= HUGE_PAGE ? HUGE_PAGE : 0;
+    /* only where pages are 4 KiB: the trims below need len to be a
+     * multiple of the page size, and elsewhere THP is not 2 MiB */
+    size_t slack = len >= HUGE_PAGE && sysconf(_SC_PAGESIZE) == 4096 ? HUGE_PAGE : 0;
     char *p = mmap(NULL, len + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     uintptr_t start, end;
 

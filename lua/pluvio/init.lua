@@ -105,7 +105,13 @@ local function task_of(fname)
         not_in_task(fname, 5)
     end
     if t.io_reactor or t.wait_obj then
+        -- what it started may have taken input (a pipe's bytes, a tag
+        -- message): say so rather than let that go unnoticed
+        local left = t.io_fname or "an I/O operation"
         orphan(t)
+        error(format("%s: called from a coroutine that is not a pluvio task (only pluvio tasks " ..
+                     "may block); its operation was cancelled when the task called %s",
+                     left, fname), 4)
     end
     return t, rt
 end
@@ -132,15 +138,17 @@ end
 local function io_task(fname)
     local t, rt = task_of(fname)
     t.io_fname = fname
+    t.io_seq = (t.io_seq or 0) + 1
     return t, rt
 end
 
 -- After an I/O wait's yield: resumed_with must be the task (the loop
--- resumes tasks with themselves); otherwise op (op id) was started from a
--- plain coroutine: cancel it if the task has not already, and raise.
-local function io_resumed(t, resumed_with, op, fname)
+-- resumes tasks with themselves); otherwise the operation was started from
+-- a plain coroutine: cancel it if it is still the task's latest (seq, read
+-- before the yield: an op id alone may have been reused since), and raise.
+local function io_resumed(t, resumed_with, seq, fname)
     if resumed_with ~= t then
-        if t.io_reactor and t.io_op == op then
+        if (t.io_reactor or t.wait_obj) and t.io_seq == seq then
             orphan(t)
         end
         not_the_task(fname)
@@ -174,6 +182,14 @@ end
 local function park(t, kind, arg, what, fname)
     t.waiting_for = what
     yielded(t, co_yield(PARK, kind, arg or 0), fname or "pluvio wait")
+    t.waiting_for = nil
+end
+
+-- park for an I/O function (io_task's seq): a plain coroutine's wait is
+-- cancelled when it is resumed, as io_resumed does.
+local function io_park(t, kind, arg, what, fname, seq)
+    t.waiting_for = what
+    io_resumed(t, co_yield(PARK, kind, arg or 0), seq, fname)
     t.waiting_for = nil
 end
 
@@ -290,6 +306,10 @@ local function finish(rt, t, final, was_running)
     end
     local reactor = t.io_reactor
     if reactor then         -- an operation in flight: cancel it in the kernel
+        if final ~= "cancelled" then    -- not parked on it: a plain coroutine left it
+            io.stderr:write(format("pluvio: %s ended with an operation a plain coroutine started " ..
+                                   "(%s); it was cancelled\n", tostring(t), t.io_fname or "?"))
+        end
         t.io_reactor = nil
         reactor:_abandon(t)
     end
@@ -1029,6 +1049,7 @@ M._wake = wake
 M._current_task = current_task
 M._io_task = io_task
 M._io_resumed = io_resumed
+M._io_park = io_park
 M._running_task = running_task
 
 M.version = ffi.string(C.pl_version())

@@ -12,7 +12,7 @@ local uring = require "pluvio.uring"
 
 local ffi, C = core.ffi, core.C
 local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
-local io_task, io_resumed = pluvio._io_task, pluvio._io_resumed
+local io_task, io_resumed, io_park = pluvio._io_task, pluvio._io_resumed, pluvio._io_park
 local WAIT_IO, WAIT_OTHER = pluvio.WAIT.IO, pluvio.WAIT.OTHER
 local co_yield = coroutine.yield
 local errstr = core.errstr
@@ -218,8 +218,8 @@ local function await(w, t, op, what, keep, keep2)
     t.io_keep, t.io_keep2 = keep, keep2
     t.waiting_for = what
     C.pl_task_wait(w.rt_crt or t.rt.crt, t.slot, WAIT_IO, op)
-    local fname = t.io_fname
-    io_resumed(t, co_yield(WAIT), op, fname)
+    local fname, seq = t.io_fname, t.io_seq
+    io_resumed(t, co_yield(WAIT), seq, fname)
     local result = w.result
     while C.pl_ucx_op_take(w.w, op, result) == 0 do
         park(t, WAIT_IO, op, what)
@@ -284,6 +284,12 @@ end
 function Worker:_abandon(t)
     local op, k1, k2, h1, h2 = t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2
     t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2 = nil, nil, nil, nil, nil
+    local handle = t.io_handle
+    if handle then          -- a send handle being waited for: it owns nothing now
+        t.io_handle = nil
+        handle.op = ECANCELED
+        handle.header, handle.data, handle.held1, handle.held2 = nil, nil, nil, nil
+    end
     abandon_op(self, op, k1, k2, h1, h2)
 end
 
@@ -680,7 +686,7 @@ end
 -- The owner ended with the send in flight.
 function Handle:_task_exit()
     abandon_op(self.ep.worker, self.op, self.header, self.data, self.held1, self.held2)
-    self.op = -ECANCELED
+    self.op = ECANCELED
     self.header, self.data, self.held1, self.held2 = nil, nil, nil, nil
 end
 
@@ -698,20 +704,21 @@ function Handle:wait()
         t.io_op = rc
         t.io_keep, t.io_keep2 = self.header, self.data
         t.io_held1, t.io_held2 = self.held1, self.held2     -- held already
+        t.io_handle = self
         t.waiting_for = self.ep
-        local result = w.result
+        local result, seq = w.result, t.io_seq
         if C.pl_ucx_op_take(w.w, rc, result) == 0 then
             -- not a plain loop: one entered on every call becomes a root
             -- trace of its own and breaks the caller's
-            park(t, WAIT_IO, rc, self.ep, "SendHandle:wait")
+            io_park(t, WAIT_IO, rc, self.ep, "SendHandle:wait", seq)
             if C.pl_ucx_op_take(w.w, rc, result) == 0 then
                 repeat
-                    park(t, WAIT_IO, rc, self.ep, "SendHandle:wait")
+                    io_park(t, WAIT_IO, rc, self.ep, "SendHandle:wait", seq)
                 until C.pl_ucx_op_take(w.w, rc, result) ~= 0
             end
         end
         t.waiting_for = nil
-        t.io_reactor = nil
+        t.io_reactor, t.io_handle = nil, nil
         t.io_keep, t.io_keep2, t.io_held1, t.io_held2 = nil, nil, nil, nil
         rc = result.status
         self.op = rc
@@ -827,9 +834,9 @@ local function next_msg(self, w, t)
     return nil, "wait_msg: " .. errstr(h), errname(h)
 end
 
-local function park_reader(self, t)
+local function park_reader(self, t, seq)
     t.wait_obj = self
-    park(t, WAIT_OTHER, self.id, self, "Stream:wait_msg")
+    io_park(t, WAIT_OTHER, self.id, self, "Stream:wait_msg", seq)
     t.wait_obj = nil
 end
 
@@ -842,15 +849,16 @@ function Stream:wait_msg()
     check.self("Stream:wait_msg", self, Stream, "a stream")
     local t = io_task("Stream:wait_msg")
     local w = self.worker
+    local seq = t.io_seq
     local m, err, code = next_msg(self, w, t)
     if m ~= false then
         return m, err, code
     end
-    park_reader(self, t)
+    park_reader(self, t, seq)
     m, err, code = next_msg(self, w, t)
     if m == false then      -- woken without a message for it (another reader took it)
         repeat
-            park_reader(self, t)
+            park_reader(self, t, seq)
             m, err, code = next_msg(self, w, t)
         until m ~= false
     end

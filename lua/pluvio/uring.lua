@@ -243,9 +243,9 @@ local function await(r, t, op, what, keep)
     t.io_op = op
     t.io_keep = keep
     t.waiting_for = what
-    local fname = t.io_fname
+    local fname, seq = t.io_fname, t.io_seq
     -- starting the op parked the task in C already
-    io_resumed(t, co_yield(WAIT), op, fname)
+    io_resumed(t, co_yield(WAIT), seq, fname)
     local u, result = r.u, r.result
     while C.pl_uring_op_take(u, op, result) == 0 do
         park(t, WAIT_IO, op, what)      -- a spurious wake-up: park again
@@ -1025,7 +1025,7 @@ end
 -- What uring_net.lua (sockets) builds on.
 M._internal = {
     context = context, run_op = run_op, bounce_get = bounce_get, bounce_put = bounce_put,
-    WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, io_resumed = io_resumed,
+    WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, io_resumed = io_resumed, OP_INLINE = OP_INLINE,
 }
 
 -- The reactor's acquire, reachable from the module for convenience.

@@ -275,15 +275,21 @@ function M.install(U)
             return failed("recv_from", self, op)
         end
         -- the sender's address is read from the op before its result is taken
-        t.io_reactor, t.io_op, t.io_keep, t.waiting_for = r, op, scratch, self
-        I.io_resumed(t, coroutine.yield(I.WAIT), op, "UdpSocket:recv_from")  -- the op start parked the task
-        while C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 do
-            I.park(t, I.WAIT_IO, op, self)     -- a spurious wake-up
+        if op >= I.OP_INLINE then   -- done inside its submission: the task was not parked
+            op = op - I.OP_INLINE
+            C.pl_uring_op_peer(r.u, op, namebuf, 80)
+        else
+            t.io_reactor, t.io_op, t.io_keep, t.waiting_for = r, op, scratch, self
+            local seq = t.io_seq
+            I.io_resumed(t, coroutine.yield(I.WAIT), seq, "UdpSocket:recv_from")  -- the op start parked the task
+            while C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 do
+                I.park(t, I.WAIT_IO, op, self)     -- a spurious wake-up
+            end
+            t.io_reactor, t.io_keep, t.waiting_for = nil, nil, nil
         end
         local from = ffi_string(namebuf)
         local result = r.result
         C.pl_uring_op_take(r.u, op, result)
-        t.io_reactor, t.io_keep, t.waiting_for = nil, nil, nil
         local rc = result.res
         local s = rc >= 0 and ffi_string(scratch.ptr, rc) or nil
         bounce_put(r, scratch)
