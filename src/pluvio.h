@@ -45,7 +45,8 @@ enum pl_wait_kind {
     PL_WAIT_BUFFER = 7,
     PL_WAIT_RUNTIME = 8,
     PL_WAIT_REACTOR = 9,
-    PL_WAIT_OTHER = 10
+    PL_WAIT_OTHER = 10,
+    PL_WAIT_STREAM = 11     /* an AM stream's reader; the arg is the stream's serial */
 };
 
 /* How a task ended, for pl_task_exit; add PL_TASK_WAS_RUNNING when it
@@ -414,6 +415,8 @@ int pl_ucx_op_settled(pl_ucx_worker_t *w, int op, uint32_t gen);
 /* flags: 1 reply wanted, 2 force eager, 4 force rendezvous */
 int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, size_t header_len,
                    const void *data, size_t data_len, int flags, uint32_t slot, uint32_t gen);
+/* Returns the stream's serial (> 0, unique in the process: what its readers
+ * park on) or -errno. */
 int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window);
 int pl_ucx_stream_close(pl_ucx_worker_t *w, unsigned id);
 /* A held message's handle (its description in *info unless info is NULL),

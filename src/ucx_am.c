@@ -11,6 +11,7 @@
  * the reactor stops progressing the worker, which slows the sender.
  */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -194,7 +195,7 @@ static void stream_wake_one(struct ucx_stream *s)
 
         s->whead = (s->whead + 1) % s->wcap;
         s->wlen--;
-        if (rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_OTHER, (double)s->id) &&
+        if (rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_STREAM, (double)s->serial) &&
             pl_task_wake(rt, wt.slot, wt.gen) >= 0)
             return;
     }
@@ -291,6 +292,7 @@ static ucs_status_t set_handler(pl_ucx_worker_t *w, unsigned id, struct ucx_stre
 
 int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window)
 {
+    static _Atomic uint32_t serials;    /* runtimes may run in several threads */
     struct ucx_stream *s;
     ucs_status_t st;
 
@@ -311,7 +313,8 @@ int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window)
         return pl_ucx_errno(st);
     }
     w->streams[id] = s;
-    return 0;
+    s->serial = (atomic_fetch_add(&serials, 1) % 0x7ffffffe) + 1;
+    return (int)s->serial;
 }
 
 static void stream_free(pl_ucx_worker_t *w, struct ucx_stream *s)

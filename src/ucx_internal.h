@@ -92,6 +92,7 @@ struct ucx_waiter {
 struct ucx_stream {
     bool open;
     unsigned id;
+    uint32_t serial;            /* unique in the process: the wait_arg of its readers */
     uint32_t window;
     uint32_t head, tail, len;   /* message handles, linked through next */
     struct ucx_waiter *waiters; /* FIFO ring */

@@ -40,7 +40,7 @@ local WAIT_NAMES = {
     [C.PL_WAIT_SELECT] = "select", [C.PL_WAIT_CHANNEL_SEND] = "channel send",
     [C.PL_WAIT_CHANNEL_RECV] = "channel recv", [C.PL_WAIT_IO] = "io",
     [C.PL_WAIT_BUFFER] = "buffer", [C.PL_WAIT_RUNTIME] = "nested runtime",
-    [C.PL_WAIT_REACTOR] = "reactor", [C.PL_WAIT_OTHER] = "other",
+    [C.PL_WAIT_REACTOR] = "reactor", [C.PL_WAIT_OTHER] = "other", [C.PL_WAIT_STREAM] = "stream",
 }
 local STATE_NAMES = {
     [C.PL_TASK_READY] = "ready", [C.PL_TASK_RUNNING] = "running",
@@ -50,7 +50,7 @@ M.WAIT = {
     SLEEP = C.PL_WAIT_SLEEP, JOIN = C.PL_WAIT_JOIN, SELECT = C.PL_WAIT_SELECT,
     CHANNEL_SEND = C.PL_WAIT_CHANNEL_SEND, CHANNEL_RECV = C.PL_WAIT_CHANNEL_RECV,
     IO = C.PL_WAIT_IO, BUFFER = C.PL_WAIT_BUFFER, REACTOR = C.PL_WAIT_REACTOR,
-    OTHER = C.PL_WAIT_OTHER,
+    OTHER = C.PL_WAIT_OTHER, STREAM = C.PL_WAIT_STREAM,
 }
 
 local Runtime = {}

@@ -13,7 +13,7 @@ local uring = require "pluvio.uring"
 local ffi, C = core.ffi, core.C
 local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
 local io_task, io_resumed, io_park = pluvio._io_task, pluvio._io_resumed, pluvio._io_park
-local WAIT_IO, WAIT_OTHER = pluvio.WAIT.IO, pluvio.WAIT.OTHER
+local WAIT_IO, WAIT_OTHER, WAIT_STREAM = pluvio.WAIT.IO, pluvio.WAIT.OTHER, pluvio.WAIT.STREAM
 local co_yield = coroutine.yield
 local errstr = core.errstr
 local ffi_string = ffi.string
@@ -448,7 +448,7 @@ function Worker:am_stream(id, opts)
         end
         error("Worker:am_stream: " .. errstr(rc), 2)
     end
-    local s = setmetatable({ worker = self, id = id, window = window, open = true }, Stream)
+    local s = setmetatable({ worker = self, id = id, serial = rc, window = window, open = true }, Stream)
     self.streams[id] = s
     return s
 end
@@ -836,7 +836,7 @@ end
 
 local function park_reader(self, t, seq)
     t.wait_obj = self
-    io_park(t, WAIT_OTHER, self.id, self, "Stream:wait_msg", seq)
+    io_park(t, WAIT_STREAM, self.serial, self, "Stream:wait_msg", seq)
     t.wait_obj = nil
 end
 
