@@ -668,6 +668,27 @@ describe("sockets over io_uring", function()
         end
     end))
 
+    it("refuses a socket receive from a plain coroutine inside a task before it takes any byte", async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local server = pluvio.spawn(function()
+            local c = assert(l:accept())
+            c:send("kept")
+            return c
+        end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local sc = server:join()
+        for _, fn in ipairs({ "recv", "recv_exact" }) do
+            local co = coroutine.create(function() return c[fn](c, 4) end)
+            local ok, err = coroutine.resume(co)
+            assert.is_false(ok)
+            assert.matches("TcpSocket:" .. fn .. ": called from a coroutine that is not a pluvio task", err)
+        end
+        assert.equal("kept", c:recv_exact(4))
+        sc:close()
+        c:close()
+        l:close()
+    end))
+
     it("reports the peer's close: recv gives nil, 'closed' and recv_exact keeps what came", async(function()
         local l = assert(uring.tcp_listen("127.0.0.1", 0))
         local server = pluvio.spawn(function()

@@ -482,7 +482,7 @@ function Worker:tag_recv(tag, mask, len_or_buf)
         scratch = ffi.new("uint8_t[?]", cap)
         ptr = scratch
     end
-    local t = io_task("Worker:tag_recv")
+    local t = current_task("Worker:tag_recv")    -- it takes a message: check first
     local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
                                  "tag receive", scratch or len_or_buf)
     if rc < 0 then

@@ -224,6 +224,17 @@ local function context(fname)
     return t, reactor_of(rt, fname), rt
 end
 
+-- The same for operations that take input (a socket's bytes, a
+-- connection): they check first that they run in the task's own coroutine,
+-- since an operation a plain coroutine leaves behind may take input that
+-- nobody then gets.
+local function receive_context(fname)
+    local t, rt = current_task(fname)
+    t.io_fname = fname
+    t.io_seq = (t.io_seq or 0) + 1
+    return t, reactor_of(rt, fname), rt
+end
+
 -- uring.current(): the io_uring reactor of the running runtime.
 function M.current()
     local rt = pluvio.runtime()
@@ -1024,7 +1035,8 @@ end
 
 -- What uring_net.lua (sockets) builds on.
 M._internal = {
-    context = context, run_op = run_op, bounce_get = bounce_get, bounce_put = bounce_put,
+    context = context, receive_context = receive_context, run_op = run_op,
+    bounce_get = bounce_get, bounce_put = bounce_put,
     WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, io_resumed = io_resumed, OP_INLINE = OP_INLINE,
 }
 

@@ -42,6 +42,7 @@ end
 function M.install(U)
     local I = U._internal
     local context, run_op, bounce_get, bounce_put = I.context, I.run_op, I.bounce_get, I.bounce_put
+    local receive_context = I.receive_context
 
     local TcpListener = {}
     TcpListener.__index = TcpListener
@@ -112,7 +113,7 @@ function M.install(U)
     -- accept(): the next connection; parks until a client connects.
     function TcpListener:accept()
         live("TcpListener:accept", self, TcpListener, "a listener")
-        local t, r = context("TcpListener:accept")
+        local t, r = receive_context("TcpListener:accept")
         local fd = run_op(r, t, C.pl_uring_accept(r.u, t.slot, t.gen, self.fd), self)
         if fd < 0 then
             return failed("accept", self, fd)
@@ -180,7 +181,7 @@ function M.install(U)
             self.pending = self.pending:sub(max + 1)
             return s
         end
-        local t, r = context("TcpSocket:recv")
+        local t, r = receive_context("TcpSocket:recv")
         local s, rc = recv_raw(self, t, r, max)
         if rc < 0 then
             return failed("recv", self, rc)
@@ -195,7 +196,7 @@ function M.install(U)
     function TcpSocket:recv_exact(n)
         live("TcpSocket:recv_exact", self, TcpSocket, "a socket")
         check.integer("TcpSocket:recv_exact", "n", n, 0, MAX_IO)
-        local t, r = context("TcpSocket:recv_exact")
+        local t, r = receive_context("TcpSocket:recv_exact")
         local parts, have = { self.pending }, #self.pending
         self.pending = ""
         while have < n do
@@ -267,7 +268,7 @@ function M.install(U)
     function UdpSocket:recv_from(max)
         live("UdpSocket:recv_from", self, UdpSocket, "a UDP socket")
         check.integer("UdpSocket:recv_from", "max", max, 1, 65536)
-        local t, r = context("UdpSocket:recv_from")
+        local t, r = receive_context("UdpSocket:recv_from")
         local scratch = bounce_get(r, max)
         local op = C.pl_uring_recvfrom(r.u, t.slot, t.gen, self.fd, scratch.ptr, max)
         if op < 0 then
