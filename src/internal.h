@@ -85,6 +85,11 @@ int pl_ready_push(pl_runtime_t *rt, uint32_t slot);
 /* Is task (slot, gen) parked on exactly this wait (kind, arg)? */
 bool pl_task_is_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind, double arg);
 
+static inline bool pl_ready_empty(const pl_runtime_t *rt)
+{
+    return rt->ready.head == rt->ready.tail;
+}
+
 /* Tasks pushed onto the ready ring so far (wraps; compare for change). */
 static inline uint32_t pl_ready_pushed(const pl_runtime_t *rt)
 {

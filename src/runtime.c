@@ -439,11 +439,6 @@ static void reactors_poll(pl_runtime_t *rt)
 
 /* ---- the tick ------------------------------------------------------------ */
 
-static bool ready_empty(const pl_runtime_t *rt)
-{
-    return rt->ready.head == rt->ready.tail;
-}
-
 static void collect(pl_runtime_t *rt)
 {
     reactors_poll(rt);
@@ -540,14 +535,14 @@ static void spin(pl_runtime_t *rt)
     for (;;) {
         int64_t now;
 
-        for (int i = 0; i < SPIN_POLLS && ready_empty(rt); i++)
+        for (int i = 0; i < SPIN_POLLS && pl_ready_empty(rt); i++)
             reactors_poll(rt);
-        if (!ready_empty(rt))
+        if (!pl_ready_empty(rt))
             return;
         now = pl_clock_ns();
         if (rt->heap_len > 0)
             pl_timer_fire(rt, now);
-        if (!ready_empty(rt) || now >= until)
+        if (!pl_ready_empty(rt) || now >= until)
             return;
     }
 }
@@ -605,18 +600,18 @@ int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
 {
     rt->stats.ticks++;
     collect(rt);
-    if (ready_empty(rt) && rt->live > 0 && !(flags & PL_TICK_EXTERNAL_BUSY) &&
+    if (pl_ready_empty(rt) && rt->live > 0 && !(flags & PL_TICK_EXTERNAL_BUSY) &&
         (flags & PL_TICK_MAY_BLOCK)) {
         if (rt->spin_ns > 0)
             spin(rt);
-        if (ready_empty(rt)) {
+        if (pl_ready_empty(rt)) {
             int rc = block(rt);
             if (rc < 0)
                 return rc;
             collect(rt);
         }
     }
-    if (!ready_empty(rt))
+    if (!pl_ready_empty(rt))
         reactors_flush(rt);
     return ready_drain(rt, out, max);
 }

@@ -378,6 +378,7 @@ int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t 
 {
     struct ucx_stream *s = stream_get(w, id);
     uint32_t i;
+    int h;
 
     if (!s)
         return -EBADF;
@@ -394,9 +395,10 @@ int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t 
     stream_len_changed(s, s->len + 1);
     if (s->len > 0)
         stream_wake_one(s);     /* more held: the next reader may go on */
+    h = msg_handle(w, i);
     if (info)
-        pl_ucx_msg_info(w, msg_handle(w, i), info);
-    return msg_handle(w, i);
+        pl_ucx_msg_info(w, h, info);
+    return h;
 }
 
 void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen)

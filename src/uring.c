@@ -213,7 +213,7 @@ static bool finish_inline(pl_uring_t *u, uint32_t i)
 {
     pl_runtime_t *rt = u->rt;
 
-    if (u->inline_streak >= URING_INLINE_MAX || rt->ready.head != rt->ready.tail ||
+    if (u->inline_streak >= URING_INLINE_MAX || !pl_ready_empty(rt) ||
         io_uring_cq_ready(&u->ring) == 0)
         return false;
     u->inline_op = i;           /* its completion wakes nobody: the task runs */
@@ -232,7 +232,7 @@ static bool finish_inline(pl_uring_t *u, uint32_t i)
 int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 {
     struct uring_op *op = uring_op(u, i);
-    bool now;
+    bool at_once;
 
     io_uring_sqe_set_data64(sqe, op_user_data(u, i));
     u->in_flight++;
@@ -242,14 +242,14 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
         maybe_submit(u, pl_clock_ns());
         return (int)i;
     }
-    now = io_uring_sq_ready(&u->ring) >= u->opts.submit_depth;
-    if (now) {
+    at_once = io_uring_sq_ready(&u->ring) >= u->opts.submit_depth;
+    if (at_once) {
         submit(u);
         if (finish_inline(u, i))
             return (int)i + PL_URING_OP_INLINE;
     }
     pl_task_wait(u->rt, op->task_slot, PL_WAIT_IO, (double)i);
-    if (!now)
+    if (!at_once)
         maybe_submit(u, u->rt->switch_ns);
     return (int)i;
 }
@@ -291,7 +291,7 @@ int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len)
 
     if (index < 0)
         return 0;
-    if (!u->bufs || (uint32_t)index >= u->opts.buffer_count || u->bufs[index].state != BUF_HELD)
+    if (!uring_held_buf(u, index))
         return -EINVAL;
     base = u->buf_mem + (size_t)index * u->opts.buffer_size;
     if ((const char *)addr < base || (const char *)addr + len > base + u->opts.buffer_size)

@@ -269,21 +269,19 @@ void uring_buffer_unuse(pl_uring_t *u, int index)
 
 int pl_uring_buffer_hold(pl_uring_t *u, int index)
 {
-    if (!u->bufs || index < 0 || (uint32_t)index >= u->opts.buffer_count ||
-        u->bufs[index].state != BUF_HELD)
+    struct uring_buf *b = uring_held_buf(u, index);
+
+    if (!b)
         return -EINVAL;
-    u->bufs[index].users++;
+    b->users++;
     return 0;
 }
 
 int pl_uring_buffer_unhold(pl_uring_t *u, int index)
 {
-    struct uring_buf *b;
+    const struct uring_buf *b = uring_held_buf(u, index);
 
-    if (!u->bufs || index < 0 || (uint32_t)index >= u->opts.buffer_count)
-        return -EINVAL;
-    b = &u->bufs[index];
-    if (b->state != BUF_HELD || b->users == 0)
+    if (!b || b->users == 0)
         return -EINVAL;
     uring_buffer_unuse(u, index);
     return 0;

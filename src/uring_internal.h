@@ -107,6 +107,16 @@ static inline struct uring_op *uring_op(pl_uring_t *u, uint32_t i)
     return &u->op_chunks[i / URING_OPS_PER_CHUNK][i % URING_OPS_PER_CHUNK];
 }
 
+/* Registered buffer index if a task holds it, else NULL (no pool yet, out
+ * of range, or in the pool). */
+static inline struct uring_buf *uring_held_buf(pl_uring_t *u, int index)
+{
+    if (!u->bufs || index < 0 || (uint32_t)index >= u->opts.buffer_count ||
+        u->bufs[index].state != BUF_HELD)
+        return NULL;
+    return &u->bufs[index];
+}
+
 /* uring.c */
 struct io_uring_sqe *uring_get_sqe(pl_uring_t *u);
 int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind);

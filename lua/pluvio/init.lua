@@ -96,8 +96,9 @@ local function orphan(t)
 end
 
 -- The running task (a clear error naming fname outside tasks), with what a
--- plain coroutine of it left behind cancelled.  For current_task and
--- io_task: the error names their caller's caller.
+-- plain coroutine of it left behind cancelled, noted as starting fname
+-- (io_seq counts the starts: see yielded).  For current_task and io_task:
+-- the error names their caller's caller.
 local function task_of(fname)
     local rt = current_rt
     local t = rt and rt.current
@@ -113,6 +114,8 @@ local function task_of(fname)
                      "may block); its operation was cancelled when the task called %s",
                      left, fname), 4)
     end
+    t.io_fname = fname
+    t.io_seq = (t.io_seq or 0) + 1
     return t, rt
 end
 
@@ -132,27 +135,12 @@ end
 -- call into C the JIT cannot compile, it ends the trace at every operation
 -- and cost 40% of a small message's round trip.  Called from a plain
 -- coroutine inside a task, the operation starts as the task's and the plain
--- coroutine yields to whoever resumed it; io_resumed raises when that
+-- coroutine yields to whoever resumed it; yielded raises when that
 -- coroutine is resumed again, and the operation is cancelled then, or when
 -- the task starts its next one or ends, whichever comes first.
 local function io_task(fname)
     local t, rt = task_of(fname)
-    t.io_fname = fname
-    t.io_seq = (t.io_seq or 0) + 1
     return t, rt
-end
-
--- After an I/O wait's yield: resumed_with must be the task (the loop
--- resumes tasks with themselves); otherwise the operation was started from
--- a plain coroutine: cancel it if it is still the task's latest (seq, read
--- before the yield: an op id alone may have been reused since), and raise.
-local function io_resumed(t, resumed_with, seq, fname)
-    if resumed_with ~= t then
-        if (t.io_reactor or t.wait_obj) and t.io_seq == seq then
-            orphan(t)
-        end
-        not_the_task(fname)
-    end
 end
 
 -- The same for the executor's own waits (park, sleep, yield), which leave
@@ -169,27 +157,27 @@ local function running_task(fname)
     return t, rt
 end
 
--- After a wait's yield: only the task's own loop resumes it with the task.
-local function yielded(t, resumed_with, fname)
+-- After a wait's yield: only the task's own loop resumes it with the task
+-- (resumed_with).  Otherwise a plain coroutine made the wait: raise, and
+-- for an I/O wait (seq: t.io_seq when it started) cancel its operation,
+-- unless the task has started another since (an op id alone may have been
+-- reused).
+local function yielded(t, resumed_with, fname, seq)
     if resumed_with ~= t then
+        if seq and (t.io_reactor or t.wait_obj) and t.io_seq == seq then
+            orphan(t)
+        end
         t.waiting_for = nil
         not_the_task(fname)
     end
 end
 
 -- Park the running task until something wakes its slot.  what describes the
--- wait for rt:tasks() and deadlock reports; fname names the caller in errors.
-local function park(t, kind, arg, what, fname)
+-- wait for rt:tasks() and deadlock reports; fname names the caller in errors;
+-- seq as for yielded.
+local function park(t, kind, arg, what, fname, seq)
     t.waiting_for = what
-    yielded(t, co_yield(PARK, kind, arg or 0), fname or "pluvio wait")
-    t.waiting_for = nil
-end
-
--- park for an I/O function (io_task's seq): a plain coroutine's wait is
--- cancelled when it is resumed, as io_resumed does.
-local function io_park(t, kind, arg, what, fname, seq)
-    t.waiting_for = what
-    io_resumed(t, co_yield(PARK, kind, arg or 0), seq, fname)
+    yielded(t, co_yield(PARK, kind, arg or 0), fname or "pluvio wait", seq)
     t.waiting_for = nil
 end
 
@@ -1048,8 +1036,7 @@ M._WAIT = WAIT
 M._wake = wake
 M._current_task = current_task
 M._io_task = io_task
-M._io_resumed = io_resumed
-M._io_park = io_park
+M._yielded = yielded
 M._running_task = running_task
 
 M.version = ffi.string(C.pl_version())

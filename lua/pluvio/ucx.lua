@@ -12,7 +12,7 @@ local uring = require "pluvio.uring"
 
 local ffi, C = core.ffi, core.C
 local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
-local io_task, io_resumed, io_park = pluvio._io_task, pluvio._io_resumed, pluvio._io_park
+local io_task, yielded = pluvio._io_task, pluvio._yielded
 local WAIT_IO, WAIT_OTHER, WAIT_STREAM = pluvio.WAIT.IO, pluvio.WAIT.OTHER, pluvio.WAIT.STREAM
 local co_yield = coroutine.yield
 local errstr = core.errstr
@@ -219,7 +219,7 @@ local function await(w, t, op, what, keep, keep2)
     t.waiting_for = what
     C.pl_task_wait(w.rt_crt or t.rt.crt, t.slot, WAIT_IO, op)
     local fname, seq = t.io_fname, t.io_seq
-    io_resumed(t, co_yield(WAIT), seq, fname)
+    yielded(t, co_yield(WAIT), fname, seq)
     local result = w.result
     while C.pl_ucx_op_take(w.w, op, result) == 0 do
         park(t, WAIT_IO, op, what)
@@ -710,10 +710,10 @@ function Handle:wait()
         if C.pl_ucx_op_take(w.w, rc, result) == 0 then
             -- not a plain loop: one entered on every call becomes a root
             -- trace of its own and breaks the caller's
-            io_park(t, WAIT_IO, rc, self.ep, "SendHandle:wait", seq)
+            park(t, WAIT_IO, rc, self.ep, "SendHandle:wait", seq)
             if C.pl_ucx_op_take(w.w, rc, result) == 0 then
                 repeat
-                    io_park(t, WAIT_IO, rc, self.ep, "SendHandle:wait", seq)
+                    park(t, WAIT_IO, rc, self.ep, "SendHandle:wait", seq)
                 until C.pl_ucx_op_take(w.w, rc, result) ~= 0
             end
         end
@@ -836,7 +836,7 @@ end
 
 local function park_reader(self, t, seq)
     t.wait_obj = self
-    io_park(t, WAIT_STREAM, self.serial, self, "Stream:wait_msg", seq)
+    park(t, WAIT_STREAM, self.serial, self, "Stream:wait_msg", seq)
     t.wait_obj = nil
 end
 

@@ -11,7 +11,7 @@ local check = require "pluvio.check"
 
 local ffi, C = core.ffi, core.C
 local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
-local io_task, io_resumed = pluvio._io_task, pluvio._io_resumed
+local io_task, yielded = pluvio._io_task, pluvio._yielded
 local co_yield = coroutine.yield
 local WAIT_IO, WAIT_BUFFER = pluvio.WAIT.IO, pluvio.WAIT.BUFFER
 local errstr = core.errstr
@@ -230,8 +230,6 @@ end
 -- nobody then gets.
 local function receive_context(fname)
     local t, rt = current_task(fname)
-    t.io_fname = fname
-    t.io_seq = (t.io_seq or 0) + 1
     return t, reactor_of(rt, fname), rt
 end
 
@@ -256,7 +254,7 @@ local function await(r, t, op, what, keep)
     t.waiting_for = what
     local fname, seq = t.io_fname, t.io_seq
     -- starting the op parked the task in C already
-    io_resumed(t, co_yield(WAIT), seq, fname)
+    yielded(t, co_yield(WAIT), fname, seq)
     local u, result = r.u, r.result
     while C.pl_uring_op_take(u, op, result) == 0 do
         park(t, WAIT_IO, op, what)      -- a spurious wake-up: park again
@@ -1037,7 +1035,7 @@ end
 M._internal = {
     context = context, receive_context = receive_context, run_op = run_op,
     bounce_get = bounce_get, bounce_put = bounce_put,
-    WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, io_resumed = io_resumed, OP_INLINE = OP_INLINE,
+    WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, yielded = yielded, OP_INLINE = OP_INLINE,
 }
 
 -- The reactor's acquire, reachable from the module for convenience.

@@ -282,7 +282,7 @@ function M.install(U)
         else
             t.io_reactor, t.io_op, t.io_keep, t.waiting_for = r, op, scratch, self
             local seq = t.io_seq
-            I.io_resumed(t, coroutine.yield(I.WAIT), seq, "UdpSocket:recv_from")  -- the op start parked the task
+            I.yielded(t, coroutine.yield(I.WAIT), "UdpSocket:recv_from", seq)  -- the op start parked the task
             while C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 do
                 I.park(t, I.WAIT_IO, op, self)     -- a spurious wake-up
             end
