@@ -95,6 +95,8 @@ typedef struct pl_stat {
  *   flush     optional: submit work batched during the tick; called when
  *             the tick returns ready tasks instead of sleeping (sleeping
  *             submits too), so a tick costs one system call for both.
+ *             Returns how many operations it submitted (> 0: the runtime
+ *             polls again, for those the kernel finished in the call).
  *   stats     optional: fills up to max figures, returns how many.
  *   max_wait_ns  when > 0 and the reactor is pending, the runtime never
  *             sleeps longer than this (a safety net against lost wake-ups).

@@ -586,14 +586,18 @@ static int block(pl_runtime_t *rt)
 }
 
 /* Work the tasks queued during the last batch goes out now, in one call
- * per reactor, since we are not going to sleep (which would submit it). */
-static void reactors_flush(pl_runtime_t *rt)
+ * per reactor, since we are not going to sleep (which would submit it).
+ * Returns true when something was submitted. */
+static bool reactors_flush(pl_runtime_t *rt)
 {
+    bool submitted = false;
+
     for (int i = 0; i < rt->nreactors; i++) {
         pl_reactor_t *r = rt->reactors[i].reactor;
-        if (r->flush)
-            r->flush(r);
+        if (r->flush && r->flush(r) > 0)
+            submitted = true;
     }
+    return submitted;
 }
 
 int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
@@ -611,8 +615,12 @@ int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
             collect(rt);
         }
     }
-    if (!pl_ready_empty(rt))
-        reactors_flush(rt);
+    /* What the kernel finished inside the flush (page-cache reads) runs in
+     * this batch, not the next: otherwise tasks whose ops are flushed and
+     * tasks whose ops were reaped settle into two groups that take turns,
+     * each tick submitting half of them. */
+    if (!pl_ready_empty(rt) && reactors_flush(rt))
+        reactors_poll(rt);
     return ready_drain(rt, out, max);
 }
 

@@ -82,6 +82,7 @@ struct pl_uring {
     int64_t first_unsubmitted_ns;
     uint32_t inline_op;         /* the op being finished inline (no wake), or NONE */
     uint32_t inline_streak;     /* ops finished inline since the last tick */
+    bool hold_flush;            /* the tick's flush may wait one batch (see uring_flush) */
 
     struct uring_op *op_chunks[URING_MAX_OP_CHUNKS];   /* slots never move */
     uint32_t nops, free_op;
