@@ -462,6 +462,39 @@ describe("submission and completion", function()
         os.remove(path)
     end)
 
+    it("keeps whole batches per io_uring_enter when the kernel finishes reads inside the submit", function()
+        local path = tmpfile()
+        local fh = io.open(path, "wb")
+        fh:write(("c"):rep(64 * 4096))
+        fh:close()
+        local tasks_n, reads = 32, 60
+        with_reactor({ submit_depth = tasks_n, buffer_count = tasks_n, buffer_size = 4096 }, function(r)
+            local f = assert(uring.File.open(path, "r"))
+            assert.equal(4096, #f:read(0, 4096))
+            local before = r:stats()
+            local tasks = {}
+            for i = 1, tasks_n do
+                tasks[i] = pluvio.spawn(function()
+                    local buf = f:acquire_buffer()
+                    for k = 1, reads do
+                        assert.equal(4096, f:read_fixed(buf, ((i + k) % 64) * 4096))
+                    end
+                    buf:release()
+                end)
+            end
+            for i = 1, tasks_n do tasks[i]:join() end
+            local after = r:stats()
+            local sqes, enters = after.sqes - before.sqes, after.enters - before.enters
+            assert.equal(tasks_n * reads, sqes)
+            -- page-cache reads complete inside the submit: the tasks they
+            -- wake must not split into two groups that submit by turns
+            assert.is_true(sqes / enters >= tasks_n * 0.8,
+                           ("%d SQEs in %d enters (%.1f per enter)"):format(sqes, enters, sqes / enters))
+            f:close()
+        end)
+        os.remove(path)
+    end)
+
     it("takes a read the kernel finished inside its submit without parking, but lets timers run", function()
         local path = tmpfile()
         local fh = io.open(path, "wb")
