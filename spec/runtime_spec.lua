@@ -257,6 +257,31 @@ describe("Runtime:stats and Runtime:tasks", function()
         end)
     end)
 
+    it("charges each task the time it ran, not the time it slept", function()
+        local rt = pluvio.Runtime.new()
+        rt:run(function()
+            local busy = pluvio.spawn_named("busy", function()
+                for _ = 1, 3 do
+                    local t0 = pluvio.now()
+                    while pluvio.now() - t0 < 0.01 do end      -- 10 ms of running
+                    pluvio.yield()
+                end
+                pluvio.sleep(1)
+            end)
+            local sleeper = pluvio.spawn_named("sleeper", function()
+                pluvio.sleep(0.02)
+                pluvio.sleep(1)
+            end)
+            pluvio.sleep(0.05)
+            local times = {}
+            for _, t in ipairs(rt:tasks()) do times[t.name] = t.run_time end
+            assert.is_true(times.busy >= 0.029 and times.busy < 0.2, "busy ran " .. times.busy .. " s")
+            assert.is_true(times.sleeper < 0.005, "sleeper ran " .. times.sleeper .. " s")
+            busy:kill()
+            sleeper:kill()
+        end)
+    end)
+
     it("blocks in the kernel when idle instead of spinning", function()
         local rt = pluvio.Runtime.new()
         local c0 = os.clock()

@@ -6,6 +6,9 @@
 
 #include <liburing.h>
 #include <stdbool.h>
+#if defined(__x86_64__)
+#include <x86intrin.h>
+#endif
 
 #include "pluvio.h"
 
@@ -31,7 +34,7 @@ struct pl_task {
     int64_t deadline_ns;
     double wait_arg;
     uint64_t resumes;
-    int64_t run_ns;
+    int64_t run_cyc;        /* run time, in pl_cycles */
 };
 
 /* Bounded ring of ready slots; capacity is a power of two >= task slots. */
@@ -67,13 +70,28 @@ struct pl_runtime {
     int nreactors;
 
     struct io_uring ring;   /* the one place the runtime blocks */
-    int64_t switch_ns;      /* when the last task stopped running (or the batch began) */
+    int64_t switch_cyc;     /* when (pl_cycles) the last task stopped running (or the batch began) */
     int64_t spin_ns;
 
     pl_runtime_stats_t stats;
 };
 
 int64_t pl_clock_ns(void);
+
+/* timer.c: the switch clock (see there); pl_cycles_init before use */
+extern bool pl_tsc;
+extern double pl_ns_per_cycle;
+void pl_cycles_init(void);
+int64_t pl_ns_to_cycles(int64_t ns);
+
+static inline int64_t pl_cycles(void)
+{
+#if defined(__x86_64__)
+    if (pl_tsc)
+        return (int64_t)__rdtsc();
+#endif
+    return pl_clock_ns();
+}
 
 /* timer.c */
 void pl_timer_remove(pl_runtime_t *rt, uint32_t slot);

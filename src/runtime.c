@@ -91,6 +91,7 @@ pl_runtime_t *pl_runtime_new(uint32_t capacity, int *err)
 
     if (capacity == 0 || capacity > PL_MAX_TASKS)
         goto fail;
+    pl_cycles_init();
     rc = -ENOMEM;
     rt = calloc(1, sizeof(*rt));
     if (!rt)
@@ -199,7 +200,7 @@ static int ready_drain(pl_runtime_t *rt, uint32_t *out, int max)
         else if (t->state != PL_TASK_WAITING)   /* not a sleep begun after its wake */
             out[n++] = slot;
     }
-    rt->switch_ns = pl_clock_ns();      /* the batch begins */
+    rt->switch_cyc = pl_cycles();       /* the batch begins */
     return n;
 }
 
@@ -222,7 +223,7 @@ int pl_task_spawn(pl_runtime_t *rt, uint32_t *gen)
     t->wait = PL_WAIT_NONE;
     t->wait_arg = 0;
     t->resumes = 0;
-    t->run_ns = 0;
+    t->run_cyc = 0;
     rt->live++;
     rt->stats.spawned++;
     pl_ready_push(rt, slot);
@@ -261,12 +262,13 @@ bool pl_task_is_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind,
  * stopped (or the batch began). */
 static void task_leave(pl_runtime_t *rt, struct pl_task *t)
 {
-    int64_t now = pl_clock_ns();
+    int64_t now = pl_cycles();
 
-    t->run_ns += now - rt->switch_ns;
+    if (now > rt->switch_cyc)       /* (a TSC read on another CPU may lag) */
+        t->run_cyc += now - rt->switch_cyc;
     t->resumes++;
     rt->stats.resumes++;
-    rt->switch_ns = now;
+    rt->switch_cyc = now;
 }
 
 int pl_task_wait(pl_runtime_t *rt, uint32_t slot, int kind, double arg)
@@ -332,7 +334,7 @@ int pl_task_info(pl_runtime_t *rt, uint32_t slot, pl_task_info_t *out)
     out->wait_arg = t->wait_arg;
     out->deadline = t->heap_pos == PL_NO_TIMER ? -1 : (double)t->deadline_ns / 1e9;
     out->resumes = (double)t->resumes;
-    out->run_s = (double)t->run_ns / 1e9;
+    out->run_s = (double)t->run_cyc * pl_ns_per_cycle / 1e9;
     return 0;
 }
 
@@ -530,19 +532,17 @@ static void reap_home_ring(pl_runtime_t *rt)
 
 static void spin(pl_runtime_t *rt)
 {
-    int64_t until = pl_clock_ns() + rt->spin_ns;
+    /* from when the last task stopped: a clock read less per sleep */
+    int64_t until = rt->switch_cyc + pl_ns_to_cycles(rt->spin_ns);
 
     for (;;) {
-        int64_t now;
-
         for (int i = 0; i < SPIN_POLLS && pl_ready_empty(rt); i++)
             reactors_poll(rt);
         if (!pl_ready_empty(rt))
             return;
-        now = pl_clock_ns();
         if (rt->heap_len > 0)
-            pl_timer_fire(rt, now);
-        if (!pl_ready_empty(rt) || now >= until)
+            pl_timer_fire(rt, pl_clock_ns());
+        if (!pl_ready_empty(rt) || pl_cycles() >= until)
             return;
     }
 }

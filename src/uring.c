@@ -66,7 +66,8 @@ pl_uring_t *pl_uring_new(const pl_uring_options_t *opts, int *err)
         .wait_fd = uring_wait_fd, .block = uring_block, .flush = uring_flush,
         .stats = uring_stats,
     };
-    u->wait_submit_ns = (int64_t)(opts->wait_submit_timeout * 1e9);
+    pl_cycles_init();
+    u->wait_submit_cyc = pl_ns_to_cycles((int64_t)(opts->wait_submit_timeout * 1e9));
     u->wait_complete_ns = (int64_t)(opts->wait_complete_timeout * 1e9);
     u->free_op = NONE;
     u->inline_op = NONE;
@@ -128,7 +129,7 @@ static int submit(pl_uring_t *u)
         u->stats.sqes += rc;
     if (!u->opts.sqpoll || rc > 0)
         u->stats.enters++;
-    u->first_unsubmitted_ns = 0;
+    u->first_unsubmitted_cyc = 0;
     return rc;
 }
 
@@ -150,18 +151,18 @@ struct io_uring_sqe *uring_get_sqe(pl_uring_t *u)
 }
 
 /* Batching: an SQE waits for the next tick, unless submit_depth SQEs wait
- * or the oldest has waited wait_submit_timeout.  now is the time the
- * starting task stopped running (its park just read the clock): a second
- * clock read per operation would cost more than the check itself. */
+ * or the oldest has waited wait_submit_timeout.  now (pl_cycles) is the
+ * time the starting task stopped running (its park just read the clock): a
+ * second clock read per operation would cost more than the check itself. */
 static void maybe_submit(pl_uring_t *u, int64_t now)
 {
     unsigned ready = io_uring_sq_ready(&u->ring);
 
     if (ready >= u->opts.submit_depth) {
         submit(u);
-    } else if (ready == 1 || u->first_unsubmitted_ns == 0) {
-        u->first_unsubmitted_ns = now;
-    } else if (now - u->first_unsubmitted_ns >= u->wait_submit_ns) {
+    } else if (ready == 1 || u->first_unsubmitted_cyc == 0) {
+        u->first_unsubmitted_cyc = now;
+    } else if (now - u->first_unsubmitted_cyc >= u->wait_submit_cyc) {
         submit(u);
     }
 }
@@ -240,7 +241,7 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
     if (u->in_flight > u->stats.in_flight_max)
         u->stats.in_flight_max = u->in_flight;
     if (!u->rt) {
-        maybe_submit(u, pl_clock_ns());
+        maybe_submit(u, pl_cycles());
         return (int)i;
     }
     at_once = io_uring_sq_ready(&u->ring) >= u->opts.submit_depth;
@@ -251,7 +252,7 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
     }
     pl_task_wait(u->rt, op->task_slot, PL_WAIT_IO, (double)i);
     if (!at_once)
-        maybe_submit(u, u->rt->switch_ns);
+        maybe_submit(u, u->rt->switch_cyc);
     return (int)i;
 }
 
@@ -566,7 +567,7 @@ static int uring_block(pl_reactor_t *self, int64_t timeout_ns)
 
     if (u->wait_complete_ns > 0 && (timeout_ns < 0 || timeout_ns > u->wait_complete_ns))
         timeout_ns = u->wait_complete_ns;
-    u->first_unsubmitted_ns = 0;
+    u->first_unsubmitted_cyc = 0;
     u->stats.sqes += io_uring_sq_ready(&u->ring);     /* submitted with the wait */
     if (timeout_ns < 0) {
         rc = io_uring_submit_and_wait(&u->ring, 1);

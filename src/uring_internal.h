@@ -78,8 +78,8 @@ struct pl_uring {
     struct io_uring ring;
     bool ring_ready;
     pl_uring_options_t opts;
-    int64_t wait_submit_ns, wait_complete_ns;
-    int64_t first_unsubmitted_ns;
+    int64_t wait_submit_cyc, wait_complete_ns;     /* (pl_cycles, ns) */
+    int64_t first_unsubmitted_cyc;
     uint32_t inline_op;         /* the op being finished inline (no wake), or NONE */
     uint32_t inline_streak;     /* ops finished inline since the last tick */
     bool hold_flush;            /* the tick's flush may wait one batch (see uring_flush) */
