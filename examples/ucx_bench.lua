@@ -36,6 +36,7 @@ local spec = {
         { "proto", "string", nil, "eager or rndv (default: UCX chooses)" },
         { "spin", "number", 0, "busy-poll this many seconds before sleeping (latency; like ucx_perftest)" },
         { "no-wakeup", "flag", false, "busy-polled workers: shared-memory transports usable (as ucx_perftest)" },
+        { "recv-copy", "flag", false, "copy eager data into a buffer too (ucx_perftest leaves it unread)" },
         { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
         { "quiet", "flag", false, "no progress line" },
     },
@@ -81,9 +82,11 @@ local SINKS = 8
 local buffers = uring.reactor { buffer_size = math.ceil(max_size / 4096) * 4096, buffer_count = 4 + SINKS }
 pluvio.runtime():register_reactor("ucx_bench buffers", buffers)
 
--- Take a message's data into buf (or drop it when empty).
+-- Take a message as ucx_perftest's AM handler does: rendezvous data is
+-- pulled into buf, eager data is dropped unread where UCX put it (with
+-- --recv-copy it is copied into buf too).
 local function take(m, buf)
-    if m:data_len() > 0 then
+    if m:data_len() > 0 and (o.recv_copy or m:is_rndv()) then
         assert(m:recv_data(buf))
     else
         m:release()
@@ -99,14 +102,17 @@ local PING, PONG, DATA, DONE, COUNT, ADDR, ADDR_REPLY = 10, 11, 12, 13, 14, 16, 
 
 local function serve_connection(w, ep, streams)
     local counts = {}            -- size -> { msgs, bytes }
+    -- data comes into one buffer and the answer goes from another (as with
+    -- ucx_perftest): an echo from the buffer just written would time the
+    -- peer's pull of freshly dirtied cache lines from this core
     local ping_task = pluvio.spawn_named("pong", function()
-        local buf = buffers:acquire_buffer()
+        local inbuf, outbuf = buffers:acquire_buffer(), buffers:acquire_buffer()
         while true do
             local m = streams.ping:wait_msg()
             if not m then return end
             local n = m:data_len()
-            take(m, buf)
-            assert(ep:am_send(PONG, "", buf, false, o.proto, n))
+            take(m, inbuf)
+            assert(ep:am_send(PONG, "", outbuf, false, o.proto, n))
         end
     end)
     local function sink()
@@ -189,14 +195,16 @@ end
 
 local function measure_latency(ep, streams, size, progress, buf, inbuf)
     local hist = bench.Histogram.new()
+    local t0 = pluvio.now()      -- one clock read per round trip: its end starts the next
     for i = 1, o.warmup + o.iters do
-        local t0 = pluvio.now()
         assert(ep:am_send(PING, "", buf, false, o.proto, size))
         local m = assert(streams.pong:wait_msg())
         take(m, inbuf)
+        local t1 = pluvio.now()
         if i > o.warmup then
-            hist:record((pluvio.now() - t0) / 2)     -- one way, as ucx_perftest reports it
+            hist:record((t1 - t0) / 2)     -- one way, as ucx_perftest reports it
         end
+        t0 = t1
         if i % 256 == 0 then progress:update(("latency %s: %d/%d"):format(bench.human(size), i, o.iters)) end
     end
     return hist:summary()
