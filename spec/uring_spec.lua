@@ -350,6 +350,28 @@ describe("path operations", function()
 end)
 
 describe("registered buffers", function()
+    it("live on a 2 MiB boundary (huge pages) from a pool of 512 KiB, and are all usable", function()
+        local function first_addr(count, size)
+            local addr
+            with_reactor({ buffer_count = count, buffer_size = size }, function(r)
+                local bufs = {}
+                for i = 1, count do
+                    bufs[i] = r:acquire_buffer()
+                    bufs[i]:fill(i % 256)        -- every byte of the pool can be written
+                end
+                for i = 1, count do
+                    assert.equal(string.char(i % 256):rep(16), bufs[i]:tostring(16, size - 16))
+                end
+                addr = tonumber(ffi.cast("uintptr_t", bufs[1]:ptr()))
+                for i = 1, count do bufs[i]:release() end
+            end)
+            return addr
+        end
+        assert.equal(0, first_addr(8, 65536) % 2097152)       -- 512 KiB: rounded up to 2 MiB
+        assert.equal(0, first_addr(3, 1048576) % 2097152)     -- 3 MiB: to 4 MiB
+        assert.equal(0, first_addr(2, 4096) % 4096)           -- small pools: plain pages
+    end)
+
     it("park the task while the pool is empty and hand buffers out in FIFO order", function()
         with_reactor({ buffer_count = 2, buffer_size = 4096 }, function(r)
             local a = r:acquire_buffer()

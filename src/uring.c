@@ -99,7 +99,7 @@ void pl_uring_free(pl_uring_t *u)
     if (u->ring_ready)
         io_uring_queue_exit(&u->ring);  /* waits for the kernel to let go */
     if (u->buf_mem)
-        munmap(u->buf_mem, u->buf_mem_len);
+        munmap(u->buf_mem, u->buf_map_len);
     free(u->bufs);
     for (uint32_t c = 0; c < u->nops / URING_OPS_PER_CHUNK; c++)
         free(u->op_chunks[c]);

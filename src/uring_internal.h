@@ -89,7 +89,8 @@ struct pl_uring {
     uint32_t in_flight;     /* ops the kernel has (including abandoned) */
 
     char *buf_mem;
-    size_t buf_mem_len;
+    size_t buf_mem_len;        /* the buffers */
+    size_t buf_map_len;        /* the mapping (rounded up to huge pages) */
     struct uring_buf *bufs;
     uint32_t free_buf, nfree_bufs;
 
