@@ -409,13 +409,29 @@ describe("UCX across processes", function()
         os.rename(portfile .. ".tmp", portfile)
         local ep = assert(l:accept())
         l:close()
+        local function payload(size, seed)
+            local unit = ("%08d"):format(seed % 100000000)
+            return unit:rep(math.ceil(size / #unit)):sub(1, size)
+        end
+        local uring = require "pluvio.uring"
+        local pool = uring.reactor { buffer_size = 1048576, buffer_count = 1 }
+        pluvio.runtime():register_reactor("server buffers", pool)
+        local buf = pool:acquire_buffer()
         while true do
             local m = stream:wait_msg()
             if not m then break end
-            local d = m:data()
             if m.header == "bye" then assert(m:reply(2, "bye", "")); break end
-            assert(m:reply(2, tostring(#d), ""))
+            local n = m:data_len()
+            local d
+            if m.header == "buf" then       -- rendezvous straight into a registered buffer
+                assert(assert(m:recv_data(buf)) == n)
+                d = buf:tostring(n)
+            else
+                d = assert(m:data())
+            end
+            assert(m:reply(2, n .. (d == payload(n, n) and " intact" or " damaged"), ""))
         end
+        buf:release()
         pluvio.sleep(0.05)
         ep:close(); w:close(); ctx:close()
     ]]
@@ -457,10 +473,12 @@ describe("UCX across processes", function()
         local replies = w:am_stream(2)
         local ep = assert(w:connect_socket("127.0.0.1", s.port))
         for _, size in ipairs({ 8, 4096, 65536, 1048576 }) do
-            assert(ep:am_send(1, "data", payload(size, size), true))
-            local r = assert(replies:wait_msg())
-            assert.equal(tostring(size), r.header)
-            r:release()
+            for _, how in ipairs({ "data", "buf" }) do
+                assert(ep:am_send(1, how, payload(size, size), true))
+                local r = assert(replies:wait_msg())
+                assert.equal(size .. " intact", r.header)
+                r:release()
+            end
         end
         assert(ep:am_send(1, "bye", "", true))
         assert.equal("bye", assert(replies:wait_msg()).header)

@@ -139,7 +139,8 @@ static void recv_done(void *request, ucs_status_t status, size_t length, void *u
 }
 
 /* Take the message's data into buf: a copy for eager data (done at once),
- * a rendezvous pull for the rest (in flight).  The message is consumed. */
+ * a rendezvous pull for the rest (in flight, or done when the progress
+ * below finished it).  The message is consumed. */
 int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t slot, uint32_t gen)
 {
     struct ucx_msg *m = msg_get(w, h);
@@ -171,7 +172,18 @@ int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t s
         ucx_op_free(w, op);
         return 0;
     }
-    return ucx_op_result(w, op, sp);
+    rc = ucx_op_result(w, op, sp);
+    if (rc > 0) {
+        /* UCX queues the pull for the next progress.  Over shared memory
+         * that progress does the whole copy (process_vm_readv) and sends
+         * the ATS: doing it now spares the task a park and the peer a tick
+         * (64 KiB AMs: 0.2 us less one-way).  Callbacks only record, as in
+         * the reactor's poll, and progress with an op in flight is what
+         * the poll would do too (flow control lets it through). */
+        ucp_worker_progress(w->ucp);
+        w->stats.progress_calls++;
+    }
+    return rc;
 }
 
 /* ---- streams ------------------------------------------------------------- */

@@ -213,6 +213,10 @@ end
 -- keep, keep2: what UCX reads or fills (strings, scratch, registered
 -- buffers), kept from reuse past a kill until UCX is done with it.
 local function await(w, t, op, what, keep, keep2)
+    local result = w.result
+    if C.pl_ucx_op_take(w.w, op, result) ~= 0 then     -- done in the starting call
+        return result.status, result.length, result.sender_tag
+    end
     t.io_reactor = w
     t.io_op = op
     t.io_keep, t.io_keep2 = keep, keep2
@@ -220,7 +224,6 @@ local function await(w, t, op, what, keep, keep2)
     C.pl_task_wait(w.rt_crt or t.rt.crt, t.slot, WAIT_IO, op)
     local fname, seq = t.io_fname, t.io_seq
     yielded(t, co_yield(WAIT), fname, seq)
-    local result = w.result
     while C.pl_ucx_op_take(w.w, op, result) == 0 do
         park(t, WAIT_IO, op, what)
     end
