@@ -517,6 +517,57 @@ describe("submission and completion", function()
         os.remove(path)
     end)
 
+    it("submits while the runtime cannot sleep (a Lua reactor to busy-poll) and nothing is ready", function()
+        local rt = pluvio.Runtime.new()
+        local r = uring.reactor()
+        rt:register_reactor("io_uring_reactor", r)
+        local gate = { polls = 0 }
+        function gate.status() return gate.waiter and "pending" or "idle" end
+        function gate.poll()
+            gate.polls = gate.polls + 1
+            if gate.open and gate.waiter then
+                local w = gate.waiter
+                gate.waiter = nil
+                w:wake()
+                return 1
+            end
+            if gate.polls > 200000 then error("the read was never submitted: sqes " .. r:stats().sqes, 0) end
+            return 0
+        end
+        rt:register_reactor("gate", gate)
+        rt:run(function()
+            local reader = pluvio.spawn(function()
+                local f = assert(uring.File.open("/etc/hostname", "r"))
+                local s = assert(f:read(0, 16))
+                f:close()
+                gate.open = true
+                return s
+            end)
+            gate.waiter = pluvio.current()
+            while not gate.open do pluvio.suspend("gate") end
+            assert.is_true(#reader:join() > 0)
+        end)
+    end)
+
+    it("submits what a poll queued (the rest of a short read) while the runtime busy-polls", function()
+        local path = tmpfile()
+        local fh = io.open(path, "wb")
+        fh:write("short")
+        fh:close()
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring_reactor", uring.reactor())
+        rt:set_spin(2)
+        rt:run(function()
+            local f = assert(uring.File.open(path, "r"))
+            local t0 = pluvio.now()
+            for _ = 1, 3 do assert.equal("short", f:read(0, 4096)) end   -- each resubmits the rest
+            -- unsubmitted, each read waited for the 2 s spin to end
+            assert.is_true(pluvio.now() - t0 < 1, ("3 reads took %.3f s"):format(pluvio.now() - t0))
+            f:close()
+        end)
+        os.remove(path)
+    end)
+
     it("takes a read the kernel finished inside its submit without parking, but lets timers run", function()
         local path = tmpfile()
         local fh = io.open(path, "wb")

@@ -525,6 +525,20 @@ static void reap_home_ring(pl_runtime_t *rt)
     io_uring_cq_advance(&rt->ring, n);
 }
 
+/* Work tasks queued goes out now, in one call per reactor (a sleep
+ * submits it too).  Returns true when something was submitted. */
+static bool reactors_flush(pl_runtime_t *rt)
+{
+    bool submitted = false;
+
+    for (int i = 0; i < rt->nreactors; i++) {
+        pl_reactor_t *r = rt->reactors[i].reactor;
+        if (r->flush && r->flush(r) > 0)
+            submitted = true;
+    }
+    return submitted;
+}
+
 /* Busy-poll the reactors for up to spin_ns.  The clock is read (and timers
  * fired) once per SPIN_POLLS rounds: a clock read costs about as much as a
  * round of polls, and would otherwise slow the reaction to a completion. */
@@ -536,8 +550,12 @@ static void spin(pl_runtime_t *rt)
     int64_t until = rt->switch_cyc + pl_ns_to_cycles(rt->spin_ns);
 
     for (;;) {
-        for (int i = 0; i < SPIN_POLLS && pl_ready_empty(rt); i++)
+        /* what we spin for must have been submitted, also what a poll
+         * queued (the rest of a short read) */
+        for (int i = 0; i < SPIN_POLLS && pl_ready_empty(rt); i++) {
+            reactors_flush(rt);
             reactors_poll(rt);
+        }
         if (!pl_ready_empty(rt))
             return;
         if (rt->heap_len > 0)
@@ -585,21 +603,6 @@ static int block(pl_runtime_t *rt)
     return 0;
 }
 
-/* Work the tasks queued during the last batch goes out now, in one call
- * per reactor, since we are not going to sleep (which would submit it).
- * Returns true when something was submitted. */
-static bool reactors_flush(pl_runtime_t *rt)
-{
-    bool submitted = false;
-
-    for (int i = 0; i < rt->nreactors; i++) {
-        pl_reactor_t *r = rt->reactors[i].reactor;
-        if (r->flush && r->flush(r) > 0)
-            submitted = true;
-    }
-    return submitted;
-}
-
 int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
 {
     rt->stats.ticks++;
@@ -615,11 +618,14 @@ int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
             collect(rt);
         }
     }
-    /* What the kernel finished inside the flush (page-cache reads) runs in
-     * this batch, not the next: otherwise tasks whose ops are flushed and
-     * tasks whose ops were reaped settle into two groups that take turns,
-     * each tick submitting half of them. */
-    if (!pl_ready_empty(rt) && reactors_flush(rt))
+    /* Submit what tasks queued, also when nothing is ready and we did not
+     * sleep (a tick that may not block, a reactor to busy-poll): else it
+     * would wait for some later sleep.  What the kernel finished inside
+     * the flush (page-cache reads) runs in this batch, not the next:
+     * otherwise tasks whose ops are flushed and tasks whose ops were
+     * reaped settle into two groups that take turns, each tick submitting
+     * half of them. */
+    if (reactors_flush(rt))
         reactors_poll(rt);
     return ready_drain(rt, out, max);
 }

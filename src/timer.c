@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <time.h>
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -35,24 +36,48 @@ bool pl_tsc;
 double pl_ns_per_cycle = 1.0;
 static pthread_once_t cycles_once = PTHREAD_ONCE_INIT;
 
+#if defined(__x86_64__)
+/* A (CLOCK_MONOTONIC, TSC) pair read at one moment: the narrowest of a few
+ * TSC brackets around a clock read, so that a preemption inside one is not
+ * taken for time. */
+static void clock_pair(int64_t *ns, uint64_t *cyc)
+{
+    uint64_t best = UINT64_MAX;
+
+    for (int i = 0; i < 8; i++) {
+        uint64_t a = __rdtsc();
+        int64_t n = pl_clock_ns();
+        uint64_t b = __rdtsc();
+
+        if (b > a && b - a < best) {
+            best = b - a;
+            *ns = n;
+            *cyc = a + (b - a) / 2;
+        }
+    }
+}
+#endif
+
 static void cycles_calibrate(void)
 {
 #if defined(__x86_64__)
     unsigned a, b, c, d;
-    int64_t n0, n1;
-    uint64_t c0, c1;
+    int64_t n0 = 0, n1 = 0;
+    uint64_t c0 = 0, c1 = 0;
+    double ratio;
 
     if (!__get_cpuid(0x80000007, &a, &b, &c, &d) || !(d & (1u << 8)))
         return;             /* no invariant TSC */
-    n0 = pl_clock_ns();
-    c0 = __rdtsc();
+    clock_pair(&n0, &c0);
     do {
-        n1 = pl_clock_ns();
-        c1 = __rdtsc();
+        clock_pair(&n1, &c1);
     } while (n1 - n0 < 200000);
     if (c1 <= c0)
         return;
-    pl_ns_per_cycle = (double)(n1 - n0) / (double)(c1 - c0);
+    ratio = (double)(n1 - n0) / (double)(c1 - c0);
+    if (ratio < 0.05 || ratio > 10)
+        return;             /* not a TSC of 100 MHz to 20 GHz: keep the clock */
+    pl_ns_per_cycle = ratio;
     pl_tsc = true;
 #endif
 }

@@ -207,7 +207,8 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status)
     }
     op->status = pl_ucx_errno(status);
     op->state = UOP_DONE;
-    ucx_wake(w, op->task_slot, op->task_gen);
+    if (op != w->inline_op)
+        ucx_wake(w, op->task_slot, op->task_gen);
 }
 
 static void send_done(void *request, ucs_status_t status, void *user_data)

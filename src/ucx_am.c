@@ -173,14 +173,18 @@ int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t s
         return 0;
     }
     rc = ucx_op_result(w, op, sp);
-    if (rc > 0) {
+    if (rc > 0 && w->rt) {
         /* UCX queues the pull for the next progress.  Over shared memory
          * that progress does the whole copy (process_vm_readv) and sends
          * the ATS: doing it now spares the task a park and the peer a tick
          * (64 KiB AMs: 0.2 us less one-way).  Callbacks only record, as in
          * the reactor's poll, and progress with an op in flight is what
-         * the poll would do too (flow control lets it through). */
+         * the poll would do too (flow control lets it through).  The
+         * op's own completion wakes nobody: its task is running.  Not
+         * without a runtime (w->rt), which wakes for messages arriving. */
+        w->inline_op = op;
         ucp_worker_progress(w->ucp);
+        w->inline_op = NULL;
         w->stats.progress_calls++;
     }
     return rc;

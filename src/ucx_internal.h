@@ -124,6 +124,7 @@ struct pl_ucx_worker {
 
     struct ucx_stream *streams[UCX_MAX_STREAMS];
 
+    struct ucx_op *inline_op;   /* finished by its starting call: no wake (pl_ucx_msg_recv) */
     pl_ucx_stats_t stats;
 };
 

@@ -220,7 +220,7 @@ static bool finish_inline(pl_uring_t *u, uint32_t i)
     u->inline_op = i;           /* its completion wakes nobody: the task runs */
     reap(u, INT32_MAX);
     u->inline_op = NONE;
-    u->hold_flush = !pl_ready_empty(rt);
+    u->hold_flush = !u->opts.sqpoll && !pl_ready_empty(rt);   /* (sqpoll: nothing to save) */
     if (uring_op(u, i)->state != OP_DONE)
         return false;
     u->inline_streak++;
@@ -529,16 +529,15 @@ static int uring_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
  * their next ops: the few SQEs queued after that submit wait for them, so
  * that the batch goes out in one io_uring_enter instead of two (at 32 tasks
  * reading from the page cache, 16 ops per enter became 32).  They wait one
- * batch at most: the next flush submits.  Sleeping submits at once. */
+ * batch at most: the next flush submits, and so does a sleep, or a flush
+ * with no task ready to run (nobody would add to them). */
 static int uring_flush(pl_reactor_t *self)
 {
     pl_uring_t *u = (pl_uring_t *)self;
+    bool hold = u->hold_flush && u->rt && !pl_ready_empty(u->rt);
 
-    if (u->hold_flush) {
-        u->hold_flush = false;
-        return 0;
-    }
-    return pl_uring_flush(u);
+    u->hold_flush = false;
+    return hold ? 0 : pl_uring_flush(u);
 }
 
 static int uring_status(pl_reactor_t *self)
