@@ -51,12 +51,16 @@ end
 -- because the CPUs of a VM differ (here one ran every tool 30 % slower than
 -- the other), and a ratio of runs on different CPUs measures the CPUs.
 local pin = ""
-if o.cpu ~= -1 and have("taskset") then
-    local cpu = o.cpu
-    if cpu == -2 then
-        cpu = tonumber((sh_out("nproc"))) - 1
+do
+    local ncpu = tonumber((sh_out("nproc"))) or 1
+    if o.cpu < -2 or o.cpu >= ncpu then
+        io.stderr:write(("bench_compare: --cpu must be -1 (no pinning) or a CPU from 0 to %d (got %d)\n")
+            :format(ncpu - 1, o.cpu))
+        os.exit(2)
     end
-    pin = ("taskset -c %d "):format(cpu)
+    if o.cpu ~= -1 and have("taskset") then
+        pin = ("taskset -c %d "):format(o.cpu == -2 and ncpu - 1 or o.cpu)
+    end
 end
 
 ---------------------------------------------------------------------------

@@ -90,6 +90,13 @@ describe("examples/ucx_bench.lua", function()
         end
     end)
 
+    it("copies eager data into a buffer too with --recv-copy", function()
+        local status, r, _, err = run_json("ucx_bench.lua", "--loopback --sizes 4k --iters 20 --warmup 2 --recv-copy")
+        assert.equal(0, status, err)
+        assert.equal(20, r.results[1].lat_us.count)
+        assert.equal(22, r.results[1].bw.receiver_messages)
+    end)
+
     it("runs as a server and a client process", function()
         math.randomseed(os.time() + math.floor(os.clock() * 1e6))
         local port = 20000 + math.random(0, 20000)
@@ -118,6 +125,14 @@ describe("examples/ucx_bench.lua", function()
         status, _, err = run("ucx_bench.lua", "--connect nowhere")
         assert.equal(2, status)
         assert.matches("^ucx_bench: %-%-connect must be HOST:PORT", err)
+    end)
+end)
+
+describe("examples/bench_compare.lua", function()
+    it("refuses a CPU this machine does not have, in one line", function()
+        local status, _, err = run("bench_compare.lua", "--cpu 4096 --output -")
+        assert.equal(2, status)
+        assert.matches("^bench_compare: %-%-cpu must be %-1 %(no pinning%) or a CPU from 0 to %d+ %(got 4096%)\n$", err)
     end)
 end)
 
