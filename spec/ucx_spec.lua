@@ -421,6 +421,11 @@ describe("UCX across processes", function()
             local m = stream:wait_msg()
             if not m then break end
             if m.header == "bye" then assert(m:reply(2, "bye", "")); break end
+            if m.header == "addr?" then         -- for connect_addr: shared-memory lanes
+                m:release()
+                assert(m:reply(2, "addr", assert(w:address())))
+                goto next
+            end
             local n = m:data_len()
             local d
             if m.header == "buf" then       -- rendezvous straight into a registered buffer
@@ -430,6 +435,7 @@ describe("UCX across processes", function()
                 d = assert(m:data())
             end
             assert(m:reply(2, n .. (d == payload(n, n) and " intact" or " damaged"), ""))
+            ::next::
         end
         buf:release()
         pluvio.sleep(0.05)
@@ -484,6 +490,32 @@ describe("UCX across processes", function()
         assert.equal("bye", assert(replies:wait_msg()).header)
         pluvio.sleep(0.2)
         ep:close(); w:close(); ctx:close()
+        assert.equal("", stderr_of(s))
+    end))
+
+    it("pulls rendezvous data intact over the fastest lanes (worker addresses: shared memory)", async(function()
+        local s = start_server(SERVER)
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local replies = w:am_stream(2)
+        local ep = assert(w:connect_socket("127.0.0.1", s.port))
+        assert(ep:am_send(1, "addr?", "", true))
+        local r = assert(replies:wait_msg())
+        assert.equal("addr", r.header)
+        local fast = assert(w:connect_addr(assert(r:data())))
+        -- the server takes each into a registered buffer; over shared memory
+        -- the pull is done in recv_data's own call
+        for i = 1, 20 do
+            local size = i % 2 == 0 and 1048576 or 65536 + i
+            assert(fast:am_send(1, "buf", payload(size, size), true, "rndv"))
+            local m = assert(replies:wait_msg())
+            assert.equal(size .. " intact", m.header)
+            m:release()
+        end
+        assert(ep:am_send(1, "bye", "", true))
+        assert.equal("bye", assert(replies:wait_msg()).header)
+        pluvio.sleep(0.2)
+        fast:close(); ep:close(); w:close(); ctx:close()
         assert.equal("", stderr_of(s))
     end))
 
