@@ -472,59 +472,60 @@ describe("UCX across processes", function()
         return e
     end
 
-    it("exchanges messages with a pluvio server process and shuts down cleanly", async(function()
+    -- A server process and a client connected to it over its listener.
+    local function connect_server()
         local s = start_server(SERVER)
-        local ctx = assert(ucx.Context.new())
-        local w = assert(ctx:create_worker())
-        local replies = w:am_stream(2)
-        local ep = assert(w:connect_socket("127.0.0.1", s.port))
+        local c = { s = s, ctx = assert(ucx.Context.new()) }
+        c.w = assert(c.ctx:create_worker())
+        c.replies = c.w:am_stream(2)
+        c.ep = assert(c.w:connect_socket("127.0.0.1", s.port))
+        return c
+    end
+
+    -- Say goodbye, close everything and check the server's clean exit.
+    local function finish(c, ...)
+        assert(c.ep:am_send(1, "bye", "", true))
+        assert.equal("bye", assert(c.replies:wait_msg()).header)
+        pluvio.sleep(0.2)
+        for i = 1, select("#", ...) do select(i, ...):close() end
+        c.ep:close(); c.w:close(); c.ctx:close()
+        assert.equal("", stderr_of(c.s))
+    end
+
+    it("exchanges messages with a pluvio server process and shuts down cleanly", async(function()
+        local c = connect_server()
         for _, size in ipairs({ 8, 4096, 65536, 1048576 }) do
             for _, how in ipairs({ "data", "buf" }) do
-                assert(ep:am_send(1, how, payload(size, size), true))
-                local r = assert(replies:wait_msg())
+                assert(c.ep:am_send(1, how, payload(size, size), true))
+                local r = assert(c.replies:wait_msg())
                 assert.equal(size .. " intact", r.header)
                 r:release()
             end
         end
-        assert(ep:am_send(1, "bye", "", true))
-        assert.equal("bye", assert(replies:wait_msg()).header)
-        pluvio.sleep(0.2)
-        ep:close(); w:close(); ctx:close()
-        assert.equal("", stderr_of(s))
+        finish(c)
     end))
 
     it("pulls rendezvous data intact over the fastest lanes (worker addresses: shared memory)", async(function()
-        local s = start_server(SERVER)
-        local ctx = assert(ucx.Context.new())
-        local w = assert(ctx:create_worker())
-        local replies = w:am_stream(2)
-        local ep = assert(w:connect_socket("127.0.0.1", s.port))
-        assert(ep:am_send(1, "addr?", "", true))
-        local r = assert(replies:wait_msg())
+        local c = connect_server()
+        assert(c.ep:am_send(1, "addr?", "", true))
+        local r = assert(c.replies:wait_msg())
         assert.equal("addr", r.header)
-        local fast = assert(w:connect_addr(assert(r:data())))
+        local fast = assert(c.w:connect_addr(assert(r:data())))
         -- the server takes each into a registered buffer; over shared memory
         -- the pull is done in recv_data's own call
         for i = 1, 20 do
             local size = i % 2 == 0 and 1048576 or 65536 + i
             assert(fast:am_send(1, "buf", payload(size, size), true, "rndv"))
-            local m = assert(replies:wait_msg())
+            local m = assert(c.replies:wait_msg())
             assert.equal(size .. " intact", m.header)
             m:release()
         end
-        assert(ep:am_send(1, "bye", "", true))
-        assert.equal("bye", assert(replies:wait_msg()).header)
-        pluvio.sleep(0.2)
-        fast:close(); ep:close(); w:close(); ctx:close()
-        assert.equal("", stderr_of(s))
+        finish(c, fast)
     end))
 
     it("fails sends within a second when the peer is killed mid-stream", async(function()
-        local s = start_server(SERVER)
-        local ctx = assert(ucx.Context.new())
-        local w = assert(ctx:create_worker())
-        local replies = w:am_stream(2)
-        local ep = assert(w:connect_socket("127.0.0.1", s.port))
+        local c = connect_server()
+        local s, ctx, w, replies, ep = c.s, c.ctx, c.w, c.replies, c.ep
         assert(ep:am_send(1, "data", "x", true))
         assert(replies:wait_msg())
         helper.exec("kill -9 " .. s.pid)
