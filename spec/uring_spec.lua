@@ -19,6 +19,15 @@ local function tmpfile()
     return p
 end
 
+-- A new temporary file holding content; returns its path.
+local function file_with(content)
+    local path = tmpfile()
+    local fh = io.open(path, "wb")
+    fh:write(content)
+    fh:close()
+    return path
+end
+
 -- A runtime with an explicit reactor, as the seed writes it.
 local function with_reactor(opts, fn)
     local rt = pluvio.Runtime.new()
@@ -464,10 +473,7 @@ end)
 
 describe("submission and completion", function()
     it("batches: 128 tasks each issuing one read cost a handful of io_uring_enter calls", function()
-        local path = tmpfile()
-        local fh = io.open(path, "wb")
-        fh:write(("b"):rep(128 * 4096))
-        fh:close()
+        local path = file_with(("b"):rep(128 * 4096))
         with_reactor({ queue_size = 256, submit_depth = 256 }, function(r)
             local f = assert(uring.File.open(path, "r"))
             local before = r:stats()
@@ -485,10 +491,7 @@ describe("submission and completion", function()
     end)
 
     it("keeps whole batches per io_uring_enter when the kernel finishes reads inside the submit", function()
-        local path = tmpfile()
-        local fh = io.open(path, "wb")
-        fh:write(("c"):rep(64 * 4096))
-        fh:close()
+        local path = file_with(("c"):rep(64 * 4096))
         local tasks_n, reads = 32, 60
         with_reactor({ submit_depth = tasks_n, buffer_count = tasks_n, buffer_size = 4096 }, function(r)
             local f = assert(uring.File.open(path, "r"))
@@ -550,10 +553,7 @@ describe("submission and completion", function()
     end)
 
     it("submits what a poll queued (the rest of a short read) while the runtime busy-polls", function()
-        local path = tmpfile()
-        local fh = io.open(path, "wb")
-        fh:write("short")
-        fh:close()
+        local path = file_with("short")
         local rt = pluvio.Runtime.new()
         rt:register_reactor("io_uring_reactor", uring.reactor())
         rt:set_spin(2)
@@ -569,10 +569,9 @@ describe("submission and completion", function()
     end)
 
     it("takes a read the kernel finished inside its submit without parking, but lets timers run", function()
-        local path = tmpfile()
-        local fh = io.open(path, "wb")
-        for i = 0, 15 do fh:write(string.char(65 + i):rep(4096)) end
-        fh:close()
+        local blocks = {}
+        for i = 0, 15 do blocks[#blocks + 1] = string.char(65 + i):rep(4096) end
+        local path = file_with(table.concat(blocks))
         with_reactor({ submit_depth = 1, buffer_count = 1, buffer_size = 4096 }, function(r, rt)
             local f = assert(uring.File.open(path, "r"))
             local buf = f:acquire_buffer()

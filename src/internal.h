@@ -100,6 +100,10 @@ int64_t pl_timer_next(const pl_runtime_t *rt);
 
 /* runtime.c */
 int pl_ready_push(pl_runtime_t *rt, uint32_t slot);
+/* Double a FIFO ring of elem-byte items (first_cap when empty), unrolled
+ * so that its head is at index 0.  Returns 0 or -ENOMEM (ring unchanged). */
+int pl_fifo_grow(void **items, uint32_t *cap, uint32_t *head, uint32_t len, size_t elem,
+                 uint32_t first_cap);
 /* Is task (slot, gen) parked on exactly this wait (kind, arg)? */
 bool pl_task_is_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind, double arg);
 

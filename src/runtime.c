@@ -185,6 +185,26 @@ static void slot_release(pl_runtime_t *rt, uint32_t slot)
     rt->free_head = slot;
 }
 
+int pl_fifo_grow(void **items, uint32_t *cap, uint32_t *head, uint32_t len, size_t elem,
+                 uint32_t first_cap)
+{
+    uint32_t n = *cap ? *cap * 2 : first_cap;
+    char *p = malloc(elem * n);
+    uint32_t first = len < *cap - *head ? len : *cap - *head;   /* head..end of the old array */
+
+    if (!p)
+        return -ENOMEM;
+    if (len > 0) {
+        memcpy(p, (char *)*items + (size_t)*head * elem, (size_t)first * elem);
+        memcpy(p + (size_t)first * elem, *items, (size_t)(len - first) * elem);
+    }
+    free(*items);
+    *items = p;
+    *cap = n;
+    *head = 0;
+    return 0;
+}
+
 static int ready_drain(pl_runtime_t *rt, uint32_t *out, int max)
 {
     struct pl_ready_ring *r = &rt->ready;
@@ -424,8 +444,10 @@ int pl_runtime_reactor_stats(pl_runtime_t *rt, int index, pl_stat_t *out, int ma
     return r->stats ? r->stats(r, out, max) : 0;
 }
 
-static void reactors_poll(pl_runtime_t *rt)
+static int reactors_poll(pl_runtime_t *rt)
 {
+    int total = 0;
+
     for (int i = 0; i < rt->nreactors; i++) {
         struct pl_reactor_slot *s = &rt->reactors[i];
         int n;
@@ -434,9 +456,12 @@ static void reactors_poll(pl_runtime_t *rt)
             continue;
         n = s->reactor->poll(s->reactor, rt, REACTOR_POLL_BUDGET);
         s->polls++;
-        if (n > 0)
+        if (n > 0) {
             s->completions += n;
+            total += n;
+        }
     }
+    return total;
 }
 
 /* ---- the tick ------------------------------------------------------------ */
@@ -549,13 +574,12 @@ static void spin(pl_runtime_t *rt)
     /* from when the last task stopped: a clock read less per sleep */
     int64_t until = rt->switch_cyc + pl_ns_to_cycles(rt->spin_ns);
 
+    reactors_flush(rt);     /* what we spin for must have been submitted */
     for (;;) {
-        /* what we spin for must have been submitted, also what a poll
-         * queued (the rest of a short read) */
-        for (int i = 0; i < SPIN_POLLS && pl_ready_empty(rt); i++) {
-            reactors_flush(rt);
-            reactors_poll(rt);
-        }
+        /* and what a completion queued (the rest of a short read) */
+        for (int i = 0; i < SPIN_POLLS && pl_ready_empty(rt); i++)
+            if (reactors_poll(rt) > 0)
+                reactors_flush(rt);
         if (!pl_ready_empty(rt))
             return;
         if (rt->heap_len > 0)

@@ -373,18 +373,9 @@ static int waiter_push(struct ucx_stream *s, uint32_t slot, uint32_t gen)
         if (wt->slot == slot && wt->gen == gen)
             return 0;
     }
-    if (s->wlen == s->wcap) {
-        uint32_t cap = s->wcap ? s->wcap * 2 : 8;
-        struct ucx_waiter *n = malloc(sizeof(*n) * cap);
-        if (!n)
-            return -ENOMEM;
-        for (uint32_t k = 0; k < s->wlen; k++)
-            n[k] = s->waiters[(s->whead + k) % s->wcap];
-        free(s->waiters);
-        s->waiters = n;
-        s->wcap = cap;
-        s->whead = 0;
-    }
+    if (s->wlen == s->wcap &&
+        pl_fifo_grow((void **)&s->waiters, &s->wcap, &s->whead, s->wlen, sizeof(*s->waiters), 8) < 0)
+        return -ENOMEM;
     s->waiters[(s->whead + s->wlen++) % s->wcap] = (struct ucx_waiter){ slot, gen };
     return 0;
 }

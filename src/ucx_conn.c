@@ -269,19 +269,10 @@ static void conn_request(ucp_conn_request_h req, void *arg)
         ucp_listener_reject(l->l, req);
         return;
     }
-    if (l->len == l->cap) {
-        uint32_t cap = l->cap ? l->cap * 2 : 8;
-        struct ucx_conn *p = malloc(sizeof(*p) * cap);
-        if (!p) {
-            ucp_listener_reject(l->l, req);
-            return;
-        }
-        for (uint32_t k = 0; k < l->len; k++)
-            p[k] = l->pending[(l->head + k) % l->cap];
-        free(l->pending);
-        l->pending = p;
-        l->cap = cap;
-        l->head = 0;
+    if (l->len == l->cap &&
+        pl_fifo_grow((void **)&l->pending, &l->cap, &l->head, l->len, sizeof(*l->pending), 8) < 0) {
+        ucp_listener_reject(l->l, req);
+        return;
     }
     c = &l->pending[(l->head + l->len++) % l->cap];
     c->req = req;

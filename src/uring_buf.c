@@ -143,18 +143,10 @@ static int handoff_reserve(pl_uring_t *u, uint32_t slot)
 
 static int waiters_push(pl_uring_t *u, uint32_t slot, uint32_t gen)
 {
-    if (u->waiters_len == u->waiters_cap) {
-        uint32_t cap = u->waiters_cap ? u->waiters_cap * 2 : 64;
-        struct buf_waiter *w = malloc(sizeof(*w) * cap);
-        if (!w)
-            return -ENOMEM;
-        for (uint32_t k = 0; k < u->waiters_len; k++)
-            w[k] = u->waiters[(u->waiters_head + k) % u->waiters_cap];
-        free(u->waiters);
-        u->waiters = w;
-        u->waiters_cap = cap;
-        u->waiters_head = 0;
-    }
+    if (u->waiters_len == u->waiters_cap &&
+        pl_fifo_grow((void **)&u->waiters, &u->waiters_cap, &u->waiters_head, u->waiters_len,
+                     sizeof(*u->waiters), 64) < 0)
+        return -ENOMEM;
     u->waiters[(u->waiters_head + u->waiters_len++) % u->waiters_cap] =
         (struct buf_waiter){ slot, gen };
     return 0;
