@@ -20,7 +20,7 @@ LUAJIT_LIBS   := $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5
 VERSION     = 0.1.0
 PL_CFLAGS  = -DPL_VERSION='"$(VERSION)"' -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC $(SANITIZE) $(CFLAGS)
 CORE_SRC   = src/runtime.c src/timer.c src/error.c src/uring.c src/uring_file.c src/uring_buf.c \
-             src/uring_net.c src/checksum.c src/ucx.c src/ucx_conn.c src/ucx_am.c src/histogram.c
+             src/uring_net.c src/uring_queue.c src/checksum.c src/ucx.c src/ucx_conn.c src/ucx_am.c src/histogram.c
 CORE_OBJ   = $(CORE_SRC:src/%.c=$(BUILD)/%.o)
 CORE_LIBS  = -luring -lucp -lucs
 LIB        = $(BUILD)/libpluvio.so
@@ -47,8 +47,9 @@ $(BUILD):
 $(BUILD)/%.o: src/%.c src/pluvio.h src/internal.h src/ucx_internal.h src/uring_internal.h | $(BUILD)
 	$(CC) $(PL_CFLAGS) -c $< -o $@
 
-$(LIB): $(CORE_OBJ)
-	$(CC) $(SANITIZE) -shared -Wl,-z,nodelete -o $@ $(CORE_OBJ) $(CORE_LIBS)
+$(LIB): $(CORE_OBJ) src/pluvio.map
+	$(CC) $(SANITIZE) -shared -Wl,-z,nodelete -Wl,--version-script=src/pluvio.map -Wl,-Bsymbolic-functions \
+	    -o $@ $(CORE_OBJ) $(CORE_LIBS)
 
 $(HOST): src/main.c | $(BUILD)
 	$(CC) $(PL_CFLAGS) $(LUAJIT_CFLAGS) -o $@ src/main.c $(LUAJIT_LIBS) -Wl,-E -ldl

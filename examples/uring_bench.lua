@@ -1,5 +1,6 @@
 -- uring_bench.lua: file I/O benchmark on Pluvio's io_uring reactor, a small
--- fio.  iodepth tasks each keep one operation in flight; latencies go into
+-- fio.  iodepth tasks each keep one operation in flight (or, with --queue,
+-- one task keeps iodepth in flight on an I/O queue); latencies go into
 -- one histogram; the report gives IOPS, MiB/s, latency percentiles, ops per
 -- io_uring_enter and CPU time, as a table and (--json) as JSON.
 --
@@ -19,6 +20,7 @@ local spec = {
         { "iodepth", "integer", 32, "concurrent tasks, one operation in flight each" },
         { "direct", "flag", false, "O_DIRECT (DmaFile)" },
         { "fixed", "flag", false, "registered buffers (read_fixed / write_fixed)" },
+        { "queue", "flag", false, "one task keeps --iodepth operations in flight on an I/O queue (with --fixed)" },
         { "runtime", "number", 0, "seconds to run (0: transfer --bytes)" },
         { "bytes", "size", 0, "bytes to transfer (default: --size)" },
         { "file", "string", nil, "file to use (default: a temporary file, removed after)" },
@@ -49,6 +51,7 @@ end
 if o.size < o.bs then fail("--size must be at least --bs") end
 if o.size % o.bs ~= 0 then fail(("--size %d is not a multiple of --bs %d"):format(o.size, o.bs)) end
 if o.runtime < 0 then fail("--runtime must be >= 0") end
+if o.queue and not o.fixed then fail("--queue needs --fixed (an I/O queue takes registered buffers)") end
 if o.fsync_every < 0 then fail("--fsync-every must be >= 0") end
 
 local writes = o.rw == "write" or o.rw == "randwrite" or o.rw == "rw"
@@ -107,12 +110,17 @@ local bad_blocks, checked_blocks = 0, 0
 local series, last_t, last_bytes = {}, started, 0
 
 local claimed = 0      -- operations handed out so far (all tasks)
+local over = false     -- --runtime has passed
 
--- The next operation's block, or nil when the run is over; now is the time
--- the worker's last operation ended (read once, for the histogram too).
-local function claim(now)
+-- Latencies are timed with stamps (bench.stamp: the TSC where the runtime
+-- found one), which cost a third of a clock read; the clock itself is read
+-- every CLOCK_EVERY operations for the deadline and the throughput samples.
+local CLOCK_EVERY = 256
+
+-- The next operation's block, or nil when the run is over.
+local function claim()
     if o.runtime > 0 then
-        if now >= deadline then return nil end
+        if over then return nil end
     elseif claimed >= total_ops then
         return nil
     end
@@ -121,6 +129,46 @@ local function claim(now)
         return math.random(0, nblocks - 1)
     end
     return (claimed - 1) % nblocks
+end
+
+-- A finished operation: count it, check a read with --verify, fsync every
+-- --fsync-every writes, sample the throughput.
+local function finished(is_write, off, buf, expect, data)
+    done_ops = done_ops + 1
+    done_bytes = done_bytes + o.bs
+    if o.verify and not is_write then
+        expect:fill_pattern(o.seed, off, o.bs)
+        local good
+        if buf then
+            good = buf:checksum(o.bs) == expect:checksum(o.bs)
+        else
+            good = data == expect:tostring(o.bs)
+        end
+        checked_blocks = checked_blocks + 1
+        if not good then bad_blocks = bad_blocks + 1 end
+    end
+    if is_write and o.fsync_every > 0 then
+        writes_since_sync = writes_since_sync + 1
+        if writes_since_sync >= o.fsync_every then
+            writes_since_sync = 0
+            assert(f:fsync())
+        end
+    end
+    if done_ops % CLOCK_EVERY ~= 0 then
+        return
+    end
+    local t = pluvio.now()
+    over = t >= deadline
+    if t - last_t >= 0.1 then
+        series[#series + 1] = { t - started, (done_bytes - last_bytes) / (t - last_t) / 1048576 }
+        last_t, last_bytes = t, done_bytes
+        progress:update(("%s ops, %.0f MiB/s"):format(bench.human(done_ops),
+                                                      done_bytes / (t - started) / 1048576))
+    end
+end
+
+local function next_is_write()
+    return writes and (o.rw ~= "rw" or math.random() < 0.5)
 end
 
 -- Each worker task keeps one operation in flight.
@@ -139,12 +187,12 @@ local function worker(id)
             block_data = expect:fill_pattern(o.seed, 0, o.bs):tostring(o.bs)
         end
     end
-    local t = pluvio.now()
+    local t = bench.stamp()
     while true do
-        local block = claim(t)
+        local block = claim()
         if not block then break end
         local off = block * o.bs
-        local is_write = writes and (o.rw ~= "rw" or math.random() < 0.5)
+        local is_write = next_is_write()
         local ok, e
         if is_write then
             if buf then
@@ -159,45 +207,63 @@ local function worker(id)
             ok, e = f:read(off, o.bs)
         end
         if not ok then error(e, 0) end
-        t = hist:record_since(t)
-        done_ops = done_ops + 1
-        done_bytes = done_bytes + o.bs
-        if o.verify and not is_write then
-            expect:fill_pattern(o.seed, off, o.bs)
-            local good
-            if buf then
-                good = buf:checksum(o.bs) == expect:checksum(o.bs)
-            else
-                good = ok == expect:tostring(o.bs)
-            end
-            checked_blocks = checked_blocks + 1
-            if not good then bad_blocks = bad_blocks + 1 end
-        end
-        if is_write and o.fsync_every > 0 then
-            writes_since_sync = writes_since_sync + 1
-            if writes_since_sync >= o.fsync_every then
-                writes_since_sync = 0
-                assert(f:fsync())
-            end
-        end
-        if t - last_t >= 0.1 then
-            series[#series + 1] = { t - started, (done_bytes - last_bytes) / (t - last_t) / 1048576 }
-            last_t, last_bytes = t, done_bytes
-            progress:update(("%s ops, %.0f MiB/s"):format(bench.human(done_ops),
-                                                          done_bytes / (t - started) / 1048576))
-        end
+        t = hist:record_stamp(t)
+        finished(is_write, off, buf, expect, ok)
     end
     if buf then buf:release() end
+    if expect then expect:release() end
+end
+
+-- --queue: one task keeps iodepth operations in flight on an I/O queue, a
+-- registered buffer each; the tag of an operation is its buffer's number.
+local function queue_worker()
+    math.randomseed(o.seed * 1000 + 1)
+    local q = reactor:io_queue()
+    local expect = o.verify and reactor:acquire_buffer() or nil
+    local bufs, starts, offs, is_writes = {}, {}, {}, {}
+    local function start(i, now)
+        local block = claim()
+        if not block then return end
+        local off, is_write, buf = block * o.bs, next_is_write(), bufs[i]
+        local ok, e
+        if is_write then
+            if o.verify then buf:fill_pattern(o.seed, off, o.bs) end
+            ok, e = q:write_fixed(f, buf, off, o.bs, i)
+        else
+            ok, e = q:read_fixed(f, buf, off, o.bs, i)
+        end
+        if not ok then error(e, 0) end
+        starts[i], offs[i], is_writes[i] = now, off, is_write
+    end
+    local t = bench.stamp()
+    for i = 1, o.iodepth do
+        bufs[i] = reactor:acquire_buffer()
+        if writes and not o.verify then bufs[i]:fill_pattern(o.seed, 0, o.bs) end
+        start(i, t)
+    end
+    while q:pending() > 0 do
+        local i, n, e = q:wait()
+        if not n then error(e, 0) end
+        t = hist:record_stamp(starts[i])
+        finished(is_writes[i], offs[i], bufs[i], expect, nil)
+        start(i, t)
+    end
+    q:close()
+    for i = 1, o.iodepth do bufs[i]:release() end
     if expect then expect:release() end
 end
 
 local s0 = reactor:stats()
 local cpu0 = bench.cpu_time()
 local tasks = {}
-for i = 1, o.iodepth do
-    tasks[i] = pluvio.spawn_named("io-" .. i, worker, i)
+if o.queue then
+    tasks[1] = pluvio.spawn_named("io-queue", queue_worker)
+else
+    for i = 1, o.iodepth do
+        tasks[i] = pluvio.spawn_named("io-" .. i, worker, i)
+    end
 end
-for i = 1, o.iodepth do
+for i = 1, #tasks do
     local ok, e = tasks[i]:join()
     if ok == nil and e then error(e, 0) end
 end
@@ -228,7 +294,7 @@ if temp then uring.unlink(path) end
 local enters = s1.enters - s0.enters
 local lat = hist:summary()
 local result = {
-    rw = o.rw, bs = o.bs, iodepth = o.iodepth, direct = o.direct, fixed = o.fixed,
+    rw = o.rw, bs = o.bs, iodepth = o.iodepth, direct = o.direct, fixed = o.fixed, queue = o.queue,
     ops = done_ops, bytes = done_bytes, seconds = elapsed,
     iops = done_ops / elapsed, mib_s = done_bytes / elapsed / 1048576,
     lat_us = { min = lat.min * 1e6, mean = lat.mean * 1e6, p50 = lat.p50 * 1e6, p90 = lat.p90 * 1e6,
@@ -238,8 +304,9 @@ local result = {
     verify = o.verify and { checked = checked_blocks, bad = bad_blocks } or nil,
 }
 
-io.write(("uring_bench: %s bs=%s iodepth=%d%s%s, %s ops in %.2f s\n"):format(o.rw, bench.bytes(o.bs),
-    o.iodepth, o.direct and " direct" or "", o.fixed and " fixed" or "", bench.human(done_ops), elapsed))
+io.write(("uring_bench: %s bs=%s iodepth=%d%s%s%s, %s ops in %.2f s\n"):format(o.rw, bench.bytes(o.bs),
+    o.iodepth, o.direct and " direct" or "", o.fixed and " fixed" or "", o.queue and " queue" or "",
+    bench.human(done_ops), elapsed))
 io.write(("  %-14s %12s\n"):format("IOPS", bench.human(result.iops)))
 io.write(("  %-14s %12.1f\n"):format("MiB/s", result.mib_s))
 for _, k in ipairs({ "min", "p50", "p90", "p99", "p99_9", "max" }) do

@@ -292,6 +292,23 @@ int pl_uring_op_abandon(pl_uring_t *u, int op);
 uint32_t pl_uring_op_gen(pl_uring_t *u, int op);
 int pl_uring_op_settled(pl_uring_t *u, int op, uint32_t gen);
 
+/* I/O queues: a task (slot, gen) keeps many reads and writes in flight and
+ * takes their completions in the order they finish, without parking on
+ * each.  new returns a queue id or -errno; read and write start an op on
+ * it (op id or -errno; never parked, never PL_URING_OP_INLINE); take gives
+ * the oldest finished op's id and result, or -EAGAIN when none has finished
+ * (the next completion then wakes the task: park it), or -ENOENT when the
+ * queue has nothing in flight; pending counts ops started and not taken;
+ * free cancels the ops in flight (returns how many) and frees the queue. */
+int pl_uring_queue_new(pl_uring_t *u, uint32_t slot, uint32_t gen);
+int pl_uring_queue_read(pl_uring_t *u, int q, int fd, void *addr, uint32_t len,
+                        uint64_t offset, int buf_index);
+int pl_uring_queue_write(pl_uring_t *u, int q, int fd, const void *addr, uint32_t len,
+                         uint64_t offset, int buf_index);
+int pl_uring_queue_take(pl_uring_t *u, int q, pl_uring_result_t *out);
+int pl_uring_queue_pending(pl_uring_t *u, int q);
+int pl_uring_queue_free(pl_uring_t *u, int q);
+
 /* Registered buffers: mapped and registered on first use (or by this call). */
 int pl_uring_buffers_register(pl_uring_t *u);
 int pl_uring_buffer_count(pl_uring_t *u);
@@ -445,6 +462,12 @@ void pl_hist_free(pl_hist_t *h);
 void pl_hist_reset(pl_hist_t *h);
 void pl_hist_record(pl_hist_t *h, double seconds);
 double pl_hist_record_since(pl_hist_t *h, double start);
+/* Stamps: a cheaper clock for timing operations back to back (the CPU's
+ * invariant TSC where the runtime found one, else the monotonic clock), in
+ * units only pl_hist_record_stamp understands.  It records now - stamp and
+ * returns now as a stamp. */
+double pl_hist_stamp(void);
+double pl_hist_record_stamp(pl_hist_t *h, double stamp);
 void pl_hist_merge(pl_hist_t *into, const pl_hist_t *from);
 double pl_hist_count(const pl_hist_t *h);
 double pl_hist_min(const pl_hist_t *h);

@@ -72,6 +72,7 @@ pl_uring_t *pl_uring_new(const pl_uring_options_t *opts, int *err)
     u->free_op = NONE;
     u->inline_op = NONE;
     u->free_buf = NONE;
+    u->free_queue = NONE;
     p.flags = IORING_SETUP_CQSIZE;
     p.cq_entries = opts->queue_size * 4;
     if (opts->sqpoll) {
@@ -103,6 +104,7 @@ void pl_uring_free(pl_uring_t *u)
     free(u->bufs);
     for (uint32_t c = 0; c < u->nops / URING_OPS_PER_CHUNK; c++)
         free(u->op_chunks[c]);
+    uring_queues_free(u);
     free(u->waiters);
     free(u->handoff);
     free(u->handoff_gen);
@@ -184,6 +186,7 @@ int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind)
     op->buf_index = NO_BUF;
     op->done = 0;
     op->res = 0;
+    op->queue = NONE;
     return (int)i;
 }
 
@@ -242,6 +245,14 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
         u->stats.in_flight_max = u->in_flight;
     if (!u->rt) {
         maybe_submit(u, pl_cycles());
+        return (int)i;
+    }
+    if (op->queue != NONE) {
+        /* nobody parks on it; the time the task began running stands in
+         * for now, as the clock read would cost more than the check (a
+         * task that computes long between starts delays its own SQEs to
+         * its next wait, as it delays every other task) */
+        maybe_submit(u, u->rt->switch_cyc);
         return (int)i;
     }
     at_once = io_uring_sq_ready(&u->ring) >= u->opts.submit_depth;
@@ -332,8 +343,9 @@ int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
     return i;
 }
 
-static int start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
-                    void *addr, uint32_t len, uint64_t offset, int buf_index)
+/* A read, write or send; queue: the I/O queue it reports to, or NONE. */
+int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                   void *addr, uint32_t len, uint64_t offset, int buf_index, uint32_t queue)
 {
     struct io_uring_sqe *sqe;
     struct uring_op *op;
@@ -347,6 +359,7 @@ static int start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, in
     op = uring_op(u, i);
     op->addr = addr;
     op->buf_index = buf_index;
+    op->queue = queue;
     if (buf_index >= 0)
         u->bufs[buf_index].users++;
     prep_rw(u, (uint32_t)i, sqe);
@@ -356,13 +369,13 @@ static int start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, in
 int pl_uring_read(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *addr,
                   uint32_t len, uint64_t offset, int buf_index)
 {
-    return start_rw(u, slot, gen, OP_READ, fd, addr, len, offset, buf_index);
+    return uring_start_rw(u, slot, gen, OP_READ, fd, addr, len, offset, buf_index, NONE);
 }
 
 int pl_uring_write(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *addr,
                    uint32_t len, uint64_t offset, int buf_index)
 {
-    return start_rw(u, slot, gen, OP_WRITE, fd, (void *)addr, len, offset, buf_index);
+    return uring_start_rw(u, slot, gen, OP_WRITE, fd, (void *)addr, len, offset, buf_index, NONE);
 }
 
 static int start_rwv(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
@@ -487,7 +500,9 @@ static void op_complete(pl_uring_t *u, uint32_t i, int32_t res)
     else
         op->res = res;
     op->state = OP_DONE;
-    if (u->rt && i != u->inline_op)
+    if (op->queue != NONE)
+        uring_queue_done(u, op->queue, i);
+    else if (u->rt && i != u->inline_op)
         pl_task_wake(u->rt, op->task_slot, op->task_gen);
 }
 
@@ -511,6 +526,11 @@ static int reap(pl_uring_t *u, int budget)
     io_uring_cq_advance(&u->ring, (unsigned)n);
     u->stats.completions += n;
     return n;
+}
+
+int uring_reap(pl_uring_t *u)
+{
+    return reap(u, INT32_MAX);
 }
 
 /* Only reap: what tasks queued goes out with the tick's flush or sleep,

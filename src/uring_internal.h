@@ -38,6 +38,7 @@ struct uring_op {
     uint64_t offset;
     int32_t res;
     uint32_t next_free;
+    uint32_t queue;         /* the I/O queue it reports to, or NONE (its task waits on it) */
     union {
         /* sockets: the kernel reads (and for recvmsg writes) these after
          * the SQE is queued, which is why op slots never move */
@@ -56,6 +57,20 @@ struct uring_op {
             uint32_t iov_first, iov_count;
         };
     };
+};
+
+/* An I/O queue: one task's ops in flight at once, without parking on each.
+ * Completions go to its FIFO of done op ids, sized at each start so that a
+ * completion always has room.  Owned by the task that made it (through its
+ * Lua object); pl_uring_queue_free abandons what is in flight. */
+struct uring_queue {
+    bool live;
+    bool parked;            /* its task waits for the next completion */
+    uint32_t slot, gen;     /* the owning task */
+    uint32_t in_flight;
+    uint32_t *done;         /* FIFO ring of finished op ids */
+    uint32_t done_cap, done_head, done_len;
+    uint32_t next_free;
 };
 
 enum buf_state { BUF_FREE, BUF_HELD };
@@ -101,6 +116,9 @@ struct pl_uring {
     uint32_t *handoff_gen;
     uint32_t handoff_cap;
 
+    struct uring_queue *queues;     /* I/O queues by id (the array may move) */
+    uint32_t nqueues, free_queue;
+
     pl_uring_stats_t stats;
 };
 
@@ -128,6 +146,13 @@ int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
                    uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out);
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
 int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len);
+int uring_reap(pl_uring_t *u);
+int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                   void *addr, uint32_t len, uint64_t offset, int buf_index, uint32_t queue);
+
+/* uring_queue.c */
+void uring_queue_done(pl_uring_t *u, uint32_t q, uint32_t op);
+void uring_queues_free(pl_uring_t *u);
 
 /* uring_buf.c */
 void uring_buffer_put(pl_uring_t *u, pl_runtime_t *rt, int index);

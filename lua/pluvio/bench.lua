@@ -40,6 +40,16 @@ function Histogram:record_since(start)
     return C.pl_hist_record_since(self.h, start)
 end
 
+-- record_stamp(stamp): the same with stamps from bench.stamp(), a cheaper
+-- clock (the CPU's TSC where the runtime found one); returns now as a stamp.
+function Histogram:record_stamp(stamp)
+    return C.pl_hist_record_stamp(self.h, stamp)
+end
+
+-- bench.stamp(): now, as a stamp for Histogram:record_stamp (only
+-- differences of stamps mean something, and only to record_stamp).
+M.stamp = C.pl_hist_stamp
+
 function Histogram:count() return C.pl_hist_count(self.h) end
 function Histogram:min() return C.pl_hist_min(self.h) end
 function Histogram:max() return C.pl_hist_max(self.h) end

@@ -702,8 +702,9 @@ function File.new(fd, name)
     return f
 end
 
--- read_fixed / write_fixed: the checks and the op, one body for both.
-local function fixed_io(self, fname, write, buf, offset, len)
+-- read_fixed / write_fixed: the checks and the op, one body for both (and
+-- for an I/O queue's, which starts the op on queue with tag instead).
+local function fixed_io(self, fname, write, buf, offset, len, queue, tag)
     self_file(fname, self)
     live_buffer(fname, buf)
     check_offset(fname, offset)
@@ -717,6 +718,9 @@ local function fixed_io(self, fname, write, buf, offset, len)
         error(fname .. ": the buffer belongs to another io_uring reactor", 3)
     end
     check_direct(fname, self, offset, len, buf.base)
+    if queue then
+        return queue:_start(self, write, buf, offset, len, tag)
+    end
     local t = io_task(fname)
     local start = write and C.pl_uring_write or C.pl_uring_read
     local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, buf.base, len, offset, buf.index), self)
@@ -1036,6 +1040,7 @@ M._internal = {
     context = context, receive_context = receive_context, run_op = run_op,
     bounce_get = bounce_get, bounce_put = bounce_put,
     WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, yielded = yielded, OP_INLINE = OP_INLINE,
+    fixed_io = fixed_io, fail = fail,
 }
 
 -- The reactor's acquire, reachable from the module for convenience.
@@ -1046,5 +1051,6 @@ function M.acquire_buffer()
 end
 
 require("pluvio.uring_net").install(M)
+require("pluvio.uring_queue").install(M)
 
 return M

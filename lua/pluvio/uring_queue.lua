@@ -1,0 +1,204 @@
+-- pluvio.uring_queue: I/O queues, installed into pluvio.uring.
+--
+-- One task keeps many reads and writes in flight on a queue and takes
+-- their completions in the order they finish, instead of one task per
+-- operation.  At high queue depths on the page cache a task switch per
+-- read costs more than the read: a queue pays one switch per batch.
+--
+--   local q = uring.io_queue()
+--   q:read_fixed(f, buf, offset, len, tag)    -- starts, does not wait
+--   local tag, n, err = q:wait()              -- the next completion
+--
+-- C keeps the finished op ids in a FIFO per queue (uring_queue.c); this
+-- side keeps what each op needs for its result, in arrays indexed by op id
+-- (no garbage per operation).
+local pluvio = require "pluvio"
+local core = require "pluvio.core"
+local check = require "pluvio.check"
+
+local ffi, C = core.ffi, core.C
+local format, type, setmetatable, getmetatable = string.format, type, setmetatable, getmetatable
+local running_task = pluvio._running_task
+
+local M = {}
+
+local EAGAIN, ENOENT, ENOSPC = -11, -2, -28
+
+function M.install(U)
+    local I = U._internal
+    local context, fixed_io, fail = I.context, I.fixed_io, I.fail
+    local park, WAIT_IO = I.park, I.WAIT_IO
+    local File, DmaFile, IoUringReactor = U.File, U.DmaFile, U.IoUringReactor
+
+    local IoQueue = {}
+    IoQueue.__index = IoQueue
+    U.IoQueue = IoQueue
+
+    local function new_queue(fname, r, t)
+        local id = C.pl_uring_queue_new(r.u, t.slot, t.gen)
+        if id < 0 then
+            error(fname .. ": cannot make an I/O queue: " .. core.errstr(id), 3)
+        end
+        local q = setmetatable({
+            reactor = r, u = r.u, id = id, owner = t,
+            -- per op id + 1: the tag, file, offset and length it reports with
+            tags = {}, files = {}, offsets = {}, lens = {}, writes = {},
+            result = ffi.new("pl_uring_result_t"),
+        }, IoQueue)
+        t:_own(q)
+        return q
+    end
+
+    -- reactor:io_queue(): an I/O queue on this reactor for the running task.
+    function IoUringReactor:io_queue()
+        check.self("IoUringReactor:io_queue", self, IoUringReactor, "an io_uring reactor")
+        local t = running_task("IoUringReactor:io_queue")
+        return new_queue("IoUringReactor:io_queue", self, t)
+    end
+
+    -- uring.io_queue(): the same on the running runtime's reactor.
+    function U.io_queue()
+        local t, r = context("uring.io_queue")
+        return new_queue("uring.io_queue", r, t)
+    end
+
+    -- The queue, open, used by the task that made it (only its owner takes
+    -- completions: another task's wait would leave the owner's unseen).
+    local function own_queue(fname, q)
+        if getmetatable(q) ~= IoQueue then
+            error(format("%s: call it as a method on an I/O queue (q:%s(...)); got %s as self",
+                         fname, fname:match(":(.*)$"), type(q)), 3)
+        end
+        if q.id < 0 then
+            error(fname .. ": the I/O queue is closed", 3)
+        end
+        local t = running_task(fname)
+        if t ~= q.owner then
+            error(format("%s: the I/O queue belongs to %s, not to %s", fname,
+                         tostring(q.owner), tostring(t)), 3)
+        end
+        return t
+    end
+
+    local function queue_file(fname, q, f)
+        local mt = getmetatable(f)
+        if mt ~= File and mt ~= DmaFile then
+            error(format("%s: file must be a File or DmaFile (got %s)", fname, check.show(f)), 3)
+        end
+        if f.reactor ~= q.reactor then
+            error(fname .. ": the file belongs to another io_uring reactor than the queue", 3)
+        end
+    end
+
+    -- q:read_fixed(file, buf, offset[, len[, tag]]): start a read into a
+    -- registered buffer; returns true (or nil, err when it cannot start).
+    -- q:wait() gives tag back with the result; tag defaults to buf.
+    function IoQueue:read_fixed(f, buf, offset, len, tag)
+        own_queue("IoQueue:read_fixed", self)
+        queue_file("IoQueue:read_fixed", self, f)
+        return fixed_io(f, "IoQueue:read_fixed", false, buf, offset, len, self, tag)
+    end
+
+    -- q:write_fixed(file, buf, offset[, len[, tag]]): the same for a write.
+    function IoQueue:write_fixed(f, buf, offset, len, tag)
+        own_queue("IoQueue:write_fixed", self)
+        queue_file("IoQueue:write_fixed", self, f)
+        return fixed_io(f, "IoQueue:write_fixed", true, buf, offset, len, self, tag)
+    end
+
+    -- Called by fixed_io once the arguments are checked.
+    function IoQueue:_start(f, write, buf, offset, len, tag)
+        local start = write and C.pl_uring_queue_write or C.pl_uring_queue_read
+        local op = start(self.u, self.id, f.fd, buf.base, len, offset, buf.index)
+        if op < 0 then
+            return fail(f, write and "write" or "read", op, format(" (offset %d, %d bytes)", offset, len))
+        end
+        local k = op + 1
+        if tag == nil then
+            tag = buf
+        end
+        self.tags[k], self.files[k], self.offsets[k], self.lens[k], self.writes[k] =
+            tag, f, offset, len, write
+        return true
+    end
+
+    -- q:wait(): park until one of the queue's ops finishes; returns its tag
+    -- and what read_fixed / write_fixed would have returned: the bytes, or
+    -- nil, err, errno name, bytes done.  Completions come in the order the
+    -- kernel finishes them.  Raises when nothing is in flight.
+    function IoQueue:wait()
+        local t = own_queue("IoQueue:wait", self)
+        local u, id, result = self.u, self.id, self.result
+        local op = C.pl_uring_queue_take(u, id, result)
+        while op == EAGAIN do
+            park(t, WAIT_IO, 0, self, "IoQueue:wait")
+            op = C.pl_uring_queue_take(u, id, result)
+        end
+        if op == ENOENT then
+            error("IoQueue:wait: nothing is in flight on this queue (start a read or write first)", 2)
+        elseif op < 0 then
+            error("IoQueue:wait: " .. core.errstr(op), 2)
+        end
+        local k = op + 1
+        local tags, files, lens, writes = self.tags, self.files, self.lens, self.writes
+        local tag, f, len, write = tags[k], files[k], lens[k], writes[k]
+        tags[k], files[k] = nil, nil    -- hold no reference past the op
+        local res = result.res
+        if res >= 0 and not (write and res < len) then
+            return tag, res
+        end
+        local detail = format(" (offset %d, %d bytes)", self.offsets[k], len)
+        if res < 0 then
+            return tag, fail(f, write and "write" or "read", res, detail, result.bytes)
+        end
+        return tag, fail(f, "write", ENOSPC, detail, res)   -- the device stopped taking data
+    end
+
+    -- q:pending(): ops started and not yet taken by wait.
+    function IoQueue:pending()
+        if getmetatable(self) ~= IoQueue then
+            error("IoQueue:pending: call it as a method on an I/O queue (q:pending())", 2)
+        end
+        if self.id < 0 then
+            return 0
+        end
+        return C.pl_uring_queue_pending(self.u, self.id)
+    end
+
+    local function free(q)
+        local n = C.pl_uring_queue_free(q.u, q.id)
+        q.id = -1
+        q.tags, q.files, q.offsets, q.lens, q.writes = {}, {}, {}, {}, {}
+        return n
+    end
+
+    -- q:close(): cancel the ops still in flight (their buffers stay in use
+    -- until the kernel lets go) and drop finished ones not taken; returns
+    -- how many were cancelled.  The queue closes by itself when its task ends.
+    function IoQueue:close()
+        own_queue("IoQueue:close", self)
+        self.owner:_disown(self)
+        return free(self)
+    end
+
+    -- Its task ended with the queue open.
+    function IoQueue:_task_exit()
+        if self.id >= 0 then
+            free(self)
+        end
+    end
+
+    function IoQueue:describe()
+        if self.id < 0 then
+            return "a closed I/O queue"
+        end
+        return format("an I/O queue (%d in flight)", C.pl_uring_queue_pending(self.u, self.id))
+    end
+
+    function IoQueue:__tostring()
+        return "IoQueue(" .. (self.id < 0 and "closed" or self:describe():match("%((.*)%)")) .. ")"
+    end
+
+end
+
+return M
