@@ -80,8 +80,9 @@ local function file_for(t)
 end
 
 local function run_pluvio_uring(t)
-    local cmd = (pin .. "%s %s/examples/uring_bench.lua --file %s --size %d --rw %s --bs %d --iodepth %d --runtime %g --quiet --json -%s%s")
-        :format(host, root, file_for(t), o.size, t.rw, t.bs, t.qd, o.seconds, t.direct and " --direct" or "", " --fixed")
+    local cmd = (pin .. "%s %s/examples/uring_bench.lua --file %s --size %d --rw %s --bs %d --iodepth %d --runtime %g --quiet --json -%s%s%s")
+        :format(host, root, file_for(t), o.size, t.rw, t.bs, t.qd, o.seconds, t.direct and " --direct" or "", " --fixed",
+                t.queue and " --queue" or "")
     local out, st = sh_out(cmd)
     local j = st == 0 and json_of(out:match("\n(%{.*)$") or out)
     return j and (t.metric == "mib_s" and j.mib_s or j.iops), cmd, out
@@ -171,6 +172,11 @@ if o.only ~= "ucx" then
               qd = qd, metric = "iops", unit = "IOPS", higher = true,
               goal = qd == 1 and 0.9 or 0.95, ref = "C loop",
               runs = { pluvio = run_pluvio_uring, ["C loop"] = run_c_loop, fio = run_fio } }
+    end
+    for _, qd in ipairs({ 32, 128 }) do
+        add { group = "uring", name = ("4 KiB randread, page cache, QD %d, one task with an I/O queue"):format(qd),
+              rw = "randread", bs = 4096, qd = qd, queue = true, metric = "iops", unit = "IOPS", higher = true,
+              goal = 0.95, ref = "C loop", runs = { pluvio = run_pluvio_uring, ["C loop"] = run_c_loop } }
     end
     add { group = "uring", name = "4 KiB randread, O_DIRECT, QD 128", rw = "randread", bs = 4096, qd = 128,
           direct = true, metric = "iops", unit = "IOPS", higher = true, goal = 0.9, ref = "fio",
