@@ -114,8 +114,9 @@ local over = false     -- --runtime has passed
 
 -- Latencies are timed with stamps (bench.stamp: the TSC where the runtime
 -- found one), which cost a third of a clock read; the clock itself is read
--- every CLOCK_EVERY operations for the deadline and the throughput samples.
-local CLOCK_EVERY = 256
+-- about every millisecond (every operation at first, then at most every
+-- 256) for the deadline and the throughput samples.
+local next_clock = 1
 
 -- The next operation's block, or nil when the run is over.
 local function claim()
@@ -154,11 +155,13 @@ local function finished(is_write, off, buf, expect, data)
             assert(f:fsync())
         end
     end
-    if done_ops % CLOCK_EVERY ~= 0 then
+    if done_ops < next_clock then
         return
     end
     local t = pluvio.now()
     over = t >= deadline
+    local per_ms = t > started and done_ops / (t - started) / 1000 or 1
+    next_clock = done_ops + math.max(1, math.min(256, math.floor(per_ms)))
     if t - last_t >= 0.1 then
         series[#series + 1] = { t - started, (done_bytes - last_bytes) / (t - last_t) / 1048576 }
         last_t, last_bytes = t, done_bytes

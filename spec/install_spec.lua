@@ -72,3 +72,31 @@ describe("rockspec/pluvio-scm-1.rockspec", function()
         sh("rm -rf " .. q(tree))
     end)
 end)
+
+describe("libpluvio.so", function()
+    it("exports exactly the functions src/pluvio.h declares", function()
+        local lib = os.getenv("PLUVIO_LIB") or (root .. "/build/libpluvio.so")
+        local status, out = sh("nm -D --defined-only " .. q(lib))
+        assert.equal(0, status)
+        local exported = {}
+        for kind, name in out:gmatch("%x+ (%a) ([%w_]+)") do
+            if kind == "T" or kind == "D" or kind == "B" then exported[name] = true end
+        end
+        local header = assert(io.open(root .. "/src/pluvio.h")):read("*a")
+        header = header:gsub("/%*.-%*/", "")
+        local declared = {}
+        for name in header:gmatch("[%w_%*]%s+%**(pl_[%w_]+)%s*%(") do declared[name] = true end
+        local extra, missing = {}, {}
+        for name in pairs(exported) do
+            if not declared[name] then extra[#extra + 1] = name end
+        end
+        for name in pairs(declared) do
+            if not exported[name] then missing[#missing + 1] = name end
+        end
+        table.sort(extra)
+        table.sort(missing)
+        assert.same({}, extra)      -- internal helpers stay inside (src/pluvio.map)
+        assert.same({}, missing)
+        assert.is_true(declared.pl_tick and declared.pl_uring_queue_take and true)
+    end)
+end)

@@ -253,7 +253,7 @@ describe("IoQueue", function()
             local s = r:stats()
             assert.equal(0, s.in_flight)
             assert.equal(3, s.cancels)
-            assert.equal(16, s.buffers_free)
+            assert.equal(r:options().buffer_count, s.buffers_free)
             -- a task that returns with reads in flight has them cancelled too
             local quitter = pluvio.spawn(function()
                 local q = r:io_queue()
@@ -265,6 +265,111 @@ describe("IoQueue", function()
             assert.equal(0, r:stats().in_flight)
             ffi.C.close(fds[1])
             pipe:close()
+        end)
+    end)
+
+    it("continues a short read until the length asked, and waits with a timeout", function()
+        with_reactor(nil, function(r)
+            local fds = ffi.new("int[2]")
+            assert.equal(0, ffi.C.pipe(fds))
+            local pipe = uring.File.new(fds[0], "pipe")
+            local q = r:io_queue()
+            local buf = r:acquire_buffer()
+            assert.is_true(q:read_fixed(pipe, buf, 0, 10, "ten"))
+            local t0 = pluvio.now()
+            assert.same({ nil, "timeout" }, { q:wait(0.02) })
+            assert.is_true(pluvio.now() - t0 >= 0.02)
+            ffi.C.write(fds[1], "hello", 5)
+            assert.same({ nil, "timeout" }, { q:wait(0.01) })     -- 5 of 10: still in flight
+            ffi.C.write(fds[1], "world", 5)
+            assert.same({ "ten", 10 }, { q:wait(1) })
+            assert.equal("helloworld", buf:tostring(10))
+            assert.is_true(r:stats().resubmits >= 1)
+            assert.error_matches(function() q:wait(-1) end,
+                "IoQueue:wait: seconds must be a finite number from 0 to 1e9 %(got %-1%)")
+            q:close()
+            ffi.C.close(fds[1])
+            pipe:close()
+        end)
+    end)
+
+    it("wakes its task only while it waits on the queue, not out of another wait", function()
+        with_reactor(nil, function(r)
+            local fds = ffi.new("int[2]")
+            assert.equal(0, ffi.C.pipe(fds))
+            local pipe = uring.File.new(fds[0], "pipe")
+            local q = r:io_queue()
+            assert.is_true(q:read_fixed(pipe, r:acquire_buffer(), 0, 5, "p"))
+            assert.same({ nil, "timeout" }, { q:wait(0.001) })     -- it waited on the queue before
+            local me, woken_by_helper = pluvio.current(), false
+            pluvio.spawn(function()
+                pluvio.sleep(0.01)
+                ffi.C.write(fds[1], "hello", 5)     -- the queue's read completes
+                pluvio.sleep(0.03)
+                woken_by_helper = true
+                me:wake()
+            end)
+            pluvio.suspend("the helper")
+            assert.is_true(woken_by_helper)
+            assert.same({ "p", 5 }, { q:wait() })
+            q:close()
+            ffi.C.close(fds[1])
+            pipe:close()
+        end)
+    end)
+
+    it("refuses to wait from a plain coroutine inside its task, and keeps working", function()
+        with_reactor(nil, function(r)
+            local fds = ffi.new("int[2]")
+            assert.equal(0, ffi.C.pipe(fds))
+            local pipe = uring.File.new(fds[0], "pipe")
+            local q = r:io_queue()
+            assert.is_true(q:read_fixed(pipe, r:acquire_buffer(), 0, 3, "p"))
+            local co = coroutine.create(function() return q:wait() end)
+            local ok, err = coroutine.resume(co)
+            assert.is_false(ok)
+            assert.matches("IoQueue:wait: called from a coroutine that is not a pluvio task", err)
+            ffi.C.write(fds[1], "abc", 3)
+            assert.same({ "p", 3 }, { q:wait() })
+            q:close()
+            ffi.C.close(fds[1])
+            pipe:close()
+        end)
+    end)
+
+    it("drops finished ops nobody took on close, and many queues live side by side", function()
+        with_reactor({ buffer_count = 4, buffer_size = 4096 }, function(r)
+            local path = tmpfile()
+            local f = assert(uring.File.open(path, "w+"))
+            local buf = r:acquire_buffer()
+            buf:fill(1)
+            assert(f:write_fixed(buf, 0, 4096))
+            local queues = {}
+            for i = 1, 20 do                -- more than the first allocation of queue slots
+                queues[i] = r:io_queue()
+                assert.is_true(queues[i]:read_fixed(f, buf, 0, 4096, i))
+            end
+            for i = 20, 1, -1 do
+                assert.same({ i, 4096 }, { queues[i]:wait() })
+            end
+            for i = 1, 20 do
+                assert.is_true(queues[i]:read_fixed(f, buf, 0, 4096, i))
+            end
+            pluvio.sleep(0.005)             -- the reads are done, nobody takes them
+            for i = 1, 20, 2 do
+                assert.equal(0, queues[i]:close())      -- nothing was in flight any more
+            end
+            local again = r:io_queue()      -- reuses a closed slot
+            assert.is_true(again:read_fixed(f, buf, 0, 4096, "again"))
+            assert.same({ "again", 4096 }, { again:wait() })
+            for i = 2, 20, 2 do
+                assert.same({ i, 4096 }, { queues[i]:wait() })
+                queues[i]:close()
+            end
+            again:close()
+            assert.equal(0, r:stats().in_flight)
+            f:close()
+            uring.unlink(path)
         end)
     end)
 
@@ -284,7 +389,7 @@ describe("IoQueue", function()
             for _, e in ipairs(rt:tasks()) do
                 if e.name == "queue-reader" then waits = e.waits_on end
             end
-            assert.equal("an I/O queue (2 in flight)", waits)
+            assert.equal("an I/O queue (2 pending)", waits)
             reader:kill()
             ffi.C.close(fds[1])
             pipe:close()

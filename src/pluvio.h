@@ -297,8 +297,8 @@ int pl_uring_op_settled(pl_uring_t *u, int op, uint32_t gen);
  * each.  new returns a queue id or -errno; read and write start an op on
  * it (op id or -errno; never parked, never PL_URING_OP_INLINE); take gives
  * the oldest finished op's id and result, or -EAGAIN when none has finished
- * (the next completion then wakes the task: park it), or -ENOENT when the
- * queue has nothing in flight; pending counts ops started and not taken;
+ * (park the task with PL_WAIT_IO and arg -1 - q: the next completion wakes
+ * it), or -ENOENT when the queue has nothing in flight; pending counts ops started and not taken;
  * free cancels the ops in flight (returns how many) and frees the queue. */
 int pl_uring_queue_new(pl_uring_t *u, uint32_t slot, uint32_t gen);
 int pl_uring_queue_read(pl_uring_t *u, int q, int fd, void *addr, uint32_t len,

@@ -61,17 +61,20 @@ struct uring_op {
 
 /* An I/O queue: one task's ops in flight at once, without parking on each.
  * Completions go to its FIFO of done op ids, sized at each start so that a
- * completion always has room.  Owned by the task that made it (through its
+ * completion always has room; one wakes the task only while it waits on
+ * the queue (PL_WAIT_IO with URING_QUEUE_WAIT_ARG).  Owned by the task that made it (through its
  * Lua object); pl_uring_queue_free abandons what is in flight. */
 struct uring_queue {
     bool live;
-    bool parked;            /* its task waits for the next completion */
     uint32_t slot, gen;     /* the owning task */
     uint32_t in_flight;
     uint32_t *done;         /* FIFO ring of finished op ids */
     uint32_t done_cap, done_head, done_len;
     uint32_t next_free;
 };
+
+/* The wait argument of a task parked on queue q (op ids are >= 0). */
+#define URING_QUEUE_WAIT_ARG(q) (-1.0 - (double)(q))
 
 enum buf_state { BUF_FREE, BUF_HELD };
 

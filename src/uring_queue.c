@@ -97,16 +97,15 @@ void uring_queue_done(pl_uring_t *u, uint32_t qi, uint32_t op)
     q->done[(q->done_head + q->done_len) % q->done_cap] = op;
     q->done_len++;
     q->in_flight--;
-    if (q->parked) {
-        q->parked = false;
-        if (u->rt)
-            pl_task_wake(u->rt, q->slot, q->gen);
-    }
+    /* only a task parked on this queue: not one running (it takes the op
+     * on its own), nor one waiting for something else */
+    if (u->rt && pl_task_is_waiting(u->rt, q->slot, q->gen, PL_WAIT_IO, URING_QUEUE_WAIT_ARG(qi)))
+        pl_task_wake(u->rt, q->slot, q->gen);
 }
 
 /* The oldest finished op: reap the ring first when none is known yet (the
- * kernel may have finished ops inside the last submit), and when none is
- * done mark the queue so that the next completion wakes its task. */
+ * kernel may have finished ops inside the last submit).  -EAGAIN: none has
+ * finished; the task parks with URING_QUEUE_WAIT_ARG to be woken by one. */
 int pl_uring_queue_take(pl_uring_t *u, int qi, pl_uring_result_t *out)
 {
     struct uring_queue *q = queue_get(u, qi);
@@ -117,15 +116,11 @@ int pl_uring_queue_take(pl_uring_t *u, int qi, pl_uring_result_t *out)
     if (q->done_len == 0 && q->in_flight > 0 && io_uring_cq_ready(&u->ring) > 0)
         uring_reap(u);
     if (q->done_len == 0) {
-        if (q->in_flight == 0)
-            return -ENOENT;
-        q->parked = true;
-        return -EAGAIN;
+        return q->in_flight == 0 ? -ENOENT : -EAGAIN;
     }
     op = q->done[q->done_head];
     q->done_head = (q->done_head + 1) % q->done_cap;
     q->done_len--;
-    q->parked = false;
     return pl_uring_op_take(u, (int)op, out) == 1 ? (int)op : -EIO;
 }
 

@@ -73,9 +73,9 @@ local function not_in_task(fname, level)
           "pluvio.run / rt:run, or from a script run by the pluvio host)", level or 4)
 end
 
-local function not_the_task(fname)
+local function not_the_task(fname, depth)
     error(fname .. ": called from a coroutine that is not a pluvio task " ..
-          "(only pluvio tasks may block)", 4)
+          "(only pluvio tasks may block)", 4 + (depth or 0))
 end
 
 -- An operation a plain coroutine of the task started and left behind (it
@@ -98,12 +98,13 @@ end
 -- The running task (a clear error naming fname outside tasks), with what a
 -- plain coroutine of it left behind cancelled, noted as starting fname
 -- (io_seq counts the starts: see yielded).  For current_task and io_task:
--- the error names their caller's caller.
-local function task_of(fname)
+-- the error names their caller's caller, or depth frames further out (for
+-- a helper between them and the public function).
+local function task_of(fname, depth)
     local rt = current_rt
     local t = rt and rt.current
     if not t then
-        not_in_task(fname, 5)
+        not_in_task(fname, 5 + (depth or 0))
     end
     if t.io_reactor or t.wait_obj then
         -- what it started may have taken input (a pipe's bytes, a tag
@@ -112,7 +113,7 @@ local function task_of(fname)
         orphan(t)
         error(format("%s: called from a coroutine that is not a pluvio task (only pluvio tasks " ..
                      "may block); its operation was cancelled when the task called %s",
-                     left, fname), 4)
+                     left, fname), 4 + (depth or 0))
     end
     t.io_fname = fname
     t.io_seq = (t.io_seq or 0) + 1
@@ -122,10 +123,10 @@ end
 -- The task calling a blocking function that queues it in C before it
 -- yields and is not on a per-operation path (acquire_buffer, accept, ...),
 -- or a clear error naming fname, also from a plain coroutine in a task.
-local function current_task(fname)
-    local t, rt = task_of(fname)
+local function current_task(fname, depth)
+    local t, rt = task_of(fname, depth)
     if co_running() ~= t.co then
-        not_the_task(fname)
+        not_the_task(fname, depth)
     end
     return t, rt
 end
@@ -138,8 +139,8 @@ end
 -- coroutine yields to whoever resumed it; yielded raises when that
 -- coroutine is resumed again, and the operation is cancelled then, or when
 -- the task starts its next one or ends, whichever comes first.
-local function io_task(fname)
-    local t, rt = task_of(fname)
+local function io_task(fname, depth)
+    local t, rt = task_of(fname, depth)
     return t, rt
 end
 

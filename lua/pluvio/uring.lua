@@ -197,7 +197,7 @@ end
 
 -- The io_uring reactor of the running runtime: the first registered one,
 -- or (on default runtimes: pluvio.run, the host) one made on first use.
-local function reactor_of(rt, fname)
+local function reactor_of(rt, fname, depth)
     local r = rt._uring
     if r then
         return r
@@ -215,13 +215,13 @@ local function reactor_of(rt, fname)
         return r
     end
     error(fname .. ": no io_uring reactor is registered on this runtime " ..
-          "(rt:register_reactor(\"io_uring\", uring.reactor{...}))", 3)
+          "(rt:register_reactor(\"io_uring\", uring.reactor{...}))", 3 + (depth or 0))
 end
 
 -- The running task and its runtime's reactor.
 local function context(fname)
-    local t, rt = io_task(fname)
-    return t, reactor_of(rt, fname), rt
+    local t, rt = io_task(fname, 1)
+    return t, reactor_of(rt, fname, 1), rt
 end
 
 -- The same for operations that take input (a socket's bytes, a
@@ -229,8 +229,8 @@ end
 -- since an operation a plain coroutine leaves behind may take input that
 -- nobody then gets.
 local function receive_context(fname)
-    local t, rt = current_task(fname)
-    return t, reactor_of(rt, fname), rt
+    local t, rt = current_task(fname, 1)
+    return t, reactor_of(rt, fname, 1), rt
 end
 
 -- uring.current(): the io_uring reactor of the running runtime.
@@ -715,7 +715,7 @@ local function fixed_io(self, fname, write, buf, offset, len, queue, tag)
     end
     local r = self.reactor
     if buf.reactor ~= r then
-        error(fname .. ": the buffer belongs to another io_uring reactor", 3)
+        error(fname .. ": the buffer belongs to another io_uring reactor", 2)  -- (tail-called)
     end
     check_direct(fname, self, offset, len, buf.base)
     if queue then

@@ -19,6 +19,7 @@ local check = require "pluvio.check"
 local ffi, C = core.ffi, core.C
 local format, type, setmetatable, getmetatable = string.format, type, setmetatable, getmetatable
 local running_task = pluvio._running_task
+local co_running = coroutine.running
 
 local M = {}
 
@@ -122,17 +123,50 @@ function M.install(U)
         return true
     end
 
-    -- q:wait(): park until one of the queue's ops finishes; returns its tag
-    -- and what read_fixed / write_fixed would have returned: the bytes, or
-    -- nil, err, errno name, bytes done.  Completions come in the order the
-    -- kernel finishes them.  Raises when nothing is in flight.
-    function IoQueue:wait()
-        local t = own_queue("IoQueue:wait", self)
-        local u, id, result = self.u, self.id, self.result
-        local op = C.pl_uring_queue_take(u, id, result)
-        while op == EAGAIN do
-            park(t, WAIT_IO, 0, self, "IoQueue:wait")
+    -- Park until an op of q finishes or the deadline (pl_now) passes;
+    -- returns the op id, or nil at the deadline.
+    local function park_for(t, q, fname, deadline)
+        if co_running() ~= t.co then
+            -- a plain coroutine's yield would go to whoever resumed it
+            error(fname .. ": called from a coroutine that is not a pluvio task " ..
+                  "(only pluvio tasks may block)", 3)
+        end
+        local crt = t.rt.crt
+        if deadline then
+            C.pl_task_set_timer(crt, t.slot, deadline)
+        end
+        local u, id, result, op = q.u, q.id, q.result, EAGAIN
+        repeat
+            park(t, WAIT_IO, -1 - id, q, fname)     -- (the wait argument C wakes)
             op = C.pl_uring_queue_take(u, id, result)
+        until op ~= EAGAIN or (deadline and C.pl_now() >= deadline)
+        if deadline then
+            C.pl_task_clear_timer(crt, t.slot)
+        end
+        if op == EAGAIN then
+            return nil
+        end
+        return op
+    end
+
+    -- q:wait([seconds]): park until one of the queue's ops finishes;
+    -- returns its tag and what read_fixed / write_fixed would have
+    -- returned: the bytes, or nil, err, errno name, bytes done.
+    -- Completions come in the order the kernel finishes them.  With
+    -- seconds: nil, "timeout" when none finished by then.  Raises when
+    -- nothing is in flight.
+    function IoQueue:wait(seconds)
+        local t = own_queue("IoQueue:wait", self)
+        if seconds ~= nil and (type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > 1e9) then
+            check.fail("IoQueue:wait", "seconds must be a finite number from 0 to 1e9", seconds)
+        end
+        local result = self.result
+        local op = C.pl_uring_queue_take(self.u, self.id, result)
+        if op == EAGAIN then
+            op = park_for(t, self, "IoQueue:wait", seconds and C.pl_now() + seconds)
+            if not op then
+                return nil, "timeout"
+            end
         end
         if op == ENOENT then
             error("IoQueue:wait: nothing is in flight on this queue (start a read or write first)", 2)
@@ -192,7 +226,7 @@ function M.install(U)
         if self.id < 0 then
             return "a closed I/O queue"
         end
-        return format("an I/O queue (%d in flight)", C.pl_uring_queue_pending(self.u, self.id))
+        return format("an I/O queue (%d pending)", C.pl_uring_queue_pending(self.u, self.id))
     end
 
     function IoQueue:__tostring()
