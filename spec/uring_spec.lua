@@ -232,6 +232,24 @@ describe("File and DmaFile", function()
         uring.unlink(path)
     end))
 
+    it("does not continue a short read on a closed file's number once another file has it", async(function()
+        local small, other = file_with(("a"):rep(5000)), file_with(("B"):rep(8192))
+        local f = assert(uring.File.open(small, "r"))
+        -- A's read comes back short (end of file); before its rest starts,
+        -- B closes the file and C's open may be given the same fd number
+        local a = pluvio.spawn(function() return f:read(0, 8192) end)
+        local b = pluvio.spawn(function() return f:close() end)
+        local c = pluvio.spawn(function() return assert(uring.File.open(other, "r")) end)
+        local data = a:join()
+        assert.is_true(b:join())
+        local g = c:join()
+        assert.equal(5000, #data)                -- its own bytes only, never C's
+        assert.equal(0, select(2, data:gsub("B", "")))
+        g:close()
+        uring.unlink(small)
+        uring.unlink(other)
+    end))
+
     it("checks every O_DIRECT alignment rule before submitting", async(function()
         local path = tmpfile()
         local f = assert(uring.DmaFile.open(path, "w+"))

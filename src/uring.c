@@ -187,6 +187,7 @@ int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind)
     op->done = 0;
     op->res = 0;
     op->queue = NONE;
+    op->fd_closed = false;
     return (int)i;
 }
 
@@ -457,8 +458,8 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
     if (op->kind == OP_OTHER || res <= 0)
         return false;
     op->done += (uint32_t)res;
-    if (op->done >= op->len || op->state == OP_ABANDONED)
-        return false;
+    if (op->done >= op->len || op->state == OP_ABANDONED || op->fd_closed)
+        return false;   /* (a closed fd's number may name another file by now) */
     sqe = uring_get_sqe(u);
     if (!sqe)
         return false;   /* report the partial count rather than lose it */
@@ -526,6 +527,18 @@ static int reap(pl_uring_t *u, int budget)
     io_uring_cq_advance(&u->ring, (unsigned)n);
     u->stats.completions += n;
     return n;
+}
+
+/* fd is being closed: ops in flight on it report what they did instead of
+ * continuing a short transfer, which would go to whatever file or socket
+ * the number is given to next. */
+void uring_fd_closing(pl_uring_t *u, int fd)
+{
+    for (uint32_t i = 0; i < u->nops; i++) {
+        struct uring_op *op = uring_op(u, i);
+        if (op->fd == fd && (op->state == OP_IN_FLIGHT || op->state == OP_ABANDONED))
+            op->fd_closed = true;
+    }
 }
 
 int uring_reap(pl_uring_t *u)

@@ -29,6 +29,7 @@ int pl_uring_openat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path
 
 int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
 {
+    uring_fd_closing(u, fd);
     START_OTHER(io_uring_prep_close(sqe, fd));
 }
 

@@ -29,6 +29,7 @@ struct uring_op {
     uint32_t gen;
     uint8_t state;
     uint8_t kind;
+    bool fd_closed;         /* its fd was closed: never continue on that number */
     uint32_t task_slot, task_gen;
     int fd;
     int buf_index;          /* registered buffer used, or NO_BUF */
@@ -150,6 +151,7 @@ int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
 int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len);
 int uring_reap(pl_uring_t *u);
+void uring_fd_closing(pl_uring_t *u, int fd);
 int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
                    void *addr, uint32_t len, uint64_t offset, int buf_index, uint32_t queue);
 
