@@ -367,6 +367,16 @@ describe("pluvio.timeout", function()
 end)
 
 describe("pluvio.select", function()
+    it("leaves no trace on a long-lived task it selects on again and again", async(function()
+        local stop = pluvio.spawn(function() pluvio.sleep(10) end)
+        for _ = 1, 1000 do
+            local quick = pluvio.spawn(function() end)
+            assert.equal(2, pluvio.select(stop, quick))
+        end
+        assert.is_true(stop.joiners == nil or #stop.joiners == 0)
+        stop:kill()
+    end))
+
     it("returns the index and results of the first task to finish", async(function()
         local slow = pluvio.spawn(function() pluvio.sleep(0.05); return "slow" end)
         local fast = pluvio.spawn(function() pluvio.sleep(0.001); return "fast", 2 end)

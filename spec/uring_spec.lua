@@ -73,6 +73,20 @@ describe("IoUringReactor", function()
         assert.equal(("\x5a"):rep(16), data:sub(1, 16))
     end)
 
+    it("sets up rings at the largest queue_size it accepts", function()
+        local rt = pluvio.Runtime.new()
+        local r = uring.reactor { queue_size = 32768, buffer_count = 0 }
+        rt:register_reactor("big", r)
+        assert.equal(32768, r:options().queue_size)
+        rt:run(function()
+            local path = file_with("abc")
+            local f = assert(uring.File.open(path, "r"))
+            assert.equal("abc", f:read(0, 10))
+            f:close()
+            uring.unlink(path)
+        end)
+    end)
+
     it("rejects unknown options and out-of-range values", function()
         assert.has_error(function() uring.reactor { queue_sise = 1 } end,
             'uring.reactor: unknown option "queue_sise" (known: buffer_count, buffer_size, queue_size, sqpoll, sqpoll_idle_ms, submit_depth, wait_complete_timeout, wait_submit_timeout)')
@@ -865,6 +879,71 @@ describe("sockets over io_uring", function()
             b:close()
         end)
     end)
+
+    it("closes the socket of a connect whose task was killed (no fd leaks)", async(function()
+        local pid = io.open("/proc/self/stat"):read("*l"):match("^(%d+)")
+        local function nfds()
+            local n = 0
+            local p = io.popen("ls /proc/" .. pid .. "/fd")
+            for _ in p:lines() do n = n + 1 end
+            p:close()
+            return n
+        end
+        -- a listener that never accepts, its queue full: further connects hang
+        local l = assert(uring.tcp_listen("127.0.0.1", 0, 1))
+        local held = {}
+        for _ = 1, 3 do
+            local c = pluvio.timeout(0.2, uring.tcp_connect, "127.0.0.1", l:port())
+            if c then held[#held + 1] = c end
+        end
+        pluvio.sleep(0.05)      -- a connect that timed out above is cancelled by now
+        local before = nfds()
+        for _ = 1, 5 do
+            assert.same({ nil, "timeout" }, { pluvio.timeout(0.05, uring.tcp_connect, "127.0.0.1", l:port()) })
+        end
+        pluvio.sleep(0.05)      -- the cancels complete
+        assert.equal(before, nfds())
+        for _, c in ipairs(held) do c:close() end
+        l:close()
+    end))
+
+    it("keeps what recv_exact received when its task is killed, for the next recv", async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function()
+            local c = assert(l:accept())
+            c:send("AAAAA")             -- first half of a 10-byte record
+            pluvio.sleep(0.1)
+            c:send("BBBBB")
+            c:send("CCCCCCCCCC")
+            pluvio.sleep(0.05)
+            c:close()
+        end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.05, c.recv_exact, c, 10) })
+        assert.equal("AAAAABBBBB", c:recv_exact(10))
+        assert.equal("CCCCCCCCCC", c:recv_exact(10))
+        srv:join()
+        c:close()
+        l:close()
+    end))
+
+    it("says how long a datagram was that did not fit", async(function()
+        local a, b = assert(uring.udp_bind("127.0.0.1", 0)), assert(uring.udp_bind("127.0.0.1", 0))
+        assert(b:send_to(("x"):rep(100), "127.0.0.1", a:port()))
+        assert.same({ ("x"):rep(10), "127.0.0.1", b:port(), 100 }, { a:recv_from(10) })
+        assert(b:send_to("fits", "127.0.0.1", a:port()))
+        assert.same({ "fits", "127.0.0.1", b:port() }, { a:recv_from(10) })
+        a:close()
+        b:close()
+    end))
+
+    it("says when a host name cannot be resolved", async(function()
+        local ok, err, code = uring.tcp_connect("no-such-host.invalid", 80)
+        assert.is_nil(ok)
+        assert.equal('connect to no-such-host.invalid:80: cannot resolve host "no-such-host.invalid" ' ..
+                     "(names are looked up with getaddrinfo: a numeric address or one from /etc/hosts)", err)
+        assert.equal("ENXIO", code)
+    end))
 
     it("reports a refused connection and refuses wildcard defaults", async(function()
         local c, err, code = uring.tcp_connect("127.0.0.1", 1)

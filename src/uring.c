@@ -73,8 +73,10 @@ pl_uring_t *pl_uring_new(const pl_uring_options_t *opts, int *err)
     u->inline_op = NONE;
     u->free_buf = NONE;
     u->free_queue = NONE;
+    /* room for completions of ops resubmitted or finished while the SQ
+     * refills, within the kernel's limit of 65536 CQEs */
     p.flags = IORING_SETUP_CQSIZE;
-    p.cq_entries = opts->queue_size * 4;
+    p.cq_entries = opts->queue_size <= 16384 ? opts->queue_size * 4 : 65536;
     if (opts->sqpoll) {
         p.flags |= IORING_SETUP_SQPOLL;
         p.sq_thread_idle = opts->sqpoll_idle_ms;
@@ -187,7 +189,9 @@ int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind)
     op->done = 0;
     op->res = 0;
     op->queue = NONE;
+    op->fd = -1;
     op->fd_closed = false;
+    op->fd_owner = FD_NONE;
     return (int)i;
 }
 
@@ -483,6 +487,16 @@ static void op_drop_buffer(pl_uring_t *u, struct uring_op *op)
     }
 }
 
+/* Nobody will take the op's result: close the fd it holds for its task. */
+static void op_drop_fd(struct uring_op *op, int32_t res)
+{
+    if (op->fd_owner == FD_RESULT && res >= 0)
+        close(res);
+    else if (op->fd_owner == FD_OP && op->fd >= 0)
+        close(op->fd);
+    op->fd_owner = FD_NONE;
+}
+
 static void op_complete(pl_uring_t *u, uint32_t i, int32_t res)
 {
     struct uring_op *op = uring_op(u, i);
@@ -492,6 +506,7 @@ static void op_complete(pl_uring_t *u, uint32_t i, int32_t res)
     u->in_flight--;
     op_drop_buffer(u, op);
     if (op->state == OP_ABANDONED) {
+        op_drop_fd(op, res);
         op_free(u, i);
         return;
     }
@@ -653,6 +668,7 @@ int pl_uring_op_abandon(pl_uring_t *u, int i)
         return -ESRCH;
     op = uring_op(u, i);
     if (op->state == OP_DONE) {
+        op_drop_fd(op, op->res);
         op_free(u, (uint32_t)i);
         return 0;
     }

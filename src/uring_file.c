@@ -24,7 +24,10 @@ int pl_uring_fallocate(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int m
 int pl_uring_openat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path,
                     int flags, int mode)
 {
-    START_OTHER(io_uring_prep_openat(sqe, AT_FDCWD, path, flags | O_CLOEXEC, (mode_t)mode));
+    START_OTHER({
+        io_uring_prep_openat(sqe, AT_FDCWD, path, flags | O_CLOEXEC, (mode_t)mode);
+        uring_op(u, (uint32_t)i)->fd_owner = FD_RESULT;
+    });
 }
 
 int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)

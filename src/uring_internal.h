@@ -18,6 +18,9 @@
 
 enum op_state { OP_FREE, OP_IN_FLIGHT, OP_DONE, OP_ABANDONED };
 enum op_kind { OP_READ, OP_WRITE, OP_OTHER, OP_SEND, OP_READV, OP_WRITEV };
+/* An fd an op holds for its task: an open's or accept's result, or the
+ * socket a connect runs on.  If the task dies first, the op closes it. */
+enum op_fd_owner { FD_NONE, FD_RESULT, FD_OP };
 
 #define NO_BUF (-1)
 #define CANCEL_TAG UINT64_MAX   /* user_data of cancel requests: ignored */
@@ -30,6 +33,7 @@ struct uring_op {
     uint8_t state;
     uint8_t kind;
     bool fd_closed;         /* its fd was closed: never continue on that number */
+    uint8_t fd_owner;       /* which fd is the op's own until its task takes it (enum) */
     uint32_t task_slot, task_gen;
     int fd;
     int buf_index;          /* registered buffer used, or NO_BUF */

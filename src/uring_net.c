@@ -32,7 +32,7 @@ static int resolve(const char *host, int port, int socktype, struct sockaddr_sto
         return -EINVAL;
     snprintf(service, sizeof(service), "%d", port);
     if (getaddrinfo(host, service, &hints, &res) != 0)
-        return -EADDRNOTAVAIL;
+        return -ENXIO;      /* the callers say "cannot resolve" for this one */
     memcpy(ss, res->ai_addr, res->ai_addrlen);
     *len = res->ai_addrlen;
     freeaddrinfo(res);
@@ -132,7 +132,10 @@ int pl_net_nodelay(int fd)
 
 int pl_uring_accept(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
 {
-    START_OTHER(io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC));
+    START_OTHER({
+        io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+        uring_op(u, (uint32_t)i)->fd_owner = FD_RESULT;
+    });
 }
 
 /* A socket for host:port in *fd_out (the caller closes it on failure) and
@@ -158,6 +161,8 @@ int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *hos
         return i;
     op = uring_op(u, (uint32_t)i);
     op->peer = ss;
+    op->fd = *fd_out;       /* the task's once it takes the result, else the op closes it */
+    op->fd_owner = FD_OP;
     io_uring_prep_connect(sqe, *fd_out, (struct sockaddr *)&op->peer, len);
     return uring_op_queue(u, (uint32_t)i, sqe);
 }
@@ -203,7 +208,8 @@ int pl_uring_sendto(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const vo
     return uring_op_queue(u, (uint32_t)i, sqe);
 }
 
-/* A datagram and, once complete, its sender (pl_uring_op_peer). */
+/* A datagram and, once complete, its sender (pl_uring_op_peer).  The result
+ * is the datagram's length, which is more than len when it did not fit. */
 int pl_uring_recvfrom(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len)
 {
     struct io_uring_sqe *sqe;
@@ -217,7 +223,9 @@ int pl_uring_recvfrom(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *
     op->iov = (struct iovec){ .iov_base = buf, .iov_len = len };
     op->msg = (struct msghdr){ .msg_name = &op->peer, .msg_namelen = sizeof(op->peer),
                                .msg_iov = &op->iov, .msg_iovlen = 1 };
-    io_uring_prep_recvmsg(sqe, fd, &op->msg, 0);
+    /* MSG_TRUNC: the result is the datagram's whole length, so that a
+     * datagram longer than the buffer is reported, not cut silently */
+    io_uring_prep_recvmsg(sqe, fd, &op->msg, MSG_TRUNC);
     return uring_op_queue(u, (uint32_t)i, sqe);
 }
 

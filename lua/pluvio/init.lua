@@ -394,6 +394,35 @@ local function results_of(t)
 end
 
 -- The task's results, or nil and the error (with its traceback).
+-- Joiners: tasks woken when a task ends.  A waiter is listed once however
+-- often it wakes and parks again, and leaves the lists of the tasks it
+-- stopped waiting for (a long-lived task selected on again and again
+-- would otherwise collect every waiter that ever was).
+local function add_joiner(task, me)
+    local j = task.joiners
+    if not j then
+        j = {}
+        task.joiners = j
+    end
+    for i = 1, #j do
+        if j[i] == me then
+            return
+        end
+    end
+    j[#j + 1] = me
+end
+
+local function remove_joiner(task, me)
+    local j = task.joiners
+    if j then
+        for i = #j, 1, -1 do
+            if j[i] == me then
+                table.remove(j, i)
+            end
+        end
+    end
+end
+
 function Task:join()
     check.self("Task:join", self, Task, "a task")
     local me = running_task("Task:join")
@@ -407,12 +436,7 @@ function Task:join()
     end
     self.joiner = me
     while self.live do
-        local j = self.joiners
-        if not j then
-            j = {}
-            self.joiners = j
-        end
-        j[#j + 1] = me
+        add_joiner(self, me)
         park(me, C.PL_WAIT_JOIN, self.id, self, "Task:join")
     end
     return results_of(self)
@@ -976,13 +1000,14 @@ function M.select(...)
     while true do
         for i = 1, n do
             if not tasks[i].live then
+                for k = 1, n do
+                    remove_joiner(tasks[k], me)
+                end
                 return i, results_of(tasks[i])
             end
         end
         for i = 1, n do
-            local j = tasks[i].joiners or {}
-            tasks[i].joiners = j
-            j[#j + 1] = me
+            add_joiner(tasks[i], me)
         end
         park(me, C.PL_WAIT_SELECT, n, format("select of %d tasks", n), "pluvio.select")
     end
@@ -1001,9 +1026,7 @@ function M.timeout(seconds, fn, ...)
     local deadline = C.pl_now() + seconds
     me.timeout_child = child
     while child.live and C.pl_now() < deadline do
-        local j = child.joiners or {}
-        child.joiners = j
-        j[#j + 1] = me
+        add_joiner(child, me)
         C.pl_task_set_timer(rt.crt, me.slot, deadline)
         park(me, C.PL_WAIT_JOIN, child.id, child, "pluvio.timeout")
     end

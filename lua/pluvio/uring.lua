@@ -49,28 +49,29 @@ local OPTION_RULES = {
     sqpoll_idle_ms = { "integer", 0, 3600000 },
 }
 
-local function check_option(fname, name, v)
+local function check_option(fname, name, v, level)
+    level = level or 4
     local rule = OPTION_RULES[name]
     if not rule then
         local known = {}
         for k in pairs(OPTION_RULES) do known[#known + 1] = k end
         table.sort(known)
         error(format("%s: unknown option %s (known: %s)", fname, check.show(name),
-                     table.concat(known, ", ")), 4)
+                     table.concat(known, ", ")), level)
     end
     local kind, min, max = rule[1], rule[2], rule[3]
     if kind == "boolean" then
         if type(v) ~= "boolean" then
-            error(format("%s: %s must be a boolean (got %s)", fname, name, check.show(v)), 4)
+            error(format("%s: %s must be a boolean (got %s)", fname, name, check.show(v)), level)
         end
         return v
     end
     if type(v) ~= "number" or v ~= v or v < min or v > max or (kind == "integer" and v % 1 ~= 0) then
         error(format("%s: %s must be %s from %s to %s (got %s)", fname, name,
-                     kind == "integer" and "an integer" or "a number", min, max, check.show(v)), 4)
+                     kind == "integer" and "an integer" or "a number", min, max, check.show(v)), level)
     end
     if name == "buffer_size" and v % 4096 ~= 0 then
-        error(format("%s: buffer_size must be a multiple of 4096 (got %s)", fname, check.show(v)), 4)
+        error(format("%s: buffer_size must be a multiple of 4096 (got %s)", fname, check.show(v)), level)
     end
     return v
 end
@@ -144,7 +145,7 @@ for name in pairs(OPTION_RULES) do
         if v == nil and name == "sqpoll" then
             v = true
         end
-        self.opts[name] = check_option("IoUringReactor.builder():" .. name, name, v)
+        self.opts[name] = check_option("IoUringReactor.builder():" .. name, name, v, 3)
         return self
     end
 end

@@ -12,6 +12,7 @@ local errstr = core.errstr
 local M = {}
 
 local MAX_IO = 0x7ffff000
+local ENXIO = -6
 
 local function errname(rc)
     return ffi_string(C.pl_errname(rc))
@@ -56,11 +57,23 @@ function M.install(U)
     UdpSocket.__index = UdpSocket
     U.UdpSocket = UdpSocket
 
-    local function failed(what, obj, rc)
-        if rc == -125 then      -- ECANCELED: closed under it
-            return nil, format("%s %s: the socket was closed", what, obj.name), "ECANCELED"
+    -- nil, message, errno name[, bytes done before the error]
+    -- A failure naming host:port; ENXIO is the lookup's own (uring_net.c).
+    local function host_failed(what, host, port, rc)
+        if rc == ENXIO then
+            return nil, format("%s %s:%d: cannot resolve host %s (names are looked up with " ..
+                               "getaddrinfo: a numeric address or one from /etc/hosts)", what, host, port,
+                               check.show(host)), "ENXIO"
         end
-        return nil, format("%s %s: %s", what, obj.name, errstr(rc)), errname(rc)
+        return nil, format("%s %s:%d: %s", what, host, port, errstr(rc)), errname(rc)
+    end
+
+    local function failed(what, obj, rc, bytes)
+        local done = bytes and bytes > 0 and format(" (%d bytes done before the error)", bytes) or ""
+        if rc == -125 then      -- ECANCELED: closed under it
+            return nil, format("%s %s: the socket was closed%s", what, obj.name, done), "ECANCELED", bytes
+        end
+        return nil, format("%s %s: %s%s", what, obj.name, errstr(rc), done), errname(rc), bytes
     end
 
     local function live(fname, obj, mt, what)
@@ -100,7 +113,7 @@ function M.install(U)
         local _, r = context("uring.tcp_listen")
         local fd = C.pl_net_tcp_listen(host, port, backlog)
         if fd < 0 then
-            return nil, format("listen on %s:%d: %s", host, port, errstr(fd)), errname(fd)
+            return host_failed("listen on", host, port, fd)
         end
         return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0) }, TcpListener)
     end
@@ -141,7 +154,7 @@ function M.install(U)
         local fd = fdout[0]
         if rc < 0 then
             if fd >= 0 then C.pl_file_close_sync(fd) end
-            return nil, format("connect to %s:%d: %s", host, port, errstr(rc)), errname(rc)
+            return host_failed("connect to", host, port, rc)
         end
         C.pl_net_nodelay(fd)
         return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "" }, TcpSocket)
@@ -156,9 +169,9 @@ function M.install(U)
             error(format("TcpSocket:send: data must be at most %d bytes (got %d)", MAX_IO, #data), 2)
         end
         local t, r = context("TcpSocket:send")
-        local rc = run_op(r, t, C.pl_uring_send(r.u, t.slot, t.gen, self.fd, data, #data), self, data)
+        local rc, bytes = run_op(r, t, C.pl_uring_send(r.u, t.slot, t.gen, self.fd, data, #data), self, data)
         if rc < 0 then
-            return failed("send", self, rc)
+            return failed("send", self, rc, bytes)
         end
         return rc
     end
@@ -171,11 +184,22 @@ function M.install(U)
         return s, rc
     end
 
+    -- What a recv_exact that did not finish (its task was killed, or a
+    -- timeout cancelled it) had received: it stays for the next recv.
+    local function gather(self)
+        local parts = self.parts
+        if parts then
+            self.parts = nil
+            self.pending = table.concat(parts)
+        end
+    end
+
     -- recv(max): up to max bytes as soon as some arrive; nil, "closed"
     -- when the peer closed the connection.
     function TcpSocket:recv(max)
         live("TcpSocket:recv", self, TcpSocket, "a socket")
         check.integer("TcpSocket:recv", "max", max, 1, MAX_IO)
+        gather(self)
         if #self.pending > 0 then
             local s = self.pending:sub(1, max)
             self.pending = self.pending:sub(max + 1)
@@ -197,12 +221,16 @@ function M.install(U)
         live("TcpSocket:recv_exact", self, TcpSocket, "a socket")
         check.integer("TcpSocket:recv_exact", "n", n, 0, MAX_IO)
         local t, r = receive_context("TcpSocket:recv_exact")
+        gather(self)
+        -- the parts live on the socket while they come in: a task killed
+        -- here leaves them for the next recv instead of losing them
         local parts, have = { self.pending }, #self.pending
         self.pending = ""
+        self.parts = parts
         while have < n do
             local s, rc = recv_raw(self, t, r, math.min(n - have, 1048576))
             if rc <= 0 then
-                self.pending = table.concat(parts)
+                gather(self)
                 if rc == 0 then
                     return nil, format("recv %s: connection closed after %d of %d bytes", self.name, have, n), "EOF"
                 end
@@ -211,6 +239,7 @@ function M.install(U)
             parts[#parts + 1] = s
             have = have + rc
         end
+        self.parts = nil
         local all = table.concat(parts)
         self.pending = all:sub(n + 1)
         return all:sub(1, n)
@@ -235,7 +264,7 @@ function M.install(U)
         local _, r = context("uring.udp_bind")
         local fd = C.pl_net_udp_bind(host, port)
         if fd < 0 then
-            return nil, format("bind %s:%d: %s", host, port, errstr(fd)), errname(fd)
+            return host_failed("bind", host, port, fd)
         end
         return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0) }, UdpSocket)
     end
@@ -257,14 +286,17 @@ function M.install(U)
         local t, r = context("UdpSocket:send_to")
         local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, host, port), self,
                           data)
-        if rc < 0 then
+        if rc == ENXIO then
+            return host_failed("send_to", host, port, rc)
+        elseif rc < 0 then
             return failed(format("send_to %s:%d from", host, port), self, rc)
         end
         return rc
     end
 
-    -- recv_from(max): the next datagram (truncated to max bytes), and the
-    -- sender's host and port.
+    -- recv_from(max): the next datagram and the sender's host and port; a
+    -- datagram longer than max comes as its first max bytes, host, port and
+    -- its whole length (the rest is gone: UDP keeps no remainder).
     function UdpSocket:recv_from(max)
         live("UdpSocket:recv_from", self, UdpSocket, "a UDP socket")
         check.integer("UdpSocket:recv_from", "max", max, 1, 65536)
@@ -291,13 +323,16 @@ function M.install(U)
         local from = ffi_string(namebuf)
         local result = r.result
         C.pl_uring_op_take(r.u, op, result)
-        local rc = result.res
-        local s = rc >= 0 and ffi_string(scratch.ptr, rc) or nil
+        local rc = result.res       -- the datagram's whole length (MSG_TRUNC)
+        local s = rc >= 0 and ffi_string(scratch.ptr, math.min(rc, max)) or nil
         bounce_put(r, scratch)
         if rc < 0 then
             return failed("recv_from", self, rc)
         end
         local host, port = (from or "?:0"):match("^%[?(.-)%]?:(%d+)$")
+        if rc > max then            -- it did not fit: say so, and how long it was
+            return s, host, tonumber(port), rc
+        end
         return s, host, tonumber(port)
     end
 
