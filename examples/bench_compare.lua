@@ -12,12 +12,12 @@ local spec = {
             "Pluvio vs fio, a C liburing loop and ucx_perftest; writes docs/PERFORMANCE.md.",
     options = {
         { "quick", "flag", false, "1 round, short runs, small file (under a minute)" },
-        { "rounds", "integer", 5, "rounds (each runs every tool once, interleaved)" },
-        { "seconds", "number", 1.5, "seconds per file run" },
+        { "rounds", "integer", 5, "rounds (each runs every tool once, interleaved)", min = 1, max = 1000 },
+        { "seconds", "number", 1.5, "seconds per file run", min = 0.1, max = 3600 },
         { "file", "string", "/tmp/pluvio-bench.dat", "the file for the file tests" },
-        { "size", "size", 1073741824, "its size" },
+        { "size", "size", 1073741824, "its size", min = 1048576 },
         { "output", "string", "docs/PERFORMANCE.md", "where the report goes ('-' for none)" },
-        { "only", "string", nil, "uring or ucx: run one half" },
+        { "only", "string", nil, "uring or ucx: run one half", choices = { "uring", "ucx" } },
         { "cpu", "integer", -2, "pin the file tests to this CPU (-1: no pinning; default: the last CPU)" },
     },
 }

@@ -21,23 +21,25 @@ local spec = {
     usage = "usage: pluvio examples/pipeline.lua [options]\n" ..
             "Stream a file through io_uring and UCX and verify it on both ends.",
     options = {
-        { "size", "size", 64 * 1048576, "bytes to generate and move" },
-        { "chunk", "size", 1048576, "bytes per Active Message" },
-        { "window", "integer", 8, "chunks in flight" },
+        { "size", "size", 64 * 1048576, "bytes to generate and move", min = 1 },
+        { "chunk", "size", 1048576, "bytes per Active Message", max = 1073741824 },
+        { "window", "integer", 8, "chunks in flight", min = 1, max = 1024 },
         { "dir", "string", nil, "where the files go (default: a temporary directory)" },
         { "direct", "flag", false, "O_DIRECT on both files" },
         { "server", "flag", false, "be the receiving end (prints its port)" },
-        { "port", "integer", 0, "port for --server (0: any)" },
+        { "port", "integer", 0, "port for --server (0: any)", min = 0, max = 65535 },
         { "connect", "string", nil, "send to a --server at HOST:PORT" },
         { "keep", "flag", false, "keep the files" },
-        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
+        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)", out = true },
         { "quiet", "flag", false, "no progress line" },
     },
 }
 
 local o = bench.parse_args(spec, arg)
+local cleanup         -- removes the temporary files, once there are some
 local function fail(msg)
     io.stderr:write("pipeline: ", msg, "\n")
+    if cleanup then pcall(cleanup) end
     os.exit(2)
 end
 if o.chunk < 4096 or o.chunk % 4096 ~= 0 then fail("--chunk must be a multiple of 4096 (got " .. o.chunk .. ")") end
@@ -45,8 +47,16 @@ if o.size < o.chunk then fail("--size must be at least --chunk") end
 if o.size % 4096 ~= 0 then fail("--size must be a multiple of 4096 (got " .. o.size .. ")") end
 if o.window < 1 or o.window > 256 then fail("--window must be from 1 to 256") end
 if o.server and o.connect then fail("choose --server or --connect, not both") end
+local connect_host, connect_port
+if o.connect then       -- checked before anything is generated
+    connect_host, connect_port = o.connect:match("^%[?([^%]]+)%]?:(%d+)$")
+    connect_port = tonumber(connect_port)
+    if not connect_host or not connect_port or connect_port > 65535 then
+        fail("--connect must be HOST:PORT (got " .. o.connect .. ")")
+    end
+end
 
-local DATA, ACK, DONE, RESULT = 20, 21, 22, 23
+local DATA, ACK, DONE, RESULT, HELLO = 20, 21, 22, 23, 24
 local SEED = 2026
 
 local rt = pluvio.runtime()
@@ -59,14 +69,26 @@ if not dir then
     dir = os.tmpname()
     os.remove(dir)
     assert(uring.mkdir(dir))
+    if not o.keep then
+        cleanup = function()
+            os.remove(dir .. "/source.bin")
+            os.remove(dir .. "/received.bin")
+            os.remove(dir)
+        end
+    end
+elseif not uring.statx(dir) then
+    fail("--dir " .. dir .. " does not exist")
 end
 
 local function say(fmt, ...)
     if o.json ~= "-" then io.write(fmt:format(...)) end
 end
 
--- Read a whole file with `window` tasks; returns its checksum (chunk
--- checksums folded in offset order, so it does not depend on scheduling).
+-- Read a whole file with `window` tasks; returns its checksum: the
+-- checksums of its 4 KiB blocks folded in offset order, so it depends
+-- neither on scheduling nor on --chunk (a server and a client with
+-- different --chunk agree).
+local VERIFY_BLOCK = 4096
 local function checksum_file(path, size)
     local f = assert(open(path, "r"))
     local sums = {}
@@ -80,15 +102,15 @@ local function checksum_file(path, size)
                 next_off = next_off + o.chunk
                 local n = math.min(o.chunk, size - off)
                 assert(f:read_fixed(buf, off, n))
-                sums[off / o.chunk + 1] = buf:checksum(n)
+                for b = 0, n - 1, VERIFY_BLOCK do
+                    sums[(off + b) / VERIFY_BLOCK + 1] = buf:checksum(math.min(VERIFY_BLOCK, n - b), b)
+                end
             end
             buf:release()
         end)
     end
     for i = 1, o.window do tasks[i]:join() end
     f:close()
-    -- chunk checksums in offset order, checksummed again: independent of
-    -- which task read which chunk
     return bench.checksum(table.concat(sums))
 end
 
@@ -221,6 +243,7 @@ if o.server then
     io.stdout:flush()
     local ep = assert(l:accept())
     l:close()
+    assert(ep:am_send(HELLO, tostring(o.chunk), nil))     -- the largest chunk it takes
     local t0 = pluvio.now()
     local written = receive(w, function() return ep end, data_stream, done_stream, dst_path)
     local sum = checksum_file(dst_path, written)
@@ -243,11 +266,18 @@ else
     local receiver, remote_sum
     local ep
     if o.connect then
-        local host, port = o.connect:match("^(.+):(%d+)$")
-        if not host then fail("--connect must be HOST:PORT (got " .. o.connect .. ")") end
+        local hello = w:am_stream(HELLO)
         local err
-        ep, err = w:connect_socket(host, tonumber(port))
+        ep, err = w:connect_socket(connect_host, connect_port)
         if not ep then fail(err) end
+        local m = pluvio.timeout(10, hello.wait_msg, hello)
+        if not m then fail("the server at " .. o.connect .. " did not say hello within 10 s") end
+        local server_chunk = tonumber(m.header)
+        m:release()
+        if o.chunk > server_chunk then
+            fail(("--chunk %s is larger than the server's --chunk %s (the size of its buffers)")
+                :format(bench.bytes(o.chunk), bench.bytes(server_chunk)))
+        end
     else
         -- loopback: the receiving end is a second worker in this process
         local rw = assert(ctx:create_worker())

@@ -23,23 +23,26 @@ local spec = {
     usage = "usage: pluvio examples/remoteio.lua [--mode write|read] [--loopback | --server | --connect HOST:PORT]\n" ..
             "Remote file I/O over UCX Active Messages with registered buffers on both ends.",
     options = {
-        { "mode", "string", "write", "write (client -> server file) or read (server file -> client)" },
-        { "size", "size", 32 * 1048576, "bytes to move" },
-        { "chunk", "size", 1048576, "bytes per request" },
-        { "window", "integer", 8, "requests in flight" },
+        { "mode", "string", "write", "write (client -> server file) or read (server file -> client)",
+          choices = { "write", "read" } },
+        { "size", "size", 32 * 1048576, "bytes to move", min = 1 },
+        { "chunk", "size", 1048576, "bytes per request", max = 1073741824 },
+        { "window", "integer", 8, "requests in flight", min = 1, max = 1024 },
         { "loopback", "flag", false, "both ends in this process (the default)" },
         { "server", "flag", false, "serve requests on --port until the client says goodbye" },
-        { "port", "integer", 0, "port for --server (0: any, printed)" },
+        { "port", "integer", 0, "port for --server (0: any, printed)", min = 0, max = 65535 },
         { "connect", "string", nil, "HOST:PORT of a --server" },
         { "direct", "flag", false, "O_DIRECT files" },
         { "dir", "string", nil, "directory for the files (default: a temporary one)" },
-        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
+        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)", out = true },
         { "quiet", "flag", false, "no progress line" },
     },
 }
 local o = bench.parse_args(spec, arg)
+local cleanup         -- removes the temporary files, once there are some
 local function fail(msg)
     io.stderr:write("remoteio: ", msg, "\n")
+    if cleanup then pcall(cleanup) end
     os.exit(2)
 end
 if o.mode ~= "write" and o.mode ~= "read" then fail("--mode must be write or read (got " .. o.mode .. ")") end
@@ -57,13 +60,32 @@ local reactor = uring.reactor { buffer_size = o.chunk, buffer_count = 3 * o.wind
 pluvio.runtime():register_reactor("remoteio", reactor)
 local open = o.direct and uring.DmaFile.open or uring.File.open
 
+local connect_host, connect_port
+if o.connect then       -- checked before anything is made
+    connect_host, connect_port = o.connect:match("^%[?([^%]]+)%]?:(%d+)$")
+    connect_port = tonumber(connect_port)
+    if not connect_host or not connect_port or connect_port > 65535 then
+        fail("--connect must be HOST:PORT (got " .. o.connect .. ")")
+    end
+end
+
 local dir = o.dir
 if not dir then
     dir = os.tmpname()
     os.remove(dir)
     assert(uring.mkdir(dir))
+    cleanup = function()
+        os.remove(dir .. "/client.bin")
+        os.remove(dir .. "/server.bin")
+        os.remove(dir)
+    end
+elseif not uring.statx(dir) then
+    fail("--dir " .. dir .. " does not exist")
 end
 
+-- The checksums of the file's 4 KiB blocks, folded: the same on both ends
+-- whatever --chunk each was given.
+local VERIFY_BLOCK = 4096
 local function checksum(path, size)
     local f = assert(open(path, "r"))
     local buf = reactor:acquire_buffer()
@@ -71,7 +93,9 @@ local function checksum(path, size)
     for off = 0, size - 1, o.chunk do
         local n = math.min(o.chunk, size - off)
         assert(f:read_fixed(buf, off, n))
-        sums[#sums + 1] = buf:checksum(n)
+        for b = 0, n - 1, VERIFY_BLOCK do
+            sums[#sums + 1] = buf:checksum(math.min(VERIFY_BLOCK, n - b), b)
+        end
     end
     buf:release()
     f:close()
@@ -96,6 +120,7 @@ end
 ---------------------------------------------------------------------------
 
 local function serve(ep, requests, path)
+    assert(ep:am_send(META, "chunk " .. o.chunk, nil))     -- the largest request it takes
     local f = assert(open(path, "w+"))
     local served = 0
     local handlers = {}
@@ -152,6 +177,14 @@ end
 ---------------------------------------------------------------------------
 
 local function run_client(ep, replies, meta, path)
+    local hello = pluvio.timeout(10, meta.wait_msg, meta)
+    if not hello then fail("the server did not say hello within 10 s") end
+    local server_chunk = tonumber(hello.header:match("^chunk (%d+)$"))
+    hello:release()
+    if o.chunk > server_chunk then
+        fail(("--chunk %s is larger than the server's --chunk %s (the size of its buffers)")
+            :format(bench.bytes(o.chunk), bench.bytes(server_chunk)))
+    end
     local progress = bench.progress("remoteio " .. o.mode, o.quiet)
     local t0, moved = pluvio.now(), 0
     if o.mode == "write" then
@@ -244,10 +277,8 @@ else
     local replies, meta = cw:am_stream(REPLY, { window = 4 * o.window }), cw:am_stream(META)
     local ep, server_task
     if o.connect then
-        local host, port = o.connect:match("^(.+):(%d+)$")
-        if not host then fail("--connect must be HOST:PORT (got " .. o.connect .. ")") end
         local err
-        ep, err = cw:connect_socket(host, tonumber(port))
+        ep, err = cw:connect_socket(connect_host, connect_port)
         if not ep then fail(err) end
     else
         local sw = assert(ctx:create_worker())
@@ -277,10 +308,8 @@ else
     end
 end
 ctx:close()
-if not o.dir then
-    uring.unlink(dir .. "/client.bin")
-    uring.unlink(dir .. "/server.bin")
-    uring.rmdir(dir)
+if cleanup then
+    cleanup()
 end
 if result and o.json then
     bench.write_json(o.json, result)

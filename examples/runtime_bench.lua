@@ -13,14 +13,16 @@ local spec = {
     usage = "usage: pluvio examples/runtime_bench.lua [--scenario NAME] [options]\n" ..
             "Costs of the executor itself: spawning, switching, sleeping, idling.",
     options = {
-        { "scenario", "string", "all", "spawn, pingpong, sleepers, idle or all" },
-        { "n", "integer", 0, "size of each scenario (default: 1M tasks, 1M messages, 100k sleepers)" },
-        { "idle-seconds", "number", 2, "how long the idle scenario sleeps" },
+        { "scenario", "string", "all", "spawn, pingpong, sleepers, idle or all",
+          choices = { "spawn", "pingpong", "sleepers", "idle", "all" } },
+        { "n", "integer", 0, "size of each scenario (default: 1M tasks, 1M messages, 100k sleepers)", min = 0 },
+        { "idle-seconds", "number", nil, "how long the idle scenario sleeps (default 2, 0.5 with --quick)",
+          min = 0.01, max = 3600 },
         { "quick", "flag", false, "small sizes (about a second in all)" },
         { "gc-pause", "integer", 0, "LuaJIT's collectgarbage('setpause') (0: leave the default, 200); with\n" ..
           "                           100k live tasks the collector's largest steps take tens of ms\n" ..
           "                           (tasks due meanwhile wake that late): a larger pause runs fewer cycles" },
-        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
+        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)", out = true },
     },
 }
 local o = bench.parse_args(spec, arg)
@@ -126,7 +128,7 @@ end
 
 -- an idle runtime: one sleeping task
 if o.scenario == "all" or o.scenario == "idle" then
-    local secs = o.quick and 0.5 or o.idle_seconds
+    local secs = o.idle_seconds or (o.quick and 0.5 or 2)
     local c0, t0 = os.clock(), pluvio.now()
     pluvio.sleep(secs)
     local cpu, dt = os.clock() - c0, pluvio.now() - t0
@@ -134,13 +136,14 @@ if o.scenario == "all" or o.scenario == "idle" then
     row(("idle %.1f s"):format(secs), cpu / dt * 100, "% CPU", "< 2%", cpu / dt * 100 < 2)
 end
 
-io.write(("%-24s %14s  %-10s  %-10s  %s\n"):format("runtime_bench", "figure", "unit", "goal", ""))
+local report = o.json == "-" and io.stderr or io.stdout    -- stdout holds only the JSON then
+report:write(("%-24s %14s  %-10s  %-10s  %s\n"):format("runtime_bench", "figure", "unit", "goal", ""))
 for _, r in ipairs(rows) do
     local v = r[2] >= 1e4 and bench.human(r[2]) or ("%.3f"):format(r[2])
-    io.write(("%-24s %14s  %-10s  %-10s  %s\n"):format(r[1], v, r[3], r[4],
+    report:write(("%-24s %14s  %-10s  %-10s  %s\n"):format(r[1], v, r[3], r[4],
         r[5] == nil and "" or (r[5] and "met" or "NOT MET")))
 end
-io.write(("CPU time %.2f s\n"):format(os.clock()))
+report:write(("CPU time %.2f s\n"):format(os.clock()))
 if o.json then
     bench.write_json(o.json, results)
 end

@@ -24,20 +24,21 @@ local spec = {
         { "server", "flag", false, "serve clients until one says goodbye" },
         { "connect", "string", nil, "HOST:PORT of a --server" },
         { "host", "string", "127.0.0.1", "address the server listens on" },
-        { "port", "integer", 0, "port the server listens on (0: any; printed)" },
-        { "test", "string", "both", "lat, bw or both" },
+        { "port", "integer", 0, "port the server listens on (0: any; printed)", min = 0, max = 65535 },
+        { "test", "string", "both", "lat, bw or both", choices = { "lat", "bw", "both" } },
         { "transport", "string", "address", "address: exchange worker addresses over the socket and use\n" ..
           "                           the fastest lanes (shared memory), as ucx_perftest does;\n" ..
           "                           socket: use the listener's connection (tcp, peer failures detected)" },
         { "sizes", "list", { 8, 4096, 65536, 1048576 }, "message sizes" },
-        { "iters", "integer", 2000, "messages per size (bandwidth) and round trips (latency)" },
-        { "warmup", "integer", 1000, "untimed round trips / messages first (the JIT compiles meanwhile)" },
-        { "window", "integer", 32, "sends in flight (bandwidth)" },
-        { "proto", "string", nil, "eager or rndv (default: UCX chooses)" },
-        { "spin", "number", 0, "busy-poll this many seconds before sleeping (latency; like ucx_perftest)" },
+        { "iters", "integer", 2000, "messages per size (bandwidth) and round trips (latency)", min = 1 },
+        { "warmup", "integer", 1000, "untimed round trips / messages first (the JIT compiles meanwhile)", min = 0 },
+        { "window", "integer", 32, "sends in flight (bandwidth)", min = 1, max = 4096 },
+        { "proto", "string", nil, "eager or rndv (default: UCX chooses)", choices = { "eager", "rndv" } },
+        { "spin", "number", 0, "busy-poll this many seconds before sleeping (latency; like ucx_perftest)",
+          min = 0, max = 60 },
         { "no-wakeup", "flag", false, "busy-polled workers: shared-memory transports usable (as ucx_perftest)" },
         { "recv-copy", "flag", false, "copy eager data into a buffer too (ucx_perftest leaves it unread)" },
-        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
+        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)", out = true },
         { "quiet", "flag", false, "no progress line" },
     },
 }
@@ -273,12 +274,13 @@ local function run_client(w, ep, streams)
 end
 
 local function report(results, mode)
-    io.write(("ucx_bench: %s, %d iterations, window %d%s\n"):format(mode, o.iters, o.window,
+    local out = o.json == "-" and io.stderr or io.stdout     -- stdout holds only the JSON then
+    out:write(("ucx_bench: %s, %d iterations, window %d%s\n"):format(mode, o.iters, o.window,
         o.proto and (", proto " .. o.proto) or ""))
-    io.write(("%10s  %12s  %12s  %12s  %12s  %12s\n"):format("size", "lat p50", "lat p99", "lat mean", "MiB/s", "msgs/s"))
+    out:write(("%10s  %12s  %12s  %12s  %12s  %12s\n"):format("size", "lat p50", "lat p99", "lat mean", "MiB/s", "msgs/s"))
     local json = { mode = mode, iters = o.iters, window = o.window, proto = o.proto, results = {} }
     for _, r in ipairs(results) do
-        io.write(("%10s  %12s  %12s  %12s  %12s  %12s\n"):format(bench.bytes(r.size),
+        out:write(("%10s  %12s  %12s  %12s  %12s  %12s\n"):format(bench.bytes(r.size),
             r.lat and bench.human(r.lat.p50, "s") or "-", r.lat and bench.human(r.lat.p99, "s") or "-",
             r.lat and bench.human(r.lat.mean, "s") or "-", r.bw and ("%.1f"):format(r.bw.mib_s) or "-",
             r.bw and bench.human(r.bw.msgs_s) or "-"))

@@ -14,30 +14,33 @@ local spec = {
     usage = "usage: pluvio examples/uring_bench.lua [options]\n" ..
             "File I/O through Pluvio's io_uring reactor, reported like fio.",
     options = {
-        { "rw", "string", "randread", "read, write, randread, randwrite or rw (random 50/50)" },
+        { "rw", "string", "randread", "read, write, randread, randwrite or rw (random 50/50)",
+          choices = { "read", "write", "randread", "randwrite", "rw" } },
         { "bs", "size", 4096, "block size (4096, 4k, 1m)" },
         { "size", "size", 64 * 1048576, "file size; the file is created (patterned) if shorter" },
         { "iodepth", "integer", 32, "concurrent tasks, one operation in flight each" },
         { "direct", "flag", false, "O_DIRECT (DmaFile)" },
         { "fixed", "flag", false, "registered buffers (read_fixed / write_fixed)" },
         { "queue", "flag", false, "one task keeps --iodepth operations in flight on an I/O queue (with --fixed)" },
-        { "runtime", "number", 0, "seconds to run (0: transfer --bytes)" },
+        { "runtime", "number", 0, "seconds to run (0: transfer --bytes)", min = 0, max = 1e6 },
         { "bytes", "size", 0, "bytes to transfer (default: --size)" },
         { "file", "string", nil, "file to use (default: a temporary file, removed after)" },
         { "verify", "flag", false, "write a pattern, read it back and check every block" },
-        { "fsync-every", "integer", 0, "fsync after this many writes (0: never)" },
-        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)" },
-        { "plot", "string", nil, "write latency and throughput plots to this SVG file" },
+        { "fsync-every", "integer", 0, "fsync after this many writes (0: never)", min = 0 },
+        { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)", out = true },
+        { "plot", "string", nil, "write latency and throughput plots to this SVG file", out = true },
         { "quiet", "flag", false, "no progress line" },
-        { "seed", "integer", 42, "seed of the offsets and the data pattern" },
+        { "seed", "integer", 42, "seed of the offsets and the data pattern", min = 0, max = 2 ^ 53 },
     },
 }
 
 local o = bench.parse_args(spec, arg)
 
-local function fail(msg)
+local cleanup         -- removes the temporary file, once there is one
+local function fail(msg, status)
     io.stderr:write("uring_bench: ", msg, "\n")
-    os.exit(2)
+    if cleanup then pcall(cleanup) end
+    os.exit(status or 2)
 end
 
 local modes = { read = true, write = true, randread = true, randwrite = true, rw = true }
@@ -60,7 +63,13 @@ local nblocks = math.floor(o.size / o.bs)
 local total_bytes = o.bytes > 0 and o.bytes or o.size
 local total_ops = math.max(1, math.floor(total_bytes / o.bs))
 local temp = o.file == nil
-local path = o.file or (os.tmpname() .. ".uring_bench")
+local path = o.file
+if temp then
+    path = os.tmpname()         -- (it makes the file: only its name is used)
+    os.remove(path)
+    path = path .. ".uring_bench"
+    cleanup = function() os.remove(path) end
+end
 
 -- One reactor sized for the run: a registered buffer per task.
 local rt = pluvio.runtime()
@@ -78,7 +87,8 @@ local function prepare()
     if st and st.size >= o.size and not (o.verify and writes == false and temp) then
         return false
     end
-    local f = assert(uring.File.open(path, st and "r+" or "w+"))
+    local f, err = uring.File.open(path, st and "r+" or "w+")
+    if not f then fail(err) end
     local buf = f:acquire_buffer()
     local chunk = buf:size() - buf:size() % o.bs
     local off = 0
@@ -268,7 +278,7 @@ else
 end
 for i = 1, #tasks do
     local ok, e = tasks[i]:join()
-    if ok == nil and e then error(e, 0) end
+    if ok == nil and e then fail(tostring(e), 1) end
 end
 local elapsed = pluvio.now() - started
 local cpu = bench.cpu_time() - cpu0
@@ -307,18 +317,19 @@ local result = {
     verify = o.verify and { checked = checked_blocks, bad = bad_blocks } or nil,
 }
 
-io.write(("uring_bench: %s bs=%s iodepth=%d%s%s%s, %s ops in %.2f s\n"):format(o.rw, bench.bytes(o.bs),
+local report = o.json == "-" and io.stderr or io.stdout    -- stdout holds only the JSON then
+report:write(("uring_bench: %s bs=%s iodepth=%d%s%s%s, %s ops in %.2f s\n"):format(o.rw, bench.bytes(o.bs),
     o.iodepth, o.direct and " direct" or "", o.fixed and " fixed" or "", o.queue and " queue" or "",
     bench.human(done_ops), elapsed))
-io.write(("  %-14s %12s\n"):format("IOPS", bench.human(result.iops)))
-io.write(("  %-14s %12.1f\n"):format("MiB/s", result.mib_s))
+report:write(("  %-14s %12s\n"):format("IOPS", bench.human(result.iops)))
+report:write(("  %-14s %12.1f\n"):format("MiB/s", result.mib_s))
 for _, k in ipairs({ "min", "p50", "p90", "p99", "p99_9", "max" }) do
-    io.write(("  %-14s %12s\n"):format("lat " .. k:gsub("_", "."), bench.human(result.lat_us[k] / 1e6, "s")))
+    report:write(("  %-14s %12s\n"):format("lat " .. k:gsub("_", "."), bench.human(result.lat_us[k] / 1e6, "s")))
 end
-io.write(("  %-14s %12.1f\n"):format("ops/enter", result.ops_per_enter))
-io.write(("  %-14s %12s  (%.0f%% of one core)\n"):format("CPU", bench.human(cpu, "s"), result.cpu_percent))
+report:write(("  %-14s %12.1f\n"):format("ops/enter", result.ops_per_enter))
+report:write(("  %-14s %12s  (%.0f%% of one core)\n"):format("CPU", bench.human(cpu, "s"), result.cpu_percent))
 if result.verify then
-    io.write(("  %-14s %12s\n"):format("verify", ("%d blocks, %d bad"):format(checked_blocks, bad_blocks)))
+    report:write(("  %-14s %12s\n"):format("verify", ("%d blocks, %d bad"):format(checked_blocks, bad_blocks)))
 end
 if o.json then
     bench.write_json(o.json, result)

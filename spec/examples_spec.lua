@@ -173,6 +173,59 @@ describe("examples/remoteio.lua", function()
         assert.equal(2, status)
         assert.matches("^remoteio: %-%-mode must be write or read", err)
     end)
+
+    it("agrees with a server that has another --chunk, and refuses one larger than the server's", function()
+        local function server(port)
+            return io.popen(q(helper.host) .. " " .. q(helper.root .. "/examples/remoteio.lua") ..
+                            " --server --quiet --port " .. port .. " 2>&1", "r")
+        end
+        local port = 23000 + math.random(0, 5000)
+        local srv = server(port)
+        assert.matches("serving on", srv:read("*l"))
+        local status, out, err = run("remoteio.lua", "--connect 127.0.0.1:" .. port .. " --size 1m --chunk 64k --quiet")
+        srv:close()
+        assert.equal(0, status, err)
+        assert.matches("checksums: client (%x+), server %1: match", out)
+        srv = server(port + 1)
+        assert.matches("serving on", srv:read("*l"))
+        status, _, err = run("remoteio.lua", "--connect 127.0.0.1:" .. (port + 1) .. " --size 4m --chunk 2m --quiet")
+        srv:close()
+        assert.equal(2, status)
+        assert.equal("remoteio: --chunk 2 MiB is larger than the server's --chunk 1 MiB (the size of its buffers)\n", err)
+    end)
+end)
+
+describe("the scripts' option parser", function()
+    it("rejects what is not a plain decimal number, a value given to a flag, out-of-range values and unwritable reports", function()
+        local cases = {
+            { "uring_bench.lua", "--runtime 0x10", "^uring_bench: %-%-runtime must be a number %(got 0x10%)" },
+            { "uring_bench.lua", "--runtime inf", "^uring_bench: %-%-runtime must be a number %(got inf%)" },
+            { "uring_bench.lua", "--runtime nan", "^uring_bench: %-%-runtime must be a number %(got nan%)" },
+            { "uring_bench.lua", "--fixed=no", "^uring_bench: %-%-fixed takes no value %(got %-%-fixed=no%)" },
+            { "uring_bench.lua", "--seed -5", "^uring_bench: %-%-seed must be from 0 to" },
+            { "ucx_bench.lua", "--port 70000", "^ucx_bench: %-%-port must be from 0 to 65535 %(got 70000%)" },
+            { "ucx_bench.lua", "--sizes ,", "^ucx_bench: %-%-sizes needs at least one size" },
+            { "pipeline.lua", "--port -1", "^pipeline: %-%-port must be from 0 to 65535 %(got %-1%)" },
+            { "runtime_bench.lua", "--idle-seconds -1", "^runtime_bench: %-%-idle%-seconds must be from 0.01 to 3600" },
+            { "bench_compare.lua", "--rounds 0", "^bench_compare: %-%-rounds must be from 1 to 1000 %(got 0%)" },
+            { "bench_compare.lua", "--only foo", "^bench_compare: %-%-only must be uring or ucx %(got foo%)" },
+            { "uring_bench.lua", "--json /nonexistent/x.json", "^uring_bench: %-%-json: cannot write /nonexistent/x.json" },
+            { "pipeline.lua", "--dir /nonexistent", "^pipeline: %-%-dir /nonexistent does not exist" },
+        }
+        for _, c in ipairs(cases) do
+            local status, _, err = run(c[1], c[2])
+            assert.equal(2, status, c[1] .. " " .. c[2] .. ": " .. err)
+            assert.matches(c[3], err)
+            assert.equal(1, select(2, err:gsub("\n", "")))     -- one line
+        end
+    end)
+
+    it("keeps stdout for the JSON alone with --json -", function()
+        local status, out, err = run("uring_bench.lua", "--size 256k --bytes 64k --iodepth 2 --quiet --json -")
+        assert.equal(0, status, err)
+        assert.is_table(json.decode(out))
+        assert.matches("IOPS", err)
+    end)
 end)
 
 describe("examples/runtime_bench.lua", function()

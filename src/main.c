@@ -30,7 +30,7 @@ static const char usage[] =
     "  -e code      run code (inside the main task, before the script)\n"
     "  -l module    require module (inside the main task, before the script)\n"
     "  --stats      print runtime statistics and live tasks at exit (stderr)\n"
-    "  -v           print the version\n"
+    "  -v, --version  print the version\n"
     "  -h, --help   print this help\n"
     "  --           stop handling options\n"
     "  -            read the script from standard input\n"

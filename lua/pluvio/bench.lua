@@ -109,10 +109,12 @@ function M.parse_size(s)
 end
 
 -- parse_args(spec, argv): spec = { usage = "...", options = { {name, kind,
--- default, help}, ... } } with kind "string", "integer", "number",
--- "size", "flag" or "list" (comma-separated sizes).  Returns the options
--- table, or prints the help and exits 0 (--help), or prints a one-line
--- error and exits 2.
+-- default, help[, min = n][, max = n][, choices = {...}][, out = true]},
+-- ... } } with kind "string", "integer", "number" (decimal, finite),
+-- "size", "flag" or "list" (comma-separated sizes).  min / max bound a
+-- value, choices lists the allowed ones, out marks a path the script will
+-- write (checked before the run).  Returns the options table, or prints
+-- the help and exits 0 (--help), or prints a one-line error and exits 2.
 function M.parse_args(spec, argv)
     local opts, by_name = {}, {}
     for _, o in ipairs(spec.options) do
@@ -138,6 +140,9 @@ function M.parse_args(spec, argv)
         end
         local key = name:gsub("-", "_")
         if o[2] == "flag" then
+            if inline ~= nil then
+                fail(format("--%s takes no value (got --%s)", name, a:sub(3)))
+            end
             opts[key] = true
         else
             local v = inline
@@ -149,8 +154,10 @@ function M.parse_args(spec, argv)
                 fail("--" .. name .. " needs a value")
             end
             if o[2] == "integer" or o[2] == "number" then
-                local n = tonumber(v)
-                if not n or (o[2] == "integer" and n % 1 ~= 0) then
+                -- decimal only: tonumber alone takes 0x10, inf and nan
+                local n = v:match("^%s*[+-]?%d*%.?%d+[eE]?[+-]?%d*%s*$") and tonumber(v)
+                if not n or n ~= n or n == math.huge or n == -math.huge or
+                        (o[2] == "integer" and n % 1 ~= 0) then
                     fail(format("--%s must be %s (got %s)", name, o[2] == "integer" and "an integer" or "a number", v))
                 end
                 v = n
@@ -169,7 +176,33 @@ function M.parse_args(spec, argv)
                     end
                     list[#list + 1] = n
                 end
+                if #list == 0 then
+                    fail(format("--%s needs at least one size", name))
+                end
                 v = list
+            end
+            if o.choices then
+                local ok = false
+                for _, c in ipairs(o.choices) do
+                    if v == c then ok = true end
+                end
+                if not ok then
+                    local c = o.choices
+                    local words = #c > 1 and table.concat(c, ", ", 1, #c - 1) .. " or " .. c[#c] or c[1]
+                    fail(format("--%s must be %s (got %s)", name, words, tostring(v)))
+                end
+            end
+            if (o.min and v < o.min) or (o.max and v > o.max) then
+                fail(format("--%s must be %s (got %s)", name,
+                            o.max and format("from %s to %s", tostring(o.min), tostring(o.max))
+                                or format("at least %s", tostring(o.min)), tostring(v)))
+            end
+            if o.out and v ~= "-" then       -- a report path: find out now, not after the run
+                local f, err = io.open(v, "a")
+                if not f then
+                    fail(format("--%s: cannot write %s (%s)", name, v, tostring(err)))
+                end
+                f:close()
             end
             opts[key] = v
         end
