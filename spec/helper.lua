@@ -38,8 +38,16 @@ function M.exec(cmd)
 end
 
 -- Write code to a temporary script and run it with the pluvio host.
+-- A temporary path ending in suffix (os.tmpname makes a file of its own
+-- name: it goes, only the name is used).
+function M.tmp_path(suffix)
+    local base = os.tmpname()
+    os.remove(base)
+    return base .. (suffix or "")
+end
+
 function M.run_script(code, args)
-    local path = os.tmpname() .. ".lua"
+    local path = M.tmp_path(".lua")
     local f = assert(io.open(path, "w"))
     f:write(code)
     f:close()

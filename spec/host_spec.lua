@@ -73,7 +73,7 @@ describe("pluvio (the host)", function()
     it("prints statistics and live tasks at exit with --stats", function()
         local status, _, err = helper.run_script("pluvio.sleep(0.001)", "")
         assert.equal(0, status)
-        local path = os.tmpname() .. ".lua"
+        local path = helper.tmp_path(".lua")
         local f = io.open(path, "w")
         f:write("pluvio.spawn_named('sleepy', function() pluvio.sleep(0.01) end)\npluvio.sleep(0.001)\n")
         f:close()
