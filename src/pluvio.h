@@ -406,7 +406,9 @@ void pl_ucx_reactor_attach(pl_ucx_reactor_t *r, pl_runtime_t *rt);
 int pl_ucx_reactor_add_worker(pl_ucx_reactor_t *r, pl_ucx_worker_t *w);
 
 pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err);
-int pl_ucx_worker_close(pl_ucx_worker_t *w);
+/* Closes what the worker owns and wakes, in rt, every task waiting on it
+ * (NULL from a finalizer: its runtime may be gone). */
+int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt);
 int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap);
 double pl_ucx_worker_max_am_header(pl_ucx_worker_t *w);
 void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out);

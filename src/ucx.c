@@ -358,14 +358,35 @@ void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out)
     out->failed_endpoints = failed;
 }
 
+/* Cancel what is still in flight (tag receives wait for a peer that may
+ * never send) and let UCX report it; an op UCX still holds after that has
+ * its task woken here: it finds the worker closed. */
+static void worker_cancel_ops(pl_ucx_worker_t *w)
+{
+    for (uint32_t i = 0; i < w->nops; i++) {
+        struct ucx_op *op = op_at(w, i);
+        if (op->state == UOP_IN_FLIGHT)
+            ucp_request_cancel(w->ucp, op);
+    }
+    while (w->in_flight > 0 && ucp_worker_progress(w->ucp) > 0)
+        ;
+    for (uint32_t i = 0; i < w->nops && w->in_flight > 0; i++) {
+        struct ucx_op *op = op_at(w, i);
+        if (op->state == UOP_IN_FLIGHT)
+            ucx_wake(w, op->task_slot, op->task_gen);
+    }
+}
+
 /* Close everything the worker owns, in order: endpoints (forced: a worker
  * being closed will not progress a graceful flush), listeners, streams,
- * then the ucp worker. */
-int pl_ucx_worker_close(pl_ucx_worker_t *w)
+ * ops still in flight, then the ucp worker.  Every task waiting on it is
+ * woken in rt (the runtime progressing it); rt is NULL from a finalizer,
+ * whose runtime may be gone, and then nobody is woken. */
+int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
     pl_ucx_context_t *ctx = w->ctx;
 
-    w->rt = NULL;       /* its runtime may be gone: wake nobody from now on */
+    w->rt = rt;
     for (int i = 0; i < w->neps; i++) {
         struct ucx_ep *e = &w->eps[i];
         if (e->state != EP_FREE && e->owned) {
@@ -383,11 +404,11 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w)
         if (w->listeners[i].open)
             pl_ucx_listener_close(w, i);
     ucx_streams_free(w);
-    while (w->in_flight > 0 && ucp_worker_progress(w->ucp) > 0)
-        ;
+    worker_cancel_ops(w);
     if (w->reactor)
         reactor_remove_worker(w->reactor, w);
     ucp_worker_destroy(w->ucp);
+    w->rt = NULL;
     for (int k = 0; k < w->nchunks; k++)
         free(w->op_chunks[k]);
     free(w->msgs);

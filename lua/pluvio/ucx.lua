@@ -29,6 +29,23 @@ local function errname(rc)
     return ffi_string(C.pl_errname(rc))
 end
 
+-- What await reports when the worker was closed while the task waited: no
+-- errno (the op is gone with the worker), said as such in every message.
+local CLOSED = -0x10000
+
+-- An op's failure: its message and errno name.
+local function why(rc)
+    if rc == CLOSED then
+        return "the worker is closed", "ECANCELED"
+    end
+    return errstr(rc), errname(rc)
+end
+
+local function fail(what, rc)
+    local msg, name = why(rc)
+    return nil, what .. ": " .. msg, name
+end
+
 ---------------------------------------------------------------------------
 -- The reactor
 ---------------------------------------------------------------------------
@@ -172,6 +189,12 @@ local function live_context(fname, c)
     return c
 end
 
+-- A worker left to the garbage collector: its runtime may be gone, so it
+-- wakes nobody (no task can wait on it: they would reference it).
+local function finalize_worker(w)
+    C.pl_ucx_worker_close(w, nil)
+end
+
 function Context:create_worker(opts)
     live_context("Context:create_worker", self)
     if opts ~= nil and type(opts) ~= "table" then
@@ -183,7 +206,7 @@ function Context:create_worker(opts)
         return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0])
     end
     local worker = setmetatable({
-        w = ffi.gc(w, C.pl_ucx_worker_close), context = self, result = ffi.new("pl_ucx_result_t"),
+        w = ffi.gc(w, finalize_worker), context = self, result = ffi.new("pl_ucx_result_t"),
         info = ffi.new("pl_ucx_msg_info_t"), eps = {}, listeners = {}, streams = {}, limbo = {},
         max_header = C.pl_ucx_worker_max_am_header(w),
     }, Worker)
@@ -224,12 +247,19 @@ local function await(w, t, op, what, keep, keep2)
     C.pl_task_wait(w.rt_crt or t.rt.crt, t.slot, WAIT_IO, op)
     local fname, seq = t.io_fname, t.io_seq
     yielded(t, co_yield(WAIT), fname, seq)
-    while C.pl_ucx_op_take(w.w, op, result) == 0 do
-        park(t, WAIT_IO, op, what)
+    local ww = w.w          -- nil: the worker was closed meanwhile, the op with it
+    if ww and C.pl_ucx_op_take(ww, op, result) == 0 then
+        repeat              -- (entered only when woken early: see Stream:wait_msg)
+            park(t, WAIT_IO, op, what)
+            ww = w.w
+        until not ww or C.pl_ucx_op_take(ww, op, result) ~= 0
     end
     t.waiting_for = nil
     t.io_reactor = nil
     t.io_keep, t.io_keep2 = nil, nil
+    if not ww then
+        return CLOSED, 0, 0
+    end
     return result.status, result.length, result.sender_tag
 end
 
@@ -253,6 +283,7 @@ end
 local function limbo_sweep(w, all)
     local limbo = w.limbo
     local kept = 0
+    all = all or not w.w
     for i = 1, #limbo do
         local e = limbo[i]
         limbo[i] = nil
@@ -402,10 +433,10 @@ function Worker:connect_socket(host, port)
     local rc = run_op(self, t, C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen), what)
     local h = hout[0]
     if rc < 0 then
-        if h >= 0 then      -- the endpoint exists but never came up: drop it
+        if h >= 0 and self.w then   -- the endpoint exists but never came up: drop it
             C.pl_ucx_ep_close(self.w, h, t.slot, t.gen)
         end
-        return nil, format("connect to %s:%d: %s", host, port, errstr(rc)), errname(rc)
+        return fail(format("connect to %s:%d", host, port), rc)
     end
     return new_endpoint(self, h, ffi_string(C.pl_ucx_ep_peer(self.w, h)))
 end
@@ -489,7 +520,7 @@ function Worker:tag_recv(tag, mask, len_or_buf)
     local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
                                  "tag receive", scratch or len_or_buf)
     if rc < 0 then
-        return nil, "tag_recv: " .. errstr(rc), errname(rc)
+        return fail("tag_recv", rc)
     end
     if scratch then
         return ffi_string(scratch, len), stag
@@ -523,9 +554,11 @@ function Worker:close()
     for _, s in pairs(self.streams) do s.open = false end
     local w = self.w
     ffi.gc(w, nil)
-    C.pl_ucx_worker_close(w)
+    self.w = nil            -- first: the tasks it wakes must find it closed
+    -- they wait in the runtime progressing it (else in the running one)
+    local rt = self.reactor and self.reactor.rt or pluvio.runtime()
+    C.pl_ucx_worker_close(w, rt and rt.crt or nil)
     limbo_sweep(self, true)         -- its ops are gone with it
-    self.w = nil
     if self.reactor then self.reactor.workers[self] = nil end
     self.context.workers[self] = nil
     return true
@@ -555,8 +588,10 @@ function Listener:accept()
     local t = current_task("Listener:accept")
     local w = self.worker
     while true do
-        if not self.i or not w.w then
-            return nil, "accept: the listener was closed"
+        if not w.w then
+            return nil, "accept: the worker is closed", "ECANCELED"
+        elseif not self.i then
+            return nil, "accept: the listener was closed", "EBADF"
         end
         local h = C.pl_ucx_accept(w.w, self.i, t.slot, t.gen)
         if h >= 0 then
@@ -618,7 +653,8 @@ local function payload(fname, name, v, len)
 end
 
 local function send_failed(ep, what, rc)
-    return nil, format("%s to %s: %s", what, ep.peer, errstr(rc)), errname(rc)
+    local msg, name = why(rc)
+    return nil, format("%s to %s: %s", what, ep.peer, msg), name
 end
 
 -- am_send and am_send_nb: the checks and the start, in one function that
@@ -710,20 +746,23 @@ function Handle:wait()
         t.io_handle = self
         t.waiting_for = self.ep
         local result, seq = w.result, t.io_seq
-        if C.pl_ucx_op_take(w.w, rc, result) == 0 then
+        local op, ww = rc, w.w      -- ww nil: the worker was closed, the op with it
+        if ww and C.pl_ucx_op_take(ww, op, result) == 0 then
             -- not a plain loop: one entered on every call becomes a root
             -- trace of its own and breaks the caller's
-            park(t, WAIT_IO, rc, self.ep, "SendHandle:wait", seq)
-            if C.pl_ucx_op_take(w.w, rc, result) == 0 then
+            park(t, WAIT_IO, op, self.ep, "SendHandle:wait", seq)
+            ww = w.w
+            if ww and C.pl_ucx_op_take(ww, op, result) == 0 then
                 repeat
-                    park(t, WAIT_IO, rc, self.ep, "SendHandle:wait", seq)
-                until C.pl_ucx_op_take(w.w, rc, result) ~= 0
+                    park(t, WAIT_IO, op, self.ep, "SendHandle:wait", seq)
+                    ww = w.w
+                until not ww or C.pl_ucx_op_take(ww, op, result) ~= 0
             end
         end
+        rc = ww and result.status or CLOSED
         t.waiting_for = nil
         t.io_reactor, t.io_handle = nil, nil
         t.io_keep, t.io_keep2, t.io_held1, t.io_held2 = nil, nil, nil, nil
-        rc = result.status
         self.op = rc
         unhold(self.held1)
         unhold(self.held2)
@@ -810,7 +849,9 @@ end
 -- The stream's next message, false when the task must wait (it was queued
 -- as a reader in C), or nil, err, code.
 local function next_msg(self, w, t)
-    if not self.open or not w.w then
+    if not w.w then
+        return nil, "wait_msg: the worker is closed", "ECANCELED"
+    elseif not self.open then
         return nil, "wait_msg: the stream is closed", "EBADF"
     end
     local info = w.info
@@ -909,7 +950,7 @@ local function take(m, fname, ptr, cap, keep)
     m.h = nil
     local rc = run_op(w, t, C.pl_ucx_msg_recv(w.w, h, ptr, cap, t.slot, t.gen), "AM data", keep)
     if rc < 0 then
-        return nil, "receive AM data: " .. errstr(rc), errname(rc)
+        return fail("receive AM data", rc)
     end
     return m.len
 end
@@ -962,6 +1003,9 @@ function Message:reply(id, header, data, need_reply, proto)
         error("Message:reply: the sender did not ask for a reply (need_reply was false)", 2)
     end
     local w = self.worker
+    if not w.w then
+        error("Message:reply: the worker is closed", 2)
+    end
     local ep = self.reply_ep
     if not ep then
         ep = setmetatable({ worker = w, h = self.reply_h, peer = "the sender" }, Endpoint)

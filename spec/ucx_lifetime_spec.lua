@@ -1,0 +1,78 @@
+-- UCX object lifetimes: what closing a worker, an endpoint or a stream does
+-- to the tasks and messages that depend on it, and what a task that ends
+-- or is cancelled leaves behind.
+local pluvio = require "pluvio"
+local ucx = require "pluvio.ucx"
+local helper = require "helper"
+
+local async = helper.async
+
+-- A server worker with a listener on loopback and a connected client.
+local function pair(opts)
+    local ctx = assert(ucx.Context.new())
+    local sw = assert(ctx:create_worker())
+    local cw = assert(ctx:create_worker())
+    local stream = sw:am_stream(1, opts and opts.window and { window = opts.window } or nil)
+    local l = assert(sw:create_listener("127.0.0.1", 0))
+    local accepted = pluvio.spawn(function() return assert(l:accept()) end)
+    local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+    local sep = accepted:join()
+    return { ctx = ctx, sw = sw, cw = cw, stream = stream, listener = l, ep = ep, sep = sep }
+end
+
+local function close_pair(p)
+    p.ep:close()
+    p.listener:close()
+    p.cw:close()
+    p.sw:close()
+    p.ctx:close()
+end
+
+-- Run fn's results, or fail the spec if it does not finish within 2 s.
+local function within(seconds, fn)
+    local r = { pluvio.timeout(seconds, function() return { fn() } end) }
+    assert.is_table(r[1], "did not finish within " .. seconds .. " s: " .. tostring(r[2]))
+    return r[1]
+end
+
+describe("Worker:close", function()
+    it("wakes the tasks waiting in wait_msg, accept and tag_recv with nil, \"the worker is closed\"", async(function()
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local stream = w:am_stream(1)
+        local l = assert(w:create_listener("127.0.0.1", 0))
+        local waiters = {
+            pluvio.spawn(function() return stream:wait_msg() end),
+            pluvio.spawn(function() return l:accept() end),
+            pluvio.spawn(function() return w:tag_recv(5, 0xffff, 100) end),
+        }
+        pluvio.sleep(0.01)
+        assert.is_true(w:close())
+        local got = {}
+        for i, t in ipairs(waiters) do got[i] = within(2, function() return t:join() end) end
+        assert.same({ nil, "wait_msg: the worker is closed", "ECANCELED" }, got[1])
+        assert.same({ nil, "accept: the worker is closed", "ECANCELED" }, got[2])
+        assert.same({ nil, "tag_recv: the worker is closed", "ECANCELED" }, got[3])
+        ctx:close()
+    end))
+
+    it("fails a send handle's wait after the handle's worker was closed, without touching the worker", function()
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local stream = sw:am_stream(1)
+            local l = assert(sw:create_listener("127.0.0.1", 0))
+            local acc = pluvio.spawn(function() return assert(l:accept()) end)
+            local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+            local sep = acc:join()
+            -- rendezvous: in flight until the receiver pulls it, which it never does
+            local h = ep:am_send_nb(1, "h", ("x"):rep(1048576), false, "rndv")
+            cw:close()
+            print(h:wait())
+            sep:close(); l:close(); sw:close(); ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        assert.matches("^nil\tam_send to 127%.0%.0%.1:%d+: the worker is closed\tECANCELED\n$", out)
+    end)
+end)
