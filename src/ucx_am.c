@@ -114,9 +114,26 @@ int pl_ucx_msg_info(pl_ucx_worker_t *w, int h, pl_ucx_msg_info_t *out)
     out->header_length = (double)m->header_len;
     out->data_length = (double)m->length;
     out->rndv = m->rndv;
-    out->can_reply = m->reply_ep != NULL;
-    out->ep = m->reply_ep ? ucx_ep_add(w, m->reply_ep, false, "reply") : -1;
+    out->can_reply = m->reply_ep != NULL || m->reply_err < 0;
+    if (m->reply_ep)
+        out->ep = ucx_ep_add(w, m->reply_ep, false, "reply");
+    else
+        out->ep = out->can_reply ? m->reply_err : -1;   /* why it cannot be answered */
     return 0;
+}
+
+/* The endpoint ep is closed or failed: held messages that came on it must
+ * not hand it out for a reply (UCX frees it once closed).  Not a hot path:
+ * endpoints close rarely. */
+void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err)
+{
+    for (uint32_t i = 0; i < w->nmsgs; i++) {
+        struct ucx_msg *m = &w->msgs[i];
+        if (m->used && m->reply_ep == ep) {
+            m->reply_ep = NULL;
+            m->reply_err = err;
+        }
+    }
 }
 
 int pl_ucx_msg_release(pl_ucx_worker_t *w, int h)
@@ -275,6 +292,7 @@ static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len,
     m->rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
     m->data_held = !m->rndv && (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA) && length > 0;
     m->reply_ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
+    m->reply_err = 0;
     if (s->len == 0)
         s->head = (uint32_t)i;
     else

@@ -70,6 +70,7 @@ static void ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
     if (i >= 0 && w->eps[i].state == EP_OPEN) {
         w->eps[i].state = EP_FAILED;
         w->eps[i].error = pl_ucx_errno(status);
+        ucx_msgs_forget_ep(w, ep, w->eps[i].error);
     }
     ucx_streams_wake_all(w);
 }
@@ -96,8 +97,8 @@ bool ucx_worker_has_peers(pl_ucx_worker_t *w)
 {
     if (w->address_shared)
         return true;
-    for (int i = 0; i < w->neps; i++)
-        if (w->eps[i].state == EP_OPEN)
+    for (int i = 0; i < w->neps; i++)    /* reply endpoints: their peer is counted already */
+        if (w->eps[i].state == EP_OPEN && w->eps[i].owned)
             return true;
     for (int i = 0; i < UCX_MAX_LISTENERS; i++)
         if (w->listeners[i].open)
@@ -254,6 +255,7 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
     p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = e->state == EP_FAILED ? UCP_EP_CLOSE_FLAG_FORCE : 0;
     e->state = EP_FREE;
+    ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
     return ucx_op_result(w, op, ucp_ep_close_nbx(e->ep, &p));
 }
 

@@ -78,7 +78,8 @@ struct ucx_msg {
     bool data_held;         /* eager data kept by UCX (UCS_INPROGRESS) */
     void *data;             /* eager data or rendezvous descriptor */
     size_t length;
-    ucp_ep_h reply_ep;
+    ucp_ep_h reply_ep;      /* the sender's, NULL once closed or failed (reply_err says so) */
+    int32_t reply_err;      /* 0, or -errno: the reply endpoint is gone */
     size_t header_len;
     char *header_heap;      /* when larger than the inline room, else NULL; */
     char header_inline[128];    /* never point at this: the array moves */
@@ -146,5 +147,6 @@ void ucx_streams_wake_all(pl_ucx_worker_t *w);
 bool ucx_worker_has_peers(pl_ucx_worker_t *w);
 bool ucx_worker_over_window(pl_ucx_worker_t *w);
 void ucx_streams_free(pl_ucx_worker_t *w);
+void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err);
 
 #endif /* PL_UCX_INTERNAL_H */

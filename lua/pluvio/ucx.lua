@@ -1006,6 +1006,14 @@ function Message:reply(id, header, data, need_reply, proto)
     if not w.w then
         error("Message:reply: the worker is closed", 2)
     end
+    local h = self.reply_h
+    if h < 0 then           -- the endpoint it came on was closed or failed since
+        local msg, name = why(h)
+        if h == ENOTCONN then
+            msg = "the endpoint the message came on was closed"
+        end
+        return nil, "am_send to the sender: " .. msg, name
+    end
     local ep = self.reply_ep
     if not ep then
         ep = setmetatable({ worker = w, h = self.reply_h, peer = "the sender" }, Endpoint)
