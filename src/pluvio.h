@@ -449,6 +449,9 @@ void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint3
 int pl_ucx_msg_info(pl_ucx_worker_t *w, int msg, pl_ucx_msg_info_t *out);
 int pl_ucx_msg_recv(pl_ucx_worker_t *w, int msg, void *buf, size_t len, uint32_t slot, uint32_t gen);
 int pl_ucx_msg_release(pl_ucx_worker_t *w, int msg);
+/* Release the messages the task (slot, gen) took and neither received nor
+ * released: it ended.  Returns how many. */
+int pl_ucx_msgs_release_task(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);
 
 int pl_ucx_tag_send(pl_ucx_worker_t *w, int ep, uint64_t tag, const void *data, size_t len,
                     uint32_t slot, uint32_t gen);

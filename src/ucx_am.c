@@ -98,6 +98,7 @@ static void msg_free(pl_ucx_worker_t *w, struct ucx_msg *m)
     m->data_held = false;
     m->rndv = false;
     m->used = false;
+    m->taken = false;
     m->gen++;
     m->next = w->free_msg;
     w->free_msg = (uint32_t)(m - w->msgs);
@@ -144,6 +145,23 @@ int pl_ucx_msg_release(pl_ucx_worker_t *w, int h)
         return -EBADF;
     msg_free(w, m);
     return 0;
+}
+
+/* A message belongs to the task that took it: one it dropped would hold
+ * its eager data, or its rendezvous sender, for ever.  Not per message: a
+ * task that took messages calls this once, as it ends. */
+int pl_ucx_msgs_release_task(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen)
+{
+    int released = 0;
+
+    for (uint32_t i = 0; i < w->nmsgs; i++) {
+        struct ucx_msg *m = &w->msgs[i];
+        if (m->used && m->taken && m->owner_slot == slot && m->owner_gen == gen) {
+            msg_free(w, m);
+            released++;
+        }
+    }
+    return released;
 }
 
 static void recv_done(void *request, ucs_status_t status, size_t length, void *user_data)
@@ -420,6 +438,9 @@ int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t 
     stream_len_changed(s, s->len + 1);
     if (s->len > 0)
         stream_wake_one(s);     /* more held: the next reader may go on */
+    w->msgs[i].taken = true;
+    w->msgs[i].owner_slot = slot;
+    w->msgs[i].owner_gen = gen;
     h = msg_handle(w, i);
     if (info)
         pl_ucx_msg_info(w, h, info);

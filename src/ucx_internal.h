@@ -70,10 +70,12 @@ struct ucx_listener {
     bool has_waiter;
 };
 
-/* A received message held until the reader takes it. */
+/* A received message: held by its stream, then taken (handed to Lua by
+ * pl_ucx_stream_next) until its data is received or it is released. */
 struct ucx_msg {
     uint32_t gen;
     bool used;
+    bool taken;             /* handed to the task owner_slot, owner_gen */
     bool rndv;
     bool data_held;         /* eager data kept by UCX (UCS_INPROGRESS) */
     void *data;             /* eager data or rendezvous descriptor */
@@ -83,6 +85,7 @@ struct ucx_msg {
     size_t header_len;
     char *header_heap;      /* when larger than the inline room, else NULL; */
     char header_inline[128];    /* never point at this: the array moves */
+    uint32_t owner_slot, owner_gen;
     uint32_t next;          /* next message of the stream, or free list */
 };
 

@@ -189,6 +189,9 @@ local function live_context(fname, c)
     return c
 end
 
+-- Open workers: where a task that ends may have taken messages.
+local live_workers = setmetatable({}, { __mode = "k" })
+
 -- A worker left to the garbage collector: its runtime may be gone, so it
 -- wakes nobody (no task can wait on it: they would reference it).
 local function finalize_worker(w)
@@ -211,6 +214,7 @@ function Context:create_worker(opts)
         max_header = C.pl_ucx_worker_max_am_header(w),
     }, Worker)
     self.workers[worker] = true
+    live_workers[worker] = true
     auto_register(worker)
     return worker
 end
@@ -561,6 +565,7 @@ function Worker:close()
     limbo_sweep(self, true)         -- its ops are gone with it
     if self.reactor then self.reactor.workers[self] = nil end
     self.context.workers[self] = nil
+    live_workers[self] = nil
     return true
 end
 
@@ -846,6 +851,27 @@ function Stream:_abandon_wait(t)
     end
 end
 
+-- A message belongs to the task that took it (wait_msg).  When that task
+-- is cancelled or fails, what it has neither received nor released is
+-- released (C knows each message's task): its rendezvous sender waits
+-- until then.  A task that returns may have handed its messages on (as
+-- results, through channels): they stay, and whoever has them receives
+-- or releases them.  Nothing is done per message but one field: a message
+-- consumed where it was taken never reaches the heap (the JIT sinks it),
+-- and tracking each one (a table entry, a finalizer) would cost that.
+local MsgOwner = {}     -- in the resources of each task that took messages
+
+function MsgOwner._task_exit(_, t)
+    if t.final == "done" then
+        return
+    end
+    for w in pairs(live_workers) do
+        if w.w then
+            C.pl_ucx_msgs_release_task(w.w, t.slot, t.gen)
+        end
+    end
+end
+
 -- The stream's next message, false when the task must wait (it was queued
 -- as a reader in C), or nil, err, code.
 local function next_msg(self, w, t)
@@ -866,8 +892,12 @@ local function next_msg(self, w, t)
             worker = w, h = h,
             header = hlen > 0 and ffi_string(info.header, hlen) or "",
             len = info.data_length, rndv = info.rndv ~= 0,
-            reply_h = info.can_reply ~= 0 and info.ep or nil,
+            reply_h = info.can_reply ~= 0 and info.ep or nil, owner = t,
         }, Message)
+        if not t.takes_msgs then
+            t.takes_msgs = true
+            t:_own(MsgOwner)
+        end
         return m
     elseif h == EAGAIN then
         return false
@@ -931,6 +961,12 @@ local function live_msg(fname, m)
     if not m.worker.w then
         error(fname .. ": the worker is closed", 3)
     end
+    local owner = m.owner
+    if not owner.live and owner.final ~= "done" then
+        m.h = nil
+        error(format("%s: the message was released when %s, which took it, ended", fname,
+                     tostring(owner)), 3)
+    end
     return m
 end
 
@@ -988,7 +1024,8 @@ end
 -- release(): drop the message without reading its data.
 function Message:release()
     check.self("Message:release", self, Message, "a message")
-    if self.h and self.worker.w then
+    local owner = self.owner
+    if self.h and self.worker.w and (owner.live or owner.final == "done") then
         C.pl_ucx_msg_release(self.worker.w, self.h)
     end
     self.h = nil
