@@ -149,3 +149,22 @@ describe("Message", function()
         close_pair(p)
     end))
 end)
+
+describe("Worker:connect_socket", function()
+    it("leaves no half-open endpoint when pluvio.timeout cancels it: wait_msg then fails with ENOTCONN", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local l = assert(sw:create_listener("127.0.0.1", 0))   -- nobody accepts: the connect waits
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.2, cw.connect_socket, cw, "127.0.0.1", l:port()) })
+        local deadline = pluvio.now() + 2
+        while cw:stats().ops_in_flight > 0 and pluvio.now() < deadline do pluvio.sleep(0.005) end
+        local s = cw:stats()
+        assert.equal(0, s.endpoints)
+        assert.equal(0, s.ops_in_flight)
+        local stream = cw:am_stream(7)
+        local r = within(2, function() return stream:wait_msg() end)
+        assert.is_nil(r[1])
+        assert.equal("ENOTCONN", r[3])
+        l:close(); cw:close(); sw:close(); ctx:close()
+    end))
+end)

@@ -232,13 +232,27 @@ int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
     return ucx_op_result(w, op, ucp_ep_flush_nbx(e->ep, &p));
 }
 
+/* Start closing an endpoint we own; the entry is free from now on. */
+static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t slot, uint32_t gen)
+{
+    ucp_request_param_t p;
+    struct ucx_op *op;
+    int rc = ucx_op_new(w, slot, gen, -1, &op);
+
+    if (rc < 0)
+        return rc;
+    ucx_op_param(&p, op);
+    p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    e->state = EP_FREE;
+    ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
+    return ucx_op_result(w, op, ucp_ep_close_nbx(e->ep, &p));
+}
+
 /* Close gracefully (flush) a healthy endpoint, forcefully a failed one. */
 int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);
-    ucp_request_param_t p;
-    struct ucx_op *op;
-    int rc;
 
     if (!e)
         return -EBADF;
@@ -248,15 +262,26 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
         e->state = EP_FREE;
         return 0;
     }
-    rc = ucx_op_new(w, slot, gen, -1, &op);
-    if (rc < 0)
-        return rc;
-    ucx_op_param(&p, op);
-    p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = e->state == EP_FAILED ? UCP_EP_CLOSE_FLAG_FORCE : 0;
-    e->state = EP_FREE;
-    ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
-    return ucx_op_result(w, op, ucp_ep_close_nbx(e->ep, &p));
+    return ep_close(w, e, e->state == EP_FAILED, slot, gen);
+}
+
+/* Close forcefully with nobody waiting: a connection that never came up,
+ * or whose task gave up.  The close's op slot is freed by its callback. */
+int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+    int rc;
+
+    if (!e)
+        return -EBADF;
+    if (!e->owned) {
+        e->state = EP_FREE;
+        return 0;
+    }
+    rc = ep_close(w, e, true, UCX_NONE, 0);
+    if (rc > 0)
+        ucx_op_get(w, (uint32_t)rc - 1)->state = UOP_ABANDONED;
+    return rc < 0 ? rc : 0;
 }
 
 /* ---- listeners ----------------------------------------------------------- */

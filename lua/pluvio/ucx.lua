@@ -329,6 +329,11 @@ function Worker:_abandon(t)
         handle.header, handle.data, handle.held1, handle.held2 = nil, nil, nil, nil
     end
     abandon_op(self, op, k1, k2, h1, h2)
+    local connecting = t.io_connect
+    if connecting then      -- a connect given up: its endpoint would stay half open
+        t.io_connect = nil
+        if self.w then C.pl_ucx_ep_abort(self.w, connecting) end
+    end
 end
 
 -- Wait for op rc (or take its immediate result).  Registered buffers among
@@ -434,11 +439,14 @@ function Worker:connect_socket(host, port)
     local t = current_task("Worker:connect_socket")
     local hout = ffi.new("int[1]", -1)
     local what = format("connect to %s:%d", host, port)
-    local rc = run_op(self, t, C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen), what)
+    local rc = C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen)
     local h = hout[0]
+    t.io_connect = h >= 0 and h or nil     -- a kill meanwhile aborts it (Worker:_abandon)
+    rc = run_op(self, t, rc, what)
+    t.io_connect = nil
     if rc < 0 then
         if h >= 0 and self.w then   -- the endpoint exists but never came up: drop it
-            C.pl_ucx_ep_close(self.w, h, t.slot, t.gen)
+            C.pl_ucx_ep_abort(self.w, h)
         end
         return fail(format("connect to %s:%d", host, port), rc)
     end
