@@ -150,6 +150,26 @@ describe("Message", function()
     end))
 end)
 
+describe("Worker:connect_addr", function()
+    it("refuses what is not a worker address with nil, err instead of letting UCX abort the process", function()
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w, peer = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local addr = assert(peer:address())
+            local bad_version = string.char(bit.bor(bit.band(addr:byte(1), 0xf0), 7)) .. addr:sub(2)
+            for _, a in ipairs({ "x", addr:sub(1, 9), bad_version }) do
+                print(w:connect_addr(a))
+            end
+            local ep = assert(w:connect_addr(addr))     -- a real one still connects
+            ep:close(); w:close(); peer:close(); ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        local line = "nil\tconnect_addr: addr is not a UCX worker address (from Worker:address())\tEINVAL\n"
+        assert.equal(line:rep(3), out)
+    end)
+end)
+
 describe("Worker:connect_socket", function()
     it("leaves no half-open endpoint when pluvio.timeout cancels it: wait_msg then fails with ENOTCONN", async(function()
         local ctx = assert(ucx.Context.new())

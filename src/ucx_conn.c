@@ -106,6 +106,41 @@ bool ucx_worker_has_peers(pl_ucx_worker_t *w)
     return false;
 }
 
+/* The header of a worker address as UCX 1.13 packs it (ucp_address_pack in
+ * src/ucp/wireup/address.c): the low 4 bits of the first byte are the
+ * version; v1 keeps its flags in the high 4 bits, v2 in a second byte.
+ * Then the worker's uuid (always read for v1), a client id and the worker
+ * name (a length byte first) when flagged, then at least one byte of
+ * device list.  ucp_ep_create takes no length and aborts the process on
+ * an unknown version, so this is checked first; the device list itself
+ * cannot be checked without UCX's own parser. */
+enum {
+    ADDR_V1 = 0, ADDR_V2 = 1,
+    ADDR_FLAG_DEBUG_INFO = 1, ADDR_FLAG_WORKER_UUID = 2, ADDR_FLAG_CLIENT_ID = 4,
+    ADDR_FLAGS = 0x0f,
+};
+
+static bool worker_address_valid(const uint8_t *a, size_t len)
+{
+    unsigned version = a[0] & 0x0f, flags;
+    size_t need;
+
+    if (version == ADDR_V1) {
+        flags = a[0] >> 4;
+        need = 1 + 8;
+    } else if (version == ADDR_V2 && len >= 2 && !(a[1] & ~ADDR_FLAGS)) {
+        flags = a[1];
+        need = 2 + ((flags & ADDR_FLAG_WORKER_UUID) ? 8 : 0);
+    } else {
+        return false;
+    }
+    if (flags & ADDR_FLAG_CLIENT_ID)
+        need += 8;
+    if ((flags & ADDR_FLAG_DEBUG_INFO) && len > need)
+        need += 1 + a[need];
+    return len > need;
+}
+
 int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_errors)
 {
     ucp_ep_params_t p = {
@@ -119,7 +154,7 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
     ucs_status_t st;
     int h;
 
-    if (len <= 0)
+    if (len <= 0 || !worker_address_valid(addr, (size_t)len))
         return -EINVAL;
     st = ucp_ep_create(w->ucp, &p, &ep);
     if (st != UCS_OK)

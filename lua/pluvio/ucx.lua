@@ -21,7 +21,7 @@ local type, format, setmetatable, getmetatable, tostring = type, string.format, 
 
 local M = {}
 
-local EAGAIN, ENOTCONN, ECANCELED = -11, -107, -125
+local EAGAIN, EINVAL, ENOTCONN, ECANCELED = -11, -22, -107, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
 
@@ -418,8 +418,10 @@ function Worker:connect_addr(addr, opts)
         end
     end
     local h = C.pl_ucx_connect_addr(self.w, addr, #addr, peer_errors and 1 or 0)
-    if h < 0 then
-        return nil, "connect_addr: " .. errstr(h), errname(h)
+    if h == EINVAL then
+        return nil, "connect_addr: addr is not a UCX worker address (from Worker:address())", "EINVAL"
+    elseif h < 0 then
+        return fail("connect_addr", h)
     end
     return new_endpoint(self, h, "worker address")
 end
