@@ -397,6 +397,38 @@ describe("UCX", function()
     end))
 end)
 
+describe("UCX flow control", function()
+    -- A sender that keeps a window-4 stream full: n messages of 1000 bytes.
+    local function flood(p, n)
+        return pluvio.spawn(function()
+            for i = 1, n do assert(p.ep:am_send(1, tostring(i), ("x"):rep(1000))) end
+        end)
+    end
+
+    -- The reader takes all n, in order.
+    local function drain(p, n)
+        for i = 1, n do
+            local m = assert(p.stream:wait_msg())
+            assert.equal(tostring(i), m.header)
+            m:release()
+        end
+    end
+
+    it("lets a receiver paused by a full stream sleep, and wakes it when the reader takes a message", async(function()
+        local p = pair { window = 4 }
+        local n = 20000                 -- 20 MB: more than the transport holds
+        local sender = flood(p, n)
+        pluvio.sleep(0.2)               -- the stream fills and the worker pauses
+        local c0 = os.clock()
+        pluvio.sleep(0.5)
+        local cpu = os.clock() - c0
+        assert.is_true(cpu < 0.05, "a paused receiver used " .. cpu .. " s of CPU in 0.5 s")
+        drain(p, n)                     -- nothing lost while it slept
+        sender:join()
+        close_pair(p)
+    end))
+end)
+
 describe("UCX across processes", function()
     local SERVER = [[
         local ucx = require "pluvio.ucx"

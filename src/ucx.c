@@ -420,9 +420,19 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
 
 /* ---- the reactor --------------------------------------------------------- */
 
+/* Flow control: a stream holding its window pauses the whole worker (UCX
+ * cannot hold back one AM id), so the peers' messages wait in the
+ * transport.  Our own operations still get progress. */
+static bool worker_paused(const pl_ucx_worker_t *w)
+{
+    return ucx_worker_over_window(w) && w->in_flight == 0;
+}
+
+/* A paused worker is not busy: only a task taking a message resumes it,
+ * and then it is polled again (an idle paused receiver sleeps). */
 static bool worker_busy(pl_ucx_worker_t *w)
 {
-    return w->in_flight > 0 || ucx_worker_has_peers(w);
+    return !worker_paused(w) && (w->in_flight > 0 || ucx_worker_has_peers(w));
 }
 
 static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
@@ -438,9 +448,7 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
         w->rt = rt;
         for (int k = 0; k < budget; k++) {
             unsigned got;
-            /* flow control: a stream over its window stops progress (the
-             * sender is slowed), unless our own ops need progress */
-            if (w->in_flight == 0 && ucx_worker_over_window(w))
+            if (worker_paused(w))
                 break;
             got = ucp_worker_progress(w->ucp);
             w->stats.progress_calls++;
@@ -481,6 +489,22 @@ static int ucx_wait_fd(pl_reactor_t *self)
     return r->epfd;
 }
 
+/* Watch a worker's event fd, or stop while it is paused: a paused worker
+ * is not progressed, so its fd stays readable and would wake the runtime
+ * at once, again and again.  Events that come meanwhile are not lost:
+ * ucp_worker_arm says BUSY once it is watched again. */
+static int reactor_watch(pl_ucx_reactor_t *r, pl_ucx_worker_t *w, bool watch)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = w };
+
+    if (w->efd < 0 || w->watched == watch)
+        return 0;
+    if (epoll_ctl(r->epfd, watch ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, w->efd, &ev) < 0)
+        return -errno;
+    w->watched = watch;
+    return 0;
+}
+
 /* Arm every worker; BUSY means events are pending: progress first. */
 static int ucx_arm(pl_reactor_t *self)
 {
@@ -488,8 +512,11 @@ static int ucx_arm(pl_reactor_t *self)
 
     for (int i = 0; i < r->nworkers; i++) {
         pl_ucx_worker_t *w = r->workers[i];
+        bool paused = worker_paused(w);
         ucs_status_t st;
-        if (w->efd < 0 || (w->in_flight == 0 && ucx_worker_over_window(w)))
+        if (reactor_watch(r, w, !paused) < 0)
+            return -EAGAIN;     /* cannot sleep on it: poll again */
+        if (w->efd < 0 || paused)
             continue;           /* polled, or paused: its events wait for the reader */
         st = ucp_worker_arm(w->ucp);
         if (st == UCS_ERR_BUSY)
@@ -566,6 +593,7 @@ int pl_ucx_reactor_add_worker(pl_ucx_reactor_t *r, pl_ucx_worker_t *w)
         return -EMFILE;
     if (w->efd >= 0 && epoll_ctl(r->epfd, EPOLL_CTL_ADD, w->efd, &ev) < 0)
         return -errno;
+    w->watched = w->efd >= 0;
     r->workers[r->nworkers++] = w;
     w->rt = r->rt;
     w->reactor = r;
@@ -576,8 +604,7 @@ static void reactor_remove_worker(pl_ucx_reactor_t *r, pl_ucx_worker_t *w)
 {
     for (int i = 0; i < r->nworkers; i++) {
         if (r->workers[i] == w) {
-            if (w->efd >= 0)
-                epoll_ctl(r->epfd, EPOLL_CTL_DEL, w->efd, NULL);
+            reactor_watch(r, w, false);
             r->workers[i] = r->workers[--r->nworkers];
             return;
         }

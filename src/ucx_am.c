@@ -269,7 +269,7 @@ void ucx_streams_wake_all(pl_ucx_worker_t *w)
             stream_wake_all(w->streams[id]);
 }
 
-bool ucx_worker_over_window(pl_ucx_worker_t *w)
+bool ucx_worker_over_window(const pl_ucx_worker_t *w)
 {
     return w->streams_full > 0;
 }

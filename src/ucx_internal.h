@@ -111,6 +111,7 @@ struct pl_ucx_worker {
     pl_runtime_t *rt;       /* runtime of the reactor progressing it */
     struct pl_ucx_reactor *reactor;     /* progressing it, or NULL */
     bool address_shared;    /* anyone holding address() may send to it */
+    bool watched;           /* its event fd is in the reactor's epoll set */
     int streams_full;       /* streams holding their window: progress pauses */
     size_t max_am_header;
 
@@ -148,7 +149,7 @@ int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struc
 void ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);
 void ucx_streams_wake_all(pl_ucx_worker_t *w);
 bool ucx_worker_has_peers(pl_ucx_worker_t *w);
-bool ucx_worker_over_window(pl_ucx_worker_t *w);
+bool ucx_worker_over_window(const pl_ucx_worker_t *w);
 void ucx_streams_free(pl_ucx_worker_t *w);
 void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err);
 
