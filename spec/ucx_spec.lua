@@ -427,6 +427,21 @@ describe("UCX flow control", function()
         sender:join()
         close_pair(p)
     end))
+
+    it("keeps a stream within its window while a tag receive waits on the same worker", async(function()
+        local p = pair { window = 4 }
+        local tagged = pluvio.spawn(function() return p.sw:tag_recv(99, 2 ^ 53, 10) end)
+        local n = 2000
+        local sender = flood(p, n)
+        pluvio.sleep(0.3)
+        local held = p.sw:stats().msgs_held
+        assert.is_true(held <= 4 + 80, "a window-4 stream held " .. held .. " messages")
+        drain(p, n)
+        sender:join()
+        assert.is_true(p.ep:tag_send(99, "late"))
+        assert.equal("late", tagged:join())
+        close_pair(p)
+    end))
 end)
 
 describe("UCX across processes", function()

@@ -171,6 +171,7 @@ int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct u
     op = op_at(w, w->free_op);
     w->free_op = op->next_free;
     op->state = UOP_IN_FLIGHT;
+    op->passive = false;
     op->task_slot = slot;
     op->task_gen = gen;
     op->status = 0;
@@ -201,6 +202,8 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status)
     pl_ucx_worker_t *w = op->w;
 
     w->in_flight--;
+    if (op->passive)
+        w->passive_in_flight--;
     if (op->state == UOP_ABANDONED) {
         ucx_op_free(w, op);
         return;
@@ -422,10 +425,11 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
 
 /* Flow control: a stream holding its window pauses the whole worker (UCX
  * cannot hold back one AM id), so the peers' messages wait in the
- * transport.  Our own operations still get progress. */
+ * transport.  Our own operations still get progress, except receives
+ * waiting for a peer: those would let every message in, unbounded. */
 static bool worker_paused(const pl_ucx_worker_t *w)
 {
-    return ucx_worker_over_window(w) && w->in_flight == 0;
+    return ucx_worker_over_window(w) && w->in_flight == w->passive_in_flight;
 }
 
 /* A paused worker is not busy: only a task taking a message resumes it,

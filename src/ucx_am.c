@@ -506,5 +506,12 @@ int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, 
     ucx_op_param(&p, op);
     p.op_attr_mask |= UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
     p.cb.recv = tag_recv_done;
-    return ucx_op_result(w, op, ucp_tag_recv_nbx(w->ucp, buf, len, tag, mask, &p));
+    /* it waits for a peer: flow control may pause it.  Counted before the
+     * call, whose callback may run inside it (a message already there). */
+    op->passive = true;
+    w->passive_in_flight++;
+    rc = ucx_op_result(w, op, ucp_tag_recv_nbx(w->ucp, buf, len, tag, mask, &p));
+    if (rc <= 0)                /* refused: no callback will come */
+        w->passive_in_flight--;
+    return rc;
 }

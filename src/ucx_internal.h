@@ -33,6 +33,7 @@ struct ucx_op {
     uint32_t index;
     uint32_t gen;
     uint8_t state;
+    bool passive;           /* waits for a peer (tag receive): needs no progress of ours */
     uint32_t task_slot, task_gen;
     int32_t status;
     size_t length;
@@ -123,6 +124,7 @@ struct pl_ucx_worker {
     int nchunks;
     size_t op_stride;
     uint32_t free_op, nops, in_flight;
+    uint32_t passive_in_flight;     /* of in_flight: tag receives */
 
     struct ucx_msg *msgs;
     uint32_t nmsgs, free_msg, held;
