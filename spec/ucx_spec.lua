@@ -397,6 +397,60 @@ describe("UCX", function()
     end))
 end)
 
+describe("UCX misuse and failures", function()
+    -- The error fn raises, from a wrapper: it must name the wrapper's line.
+    local function raised(fn)
+        local ok, err = pcall(function() local r = fn(); return r end)
+        assert.is_false(ok)
+        return err
+    end
+
+    it("names the function, the argument and the caller's line when a released registered buffer is passed", async(function()
+        local uring = require "pluvio.uring"
+        local p = pair()
+        local b = uring.acquire_buffer()
+        b:release()
+        local function at_caller(what) return "ucx_spec%.lua:%d+: " .. what end
+        assert.matches(at_caller("Endpoint:am_send: data is a registered buffer that was released"),
+                       raised(function() return p.ep:am_send(1, "h", b) end))
+        assert.matches(at_caller("Endpoint:am_send_nb: header is a registered buffer that was released"),
+                       raised(function() return p.ep:am_send_nb(1, b, "d") end))
+        assert.matches(at_caller("Endpoint:tag_send: data is a registered buffer that was released"),
+                       raised(function() return p.ep:tag_send(1, b) end))
+        assert.matches(at_caller("Worker:tag_recv: len_or_buf is a registered buffer that was released"),
+                       raised(function() return p.sw:tag_recv(1, 1, b) end))
+        assert(p.ep:am_send(1, "h", "abc"))
+        local m = assert(p.stream:wait_msg())
+        assert.matches(at_caller("Message:recv_data: buf is a registered buffer that was released"),
+                       raised(function() return m:recv_data(b) end))
+        assert.equal("abc", m:data())
+        close_pair(p)
+    end))
+
+    it("refuses a len for string or nil data instead of ignoring it", async(function()
+        local p = pair()
+        assert.matches("ucx_spec%.lua:%d+: Endpoint:am_send: len applies to a registered buffer only %(data is a string%)",
+                       raised(function() return p.ep:am_send(1, "h", "abcdef", false, nil, 2) end))
+        assert.matches("Endpoint:am_send_nb: len applies to a registered buffer only %(data is nil%)",
+                       raised(function() return p.ep:am_send_nb(1, "h", nil, false, nil, 0) end))
+        assert.matches("Endpoint:tag_send: len applies to a registered buffer only %(data is a string%)",
+                       raised(function() return p.ep:tag_send(1, "abcdef", 2) end))
+        close_pair(p)
+    end))
+
+    it("refuses an unknown create_worker option, naming it", async(function()
+        local ctx = assert(ucx.Context.new())
+        assert.has_error(function() ctx:create_worker({ bogus = 1 }) end,
+            'Context:create_worker: unknown option "bogus" (there are none yet)')
+        ctx:close()
+    end))
+
+    it("says how to call Message:is_rndv when called without a message", function()
+        assert.has_error(function() ucx.Message.is_rndv(nil) end,
+            "Message:is_rndv: call it as a method on a message (obj:is_rndv(...)); got nil as self")
+    end)
+end)
+
 describe("UCX flow control", function()
     -- A sender that keeps a window-4 stream full: n messages of 1000 bytes.
     local function flood(p, n)

@@ -203,6 +203,10 @@ function Context:create_worker(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("Context:create_worker: options must be a table (got " .. type(opts) .. ")", 2)
     end
+    local unknown = opts and next(opts)
+    if unknown ~= nil then
+        error("Context:create_worker: unknown option " .. check.show(unknown) .. " (there are none yet)", 2)
+    end
     local err = ffi.new("int[1]")
     local w = C.pl_ucx_worker_new(self.c, err)
     if w == nil then
@@ -523,7 +527,10 @@ function Worker:tag_recv(tag, mask, len_or_buf)
     mask = tag_value("Worker:tag_recv", "mask", mask)
     local ptr, cap, scratch
     if getmetatable(len_or_buf) == Buffer then
-        ptr, cap = len_or_buf:ptr(), len_or_buf:size()
+        if not len_or_buf.base then
+            error("Worker:tag_recv: len_or_buf is a registered buffer that was released", 2)
+        end
+        ptr, cap = len_or_buf.base, len_or_buf.len
     else
         check.integer("Worker:tag_recv", "len_or_buf", len_or_buf, 0, 2 ^ 31)
         cap = len_or_buf
@@ -649,20 +656,26 @@ end
 
 local PROTO_FLAGS = { eager = 2, rndv = 4 }
 
--- A string, nil (empty) or a registered buffer: pointer and length.
+-- A string, nil (empty) or a registered buffer: pointer and length (len:
+-- bytes of a buffer, all by default).  Errors name the user's line.
 local function payload(fname, name, v, len)
-    if v == nil then
-        return nil, 0
-    elseif type(v) == "string" then
-        return v, #v
+    if v == nil or type(v) == "string" then
+        if len ~= nil then
+            error(format("%s: len applies to a registered buffer only (%s is %s)", fname, name,
+                         v == nil and "nil" or "a string"), 3)
+        end
+        return v, v and #v or 0
     elseif getmetatable(v) == Buffer then
-        local size = v:size()
+        if not v.base then
+            error(format("%s: %s is a registered buffer that was released", fname, name), 3)
+        end
+        local size = v.len
         if len == nil then
             len = size
         elseif type(len) ~= "number" or len % 1 ~= 0 or len < 0 or len > size then
             error(format("%s: len must be an integer from 0 to %d (got %s)", fname, size, check.show(len)), 3)
         end
-        return v:ptr(), len
+        return v.base, len
     end
     error(format("%s: %s must be a string, nil or a registered buffer (got %s)", fname, name, type(v)), 3)
 end
@@ -986,6 +999,7 @@ function Message:data_len()
 end
 
 function Message:is_rndv()
+    check.self("Message:is_rndv", self, Message, "a message")
     return self.rndv
 end
 
@@ -1024,8 +1038,11 @@ function Message:recv_data(buf)
     if getmetatable(buf) ~= Buffer then
         error("Message:recv_data: expected a registered buffer (got " .. type(buf) .. ")", 2)
     end
-    if buf:size() < self.len then
-        error(format("Message:recv_data: the buffer holds %d bytes, the message has %d", buf:size(), self.len), 2)
+    if not buf.base then
+        error("Message:recv_data: buf is a registered buffer that was released", 2)
+    end
+    if buf.len < self.len then
+        error(format("Message:recv_data: the buffer holds %d bytes, the message has %d", buf.len, self.len), 2)
     end
     local n, err, code = take(self, "Message:recv_data", buf.base, buf.len, buf)
     return n, err, code
