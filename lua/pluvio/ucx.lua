@@ -21,7 +21,7 @@ local type, format, setmetatable, getmetatable, tostring = type, string.format, 
 
 local M = {}
 
-local EAGAIN, EINVAL, ENOTCONN, ECANCELED = -11, -22, -107, -125
+local EAGAIN, EINVAL, ENOTCONN, ECONNREFUSED, ECANCELED = -11, -22, -107, -111, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
 
@@ -452,9 +452,18 @@ function Worker:connect_socket(host, port)
     t.io_connect = nil
     if rc < 0 then
         if h >= 0 and self.w then   -- the endpoint exists but never came up: drop it
+            local st = C.pl_ucx_ep_status(self.w, h)
+            if st < 0 and rc ~= CLOSED then
+                rc = st             -- what the endpoint's error handler recorded, not the flush's
+            end
             C.pl_ucx_ep_abort(self.w, h)
         end
-        return fail(format("connect to %s:%d", host, port), rc)
+        local fname = format("connect to %s:%d", host, port)
+        if rc == ENOTCONN or rc == ECONNREFUSED then    -- UCX 1.13 says ENOTCONN for a refusal
+            local _, msg, name = fail(fname, rc)
+            return nil, msg .. " (refused: is a listener open there?)", name
+        end
+        return fail(fname, rc)
     end
     return new_endpoint(self, h, ffi_string(C.pl_ucx_ep_peer(self.w, h)))
 end
