@@ -454,6 +454,35 @@ describe("UCX misuse and failures", function()
         assert.has_error(function() ucx.Message.is_rndv(nil) end,
             "Message:is_rndv: call it as a method on a message (obj:is_rndv(...)); got nil as self")
     end)
+
+    it("returns nil, message, errno name when Context.new or create_worker fails", function()
+        local code = [[
+            local ucx = require "pluvio.ucx"
+            if arg[1] == "context" then
+                print(ucx.Context.new())
+                return
+            end
+            local ctx = assert(ucx.Context.new())
+            local keep = {}
+            for i = 1, 200 do       -- until the descriptors run out
+                local w, err, name = ctx:create_worker()
+                if not w then print(w, err, name) return end
+                keep[i] = w
+            end
+        ]]
+        local script = os.tmpname() .. ".lua"
+        local f = assert(io.open(script, "w"))
+        f:write(code)
+        f:close()
+        local run = "UCX_LOG_LEVEL=fatal " .. helper.quote(helper.host) .. " " .. helper.quote(script)
+        local status, out, err = helper.sh("export UCX_TLS=bogus; " .. run .. " context")
+        assert.equal(0, status, err)
+        assert.equal("nil\tContext.new: cannot initialise UCX: EIO: Input/output error\tEIO\n", out)
+        status, out, err = helper.sh("ulimit -n 64; " .. run .. " worker")
+        os.remove(script)
+        assert.equal(0, status, err)
+        assert.matches("^nil\tContext:create_worker: cannot create a UCX worker: E%u+: [^\t]+\tE%u+\n$", out)
+    end)
 end)
 
 describe("UCX flow control", function()

@@ -174,7 +174,7 @@ function Context.new(opts)
     local err = ffi.new("int[1]")
     local c = C.pl_ucx_context_new(wakeup and 1 or 0, err)
     if c == nil then
-        return nil, "Context.new: cannot initialise UCX: " .. errstr(err[0])
+        return nil, "Context.new: cannot initialise UCX: " .. errstr(err[0]), errname(err[0])
     end
     -- Finalizers may run in any order at exit: C frees a released context
     -- with its last worker, so neither order trips a UCX assertion.
@@ -210,7 +210,7 @@ function Context:create_worker(opts)
     local err = ffi.new("int[1]")
     local w = C.pl_ucx_worker_new(self.c, err)
     if w == nil then
-        return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0])
+        return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0]), errname(err[0])
     end
     local worker = setmetatable({
         w = ffi.gc(w, finalize_worker), context = self, result = ffi.new("pl_ucx_result_t"),
@@ -376,7 +376,7 @@ function Worker:address()
     live_worker("Worker:address", self)
     local n = C.pl_ucx_worker_address(self.w, nil, 0)
     if n < 0 then
-        return nil, "Worker:address: " .. errstr(n)
+        return nil, "Worker:address: " .. errstr(n), errname(n)
     end
     local buf = ffi.new("uint8_t[?]", n)
     C.pl_ucx_worker_address(self.w, buf, n)
