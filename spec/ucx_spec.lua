@@ -703,6 +703,23 @@ describe("UCX and the runtime", function()
         assert.is_true(tonumber(out) < 0.05, "cpu seconds " .. out)
     end)
 
+    it("gives UCX back a message taken and never received when the worker is closed (no pool warnings)", function()
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local stream = sw:am_stream(1)
+            local ep = assert(cw:connect_addr(sw:address()))
+            assert(ep:am_send(1, "h", "eager data UCX holds"))
+            local m = assert(stream:wait_msg())     -- never received nor released
+            ep:close(); cw:close(); sw:close(); ctx:close()
+            print("ok")
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("ok\n", out)
+        assert.equal("", err)
+    end)
+
     it("shuts down without UCX warnings when objects are left to the garbage collector", function()
         local status, out, err = helper.run_script([[
             local ucx = require "pluvio.ucx"

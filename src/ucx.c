@@ -5,7 +5,8 @@
  * Lifetime: a context owns nothing but the ucp context and outlives its
  * workers (closing it with live workers fails).  A worker owns its
  * endpoints, listeners, streams, held messages and op slots; closing it
- * closes endpoints, then listeners, then destroys the ucp worker.  The
+ * closes endpoints, listeners, streams and messages, cancels its ops,
+ * wakes whoever waits on any of them, then destroys the ucp worker.  The
  * reactor owns only its epoll fd and borrows workers.
  *
  * Waking: the runtime asks the reactor to arm() before it sleeps; each
@@ -382,9 +383,9 @@ static void worker_cancel_ops(pl_ucx_worker_t *w)
 
 /* Close everything the worker owns, in order: endpoints (forced: a worker
  * being closed will not progress a graceful flush), listeners, streams,
- * ops still in flight, then the ucp worker.  Every task waiting on it is
- * woken in rt (the runtime progressing it); rt is NULL from a finalizer,
- * whose runtime may be gone, and then nobody is woken. */
+ * messages, ops still in flight, then the ucp worker.  Every task waiting
+ * on it is woken in rt (the runtime progressing it); rt is NULL from a
+ * finalizer, whose runtime may be gone, and then nobody is woken. */
 int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
     pl_ucx_context_t *ctx = w->ctx;
@@ -407,6 +408,7 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
         if (w->listeners[i].open)
             pl_ucx_listener_close(w, i);
     ucx_streams_free(w);
+    ucx_msgs_free(w);           /* those taken and never received */
     worker_cancel_ops(w);
     if (w->reactor)
         reactor_remove_worker(w->reactor, w);

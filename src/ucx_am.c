@@ -123,6 +123,15 @@ int pl_ucx_msg_info(pl_ucx_worker_t *w, int h, pl_ucx_msg_info_t *out)
     return 0;
 }
 
+/* The worker closes: messages taken and never received or released give
+ * UCX back what it holds for them (its pools warn of each one missing). */
+void ucx_msgs_free(pl_ucx_worker_t *w)
+{
+    for (uint32_t i = 0; i < w->nmsgs; i++)
+        if (w->msgs[i].used)
+            msg_free(w, &w->msgs[i]);
+}
+
 /* The endpoint ep is closed or failed: held messages that came on it must
  * not hand it out for a reply (UCX frees it once closed).  Not a hot path:
  * endpoints close rarely. */

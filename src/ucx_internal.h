@@ -154,5 +154,6 @@ bool ucx_worker_has_peers(pl_ucx_worker_t *w);
 bool ucx_worker_over_window(const pl_ucx_worker_t *w);
 void ucx_streams_free(pl_ucx_worker_t *w);
 void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err);
+void ucx_msgs_free(pl_ucx_worker_t *w);
 
 #endif /* PL_UCX_INTERNAL_H */
