@@ -25,11 +25,13 @@ jit.attach(function(what, tr, func, pc, otr, oex)
         local msg = vmdef.traceerr[otr] or tostring(otr)
         if oex ~= nil and msg:find("%%d", 1, true) then msg = msg:format(oex) end
         -- what the JIT cannot compile (NYI) or gives up on for good, and
-        -- a loop inside pluvio that keeps the caller's loop from having a
-        -- root trace; not "leaving loop in root trace", after which it
-        -- records elsewhere
+        -- a loop inside pluvio that keeps the caller's loop (a trace that
+        -- started outside pluvio) from having a root trace; not "leaving
+        -- loop in root trace", after which it records elsewhere, nor a
+        -- trace that started in pluvio's own cold code (Worker:close)
         local lasting = msg:find("^NYI") or msg:find("blacklist")
         local inner = msg:find("inner loop in root trace", 1, true) and at:find("pluvio/", 1, true)
+            and not from:find("pluvio/", 1, true)
         if inner or (lasting and (from:find("pluvio/", 1, true) or at:find("pluvio/", 1, true))) then
             aborts[#aborts + 1] = ("trace from %s aborted at %s: %s"):format(from, at, msg)
         end
