@@ -37,8 +37,10 @@ local spec = {
 
 local o = bench.parse_args(spec, arg)
 local cleanup         -- removes the temporary files, once there are some
+local ucx_ctx         -- closed before exiting (UCX's threads must not outlive it)
 local function fail(msg)
     io.stderr:write("pipeline: ", msg, "\n")
+    if ucx_ctx and ucx_ctx.c then pcall(ucx_ctx.close, ucx_ctx) end
     if cleanup then pcall(cleanup) end
     os.exit(2)
 end
@@ -231,6 +233,7 @@ end
 ---------------------------------------------------------------------------
 
 local ctx = assert(ucx.Context.new())
+ucx_ctx = ctx
 local src_path, dst_path = dir .. "/source.bin", dir .. "/received.bin"
 local result = { size = o.size, chunk = o.chunk, window = o.window, direct = o.direct }
 

@@ -40,8 +40,10 @@ local spec = {
 }
 local o = bench.parse_args(spec, arg)
 local cleanup         -- removes the temporary files, once there are some
+local ucx_ctx         -- closed before exiting (UCX's threads must not outlive it)
 local function fail(msg)
     io.stderr:write("remoteio: ", msg, "\n")
+    if ucx_ctx and ucx_ctx.c then pcall(ucx_ctx.close, ucx_ctx) end
     if cleanup then pcall(cleanup) end
     os.exit(2)
 end
@@ -256,6 +258,7 @@ end
 ---------------------------------------------------------------------------
 
 local ctx = assert(ucx.Context.new())
+ucx_ctx = ctx
 local result
 
 if o.server then
