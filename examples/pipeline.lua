@@ -51,11 +51,8 @@ if o.window < 1 or o.window > 256 then fail("--window must be from 1 to 256") en
 if o.server and o.connect then fail("choose --server or --connect, not both") end
 local connect_host, connect_port
 if o.connect then       -- checked before anything is generated
-    connect_host, connect_port = o.connect:match("^%[?([^%]]+)%]?:(%d+)$")
-    connect_port = tonumber(connect_port)
-    if not connect_host or not connect_port or connect_port > 65535 then
-        fail("--connect must be HOST:PORT (got " .. o.connect .. ")")
-    end
+    connect_host, connect_port = bench.host_port(o.connect)
+    if not connect_host then fail("--connect must be HOST:PORT (got " .. o.connect .. ")") end
 end
 
 local DATA, ACK, DONE, RESULT, HELLO = 20, 21, 22, 23, 24

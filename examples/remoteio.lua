@@ -64,11 +64,8 @@ local open = o.direct and uring.DmaFile.open or uring.File.open
 
 local connect_host, connect_port
 if o.connect then       -- checked before anything is made
-    connect_host, connect_port = o.connect:match("^%[?([^%]]+)%]?:(%d+)$")
-    connect_port = tonumber(connect_port)
-    if not connect_host or not connect_port or connect_port > 65535 then
-        fail("--connect must be HOST:PORT (got " .. o.connect .. ")")
-    end
+    connect_host, connect_port = bench.host_port(o.connect)
+    if not connect_host then fail("--connect must be HOST:PORT (got " .. o.connect .. ")") end
 end
 
 local dir = o.dir

@@ -62,11 +62,8 @@ local roles = (o.server and 1 or 0) + (o.connect and 1 or 0) + (o.loopback and 1
 if roles > 1 then fail("choose one of --loopback, --server and --connect") end
 local connect_host, connect_port
 if o.connect then
-    connect_host, connect_port = o.connect:match("^%[?([^%]]+)%]?:(%d+)$")
-    connect_port = tonumber(connect_port)
-    if not connect_host or not connect_port or connect_port > 65535 then
-        fail("--connect must be HOST:PORT (got " .. o.connect .. ")")
-    end
+    connect_host, connect_port = bench.host_port(o.connect)
+    if not connect_host then fail("--connect must be HOST:PORT (got " .. o.connect .. ")") end
 end
 
 if o.transport ~= "address" and o.transport ~= "socket" then

@@ -38,6 +38,48 @@ function M.exec(cmd)
 end
 
 -- Write code to a temporary script and run it with the pluvio host.
+-- A runtime with an explicit io_uring reactor (as the seed writes it);
+-- runs fn(reactor, runtime) as its main task and returns its results.
+function M.with_reactor(opts, fn)
+    local pluvio, uring = require "pluvio", require "pluvio.uring"
+    local rt = pluvio.Runtime.new()
+    local r = uring.reactor(opts)
+    rt:register_reactor("io_uring_reactor", r)
+    return rt:run(fn, r, rt)
+end
+
+-- libc calls the specs make around the runtime (pipes, raw writes).
+local ffi = require "ffi"
+ffi.cdef [[
+int pipe(int fds[2]);
+int close(int fd);
+long write(int fd, const void *buf, size_t n);
+]]
+M.libc = ffi.C
+
+-- A UCX server worker with a listener on loopback and a connected client
+-- (opts: id of the server's stream, default 1; window).
+function M.ucx_pair(opts)
+    local pluvio, ucx = require "pluvio", require "pluvio.ucx"
+    local ctx = assert(ucx.Context.new())
+    local sw = assert(ctx:create_worker())
+    local cw = assert(ctx:create_worker())
+    local stream = sw:am_stream(opts and opts.id or 1, opts and opts.window and { window = opts.window } or nil)
+    local l = assert(sw:create_listener("127.0.0.1", 0))
+    local accepted = pluvio.spawn(function() return assert(l:accept()) end)
+    local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+    local sep = accepted:join()
+    return { ctx = ctx, sw = sw, cw = cw, stream = stream, listener = l, ep = ep, sep = sep }
+end
+
+function M.ucx_close_pair(p)
+    p.ep:close()
+    p.listener:close()
+    p.cw:close()
+    p.sw:close()
+    p.ctx:close()
+end
+
 -- A temporary path ending in suffix (os.tmpname makes a file of its own
 -- name: it goes, only the name is used).
 function M.tmp_path(suffix)

@@ -7,26 +7,7 @@ local helper = require "helper"
 
 local async = helper.async
 
--- A server worker with a listener on loopback and a connected client.
-local function pair(opts)
-    local ctx = assert(ucx.Context.new())
-    local sw = assert(ctx:create_worker())
-    local cw = assert(ctx:create_worker())
-    local stream = sw:am_stream(1, opts and opts.window and { window = opts.window } or nil)
-    local l = assert(sw:create_listener("127.0.0.1", 0))
-    local accepted = pluvio.spawn(function() return assert(l:accept()) end)
-    local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
-    local sep = accepted:join()
-    return { ctx = ctx, sw = sw, cw = cw, stream = stream, listener = l, ep = ep, sep = sep }
-end
-
-local function close_pair(p)
-    p.ep:close()
-    p.listener:close()
-    p.cw:close()
-    p.sw:close()
-    p.ctx:close()
-end
+local pair, close_pair = helper.ucx_pair, helper.ucx_close_pair
 
 -- Run fn's results, or fail the spec if it does not finish within 2 s.
 local function within(seconds, fn)

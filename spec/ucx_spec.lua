@@ -5,26 +5,7 @@ local helper = require "helper"
 
 local async = helper.async
 
--- A server worker with a listener on loopback and a connected client.
-local function pair(opts)
-    local ctx = assert(ucx.Context.new())
-    local sw = assert(ctx:create_worker())
-    local cw = assert(ctx:create_worker())
-    local stream = sw:am_stream(opts and opts.id or 1, opts and { window = opts.window } or nil)
-    local l = assert(sw:create_listener("127.0.0.1", 0))
-    local accepted = pluvio.spawn(function() return assert(l:accept()) end)
-    local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
-    local sep = accepted:join()
-    return { ctx = ctx, sw = sw, cw = cw, stream = stream, listener = l, ep = ep, sep = sep }
-end
-
-local function close_pair(p)
-    p.ep:close()
-    p.listener:close()
-    p.cw:close()
-    p.sw:close()
-    p.ctx:close()
-end
+local pair, close_pair = helper.ucx_pair, helper.ucx_close_pair
 
 -- Deterministic bytes of a given size (a repeated pattern with a marker).
 local function payload(size, seed)

@@ -6,18 +6,7 @@ local helper = require "helper"
 local ffi = require "ffi"
 
 local async = helper.async
-
-ffi.cdef [[
-int pipe(int fds[2]);
-int close(int fd);
-long write(int fd, const void *buf, size_t n);
-]]
-
-local function tmpfile()
-    local p = os.tmpname()
-    os.remove(p)
-    return p
-end
+local tmpfile, with_reactor = helper.tmp_path, helper.with_reactor
 
 -- A new temporary file holding content; returns its path.
 local function file_with(content)
@@ -26,14 +15,6 @@ local function file_with(content)
     fh:write(content)
     fh:close()
     return path
-end
-
--- A runtime with an explicit reactor, as the seed writes it.
-local function with_reactor(opts, fn)
-    local rt = pluvio.Runtime.new()
-    local r = uring.reactor(opts)
-    rt:register_reactor("io_uring_reactor", r)
-    return rt:run(fn, r, rt)
 end
 
 describe("IoUringReactor", function()
@@ -646,7 +627,7 @@ describe("submission and completion", function()
     it("cancels a read in the kernel when its task is killed", function()
         with_reactor(nil, function(r)
             local fds = ffi.new("int[2]")
-            assert.equal(0, ffi.C.pipe(fds))
+            assert.equal(0, helper.libc.pipe(fds))
             local f = uring.File.new(fds[0], "pipe")
             local reader = pluvio.spawn(function() return f:read(0, 10) end)
             pluvio.sleep(0.01)
@@ -660,9 +641,9 @@ describe("submission and completion", function()
             -- the pipe still works for the next reader
             local again = pluvio.spawn(function() return f:read(0, 5) end)
             pluvio.yield()
-            ffi.C.write(fds[1], "hello", 5)
+            helper.libc.write(fds[1], "hello", 5)
             assert.equal("hello", again:join())
-            ffi.C.close(fds[1])
+            helper.libc.close(fds[1])
             f:close()
         end)
     end)
@@ -670,7 +651,7 @@ describe("submission and completion", function()
     it("raises for I/O from a plain coroutine inside a task and cancels what it started", function()
         with_reactor(nil, function(r)
             local fds = ffi.new("int[2]")
-            assert.equal(0, ffi.C.pipe(fds))
+            assert.equal(0, helper.libc.pipe(fds))
             local p = uring.File.new(fds[0], "pipe")
             local function settled()
                 local deadline = pluvio.now() + 2
@@ -709,9 +690,9 @@ describe("submission and completion", function()
             -- the task's own reads of the pipe still work
             local again = pluvio.spawn(function() return p:read(0, 5) end)
             pluvio.yield()
-            ffi.C.write(fds[1], "hello", 5)
+            helper.libc.write(fds[1], "hello", 5)
             assert.equal("hello", again:join())
-            ffi.C.close(fds[1])
+            helper.libc.close(fds[1])
             p:close()
             f:close()
             os.remove(path)
@@ -721,15 +702,15 @@ describe("submission and completion", function()
     it("cancels only the plain coroutine's operation, though the task's next one has its op id", function()
         with_reactor(nil, function(r)
             local pf, qf = ffi.new("int[2]"), ffi.new("int[2]")
-            assert.equal(0, ffi.C.pipe(pf))
-            assert.equal(0, ffi.C.pipe(qf))
+            assert.equal(0, helper.libc.pipe(pf))
+            assert.equal(0, helper.libc.pipe(qf))
             local p = uring.File.new(pf[0], "p")
             local q = uring.File.new(qf[0], "q")
             local co
             local a = pluvio.spawn(function()
                 co = coroutine.create(function() return p:read(0, 10) end)
                 assert(coroutine.resume(co))        -- op X, left behind
-                ffi.C.write(pf[1], "xxxxxxxxxx", 10)
+                helper.libc.write(pf[1], "xxxxxxxxxx", 10)
                 pluvio.sleep(0.02)                  -- X completes
                 local ok = pcall(q.read, q, 0, 5)   -- cancels X and says so
                 assert(not ok)
@@ -740,12 +721,12 @@ describe("submission and completion", function()
             local ok, err = coroutine.resume(co)    -- another task resumes X's coroutine
             assert.is_false(ok)
             assert.matches("File:read: called from a coroutine that is not a pluvio task", err)
-            ffi.C.write(qf[1], "hello", 5)
+            helper.libc.write(qf[1], "hello", 5)
             local deadline = pluvio.now() + 2
             while a:status() ~= "done" and pluvio.now() < deadline do pluvio.sleep(0.002) end
             assert.equal("done", a:status())        -- Y was not cancelled
             assert.equal("hello", a:join())
-            for _, fd in ipairs({ pf[1], qf[1] }) do ffi.C.close(fd) end
+            for _, fd in ipairs({ pf[1], qf[1] }) do helper.libc.close(fd) end
             p:close()
             q:close()
         end)
@@ -754,7 +735,7 @@ describe("submission and completion", function()
     it("returns a cancelled read's buffer to the pool only after the kernel is done", function()
         with_reactor({ buffer_count = 1, buffer_size = 4096 }, function(r)
             local fds = ffi.new("int[2]")
-            assert.equal(0, ffi.C.pipe(fds))
+            assert.equal(0, helper.libc.pipe(fds))
             local f = uring.File.new(fds[0], "pipe")
             local reader = pluvio.spawn(function()
                 local b = r:acquire_buffer()
@@ -765,7 +746,7 @@ describe("submission and completion", function()
             local b = r:acquire_buffer()     -- parks until the cancel completes
             assert.equal(0, r:stats().in_flight)
             b:release()
-            ffi.C.close(fds[1])
+            helper.libc.close(fds[1])
             f:close()
         end)
     end)
@@ -1014,9 +995,8 @@ end)
 
 describe("readv and writev", function()
     local function pipe()
-        ffi.cdef "int pipe(int fds[2]);"
         local fds = ffi.new("int[2]")
-        assert(ffi.C.pipe(fds) == 0)
+        assert(helper.libc.pipe(fds) == 0)
         return uring.File.new(fds[0]), uring.File.new(fds[1])
     end
 

@@ -211,6 +211,17 @@ function M.parse_args(spec, argv)
     return opts
 end
 
+-- host_port("HOST:PORT" or "[v6]:PORT"): host and port, or nil when the
+-- text is not that (port 0 to 65535).
+function M.host_port(s)
+    local host, port = tostring(s):match("^%[?([^%]]+)%]?:(%d+)$")
+    port = tonumber(port)
+    if not host or not port or port > 65535 then
+        return nil
+    end
+    return host, port
+end
+
 function M.help(spec)
     local lines = { spec.usage or "", "", "options:" }
     for _, o in ipairs(spec.options) do
