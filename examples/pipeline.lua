@@ -154,7 +154,8 @@ local function receive(w, ep_for_acks, data_stream, done_stream, dst_path)
         end
     end)
     -- DONE comes after every chunk was sent, so after every chunk was pulled
-    local m = assert(done_stream:wait_msg())
+    local m, err = done_stream:wait_msg()
+    if not m then fail("the sender went away before it was done: " .. tostring(err)) end
     expected = tonumber(m.header)
     m:release()
     check_finished()
