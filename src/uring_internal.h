@@ -67,8 +67,9 @@ struct uring_op {
 /* An I/O queue: one task's ops in flight at once, without parking on each.
  * Completions go to its FIFO of done op ids, sized at each start so that a
  * completion always has room; one wakes the task only while it waits on
- * the queue (PL_WAIT_IO with URING_QUEUE_WAIT_ARG).  Owned by the task that made it (through its
- * Lua object); pl_uring_queue_free abandons what is in flight. */
+ * the queue (PL_WAIT_IO with URING_QUEUE_WAIT_ARG).  Owned by the task
+ * that made it (through its Lua object); pl_uring_queue_free abandons what
+ * is in flight. */
 struct uring_queue {
     bool live;
     uint32_t slot, gen;     /* the owning task */

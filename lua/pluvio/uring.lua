@@ -703,6 +703,19 @@ function File.new(fd, name)
     return f
 end
 
+-- What read_fixed / write_fixed return for an op's result: the bytes, or
+-- nil, err, ... (a write the device stopped taking without an error is
+-- ENOSPC).  Shared with the I/O queue's wait.
+local function fixed_result(f, write, offset, len, res, bytes)
+    if res < 0 then
+        return fail(f, write and "write" or "read", res, format(" (offset %d, %d bytes)", offset, len), bytes)
+    end
+    if write and res < len then
+        return fail(f, "write", -28, format(" (offset %d, %d bytes)", offset, len), res)
+    end
+    return res
+end
+
 -- read_fixed / write_fixed: the checks and the op, one body for both (and
 -- for an I/O queue's, which starts the op on queue with tag instead).
 local function fixed_io(self, fname, write, buf, offset, len, queue, tag)
@@ -725,14 +738,7 @@ local function fixed_io(self, fname, write, buf, offset, len, queue, tag)
     local t = io_task(fname)
     local start = write and C.pl_uring_write or C.pl_uring_read
     local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, buf.base, len, offset, buf.index), self)
-    local what = write and "write" or "read"
-    if res < 0 then
-        return fail(self, what, res, format(" (offset %d, %d bytes)", offset, len), bytes)
-    end
-    if write and res < len then     -- the device stopped taking data without an error
-        return fail(self, what, -28, format(" (offset %d, %d bytes)", offset, len), res)
-    end
-    return res
+    return fixed_result(self, write, offset, len, res, bytes)
 end
 
 -- f:read_fixed(buf, offset[, len]): read into a registered buffer; returns
@@ -1041,7 +1047,7 @@ M._internal = {
     context = context, receive_context = receive_context, run_op = run_op,
     bounce_get = bounce_get, bounce_put = bounce_put,
     WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, yielded = yielded, OP_INLINE = OP_INLINE,
-    fixed_io = fixed_io, fail = fail,
+    fixed_io = fixed_io, fixed_result = fixed_result,
 }
 
 -- The reactor's acquire, reachable from the module for convenience.

@@ -18,16 +18,15 @@ local check = require "pluvio.check"
 
 local ffi, C = core.ffi, core.C
 local format, type, setmetatable, getmetatable = string.format, type, setmetatable, getmetatable
-local running_task = pluvio._running_task
-local co_running = coroutine.running
+local running_task, current_task = pluvio._running_task, pluvio._current_task
 
 local M = {}
 
-local EAGAIN, ENOENT, ENOSPC = -11, -2, -28
+local EAGAIN, ENOENT = -11, -2
 
 function M.install(U)
     local I = U._internal
-    local context, fixed_io, fail = I.context, I.fixed_io, I.fail
+    local context, fixed_io, fixed_result = I.context, I.fixed_io, I.fixed_result
     local park, WAIT_IO = I.park, I.WAIT_IO
     local File, DmaFile, IoUringReactor = U.File, U.DmaFile, U.IoUringReactor
 
@@ -112,7 +111,7 @@ function M.install(U)
         local start = write and C.pl_uring_queue_write or C.pl_uring_queue_read
         local op = start(self.u, self.id, f.fd, buf.base, len, offset, buf.index)
         if op < 0 then
-            return fail(f, write and "write" or "read", op, format(" (offset %d, %d bytes)", offset, len))
+            return fixed_result(f, write, offset, len, op)
         end
         local k = op + 1
         if tag == nil then
@@ -126,11 +125,7 @@ function M.install(U)
     -- Park until an op of q finishes or the deadline (pl_now) passes;
     -- returns the op id, or nil at the deadline.
     local function park_for(t, q, fname, deadline)
-        if co_running() ~= t.co then
-            -- a plain coroutine's yield would go to whoever resumed it
-            error(fname .. ": called from a coroutine that is not a pluvio task " ..
-                  "(only pluvio tasks may block)", 3)
-        end
+        current_task(fname, 1)      -- not from a plain coroutine: its yield would go elsewhere
         local crt = t.rt.crt
         if deadline then
             C.pl_task_set_timer(crt, t.slot, deadline)
@@ -174,18 +169,10 @@ function M.install(U)
             error("IoQueue:wait: " .. core.errstr(op), 2)
         end
         local k = op + 1
-        local tags, files, lens, writes = self.tags, self.files, self.lens, self.writes
-        local tag, f, len, write = tags[k], files[k], lens[k], writes[k]
+        local tags, files = self.tags, self.files
+        local tag, f = tags[k], files[k]
         tags[k], files[k] = nil, nil    -- hold no reference past the op
-        local res = result.res
-        if res >= 0 and not (write and res < len) then
-            return tag, res
-        end
-        local detail = format(" (offset %d, %d bytes)", self.offsets[k], len)
-        if res < 0 then
-            return tag, fail(f, write and "write" or "read", res, detail, result.bytes)
-        end
-        return tag, fail(f, "write", ENOSPC, detail, res)   -- the device stopped taking data
+        return tag, fixed_result(f, self.writes[k], self.offsets[k], self.lens[k], result.res, result.bytes)
     end
 
     -- q:pending(): ops started and not yet taken by wait.
