@@ -121,6 +121,59 @@ describe("Message", function()
         close_pair(p)
     end))
 
+    it("keeps its own header and data with more than 65536 messages held at once", async(function()
+        -- handles once kept 16 bits of the slot index: message 65537 read
+        -- the header of message 1
+        local p = pair({ window = 100000 })
+        local n = 70000
+        for i = 1, n do assert(p.ep:am_send(1, tostring(i), "d" .. i)) end
+        while p.sw:stats().msgs_held < n do pluvio.sleep(0.001) end
+        local bad = {}
+        for i = 1, n do
+            local m = assert(p.stream:wait_msg())
+            local d = m:data()
+            if m.header ~= tostring(i) or d ~= "d" .. i then
+                bad[#bad + 1] = ("%d: %s %s"):format(i, m.header, tostring(d))
+                if #bad >= 3 then break end
+            end
+        end
+        assert.same({}, bad)
+        assert.equal(0, p.sw:stats().msgs_held)
+        close_pair(p)
+    end))
+
+    it("is released once it was dropped and collected, so a reader that drops messages holds a bounded number", async(function()
+        local p = pair({ window = 8 })
+        local n = 12000
+        local sender = pluvio.spawn(function()
+            for i = 1, n - 1 do assert(p.ep:am_send(1, "h", ("x"):rep(512))) end
+            -- the last one by rendezvous: dropped, it would keep its sender waiting
+            return p.ep:am_send(1, "last", ("y"):rep(65536), false, "rndv")
+        end)
+        local most = 0
+        for i = 1, n do
+            local m = assert(p.stream:wait_msg())     -- and dropped
+            most = math.max(most, p.sw:stats().msgs_held)
+            if i % 500 == 0 then
+                collectgarbage()    -- how soon a dropped message goes is up to the collector
+            end
+        end
+        collectgarbage()
+        collectgarbage()
+        -- 256 taken before tracking begins; a sweep comes after as many new
+        -- messages as the last one left tracked
+        for _ = 1, 4 * n do
+            assert(p.ep:am_send(1, "h", "z"))
+            local m = assert(p.stream:wait_msg())
+            assert.equal("z", m:data())
+        end
+        local s = p.sw:stats()
+        assert.is_true(s.msgs_collected > n / 2, "collected " .. s.msgs_collected)
+        assert.is_true(most < 3000, "held at most " .. most)
+        assert.same({ true }, within(2, function() return sender:join() end))
+        close_pair(p)
+    end))
+
     it("stays usable when the task that took it returns it (wait_msg inside pluvio.timeout)", async(function()
         local p = pair()
         assert(p.ep:am_send(1, "h", "kept"))

@@ -383,6 +383,8 @@ typedef struct pl_ucx_msg_info {
     int rndv;               /* 1: data still with the sender (rendezvous) */
     int can_reply;
     int ep;                 /* endpoint handle to reply on, or -1 */
+    double taken;           /* messages of the worker taken by tasks and neither
+                             * received nor released yet (this one included) */
 } pl_ucx_msg_info_t;
 
 typedef struct pl_ucx_stats {
@@ -452,6 +454,9 @@ void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint3
 int pl_ucx_msg_info(pl_ucx_worker_t *w, int msg, pl_ucx_msg_info_t *out);
 int pl_ucx_msg_recv(pl_ucx_worker_t *w, int msg, void *buf, size_t len, uint32_t slot, uint32_t gen);
 int pl_ucx_msg_release(pl_ucx_worker_t *w, int msg);
+/* Release msg if the task (slot, gen) took it and it is still held (its
+ * Lua object was collected); returns 1 if released, else 0. */
+int pl_ucx_msg_drop(pl_ucx_worker_t *w, int msg, uint32_t slot, uint32_t gen);
 /* Release the messages the task (slot, gen) took and neither received nor
  * released: it ended.  Returns how many. */
 int pl_ucx_msgs_release_task(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);

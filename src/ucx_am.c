@@ -43,13 +43,23 @@ int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, 
 
 /* ---- held messages ------------------------------------------------------- */
 
+/* A worker holds at most 2^24 messages (each stream's window is at most
+ * 2^20); a handle keeps 7 bits of its slot's generation. */
+#define MSG_INDEX_BITS 24
+#define MSG_INDEX_MASK ((1u << MSG_INDEX_BITS) - 1)
+#define MSG_GEN_MASK 0x7fu
+
 static int msg_alloc(pl_ucx_worker_t *w)
 {
     uint32_t i;
 
     if (w->free_msg == UCX_NONE) {
         uint32_t n = w->nmsgs ? w->nmsgs * 2 : 64;
-        struct ucx_msg *m = realloc(w->msgs, sizeof(*m) * n);
+        struct ucx_msg *m;
+
+        if (n > MSG_INDEX_MASK + 1)
+            return -ENOMEM;     /* a handle has room for no more */
+        m = realloc(w->msgs, sizeof(*m) * n);
         if (!m)
             return -ENOMEM;
         w->msgs = m;
@@ -67,18 +77,20 @@ static int msg_alloc(pl_ucx_worker_t *w)
     return (int)i;
 }
 
-/* Message handles carry a generation so a stale handle is refused. */
+/* Message handles carry a generation so a stale handle is refused: the
+ * slot's index in the low MSG_INDEX_BITS, the low bits of its generation
+ * above (a handle is a non-negative int). */
 static int msg_handle(pl_ucx_worker_t *w, uint32_t i)
 {
-    return (int)((w->msgs[i].gen & 0x7fff) << 16 | i);
+    return (int)((w->msgs[i].gen & MSG_GEN_MASK) << MSG_INDEX_BITS | i);
 }
 
 static struct ucx_msg *msg_get(pl_ucx_worker_t *w, int h)
 {
-    uint32_t i = (uint32_t)h & 0xffff;
+    uint32_t i = (uint32_t)h & MSG_INDEX_MASK;
 
     if (h < 0 || i >= w->nmsgs || !w->msgs[i].used ||
-        (w->msgs[i].gen & 0x7fff) != ((uint32_t)h >> 16))
+        (w->msgs[i].gen & MSG_GEN_MASK) != ((uint32_t)h >> MSG_INDEX_BITS))
         return NULL;
     return &w->msgs[i];
 }
@@ -98,6 +110,8 @@ static void msg_free(pl_ucx_worker_t *w, struct ucx_msg *m)
     m->data_held = false;
     m->rndv = false;
     m->used = false;
+    if (m->taken)
+        w->taken--;
     m->taken = false;
     m->gen++;
     m->next = w->free_msg;
@@ -120,6 +134,7 @@ int pl_ucx_msg_info(pl_ucx_worker_t *w, int h, pl_ucx_msg_info_t *out)
         out->ep = ucx_ep_add(w, m->reply_ep, false, "reply");
     else
         out->ep = out->can_reply ? m->reply_err : -1;   /* why it cannot be answered */
+    out->taken = (double)w->taken;
     return 0;
 }
 
@@ -144,6 +159,16 @@ void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err)
             m->reply_err = err;
         }
     }
+}
+
+int pl_ucx_msg_drop(pl_ucx_worker_t *w, int h, uint32_t slot, uint32_t gen)
+{
+    struct ucx_msg *m = msg_get(w, h);
+
+    if (!m || !m->taken || m->owner_slot != slot || m->owner_gen != gen)
+        return 0;
+    msg_free(w, m);
+    return 1;
 }
 
 int pl_ucx_msg_release(pl_ucx_worker_t *w, int h)
@@ -448,6 +473,7 @@ int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t 
     if (s->len > 0)
         stream_wake_one(s);     /* more held: the next reader may go on */
     w->msgs[i].taken = true;
+    w->taken++;
     w->msgs[i].owner_slot = slot;
     w->msgs[i].owner_gen = gen;
     h = msg_handle(w, i);

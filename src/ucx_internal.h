@@ -128,6 +128,7 @@ struct pl_ucx_worker {
 
     struct ucx_msg *msgs;
     uint32_t nmsgs, free_msg, held;
+    uint32_t taken;         /* of those held: taken by tasks (handed to Lua) */
 
     struct ucx_stream *streams[UCX_MAX_STREAMS];
 

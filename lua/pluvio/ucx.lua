@@ -18,6 +18,7 @@ local co_yield = coroutine.yield
 local errstr = core.errstr
 local ffi_string = ffi.string
 local type, format, setmetatable, getmetatable, tostring = type, string.format, setmetatable, getmetatable, tostring
+local max = math.max
 
 local M = {}
 
@@ -570,6 +571,7 @@ function Worker:stats()
         rndv_received = s.rndv_received, tag_sent = s.tag_sent, tag_received = s.tag_received,
         progress_calls = s.progress_calls, wakeups = s.wakeups, ops_in_flight = s.ops_in_flight,
         msgs_held = s.msgs_held, endpoints = s.endpoints, failed_endpoints = s.failed_endpoints,
+        msgs_collected = self.tracked and self.tracked.collected or 0,
     }
 end
 
@@ -904,6 +906,60 @@ function MsgOwner._task_exit(_, t)
     end
 end
 
+-- Messages dropped without data/recv_data/release would stay held (UCX
+-- keeps their data, a rendezvous sender waits) until their task fails or
+-- the worker closes.  Once a worker's tasks hold more than TRACK_FROM taken
+-- messages, each new one is tracked: a weak table sees it collected, and a
+-- sweep releases what was collected, each time as many messages were
+-- tracked as the sweep before left (at least TRACK_FROM): its cost spreads
+-- over those.  A program that consumes its messages never gets there and
+-- pays nothing (its messages stay sunk by the JIT); one that drops them
+-- keeps at most TRACK_FROM untracked ones held.
+local TRACK_FROM = 256
+local weak_values = { __mode = "v" }
+
+local function sweep(w, tr)
+    local objs, owners, n = tr.objs, tr.owners, 0
+    for h, t in pairs(owners) do
+        if objs[h] == nil then          -- collected while still held
+            owners[h] = nil
+            if w.w and C.pl_ucx_msg_drop(w.w, h, t.slot, t.gen) == 1 then
+                tr.collected = tr.collected + 1
+            end
+        else
+            n = n + 1
+        end
+    end
+    tr.n = n
+    tr.added = 0
+    tr.sweep_at = max(TRACK_FROM, n)
+end
+
+local function track(w, h, m, t)
+    local tr = w.tracked
+    if not tr then
+        tr = { objs = setmetatable({}, weak_values), owners = {}, n = 0, added = 0,
+               sweep_at = TRACK_FROM, collected = 0 }
+        w.tracked = tr
+    end
+    tr.objs[h] = m
+    tr.owners[h] = t
+    tr.n = tr.n + 1
+    tr.added = tr.added + 1
+    if tr.added > tr.sweep_at then
+        sweep(w, tr)
+    end
+end
+
+-- The message's data was taken or it was released: no longer tracked.
+local function untrack(w, h)
+    local tr = w.tracked
+    if tr and tr.owners[h] then
+        tr.owners[h], tr.objs[h] = nil, nil
+        tr.n = tr.n - 1
+    end
+end
+
 -- The stream's next message, false when the task must wait (it was queued
 -- as a reader in C), or nil, err, code.
 local function next_msg(self, w, t)
@@ -929,6 +985,9 @@ local function next_msg(self, w, t)
         if not t.takes_msgs then
             t.takes_msgs = true
             t:_own(MsgOwner)
+        end
+        if info.taken > TRACK_FROM then
+            track(w, h, m, t)
         end
         return m
     elseif h == EAGAIN then
@@ -1017,6 +1076,7 @@ local function take(m, fname, ptr, cap, keep)
     local w = m.worker
     local h = m.h
     m.h = nil
+    untrack(w, h)
     local rc = run_op(w, t, C.pl_ucx_msg_recv(w.w, h, ptr, cap, t.slot, t.gen), "AM data", keep)
     if rc < 0 then
         return fail("receive AM data", rc)
@@ -1029,6 +1089,7 @@ function Message:data()
     live_msg("Message:data", self)
     if self.len == 0 then
         C.pl_ucx_msg_release(self.worker.w, self.h)
+        untrack(self.worker, self.h)
         self.h = nil
         return ""
     end
@@ -1061,8 +1122,12 @@ end
 function Message:release()
     check.self("Message:release", self, Message, "a message")
     local owner = self.owner
-    if self.h and self.worker.w and (owner.live or owner.final == "done") then
-        C.pl_ucx_msg_release(self.worker.w, self.h)
+    local h = self.h
+    if h then
+        if self.worker.w and (owner.live or owner.final == "done") then
+            C.pl_ucx_msg_release(self.worker.w, h)
+        end
+        untrack(self.worker, h)
     end
     self.h = nil
     return true
