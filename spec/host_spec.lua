@@ -81,7 +81,7 @@ describe("pluvio (the host)", function()
         os.remove(path)
         assert.equal(0, status, err)
         assert.matches("pluvio: tasks: 2 spawned, 2 finished %(0 failed, 0 cancelled%), 0 live", err)
-        assert.matches("pluvio: loop: %d+ ticks, %d+ resumes, %d+ wakes, %d+ timers fired, %d+ idle waits", err)
+        assert.matches("pluvio: loop: %d+ ticks, %d+ resumes, %d+ lingers, %d+ wakes, %d+ timers fired, %d+ idle waits", err)
         assert.matches("pluvio: 0 live tasks", err)
     end)
 

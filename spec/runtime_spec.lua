@@ -293,6 +293,120 @@ describe("Runtime:stats and Runtime:tasks", function()
     end)
 end)
 
+describe("lingering (a parked task that is the last of its batch)", function()
+    -- a file with 64 KiB of data, read 4 KiB at a time from the page cache
+    local function with_file(fn)
+        local path = helper.tmp_path(".bin")
+        local f = assert(io.open(path, "wb"))
+        f:write(("z"):rep(65536))
+        f:close()
+        local ok, err = pcall(fn, path)
+        os.remove(path)
+        assert(ok, err)
+    end
+
+    it("goes on without a switch through the loop when its own wake comes first", function()
+        with_file(function(path)
+            local rt
+            helper.with_reactor({}, function(_, runtime)
+                rt = runtime
+                local uring = require "pluvio.uring"
+                local f = assert(uring.File.open(path, "r"))
+                local s0 = rt:stats()
+                for i = 0, 99 do
+                    assert.equal(4096, #assert(f:read((i % 16) * 4096, 4096)))
+                end
+                local s = rt:stats()
+                f:close()
+                -- page-cache reads finish inside the submit the linger makes
+                assert.is_true(s.lingers - s0.lingers >= 90, "lingers " .. (s.lingers - s0.lingers))
+                assert.is_true(s.ticks - s0.ticks <= 10, "ticks " .. (s.ticks - s0.ticks))
+            end)
+        end)
+    end)
+
+    it("does not keep the CPU from another ready task: two readers take turns", function()
+        with_file(function(path)
+            local order = {}
+            helper.with_reactor({}, function()
+                local uring = require "pluvio.uring"
+                local f = assert(uring.File.open(path, "r"))
+                local function reader(name)
+                    for i = 0, 49 do
+                        assert(f:read((i % 16) * 4096, 4096))
+                        order[#order + 1] = name
+                    end
+                end
+                local a, b = pluvio.spawn(reader, "a"), pluvio.spawn(reader, "b")
+                a:join()
+                b:join()
+                f:close()
+            end)
+            local run = 1
+            for i = 2, #order do
+                run = order[i] == order[i - 1] and run + 1 or 1
+                assert.is_true(run <= 2, "one reader ran " .. run .. " reads in a row")
+            end
+        end)
+    end)
+
+    it("fires timers while it lingers: a sleeper wakes during a lone reader's loop", function()
+        with_file(function(path)
+            helper.with_reactor({}, function(_, rt)
+                local uring = require "pluvio.uring"
+                local f = assert(uring.File.open(path, "r"))
+                local woke = false
+                local sleeper = pluvio.spawn(function() pluvio.sleep(0.01) woke = true end)
+                local t0, reads = pluvio.now(), 0
+                while not woke and pluvio.now() - t0 < 5 do
+                    assert(f:read(0, 4096))
+                    reads = reads + 1
+                end
+                sleeper:join()
+                f:close()
+                assert.is_true(woke)
+                assert.is_true(reads > 10 and rt:stats().lingers > 10, "reads " .. reads)
+            end)
+        end)
+    end)
+
+    it("busy-polls in place with set_spin: a message the task sent itself answers its own wait", function()
+        local ucx = require "pluvio.ucx"
+        local rt = pluvio.default_runtime()     -- the UCX reactor comes on first use
+        rt:set_spin(1)
+        local lingered
+        rt:run(function()
+            local ctx = assert(ucx.Context.new())
+            local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local stream = sw:am_stream(1)
+            local ep = assert(cw:connect_addr(sw:address()))
+            local s0 = rt:stats()
+            for i = 1, 100 do
+                assert(ep:am_send(1, "", tostring(i)))
+                assert.equal(tostring(i), assert(stream:wait_msg()):data())
+            end
+            lingered = rt:stats().lingers - s0.lingers
+            ep:close(); cw:close(); sw:close(); ctx:close()
+        end)
+        assert.is_true(lingered >= 90, "lingers " .. lingered)
+        assert.equal(0, rt:stats().idle_waits)
+    end)
+
+    it("never lingers with a reactor written in Lua, which only the loop polls", function()
+        with_file(function(path)
+            helper.with_reactor({}, function(_, rt)
+                rt:register_reactor("lua-idle", { status = function() return "idle" end,
+                                                  poll = function() return 0 end })
+                local uring = require "pluvio.uring"
+                local f = assert(uring.File.open(path, "r"))
+                for _ = 1, 20 do assert(f:read(0, 4096)) end
+                f:close()
+                assert.equal(0, rt:stats().lingers)
+            end)
+        end)
+    end)
+end)
+
 describe("task ids", function()
     it("carry a generation so a stale id never wakes the slot's next task", function()
         local rt = pluvio.Runtime.new(1)

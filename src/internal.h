@@ -41,8 +41,8 @@ struct pl_task {
 struct pl_ready_ring {
     uint32_t *slots;
     uint32_t mask;
-    uint32_t head;
-    uint32_t tail;
+    uint32_t head;          /* head and tail stay in this order, side by side: */
+    uint32_t tail;          /* pl_runtime_ready_marks hands them to Lua */
 };
 
 /* A registered reactor: borrowed pointer plus the runtime's book-keeping. */

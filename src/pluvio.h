@@ -129,6 +129,7 @@ typedef struct pl_runtime_stats {
     double blocked_s;       /* seconds spent blocked */
     double capacity;        /* task slots allocated */
     double reactors;
+    double lingers;         /* parks that went on in place (pl_task_linger) */
 } pl_runtime_stats_t;
 
 typedef struct pl_task_info {
@@ -180,6 +181,18 @@ int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen);
 int pl_task_wait(pl_runtime_t *rt, uint32_t slot, int kind, double arg);
 int pl_task_yield(pl_runtime_t *rt, uint32_t slot);
 int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome);
+/* The running task, parked a moment ago (pl_task_wait or an op start), is
+ * the last of the loop's batch: rather than yield to a loop with nothing
+ * else to run, poll the reactors in its place (flush, one poll, then busy-
+ * poll up to the spin time).  Returns 1 when its own wake came while no
+ * other task was ready: it is off the ready ring and goes on without
+ * yielding.  Returns 0 when it must yield (time up, or another task is
+ * ready; its own wake, if it came, stays queued).  With go = 0 it only
+ * says whether lingering may help (nothing but the task itself is ready). */
+int pl_task_linger(pl_runtime_t *rt, uint32_t slot, int go);
+/* The ready ring's head and tail counters ([0] and [1]; equal when no task
+ * is ready), for Lua to read without a call. */
+const uint32_t *pl_runtime_ready_marks(const pl_runtime_t *rt);
 int pl_task_info(pl_runtime_t *rt, uint32_t slot, pl_task_info_t *out);
 
 /* Timers (timer.c): one per task; firing wakes the task.  pl_task_sleep

@@ -19,8 +19,9 @@ function M.format_stats(rt)
     local lines = {
         format("pluvio: tasks: %d spawned, %d finished (%d failed, %d cancelled), %d live",
                s.tasks_spawned, s.tasks_finished, s.tasks_failed, s.tasks_cancelled, s.tasks_live),
-        format("pluvio: loop: %d ticks, %d resumes, %d wakes, %d timers fired, %d idle waits, %.6f s blocked",
-               s.ticks, s.resumes, s.wakes, s.timers_fired, s.idle_waits, s.time_blocked),
+        format("pluvio: loop: %d ticks, %d resumes, %d lingers, %d wakes, %d timers fired, %d idle waits, " ..
+               "%.6f s blocked", s.ticks, s.resumes, s.lingers, s.wakes, s.timers_fired, s.idle_waits,
+               s.time_blocked),
     }
     local names = {}
     for name in pairs(s.reactors) do

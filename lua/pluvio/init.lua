@@ -9,7 +9,7 @@ local core = require "pluvio.core"
 local check = require "pluvio.check"
 
 local ffi, C = core.ffi, core.C
-local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
+local co_create, co_resume, co_yield, co_running = coroutine.create, coroutine.resume, coroutine.yield, coroutine.running
 local co_running, co_status = coroutine.running, coroutine.status
 local select, type, tostring, setmetatable = select, type, tostring, setmetatable
 local unpack, traceback, format = unpack, debug.traceback, string.format
@@ -173,12 +173,43 @@ local function yielded(t, resumed_with, fname, seq)
     end
 end
 
+-- The running task, parked in C a moment ago, is the last of its batch:
+-- when nothing else is ready, the reactors are polled in its place and a
+-- wake of its own lets it go on without the switch through the loop
+-- (pl_task_linger; with set_spin it busy-polls there).  Only in the task's
+-- own coroutine (a plain coroutine's wait must yield, see yielded), and
+-- not with reactors written in Lua, which only the loop polls.  Returns
+-- true when the task goes on.
+local function may_linger(rt, t)
+    if rt.last_slot ~= t.slot or rt.lua_reactors[1] ~= nil then
+        return false
+    end
+    local marks = rt.ready_marks    -- another task ready: no (read without a call)
+    if marks[0] ~= marks[1] and C.pl_task_linger(rt.crt, t.slot, 0) ~= 1 then
+        return false
+    end
+    return co_running() == t.co
+end
+
+-- For a task parked in C already (an operation's start parked it).
+local function linger(rt, t)
+    return may_linger(rt, t) and C.pl_task_linger(rt.crt, t.slot, 1) == 1
+end
+
 -- Park the running task until something wakes its slot.  what describes the
 -- wait for rt:tasks() and deadlock reports; fname names the caller in errors;
 -- seq as for yielded.
 local function park(t, kind, arg, what, fname, seq)
     t.waiting_for = what
-    yielded(t, co_yield(PARK, kind, arg or 0), fname or "pluvio wait", seq)
+    local rt = t.rt
+    if may_linger(rt, t) then
+        C.pl_task_wait(rt.crt, t.slot, kind, arg or 0)
+        if C.pl_task_linger(rt.crt, t.slot, 1) ~= 1 then
+            yielded(t, co_yield(WAIT), fname or "pluvio wait", seq)
+        end
+    else
+        yielded(t, co_yield(PARK, kind, arg or 0), fname or "pluvio wait", seq)
+    end
     t.waiting_for = nil
 end
 
@@ -515,7 +546,7 @@ local function new_runtime(capacity)
               (err[0] == -core.errno.ENOMEM and "" or
                " (the runtime blocks in io_uring: is io_uring allowed here?)"), 3)
     end
-    return setmetatable({
+    local rt = setmetatable({
         crt = ffi.gc(crt, C.pl_runtime_free),
         slots = {}, nlive = 0, seq = 0,
         ready = ffi.new("uint32_t[?]", BATCH),
@@ -528,7 +559,10 @@ local function new_runtime(capacity)
         n_unjoined = 0,
         running = false,
         current = nil,
+        last_slot = -1,           -- the last task of the loop's batch (see linger)
     }, Runtime)
+    rt.ready_marks = C.pl_runtime_ready_marks(crt)     -- (crt keeps it alive)
+    return rt
 end
 
 -- Runtime.new([capacity]): capacity is the initial task-table size (it grows
@@ -683,6 +717,7 @@ function Runtime:stats()
         tasks_cancelled = s.cancelled, tasks_live = s.live, tasks_ready = s.ready,
         timers_armed = s.timers, ticks = s.ticks, resumes = s.resumes, wakes = s.wakes,
         timers_fired = s.timers_fired, idle_waits = s.idle_waits, time_blocked = s.blocked_s,
+        lingers = s.lingers,
         task_capacity = s.capacity, unjoined_failures = self.n_unjoined,
         reactors = {},
     }
@@ -740,6 +775,9 @@ end
 -- yield, I/O start, exit) did the accounting.
 local function run_batch(rt, n)
     local crt, ready, slots = rt.crt, rt.ready, rt.slots
+    if n > 0 then
+        rt.last_slot = ready[n - 1]     -- (a slot is in a batch once)
+    end
     for i = 0, n - 1 do
         local t = slots[ready[i]]
         if t and t.co then
@@ -1056,6 +1094,7 @@ end
 
 -- For modules built on the runtime (channels, reactors): park and wake.
 M._park = park
+M._linger = linger
 M._WAIT = WAIT
 M._wake = wake
 M._current_task = current_task

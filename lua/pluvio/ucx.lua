@@ -12,7 +12,7 @@ local uring = require "pluvio.uring"
 
 local ffi, C = core.ffi, core.C
 local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
-local io_task, yielded = pluvio._io_task, pluvio._yielded
+local io_task, yielded, linger = pluvio._io_task, pluvio._yielded, pluvio._linger
 local WAIT_IO, WAIT_OTHER, WAIT_STREAM = pluvio.WAIT.IO, pluvio.WAIT.OTHER, pluvio.WAIT.STREAM
 local co_yield = coroutine.yield
 local errstr = core.errstr
@@ -255,7 +255,9 @@ local function await(w, t, op, what, keep, keep2)
     t.waiting_for = what
     C.pl_task_wait(w.rt_crt or t.rt.crt, t.slot, WAIT_IO, op)
     local fname, seq = t.io_fname, t.io_seq
-    yielded(t, co_yield(WAIT), fname, seq)
+    if not linger(t.rt, t) then
+        yielded(t, co_yield(WAIT), fname, seq)
+    end
     local ww = w.w          -- nil: the worker was closed meanwhile, the op with it
     if ww and C.pl_ucx_op_take(ww, op, result) == 0 then
         repeat              -- (entered only when woken early: see Stream:wait_msg)

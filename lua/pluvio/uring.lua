@@ -11,7 +11,7 @@ local check = require "pluvio.check"
 
 local ffi, C = core.ffi, core.C
 local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAIT
-local io_task, yielded = pluvio._io_task, pluvio._yielded
+local io_task, yielded, linger = pluvio._io_task, pluvio._yielded, pluvio._linger
 local co_yield = coroutine.yield
 local WAIT_IO, WAIT_BUFFER = pluvio.WAIT.IO, pluvio.WAIT.BUFFER
 local errstr = core.errstr
@@ -255,7 +255,9 @@ local function await(r, t, op, what, keep)
     t.waiting_for = what
     local fname, seq = t.io_fname, t.io_seq
     -- starting the op parked the task in C already
-    yielded(t, co_yield(WAIT), fname, seq)
+    if not linger(t.rt, t) then
+        yielded(t, co_yield(WAIT), fname, seq)
+    end
     local u, result = r.u, r.result
     while C.pl_uring_op_take(u, op, result) == 0 do
         park(t, WAIT_IO, op, what)      -- a spurious wake-up: park again
