@@ -370,6 +370,25 @@ describe("lingering (a parked task that is the last of its batch)", function()
         end)
     end)
 
+    it("polls even when its wake came before it parked: a task that wakes itself lets a sleeper wake", function()
+        local rt = pluvio.Runtime.new()
+        local woke, rounds, woke_in_loop = false, 0, nil
+        rt:run(function()
+            local me = pluvio.current()
+            local sleeper = pluvio.spawn(function() pluvio.sleep(0.01) woke = true end)
+            local t0 = pluvio.now()
+            while not woke and pluvio.now() - t0 < 2 do
+                me:wake()
+                pluvio.suspend("itself")
+                rounds = rounds + 1
+            end
+            woke_in_loop = woke
+            sleeper:join()
+        end)
+        assert.is_true(woke_in_loop)
+        assert.is_true(rt:stats().lingers > 0 and rounds > 0, "lingers " .. rt:stats().lingers)
+    end)
+
     it("busy-polls in place with set_spin: a message the task sent itself answers its own wait", function()
         local ucx = require "pluvio.ucx"
         local rt = pluvio.default_runtime()     -- the UCX reactor comes on first use

@@ -366,16 +366,16 @@ int pl_task_linger(pl_runtime_t *rt, uint32_t slot, int go)
         return 0;
     if (!go)
         return 1;
-    if (pl_ready_empty(rt)) {
-        reactors_flush(rt);
-        collect(rt);
-        if (pl_ready_empty(rt) && rt->spin_ns > 0) {
-            spin(rt);
-            rt->switch_cyc = pl_cycles();   /* the spin is not the task's run time */
-        }
-        if (!ready_only(rt, slot))
-            return 0;
+    /* also when its wake came already: a task that wakes itself and parks,
+     * again and again, must not keep the reactors and timers from a poll */
+    reactors_flush(rt);
+    collect(rt);
+    if (pl_ready_empty(rt) && rt->spin_ns > 0) {
+        spin(rt);
+        rt->switch_cyc = pl_cycles();   /* the spin is not the task's run time */
     }
+    if (!ready_only(rt, slot))
+        return 0;
     rt->ready.head++;
     t->queued = false;
     rt->stats.lingers++;
