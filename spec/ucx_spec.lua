@@ -179,6 +179,32 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("keeps headers over 128 bytes in reused blocks: held ones intact, no block per message", async(function()
+        local p = pair { window = 64 }
+        local max = p.sw:max_am_header()
+        local sizes = { 129, 256, 257, 1000, 4096, max }
+        -- held at once: each its own block, each header intact
+        for i, n in ipairs(sizes) do assert(p.ep:am_send(1, ("%x"):format(i):rep(n):sub(1, n), "d")) end
+        local held = {}
+        for i = 1, #sizes do held[i] = assert(p.stream:wait_msg()) end
+        for i, n in ipairs(sizes) do
+            assert.is_true(held[i].header == ("%x"):format(i):rep(n):sub(1, n), "header " .. i)
+            held[i]:release()
+        end
+        local blocks = p.sw:stats().header_blocks
+        assert.is_true(blocks >= 5 and blocks <= #sizes, "blocks " .. blocks)
+        -- one at a time, 500 more: the freed blocks serve them all
+        for i = 1, 500 do
+            local n = sizes[i % #sizes + 1]
+            assert(p.ep:am_send(1, ("z"):rep(n), "d"))
+            local m = assert(p.stream:wait_msg())
+            assert.equal(n, #m.header)
+            m:release()
+        end
+        assert.equal(blocks, p.sw:stats().header_blocks)
+        close_pair(p)
+    end))
+
     it("holds messages for a slow reader up to the window, slows the sender, loses nothing and keeps order", async(function()
         -- 16 MB of eager messages: more than the transport can buffer
         -- (about 4.6 MB on loopback here), so the sender must be slowed

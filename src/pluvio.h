@@ -404,6 +404,7 @@ typedef struct pl_ucx_stats {
     double am_sent, am_bytes_sent, am_received, am_bytes_received;
     double eager_received, rndv_received, tag_sent, tag_received;
     double progress_calls, wakeups, ops_in_flight, msgs_held, endpoints, failed_endpoints;
+    double header_blocks;   /* blocks allocated for headers over 128 B (reused) */
 } pl_ucx_stats_t;
 
 /* wakeup 1: workers can sleep in the kernel (transports with events: tcp);

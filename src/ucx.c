@@ -358,6 +358,7 @@ void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out)
     *out = w->stats;
     out->ops_in_flight = w->in_flight;
     out->msgs_held = w->held;
+    out->header_blocks = w->header_blocks;
     out->endpoints = live;
     out->failed_endpoints = failed;
 }
@@ -409,6 +410,7 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
             pl_ucx_listener_close(w, i);
     ucx_streams_free(w);
     ucx_msgs_free(w);           /* those taken and never received */
+    ucx_header_blocks_free(w);
     worker_cancel_ops(w);
     if (w->reactor)
         reactor_remove_worker(w->reactor, w);

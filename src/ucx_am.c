@@ -100,13 +100,63 @@ static const char *msg_header(const struct ucx_msg *m)
     return m->header_heap ? m->header_heap : m->header_inline;
 }
 
+/* A block for a header of len bytes (more than the inline room). */
+static char *header_block(pl_ucx_worker_t *w, struct ucx_msg *m, size_t len)
+{
+    int c = 0;
+    struct ucx_hdr_block *b;
+
+    while (c < UCX_HDR_CLASSES && ((size_t)256 << c) < len)
+        c++;
+    if (c == UCX_HDR_CLASSES) {
+        m->header_class = -1;
+        w->header_blocks++;
+        return malloc(len);
+    }
+    m->header_class = (int8_t)c;
+    b = w->hdr_free[c];
+    if (!b) {
+        w->header_blocks++;
+        return malloc((size_t)256 << c);
+    }
+    w->hdr_free[c] = b->next;
+    return (char *)b;
+}
+
+static void header_block_free(pl_ucx_worker_t *w, struct ucx_msg *m)
+{
+    if (!m->header_heap)
+        return;
+    if (m->header_class < 0) {
+        free(m->header_heap);
+        w->header_blocks--;
+    } else {
+        struct ucx_hdr_block *b = (struct ucx_hdr_block *)(void *)m->header_heap;
+        b->next = w->hdr_free[m->header_class];
+        w->hdr_free[m->header_class] = b;
+    }
+    m->header_heap = NULL;
+}
+
+/* The worker closes: the freed header blocks go back to the heap. */
+void ucx_header_blocks_free(pl_ucx_worker_t *w)
+{
+    for (int c = 0; c < UCX_HDR_CLASSES; c++) {
+        while (w->hdr_free[c]) {
+            struct ucx_hdr_block *b = w->hdr_free[c];
+            w->hdr_free[c] = b->next;
+            free(b);
+            w->header_blocks--;
+        }
+    }
+}
+
 /* Give UCX back what it kept for the message, and the slot to the pool. */
 static void msg_free(pl_ucx_worker_t *w, struct ucx_msg *m)
 {
     if (m->data_held || m->rndv)
         ucp_am_data_release(w->ucp, m->data);
-    free(m->header_heap);
-    m->header_heap = NULL;
+    header_block_free(w, m);
     m->data_held = false;
     m->rndv = false;
     m->used = false;
@@ -331,7 +381,7 @@ static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len,
     m = &w->msgs[i];
     m->header_len = header_len;
     if (header_len > sizeof(m->header_inline)) {
-        m->header_heap = malloc(header_len);
+        m->header_heap = header_block(w, m, header_len);
         if (!m->header_heap) {
             msg_free(w, m);
             return UCS_ERR_NO_MEMORY;

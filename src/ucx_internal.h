@@ -73,6 +73,12 @@ struct ucx_listener {
 
 /* A received message: held by its stream, then taken (handed to Lua by
  * pl_ucx_stream_next) until its data is received or it is released. */
+#define UCX_HDR_CLASSES 7       /* header blocks of 256 B to 16 KiB; larger ones are malloc'd */
+
+struct ucx_hdr_block {          /* a freed header block, linked through its first bytes */
+    struct ucx_hdr_block *next;
+};
+
 struct ucx_msg {
     uint32_t gen;
     bool used;
@@ -85,6 +91,7 @@ struct ucx_msg {
     int32_t reply_err;      /* 0, or -errno: the reply endpoint is gone */
     size_t header_len;
     char *header_heap;      /* when larger than the inline room, else NULL; */
+    int8_t header_class;    /* header_heap's size class, or -1: malloc'd to size */
     char header_inline[128];    /* never point at this: the array moves */
     uint32_t owner_slot, owner_gen;
     uint32_t next;          /* next message of the stream, or free list */
@@ -129,6 +136,11 @@ struct pl_ucx_worker {
     struct ucx_msg *msgs;
     uint32_t nmsgs, free_msg, held;
     uint32_t taken;         /* of those held: taken by tasks (handed to Lua) */
+    /* freed blocks for headers larger than a message's inline room, by size
+     * class (256 B << class), each linked through its first bytes: a header
+     * costs no malloc once the worker has held that many */
+    struct ucx_hdr_block *hdr_free[UCX_HDR_CLASSES];
+    uint32_t header_blocks;         /* allocated, pooled or not */
 
     struct ucx_stream *streams[UCX_MAX_STREAMS];
 
@@ -156,5 +168,6 @@ bool ucx_worker_over_window(const pl_ucx_worker_t *w);
 void ucx_streams_free(pl_ucx_worker_t *w);
 void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err);
 void ucx_msgs_free(pl_ucx_worker_t *w);
+void ucx_header_blocks_free(pl_ucx_worker_t *w);
 
 #endif /* PL_UCX_INTERNAL_H */

@@ -573,7 +573,7 @@ function Worker:stats()
         rndv_received = s.rndv_received, tag_sent = s.tag_sent, tag_received = s.tag_received,
         progress_calls = s.progress_calls, wakeups = s.wakeups, ops_in_flight = s.ops_in_flight,
         msgs_held = s.msgs_held, endpoints = s.endpoints, failed_endpoints = s.failed_endpoints,
-        msgs_collected = self.tracked and self.tracked.collected or 0,
+        msgs_collected = self.tracked and self.tracked.collected or 0, header_blocks = s.header_blocks,
     }
 end
 
