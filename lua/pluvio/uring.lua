@@ -129,12 +129,15 @@ local function new_reactor(fname, opts)
 end
 
 -- uring.reactor{opts}: a reactor from an options table (see M.DEFAULTS).
+-- (not tail calls: the errors of new_reactor name our caller's line)
 function M.reactor(opts)
-    return new_reactor("uring.reactor", opts)
+    local r = new_reactor("uring.reactor", opts)
+    return r
 end
 
 function IoUringReactor.new(opts)
-    return new_reactor("IoUringReactor.new", opts)
+    local r = new_reactor("IoUringReactor.new", opts)
+    return r
 end
 
 -- The seed's builder: IoUringReactor.builder():queue_size(2048):...:build()
@@ -150,16 +153,22 @@ for name in pairs(OPTION_RULES) do
     end
 end
 -- :sqpoll(idle_ms) turns SQPOLL on with that idle time.
+-- :sqpoll(false) turns it off again.
 function Builder:sqpoll(idle_ms)
+    if idle_ms == false then
+        self.opts.sqpoll = false
+        return self
+    end
     self.opts.sqpoll = true
     if idle_ms ~= nil then
-        self.opts.sqpoll_idle_ms = check_option("IoUringReactor.builder():sqpoll", "sqpoll_idle_ms", idle_ms)
+        self.opts.sqpoll_idle_ms = check_option("IoUringReactor.builder():sqpoll", "sqpoll_idle_ms", idle_ms, 3)
     end
     return self
 end
 
 function Builder:build()
-    return new_reactor("IoUringReactor.builder():build", self.opts)
+    local r = new_reactor("IoUringReactor.builder():build", self.opts)
+    return r
 end
 
 function IoUringReactor.builder()
@@ -176,6 +185,7 @@ function IoUringReactor:attach(rt)
 end
 
 function IoUringReactor:options()
+    check.self("IoUringReactor:options", self, IoUringReactor, "an io_uring reactor")
     local o = {}
     for k, v in pairs(self.opts) do o[k] = v end
     return o
@@ -972,6 +982,7 @@ end
 DmaFile.__tostring = File.__tostring
 
 function File:fileno()
+    self_file("File:fileno", self)
     return self.fd
 end
 

@@ -246,6 +246,9 @@ function M.install(U)
     end
 
     function TcpSocket:peer()
+        if getmetatable(self) ~= TcpSocket then
+            error("TcpSocket:peer: call it as a method on a socket", 2)
+        end
         return self.name
     end
 
