@@ -585,9 +585,10 @@ local function check_direct(fname, f, offset, len, addr)
         error(format("%s: O_DIRECT length %d is not a multiple of %d (the file's block size) on %s",
                      fname, len, a, f.path), 3)
     end
-    if addr and tonumber(ffi_cast("uintptr_t", addr)) % f.mem_align ~= 0 then
-        error(format("%s: O_DIRECT buffer address is not aligned to %d bytes on %s",
-                     fname, f.mem_align, f.path), 3)
+    local at = addr and tonumber(ffi_cast("uintptr_t", addr))
+    if at and at % f.mem_align ~= 0 then
+        error(format("%s: O_DIRECT buffer address 0x%x is not aligned to %d bytes on %s",
+                     fname, at, f.mem_align, f.path), 3)
     end
 end
 
@@ -856,9 +857,10 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
                 error(format("%s: O_DIRECT length %d of part %d is not a multiple of %d (the file's " ..
                              "block size) on %s", fname, len, i, a, f.path), 3)
             end
-            if tonumber(ffi_cast("uintptr_t", ptr)) % f.mem_align ~= 0 then
-                error(format("%s: O_DIRECT address of part %d is not aligned to %d bytes on %s " ..
-                             "(strings never are: use registered buffers)", fname, i, f.mem_align, f.path), 3)
+            local at = tonumber(ffi_cast("uintptr_t", ptr))
+            if at % f.mem_align ~= 0 then
+                error(format("%s: O_DIRECT address 0x%x of part %d is not aligned to %d bytes on %s " ..
+                             "(strings never are: use registered buffers)", fname, at, i, f.mem_align, f.path), 3)
             end
         end
         iov[i - 1].base = ffi_cast("void *", ptr)
