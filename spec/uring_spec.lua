@@ -4,9 +4,29 @@ local pluvio = require "pluvio"
 local uring = require "pluvio.uring"
 local helper = require "helper"
 local ffi = require "ffi"
+local bit = require "bit"
 
 local async = helper.async
 local tmpfile, with_reactor = helper.tmp_path, helper.with_reactor
+
+-- Files opened by libc, behind pluvio's back, for File.new / DmaFile.new.
+ffi.cdef [[
+int open(const char *path, int flags, ...);
+int fcntl(int fd, int cmd, ...);
+]]
+local O_RDWR, O_CREAT = 2, 64
+local O_DIRECT = ({ arm = 0x10000, arm64 = 0x10000, ppc = 0x20000 })[ffi.arch] or 0x4000
+local F_GETFD, F_GETFL = 1, 3
+
+local function libc_open(path, flags)
+    local fd = ffi.C.open(path, flags, ffi.cast("int", 420))   -- 0644 (a vararg: passed as an int)
+    assert(fd >= 0, "open " .. path .. " failed: errno " .. ffi.errno())
+    return fd
+end
+
+local function fd_flags(fd)
+    return ffi.C.fcntl(fd, F_GETFL)
+end
 
 -- A new temporary file holding content; returns its path.
 local function file_with(content)
@@ -317,6 +337,58 @@ describe("File and DmaFile", function()
         assert.equal(a, d:write(0, s))
         assert.equal(s, d:read(0, a))
         d:close()
+        uring.unlink(path)
+    end))
+
+    it("DmaFile.new wraps an fd opened with O_DIRECT, learns its rules and closes the fd", async(function()
+        local path = tmpfile()
+        local fd = libc_open(path, O_RDWR + O_CREAT + O_DIRECT)
+        local d = uring.DmaFile.new(fd, "direct fd")
+        assert.equal("DmaFile direct fd (fd " .. fd .. ")", tostring(d))
+        assert.equal(fd, d:fileno())
+        local st = assert(d:statx())
+        local a = st.dio_offset_align > 0 and st.dio_offset_align or 512
+        assert.equal(a, d.offset_align)
+        assert.has_error(function() d:read(1, a) end,
+            ("File:read: O_DIRECT offset 1 is not a multiple of %d (the file's block size) on direct fd"):format(a))
+        assert.has_error(function() d:write(0, "abc") end,
+            ("File:write: O_DIRECT length 3 is not a multiple of %d (the file's block size) on direct fd"):format(a))
+        local buf = d:acquire_buffer()
+        buf:fill_pattern(5, 0, 8192)
+        local sum = buf:checksum(8192)
+        assert.equal(8192, d:write_fixed(buf, 0, 8192))
+        buf:fill(0)
+        assert.equal(8192, d:read_fixed(buf, 0, 8192))
+        assert.equal(sum, buf:checksum(8192))
+        buf:release()
+        assert.equal(8192, d:statx().size)
+        assert.is_true(bit.band(fd_flags(fd), O_DIRECT) ~= 0)      -- still O_DIRECT
+        assert.is_true(d:close())
+        assert.equal(-1, ffi.C.fcntl(fd, F_GETFD))                 -- closed by close()
+        assert.has_error(function() uring.DmaFile.new(-1) end,
+            "DmaFile.new: fd must be an integer from 0 to 2147483647 (got -1)")
+        uring.unlink(path)
+    end))
+
+    it("DmaFile.new takes an fd without O_DIRECT as it is: the rules are checked, its flags left alone", async(function()
+        -- DmaFile.new documents its fd as opened with O_DIRECT and does not
+        -- check it: the file still checks the O_DIRECT rules, but the I/O
+        -- goes through the page cache, as the fd says.
+        local path = tmpfile()
+        local fd = libc_open(path, O_RDWR + O_CREAT)
+        local d = uring.DmaFile.new(fd)
+        local name = "fd " .. fd
+        assert.equal("DmaFile " .. name .. " (fd " .. fd .. ")", tostring(d))
+        local a = d.offset_align
+        assert.is_true(a >= 512)
+        assert.has_error(function() d:read(1, a) end,
+            ("File:read: O_DIRECT offset 1 is not a multiple of %d (the file's block size) on %s"):format(a, name))
+        local block = ("D"):rep(a)
+        assert.equal(a, d:write(a, block))
+        assert.equal(block, d:read(a, a))
+        assert.equal(0, bit.band(fd_flags(fd), O_DIRECT))          -- not switched to O_DIRECT
+        assert.is_true(d:close())
+        assert.equal(-1, ffi.C.fcntl(fd, F_GETFD))
         uring.unlink(path)
     end))
 
