@@ -17,6 +17,7 @@ int fcntl(int fd, int cmd, ...);
 local O_RDWR, O_CREAT = 2, 64
 local O_DIRECT = ({ arm = 0x10000, arm64 = 0x10000, ppc = 0x20000 })[ffi.arch] or 0x4000
 local F_GETFD, F_GETFL = 1, 3
+local FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 
 local function libc_open(path, flags)
     local fd = ffi.C.open(path, flags, ffi.cast("int", 420))   -- 0644 (a vararg: passed as an int)
@@ -419,6 +420,60 @@ describe("File and DmaFile", function()
         assert.matches("^write /etc/hostname %(offset 0, 1 bytes%): EBADF", err3)
         ro:close()
     end))
+
+    for _, kind in ipairs({ "File", "DmaFile" }) do
+        local cls = uring[kind]
+
+        it(kind .. " fallocate with FALLOC_FL_KEEP_SIZE reserves blocks and keeps the size", async(function()
+            local path = tmpfile()
+            local f = assert(cls.open(path, "w+"))
+            assert.is_true(f:fallocate(0, 65536, FALLOC_FL_KEEP_SIZE))
+            local st = f:statx()
+            assert.equal(0, st.size)
+            assert.is_true(st.blocks >= 65536 / 512, "blocks " .. st.blocks)
+            local block = ("k"):rep(4096)
+            assert.equal(4096, f:write(0, block))
+            assert.is_true(f:fallocate(4096, 1048576, FALLOC_FL_KEEP_SIZE))   -- past the end
+            st = f:statx()
+            assert.equal(4096, st.size)
+            assert.is_true(st.blocks >= (4096 + 1048576) / 512, "blocks " .. st.blocks)
+            assert.is_true(f:fallocate(0, 8192))                              -- mode 0 grows it
+            assert.equal(8192, f:statx().size)
+            assert.equal(block, f:read(0, 4096))
+            -- the kernel's refusal comes back as nil, err, code: a hole must keep the size
+            assert.same({ nil, "fallocate " .. path .. ": EOPNOTSUPP: Operation not supported", "EOPNOTSUPP", 0 },
+                        { f:fallocate(0, 4096, FALLOC_FL_PUNCH_HOLE) })
+            assert.has_error(function() f:fallocate(0, 4096, 256) end,
+                "File:fallocate: mode must be an integer from 0 to 255 (got 256)")
+            f:close()
+            uring.unlink(path)
+        end))
+
+        it(kind .. " punches a hole with FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE", async(function()
+            local path = tmpfile()
+            local f = assert(cls.open(path, "w+"))
+            local blocks = {}
+            for i = 1, 16 do blocks[i] = string.char(64 + i):rep(4096) end
+            assert.equal(65536, f:write(0, table.concat(blocks)))
+            assert.is_true(f:fsync())
+            local before = f:statx()
+            local ok, err, code = f:fallocate(4096, 8192, FALLOC_FL_PUNCH_HOLE + FALLOC_FL_KEEP_SIZE)
+            if not ok and code == "EOPNOTSUPP" then
+                f:close()
+                uring.unlink(path)
+                pending("this file system cannot punch holes (" .. err .. "); not checked")
+                return
+            end
+            assert.is_true(ok, err)
+            local after = f:statx()
+            assert.equal(65536, after.size)
+            assert.is_true(after.blocks <= before.blocks - 8192 / 512,
+                           ("blocks %d before, %d after"):format(before.blocks, after.blocks))
+            assert.equal(blocks[1] .. ("\0"):rep(8192) .. blocks[4], f:read(0, 16384))
+            f:close()
+            uring.unlink(path)
+        end))
+    end
 
     it("refuses to use a closed file", async(function()
         local path = tmpfile()
