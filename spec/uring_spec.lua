@@ -475,6 +475,53 @@ describe("File and DmaFile", function()
         end))
     end
 
+    for _, kind in ipairs({ "File", "DmaFile" }) do
+        it(kind .. ".new of an fd closed behind pluvio's back: every operation fails with EBADF", async(function()
+            local path = tmpfile()
+            local fd = libc_open(path, O_RDWR + O_CREAT + (kind == "DmaFile" and O_DIRECT or 0))
+            local f = uring[kind].new(fd, "behind")
+            local block = ("b"):rep(4096)
+            assert.equal(4096, f:write(0, block))
+            local buf = f:acquire_buffer()              -- (the pool is set up before the close)
+            assert.equal(0, helper.libc.close(fd))
+            local function ebadf(what) return what .. ": EBADF: Bad file descriptor" end
+            assert.same({ nil, ebadf("read behind (offset 0, 4096 bytes)"), "EBADF", 0 }, { f:read(0, 4096) })
+            assert.same({ nil, ebadf("write behind (offset 0, 4096 bytes)"), "EBADF", 0 }, { f:write(0, block) })
+            assert.same({ nil, ebadf("read behind (offset 0, 4096 bytes)"), "EBADF", 0 },
+                        { f:read_fixed(buf, 0, 4096) })
+            assert.same({ nil, ebadf("write behind (offset 4096, 4096 bytes)"), "EBADF", 0 },
+                        { f:write_fixed(buf, 4096, 4096) })
+            assert.same({ nil, ebadf("readv behind (offset 0, 4096 bytes in 1 parts)"), "EBADF", 0 },
+                        { f:readv(0, { buf }, { 4096 }) })
+            assert.same({ nil, ebadf("writev behind (offset 0, 4096 bytes in 1 parts)"), "EBADF", 0 },
+                        { f:writev(0, { buf }, { 4096 }) })
+            for _, op in ipairs({ "fsync", "fdatasync", "statx" }) do
+                local ok, err, code = f[op](f)
+                assert.is_nil(ok)
+                assert.equal(ebadf(op .. " behind"), err)
+                assert.equal("EBADF", code)
+            end
+            for op, call in pairs({ fallocate = function() return f:fallocate(0, 4096) end,
+                                    truncate = function() return f:truncate(0) end }) do
+                local ok, err, code = call()
+                assert.is_nil(ok)
+                assert.equal(ebadf(op .. " behind"), err)
+                assert.equal("EBADF", code)
+            end
+            buf:release()
+            local ok, err, code = f:close()             -- the kernel's close fails too; the file is closed
+            assert.is_nil(ok)
+            assert.equal(ebadf("close behind"), err)
+            assert.equal("EBADF", code)
+            assert.has_error(function() f:read(0, 1) end, "File:read: the file is closed (behind)")
+            assert.equal(0, uring.current():stats().in_flight)
+            local rest = io.open(path, "rb")            -- what was written before the close is there
+            assert.equal(block, rest:read("*a"))
+            rest:close()
+            uring.unlink(path)
+        end))
+    end
+
     it("refuses to use a closed file", async(function()
         local path = tmpfile()
         local f = assert(uring.File.open(path, "w+"))
