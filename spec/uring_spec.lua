@@ -661,6 +661,50 @@ describe("registered buffers", function()
         end)
     end)
 
+    it("pass over a waiter killed before its turn, keeping FIFO order and every buffer", function()
+        with_reactor({ buffer_count = 2, buffer_size = 4096 }, function(r)
+            local a, b = r:acquire_buffer(), r:acquire_buffer()
+            local order, go = {}, false
+            local waiters = {}
+            for i = 1, 3 do
+                waiters[i] = pluvio.spawn(function()
+                    local buf = r:acquire_buffer()
+                    order[#order + 1] = i
+                    while not go do pluvio.sleep(0.001) end
+                    buf:release()
+                end)
+            end
+            local function settle(n)       -- until n waiters hold a buffer (or 2 s)
+                local deadline = pluvio.now() + 2
+                while #order < n and pluvio.now() < deadline do pluvio.sleep(0.001) end
+                pluvio.sleep(0.005)         -- and a little more: nobody else takes one
+            end
+            pluvio.yield()
+            assert.equal(3, r:stats().buffer_waits)
+            waiters[2]:kill()               -- parked, nothing handed to it yet
+            assert.equal("cancelled", waiters[2]:status())
+            a:release()
+            settle(1)
+            assert.same({ 1 }, order)
+            assert.equal("waiting", waiters[3]:status())
+            b:release()                     -- the killed waiter's turn goes to the next
+            settle(2)
+            assert.same({ 1, 3 }, order)
+            assert.equal(0, r:stats().buffers_free)
+            go = true
+            waiters[1]:join()
+            waiters[3]:join()
+            local s = r:stats()
+            assert.equal(2, s.buffers_free)
+            assert.equal(3, s.buffer_waits)
+            assert.equal(0, s.buffers_reclaimed)
+            local c, d = r:acquire_buffer(), r:acquire_buffer()  -- both there, without a wait
+            assert.equal(3, r:stats().buffer_waits)
+            c:release()
+            d:release()
+        end)
+    end)
+
     it("are released when their task ends", function()
         with_reactor({ buffer_count = 2, buffer_size = 4096 }, function(r)
             local t = pluvio.spawn(function() r:acquire_buffer(); r:acquire_buffer() end)
