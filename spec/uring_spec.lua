@@ -887,6 +887,33 @@ describe("submission and completion", function()
         os.remove(path)
     end)
 
+    it("counts one completion per operation in stats, batched or finished inside the submit", function()
+        local path = file_with(("p"):rep(16 * 4096))
+        for _, depth in ipairs({ 64, 1 }) do
+            with_reactor({ submit_depth = depth, buffer_count = 1, buffer_size = 4096 }, function(r)
+                local f = assert(uring.File.open(path, "r+"))
+                local buf = f:acquire_buffer()
+                local before = r:stats()
+                for i = 0, 9 do assert.equal(4096, f:write_fixed(buf, i * 4096)) end
+                for i = 0, 9 do assert.equal(4096, f:read_fixed(buf, i * 4096)) end
+                for i = 0, 4 do assert.equal(100, #f:read(i * 4096, 100)) end
+                assert.is_true(f:fsync())
+                assert.is_table(f:statx())
+                local tasks = {}                -- and 16 at once
+                for i = 1, 16 do tasks[i] = pluvio.spawn(function() return #f:read((i - 1) * 4096, 10) end) end
+                for i = 1, 16 do assert.equal(10, tasks[i]:join()) end
+                local after = r:stats()
+                assert.equal(10 + 10 + 5 + 1 + 1 + 16, after.completions - before.completions)
+                assert.equal(after.sqes - before.sqes, after.completions - before.completions)
+                assert.equal(0, after.in_flight)
+                buf:release()
+                assert.is_true(f:close())
+                assert.equal(44, r:stats().completions - before.completions)
+            end)
+        end
+        os.remove(path)
+    end)
+
     it("completes a lone read without paying wait_complete_timeout", function()
         with_reactor({ wait_complete_timeout = 5, wait_submit_timeout = 5 }, function()
             local f = assert(uring.File.open("/etc/hostname"))
