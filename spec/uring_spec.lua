@@ -371,25 +371,21 @@ describe("File and DmaFile", function()
         uring.unlink(path)
     end))
 
-    it("DmaFile.new takes an fd without O_DIRECT as it is: the rules are checked, its flags left alone", async(function()
-        -- DmaFile.new documents its fd as opened with O_DIRECT and does not
-        -- check it: the file still checks the O_DIRECT rules, but the I/O
-        -- goes through the page cache, as the fd says.
+    it("File.new and DmaFile.new refuse an fd that is not open, or whose O_DIRECT flag does not match", async(function()
         local path = tmpfile()
-        local fd = libc_open(path, O_RDWR + O_CREAT)
-        local d = uring.DmaFile.new(fd)
-        local name = "fd " .. fd
-        assert.equal("DmaFile " .. name .. " (fd " .. fd .. ")", tostring(d))
-        local a = d.offset_align
-        assert.is_true(a >= 512)
-        assert.has_error(function() d:read(1, a) end,
-            ("File:read: O_DIRECT offset 1 is not a multiple of %d (the file's block size) on %s"):format(a, name))
-        local block = ("D"):rep(a)
-        assert.equal(a, d:write(a, block))
-        assert.equal(block, d:read(a, a))
-        assert.equal(0, bit.band(fd_flags(fd), O_DIRECT))          -- not switched to O_DIRECT
-        assert.is_true(d:close())
-        assert.equal(-1, ffi.C.fcntl(fd, F_GETFD))
+        local plain = libc_open(path, O_RDWR + O_CREAT)
+        local direct = libc_open(path, O_RDWR + O_DIRECT)
+        assert.has_error(function() uring.DmaFile.new(plain) end,
+            ("DmaFile.new: fd %d was not opened with O_DIRECT (wrap it with File.new, or open it with O_DIRECT)")
+            :format(plain))
+        assert.has_error(function() uring.File.new(direct) end,
+            ("File.new: fd %d was opened with O_DIRECT (wrap it with DmaFile.new, which checks the O_DIRECT rules)")
+            :format(direct))
+        assert.equal(0, bit.band(fd_flags(plain), O_DIRECT))        -- flags left alone
+        ffi.C.close(plain)
+        assert.has_error(function() uring.File.new(plain) end,
+            ("File.new: fd %d is not open (EBADF: Bad file descriptor)"):format(plain))
+        assert.is_true(uring.DmaFile.new(direct):close())
         uring.unlink(path)
     end))
 
@@ -409,11 +405,6 @@ describe("File and DmaFile", function()
         assert.is_nil(f)
         assert.equal('open /nonexistent/dir/x (mode "r"): ENOENT: No such file or directory', err)
         assert.equal("ENOENT", code)
-        local g = uring.File.new(999, "bogus")
-        local s, err2, code2 = g:read(0, 10)
-        assert.is_nil(s)
-        assert.equal("read bogus (offset 0, 10 bytes): EBADF: Bad file descriptor", err2)
-        assert.equal("EBADF", code2)
         local ro = assert(uring.File.open("/etc/hostname", "r"))
         local n, err3 = ro:write(0, "x")
         assert.is_nil(n)

@@ -362,6 +362,8 @@ int pl_uring_statx_size(void);
 void pl_uring_statx_decode(const void *statx_buf, pl_file_stat_t *out);
 int pl_file_truncate(int fd, uint64_t len);
 int pl_file_flags(const char *mode, int direct);
+/* Whether an open fd has O_DIRECT: 1 or 0, or -errno (-EBADF: not open). */
+int pl_file_fd_direct(int fd);
 int pl_file_open_sync(const char *path, int flags, int mode);
 int pl_file_close_sync(int fd);
 

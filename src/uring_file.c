@@ -120,6 +120,15 @@ int pl_file_flags(const char *mode, int direct)
     return -EINVAL;
 }
 
+int pl_file_fd_direct(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+
+    if (fl < 0)
+        return -errno;
+    return (fl & O_DIRECT) != 0;
+}
+
 int pl_file_open_sync(const char *path, int flags, int mode)
 {
     int fd = open(path, flags | O_CLOEXEC, (mode_t)mode);

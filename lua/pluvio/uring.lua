@@ -699,6 +699,16 @@ end
 
 local function new_from_fd(cls, fname, direct, fd, path)
     check.integer(fname, "fd", fd, 0, 2 ^ 31 - 1)
+    local has = C.pl_file_fd_direct(fd)
+    if has < 0 then
+        error(format("%s: fd %d is not open (%s)", fname, fd, errstr(has)), 3)
+    elseif direct and has == 0 then
+        error(format("%s: fd %d was not opened with O_DIRECT (wrap it with File.new, or open it " ..
+                     "with O_DIRECT)", fname, fd), 3)
+    elseif not direct and has == 1 then
+        error(format("%s: fd %d was opened with O_DIRECT (wrap it with DmaFile.new, which checks " ..
+                     "the O_DIRECT rules)", fname, fd), 3)
+    end
     local t, r = context(fname)
     local f = wrap_fd(cls, r, fd, path or ("fd " .. fd), direct, true)
     learn_alignment(f, t)
