@@ -870,7 +870,7 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
             local at = tonumber(ffi_cast("uintptr_t", ptr))
             if at % f.mem_align ~= 0 then
                 error(format("%s: O_DIRECT address 0x%x of part %d is not aligned to %d bytes on %s " ..
-                             "(strings never are: use registered buffers)", fname, at, i, f.mem_align, f.path), 3)
+                             "(a string is aligned only by chance: use registered buffers)", fname, at, i, f.mem_align, f.path), 3)
             end
         end
         iov[i - 1].base = ffi_cast("void *", ptr)
