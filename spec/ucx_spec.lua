@@ -563,6 +563,12 @@ describe("UCX across processes", function()
             local m = stream:wait_msg()
             if not m then break end
             if m.header == "bye" then assert(m:reply(2, "bye", "")); break end
+            if m.header == "late" then          -- a reply the client must sleep for
+                m:release()
+                pluvio.sleep(0.02)
+                assert(m:reply(2, "late", ""))
+                goto next
+            end
             if m.header == "addr?" then         -- for connect_addr: shared-memory lanes
                 m:release()
                 assert(m:reply(2, "addr", assert(w:address())))
@@ -663,6 +669,39 @@ describe("UCX across processes", function()
             m:release()
         end
         finish(c, fast)
+    end))
+
+    it("counts progress calls and the wake-ups its event fd causes, not the times it was armed", async(function()
+        local c = connect_server()
+        -- idle: the worker is armed before each of these sleeps, and
+        -- progressed after each, but nothing arrives to wake it
+        local s0 = c.w:stats()
+        for _ = 1, 50 do pluvio.sleep(0.002) end
+        local s1 = c.w:stats()
+        assert.equal(s0.wakeups, s1.wakeups, "idle sleeps were counted as wake-ups")
+        assert.is_true(s1.progress_calls - s0.progress_calls >= 50,
+                       "progress calls: " .. (s1.progress_calls - s0.progress_calls) .. " over 50 sleeps")
+        -- a late reply: the worker sleeps armed and its event fd wakes it
+        local function late_replies(n)
+            local before = c.w:stats()
+            for _ = 1, n do
+                assert(c.ep:am_send(1, "late", "", true))
+                assert.equal("late", assert(c.replies:wait_msg()).header)
+            end
+            local after = c.w:stats()
+            local woke = after.wakeups - before.wakeups
+            assert.is_true(woke >= n and woke <= 2 * n, woke .. " wake-ups for " .. n .. " late replies")
+            assert.is_true(after.progress_calls - before.progress_calls >= woke)
+        end
+        late_replies(5)
+        -- with a second worker watched too, each wake-up goes to the worker
+        -- whose event fd fired
+        local other = assert(c.ctx:create_worker())
+        local listener = assert(other:create_listener("127.0.0.1", 0))
+        late_replies(5)
+        assert.equal(0, other:stats().wakeups)
+        assert.is_true(other:stats().progress_calls >= 5)
+        finish(c, listener, other)
     end))
 
     it("fails sends within a second when the peer is killed mid-stream", async(function()

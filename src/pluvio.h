@@ -98,6 +98,8 @@ typedef struct pl_stat {
  *             Returns how many operations it submitted (> 0: the runtime
  *             polls again, for those the kernel finished in the call).
  *   stats     optional: fills up to max figures, returns how many.
+ *   woken     optional: the runtime's watch on wait_fd fired (it turned
+ *             readable); called once per firing, before the next poll.
  *   max_wait_ns  when > 0 and the reactor is pending, the runtime never
  *             sleeps longer than this (a safety net against lost wake-ups).
  */
@@ -111,6 +113,7 @@ struct pl_reactor {
     int (*block)(pl_reactor_t *self, int64_t timeout_ns);
     int (*flush)(pl_reactor_t *self);
     int (*stats)(pl_reactor_t *self, pl_stat_t *out, int max);
+    void (*woken)(pl_reactor_t *self);
 };
 
 typedef struct pl_runtime_stats {

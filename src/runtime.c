@@ -583,8 +583,12 @@ static void reap_home_ring(pl_runtime_t *rt)
         uint64_t ud = io_uring_cqe_get_data64(cqe);
         int i = (int)(ud & 0xffff) - 1;
 
-        if (i >= 0 && i < rt->nreactors && rt->reactors[i].token == (uint32_t)(ud >> 16))
+        if (i >= 0 && i < rt->nreactors && rt->reactors[i].token == (uint32_t)(ud >> 16)) {
+            pl_reactor_t *r = rt->reactors[i].reactor;
             rt->reactors[i].armed = false;
+            if (r->woken && cqe->res > 0)   /* fired, not cancelled or failed */
+                r->woken(r);
+        }
         n++;
     }
     io_uring_cq_advance(&rt->ring, n);

@@ -12,7 +12,9 @@
  * Waking: the runtime asks the reactor to arm() before it sleeps; each
  * worker is armed with ucp_worker_arm (BUSY means "progress again first"),
  * and the workers' event fds are gathered in one epoll fd, the reactor's
- * wait fd, that the runtime watches from its io_uring.
+ * wait fd, that the runtime watches from its io_uring.  When that watch
+ * fires, the workers whose event fds fired count a wake-up (an arm is not
+ * one: most sleeps end on a timer or another reactor's completion).
  */
 #include <errno.h>
 #include <stdio.h>
@@ -529,9 +531,31 @@ static int ucx_arm(pl_reactor_t *self)
         st = ucp_worker_arm(w->ucp);
         if (st == UCS_ERR_BUSY)
             return -EAGAIN;
-        w->stats.wakeups++;
     }
     return 0;
+}
+
+/* The runtime's watch on our epoll fd fired: a wake-up for each worker
+ * whose event fd fired.  With one worker watched that is the one, without
+ * a system call (this runs on every wake of a sleeping runtime); with more,
+ * the epoll fd says which (still level-readable: nothing progressed yet). */
+static void ucx_woken(pl_reactor_t *self)
+{
+    pl_ucx_reactor_t *r = (pl_ucx_reactor_t *)self;
+    struct epoll_event ev[UCX_MAX_WORKERS];
+    pl_ucx_worker_t *only = NULL;
+    int watched = 0, n;
+
+    for (int i = 0; i < r->nworkers; i++)
+        if (r->workers[i]->watched && watched++ == 0)
+            only = r->workers[i];
+    if (watched == 1) {
+        only->stats.wakeups++;
+        return;
+    }
+    n = epoll_wait(r->epfd, ev, UCX_MAX_WORKERS, 0);
+    for (int i = 0; i < n; i++)
+        ((pl_ucx_worker_t *)ev[i].data.ptr)->stats.wakeups++;
 }
 
 static int ucx_stats(pl_reactor_t *self, pl_stat_t *out, int max)
@@ -561,7 +585,7 @@ pl_ucx_reactor_t *pl_ucx_reactor_new(int *err)
     }
     r->reactor = (pl_reactor_t){
         .kind = "ucx", .poll = ucx_poll, .status = ucx_status, .wait_fd = ucx_wait_fd,
-        .arm = ucx_arm, .stats = ucx_stats, .max_wait_ns = UCX_SAFETY_WAIT_NS,
+        .arm = ucx_arm, .stats = ucx_stats, .woken = ucx_woken, .max_wait_ns = UCX_SAFETY_WAIT_NS,
     };
     return r;
 }
