@@ -559,10 +559,24 @@ describe("UCX across processes", function()
         local pool = uring.reactor { buffer_size = 1048576, buffer_count = 1 }
         pluvio.runtime():register_reactor("server buffers", pool)
         local buf = pool:acquire_buffer()
+        local held = {}
         while true do
             local m = stream:wait_msg()
             if not m then break end
             if m.header == "bye" then assert(m:reply(2, "bye", "")); break end
+            if m.header == "hold" then          -- never pulled: a rendezvous sender waits
+                held[#held + 1] = m
+                assert(m:reply(2, "holding " .. m:data_len(), ""))
+                goto next
+            end
+            if m.header == "stream" then        -- send to the client until killed: 64 KiB
+                m:release()                     -- messages, every 8th one 16 MiB by rendezvous
+                for i = 1, math.huge do
+                    local big = i % 8 == 0
+                    assert(ep:am_send(2, "s" .. i, payload(big and 16777216 or 65536, i), false,
+                                      big and "rndv" or nil))
+                end
+            end
             if m.header == "late" then          -- a reply the client must sleep for
                 m:release()
                 pluvio.sleep(0.02)
@@ -704,32 +718,109 @@ describe("UCX across processes", function()
         finish(c, listener, other)
     end))
 
-    it("fails sends within a second when the peer is killed mid-stream", async(function()
-        local c = connect_server()
-        local s, ctx, w, replies, ep = c.s, c.ctx, c.w, c.replies, c.ep
-        assert(ep:am_send(1, "data", "x", true))
-        assert(replies:wait_msg())
-        helper.exec("kill -9 " .. s.pid)
+    -- SIGKILL the server; returns the time just before the kill.
+    local function kill_server(c)
         local t0 = pluvio.now()
-        local failed_at
-        for _ = 1, 10000 do
-            local ok = ep:am_send(1, "data", payload(65536, 1), false)
-            if not ok then failed_at = pluvio.now(); break end
-            pluvio.sleep(0.001)
-        end
-        assert.is_number(failed_at, "sends kept succeeding after the peer died")
-        assert.is_true(failed_at - t0 < 1.5, "took " .. (failed_at - t0) .. " s")
-        local ok, err = ep:status()
+        helper.exec("kill -9 " .. c.s.pid)
+        return t0
+    end
+
+    -- What the endpoint's operations say once the server is gone.
+    local FAILED = "^am_send to 127%.0%.0%.1:%d+: E%u+: .+ %(the peer failed or the connection to it broke%)$"
+    local GONE = "wait_msg: no peer can send to AM stream 2 any more " ..
+                 "(every endpoint failed or closed, no listener open)"
+
+    it("fails a pending rendezvous send, later sends and wait_msg within a second of the peer's SIGKILL", async(function()
+        local c = connect_server()
+        local w, replies, ep = c.w, c.replies, c.ep
+        -- 16 MiB the server takes and never pulls: our send stays pending
+        local h = ep:am_send_nb(1, "hold", payload(16777216, 3), true, "rndv")
+        local r = assert(replies:wait_msg())
+        assert.equal("holding 16777216", r.header)
+        r:release()
+        pluvio.sleep(0.05)
+        local st = w:stats()
+        assert.equal(1, st.ops_in_flight, "the rendezvous send is not pending")
+        -- our worker has no listener, its address was never handed out: the
+        -- server is the only peer that can feed the reply stream
+        assert.equal(1, st.endpoints)
+        local reader_done
+        local reader = pluvio.spawn(function()
+            local m, err, name = replies:wait_msg()
+            reader_done = pluvio.now()
+            return { m, err, name }
+        end)
+        pluvio.yield()
+        local t0 = kill_server(c)
+        local ok, err, name = h:wait()
+        local waited = pluvio.now() - t0
         assert.is_nil(ok)
-        assert.matches("endpoint to 127%.0%.0%.1:%d+: E", err)
-        local sent, err2 = ep:am_send(1, "after", "x")
+        assert.matches(FAILED, err)
+        assert.matches("^E%u+$", name)
+        assert.is_true(waited < 1.0, "the pending send failed " .. waited .. " s after the kill")
+        -- a later send fails at once, with the same error
+        local t1 = pluvio.now()
+        local sent, err2, name2 = ep:am_send(1, "after", "x")
+        assert.is_true(pluvio.now() - t1 < 0.05, "a later send took " .. (pluvio.now() - t1) .. " s")
         assert.is_nil(sent)
-        assert.matches("^am_send to 127%.0%.0%.1:%d+: E", err2)
-        -- the reply stream was fed only by that peer: it does not hang
-        local m, err3 = replies:wait_msg()
+        assert.matches(FAILED, err2)
+        assert.equal(name, name2)
+        local bad, why = ep:status()
+        assert.is_nil(bad)
+        assert.matches("^endpoint to 127%.0%.0%.1:%d+: E%u+: .+ %(the peer failed or the connection to it broke%)$", why)
+        -- the reader parked before the kill does not hang
+        local got = pluvio.timeout(5, function() return reader:join() end)
+        assert.is_table(got, "wait_msg still waits 5 s after the kill")
+        assert.is_nil(got[1])
+        assert.equal(GONE, got[2])
+        assert.equal("ENOTCONN", got[3])
+        assert.is_true(reader_done - t0 < 1.0, "wait_msg returned " .. (reader_done - t0) .. " s after the kill")
+        assert.same({ 0, 1, 0 }, { w:stats().endpoints, w:stats().failed_endpoints, w:stats().ops_in_flight })
+        ep:close(); w:close(); c.ctx:close()
+    end))
+
+    it("ends wait_msg and a pending rendezvous pull within a second when the sending peer is SIGKILLed mid-stream", async(function()
+        local c = connect_server()
+        local w, replies, ep = c.w, c.replies, c.ep
+        assert(ep:am_send(1, "stream", ""))
+        -- the server streams to us; its 8th message is 16 MiB by rendezvous:
+        -- take it and leave its data with the server, as it dies
+        local big
+        for i = 1, 8 do
+            local m = assert(replies:wait_msg())
+            assert.equal("s" .. i, m.header)
+            if i == 8 then
+                big = m
+            else
+                assert.is_true(m:data() == payload(65536, i), "message " .. i .. " differs")
+            end
+        end
+        assert.is_true(big:is_rndv())
+        assert.equal(16777216, big:data_len())
+        local reader_done
+        local reader = pluvio.spawn(function()
+            local m, err, name = replies:wait_msg()
+            reader_done = pluvio.now()
+            return { m, err, name }
+        end)
+        pluvio.yield()
+        local t0 = kill_server(c)
+        local got = pluvio.timeout(5, function() return reader:join() end)
+        assert.is_table(got, "wait_msg still waits 5 s after the kill")
+        assert.is_nil(got[1])
+        assert.equal(GONE, got[2])
+        assert.equal("ENOTCONN", got[3])
+        assert.is_true(reader_done - t0 < 1.0, "wait_msg returned " .. (reader_done - t0) .. " s after the kill")
+        local data, err = big:data()
+        local pulled = pluvio.now() - t0
+        assert.is_nil(data)
+        assert.matches("^receive AM data: E%u+: ", err)
+        assert.is_true(pulled < 1.0, "the pull failed " .. pulled .. " s after the kill")
+        -- and so does every later wait
+        local m, err2 = replies:wait_msg()
         assert.is_nil(m)
-        assert.matches("no peer can send", err3)
-        ep:close(); w:close(); ctx:close()
+        assert.equal(GONE, err2)
+        ep:close(); w:close(); c.ctx:close()
     end))
 end)
 

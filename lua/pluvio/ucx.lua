@@ -693,8 +693,20 @@ local function payload(fname, name, v, len)
     error(format("%s: %s must be a string, nil or a registered buffer (got %s)", fname, name, type(v)), 3)
 end
 
+-- UCX 1.13 reports a peer whose process died as an endpoint timeout
+-- (ETIMEDOUT) or a reset, whatever the time it took: say what happened.
+local PEER_FAILED = " (the peer failed or the connection to it broke)"
+
+local function peer_failed(ep)
+    local w = ep.worker.w
+    return ep.h ~= nil and w ~= nil and C.pl_ucx_ep_status(w, ep.h) < 0
+end
+
 local function send_failed(ep, what, rc)
     local msg, name = why(rc)
+    if rc ~= CLOSED and peer_failed(ep) then
+        msg = msg .. PEER_FAILED
+    end
     return nil, format("%s to %s: %s", what, ep.peer, msg), name
 end
 
@@ -846,7 +858,7 @@ function Endpoint:status()
     live_ep("Endpoint:status", self)
     local rc = C.pl_ucx_ep_status(self.worker.w, self.h)
     if rc < 0 then
-        return nil, format("endpoint to %s: %s", self.peer, errstr(rc)), errname(rc)
+        return nil, format("endpoint to %s: %s%s", self.peer, errstr(rc), PEER_FAILED), errname(rc)
     end
     return true
 end
