@@ -843,19 +843,30 @@ describe("UCX across processes", function()
 end)
 
 describe("UCX and the runtime", function()
-    it("idles in the kernel with an open listener", function()
+    it("idles in the kernel with an open listener, under 2% CPU over a second", function()
+        -- os.clock is the CPU time of the whole process, UCX's threads too
         local status, out, err = helper.run_script([[
             local ucx = require "pluvio.ucx"
             local ctx = assert(ucx.Context.new())
             local w = assert(ctx:create_worker())
             local l = assert(w:create_listener("127.0.0.1", 0))
-            local c0 = os.clock()
-            pluvio.sleep(0.5)
-            print(os.clock() - c0)
+            pluvio.sleep(0.1)                   -- set-up done
+            local rt = pluvio.runtime()
+            local s0, c0, t0 = rt:stats(), os.clock(), pluvio.now()
+            pluvio.sleep(1)
+            local s1, c1, t1 = rt:stats(), os.clock(), pluvio.now()
+            print(c1 - c0, t1 - t0, s1.ticks - s0.ticks, s1.idle_waits - s0.idle_waits, w:stats().wakeups)
             l:close(); w:close(); ctx:close()
         ]])
         assert.equal(0, status, err)
-        assert.is_true(tonumber(out) < 0.05, "cpu seconds " .. out)
+        local cpu, wall, ticks, waits, wakeups = out:match("^(%S+)\t(%S+)\t(%S+)\t(%S+)\t(%S+)\n$")
+        cpu, wall = tonumber(cpu), tonumber(wall)
+        assert.is_number(cpu, out)
+        assert.is_true(wall >= 1)
+        assert.is_true(cpu / wall < 0.02, ("%.2f%% CPU (%.4f s in %.3f s)"):format(100 * cpu / wall, cpu, wall))
+        -- it slept: one wait (two with the one-second safety timeout), not a poll loop
+        assert.is_true(tonumber(ticks) <= 3 and tonumber(waits) >= 1, "ticks " .. ticks .. ", waits " .. waits)
+        assert.equal("0", wakeups)              -- nothing came to wake the worker
     end)
 
     it("gives UCX back a message taken and never received when the worker is closed (no pool warnings)", function()
