@@ -48,22 +48,6 @@ local function slurp(path)
     return s
 end
 
--- Start the example in the background; returns its output file and the
--- file its exit status goes to.
-local function start(args)
-    local out, status = os.tmpname(), os.tmpname()
-    os.remove(status)
-    -- line-buffered: its progress lines must reach the file as they happen
-    helper.exec(("(timeout 30 stdbuf -oL %s %s > %s 2>&1; echo $? > %s) &"):format(q(binary), args, q(out), q(status)))
-    return out, status
-end
-
--- Stop the example server on port ("[u]cp..." keeps pkill from matching
--- the shell that runs it).
-local function stop_server(port)
-    sh("pkill -f " .. q("[u]cp_client_server -c am -l 127.0.0.1 -p " .. port .. "( |$)"))
-end
-
 local function wait_file(path, pattern, seconds)
     local deadline = pluvio.now() + seconds
     repeat
@@ -74,6 +58,49 @@ local function wait_file(path, pattern, seconds)
         pluvio.sleep(0.02)
     until pluvio.now() > deadline
     return nil
+end
+
+-- Start the example in the background: { out = its output file, status =
+-- the file its exit status goes to, pid = its process id }.  The shell
+-- that writes the pid execs stdbuf, which execs the example: one process.
+local function start(args)
+    local p = { out = os.tmpname(), status = helper.tmp_path(), pidfile = os.tmpname() }
+    -- line-buffered: its progress lines must reach the file as they happen
+    helper.exec(("(timeout 30 sh -c \"echo \\$\\$ > %s; exec stdbuf -oL %s %s\" > %s 2>&1; echo $? > %s) &")
+                :format(q(p.pidfile), q(binary), args, q(p.out), q(p.status)))
+    p.pid = tonumber(wait_file(p.pidfile, "\n", 10))
+    assert(p.pid, "the example did not start")
+    return p
+end
+
+-- Stop the example (the server runs until killed) by its own pid, and
+-- wait until it is gone; remove its files.
+local function stop(p)
+    if not slurp(p.status):find("\n") then
+        helper.exec("kill " .. p.pid)
+        assert(wait_file(p.status, "\n", 10), "the example did not stop")
+    end
+    os.remove(p.out)
+    os.remove(p.status)
+    os.remove(p.pidfile)
+end
+
+-- A message of size bytes for the example server, different in each
+-- iteration i: letters after "#i ", and the NUL the example expects last
+-- (it prints the message as a C string).
+local function message(size, i)
+    local t = { "#" .. i .. " " }
+    for k = #t[1], size - 2 do
+        t[#t + 1] = string.char(97 + (k + 7 * i) % 26)
+    end
+    return table.concat(t):sub(1, size - 1) .. "\0"
+end
+
+-- What the example server prints for an iteration it reports (the first
+-- and the last): print_result and print_iov in ucp_client_server.c.
+local function server_report(i, msg)
+    return ("Server: iteration #%d\nUCX data message was received\n\n\n----- UCP TEST SUCCESS -------\n\n"):format(i)
+        .. msg:sub(1, -2) .. ".\n\n\n------------------------------\n\n"
 end
 
 describe("UCX interoperability with ucp_client_server.c", function()
@@ -91,7 +118,8 @@ describe("UCX interoperability with ucp_client_server.c", function()
                 local w = assert(ctx:create_worker())
                 local stream = w:am_stream(0)
                 local l = assert(w:create_listener("127.0.0.1", 0))
-                local out, status = start(("-c am -a 127.0.0.1 -p %d -i 3 -s %d"):format(l:port(), size))
+                local client = start(("-c am -a 127.0.0.1 -p %d -i 3 -s %d"):format(l:port(), size))
+                local out, status = client.out, client.status
                 local ep = pluvio.timeout(20, function() return l:accept() end)
                 assert(ep, "the example client did not connect:\n" .. slurp(out))
                 local want = test_string(size)
@@ -104,6 +132,7 @@ describe("UCX interoperability with ucp_client_server.c", function()
                 end
                 assert.equal("0\n", wait_file(status, nil, 20), slurp(out))
                 assert.matches("Client: iteration #3", slurp(out))
+                stop(client)
                 ep:close()
                 l:close()
                 w:close()
@@ -117,34 +146,37 @@ describe("UCX interoperability with ucp_client_server.c", function()
                     pending(why)
                     return
                 end
-                local port, out, status
-                for _ = 1, 5 do                 -- pick a free port
-                    port = math.random(20000, 45000)
-                    out, status = start(("-c am -l 127.0.0.1 -p %d -i 3 -s %d"):format(port, size))
-                    if wait_file(out, "Waiting for connection", 10) then break end
-                    stop_server(port)
-                    out = nil
-                end
-                assert(out, "the example server did not start")
+                -- port 0: the example picks a free port and says which
+                local server = start(("-c am -l 127.0.0.1 -p 0 -i 3 -s %d"):format(size))
+                local out = server.out
+                local listening = wait_file(out, "Waiting for connection", 10)
+                local port = tonumber(listening and listening:match("server is listening on IP 127%.0%.0%.1 port (%d+)"))
+                if not port then stop(server) end
+                assert(port, "the example server did not start:\n" .. slurp(out))
                 local ctx = assert(ucx.Context.new())
                 local w = assert(ctx:create_worker())
                 local ep = assert(w:connect_socket("127.0.0.1", port))
-                local payload = test_string(size)
                 -- the example server takes one message per iteration (its
                 -- one receive descriptor would be overwritten by a burst) and
                 -- prints only the first and the last iteration: give it time
                 -- to take each message before the next
+                local sent = {}
                 for i = 1, 3 do
-                    assert(ep:am_send(0, nil, payload))
+                    sent[i] = message(size, i)
+                    assert(ep:am_send(0, nil, sent[i]))
                     if i == 1 then
                         assert(wait_file(out, "Server: iteration #1", 20), slurp(out))
                     end
                     pluvio.sleep(0.3)
                 end
-                local text = wait_file(out, "Server: iteration #3", 20)
-                stop_server(port)
-                assert(text, "the example server did not receive 3 messages:\n" .. slurp(out))
-                assert.matches("UCX data message was received", text)
+                local text = wait_file(out, server_report(3, sent[3]), 20)
+                local all = slurp(out)
+                stop(server)
+                assert(text, "the example server did not print the third message:\n" .. all:sub(1, 2000))
+                -- it printed what we sent in the first and the last iteration
+                assert.is_truthy(text:find(server_report(1, sent[1]), 1, true),
+                                 "the example server printed another first message")
+                assert.is_nil(text:find(sent[2]:sub(1, -2) .. ".\n", 1, true))  -- not printed, not mixed up
                 assert.is_nil(text:find("received wrong data length", 1, true))
                 assert.is_nil(text:find("unexpected header", 1, true))
                 ep:close()
