@@ -11,6 +11,7 @@ local sh, q = helper.sh, helper.quote
 local EXAMPLES = "/usr/share/doc/libucx-dev/examples"
 
 local binary                    -- compiled once per run; false: not possible here
+local build_dir                 -- where, removed when the specs end
 local function example()
     if binary ~= nil then
         return binary
@@ -21,6 +22,7 @@ local function example()
     end
     local status, dir = sh("mktemp -d")
     dir = dir:gsub("%s+$", "")
+    build_dir = status == 0 and dir ~= "" and dir or nil
     local out = dir .. "/ucp_client_server"
     local st, o1, e1 = sh(("cc -O1 -o %s %s/ucp_client_server.c -I%s -lucp -lucs"):format(q(out), EXAMPLES, EXAMPLES))
     if status ~= 0 or st ~= 0 then
@@ -104,6 +106,10 @@ local function server_report(i, msg)
 end
 
 describe("UCX interoperability with ucp_client_server.c", function()
+    teardown(function()
+        if build_dir then sh("rm -rf " .. q(build_dir)) end
+    end)
+
     for _, size in ipairs({ 16, 262144 }) do
         local proto = size > 8192 and "rendezvous" or "eager"
 
