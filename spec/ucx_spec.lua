@@ -478,7 +478,7 @@ describe("UCX misuse and failures", function()
                 keep[i] = w
             end
         ]]
-        local script = os.tmpname() .. ".lua"
+        local script = helper.tmp_path(".lua")
         local f = assert(io.open(script, "w"))
         f:write(code)
         f:close()
@@ -606,10 +606,12 @@ describe("UCX across processes", function()
         ep:close(); w:close(); ctx:close()
     ]]
 
+    -- Servers started by the current spec, for after_each.
+    local started = {}
+
     local function start_server(code)
-        local script = os.tmpname() .. ".lua"
-        local portfile = os.tmpname()
-        os.remove(portfile)
+        local script = helper.tmp_path(".lua")
+        local portfile = helper.tmp_path()
         local f = io.open(script, "w")
         f:write(code)
         f:close()
@@ -617,7 +619,11 @@ describe("UCX across processes", function()
         local errfile = os.tmpname()
         helper.exec(("%s %s %s 2>%s & echo $! > %s"):format(helper.quote(helper.host), helper.quote(script),
                    helper.quote(portfile), helper.quote(errfile), helper.quote(pidfile)))
-        local pid = io.open(pidfile):read("*l")
+        local pf = io.open(pidfile)
+        local pid = pf:read("*l")
+        pf:close()
+        os.remove(pidfile)
+        started[#started + 1] = { pid = pid, files = { script, portfile, errfile } }
         local deadline = pluvio.now() + 10
         local port
         repeat
@@ -628,6 +634,20 @@ describe("UCX across processes", function()
         assert(port, "the server did not start")
         return { pid = pid, port = port, script = script, errfile = errfile }
     end
+
+    -- A spec that failed may leave its server running (waiting for a
+    -- goodbye): kill it by its pid, if that is still our script; then
+    -- remove the files.
+    after_each(function()
+        for _, s in ipairs(started) do
+            local f = io.open("/proc/" .. s.pid .. "/cmdline")
+            local cmdline = f and f:read("*a") or ""
+            if f then f:close() end
+            if cmdline:find(s.files[1], 1, true) then helper.exec("kill -9 " .. s.pid) end
+            for _, path in ipairs(s.files) do os.remove(path) end
+        end
+        started = {}
+    end)
 
     local function stderr_of(s)
         local f = io.open(s.errfile)
