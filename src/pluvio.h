@@ -473,6 +473,9 @@ void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint3
 int pl_ucx_msg_info(pl_ucx_worker_t *w, int msg, pl_ucx_msg_info_t *out);
 int pl_ucx_msg_recv(pl_ucx_worker_t *w, int msg, void *buf, size_t len, uint32_t slot, uint32_t gen);
 int pl_ucx_msg_release(pl_ucx_worker_t *w, int msg);
+/* An eager message's data, where UCX holds it (valid until the message is
+ * released), or NULL for a rendezvous message or a bad handle. */
+const void *pl_ucx_msg_eager_data(pl_ucx_worker_t *w, int msg);
 /* Release msg if the task (slot, gen) took it and it is still held (its
  * Lua object was collected); returns 1 if released, else 0. */
 int pl_ucx_msg_drop(pl_ucx_worker_t *w, int msg, uint32_t slot, uint32_t gen);

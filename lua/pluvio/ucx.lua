@@ -930,6 +930,7 @@ end
 -- pays nothing (its messages stay sunk by the JIT); one that drops them
 -- keeps at most TRACK_FROM untracked ones held.
 local TRACK_FROM = 256
+local SCRATCH_KEEP = 64 * 1048576  -- largest rendezvous scratch a worker keeps for data()
 local weak_values = { __mode = "v" }
 
 local function sweep(w, tr)
@@ -1101,18 +1102,36 @@ end
 -- data(): the message's data as a string (pulls rendezvous data first).
 function Message:data()
     live_msg("Message:data", self)
-    if self.len == 0 then
-        C.pl_ucx_msg_release(self.worker.w, self.h)
-        untrack(self.worker, self.h)
-        self.h = nil
-        return ""
+    local w, h, len = self.worker, self.h, self.len
+    local eager = len > 0 and not self.rndv and C.pl_ucx_msg_eager_data(w.w, h)
+    if eager == nil then        -- (a NULL pointer: not held any more)
+        eager = false
     end
-    local scratch = ffi.new("uint8_t[?]", self.len)
-    local n, err, code = take(self, "Message:data", scratch, self.len, scratch)
+    if len == 0 or eager then   -- straight from where UCX holds it
+        local s = eager and ffi_string(eager, len) or ""
+        C.pl_ucx_msg_release(w.w, h)
+        untrack(w, h)
+        self.h = nil
+        return s
+    end
+    -- rendezvous: pulled into scratch memory the worker keeps between pulls
+    -- (up to SCRATCH_KEEP bytes), taken from it meanwhile: a task killed
+    -- during a pull leaves it to UCX
+    local scratch = w.scratch
+    if scratch and w.scratch_len >= len then
+        w.scratch = nil
+    else
+        scratch = ffi.new("uint8_t[?]", len)
+    end
+    local n, err, code = take(self, "Message:data", scratch, len, scratch)
     if not n then
         return nil, err, code
     end
-    return ffi_string(scratch, self.len)
+    local s = ffi_string(scratch, len)
+    if len <= SCRATCH_KEEP and (not w.scratch or w.scratch_len < len) then
+        w.scratch, w.scratch_len = scratch, len
+    end
+    return s
 end
 
 -- recv_data(buf): the data straight into a registered buffer (rendezvous
