@@ -768,6 +768,26 @@ describe("UCX across processes", function()
     local GONE = "wait_msg: no peer can send to AM stream 2 any more " ..
                  "(every endpoint failed or closed, no listener open)"
 
+    -- A task parked in replies:wait_msg; check(t0) asserts that it ended
+    -- with ENOTCONN within a second of t0 (the kill).
+    local function parked_reader(replies)
+        local done
+        local reader = pluvio.spawn(function()
+            local m, err, name = replies:wait_msg()
+            done = pluvio.now()
+            return { m, err, name }
+        end)
+        pluvio.yield()
+        return function(t0)
+            local got = pluvio.timeout(5, function() return reader:join() end)
+            assert.is_table(got, "wait_msg still waits 5 s after the kill")
+            assert.is_nil(got[1])
+            assert.equal(GONE, got[2])
+            assert.equal("ENOTCONN", got[3])
+            assert.is_true(done - t0 < 1.0, "wait_msg returned " .. (done - t0) .. " s after the kill")
+        end
+    end
+
     it("fails a pending rendezvous send, later sends and wait_msg within a second of the peer's SIGKILL", async(function()
         local c = connect_server()
         local w, replies, ep = c.w, c.replies, c.ep
@@ -782,13 +802,7 @@ describe("UCX across processes", function()
         -- our worker has no listener, its address was never handed out: the
         -- server is the only peer that can feed the reply stream
         assert.equal(1, st.endpoints)
-        local reader_done
-        local reader = pluvio.spawn(function()
-            local m, err, name = replies:wait_msg()
-            reader_done = pluvio.now()
-            return { m, err, name }
-        end)
-        pluvio.yield()
+        local reader_ended = parked_reader(replies)
         local t0 = kill_server(c)
         local ok, err, name = h:wait()
         local waited = pluvio.now() - t0
@@ -806,13 +820,7 @@ describe("UCX across processes", function()
         local bad, why = ep:status()
         assert.is_nil(bad)
         assert.matches("^endpoint to 127%.0%.0%.1:%d+: E%u+: .+ %(the peer failed or the connection to it broke%)$", why)
-        -- the reader parked before the kill does not hang
-        local got = pluvio.timeout(5, function() return reader:join() end)
-        assert.is_table(got, "wait_msg still waits 5 s after the kill")
-        assert.is_nil(got[1])
-        assert.equal(GONE, got[2])
-        assert.equal("ENOTCONN", got[3])
-        assert.is_true(reader_done - t0 < 1.0, "wait_msg returned " .. (reader_done - t0) .. " s after the kill")
+        reader_ended(t0)    -- the reader parked before the kill does not hang
         assert.same({ 0, 1, 0 }, { w:stats().endpoints, w:stats().failed_endpoints, w:stats().ops_in_flight })
         ep:close(); w:close(); c.ctx:close()
     end))
@@ -835,20 +843,9 @@ describe("UCX across processes", function()
         end
         assert.is_true(big:is_rndv())
         assert.equal(16777216, big:data_len())
-        local reader_done
-        local reader = pluvio.spawn(function()
-            local m, err, name = replies:wait_msg()
-            reader_done = pluvio.now()
-            return { m, err, name }
-        end)
-        pluvio.yield()
+        local reader_ended = parked_reader(replies)
         local t0 = kill_server(c)
-        local got = pluvio.timeout(5, function() return reader:join() end)
-        assert.is_table(got, "wait_msg still waits 5 s after the kill")
-        assert.is_nil(got[1])
-        assert.equal(GONE, got[2])
-        assert.equal("ENOTCONN", got[3])
-        assert.is_true(reader_done - t0 < 1.0, "wait_msg returned " .. (reader_done - t0) .. " s after the kill")
+        reader_ended(t0)
         local data, err = big:data()
         local pulled = pluvio.now() - t0
         assert.is_nil(data)

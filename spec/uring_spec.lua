@@ -38,6 +38,20 @@ local function file_with(content)
     return path
 end
 
+
+-- write_fixed a buffer patterned for (seed, off) at off, read it back into
+-- the zeroed buffer, and compare checksums.
+local function fixed_round_trip(f, seed, off, len)
+    local buf = f:acquire_buffer()
+    buf:fill_pattern(seed, off, len)
+    local sum = buf:checksum(len)
+    assert.equal(len, f:write_fixed(buf, off, len))
+    buf:fill(0)
+    assert.equal(len, f:read_fixed(buf, off, len))
+    assert.equal(sum, buf:checksum(len))
+    buf:release()
+end
+
 describe("IoUringReactor", function()
     it("builds from the seed's builder and from an options table", function()
         local r = uring.IoUringReactor.builder()
@@ -169,14 +183,7 @@ describe("File and DmaFile", function()
             local block = ("0123456789abcdef"):rep(256)  -- 4096 bytes
             assert.equal(4096, f:write(0, block))
             assert.equal(block, f:read(0, 4096))
-            local buf = f:acquire_buffer()
-            buf:fill_pattern(7, 8192, 8192)
-            local sum = buf:checksum(8192)
-            assert.equal(8192, f:write_fixed(buf, 8192, 8192))
-            buf:fill(0)
-            assert.equal(8192, f:read_fixed(buf, 8192, 8192))
-            assert.equal(sum, buf:checksum(8192))
-            buf:release()
+            fixed_round_trip(f, 7, 8192, 8192)
             assert.equal(16384, f:statx().size)
             assert.is_true(f:fsync())
             assert.is_true(f:fdatasync())
@@ -368,14 +375,7 @@ describe("File and DmaFile", function()
             ("File:read: O_DIRECT offset 1 is not a multiple of %d (the file's block size) on direct fd"):format(a))
         assert.has_error(function() d:write(0, "abc") end,
             ("File:write: O_DIRECT length 3 is not a multiple of %d (the file's block size) on direct fd"):format(a))
-        local buf = d:acquire_buffer()
-        buf:fill_pattern(5, 0, 8192)
-        local sum = buf:checksum(8192)
-        assert.equal(8192, d:write_fixed(buf, 0, 8192))
-        buf:fill(0)
-        assert.equal(8192, d:read_fixed(buf, 0, 8192))
-        assert.equal(sum, buf:checksum(8192))
-        buf:release()
+        fixed_round_trip(d, 5, 0, 8192)
         assert.equal(8192, d:statx().size)
         assert.is_true(bit.band(fd_flags(fd), O_DIRECT) ~= 0)      -- still O_DIRECT
         assert.is_true(d:close())
