@@ -160,25 +160,43 @@ end
 -- on one machine).  Returns the endpoint to use for the benchmark.  The
 -- socket connection is closed then: while a worker has a tcp endpoint, each
 -- progress call polls the tcp interface (an epoll_wait system call), which
--- would more than double small-message latency.
+-- would more than double small-message latency.  Both ends say which
+-- transport they use first (the ADDR and ADDR_REPLY headers): ends given
+-- different ones stop with nil, err instead of waiting on each other.
+local function mismatch(theirs)
+    return nil, ("the %s uses --transport %s, this end --transport %s: give both ends the same")
+        :format(o.server and "client" or "server", theirs, o.transport)
+end
+
 local function client_data_ep(w, streams, ctrl)
+    assert(ctrl:am_send(ADDR, o.transport, o.transport == "address" and assert(w:address()) or ""))
+    local m = assert(streams.addr_reply:wait_msg())
+    if m.header ~= o.transport then
+        m:release()
+        return mismatch(m.header)
+    end
     if o.transport == "socket" then
+        m:release()
         return ctrl
     end
-    assert(ctrl:am_send(ADDR, "", assert(w:address())))
-    local m = assert(streams.addr_reply:wait_msg())
     local ep = assert(w:connect_addr(m:data()))
     ctrl:close()
     return ep
 end
 
 local function server_data_ep(w, streams, ctrl)
-    if o.transport == "socket" then
+    local m = assert(streams.addr:wait_msg())
+    if m.header ~= o.transport or o.transport == "socket" then
+        local theirs = m.header
+        m:release()
+        assert(ctrl:am_send(ADDR_REPLY, o.transport, ""))
+        if theirs ~= o.transport then
+            return mismatch(theirs)
+        end
         return ctrl
     end
-    local m = assert(streams.addr:wait_msg())
     local back = assert(w:connect_addr(m:data()))
-    assert(ctrl:am_send(ADDR_REPLY, "", assert(w:address())))
+    assert(ctrl:am_send(ADDR_REPLY, o.transport, assert(w:address())))
     -- the client closes first, so that TCP's TIME_WAIT stays on its side
     -- and a new server can listen on this port at once
     local deadline = pluvio.now() + 5
@@ -315,7 +333,12 @@ if o.server then
     io.stdout:flush()
     local ctrl = assert(l:accept())
     l:close()
-    local ep = server_data_ep(w, streams, ctrl)
+    local ep, why = server_data_ep(w, streams, ctrl)
+    if not ep then
+        pluvio.sleep(0.05)      -- (the client reads the reply before the close)
+        ctrl:close(); w:close(); ctx:close()
+        fail(why)
+    end
     serve_connection(w, ep, streams)
     pluvio.sleep(0.05)
     ep:close()
@@ -325,7 +348,11 @@ elseif o.connect then
     local streams = open_streams(w)
     local ctrl, err = w:connect_socket(connect_host, connect_port)
     if not ctrl then fail(err) end
-    local ep = client_data_ep(w, streams, ctrl)
+    local ep, why = client_data_ep(w, streams, ctrl)
+    if not ep then
+        ctrl:close(); w:close(); ctx:close()
+        fail(why)
+    end
     local results = run_client(w, ep, streams)
     report(results, "client of " .. o.connect .. " (" .. o.transport .. ")")
     ep:close()

@@ -115,6 +115,32 @@ describe("examples/ucx_bench.lua", function()
         os.remove(errfile)
     end)
 
+    it("stops both ends with a one-line error when their --transport differs", function()
+        math.randomseed(os.time() + math.floor(os.clock() * 1e6))
+        local port = 20000 + math.random(0, 20000)
+        local errfile = os.tmpname()
+        helper.exec(("%s %s --server --port %d --transport address >/dev/null 2>%s &"):format(q(helper.host),
+            q(helper.root .. "/examples/ucx_bench.lua"), port, q(errfile)))
+        local status, err
+        for _ = 1, 50 do
+            status, _, err = run("ucx_bench.lua", ("--connect 127.0.0.1:%d --transport socket --iters 5"):format(port))
+            if not err:match("connect to") then break end
+            helper.exec("sleep 0.1")
+        end
+        assert.equal(2, status)
+        assert.matches("ucx_bench: the server uses %-%-transport address, this end %-%-transport socket: " ..
+                       "give both ends the same\n$", err)
+        local server_err = ""
+        for _ = 1, 50 do        -- the server stops too
+            local ef = io.open(errfile); server_err = ef:read("*a"); ef:close()
+            if server_err ~= "" then break end
+            helper.exec("sleep 0.1")
+        end
+        os.remove(errfile)
+        assert.equal("ucx_bench: the client uses --transport socket, this end --transport address: " ..
+                     "give both ends the same\n", server_err)
+    end)
+
     it("gives a one-line error for an unreachable peer and bad arguments", function()
         local status, _, err = run("ucx_bench.lua", "--connect 127.0.0.1:1 --iters 1")
         assert.are_not.equal(0, status)
