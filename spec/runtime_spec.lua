@@ -411,6 +411,48 @@ describe("lingering (a parked task that is the last of its batch)", function()
         assert.equal(0, rt:stats().idle_waits)
     end)
 
+    it("does not keep block_on from returning: a background reader stops lingering once main is done", function()
+        with_file(function(path)
+            local rt = pluvio.default_runtime()
+            local reads, ch = 0, pluvio.channel(1)
+            assert.equal("main done", rt:block_on(function()
+                pluvio.spawn(function()
+                    local uring = require "pluvio.uring"
+                    local f = assert(uring.File.open(path, "r"))
+                    ch:send(1)                  -- wakes main, which returns
+                    for _ = 1, 100000 do
+                        assert(f:read(0, 4096))
+                        reads = reads + 1
+                    end
+                end)
+                ch:recv()
+                return "main done"
+            end))
+            assert.is_true(reads < 100, "the background task read " .. reads .. " times before block_on returned")
+        end)
+    end)
+
+    it("does not let a task that caught its own kill go on through lingered waits", function()
+        with_file(function(path)
+            local reads = 0
+            helper.with_reactor({}, function()
+                local victim = pluvio.spawn(function()
+                    local uring = require "pluvio.uring"
+                    local f = assert(uring.File.open(path, "r"))
+                    pcall(pluvio.current().kill, pluvio.current())    -- caught
+                    for _ = 1, 1000 do
+                        assert(f:read(0, 16))
+                        reads = reads + 1
+                    end
+                end)
+                local ok, err = victim:join()
+                assert.is_nil(ok)
+                assert.matches("cancel", tostring(err))
+            end)
+            assert.is_true(reads <= 1, "it read " .. reads .. " times after its kill")
+        end)
+    end)
+
     it("never lingers with a reactor written in Lua, which only the loop polls", function()
         with_file(function(path)
             helper.with_reactor({}, function(_, rt)

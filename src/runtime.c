@@ -361,6 +361,7 @@ const uint32_t *pl_runtime_ready_marks(const pl_runtime_t *rt)
 int pl_task_linger(pl_runtime_t *rt, uint32_t slot, int go)
 {
     struct pl_task *t = task_get(rt, slot);
+    bool spun = false;
 
     if (!t || (!pl_ready_empty(rt) && !ready_only(rt, slot)))
         return 0;
@@ -372,10 +373,14 @@ int pl_task_linger(pl_runtime_t *rt, uint32_t slot, int go)
     collect(rt);
     if (pl_ready_empty(rt) && rt->spin_ns > 0) {
         spin(rt);
-        rt->switch_cyc = pl_cycles();   /* the spin is not the task's run time */
+        spun = true;
     }
+    /* A failed linger leaves switch_cyc alone: the tick's spin then ends
+     * where this one's budget did, instead of spinning a second budget. */
     if (!ready_only(rt, slot))
         return 0;
+    if (spun)
+        rt->switch_cyc = pl_cycles();   /* the spin is not the task's run time */
     rt->ready.head++;
     t->queued = false;
     rt->stats.lingers++;

@@ -181,8 +181,12 @@ end
 -- not with reactors written in Lua, which only the loop polls.  Returns
 -- true when the task goes on.
 local function may_linger(rt, t)
-    if rt.last_slot ~= t.slot or rt.lua_reactors[1] ~= nil then
-        return false
+    if rt.last_slot ~= t.slot or rt.lua_reactors[1] ~= nil or t.kill_requested then
+        return false        -- (a task that caught its own kill stops at its next wait)
+    end
+    local done = rt.done
+    if done and done() then
+        return false        -- the loop stops at the batch's end (block_on's main task is done)
     end
     local marks = rt.ready_marks    -- another task ready: no (read without a call)
     if marks[0] ~= marks[1] and C.pl_task_linger(rt.crt, t.slot, 0) ~= 1 then
@@ -874,9 +878,11 @@ local function drive(rt, fname, until_all, fn, ...)
         done = function() return not main.live end
     end
     rt.running = true
+    rt.done = done
     current_rt = rt
     local ok, lok, lerr = pcall(loop, rt, done)
     current_rt = outer_rt
+    rt.done = nil
     rt.running = false
     if not ok then          -- a bug in the loop itself: never leave tasks half-run
         cancel_all(rt)
