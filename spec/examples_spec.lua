@@ -97,18 +97,28 @@ describe("examples/ucx_bench.lua", function()
         assert.equal(22, r.results[1].bw.receiver_messages)
     end)
 
-    it("runs as a server and a client process", function()
+    -- A ucx_bench server in the background (its stderr into errfile), and
+    -- client(port) run until it got past connecting; returns its results.
+    local function server_and_client(server_args, client)
         math.randomseed(os.time() + math.floor(os.clock() * 1e6))
         local port = 20000 + math.random(0, 20000)
         local errfile = os.tmpname()
-        helper.exec(("%s %s --server --port %d >/dev/null 2>%s &"):format(q(helper.host),
-            q(helper.root .. "/examples/ucx_bench.lua"), port, q(errfile)))
-        local status, r, _, err
+        helper.exec(("%s %s --server --port %d %s >/dev/null 2>%s &"):format(q(helper.host),
+            q(helper.root .. "/examples/ucx_bench.lua"), port, server_args, q(errfile)))
+        local function pack(...) return { n = select("#", ...), ... } end
+        local r
         for _ = 1, 50 do
-            status, r, _, err = run_json("ucx_bench.lua", ("--connect 127.0.0.1:%d --sizes 4k --iters 20 --warmup 2"):format(port))
-            if status == 0 or not err:match("connect to") then break end
+            r = pack(client(port))         -- status, ..., stderr
+            if r[1] == 0 or not r[r.n]:match("connect to") then break end
             helper.exec("sleep 0.1")
         end
+        return errfile, unpack(r, 1, r.n)
+    end
+
+    it("runs as a server and a client process", function()
+        local errfile, status, r, _, err = server_and_client("", function(port)
+            return run_json("ucx_bench.lua", ("--connect 127.0.0.1:%d --sizes 4k --iters 20 --warmup 2"):format(port))
+        end)
         local ef = io.open(errfile); local server_err = ef:read("*a"); ef:close()
         assert.equal(0, status, err .. "\nserver: " .. server_err)
         assert.equal(20, r.results[1].bw.messages)
@@ -116,17 +126,9 @@ describe("examples/ucx_bench.lua", function()
     end)
 
     it("stops both ends with a one-line error when their --transport differs", function()
-        math.randomseed(os.time() + math.floor(os.clock() * 1e6))
-        local port = 20000 + math.random(0, 20000)
-        local errfile = os.tmpname()
-        helper.exec(("%s %s --server --port %d --transport address >/dev/null 2>%s &"):format(q(helper.host),
-            q(helper.root .. "/examples/ucx_bench.lua"), port, q(errfile)))
-        local status, err
-        for _ = 1, 50 do
-            status, _, err = run("ucx_bench.lua", ("--connect 127.0.0.1:%d --transport socket --iters 5"):format(port))
-            if not err:match("connect to") then break end
-            helper.exec("sleep 0.1")
-        end
+        local errfile, status, _, err = server_and_client("--transport address", function(port)
+            return run("ucx_bench.lua", ("--connect 127.0.0.1:%d --transport socket --iters 5"):format(port))
+        end)
         assert.equal(2, status)
         assert.matches("ucx_bench: the server uses %-%-transport address, this end %-%-transport socket: " ..
                        "give both ends the same\n$", err)
