@@ -9,6 +9,20 @@ local async = helper.async
 
 local pair, close_pair = helper.ucx_pair, helper.ucx_close_pair
 
+-- The start of a script run by the host: a server worker with a stream
+-- (id 1) and a listener, and a client endpoint connected to it (ep; sep
+-- the server's side).
+local PAIR_SCRIPT = [[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local stream = sw:am_stream(1)
+            local l = assert(sw:create_listener("127.0.0.1", 0))
+            local acc = pluvio.spawn(function() return assert(l:accept()) end)
+            local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+            local sep = acc:join()
+]]
+
 -- Run fn's results, or fail the spec if it does not finish within 2 s.
 local function within(seconds, fn)
     local r = { pluvio.timeout(seconds, function() return { fn() } end) }
@@ -38,15 +52,7 @@ describe("Worker:close", function()
     end))
 
     it("fails a send handle's wait after the handle's worker was closed, without touching the worker", function()
-        local status, out, err = helper.run_script([[
-            local ucx = require "pluvio.ucx"
-            local ctx = assert(ucx.Context.new())
-            local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
-            local stream = sw:am_stream(1)
-            local l = assert(sw:create_listener("127.0.0.1", 0))
-            local acc = pluvio.spawn(function() return assert(l:accept()) end)
-            local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
-            local sep = acc:join()
+        local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
             -- rendezvous: in flight until the receiver pulls it, which it never does
             local h = ep:am_send_nb(1, "h", ("x"):rep(1048576), false, "rndv")
             cw:close()
@@ -60,15 +66,7 @@ end)
 
 describe("Endpoint:close", function()
     it("makes a held message's reply fail with a clear error instead of using the freed endpoint", function()
-        local status, out, err = helper.run_script([[
-            local ucx = require "pluvio.ucx"
-            local ctx = assert(ucx.Context.new())
-            local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
-            local stream = sw:am_stream(1)
-            local l = assert(sw:create_listener("127.0.0.1", 0))
-            local acc = pluvio.spawn(function() return assert(l:accept()) end)
-            local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
-            local sep = acc:join()
+        local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
             assert(ep:am_send(1, "question", "x", true))
             while sw:stats().msgs_held == 0 do pluvio.sleep(0.001) end
             assert(sep:close())         -- the endpoint the question came on

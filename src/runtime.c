@@ -342,51 +342,6 @@ int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome)
     return 0;
 }
 
-/* Whether the ready ring holds slot and nothing else. */
-static bool ready_only(const pl_runtime_t *rt, uint32_t slot)
-{
-    return rt->ready.tail - rt->ready.head == 1 &&
-           rt->ready.slots[rt->ready.head & rt->ready.mask] == slot;
-}
-
-static void spin(pl_runtime_t *rt);
-static void collect(pl_runtime_t *rt);
-static bool reactors_flush(pl_runtime_t *rt);
-
-const uint32_t *pl_runtime_ready_marks(const pl_runtime_t *rt)
-{
-    return &rt->ready.head;
-}
-
-int pl_task_linger(pl_runtime_t *rt, uint32_t slot, int go)
-{
-    struct pl_task *t = task_get(rt, slot);
-    bool spun = false;
-
-    if (!t || (!pl_ready_empty(rt) && !ready_only(rt, slot)))
-        return 0;
-    if (!go)
-        return 1;
-    /* also when its wake came already: a task that wakes itself and parks,
-     * again and again, must not keep the reactors and timers from a poll */
-    reactors_flush(rt);
-    collect(rt);
-    if (pl_ready_empty(rt) && rt->spin_ns > 0) {
-        spin(rt);
-        spun = true;
-    }
-    /* A failed linger leaves switch_cyc alone: the tick's spin then ends
-     * where this one's budget did, instead of spinning a second budget. */
-    if (!ready_only(rt, slot))
-        return 0;
-    if (spun)
-        rt->switch_cyc = pl_cycles();   /* the spin is not the task's run time */
-    rt->ready.head++;
-    t->queued = false;
-    rt->stats.lingers++;
-    return 1;
-}
-
 int pl_task_info(pl_runtime_t *rt, uint32_t slot, pl_task_info_t *out)
 {
     struct pl_task *t = task_get(rt, slot);
@@ -489,17 +444,27 @@ int pl_runtime_reactor_stats(pl_runtime_t *rt, int index, pl_stat_t *out, int ma
     return r->stats ? r->stats(r, out, max) : 0;
 }
 
-static int reactors_poll(pl_runtime_t *rt)
+/* The reactors that are not idle, into act; returns how many. */
+static int active_reactors(pl_runtime_t *rt, struct pl_reactor_slot **act)
 {
-    int total = 0;
+    int na = 0;
 
     for (int i = 0; i < rt->nreactors; i++) {
         struct pl_reactor_slot *s = &rt->reactors[i];
-        int n;
+        if (s->reactor->status(s->reactor) != PL_REACTOR_IDLE)
+            act[na++] = s;
+    }
+    return na;
+}
 
-        if (s->reactor->status(s->reactor) == PL_REACTOR_IDLE)
-            continue;
-        n = s->reactor->poll(s->reactor, rt, REACTOR_POLL_BUDGET);
+/* One round of polls of the reactors in act.  Returns the completions. */
+static int poll_active(pl_runtime_t *rt, struct pl_reactor_slot **act, int na)
+{
+    int total = 0;
+
+    for (int j = 0; j < na; j++) {
+        struct pl_reactor_slot *s = act[j];
+        int n = s->reactor->poll(s->reactor, rt, REACTOR_POLL_BUDGET);
         s->polls++;
         if (n > 0) {
             s->completions += n;
@@ -507,6 +472,14 @@ static int reactors_poll(pl_runtime_t *rt)
         }
     }
     return total;
+}
+
+static int reactors_poll(pl_runtime_t *rt)
+{
+    struct pl_reactor_slot *act[PL_MAX_REACTORS];
+    int na = active_reactors(rt, act);
+
+    return poll_active(rt, act, na);
 }
 
 /* ---- the tick ------------------------------------------------------------ */
@@ -618,26 +591,6 @@ static bool reactors_flush(pl_runtime_t *rt)
  * round of polls, and would otherwise slow the reaction to a completion. */
 #define SPIN_POLLS 32
 
-/* One round of polls of the reactors in act (those not idle when the
- * rounds began: a status call per reactor and round would make each round
- * slower, and the reaction to a completion with it; polling a reactor that
- * went idle meanwhile costs nothing).  Returns the completions. */
-static int poll_active(pl_runtime_t *rt, struct pl_reactor_slot **act, int na)
-{
-    int total = 0;
-
-    for (int j = 0; j < na; j++) {
-        struct pl_reactor_slot *s = act[j];
-        int n = s->reactor->poll(s->reactor, rt, REACTOR_POLL_BUDGET);
-        s->polls++;
-        if (n > 0) {
-            s->completions += n;
-            total += n;
-        }
-    }
-    return total;
-}
-
 static void spin(pl_runtime_t *rt)
 {
     /* from when the last task stopped: a clock read less per sleep */
@@ -646,13 +599,11 @@ static void spin(pl_runtime_t *rt)
 
     reactors_flush(rt);     /* what we spin for must have been submitted */
     for (;;) {
-        int na = 0;
+        /* the reactors busy as the rounds begin: a status call per reactor
+         * and round would slow each round, and the reaction to a
+         * completion with it (polling one that went idle costs nothing) */
+        int na = active_reactors(rt, act);
 
-        for (int i = 0; i < rt->nreactors; i++) {
-            struct pl_reactor_slot *s = &rt->reactors[i];
-            if (s->reactor->status(s->reactor) != PL_REACTOR_IDLE)
-                act[na++] = s;
-        }
         /* and what a completion queued (the rest of a short read) */
         for (int i = 0; i < SPIN_POLLS && pl_ready_empty(rt); i++)
             if (poll_active(rt, act, na) > 0)
@@ -664,6 +615,47 @@ static void spin(pl_runtime_t *rt)
         if (!pl_ready_empty(rt) || pl_cycles() >= until)
             return;
     }
+}
+
+/* Whether the ready ring holds slot and nothing else. */
+static bool ready_only(const pl_runtime_t *rt, uint32_t slot)
+{
+    return rt->ready.tail - rt->ready.head == 1 &&
+           rt->ready.slots[rt->ready.head & rt->ready.mask] == slot;
+}
+
+const uint32_t *pl_runtime_ready_marks(const pl_runtime_t *rt)
+{
+    return &rt->ready.head;
+}
+
+int pl_task_linger(pl_runtime_t *rt, uint32_t slot, int go)
+{
+    struct pl_task *t = task_get(rt, slot);
+    bool spun = false;
+
+    if (!t || (!pl_ready_empty(rt) && !ready_only(rt, slot)))
+        return 0;
+    if (!go)
+        return 1;
+    /* also when its wake came already: a task that wakes itself and parks,
+     * again and again, must not keep the reactors and timers from a poll */
+    reactors_flush(rt);
+    collect(rt);
+    if (pl_ready_empty(rt) && rt->spin_ns > 0) {
+        spin(rt);
+        spun = true;
+    }
+    /* A failed linger leaves switch_cyc alone: the tick's spin then ends
+     * where this one's budget did, instead of spinning a second budget. */
+    if (!ready_only(rt, slot))
+        return 0;
+    if (spun)
+        rt->switch_cyc = pl_cycles();   /* the spin is not the task's run time */
+    rt->ready.head++;
+    t->queued = false;
+    rt->stats.lingers++;
+    return 1;
 }
 
 static int block(pl_runtime_t *rt)

@@ -9,7 +9,7 @@ local core = require "pluvio.core"
 local check = require "pluvio.check"
 
 local ffi, C = core.ffi, core.C
-local co_create, co_resume, co_yield, co_running = coroutine.create, coroutine.resume, coroutine.yield, coroutine.running
+local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local co_running, co_status = coroutine.running, coroutine.status
 local select, type, tostring, setmetatable = select, type, tostring, setmetatable
 local unpack, traceback, format = unpack, debug.traceback, string.format

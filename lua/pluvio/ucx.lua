@@ -253,7 +253,7 @@ local function await(w, t, op, what, keep, keep2)
     t.io_op = op
     t.io_keep, t.io_keep2 = keep, keep2
     t.waiting_for = what
-    C.pl_task_wait(w.rt_crt or t.rt.crt, t.slot, WAIT_IO, op)
+    C.pl_task_wait(t.rt.crt, t.slot, WAIT_IO, op)
     local fname, seq = t.io_fname, t.io_seq
     if not linger(t.rt, t) then
         yielded(t, co_yield(WAIT), fname, seq)
@@ -1099,6 +1099,20 @@ local function take(m, fname, ptr, cap, keep)
     return m.len
 end
 
+-- Give the message back to C (and UCX what it holds for it), unless its
+-- worker or the task that took it ended (that released it), and stop
+-- tracking it.
+local function let_go(m)
+    local h, w, owner = m.h, m.worker, m.owner
+    if h then
+        if w.w and (owner.live or owner.final == "done") then
+            C.pl_ucx_msg_release(w.w, h)
+        end
+        untrack(w, h)
+    end
+    m.h = nil
+end
+
 -- data(): the message's data as a string (pulls rendezvous data first).
 function Message:data()
     live_msg("Message:data", self)
@@ -1109,9 +1123,7 @@ function Message:data()
     end
     if len == 0 or eager then   -- straight from where UCX holds it
         local s = eager and ffi_string(eager, len) or ""
-        C.pl_ucx_msg_release(w.w, h)
-        untrack(w, h)
-        self.h = nil
+        let_go(self)
         return s
     end
     -- rendezvous: pulled into scratch memory the worker keeps between pulls
@@ -1154,15 +1166,7 @@ end
 -- release(): drop the message without reading its data.
 function Message:release()
     check.self("Message:release", self, Message, "a message")
-    local owner = self.owner
-    local h = self.h
-    if h then
-        if self.worker.w and (owner.live or owner.final == "done") then
-            C.pl_ucx_msg_release(self.worker.w, h)
-        end
-        untrack(self.worker, h)
-    end
-    self.h = nil
+    let_go(self)
     return true
 end
 
