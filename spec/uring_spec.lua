@@ -1213,6 +1213,27 @@ describe("sockets over io_uring", function()
         l:close()
     end))
 
+    it("keeps the bytes of a recv that finished in the tick its task was killed", async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        for _, how in ipairs({ "recv_exact", "recv" }) do
+            local reader = pluvio.spawn(function()
+                return how == "recv" and c:recv(100) or c:recv_exact(10)
+            end)
+            pluvio.yield()                      -- it parks in its recv
+            assert.equal(5, s:send("hello"))    -- its recv finishes with ours
+            assert.equal("ready", reader:status())  -- woken, not yet run
+            reader:kill()
+            assert.equal(5, s:send("world"))
+            assert.same({ "helloworld" }, { pluvio.timeout(1, c.recv_exact, c, 10) })
+        end
+        s:close()
+        c:close()
+        l:close()
+    end))
+
     it("says how long a datagram was that did not fit", async(function()
         local a, b = assert(uring.udp_bind("127.0.0.1", 0)), assert(uring.udp_bind("127.0.0.1", 0))
         assert(b:send_to(("x"):rep(100), "127.0.0.1", a:port()))

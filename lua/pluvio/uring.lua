@@ -257,11 +257,14 @@ end
 -- Park until op completes; returns res, bytes.  If the task is killed
 -- meanwhile, finish() calls _abandon and the kernel op is cancelled; keep
 -- (the string or scratch space the kernel reads or fills) then stays
--- referenced until the kernel is done with it.
-local function await(r, t, op, what, keep)
+-- referenced until the kernel is done with it.  rescue (a socket) takes
+-- the result of an op that finished before the kill, which its task will
+-- now never take: bytes a recv took from a stream must not be lost.
+local function await(r, t, op, what, keep, rescue)
     t.io_reactor = r
     t.io_op = op
     t.io_keep = keep
+    t.io_rescue = rescue
     t.waiting_for = what
     local fname, seq = t.io_fname, t.io_seq
     -- starting the op parked the task in C already
@@ -275,6 +278,7 @@ local function await(r, t, op, what, keep)
     t.waiting_for = nil
     t.io_reactor = nil
     t.io_keep = nil
+    t.io_rescue = nil
     return result.res, result.bytes
 end
 
@@ -297,8 +301,12 @@ local function limbo_sweep(r)
 end
 
 function IoUringReactor:_abandon(t)
-    local u, op, keep = self.u, t.io_op, t.io_keep
-    t.io_op, t.io_keep = nil, nil
+    local u, op, keep, rescue = self.u, t.io_op, t.io_keep, t.io_rescue
+    t.io_op, t.io_keep, t.io_rescue = nil, nil, nil
+    if rescue and C.pl_uring_op_take(u, op, self.result) == 1 then
+        rescue:_rescue(self, self.result.res, keep)     -- done before the kill
+        return
+    end
     local gen = C.pl_uring_op_gen(u, op)
     C.pl_uring_op_abandon(u, op)
     if keep ~= nil then
@@ -310,8 +318,9 @@ function IoUringReactor:_abandon(t)
     end
 end
 
--- Start an op (a C call that returned op id or -errno) and wait for it.
-local function run_op(r, t, op, what, keep)
+-- Start an op (a C call that returned op id or -errno) and wait for it
+-- (keep and rescue as for await).
+local function run_op(r, t, op, what, keep, rescue)
     if op < 0 then
         return op, 0
     end
@@ -321,7 +330,7 @@ local function run_op(r, t, op, what, keep)
         C.pl_uring_op_take(r.u, op - OP_INLINE, result)
         res, bytes = result.res, result.bytes
     else
-        res, bytes = await(r, t, op, what, keep)
+        res, bytes = await(r, t, op, what, keep, rescue)
     end
     if r.limbo[1] then
         limbo_sweep(r)

@@ -178,7 +178,8 @@ function M.install(U)
 
     local function recv_raw(self, t, r, max)
         local scratch = bounce_get(r, max)
-        local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self, scratch)
+        local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self, scratch,
+                          self)
         local s = rc > 0 and ffi_string(scratch.ptr, rc) or nil
         bounce_put(r, scratch)
         return s, rc
@@ -192,6 +193,22 @@ function M.install(U)
             self.parts = nil
             self.pending = table.concat(parts)
         end
+    end
+
+    -- A recv that finished, its task killed before it took the bytes (a
+    -- timeout that fired in the tick they came): they are the stream's
+    -- next ones, kept for the next recv as gather keeps a recv_exact's.
+    function TcpSocket:_rescue(r, res, scratch)
+        if res > 0 then
+            local s = ffi_string(scratch.ptr, res)
+            local parts = self.parts
+            if parts then
+                parts[#parts + 1] = s
+            else
+                self.pending = self.pending .. s
+            end
+        end
+        bounce_put(r, scratch)
     end
 
     -- recv(max): up to max bytes as soon as some arrive; nil, "closed"
