@@ -13,6 +13,7 @@ local tmpfile, with_reactor = helper.tmp_path, helper.with_reactor
 ffi.cdef [[
 int open(const char *path, int flags, ...);
 int fcntl(int fd, int cmd, ...);
+int getpid(void);
 ]]
 local O_RDWR, O_CREAT = 2, 64
 local O_DIRECT = ({ arm = 0x10000, arm64 = 0x10000, ppc = 0x20000 })[ffi.arch] or 0x4000
@@ -383,6 +384,29 @@ describe("File and DmaFile", function()
         assert.has_error(function() uring.DmaFile.new(-1) end,
             "DmaFile.new: fd must be an integer from 0 to 2147483647 (got -1)")
         uring.unlink(path)
+    end))
+
+    it("DmaFile.open closes the file when its task is killed while it learns the O_DIRECT rules", async(function()
+        local path = file_with("")
+        local function open_here()     -- fds of this process open on path
+            local n = 0
+            local ls = io.popen("ls -l /proc/" .. ffi.C.getpid() .. "/fd")
+            for line in ls:lines() do
+                if line:sub(-#path - 4) == " -> " .. path then n = n + 1 end
+            end
+            ls:close()
+            return n
+        end
+        local opener = pluvio.spawn(function() return uring.DmaFile.open(path, "r") end)
+        for _ = 1, 100 do               -- until it has the fd and waits for its statx
+            pluvio.yield()
+            if type(opener.waiting_for) == "table" then break end
+        end
+        assert.equal(uring.DmaFile, getmetatable(opener.waiting_for))
+        assert.equal(1, open_here())
+        opener:kill()
+        assert.equal(0, open_here())
+        os.remove(path)
     end))
 
     it("File.new and DmaFile.new refuse an fd that is not open, or whose O_DIRECT flag does not match", async(function()

@@ -690,7 +690,9 @@ local function open_file(cls, fname, direct, path, mode, perms)
         return nil, msg .. hint, code
     end
     f.fd = fd
+    t:_own(f)               -- a kill at the statx below closes the fd
     learn_alignment(f, t)
+    t:_disown(f)
     return f
 end
 
@@ -1001,6 +1003,14 @@ function File:close()
 end
 
 DmaFile.__tostring = File.__tostring
+
+-- Its opening task was killed before open returned it: nobody else has the fd.
+function File:_task_exit()
+    if self.fd >= 0 then
+        C.pl_file_close_sync(self.fd)
+        self.fd = -1
+    end
+end
 
 function File:fileno()
     self_file("File:fileno", self)
