@@ -163,6 +163,32 @@ describe("IoUringReactor", function()
         assert.equal("hello", got)
     end)
 
+    it("with SQPOLL, starts more operations in one tick than the SQ ring holds", function()
+        local ok, r = pcall(uring.reactor, { sqpoll = true, sqpoll_idle_ms = 10, queue_size = 2 })
+        if not ok then
+            assert.matches("the kernel refused SQPOLL", r)
+            return
+        end
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring", r)
+        local path = file_with(("x"):rep(64))
+        local got = rt:run(function()
+            local f = assert(uring.File.open(path, "r"))
+            local readers, got = {}, {}
+            for i = 1, 64 do    -- each queues an SQE in the same tick
+                readers[i] = pluvio.spawn(function() return { f:read(i - 1, 1) } end)
+            end
+            for i = 1, 64 do
+                local res = readers[i]:join()
+                got[#got + 1] = res[1] or res[2]
+            end
+            f:close()
+            return table.concat(got, ", ")
+        end)
+        os.remove(path)
+        assert.equal(("x"):rep(64, ", "), got)
+    end)
+
     it("is made on first use by default runtimes, and required on plain ones", function()
         assert.is_true(pluvio.run(function()
             return uring.current() ~= nil and pluvio.runtime():reactor("io_uring") ~= nil

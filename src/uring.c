@@ -142,7 +142,9 @@ int pl_uring_flush(pl_uring_t *u)
     return io_uring_sq_ready(&u->ring) > 0 ? submit(u) : 0;
 }
 
-/* An SQE, submitting early when the queue is full. */
+/* An SQE, submitting early when the queue is full.  With SQPOLL the submit
+ * only wakes the kernel thread, which takes the SQEs in its own time: wait
+ * until it has taken one rather than fail the operation with EBUSY. */
 struct io_uring_sqe *uring_get_sqe(pl_uring_t *u)
 {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
@@ -151,6 +153,8 @@ struct io_uring_sqe *uring_get_sqe(pl_uring_t *u)
         submit(u);
         sqe = io_uring_get_sqe(&u->ring);
     }
+    while (!sqe && u->opts.sqpoll && io_uring_sqring_wait(&u->ring) >= 0)
+        sqe = io_uring_get_sqe(&u->ring);
     return sqe;
 }
 
