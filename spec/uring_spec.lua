@@ -1330,6 +1330,33 @@ describe("sockets over io_uring", function()
         assert.equal(0, uring.current():stats().in_flight)
     end))
 
+    it("closes a socket whose closing task is killed while it waits", async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        local closer = pluvio.spawn(function() return c:close() end)
+        pluvio.yield()                  -- it parks in close
+        assert.equal("waiting", closer:status())
+        closer:kill()
+        assert.same({ nil, "closed", "EOF" }, { pluvio.timeout(1, s.recv, s, 10) })
+        s:close()
+        l:close()
+    end))
+
+    it("wakes a task waiting in accept when the listener is closed, also on a ring of one entry", function()
+        with_reactor({ queue_size = 1 }, function(r)
+            for _ = 1, 2 do
+                local l = assert(uring.tcp_listen("127.0.0.1", 0))
+                local acc = pluvio.spawn(function() return { l:accept() } end)
+                pluvio.yield()
+                assert.is_true(l:close())
+                assert.matches("accept .*: the socket was closed", acc:join()[2])
+            end
+            assert.equal(0, r:stats().in_flight)
+        end)
+    end)
+
     it("cancels a pending recv when its task is killed", async(function()
         local a = assert(uring.udp_bind("127.0.0.1", 0))
         local t = pluvio.spawn(function() return a:recv_from(100) end)

@@ -359,7 +359,7 @@ int pl_uring_sendto(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const vo
                     uint32_t len, const char *host, int port);
 int pl_uring_recvfrom(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len);
 int pl_uring_op_peer(pl_uring_t *u, int op, char *out, int cap);
-int pl_uring_cancel_fd(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
+int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
 
 int pl_uring_statx_size(void);
 void pl_uring_statx_decode(const void *statx_buf, pl_file_stat_t *out);

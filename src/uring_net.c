@@ -238,10 +238,29 @@ int pl_uring_op_peer(pl_uring_t *u, int i, char *out, int cap)
     return 0;
 }
 
-/* Cancel every operation in flight on fd (before closing it: an op holds
- * its own reference to the file, so close alone would not end a pending
- * accept or recv).  Their tasks get -ECANCELED. */
-int pl_uring_cancel_fd(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
+/* Cancel every operation in flight on fd, then close it (an op holds its
+ * own reference to the file, so close alone would not end a pending accept
+ * or recv; their tasks get -ECANCELED).  One op to wait for, the close:
+ * the cancel goes ahead of it, hard-linked so that the close follows
+ * whatever the cancel found, and a task killed while it waits cannot leave
+ * the socket open (the close runs at its issue; cancelling it is too late). */
+int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
 {
-    START_OTHER(io_uring_prep_cancel_fd(sqe, fd, IORING_ASYNC_CANCEL_ALL));
+    struct io_uring_sqe *cancel;
+    bool pair;
+
+    if (io_uring_sq_space_left(&u->ring) < 2)
+        pl_uring_flush(u);
+    pair = io_uring_sq_space_left(&u->ring) >= 2;   /* in one submit */
+    cancel = uring_get_sqe(u);
+    if (!cancel)
+        return -EBUSY;
+    io_uring_prep_cancel_fd(cancel, fd, IORING_ASYNC_CANCEL_ALL);
+    io_uring_sqe_set_data64(cancel, CANCEL_TAG);
+    if (pair)
+        cancel->flags |= IOSQE_IO_HARDLINK;
+    else
+        pl_uring_flush(u);      /* a ring of one entry: the cancel goes first, alone
+                                 * (a link may not span two submits) */
+    return pl_uring_close(u, slot, gen, fd);
 }

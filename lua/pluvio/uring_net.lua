@@ -86,13 +86,13 @@ function M.install(U)
         return obj
     end
 
-    -- Close: cancel what other tasks wait for on the fd, then close it.
+    -- Close: cancel what other tasks wait for on the fd, then close it (one
+    -- op, so that a kill while it waits cannot leave the socket open).
     local function close_socket(obj, fname)
         local t, r = context(fname)
         local fd = obj.fd
         obj.fd = -1
-        run_op(r, t, C.pl_uring_cancel_fd(r.u, t.slot, t.gen, fd), obj)
-        local rc = run_op(r, t, C.pl_uring_close(r.u, t.slot, t.gen, fd), obj)
+        local rc = run_op(r, t, C.pl_uring_close_socket(r.u, t.slot, t.gen, fd), obj)
         if rc < 0 then
             return failed("close", obj, rc)
         end
