@@ -79,6 +79,29 @@ describe("Endpoint:close", function()
         assert.equal("nil\tam_send to the sender: the endpoint the message came on was closed\tENOTCONN\n", out)
     end)
 
+    it("leaves an endpoint slot usable after it was freed and reused 40000 times", async(function()
+        -- a handle keeps the slot's generation above its index: from the
+        -- 32768th use on it came out negative, and accept, connect or a
+        -- reply failed with "Unknown error -2147483648".  A server that
+        -- accepts and closes connections one at a time reuses one slot so;
+        -- closing the reply endpoint of a connect_addr peer's message does
+        -- the same much faster
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local stream, replies = sw:am_stream(1), cw:am_stream(2)
+        local ep = assert(cw:connect_addr(sw:address()))
+        for i = 1, 40000 do
+            assert(ep:am_send(1, "q", "", true))
+            local m = assert(stream:wait_msg())
+            local ok, err = m:reply(2, tostring(i), "")
+            assert(ok, "reply " .. i .. ": " .. tostring(err))
+            assert.is_true(m.reply_ep:close())
+            m:release()
+            assert.equal(tostring(i), assert(replies:wait_msg()).header)
+        end
+        ep:close(); cw:close(); sw:close(); ctx:close()
+    end))
+
     it("leaves no reply endpoint counted as a peer: wait_msg fails once the last endpoint is closed", async(function()
         local p = pair()
         assert(p.ep:am_send(1, "q1", "x", true))

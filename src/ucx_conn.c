@@ -14,6 +14,11 @@
 
 /* ---- endpoints ----------------------------------------------------------- */
 
+/* A handle is the entry's index in the low 16 bits and its generation
+ * above, 15 bits of it: a handle is a non-negative int (negative ones are
+ * errors), so the generation wraps at EP_GEN_MASK. */
+#define EP_GEN_MASK 0x7fff
+
 struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep)
 {
     int i = ep & 0xffff;
@@ -52,7 +57,7 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
     if (i >= w->neps)
         w->neps = i + 1;
     w->eps[i].ep = ep;
-    w->eps[i].gen++;
+    w->eps[i].gen = (uint16_t)((w->eps[i].gen + 1) & EP_GEN_MASK);
     w->eps[i].state = EP_OPEN;
     w->eps[i].owned = owned;
     w->eps[i].error = 0;
