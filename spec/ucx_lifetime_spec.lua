@@ -79,6 +79,19 @@ describe("Endpoint:close", function()
         assert.equal("nil\tam_send to the sender: the endpoint the message came on was closed\tENOTCONN\n", out)
     end)
 
+    it("makes the reply of a message taken before the close fail the same way, without blaming the peer", function()
+        local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
+            assert(ep:am_send(1, "question", "x", true))
+            local m = assert(stream:wait_msg())
+            assert(m:data() == "x")
+            assert(sep:close())         -- after the message was taken
+            print(m:reply(2, "answer", "y"))
+            ep:close(); l:close(); cw:close(); sw:close(); ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("nil\tam_send to the sender: the endpoint the message came on was closed\tENOTCONN\n", out)
+    end)
+
     it("leaves an endpoint slot usable after it was freed and reused 40000 times", async(function()
         -- a handle keeps the slot's generation above its index: from the
         -- 32768th use on it came out negative, and accept, connect or a

@@ -22,7 +22,7 @@ local max = math.max
 
 local M = {}
 
-local EAGAIN, EINVAL, ENOTCONN, ECONNREFUSED, ECANCELED = -11, -22, -107, -111, -125
+local EBADF, EAGAIN, EINVAL, ENOTCONN, ECONNREFUSED, ECANCELED = -9, -11, -22, -107, -111, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
 
@@ -1182,6 +1182,10 @@ function Message:reply(id, header, data, need_reply, proto)
         error("Message:reply: the worker is closed", 2)
     end
     local h = self.reply_h
+    if h >= 0 and C.pl_ucx_ep_status(w.w, h) == EBADF then
+        h = ENOTCONN        -- its entry is gone: the endpoint was closed after the message was taken
+        self.reply_h = h
+    end
     if h < 0 then           -- the endpoint it came on was closed or failed since
         local msg, name = why(h)
         if h == ENOTCONN then
