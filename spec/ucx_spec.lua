@@ -266,6 +266,32 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("says how long a tagged message that does not fit was, and what it had room for", async(function()
+        local uring = require "pluvio.uring"
+        local p = pair()
+        -- posted first (UCX matches it as the message comes), and after the
+        -- message came (it waits unexpected); eager and rendezvous sizes
+        for _, size in ipairs({ 100, 1048576 }) do
+            local r = pluvio.spawn(function() return { p.sw:tag_recv(0x4217, 0xffff, 10) } end)
+            pluvio.yield()
+            assert.is_true(p.ep:tag_send(0x4217, ("z"):rep(size)))
+            assert.same({ nil, ("tag_recv: the message with tag 0x4217 has %d bytes, more than the 10 " ..
+                                "len_or_buf has room for (it is dropped): EMSGSIZE: Message too long"):format(size),
+                          "EMSGSIZE" }, r:join())
+        end
+        local buf = uring.acquire_buffer()
+        local sender = pluvio.spawn(function() return p.ep:tag_send(5, ("y"):rep(buf.len + 1)) end)
+        while p.cw:stats().tag_sent == 2 do pluvio.sleep(0.001) end
+        local n, err, name = p.sw:tag_recv(5, 0xff, buf)
+        assert.is_nil(n)
+        assert.equal(("tag_recv: the message with tag 0x5 has %d bytes, more than the %d len_or_buf has room " ..
+                      "for (it is dropped): EMSGSIZE: Message too long"):format(buf.len + 1, buf.len), err)
+        assert.equal("EMSGSIZE", name)
+        assert.is_true(sender:join())
+        buf:release()
+        close_pair(p)
+    end))
+
     it("refuses a tag receive from a plain coroutine inside a task before it starts", async(function()
         local p = pair()
         -- a receive takes a message: it checks first, so none is lost

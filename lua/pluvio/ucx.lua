@@ -22,7 +22,7 @@ local max = math.max
 
 local M = {}
 
-local EBADF, EAGAIN, EINVAL, ENOTCONN, ECONNREFUSED, ECANCELED = -9, -11, -22, -107, -111, -125
+local EBADF, EAGAIN, EINVAL, EMSGSIZE, ENOTCONN, ECONNREFUSED, ECANCELED = -9, -11, -22, -90, -107, -111, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
 
@@ -553,6 +553,10 @@ function Worker:tag_recv(tag, mask, len_or_buf)
     local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
                                  "tag receive", scratch or len_or_buf)
     if rc < 0 then
+        if rc == EMSGSIZE then  -- UCX reports the whole message's length and tag, and drops it
+            return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
+                               "len_or_buf has room for (it is dropped)", stag, len, cap), rc)
+        end
         return fail("tag_recv", rc)
     end
     if scratch then
