@@ -422,6 +422,34 @@ describe("UCX", function()
         assert.has_error(function() p.sw:address() end, "Worker:address: the worker is closed")
     end))
 
+    it("refuses need_reply on a connect_addr endpoint with peer_errors, which UCX cannot answer safely", async(function()
+        local p = pair()
+        local ep = assert(p.cw:connect_addr(p.sw:address(), { peer_errors = true }))
+        local want = "Endpoint:am_send: need_reply is not allowed on an endpoint from connect_addr with " ..
+                     "peer_errors = true (UCX 1.13 frees the receiver's reply endpoint without notice if " ..
+                     "this process fails, and a reply could reach another process): use connect_socket for " ..
+                     "replies with peer failure detection, or connect_addr without peer_errors"
+        assert.has_error(function() ep:am_send(1, "", "x", true) end, want)
+        assert.has_error(function() ep:am_send_nb(1, "", "x", true) end,
+                         (want:gsub("^Endpoint:am_send:", "Endpoint:am_send_nb:")))
+        -- without a reply it sends; without peer_errors replies work
+        assert.is_true(ep:am_send(1, "", "plain", false))
+        local m = assert(p.stream:wait_msg())
+        assert.equal("plain", m:data())
+        local ep2 = assert(p.cw:connect_addr(p.sw:address()))
+        local answers = p.cw:am_stream(2)
+        assert.is_true(ep2:am_send(1, "", "ask", true))
+        m = assert(p.stream:wait_msg())
+        assert.equal("ask", m:data())
+        assert.is_true(m:reply(2, "answer", ""))
+        local a = assert(answers:wait_msg())
+        assert.equal("answer", a.header)
+        a:release()
+        ep:close()
+        ep2:close()
+        close_pair(p)
+    end))
+
     it("fails wait_msg instead of hanging when no peer can feed the stream", async(function()
         local p = pair()
         p.listener:close()

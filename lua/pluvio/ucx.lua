@@ -430,7 +430,14 @@ function Worker:connect_addr(addr, opts)
     elseif h < 0 then
         return fail("connect_addr", h)
     end
-    return new_endpoint(self, h, "worker address")
+    local ep = new_endpoint(self, h, "worker address")
+    if peer_errors then
+        -- UCX 1.13 frees the receiver's side of such a connection without
+        -- telling anyone when this process fails: a reply endpoint it
+        -- handed out would then point at freed memory or another peer
+        ep.no_reply = true
+    end
+    return ep
 end
 
 local function check_port(fname, port)
@@ -731,6 +738,12 @@ local function start_send(fname, nb, ep, id, header, data, need_reply, proto, le
     end
     if need_reply ~= nil and type(need_reply) ~= "boolean" then
         error(format("%s: need_reply must be a boolean or nil (got %s)", fname, type(need_reply)), 2)
+    end
+    if need_reply and ep.no_reply then
+        error(format("%s: need_reply is not allowed on an endpoint from connect_addr with peer_errors = true " ..
+                     "(UCX 1.13 frees the receiver's reply endpoint without notice if this process fails, " ..
+                     "and a reply could reach another process): use connect_socket for replies with peer " ..
+                     "failure detection, or connect_addr without peer_errors", fname), 2)
     end
     local flags = need_reply and 1 or 0
     if proto ~= nil then
