@@ -505,6 +505,25 @@ describe("regressions", function()
         assert.equal(0, pluvio.runtime():stats().tasks_live - 1)
     end))
 
+    it("finishes a task that its own pluvio.timeout function kills: joiners woken, clean-ups run", async(function()
+        local cleaned, after_kill = false, false
+        local w
+        w = pluvio.spawn(function()
+            return pluvio.timeout(5, function()
+                w:kill()            -- takes this function with it: it never returns
+                after_kill = true
+            end)
+        end)
+        w:on_exit(function() cleaned = true end)
+        local r, err = w:join()     -- was never woken: a deadlock report
+        assert.is_nil(r)
+        assert.equal("cancelled", err)
+        assert.is_true(cleaned)
+        assert.is_false(after_kill)
+        assert.equal("cancelled", w:status())
+        assert.equal(1, pluvio.runtime():stats().tasks_live)
+    end))
+
     it("runs on_exit at once on a finished task, checks its arguments and reports failing clean-ups", function()
         local status, out, err = helper.run_script([[
             local t = pluvio.spawn(function() end)

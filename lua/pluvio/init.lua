@@ -349,12 +349,6 @@ local function finish(rt, t, final, was_running)
             obj:_task_exit(t)
         end
     end
-    local child = t.timeout_child
-    if child then           -- a task that dies inside pluvio.timeout takes fn with it
-        t.timeout_child = nil
-        child.joined = true
-        child:kill()
-    end
     local cleanups = t.cleanups
     if cleanups then
         t.cleanups = nil
@@ -375,6 +369,14 @@ local function finish(rt, t, final, was_running)
         for i = 1, #joiners do
             wake(joiners[i])
         end
+    end
+    -- Last: when fn itself killed t, this kill raises in fn (a task's kill
+    -- of itself), and t must be finished by then.
+    local child = t.timeout_child
+    if child then           -- a task that dies inside pluvio.timeout takes fn with it
+        t.timeout_child = nil
+        child.joined = true
+        child:kill()
     end
 end
 
