@@ -490,7 +490,10 @@ function Task:kill()
     local rt = self.rt
     if rt.current == self then
         self.kill_requested = true
-        error(KILLED, 0)
+        if current_rt == rt then
+            error(KILLED, 0)
+        end
+        return true     -- a task of a runtime nested in self: that stops (see drive)
     end
     self.results = { n = 2, false, KILLED }
     self.co = nil
@@ -873,11 +876,16 @@ local function drive(rt, fname, until_all, fn, ...)
     end
     local main = spawn(rt, "main", fn, ...)
     main.joined = true
+    -- A kill of the task running this runtime (from in here, or caught by
+    -- it before) stops the loop: the runtime is that task's wait point.
+    local function killed()
+        return outer_task ~= nil and outer_task.kill_requested == true
+    end
     local done
     if until_all then
-        done = function() return main.final == "failed" or main.final == "cancelled" end
+        done = function() return main.final == "failed" or main.final == "cancelled" or killed() end
     else
-        done = function() return not main.live end
+        done = function() return not main.live or killed() end
     end
     rt.running = true
     rt.done = done
@@ -889,6 +897,15 @@ local function drive(rt, fname, until_all, fn, ...)
     if not ok then          -- a bug in the loop itself: never leave tasks half-run
         cancel_all(rt)
         error(lok, 0)
+    end
+    if lok and killed() then    -- unwind the killed task (block_on keeps the others)
+        if until_all then
+            cancel_all(rt)
+        else
+            main:kill()
+        end
+        report_unjoined(rt)
+        error(KILLED, 0)
     end
     local r = main.results
     if r and not r[1] and until_all then
