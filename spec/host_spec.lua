@@ -116,6 +116,22 @@ describe("pluvio (the host)", function()
         assert.matches("> 7", out)
     end)
 
+    it("prints every value of an expression at the prompt, nils included, as luajit does", function()
+        if sh("command -v script >/dev/null") ~= 0 then
+            pending("script(1) is not installed: no terminal to test the prompt with")
+            return
+        end
+        local input = os.tmpname()
+        local f = io.open(input, "w")
+        f:write('=nil\n=1, nil\n=nil, 2\nprint("end")\n')
+        f:close()
+        local status, out = sh("script -qec " .. q(q(host)) .. " /dev/null < " .. q(input))
+        os.remove(input)
+        assert.equal(0, status, out)
+        out = out:gsub("\r", "")
+        assert.matches("\n> nil\n> 1\tnil\n> nil\t2\n> end\n", out)
+    end)
+
     it("idles in the kernel: a 0.3 s sleep costs almost no CPU", function()
         local status, out, err = helper.run_script([[
             local c0 = os.clock()

@@ -6,6 +6,10 @@ local M = {}
 
 local format = string.format
 
+local function pack(...)
+    return { n = select("#", ...), ... }
+end
+
 local function load_script(script)
     if script == "-" then
         return load(io.stdin:read("*a"), "=stdin")
@@ -73,12 +77,13 @@ local function repl(pluvio)
         if not f then
             io.stdout:write(err, "\n")
         else
-            local r = { pcall(f) }
+            -- (counted with select: # and maxn miss nils, a trailing one or all)
+            local r = pack(pcall(f))
             if not r[1] then
                 io.stdout:write(tostring(r[2]), "\n")
-            elseif #r > 1 then
+            elseif r.n > 1 then
                 local out = {}
-                for i = 2, table.maxn(r) do out[#out + 1] = tostring(r[i]) end
+                for i = 2, r.n do out[#out + 1] = tostring(r[i]) end
                 io.stdout:write(table.concat(out, "\t"), "\n")
             end
         end
