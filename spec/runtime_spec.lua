@@ -150,6 +150,13 @@ describe("pluvio.run and pluvio.wrap", function()
         local f = pluvio.wrap(function(x) pluvio.yield(); return x + 1 end)
         assert.equal(2, f(1))
     end)
+
+    it("hands busted a failed assert's error object as it is, so busted lists a failure", function()
+        local ok, err = pcall(pluvio.wrap(function() pluvio.yield(); assert.equal(1, 2) end))
+        assert.is_false(ok)
+        assert.is_table(err)        -- luassert's object (a string would be listed as an error)
+        assert.matches("Expected objects to be equal", tostring(err))
+    end)
 end)
 
 describe("Runtime:set_affinity", function()
