@@ -450,6 +450,65 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    -- the number held for an id with no open stream (UCX_UNCLAIMED_HOLD)
+    local HOLD = 64
+
+    local function until_stat(w, key, n)
+        while w:stats()[key] < n do pluvio.sleep(0.001) end
+    end
+
+    it("holds messages for an AM id with no stream (id 0 below an open one too) for the stream opened next", async(function()
+        local p = pair()            -- a stream for id 1 is open: UCX 1.13 called a garbage handler for id 0
+        assert(p.ep:am_send(0, "zero", "a"))
+        -- (a rendezvous send completes once the stream's reader pulls it)
+        local big = p.ep:am_send_nb(0, "zero", ("r"):rep(200000), false, "rndv")
+        assert(p.ep:am_send(9, "nine", "b"))
+        until_stat(p.sw, "am_unclaimed", 3)
+        local zero = p.sw:am_stream(0)
+        local m = assert(zero:wait_msg())
+        assert.same({ "zero", "a" }, { m.header, m:data() })
+        m = assert(zero:wait_msg())
+        local data = m:data()
+        assert.same({ "zero", 200000, true }, { m.header, #data, data == ("r"):rep(200000) })
+        assert.is_true(big:wait())
+        assert.equal(1, p.sw:stats().am_unclaimed)
+        -- after a close, messages for the id are held again for the next stream
+        assert.is_true(zero:close())
+        assert(p.ep:am_send(0, "after close", ""))
+        until_stat(p.sw, "am_unclaimed", 2)
+        zero = p.sw:am_stream(0, { window = 2 })
+        m = assert(zero:wait_msg())
+        assert.equal("after close", m.header)
+        m:release()
+        assert.same({ 1, 0 }, { p.sw:stats().am_unclaimed, p.sw:stats().am_dropped })
+        close_pair(p)
+    end))
+
+    it("drops and counts messages for an id with no stream past the hold, without pausing the worker", async(function()
+        local p = pair()
+        for i = 1, HOLD + 5 do
+            assert(p.ep:am_send(200, tostring(i), "x"))
+        end
+        -- a rendezvous sender past the hold is told its send completed
+        assert.is_true(p.ep:am_send(200, "big", ("y"):rep(300000), false, "rndv"))
+        until_stat(p.sw, "am_dropped", 6)
+        -- the worker still takes messages for open streams
+        assert(p.ep:am_send(1, "open", "z"))
+        local m = assert(p.stream:wait_msg())
+        assert.equal("open", m.header)
+        m:release()
+        assert.same({ HOLD, 6 }, { p.sw:stats().am_unclaimed, p.sw:stats().am_dropped })
+        -- the held ones are the first HOLD, in order
+        local s = p.sw:am_stream(200)
+        for i = 1, HOLD do
+            m = assert(s:wait_msg())
+            assert.equal(tostring(i), m.header)
+            m:release()
+        end
+        assert.equal(0, p.sw:stats().am_unclaimed)
+        close_pair(p)
+    end))
+
     it("fails wait_msg instead of hanging when no peer can feed the stream", async(function()
         local p = pair()
         p.listener:close()

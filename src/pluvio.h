@@ -410,6 +410,8 @@ typedef struct pl_ucx_stats {
     double eager_received, rndv_received, tag_sent, tag_received;
     double progress_calls, wakeups, ops_in_flight, msgs_held, endpoints, failed_endpoints;
     double header_blocks;   /* blocks allocated for headers over 128 B (reused) */
+    double am_unclaimed;    /* held now for AM ids with no open stream */
+    double am_dropped;      /* for such ids past UCX_UNCLAIMED_HOLD, or arriving as the worker closed */
 } pl_ucx_stats_t;
 
 /* wakeup 1: workers can sleep in the kernel (transports with events: tcp);

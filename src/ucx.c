@@ -317,6 +317,8 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
         st = ucp_worker_get_efd(w->ucp, &w->efd);
     if (st == UCS_OK)
         st = ucp_worker_query(w->ucp, &attr);
+    if (st == UCS_OK)
+        st = ucx_am_handlers_init(w);
     if (st != UCS_OK) {
         *err = pl_ucx_errno(st);
         if (w->ucp)
@@ -361,6 +363,10 @@ void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out)
     out->ops_in_flight = w->in_flight;
     out->msgs_held = w->held;
     out->header_blocks = w->header_blocks;
+    out->am_unclaimed = 0;
+    for (unsigned id = 0; id < UCX_MAX_STREAMS; id++)
+        if (w->streams[id] && !w->streams[id]->open)
+            out->am_unclaimed += w->streams[id]->len;
     out->endpoints = live;
     out->failed_endpoints = failed;
 }
@@ -410,6 +416,7 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
     for (int i = 0; i < UCX_MAX_LISTENERS; i++)
         if (w->listeners[i].open)
             pl_ucx_listener_close(w, i);
+    w->closing = true;
     ucx_streams_free(w);
     ucx_msgs_free(w);           /* those taken and never received */
     ucx_header_blocks_free(w);

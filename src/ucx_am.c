@@ -365,24 +365,50 @@ bool ucx_worker_over_window(const pl_ucx_worker_t *w)
     return w->streams_full > 0;
 }
 
-/* Keep streams_full in step with a stream's length crossing its window. */
+/* Keep streams_full in step with an open stream's length crossing its
+ * window (messages held for an id nobody opened never pause the worker). */
 static void stream_len_changed(struct ucx_stream *s, uint32_t before)
 {
     bool was = before >= s->window, is = s->len >= s->window;
 
-    if (was != is)
+    if (was != is && s->open)
         s->w->streams_full += is ? 1 : -1;
 }
 
-/* The AM callback: hold the message, wake one reader. */
+/* The stream that holds messages for an id nobody opened a stream for. */
+static struct ucx_stream *stream_unclaimed(pl_ucx_worker_t *w, unsigned id)
+{
+    struct ucx_stream *s = calloc(1, sizeof(*s));
+
+    if (!s)
+        return NULL;
+    s->id = id;
+    s->window = UCX_UNCLAIMED_HOLD;
+    s->w = w;
+    w->streams[id] = s;
+    return s;
+}
+
+/* The AM callback: hold the message, wake one reader.  Eager data comes
+ * back to UCX at once (UCS_OK) and a rendezvous sender is told it is done
+ * when the message is dropped: when the worker is closing, or past the
+ * hold for an id with no open stream. */
 static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len, void *data,
                                size_t length, const ucp_am_recv_param_t *param)
 {
-    struct ucx_stream *s = arg;
-    pl_ucx_worker_t *w = s->w;
+    const struct ucx_amid *a = arg;
+    pl_ucx_worker_t *w = a->w;
+    struct ucx_stream *s = w->streams[a->id];
     struct ucx_msg *m;
-    int i = msg_alloc(w);
+    int i;
 
+    if (!s && !w->closing)
+        s = stream_unclaimed(w, a->id);     /* (once per id, not per message) */
+    if (!s || w->closing || (!s->open && s->len >= s->window)) {
+        w->stats.am_dropped++;
+        return UCS_OK;
+    }
+    i = msg_alloc(w);
     if (i < 0)
         return UCS_ERR_NO_MEMORY;   /* UCX reports it; we cannot hold it */
     m = &w->msgs[i];
@@ -419,50 +445,55 @@ static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len,
     return (m->rndv || m->data_held) ? UCS_INPROGRESS : UCS_OK;
 }
 
-static ucs_status_t set_handler(pl_ucx_worker_t *w, unsigned id, struct ucx_stream *s)
+/* Every id gets the handler when the worker is made: a message for an id
+ * nobody opened a stream for is held for the stream opened next (UCX would
+ * drop it with a warning, and UCX 1.13 calls a garbage pointer for an id
+ * with no handler below the highest id that has one). */
+ucs_status_t ucx_am_handlers_init(pl_ucx_worker_t *w)
 {
-    ucp_am_handler_param_t p = {
-        .field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                      UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS,
-        .id = id,
-        .cb = s ? am_arrived : NULL,
-        .arg = s,
-        .flags = s ? UCP_AM_FLAG_WHOLE_MSG | UCP_AM_FLAG_PERSISTENT_DATA : 0,
-    };
+    for (unsigned id = 0; id < UCX_MAX_STREAMS; id++) {
+        ucp_am_handler_param_t p = {
+            .field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                          UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS,
+            .id = id,
+            .cb = am_arrived,
+            .arg = &w->amids[id],
+            .flags = UCP_AM_FLAG_WHOLE_MSG | UCP_AM_FLAG_PERSISTENT_DATA,
+        };
+        ucs_status_t st;
 
-    return ucp_worker_set_am_recv_handler(w->ucp, &p);
+        w->amids[id] = (struct ucx_amid){ w, id };
+        st = ucp_worker_set_am_recv_handler(w->ucp, &p);
+        if (st != UCS_OK)
+            return st;
+    }
+    return UCS_OK;
 }
 
 int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window)
 {
     static _Atomic uint32_t serials;    /* runtimes may run in several threads */
     struct ucx_stream *s;
-    ucs_status_t st;
 
     if (id >= UCX_MAX_STREAMS || window == 0)
         return -EINVAL;
     if (stream_get(w, id))
         return -EEXIST;
-    s = calloc(1, sizeof(*s));
-    if (!s)
-        return -ENOMEM;
-    s->open = true;
-    s->id = id;
-    s->window = window;
-    s->w = w;
-    st = set_handler(w, id, s);
-    if (st != UCS_OK) {
-        free(s);
-        return pl_ucx_errno(st);
+    s = w->streams[id];         /* messages that came before it are its first */
+    if (!s) {
+        s = stream_unclaimed(w, id);
+        if (!s)
+            return -ENOMEM;
     }
-    w->streams[id] = s;
+    s->open = true;
+    s->window = window;
+    stream_len_changed(s, 0);
     s->serial = (atomic_fetch_add(&serials, 1) % 0x7ffffffe) + 1;
     return (int)s->serial;
 }
 
 static void stream_free(pl_ucx_worker_t *w, struct ucx_stream *s)
 {
-    set_handler(w, s->id, NULL);
     while (s->len > 0) {
         uint32_t i = s->head;
         s->head = w->msgs[i].next;

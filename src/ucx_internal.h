@@ -101,8 +101,22 @@ struct ucx_waiter {
     uint32_t slot, gen;
 };
 
+/* Messages for an AM id with no open stream are held, up to this many,
+ * for the stream opened next for that id; later ones are dropped (and
+ * counted).  They do not pause the worker as an open stream's window does:
+ * a peer sending to an id nobody reads must not stall every other one. */
+#define UCX_UNCLAIMED_HOLD 64
+
+/* The argument of the AM handler of one id (registered for every id when
+ * the worker is made: UCX 1.13 crashes on an id with no handler below the
+ * highest one registered). */
+struct ucx_amid {
+    struct pl_ucx_worker *w;
+    unsigned id;
+};
+
 struct ucx_stream {
-    bool open;
+    bool open;                  /* false: holds messages nobody opened a stream for */
     unsigned id;
     uint32_t serial;            /* unique in the process: the wait_arg of its readers */
     uint32_t window;
@@ -143,6 +157,8 @@ struct pl_ucx_worker {
     uint32_t header_blocks;         /* allocated, pooled or not */
 
     struct ucx_stream *streams[UCX_MAX_STREAMS];
+    struct ucx_amid amids[UCX_MAX_STREAMS];
+    bool closing;           /* pl_ucx_worker_close: arrivals are dropped */
 
     struct ucx_op *inline_op;   /* finished by its starting call: no wake (pl_ucx_msg_recv) */
     pl_ucx_stats_t stats;
@@ -166,6 +182,7 @@ void ucx_streams_wake_all(pl_ucx_worker_t *w);
 bool ucx_worker_has_peers(pl_ucx_worker_t *w);
 bool ucx_worker_over_window(const pl_ucx_worker_t *w);
 void ucx_streams_free(pl_ucx_worker_t *w);
+ucs_status_t ucx_am_handlers_init(pl_ucx_worker_t *w);
 void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err);
 void ucx_msgs_free(pl_ucx_worker_t *w);
 void ucx_header_blocks_free(pl_ucx_worker_t *w);

@@ -495,7 +495,8 @@ end
 
 -- am_stream(id[, {window = n}]): the stream of messages with AM id.  The
 -- window (default 64) is how many unread messages it holds before the
--- sender is slowed.
+-- sender is slowed.  Messages for the id that came before the stream was
+-- opened (held by the worker, up to 64) are its first.
 function Worker:am_stream(id, opts)
     live_worker("Worker:am_stream", self)
     check.integer("Worker:am_stream", "id", id, 0, MAX_AM_ID)
@@ -573,7 +574,8 @@ function Worker:tag_recv(tag, mask, len_or_buf)
 end
 
 -- stats(): AMs and bytes sent/received, eager/rndv counts, tags, progress
--- calls, wake-ups, ops in flight, held messages, endpoints.
+-- calls, wake-ups, ops in flight, held messages, endpoints, messages held
+-- or dropped for AM ids with no open stream.
 function Worker:stats()
     live_worker("Worker:stats", self)
     local s = ffi.new("pl_ucx_stats_t")
@@ -585,6 +587,7 @@ function Worker:stats()
         progress_calls = s.progress_calls, wakeups = s.wakeups, ops_in_flight = s.ops_in_flight,
         msgs_held = s.msgs_held, endpoints = s.endpoints, failed_endpoints = s.failed_endpoints,
         msgs_collected = self.tracked and self.tracked.collected or 0, header_blocks = s.header_blocks,
+        am_unclaimed = s.am_unclaimed, am_dropped = s.am_dropped,
     }
 end
 
