@@ -7,6 +7,7 @@ local ffi = require "ffi"
 local bit = require "bit"
 
 local async = helper.async
+local format = string.format
 local tmpfile, with_reactor = helper.tmp_path, helper.with_reactor
 
 -- Files opened by libc, behind pluvio's back, for File.new / DmaFile.new.
@@ -1292,6 +1293,25 @@ describe("sockets over io_uring", function()
         assert.same({ "fits", "127.0.0.1", b:port() }, { a:recv_from(10) })
         a:close()
         b:close()
+    end))
+
+    it("takes datagrams up to the size limit of the socket's family: 65507 bytes on IPv4, 65527 on IPv6",
+       async(function()
+        for _, case in ipairs({ { "127.0.0.1", 65507 }, { "::1", 65527 } }) do
+            local host, limit = case[1], case[2]
+            local a, b = assert(uring.udp_bind(host, 0)), assert(uring.udp_bind(host, 0))
+            local big = ("0123456789abcdef"):rep(4096):sub(1, limit)
+            assert.equal(limit, b:send_to(big, host, a:port()))
+            local got, from, port, whole = a:recv_from(65536)
+            assert.is_true(got == big)
+            assert.same({ host, b:port() }, { from, port })
+            assert.is_nil(whole)
+            assert.has_error(function() b:send_to(big .. "x", host, a:port()) end,
+                format("UdpSocket:send_to: a datagram holds at most %d bytes on an %s socket (got %d)",
+                       limit, host == "::1" and "IPv6" or "IPv4", limit + 1))
+            a:close()
+            b:close()
+        end
     end))
 
     it("says when a host name cannot be resolved", async(function()

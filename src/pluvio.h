@@ -349,6 +349,8 @@ int pl_net_tcp_listen(const char *host, int port, int backlog);
 int pl_net_udp_bind(const char *host, int port);
 int pl_net_name(int fd, int which, char *out, int cap);
 int pl_net_local_port(int fd);
+/* The socket's address family: 4 (IPv4) or 6 (IPv6), or -errno. */
+int pl_net_family(int fd);
 int pl_net_nodelay(int fd);
 int pl_uring_accept(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
 int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *host, int port,

@@ -123,6 +123,16 @@ int pl_net_local_port(int fd)
     return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
 }
 
+int pl_net_family(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
+        return -errno;
+    return ss.ss_family == AF_INET6 ? 6 : 4;
+}
+
 int pl_net_nodelay(int fd)
 {
     int one = 1;

@@ -286,7 +286,11 @@ function M.install(U)
         if fd < 0 then
             return host_failed("bind", host, port, fd)
         end
-        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0) }, UdpSocket)
+        -- the largest datagram is its family's: 65535 less the UDP header, and
+        -- on IPv4 the IP header too (IPv6 counts its own outside the length)
+        local family = C.pl_net_family(fd)
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0), family = family,
+                              max_datagram = family == 6 and 65527 or 65507 }, UdpSocket)
     end
 
     function UdpSocket:port()
@@ -300,8 +304,9 @@ function M.install(U)
         check.string("UdpSocket:send_to", "data", data)
         check_host("UdpSocket:send_to", host)
         check_port("UdpSocket:send_to", port)
-        if #data > 65507 then
-            error(format("UdpSocket:send_to: a datagram holds at most 65507 bytes (got %d)", #data), 2)
+        if #data > self.max_datagram then
+            error(format("UdpSocket:send_to: a datagram holds at most %d bytes on an IPv%d socket (got %d)",
+                         self.max_datagram, self.family, #data), 2)
         end
         local t, r = context("UdpSocket:send_to")
         local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, host, port), self,
