@@ -1142,6 +1142,42 @@ describe("sockets over io_uring", function()
         end
     end))
 
+    it("receives into scratch memory of at most 1 MiB however much recv asks for, losing nothing", async(function()
+        local r = uring.current()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        local function scratch_classes()
+            local big = {}
+            for class in pairs(r.bounce) do
+                if class > 1048576 then big[#big + 1] = class end
+            end
+            return big
+        end
+        assert.equal(3, s:send("abc"))
+        assert.equal("abc", c:recv(256 * 1048576))     -- 256 MiB asked, 3 bytes came
+        assert.same({}, scratch_classes())
+        -- 5 MiB in one send: recv(huge) takes up to 1 MiB at a time, and
+        -- recv_exact the rest, in order
+        local data = ("0123456789abcdefghijklmnopqrstu\n"):rep(5 * 32768)
+        local sender = pluvio.spawn(function() return s:send(data) end)
+        local parts, have = {}, 0
+        for _ = 1, 3 do
+            local got = assert(c:recv(64 * 1048576))
+            assert.is_true(#got <= 1048576)
+            parts[#parts + 1] = got
+            have = have + #got
+        end
+        parts[#parts + 1] = assert(c:recv_exact(#data - have))
+        assert.equal(#data, sender:join())
+        assert.is_true(table.concat(parts) == data)
+        assert.same({}, scratch_classes())
+        s:close()
+        c:close()
+        l:close()
+    end))
+
     it("refuses a socket receive from a plain coroutine inside a task before it takes any byte", async(function()
         local l = assert(uring.tcp_listen("127.0.0.1", 0))
         local server = pluvio.spawn(function()

@@ -12,6 +12,10 @@ local errstr = core.errstr
 local M = {}
 
 local MAX_IO = 0x7ffff000
+-- The most one receive takes from the kernel at a time: recv(max) returns
+-- as soon as some bytes arrive, so scratch memory of max bytes (up to 2 GiB,
+-- zeroed) would mostly go unused; recv_exact gathers chunks of this size.
+local RECV_CHUNK = 1048576
 local ENXIO = -6
 
 local function errname(rc)
@@ -211,8 +215,9 @@ function M.install(U)
         bounce_put(r, scratch)
     end
 
-    -- recv(max): up to max bytes as soon as some arrive; nil, "closed"
-    -- when the peer closed the connection.
+    -- recv(max): up to max bytes as soon as some arrive (at most
+    -- RECV_CHUNK from the kernel at a time); nil, "closed" when the peer
+    -- closed the connection.
     function TcpSocket:recv(max)
         live("TcpSocket:recv", self, TcpSocket, "a socket")
         check.integer("TcpSocket:recv", "max", max, 1, MAX_IO)
@@ -223,7 +228,7 @@ function M.install(U)
             return s
         end
         local t, r = receive_context("TcpSocket:recv")
-        local s, rc = recv_raw(self, t, r, max)
+        local s, rc = recv_raw(self, t, r, math.min(max, RECV_CHUNK))
         if rc < 0 then
             return failed("recv", self, rc)
         elseif rc == 0 then
@@ -245,7 +250,7 @@ function M.install(U)
         self.pending = ""
         self.parts = parts
         while have < n do
-            local s, rc = recv_raw(self, t, r, math.min(n - have, 1048576))
+            local s, rc = recv_raw(self, t, r, math.min(n - have, RECV_CHUNK))
             if rc <= 0 then
                 gather(self)
                 if rc == 0 then
