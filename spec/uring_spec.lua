@@ -1321,6 +1321,26 @@ describe("sockets over io_uring", function()
         l:close()
     end))
 
+    it("keeps the datagram of a recv_from that finished in the tick its task was killed", async(function()
+        local a, b = assert(uring.udp_bind("127.0.0.1", 0)), assert(uring.udp_bind("127.0.0.1", 0))
+        for _, max in ipairs({ 100, 3 }) do
+            local reader = pluvio.spawn(function() return a:recv_from(max) end)
+            pluvio.yield()                      -- it parks in its recv_from
+            assert.equal(5, b:send_to("first", "127.0.0.1", a:port()))   -- its recv_from finishes with ours
+            assert.equal("ready", reader:status())  -- woken, not yet run
+            reader:kill()
+            assert.equal(6, b:send_to("second", "127.0.0.1", a:port()))
+            if max == 100 then
+                assert.same({ "first", "127.0.0.1", b:port() }, { pluvio.timeout(1, a.recv_from, a, 100) })
+            else    -- the killed recv_from kept only its 3 bytes, and says how long it was
+                assert.same({ "fi", "127.0.0.1", b:port(), 5 }, { pluvio.timeout(1, a.recv_from, a, 2) })
+            end
+            assert.same({ "second", "127.0.0.1", b:port() }, { pluvio.timeout(1, a.recv_from, a, 100) })
+        end
+        a:close()
+        b:close()
+    end))
+
     it("says how long a datagram was that did not fit", async(function()
         local a, b = assert(uring.udp_bind("127.0.0.1", 0)), assert(uring.udp_bind("127.0.0.1", 0))
         assert(b:send_to(("x"):rep(100), "127.0.0.1", a:port()))

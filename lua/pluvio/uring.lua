@@ -259,7 +259,8 @@ end
 -- (the string or scratch space the kernel reads or fills) then stays
 -- referenced until the kernel is done with it.  rescue (a socket) takes
 -- the result of an op that finished before the kill, which its task will
--- now never take: bytes a recv took from a stream must not be lost.
+-- now never take (rescue:_rescue(r, op, keep) -> true if it took it):
+-- bytes a recv took from a stream, a datagram, must not be lost.
 local function await(r, t, op, what, keep, rescue)
     t.io_reactor = r
     t.io_op = op
@@ -303,8 +304,7 @@ end
 function IoUringReactor:_abandon(t)
     local u, op, keep, rescue = self.u, t.io_op, t.io_keep, t.io_rescue
     t.io_op, t.io_keep, t.io_rescue = nil, nil, nil
-    if rescue and C.pl_uring_op_take(u, op, self.result) == 1 then
-        rescue:_rescue(self, self.result.res, keep)     -- done before the kill
+    if rescue and rescue:_rescue(self, op, keep) then  -- done before the kill
         return
     end
     local gen = C.pl_uring_op_gen(u, op)

@@ -202,7 +202,11 @@ function M.install(U)
     -- A recv that finished, its task killed before it took the bytes (a
     -- timeout that fired in the tick they came): they are the stream's
     -- next ones, kept for the next recv as gather keeps a recv_exact's.
-    function TcpSocket:_rescue(r, res, scratch)
+    function TcpSocket:_rescue(r, op, scratch)
+        if C.pl_uring_op_take(r.u, op, r.result) ~= 1 then
+            return false                    -- not done: it is cancelled
+        end
+        local res = r.result.res
         if res > 0 then
             local s = ffi_string(scratch.ptr, res)
             local parts = self.parts
@@ -213,6 +217,7 @@ function M.install(U)
             end
         end
         bounce_put(r, scratch)
+        return true
     end
 
     -- recv(max): up to max bytes as soon as some arrive (at most
@@ -295,7 +300,8 @@ function M.install(U)
         -- on IPv4 the IP header too (IPv6 counts its own outside the length)
         local family = C.pl_net_family(fd)
         return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0), family = family,
-                              max_datagram = family == 6 and 65527 or 65507 }, UdpSocket)
+                              max_datagram = family == 6 and 65527 or 65507,
+                              held = {} }, UdpSocket)   -- held: see _rescue
     end
 
     function UdpSocket:port()
@@ -324,6 +330,37 @@ function M.install(U)
         return rc
     end
 
+    -- A datagram as recv_from returns it: data (at most max bytes of it),
+    -- the sender's host and port, and its whole length if data is shorter.
+    local function datagram(s, from, len, max)
+        if #s > max then
+            s = s:sub(1, max)
+        end
+        local host, port = from:match("^%[?(.-)%]?:(%d+)$")
+        if len > #s then            -- it did not fit: say so, and how long it was
+            return s, host, tonumber(port), len
+        end
+        return s, host, tonumber(port)
+    end
+
+    -- A recv_from that finished, its task killed before it took the
+    -- datagram (a timeout that fired in the tick it came): it is held for
+    -- the next recv_from, as what the peer sent is never dropped unseen.
+    function UdpSocket:_rescue(r, op, scratch)
+        if C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 then
+            return false                    -- not done: it is cancelled
+        end
+        local from = ffi_string(namebuf)
+        C.pl_uring_op_take(r.u, op, r.result)
+        local len = r.result.res            -- the datagram's whole length (MSG_TRUNC)
+        if len >= 0 then
+            local held = self.held
+            held[#held + 1] = { ffi_string(scratch.ptr, math.min(len, scratch.len)), from, len }
+        end
+        bounce_put(r, scratch)
+        return true
+    end
+
     -- recv_from(max): the next datagram and the sender's host and port; a
     -- datagram longer than max comes as its first max bytes, host, port and
     -- its whole length (the rest is gone: UDP keeps no remainder).
@@ -331,7 +368,13 @@ function M.install(U)
         live("UdpSocket:recv_from", self, UdpSocket, "a UDP socket")
         check.integer("UdpSocket:recv_from", "max", max, 1, 65536)
         local t, r = receive_context("UdpSocket:recv_from")
+        local held = self.held
+        if held[1] then
+            local d = table.remove(held, 1)
+            return datagram(d[1], d[2], d[3], max)
+        end
         local scratch = bounce_get(r, max)
+        scratch.len = max                   -- what the kernel may fill, for _rescue
         local op = C.pl_uring_recvfrom(r.u, t.slot, t.gen, self.fd, scratch.ptr, max)
         if op < 0 then
             bounce_put(r, scratch)
@@ -342,13 +385,13 @@ function M.install(U)
             op = op - I.OP_INLINE
             C.pl_uring_op_peer(r.u, op, namebuf, 80)
         else
-            t.io_reactor, t.io_op, t.io_keep, t.waiting_for = r, op, scratch, self
+            t.io_reactor, t.io_op, t.io_keep, t.io_rescue, t.waiting_for = r, op, scratch, self, self
             local seq = t.io_seq
             I.yielded(t, coroutine.yield(I.WAIT), "UdpSocket:recv_from", seq)  -- the op start parked the task
             while C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 do
                 I.park(t, I.WAIT_IO, op, self)     -- a spurious wake-up
             end
-            t.io_reactor, t.io_keep, t.waiting_for = nil, nil, nil
+            t.io_reactor, t.io_keep, t.io_rescue, t.waiting_for = nil, nil, nil, nil
         end
         local from = ffi_string(namebuf)
         local result = r.result
@@ -359,11 +402,7 @@ function M.install(U)
         if rc < 0 then
             return failed("recv_from", self, rc)
         end
-        local host, port = (from or "?:0"):match("^%[?(.-)%]?:(%d+)$")
-        if rc > max then            -- it did not fit: say so, and how long it was
-            return s, host, tonumber(port), rc
-        end
-        return s, host, tonumber(port)
+        return datagram(s, from, rc, max)
     end
 
     function UdpSocket:close()
