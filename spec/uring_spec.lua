@@ -1472,6 +1472,148 @@ describe("sockets over io_uring", function()
     end))
 end)
 
+-- A pluvio script run in a network namespace of its own, whose /etc/hosts
+-- is `hosts` (bind-mounted in a mount namespace of its own: the machine's
+-- file is not touched), so that a name can have the addresses a spec
+-- needs; the namespace has only its loopback, which also carries the
+-- private address fd00:706c::1 (a name with an IPv6 address only: glibc
+-- gives ::1 in a hosts file as 127.0.0.1 too).  Returns the script's
+-- status, output and errors, or nil and why no namespace could be made.
+local function in_netns(hosts, code)
+    local ns = format("pluvio_spec_%d_%d", ffi.C.getpid(), math.random(1e9))
+    local hosts_path, script = tmpfile(".hosts"), tmpfile(".lua")
+    local f = assert(io.open(hosts_path, "w"))
+    f:write(hosts)
+    f:close()
+    f = assert(io.open(script, "w"))
+    f:write(code)
+    f:close()
+    local q = helper.quote
+    local function inside(cmd)
+        return format("ip netns exec %s unshare -m sh -c %s", ns,
+                      q(format("mount --bind %s /etc/hosts && %s", q(hosts_path), cmd)))
+    end
+    local status, out, err
+    status, _, err = helper.sh("ip netns add " .. ns)
+    if status == 0 then
+        status, out, err = helper.sh(inside("ip link set lo up && ip addr add fd00:706c::1/128 dev lo"))
+        if status == 0 then
+            status, out, err = helper.sh(inside(q(helper.host) .. " " .. q(script)))
+        else
+            status, out = nil, "cannot set up the namespace's hosts file and loopback: " .. err
+        end
+        helper.sh("ip netns del " .. ns)
+    else
+        status, out = nil, "cannot create a network namespace (ip netns add: " .. err:gsub("%s+$", "") .. ")"
+    end
+    os.remove(hosts_path)
+    os.remove(script)
+    return status, out, err
+end
+
+describe("names with several addresses", function()
+    -- plmulti has three addresses, of both families; pl6only one IPv6
+    local hosts = "::1 plmulti\n127.0.0.1 plmulti\n127.0.0.2 plmulti\nfd00:706c::1 pl6only\n"
+
+    it("connects to whichever of a name's addresses listens, trying each in turn, and binds the first",
+       function()
+        local status, out, err = in_netns(hosts, [[
+local pluvio = require "pluvio"
+local uring = require "pluvio.uring"
+-- a listener on one of plmulti's addresses at a time: connect finds it
+for _, at in ipairs({ "::1", "127.0.0.1", "127.0.0.2" }) do
+    local l = assert(uring.tcp_listen(at, 0))
+    local srv = pluvio.spawn(function()
+        local s = assert(l:accept())
+        assert(s:send(at))
+        s:close()
+    end)
+    local c, why = uring.tcp_connect("plmulti", l:port())
+    if c then
+        print("listening on " .. at .. ": connected to " .. c:peer():gsub(":%d+$", "") .. ", which says " ..
+              c:recv_exact(#at))
+        c:close()
+        srv:join()
+    else
+        print("listening on " .. at .. ": " .. why)
+    end
+    l:close()
+end
+-- none listens: the last error, and every address tried
+local l = assert(uring.tcp_listen("127.0.0.1", 0))
+local port = l:port()
+l:close()
+print("port " .. port)
+print((select(2, uring.tcp_connect("plmulti", port))))
+-- listeners and UDP sockets bind the first
+local tl, u = assert(uring.tcp_listen("plmulti", 0)), assert(uring.udp_bind("plmulti", 0))
+print("listener " .. tl.name:gsub(":%d+$", ""))
+print("udp " .. u.name:gsub(":%d+$", ""))
+print((select(2, uring.tcp_listen("plmulti", tl:port())):gsub(tl:port(), "P")))
+]])
+        if not status then
+            pending(out)
+            return
+        end
+        assert.equal("", err)
+        assert.equal(0, status)
+        -- the addresses tried, in getaddrinfo's order: each of plmulti's once
+        local port = out:match("port (%d+)\n")
+        local list = out:match("%(the last of 3 addresses tried: ([^)]*)%)") or ""
+        local tried = {}
+        for a in list:gmatch("([^,]+):" .. port) do tried[#tried + 1] = a:gsub("^%s+", "") end
+        local sorted = { unpack(tried) }
+        table.sort(sorted)
+        assert.same({ "127.0.0.1", "127.0.0.2", "[::1]" }, sorted)
+        assert.equal(table.concat({
+            "listening on ::1: connected to [::1], which says ::1",
+            "listening on 127.0.0.1: connected to 127.0.0.1, which says 127.0.0.1",
+            "listening on 127.0.0.2: connected to 127.0.0.2, which says 127.0.0.2",
+            "port " .. port,
+            format("connect to plmulti:%s: ECONNREFUSED: Connection refused (the last of 3 addresses tried: %s)",
+                   port, list),
+            "listener " .. tried[1],
+            "udp " .. tried[1],
+            format("listen on plmulti:P: EADDRINUSE: Address already in use (at %s:P, the first of its 3 addresses)",
+                   tried[1]),
+        }, "\n") .. "\n", out)
+    end)
+
+    it("sends a datagram to a name's first address of the socket's own family", function()
+        local status, out, err = in_netns(hosts, [[
+local pluvio = require "pluvio"
+local uring = require "pluvio.uring"
+for _, at in ipairs({ "127.0.0.1", "::1" }) do
+    local a, b = assert(uring.udp_bind(at, 0)), assert(uring.udp_bind(at, 0))
+    local sent, why = b:send_to("to plmulti from " .. at, "plmulti", a:port())
+    if sent then
+        local data, host = pluvio.timeout(1, a.recv_from, a, 100)
+        print(at .. ": " .. tostring(data) .. " at " .. tostring(host))
+    else
+        print(at .. ": " .. why)
+    end
+    if at == "127.0.0.1" then
+        print((select(2, b:send_to("x", "pl6only", a:port())):gsub(":%d+%)$", ")")))
+    end
+    a:close()
+    b:close()
+end
+]])
+        if not status then
+            pending(out)
+            return
+        end
+        assert.equal("", err)
+        assert.equal(0, status)
+        assert.equal(table.concat({
+            "127.0.0.1: to plmulti from 127.0.0.1 at 127.0.0.1",
+            'send_to pl6only:' .. out:match("pl6only:(%d+)") ..
+            ': host "pl6only" has no IPv4 address (the socket is IPv4: 127.0.0.1)',
+            "::1: to plmulti from ::1 at ::1",
+        }, "\n") .. "\n", out)
+    end)
+end)
+
 describe("readv and writev", function()
     local function pipe()
         local fds = ffi.new("int[2]")

@@ -345,20 +345,35 @@ int pl_uring_buffer_unhold(pl_uring_t *u, int index);
 /* Sockets over io_uring (uring_net.c).  Set-up is synchronous; the ops
  * behave like the file ops above (connect also returns the socket in
  * *fd_out, which the caller closes if the op fails). */
-int pl_net_tcp_listen(const char *host, int port, int backlog);
-int pl_net_udp_bind(const char *host, int port);
+
+/* A resolved socket address: a sockaddr_in or sockaddr_in6 and its length. */
+typedef struct pl_net_addr {
+    uint64_t storage[16];       /* room for a struct sockaddr_storage */
+    uint32_t len;
+} pl_net_addr_t;
+
+/* The addresses of host:port, in getaddrinfo's order, into out[0..cap):
+ * returns how many there are (which may be more than cap), -ENXIO if the
+ * name cannot be resolved, or -EAFNOSUPPORT if it has no address of family
+ * (4 or 6; 0 takes both, 6 takes IPv4-mapped ones when there is no IPv6
+ * address).  udp 0 for stream sockets, 1 for datagram sockets. */
+int pl_net_resolve(const char *host, int port, int udp, int family, pl_net_addr_t *out, int cap);
+/* An address as "host:port" or "[v6]:port". */
+void pl_net_addr_text(const pl_net_addr_t *addr, char *out, int cap);
+int pl_net_tcp_listen(const pl_net_addr_t *addr, int backlog);
+int pl_net_udp_bind(const pl_net_addr_t *addr);
 int pl_net_name(int fd, int which, char *out, int cap);
 int pl_net_local_port(int fd);
 /* The socket's address family: 4 (IPv4) or 6 (IPv6), or -errno. */
 int pl_net_family(int fd);
 int pl_net_nodelay(int fd);
 int pl_uring_accept(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
-int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *host, int port,
+int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const pl_net_addr_t *addr,
                      int *fd_out);
 int pl_uring_send(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *data, uint32_t len);
 int pl_uring_recv(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len);
 int pl_uring_sendto(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *data,
-                    uint32_t len, const char *host, int port);
+                    uint32_t len, const pl_net_addr_t *to);
 int pl_uring_recvfrom(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len);
 int pl_uring_op_peer(pl_uring_t *u, int op, char *out, int cap);
 int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);

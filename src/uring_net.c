@@ -18,51 +18,72 @@
 
 #include "uring_internal.h"
 
-/* host:port as a socket address; the host must be an address or a name the
- * resolver knows (we never pick a wildcard for the caller). */
-static int resolve(const char *host, int port, int socktype, struct sockaddr_storage *ss,
-                   socklen_t *len)
+_Static_assert(sizeof(((pl_net_addr_t *)0)->storage) >= sizeof(struct sockaddr_storage),
+               "pl_net_addr_t holds any socket address");
+
+static int resolve_family(int family)
 {
-    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = socktype,
-                              .ai_flags = AI_NUMERICSERV };
-    struct addrinfo *res;
+    return family == 4 ? AF_INET : family == 6 ? AF_INET6 : AF_UNSPEC;
+}
+
+/* The addresses of host:port (see pluvio.h).  The host must be an address
+ * or a name the resolver knows: we never pick a wildcard for the caller.
+ * Every address is returned, not just the first, so that a connect can try
+ * the next when one fails (a name with an IPv6 and an IPv4 address, only
+ * one of which the peer listens on). */
+int pl_net_resolve(const char *host, int port, int udp, int family, pl_net_addr_t *out, int cap)
+{
+    struct addrinfo hints = { .ai_family = resolve_family(family),
+                              .ai_socktype = udp ? SOCK_DGRAM : SOCK_STREAM,
+                              .ai_flags = AI_NUMERICSERV | (family == 6 ? AI_V4MAPPED : 0) };
+    struct addrinfo *res, *ai;
     char service[16];
+    int n = 0;
 
     if (!host || !*host || port < 0 || port > 65535)
         return -EINVAL;
     snprintf(service, sizeof(service), "%d", port);
-    if (getaddrinfo(host, service, &hints, &res) != 0)
+    if (getaddrinfo(host, service, &hints, &res) != 0) {
+        /* a name with addresses of the other family only: say so */
+        if (family && pl_net_resolve(host, port, udp, 0, NULL, 0) > 0)
+            return -EAFNOSUPPORT;
         return -ENXIO;      /* the callers say "cannot resolve" for this one */
-    memcpy(ss, res->ai_addr, res->ai_addrlen);
-    *len = res->ai_addrlen;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        if (n < cap) {
+            memcpy(out[n].storage, ai->ai_addr, ai->ai_addrlen);
+            out[n].len = ai->ai_addrlen;
+        }
+        n++;
+    }
     freeaddrinfo(res);
-    return 0;
+    return n;
 }
 
-static int bound_socket(const char *host, int port, int socktype)
+static const struct sockaddr *net_sockaddr(const pl_net_addr_t *addr)
 {
-    struct sockaddr_storage ss;
-    socklen_t len;
-    int one = 1, fd, rc = resolve(host, port, socktype, &ss, &len);
+    return (const struct sockaddr *)addr->storage;
+}
 
-    if (rc < 0)
-        return rc;
-    fd = socket(ss.ss_family, socktype | SOCK_CLOEXEC, 0);
+static int bound_socket(const pl_net_addr_t *addr, int socktype)
+{
+    int one = 1, fd = socket(net_sockaddr(addr)->sa_family, socktype | SOCK_CLOEXEC, 0);
+
     if (fd < 0)
         return -errno;
     if (socktype == SOCK_STREAM)
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(fd, (struct sockaddr *)&ss, len) < 0) {
-        rc = -errno;
+    if (bind(fd, net_sockaddr(addr), addr->len) < 0) {
+        int rc = -errno;
         close(fd);
         return rc;
     }
     return fd;
 }
 
-int pl_net_tcp_listen(const char *host, int port, int backlog)
+int pl_net_tcp_listen(const pl_net_addr_t *addr, int backlog)
 {
-    int fd = bound_socket(host, port, SOCK_STREAM);
+    int fd = bound_socket(addr, SOCK_STREAM);
 
     if (fd < 0)
         return fd;
@@ -74,9 +95,9 @@ int pl_net_tcp_listen(const char *host, int port, int backlog)
     return fd;
 }
 
-int pl_net_udp_bind(const char *host, int port)
+int pl_net_udp_bind(const pl_net_addr_t *addr)
 {
-    return bound_socket(host, port, SOCK_DGRAM);
+    return bound_socket(addr, SOCK_DGRAM);
 }
 
 /* "host:port" or "[v6]:port" of an address. */
@@ -95,6 +116,14 @@ static void addr_text(const struct sockaddr_storage *ss, char *out, int cap)
     } else {
         snprintf(out, (size_t)cap, "?");
     }
+}
+
+void pl_net_addr_text(const pl_net_addr_t *addr, char *out, int cap)
+{
+    struct sockaddr_storage ss;
+
+    memcpy(&ss, addr->storage, sizeof(ss));
+    addr_text(&ss, out, cap);
 }
 
 /* The local (which 0) or peer (which 1) address of a socket as text. */
@@ -148,32 +177,28 @@ int pl_uring_accept(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
     });
 }
 
-/* A socket for host:port in *fd_out (the caller closes it on failure) and
- * the connect op; the kernel copies the address when it takes the SQE,
- * but the op slot holds it anyway. */
-int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *host, int port,
+/* A socket for addr in *fd_out (the caller closes it on failure) and the
+ * connect op; the kernel copies the address when it takes the SQE, but the
+ * op slot holds it anyway.  One address per op: the caller tries the next
+ * of a name's addresses when this one fails. */
+int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const pl_net_addr_t *addr,
                      int *fd_out)
 {
-    struct sockaddr_storage ss;
     struct io_uring_sqe *sqe;
     struct uring_op *op;
-    socklen_t len;
-    int i, rc = resolve(host, port, SOCK_STREAM, &ss, &len);
+    int i;
 
-    *fd_out = -1;
-    if (rc < 0)
-        return rc;
-    *fd_out = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    *fd_out = socket(net_sockaddr(addr)->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (*fd_out < 0)
         return -errno;
     i = uring_start_other(u, slot, gen, &sqe);
     if (i < 0)
         return i;
     op = uring_op(u, (uint32_t)i);
-    op->peer = ss;
+    memcpy(&op->peer, addr->storage, sizeof(op->peer));
     op->fd = *fd_out;       /* the task's once it takes the result, else the op closes it */
     op->fd_owner = FD_OP;
-    io_uring_prep_connect(sqe, *fd_out, (struct sockaddr *)&op->peer, len);
+    io_uring_prep_connect(sqe, *fd_out, (struct sockaddr *)&op->peer, addr->len);
     return uring_op_queue(u, (uint32_t)i, sqe);
 }
 
@@ -194,25 +219,20 @@ int pl_uring_recv(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf,
     START_OTHER(io_uring_prep_recv(sqe, fd, buf, len, 0));
 }
 
-/* A datagram to host:port; the message header lives in the op slot. */
+/* A datagram to an address; the message header lives in the op slot. */
 int pl_uring_sendto(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *data,
-                    uint32_t len, const char *host, int port)
+                    uint32_t len, const pl_net_addr_t *to)
 {
-    struct sockaddr_storage ss;
     struct io_uring_sqe *sqe;
     struct uring_op *op;
-    socklen_t alen;
-    int i, rc = resolve(host, port, SOCK_DGRAM, &ss, &alen);
+    int i = uring_start_other(u, slot, gen, &sqe);
 
-    if (rc < 0)
-        return rc;
-    i = uring_start_other(u, slot, gen, &sqe);
     if (i < 0)
         return i;
     op = uring_op(u, (uint32_t)i);
-    op->peer = ss;
+    memcpy(&op->peer, to->storage, sizeof(op->peer));
     op->iov = (struct iovec){ .iov_base = (void *)data, .iov_len = len };
-    op->msg = (struct msghdr){ .msg_name = &op->peer, .msg_namelen = alen,
+    op->msg = (struct msghdr){ .msg_name = &op->peer, .msg_namelen = to->len,
                                .msg_iov = &op->iov, .msg_iovlen = 1 };
     io_uring_prep_sendmsg(sqe, fd, &op->msg, MSG_NOSIGNAL);
     return uring_op_queue(u, (uint32_t)i, sqe);

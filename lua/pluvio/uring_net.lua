@@ -1,6 +1,9 @@
 -- pluvio.uring_net: TCP and UDP sockets over the io_uring reactor, part of
 -- pluvio.uring (uring.tcp_listen, uring.tcp_connect, uring.udp_bind).
 -- Binding needs an address: nothing listens on a wildcard unless asked.
+-- A name may have several addresses: tcp_connect tries each in turn, a
+-- listener or UDP socket binds the first, send_to sends to the first of
+-- the socket's own family.
 local core = require "pluvio.core"
 local check = require "pluvio.check"
 
@@ -16,13 +19,22 @@ local MAX_IO = 0x7ffff000
 -- as soon as some bytes arrive, so scratch memory of max bytes (up to 2 GiB,
 -- zeroed) would mostly go unused; recv_exact gathers chunks of this size.
 local RECV_CHUNK = 1048576
-local ENXIO = -6
+local ENXIO, EAFNOSUPPORT = -6, -97
+local MAX_ADDRS = 16        -- the most of a name's addresses tcp_connect tries
 
 local function errname(rc)
     return ffi_string(C.pl_errname(rc))
 end
 
 local namebuf = ffi.new("char[80]")
+-- Resolved addresses for the calls that use them before they yield (bind,
+-- listen, send_to: the op copies its address); tcp_connect has its own.
+local addrs = ffi.new("pl_net_addr_t[?]", MAX_ADDRS)
+
+local function addr_text(a)
+    C.pl_net_addr_text(a, namebuf, 80)
+    return ffi_string(namebuf)
+end
 
 local function sock_name(fd, which)
     if C.pl_net_name(fd, which, namebuf, 80) < 0 then
@@ -62,14 +74,30 @@ function M.install(U)
     U.UdpSocket = UdpSocket
 
     -- nil, message, errno name[, bytes done before the error]
-    -- A failure naming host:port; ENXIO is the lookup's own (uring_net.c).
-    local function host_failed(what, host, port, rc)
+    -- A failure naming host:port (note: which of its addresses, when it has
+    -- several); ENXIO is the lookup's own (uring_net.c).
+    local function host_failed(what, host, port, rc, note)
         if rc == ENXIO then
             return nil, format("%s %s:%d: cannot resolve host %s (names are looked up with " ..
                                "getaddrinfo: a numeric address or one from /etc/hosts)", what, host, port,
                                check.show(host)), "ENXIO"
         end
-        return nil, format("%s %s:%d: %s", what, host, port, errstr(rc)), errname(rc)
+        return nil, format("%s %s:%d: %s%s", what, host, port, errstr(rc), note or ""), errname(rc)
+    end
+
+    -- The address of host:port a listener or UDP socket binds: the first
+    -- getaddrinfo gives, so that the socket is on one address the caller
+    -- named; also how many the name has (for an error's note), or nil, rc.
+    local function bind_addr(host, port, udp)
+        local n = C.pl_net_resolve(host, port, udp, 0, addrs, 1)
+        if n < 0 then
+            return nil, n
+        end
+        return addrs[0], n
+    end
+
+    local function bind_note(addr, n)
+        return n > 1 and format(" (at %s, the first of its %d addresses)", addr_text(addr), n) or ""
     end
 
     local function failed(what, obj, rc, bytes)
@@ -108,16 +136,21 @@ function M.install(U)
     function UdpSocket:describe() return "udp " .. self.name end
 
     -- tcp_listen(host, port[, backlog]): a listening socket on host:port
-    -- (port 0: any free port, see :port()).
+    -- (port 0: any free port, see :port(); a name with several addresses:
+    -- the first).
     function U.tcp_listen(host, port, backlog)
         check_host("uring.tcp_listen", host)
         check_port("uring.tcp_listen", port)
         backlog = backlog or 128
         check.integer("uring.tcp_listen", "backlog", backlog, 1, 65535)
         local _, r = context("uring.tcp_listen")
-        local fd = C.pl_net_tcp_listen(host, port, backlog)
+        local addr, n = bind_addr(host, port, 0)
+        if not addr then
+            return host_failed("listen on", host, port, n)
+        end
+        local fd = C.pl_net_tcp_listen(addr, backlog)
         if fd < 0 then
-            return host_failed("listen on", host, port, fd)
+            return host_failed("listen on", host, port, fd, bind_note(addr, n))
         end
         return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0) }, TcpListener)
     end
@@ -147,21 +180,47 @@ function M.install(U)
         return close_socket(self, "TcpListener:close")
     end
 
-    -- tcp_connect(host, port): a connected socket, or nil, err.
+    -- Why no address of a name took the connection: the last error, and
+    -- the addresses tried when there were several.
+    local function connect_failed(host, port, rc, list, n)
+        local note
+        if n > 1 then
+            local tried = {}
+            for i = 0, n - 1 do
+                tried[i + 1] = addr_text(list[i])
+            end
+            note = format(" (the last of %d addresses tried: %s)", n, table.concat(tried, ", "))
+        end
+        return host_failed("connect to", host, port, rc, note)
+    end
+
+    -- tcp_connect(host, port): a connected socket, or nil, err.  Each of
+    -- the name's addresses (up to MAX_ADDRS) is tried in getaddrinfo's
+    -- order until one connects.
     function U.tcp_connect(host, port)
         check_host("uring.tcp_connect", host)
         check_port("uring.tcp_connect", port)
         local t, r = context("uring.tcp_connect")
+        local list = ffi.new("pl_net_addr_t[?]", MAX_ADDRS)     -- its own: connecting yields
+        local n = C.pl_net_resolve(host, port, 0, 0, list, MAX_ADDRS)
+        if n < 0 then
+            return host_failed("connect to", host, port, n)
+        end
+        n = math.min(n, MAX_ADDRS)
         local fdout = ffi.new("int[1]", -1)
         local what = format("connect to %s:%d", host, port)
-        local rc = run_op(r, t, C.pl_uring_connect(r.u, t.slot, t.gen, host, port, fdout), what)
-        local fd = fdout[0]
-        if rc < 0 then
+        local rc
+        for i = 0, n - 1 do
+            rc = run_op(r, t, C.pl_uring_connect(r.u, t.slot, t.gen, list[i], fdout), what)
+            local fd = fdout[0]
+            if rc >= 0 then
+                C.pl_net_nodelay(fd)
+                return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "" }, TcpSocket)
+            end
             if fd >= 0 then C.pl_file_close_sync(fd) end
-            return host_failed("connect to", host, port, rc)
+            fdout[0] = -1
         end
-        C.pl_net_nodelay(fd)
-        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "" }, TcpSocket)
+        return connect_failed(host, port, rc, list, n)
     end
 
     -- send(data): send all of data (a short send is continued); returns
@@ -287,14 +346,19 @@ function M.install(U)
         return close_socket(self, "TcpSocket:close")
     end
 
-    -- udp_bind(host, port): a datagram socket bound to host:port.
+    -- udp_bind(host, port): a datagram socket bound to host:port (a name
+    -- with several addresses: the first).
     function U.udp_bind(host, port)
         check_host("uring.udp_bind", host)
         check_port("uring.udp_bind", port)
         local _, r = context("uring.udp_bind")
-        local fd = C.pl_net_udp_bind(host, port)
+        local addr, n = bind_addr(host, port, 1)
+        if not addr then
+            return host_failed("bind", host, port, n)
+        end
+        local fd = C.pl_net_udp_bind(addr)
         if fd < 0 then
-            return host_failed("bind", host, port, fd)
+            return host_failed("bind", host, port, fd, bind_note(addr, n))
         end
         -- the largest datagram is its family's: 65535 less the UDP header, and
         -- on IPv4 the IP header too (IPv6 counts its own outside the length)
@@ -309,7 +373,8 @@ function M.install(U)
         return C.pl_net_local_port(self.fd)
     end
 
-    -- send_to(data, host, port): one datagram; returns #data or nil, err.
+    -- send_to(data, host, port): one datagram, to the first address of host
+    -- of the socket's own family; returns #data or nil, err.
     function UdpSocket:send_to(data, host, port)
         live("UdpSocket:send_to", self, UdpSocket, "a UDP socket")
         check.string("UdpSocket:send_to", "data", data)
@@ -320,11 +385,16 @@ function M.install(U)
                          self.max_datagram, self.family, #data), 2)
         end
         local t, r = context("UdpSocket:send_to")
-        local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, host, port), self,
+        local n = C.pl_net_resolve(host, port, 1, self.family, addrs, 1)
+        if n == EAFNOSUPPORT then
+            return nil, format("send_to %s:%d: host %s has no IPv%d address (the socket is IPv%d: %s)", host,
+                               port, check.show(host), self.family, self.family, self.name), "EAFNOSUPPORT"
+        elseif n < 0 then
+            return host_failed("send_to", host, port, n)
+        end
+        local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, addrs[0]), self,
                           data)
-        if rc == ENXIO then
-            return host_failed("send_to", host, port, rc)
-        elseif rc < 0 then
+        if rc < 0 then
             return failed(format("send_to %s:%d from", host, port), self, rc)
         end
         return rc
