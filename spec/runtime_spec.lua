@@ -47,6 +47,96 @@ describe("Runtime:run", function()
         assert.equal(1, rt:stats().tasks_cancelled)
     end)
 
+    it("cancels the tasks left by a failed main task while it is still the running runtime", function()
+        local rt = pluvio.Runtime.new()
+        local spawned, spawn_err, seen_rt
+        local ok, err = pcall(rt.run, rt, function()
+            local bg = pluvio.spawn(function() pluvio.sleep(10) end)
+            bg:on_exit(function()
+                seen_rt = pluvio.runtime()
+                local sok, t = pcall(pluvio.spawn, function() pluvio.sleep(10) end)
+                if sok then spawned = t else spawn_err = t end
+            end)
+            pluvio.yield()
+            error("main failed")
+        end)
+        assert.is_false(ok)
+        assert.matches("main failed", err)
+        assert.is_nil(spawn_err)
+        assert.equal(rt, seen_rt)
+        assert.equal("cancelled", spawned:status())
+        assert.equal(rt, spawned.rt)
+        assert.equal(0, rt:stats().tasks_live)
+    end)
+
+    it("cancels the tasks that clean-ups spawn on the deadlock path too", function()
+        local rt = pluvio.Runtime.new()
+        local spawned, refused = {}, nil
+        local function stuck(depth)     -- its clean-up spawns another, depth deep
+            local ok, t = pcall(pluvio.spawn, function() pluvio.suspend("never") end)
+            if not ok then
+                refused = t
+                return
+            end
+            spawned[#spawned + 1] = t
+            if depth > 0 then
+                t:on_exit(function() stuck(depth - 1) end)
+            end
+        end
+        local ok, err = pcall(rt.run, rt, function()
+            stuck(2)
+            pluvio.suspend("nothing")
+        end)
+        assert.is_false(ok)
+        assert.matches("^deadlock:", err)
+        assert.is_nil(refused)
+        assert.equal(3, #spawned)
+        for _, t in ipairs(spawned) do
+            assert.equal("cancelled", t:status())
+            assert.equal(rt, t.rt)
+        end
+        assert.equal(0, rt:stats().tasks_live)
+    end)
+
+    it("stops cancelling after 8 rounds of clean-ups that spawn: spawn then raises", function()
+        local rt = pluvio.Runtime.new()
+        local made, refused = 0, nil
+        local function chain()
+            local ok, t = pcall(pluvio.spawn, function() pluvio.sleep(10) end)
+            if not ok then
+                refused = t
+                return
+            end
+            made = made + 1
+            t:on_exit(chain)
+        end
+        local ok = pcall(rt.run, rt, function()
+            chain()
+            error("main failed")
+        end)
+        assert.is_false(ok)
+        assert.equal(8, made)           -- the first, then one per round of cancellation
+        assert.matches("pluvio.spawn: the runtime is stopping", refused)
+        assert.equal(0, rt:stats().tasks_live)
+        assert.equal(1, rt:run(function() return 1 end))   -- and it runs again afterwards
+    end)
+
+    it("puts the tasks a nested runtime's clean-ups spawn into that runtime, not the outer one", function()
+        local outer = pluvio.Runtime.new()
+        outer:run(function()
+            local inner = pluvio.Runtime.new()
+            local ok = pcall(inner.run, inner, function()
+                local bg = pluvio.spawn(function() pluvio.sleep(10) end)
+                bg:on_exit(function() pluvio.spawn(function() pluvio.sleep(10) end) end)
+                pluvio.yield()
+                error("inner failed")
+            end)
+            assert.is_false(ok)
+            assert.equal(0, inner:stats().tasks_live)
+            assert.equal(1, outer:stats().tasks_live)      -- only this task
+        end)
+    end)
+
     it("can run again after it finished", function()
         local rt = pluvio.Runtime.new()
         assert.equal(1, rt:run(function() return 1 end))

@@ -567,6 +567,7 @@ local function new_runtime(capacity)
         co_pool = {},
         n_unjoined = 0,
         running = false,
+        stopping = false,         -- cancel_all's last round: spawn raises
         current = nil,
         last_slot = -1,           -- the last task of the loop's batch (see linger)
     }, Runtime)
@@ -767,16 +768,35 @@ local function deadlock_message(rt)
                   #lines == 1 and "it" or "them", table.concat(lines, "\n"))
 end
 
--- Cancel every live task (after a deadlock or a failed main task).
+-- Cancel every live task (after a deadlock, a failed main task, or a kill
+-- of the task running the runtime).  Called while rt is still the current,
+-- running runtime, so a clean-up that spawns puts its task here; the tasks
+-- clean-ups spawn are cancelled in the next round, in spawn order.  In the
+-- last round spawn raises: clean-ups that spawn again and again cannot keep
+-- the runtime alive.
+local CANCEL_ROUNDS = 8
+
 local function cancel_all(rt)
-    for _, t in pairs(rt.slots) do
-        if t.live then
-            t.results = { n = 2, false, KILLED }
-            t.co = nil
-            t.joined = true
-            finish(rt, t, "cancelled")
+    for round = 1, CANCEL_ROUNDS do
+        if rt.nlive == 0 then
+            break
+        end
+        rt.stopping = round == CANCEL_ROUNDS
+        local list = {}     -- (spawns during the traversal would break pairs)
+        for _, t in pairs(rt.slots) do
+            list[#list + 1] = t
+        end
+        table.sort(list, function(a, b) return a.id < b.id end)
+        for _, t in ipairs(list) do
+            if t.live then
+                t.results = { n = 2, false, KILLED }
+                t.co = nil
+                t.joined = true
+                finish(rt, t, "cancelled")
+            end
         end
     end
+    rt.stopping = false
 end
 
 -- Resume each ready task once; returns when the batch is done.  No call
@@ -846,13 +866,10 @@ local function loop(rt, done)
             flags = poll_lua_reactors(rt)
         end
         local n = C.pl_tick(crt, ready, BATCH, flags)
-        if n < 0 then
+        if n < 0 then       -- (drive cancels the tasks)
             if n == -EDEADLK then
-                local msg = deadlock_message(rt)
-                cancel_all(rt)
-                return nil, msg
+                return nil, deadlock_message(rt)
             end
-            cancel_all(rt)
             return nil, "the runtime cannot wait: " .. core.errstr(n)
         end
         run_batch(rt, n)
@@ -891,26 +908,31 @@ local function drive(rt, fname, until_all, fn, ...)
     rt.done = done
     current_rt = rt
     local ok, lok, lerr = pcall(loop, rt, done)
-    current_rt = outer_rt
-    rt.done = nil
-    rt.running = false
-    if not ok then          -- a bug in the loop itself: never leave tasks half-run
+    local was_killed = ok and lok and killed()
+    -- Cancel what is left while rt is still the current runtime: clean-ups
+    -- that spawn put their tasks here, and those are cancelled too.
+    if not ok or not lok then   -- a bug in the loop, a deadlock, a failed wait
         cancel_all(rt)
-        error(lok, 0)
-    end
-    if lok and killed() then    -- unwind the killed task (block_on keeps the others)
+    elseif was_killed then      -- unwind the killed task (block_on keeps the others)
         if until_all then
             cancel_all(rt)
         else
             main:kill()
         end
+    elseif until_all and main.results and not main.results[1] then
+        cancel_all(rt)
+    end
+    current_rt = outer_rt
+    rt.done = nil
+    rt.running = false
+    if not ok then          -- never leave tasks half-run
+        error(lok, 0)
+    end
+    if was_killed then
         report_unjoined(rt)
         error(KILLED, 0)
     end
     local r = main.results
-    if r and not r[1] and until_all then
-        cancel_all(rt)
-    end
     report_unjoined(rt)
     if not lok then         -- deadlock or a failed wait; every task was cancelled
         error(lerr, 0)
@@ -987,7 +1009,12 @@ end
 
 local function spawn_checked(fname, name, fn, ...)
     local rt = current_rt
-    if not rt or not rt.running then
+    if not rt or not rt.running or rt.stopping then
+        if rt and rt.stopping then
+            error(format("%s: the runtime is stopping (the clean-ups of cancelled tasks spawned " ..
+                         "tasks %d rounds deep; the last round refuses new tasks)",
+                         fname, CANCEL_ROUNDS), 3)
+        end
         error(fname .. ": no runtime is running (call it inside pluvio.run(fn), rt:run(fn), " ..
               "or a script run by the pluvio host)", 3)
     end
