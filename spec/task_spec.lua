@@ -80,6 +80,20 @@ describe("Task:join", function()
         assert.matches('Task:join: task "task%-%d+" %(#%d+, done%) was already joined', err)
     end))
 
+    it("refuses a task whose pluvio.timeout waits on it", async(function()
+        local child
+        local ok, err
+        local r = pluvio.timeout(1, function()
+            child = pluvio.current()
+            local j = pluvio.spawn(function() return pcall(child.join, child) end)
+            ok, err = j:join()
+            return "mine"
+        end)
+        assert.equal("mine", r)
+        assert.is_false(ok)
+        assert.matches("Task:join: task .*/timeout.* is already waited for by task \"main\"", err)
+    end))
+
     it("refuses to join outside a task", function()
         local t
         pluvio.Runtime.new():block_on(function() t = pluvio.spawn(function() end) end)
@@ -393,6 +407,57 @@ describe("pluvio.select", function()
         assert.equal(1, i)
         assert.is_nil(r)
         assert.matches("bad", err)
+    end))
+
+    it("refuses a task a join waits on: the results go to the join only", async(function()
+        local t = pluvio.spawn(function() pluvio.sleep(0.005); return "r" end)
+        local j = pluvio.spawn(function() return t:join() end)
+        pluvio.yield()                      -- j parks in join
+        local ok, err = pcall(pluvio.select, t)
+        assert.is_false(ok)
+        assert.matches('pluvio.select: argument 1, task "task%-%d+" %(#%d+, waiting%), is already ' ..
+                       'waited for by task "task%-%d+" %(#%d+, waiting%); a task\'s results are given once', err)
+        assert.equal("r", j:join())
+    end))
+
+    it("refuses a task whose joiner was woken but has not run yet", async(function()
+        local t = pluvio.spawn(function() pluvio.suspend("go"); return "r" end)
+        local j = pluvio.spawn(function() return t:join() end)
+        pluvio.yield()                      -- j parks in join
+        t:wake()
+        pluvio.yield()                      -- t ends in this batch; j is woken, not yet resumed
+        assert.equal("done", t:status())
+        assert.equal("ready", j:status())
+        local ok, err = pcall(pluvio.select, t)
+        assert.is_false(ok)
+        assert.matches("is already waited for by", err)
+        assert.equal("r", j:join())
+    end))
+
+    it("makes a join of a task a select waits on raise, and a second select too", async(function()
+        local t = pluvio.spawn(function() pluvio.sleep(0.005); return "r" end)
+        local s = pluvio.spawn(function() return pluvio.select(t) end)
+        pluvio.yield()                      -- s parks in select
+        local ok, err = pcall(t.join, t)
+        assert.is_false(ok)
+        assert.matches('Task:join: task "task%-%d+" %(#%d+, waiting%) is already waited for by ' ..
+                       'task "task%-%d+"', err)
+        ok, err = pcall(pluvio.select, t)
+        assert.is_false(ok)
+        assert.matches("pluvio.select: argument 1, .* is already waited for by", err)
+        local i, r = s:join()
+        assert.equal(1, i)
+        assert.equal("r", r)
+    end))
+
+    it("lets the tasks a select did not take be joined after it returns or is killed", async(function()
+        local slow = pluvio.spawn(function() pluvio.sleep(0.02); return "slow" end)
+        local fast = pluvio.spawn(function() return "fast" end)
+        assert.equal(2, pluvio.select(slow, fast))
+        local s = pluvio.spawn(function() return pluvio.select(slow) end)
+        pluvio.yield()
+        s:kill()
+        assert.equal("slow", slow:join())
     end))
 
     it("rejects non-tasks and an empty call", async(function()

@@ -460,15 +460,38 @@ local function remove_joiner(task, me)
     end
 end
 
+-- A task's results are given once: to the one waiter (a join, a select or
+-- a pluvio.timeout) that claimed them.  The claim (t.joiner) lasts while
+-- that waiter lives and waits: a select gives it back for the tasks it did
+-- not take, and a killed waiter's claim lapses.  Another waiter meanwhile,
+-- even one that comes after the task ended but before the claimant ran
+-- again, gets an error (nil if t may be claimed by me; else the reason).
+local function claim_refused(t, me)
+    if t.joined then
+        return "was already joined"
+    end
+    local other = t.joiner
+    if other and other ~= me and other.live then
+        return "is already waited for by " .. tostring(other)
+    end
+    return nil
+end
+
+local function unclaim(t, me)
+    if t.joiner == me then
+        t.joiner = nil
+    end
+end
+
 function Task:join()
     check.self("Task:join", self, Task, "a task")
     local me = running_task("Task:join")
     if me == self then
         error("Task:join: a task cannot join itself (" .. tostring(self) .. ")", 2)
     end
-    local other = self.joiner
-    if self.joined or (other and other.live and other ~= me) then
-        error("Task:join: " .. tostring(self) .. " was already joined; " ..
+    local refused = claim_refused(self, me)
+    if refused then
+        error("Task:join: " .. tostring(self) .. " " .. refused .. "; " ..
               "a task's results are given once", 2)
     end
     self.joiner = me
@@ -1081,17 +1104,24 @@ function M.select(...)
     local tasks = { ... }
     for i = 1, n do
         task_arg("pluvio.select", i, tasks[i])
-        if tasks[i].joined then
-            error(format("pluvio.select: argument %d, %s, was already joined; " ..
-                         "a task's results are given once", i, tostring(tasks[i])), 2)
-        end
     end
     local me = running_task("pluvio.select")
+    for i = 1, n do
+        local refused = claim_refused(tasks[i], me)
+        if refused then
+            error(format("pluvio.select: argument %d, %s, %s; a task's results are given once",
+                         i, tostring(tasks[i]), refused), 2)
+        end
+    end
+    for i = 1, n do
+        tasks[i].joiner = me
+    end
     while true do
         for i = 1, n do
             if not tasks[i].live then
                 for k = 1, n do
                     remove_joiner(tasks[k], me)
+                    unclaim(tasks[k], me)
                 end
                 return i, results_of(tasks[i])
             end
@@ -1113,6 +1143,7 @@ function M.timeout(seconds, fn, ...)
     check.func("pluvio.timeout", "fn", fn)
     local me, rt = current_task("pluvio.timeout")
     local child = spawn(rt, task_name(me) .. "/timeout", fn, ...)
+    child.joiner = me       -- its results are ours (see claim_refused)
     local deadline = C.pl_now() + seconds
     me.timeout_child = child
     while child.live and C.pl_now() < deadline do
