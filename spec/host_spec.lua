@@ -132,6 +132,45 @@ describe("pluvio (the host)", function()
         assert.matches("\n> nil\n> 1\tnil\n> nil\t2\n> end\n", out)
     end)
 
+    it("runs the tasks started at the prompt while it waits for the next line", function()
+        if sh("command -v script >/dev/null") ~= 0 then
+            pending("script(1) is not installed: no terminal to test the prompt with")
+            return
+        end
+        -- The second line comes 1 s after the first; the ticker needs about
+        -- 0.06 s.  A prompt that blocks the runtime in its read lets the
+        -- ticker run only after the last line.
+        local feed = "(printf '%s\\n' " .. q('pluvio.spawn(function() for i = 1, 3 do pluvio.sleep(0.02) print("tick " .. i) end end)') ..
+                     "; sleep 1; printf '%s\\n' " .. q('print("two" .. "!")') .. ")"
+        local status, out = sh(feed .. " | script -qec " .. q(q(host)) .. " /dev/null")
+        assert.equal(0, status, out)
+        out = out:gsub("\r", "")
+        local tick, two = out:find("\ntick 3\n"), out:find("\ntwo!\n")
+        assert.is_number(tick, out)
+        assert.is_number(two, out)
+        assert.is_true(tick < two, out)
+    end)
+
+    it("keeps luajit's stdin:1: position in the errors of prompt lines", function()
+        if sh("command -v script >/dev/null") ~= 0 then
+            pending("script(1) is not installed: no terminal to test the prompt with")
+            return
+        end
+        local input = os.tmpname()
+        local f = io.open(input, "w")
+        f:write('error("oops")\n=error("eq")\nx = = 1\n=nil + 1\n=1, 2;\n=3 -- a comment\n')
+        f:close()
+        local status, out = sh("script -qec " .. q(q(host)) .. " /dev/null < " .. q(input))
+        os.remove(input)
+        assert.equal(0, status, out)
+        out = out:gsub("\r", "")
+        assert.matches("\n> stdin:1: oops\n", out)
+        assert.matches("\n> stdin:1: eq\n", out)
+        assert.matches("\n> stdin:1: unexpected symbol near '='\n", out)
+        assert.matches("\n> stdin:1: attempt to perform arithmetic on a nil value\n", out)
+        assert.matches("\n> 1\t2\n> 3\n", out)
+    end)
+
     it("idles in the kernel: a 0.3 s sleep costs almost no CPU", function()
         local status, out, err = helper.run_script([[
             local c0 = os.clock()

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/stat.h>
+#include <poll.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -19,6 +20,23 @@ int pl_uring_fallocate(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int m
                        uint64_t offset, uint64_t len)
 {
     START_OTHER(io_uring_prep_fallocate(sqe, fd, mode, (off_t)offset, (off_t)len));
+}
+
+/* Wait until fd is readable: a poll request in the ring (no worker thread,
+ * cancelled at once), whose result is the poll(2) events that fired. */
+int pl_uring_poll_in(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
+{
+    START_OTHER(io_uring_prep_poll_add(sqe, fd, POLLIN));
+}
+
+/* One read(2) of what an fd has, after pl_uring_poll_in said it has some:
+ * a terminal gives a line, a pipe what was written.  Bytes, 0 at the end
+ * of input, or -errno. */
+int pl_fd_read(int fd, void *buf, uint32_t len)
+{
+    ssize_t n = read(fd, buf, len);
+
+    return n < 0 ? -errno : (int)n;
 }
 
 int pl_uring_openat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path,

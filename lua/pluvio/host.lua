@@ -55,24 +55,60 @@ function M.format_stats(rt)
     return table.concat(lines, "\n") .. "\n"
 end
 
+-- A function that returns the next line of standard input, or nil at its
+-- end.  It reads through the runtime (uring.read_some): the prompt waits
+-- like any task, so the tasks started at the prompt run while the user
+-- types.  A line ended by Ctrl-D rather than a newline waits for the rest.
+local function stdin_lines()
+    local uring = require "pluvio.uring"
+    local pending = ""
+    return function()
+        while true do
+            local nl = pending:find("\n", 1, true)
+            if nl then
+                local line = pending:sub(1, nl - 1)
+                pending = pending:sub(nl + 1)
+                return line
+            end
+            local data = uring.read_some(0, 4096)
+            if not data or data == "" then  -- the end of input (a read error ends it too)
+                local last = pending ~= "" and pending or nil
+                pending = ""
+                return last
+            end
+            pending = pending .. data
+        end
+    end
+end
+
+-- A line as an expression whose values are printed, or nil.  Its values are
+-- the arguments of a call, not a return list: `return f()` would be a tail
+-- call, and an error raised in f would lose luajit's stdin:1: position.  (The
+-- newline ends a trailing comment; a trailing ';' is allowed as after return.)
+local function load_expression(code)
+    code = code:gsub(";%s*$", "")
+    return load("return (function(...) return ... end)(" .. code .. "\n)", "=stdin")
+end
+
 -- The interactive prompt: each line runs inside the main task, so blocking
 -- calls (pluvio.sleep, file and network operations) work; `=expr` or an
 -- expression prints its values.
 local function repl(pluvio)
     io.stdout:write(("Pluvio %s (%s): lines run in the main task; Ctrl-D ends.\n")
                     :format(pluvio.version, jit and jit.version or _VERSION))
+    local next_line = stdin_lines()
     while true do
         io.stdout:write("> ")
         io.stdout:flush()
-        local line = io.stdin:read("*l")
+        local line = next_line()
         if not line then
             io.stdout:write("\n")
             return
         end
-        local code = line:gsub("^=", "return ")
-        local f, err = load("return " .. code, "=stdin")
+        local code = line:gsub("^=", "")
+        local f, err = load_expression(code)
         if not f then
-            f, err = load(code, "=stdin")
+            f, err = load(line:match("^=") and "return " .. code or code, "=stdin")
         end
         if not f then
             io.stdout:write(err, "\n")
