@@ -631,6 +631,31 @@ describe("task ids", function()
     end)
 end)
 
+describe("the loop's batch", function()
+    it("does not resume a task spawned into the slot of one killed later in the same batch", function()
+        pluvio.run(function()
+            local runs, woke, c = 0, false, nil
+            local b
+            pluvio.spawn(function()         -- a: runs before b in the batch
+                b:kill()
+                c = pluvio.spawn(function()
+                    runs = runs + 1
+                    pluvio.suspend("never woken")
+                    woke = true
+                end)
+            end)
+            b = pluvio.spawn(function() pluvio.sleep(10) end)
+            pluvio.yield()                  -- the batch: a, b, main
+            for _ = 1, 3 do pluvio.yield() end
+            -- (b's slot, freed at once, went to c: c was resumed from b's entry too)
+            assert.equal(1, runs)
+            assert.is_false(woke)           -- resumed once, never woken spuriously
+            assert.equal("waiting", c:status())
+            c:kill()
+        end)
+    end)
+end)
+
 describe("the FFI boundary", function()
     it("declares exactly the public header's marked region", function()
         local f = assert(io.open(helper.root .. "/src/pluvio.h"))

@@ -21,7 +21,10 @@
  * One task slot.  Owned by the runtime's task table; a slot is either on the
  * free list (state FREE) or belongs to one live task.  A released slot that
  * is still on the ready ring is a zombie: the drain gives it back, so the
- * ring never holds a slot twice.
+ * ring never holds a slot twice.  So is the slot of a task another task
+ * ended during the batch it was handed out in: the Lua loop may still
+ * come to its entry, and a task spawned into the slot meanwhile would be
+ * resumed from it (and again from the ring).
  */
 struct pl_task {
     uint32_t gen;
@@ -30,6 +33,7 @@ struct pl_task {
     uint8_t wait;           /* enum pl_wait_kind */
     bool queued;
     bool zombie;
+    uint32_t batch;         /* the drain that last handed it out */
     int32_t heap_pos;       /* index in the timer heap, or PL_NO_TIMER */
     int64_t deadline_ns;
     double wait_arg;
@@ -62,6 +66,7 @@ struct pl_runtime {
     uint32_t live;
 
     struct pl_ready_ring ready;
+    uint32_t batch;         /* drains so far: the batch being run */
 
     uint32_t *heap;         /* slots ordered by deadline_ns (binary heap) */
     uint32_t heap_len;

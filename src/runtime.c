@@ -208,6 +208,7 @@ int pl_fifo_grow(void **items, uint32_t *cap, uint32_t *head, uint32_t len, size
 static int ready_drain(pl_runtime_t *rt, uint32_t *out, int max)
 {
     struct pl_ready_ring *r = &rt->ready;
+    uint32_t batch = ++rt->batch;
     int n = 0;
 
     while (n < max && r->head != r->tail) {
@@ -215,10 +216,12 @@ static int ready_drain(pl_runtime_t *rt, uint32_t *out, int max)
         struct pl_task *t = &rt->tasks[slot];
 
         t->queued = false;
-        if (t->zombie)
+        if (t->zombie) {
             slot_release(rt, slot);
-        else if (t->state != PL_TASK_WAITING)   /* not a sleep begun after its wake */
+        } else if (t->state != PL_TASK_WAITING) {   /* not a sleep begun after its wake */
+            t->batch = batch;
             out[n++] = slot;
+        }
     }
     rt->switch_cyc = pl_cycles();       /* the batch begins */
     return n;
@@ -320,9 +323,11 @@ int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome)
 {
     struct pl_task *t = task_get(rt, slot);
 
+    bool was_running = (outcome & PL_TASK_WAS_RUNNING) != 0;
+
     if (!t)
         return -ESRCH;
-    if (outcome & PL_TASK_WAS_RUNNING) {
+    if (was_running) {
         task_leave(rt, t);
         outcome &= ~PL_TASK_WAS_RUNNING;
     }
@@ -335,10 +340,19 @@ int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome)
         rt->stats.failed++;
     else if (outcome == PL_TASK_CANCELLED)
         rt->stats.cancelled++;
-    if (t->queued)
+    if (t->queued) {
         t->zombie = true;   /* the drain gives the slot back */
-    else
+    } else if (!was_running && t->batch == rt->batch) {
+        /* ended by another task in the batch that handed it out: its entry
+         * may come later in the batch, so keep the slot from a spawn until
+         * the next drain gives it back (a task ending itself is past its
+         * entry, and a slot is in a batch once) */
+        t->zombie = true;
+        t->queued = true;
+        rt->ready.slots[rt->ready.tail++ & rt->ready.mask] = slot;
+    } else {
         slot_release(rt, slot);
+    }
     return 0;
 }
 

@@ -824,7 +824,9 @@ end
 
 -- Resume each ready task once; returns when the batch is done.  No call
 -- into C per resume: the task's own last call before it stopped (park,
--- yield, I/O start, exit) did the accounting.
+-- yield, I/O start, exit) did the accounting.  An entry whose task another
+-- task ended meanwhile finds no task: C keeps such a slot from spawns until
+-- the next drain (pl_task_exit), so no check of generations is needed here.
 local function run_batch(rt, n)
     local crt, ready, slots = rt.crt, rt.ready, rt.slots
     if n > 0 then
