@@ -241,8 +241,9 @@ function M.install(U)
 
     local function recv_raw(self, t, r, max)
         local scratch = bounce_get(r, max)
-        local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self, scratch,
-                          self)
+        t.io_rescue = self          -- (see await)
+        local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self, scratch)
+        t.io_rescue = nil
         local s = rc > 0 and ffi_string(scratch.ptr, rc) or nil
         bounce_put(r, scratch)
         return s, rc
