@@ -3,6 +3,24 @@ local helper = require "helper"
 
 local host, sh, q = helper.host, helper.sh, helper.quote
 
+-- What the interactive prompt printed for lines typed on a terminal
+-- (script(1)), carriage returns removed, after checking it exited 0; nil,
+-- with the spec marked pending, when script(1) is not installed.
+local function at_prompt(lines)
+    if sh("command -v script >/dev/null") ~= 0 then
+        pending("script(1) is not installed: no terminal to test the prompt with")
+        return nil
+    end
+    local input = os.tmpname()
+    local f = io.open(input, "w")
+    f:write(lines)
+    f:close()
+    local status, out = sh("script -qec " .. q(q(host)) .. " /dev/null < " .. q(input))
+    os.remove(input)
+    assert.equal(0, status, out)
+    return (out:gsub("\r", ""))
+end
+
 describe("pluvio (the host)", function()
     it("runs a script as the main task with arg set as luajit does", function()
         local status, out, err, path = helper.run_script([[
@@ -97,18 +115,9 @@ describe("pluvio (the host)", function()
     end)
 
     it("gives an interactive prompt on a terminal whose lines run in the main task", function()
-        if sh("command -v script >/dev/null") ~= 0 then
-            pending("script(1) is not installed: no terminal to test the prompt with")
-            return
-        end
-        local input = os.tmpname()
-        local f = io.open(input, "w")
-        f:write('x = 40\n=x + 2\npluvio.sleep(0.01) print("slept")\nerror("oops")\n')
-        f:write('local t = pluvio.spawn(function() return 7 end) print(t:join())\n')
-        f:close()
-        local status, out = sh("script -qec " .. q(q(host)) .. " /dev/null < " .. q(input))
-        os.remove(input)
-        assert.equal(0, status, out)
+        local out = at_prompt('x = 40\n=x + 2\npluvio.sleep(0.01) print("slept")\nerror("oops")\n' ..
+                              'local t = pluvio.spawn(function() return 7 end) print(t:join())\n')
+        if not out then return end
         assert.matches("Pluvio %d+%.%d+%.%d+ %(LuaJIT", out)
         assert.matches("> 42", out)
         assert.matches("> slept", out)
@@ -117,18 +126,8 @@ describe("pluvio (the host)", function()
     end)
 
     it("prints every value of an expression at the prompt, nils included, as luajit does", function()
-        if sh("command -v script >/dev/null") ~= 0 then
-            pending("script(1) is not installed: no terminal to test the prompt with")
-            return
-        end
-        local input = os.tmpname()
-        local f = io.open(input, "w")
-        f:write('=nil\n=1, nil\n=nil, 2\nprint("end")\n')
-        f:close()
-        local status, out = sh("script -qec " .. q(q(host)) .. " /dev/null < " .. q(input))
-        os.remove(input)
-        assert.equal(0, status, out)
-        out = out:gsub("\r", "")
+        local out = at_prompt('=nil\n=1, nil\n=nil, 2\nprint("end")\n')
+        if not out then return end
         assert.matches("\n> nil\n> 1\tnil\n> nil\t2\n> end\n", out)
     end)
 
@@ -152,18 +151,8 @@ describe("pluvio (the host)", function()
     end)
 
     it("keeps luajit's stdin:1: position in the errors of prompt lines", function()
-        if sh("command -v script >/dev/null") ~= 0 then
-            pending("script(1) is not installed: no terminal to test the prompt with")
-            return
-        end
-        local input = os.tmpname()
-        local f = io.open(input, "w")
-        f:write('error("oops")\n=error("eq")\nx = = 1\n=nil + 1\n=1, 2;\n=3 -- a comment\n')
-        f:close()
-        local status, out = sh("script -qec " .. q(q(host)) .. " /dev/null < " .. q(input))
-        os.remove(input)
-        assert.equal(0, status, out)
-        out = out:gsub("\r", "")
+        local out = at_prompt('error("oops")\n=error("eq")\nx = = 1\n=nil + 1\n=1, 2;\n=3 -- a comment\n')
+        if not out then return end
         assert.matches("\n> stdin:1: oops\n", out)
         assert.matches("\n> stdin:1: eq\n", out)
         assert.matches("\n> stdin:1: unexpected symbol near '='\n", out)
