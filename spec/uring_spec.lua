@@ -1462,6 +1462,27 @@ describe("sockets over io_uring", function()
         assert.equal(0, uring.current():stats().in_flight)
     end))
 
+    it("says the socket was closed when another task closes it between two pieces of a recv_exact",
+       async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        local reader = pluvio.spawn(function() return { c:recv_exact(10) } end)
+        pluvio.yield()                  -- it parks in its first recv
+        local closer = pluvio.spawn(function()
+            assert.equal(5, s:send("12345"))    -- its first piece: the reader is woken...
+            return c:close()                    -- ...and runs after the close
+        end)
+        assert.is_true(closer:join())
+        local r = reader:join()
+        assert.is_nil(r[1])
+        assert.equal("recv " .. c.name .. ": the socket was closed", r[2])
+        assert.equal("ECANCELED", r[3])
+        s:close()
+        l:close()
+    end))
+
     it("closes a socket whose closing task is killed while it waits", async(function()
         local l = assert(uring.tcp_listen("127.0.0.1", 0))
         local srv = pluvio.spawn(function() return assert(l:accept()) end)

@@ -19,7 +19,7 @@ local MAX_IO = 0x7ffff000
 -- as soon as some bytes arrive, so scratch memory of max bytes (up to 2 GiB,
 -- zeroed) would mostly go unused; recv_exact gathers chunks of this size.
 local RECV_CHUNK = 1048576
-local ENXIO, EAFNOSUPPORT = -6, -97
+local ENXIO, EAFNOSUPPORT, ECANCELED = -6, -97, -125
 local MAX_ADDRS = 16        -- the most of a name's addresses tcp_connect tries
 
 local function errname(rc)
@@ -102,7 +102,7 @@ function M.install(U)
 
     local function failed(what, obj, rc, bytes)
         local done = bytes and bytes > 0 and format(" (%d bytes done before the error)", bytes) or ""
-        if rc == -125 then      -- ECANCELED: closed under it
+        if rc == ECANCELED then     -- closed under it
             return nil, format("%s %s: the socket was closed%s", what, obj.name, done), "ECANCELED", bytes
         end
         return nil, format("%s %s: %s%s", what, obj.name, errstr(rc), done), errname(rc), bytes
@@ -315,6 +315,10 @@ function M.install(U)
         self.pending = ""
         self.parts = parts
         while have < n do
+            if self.fd < 0 then     -- another task closed it while this one took a piece
+                gather(self)
+                return failed("recv", self, ECANCELED)
+            end
             local s, rc = recv_raw(self, t, r, math.min(n - have, RECV_CHUNK))
             if rc <= 0 then
                 gather(self)
