@@ -694,6 +694,43 @@ describe("uring.read_some", function()
         assert.matches("^read fd %d+: EBADF", err)
     end))
 
+    it("parks a second reader of the same pipe again when the first took the input", function()
+        -- in a process of its own: a read that blocks stops the whole runtime
+        local script = tmpfile(".lua")
+        local f = assert(io.open(script, "w"))
+        f:write([[
+local pluvio = require "pluvio"
+local uring = require "pluvio.uring"
+local ffi = require "ffi"
+ffi.cdef [[ int pipe(int fds[2]); long write(int fd, const void *buf, size_t n); ]] .. "]]" .. [[
+local fds = ffi.new("int[2]")
+assert(ffi.C.pipe(fds) == 0)
+local got = {}
+local function reader()
+    return pluvio.spawn(function()
+        local s = assert(uring.read_some(fds[0], 100))
+        got[#got + 1] = s
+    end)
+end
+local a, b = reader(), reader()
+pluvio.yield()                              -- both park on their polls
+ffi.C.write(fds[1], "one", 3)               -- both polls fire; one reader takes it all
+while #got < 1 do pluvio.sleep(0.001) end
+local other = a:status() == "done" and b or a
+io.write(other:status(), " ")               -- parked again, not blocked in read(2)
+ffi.C.write(fds[1], "two", 3)
+a:join()
+b:join()
+print(table.concat(got, " "))
+]])
+        f:close()
+        local status, out, err = helper.sh("timeout -s KILL 30 " .. helper.quote(helper.host) .. " " ..
+                                           helper.quote(script))
+        os.remove(script)
+        assert.equal(0, status, "the runtime stood still (status " .. status .. "): " .. err)
+        assert.equal("waiting one two\n", out)
+    end)
+
     it("is cancelled with its task and checks its arguments", async(function()
         local fds = ffi.new("int[2]")
         assert.equal(0, helper.libc.pipe(fds))

@@ -7,6 +7,7 @@
 #include <linux/stat.h>
 #include <poll.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "uring_internal.h"
@@ -29,13 +30,30 @@ int pl_uring_poll_in(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
     START_OTHER(io_uring_prep_poll_add(sqe, fd, POLLIN));
 }
 
-/* One read(2) of what an fd has, after pl_uring_poll_in said it has some:
- * a terminal gives a line, a pipe what was written.  Bytes, 0 at the end
- * of input, or -errno. */
+/* One read of what an fd has, after pl_uring_poll_in said it has some: a
+ * terminal gives a line, a pipe what was written.  Bytes, 0 at the end of
+ * input, -EAGAIN when there is nothing after all (another reader took it:
+ * the caller polls again), or -errno.  It never blocks, which would stop
+ * the whole runtime: RWF_NOWAIT where the fd supports it (pipes, sockets),
+ * else (a terminal) a poll(2) that does not wait, then read(2) only if the
+ * fd is readable; nothing else in this thread reads between the two. */
 int pl_fd_read(int fd, void *buf, uint32_t len)
 {
-    ssize_t n = read(fd, buf, len);
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    ssize_t n = preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
 
+    if (n >= 0)
+        return (int)n;
+    /* EAGAIN on a regular file: its data is not cached (poll says readable) */
+    if (errno != EAGAIN && errno != EOPNOTSUPP)
+        return -errno;
+    n = poll(&p, 1, 0);
+    if (n < 0)
+        return -errno;
+    if (n == 0)
+        return -EAGAIN;
+    n = read(fd, buf, len);
     return n < 0 ? -errno : (int)n;
 }
 

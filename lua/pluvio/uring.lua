@@ -1090,23 +1090,28 @@ end
 -- uring.read_some(fd, len): input from an fd that is not a file (a
 -- terminal, a pipe): park until it is readable (a poll in the ring, so the
 -- other tasks run meanwhile), then read once what is there, up to len bytes.
+-- The read never blocks: when another reader took the input between the
+-- poll and the read, the task parks on a new poll.
 -- A string, "" at the end of input, or nil, err, code.
 function M.read_some(fd, len)
     check.integer("uring.read_some", "fd", fd, 0, 2 ^ 31 - 1)
     check.integer("uring.read_some", "len", len, 1, MAX_IO)
     local t, r = receive_context("uring.read_some")
     local what = "input on fd " .. fd
-    local rc = run_op(r, t, C.pl_uring_poll_in(r.u, t.slot, t.gen, fd), what)
-    if rc >= 0 then
-        local scratch = bounce_get(r, len)
-        rc = C.pl_fd_read(fd, scratch.ptr, len)
+    local rc
+    repeat
+        rc = run_op(r, t, C.pl_uring_poll_in(r.u, t.slot, t.gen, fd), what)
         if rc >= 0 then
-            local s = ffi_string(scratch.ptr, rc)
+            local scratch = bounce_get(r, len)
+            rc = C.pl_fd_read(fd, scratch.ptr, len)
+            if rc >= 0 then
+                local s = ffi_string(scratch.ptr, rc)
+                bounce_put(r, scratch)
+                return s
+            end
             bounce_put(r, scratch)
-            return s
         end
-        bounce_put(r, scratch)
-    end
+    until rc ~= EAGAIN
     return nil, format("read fd %d: %s", fd, errstr(rc)), ffi_string(C.pl_errname(rc))
 end
 
