@@ -15,6 +15,8 @@ ffi.cdef [[
 int open(const char *path, int flags, ...);
 int fcntl(int fd, int cmd, ...);
 int getpid(void);
+int dup(int fd);
+long read(int fd, void *buf, size_t n);
 ]]
 local O_RDWR, O_CREAT = 2, 64
 local O_DIRECT = ({ arm = 0x10000, arm64 = 0x10000, ppc = 0x20000 })[ffi.arch] or 0x4000
@@ -747,6 +749,98 @@ print(table.concat(got, " "))
         assert.has_error(function() uring.read_some(0, 0) end,
             "uring.read_some: len must be an integer from 1 to 2147479552 (got 0)")
     end))
+end)
+
+describe("freeing a reactor", function()
+    local O_NONBLOCK, F_SETFL = 2048, 4
+
+    -- What a pipe holds now, without waiting.
+    local function pipe_holds(fd)
+        ffi.C.fcntl(fd, F_SETFL, ffi.cast("int", O_NONBLOCK))
+        local buf = ffi.new("char[64]")
+        local n = ffi.C.read(fd, buf, 64)
+        return n > 0 and ffi.string(buf, n) or ""
+    end
+
+    -- Reads of a pipe in flight into scratch memory and a registered
+    -- buffer when the runtime ends (end(rt, start) runs start as its
+    -- main task and leaves them there), then the runtime and the reactor
+    -- are collected.  The spec holds a copy of the ring's fd, as the
+    -- kernel's asynchronous teardown of a closed ring would for a while:
+    -- a read the kernel still had would then take what the pipe gets
+    -- next, into memory that is freed.
+    local function reads_left_in_flight(finish)
+        local core = require "pluvio.core"
+        local fds = ffi.new("int[2]")
+        assert.equal(0, helper.libc.pipe(fds))
+        local rt = pluvio.Runtime.new()
+        local r = uring.reactor { buffer_count = 1, buffer_size = 4096 }
+        rt:register_reactor("io", r)
+        local cr = core.C.pl_uring_reactor(r.u)
+        local ring = ffi.C.dup(cr.wait_fd(cr))
+        assert.is_true(ring >= 0)
+        finish(rt, function()
+            local f = uring.File.new(fds[0], "pipe")
+            pluvio.spawn(function() return f:read(0, 16) end)
+            pluvio.spawn(function()
+                local b = r:acquire_buffer()
+                return f:read_fixed(b, 0, 16)
+            end)
+            pluvio.sleep(0.01)
+            assert.equal(2, r:stats().in_flight)
+        end)
+        rt, r, cr = nil, nil, nil   -- luacheck: ignore
+        jit.flush()                 -- (a trace may hold the reactor as a constant)
+        collectgarbage()
+        collectgarbage()
+        helper.libc.write(fds[1], "after", 5)
+        local held = pipe_holds(fds[0])
+        helper.libc.close(ring)
+        helper.libc.close(fds[0])
+        helper.libc.close(fds[1])
+        return held
+    end
+
+    it("cancels the reads its tasks left parked and waits for the kernel before freeing their memory",
+       function()
+        assert.equal("after", reads_left_in_flight(function(rt, start) rt:block_on(start) end))
+    end)
+
+    it("keeps the scratch memory of a read in flight until the kernel has let go of it", function()
+        local fds = ffi.new("int[2]")
+        assert.equal(0, helper.libc.pipe(fds))
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io", uring.reactor { buffer_count = 0 })
+        local collected = false
+        rt:block_on(function()
+            local f = uring.File.new(fds[0], "pipe")
+            local reader = pluvio.spawn(function() return f:read(0, 16) end)
+            pluvio.sleep(0.01)
+            assert.equal("waiting", reader:status())
+            ffi.gc(reader.io_keep.raw, function() collected = true end)
+        end)
+        rt = nil                    -- luacheck: ignore
+        -- the runtime, its task, the reactor and the scratch are garbage
+        -- together; the scratch outlives the reactor's teardown...
+        jit.flush()                 -- (a trace may hold the reactor as a constant)
+        collectgarbage()
+        assert.is_false(collected)
+        collectgarbage()            -- ...and goes with the next collection
+        assert.is_true(collected)
+        helper.libc.close(fds[0])
+        helper.libc.close(fds[1])
+    end)
+
+    it("waits for the reads a run's end cancelled before freeing their memory", function()
+        assert.equal("after", reads_left_in_flight(function(rt, start)
+            local ok, err = pcall(rt.run, rt, function()
+                start()
+                error("the end")
+            end)
+            assert.is_false(ok)
+            assert.matches("the end", err)
+        end))
+    end)
 end)
 
 describe("registered buffers", function()

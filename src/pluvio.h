@@ -254,6 +254,12 @@ typedef struct pl_uring_stats {
 } pl_uring_stats_t;
 
 pl_uring_t *pl_uring_new(const pl_uring_options_t *opts, int *err);
+/* Freeing cancels what is in flight and waits for the kernel (at most a
+ * few seconds; past that the memory the ops use is leaked, and stderr says
+ * so).  pl_uring_shutdown does that part alone, waiting at most timeout s,
+ * and returns the ops the kernel still has: memory they use (strings,
+ * scratch) must outlive the reactor when that is not 0. */
+int pl_uring_shutdown(pl_uring_t *u, double timeout);
 void pl_uring_free(pl_uring_t *u);
 pl_reactor_t *pl_uring_reactor(pl_uring_t *u);
 /* The runtime whose tasks start ops (they are parked on I/O in C). */

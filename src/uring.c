@@ -4,13 +4,16 @@
  * and sockets are in uring_file.c, uring_buf.c and uring_net.c.
  *
  * Lifetime: a pl_uring_t owns its ring, its op slots, its buffer memory and
- * their registration; pl_uring_free releases them (after the ring is gone,
- * so the kernel holds no buffer).  An op slot is owned by the task that
- * started it until it takes the result; if the task dies first the op is
- * "abandoned": cancelled in the kernel and reclaimed by its completion, so
- * memory the kernel may still write to is never handed out again early.
+ * their registration; pl_uring_free releases them once the kernel has
+ * finished every op (pl_uring_shutdown cancels them and waits, bounded: an
+ * op that outlives the wait keeps its memory, leaked).  An op slot is owned
+ * by the task that started it until it takes the result; if the task dies
+ * first the op is "abandoned": cancelled in the kernel and reclaimed by its
+ * completion, so memory the kernel may still write to is never handed out
+ * again early.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <string.h>
@@ -95,16 +98,104 @@ fail:
     return NULL;
 }
 
+static void op_complete(pl_uring_t *u, uint32_t i, int32_t res);
+static uint64_t op_user_data(pl_uring_t *u, uint32_t i);
+
+/* Ask the kernel to cancel op i (its completion, -ECANCELED or the result
+ * it had reached, reclaims it). */
+static void op_cancel(pl_uring_t *u, uint32_t i)
+{
+    struct io_uring_sqe *sqe = uring_get_sqe(u);
+
+    if (sqe) {
+        io_uring_prep_cancel64(sqe, op_user_data(u, i), 0);
+        io_uring_sqe_set_data64(sqe, CANCEL_TAG);
+    }
+}
+
+/* SQEs the kernel has not taken yet become no-ops, and their ops finish as
+ * cancelled: a teardown comes whenever the garbage collector says, and an
+ * fd number they name (a read's, a close's) may belong to another file by
+ * then.  (Without SQPOLL the kernel takes SQEs only inside our
+ * io_uring_enter, so all from khead on are untaken; with it, only those
+ * not yet flushed to the kernel's thread.) */
+static void drop_unsubmitted(pl_uring_t *u)
+{
+    struct io_uring_sq *sq = &u->ring.sq;
+    unsigned from = u->opts.sqpoll ? sq->sqe_head : *sq->khead;
+
+    for (unsigned k = from; k != sq->sqe_tail; k++) {
+        struct io_uring_sqe *sqe = &sq->sqes[k & sq->ring_mask];
+        uint64_t ud = sqe->user_data;
+        uint32_t i = (uint32_t)ud;
+
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, CANCEL_TAG);
+        if (ud != CANCEL_TAG && i < u->nops && uring_op(u, i)->gen == (uint32_t)(ud >> 32) &&
+            uring_op(u, i)->state != OP_FREE)
+            op_complete(u, i, -ECANCELED);
+    }
+}
+
+/* Cancel every op the kernel has and wait for their completions, at most
+ * timeout seconds: closing the ring alone would not do, as the kernel
+ * tears a ring down asynchronously and could still write into buffers,
+ * scratch memory or op slots after they were freed.  Nobody is woken: the
+ * runtime may be gone already (a reactor and its runtime are often
+ * collected together).  Returns the ops the kernel still has (0: none). */
+int pl_uring_shutdown(pl_uring_t *u, double timeout)
+{
+    int64_t deadline = pl_clock_ns() + (int64_t)(timeout * 1e9);
+
+    if (!u->ring_ready)
+        return 0;
+    u->rt = NULL;
+    drop_unsubmitted(u);    /* (the cancels of abandoned ops among them) */
+    for (uint32_t i = 0; i < u->nops; i++) {
+        uint8_t state = uring_op(u, i)->state;
+        if (state == OP_IN_FLIGHT)
+            pl_uring_op_abandon(u, (int)i);
+        else if (state == OP_ABANDONED)
+            op_cancel(u, i);
+    }
+    if (u->shut_down)       /* waited once already: pl_uring_free after a failed shutdown */
+        deadline = 0;
+    u->shut_down = true;
+    for (;;) {
+        struct __kernel_timespec ts;
+        struct io_uring_cqe *cqe;
+        int64_t left;
+
+        uring_reap(u);
+        left = deadline - pl_clock_ns();
+        if (u->in_flight == 0 || left <= 0)
+            break;
+        ts.tv_sec = left / 1000000000;
+        ts.tv_nsec = left % 1000000000;
+        /* (submits the cancels) */
+        io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1, &ts, NULL);
+    }
+    return (int)u->in_flight;
+}
+
 void pl_uring_free(pl_uring_t *u)
 {
+    bool kernel_done;
+
     if (!u)
         return;
+    kernel_done = pl_uring_shutdown(u, URING_SHUTDOWN_WAIT) == 0;
+    if (!kernel_done)
+        fprintf(stderr, "pluvio: an io_uring reactor was freed while the kernel still had %u "
+                "operations %g s after cancelling them: their memory (op slots%s) is leaked, "
+                "not freed under the kernel\n", u->in_flight, URING_SHUTDOWN_WAIT,
+                u->buf_mem ? ", registered buffers" : "");
     if (u->ring_ready)
-        io_uring_queue_exit(&u->ring);  /* waits for the kernel to let go */
-    if (u->buf_mem)
+        io_uring_queue_exit(&u->ring);
+    if (u->buf_mem && kernel_done)
         munmap(u->buf_mem, u->buf_map_len);
     free(u->bufs);
-    for (uint32_t c = 0; c < u->nops / URING_OPS_PER_CHUNK; c++)
+    for (uint32_t c = 0; kernel_done && c < u->nops / URING_OPS_PER_CHUNK; c++)
         free(u->op_chunks[c]);
     uring_queues_free(u);
     free(u->waiters);
@@ -666,7 +757,6 @@ int pl_uring_op_settled(pl_uring_t *u, int i, uint32_t gen)
 int pl_uring_op_abandon(pl_uring_t *u, int i)
 {
     struct uring_op *op;
-    struct io_uring_sqe *sqe;
 
     if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, i)->state == OP_FREE)
         return -ESRCH;
@@ -678,11 +768,7 @@ int pl_uring_op_abandon(pl_uring_t *u, int i)
     }
     op->state = OP_ABANDONED;
     u->stats.cancels++;
-    sqe = uring_get_sqe(u);
-    if (sqe) {
-        io_uring_prep_cancel64(sqe, op_user_data(u, (uint32_t)i), 0);
-        io_uring_sqe_set_data64(sqe, CANCEL_TAG);
-    }
+    op_cancel(u, (uint32_t)i);
     return 0;
 }
 

@@ -15,6 +15,7 @@
 #define URING_MAX_OP_CHUNKS 1024
 #define NONE UINT32_MAX
 #define URING_INLINE_MAX 16     /* ops finished inline in a row before the task parks */
+#define URING_SHUTDOWN_WAIT 5.0 /* s pl_uring_free waits for the kernel to finish cancelled ops */
 
 enum op_state { OP_FREE, OP_IN_FLIGHT, OP_DONE, OP_ABANDONED };
 enum op_kind { OP_READ, OP_WRITE, OP_OTHER, OP_SEND, OP_READV, OP_WRITEV };
@@ -107,6 +108,7 @@ struct pl_uring {
     uint32_t inline_op;         /* the op being finished inline (no wake), or NONE */
     uint32_t inline_streak;     /* ops finished inline since the last tick */
     bool hold_flush;            /* the tick's flush may wait one batch (see uring_flush) */
+    bool shut_down;             /* pl_uring_shutdown waited once: do not wait again */
 
     struct uring_op *op_chunks[URING_MAX_OP_CHUNKS];   /* slots never move */
     uint32_t nops, free_op;

@@ -88,6 +88,22 @@ local Buffer = {}
 Buffer.__index = Buffer
 M.Buffer = Buffer
 
+-- Memory of ops the kernel would not give back when their reactor was
+-- freed: never let go (pl_uring_free says so on stderr).
+local leaked = {}
+local SHUTDOWN_WAIT = 5     -- s, as pl_uring_free waits
+
+-- The reactor's finalizer.  A reactor is often collected in the same cycle
+-- as its runtime, its tasks and the strings and scratch memory their ops
+-- use: pins and limbo, referenced from here (and so by the finalizer, not
+-- the reactor), keep those alive until the kernel has finished the ops.
+local function free_reactor(p, pins, limbo)
+    if C.pl_uring_shutdown(p, SHUTDOWN_WAIT) > 0 then
+        leaked[#leaked + 1] = { pins, limbo }
+    end
+    C.pl_uring_free(p)
+end
+
 local function new_reactor(fname, opts)
     local o = {}
     for k, v in pairs(M.DEFAULTS) do o[k] = v end
@@ -107,6 +123,7 @@ local function new_reactor(fname, opts)
     })
     local err = ffi.new("int[1]")
     local u = C.pl_uring_new(copts, err)
+    local pins, limbo = {}, {}
     if u == nil then
         local hint = ""
         if o.sqpoll and err[0] == EPERM then
@@ -118,13 +135,14 @@ local function new_reactor(fname, opts)
                      fname, o.queue_size, errstr(err[0]), hint), 3)
     end
     return setmetatable({
-        u = ffi.gc(u, C.pl_uring_free),
+        u = ffi.gc(u, function(p) free_reactor(p, pins, limbo) end),
         opts = o,
         result = ffi.new("pl_uring_result_t"),
         iov = ffi.new("pl_iovec_t[?]", C.PL_URING_IOV_MAX),   -- readv / writev parts, copied by C
         buffers_reclaimed = 0,
         bounce = {},            -- size class -> free list of aligned scratch memory
-        limbo = {},             -- strings and scratch of abandoned ops the kernel may still use
+        limbo = limbo,          -- strings and scratch of abandoned ops the kernel may still use
+        pins = pins,            -- op id -> strings and scratch its parked task's op uses, or false
     }, IoUringReactor)
 end
 
@@ -268,6 +286,9 @@ local function await(r, t, op, what, keep)
     t.io_reactor = r
     t.io_op = op
     t.io_keep = keep
+    if keep ~= nil then         -- (read_fixed has none: nothing stored)
+        r.pins[op] = keep
+    end
     t.waiting_for = what
     local fname, seq = t.io_fname, t.io_seq
     -- starting the op parked the task in C already
@@ -281,6 +302,9 @@ local function await(r, t, op, what, keep)
     t.waiting_for = nil
     t.io_reactor = nil
     t.io_keep = nil
+    if keep ~= nil then
+        r.pins[op] = false
+    end
     return result.res, result.bytes
 end
 
@@ -305,6 +329,9 @@ end
 function IoUringReactor:_abandon(t)
     local u, op, keep, rescue = self.u, t.io_op, t.io_keep, t.io_rescue
     t.io_op, t.io_keep, t.io_rescue = nil, nil, nil
+    if keep ~= nil then
+        self.pins[op] = false   -- to the limbo below, or taken by the rescue
+    end
     if rescue and rescue:_rescue(self, op, keep) then  -- done before the kill
         return
     end
@@ -847,7 +874,8 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
         error(format("%s: lens must be nil or a list of byte counts (got %s)", fname, check.show(lens)), 3)
     end
     local iov, total = r.iov, 0
-    local keep = {}         -- the parts (strings must outlive a killed op)
+    local keep              -- the strings among the parts (they must outlive a killed op;
+                            -- a registered buffer's memory is C's, counted in use by C)
     for i = 1, n do
         local p = parts[i]
         local ptr, size
@@ -888,7 +916,10 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
         iov[i - 1].base = ffi_cast("void *", ptr)
         iov[i - 1].len = len
         total = total + len
-        keep[i] = p
+        if type(p) == "string" then
+            keep = keep or {}
+            keep[#keep + 1] = p
+        end
     end
     if total > MAX_IO then
         error(format("%s: the parts hold %d bytes; one operation moves at most %d", fname, total, MAX_IO), 3)

@@ -461,12 +461,14 @@ function M.install(U)
             C.pl_uring_op_peer(r.u, op, namebuf, 80)
         else
             t.io_reactor, t.io_op, t.io_keep, t.io_rescue, t.waiting_for = r, op, scratch, self, self
+            r.pins[op] = scratch
             local seq = t.io_seq
             I.yielded(t, coroutine.yield(I.WAIT), "UdpSocket:recv_from", seq)  -- the op start parked the task
             while C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 do
                 I.park(t, I.WAIT_IO, op, self)     -- a spurious wake-up
             end
             t.io_reactor, t.io_keep, t.io_rescue, t.waiting_for = nil, nil, nil, nil
+            r.pins[op] = false
         end
         local from = ffi_string(namebuf)
         local result = r.result
