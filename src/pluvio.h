@@ -394,7 +394,8 @@ int pl_file_open_sync(const char *path, int flags, int mode);
 int pl_file_close_sync(int fd);
 /* Input from fds that are not files (a terminal, a pipe): wait in the ring
  * until fd is readable (the op's result: the poll(2) events), then read
- * once what is there (bytes, 0 at the end of input, or -errno). */
+ * once what is there without blocking (bytes, 0 at the end of input,
+ * -EAGAIN when another reader took it first: poll again, or -errno). */
 int pl_uring_poll_in(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
 int pl_fd_read(int fd, void *buf, uint32_t len);
 
