@@ -133,6 +133,71 @@ describe("Endpoint:close", function()
     end))
 end)
 
+describe("reply endpoints", function()
+    -- A connect_addr peer's messages come with a reply endpoint UCX made
+    -- for it (not ours to close): its table entry used to stay for good,
+    -- so a server answering short-lived clients filled the 4096 entries
+    -- and its replies then failed with EMFILE
+    local function serve_clients(ctx, sw, stream, n, keep)
+        for i = 1, n do
+            local cw = assert(ctx:create_worker())
+            local replies = cw:am_stream(2)
+            local ep = assert(cw:connect_addr(sw:address()))
+            assert(ep:am_send(1, "q" .. i, "", true))
+            local m = assert(stream:wait_msg())
+            assert(m:reply(2, "a" .. i, ""))
+            m:release()
+            if keep then keep[#keep + 1] = m end
+            assert.equal("a" .. i, assert(replies:wait_msg()).header)
+            ep:close()
+            cw:close()
+        end
+    end
+
+    it("go from the endpoint table once no message or endpoint object refers to them", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw = assert(ctx:create_worker())
+        local stream = sw:am_stream(1)
+        serve_clients(ctx, sw, stream, 20)
+        collectgarbage()
+        collectgarbage()
+        assert.equal(0, sw:stats().endpoints)
+        sw:close(); ctx:close()
+    end))
+
+    it("stay while a message refers to one: it can still be answered after release and a collection", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local stream, replies = sw:am_stream(1), cw:am_stream(2)
+        local ep = assert(cw:connect_addr(sw:address()))
+        assert(ep:am_send(1, "q", "", true))
+        local m = assert(stream:wait_msg())
+        m:release()
+        collectgarbage()
+        collectgarbage()
+        assert.equal(1, sw:stats().endpoints)
+        assert.is_true(m:reply(2, "late", ""))
+        assert.equal("late", assert(replies:wait_msg()).header)
+        -- messages of the same peer share the entry
+        assert(ep:am_send(1, "q2", "", true))
+        local m2 = assert(stream:wait_msg())
+        assert.equal(m.reply_ep, m2.reply_ep)
+        m2:release()
+        assert.equal(1, sw:stats().endpoints)
+        m, m2 = nil, nil
+        collectgarbage()
+        collectgarbage()
+        assert.equal(0, sw:stats().endpoints)
+        -- and the peer is answered on a fresh entry afterwards
+        assert(ep:am_send(1, "q3", "", true))
+        local m3 = assert(stream:wait_msg())
+        assert.is_true(m3:reply(2, "again", ""))
+        assert.equal("again", assert(replies:wait_msg()).header)
+        m3:release()
+        ep:close(); cw:close(); sw:close(); ctx:close()
+    end))
+end)
+
 describe("Message", function()
     it("is released when the task that took it is cancelled before receiving it, so its rendezvous sender completes", async(function()
         local p = pair()

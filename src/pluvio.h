@@ -429,7 +429,9 @@ typedef struct pl_ucx_msg_info {
     double data_length;
     int rndv;               /* 1: data still with the sender (rendezvous) */
     int can_reply;
-    int ep;                 /* endpoint handle to reply on, or -1 */
+    int ep;                 /* endpoint handle to reply on if it has an entry
+                             * (else -1: see pl_ucx_msg_reply_ep), or -errno:
+                             * why it cannot be answered any more */
     double taken;           /* messages of the worker taken by tasks and neither
                              * received nor released yet (this one included) */
 } pl_ucx_msg_info_t;
@@ -502,6 +504,12 @@ int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t 
                        pl_ucx_msg_info_t *info);
 void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen);
 int pl_ucx_msg_info(pl_ucx_worker_t *w, int msg, pl_ucx_msg_info_t *out);
+/* The endpoint to answer a taken message on (an entry made for it if it has
+ * none), held until pl_ucx_ep_unhold: a reply endpoint UCX made for a
+ * connect_addr peer leaves the table with its last holder.  -errno: why it
+ * cannot be answered. */
+int pl_ucx_msg_reply_ep(pl_ucx_worker_t *w, int msg);
+void pl_ucx_ep_unhold(pl_ucx_worker_t *w, int ep);
 int pl_ucx_msg_recv(pl_ucx_worker_t *w, int msg, void *buf, size_t len, uint32_t slot, uint32_t gen);
 int pl_ucx_msg_release(pl_ucx_worker_t *w, int msg);
 /* An eager message's data, where UCX holds it (valid until the message is

@@ -181,11 +181,30 @@ int pl_ucx_msg_info(pl_ucx_worker_t *w, int h, pl_ucx_msg_info_t *out)
     out->rndv = m->rndv;
     out->can_reply = m->reply_ep != NULL || m->reply_err < 0;
     if (m->reply_ep)
-        out->ep = ucx_ep_add(w, m->reply_ep, false, "reply");
+        out->ep = ucx_ep_lookup(w, m->reply_ep);    /* -1: no entry (yet) */
     else
         out->ep = out->can_reply ? m->reply_err : -1;   /* why it cannot be answered */
     out->taken = (double)w->taken;
     return 0;
+}
+
+/* The endpoint to answer message h on, held for the caller (a reply
+ * endpoint's entry goes with its last holder: pl_ucx_ep_unhold), or why it
+ * cannot be answered.  Once per entry, not per message: a message whose
+ * entry exists finds it in pl_ucx_msg_info. */
+int pl_ucx_msg_reply_ep(pl_ucx_worker_t *w, int h)
+{
+    struct ucx_msg *m = msg_get(w, h);
+    int ep;
+
+    if (!m || (!m->reply_ep && m->reply_err == 0))
+        return -EBADF;
+    if (!m->reply_ep)
+        return m->reply_err;
+    ep = ucx_ep_add(w, m->reply_ep, false, "reply");
+    if (ep >= 0)
+        ucx_ep_get(w, ep)->holds++;     /* (an owned entry's count means nothing) */
+    return ep;
 }
 
 /* The worker closes: messages taken and never received or released give

@@ -43,12 +43,25 @@ static int ep_find(pl_ucx_worker_t *w, ucp_ep_h ep)
     return -1;
 }
 
+/* The handle of an endpoint's entry, or -1 when it has none. */
+int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep)
+{
+    int i = ep_find(w, ep);
+
+    return i >= 0 ? ep_handle(w, i) : -1;
+}
+
+/* The entry of ep, made if it has none.  An endpoint we just created has
+ * none: an entry with its address is a reply endpoint's that UCX freed
+ * since (the memory was reused), and is dropped rather than handed out. */
 int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
 {
     int i = ep_find(w, ep);
 
-    if (i >= 0)
+    if (i >= 0 && !owned)
         return ep_handle(w, i);
+    if (i >= 0)
+        w->eps[i].state = EP_FREE;
     for (i = 0; i < UCX_MAX_ENDPOINTS; i++)
         if (w->eps[i].state == EP_FREE)
             break;
@@ -60,9 +73,20 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
     w->eps[i].gen = (uint16_t)((w->eps[i].gen + 1) & EP_GEN_MASK);
     w->eps[i].state = EP_OPEN;
     w->eps[i].owned = owned;
+    w->eps[i].holds = 0;
     w->eps[i].error = 0;
     snprintf(w->eps[i].peer, UCX_PEER_LEN, "%s", peer);
     return ep_handle(w, i);
+}
+
+/* A holder of a reply endpoint's entry lets go: the last one frees it.
+ * Owned entries, and entries closed or reused meanwhile, are left alone. */
+void pl_ucx_ep_unhold(pl_ucx_worker_t *w, int ep)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+
+    if (e && !e->owned && e->holds > 0 && --e->holds == 0)
+        e->state = EP_FREE;
 }
 
 /* The peer failed (UCP_ERR_HANDLING_MODE_PEER): UCX fails the endpoint's

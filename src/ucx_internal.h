@@ -45,11 +45,18 @@ struct ucx_op {
 
 enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED, EP_CLOSED };
 
+/* An endpoint table entry.  An owned entry lives until its endpoint is
+ * closed.  A reply endpoint's (not owned: UCX made the ucp endpoint for a
+ * connect_addr peer and frees it) lives while holders refer to it: the
+ * Lua objects that answer on it (pl_ucx_msg_reply_ep, pl_ucx_ep_unhold).
+ * Held messages keep the ucp endpoint itself and make an entry again
+ * when taken, so an entry never outlives every message that gave it. */
 struct ucx_ep {
     ucp_ep_h ep;
     uint16_t gen;
     uint8_t state;
     bool owned;             /* false: a reply endpoint UCX handed us */
+    uint32_t holds;         /* reply endpoints: its holders; freed at 0 */
     int32_t error;          /* -errno once failed */
     char peer[UCX_PEER_LEN];
 };
@@ -175,6 +182,7 @@ int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp);
 void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op);
 struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep);
 int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer);
+int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep);
 int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,
                   struct ucx_op **op, ucp_request_param_t *p);
 void ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);

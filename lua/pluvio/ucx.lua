@@ -194,9 +194,14 @@ end
 local live_workers = setmetatable({}, { __mode = "k" })
 
 -- A worker left to the garbage collector: its runtime may be gone, so it
--- wakes nobody (no task can wait on it: they would reference it).
-local function finalize_worker(w)
-    C.pl_ucx_worker_close(w, nil)
+-- wakes nobody (no task can wait on it: they would reference it).  life is
+-- what other finalizers (reply endpoints') see of it: at exit finalizers
+-- run in any order, and the worker may be gone before them.
+local function worker_finalizer(life)
+    return function(w)
+        life.open = false
+        C.pl_ucx_worker_close(w, nil)
+    end
 end
 
 function Context:create_worker(opts)
@@ -213,10 +218,12 @@ function Context:create_worker(opts)
     if w == nil then
         return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0]), errname(err[0])
     end
+    local life = { open = true }
     local worker = setmetatable({
-        w = ffi.gc(w, finalize_worker), context = self, result = ffi.new("pl_ucx_result_t"),
-        info = ffi.new("pl_ucx_msg_info_t"), eps = {}, listeners = {}, streams = {}, limbo = {},
-        max_header = C.pl_ucx_worker_max_am_header(w),
+        w = ffi.gc(w, worker_finalizer(life)), life = life, context = self,
+        result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
+        eps = {}, listeners = {}, streams = {}, limbo = {}, max_header = C.pl_ucx_worker_max_am_header(w),
+        replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
     }, Worker)
     self.workers[worker] = true
     live_workers[worker] = true
@@ -603,6 +610,7 @@ function Worker:close()
     local w = self.w
     ffi.gc(w, nil)
     self.w = nil            -- first: the tasks it wakes must find it closed
+    self.life.open = false
     -- they wait in the runtime progressing it (else in the running one)
     local rt = self.reactor and self.reactor.rt or pluvio.runtime()
     C.pl_ucx_worker_close(w, rt and rt.crt or nil)
@@ -995,6 +1003,25 @@ local function untrack(w, h)
     end
 end
 
+-- The endpoint to answer message h on: one object per table entry, shared
+-- by the messages that came on it, held in C until the object is
+-- collected, so that the entry of a reply endpoint UCX made for a
+-- connect_addr peer goes once nothing refers to it.  Or -errno: why the
+-- message cannot be answered.  Once per entry, not per message.
+local function reply_endpoint(w, h)
+    local ww, life = w.w, w.life
+    local rh = C.pl_ucx_msg_reply_ep(ww, h)
+    if rh < 0 then
+        return rh
+    end
+    local ep = setmetatable({ worker = w, h = rh, peer = "the sender",
+        hold = ffi.gc(ffi.new("char[1]"), function()    -- (refers to neither ep nor w)
+            if life.open then C.pl_ucx_ep_unhold(ww, rh) end
+        end) }, Endpoint)
+    w.replies[rh] = ep
+    return ep
+end
+
 -- The stream's next message, false when the task must wait (it was queued
 -- as a reader in C), or nil, err, code.
 local function next_msg(self, w, t)
@@ -1007,6 +1034,11 @@ local function next_msg(self, w, t)
     local h = C.pl_ucx_stream_next(w.w, self.id, t.slot, t.gen, info)
     if h >= 0 then
         local hlen = info.header_length
+        local reply = false     -- (false, not nil: see Message)
+        if info.can_reply ~= 0 then
+            local rh = info.ep
+            reply = rh >= 0 and w.replies[rh] or reply_endpoint(w, h)
+        end
         -- not "return setmetatable(...)": a tail call to a built-in with
         -- side effects makes the JIT give up on the return to the caller,
         -- and everything after a message arrives would run in the
@@ -1015,7 +1047,7 @@ local function next_msg(self, w, t)
             worker = w, h = h,
             header = hlen > 0 and ffi_string(info.header, hlen) or "",
             len = info.data_length, rndv = info.rndv ~= 0,
-            reply_h = info.can_reply ~= 0 and info.ep or nil, owner = t,
+            reply_ep = reply, owner = t,
         }, Message)
         if not t.takes_msgs then
             t.takes_msgs = true
@@ -1194,17 +1226,20 @@ end
 -- have sent with need_reply).
 function Message:reply(id, header, data, need_reply, proto)
     check.self("Message:reply", self, Message, "a message")
-    if not self.reply_h then
+    local ep = self.reply_ep    -- an endpoint, -errno (gone before the message was taken) or false
+    if not ep then
         error("Message:reply: the sender did not ask for a reply (need_reply was false)", 2)
     end
     local w = self.worker
     if not w.w then
         error("Message:reply: the worker is closed", 2)
     end
-    local h = self.reply_h
-    if h >= 0 and C.pl_ucx_ep_status(w.w, h) == EBADF then
-        h = ENOTCONN        -- its entry is gone: the endpoint was closed after the message was taken
-        self.reply_h = h
+    local h = ep
+    if type(ep) == "table" then
+        h = ep.h
+        if not h or C.pl_ucx_ep_status(w.w, h) == EBADF then
+            h = ENOTCONN    -- its entry is gone: the endpoint was closed after the message was taken
+        end
     end
     if h < 0 then           -- the endpoint it came on was closed or failed since
         local msg, name = why(h)
@@ -1212,11 +1247,6 @@ function Message:reply(id, header, data, need_reply, proto)
             msg = "the endpoint the message came on was closed"
         end
         return nil, "am_send to the sender: " .. msg, name
-    end
-    local ep = self.reply_ep
-    if not ep then
-        ep = setmetatable({ worker = w, h = self.reply_h, peer = "the sender" }, Endpoint)
-        self.reply_ep = ep
     end
     return ep:am_send(id, header, data, need_reply, proto)     -- a tail call: errors name our caller
 end
