@@ -30,6 +30,30 @@ local function within(seconds, fn)
     return r[1]
 end
 
+describe("Context", function()
+    it("lets a worker the user dropped be collected and closed while the context lives", async(function()
+        local ctx = assert(ucx.Context.new())
+        local seen = setmetatable({}, { __mode = "k" })
+        local port
+        do
+            local w = assert(ctx:create_worker())
+            port = assert(w:create_listener("127.0.0.1", 0)):port()
+            seen[w] = true
+        end
+        collectgarbage()
+        collectgarbage()
+        assert.is_nil(next(seen), "the dropped worker was not collected")
+        -- its finalizer closed it, and its listener with it: the port is free
+        local w2 = assert(ctx:create_worker())
+        local l2 = assert(w2:create_listener("127.0.0.1", port))
+        local kept = assert(ctx:create_worker())
+        assert.is_true(ctx:close())     -- closes the live ones first
+        assert.is_false(w2:close())
+        assert.is_false(kept:close())
+        assert.is_false(l2:close())
+    end))
+end)
+
 describe("Worker:close", function()
     it("wakes the tasks waiting in wait_msg, accept and tag_recv with nil, \"the worker is closed\"", async(function()
         local ctx = assert(ucx.Context.new())

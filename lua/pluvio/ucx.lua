@@ -56,6 +56,7 @@ UCXReactor.__index = UCXReactor
 M.UCXReactor = UCXReactor
 
 local singleton = nil
+local weak_keys = { __mode = "k" }
 
 local function new_reactor()
     local err = ffi.new("int[1]")
@@ -63,7 +64,9 @@ local function new_reactor()
     if r == nil then
         error("UCXReactor: cannot create the reactor: " .. errstr(err[0]), 3)
     end
-    return setmetatable({ r = ffi.gc(r, C.pl_ucx_reactor_free), workers = {} }, UCXReactor)
+    -- workers: weak, as a context's (Context.new)
+    return setmetatable({ r = ffi.gc(r, C.pl_ucx_reactor_free), workers = setmetatable({}, weak_keys) },
+                        UCXReactor)
 end
 
 -- UCXReactor.current(): this Lua state's UCX reactor (made on first call).
@@ -178,8 +181,11 @@ function Context.new(opts)
         return nil, "Context.new: cannot initialise UCX: " .. errstr(err[0]), errname(err[0])
     end
     -- Finalizers may run in any order at exit: C frees a released context
-    -- with its last worker, so neither order trips a UCX assertion.
-    return setmetatable({ c = ffi.gc(c, C.pl_ucx_context_release), workers = {} }, Context)
+    -- with its last worker, so neither order trips a UCX assertion.  Its
+    -- workers are weak: one the user dropped is collected, and closed by
+    -- its finalizer, while the context lives (a worker refers to it).
+    return setmetatable({ c = ffi.gc(c, C.pl_ucx_context_release), workers = setmetatable({}, weak_keys) },
+                        Context)
 end
 
 local function live_context(fname, c)
@@ -231,7 +237,9 @@ function Context:create_worker(opts)
     return worker
 end
 
--- close(): close the workers still open, then the context.
+-- close(): close the workers still open, then the context.  A worker
+-- already collected but not yet finalized is closed by its finalizer:
+-- the context goes with it (released), not before.
 function Context:close()
     live_context("Context:close", self)
     for w in pairs(self.workers) do
@@ -240,7 +248,7 @@ function Context:close()
     local c = self.c
     self.c = nil
     ffi.gc(c, nil)
-    C.pl_ucx_context_close(c)
+    C.pl_ucx_context_release(c)
     return true
 end
 
