@@ -100,7 +100,17 @@ static const char *msg_header(const struct ucx_msg *m)
     return m->header_heap ? m->header_heap : m->header_inline;
 }
 
-/* A block for a header of len bytes (more than the inline room). */
+/* A new block of size bytes, counted once it exists. */
+static char *header_block_new(pl_ucx_worker_t *w, size_t size)
+{
+    char *b = malloc(size);
+
+    if (b)
+        w->header_blocks++;
+    return b;
+}
+
+/* A block for a header of len bytes (more than the inline room), or NULL. */
 static char *header_block(pl_ucx_worker_t *w, struct ucx_msg *m, size_t len)
 {
     int c = 0;
@@ -110,15 +120,12 @@ static char *header_block(pl_ucx_worker_t *w, struct ucx_msg *m, size_t len)
         c++;
     if (c == UCX_HDR_CLASSES) {
         m->header_class = -1;
-        w->header_blocks++;
-        return malloc(len);
+        return header_block_new(w, len);
     }
     m->header_class = (int8_t)c;
     b = w->hdr_free[c];
-    if (!b) {
-        w->header_blocks++;
-        return malloc((size_t)256 << c);
-    }
+    if (!b)
+        return header_block_new(w, (size_t)256 << c);
     w->hdr_free[c] = b->next;
     return (char *)b;
 }

@@ -319,9 +319,7 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
     struct ucx_ep *e = ucx_ep_get(w, ep);
 
     if (!e)
-        return -EBADF;
-    if (e->state == EP_CLOSED)
-        return -EALREADY;
+        return -EBADF;          /* closed already: the entry is freed as the close starts */
     if (!e->owned) {            /* a reply endpoint: UCX closes it */
         e->state = EP_FREE;
         return 0;

@@ -43,7 +43,7 @@ struct ucx_op {
     uint32_t next_free;
 };
 
-enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED, EP_CLOSED };
+enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED };
 
 /* An endpoint table entry.  An owned entry lives until its endpoint is
  * closed.  A reply endpoint's (not owned: UCX made the ucp endpoint for a
