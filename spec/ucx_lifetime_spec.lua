@@ -89,6 +89,54 @@ describe("Worker:close", function()
 end)
 
 describe("Endpoint:close", function()
+    it("returns true when the worker is closed while it waits, without a UCX assertion", function()
+        -- the close waited for a rendezvous send the receiver never pulls;
+        -- UCX 1.13 aborted the process when the worker was destroyed under
+        -- an endpoint whose graceful close was still flushing
+        local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
+            stream:close()
+            stream = sw:am_stream(1, { window = 1 })    -- held: the receiver pauses
+            local h = ep:am_send_nb(1, "h", ("x"):rep(1048576), false, "rndv")
+            while sw:stats().msgs_held == 0 do pluvio.sleep(0.001) end
+            local closer = pluvio.spawn(function() return ep:close() end)
+            pluvio.sleep(0.05)
+            print(closer:status())
+            cw:close()
+            print(closer:join())
+            print(h:wait())
+            print(ep:close())
+            sep:close(); l:close(); sw:close(); ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        assert.matches("^waiting\ntrue\nnil\tam_send to 127%.0%.0%.1:%d+: the worker is closed\tECANCELED\nfalse\n$", out)
+    end)
+
+    it("keeps the endpoint, open and closable later, when it has no operation slot for the close", async(function()
+        -- 65536 operations in flight take every slot the worker has; the
+        -- entry was lost (counted for ever) and the endpoint unusable
+        local p = pair({ window = 1 })
+        local data = ("x"):rep(64)
+        local handles = {}
+        for i = 1, 65536 do handles[i] = p.ep:am_send_nb(1, nil, data, false, "rndv") end
+        assert.equal(65536, p.cw:stats().ops_in_flight)
+        local ok, err, name = p.ep:close()
+        assert.is_nil(ok)
+        assert.matches("^close to 127%.0%.0%.1:%d+: ENOMEM", err)
+        assert.equal("ENOMEM", name)
+        assert.is_true(p.ep:status())
+        assert.equal(1, p.cw:stats().endpoints)
+        p.sw:close()            -- the sends fail with their peer
+        local deadline = pluvio.now() + 10
+        while p.cw:stats().ops_in_flight > 0 and pluvio.now() < deadline do pluvio.sleep(0.01) end
+        assert.equal(0, p.cw:stats().ops_in_flight)
+        for i = 1, #handles do assert.is_nil((handles[i]:wait())) end     -- their slots go back
+        assert.is_true(p.ep:close())
+        local s = p.cw:stats()
+        assert.equal(0, s.endpoints)
+        assert.equal(0, s.failed_endpoints)
+        p.listener:close(); p.cw:close(); p.ctx:close()
+    end))
+
     it("makes a held message's reply fail with a clear error instead of using the freed endpoint", function()
         local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
             assert(ep:am_send(1, "question", "x", true))

@@ -96,7 +96,7 @@ static void ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
     pl_ucx_worker_t *w = arg;
     int i = ep_find(w, ep);
 
-    if (i >= 0 && w->eps[i].state == EP_OPEN) {
+    if (i >= 0 && (w->eps[i].state == EP_OPEN || w->eps[i].state == EP_CLOSING)) {
         w->eps[i].state = EP_FAILED;
         w->eps[i].error = pl_ucx_errno(status);
         ucx_msgs_forget_ep(w, ep, w->eps[i].error);
@@ -296,7 +296,8 @@ int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
     return ucx_op_result(w, op, ucp_ep_flush_nbx(e->ep, &p));
 }
 
-/* Start closing an endpoint we own; the entry is free from now on. */
+/* Start closing an endpoint we own; the entry is free from now on (not if
+ * there is no op slot for it: -ENOMEM, the entry unchanged). */
 static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t slot, uint32_t gen)
 {
     ucp_request_param_t p;
@@ -313,17 +314,52 @@ static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t s
     return ucx_op_result(w, op, ucp_ep_close_nbx(e->ep, &p));
 }
 
-/* Close gracefully (flush) a healthy endpoint, forcefully a failed one. */
+/* Whether an operation of ours is still in UCX's hands on the endpoint.
+ * Not a hot path: endpoints close rarely. */
+static bool ep_busy(pl_ucx_worker_t *w, int ep)
+{
+    for (uint32_t i = 0; i < w->nops; i++) {
+        const struct ucx_op *op = ucx_op_get(w, i);
+        if (op->ep == ep && (op->state == UOP_IN_FLIGHT || op->state == UOP_ABANDONED))
+            return true;
+    }
+    return false;
+}
+
+/* The first step of a graceful close with operations in flight: flush,
+ * the endpoint still open in UCX, and refuse new operations. */
+static int ep_drain(pl_ucx_worker_t *w, struct ucx_ep *e, int ep, uint32_t slot, uint32_t gen)
+{
+    ucp_request_param_t p;
+    struct ucx_op *op;
+    int rc = ucx_op_new(w, slot, gen, ep, &op);
+
+    if (rc < 0)
+        return rc;              /* the endpoint stays as it was */
+    e->state = EP_CLOSING;
+    ucx_op_param(&p, op);
+    return ucx_op_result(w, op, ucp_ep_flush_nbx(e->ep, &p));
+}
+
+/* Close gracefully a healthy endpoint, forcefully a failed one.  With
+ * operations in flight a graceful close takes two calls: this one flushes
+ * (EP_CLOSING), the next closes.  UCX 1.13 asserts when a worker is
+ * destroyed under an endpoint whose close is still flushing a send, while
+ * one that is only flushing is force-closed by pl_ucx_worker_close.  The
+ * entry is freed as the close proper starts; an error before that (no op
+ * slot: -ENOMEM) leaves it in place. */
 int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);
 
     if (!e)
-        return -EBADF;          /* closed already: the entry is freed as the close starts */
+        return -EBADF;
     if (!e->owned) {            /* a reply endpoint: UCX closes it */
         e->state = EP_FREE;
         return 0;
     }
+    if (e->state == EP_OPEN && ep_busy(w, ep))
+        return ep_drain(w, e, ep, slot, gen);
     return ep_close(w, e, e->state == EP_FAILED, slot, gen);
 }
 

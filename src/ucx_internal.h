@@ -43,7 +43,9 @@ struct ucx_op {
     uint32_t next_free;
 };
 
-enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED };
+/* EP_CLOSING: a graceful close waits for the endpoint's operations (a
+ * flush) before it closes it in UCX; new operations are refused. */
+enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED, EP_CLOSING };
 
 /* An endpoint table entry.  An owned entry lives until its endpoint is
  * closed.  A reply endpoint's (not owned: UCX made the ucp endpoint for a

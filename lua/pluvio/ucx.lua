@@ -22,7 +22,8 @@ local max = math.max
 
 local M = {}
 
-local EBADF, EAGAIN, EINVAL, EMSGSIZE, ENOTCONN, ECONNREFUSED, ECANCELED = -9, -11, -22, -90, -107, -111, -125
+local EBADF, EAGAIN, ENOMEM, EINVAL, EMSGSIZE = -9, -11, -12, -22, -90
+local ECONNRESET, ENOTCONN, ECONNREFUSED, ECANCELED = -104, -107, -111, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
 
@@ -899,7 +900,15 @@ function Endpoint:status()
     return true
 end
 
--- close(): flush and close (forced if the peer failed).
+-- Whether the endpoint's table entry is gone (closed, or its worker).
+local function ep_gone(w, h)
+    local ww = w.w
+    return not ww or C.pl_ucx_ep_status(ww, h) == EBADF
+end
+
+-- close(): flush and close (forced if the peer failed).  true once the
+-- endpoint is closed (a worker closed meanwhile closes it too); nil, err
+-- with the endpoint left open when the close could not start (no op slot).
 function Endpoint:close()
     check.self("Endpoint:close", self, Endpoint, "an endpoint")
     if not self.h or not self.worker.w then
@@ -908,10 +917,18 @@ function Endpoint:close()
     local t = current_task("Endpoint:close")
     local w = self.worker
     local h = self.h
-    self.h = nil
-    w.eps[self] = nil
+    self.h = nil            -- a second close meanwhile returns false
+    -- with operations in flight C flushes first, then closes on the next call
     local rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
-    if rc < 0 and rc ~= -125 and rc ~= -104 then     -- cancelled / reset: closed anyway
+    if rc ~= ENOMEM and not ep_gone(w, h) then
+        rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
+    end
+    if not ep_gone(w, h) then   -- it did not start: still there, to close again
+        self.h = h
+        return send_failed(self, "close", rc)
+    end
+    w.eps[self] = nil
+    if rc < 0 and rc ~= CLOSED and rc ~= ECANCELED and rc ~= ECONNRESET then  -- (closed anyway)
         return send_failed(self, "close", rc)
     end
     return true
