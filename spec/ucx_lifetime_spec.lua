@@ -111,6 +111,27 @@ describe("Endpoint:close", function()
         assert.matches("^waiting\ntrue\nnil\tam_send to 127%.0%.0%.1:%d+: the worker is closed\tECANCELED\nfalse\n$", out)
     end)
 
+    it("still closes the endpoint when the closing task is killed while it waits for operations in flight", async(function()
+        -- the close flushed first (operations in flight) and a kill then
+        -- left the endpoint open in UCX for good: close() said false, and
+        -- the peer never saw the connection go
+        local p = pair({ window = 1 })
+        assert(p.ep:am_send(1, "first", "x"))   -- the receiver holds its window: it pauses
+        while p.sw:stats().msgs_held == 0 do pluvio.sleep(0.001) end
+        local h = p.ep:am_send_nb(1, "h", ("x"):rep(1048576), false, "rndv")
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.05, function() return p.ep:close() end) })
+        for _ = 1, 2 do
+            local m = p.stream:wait_msg()
+            if m then m:release() end
+        end
+        h:wait()                -- done or cancelled: the endpoint went either way
+        local deadline = pluvio.now() + 5
+        while p.sep:status() and pluvio.now() < deadline do pluvio.sleep(0.01) end
+        assert.is_nil((p.sep:status()))
+        assert.is_false(p.ep:close())
+        p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
     it("keeps the endpoint, open and closable later, when it has no operation slot for the close", async(function()
         -- 65536 operations in flight take every slot the worker has; the
         -- entry was lost (counted for ever) and the endpoint unusable

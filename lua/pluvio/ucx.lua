@@ -352,10 +352,10 @@ function Worker:_abandon(t)
         handle.header, handle.data, handle.held1, handle.held2 = nil, nil, nil, nil
     end
     abandon_op(self, op, k1, k2, h1, h2)
-    local connecting = t.io_connect
-    if connecting then      -- a connect given up: its endpoint would stay half open
-        t.io_connect = nil
-        if self.w then C.pl_ucx_ep_abort(self.w, connecting) end
+    local ep = t.io_abort_ep
+    if ep then              -- a connect or close given up: its endpoint would stay half open
+        t.io_abort_ep = nil
+        if self.w then C.pl_ucx_ep_abort(self.w, ep) end
     end
 end
 
@@ -473,9 +473,9 @@ function Worker:connect_socket(host, port)
     local what = format("connect to %s:%d", host, port)
     local rc = C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen)
     local h = hout[0]
-    t.io_connect = h >= 0 and h or nil     -- a kill meanwhile aborts it (Worker:_abandon)
+    t.io_abort_ep = h >= 0 and h or nil    -- a kill meanwhile aborts it (Worker:_abandon)
     rc = run_op(self, t, rc, what)
-    t.io_connect = nil
+    t.io_abort_ep = nil
     if rc < 0 then
         if h >= 0 and self.w then   -- the endpoint exists but never came up: drop it
             local st = C.pl_ucx_ep_status(self.w, h)
@@ -918,8 +918,12 @@ function Endpoint:close()
     local w = self.worker
     local h = self.h
     self.h = nil            -- a second close meanwhile returns false
-    -- with operations in flight C flushes first, then closes on the next call
+    -- with operations in flight C flushes first, then closes on the next
+    -- call; a kill during the flush closes it forcefully (the entry would
+    -- stay, the endpoint open in UCX, and close() say false)
+    t.io_abort_ep = h
     local rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
+    t.io_abort_ep = nil
     if rc ~= ENOMEM and not ep_gone(w, h) then
         rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
     end
