@@ -172,6 +172,30 @@ describe("Endpoint:close", function()
         assert.equal("nil\tam_send to the sender: the endpoint the message came on was closed\tENOTCONN\n", out)
     end)
 
+    it("makes a reply on an endpoint whose close waits for operations say so, without blaming the peer", async(function()
+        -- the close flushes first (EP_CLOSING); a reply meanwhile answered
+        -- "ENOTCONN: ... (the peer failed or the connection to it broke)"
+        local p = pair()
+        local back = p.cw:am_stream(2, { window = 1 })
+        assert(p.ep:am_send(1, "q", "x", true))
+        local m = assert(p.stream:wait_msg())
+        assert(p.sep:am_send(2, "fill", "x"))   -- the client holds its window: it pauses
+        while p.cw:stats().msgs_held == 0 do pluvio.sleep(0.001) end
+        local h = p.sep:am_send_nb(2, "big", ("x"):rep(1048576), false, "rndv")
+        local closer = pluvio.spawn(function() return p.sep:close() end)
+        pluvio.sleep(0.02)
+        assert.equal("waiting", closer:status())
+        assert.same({ nil, "am_send to the sender: the endpoint the message came on was closed", "ENOTCONN" },
+                    { m:reply(2, "answer", "y") })
+        for _ = 1, 2 do
+            local a = back:wait_msg()
+            if a then a:release() end
+        end
+        h:wait()
+        assert.is_true(closer:join())
+        close_pair(p)
+    end))
+
     it("makes the reply of a message taken before the close fail the same way, without blaming the peer", function()
         local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
             assert(ep:am_send(1, "question", "x", true))

@@ -1266,8 +1266,11 @@ function Message:reply(id, header, data, need_reply, proto)
     local h = ep
     if type(ep) == "table" then
         h = ep.h
-        if not h or C.pl_ucx_ep_status(w.w, h) == EBADF then
-            h = ENOTCONN    -- its entry is gone: the endpoint was closed after the message was taken
+        local st = h and C.pl_ucx_ep_status(w.w, h)
+        if not h or st == EBADF or st == ENOTCONN then
+            -- the endpoint was closed after the message was taken (its entry
+            -- is gone), or its close waits for operations in flight
+            h = ENOTCONN
         end
     end
     if h < 0 then           -- the endpoint it came on was closed or failed since
