@@ -119,12 +119,16 @@ static void op_cancel(pl_uring_t *u, uint32_t i)
  * then.  (Without SQPOLL the kernel takes SQEs only inside our
  * io_uring_enter, so all from khead on are untaken; with it, only those
  * not yet flushed to the kernel's thread.) */
+static unsigned untaken_from(pl_uring_t *u)
+{
+    return u->opts.sqpoll ? u->ring.sq.sqe_head : *u->ring.sq.khead;
+}
+
 static void drop_unsubmitted(pl_uring_t *u)
 {
     struct io_uring_sq *sq = &u->ring.sq;
-    unsigned from = u->opts.sqpoll ? sq->sqe_head : *sq->khead;
 
-    for (unsigned k = from; k != sq->sqe_tail; k++) {
+    for (unsigned k = untaken_from(u); k != sq->sqe_tail; k++) {
         struct io_uring_sqe *sqe = &sq->sqes[k & sq->ring_mask];
         uint64_t ud = sqe->user_data;
         uint32_t i = (uint32_t)ud;
@@ -135,6 +139,30 @@ static void drop_unsubmitted(pl_uring_t *u)
             uring_op(u, i)->state != OP_FREE)
             op_complete(u, i, -ECANCELED);
     }
+}
+
+static uint8_t op_state(pl_uring_t *u, uint32_t i)
+{
+    return uring_op(u, i)->state;
+}
+
+/* Make op i's SQE a no-op if the kernel has not taken it (as above);
+ * false when the kernel has it. */
+static bool sqe_drop(pl_uring_t *u, uint32_t i)
+{
+    struct io_uring_sq *sq = &u->ring.sq;
+    uint64_t ud = op_user_data(u, i);
+
+    for (unsigned k = untaken_from(u); k != sq->sqe_tail; k++) {
+        struct io_uring_sqe *sqe = &sq->sqes[k & sq->ring_mask];
+
+        if (sqe->user_data == ud) {
+            io_uring_prep_nop(sqe);
+            io_uring_sqe_set_data64(sqe, CANCEL_TAG);
+            return true;
+        }
+    }
+    return false;
 }
 
 /* Cancel every op the kernel has and wait for their completions, at most
@@ -752,6 +780,35 @@ int pl_uring_op_settled(pl_uring_t *u, int i, uint32_t gen)
         return 1;
     op = uring_op(u, i);
     return op->gen != gen || op->state == OP_FREE || op->state == OP_DONE;
+}
+
+/* A socket receive whose task was killed gives the socket what it took, so
+ * it must be settled before it is given up: an op whose SQE the kernel has
+ * not taken yet (batched for the next tick) is dropped and never runs;
+ * else it is cancelled and its completion waited for (at most 1 s, a
+ * socket's cancel is immediate), data or -ECANCELED.  A cancel that went
+ * out later would let the receive run first and its bytes be lost. */
+int pl_uring_op_settle(pl_uring_t *u, int i)
+{
+    int64_t deadline;
+
+    if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, i)->state == OP_FREE)
+        return -ESRCH;
+    if (op_state(u, (uint32_t)i) == OP_IN_FLIGHT && sqe_drop(u, (uint32_t)i))
+        op_complete(u, (uint32_t)i, -ECANCELED);
+    if (op_state(u, (uint32_t)i) != OP_IN_FLIGHT)
+        return op_state(u, (uint32_t)i) == OP_DONE;
+    op_cancel(u, (uint32_t)i);
+    deadline = pl_clock_ns() + 1000000000;
+    while (op_state(u, (uint32_t)i) == OP_IN_FLIGHT && pl_clock_ns() < deadline) {
+        struct __kernel_timespec ts = { .tv_sec = 0, .tv_nsec = 10000000 };
+        struct io_uring_cqe *cqe;
+
+        pl_uring_flush(u);
+        io_uring_wait_cqe_timeout(&u->ring, &cqe, &ts);
+        uring_reap(u);      /* (completes the op: its state changes under us) */
+    }
+    return op_state(u, (uint32_t)i) == OP_DONE;
 }
 
 int pl_uring_op_abandon(pl_uring_t *u, int i)

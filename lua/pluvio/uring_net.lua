@@ -259,11 +259,14 @@ function M.install(U)
         end
     end
 
-    -- A recv that finished, its task killed before it took the bytes (a
-    -- timeout that fired in the tick they came): they are the stream's
-    -- next ones, kept for the next recv as gather keeps a recv_exact's.
+    -- A recv whose task was killed before it took the bytes (a timeout
+    -- that fired in the tick they came, or later: pl_uring_op_settle
+    -- drops a recv not yet submitted and cancels one in the kernel, waiting
+    -- for its end, so that no recv runs on after the kill): the bytes are
+    -- the stream's next ones, kept for the next recv as gather keeps a
+    -- recv_exact's.
     function TcpSocket:_rescue(r, op, scratch)
-        if C.pl_uring_op_take(r.u, op, r.result) ~= 1 then
+        if C.pl_uring_op_settle(r.u, op) ~= 1 or C.pl_uring_op_take(r.u, op, r.result) ~= 1 then
             return false                    -- not done: it is cancelled
         end
         local res = r.result.res
@@ -418,11 +421,11 @@ function M.install(U)
         return s, host, tonumber(port)
     end
 
-    -- A recv_from that finished, its task killed before it took the
-    -- datagram (a timeout that fired in the tick it came): it is held for
+    -- A recv_from whose task was killed before it took the datagram
+    -- (settled as TcpSocket:_rescue says): it is held for
     -- the next recv_from, as what the peer sent is never dropped unseen.
     function UdpSocket:_rescue(r, op, scratch)
-        if C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 then
+        if C.pl_uring_op_settle(r.u, op) ~= 1 or C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 then
             return false                    -- not done: it is cancelled
         end
         local from = ffi_string(namebuf)
