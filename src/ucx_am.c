@@ -283,9 +283,8 @@ static void recv_done(void *request, ucs_status_t status, size_t length, void *u
     ucx_op_finish(op, status);
 }
 
-/* Take the message's data into buf: a copy for eager data (done at once),
- * a rendezvous pull for the rest (in flight, or done when the progress
- * below finished it).  The message is consumed. */
+/* Where UCX holds message h's eager data (NULL: rendezvous, or no such
+ * message), for data() to copy straight from. */
 const void *pl_ucx_msg_eager_data(pl_ucx_worker_t *w, int h)
 {
     const struct ucx_msg *m = msg_get(w, h);
@@ -293,6 +292,9 @@ const void *pl_ucx_msg_eager_data(pl_ucx_worker_t *w, int h)
     return m && !m->rndv ? m->data : NULL;
 }
 
+/* Take the message's data into buf: a copy for eager data (done at once),
+ * a rendezvous pull for the rest (in flight, or done when the progress
+ * below finished it).  The message is consumed. */
 int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t slot, uint32_t gen)
 {
     struct ucx_msg *m = msg_get(w, h);

@@ -60,8 +60,10 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
 
     if (i >= 0 && !owned)
         return ep_handle(w, i);
-    if (i >= 0)
+    if (i >= 0) {
         w->eps[i].state = EP_FREE;
+        ucx_msgs_forget_ep(w, ep, -ENOTCONN);   /* their sender is gone too */
+    }
     for (i = 0; i < UCX_MAX_ENDPOINTS; i++)
         if (w->eps[i].state == EP_FREE)
             break;

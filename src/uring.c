@@ -124,7 +124,9 @@ static unsigned untaken_from(pl_uring_t *u)
     return u->opts.sqpoll ? u->ring.sq.sqe_head : *u->ring.sq.khead;
 }
 
-static void drop_unsubmitted(pl_uring_t *u)
+/* The untaken SQEs of op `only` (of every op: NONE) become no-ops, and
+ * their ops finish as cancelled. */
+static void drop_untaken(pl_uring_t *u, uint32_t only)
 {
     struct io_uring_sq *sq = &u->ring.sq;
 
@@ -132,37 +134,23 @@ static void drop_unsubmitted(pl_uring_t *u)
         struct io_uring_sqe *sqe = &sq->sqes[k & sq->ring_mask];
         uint64_t ud = sqe->user_data;
         uint32_t i = (uint32_t)ud;
+        bool live = ud != CANCEL_TAG && i < u->nops && uring_op(u, i)->gen == (uint32_t)(ud >> 32) &&
+                    uring_op(u, i)->state != OP_FREE;
 
-        io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data64(sqe, CANCEL_TAG);
-        if (ud != CANCEL_TAG && i < u->nops && uring_op(u, i)->gen == (uint32_t)(ud >> 32) &&
-            uring_op(u, i)->state != OP_FREE)
+        if (only != NONE && (!live || i != only))
+            continue;
+        uring_sqe_void(sqe);
+        if (live)
             op_complete(u, i, -ECANCELED);
     }
 }
 
+/* Op i's state, read anew at each call: drop_untaken and uring_reap change
+ * it under pl_uring_op_settle (a plain read there looks constant to
+ * cppcheck). */
 static uint8_t op_state(pl_uring_t *u, uint32_t i)
 {
     return uring_op(u, i)->state;
-}
-
-/* Make op i's SQE a no-op if the kernel has not taken it (as above);
- * false when the kernel has it. */
-static bool sqe_drop(pl_uring_t *u, uint32_t i)
-{
-    struct io_uring_sq *sq = &u->ring.sq;
-    uint64_t ud = op_user_data(u, i);
-
-    for (unsigned k = untaken_from(u); k != sq->sqe_tail; k++) {
-        struct io_uring_sqe *sqe = &sq->sqes[k & sq->ring_mask];
-
-        if (sqe->user_data == ud) {
-            io_uring_prep_nop(sqe);
-            io_uring_sqe_set_data64(sqe, CANCEL_TAG);
-            return true;
-        }
-    }
-    return false;
 }
 
 /* Cancel every op the kernel has and wait for their completions, at most
@@ -178,7 +166,7 @@ int pl_uring_shutdown(pl_uring_t *u, double timeout)
     if (!u->ring_ready)
         return 0;
     u->rt = NULL;
-    drop_unsubmitted(u);    /* (the cancels of abandoned ops among them) */
+    drop_untaken(u, NONE);  /* (the cancels of abandoned ops among them) */
     for (uint32_t i = 0; i < u->nops; i++) {
         uint8_t state = uring_op(u, i)->state;
         if (state == OP_IN_FLIGHT)
@@ -794,8 +782,8 @@ int pl_uring_op_settle(pl_uring_t *u, int i)
 
     if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, i)->state == OP_FREE)
         return -ESRCH;
-    if (op_state(u, (uint32_t)i) == OP_IN_FLIGHT && sqe_drop(u, (uint32_t)i))
-        op_complete(u, (uint32_t)i, -ECANCELED);
+    if (op_state(u, (uint32_t)i) == OP_IN_FLIGHT)
+        drop_untaken(u, (uint32_t)i);
     if (op_state(u, (uint32_t)i) != OP_IN_FLIGHT)
         return op_state(u, (uint32_t)i) == OP_DONE;
     op_cancel(u, (uint32_t)i);
@@ -806,7 +794,7 @@ int pl_uring_op_settle(pl_uring_t *u, int i)
 
         pl_uring_flush(u);
         io_uring_wait_cqe_timeout(&u->ring, &cqe, &ts);
-        uring_reap(u);      /* (completes the op: its state changes under us) */
+        uring_reap(u);
     }
     return op_state(u, (uint32_t)i) == OP_DONE;
 }

@@ -278,6 +278,7 @@ int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
 {
     struct io_uring_sqe *cancel;
     bool pair;
+    int rc;
 
     if (io_uring_sq_space_left(&u->ring) < 2)
         pl_uring_flush(u);
@@ -292,5 +293,8 @@ int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
     else
         pl_uring_flush(u);      /* a ring of one entry: the cancel goes first, alone
                                  * (a link may not span two submits) */
-    return pl_uring_close(u, slot, gen, fd);
+    rc = pl_uring_close(u, slot, gen, fd);
+    if (rc < 0 && pair)
+        cancel->flags &= ~IOSQE_IO_HARDLINK;   /* not linked to whatever SQE comes next */
+    return rc;
 }
