@@ -123,10 +123,15 @@ local claimed = 0      -- operations handed out so far (all tasks)
 local over = false     -- --runtime has passed
 
 -- Latencies are timed with stamps (bench.stamp: the TSC where the runtime
--- found one), which cost a third of a clock read; the clock itself is read
--- about every millisecond (every operation at first, then at most every
--- 256) for the deadline and the throughput samples.
-local next_clock = 1
+-- found one), which cost a third of a clock read.  The clock itself is
+-- read every few milliseconds, when an operation's stamp passes
+-- next_tick, for the deadline and the throughput samples.  (A check "every
+-- N operations" or "when the clock is due" would be a branch taken now and
+-- then: should LuaJIT record the loop on such an iteration, every other
+-- iteration leaves the compiled loop there.  A stamp past a deadline is
+-- false on every operation until the end.)
+local TICK = 0.005
+local next_tick = bench.stamp_after(TICK)
 
 -- The next operation's block, or nil when the run is over.
 local function claim()
@@ -143,7 +148,7 @@ local function claim()
 end
 
 -- A finished operation: count it, check a read with --verify, fsync every
--- --fsync-every writes, sample the throughput.
+-- --fsync-every writes.
 local function finished(is_write, off, buf, expect, data)
     done_ops = done_ops + 1
     done_bytes = done_bytes + o.bs
@@ -165,13 +170,14 @@ local function finished(is_write, off, buf, expect, data)
             assert(f:fsync())
         end
     end
-    if done_ops < next_clock then
-        return
-    end
+end
+
+-- An operation's stamp passed next_tick: check the deadline, sample the
+-- throughput.
+local function tick()
     local t = pluvio.now()
     over = t >= deadline
-    local per_ms = t > started and done_ops / (t - started) / 1000 or 1
-    next_clock = done_ops + math.max(1, math.min(256, math.floor(per_ms)))
+    next_tick = bench.stamp_after(TICK)
     if t - last_t >= 0.1 then
         series[#series + 1] = { t - started, (done_bytes - last_bytes) / (t - last_t) / 1048576 }
         last_t, last_bytes = t, done_bytes
@@ -222,6 +228,7 @@ local function worker(id)
         if not ok then error(e, 0) end
         t = hist:record_stamp(t)
         finished(is_write, off, buf, expect, ok)
+        if t >= next_tick then tick() end
     end
     if buf then buf:release() end
     if expect then expect:release() end
@@ -259,6 +266,7 @@ local function queue_worker()
         if not n then error(e, 0) end
         t = hist:record_stamp(starts[i])
         finished(is_writes[i], offs[i], bufs[i], expect, nil)
+        if t >= next_tick then tick() end
         start(i, t)
     end
     q:close()

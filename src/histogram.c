@@ -110,6 +110,13 @@ double pl_hist_stamp(void)
     return (double)pl_cycles();
 }
 
+/* A stamp `seconds` from now: a deadline to compare stamps with. */
+double pl_hist_stamp_after(double seconds)
+{
+    pl_cycles_init();
+    return (double)pl_cycles() + seconds * 1e9 / pl_ns_per_cycle;   /* (a double: no overflow for large seconds) */
+}
+
 /* The TSC costs a third of a clock_gettime under kvm-clock, which shows at
  * a million operations a second; stamps from one process on one machine
  * are comparable, and the rate error (< 0.1%) is below the buckets'. */

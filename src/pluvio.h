@@ -547,6 +547,7 @@ double pl_hist_record_since(pl_hist_t *h, double start);
  * units only pl_hist_record_stamp understands.  It records now - stamp and
  * returns now as a stamp. */
 double pl_hist_stamp(void);
+double pl_hist_stamp_after(double seconds);
 double pl_hist_record_stamp(pl_hist_t *h, double stamp);
 void pl_hist_merge(pl_hist_t *into, const pl_hist_t *from);
 double pl_hist_count(const pl_hist_t *h);
