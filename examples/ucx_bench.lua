@@ -211,19 +211,27 @@ end
 
 local function measure_latency(ep, streams, size, progress, buf, inbuf)
     local hist = bench.Histogram.new()
-    -- one clock read (the TSC, as ucx_perftest's) per round trip: its end
-    -- starts the next
+    -- One clock read (the TSC, as ucx_perftest's) per round trip: its end
+    -- starts the next.  The warm-up's round trips are recorded too, then
+    -- forgotten, and the progress line is due when a stamp passes a
+    -- deadline: LuaJIT compiles a branch the way it went while the loop was
+    -- recorded, so one that goes one way for a while and then the other
+    -- (i > warmup), or one way every N round trips (i % 256 == 0), can make
+    -- every round trip leave the compiled loop.
     local t = bench.stamp()
+    local next_update = bench.stamp_after(0.25)
     for i = 1, o.warmup + o.iters do
         assert(ep:am_send(PING, "", buf, false, o.proto, size))
         local m = assert(streams.pong:wait_msg())
         take(m, inbuf)
-        if i > o.warmup then
-            t = hist:record_stamp(t)
-        else
-            t = bench.stamp()
+        t = hist:record_stamp(t)
+        if i == o.warmup then
+            hist:reset()
         end
-        if i % 256 == 0 then progress:update(("latency %s: %d/%d"):format(bench.human(size), i, o.iters)) end
+        if t >= next_update then
+            progress:update(("latency %s: %d/%d"):format(bench.human(size), math.max(0, i - o.warmup), o.iters))
+            next_update = bench.stamp_after(0.25)
+        end
     end
     local s = hist:summary()
     for k, v in pairs(s) do         -- one way, as ucx_perftest reports it
