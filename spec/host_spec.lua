@@ -131,6 +131,18 @@ describe("pluvio (the host)", function()
         assert.matches("\n> nil\n> 1\tnil\n> nil\t2\n> end\n", out)
     end)
 
+    it("continues a statement its line leaves unfinished at a >> prompt, as luajit does", function()
+        local out = at_prompt('function sq(x)\n  return x * x\nend\n=sq(7)\n' ..
+                              'for i = 1, 2 do\nprint("i" .. i)\nend\n=sq(\n3)\nx = = 1\nlocal t = {\n')
+        if not out then return end
+        assert.matches("\n> >> >> > 49\n", out)
+        assert.matches("\n> >> >> i1\ni2\n", out)
+        assert.matches("\n> >> 9\n", out)
+        assert.matches("\n> stdin:1: unexpected symbol near '='\n", out)   -- an error, not more input
+        -- Ctrl-D inside a statement: its error, and the prompt ends
+        assert.matches("\n> >> stdin:1: unexpected symbol near '<eof>'\n$", out)
+    end)
+
     it("runs the tasks started at the prompt while it waits for the next line", function()
         if sh("command -v script >/dev/null") ~= 0 then
             pending("script(1) is not installed: no terminal to test the prompt with")

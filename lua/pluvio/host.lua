@@ -90,9 +90,23 @@ local function load_expression(code)
     return load("return (function(...) return ... end)(" .. code .. "\n)", "=stdin")
 end
 
--- The interactive prompt: each line runs inside the main task, so blocking
--- calls (pluvio.sleep, file and network operations) work; `=expr` or an
--- expression prints its values.
+-- The prompt's input as a function: an expression whose values are
+-- printed, else a statement (`=expr` is `return expr`); or nil and the
+-- statement's syntax error.
+local function load_input(input)
+    local code = input:gsub("^=", "")
+    local f, err = load_expression(code)
+    if not f then
+        f, err = load(input:match("^=") and "return " .. code or code, "=stdin")
+    end
+    return f, err
+end
+
+-- The interactive prompt: each statement runs inside the main task, so
+-- blocking calls (pluvio.sleep, file and network operations) work; `=expr`
+-- or an expression prints its values.  A statement that the end of its line
+-- leaves unfinished (a syntax error at '<eof>', as luajit decides) goes on
+-- at a ">> " prompt, so a function or a loop can be typed over several lines.
 local function repl(pluvio)
     io.stdout:write(("Pluvio %s (%s): lines run in the main task; Ctrl-D ends.\n")
                     :format(pluvio.version, jit and jit.version or _VERSION))
@@ -100,15 +114,22 @@ local function repl(pluvio)
     while true do
         io.stdout:write("> ")
         io.stdout:flush()
-        local line = next_line()
-        if not line then
+        local input = next_line()
+        if not input then
             io.stdout:write("\n")
             return
         end
-        local code = line:gsub("^=", "")
-        local f, err = load_expression(code)
-        if not f then
-            f, err = load(line:match("^=") and "return " .. code or code, "=stdin")
+        local f, err = load_input(input)
+        while not f and err:sub(-7) == "'<eof>'" do
+            io.stdout:write(">> ")
+            io.stdout:flush()
+            local more = next_line()
+            if not more then    -- Ctrl-D in the middle: say why, and end
+                io.stdout:write(err, "\n")
+                return
+            end
+            input = input .. "\n" .. more
+            f, err = load_input(input)
         end
         if not f then
             io.stdout:write(err, "\n")
