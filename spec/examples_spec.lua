@@ -318,4 +318,12 @@ describe("pluvio.bench", function()
         assert.is_nil(bench.parse_size("lots"))
         assert.equal("64 KiB", bench.bytes(65536))
     end)
+
+    it("decodes JSON, and says which argument is wrong when it is not text", function()
+        local v = bench.json_decode('{"a": [1, -2.5e3, "x"], "b": true, "c": {}}')
+        assert.same({ a = { 1, -2500, "x" }, b = true, c = {} }, v)
+        assert.same({ nil, "expected ',' or '}' at byte 8" }, { bench.json_decode('{"a":1') })
+        assert.has_error(function() bench.json_decode(nil) end,
+                         "bench.json_decode: text must be a string (got nil)")
+    end)
 end)

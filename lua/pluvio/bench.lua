@@ -313,6 +313,7 @@ end
 -- json_decode(text): a value, or nil and where it went wrong (enough for
 -- reading fio's and our own reports).
 function M.json_decode(text)
+    check.string("bench.json_decode", "text", text)
     local pos = 1
     local function ws() pos = text:find("[^ \t\r\n]", pos) or #text + 1 end
     local value
