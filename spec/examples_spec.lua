@@ -319,6 +319,13 @@ describe("pluvio.bench", function()
         assert.equal("64 KiB", bench.bytes(65536))
     end)
 
+    it("decodes \\u escapes beyond ASCII to UTF-8, surrogate pairs included", function()
+        assert.equal("A\195\169\226\130\172\240\159\152\128",
+                     bench.json_decode('"\\u0041\\u00e9\\u20ac\\ud83d\\ude00"'))
+        assert.equal("caf\195\169", bench.json_decode(bench.json("caf\195\169")))
+        assert.same({ nil, "bad \\u escape at byte 1" }, { bench.json_decode('"\\u12"') })
+    end)
+
     it("decodes JSON, and says which argument is wrong when it is not text", function()
         local v = bench.json_decode('{"a": [1, -2.5e3, "x"], "b": true, "c": {}}')
         assert.same({ a = { 1, -2500, "x" }, b = true, c = {} }, v)

@@ -310,6 +310,20 @@ function M.write_json(dest, value)
     return true
 end
 
+-- A code point as UTF-8 (a lone surrogate as the three bytes it would take).
+local function utf8(c)
+    local char = string.char
+    if c < 0x80 then
+        return char(c)
+    elseif c < 0x800 then
+        return char(0xc0 + floor(c / 0x40), 0x80 + c % 0x40)
+    elseif c < 0x10000 then
+        return char(0xe0 + floor(c / 0x1000), 0x80 + floor(c / 0x40) % 0x40, 0x80 + c % 0x40)
+    end
+    return char(0xf0 + floor(c / 0x40000), 0x80 + floor(c / 0x1000) % 0x40,
+                0x80 + floor(c / 0x40) % 0x40, 0x80 + c % 0x40)
+end
+
 -- json_decode(text): a value, or nil and where it went wrong (enough for
 -- reading fio's and our own reports).
 function M.json_decode(text)
@@ -318,6 +332,10 @@ function M.json_decode(text)
     local function ws() pos = text:find("[^ \t\r\n]", pos) or #text + 1 end
     local value
     local function err(what) error({ json_error = ("%s at byte %d"):format(what, pos) }) end
+    local function hex4(at)
+        local digits = text:sub(at, at + 3)
+        return digits:match("^%x%x%x%x$") and tonumber(digits, 16) or err("bad \\u escape")
+    end
     local function str()
         local out, i = {}, pos + 1
         while true do
@@ -328,9 +346,16 @@ function M.json_decode(text)
                 local e = text:sub(i + 1, i + 1)
                 local map = { n = "\n", t = "\t", r = "\r", b = "\b", f = "\f", ["/"] = "/", ["\\"] = "\\", ['"'] = '"' }
                 if e == "u" then
-                    local code = tonumber(text:sub(i + 2, i + 5), 16) or err("bad \\u escape")
-                    out[#out + 1] = code < 128 and string.char(code) or "?"
+                    local code = hex4(i + 2)
                     i = i + 6
+                    if code >= 0xd800 and code < 0xdc00 and text:sub(i, i + 1) == "\\u" then
+                        local low = hex4(i + 2)  -- a surrogate pair: one code point
+                        if low >= 0xdc00 and low < 0xe000 then
+                            code = 0x10000 + (code - 0xd800) * 0x400 + (low - 0xdc00)
+                            i = i + 6
+                        end
+                    end
+                    out[#out + 1] = utf8(code)
                 else
                     out[#out + 1] = map[e] or err("bad escape")
                     i = i + 2
