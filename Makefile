@@ -39,7 +39,7 @@ SPEC_FLAGS ?=
 
 C_BENCH    = $(BUILD)/uring_c_bench
 
-all: $(LIB) $(HOST) $(CDEF) $(C_BENCH)
+all: $(LIB) $(HOST) $(CDEF) $(C_BENCH) ## (plain `make`) build libpluvio.so, the pluvio host and the FFI cdef
 
 $(BUILD):
 	mkdir -p $(BUILD)
@@ -116,5 +116,5 @@ clean: ## remove build products
 
 help: ## list the targets
 	@echo "Pluvio make targets:"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
 	@echo "Variables: PREFIX=$(PREFIX) DESTDIR= BUILD=$(BUILD) CC=$(CC) CFLAGS='$(CFLAGS)'"

@@ -115,3 +115,42 @@ describe("documentation examples", function()
         end
     end
 end)
+
+describe("make help and README's Make targets", function()
+    local function targets_of_makefile()
+        local text = read(root .. "/Makefile")
+        local phony = {}
+        for list in text:gmatch("\n%.PHONY:([^\n]*)") do
+            for name in list:gmatch("%S+") do
+                if name ~= "check-deps" then    -- internal: demo and bench call it
+                    phony[#phony + 1] = name
+                end
+            end
+        end
+        table.sort(phony)
+        return phony
+    end
+
+    it("list every target of the Makefile, and only those", function()
+        local targets = targets_of_makefile()
+        assert.is_true(#targets >= 10)
+        local status, out = helper.sh("make -s -C " .. helper.quote(root) .. " help")
+        assert.equal(0, status)
+        local listed = {}
+        for name in out:gmatch("\n  ([%w-]+)  ") do listed[#listed + 1] = name end
+        table.sort(listed)
+        assert.same(targets, listed)
+
+        local section = read(root .. "/README.md"):match("\n## Make targets\n(.-)\n## ")
+        assert.is_string(section, "README.md has no Make targets section")
+        local in_readme = {}
+        for cell in section:gmatch("\n| ([^|]-) |") do
+            for name in cell:gmatch("`([^`]+)`") do
+                name = name:gsub("^make ?", "")
+                in_readme[#in_readme + 1] = name == "" and "all" or name
+            end
+        end
+        table.sort(in_readme)
+        assert.same(targets, in_readme)
+    end)
+end)
