@@ -35,6 +35,28 @@ local function check_tree(tree)
         q('local p = require "pluvio"; print(p.run(function() p.sleep(0.001); return "ok" end))'))
     assert.equal(0, status, err)
     assert.equal("ok\n", out)
+    -- and so does a user's busted spec of async code, with the same paths
+    -- (README.md: "Three ways to use it")
+    local spec = tree .. "/async_spec.lua"
+    f = assert(io.open(spec, "w"))
+    f:write([[
+local pluvio = require "pluvio"
+describe("an async function", function()
+    it("sleeps in its own runtime", pluvio.wrap(function()
+        local t0 = pluvio.now()
+        pluvio.sleep(0.01)
+        assert.is_true(pluvio.now() - t0 >= 0.01)
+    end))
+    it("times out", pluvio.wrap(function()
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.01, pluvio.sleep, 5) })
+    end))
+end)
+]])
+    f:close()
+    status, out, err = sh("cd " .. q(tree) .. " && " .. CLEAN_ENV .. paths ..    -- (away from our .busted)
+                          "busted --lua=luajit -o plainTerminal async_spec.lua")
+    assert.equal(0, status, out .. err)
+    assert.matches("2 successes / 0 failures / 0 errors", out)
 end
 
 describe("make install", function()
