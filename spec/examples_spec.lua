@@ -248,6 +248,23 @@ describe("the scripts' option parser", function()
         end
     end)
 
+    it("takes a default written as on the command line (\"4k\") as the value it stands for", function()
+        local bench = require "pluvio.bench"
+        local spec = { options = {
+            { "bs", "size", "4k", "block size" },
+            { "sizes", "list", "8,64k", "message sizes" },
+            { "iodepth", "integer", "32", "reads in flight" },
+            { "name", "string", "run", "a label" },
+        } }
+        local o = bench.parse_args(spec, {})
+        assert.same({ bs = 4096, sizes = { 8, 65536 }, iodepth = 32, name = "run" }, o)
+        assert.equal(8192, bench.parse_args(spec, { "--bs", "8k" }).bs)
+        assert.matches("(default 4k)", bench.help(spec), 1, true)
+        spec.options[1][3] = "lots"
+        assert.has_error(function() bench.parse_args(spec, {}) end,
+                         "bench.parse_args: the default of --bs must be a size like 4096, 4k, 1m or 1g (got lots)")
+    end)
+
     it("keeps stdout for the JSON alone with --json -", function()
         local status, out, err = run("uring_bench.lua", "--size 256k --bytes 64k --iodepth 2 --quiet --json -")
         assert.equal(0, status, err)

@@ -112,6 +112,40 @@ function M.parse_size(s)
     return floor(tonumber(num) * mult)
 end
 
+-- A value of an option of kind integer, number, size or list, from the
+-- text given for it; or nil and what is wrong.
+local function convert(o, name, v)
+    if o[2] == "integer" or o[2] == "number" then
+        -- decimal only: tonumber alone takes 0x10, inf and nan
+        local n = v:match("^%s*[+-]?%d*%.?%d+[eE]?[+-]?%d*%s*$") and tonumber(v)
+        if not n or n ~= n or n == math.huge or n == -math.huge or
+                (o[2] == "integer" and n % 1 ~= 0) then
+            return nil, format("--%s must be %s (got %s)", name, o[2] == "integer" and "an integer" or "a number", v)
+        end
+        v = n
+    elseif o[2] == "size" then
+        local n = M.parse_size(v)
+        if not n then
+            return nil, format("--%s must be a size like 4096, 4k, 1m or 1g (got %s)", name, v)
+        end
+        v = n
+    elseif o[2] == "list" then
+        local list = {}
+        for item in v:gmatch("[^,]+") do
+            local n = M.parse_size(item)
+            if not n then
+                return nil, format("--%s must be a comma-separated list of sizes (got %s)", name, v)
+            end
+            list[#list + 1] = n
+        end
+        if #list == 0 then
+            return nil, format("--%s needs at least one size", name)
+        end
+        v = list
+    end
+    return v
+end
+
 -- parse_args(spec, argv): spec = { usage = "...", options = { {name, kind,
 -- default, help[, min = n][, max = n][, choices = {...}][, out = true]},
 -- ... } } with kind "string", "integer", "number" (decimal, finite),
@@ -123,7 +157,15 @@ function M.parse_args(spec, argv)
     local opts, by_name = {}, {}
     for _, o in ipairs(spec.options) do
         by_name[o[1]] = o
-        opts[o[1]:gsub("-", "_")] = o[3]
+        local default = o[3]
+        if type(default) == "string" and o[2] ~= "string" then  -- "4k" as on the command line
+            local err
+            default, err = convert(o, o[1], default)
+            if default == nil then
+                error("bench.parse_args: the default of " .. err, 2)
+            end
+        end
+        opts[o[1]:gsub("-", "_")] = default
     end
     local function fail(msg)
         io.stderr:write((spec.name or "bench"), ": ", msg, " (see --help)\n")
@@ -157,33 +199,10 @@ function M.parse_args(spec, argv)
             if v == nil then
                 fail("--" .. name .. " needs a value")
             end
-            if o[2] == "integer" or o[2] == "number" then
-                -- decimal only: tonumber alone takes 0x10, inf and nan
-                local n = v:match("^%s*[+-]?%d*%.?%d+[eE]?[+-]?%d*%s*$") and tonumber(v)
-                if not n or n ~= n or n == math.huge or n == -math.huge or
-                        (o[2] == "integer" and n % 1 ~= 0) then
-                    fail(format("--%s must be %s (got %s)", name, o[2] == "integer" and "an integer" or "a number", v))
-                end
-                v = n
-            elseif o[2] == "size" then
-                local n = M.parse_size(v)
-                if not n then
-                    fail(format("--%s must be a size like 4096, 4k, 1m or 1g (got %s)", name, v))
-                end
-                v = n
-            elseif o[2] == "list" then
-                local list = {}
-                for item in v:gmatch("[^,]+") do
-                    local n = M.parse_size(item)
-                    if not n then
-                        fail(format("--%s must be a comma-separated list of sizes (got %s)", name, v))
-                    end
-                    list[#list + 1] = n
-                end
-                if #list == 0 then
-                    fail(format("--%s needs at least one size", name))
-                end
-                v = list
+            local err
+            v, err = convert(o, name, v)
+            if v == nil then
+                fail(err)
             end
             if o.choices then
                 local ok = false
