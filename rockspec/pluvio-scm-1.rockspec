@@ -25,6 +25,7 @@ dependencies = {
 }
 external_dependencies = {
     URING = { header = "liburing.h", library = "uring" },
+    UCX = { header = "ucp/api/ucp.h", library = "ucp" },
 }
 build = {
     type = "make",
