@@ -127,15 +127,16 @@ static struct options parse(lua_State *L, int argc, char **argv)
             o.script = i;
             return o;
         }
-        if (strcmp(a, "-e") == 0 || strcmp(a, "-l") == 0) {
-            if (i + 1 >= argc) {
+        if (a[1] == 'e' || a[1] == 'l') {   /* -e code, -ecode: as luajit takes them */
+            const char *value = a[2] ? a + 2 : i + 1 < argc ? argv[++i] : NULL;
+            if (!value) {
                 o.bad = a;
                 return o;
             }
             lua_createtable(L, 2, 0);
-            lua_pushstring(L, a + 1);
+            lua_pushlstring(L, a + 1, 1);
             lua_rawseti(L, -2, 1);
-            lua_pushstring(L, argv[++i]);
+            lua_pushstring(L, value);
             lua_rawseti(L, -2, 2);
             lua_rawseti(L, -2, ++n);
         } else if (strcmp(a, "--stats") == 0) {
