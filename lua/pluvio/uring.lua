@@ -391,7 +391,7 @@ local function acquire(r, t, rt, fname)
                      fname, o.buffer_count, o.buffer_size, errstr(idx)), 3)
     end
     local b = setmetatable({
-        reactor = r, index = idx, owner = t, rt = rt,
+        reactor = r, index = idx, task = t, rt = rt,     -- task: its owner, or false
         base = ffi_cast("uint8_t *", C.pl_uring_buffer_ptr(u, idx)),
         len = r.opts.buffer_size,
     }, Buffer)
@@ -420,7 +420,7 @@ local function live_buffer(fname, b)
         error(format("%s: expected a registered buffer (got %s)", fname, type(b)), 3)
     end
     if not b.base then
-        error(fname .. ": the buffer was released", 3)
+        error(fname .. ": the buffer was released" .. (b.gone or ""), 3)
     end
     return b
 end
@@ -504,15 +504,72 @@ function Buffer:release()
         error("Buffer:release: the buffer was already released", 2)
     end
     self.base = nil
-    self.owner:_disown(self)
+    if self.task then
+        self.task:_disown(self)
+    end
     C.pl_uring_buffer_release(self.reactor.u, self.rt.crt, self.index)
     return true
 end
 
+-- The buffer's owner becomes t (a task, or false: none).
+local function set_owner(b, t)
+    if b.task then
+        b.task:_disown(b)
+    end
+    b.task = t
+    if t then
+        t:_own(b)
+    end
+    return b
+end
+
+-- give(task): the buffer belongs to task from now on (a live task of its
+-- runtime), and is released when that task ends, not when its giver does:
+-- for handing a filled buffer to the task that writes it out.
+function Buffer:give(task)
+    live_buffer("Buffer:give", self)
+    if getmetatable(task) ~= pluvio.Task then
+        error(format("Buffer:give: task must be a task (got %s)", check.show(task)), 2)
+    end
+    if task.rt ~= self.rt then
+        error("Buffer:give: the task belongs to another runtime than the buffer", 2)
+    end
+    if not task.live then
+        error(format("Buffer:give: %s has ended: it could never release the buffer", tostring(task)), 2)
+    end
+    return set_owner(self, task)
+end
+
+-- take(): the buffer belongs to the running task from now on.
+function Buffer:take()
+    live_buffer("Buffer:take", self)
+    local t, rt = current_task("Buffer:take")
+    if rt ~= self.rt then
+        error("Buffer:take: the buffer belongs to another runtime than the running task", 2)
+    end
+    return set_owner(self, t)
+end
+
+-- detach(): the buffer belongs to no task: only release() gives it back
+-- (for a buffer in a channel whose reader is not known yet; the reader
+-- takes it).
+function Buffer:detach()
+    live_buffer("Buffer:detach", self)
+    return set_owner(self, false)
+end
+
+-- owner(): the task the buffer belongs to, or nil when detached.
+function Buffer:owner()
+    live_buffer("Buffer:owner", self)
+    return self.task or nil
+end
+
 -- Its owner ended without releasing it.
-function Buffer:_task_exit()
+function Buffer:_task_exit(t)
     if self.base then
         self.base = nil
+        self.gone = format(" when its task %q ended (give it to another task, or detach it, to keep it)",
+                           t and t:name() or "?")
         self.reactor.buffers_reclaimed = self.reactor.buffers_reclaimed + 1
         C.pl_uring_buffer_release(self.reactor.u, self.rt.crt, self.index)
     end
