@@ -210,6 +210,26 @@ describe("IoUringReactor", function()
 end)
 
 describe("File and DmaFile", function()
+    it("raise argument errors of open and new at the caller's line", function()
+        local here = "uring_spec%.lua:%d+: "
+        local function raised(fn)
+            local ok, err = pcall(fn)
+            assert.is_false(ok)
+            return err
+        end
+        pluvio.run(function()
+            assert.matches(here .. "File%.open: path must be a string %(got nil%)", raised(function() uring.File.open(nil) end))
+            assert.matches(here .. "DmaFile%.open: mode must be a string", raised(function() uring.DmaFile.open("x", 1) end))
+            assert.matches(here .. "File%.open: perms must be an integer from 0 to 4095 %(got \"a\"%)",
+                           raised(function() uring.File.open("x", "r", "a") end))
+            assert.matches(here .. "File%.new: fd must be an integer", raised(function() uring.File.new(-1) end))
+            assert.matches(here .. "DmaFile%.new: fd must be an integer", raised(function() uring.DmaFile.new("x") end))
+            assert.matches(here .. "File%.new: fd 1000 is not open", raised(function() uring.File.new(1000) end))
+        end)
+        assert.matches(here .. "File%.open: not inside a pluvio task", raised(function() uring.File.open("x") end))
+        assert.matches(here .. "File%.new: not inside a pluvio task", raised(function() uring.File.new(0) end))
+    end)
+
     for _, kind in ipairs({ "File", "DmaFile" }) do
         local cls = uring[kind]
 

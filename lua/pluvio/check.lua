@@ -19,10 +19,10 @@ function M.fail(fname, what, v, level)
     error(format("%s: %s (got %s)", fname, what, show(v)), level or 3)
 end
 
-function M.integer(fname, argname, v, min, max)
+function M.integer(fname, argname, v, min, max, level)
     if type(v) ~= "number" or v ~= v or floor(v) ~= v or v < min or v > max then
         error(format("%s: %s must be an integer from %d to %d (got %s)",
-                     fname, argname, min, max, show(v)), 3)
+                     fname, argname, min, max, show(v)), level or 3)
     end
     return v
 end
@@ -42,9 +42,9 @@ function M.func(fname, argname, v)
     return v
 end
 
-function M.string(fname, argname, v)
+function M.string(fname, argname, v, level)
     if type(v) ~= "string" then
-        error(format("%s: %s must be a string (got %s)", fname, argname, type(v)), 3)
+        error(format("%s: %s must be a string (got %s)", fname, argname, type(v)), level or 3)
     end
     return v
 end

@@ -247,10 +247,12 @@ local function reactor_of(rt, fname, depth)
           "(rt:register_reactor(\"io_uring\", uring.reactor{...}))", 3 + (depth or 0))
 end
 
--- The running task and its runtime's reactor.
-local function context(fname)
-    local t, rt = io_task(fname, 1)
-    return t, reactor_of(rt, fname, 1), rt
+-- The running task and its runtime's reactor (depth: frames between the
+-- user's call and our caller, for the position of errors).
+local function context(fname, depth)
+    depth = 1 + (depth or 0)
+    local t, rt = io_task(fname, depth)
+    return t, reactor_of(rt, fname, depth), rt
 end
 
 -- The same for operations that take input (a socket's bytes, a
@@ -749,11 +751,11 @@ local function learn_alignment(f, t)
 end
 
 local function open_file(cls, fname, direct, path, mode, perms)
-    check.string(fname, "path", path)
+    check.string(fname, "path", path, 4)       -- (4: the user called File.open, which called us)
     if mode == nil then
         mode = "r"
     end
-    check.string(fname, "mode", mode)
+    check.string(fname, "mode", mode, 4)
     local flags = C.pl_file_flags(mode, direct and 1 or 0)
     if flags < 0 then
         error(format('%s: mode must be one of "r", "w", "a", "r+", "w+", "a+" (got %s)',
@@ -762,8 +764,8 @@ local function open_file(cls, fname, direct, path, mode, perms)
     if perms == nil then
         perms = 420     -- 0644
     end
-    check.integer(fname, "perms", perms, 0, 4095)
-    local t, r = context(fname)
+    check.integer(fname, "perms", perms, 0, 4095, 4)
+    local t, r = context(fname, 1)
     local fd = run_op(r, t, C.pl_uring_openat(r.u, t.slot, t.gen, path, flags, perms), path, path)
     local f = wrap_fd(cls, r, -1, path, direct, true)
     if fd < 0 then
@@ -794,7 +796,7 @@ function File.open(path, mode, perms)
 end
 
 local function new_from_fd(cls, fname, direct, fd, path)
-    check.integer(fname, "fd", fd, 0, 2 ^ 31 - 1)
+    check.integer(fname, "fd", fd, 0, 2 ^ 31 - 1, 4)
     local has = C.pl_file_fd_direct(fd)
     if has < 0 then
         error(format("%s: fd %d is not open (%s)", fname, fd, errstr(has)), 3)
@@ -805,7 +807,7 @@ local function new_from_fd(cls, fname, direct, fd, path)
         error(format("%s: fd %d was opened with O_DIRECT (wrap it with DmaFile.new, which checks " ..
                      "the O_DIRECT rules)", fname, fd), 3)
     end
-    local t, r = context(fname)
+    local t, r = context(fname, 1)
     local f = wrap_fd(cls, r, fd, path or ("fd " .. fd), direct, true)
     learn_alignment(f, t)
     return f
