@@ -86,6 +86,33 @@ describe("Worker:close", function()
         assert.equal(0, status, err)
         assert.matches("^nil\tam_send to 127%.0%.0%.1:%d+: the worker is closed\tECANCELED\n$", out)
     end)
+    it("fails a rendezvous pull with a clear error when the worker is closed while the endpoint it came on closes", function()
+        -- UCX 1.13 aborted the process in ucp_worker_destroy (proto_reqs
+        -- not empty): the endpoint's graceful close had freed its entry, so
+        -- the worker's close could neither force it nor wait for the pull
+        for recv, size in pairs({ ["m:data()"] = 64 * 1048576, ["m:recv_data(buf)"] = 1048576 }) do
+            local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
+                local buf = require("pluvio.uring").acquire_buffer()    -- 1 MiB
+                local sender = pluvio.spawn(function()
+                    return ep:am_send(1, "h", ("x"):rep(]] .. size .. [[), false, "rndv")
+                end)
+                local m = assert(stream:wait_msg())
+                local puller = pluvio.spawn(function() return ]] .. recv .. [[ end)
+                local closer = pluvio.spawn(function() return sep:close() end)
+                pluvio.yield()
+                print(puller:status(), closer:status())
+                assert(sw:close())
+                print(select(2, puller:join()))
+                print(closer:join())
+                sender:join()
+                l:close(); cw:close(); ctx:close()
+                print("exit")
+            ]])
+            assert.equal(0, status, recv .. ": " .. err)
+            assert.equal("waiting\twaiting\nreceive AM data: the worker is closed\tECANCELED\ntrue\nexit\n", out, recv)
+            assert.is_nil(err:find("UCX", 1, true), err)
+        end
+    end)
 end)
 
 describe("Endpoint:close", function()

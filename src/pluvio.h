@@ -467,7 +467,8 @@ int pl_ucx_reactor_add_worker(pl_ucx_reactor_t *r, pl_ucx_worker_t *w);
 
 pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err);
 /* Closes what the worker owns and wakes, in rt, every task waiting on it
- * (NULL from a finalizer: its runtime may be gone). */
+ * (NULL from a finalizer: its runtime may be gone).  0, or -EBUSY when UCX
+ * kept operations it could not finish in time (their memory stays theirs). */
 int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt);
 int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap);
 double pl_ucx_worker_max_am_header(pl_ucx_worker_t *w);

@@ -27,8 +27,10 @@
 
 #define UCX_MAX_WORKERS 32
 #define UCX_SAFETY_WAIT_NS 1000000000LL  /* wake at least once a second */
+#define UCX_CLOSE_WAIT_NS 2000000000LL   /* longest a worker's close waits for UCX */
 
 static void reactor_remove_worker(struct pl_ucx_reactor *r, pl_ucx_worker_t *w);
+static bool worker_paused(const pl_ucx_worker_t *w);
 
 struct pl_ucx_reactor {
     pl_reactor_t reactor;   /* first: the vtable the runtime polls */
@@ -371,9 +373,8 @@ void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out)
     out->failed_endpoints = failed;
 }
 
-/* Cancel what is still in flight (tag receives wait for a peer that may
- * never send) and let UCX report it; an op UCX still holds after that has
- * its task woken here: it finds the worker closed. */
+/* Cancel what can be cancelled: tag receives, which wait for a peer that
+ * may never send (UCX 1.13 cancels nothing else), and let UCX report it. */
 static void worker_cancel_ops(pl_ucx_worker_t *w)
 {
     for (uint32_t i = 0; i < w->nops; i++) {
@@ -383,6 +384,62 @@ static void worker_cancel_ops(pl_ucx_worker_t *w)
     }
     while (w->in_flight > 0 && ucp_worker_progress(w->ucp) > 0)
         ;
+}
+
+/* Whether UCX still holds a request of ours that ucp_worker_destroy would
+ * trip on: UCX 1.13 asserts when it destroys an endpoint with a rendezvous
+ * pull or send outstanding.  Those on endpoints we could force-close are
+ * done by now; what is left runs on an endpoint whose graceful close is in
+ * flight (its entry is gone, and UCX refuses to close it twice) or on a
+ * reply endpoint (UCX's).  A close in flight is not one: destroy ends it. */
+static bool worker_holds_requests(pl_ucx_worker_t *w)
+{
+    for (uint32_t i = 0; i < w->nops; i++) {
+        const struct ucx_op *op = op_at(w, i);
+        if ((op->state == UOP_IN_FLIGHT || op->state == UOP_ABANDONED) && op->ep != UCX_OP_EP_CLOSE)
+            return true;
+    }
+    return false;
+}
+
+/* The other workers progressed in rt: a peer in this thread waits for our
+ * progress as we wait for its (a pull needs its sender), and nobody else
+ * progresses it while the close blocks.  Paused ones stay paused. */
+static unsigned worker_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt)
+{
+    struct pl_ucx_reactor *r = w->reactor;
+    unsigned got = 0;
+
+    for (int i = 0; r && i < r->nworkers; i++) {
+        pl_ucx_worker_t *peer = r->workers[i];
+        if (peer != w && peer->rt == rt && !worker_paused(peer))
+            got += ucp_worker_progress(peer->ucp);
+    }
+    return got;
+}
+
+/* Progress until UCX holds no such request (none can be cancelled: they
+ * finish), at most UCX_CLOSE_WAIT_NS; false if some still are. */
+static bool worker_settle(pl_ucx_worker_t *w, pl_runtime_t *rt)
+{
+    int64_t deadline = pl_clock_ns() + UCX_CLOSE_WAIT_NS;
+
+    while (worker_holds_requests(w)) {
+        unsigned got;
+        if (pl_clock_ns() > deadline)
+            return false;
+        got = ucp_worker_progress(w->ucp);
+        if (rt)                 /* (from a finalizer other workers' runtime may be gone) */
+            got += worker_progress_peers(w, rt);
+        if (got == 0)
+            usleep(50);         /* a remote peer's turn: do not spin the core */
+    }
+    return true;
+}
+
+/* Wake the tasks of ops UCX still holds: they find the worker closed. */
+static void worker_wake_ops(pl_ucx_worker_t *w)
+{
     for (uint32_t i = 0; i < w->nops && w->in_flight > 0; i++) {
         struct ucx_op *op = op_at(w, i);
         if (op->state == UOP_IN_FLIGHT)
@@ -394,10 +451,18 @@ static void worker_cancel_ops(pl_ucx_worker_t *w)
  * being closed will not progress a graceful flush), listeners, streams,
  * messages, ops still in flight, then the ucp worker.  Every task waiting
  * on it is woken in rt (the runtime progressing it); rt is NULL from a
- * finalizer, whose runtime may be gone, and then nobody is woken. */
+ * finalizer, whose runtime may be gone, and then nobody is woken.
+ *
+ * An op that can be neither forced nor cancelled (worker_holds_requests)
+ * is waited for, progressing, for at most UCX_CLOSE_WAIT_NS: destroying
+ * the worker under it would abort the process.  If it is still there then,
+ * the ucp worker, its op memory (UCX's requests) and so its context are
+ * kept, never progressed again, and -EBUSY says so: the memory those ops
+ * use must stay out of reuse too. */
 int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
     pl_ucx_context_t *ctx = w->ctx;
+    bool settled;
 
     w->rt = rt;
     for (int i = 0; i < w->neps; i++) {
@@ -421,10 +486,14 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
     ucx_msgs_free(w);           /* those taken and never received */
     ucx_header_blocks_free(w);
     worker_cancel_ops(w);
+    settled = worker_settle(w, rt);
+    worker_wake_ops(w);
     if (w->reactor)
         reactor_remove_worker(w->reactor, w);
-    ucp_worker_destroy(w->ucp);
     w->rt = NULL;
+    if (!settled)
+        return -EBUSY;          /* kept, never progressed again: see above */
+    ucp_worker_destroy(w->ucp);
     for (int k = 0; k < w->nchunks; k++)
         free(w->op_chunks[k]);
     free(w->msgs);

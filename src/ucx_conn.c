@@ -304,7 +304,7 @@ static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t s
 {
     ucp_request_param_t p;
     struct ucx_op *op;
-    int rc = ucx_op_new(w, slot, gen, -1, &op);
+    int rc = ucx_op_new(w, slot, gen, UCX_OP_EP_CLOSE, &op);
 
     if (rc < 0)
         return rc;

@@ -38,10 +38,13 @@ struct ucx_op {
     int32_t status;
     size_t length;
     uint64_t sender_tag;
-    int ep;                 /* endpoint it runs on, or -1 */
+    int ep;                 /* endpoint it runs on, -1, or UCX_OP_EP_CLOSE */
     struct pl_ucx_worker *w;
     uint32_t next_free;
 };
+
+/* The ep of an op that closes an endpoint (its entry is gone by then). */
+#define UCX_OP_EP_CLOSE (-2)
 
 /* EP_CLOSING: a graceful close waits for the endpoint's operations (a
  * flush) before it closes it in UCX; new operations are refused. */

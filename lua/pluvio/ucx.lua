@@ -328,9 +328,11 @@ end
 -- k1, k2 stay referenced, and registered buffers among them out of the
 -- pool (held now, or already: h1, h2), until UCX completes it.
 local function abandon_op(w, op, k1, k2, h1, h2)
-    if not w.w then         -- closed: its ops are gone
-        unhold(h1)
-        unhold(h2)
+    if not w.w then         -- closed: its ops are gone (unless UCX kept them: Worker:close)
+        if not w.stuck then
+            unhold(h1)
+            unhold(h2)
+        end
         return
     end
     local gen = C.pl_ucx_op_gen(w.w, op)
@@ -370,6 +372,9 @@ local function run_op(w, t, rc, what, keep, keep2)
     t.io_held1, t.io_held2 = h1, h2
     local status, len, tag = await(w, t, rc, what, keep, keep2)
     t.io_held1, t.io_held2 = nil, nil
+    if status == CLOSED and w.stuck then
+        return status, len, tag     -- UCX kept the op: its buffers stay out of the pool
+    end
     unhold(h1)
     unhold(h2)
     if w.limbo[1] then
@@ -607,7 +612,8 @@ function Worker:stats()
     }
 end
 
--- close(): endpoints, listeners, streams, then the worker itself.
+-- close(): endpoints, listeners, streams, then the worker itself (waiting, at
+-- most 2 s, for pulls and sends UCX can neither force nor cancel: C).
 function Worker:close()
     check.self("Worker:close", self, Worker, "a worker")
     if not self.w then
@@ -622,8 +628,14 @@ function Worker:close()
     self.life.open = false
     -- they wait in the runtime progressing it (else in the running one)
     local rt = self.reactor and self.reactor.rt or pluvio.runtime()
-    C.pl_ucx_worker_close(w, rt and rt.crt or nil)
-    limbo_sweep(self, true)         -- its ops are gone with it
+    if C.pl_ucx_worker_close(w, rt and rt.crt or nil) == 0 then
+        limbo_sweep(self, true)     -- its ops are gone with it
+    else
+        -- UCX still had ops it could neither finish nor cancel in time,
+        -- and keeps them (the worker is never progressed again): the
+        -- registered buffers they use never go back to the pool
+        self.stuck = true
+    end
     if self.reactor then self.reactor.workers[self] = nil end
     self.context.workers[self] = nil
     live_workers[self] = nil
@@ -854,8 +866,10 @@ function Handle:wait()
         t.io_reactor, t.io_handle = nil, nil
         t.io_keep, t.io_keep2, t.io_held1, t.io_held2 = nil, nil, nil, nil
         self.op = rc
-        unhold(self.held1)
-        unhold(self.held2)
+        if rc ~= CLOSED or not w.stuck then     -- (stuck: UCX kept the op, see Worker:close)
+            unhold(self.held1)
+            unhold(self.held2)
+        end
     end
     self.header, self.data, self.held1, self.held2 = nil, nil, nil, nil
     if rc < 0 then
