@@ -185,6 +185,28 @@ describe("Endpoint:close", function()
         p.listener:close(); p.cw:close(); p.ctx:close()
     end))
 
+    it("leaves no endpoint behind when a connect fails for want of an operation slot", async(function()
+        -- the connect's endpoint was aborted with a close that needed an op
+        -- slot too: without one the abort failed, and the entry stayed
+        -- (counted for ever, the endpoint open in UCX, nobody to close it)
+        local p = pair({ window = 1 })
+        local data = ("x"):rep(64)
+        local handles = {}
+        for i = 1, 65536 do handles[i] = p.ep:am_send_nb(1, nil, data, false, "rndv") end
+        assert.equal(65536, p.cw:stats().ops_in_flight)
+        local ep, err, name = p.cw:connect_socket("127.0.0.1", p.listener:port())
+        assert.is_nil(ep)
+        assert.matches("^connect to 127%.0%.0%.1:%d+: ENOMEM", err)
+        assert.equal("ENOMEM", name)
+        assert.equal(1, p.cw:stats().endpoints)
+        p.sw:close()            -- the sends fail with their peer
+        for i = 1, #handles do assert.is_nil((handles[i]:wait())) end
+        local s = p.cw:stats()
+        assert.equal(0, s.ops_in_flight)
+        assert.equal(1, s.endpoints + s.failed_endpoints)     -- p.ep alone, failed or not
+        p.ep:close(); p.cw:close(); p.ctx:close()
+    end))
+
     it("makes a held message's reply fail with a clear error instead of using the freed endpoint", function()
         local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
             assert(ep:am_send(1, "question", "x", true))

@@ -488,7 +488,8 @@ int pl_ucx_ep_status(pl_ucx_worker_t *w, int ep);
 const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep);
 int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
 int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
-/* Force-close with no task waiting (a connect that failed or was given up). */
+/* Force-close with no task waiting (a connect that failed or was given up);
+ * it needs no op slot, so it fails only for a stale handle (-EBADF). */
 int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep);
 
 int pl_ucx_op_take(pl_ucx_worker_t *w, int op, pl_ucx_result_t *out);

@@ -366,22 +366,32 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
 }
 
 /* Close forcefully with nobody waiting: a connection that never came up,
- * or whose task gave up.  The close's op slot is freed by its callback. */
+ * or whose task gave up.  UCX's own request does it (freed as it
+ * completes), not an op slot: with every slot in use the abort failed and
+ * the entry stayed, its endpoint open in UCX and nobody left to close it.
+ * An endpoint without peer error handling (connect_addr) cannot be forced
+ * (UCX says EINVAL before it starts): it is closed gracefully instead. */
 int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);
-    int rc;
+    ucp_request_param_t p = { .op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
+                              .flags = UCP_EP_CLOSE_FLAG_FORCE };
+    ucs_status_ptr_t sp;
 
     if (!e)
         return -EBADF;
-    if (!e->owned) {
-        e->state = EP_FREE;
+    e->state = EP_FREE;
+    if (!e->owned)
         return 0;
+    ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
+    sp = ucp_ep_close_nbx(e->ep, &p);
+    if (UCS_PTR_IS_ERR(sp) && UCS_PTR_STATUS(sp) == UCS_ERR_INVALID_PARAM) {
+        p.flags = 0;
+        sp = ucp_ep_close_nbx(e->ep, &p);
     }
-    rc = ep_close(w, e, true, UCX_NONE, 0);
-    if (rc > 0)
-        ucx_op_get(w, (uint32_t)rc - 1)->state = UOP_ABANDONED;
-    return rc < 0 ? rc : 0;
+    if (UCS_PTR_IS_PTR(sp))
+        ucp_request_free(sp);
+    return 0;
 }
 
 /* ---- listeners ----------------------------------------------------------- */
