@@ -52,6 +52,31 @@ describe("Context", function()
         assert.is_false(kept:close())
         assert.is_false(l2:close())
     end))
+    it("gives a killed sender's registered buffer back to the pool when its worker is collected", async(function()
+        -- the send's op kept the buffer out of the pool (UCX reads it until
+        -- it completes), held in the worker's limbo; a worker collected
+        -- rather than closed dropped the limbo, and the buffer never came back
+        local uring = require "pluvio.uring"
+        local r = uring.current()
+        uring.acquire_buffer():release()    -- (the pool is made on first use)
+        local free = r:stats().buffers_free
+        local seen = setmetatable({}, { __mode = "k" })
+        do
+            local p = pair()
+            local sender = pluvio.spawn(function()
+                local b = uring.acquire_buffer()
+                return p.ep:am_send(1, "h", b, false, "rndv")   -- the receiver never pulls it
+            end)
+            while p.sw:stats().msgs_held == 0 do pluvio.sleep(0.001) end
+            sender:kill()
+            assert.equal(free - 1, r:stats().buffers_free)  -- UCX still reads it
+            seen[p.cw] = true
+        end
+        collectgarbage()
+        collectgarbage()
+        assert.is_nil(next(seen), "the dropped worker was not collected")
+        assert.equal(free, r:stats().buffers_free)
+    end))
 end)
 
 describe("Worker:close", function()

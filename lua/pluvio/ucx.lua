@@ -203,11 +203,22 @@ local live_workers = setmetatable({}, { __mode = "k" })
 -- A worker left to the garbage collector: its runtime may be gone, so it
 -- wakes nobody (no task can wait on it: they would reference it).  life is
 -- what other finalizers (reply endpoints') see of it: at exit finalizers
--- run in any order, and the worker may be gone before them.
-local function worker_finalizer(life)
+-- run in any order, and the worker may be gone before them.  Its limbo's
+-- registered buffers go back to their pools once UCX is done with them, as
+-- Worker:close does (else they were out of the pool for good); referenced
+-- from here, their reactors outlive this finalizer, except at exit, when
+-- one may be freed already (its life says so) and nothing needs them.
+local function worker_finalizer(life, limbo)
     return function(w)
         life.open = false
-        C.pl_ucx_worker_close(w, nil)
+        if C.pl_ucx_worker_close(w, nil) ~= 0 then
+            return              -- UCX kept ops: their buffers stay theirs
+        end
+        for i = 1, #limbo do
+            local e = limbo[i]
+            if e.held1 and e.held1.life.open then C.pl_uring_buffer_unhold(e.held1.u, e.held1.index) end
+            if e.held2 and e.held2.life.open then C.pl_uring_buffer_unhold(e.held2.u, e.held2.index) end
+        end
     end
 end
 
@@ -225,11 +236,11 @@ function Context:create_worker(opts)
     if w == nil then
         return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0]), errname(err[0])
     end
-    local life = { open = true }
+    local life, limbo = { open = true }, {}
     local worker = setmetatable({
-        w = ffi.gc(w, worker_finalizer(life)), life = life, context = self,
+        w = ffi.gc(w, worker_finalizer(life, limbo)), life = life, context = self,
         result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
-        eps = {}, listeners = {}, streams = {}, limbo = {}, max_header = C.pl_ucx_worker_max_am_header(w),
+        eps = {}, listeners = {}, streams = {}, limbo = limbo, max_header = C.pl_ucx_worker_max_am_header(w),
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
     }, Worker)
     self.workers[worker] = true
@@ -305,6 +316,23 @@ local function unhold(b)
     end
 end
 
+-- What a limbo entry keeps of a registered buffer: its hold, not the buffer
+-- object, whose owner task may lead back to the worker (the worker's
+-- finalizer refers to the limbo: it would never be collected).
+local function hold_record(b)
+    return b and { u = b.reactor.u, index = b.index, life = b.reactor.life } or false
+end
+
+local function kept(k)
+    return getmetatable(k) ~= Buffer and k
+end
+
+local function release_hold(rec)
+    if rec then
+        C.pl_uring_buffer_unhold(rec.u, rec.index)
+    end
+end
+
 -- Let go of what settled abandoned ops kept (all of it once the worker is
 -- closed: its ops are gone).
 local function limbo_sweep(w, all)
@@ -318,8 +346,8 @@ local function limbo_sweep(w, all)
             kept = kept + 1
             limbo[kept] = e
         else
-            unhold(e.held1)
-            unhold(e.held2)
+            release_hold(e.held1)
+            release_hold(e.held2)
         end
     end
 end
@@ -339,7 +367,8 @@ local function abandon_op(w, op, k1, k2, h1, h2)
     C.pl_ucx_op_abandon(w.w, op)
     if k1 ~= nil or k2 ~= nil then
         limbo_sweep(w)
-        w.limbo[#w.limbo + 1] = { op = op, gen = gen, k1, k2, held1 = h1 or hold(k1), held2 = h2 or hold(k2) }
+        w.limbo[#w.limbo + 1] = { op = op, gen = gen, kept(k1), kept(k2),
+                                  held1 = hold_record(h1 or hold(k1)), held2 = hold_record(h2 or hold(k2)) }
     end
 end
 

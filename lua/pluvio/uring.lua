@@ -97,7 +97,8 @@ local SHUTDOWN_WAIT = 5     -- s, as pl_uring_free waits
 -- as its runtime, its tasks and the strings and scratch memory their ops
 -- use: pins and limbo, referenced from here (and so by the finalizer, not
 -- the reactor), keep those alive until the kernel has finished the ops.
-local function free_reactor(p, pins, limbo)
+local function free_reactor(p, pins, limbo, life)
+    life.open = false
     if C.pl_uring_shutdown(p, SHUTDOWN_WAIT) > 0 then
         leaked[#leaked + 1] = { pins, limbo }
     end
@@ -123,7 +124,7 @@ local function new_reactor(fname, opts)
     })
     local err = ffi.new("int[1]")
     local u = C.pl_uring_new(copts, err)
-    local pins, limbo = {}, {}
+    local pins, limbo, life = {}, {}, { open = true }
     if u == nil then
         local hint = ""
         if o.sqpoll and err[0] == EPERM then
@@ -135,7 +136,8 @@ local function new_reactor(fname, opts)
                      fname, o.queue_size, errstr(err[0]), hint), 3)
     end
     return setmetatable({
-        u = ffi.gc(u, function(p) free_reactor(p, pins, limbo) end),
+        u = ffi.gc(u, function(p) free_reactor(p, pins, limbo, life) end),
+        life = life,            -- what other finalizers see of it: open = false once u is freed
         opts = o,
         result = ffi.new("pl_uring_result_t"),
         iov = ffi.new("pl_iovec_t[?]", C.PL_URING_IOV_MAX),   -- readv / writev parts, copied by C
