@@ -482,6 +482,8 @@ int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *e
                           uint32_t slot, uint32_t gen);
 int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port);
 int pl_ucx_listener_port(pl_ucx_worker_t *w, int listener);
+/* The address bound, "ip:port" or "[v6]:port" ("" for a closed listener). */
+const char *pl_ucx_listener_address(pl_ucx_worker_t *w, int listener);
 int pl_ucx_accept(pl_ucx_worker_t *w, int listener, uint32_t slot, uint32_t gen);
 int pl_ucx_listener_close(pl_ucx_worker_t *w, int listener);
 int pl_ucx_ep_status(pl_ucx_worker_t *w, int ep);

@@ -460,7 +460,15 @@ int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
             l->port = ntohs(((struct sockaddr_in *)&attr.sockaddr)->sin_port);
         else if (attr.sockaddr.ss_family == AF_INET6)
             l->port = ntohs(((struct sockaddr_in6 *)&attr.sockaddr)->sin6_port);
+        memcpy(&ss, &attr.sockaddr, sizeof(ss));
     }
+    /* what was bound (the host may name several addresses: the first one
+     * is), with the port chosen for port 0 */
+    if (ss.ss_family == AF_INET)
+        ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)l->port);
+    else if (ss.ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)l->port);
+    sockaddr_text(&ss, l->address, sizeof(l->address));
     return i;
 }
 
@@ -476,6 +484,13 @@ int pl_ucx_listener_port(pl_ucx_worker_t *w, int i)
     struct ucx_listener *l = listener_get(w, i);
 
     return l ? l->port : -EBADF;
+}
+
+const char *pl_ucx_listener_address(pl_ucx_worker_t *w, int i)
+{
+    struct ucx_listener *l = listener_get(w, i);
+
+    return l ? l->address : "";
 }
 
 /* An endpoint for the oldest connection request, or -EAGAIN after making

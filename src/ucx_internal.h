@@ -76,6 +76,7 @@ struct ucx_listener {
     struct pl_ucx_worker *w;
     int index;
     int port;
+    char address[UCX_PEER_LEN];     /* as bound: "ip:port" or "[v6]:port" */
     bool open;
     struct ucx_conn *pending;   /* FIFO ring */
     uint32_t cap, head, len;

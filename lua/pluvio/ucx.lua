@@ -688,6 +688,14 @@ function Listener:port()
     return C.pl_ucx_listener_port(self.worker.w, self.i)
 end
 
+-- address(): the address the listener bound, "127.0.0.1:4242" or
+-- "[::1]:4242" (a host name may resolve to several addresses: only the
+-- first is bound), with the port chosen for port 0.
+function Listener:address()
+    live_listener("Listener:address", self)
+    return ffi_string(C.pl_ucx_listener_address(self.worker.w, self.i))
+end
+
 -- accept(): the next connection as an endpoint; parks until a client
 -- connects.  Returns nil, err once the listener is closed.
 function Listener:accept()
