@@ -1512,6 +1512,25 @@ describe("sockets over io_uring", function()
         end
     end))
 
+    it("tells the address a listener or UDP socket is bound to, with the port port 0 got", async(function()
+        for _, host in ipairs({ "127.0.0.1", "::1" }) do
+            local text = host:find(":") and "[" .. host .. "]" or host
+            local l = assert(uring.tcp_listen(host, 0))
+            local u = assert(uring.udp_bind(host, 0))
+            assert.equal(text .. ":" .. l:port(), l:address())
+            assert.equal(text .. ":" .. u:port(), u:address())
+            assert.is_true(l:port() > 0 and u:port() > 0)
+            l:close()
+            u:close()
+            assert.has_error(function() l:address() end, "TcpListener:address: the socket is closed (" .. l.name .. ")")
+            assert.has_error(function() u:address() end, "UdpSocket:address: the socket is closed (" .. u.name .. ")")
+        end
+        assert.has_error(function() uring.TcpListener.address({}) end,
+                         "TcpListener:address: call it as a method on a listener; got table as self")
+        assert.has_error(function() uring.UdpSocket.address(nil) end,
+                         "UdpSocket:address: call it as a method on a UDP socket; got nil as self")
+    end))
+
     it("takes a datagram that was already waiting, received inside its submit", function()
         with_reactor({ submit_depth = 1 }, function()
             local a = assert(uring.udp_bind("127.0.0.1", 0))
@@ -1900,8 +1919,8 @@ print("port " .. port)
 print((select(2, uring.tcp_connect("plmulti", port))))
 -- listeners and UDP sockets bind the first
 local tl, u = assert(uring.tcp_listen("plmulti", 0)), assert(uring.udp_bind("plmulti", 0))
-print("listener " .. tl.name:gsub(":%d+$", ""))
-print("udp " .. u.name:gsub(":%d+$", ""))
+print("listener " .. tl:address():gsub(":%d+$", ""))
+print("udp " .. u:address():gsub(":%d+$", ""))
 print((select(2, uring.tcp_listen("plmulti", tl:port())):gsub(tl:port(), "P")))
 ]])
         if not out then return end

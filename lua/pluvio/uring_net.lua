@@ -160,6 +160,15 @@ function M.install(U)
         return C.pl_net_local_port(self.fd)
     end
 
+    -- address(): the address the listener is bound to, as "ip:port" or
+    -- "[v6]:port", with the port port 0 got.  Asked of the socket, not
+    -- taken from the name given: a name with several addresses binds only
+    -- the first, and this says which.
+    function TcpListener:address()
+        live("TcpListener:address", self, TcpListener, "a listener")
+        return sock_name(self.fd, 0)
+    end
+
     -- accept(): the next connection; parks until a client connects.
     function TcpListener:accept()
         live("TcpListener:accept", self, TcpListener, "a listener")
@@ -379,6 +388,12 @@ function M.install(U)
     function UdpSocket:port()
         live("UdpSocket:port", self, UdpSocket, "a UDP socket")
         return C.pl_net_local_port(self.fd)
+    end
+
+    -- address(): the address the socket is bound to (as TcpListener:address).
+    function UdpSocket:address()
+        live("UdpSocket:address", self, UdpSocket, "a UDP socket")
+        return sock_name(self.fd, 0)
     end
 
     -- send_to(data, host, port): one datagram, to the first address of host
