@@ -19,6 +19,7 @@ int dup(int fd);
 long read(int fd, void *buf, size_t n);
 long send(int fd, const void *buf, size_t n, int flags);
 int connect(int fd, const void *addr, unsigned len);
+int poll(void *fds, unsigned long n, int timeout);
 ]]
 local O_RDWR, O_CREAT = 2, 64
 local O_DIRECT = ({ arm = 0x10000, arm64 = 0x10000, ppc = 0x20000 })[ffi.arch] or 0x4000
@@ -851,6 +852,97 @@ describe("freeing a reactor", function()
         assert.is_true(collected)
         helper.libc.close(fds[0])
         helper.libc.close(fds[1])
+    end)
+
+    -- The fds this process has open, counted once the collector has run
+    -- (objects of earlier specs close theirs when finalized).
+    local function nfds()
+        collectgarbage()
+        collectgarbage()
+        local n = 0
+        local p = io.popen("ls /proc/" .. ffi.C.getpid() .. "/fd")
+        for _ in p:lines() do n = n + 1 end
+        p:close()
+        return n
+    end
+
+    -- A runtime made by make_reactor(), run by block_on(fn), then dropped.
+    local function block_on_and_drop(opts, fn)
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io", uring.reactor(opts))
+        rt:block_on(fn)
+        rt = nil                    -- luacheck: ignore
+        jit.flush()                 -- (a trace may hold the reactor as a constant)
+    end
+
+    it("closes the fd of an accept whose task was woken but never ran again", function()
+        ffi.cdef [[ int socket(int domain, int type, int protocol); ]]
+        local path = file_with("cached")
+        local l = pluvio.run(function() return assert(uring.tcp_listen("127.0.0.1", 0)) end)
+        local fd = libc_open(path, 0)
+        local before = nfds()
+        local client
+        -- submit_depth 1: every op goes out as it starts, and one the kernel
+        -- finished inside its submit is taken at once, reaping the others
+        block_on_and_drop({ submit_depth = 1 }, function()
+            local f = uring.File.new(fd)    -- (its close would let the acceptor run)
+            local acceptor = pluvio.spawn(function() return l:accept() end)
+            pluvio.yield()                  -- it parks in accept
+            client = ffi.C.socket(2, 1, 0)  -- a client, by connect(2): the accept finishes
+            local to = ffi.new("uint8_t[16]", 2, 0, bit.rshift(l:port(), 8), bit.band(l:port(), 255), 127, 0, 0, 1)
+            assert.equal(0, ffi.C.connect(client, to, 16))
+            assert.equal("cached", f:read(0, 6))    -- finished in its submit, which woke the acceptor
+            assert.equal("ready", acceptor:status())
+        end)                                -- block_on is done: the acceptor never runs
+        helper.libc.close(client)
+        assert.equal(before, nfds())
+        helper.libc.close(fd)
+        pluvio.run(function() l:close() end)
+        os.remove(path)
+    end)
+
+    it("does the close of a file whose close never went out to the kernel", function()
+        local path = file_with("x")
+        local before = nfds()
+        block_on_and_drop(nil, function()
+            local f = assert(uring.File.open(path))
+            local closer = pluvio.spawn(function() return f:close() end)
+            pluvio.yield()                  -- the closer queues its close, to go out with the next tick
+            assert.equal("waiting", closer:status())
+        end)                                -- but block_on is done first
+        assert.equal(before, nfds())
+        os.remove(path)
+    end)
+
+    it("closes the fds of opens and connects that finished, nobody having taken them", function()
+        local C = require("pluvio.core").C
+        local path = file_with("x")
+        local l = pluvio.run(function() return assert(uring.tcp_listen("127.0.0.1", 0)) end)
+        local before = nfds()
+        local r = uring.reactor()           -- on no runtime: its ops park nobody
+        local fd = ffi.new("int[1]")
+        local addr = ffi.new("pl_net_addr_t[1]")
+        assert.equal(1, C.pl_net_resolve("127.0.0.1", l:port(), 0, 4, addr, 1))
+        for _ = 1, 3 do
+            assert.is_true(C.pl_uring_openat(r.u, 0, 0, path, 0, 0) >= 0)
+            assert.is_true(C.pl_uring_connect(r.u, 0, 0, addr, fd) >= 0)
+        end
+        local cr = C.pl_uring_reactor(r.u)
+        local done = 0
+        for _ = 1, 100 do
+            C.pl_uring_flush(r.u)
+            done = done + cr.poll(cr, nil, 64)
+            if done == 6 then break end
+            ffi.C.poll(nil, 0, 10)
+        end
+        assert.equal(6, done)
+        assert.equal(0, r:stats().in_flight)
+        r, cr = nil, nil                    -- luacheck: ignore
+        jit.flush()
+        local after = nfds()
+        pluvio.run(function() l:close() end)    -- (with the connections it did not accept)
+        assert.equal(before, after)
+        os.remove(path)
     end)
 
     it("waits for the reads a run's end cancelled before freeing their memory", function()

@@ -115,8 +115,9 @@ static void op_cancel(pl_uring_t *u, uint32_t i)
 
 /* SQEs the kernel has not taken yet become no-ops, and their ops finish as
  * cancelled: a teardown comes whenever the garbage collector says, and an
- * fd number they name (a read's, a close's) may belong to another file by
- * then.  (Without SQPOLL the kernel takes SQEs only inside our
+ * fd number they name (a read's) may belong to another file by then.  Not
+ * a close's: nothing but the close frees that number, so it is closed
+ * (close_dropped), not left open for good.  (Without SQPOLL the kernel takes SQEs only inside our
  * io_uring_enter, so all from khead on are untaken; with it, only those
  * not yet flushed to the kernel's thread.) */
 static unsigned untaken_from(pl_uring_t *u)
@@ -124,8 +125,17 @@ static unsigned untaken_from(pl_uring_t *u)
     return u->opts.sqpoll ? u->ring.sq.sqe_head : *u->ring.sq.khead;
 }
 
+/* A close whose SQE is dropped is done here instead: its task asked for
+ * it and let go of the fd, so nothing else will ever close it.  Returns
+ * the close's result. */
+static int32_t close_dropped(struct uring_op *op)
+{
+    op->fd_owner = FD_NONE;
+    return close(op->fd) < 0 ? -errno : 0;
+}
+
 /* The untaken SQEs of op `only` (of every op: NONE) become no-ops, and
- * their ops finish as cancelled. */
+ * their ops finish as cancelled (a close: as done, see close_dropped). */
 static void drop_untaken(pl_uring_t *u, uint32_t only)
 {
     struct io_uring_sq *sq = &u->ring.sq;
@@ -141,7 +151,8 @@ static void drop_untaken(pl_uring_t *u, uint32_t only)
             continue;
         uring_sqe_void(sqe);
         if (live)
-            op_complete(u, i, -ECANCELED);
+            op_complete(u, i, uring_op(u, i)->fd_owner == FD_CLOSE ? close_dropped(uring_op(u, i))
+                                                                  : -ECANCELED);
     }
 }
 
@@ -169,7 +180,7 @@ int pl_uring_shutdown(pl_uring_t *u, double timeout)
     drop_untaken(u, NONE);  /* (the cancels of abandoned ops among them) */
     for (uint32_t i = 0; i < u->nops; i++) {
         uint8_t state = uring_op(u, i)->state;
-        if (state == OP_IN_FLIGHT)
+        if (state == OP_IN_FLIGHT || state == OP_DONE)  /* (done: its task never took it) */
             pl_uring_op_abandon(u, (int)i);
         else if (state == OP_ABANDONED)
             op_cancel(u, i);
@@ -598,7 +609,8 @@ static void op_drop_buffer(pl_uring_t *u, struct uring_op *op)
     }
 }
 
-/* Nobody will take the op's result: close the fd it holds for its task. */
+/* Nobody will take the op's result: close the fd it holds for its task
+ * (a close op's fd went with the close: FD_CLOSE needs nothing here). */
 static void op_drop_fd(struct uring_op *op, int32_t res)
 {
     if (op->fd_owner == FD_RESULT && res >= 0)

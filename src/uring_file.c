@@ -69,7 +69,11 @@ int pl_uring_openat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path
 int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
 {
     uring_fd_closing(u, fd);
-    START_OTHER(io_uring_prep_close(sqe, fd));
+    START_OTHER({
+        io_uring_prep_close(sqe, fd);
+        uring_op(u, (uint32_t)i)->fd = fd;
+        uring_op(u, (uint32_t)i)->fd_owner = FD_CLOSE;
+    });
 }
 
 int pl_uring_statx(pl_uring_t *u, uint32_t slot, uint32_t gen, int dirfd, const char *path,

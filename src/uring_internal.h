@@ -20,8 +20,11 @@
 enum op_state { OP_FREE, OP_IN_FLIGHT, OP_DONE, OP_ABANDONED };
 enum op_kind { OP_READ, OP_WRITE, OP_OTHER, OP_SEND, OP_READV, OP_WRITEV };
 /* An fd an op holds for its task: an open's or accept's result, or the
- * socket a connect runs on.  If the task dies first, the op closes it. */
-enum op_fd_owner { FD_NONE, FD_RESULT, FD_OP };
+ * socket a connect runs on.  If the task dies first, or the reactor is
+ * freed before the task took the result, the op closes it.  FD_CLOSE: the
+ * fd a close op is to close, closed at once if its SQE is dropped before
+ * the kernel took it (the task asked for the close; nobody else will). */
+enum op_fd_owner { FD_NONE, FD_RESULT, FD_OP, FD_CLOSE };
 
 #define NO_BUF (-1)
 #define CANCEL_TAG UINT64_MAX   /* user_data of cancel requests: ignored */
