@@ -55,6 +55,27 @@ describe("pluvio.spawn", function()
     end)
 end)
 
+-- wait(t) in a plain coroutine of the running task: its yield comes
+-- back here, and a resume raises; meanwhile and after, another task
+-- joins t, which a claim left by the plain coroutine would refuse.
+local function plain_wait_claims_nothing(fname, wait)
+    for _, resume_again in ipairs({ false, true }) do
+        local t = pluvio.spawn(function() pluvio.sleep(0.01); return "r" end)
+        local co = coroutine.create(function() return wait(t) end)
+        local ok, marker = coroutine.resume(co)
+        assert.is_true(ok)
+        assert.is_not_nil(marker)
+        if resume_again then
+            local ok2, err = coroutine.resume(co)
+            assert.is_false(ok2)
+            assert.matches(fname:gsub("%p", "%%%0") .. ": called from a coroutine that is not a pluvio task",
+                           err)
+        end
+        local j = pluvio.spawn(function() return pcall(t.join, t) end)
+        assert.same({ true, "r" }, { j:join() })
+    end
+end
+
 describe("Task:join", function()
     it("returns nil and the error with a traceback when the task failed", async(function()
         local t = pluvio.spawn(function() error("boom") end)
@@ -92,6 +113,11 @@ describe("Task:join", function()
         assert.equal("mine", r)
         assert.is_false(ok)
         assert.matches("Task:join: task .*/timeout.* is already waited for by task \"main\"", err)
+    end))
+
+    it("claims nothing when called from a plain coroutine inside a task: others may join the task",
+       async(function()
+        plain_wait_claims_nothing("Task:join", function(t) return t:join() end)
     end))
 
     it("refuses to join outside a task", function()
@@ -458,6 +484,11 @@ describe("pluvio.select", function()
         pluvio.yield()
         s:kill()
         assert.equal("slow", slow:join())
+    end))
+
+    it("claims nothing when called from a plain coroutine inside a task: others may join the tasks",
+       async(function()
+        plain_wait_claims_nothing("pluvio.select", function(t) return pluvio.select(t) end)
     end))
 
     it("rejects non-tasks and an empty call", async(function()

@@ -483,6 +483,17 @@ local function unclaim(t, me)
     end
 end
 
+-- Whether a join or select of me runs in a plain coroutine inside me, not
+-- in me's own: its wait then yields to whoever resumed that coroutine and
+-- raises when resumed again (see yielded), so it must claim nothing.  A
+-- claim it took would outlive it, held by a task that lives on: every
+-- other waiter of those tasks was refused, even after the raise, or for
+-- good when nobody resumed the coroutine again.  (Asked only before a
+-- wait, which leaves the trace anyway.)
+local function in_plain_coroutine(me)
+    return co_running() ~= me.co
+end
+
 function Task:join()
     check.self("Task:join", self, Task, "a task")
     local me = running_task("Task:join")
@@ -494,9 +505,14 @@ function Task:join()
         error("Task:join: " .. tostring(self) .. " " .. refused .. "; " ..
               "a task's results are given once", 2)
     end
-    self.joiner = me
-    while self.live do
-        add_joiner(self, me)
+    if self.live and not in_plain_coroutine(me) then
+        self.joiner = me
+        repeat
+            add_joiner(self, me)
+            park(me, C.PL_WAIT_JOIN, self.id, self, "Task:join")
+        until not self.live
+    end
+    while self.live do      -- (a plain coroutine: raises when resumed)
         park(me, C.PL_WAIT_JOIN, self.id, self, "Task:join")
     end
     return results_of(self)
@@ -1115,9 +1131,7 @@ function M.select(...)
                          i, tostring(tasks[i]), refused), 2)
         end
     end
-    for i = 1, n do
-        tasks[i].joiner = me
-    end
+    local claimed           -- (nil until it first waits: then whether it claims)
     while true do
         for i = 1, n do
             if not tasks[i].live then
@@ -1128,7 +1142,13 @@ function M.select(...)
                 return i, results_of(tasks[i])
             end
         end
-        for i = 1, n do
+        if claimed == nil then
+            claimed = not in_plain_coroutine(me)
+            for i = 1, claimed and n or 0 do
+                tasks[i].joiner = me
+            end
+        end
+        for i = 1, claimed and n or 0 do
             add_joiner(tasks[i], me)
         end
         park(me, C.PL_WAIT_SELECT, n, format("select of %d tasks", n), "pluvio.select")
