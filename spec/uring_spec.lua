@@ -1749,6 +1749,100 @@ describe("sockets over io_uring", function()
         plain:close()
     end))
 
+    it("kills a task in a socket receive without waiting for the kernel, the next receive taking its bytes",
+       async(function()
+        local r = uring.current()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        local a, b = assert(uring.udp_bind("127.0.0.1", 0)), assert(uring.udp_bind("127.0.0.1", 0))
+        local to = ffi.new("uint8_t[16]", 2, 0, bit.rshift(a:port(), 8), bit.band(a:port(), 255), 127, 0, 0, 1)
+        assert.equal(0, ffi.C.connect(b.fd, to, 16))
+        for _, case in ipairs({
+            { function() return c:recv(100) end, s.fd, function() return c:recv_exact(10) end, "helloworld" },
+            { function() return a:recv_from(100) end, b.fd, function() return (a:recv_from(100)) end, "hello" },
+        }) do
+            local receive, peer, next_receive, want = case[1], case[2], case[3], case[4]
+            local reader = pluvio.spawn(receive)
+            pluvio.sleep(0.001)                 -- it parks in its receive...
+            pluvio.yield()                      -- ...which a tick's flush gave the kernel
+            -- by send(2) in this batch: the receive finishes, nobody reaps it yet
+            assert.equal(5, tonumber(ffi.C.send(peer, "hello", 5, 0)))
+            local enters = r:stats().enters
+            reader:kill()
+            -- the kill made no system call and left the receive to the kernel
+            assert.equal(enters, r:stats().enters)
+            assert.equal(1, r:stats().in_flight)
+            assert.equal(5, tonumber(ffi.C.send(peer, "world", 5, 0)))
+            assert.equal(want, pluvio.timeout(1, next_receive))
+        end
+        assert.equal(0, r:stats().in_flight)
+        s:close()
+        c:close()
+        l:close()
+        a:close()
+        b:close()
+    end))
+
+    it("passes the wait for a killed receive's bytes on when the task waiting for them is killed too",
+       async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        local first = pluvio.spawn(function() return c:recv(100) end)
+        pluvio.sleep(0.001)                     -- it parks in its recv...
+        pluvio.yield()                          -- ...which a tick's flush gave the kernel
+        -- in one batch: first is killed, its recv's end is the socket's to
+        -- take; second waits for it, third for second
+        pluvio.spawn(function() first:kill() end)
+        local second = pluvio.spawn(function() return c:recv_exact(10) end)
+        local third = pluvio.spawn(function() return c:recv(100) end)
+        pluvio.yield()
+        assert.equal(1, #c.rescues)
+        assert.equal(second, c.rescues[1].adopter)
+        assert.same({ third }, c.rescue_waiters)
+        second:kill()                           -- third takes over the wait, then receives
+        assert.equal(5, s:send("hello"))
+        assert.equal("hello", pluvio.timeout(1, third.join, third))
+        s:close()
+        c:close()
+        l:close()
+    end))
+
+    it("says the socket was closed to a task waiting for a killed receive's end when the socket is closed",
+       async(function()
+        local r = uring.current()
+        local a = assert(uring.udp_bind("127.0.0.1", 0))
+        local first = pluvio.spawn(function() return a:recv_from(100) end)
+        pluvio.sleep(0.001)                     -- it parks in its recv_from...
+        pluvio.yield()                          -- ...which a tick's flush gave the kernel
+        -- in one batch: first is killed, second waits for its recv_from's
+        -- end, third for second
+        pluvio.spawn(function() first:kill() end)
+        local second = pluvio.spawn(function() return { a:recv_from(100) } end)
+        local third = pluvio.spawn(function() return { a:recv_from(100) } end)
+        pluvio.yield()
+        assert.equal(second, a.rescues[1].adopter)
+        assert.is_true(a:close())
+        local why = "recv_from " .. a.name .. ": the socket was closed"
+        assert.same({ nil, why, "ECANCELED" }, pluvio.timeout(1, second.join, second))
+        assert.same({ nil, why, "ECANCELED" }, pluvio.timeout(1, third.join, third))
+        pluvio.sleep(0.001)
+        assert.equal(0, r:stats().in_flight)
+        -- a killed receive nobody waits for when its socket closes: dropped with it
+        local b = assert(uring.udp_bind("127.0.0.1", 0))
+        first = pluvio.spawn(function() return b:recv_from(100) end)
+        pluvio.sleep(0.001)
+        pluvio.yield()
+        first:kill()
+        assert.is_true(b:close())
+        assert.same({}, b.rescues)
+        pluvio.sleep(0.001)
+        assert.equal(0, r:stats().in_flight)
+    end))
+
     it("keeps the datagram of a recv_from that finished in the tick its task was killed", async(function()
         local a, b = assert(uring.udp_bind("127.0.0.1", 0)), assert(uring.udp_bind("127.0.0.1", 0))
         for _, max in ipairs({ 100, 3 }) do

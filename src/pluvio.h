@@ -313,12 +313,15 @@ int pl_uring_op_abandon(pl_uring_t *u, int op);
  * until pl_uring_op_settled(op, gen) is 1 (the kernel is done with it). */
 uint32_t pl_uring_op_gen(pl_uring_t *u, int op);
 int pl_uring_op_settled(pl_uring_t *u, int op, uint32_t gen);
-/* Settle an op its killed task gave up on, whose result must not be lost
- * (a socket receive's bytes): an op the kernel has not taken is dropped,
- * else it is cancelled and its completion waited for (at most 1 s).  1 when
- * it is done (take it: data or -ECANCELED), 0 if still in flight (abandon
- * it), -ESRCH for an unknown id. */
-int pl_uring_op_settle(pl_uring_t *u, int op);
+/* Stop an op its killed task gave up on, whose result must not be lost
+ * (a socket receive's bytes), without waiting: an op the kernel has not
+ * taken is dropped, else it is cancelled.  1 when it is done (take it:
+ * data or -ECANCELED), 0 while the cancel is on its way (the op wakes
+ * nobody: the next task that needs its result adopts it), -ESRCH for an
+ * unknown id.  pl_uring_op_adopt: 1 when done (take it), else 0 with task
+ * (slot, gen) parked on the op as if it had started it, or -ESRCH. */
+int pl_uring_op_cancel(pl_uring_t *u, int op);
+int pl_uring_op_adopt(pl_uring_t *u, int op, uint32_t slot, uint32_t gen);
 
 /* I/O queues: a task (slot, gen) keeps many reads and writes in flight and
  * takes their completions in the order they finish, without parking on

@@ -156,9 +156,8 @@ static void drop_untaken(pl_uring_t *u, uint32_t only)
     }
 }
 
-/* Op i's state, read anew at each call: drop_untaken and uring_reap change
- * it under pl_uring_op_settle (a plain read there looks constant to
- * cppcheck). */
+/* Op i's state, read anew at each call: drop_untaken changes it under
+ * pl_uring_op_cancel (a plain read there looks constant to cppcheck). */
 static uint8_t op_state(pl_uring_t *u, uint32_t i)
 {
     return uring_op(u, i)->state;
@@ -783,15 +782,15 @@ int pl_uring_op_settled(pl_uring_t *u, int i, uint32_t gen)
 }
 
 /* A socket receive whose task was killed gives the socket what it took, so
- * it must be settled before it is given up: an op whose SQE the kernel has
- * not taken yet (batched for the next tick) is dropped and never runs;
- * else it is cancelled and its completion waited for (at most 1 s, a
- * socket's cancel is immediate), data or -ECANCELED.  A cancel that went
- * out later would let the receive run first and its bytes be lost. */
-int pl_uring_op_settle(pl_uring_t *u, int i)
+ * it is stopped, not given up: an op whose SQE the kernel has not taken
+ * yet (batched for the next tick) is dropped and never runs; else it is
+ * cancelled, and its completion (data or -ECANCELED) waits for a task of
+ * the socket's to take it (pl_uring_op_adopt).  Nobody waits here: the
+ * cancel goes out with the next flush, and the loop goes on meanwhile.
+ * Until then the op wakes nobody (its task is gone, and a stale task id
+ * wakes no other). */
+int pl_uring_op_cancel(pl_uring_t *u, int i)
 {
-    int64_t deadline;
-
     if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, i)->state == OP_FREE)
         return -ESRCH;
     if (op_state(u, (uint32_t)i) == OP_IN_FLIGHT)
@@ -799,16 +798,28 @@ int pl_uring_op_settle(pl_uring_t *u, int i)
     if (op_state(u, (uint32_t)i) != OP_IN_FLIGHT)
         return op_state(u, (uint32_t)i) == OP_DONE;
     op_cancel(u, (uint32_t)i);
-    deadline = pl_clock_ns() + 1000000000;
-    while (op_state(u, (uint32_t)i) == OP_IN_FLIGHT && pl_clock_ns() < deadline) {
-        struct __kernel_timespec ts = { .tv_sec = 0, .tv_nsec = 10000000 };
-        struct io_uring_cqe *cqe;
+    u->stats.cancels++;
+    return 0;
+}
 
-        pl_uring_flush(u);
-        io_uring_wait_cqe_timeout(&u->ring, &cqe, &ts);
-        uring_reap(u);
-    }
-    return op_state(u, (uint32_t)i) == OP_DONE;
+/* Task (slot, gen) waits for the cancelled op: parked on it, which its
+ * completion wakes. */
+int pl_uring_op_adopt(pl_uring_t *u, int i, uint32_t slot, uint32_t gen)
+{
+    struct uring_op *op;
+
+    if (i < 0 || (uint32_t)i >= u->nops)
+        return -ESRCH;
+    op = uring_op(u, i);
+    if (op->state == OP_DONE)
+        return 1;
+    if (op->state != OP_IN_FLIGHT || op->queue != NONE)
+        return -ESRCH;
+    op->task_slot = slot;
+    op->task_gen = gen;
+    if (u->rt)
+        pl_task_wait(u->rt, slot, PL_WAIT_IO, (double)i);
+    return 0;
 }
 
 int pl_uring_op_abandon(pl_uring_t *u, int i)

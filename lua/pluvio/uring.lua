@@ -280,10 +280,10 @@ end
 -- meanwhile, finish() calls _abandon and the kernel op is cancelled; keep
 -- (the string or scratch space the kernel reads or fills) then stays
 -- referenced until the kernel is done with it.  t.io_rescue (a socket,
--- set by the receive around its run_op) takes the result of an op that
--- finished before the kill, which its task will now never take
--- (rescue:_rescue(r, op, keep) -> true if it took it): bytes a recv took
--- from a stream, a datagram, must not be lost.  Not set here: a store of
+-- set by the receive around its run_op) takes over the op instead, whose
+-- result its task will now never take (rescue:_rescue(r, op, keep) ->
+-- true if it took it over): bytes a recv took from a stream, a datagram,
+-- must not be lost.  Not set here: a store of
 -- nil to a key the task never had, on every file read, made the JIT's
 -- traces around the wait 20% slower (4 KiB page-cache reads at QD 32).
 local function await(r, t, op, what, keep)
@@ -336,7 +336,7 @@ function IoUringReactor:_abandon(t)
     if keep ~= nil then
         self.pins[op] = false   -- to the limbo below, or taken by the rescue
     end
-    if rescue and rescue:_rescue(self, op, keep) then  -- done before the kill
+    if rescue and rescue:_rescue(self, op, keep) then  -- the socket's now (uring_net.lua)
         return
     end
     local gen = C.pl_uring_op_gen(u, op)

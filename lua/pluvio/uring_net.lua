@@ -4,6 +4,7 @@
 -- A name may have several addresses: tcp_connect tries each in turn, a
 -- listener or UDP socket binds the first, send_to sends to the first of
 -- the socket's own family.
+local pluvio = require "pluvio"
 local core = require "pluvio.core"
 local check = require "pluvio.check"
 
@@ -11,6 +12,9 @@ local ffi, C = core.ffi, core.C
 local format, type, setmetatable, getmetatable = string.format, type, setmetatable, getmetatable
 local ffi_string = ffi.string
 local errstr = core.errstr
+local co_yield = coroutine.yield
+local wake, park, yielded, WAIT = pluvio._wake, pluvio._park, pluvio._yielded, pluvio._WAIT
+local WAIT_OTHER = pluvio.WAIT.OTHER
 
 local M = {}
 
@@ -118,6 +122,139 @@ function M.install(U)
         return obj
     end
 
+    -- Receives whose task was killed before they finished are stopped,
+    -- not given up (see _rescue): what they got is the stream's next bytes
+    -- (or the next datagram).  The kill does not wait for the kernel: the
+    -- socket keeps them, in kill order, in self.rescues ({ op, scratch,
+    -- adopter }), and its next receive waits for them to end and takes what
+    -- they got before it receives anything new.  One task at a time waits
+    -- on such an op (the adopter: its completion wakes that task); other
+    -- receivers wait in self.rescue_waiters until it is done or killed.
+    local function stop_receive(self, r, op, scratch)
+        local rc = C.pl_uring_op_cancel(r.u, op)
+        if rc == 1 then                 -- done already: its result now
+            self:_keep(r, op, scratch)
+            return true
+        elseif rc < 0 then
+            return false
+        end
+        local list = self.rescues
+        if not list then
+            list = {}
+            self.rescues = list
+        end
+        list[#list + 1] = { op = op, scratch = scratch }
+        r.pins[op] = scratch            -- the kernel may fill it until the cancel lands
+        return true
+    end
+    TcpSocket._rescue = stop_receive
+    UdpSocket._rescue = stop_receive
+
+    local function wake_rescue_waiters(self)
+        local w = self.rescue_waiters
+        if w and w[1] then
+            self.rescue_waiters = {}
+            for i = 1, #w do
+                wake(w[i])
+            end
+        end
+    end
+
+    -- Wait for the stopped receives of the socket, oldest first, and keep
+    -- what they got (_keep); the caller then checks that the socket is
+    -- still open.
+    local function take_rescues(self, t, r, fname)
+        local list, u = self.rescues, r.u
+        while list[1] do
+            local e = list[1]
+            local other = e.adopter
+            if other and other ~= t and other.live then     -- wait for that task
+                local w = self.rescue_waiters or {}
+                self.rescue_waiters = w
+                w[#w + 1] = t
+                t.wait_obj = self
+                park(t, WAIT_OTHER, 0, self, fname)
+                t.wait_obj = nil
+            else
+                local seq = t.io_seq
+                local rc = C.pl_uring_op_adopt(u, e.op, t.slot, t.gen)
+                if rc == 0 then
+                    e.adopter = t
+                    t.wait_obj = self   -- a kill here passes the wait on (_abandon_wait)
+                    t.waiting_for = self
+                    repeat              -- (adopt parked the task in C)
+                        yielded(t, co_yield(WAIT), fname, seq)
+                        rc = C.pl_uring_op_adopt(u, e.op, t.slot, t.gen)
+                    until rc ~= 0
+                    t.wait_obj, t.waiting_for = nil, nil
+                    e.adopter = nil
+                end
+                table.remove(list, 1)
+                if rc == 1 then
+                    r.pins[e.op] = false
+                    self:_keep(r, e.op, e.scratch)
+                end
+                wake_rescue_waiters(self)
+            end
+        end
+    end
+
+    -- A closed socket's stopped receives (the close cancelled them): their
+    -- results go nowhere.  One a task waits on is left to that task, which
+    -- then finds the socket closed.
+    local function drop_rescues(self, r)
+        local list = self.rescues
+        if not (list and list[1]) then
+            return
+        end
+        local u, kept = r.u, {}
+        for _, e in ipairs(list) do
+            local other = e.adopter
+            if other and other.live then
+                kept[#kept + 1] = e
+            else
+                r.pins[e.op] = false
+                if C.pl_uring_op_take(u, e.op, r.result) == 1 then
+                    bounce_put(r, e.scratch)
+                else                    -- the kernel has it yet: the scratch waits in the limbo
+                    local gen = C.pl_uring_op_gen(u, e.op)
+                    C.pl_uring_op_abandon(u, e.op)
+                    r.limbo[#r.limbo + 1] = { op = e.op, gen = gen, keep = e.scratch }
+                end
+            end
+        end
+        self.rescues = kept
+        wake_rescue_waiters(self)
+    end
+
+    -- A task waiting in take_rescues was killed: if it waited on the op,
+    -- another waiter takes over (or, on a closed socket, nobody).
+    local function abandon_rescue_wait(self, t)
+        local w = self.rescue_waiters
+        for i = w and #w or 0, 1, -1 do
+            if w[i] == t then
+                table.remove(w, i)
+            end
+        end
+        for _, e in ipairs(self.rescues) do
+            if e.adopter == t then
+                e.adopter = nil
+            end
+        end
+        if self.fd < 0 then         -- closed: nobody will take what it waited for
+            drop_rescues(self, self.reactor)
+        end
+        wake_rescue_waiters(self)
+    end
+    TcpSocket._abandon_wait = abandon_rescue_wait
+    UdpSocket._abandon_wait = abandon_rescue_wait
+
+    -- Whether the socket has stopped receives to take first.
+    local function has_rescues(self)
+        local list = self.rescues
+        return list ~= nil and list[1] ~= nil
+    end
+
     -- Close: cancel what other tasks wait for on the fd, then close it (one
     -- op, so that a kill while it waits cannot leave the socket open).
     local function close_socket(obj, fname)
@@ -125,6 +262,7 @@ function M.install(U)
         local fd = obj.fd
         obj.fd = -1
         local rc = run_op(r, t, C.pl_uring_close_socket(r.u, t.slot, t.gen, fd), obj)
+        drop_rescues(obj, r)
         if rc < 0 then
             return failed("close", obj, rc)
         end
@@ -268,19 +406,12 @@ function M.install(U)
         end
     end
 
-    -- A recv whose task was killed before it took the bytes (a timeout
-    -- that fired in the tick they came, or later: pl_uring_op_settle
-    -- drops a recv not yet submitted and cancels one in the kernel, waiting
-    -- for its end, so that no recv runs on after the kill): the bytes are
-    -- the stream's next ones, kept for the next recv as gather keeps a
+    -- A stopped recv ended (see stop_receive): its bytes, if any, are the
+    -- stream's next ones, kept for the next recv as gather keeps a
     -- recv_exact's.
-    function TcpSocket:_rescue(r, op, scratch)
-        if C.pl_uring_op_settle(r.u, op) ~= 1 or C.pl_uring_op_take(r.u, op, r.result) ~= 1 then
-            return false                    -- not done: it is cancelled
-        end
-        local res = r.result.res
-        if res > 0 then
-            local s = ffi_string(scratch.ptr, res)
+    function TcpSocket:_keep(r, op, scratch)
+        if C.pl_uring_op_take(r.u, op, r.result) == 1 and r.result.res > 0 then
+            local s = ffi_string(scratch.ptr, r.result.res)
             local parts = self.parts
             if parts then
                 parts[#parts + 1] = s
@@ -289,7 +420,17 @@ function M.install(U)
             end
         end
         bounce_put(r, scratch)
-        return true
+    end
+
+    -- Up to max bytes of what is pending, or nil.
+    local function take_pending(self, max)
+        gather(self)
+        if #self.pending > 0 then
+            local s = self.pending:sub(1, max)
+            self.pending = self.pending:sub(max + 1)
+            return s
+        end
+        return nil
     end
 
     -- recv(max): up to max bytes as soon as some arrive (at most
@@ -298,14 +439,23 @@ function M.install(U)
     function TcpSocket:recv(max)
         live("TcpSocket:recv", self, TcpSocket, "a socket")
         check.integer("TcpSocket:recv", "max", max, 1, MAX_IO)
-        gather(self)
-        if #self.pending > 0 then
-            local s = self.pending:sub(1, max)
-            self.pending = self.pending:sub(max + 1)
+        local s = take_pending(self, max)
+        if s then
             return s
         end
         local t, r = receive_context("TcpSocket:recv")
-        local s, rc = recv_raw(self, t, r, math.min(max, RECV_CHUNK))
+        if has_rescues(self) then   -- (their bytes come after those pending)
+            take_rescues(self, t, r, "TcpSocket:recv")
+            if self.fd < 0 then     -- another task closed it meanwhile
+                return failed("recv", self, ECANCELED)
+            end
+            s = take_pending(self, max)
+            if s then
+                return s
+            end
+        end
+        local rc
+        s, rc = recv_raw(self, t, r, math.min(max, RECV_CHUNK))
         if rc < 0 then
             return failed("recv", self, rc)
         elseif rc == 0 then
@@ -327,20 +477,25 @@ function M.install(U)
         self.pending = ""
         self.parts = parts
         while have < n do
-            if self.fd < 0 then     -- another task closed it while this one took a piece
+            if has_rescues(self) then   -- a receive killed before this one (or meanwhile)
+                take_rescues(self, t, r, "TcpSocket:recv_exact")
+                have = #table.concat(parts)
+            elseif self.fd < 0 then     -- another task closed it while this one took a piece
                 gather(self)
                 return failed("recv", self, ECANCELED)
-            end
-            local s, rc = recv_raw(self, t, r, math.min(n - have, RECV_CHUNK))
-            if rc <= 0 then
-                gather(self)
-                if rc == 0 then
-                    return nil, format("recv %s: connection closed after %d of %d bytes", self.name, have, n), "EOF"
+            else
+                local s, rc = recv_raw(self, t, r, math.min(n - have, RECV_CHUNK))
+                if rc <= 0 then
+                    gather(self)
+                    if rc == 0 then
+                        return nil, format("recv %s: connection closed after %d of %d bytes", self.name, have, n),
+                               "EOF"
+                    end
+                    return failed("recv", self, rc)
                 end
-                return failed("recv", self, rc)
+                parts[#parts + 1] = s
+                have = have + rc
             end
-            parts[#parts + 1] = s
-            have = have + rc
         end
         self.parts = nil
         local all = table.concat(parts)
@@ -382,7 +537,7 @@ function M.install(U)
         local family = C.pl_net_family(fd)
         return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0), family = family,
                               max_datagram = family == 6 and 65527 or 65507,
-                              held = {} }, UdpSocket)   -- held: see _rescue
+                              held = {} }, UdpSocket)   -- held: see _keep
     end
 
     function UdpSocket:port()
@@ -436,22 +591,19 @@ function M.install(U)
         return s, host, tonumber(port)
     end
 
-    -- A recv_from whose task was killed before it took the datagram
-    -- (settled as TcpSocket:_rescue says): it is held for
-    -- the next recv_from, as what the peer sent is never dropped unseen.
-    function UdpSocket:_rescue(r, op, scratch)
-        if C.pl_uring_op_settle(r.u, op) ~= 1 or C.pl_uring_op_peer(r.u, op, namebuf, 80) ~= 0 then
-            return false                    -- not done: it is cancelled
-        end
-        local from = ffi_string(namebuf)
-        C.pl_uring_op_take(r.u, op, r.result)
-        local len = r.result.res            -- the datagram's whole length (MSG_TRUNC)
-        if len >= 0 then
-            local held = self.held
-            held[#held + 1] = { ffi_string(scratch.ptr, math.min(len, scratch.len)), from, len }
+    -- A stopped recv_from ended (see stop_receive): its datagram is held
+    -- for the next recv_from, as what the peer sent is never dropped unseen.
+    function UdpSocket:_keep(r, op, scratch)
+        if C.pl_uring_op_peer(r.u, op, namebuf, 80) == 0 then
+            local from = ffi_string(namebuf)
+            C.pl_uring_op_take(r.u, op, r.result)
+            local len = r.result.res        -- the datagram's whole length (MSG_TRUNC)
+            if len >= 0 then
+                local held = self.held
+                held[#held + 1] = { ffi_string(scratch.ptr, math.min(len, scratch.len)), from, len }
+            end
         end
         bounce_put(r, scratch)
-        return true
     end
 
     -- recv_from(max): the next datagram and the sender's host and port; a
@@ -462,12 +614,18 @@ function M.install(U)
         check.integer("UdpSocket:recv_from", "max", max, 1, 65536)
         local t, r = receive_context("UdpSocket:recv_from")
         local held = self.held
+        if not held[1] and has_rescues(self) then   -- (their datagrams come after those held)
+            take_rescues(self, t, r, "UdpSocket:recv_from")
+            if self.fd < 0 then     -- another task closed it meanwhile
+                return failed("recv_from", self, ECANCELED)
+            end
+        end
         if held[1] then
             local d = table.remove(held, 1)
             return datagram(d[1], d[2], d[3], max)
         end
         local scratch = bounce_get(r, max)
-        scratch.len = max                   -- what the kernel may fill, for _rescue
+        scratch.len = max                   -- what the kernel may fill, for _keep
         local op = C.pl_uring_recvfrom(r.u, t.slot, t.gen, self.fd, scratch.ptr, max)
         if op < 0 then
             bounce_put(r, scratch)
