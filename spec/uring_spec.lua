@@ -612,7 +612,23 @@ describe("File and DmaFile", function()
         local f = assert(uring.File.open(path, "w+"))
         f:close()
         assert.has_error(function() f:read(0, 1) end, "File:read: the file is closed (" .. path .. ")")
-        assert.has_error(function() f:close() end, "File:close: the file is already closed (" .. path .. ")")
+        assert.is_false(f:close())      -- closing twice: false, as for sockets and endpoints
+        uring.unlink(path)
+    end))
+
+    it("name DmaFile in the errors of a DmaFile", async(function()
+        local path = tmpfile()
+        local f = assert(uring.DmaFile.open(path, "w+"))
+        local buf = f:acquire_buffer()
+        local bs = f.offset_align          -- (the block size the file learned at open)
+        assert.has_error(function() f:read_fixed(buf, 1) end, format("DmaFile:read_fixed: O_DIRECT offset 1 is not " ..
+            "a multiple of %d (the file's block size) on %s", bs, path))
+        assert.has_error(function() f:read(-1, 4096) end, "DmaFile:read: offset must be an integer >= 0 (got -1)")
+        assert.has_error(function() f:write(0, "x") end, format("DmaFile:write: O_DIRECT length 1 is not a " ..
+            "multiple of %d (the file's block size) on %s", bs, path))
+        buf:release()
+        f:close()
+        assert.has_error(function() f:read(0, 4096) end, "DmaFile:read: the file is closed (" .. path .. ")")
         uring.unlink(path)
     end))
 

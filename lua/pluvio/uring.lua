@@ -635,13 +635,21 @@ local function is_file(f)
     return mt == File or mt == DmaFile
 end
 
+-- The name a File method goes by in errors: DmaFile's share File's code.
+local function file_fname(fname, f)
+    if f and f.direct then
+        return (fname:gsub("^File", "DmaFile"))
+    end
+    return fname
+end
+
 local function self_file(fname, f)
     if not is_file(f) then
         error(format("%s: call it as a method on a file (f:%s(...)); got %s as self",
                      fname, fname:match("[:.](.*)$"), type(f)), 3)
     end
     if f.fd < 0 then
-        error(fname .. ": the file is closed (" .. f.path .. ")", 3)
+        error(file_fname(fname, f) .. ": the file is closed (" .. f.path .. ")", 3)
     end
     return f
 end
@@ -677,28 +685,29 @@ local function check_direct(fname, f, offset, len, addr)
     local a = f.offset_align
     if offset % a ~= 0 then
         error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s",
-                     fname, offset, a, f.path), 3)
+                     file_fname(fname, f), offset, a, f.path), 3)
     end
     if len % a ~= 0 then
         error(format("%s: O_DIRECT length %d is not a multiple of %d (the file's block size) on %s",
-                     fname, len, a, f.path), 3)
+                     file_fname(fname, f), len, a, f.path), 3)
     end
     local at = addr and tonumber(ffi_cast("uintptr_t", addr))
     if at and at % f.mem_align ~= 0 then
         error(format("%s: O_DIRECT buffer address 0x%x is not aligned to %d bytes on %s",
-                     fname, at, f.mem_align, f.path), 3)
+                     file_fname(fname, f), at, f.mem_align, f.path), 3)
     end
 end
 
-local function check_offset(fname, offset)
+local function check_offset(fname, offset, f)
     if type(offset) ~= "number" or offset ~= offset or offset % 1 ~= 0 or offset < 0 or offset > 2 ^ 62 then
-        error(format("%s: offset must be an integer >= 0 (got %s)", fname, check.show(offset)), 3)
+        error(format("%s: offset must be an integer >= 0 (got %s)", file_fname(fname, f), check.show(offset)), 3)
     end
 end
 
-local function check_len(fname, len, max)
+local function check_len(fname, len, max, f)
     if type(len) ~= "number" or len ~= len or len % 1 ~= 0 or len < 0 or len > max then
-        error(format("%s: length must be an integer from 0 to %d (got %s)", fname, max, check.show(len)), 3)
+        error(format("%s: length must be an integer from 0 to %d (got %s)", file_fname(fname, f), max,
+                     check.show(len)), 3)
     end
 end
 
@@ -844,11 +853,11 @@ end
 local function fixed_io(self, fname, write, buf, offset, len, queue, tag)
     self_file(fname, self)
     live_buffer(fname, buf)
-    check_offset(fname, offset)
+    check_offset(fname, offset, self)
     if len == nil then
         len = buf.len
     else
-        check_len(fname, len, buf.len)
+        check_len(fname, len, buf.len, self)
     end
     local r = self.reactor
     if buf.reactor ~= r then
@@ -879,8 +888,8 @@ end
 -- f:read(offset, len): the bytes as a string (shorter only at end of file).
 function File:read(offset, len)
     self_file("File:read", self)
-    check_offset("File:read", offset)
-    check_len("File:read", len, MAX_IO)
+    check_offset("File:read", offset, self)
+    check_len("File:read", len, MAX_IO, self)
     check_direct("File:read", self, offset, len)
     local t = io_task("File:read")
     local r = self.reactor
@@ -899,10 +908,10 @@ end
 -- f:write(offset, data): write a string; returns #data or nil, err.
 function File:write(offset, data)
     self_file("File:write", self)
-    check_offset("File:write", offset)
+    check_offset("File:write", offset, self)
     check.string("File:write", "data", data)
     local len = #data
-    check_len("File:write", len, MAX_IO)
+    check_len("File:write", len, MAX_IO, self)
     check_direct("File:write", self, offset, len)
     local t = io_task("File:write")
     local r = self.reactor
@@ -966,12 +975,12 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
             local a = f.offset_align
             if len % a ~= 0 then
                 error(format("%s: O_DIRECT length %d of part %d is not a multiple of %d (the file's " ..
-                             "block size) on %s", fname, len, i, a, f.path), 3)
+                             "block size) on %s", file_fname(fname, f), len, i, a, f.path), 3)
             end
             local at = tonumber(ffi_cast("uintptr_t", ptr))
             if at % f.mem_align ~= 0 then
                 error(format("%s: O_DIRECT address 0x%x of part %d is not aligned to %d bytes on %s " ..
-                             "(a string is aligned only by chance: use registered buffers)", fname, at, i, f.mem_align, f.path), 3)
+                             "(a string is aligned only by chance: use registered buffers)", file_fname(fname, f), at, i, f.mem_align, f.path), 3)
             end
         end
         iov[i - 1].base = ffi_cast("void *", ptr)
@@ -987,7 +996,7 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
     end
     if f.direct and offset % f.offset_align ~= 0 then
         error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s",
-                     fname, offset, f.offset_align, f.path), 3)
+                     file_fname(fname, f), offset, f.offset_align, f.path), 3)
     end
     return n, total, keep   -- C counts registered parts in use, as for read_fixed
 end
@@ -995,7 +1004,7 @@ end
 -- readv / writev: the checks and the op, one body for both.
 local function vectored_io(self, fname, write, offset, parts, lens)
     self_file(fname, self)
-    check_offset(fname, offset)
+    check_offset(fname, offset, self)
     local r = self.reactor
     local t = io_task(fname)
     local n, total, keep = vector(fname, self, r, offset, parts, lens, write)
@@ -1047,8 +1056,8 @@ end
 
 -- f:fallocate(offset, len[, mode]): reserve space (mode as fallocate(2)).
 function File:fallocate(offset, len, mode)
-    check_offset("File:fallocate", offset)
-    check_len("File:fallocate", len, 2 ^ 62)
+    check_offset("File:fallocate", offset, self)
+    check_len("File:fallocate", len, 2 ^ 62, self)
     mode = mode or 0
     check.integer("File:fallocate", "mode", mode, 0, 255)
     return simple_op(self, "File:fallocate", "fallocate", C.pl_uring_fallocate, mode, offset, len)
@@ -1068,7 +1077,7 @@ end
 -- f:truncate(len): set the size (synchronous: no io_uring op before Linux 6.9).
 function File:truncate(len)
     self_file("File:truncate", self)
-    check_len("File:truncate", len, 2 ^ 62)
+    check_len("File:truncate", len, 2 ^ 62, self)
     local rc = C.pl_file_truncate(self.fd, len)
     if rc < 0 then
         return fail(self, "truncate", rc)
@@ -1082,7 +1091,7 @@ function File:close()
         error("File:close: call it as a method on a file (f:close())", 2)
     end
     if self.fd < 0 then
-        error("File:close: the file is already closed (" .. self.path .. ")", 2)
+        return false        -- closed already: as a socket's, an endpoint's, a channel's close
     end
     local fd = self.fd
     self.fd = -1
