@@ -616,6 +616,21 @@ describe("File and DmaFile", function()
         uring.unlink(path)
     end))
 
+    it("stays open when closed from outside a task, to be closed from one", function()
+        local f, fd
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
+        rt:run(function()
+            f = assert(uring.File.open("/etc/hostname"))
+            fd = f:fileno()
+        end)
+        assert.has_error(function() f:close() end, "File:close: not inside a pluvio task (call it from a function " ..
+            "run by pluvio.run / rt:run, or from a script run by the pluvio host)")
+        assert.equal(fd, f:fileno())
+        rt:run(function() assert.is_true(f:close()) end)
+        assert.equal(-1, ffi.C.fcntl(fd, F_GETFD))          -- closed now
+    end)
+
     it("name DmaFile in the errors of a DmaFile", async(function()
         local path = tmpfile()
         local f = assert(uring.DmaFile.open(path, "w+"))

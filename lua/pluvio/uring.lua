@@ -1093,9 +1093,9 @@ function File:close()
     if self.fd < 0 then
         return false        -- closed already: as a socket's, an endpoint's, a channel's close
     end
+    local t = io_task("File:close")     -- (first: raising outside a task must leave the file open)
     local fd = self.fd
     self.fd = -1
-    local t = io_task("File:close")
     local r = self.reactor
     local res = run_op(r, t, C.pl_uring_close(r.u, t.slot, t.gen, fd), self)
     if res < 0 then
