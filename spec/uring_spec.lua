@@ -631,6 +631,39 @@ describe("File and DmaFile", function()
         assert.equal(-1, ffi.C.fcntl(fd, F_GETFD))          -- closed now
     end)
 
+    it("refuse to be used from another runtime than their own, which would never reap their ops", function()
+        local f, buf
+        local rt = pluvio.Runtime.new()
+        local r = uring.reactor { buffer_count = 1, buffer_size = 4096 }
+        rt:register_reactor("io_uring", r)
+        rt:run(function() f = assert(uring.File.open("/etc/hostname")) end)
+        local other = pluvio.Runtime.new()
+        other:register_reactor("io_uring", uring.reactor { buffer_count = 1, buffer_size = 4096 })
+        local foreign = "File:%s: /etc/hostname was opened in another runtime (its io_uring reactor is that " ..
+                        "runtime's): use it there, or open it again in this one"
+        other:run(function()
+            buf = uring.acquire_buffer()
+            for _, call in ipairs({
+                { "read", function() return f:read(0, 4) end },
+                { "write", function() return f:write(0, "x") end },
+                { "fsync", function() return f:fsync() end },
+                { "statx", function() return f:statx() end },
+                { "readv", function() return f:readv(0, { 4 }) end },
+                { "acquire_buffer", function() return f:acquire_buffer() end },
+                { "close", function() return f:close() end },
+            }) do
+                local ok, err = pcall(call[2])
+                assert.is_false(ok)
+                assert.matches(foreign:format(call[1]), err, 1, true)
+            end
+            local ok, err = pcall(function() return r:acquire_buffer() end)
+            assert.is_false(ok)
+            assert.matches("IoUringReactor:acquire_buffer: the reactor is registered on another runtime", err, 1, true)
+            buf:release()
+        end)
+        rt:run(function() assert.is_string(f:read(0, 4)); assert.is_true(f:close()) end)   -- still fine at home
+    end)
+
     it("name DmaFile in the errors of a DmaFile", async(function()
         local path = tmpfile()
         local f = assert(uring.DmaFile.open(path, "w+"))

@@ -202,6 +202,7 @@ end
 -- Called by rt:register_reactor: ops park their task in C from now on.
 function IoUringReactor:attach(rt)
     C.pl_uring_attach(self.u, rt.crt)
+    self.rt = rt
 end
 
 function IoUringReactor:options()
@@ -409,6 +410,9 @@ end
 function IoUringReactor:acquire_buffer()
     check.self("IoUringReactor:acquire_buffer", self, IoUringReactor, "an io_uring reactor")
     local t, rt = current_task("IoUringReactor:acquire_buffer")
+    if self.rt and self.rt ~= rt then   -- its releases would wake tasks of that runtime only
+        error("IoUringReactor:acquire_buffer: the reactor is registered on another runtime", 2)
+    end
     local b = acquire(self, t, rt, "IoUringReactor:acquire_buffer")
     return b
 end
@@ -711,6 +715,25 @@ local function check_len(fname, len, max, f)
     end
 end
 
+-- A file belongs to the runtime it was opened in: its ops go to that
+-- runtime's ring, which another runtime's loop never reaps (the task would
+-- wait for good).
+local function foreign_file(fname, f, level)
+    error(format("%s: %s was opened in another runtime (its io_uring reactor is that runtime's): " ..
+                 "use it there, or open it again in this one", file_fname(fname, f), f.path), level + 1)
+end
+
+-- The running task for an operation on file f, and f's reactor (depth:
+-- frames between our caller and the user, for the position of errors).
+local function file_task(fname, f, depth)
+    local t, rt = io_task(fname, 1 + depth)
+    local r = f.reactor
+    if r.rt ~= rt then
+        foreign_file(fname, f, 3 + depth)
+    end
+    return t, r
+end
+
 local statx_buf_size = C.pl_uring_statx_size()
 
 local function stat_table(raw)
@@ -867,7 +890,10 @@ local function fixed_io(self, fname, write, buf, offset, len, queue, tag)
     if queue then
         return queue:_start(self, write, buf, offset, len, tag)
     end
-    local t = io_task(fname)
+    local t, rt = io_task(fname)
+    if r.rt ~= rt then
+        foreign_file(fname, self, 2)    -- (tail-called: 2 is our caller's caller)
+    end
     local start = write and C.pl_uring_write or C.pl_uring_read
     local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, buf.base, len, offset, buf.index), self)
     return fixed_result(self, write, offset, len, res, bytes)
@@ -891,8 +917,7 @@ function File:read(offset, len)
     check_offset("File:read", offset, self)
     check_len("File:read", len, MAX_IO, self)
     check_direct("File:read", self, offset, len)
-    local t = io_task("File:read")
-    local r = self.reactor
+    local t, r = file_task("File:read", self, 0)
     local scratch = bounce_get(r, len)
     local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
                               self, scratch)
@@ -913,8 +938,7 @@ function File:write(offset, data)
     local len = #data
     check_len("File:write", len, MAX_IO, self)
     check_direct("File:write", self, offset, len)
-    local t = io_task("File:write")
-    local r = self.reactor
+    local t, r = file_task("File:write", self, 0)
     local scratch = bounce_get(r, len)
     ffi_copy(scratch.ptr, data, len)
     local res, bytes = run_op(r, t, C.pl_uring_write(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
@@ -1005,8 +1029,7 @@ end
 local function vectored_io(self, fname, write, offset, parts, lens)
     self_file(fname, self)
     check_offset(fname, offset, self)
-    local r = self.reactor
-    local t = io_task(fname)
+    local t, r = file_task(fname, self, 0)     -- (tail-called)
     local n, total, keep = vector(fname, self, r, offset, parts, lens, write)
     local start = write and C.pl_uring_writev or C.pl_uring_readv
     local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
@@ -1036,8 +1059,7 @@ end
 -- An op on the file's fd with no data: start(u, slot, gen, fd, ...).
 local function simple_op(f, fname, what, start, ...)
     self_file(fname, f)
-    local t = io_task(fname)
-    local r = f.reactor
+    local t, r = file_task(fname, f, 0)     -- (tail-called)
     local res = run_op(r, t, start(r.u, t.slot, t.gen, f.fd, ...), f)
     if res < 0 then
         return fail(f, what, res)
@@ -1066,8 +1088,8 @@ end
 -- f:statx(): size, blocks, mode, times, dio alignment... as a table.
 function File:statx()
     self_file("File:statx", self)
-    local t = io_task("File:statx")
-    local st, rc = statx_op(self.reactor, t, self.fd, "", AT_EMPTY_PATH, self)
+    local t, r = file_task("File:statx", self, 0)
+    local st, rc = statx_op(r, t, self.fd, "", AT_EMPTY_PATH, self)
     if not st then
         return fail(self, "statx", rc)
     end
@@ -1093,10 +1115,9 @@ function File:close()
     if self.fd < 0 then
         return false        -- closed already: as a socket's, an endpoint's, a channel's close
     end
-    local t = io_task("File:close")     -- (first: raising outside a task must leave the file open)
+    local t, r = file_task("File:close", self, 0)  -- (first: raising must leave the file open)
     local fd = self.fd
     self.fd = -1
-    local r = self.reactor
     local res = run_op(r, t, C.pl_uring_close(r.u, t.slot, t.gen, fd), self)
     if res < 0 then
         return fail(self, "close", res)
@@ -1123,6 +1144,9 @@ end
 function File:acquire_buffer()
     self_file("File:acquire_buffer", self)
     local t, rt = current_task("File:acquire_buffer")
+    if self.reactor.rt ~= rt then
+        foreign_file("File:acquire_buffer", self, 2)
+    end
     local b = acquire(self.reactor, t, rt, "File:acquire_buffer")
     return b
 end
