@@ -247,6 +247,24 @@ describe("pluvio.run and pluvio.wrap", function()
         assert.is_table(err)        -- luassert's object (a string would be listed as an error)
         assert.matches("Expected objects to be equal", tostring(err))
     end)
+
+    it("fails the wrapped call when a task failed and nobody joined it", function()
+        local ok, err = pcall(pluvio.wrap(function()
+            pluvio.spawn_named("forgotten", function() error("lost write") end)
+            pluvio.spawn(function() error("second") end)
+            pluvio.sleep(0.001)
+            return "main's result"
+        end))
+        assert.is_false(ok)
+        assert.matches('^pluvio%.wrap: 2 task%(s%) failed and nobody joined them; the first: task "forgotten" ' ..
+                       '%(#2, failed%) failed and was never joined: .*lost write', err)
+        local joined = pluvio.wrap(function()
+            local t = pluvio.spawn(function() error("seen") end)
+            assert.is_nil(t:join())
+            return "fine"
+        end)
+        assert.equal("fine", joined())
+    end)
 end)
 
 describe("Runtime:set_affinity", function()

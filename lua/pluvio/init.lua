@@ -892,8 +892,9 @@ local function report_unjoined(rt)
     for _, t in ipairs(list) do
         if not t.joined then
             rt.n_unjoined = rt.n_unjoined + 1
-            io.stderr:write(format("pluvio: %s failed and was never joined: %s\n",
-                                   tostring(t), tostring(t.results[2])))
+            local what = format("%s failed and was never joined: %s", tostring(t), tostring(t.results[2]))
+            rt.first_unjoined = rt.first_unjoined or what
+            io.stderr:write("pluvio: " .. what .. "\n")
         end
     end
 end
@@ -1024,12 +1025,23 @@ function M.run(fn, ...)
     return M.default_runtime():run(fn, ...)
 end
 
+-- fn's results, unless a task failed and nobody joined it: a test passes
+-- only if nothing failed unseen.
+local function wrapped_results(rt, ...)
+    if rt.n_unjoined > 0 then
+        error(format("pluvio.wrap: %d task(s) failed and nobody joined them; the first: %s",
+                     rt.n_unjoined, rt.first_unjoined), 0)
+    end
+    return ...
+end
+
 -- pluvio.wrap(fn): a plain function that runs fn in a new runtime, for
 -- busted's it() and other synchronous callers.
 function M.wrap(fn)
     check.func("pluvio.wrap", "fn", fn)
     return function(...)
-        return M.run(fn, ...)
+        local rt = M.default_runtime()
+        return wrapped_results(rt, rt:run(fn, ...))
     end
 end
 
