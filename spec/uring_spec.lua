@@ -1849,6 +1849,26 @@ describe("sockets over io_uring", function()
         b:close()
     end))
 
+    it("refuses a second reader on a TCP socket, which would get bytes a recv_exact had gathered", async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        local exact = pluvio.spawn(function() return s:recv_exact(10) end)
+        pluvio.yield()
+        assert.equal(5, c:send("AAAAA"))
+        pluvio.sleep(0.01)                      -- exact has gathered the 5 bytes
+        local other = pluvio.spawn(function() return s:recv(100) end)
+        local ok, err = other:join()
+        assert.is_nil(ok)
+        assert.matches("a stream has one reader at a time", err, 1, true)
+        assert.equal(5, c:send("BBBBB"))
+        assert.equal("AAAAABBBBB", exact:join())
+        assert.equal(2, c:send("CC"))           -- one at a time is fine, from any task
+        assert.equal("CC", pluvio.spawn(function() return s:recv(100) end):join())
+        c:close(); s:close(); l:close()
+    end))
+
     it("passes the wait for a killed receive's bytes on when the task waiting for them is killed too",
        async(function()
         local l = assert(uring.tcp_listen("127.0.0.1", 0))
@@ -1859,15 +1879,20 @@ describe("sockets over io_uring", function()
         pluvio.sleep(0.001)                     -- it parks in its recv...
         pluvio.yield()                          -- ...which a tick's flush gave the kernel
         -- in one batch: first is killed, its recv's end is the socket's to
-        -- take; second waits for it, third for second
+        -- take; second waits for it (a third reader meanwhile is refused:
+        -- a stream has one reader at a time)
         pluvio.spawn(function() first:kill() end)
         local second = pluvio.spawn(function() return c:recv_exact(10) end)
-        local third = pluvio.spawn(function() return c:recv(100) end)
+        local early = pluvio.spawn(function() return c:recv(100) end)
         pluvio.yield()
         assert.equal(1, #c.rescues)
         assert.equal(second, c.rescues[1].adopter)
-        assert.same({ third }, c.rescue_waiters)
+        local ok, err = early:join()
+        assert.is_nil(ok)
+        assert.matches("TcpSocket:recv: " .. tostring(second):gsub("%p", "%%%0") .. " is receiving on this socket " ..
+                       "already %(127%.0%.0%.1:%d+%): a stream has one reader at a time", err)
         second:kill()                           -- third takes over the wait, then receives
+        local third = pluvio.spawn(function() return c:recv(100) end)
         assert.equal(5, s:send("hello"))
         assert.equal("hello", pluvio.timeout(1, third.join, third))
         s:close()

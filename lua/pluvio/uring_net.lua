@@ -316,7 +316,8 @@ function M.install(U)
             return failed("accept", self, fd)
         end
         C.pl_net_nodelay(fd)
-        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "" }, TcpSocket)
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "", reader = false },
+                            TcpSocket)
     end
 
     function TcpListener:close()
@@ -362,7 +363,8 @@ function M.install(U)
             local fd = fdout[0]
             if rc >= 0 then
                 C.pl_net_nodelay(fd)
-                return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "" }, TcpSocket)
+                return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "", reader = false },
+                                    TcpSocket)
             end
             if fd >= 0 then C.pl_file_close_sync(fd) end
             fdout[0] = -1
@@ -433,17 +435,32 @@ function M.install(U)
         return nil
     end
 
+    -- A stream has one reader at a time: a recv next to a recv_exact
+    -- would hand out the bytes the recv_exact had gathered, which it then
+    -- returned too.  (reader: the task in a receive; waiting_for covers one
+    -- that left it by raising.)
+    local function claim_reader(self, t, fname)
+        local rd = self.reader
+        if rd and rd ~= t and rd.live and rd.waiting_for == self then
+            error(format("%s: %s is receiving on this socket already (%s): a stream has one reader at a time",
+                         fname, tostring(rd), self.name), 3)
+        end
+        self.reader = t
+    end
+
+    local function release_reader(self, ...)
+        self.reader = false
+        return ...
+    end
+
     -- recv(max): up to max bytes as soon as some arrive (at most
     -- RECV_CHUNK from the kernel at a time); nil, "closed" when the peer
     -- closed the connection.
-    function TcpSocket:recv(max)
-        live("TcpSocket:recv", self, TcpSocket, "a socket")
-        check.integer("TcpSocket:recv", "max", max, 1, MAX_IO)
+    local function recv(self, t, r, max)
         local s = take_pending(self, max)
         if s then
             return s
         end
-        local t, r = receive_context("TcpSocket:recv")
         if has_rescues(self) then   -- (their bytes come after those pending)
             take_rescues(self, t, r, "TcpSocket:recv")
             if self.fd < 0 then     -- another task closed it meanwhile
@@ -464,12 +481,17 @@ function M.install(U)
         return s
     end
 
+    function TcpSocket:recv(max)
+        live("TcpSocket:recv", self, TcpSocket, "a socket")
+        check.integer("TcpSocket:recv", "max", max, 1, MAX_IO)
+        local t, r = receive_context("TcpSocket:recv")
+        claim_reader(self, t, "TcpSocket:recv")
+        return release_reader(self, recv(self, t, r, max))
+    end
+
     -- recv_exact(n): exactly n bytes, or nil, err (the bytes that did
     -- arrive before the peer closed are kept for the next recv).
-    function TcpSocket:recv_exact(n)
-        live("TcpSocket:recv_exact", self, TcpSocket, "a socket")
-        check.integer("TcpSocket:recv_exact", "n", n, 0, MAX_IO)
-        local t, r = receive_context("TcpSocket:recv_exact")
+    local function recv_exact(self, t, r, n)
         gather(self)
         -- the parts live on the socket while they come in: a task killed
         -- here leaves them for the next recv instead of losing them
@@ -501,6 +523,14 @@ function M.install(U)
         local all = table.concat(parts)
         self.pending = all:sub(n + 1)
         return all:sub(1, n)
+    end
+
+    function TcpSocket:recv_exact(n)
+        live("TcpSocket:recv_exact", self, TcpSocket, "a socket")
+        check.integer("TcpSocket:recv_exact", "n", n, 0, MAX_IO)
+        local t, r = receive_context("TcpSocket:recv_exact")
+        claim_reader(self, t, "TcpSocket:recv_exact")
+        return release_reader(self, recv_exact(self, t, r, n))
     end
 
     function TcpSocket:peer()
