@@ -574,6 +574,105 @@ describe("UCX misuse and failures", function()
         close_pair(p)
     end))
 
+    it("names the caller's line for a bad self or a bad argument to every UCX method and function", async(function()
+        local uring = require "pluvio.uring"
+        local p = pair()
+        local h = p.ep:am_send_nb(1, "nb", "x")
+        assert(h:wait())
+        assert(p.stream:wait_msg()):release()
+        assert(p.ep:am_send(1, "m", "abc", true))
+        local m = assert(p.stream:wait_msg())
+        -- each case is one line that raises: the error must name that line
+        -- (no tail call in it, which would drop its frame)
+        local cases = {
+            function() local r = ucx.UCXReactor.register_worker(5); return r end,
+            function() local r = ucx.UCXReactor.current():register_worker(5); return r end,
+            function() local r = ucx.Context.new(5); return r end,
+            function() local r = ucx.Context.new({ wakeup = 1 }); return r end,
+            function() local r = p.ctx.create_worker(5); return r end,
+            function() local r = p.ctx:create_worker(5); return r end,
+            function() local r = p.ctx.close(5); return r end,
+            function() local r = p.sw.address(5); return r end,
+            function() local r = p.sw.max_am_header(5); return r end,
+            function() local r = p.sw.connect_addr(5, "a"); return r end,
+            function() local r = p.sw:connect_addr(5); return r end,
+            function() local r = p.sw:connect_addr("a", 5); return r end,
+            function() local r = p.sw.connect_socket(5, "127.0.0.1", 1); return r end,
+            function() local r = p.sw:connect_socket(5, 1); return r end,
+            function() local r = p.sw:connect_socket("127.0.0.1", -1); return r end,
+            function() local r = p.sw.create_listener(5, "127.0.0.1", 0); return r end,
+            function() local r = p.sw:create_listener(5, 0); return r end,
+            function() local r = p.sw:create_listener("127.0.0.1", 65536); return r end,
+            function() local r = p.sw.am_stream(5, 2); return r end,
+            function() local r = p.sw:am_stream(256); return r end,
+            function() local r = p.sw:am_stream(2, { window = 0 }); return r end,
+            function() local r = p.sw.tag_recv(5, 1, 1, 8); return r end,
+            function() local r = p.sw:tag_recv("t", 1, 8); return r end,
+            function() local r = p.sw:tag_recv(1, -1, 8); return r end,
+            function() local r = p.sw:tag_recv(1, 1, -8); return r end,
+            function() local r = p.sw.stats(5); return r end,
+            function() local r = p.sw.close(5); return r end,
+            function() local r = p.listener.port(5); return r end,
+            function() local r = p.listener.address(5); return r end,
+            function() local r = p.listener.accept(5); return r end,
+            function() local r = p.listener.describe(5); return r end,
+            function() local r = p.listener.close(5); return r end,
+            function() local r = p.ep.am_send(5, 1, "h", "d"); return r end,
+            function() local r = p.ep:am_send(256, "h", "d"); return r end,
+            function() local r = p.ep:am_send(1, 5, "d"); return r end,
+            function() local r = p.ep:am_send(1, "h", 5); return r end,
+            function() local r = p.ep:am_send(1, "h", "d", 1); return r end,
+            function() local r = p.ep:am_send(1, "h", "d", false, "fast"); return r end,
+            function() local r = p.ep.am_send_nb(5, 1, "h", "d"); return r end,
+            function() local r = p.ep:am_send_nb(-1, "h", "d"); return r end,
+            function() local r = p.ep.tag_send(5, 1, "d"); return r end,
+            function() local r = p.ep:tag_send(0.5, "d"); return r end,
+            function() local r = p.ep:tag_send(1, {}); return r end,
+            function() local r = p.ep.flush(5); return r end,
+            function() local r = p.ep.status(5); return r end,
+            function() local r = p.ep.describe(5); return r end,
+            function() local r = p.ep.close(5); return r end,
+            function() local r = h.wait(5); return r end,
+            function() local r = p.stream.wait_msg(5); return r end,
+            function() local r = p.stream.describe(5); return r end,
+            function() local r = p.stream.close(5); return r end,
+            function() local r = m.data_len(5); return r end,
+            function() local r = m.is_rndv(5); return r end,
+            function() local r = m.data(5); return r end,
+            function() local r = m.recv_data(5, uring.acquire_buffer()); return r end,
+            function() local r = m:recv_data(5); return r end,
+            function() local r = m.release(5); return r end,
+            function() local r = m.reply(5, 1, "h", "d"); return r end,
+            function() local r = m:reply(256, "h", "d"); return r end,
+        }
+        for i, fn in ipairs(cases) do
+            local line = debug.getinfo(fn, "S").linedefined
+            local ok, err = pcall(fn)
+            assert.is_false(ok, "case " .. i .. " (line " .. line .. ") did not raise")
+            assert.is_string(err, "case " .. i)
+            assert.is_truthy(err:find("^[^:]*ucx_spec%.lua:" .. line .. ": "),
+                             "case " .. i .. " should name line " .. line .. ": " .. err)
+        end
+        assert.equal("abc", m:data())
+        close_pair(p)
+    end))
+
+    it("names the caller's line when a rendezvous message's data is taken outside a task", function()
+        local p, m
+        pluvio.run(function()
+            p = pair()
+            local sender = pluvio.spawn(function() return p.ep:am_send(1, "h", ("x"):rep(100000), false, "rndv") end)
+            m = assert(p.stream:wait_msg())
+            sender:kill()       -- (else run waits for it: it waits for the pull)
+        end)
+        local line = debug.getinfo(1, "l").currentline + 1
+        local ok, err = pcall(function() local r = m:data(); return r end)
+        assert.is_false(ok)
+        assert.matches("^[^:]*ucx_spec%.lua:" .. line .. ": Message:data: not inside a pluvio task", err)
+        m:release()
+        p.ctx:close()       -- (its workers, with their endpoints)
+    end)
+
     it("refuses a len for string or nil data instead of ignoring it", async(function()
         local p = pair()
         assert.matches("ucx_spec%.lua:%d+: Endpoint:am_send: len applies to a registered buffer only %(data is a string%)",

@@ -49,10 +49,10 @@ function M.string(fname, argname, v, level)
     return v
 end
 
-function M.self(fname, v, mt, what)
+function M.self(fname, v, mt, what, level)
     if getmetatable(v) ~= mt then
         error(format("%s: call it as a method on %s (obj:%s(...)); got %s as self",
-                     fname, what, fname:match("[:.](.*)$") or fname, type(v)), 3)
+                     fname, what, fname:match("[:.](.*)$") or fname, type(v)), level or 3)
     end
     return v
 end

@@ -189,8 +189,13 @@ function Context.new(opts)
                         Context)
 end
 
+-- The live_* helpers check self for the method that called them: their
+-- errors name the user's line, one frame further out than a method's own
+-- checks (check.self at level 4: check.self, the helper, the method, the
+-- user; a method that tail-calls into a helper, start_send, is replaced
+-- by it and keeps the same count).
 local function live_context(fname, c)
-    check.self(fname, c, Context, "a context")
+    check.self(fname, c, Context, "a context", 4)
     if not c.c then
         error(fname .. ": the context is closed", 3)
     end
@@ -413,7 +418,7 @@ local function run_op(w, t, rc, what, keep, keep2)
 end
 
 local function live_worker(fname, w)
-    check.self(fname, w, Worker, "a worker")
+    check.self(fname, w, Worker, "a worker", 4)
     if not w.w then
         error(fname .. ": the worker is closed", 3)
     end
@@ -676,7 +681,7 @@ end
 ---------------------------------------------------------------------------
 
 local function live_listener(fname, l)
-    check.self(fname, l, Listener, "a listener")
+    check.self(fname, l, Listener, "a listener", 4)
     if not l.i or not l.worker.w then
         error(fname .. ": the listener is closed", 3)
     end
@@ -721,6 +726,7 @@ function Listener:accept()
 end
 
 function Listener:describe()
+    check.self("Listener:describe", self, Listener, "a listener")
     return format("accept on %s:%d", self.host, self.i and C.pl_ucx_listener_port(self.worker.w, self.i) or -1)
 end
 
@@ -740,7 +746,7 @@ end
 ---------------------------------------------------------------------------
 
 local function live_ep(fname, ep)
-    check.self(fname, ep, Endpoint, "an endpoint")
+    check.self(fname, ep, Endpoint, "an endpoint", 4)
     if not ep.h or not ep.worker.w then
         error(fname .. ": the endpoint is closed", 3)
     end
@@ -849,6 +855,7 @@ function Endpoint:am_send(id, header, data, need_reply, proto, len)
 end
 
 function Endpoint:describe()
+    check.self("Endpoint:describe", self, Endpoint, "an endpoint")
     return "ucx op to " .. self.peer
 end
 
@@ -998,6 +1005,7 @@ end
 ---------------------------------------------------------------------------
 
 function Stream:describe()
+    check.self("Stream:describe", self, Stream, "a stream")
     return format("AM stream %d", self.id)
 end
 
@@ -1192,7 +1200,7 @@ function Stream:close()
 end
 
 local function live_msg(fname, m)
-    check.self(fname, m, Message, "a message")
+    check.self(fname, m, Message, "a message", 4)
     if not m.h then
         error(fname .. ": the message's data was already taken or released", 3)
     end
@@ -1219,7 +1227,7 @@ function Message:is_rndv()
 end
 
 local function take(m, fname, ptr, cap, keep)
-    local t = io_task(fname)
+    local t = io_task(fname, 1)     -- (1: its errors name the caller of our caller)
     local w = m.worker
     local h = m.h
     m.h = nil
