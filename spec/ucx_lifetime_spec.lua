@@ -52,6 +52,15 @@ describe("Context", function()
         assert.is_false(kept:close())
         assert.is_false(l2:close())
     end))
+    it("returns false from a second Context:close, as every other close does, instead of raising", async(function()
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        assert.is_true(ctx:close())
+        assert.is_false(ctx:close())
+        assert.is_false(w:close())
+        assert.has_error(function() ctx:create_worker() end, "Context:create_worker: the context is closed")
+    end))
+
     it("gives a killed sender's registered buffer back to the pool when its worker is collected", async(function()
         -- the send's op kept the buffer out of the pool (UCX reads it until
         -- it completes), held in the worker's limbo; a worker collected

@@ -254,11 +254,15 @@ function Context:create_worker(opts)
     return worker
 end
 
--- close(): close the workers still open, then the context.  A worker
--- already collected but not yet finalized is closed by its finalizer:
--- the context goes with it (released), not before.
+-- close(): close the workers still open, then the context; true, or
+-- false when it was closed already (as every other UCX object's close).
+-- A worker already collected but not yet finalized is closed by its
+-- finalizer: the context goes with it (released), not before.
 function Context:close()
-    live_context("Context:close", self)
+    check.self("Context:close", self, Context, "a context")
+    if not self.c then
+        return false
+    end
     for w in pairs(self.workers) do
         if w.w then w:close() end
     end
