@@ -673,6 +673,30 @@ describe("UCX misuse and failures", function()
         p.ctx:close()       -- (its workers, with their endpoints)
     end)
 
+    it("says a listen or connect host cannot be resolved, and a port in use, with nothing from UCX on stderr", function()
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w = assert(ctx:create_worker())
+            local l = assert(w:create_listener("127.0.0.1", 0))
+            print(w:create_listener("nohost.invalid", 0))
+            print(w:connect_socket("nohost.invalid", 4242))
+            local _, e, name = w:create_listener("127.0.0.1", l:port())
+            print((e:gsub(":%d+:", ":PORT:")), name)
+            print(w:create_listener("192.0.2.1", 0))    -- TEST-NET-1: no address of ours
+        ]])
+        assert.equal(0, status, err)
+        local resolve = '%s nohost.invalid:%d: cannot resolve host "nohost.invalid" (names are looked up ' ..
+                        'with getaddrinfo: a numeric address or one from /etc/hosts)\tENXIO'
+        assert.equal(table.concat({
+            "nil\t" .. resolve:format("listen on", 0),
+            "nil\t" .. resolve:format("connect to", 4242),
+            "listen on 127.0.0.1:PORT: EADDRINUSE: Address already in use\tEADDRINUSE",
+            "nil\tlisten on 192.0.2.1:0: EADDRNOTAVAIL: Cannot assign requested address\tEADDRNOTAVAIL",
+        }, "\n") .. "\n", out)
+        assert.is_nil(err:find("UCX", 1, true), err)
+    end)
+
     it("refuses a len for string or nil data instead of ignoring it", async(function()
         local p = pair()
         assert.matches("ucx_spec%.lua:%d+: Endpoint:am_send: len applies to a registered buffer only %(data is a string%)",

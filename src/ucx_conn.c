@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "ucx_internal.h"
 
@@ -208,11 +210,27 @@ static int resolve(const char *host, int port, struct sockaddr_storage *ss, sock
     snprintf(service, sizeof(service), "%d", port);
     rc = getaddrinfo(host, service, &hints, &res);
     if (rc != 0)
-        return -EADDRNOTAVAIL;
+        return -ENXIO;      /* as pl_net_resolve: the Lua side says "cannot resolve host" */
     memcpy(ss, res->ai_addr, res->ai_addrlen);
     *len = res->ai_addrlen;
     freeaddrinfo(res);
     return 0;
+}
+
+/* Whether the address can be bound as UCX binds a listener's (without
+ * SO_REUSEADDR: UCX_TCP_CM_ALLOW_ADDR_INUSE's default).  A listen bound
+ * to fail then gets the kernel's errno (EADDRINUSE, EADDRNOTAVAIL,
+ * EACCES), where UCX would say EIO for all but the first. */
+static int bind_probe(const struct sockaddr_storage *ss, socklen_t len)
+{
+    int rc = 0, fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+    if (fd < 0)
+        return -errno;
+    if (bind(fd, (const struct sockaddr *)ss, len) < 0)
+        rc = -errno;
+    close(fd);
+    return rc;
 }
 
 static void sockaddr_text(const struct sockaddr_storage *ss, char *out, size_t cap)
@@ -432,9 +450,12 @@ int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
         .field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER,
     };
     struct ucx_listener *l = NULL;
+    struct ucx_log_hold held;
     ucs_status_t st;
     int i, rc = resolve(host, port, &ss, &len);
 
+    if (rc == 0)
+        rc = bind_probe(&ss, len);
     if (rc < 0)
         return rc;
     for (i = 0; i < UCX_MAX_LISTENERS; i++)
@@ -448,7 +469,11 @@ int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
     p.sockaddr.addrlen = len;
     p.conn_handler.cb = conn_request;
     p.conn_handler.arg = l;
+    /* the port may be taken between the probe and UCX's bind: UCX would
+     * log what we return */
+    ucx_log_hold(&held);
     st = ucp_listener_create(w->ucp, &p, &l->l);
+    ucx_log_release(&held, st != UCS_OK);
     if (st != UCS_OK) {
         l->l = NULL;
         return st == UCS_ERR_BUSY ? -EADDRINUSE : pl_ucx_errno(st);

@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <ucp/api/ucp.h>
+#include <ucs/debug/log_def.h>
 
 #include "internal.h"
 
@@ -16,6 +17,24 @@
 #define UCX_OPS_PER_CHUNK 256
 #define UCX_MAX_OP_CHUNKS 256
 #define UCX_PEER_LEN 64
+#define UCX_LOG_HELD 4
+
+/* UCX log lines held during a call whose failure we return (ucx.c). */
+struct ucx_log_line {
+    const char *file, *function;
+    unsigned line;
+    ucs_log_level_t level;
+    const ucs_log_component_config_t *comp;
+    char text[256];
+};
+
+struct ucx_log_hold {
+    int n;
+    struct ucx_log_line lines[UCX_LOG_HELD];
+};
+
+void ucx_log_hold(struct ucx_log_hold *h);
+void ucx_log_release(struct ucx_log_hold *h, bool failed);
 
 struct pl_ucx_context {
     ucp_context_h ucp;

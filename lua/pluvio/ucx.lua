@@ -22,7 +22,7 @@ local max = math.max
 
 local M = {}
 
-local EBADF, EAGAIN, ENOMEM, EINVAL, EMSGSIZE = -9, -11, -12, -22, -90
+local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMSGSIZE = -6, -9, -11, -12, -22, -90
 local ECONNRESET, ENOTCONN, ECONNREFUSED, ECANCELED = -104, -107, -111, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
@@ -499,6 +499,12 @@ function Worker:connect_addr(addr, opts)
     return ep
 end
 
+-- A host the resolver does not know: said as the io_uring sockets say it.
+local function unresolved(what, host, port)
+    return nil, format("%s %s:%d: cannot resolve host %s (names are looked up with getaddrinfo: " ..
+                       "a numeric address or one from /etc/hosts)", what, host, port, check.show(host)), "ENXIO"
+end
+
 local function check_port(fname, port)
     if type(port) ~= "number" or port % 1 ~= 0 or port < 0 or port > 65535 then
         error(format("%s: port must be an integer from 0 to 65535 (got %s)", fname, check.show(port)), 3)
@@ -527,6 +533,9 @@ function Worker:connect_socket(host, port)
             end
             C.pl_ucx_ep_abort(self.w, h)
         end
+        if rc == ENXIO then
+            return unresolved("connect to", host, port)
+        end
         local fname = format("connect to %s:%d", host, port)
         if rc == ENOTCONN or rc == ECONNREFUSED then    -- UCX 1.13 says ENOTCONN for a refusal
             local _, msg, name = fail(fname, rc)
@@ -544,7 +553,9 @@ function Worker:create_listener(host, port)
     check.string("Worker:create_listener", "host", host)
     check_port("Worker:create_listener", port)
     local i = C.pl_ucx_listen(self.w, host, port)
-    if i < 0 then
+    if i == ENXIO then
+        return unresolved("listen on", host, port)
+    elseif i < 0 then
         return nil, format("listen on %s:%d: %s", host, port, errstr(i)), errname(i)
     end
     local l = setmetatable({ worker = self, i = i, host = host }, Listener)
