@@ -120,6 +120,36 @@ describe("Worker:close", function()
         assert.equal(0, status, err)
         assert.matches("^nil\tam_send to 127%.0%.0%.1:%d+: the worker is closed\tECANCELED\n$", out)
     end)
+    it("prints nothing from UCX at exit when tagged messages came and were never received", function()
+        -- UCX 1.13 warned "unexpected tag-receive descriptor ... was not
+        -- matched" for each one when the worker was destroyed
+        local ENDS = {
+            { "closed", "sw:close(); cw:close(); ctx:close()", "exit\n" },
+            { "left to exit", "", "exit\n" },
+            { "closed with a rendezvous one from a connect_addr peer", [[
+                local aep = assert(cw:connect_addr(sw:address()))
+                local big = pluvio.spawn(function() return aep:tag_send(9, ("z"):rep(1048576)) end)
+                pluvio.sleep(0.05)
+                sw:close()      -- (the send completes: UCX acknowledges it as it drops it)
+                print(pluvio.timeout(2, function() return big:join() end))
+                cw:close(); ctx:close()
+            ]], "true\nexit\n" },
+        }
+        for _, case in ipairs(ENDS) do
+            local how, ending, expected = case[1], case[2], case[3]
+            local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
+                assert(ep:tag_send(7, "x"))
+                assert(ep:tag_send(8, ("y"):rep(4000)))
+                pluvio.sleep(0.05)      -- they arrive, unexpected: nobody receives
+                ]] .. ending .. [[
+                print("exit")
+            ]])
+            assert.equal(0, status, how .. ": " .. err)
+            assert.equal(expected, out, how)      -- (UCX logs to stdout by default)
+            assert.is_nil(err:find("UCX", 1, true), how .. ": " .. err)
+        end
+    end)
+
     it("fails a rendezvous pull with a clear error when the worker is closed while the endpoint it came on closes", function()
         -- UCX 1.13 aborted the process in ucp_worker_destroy (proto_reqs
         -- not empty): the endpoint's graceful close had freed its entry, so

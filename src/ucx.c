@@ -511,9 +511,10 @@ static void worker_wake_ops(pl_ucx_worker_t *w)
 
 /* Close everything the worker owns, in order: endpoints (forced: a worker
  * being closed will not progress a graceful flush), listeners, streams,
- * messages, ops still in flight, then the ucp worker.  Every task waiting
- * on it is woken in rt (the runtime progressing it); rt is NULL from a
- * finalizer, whose runtime may be gone, and then nobody is woken.
+ * messages, ops still in flight, tagged messages never received, then the
+ * ucp worker.  Every task waiting on it is woken in rt (the runtime
+ * progressing it); rt is NULL from a finalizer, whose runtime may be gone,
+ * and then nobody is woken.
  *
  * An op that can be neither forced nor cancelled (worker_holds_requests)
  * is waited for, progressing, for at most UCX_CLOSE_WAIT_NS: destroying
@@ -555,6 +556,7 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
     w->rt = NULL;
     if (!settled)
         return -EBUSY;          /* kept, never progressed again: see above */
+    ucx_tags_discard(w);        /* (UCX would warn about each) */
     ucp_worker_destroy(w->ucp);
     for (int k = 0; k < w->nchunks; k++)
         free(w->op_chunks[k]);

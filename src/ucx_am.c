@@ -666,3 +666,30 @@ int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, 
         w->passive_in_flight--;
     return rc;
 }
+
+/* Tagged messages that came and were never received: UCX warns about each
+ * ("unexpected tag-receive descriptor ... was not matched") when the worker
+ * is destroyed, on a normal exit too.  At close each is received into
+ * nothing (truncated) and so dropped, as UCX would drop it.  A rendezvous
+ * one whose endpoint is closed by then (the worker closed its own) is
+ * cancelled by UCX at once, its sender failing as before; one from a
+ * connect_addr peer is acknowledged.  A receive still going after
+ * UCX_DISCARD_WAIT_NS is left to UCX with the worker. */
+#define UCX_DISCARD_WAIT_NS 100000000LL
+
+void ucx_tags_discard(pl_ucx_worker_t *w)
+{
+    ucp_request_param_t p = { .op_attr_mask = 0 };
+    int64_t deadline = pl_clock_ns() + UCX_DISCARD_WAIT_NS;
+    ucp_tag_recv_info_t info;
+    ucp_tag_message_h m;
+
+    while ((m = ucp_tag_probe_nb(w->ucp, 0, 0, 1, &info)) != NULL) {
+        ucs_status_ptr_t sp = ucp_tag_msg_recv_nbx(w->ucp, NULL, 0, m, &p);
+        if (!UCS_PTR_IS_PTR(sp))
+            continue;           /* done at once (truncated), or failed: dropped */
+        while (ucp_request_check_status(sp) == UCS_INPROGRESS && pl_clock_ns() < deadline)
+            ucp_worker_progress(w->ucp);
+        ucp_request_free(sp);
+    }
+}

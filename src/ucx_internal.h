@@ -219,5 +219,6 @@ ucs_status_t ucx_am_handlers_init(pl_ucx_worker_t *w);
 void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err);
 void ucx_msgs_free(pl_ucx_worker_t *w);
 void ucx_header_blocks_free(pl_ucx_worker_t *w);
+void ucx_tags_discard(pl_ucx_worker_t *w);
 
 #endif /* PL_UCX_INTERNAL_H */
