@@ -88,6 +88,27 @@ describe("Context", function()
     end))
 end)
 
+describe("workers across default runtimes", function()
+    it("are progressed by a later pluvio.run, as the Lua state's UCX reactor is", function()
+        local ctx, w, stream, ep
+        pluvio.run(function()
+            ctx = assert(ucx.Context.new())
+            w = assert(ctx:create_worker())
+            stream = w:am_stream(7)
+            ep = assert(w:connect_addr(w:address()))
+        end)
+        local header = pluvio.run(function()        -- a new runtime: nothing made here
+            assert(ep:am_send(7, "later", "data"))
+            local m = assert(stream:wait_msg())
+            local h = m.header
+            m:release()
+            return h
+        end)
+        assert.equal("later", header)
+        pluvio.run(function() ep:close(); w:close(); ctx:close() end)
+    end)
+end)
+
 describe("Worker:close", function()
     it("wakes the tasks waiting in wait_msg, accept and tag_recv with nil, \"the worker is closed\"", async(function()
         local ctx = assert(ucx.Context.new())

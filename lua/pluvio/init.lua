@@ -1007,6 +1007,15 @@ end
 -- The default runtime and the direct-style functions
 ---------------------------------------------------------------------------
 
+-- What a reactor module does to each new default runtime (pluvio.ucx:
+-- register the Lua state's UCX reactor when it has workers, made in an
+-- earlier runtime, that this one must progress).
+local default_runtime_hooks = {}
+
+function M._on_default_runtime(fn)
+    default_runtime_hooks[#default_runtime_hooks + 1] = fn
+end
+
 -- A runtime with the default reactors, as the host and pluvio.run use.
 function M.default_runtime(capacity)
     if capacity == nil then
@@ -1015,6 +1024,9 @@ function M.default_runtime(capacity)
     check.integer("pluvio.default_runtime", "capacity", capacity, 1, MAX_CAPACITY)
     local rt = new_runtime(capacity)
     rt.auto_reactors = true     -- io_uring / UCX reactors are made on first use
+    for i = 1, #default_runtime_hooks do
+        default_runtime_hooks[i](rt)
+    end
     return rt
 end
 

@@ -126,6 +126,16 @@ local function auto_register(w)
     r:register_worker(w)
 end
 
+-- Workers belong to the Lua state, as its UCX reactor does: a default
+-- runtime made after some were created progresses them too (a worker made
+-- in one pluvio.run and used in the next was progressed by nobody, and its
+-- wait_msg ended in the deadlock report).
+pluvio._on_default_runtime(function(rt)
+    if singleton and next(singleton.workers) ~= nil then
+        rt:register_reactor("ucx", singleton)
+    end
+end)
+
 ---------------------------------------------------------------------------
 -- Context
 ---------------------------------------------------------------------------
