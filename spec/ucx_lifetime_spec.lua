@@ -107,6 +107,22 @@ describe("workers across default runtimes", function()
         assert.equal("later", header)
         pluvio.run(function() ep:close(); w:close(); ctx:close() end)
     end)
+
+    it("says in the deadlock report that a runtime of one's own does not progress the worker", function()
+        local rt = pluvio.Runtime.new()     -- no UCX reactor registered on it
+        local ok, err = pcall(rt.run, rt, function()
+            local ctx = assert(ucx.Context.new())
+            local w = assert(ctx:create_worker())
+            local stream = w:am_stream(1)
+            local ep = assert(w:connect_addr(w:address()))
+            ep:am_send(1, "x", "y")
+            return stream:wait_msg()
+        end)
+        assert.is_false(ok)
+        assert.matches('waits on AM stream 1 (its worker is not progressed by this runtime: register the UCX ' ..
+                       'reactor on it, rt:register_reactor("ucx", ucx.UCXReactor.current()), and the worker, ' ..
+                       'reactor:register_worker(w))', err, 1, true)
+    end)
 end)
 
 describe("Worker:close", function()

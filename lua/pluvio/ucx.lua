@@ -750,9 +750,27 @@ function Listener:accept()
     end
 end
 
+-- For describe(), which names what a task waits on (rt:tasks(), the
+-- deadlock report): say so when the worker is progressed by no reactor of
+-- the running runtime, as then nothing it waits for can come.
+local function progress_note(w)
+    local rt, r = pluvio.runtime(), w and w.reactor
+    if not rt or not w.w then
+        return ""
+    end
+    for _, obj in pairs(rt.reactors) do
+        if obj == r then
+            return ""
+        end
+    end
+    return " (its worker is not progressed by this runtime: register the UCX reactor on it, " ..
+           "rt:register_reactor(\"ucx\", ucx.UCXReactor.current()), and the worker, reactor:register_worker(w))"
+end
+
 function Listener:describe()
     check.self("Listener:describe", self, Listener, "a listener")
-    return format("accept on %s:%d", self.host, self.i and C.pl_ucx_listener_port(self.worker.w, self.i) or -1)
+    return format("accept on %s:%d%s", self.host, self.i and C.pl_ucx_listener_port(self.worker.w, self.i) or -1,
+                  progress_note(self.worker))
 end
 
 function Listener:close()
@@ -881,7 +899,7 @@ end
 
 function Endpoint:describe()
     check.self("Endpoint:describe", self, Endpoint, "an endpoint")
-    return "ucx op to " .. self.peer
+    return "ucx op to " .. self.peer .. progress_note(self.worker)
 end
 
 -- am_send_nb(...): start the send and return a handle at once (for windowed
@@ -1031,7 +1049,7 @@ end
 
 function Stream:describe()
     check.self("Stream:describe", self, Stream, "a stream")
-    return format("AM stream %d", self.id)
+    return format("AM stream %d%s", self.id, progress_note(self.worker))
 end
 
 function Stream:_abandon_wait(t)
