@@ -453,6 +453,16 @@ function M.install(U)
         return ...
     end
 
+    -- recv and recv_exact: the checks, the one reader, then body.  (Tail
+    -- called: the errors name the user's line.)
+    local function receive(self, fname, argname, n, min, body)
+        live(fname, self, TcpSocket, "a socket")
+        check.integer(fname, argname, n, min, MAX_IO)
+        local t, r = receive_context(fname)
+        claim_reader(self, t, fname)
+        return release_reader(self, body(self, t, r, n))
+    end
+
     -- recv(max): up to max bytes as soon as some arrive (at most
     -- RECV_CHUNK from the kernel at a time); nil, "closed" when the peer
     -- closed the connection.
@@ -482,11 +492,7 @@ function M.install(U)
     end
 
     function TcpSocket:recv(max)
-        live("TcpSocket:recv", self, TcpSocket, "a socket")
-        check.integer("TcpSocket:recv", "max", max, 1, MAX_IO)
-        local t, r = receive_context("TcpSocket:recv")
-        claim_reader(self, t, "TcpSocket:recv")
-        return release_reader(self, recv(self, t, r, max))
+        return receive(self, "TcpSocket:recv", "max", max, 1, recv)
     end
 
     -- recv_exact(n): exactly n bytes, or nil, err (the bytes that did
@@ -526,11 +532,7 @@ function M.install(U)
     end
 
     function TcpSocket:recv_exact(n)
-        live("TcpSocket:recv_exact", self, TcpSocket, "a socket")
-        check.integer("TcpSocket:recv_exact", "n", n, 0, MAX_IO)
-        local t, r = receive_context("TcpSocket:recv_exact")
-        claim_reader(self, t, "TcpSocket:recv_exact")
-        return release_reader(self, recv_exact(self, t, r, n))
+        return receive(self, "TcpSocket:recv_exact", "n", n, 0, recv_exact)
     end
 
     function TcpSocket:peer()
