@@ -131,8 +131,11 @@ end
 -- in one pluvio.run and used in the next was progressed by nobody, and its
 -- wait_msg ended in the deadlock report).
 pluvio._on_default_runtime(function(rt)
-    if singleton and next(singleton.workers) ~= nil then
-        rt:register_reactor("ucx", singleton)
+    for w in pairs(singleton and singleton.workers or {}) do
+        if w.w then         -- an open one (closed ones wait for the collector)
+            rt:register_reactor("ucx", singleton)
+            return
+        end
     end
 end)
 
