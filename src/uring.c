@@ -117,9 +117,9 @@ static void op_cancel(pl_uring_t *u, uint32_t i)
  * cancelled: a teardown comes whenever the garbage collector says, and an
  * fd number they name (a read's) may belong to another file by then.  Not
  * a close's: nothing but the close frees that number, so it is closed
- * (close_dropped), not left open for good.  (Without SQPOLL the kernel takes SQEs only inside our
- * io_uring_enter, so all from khead on are untaken; with it, only those
- * not yet flushed to the kernel's thread.) */
+ * (close_dropped), not left open for good.  (Without SQPOLL the kernel
+ * takes SQEs only inside our io_uring_enter, so all from khead on are
+ * untaken; with it, only those not yet flushed to the kernel's thread.) */
 static unsigned untaken_from(pl_uring_t *u)
 {
     return u->opts.sqpoll ? u->ring.sq.sqe_head : *u->ring.sq.khead;
@@ -150,9 +150,10 @@ static void drop_untaken(pl_uring_t *u, uint32_t only)
         if (only != NONE && (!live || i != only))
             continue;
         uring_sqe_void(sqe);
-        if (live)
-            op_complete(u, i, uring_op(u, i)->fd_owner == FD_CLOSE ? close_dropped(uring_op(u, i))
-                                                                  : -ECANCELED);
+        if (live) {
+            struct uring_op *op = uring_op(u, i);
+            op_complete(u, i, op->fd_owner == FD_CLOSE ? close_dropped(op) : -ECANCELED);
+        }
     }
 }
 

@@ -505,14 +505,14 @@ function Task:join()
         error("Task:join: " .. tostring(self) .. " " .. refused .. "; " ..
               "a task's results are given once", 2)
     end
-    if self.live and not in_plain_coroutine(me) then
+    local claim = self.live and not in_plain_coroutine(me)    -- (a plain coroutine's raises when resumed)
+    if claim then
         self.joiner = me
-        repeat
-            add_joiner(self, me)
-            park(me, C.PL_WAIT_JOIN, self.id, self, "Task:join")
-        until not self.live
     end
-    while self.live do      -- (a plain coroutine: raises when resumed)
+    while self.live do
+        if claim then
+            add_joiner(self, me)
+        end
         park(me, C.PL_WAIT_JOIN, self.id, self, "Task:join")
     end
     return results_of(self)

@@ -106,6 +106,16 @@ function UCXReactor:register_worker(w)
     return true
 end
 
+-- Whether reactor r is registered on rt (under any name).
+local function registered_on(rt, r)
+    for _, obj in pairs(rt.reactors) do
+        if obj == r then
+            return true
+        end
+    end
+    return false
+end
+
 -- On default runtimes (pluvio.run, the host) the reactor is registered and
 -- workers are progressed without boilerplate.
 local function auto_register(w)
@@ -114,14 +124,8 @@ local function auto_register(w)
         return
     end
     local r = UCXReactor.current()
-    if rt:reactor("ucx") ~= r then
-        local found = false
-        for _, obj in pairs(rt.reactors) do
-            if obj == r then found = true end
-        end
-        if not found then
-            rt:register_reactor("ucx", r)
-        end
+    if not registered_on(rt, r) then
+        rt:register_reactor("ucx", r)
     end
     r:register_worker(w)
 end
@@ -218,6 +222,13 @@ end
 -- Open workers: where a task that ends may have taken messages.
 local live_workers = setmetatable({}, { __mode = "k" })
 
+-- Let go of a registered buffer's hold kept in a limbo entry (hold_record).
+local function release_hold(rec)
+    if rec and rec.life.open then   -- (at exit its ring may be freed already)
+        C.pl_uring_buffer_unhold(rec.u, rec.index)
+    end
+end
+
 -- A worker left to the garbage collector: its runtime may be gone, so it
 -- wakes nobody (no task can wait on it: they would reference it).  life is
 -- what other finalizers (reply endpoints') see of it: at exit finalizers
@@ -233,9 +244,8 @@ local function worker_finalizer(life, limbo)
             return              -- UCX kept ops: their buffers stay theirs
         end
         for i = 1, #limbo do
-            local e = limbo[i]
-            if e.held1 and e.held1.life.open then C.pl_uring_buffer_unhold(e.held1.u, e.held1.index) end
-            if e.held2 and e.held2.life.open then C.pl_uring_buffer_unhold(e.held2.u, e.held2.index) end
+            release_hold(limbo[i].held1)
+            release_hold(limbo[i].held2)
         end
     end
 end
@@ -347,12 +357,6 @@ end
 
 local function kept(k)
     return getmetatable(k) ~= Buffer and k
-end
-
-local function release_hold(rec)
-    if rec then
-        C.pl_uring_buffer_unhold(rec.u, rec.index)
-    end
 end
 
 -- Let go of what settled abandoned ops kept (all of it once the worker is
@@ -757,14 +761,9 @@ end
 -- deadlock report): say so when the worker is progressed by no reactor of
 -- the running runtime, as then nothing it waits for can come.
 local function progress_note(w)
-    local rt, r = pluvio.runtime(), w and w.reactor
-    if not rt or not w.w then
+    local rt = pluvio.runtime()
+    if not rt or not w.w or registered_on(rt, w.reactor) then
         return ""
-    end
-    for _, obj in pairs(rt.reactors) do
-        if obj == r then
-            return ""
-        end
     end
     return " (its worker is not progressed by this runtime: register the UCX reactor on it, " ..
            "rt:register_reactor(\"ucx\", ucx.UCXReactor.current()), and the worker, reactor:register_worker(w))"

@@ -723,13 +723,13 @@ local function foreign_file(fname, f, level)
                  "use it there, or open it again in this one", file_fname(fname, f), f.path), level + 1)
 end
 
--- The running task for an operation on file f, and f's reactor (depth:
--- frames between our caller and the user, for the position of errors).
-local function file_task(fname, f, depth)
-    local t, rt = io_task(fname, 1 + depth)
+-- The running task for an operation on file f, and f's reactor (called by
+-- the method itself, or by a helper it tail-calls: errors name the user).
+local function file_task(fname, f)
+    local t, rt = io_task(fname, 1)
     local r = f.reactor
     if r.rt ~= rt then
-        foreign_file(fname, f, 3 + depth)
+        foreign_file(fname, f, 3)
     end
     return t, r
 end
@@ -890,10 +890,7 @@ local function fixed_io(self, fname, write, buf, offset, len, queue, tag)
     if queue then
         return queue:_start(self, write, buf, offset, len, tag)
     end
-    local t, rt = io_task(fname)
-    if r.rt ~= rt then
-        foreign_file(fname, self, 2)    -- (tail-called: 2 is our caller's caller)
-    end
+    local t = file_task(fname, self)    -- (tail-called)
     local start = write and C.pl_uring_write or C.pl_uring_read
     local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, buf.base, len, offset, buf.index), self)
     return fixed_result(self, write, offset, len, res, bytes)
@@ -917,7 +914,7 @@ function File:read(offset, len)
     check_offset("File:read", offset, self)
     check_len("File:read", len, MAX_IO, self)
     check_direct("File:read", self, offset, len)
-    local t, r = file_task("File:read", self, 0)
+    local t, r = file_task("File:read", self)
     local scratch = bounce_get(r, len)
     local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
                               self, scratch)
@@ -938,7 +935,7 @@ function File:write(offset, data)
     local len = #data
     check_len("File:write", len, MAX_IO, self)
     check_direct("File:write", self, offset, len)
-    local t, r = file_task("File:write", self, 0)
+    local t, r = file_task("File:write", self)
     local scratch = bounce_get(r, len)
     ffi_copy(scratch.ptr, data, len)
     local res, bytes = run_op(r, t, C.pl_uring_write(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
@@ -1029,7 +1026,7 @@ end
 local function vectored_io(self, fname, write, offset, parts, lens)
     self_file(fname, self)
     check_offset(fname, offset, self)
-    local t, r = file_task(fname, self, 0)     -- (tail-called)
+    local t, r = file_task(fname, self)     -- (tail-called)
     local n, total, keep = vector(fname, self, r, offset, parts, lens, write)
     local start = write and C.pl_uring_writev or C.pl_uring_readv
     local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
@@ -1059,7 +1056,7 @@ end
 -- An op on the file's fd with no data: start(u, slot, gen, fd, ...).
 local function simple_op(f, fname, what, start, ...)
     self_file(fname, f)
-    local t, r = file_task(fname, f, 0)     -- (tail-called)
+    local t, r = file_task(fname, f)     -- (tail-called)
     local res = run_op(r, t, start(r.u, t.slot, t.gen, f.fd, ...), f)
     if res < 0 then
         return fail(f, what, res)
@@ -1088,7 +1085,7 @@ end
 -- f:statx(): size, blocks, mode, times, dio alignment... as a table.
 function File:statx()
     self_file("File:statx", self)
-    local t, r = file_task("File:statx", self, 0)
+    local t, r = file_task("File:statx", self)
     local st, rc = statx_op(r, t, self.fd, "", AT_EMPTY_PATH, self)
     if not st then
         return fail(self, "statx", rc)
@@ -1115,7 +1112,7 @@ function File:close()
     if self.fd < 0 then
         return false        -- closed already: as a socket's, an endpoint's, a channel's close
     end
-    local t, r = file_task("File:close", self, 0)  -- (first: raising must leave the file open)
+    local t, r = file_task("File:close", self)  -- (first: raising must leave the file open)
     local fd = self.fd
     self.fd = -1
     local res = run_op(r, t, C.pl_uring_close(r.u, t.slot, t.gen, fd), self)
