@@ -498,6 +498,18 @@ describe("pluvio.select", function()
         assert.has_error(function() pluvio.select(pluvio.spawn(function() end), 5) end,
             "pluvio.select: argument 2 must be a task (got number)")
     end))
+
+    it("refuses the calling task, as join does, instead of waiting on itself", async(function()
+        local ok, err
+        local t = pluvio.spawn_named("self-selector", function()
+            local other = pluvio.spawn(function() end)
+            ok, err = pcall(pluvio.select, other, pluvio.current())
+        end)
+        while t:status() ~= "done" do pluvio.yield() end
+        assert.is_false(ok)
+        assert.matches('pluvio.select: argument 2 is the calling task %(task "self%-selector" %(#%d+, running%)%); ' ..
+                       'a task cannot wait for itself', err)
+    end))
 end)
 
 describe("pluvio.suspend and Task:wake", function()

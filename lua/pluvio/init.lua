@@ -1149,6 +1149,10 @@ function M.select(...)
     end
     local me = running_task("pluvio.select")
     for i = 1, n do
+        if tasks[i] == me then      -- (it would wait for its own end, forever)
+            error(format("pluvio.select: argument %d is the calling task (%s); a task cannot " ..
+                         "wait for itself", i, tostring(me)), 2)
+        end
         local refused = claim_refused(tasks[i], me)
         if refused then
             error(format("pluvio.select: argument %d, %s, %s; a task's results are given once",
