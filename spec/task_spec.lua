@@ -386,6 +386,19 @@ describe("pluvio.timeout", function()
         assert.equal(0, pluvio.runtime():stats().timers_armed)
     end))
 
+    it("leaves its caller unwoken after a timeout: the next yield lets the other tasks run",
+       async(function()
+        assert.equal("timeout", select(2, pluvio.timeout(0.001, pluvio.sleep, 1)))
+        local ran = false
+        pluvio.spawn(function() ran = true end)
+        pluvio.yield()
+        assert.is_true(ran)
+        local t = pluvio.spawn(pluvio.suspend, "a wake-up")
+        pluvio.yield()
+        assert.equal("waiting", t:status())
+        t:kill()
+    end))
+
     it("raises the function's error", async(function()
         local ok, err = pcall(pluvio.timeout, 1, function() error("inner") end)
         assert.is_false(ok)

@@ -1204,6 +1204,7 @@ function M.timeout(seconds, fn, ...)
     C.pl_task_clear_timer(rt.crt, me.slot)
     me.timeout_child = nil
     if child.live then
+        remove_joiner(child, me)    -- (the kill would wake me, running: a stale wake-up)
         child:kill()
         child.joined = true
         return nil, "timeout"
