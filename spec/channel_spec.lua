@@ -90,6 +90,32 @@ describe("pluvio.channel", function()
         assert.matches("Channel:send: the channel was closed while this send waited", err)
     end))
 
+    it("lets go of waiters that were killed or timed out while parked (no growth while idle)",
+       async(function()
+        local idle, full = pluvio.channel(1), pluvio.channel(1)
+        full:send("queued")
+        local gone = setmetatable({}, { __mode = "k" })
+        for _ = 1, 50 do
+            local r, why = pluvio.timeout(0.0001, function() return idle:recv() end)
+            assert.is_nil(r)
+            assert.equal("timeout", why)
+            local sender = pluvio.spawn(function() return full:send("late") end)
+            local receiver = pluvio.spawn(function() return idle:recv() end)
+            gone[sender], gone[receiver] = true, true
+            pluvio.yield()
+            sender:kill(); receiver:kill()
+        end
+        collectgarbage(); collectgarbage()
+        assert.is_nil(next(gone))
+        -- and the queues still work
+        local r = pluvio.spawn(function() return idle:recv() end)
+        pluvio.yield()
+        idle:send("v")
+        assert.equal("v", r:join())
+        assert.equal("queued", full:recv())
+        assert.is_true(full:send("next"))
+    end))
+
     it("reports its length and capacity", async(function()
         local ch = pluvio.channel(3)
         assert.equal(3, ch:capacity())

@@ -177,6 +177,33 @@ function Channel:_pass_baton()
     end
 end
 
+-- Take t out of a queue of waiters; returns the queue's new head and tail.
+local function leave(q, head, tail, t)
+    if q[head] == t then
+        q[head] = nil
+        return head + 1, tail
+    end
+    for i = head + 1, tail do
+        if q[i] == t then
+            for k = i, tail - 1 do
+                q[k] = q[k + 1]
+            end
+            q[tail] = nil
+            return head, tail - 1
+        end
+    end
+    return head, tail
+end
+
+-- A task parked here ended (killed, timed out, cancelled with its
+-- runtime): it leaves the queue at once.  Left there, it stayed until a
+-- wake-up walked past it, so a channel polled with pluvio.timeout while
+-- idle kept every timed-out receiver (and its task) for as long.
+function Channel:_leave(t)
+    self.recv_head, self.recv_tail = leave(self.recvq, self.recv_head, self.recv_tail, t)
+    self.send_head, self.send_tail = leave(self.sendq, self.send_head, self.send_tail, t)
+end
+
 function Channel:len()
     check.self("Channel:len", self, Channel, "a channel")
     return self.count

@@ -328,6 +328,11 @@ local function finish(rt, t, final, was_running)
         t.baton = nil
         baton:_pass_baton()
     end
+    local parked_on = t.parked_on
+    if parked_on then       -- still queued on a channel: leave its queue
+        t.parked_on = nil
+        parked_on:_leave(t)
+    end
     local reactor = t.io_reactor
     if reactor then         -- an operation in flight: cancel it in the kernel
         if final ~= "cancelled" then    -- not parked on it: a plain coroutine left it
