@@ -230,8 +230,12 @@ end
 -- A failed task's error: strings get the traceback of the task's
 -- coroutine (a coroutine that raised keeps its stack), cut where the
 -- runtime's own frame begins; error objects (tables, KILLED) stay as they are.
+-- error() or error(nil) gets lua.c's words: join's nil, nil would read as
+-- a task that returned nil.
 local function task_error(co, e)
-    if type(e) ~= "string" and type(e) ~= "number" then
+    if e == nil then
+        e = "(error object is a nil value)"
+    elseif type(e) ~= "string" and type(e) ~= "number" then
         return e
     end
     local tb = traceback(co, tostring(e))
