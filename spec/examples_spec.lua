@@ -336,6 +336,16 @@ describe("pluvio.bench", function()
         assert.equal("64 KiB", bench.bytes(65536))
     end)
 
+    it("encodes every key and value of a table: mixed, sparse and non-string keys included", function()
+        assert.equal('{"1":1,"2":2,"name":"x"}', bench.json({ 1, 2, name = "x" }))
+        assert.equal('[1,null,3]', bench.json({ 1, nil, 3 }))
+        assert.equal('[null,"x"]', bench.json({ [2] = "x" }))
+        assert.equal('{"1.5":"half","true":1}', bench.json({ [true] = 1, [1.5] = "half" }))
+        assert.equal('{"1":"a","1000":"b"}', bench.json({ "a", [1000] = "b" }))   -- too sparse for an array
+        assert.same({ a = { 1, 2 }, b = { c = "d" } },
+                    bench.json_decode(bench.json({ a = { 1, 2 }, b = { c = "d" } })))
+    end)
+
     it("decodes \\u escapes beyond ASCII to UTF-8, surrogate pairs included", function()
         assert.equal("A\195\169\226\130\172\240\159\152\128",
                      bench.json_decode('"\\u0041\\u00e9\\u20ac\\ud83d\\ude00"'))

@@ -261,26 +261,46 @@ end
 -- JSON (enough for reports: tables, arrays, strings, numbers, booleans)
 ---------------------------------------------------------------------------
 
+-- The length of v as a JSON array: its keys are the integers 1..n, with
+-- holes (null) in at most half of them; nil for an object.  (# and ipairs
+-- would drop the other keys, and what follows a hole.)
+local function array_length(v)
+    local n, count = 0, 0
+    for k in pairs(v) do
+        if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then
+            return nil
+        end
+        n = k > n and k or n
+        count = count + 1
+    end
+    return n <= 2 * count and n or nil
+end
+
 local function encode(v, out)
     local t = type(v)
     if t == "table" then
-        if #v > 0 or next(v) == nil then
+        local n = array_length(v)
+        if n then
             out[#out + 1] = "["
-            for i, x in ipairs(v) do
+            for i = 1, n do
                 if i > 1 then out[#out + 1] = "," end
-                encode(x, out)
+                encode(v[i], out)
             end
             out[#out + 1] = "]"
         else
-            local keys = {}
-            for k in pairs(v) do keys[#keys + 1] = tostring(k) end
+            local keys, by_name = {}, {}
+            for k in pairs(v) do
+                local name = tostring(k)
+                keys[#keys + 1] = name
+                by_name[name] = k
+            end
             table.sort(keys)
             out[#out + 1] = "{"
-            for i, k in ipairs(keys) do
+            for i, name in ipairs(keys) do
                 if i > 1 then out[#out + 1] = "," end
-                encode(k, out)
+                encode(name, out)
                 out[#out + 1] = ":"
-                encode(v[k], out)
+                encode(v[by_name[name]], out)
             end
             out[#out + 1] = "}"
         end
