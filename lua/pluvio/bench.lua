@@ -427,8 +427,10 @@ function M.json_decode(text)
             local t = {}
             pos = pos + 1; ws()
             if text:sub(pos, pos) == "]" then pos = pos + 1; return t end
+            local n = 0     -- (not #t: a null leaves a hole, and the values after it keep their place)
             while true do
-                t[#t + 1] = value(); ws()
+                n = n + 1
+                t[n] = value(); ws()
                 local d = text:sub(pos, pos); pos = pos + 1
                 if d == "]" then return t end
                 if d ~= "," then err("expected ',' or ']'") end
