@@ -86,12 +86,14 @@ static void record_ns(pl_hist_t *h, uint64_t v)
         h->max = v;
 }
 
-/* seconds >= 0; negative and NaN values count as 0. */
+/* seconds >= 0; negative and NaN values count as 0, and values past what
+ * the counts hold (2^64 ns, infinity) as the largest: converting those to
+ * uint64_t is undefined (it gave 0 on x86, a huge latency recorded as none). */
 void pl_hist_record(pl_hist_t *h, double seconds)
 {
     double ns = seconds * 1e9;
 
-    record_ns(h, ns > 0 ? (uint64_t)(ns + 0.5) : 0);
+    record_ns(h, !(ns > 0) ? 0 : ns >= 0x1p64 ? UINT64_MAX : (uint64_t)(ns + 0.5));
 }
 
 /* Record now - start (monotonic seconds) and return now: one call per

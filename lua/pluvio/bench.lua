@@ -29,7 +29,8 @@ function Histogram.new()
     return setmetatable({ h = ffi.gc(h, C.pl_hist_free) }, Histogram)
 end
 
--- record(seconds): one value (negative and NaN count as 0).
+-- record(seconds): one value (negative and NaN count as 0, infinity as the
+-- largest value).
 function Histogram:record(seconds)
     C.pl_hist_record(self.h, seconds)
 end
