@@ -353,6 +353,17 @@ describe("pluvio.bench", function()
         assert.same({ nil, "bad \\u escape at byte 1" }, { bench.json_decode('"\\u12"') })
     end)
 
+    it("takes the nearest rank of p99.9 of 1000 values as the 999th, not the largest", function()
+        local h = bench.Histogram.new()
+        for _ = 1, 999 do h:record(0.001) end
+        h:record(1)
+        assert.near(0.001, h:percentile(99.9), 0.001 * 0.004)
+        local k = bench.Histogram.new()
+        for _ = 1, 9990 do k:record(0.002) end
+        for _ = 1, 10 do k:record(3) end
+        assert.near(0.002, k:percentile(99.9), 0.002 * 0.004)
+    end)
+
     it("records values too large for its nanosecond counts as the largest, not as 0", function()
         local h = bench.Histogram.new()
         h:record(0.001)

@@ -168,7 +168,7 @@ double pl_hist_mean(const pl_hist_t *h)
 double pl_hist_percentile(const pl_hist_t *h, double p)
 {
     uint64_t rank, seen = 0, low, width;
-    double mid;
+    double x, mid;
 
     if (h->total == 0)
         return 0;
@@ -176,7 +176,12 @@ double pl_hist_percentile(const pl_hist_t *h, double p)
         return (double)h->min / 1e9;
     if (p >= 100)
         return (double)h->max / 1e9;
-    rank = (uint64_t)ceil(p / 100.0 * (double)h->total);
+    /* p / 100 * total can come out a hair above a whole rank (99.9 / 100
+     * * 1000 is 999.0000000000001), and its ceiling is then a rank too far:
+     * the largest value instead of the 999th.  The rounding error is a few
+     * ulps; taking off 1e-12 of x removes it and no real fraction of a rank. */
+    x = p / 100.0 * (double)h->total;
+    rank = (uint64_t)ceil(x - x * 1e-12);
     if (rank < 1)
         rank = 1;
     for (unsigned b = 0; b < NBUCKETS; b++) {
