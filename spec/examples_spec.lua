@@ -265,6 +265,20 @@ describe("the scripts' option parser", function()
                          "bench.parse_args: the default of --bs must be a size like 4096, 4k, 1m or 1g (got lots)")
     end)
 
+    it("names the bound an option broke when it has only a max, or only a min", function()
+        local code = [[
+            local bench = require "pluvio.bench"
+            bench.parse_args({ name = "mine", options = {
+                { "n", "integer", 1, "n", max = 4 }, { "m", "integer", 1, "m", min = 1 } } }, arg)
+        ]]
+        local status, _, err = sh("printf %s " .. q(code) .. " | " .. q(helper.host) .. " - --n 9")
+        assert.equal(2, status)
+        assert.equal("mine: --n must be at most 4 (got 9) (see --help)\n", err)
+        status, _, err = sh("printf %s " .. q(code) .. " | " .. q(helper.host) .. " - --m 0")
+        assert.equal(2, status)
+        assert.equal("mine: --m must be at least 1 (got 0) (see --help)\n", err)
+    end)
+
     it("keeps stdout for the JSON alone with --json -", function()
         local status, out, err = run("uring_bench.lua", "--size 256k --bytes 64k --iodepth 2 --quiet --json -")
         assert.equal(0, status, err)

@@ -217,9 +217,10 @@ function M.parse_args(spec, argv)
                 end
             end
             if (o.min and v < o.min) or (o.max and v > o.max) then
-                fail(format("--%s must be %s (got %s)", name,
-                            o.max and format("from %s to %s", tostring(o.min), tostring(o.max))
-                                or format("at least %s", tostring(o.min)), tostring(v)))
+                local bound = not o.max and format("at least %s", tostring(o.min))
+                    or not o.min and format("at most %s", tostring(o.max))
+                    or format("from %s to %s", tostring(o.min), tostring(o.max))
+                fail(format("--%s must be %s (got %s)", name, bound, tostring(v)))
             end
             if o.out and v ~= "-" then       -- a report path: find out now, not after the run
                 local f, err = io.open(v, "a")
