@@ -171,7 +171,14 @@ function M.main(opts)
             actions[i] = f
         else
             local name = a[2]
-            actions[i] = function() rawset(_G, name, require(name)) end
+            actions[i] = function()
+                -- (through pcall: require's error would begin with this line of the host)
+                local ok, mod = pcall(require, name)
+                if not ok then
+                    error(mod, 0)
+                end
+                rawset(_G, name, mod)
+            end
         end
     end
     -- Scripts and -e code may use `pluvio` without requiring it.
