@@ -581,6 +581,19 @@ describe("deadlock", function()
         assert.matches('task "joiner" %(#%d, waiting%) waits on join of task "reader"', err)
         assert.equal(0, rt:stats().tasks_live)
     end)
+
+    it("says when the joined task belongs to another runtime", function()
+        local rt2 = pluvio.Runtime.new()
+        local left
+        rt2:block_on(function()     -- block_on leaves the other tasks parked
+            left = pluvio.spawn_named("left", function() pluvio.sleep(60) end)
+        end)
+        local rt = pluvio.Runtime.new()
+        local ok, err = pcall(rt.run, rt, function() left:join() end)
+        assert.is_false(ok)
+        assert.matches('waits on join of task "left" %(#%d, %a+%), a task of another runtime', err)
+        left:kill()
+    end)
 end)
 
 -- One spec per fixed bug (found by the docs review).

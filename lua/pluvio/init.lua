@@ -736,6 +736,9 @@ end
 local function describe_wait(t, kind)
     local w = t.waiting_for
     if getmetatable(w) == Task then
+        if w.rt ~= t.rt and w.live then
+            return "join of " .. tostring(w) .. ", a task of another runtime (only its loop can end it)"
+        end
         return "join of " .. tostring(w)
     elseif type(w) == "string" then
         return w
