@@ -89,20 +89,24 @@ static void record_ns(pl_hist_t *h, uint64_t v)
 /* seconds >= 0; negative and NaN values count as 0, and values past what
  * the counts hold (2^64 ns, infinity) as the largest: converting those to
  * uint64_t is undefined (it gave 0 on x86, a huge latency recorded as none). */
+static uint64_t ns_value(double ns)
+{
+    return !(ns > 0) ? 0 : ns >= 0x1p64 ? UINT64_MAX : (uint64_t)(ns + 0.5);
+}
+
 void pl_hist_record(pl_hist_t *h, double seconds)
 {
-    double ns = seconds * 1e9;
-
-    record_ns(h, !(ns > 0) ? 0 : ns >= 0x1p64 ? UINT64_MAX : (uint64_t)(ns + 0.5));
+    record_ns(h, ns_value(seconds * 1e9));
 }
 
 /* Record now - start (monotonic seconds) and return now: one call per
  * operation when timing back-to-back operations. */
 double pl_hist_record_since(pl_hist_t *h, double start)
 {
-    int64_t now = pl_clock_ns(), s = (int64_t)(start * 1e9);
+    int64_t now = pl_clock_ns();
 
-    record_ns(h, now > s ? (uint64_t)(now - s) : 0);
+    /* in doubles: start may be NaN or infinite (as for record) */
+    record_ns(h, ns_value((double)now - start * 1e9));
     return (double)now / 1e9;
 }
 
@@ -127,7 +131,7 @@ double pl_hist_record_stamp(pl_hist_t *h, double stamp)
     int64_t now = pl_cycles();
     double ns = ((double)now - stamp) * pl_ns_per_cycle;
 
-    record_ns(h, ns > 0 ? (uint64_t)(ns + 0.5) : 0);
+    record_ns(h, ns_value(ns));
     return (double)now;
 }
 
