@@ -404,6 +404,16 @@ describe("pluvio.bench", function()
         assert.equal(0, k:max())
     end)
 
+    it("writes numbers that read back the same, 64-bit integers as numbers, and byte counts as given", function()
+        local ffi = require "ffi"
+        local t = 1234567.123456789
+        assert.equal(t, bench.json_decode(bench.json(t)))
+        assert.equal("0.1", bench.json(0.1))
+        assert.equal("[42,null,null]", bench.json({ 42ULL, 0 / 0, ffi.new("int[1]") }))
+        assert.equal("1.5 B", bench.bytes(1.5))
+        assert.equal("1 KiB", bench.bytes(1024))
+    end)
+
     it("keeps the positions of an array's values after a null", function()
         local v = bench.json_decode('[1,null,3,null]')
         assert.equal(1, v[1])

@@ -316,13 +316,14 @@ local function encode(v, out)
             out[#out + 1] = "null"
         elseif v == floor(v) and math.abs(v) < 2 ^ 53 then
             out[#out + 1] = format("%d", v)
-        else
-            out[#out + 1] = format("%.9g", v)
+        else    -- the fewest digits that read back as v (%.9g lost a clock's microseconds)
+            local text = format("%.15g", v)
+            out[#out + 1] = tonumber(text) == v and text or format("%.17g", v)
         end
     elseif t == "boolean" then
         out[#out + 1] = tostring(v)
-    elseif t == "cdata" then
-        out[#out + 1] = tostring(tonumber(v))
+    elseif t == "cdata" and tonumber(v) then     -- (a 64-bit integer; a pointer is null)
+        encode(tonumber(v), out)
     else
         out[#out + 1] = "null"
     end
@@ -365,8 +366,9 @@ local function utf8(c)
                 0x80 + floor(c / 0x40) % 0x40, 0x80 + c % 0x40)
 end
 
--- json_decode(text): a value, or nil and where it went wrong (enough for
--- reading fio's and our own reports).
+-- json_decode(text): the first value in text (what follows it is ignored:
+-- tools print lines after their report), or nil and where it went wrong
+-- (enough for reading fio's and our own reports).
 function M.json_decode(text)
     check.string("bench.json_decode", "text", text)
     local pos = 1
@@ -487,7 +489,7 @@ function M.bytes(n)
     if n >= 1024 and i < #units then
         return format("%.1f %s", n / 1024, units[i + 1])
     end
-    return format("%d %s", n, units[i])
+    return format(n % 1 == 0 and "%d %s" or "%g %s", n, units[i])
 end
 
 -- A table of rows: columns are the union of the rows' keys in order of
