@@ -1191,7 +1191,7 @@ function M.select(...)
         for i = 1, claimed and n or 0 do
             add_joiner(tasks[i], me)
         end
-        park(me, C.PL_WAIT_SELECT, n, format("select of %d tasks", n), "pluvio.select")
+        park(me, C.PL_WAIT_SELECT, n, format("select of %d task%s", n, n == 1 and "" or "s"), "pluvio.select")
     end
 end
 
