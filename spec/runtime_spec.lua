@@ -351,6 +351,20 @@ describe("Runtime:register_reactor", function()
         end))
     end)
 
+    it("stops the run when a Lua reactor's status is not one of its three words", function()
+        local rt = pluvio.Runtime.new()
+        local polls = 0
+        rt:register_reactor("typo", {
+            status = function() return "Idle" end,
+            poll = function() polls = polls + 1; return 0 end,
+        })
+        local ok, err = pcall(rt.run, rt, function() pluvio.sleep(0.001) end)
+        assert.is_false(ok)
+        assert.matches('reactor "typo": status%(%) returned "Idle"; it must return "idle", "pending" or "ready"', err)
+        assert.equal(0, polls)
+        assert.equal(0, rt:stats().tasks_live)
+    end)
+
     it("rejects a duplicate name, a table without poll or status, and other types", function()
         local rt = pluvio.Runtime.new()
         local r = { poll = function() return 0 end, status = function() return "idle" end }

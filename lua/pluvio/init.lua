@@ -719,7 +719,11 @@ local function poll_lua_reactors(rt)
     for i = 1, #list do
         local e = list[i]
         local st = e.reactor:status()
-        local code = LUA_STATUS[st] or st
+        local code = LUA_STATUS[st]
+        if not code then    -- (a typo would poll it, busy, for good)
+            error(format('reactor "%s": status() returned %s; it must return "idle", "pending" or "ready"',
+                         e.name, check.show(st)), 0)
+        end
         if code ~= 0 then
             local n = e.reactor:poll(BATCH)
             e.polls = e.polls + 1
