@@ -747,6 +747,31 @@ describe("path operations", function()
         assert.is_nil(ok)
         assert.matches("^mkdir /proc/forbidden/x: ENOENT", err2)
     end))
+
+    it("refuse a path with a NUL byte instead of acting on the part before it", async(function()
+        local victim = file_with("keep me")
+        local cut = victim .. "\0.bak"
+        local calls = {
+            { "uring.unlink", "path", function() local r = uring.unlink(cut); return r end },
+            { "uring.rmdir", "path", function() local r = uring.rmdir(cut); return r end },
+            { "uring.statx", "path", function() local r = uring.statx(cut); return r end },
+            { "uring.mkdir", "path", function() local r = uring.mkdir(cut); return r end },
+            { "uring.rename", "from", function() local r = uring.rename(cut, victim .. ".moved"); return r end },
+            { "uring.rename", "to", function() local r = uring.rename(victim, cut); return r end },
+            { "File.open", "path", function() local r = uring.File.open(cut, "w"); return r end },
+            { "DmaFile.open", "path", function() local r = uring.DmaFile.open(cut, "w"); return r end },
+        }
+        for _, c in ipairs(calls) do
+            local ok, err = pcall(c[3])
+            assert.is_false(ok, c[1])
+            assert.matches(c[1]:gsub("%.", "%%.") .. ": " .. c[2] .. " must not contain a NUL byte", err)
+            assert.matches("uring_spec.lua:%d+:", err)     -- at the caller's line
+        end
+        local fh = assert(io.open(victim, "rb"))
+        assert.equal("keep me", fh:read("*a"))          -- neither unlinked nor truncated
+        fh:close()
+        assert.is_true(uring.unlink(victim))
+    end))
 end)
 
 describe("uring.read_some", function()

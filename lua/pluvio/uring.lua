@@ -76,6 +76,17 @@ local function check_option(fname, name, v, level)
     return v
 end
 
+-- A path for the kernel: a string without NUL bytes (the kernel would stop
+-- at the first one and act on another file: "x\0.bak" would unlink "x").
+local function check_path(fname, argname, path, level)
+    level = level or 3
+    check.string(fname, argname, path, level + 1)
+    if path:find("\0", 1, true) then
+        error(format("%s: %s must not contain a NUL byte (got %s)", fname, argname, check.show(path)), level)
+    end
+    return path
+end
+
 ---------------------------------------------------------------------------
 -- The reactor
 ---------------------------------------------------------------------------
@@ -785,7 +796,7 @@ local function learn_alignment(f, t)
 end
 
 local function open_file(cls, fname, direct, path, mode, perms)
-    check.string(fname, "path", path, 4)       -- (4: the user called File.open, which called us)
+    check_path(fname, "path", path, 4)         -- (4: the user called File.open, which called us)
     if mode == nil then
         mode = "r"
     end
@@ -1157,7 +1168,7 @@ local function path_fail(what, path, rc)
 end
 
 function M.statx(path)
-    check.string("uring.statx", "path", path)
+    check_path("uring.statx", "path", path)
     local t, r = context("uring.statx")
     local st, rc = statx_op(r, t, AT_FDCWD, path, 0, path)
     if not st then
@@ -1167,7 +1178,7 @@ function M.statx(path)
 end
 
 function M.unlink(path)
-    check.string("uring.unlink", "path", path)
+    check_path("uring.unlink", "path", path)
     local t, r = context("uring.unlink")
     local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, 0), path, path)
     if rc < 0 then
@@ -1177,7 +1188,7 @@ function M.unlink(path)
 end
 
 function M.rmdir(path)
-    check.string("uring.rmdir", "path", path)
+    check_path("uring.rmdir", "path", path)
     local t, r = context("uring.rmdir")
     local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, AT_REMOVEDIR), path, path)
     if rc < 0 then
@@ -1187,8 +1198,8 @@ function M.rmdir(path)
 end
 
 function M.rename(from, to)
-    check.string("uring.rename", "from", from)
-    check.string("uring.rename", "to", to)
+    check_path("uring.rename", "from", from)
+    check_path("uring.rename", "to", to)
     local t, r = context("uring.rename")
     local rc = run_op(r, t, C.pl_uring_renameat(r.u, t.slot, t.gen, from, to), from, { from, to })
     if rc < 0 then
@@ -1198,7 +1209,7 @@ function M.rename(from, to)
 end
 
 function M.mkdir(path, perms)
-    check.string("uring.mkdir", "path", path)
+    check_path("uring.mkdir", "path", path)
     perms = perms or 493    -- 0755
     check.integer("uring.mkdir", "perms", perms, 0, 4095)
     local t, r = context("uring.mkdir")
