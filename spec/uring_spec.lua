@@ -1256,7 +1256,14 @@ describe("registered buffers", function()
             local b = r:acquire_buffer()
             assert.has_error(function() b:fill(300) end, "Buffer:fill: byte must be an integer from 0 to 255 (got 300)")
             assert.has_error(function() b:tostring(5000) end, "Buffer:tostring: length must be an integer from 0 to 4096 (got 5000)")
-            assert.has_error(function() b:write("abc", 4095) end, "Buffer:write: length must be an integer from 0 to 1 (got 3)")
+            -- (the data and the offset are the arguments: no "length" was given)
+            assert.has_error(function() b:write("abc", 4095) end,
+                "Buffer:write: data of 3 bytes does not fit at offset 4095 (the buffer holds 4096 bytes)")
+            assert.has_error(function() b:write(("x"):rep(4097)) end,
+                "Buffer:write: data of 4097 bytes does not fit at offset 0 (the buffer holds 4096 bytes)")
+            assert.has_error(function() b:write("", 4097) end,
+                "Buffer:write: offset must be an integer from 0 to 4096 (got 4097)")
+            assert.equal(0, b:write("", 4096))
             local other = uring.reactor { buffer_count = 1, buffer_size = 4096 }
             local f = assert(uring.File.open("/etc/hostname"))
             f.reactor = other       -- a file bound to another reactor

@@ -484,7 +484,11 @@ end
 function Buffer:write(str, off)
     live_buffer("Buffer:write", self)
     check.string("Buffer:write", "data", str)
-    local _, o = span("Buffer:write", self, #str, off)
+    local _, o = span("Buffer:write", self, 0, off)
+    if #str > self.len - o then     -- (span would name a length the caller never gave)
+        error(format("Buffer:write: data of %d bytes does not fit at offset %d (the buffer holds %d bytes)",
+                     #str, o, self.len), 2)
+    end
     ffi_copy(self.base + o, str, #str)
     return #str
 end
