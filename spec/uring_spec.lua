@@ -724,6 +724,20 @@ describe("File and DmaFile", function()
         assert.matches("write " .. dir .. "/big %(offset 0, 2097152 bytes%): ENOSPC: No space left on device %(" ..
                        done .. " bytes done before the error%)", err)
     end)
+
+    it("says on a refused O_DIRECT open only what it knows, not alignment rules it has not learnt", async(function()
+        local dir = tmpfile()
+        assert.is_true(uring.mkdir(dir))
+        local d, err, code = uring.DmaFile.open(dir, "r")     -- ext4 refuses O_DIRECT on a directory
+        if d then
+            d:close()
+        else
+            assert.equal("EINVAL", code)
+            assert.equal(format('open %s (mode "r"): EINVAL: Invalid argument ' ..
+                                "(this file system may not support O_DIRECT: use uring.File)", dir), err)
+        end
+        assert.is_true(uring.rmdir(dir))
+    end))
 end)
 
 describe("path operations", function()

@@ -816,15 +816,16 @@ local function open_file(cls, fname, direct, path, mode, perms)
     check.integer(fname, "perms", perms, 0, 4095, 4)
     local t, r = context(fname, 1)
     local fd = run_op(r, t, C.pl_uring_openat(r.u, t.slot, t.gen, path, flags, perms), path, path)
-    local f = wrap_fd(cls, r, -1, path, direct, true)
     if fd < 0 then
         local hint = ""
         if direct and fd == -22 then
             hint = " (this file system may not support O_DIRECT: use uring.File)"
         end
-        local _, msg, code = fail(f, "open", fd, format(" (mode %q)", mode))
+        -- (not the file: its O_DIRECT rules, which fail would cite, are not known yet)
+        local _, msg, code = fail({ path = path }, "open", fd, format(" (mode %q)", mode))
         return nil, msg .. hint, code
     end
+    local f = wrap_fd(cls, r, -1, path, direct, true)
     f.fd = fd
     t:_own(f)               -- a kill at the statx below closes the fd
     learn_alignment(f, t)
