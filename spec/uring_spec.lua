@@ -483,6 +483,17 @@ describe("File and DmaFile", function()
         uring.unlink(path)
     end))
 
+    it("File.new and DmaFile.new take a name that is a string, and leave the fd alone when it is not", async(function()
+        local path = tmpfile()
+        local plain = libc_open(path, O_RDWR + O_CREAT)
+        assert.has_error(function() uring.File.new(plain, {}) end, "File.new: name must be a string (got table)")
+        assert.has_error(function() uring.DmaFile.new(plain, 7) end, "DmaFile.new: name must be a string (got number)")
+        local f = uring.File.new(plain, "mine")                  -- still open, still ours to wrap
+        assert.is_true(f:close())
+        assert.has_error(function() f:read(0, 1) end, "File:read: the file is closed (mine)")
+        uring.unlink(path)
+    end))
+
     it("fallocates and truncates", async(function()
         local path = tmpfile()
         local f = assert(uring.File.open(path, "w+"))

@@ -847,6 +847,9 @@ end
 
 local function new_from_fd(cls, fname, direct, fd, path)
     check.integer(fname, "fd", fd, 0, 2 ^ 31 - 1, 4)
+    if path ~= nil then     -- (every error about the file names it: File:read's concatenates it)
+        check.string(fname, "name", path, 4)
+    end
     local has = C.pl_file_fd_direct(fd)
     if has < 0 then
         error(format("%s: fd %d is not open (%s)", fname, fd, errstr(has)), 3)
