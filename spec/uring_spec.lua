@@ -736,6 +736,27 @@ describe("File and DmaFile", function()
                        done .. " bytes done before the error%)", err)
     end)
 
+    it("keeps scratch memory of string reads and writes for reuse, but not a huge one for good", function()
+        with_reactor(nil, function(r)
+            local path = tmpfile()
+            local f = assert(uring.File.open(path, "w+"))
+            local big = 64 * 1048576 + 1                -- a 128 MiB size class
+            assert.is_true(f:truncate(big))
+            assert.equal(big, #f:read(0, big))
+            assert.equal(4, f:write(0, "tiny"))
+            assert.equal("tiny", f:read(0, 4))
+            local kept = 0
+            for class, list in pairs(r.bounce) do
+                kept = kept + class * #list
+            end
+            assert.equal(4096, kept)                    -- the small class only
+            assert.equal(0, #r.bounce[128 * 1048576])   -- the huge piece went to the collector
+            assert.equal(kept, r.bounce_kept)
+            f:close()
+            uring.unlink(path)
+        end)
+    end)
+
     it("says on a refused O_DIRECT open only what it knows, not alignment rules it has not learnt", async(function()
         local dir = tmpfile()
         assert.is_true(uring.mkdir(dir))

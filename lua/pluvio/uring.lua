@@ -154,6 +154,7 @@ local function new_reactor(fname, opts)
         iov = ffi.new("pl_iovec_t[?]", C.PL_URING_IOV_MAX),   -- readv / writev parts, copied by C
         buffers_reclaimed = 0,
         bounce = {},            -- size class -> free list of aligned scratch memory
+        bounce_kept = 0,        -- bytes in those lists
         limbo = limbo,          -- strings and scratch of abandoned ops the kernel may still use
         pins = pins,            -- op id -> strings and scratch its parked task's op uses, or false
     }, IoUringReactor)
@@ -324,6 +325,21 @@ local function await(r, t, op, what, keep)
     return result.res, result.bytes
 end
 
+-- Scratch memory (below) kept for reuse is at most this many bytes per
+-- reactor: beyond it a returned piece is left to the garbage collector,
+-- else one 256 MiB read held 256 MiB for the reactor's whole life.
+local BOUNCE_KEEP = 64 * 1048576
+
+-- Scratch memory back to its size class's free list, if the budget allows.
+local function bounce_put(r, e)
+    local kept = r.bounce_kept + e.class
+    if kept <= BOUNCE_KEEP then
+        local list = r.bounce[e.class]
+        list[#list + 1] = e
+        r.bounce_kept = kept
+    end
+end
+
 -- Scratch space back to its pool, or a string let go, once the kernel is
 -- done with the abandoned op that used it.
 local function limbo_sweep(r)
@@ -336,8 +352,7 @@ local function limbo_sweep(r)
             kept = kept + 1
             limbo[kept] = e
         elseif type(e.keep) == "table" and e.keep.class then   -- scratch space
-            local list = r.bounce[e.keep.class]
-            list[#list + 1] = e.keep
+            bounce_put(r, e.keep)
         end
     end
 end
@@ -605,7 +620,8 @@ end
 
 ---------------------------------------------------------------------------
 -- Scratch memory for read()/write() of strings: aligned for O_DIRECT,
--- reused per size class, so steady state allocates nothing but the string.
+-- reused per size class (up to BOUNCE_KEEP bytes: bounce_put, above), so
+-- steady state allocates nothing but the string.
 ---------------------------------------------------------------------------
 
 local ALIGN = 4096
@@ -621,6 +637,7 @@ local function bounce_get(r, len)
     if n > 0 then
         local e = list[n]
         list[n] = nil
+        r.bounce_kept = r.bounce_kept - class
         return e
     end
     if not list then
@@ -630,11 +647,6 @@ local function bounce_get(r, len)
     local addr = tonumber(ffi_cast("uintptr_t", raw))
     local aligned = ffi_cast("uint8_t *", raw) + ((ALIGN - addr % ALIGN) % ALIGN)
     return { raw = raw, ptr = aligned, class = class }
-end
-
-local function bounce_put(r, e)
-    local list = r.bounce[e.class]
-    list[#list + 1] = e
 end
 
 ---------------------------------------------------------------------------
