@@ -679,6 +679,17 @@ void uring_fd_closing(pl_uring_t *u, int fd)
     }
 }
 
+/* Whether an op in flight for a task works on fd. */
+bool uring_fd_busy(pl_uring_t *u, int fd)
+{
+    for (uint32_t i = 0; i < u->nops; i++) {
+        const struct uring_op *op = uring_op(u, i);
+        if (op->fd == fd && op->state == OP_IN_FLIGHT)
+            return true;
+    }
+    return false;
+}
+
 int uring_reap(pl_uring_t *u)
 {
     return reap(u, INT32_MAX);

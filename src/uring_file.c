@@ -76,6 +76,17 @@ int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
     });
 }
 
+/* Another task's read of a pipe or FIFO would wait for good on a closed
+ * file (the op holds its own reference to it): such ops are cancelled
+ * before the close, as a socket's are.  With none, a plain close: one SQE
+ * and one completion. */
+int pl_uring_close_file(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
+{
+    if (uring_fd_busy(u, fd))
+        return pl_uring_close_socket(u, slot, gen, fd);
+    return pl_uring_close(u, slot, gen, fd);
+}
+
 int pl_uring_statx(pl_uring_t *u, uint32_t slot, uint32_t gen, int dirfd, const char *path,
                    int flags, void *statx_buf)
 {

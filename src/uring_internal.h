@@ -162,6 +162,7 @@ int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_urin
 int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len);
 int uring_reap(pl_uring_t *u);
 void uring_fd_closing(pl_uring_t *u, int fd);
+bool uring_fd_busy(pl_uring_t *u, int fd);
 int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
                    void *addr, uint32_t len, uint64_t offset, int buf_index, uint32_t queue);
 

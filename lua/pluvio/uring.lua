@@ -22,7 +22,7 @@ local bit = require "bit"
 
 local M = {}
 
-local EAGAIN, ENOBUFS, ENOMEM, EPERM = -11, -105, -12, -1
+local EAGAIN, ENOBUFS, ENOMEM, EPERM, ECANCELED = -11, -105, -12, -1, -125
 local AT_FDCWD, AT_EMPTY_PATH, AT_REMOVEDIR = -100, 0x1000, 0x200
 local MAX_IO = 0x7ffff000          -- Linux caps one read/write at this many bytes
 local OP_INLINE = C.PL_URING_OP_INLINE
@@ -700,6 +700,8 @@ local function fail(f, what, rc, detail, bytes)
     if f.direct and rc == -22 then
         hint = format(" (O_DIRECT needs offset and length multiples of %d and memory aligned to %d on this file)",
                       f.offset_align, f.mem_align)
+    elseif rc == ECANCELED and f.fd and f.fd < 0 then
+        hint = " (the file was closed)"
     end
     local msg = format("%s %s%s: %s%s", what, f.path, detail or "", errstr(rc), hint)
     if bytes and bytes > 0 then
@@ -1135,7 +1137,8 @@ function File:truncate(len)
     return true
 end
 
--- f:close(): close through io_uring.  Closing twice is an error.
+-- f:close(): cancel what other tasks wait for on the file, then close it
+-- through io_uring.  Closing twice returns false.
 function File:close()
     if not is_file(self) then
         error("File:close: call it as a method on a file (f:close())", 2)
@@ -1146,7 +1149,9 @@ function File:close()
     local t, r = file_task("File:close", self)  -- (first: raising must leave the file open)
     local fd = self.fd
     self.fd = -1
-    local res = run_op(r, t, C.pl_uring_close(r.u, t.slot, t.gen, fd), self)
+    -- Other tasks' ops on the fd are cancelled first, as a socket's: a read
+    -- of a pipe or FIFO would otherwise wait for good, holding the file.
+    local res = run_op(r, t, C.pl_uring_close_file(r.u, t.slot, t.gen, fd), self)
     if res < 0 then
         return fail(self, "close", res)
     end
