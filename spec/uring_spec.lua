@@ -124,6 +124,16 @@ describe("IoUringReactor", function()
         assert.is_false(uring.IoUringReactor.builder():sqpoll(10):sqpoll(false).opts.sqpoll)
     end)
 
+    it("takes :sqpoll(true) on the builder as the options table's sqpoll = true", function()
+        local b = uring.IoUringReactor.builder():sqpoll(true)
+        assert.is_true(b.opts.sqpoll)
+        assert.is_nil(b.opts.sqpoll_idle_ms)                     -- the default idle time stays
+        b = uring.IoUringReactor.builder():sqpoll(25):sqpoll(true)
+        assert.same({ sqpoll = true, sqpoll_idle_ms = 25 }, b.opts)
+        assert.has_error(function() uring.IoUringReactor.builder():sqpoll("on") end,
+            'IoUringReactor.builder():sqpoll: idle_ms must be an integer from 0 to 3600000, or true or false (got "on")')
+    end)
+
     it("rejects unknown options and out-of-range values", function()
         assert.has_error(function() uring.reactor { queue_sise = 1 } end,
             'uring.reactor: unknown option "queue_sise" (known: buffer_count, buffer_size, queue_size, sqpoll, sqpoll_idle_ms, submit_depth, wait_complete_timeout, wait_submit_timeout)')

@@ -177,22 +177,23 @@ local Builder = {}
 Builder.__index = Builder
 for name in pairs(OPTION_RULES) do
     Builder[name] = function(self, v)
-        if v == nil and name == "sqpoll" then
-            v = true
-        end
         self.opts[name] = check_option("IoUringReactor.builder():" .. name, name, v, 3)
         return self
     end
 end
--- :sqpoll(idle_ms) turns SQPOLL on with that idle time.
--- :sqpoll(false) turns it off again.
+-- :sqpoll(idle_ms) turns SQPOLL on with that idle time; :sqpoll() and
+-- :sqpoll(true) with the idle time set so far.  :sqpoll(false) turns it off.
 function Builder:sqpoll(idle_ms)
     if idle_ms == false then
         self.opts.sqpoll = false
         return self
     end
+    if idle_ms ~= nil and idle_ms ~= true and type(idle_ms) ~= "number" then
+        error(format("IoUringReactor.builder():sqpoll: idle_ms must be an integer from 0 to %d, or true or false (got %s)",
+                     OPTION_RULES.sqpoll_idle_ms[3], check.show(idle_ms)), 2)
+    end
     self.opts.sqpoll = true
-    if idle_ms ~= nil then
+    if type(idle_ms) == "number" then
         self.opts.sqpoll_idle_ms = check_option("IoUringReactor.builder():sqpoll", "sqpoll_idle_ms", idle_ms, 3)
     end
     return self
