@@ -637,7 +637,7 @@ describe("File and DmaFile", function()
         uring.unlink(path)
     end))
 
-    it("stays open when closed from outside a task, to be closed from one", function()
+    it("close at once from outside a task once their run ended, unless a task left there still reads them", function()
         local f, fd
         local rt = pluvio.Runtime.new()
         rt:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
@@ -645,11 +645,24 @@ describe("File and DmaFile", function()
             f = assert(uring.File.open("/etc/hostname"))
             fd = f:fileno()
         end)
-        assert.has_error(function() f:close() end, "File:close: not inside a pluvio task (call it from a function " ..
+        assert.is_true(f:close())       -- nothing reaps that ring any more: a close would wait for good
+        assert.equal(-1, ffi.C.fcntl(fd, F_GETFD))
+        assert.is_false(f:close())
+        -- a task left parked by block_on still reads the pipe: the file stays open, for that runtime
+        local fds = ffi.new("int[2]")
+        assert.equal(0, helper.libc.pipe(fds))
+        local p
+        rt:block_on(function()
+            p = uring.File.new(fds[0], "pipe")
+            pluvio.spawn(function() return p:read(0, 16) end)
+            pluvio.yield()
+        end)
+        assert.has_error(function() p:close() end, "File:close: not inside a pluvio task (call it from a function " ..
             "run by pluvio.run / rt:run, or from a script run by the pluvio host)")
-        assert.equal(fd, f:fileno())
-        rt:run(function() assert.is_true(f:close()) end)
-        assert.equal(-1, ffi.C.fcntl(fd, F_GETFD))          -- closed now
+        assert.equal(0, ffi.C.fcntl(fds[0], F_GETFD) < 0 and 1 or 0)
+        rt:run(function() assert.is_true(p:close()) end)    -- at home: the reader is cancelled, the fd closed
+        assert.equal(-1, ffi.C.fcntl(fds[0], F_GETFD))
+        helper.libc.close(fds[1])
     end)
 
     it("refuse to be used from another runtime than their own, which would never reap their ops", function()
@@ -671,7 +684,6 @@ describe("File and DmaFile", function()
                 { "statx", function() return f:statx() end },
                 { "readv", function() return f:readv(0, { 4 }) end },
                 { "acquire_buffer", function() return f:acquire_buffer() end },
-                { "close", function() return f:close() end },
             }) do
                 local ok, err = pcall(call[2])
                 assert.is_false(ok)
@@ -682,7 +694,9 @@ describe("File and DmaFile", function()
             assert.matches("IoUringReactor:acquire_buffer: the reactor is registered on another runtime", err, 1, true)
             buf:release()
         end)
-        rt:run(function() assert.is_string(f:read(0, 4)); assert.is_true(f:close()) end)   -- still fine at home
+        rt:run(function() assert.is_string(f:read(0, 4)) end)   -- still fine at home
+        other:run(function() assert.is_true(f:close()) end)     -- its run ended: closed at once
+        assert.is_false(f:close())
     end)
 
     it("name DmaFile in the errors of a DmaFile", async(function()

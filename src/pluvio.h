@@ -298,6 +298,9 @@ int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
 /* A file's close: ops still in flight on fd are cancelled first (their
  * tasks get -ECANCELED), as a socket's close does. */
 int pl_uring_close_file(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
+/* The close of a file whose runtime is not running: synchronous; -EBUSY
+ * while a task parked there has an op on fd. */
+int pl_uring_close_idle(pl_uring_t *u, int fd);
 int pl_uring_statx(pl_uring_t *u, uint32_t slot, uint32_t gen, int dirfd, const char *path,
                    int flags, void *statx_buf);
 int pl_uring_unlinkat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path, int flags);

@@ -87,6 +87,17 @@ int pl_uring_close_file(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
     return pl_uring_close(u, slot, gen, fd);
 }
 
+/* A file whose runtime is not running (its run ended): closed at once,
+ * unless a task parked there still has an op on it.  Abandoned ops learn
+ * that their fd number is no longer theirs, as for the ring's close. */
+int pl_uring_close_idle(pl_uring_t *u, int fd)
+{
+    if (uring_fd_busy(u, fd))
+        return -EBUSY;
+    uring_fd_closing(u, fd);
+    return close(fd) < 0 ? -errno : 0;
+}
+
 int pl_uring_statx(pl_uring_t *u, uint32_t slot, uint32_t gen, int dirfd, const char *path,
                    int flags, void *statx_buf)
 {

@@ -22,7 +22,7 @@ local bit = require "bit"
 
 local M = {}
 
-local EAGAIN, ENOBUFS, ENOMEM, EPERM, ECANCELED = -11, -105, -12, -1, -125
+local EAGAIN, ENOBUFS, ENOMEM, EPERM, ECANCELED, EBUSY = -11, -105, -12, -1, -125, -16
 local AT_FDCWD, AT_EMPTY_PATH, AT_REMOVEDIR = -100, 0x1000, 0x200
 local MAX_IO = 0x7ffff000          -- Linux caps one read/write at this many bytes
 local OP_INLINE = C.PL_URING_OP_INLINE
@@ -1146,6 +1146,19 @@ function File:close()
     end
     if self.fd < 0 then
         return false        -- closed already: as a socket's, an endpoint's, a channel's close
+    end
+    local home = self.reactor.rt
+    if home ~= pluvio.runtime() and not (home and home.running) then
+        -- its run ended (or it never ran): nothing reaps that ring any more,
+        -- so close at once, unless a task left parked there uses the file
+        local rc = C.pl_uring_close_idle(self.reactor.u, self.fd)
+        if rc ~= EBUSY then
+            self.fd = -1
+            if rc < 0 then
+                return fail(self, "close", rc)
+            end
+            return true
+        end
     end
     local t, r = file_task("File:close", self)  -- (first: raising must leave the file open)
     local fd = self.fd
