@@ -723,7 +723,14 @@ describe("File and DmaFile", function()
         assert.has_error(function() f:write(0, 42) end, "File:write: data must be a string (got number)")
         assert.has_error(function() f:read_fixed("buf", 0) end, "File:read_fixed: expected a registered buffer (got string)")
         assert.has_error(function() uring.File.open(path, "rw") end,
-            'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+" (got "rw")')
+            'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got "rw")')
+        assert.has_error(function() uring.File.open(path, "br") end,
+            'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got "br")')
+        assert.has_error(function() uring.File.open(path, "r+bx") end,
+            'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got "r+bx")')
+        for _, mode in ipairs({ "rb", "r+b", "rb+", "wb", "ab+" }) do      -- as io.open's
+            assert(uring.File.open(path, mode)):close()
+        end
         assert.has_error(function() uring.File.open(42) end, "File.open: path must be a string (got number)")
         assert.has_error(function() f.read({}, 0, 1) end,
             "File:read: call it as a method on a file (f:read(...)); got table as self")

@@ -176,8 +176,21 @@ int pl_file_flags(const char *mode, int direct)
         { "w+", O_RDWR | O_CREAT | O_TRUNC }, { "a+", O_RDWR | O_CREAT | O_APPEND },
     };
 
+    char m[3];
+    size_t n = 0;
+
+    /* a "b" after the first letter, as fopen takes it ("rb", "r+b",
+     * "wb+"): Linux has no text mode, so it changes nothing */
+    for (const char *p = mode; *p; p++) {
+        if (*p == 'b' && p != mode)
+            continue;
+        if (n == sizeof(m) - 1)
+            return -EINVAL;
+        m[n++] = *p;
+    }
+    m[n] = '\0';
     for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++)
-        if (strcmp(mode, modes[i].mode) == 0)
+        if (strcmp(m, modes[i].mode) == 0)
             return modes[i].flags | (direct ? O_DIRECT : 0);
     return -EINVAL;
 }

@@ -822,7 +822,7 @@ local function open_file(cls, fname, direct, path, mode, perms)
     check.string(fname, "mode", mode, 4)
     local flags = C.pl_file_flags(mode, direct and 1 or 0)
     if flags < 0 then
-        error(format('%s: mode must be one of "r", "w", "a", "r+", "w+", "a+" (got %s)',
+        error(format('%s: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got %s)',
                      fname, check.show(mode)), 3)
     end
     if perms == nil then
