@@ -420,6 +420,7 @@ describe("IoQueue", function()
             assert.error_matches(function() q:read_fixed(f, buf, 0) end,
                 "IoQueue:read_fixed: the I/O queue is closed")
             assert.error_matches(function() q:wait() end, "IoQueue:wait: the I/O queue is closed")
+            assert.is_false(q:close())          -- closing twice: false, as every close
             assert.equal(0, q:pending())
             f:close()
             assert.error_matches(function() r:io_queue():read_fixed(f, buf, 0) end,

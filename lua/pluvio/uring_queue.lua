@@ -195,8 +195,12 @@ function M.install(U)
 
     -- q:close(): cancel the ops still in flight (their buffers stay in use
     -- until the kernel lets go) and drop finished ones not taken; returns
-    -- how many were cancelled.  The queue closes by itself when its task ends.
+    -- how many were cancelled, or false when it was closed already (as every
+    -- close).  The queue closes by itself when its task ends.
     function IoQueue:close()
+        if getmetatable(self) == IoQueue and self.id < 0 then
+            return false
+        end
         own_queue("IoQueue:close", self)
         self.owner:_disown(self)
         return free(self)
