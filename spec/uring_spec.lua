@@ -2516,6 +2516,10 @@ describe("readv and writev", function()
         local many = {}
         for i = 1, 17 do many[i] = "x" end
         assert.has_error(function() f:writev(0, many) end, "File:writev: parts must hold 1 to 16 entries (got 17)")
+        local holed = { "a" }
+        holed[3] = "b"                      -- (# says 1: "b" would be dropped)
+        assert.has_error(function() f:writev(0, holed) end, "File:writev: parts has a hole: entry 2 is nil, entry 3 is not")
+        assert.has_error(function() f:readv(0, holed) end, "File:readv: parts has a hole: entry 2 is nil, entry 3 is not")
         assert.has_error(function() f:readv(0, { "x" }) end,
             'File:readv: part 1 must be a registered buffer (got "x")')
         assert.has_error(function() f:writev(0, { "x", 5 }) end,

@@ -995,6 +995,10 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
     if n < 1 or n > max then
         error(format("%s: parts must hold 1 to %d entries (got %d)", fname, max, n), 3)
     end
+    local last = table.maxn(parts)  -- (# may stop at a hole: the parts after it were dropped)
+    if last ~= n then
+        error(format("%s: parts has a hole: entry %d is nil, entry %d is not", fname, n + 1, last), 3)
+    end
     if lens ~= nil and type(lens) ~= "table" then
         error(format("%s: lens must be nil or a list of byte counts (got %s)", fname, check.show(lens)), 3)
     end
