@@ -665,6 +665,40 @@ describe("File and DmaFile", function()
         helper.libc.close(fds[1])
     end)
 
+    it("close an opened file nobody closed when it is collected, as io.open's, and nothing else", async(function()
+        local fd
+        do
+            local f = assert(uring.File.open("/etc/hostname"))
+            fd = f:fileno()
+        end
+        collectgarbage()
+        collectgarbage()
+        assert.equal(-1, ffi.C.fcntl(fd, F_GETFD))      -- closed by the collector
+        -- closed by the caller, then collected: the collector does not close the fd's next owner
+        local f = assert(uring.File.open("/etc/hostname"))
+        fd = f:fileno()
+        assert.is_true(f:close())
+        local g = assert(uring.File.open("/etc/hostname"))
+        assert.equal(fd, g:fileno())                    -- (the lowest free number: f's)
+        f = nil     -- luacheck: ignore
+        collectgarbage()
+        collectgarbage()
+        assert.is_string(g:read(0, 1))
+        -- a file from new(fd) wraps the caller's fd: not closed by the collector
+        local fds = ffi.new("int[2]")
+        assert.equal(0, helper.libc.pipe(fds))
+        do
+            local p = uring.File.new(fds[0], "pipe")
+            assert.equal(fds[0], p:fileno())
+        end
+        collectgarbage()
+        collectgarbage()
+        assert.equal(0, ffi.C.fcntl(fds[0], F_GETFD) < 0 and 1 or 0)
+        helper.libc.close(fds[0])
+        helper.libc.close(fds[1])
+        g:close()
+    end))
+
     it("refuse to be used from another runtime than their own, which would never reap their ops", function()
         local f, buf
         local rt = pluvio.Runtime.new()

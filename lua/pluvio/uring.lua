@@ -792,11 +792,32 @@ local function statx_op(r, t, dirfd, path, flags, what)
     return stat_table(raw)
 end
 
-local function wrap_fd(cls, r, fd, path, direct, owned)
+local function wrap_fd(cls, r, fd, path, direct)
     return setmetatable({
-        reactor = r, fd = fd, path = path, direct = direct, owned = owned,
+        reactor = r, fd = fd, path = path, direct = direct,
         offset_align = 1, mem_align = 1,
     }, cls)
+end
+
+-- A file that open made and nobody closed is closed when the garbage
+-- collector frees it, as io.open's are: its guard holds the fd, -1 once
+-- the file closed it (forget_fd).  Only the fd: the ring may be gone, and
+-- an op in flight on the file would have kept it alive (a killed task's
+-- abandoned op holds the file itself, in the kernel, and never continues).
+local function close_guard(fd)
+    return ffi.gc(ffi.new("int[1]", fd), function(cell)
+        if cell[0] >= 0 then
+            C.pl_file_close_sync(cell[0])
+        end
+    end)
+end
+
+local function forget_fd(f)
+    f.fd = -1
+    local guard = f.guard
+    if guard then
+        guard[0] = -1
+    end
 end
 
 -- Learn the O_DIRECT rules of an open file (STATX_DIOALIGN where the kernel
@@ -840,8 +861,8 @@ local function open_file(cls, fname, direct, path, mode, perms)
         local _, msg, code = fail({ path = path }, "open", fd, format(" (mode %q)", mode))
         return nil, msg .. hint, code
     end
-    local f = wrap_fd(cls, r, -1, path, direct, true)
-    f.fd = fd
+    local f = wrap_fd(cls, r, fd, path, direct)
+    f.guard = close_guard(fd)
     t:_own(f)               -- a kill at the statx below closes the fd
     learn_alignment(f, t)
     t:_disown(f)
@@ -876,7 +897,7 @@ local function new_from_fd(cls, fname, direct, fd, path)
                      "the O_DIRECT rules)", fname, fd), 3)
     end
     local t, r = context(fname, 1)
-    local f = wrap_fd(cls, r, fd, path or ("fd " .. fd), direct, true)
+    local f = wrap_fd(cls, r, fd, path or ("fd " .. fd), direct)    -- (no guard: the fd came from the caller)
     learn_alignment(f, t)
     return f
 end
@@ -1157,7 +1178,7 @@ function File:close()
         -- so close at once, unless a task left parked there uses the file
         local rc = C.pl_uring_close_idle(self.reactor.u, self.fd)
         if rc ~= EBUSY then
-            self.fd = -1
+            forget_fd(self)
             if rc < 0 then
                 return fail(self, "close", rc)
             end
@@ -1166,7 +1187,7 @@ function File:close()
     end
     local t, r = file_task("File:close", self)  -- (first: raising must leave the file open)
     local fd = self.fd
-    self.fd = -1
+    forget_fd(self)
     -- Other tasks' ops on the fd are cancelled first, as a socket's: a read
     -- of a pipe or FIFO would otherwise wait for good, holding the file.
     local res = run_op(r, t, C.pl_uring_close_file(r.u, t.slot, t.gen, fd), self)
@@ -1182,7 +1203,7 @@ DmaFile.__tostring = File.__tostring
 function File:_task_exit()
     if self.fd >= 0 then
         C.pl_file_close_sync(self.fd)
-        self.fd = -1
+        forget_fd(self)
     end
 end
 
