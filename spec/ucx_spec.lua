@@ -292,6 +292,24 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("takes 64-bit integer cdata tags and refuses other cdata, naming the argument", async(function()
+        local ffi = require "ffi"
+        local p = pair()
+        local r = pluvio.spawn(function() return { p.sw:tag_recv(0x4217ULL, ffi.new("int64_t", -1), 16) } end)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(ffi.new("uint64_t", 0x4217), "cdata tags"))
+        local got = r:join()
+        assert.equal("cdata tags", got[1])
+        assert.is_true(got[2] == 0x4217ULL)
+        assert.has_error(function() p.sw:tag_recv(ffi.new("int[1]"), 0, 16) end,
+            "Worker:tag_recv: tag must be an integer or a uint64_t (got cdata<int [1]>)")
+        assert.has_error(function() p.sw:tag_recv(1, ffi.new("double", 1), 16) end,
+            "Worker:tag_recv: mask must be an integer or a uint64_t (got cdata<double>)")
+        assert.has_error(function() p.ep:tag_send(ffi.new("char *"), "x") end,
+            "Endpoint:tag_send: tag must be an integer or a uint64_t (got cdata<char *>)")
+        close_pair(p)
+    end))
+
     it("refuses a tag receive from a plain coroutine inside a task before it starts", async(function()
         local p = pair()
         -- a receive takes a message: it checks first, so none is lost

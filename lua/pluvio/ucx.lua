@@ -619,10 +619,13 @@ local function tag_value(fname, name, v)
                          check.show(v)), 3)
         end
         return v
-    elseif type(v) == "cdata" then
+    elseif ffi.istype("uint64_t", v) or ffi.istype("int64_t", v) then
         return v
     end
-    error(format("%s: %s must be an integer or a uint64_t (got %s)", fname, name, type(v)), 3)
+    -- other cdata would reach the FFI call, whose error names neither the
+    -- method nor the argument
+    local got = type(v) == "cdata" and tostring(ffi.typeof(v)):gsub("^ctype", "cdata") or type(v)
+    error(format("%s: %s must be an integer or a uint64_t (got %s)", fname, name, got), 3)
 end
 
 -- tag_recv(tag, mask, len_or_buf): receive a tagged message: with a length,
