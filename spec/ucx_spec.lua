@@ -766,6 +766,22 @@ describe("UCX misuse and failures", function()
         assert.equal(0, status, err)
         assert.matches("^nil\tContext:create_worker: cannot create a UCX worker: E%u+: [^\t]+\tE%u+\n$", out)
     end)
+
+    it("returns nil, message, EMFILE from create_worker past the reactor's 32 workers, and says so", function()
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new({ wakeup = false }))
+            local keep = {}
+            for i = 1, 32 do keep[i] = assert(ctx:create_worker()) end
+            print(ctx:create_worker())
+            keep[32]:close()
+            print(getmetatable(ctx:create_worker()) == ucx.Worker)
+            ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("nil\tContext:create_worker: the UCX reactor progresses at most 32 workers at once " ..
+                     "(close one first)\tEMFILE\ntrue\n", out)
+    end)
 end)
 
 describe("UCX flow control", function()

@@ -22,7 +22,7 @@ local max = math.max
 
 local M = {}
 
-local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMSGSIZE = -6, -9, -11, -12, -22, -90
+local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMFILE, EMSGSIZE = -6, -9, -11, -12, -22, -24, -90
 local ECONNRESET, ENOTCONN, ECONNREFUSED, ECANCELED = -104, -107, -111, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
@@ -87,6 +87,22 @@ function UCXReactor:attach(rt)
     C.pl_ucx_reactor_attach(self.r, rt.crt)
 end
 
+-- The reactor's table of workers has room for this many (UCX_MAX_WORKERS).
+local MAX_WORKERS = 32
+
+-- Add worker w to reactor r: 0, or -errno and a message that says why.
+local function add_worker(r, w)
+    local rc = C.pl_ucx_reactor_add_worker(r.r, w.w)
+    if rc == EMFILE then
+        return rc, format("the UCX reactor progresses at most %d workers at once (close one first)", MAX_WORKERS)
+    elseif rc < 0 then
+        return rc, errstr(rc)
+    end
+    r.workers[w] = true
+    w.reactor = r
+    return 0
+end
+
 -- register_worker(worker): progress the worker from now on (once, however
 -- often it is registered).
 function UCXReactor:register_worker(w)
@@ -97,12 +113,10 @@ function UCXReactor:register_worker(w)
     if not w.w then
         error("UCXReactor:register_worker: the worker is closed", 2)
     end
-    local rc = C.pl_ucx_reactor_add_worker(self.r, w.w)
+    local rc, why = add_worker(self, w)
     if rc < 0 then
-        error("UCXReactor:register_worker: " .. errstr(rc), 2)
+        error("UCXReactor:register_worker: " .. why, 2)
     end
-    self.workers[w] = true
-    w.reactor = self
     return true
 end
 
@@ -117,17 +131,17 @@ local function registered_on(rt, r)
 end
 
 -- On default runtimes (pluvio.run, the host) the reactor is registered and
--- workers are progressed without boilerplate.
+-- workers are progressed without boilerplate: 0, or -errno and why not.
 local function auto_register(w)
     local rt = pluvio.runtime()
     if not (rt and rt.auto_reactors) then
-        return
+        return 0
     end
     local r = UCXReactor.current()
     if not registered_on(rt, r) then
         rt:register_reactor("ucx", r)
     end
-    r:register_worker(w)
+    return add_worker(r, w)
 end
 
 -- Workers belong to the Lua state, as its UCX reactor does: a default
@@ -273,7 +287,11 @@ function Context:create_worker(opts)
     }, Worker)
     self.workers[worker] = true
     live_workers[worker] = true
-    auto_register(worker)
+    local rc, why = auto_register(worker)
+    if rc < 0 then          -- nothing would progress it: not a worker to hand out
+        worker:close()
+        return nil, "Context:create_worker: " .. why, errname(rc)
+    end
     return worker
 end
 
