@@ -387,6 +387,19 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("says a worker's 64 listeners are all in use rather than that files ran out", async(function()
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local ls = {}
+        for i = 1, 64 do ls[i] = assert(w:create_listener("127.0.0.1", 0)) end
+        assert.same({ nil, "listen on 127.0.0.1:0: a worker has at most 64 listeners open (close one first)",
+                      "EMFILE" }, { w:create_listener("127.0.0.1", 0) })
+        ls[64]:close()
+        ls[64] = assert(w:create_listener("127.0.0.1", 0))
+        w:close()
+        ctx:close()
+    end))
+
     it("tells the address a listener bound, as ip:port or [v6]:port, with the port chosen for port 0", async(function()
         local ctx = assert(ucx.Context.new())
         local w = assert(ctx:create_worker())

@@ -581,6 +581,15 @@ function Worker:connect_socket(host, port)
     return new_endpoint(self, h, ffi_string(C.pl_ucx_ep_peer(self.w, h)))
 end
 
+-- A worker's table of listeners has room for this many (UCX_MAX_LISTENERS).
+local MAX_LISTENERS = 64
+
+local function count(t)
+    local n = 0
+    for _ in pairs(t) do n = n + 1 end
+    return n
+end
+
 -- create_listener(host, port): accept connections on host:port (port 0:
 -- any free port, see listener:port()).  Binds only where told.
 function Worker:create_listener(host, port)
@@ -590,6 +599,9 @@ function Worker:create_listener(host, port)
     local i = C.pl_ucx_listen(self.w, host, port)
     if i == ENXIO then
         return unresolved("listen on", host, port)
+    elseif i == EMFILE and count(self.listeners) >= MAX_LISTENERS then    -- (not the process's fds)
+        return nil, format("listen on %s:%d: a worker has at most %d listeners open (close one first)",
+                           host, port, MAX_LISTENERS), "EMFILE"
     elseif i < 0 then
         return nil, format("listen on %s:%d: %s", host, port, errstr(i)), errname(i)
     end
