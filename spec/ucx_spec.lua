@@ -573,6 +573,36 @@ describe("UCX", function()
         assert.matches("no peer can send to AM stream 1", r[2])
         p.cw:close(); p.sw:close(); p.ctx:close()
     end))
+
+    it("closes an endpoint gracefully only once its receiver pulled a rendezvous send", async(function()
+        local p = pair()
+        local big = payload(4000000, 16)
+        local sender = pluvio.spawn(function() return p.ep:am_send(1, "rndv", big, false, "rndv") end)
+        local m = assert(p.stream:wait_msg())       -- held, not pulled yet: the data is still the sender's
+        local closer = pluvio.spawn(function() return p.ep:close() end)
+        pluvio.sleep(0.05)
+        assert.equal("waiting", closer:status())    -- (the flush alone was done at once, the data lost)
+        assert.equal("waiting", sender:status())
+        assert.equal(big, m:data())
+        assert.is_true(closer:join())
+        assert.is_true(sender:join())
+        p.ep = p.sep                                -- (close_pair's to close)
+        close_pair(p)
+    end))
+
+    it("closes an endpoint forcefully when its graceful close is cancelled, failing the send", async(function()
+        local p = pair()
+        local sender = pluvio.spawn(function() return p.ep:am_send(1, "rndv", payload(4000000, 17), false, "rndv") end)
+        local m = assert(p.stream:wait_msg())
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.05, function() return p.ep:close() end) })
+        assert.is_false(p.ep:close())               -- closed: forcefully
+        local ok, err, code = sender:join()
+        assert.is_nil(ok)
+        assert.equal("ECANCELED", code, err)
+        assert.is_nil(m:data())                     -- its sender is gone
+        p.ep = p.sep
+        close_pair(p)
+    end))
 end)
 
 describe("UCX misuse and failures", function()

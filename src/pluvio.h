@@ -499,6 +499,10 @@ int pl_ucx_ep_status(pl_ucx_worker_t *w, int ep);
 const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep);
 int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
 int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
+/* Between the two steps of a graceful close: 1 when none of the endpoint's
+ * ops is in UCX's hands any more (or it failed), else 0 and the end of its
+ * last op (or its failure) wakes task (slot, gen). */
+int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
 /* Force-close with no task waiting (a connect that failed or was given up);
  * it needs no op slot, so it fails only for a stale handle (-EBADF). */
 int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep);

@@ -267,18 +267,21 @@ void ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen)
 void ucx_op_finish(struct ucx_op *op, ucs_status_t status)
 {
     pl_ucx_worker_t *w = op->w;
+    int ep = op->ep;
 
     w->in_flight--;
     if (op->passive)
         w->passive_in_flight--;
     if (op->state == UOP_ABANDONED) {
         ucx_op_free(w, op);
-        return;
+    } else {
+        op->status = pl_ucx_errno(status);
+        op->state = UOP_DONE;
+        if (op != w->inline_op)
+            ucx_wake(w, op->task_slot, op->task_gen);
     }
-    op->status = pl_ucx_errno(status);
-    op->state = UOP_DONE;
-    if (op != w->inline_op)
-        ucx_wake(w, op->task_slot, op->task_gen);
+    if (w->closers > 0)     /* (an endpoint's close waits for its last op) */
+        ucx_ep_op_ended(w, ep);
 }
 
 static void send_done(void *request, ucs_status_t status, void *user_data)
@@ -539,8 +542,12 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
             if (UCS_PTR_IS_PTR(sp))
                 ucp_request_free(sp);
         }
+        if (e->closer_waits)    /* its close is over: the endpoint goes with the worker */
+            ucx_wake(w, e->closer_slot, e->closer_gen);
+        e->closer_waits = false;
         e->state = EP_FREE;
     }
+    w->closers = 0;
     for (int i = 0; i < UCX_MAX_LISTENERS; i++)
         if (w->listeners[i].open)
             pl_ucx_listener_close(w, i);

@@ -104,6 +104,8 @@ static void ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
         w->eps[i].state = EP_FAILED;
         w->eps[i].error = pl_ucx_errno(status);
         ucx_msgs_forget_ep(w, ep, w->eps[i].error);
+        if (w->eps[i].closer_waits)     /* its close goes on: forcefully now */
+            ucx_wake(w, w->eps[i].closer_slot, w->eps[i].closer_gen);
     }
     ucx_streams_wake_all(w);
 }
@@ -316,6 +318,15 @@ int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
     return ucx_op_result(w, op, ucp_ep_flush_nbx(e->ep, &p));
 }
 
+/* A close waiting for e's ops waits no more (the entry is freed). */
+static void ep_drop_closer(pl_ucx_worker_t *w, struct ucx_ep *e)
+{
+    if (e->closer_waits) {
+        e->closer_waits = false;
+        w->closers--;
+    }
+}
+
 /* Start closing an endpoint we own; the entry is free from now on (not if
  * there is no op slot for it: -ENOMEM, the entry unchanged). */
 static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t slot, uint32_t gen)
@@ -329,18 +340,20 @@ static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t s
     ucx_op_param(&p, op);
     p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    ep_drop_closer(w, e);
     e->state = EP_FREE;
     ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
     return ucx_op_result(w, op, ucp_ep_close_nbx(e->ep, &p));
 }
 
-/* Whether an operation of ours is still in UCX's hands on the endpoint.
- * Not a hot path: endpoints close rarely. */
-static bool ep_busy(pl_ucx_worker_t *w, int ep)
+/* Whether an operation of ours is still in UCX's hands on the endpoint:
+ * one a task (or a send handle) waits for, or also one whose task gave up
+ * (abandoned).  Not a hot path: endpoints close rarely. */
+static bool ep_busy(pl_ucx_worker_t *w, int ep, bool abandoned_too)
 {
     for (uint32_t i = 0; i < w->nops; i++) {
         const struct ucx_op *op = ucx_op_get(w, i);
-        if (op->ep == ep && (op->state == UOP_IN_FLIGHT || op->state == UOP_ABANDONED))
+        if (op->ep == ep && (op->state == UOP_IN_FLIGHT || (abandoned_too && op->state == UOP_ABANDONED)))
             return true;
     }
     return false;
@@ -361,6 +374,38 @@ static int ep_drain(pl_ucx_worker_t *w, struct ucx_ep *e, int ep, uint32_t slot,
     return ucx_op_result(w, op, ucp_ep_flush_nbx(e->ep, &p));
 }
 
+/* Whether a graceful close may go on: none of the endpoint's ops that a
+ * task still waits for is in UCX's hands any more (a rendezvous send waits
+ * for its receiver to pull the data, which the flush does not wait for),
+ * or it is not closing any more (failed).  Not for an op whose task gave
+ * up: its receiver may never pull it.  1, or 0 with task (slot, gen)
+ * recorded: the end of the endpoint's last op, or its failure, wakes it. */
+int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+
+    if (!e || e->state != EP_CLOSING || !ep_busy(w, ep, false)) {
+        if (e)
+            ep_drop_closer(w, e);
+        return 1;
+    }
+    if (!e->closer_waits) {
+        e->closer_waits = true;
+        w->closers++;
+    }
+    e->closer_slot = slot;
+    e->closer_gen = gen;
+    return 0;
+}
+
+void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+
+    if (e && e->closer_waits && (e->state != EP_CLOSING || !ep_busy(w, ep, false)))
+        ucx_wake(w, e->closer_slot, e->closer_gen);
+}
+
 /* Close gracefully a healthy endpoint, forcefully a failed one.  With
  * operations in flight a graceful close takes two calls: this one flushes
  * (EP_CLOSING), the next closes.  UCX 1.13 asserts when a worker is
@@ -378,7 +423,7 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
         e->state = EP_FREE;
         return 0;
     }
-    if (e->state == EP_OPEN && ep_busy(w, ep))
+    if (e->state == EP_OPEN && ep_busy(w, ep, true))
         return ep_drain(w, e, ep, slot, gen);
     return ep_close(w, e, e->state == EP_FAILED, slot, gen);
 }
@@ -398,6 +443,7 @@ int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep)
 
     if (!e)
         return -EBADF;
+    ep_drop_closer(w, e);
     e->state = EP_FREE;
     if (!e->owned)
         return 0;

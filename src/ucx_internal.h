@@ -82,6 +82,8 @@ struct ucx_ep {
     bool owned;             /* false: a reply endpoint UCX handed us */
     uint32_t holds;         /* reply endpoints: its holders; freed at 0 */
     int32_t error;          /* -errno once failed */
+    bool closer_waits;      /* a graceful close waits for its ops to end */
+    uint32_t closer_slot, closer_gen;
     char peer[UCX_PEER_LEN];
 };
 
@@ -178,6 +180,7 @@ struct pl_ucx_worker {
     size_t op_stride;
     uint32_t free_op, nops, in_flight;
     uint32_t passive_in_flight;     /* of in_flight: tag receives */
+    uint32_t closers;       /* endpoints whose close waits for their ops */
 
     struct ucx_msg *msgs;
     uint32_t nmsgs, free_msg, held;
@@ -206,6 +209,8 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status);
 int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp);
 void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op);
 struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep);
+/* An op on endpoint ep ended while some close waits (w->closers > 0). */
+void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep);
 int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer);
 int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep);
 int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,

@@ -1060,8 +1060,23 @@ function Endpoint:close()
     t.io_abort_ep = h
     local rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
     t.io_abort_ep = nil
-    if rc ~= ENOMEM and not ep_gone(w, h) then
+    if rc ~= ENOMEM and w.w and C.pl_ucx_ep_drained(w.w, h, t.slot, t.gen) == 0 then
+        -- the flush is done, but a rendezvous send still waits for its
+        -- receiver to pull the data: wait for the endpoint's last op too
+        -- (a kill meanwhile closes it forcefully: _task_exit)
+        self.closing = { t = t, h = h }
+        t:_own(self)
+        repeat
+            park(t, WAIT_OTHER, 0, self, "Endpoint:close")
+        until not w.w or C.pl_ucx_ep_drained(w.w, h, t.slot, t.gen) ~= 0
+        t:_disown(self)
+        self.closing = nil
+    end
+    if rc ~= ENOMEM and w.w and not ep_gone(w, h) then
         rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
+    end
+    if not w.w then         -- the worker was closed meanwhile, the endpoint with it
+        return true
     end
     if not ep_gone(w, h) then   -- it did not start: still there, to close again
         self.h = h
@@ -1072,6 +1087,17 @@ function Endpoint:close()
         return send_failed(self, "close", rc)
     end
     return true
+end
+
+-- Its task was cancelled while its close waited for the endpoint's last
+-- op: the endpoint is closed forcefully (it would stay half closed).
+function Endpoint:_task_exit()
+    local c, w = self.closing, self.worker
+    self.closing = nil
+    if c and w.w then
+        C.pl_ucx_ep_abort(w.w, c.h)
+        w.eps[self] = nil
+    end
 end
 
 function Endpoint:__tostring()
