@@ -1118,13 +1118,14 @@ describe("freeing a reactor", function()
     it("closes the fd of an accept whose task was woken but never ran again", function()
         ffi.cdef [[ int socket(int domain, int type, int protocol); ]]
         local path = file_with("cached")
-        local l = pluvio.run(function() return assert(uring.tcp_listen("127.0.0.1", 0)) end)
         local fd = libc_open(path, 0)
         local before = nfds()
-        local client
+        local client, lfd
         -- submit_depth 1: every op goes out as it starts, and one the kernel
         -- finished inside its submit is taken at once, reaping the others
         block_on_and_drop({ submit_depth = 1 }, function()
+            local l = assert(uring.tcp_listen("127.0.0.1", 0))  -- (a socket is its runtime's)
+            lfd = l.fd
             local f = uring.File.new(fd)    -- (its close would let the acceptor run)
             local acceptor = pluvio.spawn(function() return l:accept() end)
             pluvio.yield()                  -- it parks in accept
@@ -1135,9 +1136,9 @@ describe("freeing a reactor", function()
             assert.equal("ready", acceptor:status())
         end)                                -- block_on is done: the acceptor never runs
         helper.libc.close(client)
+        helper.libc.close(lfd)
         assert.equal(before, nfds())
         helper.libc.close(fd)
-        pluvio.run(function() l:close() end)
         os.remove(path)
     end)
 
@@ -1157,7 +1158,9 @@ describe("freeing a reactor", function()
     it("closes the fds of opens and connects that finished, nobody having taken them", function()
         local C = require("pluvio.core").C
         local path = file_with("x")
-        local l = pluvio.run(function() return assert(uring.tcp_listen("127.0.0.1", 0)) end)
+        local home = pluvio.Runtime.new()   -- the listener's (a socket is its runtime's)
+        home:register_reactor("io_uring", uring.reactor())
+        local l = home:run(function() return assert(uring.tcp_listen("127.0.0.1", 0)) end)
         local before = nfds()
         local r = uring.reactor()           -- on no runtime: its ops park nobody
         local fd = ffi.new("int[1]")
@@ -1180,7 +1183,7 @@ describe("freeing a reactor", function()
         r, cr = nil, nil                    -- luacheck: ignore
         jit.flush()
         local after = nfds()
-        pluvio.run(function() l:close() end)    -- (with the connections it did not accept)
+        home:run(function() l:close() end)  -- (with the connections it did not accept)
         assert.equal(before, after)
         os.remove(path)
     end)

@@ -122,6 +122,17 @@ function M.install(U)
         return obj
     end
 
+    -- A socket belongs to the runtime it was made in: its ops go to that
+    -- runtime's ring, whose cancels (a close's) and stopped receives another
+    -- ring knows nothing of (a close from there would leave a task of its
+    -- own runtime parked in a recv on the socket for good).
+    local function home(fname, obj, r)
+        if r ~= obj.reactor then
+            error(format("%s: %s was made in another runtime (its io_uring reactor is that runtime's): " ..
+                         "use it there", fname, obj.name), 3)
+        end
+    end
+
     -- Receives whose task was killed before they finished are stopped,
     -- not given up (see _rescue): what they got is the stream's next bytes
     -- (or the next datagram).  The kill does not wait for the kernel: the
@@ -259,6 +270,7 @@ function M.install(U)
     -- op, so that a kill while it waits cannot leave the socket open).
     local function close_socket(obj, fname)
         local t, r = context(fname)
+        home(fname, obj, r)
         local fd = obj.fd
         obj.fd = -1
         local rc = run_op(r, t, C.pl_uring_close_socket(r.u, t.slot, t.gen, fd), obj)
@@ -311,6 +323,7 @@ function M.install(U)
     function TcpListener:accept()
         live("TcpListener:accept", self, TcpListener, "a listener")
         local t, r = receive_context("TcpListener:accept")
+        home("TcpListener:accept", self, r)
         local fd = run_op(r, t, C.pl_uring_accept(r.u, t.slot, t.gen, self.fd), self)
         if fd < 0 then
             return failed("accept", self, fd)
@@ -381,6 +394,7 @@ function M.install(U)
             error(format("TcpSocket:send: data must be at most %d bytes (got %d)", MAX_IO, #data), 2)
         end
         local t, r = context("TcpSocket:send")
+        home("TcpSocket:send", self, r)
         local rc, bytes = run_op(r, t, C.pl_uring_send(r.u, t.slot, t.gen, self.fd, data, #data), self, data)
         if rc < 0 then
             return failed("send", self, rc, bytes)
@@ -459,6 +473,7 @@ function M.install(U)
         live(fname, self, TcpSocket, "a socket")
         check.integer(fname, argname, n, min, MAX_IO)
         local t, r = receive_context(fname)
+        home(fname, self, r)
         claim_reader(self, t, fname)
         return release_reader(self, body(self, t, r, n))
     end
@@ -595,6 +610,7 @@ function M.install(U)
                          self.max_datagram, self.family, #data), 2)
         end
         local t, r = context("UdpSocket:send_to")
+        home("UdpSocket:send_to", self, r)
         local n = C.pl_net_resolve(host, port, 1, self.family, addrs, 1)
         if n == EAFNOSUPPORT then
             return nil, format("send_to %s:%d: host %s has no IPv%d address (the socket is IPv%d: %s)", host,
@@ -645,6 +661,7 @@ function M.install(U)
         live("UdpSocket:recv_from", self, UdpSocket, "a UDP socket")
         check.integer("UdpSocket:recv_from", "max", max, 1, 65536)
         local t, r = receive_context("UdpSocket:recv_from")
+        home("UdpSocket:recv_from", self, r)
         local held = self.held
         if not held[1] and has_rescues(self) then   -- (their datagrams come after those held)
             take_rescues(self, t, r, "UdpSocket:recv_from")
