@@ -42,3 +42,66 @@ describe("sockets and runtimes", function()
         end)
     end)
 end)
+
+describe("a TCP listener", function()
+    local ffi = require "ffi"
+    local bit = require "bit"
+    ffi.cdef [[
+    int socket(int domain, int type, int protocol);
+    int connect(int fd, const void *addr, unsigned len);
+    long send(int fd, const void *buf, size_t n, int flags);
+    long recv(int fd, void *buf, size_t n, int flags);
+    int close(int fd);
+    ]]
+    local MSG_DONTWAIT = 0x40
+
+    -- A client of l by connect(2): its fd.
+    local function raw_client(l)
+        local fd = ffi.C.socket(2, 1, 0)
+        local to = ffi.new("uint8_t[16]", 2, 0, bit.rshift(l:port(), 8), bit.band(l:port(), 255), 127, 0, 0, 1)
+        assert.equal(0, ffi.C.connect(fd, to, 16))
+        return fd
+    end
+
+    it("keeps the connection of an accept the kernel finished after the tick reaped, its task killed",
+       pluvio.wrap(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local acceptor = pluvio.spawn(function() return l:accept() end)
+        pluvio.sleep(0.001)                 -- it parks in accept...
+        pluvio.yield()                      -- ...which a tick's flush gave the kernel
+        -- by connect(2) in this batch: the accept finishes, nobody reaps it yet
+        local client = raw_client(l)
+        assert.equal(7, tonumber(ffi.C.send(client, "request", 7, 0)))
+        assert.equal("waiting", acceptor:status())
+        acceptor:kill()
+        local conn = assert(pluvio.timeout(1, l.accept, l))     -- the next accept has it
+        assert.equal("request", conn:recv_exact(7))
+        assert.equal(5, conn:send("reply"))
+        local buf = ffi.new("char[8]")
+        assert.equal(5, tonumber(ffi.C.recv(client, buf, 8, 0)))
+        assert.equal("reply", ffi.string(buf, 5))
+        conn:close()
+        l:close()
+        ffi.C.close(client)
+    end))
+
+    it("closes the connections its killed accepts took when it is closed", pluvio.wrap(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local acceptor = pluvio.spawn(function() return l:accept() end)
+        pluvio.sleep(0.001)
+        pluvio.yield()
+        local client = raw_client(l)
+        acceptor:kill()
+        pluvio.sleep(0.01)                  -- the kill's cancel comes back: the connection is the listener's
+        assert.is_true(l:close())
+        local buf = ffi.new("char[8]")
+        local n
+        for _ = 1, 100 do                   -- the client sees its end (EOF), not a connection left open
+            n = tonumber(ffi.C.recv(client, buf, 8, MSG_DONTWAIT))
+            if n >= 0 or ffi.errno() ~= 11 then break end
+            pluvio.sleep(0.01)
+        end
+        assert.is_true(n == 0 or (n == -1 and ffi.errno() == 104))
+        ffi.C.close(client)
+    end))
+end)

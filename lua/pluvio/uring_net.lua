@@ -135,7 +135,7 @@ function M.install(U)
 
     -- Receives whose task was killed before they finished are stopped,
     -- not given up (see _rescue): what they got is the stream's next bytes
-    -- (or the next datagram).  The kill does not wait for the kernel: the
+    -- (or the next datagram, or an accept's connection).  The kill does not wait for the kernel: the
     -- socket keeps them, in kill order, in self.rescues ({ op, scratch,
     -- adopter }), and its next receive waits for them to end and takes what
     -- they got before it receives anything new.  One task at a time waits
@@ -158,6 +158,7 @@ function M.install(U)
         r.pins[op] = scratch            -- the kernel may fill it until the cancel lands
         return true
     end
+    TcpListener._rescue = stop_receive
     TcpSocket._rescue = stop_receive
     UdpSocket._rescue = stop_receive
 
@@ -225,11 +226,12 @@ function M.install(U)
                 kept[#kept + 1] = e
             else
                 r.pins[e.op] = false
-                if C.pl_uring_op_take(u, e.op, r.result) == 1 then
-                    bounce_put(r, e.scratch)
+                local gen = C.pl_uring_op_gen(u, e.op)
+                local done = C.pl_uring_op_settled(u, e.op, gen) == 1
+                C.pl_uring_op_abandon(u, e.op)  -- (done: freed now, an accept's connection closed)
+                if done then
+                    if e.scratch then bounce_put(r, e.scratch) end
                 else                    -- the kernel has it yet: the scratch waits in the limbo
-                    local gen = C.pl_uring_op_gen(u, e.op)
-                    C.pl_uring_op_abandon(u, e.op)
                     r.limbo[#r.limbo + 1] = { op = e.op, gen = gen, keep = e.scratch }
                 end
             end
@@ -257,6 +259,7 @@ function M.install(U)
         end
         wake_rescue_waiters(self)
     end
+    TcpListener._abandon_wait = abandon_rescue_wait
     TcpSocket._abandon_wait = abandon_rescue_wait
     UdpSocket._abandon_wait = abandon_rescue_wait
 
@@ -302,7 +305,8 @@ function M.install(U)
         if fd < 0 then
             return host_failed("listen on", host, port, fd, bind_note(addr, n))
         end
-        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0) }, TcpListener)
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0),
+                              held = {} }, TcpListener)  -- held: see _keep
     end
 
     function TcpListener:port()
@@ -319,18 +323,49 @@ function M.install(U)
         return sock_name(self.fd, 0)
     end
 
+    local function connected(r, fd)
+        C.pl_net_nodelay(fd)
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "", reader = false },
+                            TcpSocket)
+    end
+
+    -- A stopped accept ended (see stop_receive): the connection it took is
+    -- held for the next accept, as a client whose connect succeeded must not
+    -- be reset because the task that waited for it was killed (a
+    -- pluvio.timeout around accept).  A closed listener closes it.
+    function TcpListener:_keep(r, op)
+        if C.pl_uring_op_take(r.u, op, r.result) == 1 and r.result.res >= 0 then
+            local fd = r.result.res
+            if self.fd < 0 then
+                C.pl_file_close_sync(fd)
+            else
+                self.held[#self.held + 1] = fd
+            end
+        end
+    end
+
     -- accept(): the next connection; parks until a client connects.
     function TcpListener:accept()
         live("TcpListener:accept", self, TcpListener, "a listener")
         local t, r = receive_context("TcpListener:accept")
         home("TcpListener:accept", self, r)
+        local held = self.held
+        if not held[1] and has_rescues(self) then   -- an accept killed before this one
+            take_rescues(self, t, r, "TcpListener:accept")
+            if self.fd < 0 then     -- another task closed it meanwhile
+                return failed("accept", self, ECANCELED)
+            end
+        end
+        if held[1] then
+            return connected(r, table.remove(held, 1))
+        end
+        t.io_rescue = self          -- (see await)
         local fd = run_op(r, t, C.pl_uring_accept(r.u, t.slot, t.gen, self.fd), self)
+        t.io_rescue = nil
         if fd < 0 then
             return failed("accept", self, fd)
         end
-        C.pl_net_nodelay(fd)
-        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "", reader = false },
-                            TcpSocket)
+        return connected(r, fd)
     end
 
     function TcpListener:close()
@@ -338,6 +373,11 @@ function M.install(U)
             error("TcpListener:close: call it as a method on a listener", 2)
         end
         if self.fd < 0 then return false end
+        local held = self.held
+        for i = 1, #held do         -- connections no accept took: their clients see the end
+            C.pl_file_close_sync(held[i])
+        end
+        self.held = {}
         return close_socket(self, "TcpListener:close")
     end
 
