@@ -105,3 +105,54 @@ describe("a TCP listener", function()
         ffi.C.close(client)
     end))
 end)
+
+describe("a TCP socket's send", function()
+    it("says the stream was cut when a send killed part way left it mid-message", pluvio.wrap(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        -- the peer reads nothing: 64 MiB cannot all go out, part of it does
+        local big = ("0123456789abcdef"):rep(4 * 1048576)
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.2, c.send, c, big) })
+        local sent, err, code = c:send("next message")
+        assert.is_nil(sent)
+        assert.matches("^send " .. c.name:gsub("%p", "%%%0") .. ": an earlier send was killed after %d+ of its " ..
+                       #big .. " bytes: the stream is cut mid%-message %(close the connection%)$", err)
+        assert.equal("ECANCELED", code)
+        local went = tonumber(err:match("after (%d+) of"))
+        assert.is_true(went > 0 and went < #big)
+        -- and that is what the peer gets, then the end when it is closed
+        local got = 0
+        c:close()
+        while true do
+            local piece = s:recv(1048576)
+            if not piece then break end
+            got = got + #piece
+        end
+        assert.equal(went, got)
+        s:close()
+        l:close()
+    end))
+
+    it("goes on as usual after a killed send that sent nothing or all", pluvio.wrap(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        local sender = pluvio.spawn(function() return c:send("never") end)
+        sender:kill()                       -- before it ran: nothing sent
+        local sender2 = pluvio.spawn(function() return c:send("whole") end)
+        pluvio.yield()                      -- its send is queued
+        sender2:kill()                      -- (dropped before the kernel took it, or done whole)
+        assert.equal(4, c:send("tail"))
+        local got = s:recv_exact(4)
+        if got ~= "tail" then               -- the kernel had taken the second one whole
+            assert.equal("whol", got)
+            assert.equal("etail", s:recv_exact(5))
+        end
+        c:close()
+        s:close()
+        l:close()
+    end))
+end)

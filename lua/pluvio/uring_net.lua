@@ -135,8 +135,8 @@ function M.install(U)
 
     -- Receives whose task was killed before they finished are stopped,
     -- not given up (see _rescue): what they got is the stream's next bytes
-    -- (or the next datagram, or an accept's connection).  The kill does not wait for the kernel: the
-    -- socket keeps them, in kill order, in self.rescues ({ op, scratch,
+    -- (or the next datagram, or an accept's connection).  The kill does not
+    -- wait for the kernel: the socket keeps them, in kill order, in self.rescues ({ op, scratch,
     -- adopter }), and its next receive waits for them to end and takes what
     -- they got before it receives anything new.  One task at a time waits
     -- on such an op (the adopter: its completion wakes that task); other
@@ -159,6 +159,9 @@ function M.install(U)
         return true
     end
     TcpListener._rescue = stop_receive
+    -- A TCP send whose task was killed is stopped the same way, so that the
+    -- socket learns how much of it went out (TcpSocket:_keep): part of a
+    -- message cuts the stream, which later sends then say.
     TcpSocket._rescue = stop_receive
     UdpSocket._rescue = stop_receive
 
@@ -230,7 +233,7 @@ function M.install(U)
                 local done = C.pl_uring_op_settled(u, e.op, gen) == 1
                 C.pl_uring_op_abandon(u, e.op)  -- (done: freed now, an accept's connection closed)
                 if done then
-                    if e.scratch then bounce_put(r, e.scratch) end
+                    if type(e.scratch) == "table" then bounce_put(r, e.scratch) end   -- (a send's: its string)
                 else                    -- the kernel has it yet: the scratch waits in the limbo
                     r.limbo[#r.limbo + 1] = { op = e.op, gen = gen, keep = e.scratch }
                 end
@@ -435,7 +438,18 @@ function M.install(U)
         end
         local t, r = context("TcpSocket:send")
         home("TcpSocket:send", self, r)
+        if has_rescues(self) then   -- a killed send among them: how much went out?
+            take_rescues(self, t, r, "TcpSocket:send")
+            if self.fd < 0 then     -- another task closed it meanwhile
+                return failed("send", self, ECANCELED)
+            end
+        end
+        if self.cut then
+            return nil, format("send %s: %s", self.name, self.cut), "ECANCELED"
+        end
+        t.io_rescue = self          -- (see await)
         local rc, bytes = run_op(r, t, C.pl_uring_send(r.u, t.slot, t.gen, self.fd, data, #data), self, data)
+        t.io_rescue = nil
         if rc < 0 then
             return failed("send", self, rc, bytes)
         end
@@ -465,7 +479,16 @@ function M.install(U)
     -- A stopped recv ended (see stop_receive): its bytes, if any, are the
     -- stream's next ones, kept for the next recv as gather keeps a
     -- recv_exact's.
+    -- A stopped send ended: when it went out in part, the stream is cut.
     function TcpSocket:_keep(r, op, scratch)
+        if type(scratch) == "string" then
+            local sent = C.pl_uring_op_take(r.u, op, r.result) == 1 and r.result.bytes or 0
+            if sent > 0 and sent < #scratch then
+                self.cut = format("an earlier send was killed after %d of its %d bytes: the stream is cut " ..
+                                  "mid-message (close the connection)", sent, #scratch)
+            end
+            return
+        end
         if C.pl_uring_op_take(r.u, op, r.result) == 1 and r.result.res > 0 then
             local s = ffi_string(scratch.ptr, r.result.res)
             local parts = self.parts
