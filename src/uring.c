@@ -312,7 +312,7 @@ int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind)
     op->res = 0;
     op->queue = NONE;
     op->fd = -1;
-    op->fd_closed = false;
+    op->no_continue = false;
     op->fd_owner = FD_NONE;
     return (int)i;
 }
@@ -584,7 +584,7 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
     if (op->kind == OP_OTHER || res <= 0)
         return false;
     op->done += (uint32_t)res;
-    if (op->done >= op->len || op->state == OP_ABANDONED || op->fd_closed)
+    if (op->done >= op->len || op->state == OP_ABANDONED || op->no_continue)
         return false;   /* (a closed fd's number may name another file by now) */
     sqe = uring_get_sqe(u);
     if (!sqe)
@@ -675,7 +675,7 @@ void uring_fd_closing(pl_uring_t *u, int fd)
     for (uint32_t i = 0; i < u->nops; i++) {
         struct uring_op *op = uring_op(u, i);
         if (op->fd == fd && (op->state == OP_IN_FLIGHT || op->state == OP_ABANDONED))
-            op->fd_closed = true;
+            op->no_continue = true;
     }
 }
 
@@ -809,6 +809,9 @@ int pl_uring_op_cancel(pl_uring_t *u, int i)
         drop_untaken(u, (uint32_t)i);
     if (op_state(u, (uint32_t)i) != OP_IN_FLIGHT)
         return op_state(u, (uint32_t)i) == OP_DONE;
+    /* a short result reaped before the cancel lands ends the op there:
+     * resubmitted, the rest would go on after the cancel found nothing */
+    uring_op(u, (uint32_t)i)->no_continue = true;
     op_cancel(u, (uint32_t)i);
     u->stats.cancels++;
     return 0;

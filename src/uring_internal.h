@@ -36,7 +36,8 @@ struct uring_op {
     uint32_t gen;
     uint8_t state;
     uint8_t kind;
-    bool fd_closed;         /* its fd was closed: never continue on that number */
+    bool no_continue;       /* its fd was closed (the number may name another file), or it was
+                             * stopped (a cancel that came too late must not see it go on) */
     uint8_t fd_owner;       /* which fd is the op's own until its task takes it (enum) */
     uint32_t task_slot, task_gen;
     int fd;
