@@ -23,7 +23,7 @@ local MAX_IO = 0x7ffff000
 -- as soon as some bytes arrive, so scratch memory of max bytes (up to 2 GiB,
 -- zeroed) would mostly go unused; recv_exact gathers chunks of this size.
 local RECV_CHUNK = 1048576
-local ENXIO, EAFNOSUPPORT, ECANCELED = -6, -97, -125
+local ENXIO, EAFNOSUPPORT, ECANCELED, EBUSY = -6, -97, -125, -16
 local MAX_ADDRS = 16        -- the most of a name's addresses tcp_connect tries
 
 local function errname(rc)
@@ -275,6 +275,22 @@ function M.install(U)
     -- Close: cancel what other tasks wait for on the fd, then close it (one
     -- op, so that a kill while it waits cannot leave the socket open).
     local function close_socket(obj, fname)
+        local home_r = obj.reactor
+        local home_rt = home_r.rt
+        if home_rt ~= pluvio.runtime() and not (home_rt and home_rt.running) then
+            -- its run ended (or it never ran): nothing reaps that ring any
+            -- more, so close at once (as a file's close), unless a task that
+            -- run left parked still has an op on it
+            drop_rescues(obj, home_r)
+            local rc = C.pl_uring_close_idle(home_r.u, obj.fd)
+            if rc ~= EBUSY then
+                obj.fd = -1
+                if rc < 0 then
+                    return failed("close", obj, rc)
+                end
+                return true
+            end
+        end
         local t, r = context(fname)
         home(fname, obj, r)
         local fd = obj.fd
