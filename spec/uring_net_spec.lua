@@ -2,6 +2,7 @@
 -- (The first socket specs live in uring_spec.lua, "sockets over io_uring".)
 local pluvio = require "pluvio"
 local uring = require "pluvio.uring"
+local async = require("helper").async
 
 describe("sockets and runtimes", function()
     it("refuse to be used from another runtime than their own, whose ring has their ops", function()
@@ -155,5 +156,66 @@ describe("a TCP socket's send", function()
         c:close()
         s:close()
         l:close()
+    end))
+end)
+
+describe("TCP sends from several tasks", function()
+    local function pair()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        return l, c, srv:join()
+    end
+
+    -- The stream's bytes as runs of one letter: "A2097152 B2097152 ...".
+    local function runs(got)
+        local seq, p = {}, 1
+        while p <= #got do
+            local q = p
+            while q <= #got and got:byte(q) == got:byte(p) do q = q + 1 end
+            seq[#seq + 1] = got:sub(p, p) .. (q - p)
+            p = q
+        end
+        return table.concat(seq, " ")
+    end
+
+    local function read_all(s, n)
+        local parts, have = {}, 0
+        while have < n do
+            pluvio.sleep(0.0002)            -- a slow reader: the sends come back short
+            local x = assert(s:recv(30000))
+            parts[#parts + 1] = x
+            have = have + #x
+        end
+        return table.concat(parts)
+    end
+
+    it("go out one after the other, whole, in the order they were called", async(function()
+        local l, c, s = pair()
+        local letters, size, senders = "ABCDEFGH", 1048576, {}
+        for i = 1, #letters do
+            local d = letters:sub(i, i):rep(size)
+            senders[i] = pluvio.spawn(function() return c:send(d) end)
+        end
+        local got = read_all(s, #letters * size)
+        for i = 1, #senders do assert.equal(size, senders[i]:join()) end
+        assert.equal("A1048576 B1048576 C1048576 D1048576 E1048576 F1048576 G1048576 H1048576", runs(got))
+        c:close(); s:close(); l:close()
+    end))
+
+    it("hand the turn on when the sending task or a waiting one is killed", async(function()
+        local l, c, s = pair()
+        local size = 64 * 1048576           -- (more than the socket buffers hold: it cannot finish)
+        local first = pluvio.spawn(function() return c:send(("A"):rep(size)) end)
+        local skipped = pluvio.spawn(function() return c:send(("B"):rep(10)) end)
+        local last = pluvio.spawn(function() return c:send("C") end)
+        assert.equal("A", s:recv(1))        -- the first send is under way
+        assert.is_true(skipped:kill())      -- waiting its turn: never sends
+        assert.is_true(first:kill())        -- part way: the stream is cut, and the next send says so
+        local ok, err, code = last:join()
+        assert.is_nil(ok)
+        assert.equal("ECANCELED", code)
+        assert.matches("an earlier send was killed after %d+ of its 67108864 bytes", err)
+        c:close(); s:close(); l:close()
     end))
 end)

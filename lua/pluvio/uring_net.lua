@@ -344,8 +344,8 @@ function M.install(U)
 
     local function connected(r, fd)
         C.pl_net_nodelay(fd)
-        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "", reader = false },
-                            TcpSocket)
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "",
+                              reader = false, writer = false }, TcpSocket)
     end
 
     -- A stopped accept ended (see stop_receive): the connection it took is
@@ -435,8 +435,8 @@ function M.install(U)
             local fd = fdout[0]
             if rc >= 0 then
                 C.pl_net_nodelay(fd)
-                return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "", reader = false },
-                                    TcpSocket)
+                return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "",
+                                      reader = false, writer = false }, TcpSocket)
             end
             if fd >= 0 then C.pl_file_close_sync(fd) end
             fdout[0] = -1
@@ -444,21 +444,62 @@ function M.install(U)
         return connect_failed(host, port, rc, list, n)
     end
 
-    -- send(data): send all of data (a short send is continued); returns
-    -- #data or nil, err.
-    function TcpSocket:send(data)
-        live("TcpSocket:send", self, TcpSocket, "a socket")
-        check.string("TcpSocket:send", "data", data)
-        if #data > MAX_IO then
-            error(format("TcpSocket:send: data must be at most %d bytes (got %d)", MAX_IO, #data), 2)
+    -- A stream has one writer at a time; other senders wait their turn, in
+    -- the order they came: two sends in flight at once could interleave
+    -- their bytes (one that comes back short is continued after the
+    -- other).  The writer's task owns the socket while it sends, so that
+    -- its end, killed or not, hands the turn on (_task_exit).
+    local function next_writer(self)
+        local q = self.send_queue
+        while q and q[1] do
+            local t = table.remove(q, 1)
+            if t.live then  -- (a waiter killed in its turn's wait is skipped)
+                self.writer = t
+                wake(t)
+                return
+            end
         end
-        local t, r = context("TcpSocket:send")
-        home("TcpSocket:send", self, r)
+        self.writer = false
+    end
+
+    local function claim_writer(self, t)
+        local w = self.writer
+        if w and w ~= t and w.live then
+            local q = self.send_queue
+            if not q then
+                q = {}
+                self.send_queue = q
+            end
+            q[#q + 1] = t
+            repeat
+                park(t, WAIT_OTHER, 0, self, "TcpSocket:send")
+            until self.writer == t
+        end
+        self.writer = t
+        t:_own(self)
+    end
+
+    local function release_writer(self, t, ...)
+        t:_disown(self)
+        next_writer(self)
+        return ...
+    end
+
+    function TcpSocket:_task_exit(t)
+        if self.writer == t then
+            next_writer(self)
+        end
+    end
+
+    -- send(data): send all of data (a short send is continued); returns
+    -- #data or nil, err.  Sends from several tasks go out one after the
+    -- other, whole, in the order they were called.
+    local function send(self, t, r, data)
         if has_rescues(self) then   -- a killed send among them: how much went out?
             take_rescues(self, t, r, "TcpSocket:send")
-            if self.fd < 0 then     -- another task closed it meanwhile
-                return failed("send", self, ECANCELED)
-            end
+        end
+        if self.fd < 0 then         -- another task closed it meanwhile
+            return failed("send", self, ECANCELED)
         end
         if self.cut then
             return nil, format("send %s: %s", self.name, self.cut), "ECANCELED"
@@ -470,6 +511,18 @@ function M.install(U)
             return failed("send", self, rc, bytes)
         end
         return rc
+    end
+
+    function TcpSocket:send(data)
+        live("TcpSocket:send", self, TcpSocket, "a socket")
+        check.string("TcpSocket:send", "data", data)
+        if #data > MAX_IO then
+            error(format("TcpSocket:send: data must be at most %d bytes (got %d)", MAX_IO, #data), 2)
+        end
+        local t, r = context("TcpSocket:send")
+        home("TcpSocket:send", self, r)
+        claim_writer(self, t)
+        return release_writer(self, t, send(self, t, r, data))
     end
 
     local function recv_raw(self, t, r, max)
