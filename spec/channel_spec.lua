@@ -176,4 +176,19 @@ describe("pluvio.channel", function()
         for c = 1, 4 do consumers[c]:join() end
         assert.equal(1000, count)
     end))
+
+    it("wakes a parked receiver, not a task whose plain coroutine left a recv", async(function()
+        local ch = pluvio.channel(1)
+        local left = pluvio.spawn(function()
+            local co = coroutine.create(function() return ch:recv() end)
+            assert.is_true((coroutine.resume(co)))     -- its wait yields to us: it is left there
+            pluvio.sleep(60)                            -- and we wait on something else
+        end)
+        pluvio.yield()
+        local reader = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()
+        ch:send("for the reader")
+        assert.equal("for the reader", pluvio.timeout(5, function() return reader:join() end))
+        left:kill()
+    end))
 end)

@@ -182,6 +182,9 @@ int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags);
 int pl_task_spawn(pl_runtime_t *rt, uint32_t *gen);
 int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen);
 int pl_task_wait(pl_runtime_t *rt, uint32_t slot, int kind, double arg);
+/* Wake task (slot, gen) only if it is parked on exactly this wait (kind,
+ * arg): 1 if woken, else 0. */
+int pl_task_wake_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind, double arg);
 int pl_task_yield(pl_runtime_t *rt, uint32_t slot);
 int pl_task_exit(pl_runtime_t *rt, uint32_t slot, int outcome);
 /* The running task, parked a moment ago (pl_task_wait or an op start), is

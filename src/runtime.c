@@ -281,6 +281,14 @@ bool pl_task_is_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind,
            t->wait_arg == arg;
 }
 
+int pl_task_wake_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind, double arg)
+{
+    if (!pl_task_is_waiting(rt, slot, gen, kind, arg))
+        return 0;
+    pl_ready_push(rt, slot);
+    return 1;
+}
+
 /* The running task stops running: charge it the time since the last task
  * stopped (or the batch began). */
 static void task_leave(pl_runtime_t *rt, struct pl_task *t)

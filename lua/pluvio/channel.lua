@@ -7,6 +7,7 @@ local check = require "pluvio.check"
 
 local park, wake, running_task = pluvio._park, pluvio._wake, pluvio._running_task
 local WAIT = pluvio.WAIT
+local C = require("pluvio.core").C
 local format = string.format
 
 local M = {}
@@ -47,16 +48,22 @@ function M._new(capacity, level)
     return ch
 end
 
-local function wake_first(ch, q, head)
+-- Wake the first task of q still parked here (kind: its wait).  An entry
+-- whose task does not wait so was left by a plain coroutine inside that
+-- task (its wait yielded to the coroutine's resumer, not to the loop): it
+-- is dropped, or the wake would go to whatever the task waits on now and
+-- the value would sit here with every real waiter asleep.
+local function wake_first(ch, q, head, kind)
     local t = q[head]
     while t do
         q[head] = nil
         head = head + 1
         if t.live and t.parked_on == ch then
             t.parked_on = nil
-            t.baton = ch      -- if t dies before it runs, it passes the wake on
-            wake(t)
-            return head
+            if C.pl_task_wake_waiting(t.rt.crt, t.slot, t.gen, kind, ch.cap) == 1 then
+                t.baton = ch      -- if t dies before it runs, it passes the wake on
+                return head
+            end
         end
         t = q[head]
     end
@@ -112,7 +119,7 @@ function Channel:send(v)
     self.count = n + 1
     self.sent = self.sent + 1
     if self.recvq[self.recv_head] then
-        self.recv_head = wake_first(self, self.recvq, self.recv_head)
+        self.recv_head = wake_first(self, self.recvq, self.recv_head, WAIT.CHANNEL_RECV)
     end
     return true
 end
@@ -148,7 +155,7 @@ function Channel:recv()
     self.count = self.count - 1
     self.received = self.received + 1
     if self.sendq[self.send_head] then
-        self.send_head = wake_first(self, self.sendq, self.send_head)
+        self.send_head = wake_first(self, self.sendq, self.send_head, WAIT.CHANNEL_SEND)
     end
     return v
 end
@@ -170,10 +177,10 @@ end
 -- waiter on each side that can make progress now.
 function Channel:_pass_baton()
     if self.count > 0 or self.closed then
-        self.recv_head = wake_first(self, self.recvq, self.recv_head)
+        self.recv_head = wake_first(self, self.recvq, self.recv_head, WAIT.CHANNEL_RECV)
     end
     if self.count < self.cap or self.closed then
-        self.send_head = wake_first(self, self.sendq, self.send_head)
+        self.send_head = wake_first(self, self.sendq, self.send_head, WAIT.CHANNEL_SEND)
     end
 end
 
