@@ -6,7 +6,7 @@ local pluvio = require "pluvio"
 local check = require "pluvio.check"
 
 local park, wake, running_task = pluvio._park, pluvio._wake, pluvio._running_task
-local WAIT = pluvio.WAIT
+local WAIT = pluvio._WAIT_KIND
 local C = require("pluvio.core").C
 local format = string.format
 

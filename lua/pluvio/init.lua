@@ -46,7 +46,7 @@ local STATE_NAMES = {
     [C.PL_TASK_READY] = "ready", [C.PL_TASK_RUNNING] = "running",
     [C.PL_TASK_WAITING] = "waiting",
 }
-M.WAIT = {
+M._WAIT_KIND = {    -- the park kinds (PL_WAIT_*), for the modules that park tasks
     SLEEP = C.PL_WAIT_SLEEP, JOIN = C.PL_WAIT_JOIN, SELECT = C.PL_WAIT_SELECT,
     CHANNEL_SEND = C.PL_WAIT_CHANNEL_SEND, CHANNEL_RECV = C.PL_WAIT_CHANNEL_RECV,
     IO = C.PL_WAIT_IO, BUFFER = C.PL_WAIT_BUFFER, REACTOR = C.PL_WAIT_REACTOR,

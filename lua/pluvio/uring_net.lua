@@ -14,7 +14,7 @@ local ffi_string = ffi.string
 local errstr = core.errstr
 local co_yield = coroutine.yield
 local wake, park, yielded, WAIT = pluvio._wake, pluvio._park, pluvio._yielded, pluvio._WAIT
-local WAIT_OTHER = pluvio.WAIT.OTHER
+local WAIT_OTHER = pluvio._WAIT_KIND.OTHER
 
 local M = {}
 
