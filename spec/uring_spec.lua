@@ -73,6 +73,19 @@ describe("IoUringReactor", function()
         assert.equal(uring.DEFAULTS.buffer_size, r2:options().buffer_size)
     end)
 
+    it("takes changed uring.DEFAULTS for later reactors, checked as options are", function()
+        local saved = uring.DEFAULTS.queue_size
+        finally(function() uring.DEFAULTS.queue_size = saved end)
+        uring.DEFAULTS.queue_size = 32
+        assert.equal(32, uring.reactor():options().queue_size)
+        for _, bad in ipairs({ 0, "x" }) do
+            uring.DEFAULTS.queue_size = bad
+            local ok, err = pcall(uring.reactor)
+            assert.is_false(ok)
+            assert.matches("uring.reactor: uring.DEFAULTS: queue_size must be an integer from 1 to 32768", err, 1, true)
+        end
+    end)
+
     it("runs the seed's example as written", function()
         local path = tmpfile()
         local rt = pluvio.Runtime.new(1024)

@@ -118,7 +118,9 @@ end
 
 local function new_reactor(fname, opts)
     local o = {}
-    for k, v in pairs(M.DEFAULTS) do o[k] = v end
+    for k, v in pairs(M.DEFAULTS) do     -- public: a script may have changed them
+        o[k] = check_option(fname .. ": uring.DEFAULTS", k, v)
+    end
     if opts ~= nil then
         if type(opts) ~= "table" then
             error(format("%s: options must be a table (got %s)", fname, type(opts)), 3)
@@ -160,7 +162,7 @@ local function new_reactor(fname, opts)
     }, IoUringReactor)
 end
 
--- uring.reactor{opts}: a reactor from an options table (see M.DEFAULTS).
+-- uring.reactor{opts}: a reactor from an options table (the rest from M.DEFAULTS).
 -- (not tail calls: the errors of new_reactor name our caller's line)
 function M.reactor(opts)
     local r = new_reactor("uring.reactor", opts)
