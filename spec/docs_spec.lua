@@ -116,6 +116,59 @@ describe("documentation examples", function()
     end
 end)
 
+describe("the public API", function()
+    -- Everything reachable from the modules without a leading underscore:
+    -- { "pluvio.uring.Buffer.fill", "fill" }, ... (a class's methods through
+    -- its metatable's __index too; each table once).
+    local function public_names()
+        local names, seen = {}, {}
+        local function walk(prefix, t, depth)
+            if seen[t] then return end
+            seen[t] = true
+            local keys = {}
+            for k in pairs(t) do
+                if type(k) == "string" and k:sub(1, 1) ~= "_" then keys[#keys + 1] = k end
+            end
+            table.sort(keys)
+            for _, k in ipairs(keys) do
+                local v = t[k]
+                if type(v) == "table" then
+                    local class = false     -- a class: its methods are checked, not its name
+                    for _, f in pairs(v) do class = class or type(f) == "function" end
+                    if depth == 0 and not class then names[#names + 1] = { prefix .. "." .. k, k } end
+                    if depth < 2 then walk(prefix .. "." .. k, v, depth + 1) end
+                elseif type(v) == "function" or type(v) == "cdata" or depth == 0 then
+                    names[#names + 1] = { prefix .. "." .. k, k }
+                end
+            end
+            local mt = getmetatable(t)
+            if type(mt) == "table" and type(mt.__index) == "table" then walk(prefix, mt.__index, depth) end
+        end
+        for _, m in ipairs({ "pluvio", "pluvio.uring", "pluvio.ucx", "pluvio.bench", "pluvio.channel" }) do
+            walk(m, require(m), 0)
+        end
+        return names
+    end
+
+    it("is used, name by name, in an example the docs spec runs", function()
+        local code = {}
+        for _, file in ipairs(doc_files()) do
+            for _, b in ipairs(lua_blocks(read(root .. "/" .. file))) do
+                if not b.norun then code[#code + 1] = b.code end
+            end
+        end
+        code = table.concat(code, "\n")
+        local missing = {}
+        for _, n in ipairs(public_names()) do
+            local word = n[2]:gsub("%p", "%%%0")
+            if not (code:find("[%.:]" .. word .. "%f[^%w_]") or code:find("%[\"" .. word .. "\"%]")) then
+                missing[#missing + 1] = n[1]
+            end
+        end
+        assert.same({}, missing)
+    end)
+end)
+
 describe("docs/PATTERNS.md: Measuring your own loop", function()
     -- Under load (the specs share the CPUs with builds) the runtime can be
     -- off the CPU for longer than the example's 0.2 s: its loops must still
