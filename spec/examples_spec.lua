@@ -330,6 +330,15 @@ describe("pluvio.bench", function()
         assert.near(values[#values], h:max(), 1e-9)
     end)
 
+    it("says so when a report cannot be written in full (a full disk)", function()
+        local ok, err = pcall(bench.write_json, "/dev/full", { iops = 1 })
+        assert.is_false(ok)
+        assert.matches("bench.write_json: cannot write /dev/full: .*No space left on device", err)
+        local none, why = bench.svg("/dev/full", { title = "t" })
+        assert.is_nil(none)
+        assert.matches("svg: cannot write /dev/full: .*No space left on device", why)
+    end)
+
     it("merges histograms and summarises them", function()
         local a, b = bench.Histogram.new(), bench.Histogram.new()
         for i = 1, 100 do a:record(i * 1e-6) end

@@ -337,18 +337,32 @@ end
 
 -- write_json(dest, value): the value as one line of JSON to a file, or to
 -- stdout when dest is "-".
+-- A whole file, or nil and "path: why": a write that fails (a full disk)
+-- shows only when the buffered text is written out, at close.
+local function write_file(path, text)
+    local f, err = io.open(path, "w")
+    if not f then
+        return nil, err
+    end
+    local written, werr = f:write(text)
+    local closed, cerr = f:close()
+    if not written or not closed then
+        return nil, path .. ": " .. tostring(werr or cerr)
+    end
+    return true
+end
+
 function M.write_json(dest, value)
+    check.string("bench.write_json", "dest", dest)
     local text = M.json(value) .. "\n"
     if dest == "-" then
         io.stdout:write(text)
         return true
     end
-    local f, err = io.open(dest, "w")
-    if not f then
-        error("cannot write " .. dest .. ": " .. tostring(err), 2)
+    local ok, err = write_file(dest, text)
+    if not ok then
+        error("bench.write_json: cannot write " .. err, 2)
     end
-    f:write(text)
-    f:close()
     return true
 end
 
@@ -610,12 +624,10 @@ function M.svg(path, spec)
         out[#out + 1] = format('<text x="%g" y="%d" text-anchor="end">%.1f s</text>', x1 + pw, H - pad + 16, tmax)
     end
     out[#out + 1] = "</svg>"
-    local f, err = io.open(path, "w")
-    if not f then
-        return nil, "svg: cannot write " .. path .. ": " .. tostring(err)
+    local ok, err = write_file(path, table.concat(out, "\n") .. "\n")
+    if not ok then
+        return nil, "svg: cannot write " .. err
     end
-    f:write(table.concat(out, "\n"), "\n")
-    f:close()
     return true
 end
 
