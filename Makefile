@@ -101,7 +101,7 @@ check-deps:
 	  echo "missing Debian packages:$$missing"; $(MAKE) --no-print-directory deps; \
 	fi
 
-install: all ## install into $(DESTDIR)$(PREFIX) with LuaRocks' layout
+install: all ## install into DESTDIR/PREFIX (default /usr/local) with LuaRocks' layout
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(LUADIR)/pluvio
 	install -m 755 $(HOST) $(DESTDIR)$(BINDIR)/pluvio
 	install -m 755 $(LIB) $(DESTDIR)$(LIBDIR)/libpluvio.so

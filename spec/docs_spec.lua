@@ -207,6 +207,7 @@ describe("make help and README's Make targets", function()
         assert.is_true(#targets >= 10)
         local status, out = helper.sh("make -s -C " .. helper.quote(root) .. " help")
         assert.equal(0, status)
+        assert.is_nil(out:find("$(", 1, true), "make help shows a Makefile variable unexpanded:\n" .. out)
         local listed = {}
         for name in out:gmatch("\n  ([%w-]+)  ") do listed[#listed + 1] = name end
         table.sort(listed)
