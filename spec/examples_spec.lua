@@ -423,6 +423,23 @@ describe("pluvio.bench", function()
         assert.equal("1 KiB", bench.bytes(1024))
     end)
 
+    it("names the argument a helper was given wrong", function()
+        local h = bench.Histogram.new()
+        assert.has_error(function() h:record("x") end, 'Histogram:record: seconds must be a number (got "x")')
+        assert.has_error(function() h:record_since(nil) end,
+            "Histogram:record_since: start must be a number (a pluvio.now()) (got nil)")
+        assert.has_error(function() h:record_stamp(true) end,
+            "Histogram:record_stamp: stamp must be a number (a bench.stamp()) (got true)")
+        assert.has_error(function() bench.human("x") end, 'bench.human: v must be a number (got "x")')
+        assert.has_error(function() bench.bytes(nil) end, "bench.bytes: n must be a number (got nil)")
+        assert.has_error(function() bench.svg(nil, {}) end, "bench.svg: path must be a string (got nil)")
+        assert.has_error(function() bench.svg("/tmp/x.svg") end, "bench.svg: spec must be a table (got nil)")
+        assert.has_error(function() bench.progress(42) end, "bench.progress: label must be a string (got number)")
+        assert.has_error(function() bench.table("rows") end,
+            'bench.table: rows must be a list of tables (got "rows")')
+        assert.equal(0, h:count())
+    end)
+
     it("keeps the positions of an array's values after a null", function()
         local v = bench.json_decode('[1,null,3,null]')
         assert.equal(1, v[1])

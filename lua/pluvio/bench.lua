@@ -32,18 +32,27 @@ end
 -- record(seconds): one value (negative and NaN count as 0, infinity as the
 -- largest value).
 function Histogram:record(seconds)
+    if type(seconds) ~= "number" then
+        check.fail("Histogram:record", "seconds must be a number", seconds)
+    end
     C.pl_hist_record(self.h, seconds)
 end
 
 -- record_since(start): record now - start and return now (one call per
 -- operation when timing back-to-back operations).
 function Histogram:record_since(start)
+    if type(start) ~= "number" then
+        check.fail("Histogram:record_since", "start must be a number (a pluvio.now())", start)
+    end
     return C.pl_hist_record_since(self.h, start)
 end
 
 -- record_stamp(stamp): the same with stamps from bench.stamp(), a cheaper
 -- clock (the CPU's TSC where the runtime found one); returns now as a stamp.
 function Histogram:record_stamp(stamp)
+    if type(stamp) ~= "number" then
+        check.fail("Histogram:record_stamp", "stamp must be a number (a bench.stamp())", stamp)
+    end
     return C.pl_hist_record_stamp(self.h, stamp)
 end
 
@@ -478,6 +487,9 @@ end
 
 -- Format a figure for people: 1234567 -> "1.23M", seconds -> "12.3 us".
 function M.human(v, unit)
+    if type(v) ~= "number" then
+        check.fail("bench.human", "v must be a number", v)
+    end
     if unit == "s" then
         if v < 1e-6 then return format("%.0f ns", v * 1e9) end
         if v < 1e-3 then return format("%.2f us", v * 1e6) end
@@ -494,6 +506,9 @@ end
 
 -- Byte counts for people: 65536 -> "64 KiB".
 function M.bytes(n)
+    if type(n) ~= "number" then
+        check.fail("bench.bytes", "n must be a number", n)
+    end
     local units = { "B", "KiB", "MiB", "GiB", "TiB" }
     local i = 1
     while n >= 1024 and i < #units and n % 1024 == 0 do
@@ -509,6 +524,12 @@ end
 -- A table of rows: columns are the union of the rows' keys in order of
 -- first appearance (or cols).
 function M.table(rows, cols)
+    if type(rows) ~= "table" then
+        check.fail("bench.table", "rows must be a list of tables", rows)
+    end
+    if cols ~= nil and type(cols) ~= "table" then
+        check.fail("bench.table", "cols must be nil or a list of column names", cols)
+    end
     if not cols then
         cols = {}
         local seen = {}
@@ -550,6 +571,7 @@ Progress.__index = Progress
 -- progress(label[, quiet]): a progress line on stderr, shown only on a
 -- terminal, after the first second, at most 4 times a second.
 function M.progress(label, quiet)
+    check.string("bench.progress", "label", label)
     return setmetatable({ label = label, t0 = C.pl_now(), last = 0,
                           on = not quiet and ffi.C.isatty(2) == 1, shown = false }, Progress)
 end
@@ -578,6 +600,10 @@ end
 -- svg(path, { title = ..., histogram = h, series = { {t, value}, ... },
 -- series_label = "MiB/s" }): two panels side by side.
 function M.svg(path, spec)
+    check.string("bench.svg", "path", path)
+    if type(spec) ~= "table" then
+        check.fail("bench.svg", "spec must be a table", spec)
+    end
     local W, H, pad = 960, 360, 50
     local pw = (W - 3 * pad) / 2
     local out = { format('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">', W, H),
