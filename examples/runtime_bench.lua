@@ -15,7 +15,7 @@ local spec = {
     options = {
         { "scenario", "string", "all", "spawn, pingpong, sleepers, idle or all",
           choices = { "spawn", "pingpong", "sleepers", "idle", "all" } },
-        { "n", "integer", 0, "size of each scenario (default: 1M tasks, 1M messages, 100k sleepers)", min = 0 },
+        { "n", "integer", 0, "size of each scenario (0: each its own, 1M tasks, 1M messages, 100k sleepers)", min = 0 },
         { "idle-seconds", "number", nil, "how long the idle scenario sleeps (default 2, 0.5 with --quick)",
           min = 0.01, max = 3600 },
         { "quick", "flag", false, "small sizes (about a second in all)" },
