@@ -38,11 +38,44 @@ local spec = {
 local o = bench.parse_args(spec, arg)
 local cleanup         -- removes the temporary files, once there are some
 local ucx_ctx         -- closed before exiting (UCX's threads must not outlive it)
+local ERROR = 25      -- AM id of the reason an end stops, for the other
+local peer            -- with another process: { ep =, errors = its ERROR stream, name = "server" or "client" }
+local failing
 local function fail(msg)
+    if failing then     -- another task is ending the run: its error is the one to tell
+        while true do pluvio.suspend("the run to end") end
+    end
+    failing = true
+    local p = peer
+    if p then
+        -- the peer's own reason first: our failure may only be its going away
+        local m = pluvio.timeout(0.5, p.errors.wait_msg, p.errors)
+        local why = m and m:data()
+        if why then
+            msg = ("the %s stopped: %s"):format(p.name, why)
+        else            -- tell it why we stop, before the connection goes
+            pluvio.timeout(1, function() p.ep:am_send(ERROR, nil, msg); p.ep:close() end)
+        end
+    end
     io.stderr:write("pipeline: ", msg, "\n")
     if ucx_ctx and ucx_ctx.c then pcall(ucx_ctx.close, ucx_ctx) end
     if cleanup then pcall(cleanup) end
     os.exit(2)
+end
+-- An operation's result, or the end of the run with its error on one
+-- line: from any task (the others would wait for what it never does).
+local function must(v, err)
+    if not v then fail(tostring(err)) end
+    return v
+end
+-- A task's result; one that failed ends the run with its error.
+local function joined(t)
+    local r, err = t:join()
+    if t:status() ~= "done" then fail(tostring(err)) end
+    return r
+end
+local function join_all(tasks)
+    for i = 1, #tasks do joined(tasks[i]) end
 end
 if o.chunk < 4096 or o.chunk % 4096 ~= 0 then fail("--chunk must be a multiple of 4096 (got " .. o.chunk .. ")") end
 if o.size < o.chunk then fail("--size must be at least --chunk") end
@@ -67,7 +100,7 @@ local dir = o.dir
 if not dir then
     dir = os.tmpname()
     os.remove(dir)
-    assert(uring.mkdir(dir))
+    must(uring.mkdir(dir))
     if not o.keep then
         cleanup = function()
             os.remove(dir .. "/source.bin")
@@ -88,8 +121,17 @@ end
 -- neither on scheduling nor on --chunk (a server and a client with
 -- different --chunk agree).
 local VERIFY_BLOCK = 4096
+-- Read n bytes at off into buf: all of them (a file shorter than it should
+-- be ends the run: the missing bytes would go out as whatever buf held).
+local function read_chunk(f, path, buf, off, n)
+    local got = must(f:read_fixed(buf, off, n))
+    if got < n then
+        fail(("read %s: %d of %d bytes at offset %d: the file is shorter than expected"):format(path, got, n, off))
+    end
+end
+
 local function checksum_file(path, size)
-    local f = assert(open(path, "r"))
+    local f = must(open(path, "r"))
     local sums = {}
     local next_off = 0
     local tasks = {}
@@ -100,7 +142,7 @@ local function checksum_file(path, size)
                 local off = next_off
                 next_off = next_off + o.chunk
                 local n = math.min(o.chunk, size - off)
-                assert(f:read_fixed(buf, off, n))
+                read_chunk(f, path, buf, off, n)
                 for b = 0, n - 1, VERIFY_BLOCK do
                     sums[(off + b) / VERIFY_BLOCK + 1] = buf:checksum(math.min(VERIFY_BLOCK, n - b), b)
                 end
@@ -108,7 +150,7 @@ local function checksum_file(path, size)
             buf:release()
         end)
     end
-    for i = 1, o.window do tasks[i]:join() end
+    join_all(tasks)
     f:close()
     return bench.checksum(table.concat(sums))
 end
@@ -118,7 +160,7 @@ end
 ---------------------------------------------------------------------------
 
 local function receive(w, ep_for_acks, data_stream, done_stream, dst_path)
-    local dst = assert(open(dst_path, "w+"))
+    local dst = must(open(dst_path, "w+"))
     local written, chunks, expected = 0, 0, nil
     local finished = pluvio.channel(1)
     local inbox = pluvio.channel(o.window)
@@ -136,11 +178,11 @@ local function receive(w, ep_for_acks, data_stream, done_stream, dst_path)
                 if not msg then break end
                 local off = tonumber(msg.header)
                 local n = msg:data_len()
-                assert(msg:recv_data(buf))              -- rendezvous: straight into buf
-                assert(dst:write_fixed(buf, off, n))
+                must(msg:recv_data(buf))                -- rendezvous: straight into buf
+                must(dst:write_fixed(buf, off, n))
                 written = written + n
                 chunks = chunks + 1
-                assert(ep_for_acks():am_send(ACK, msg.header, nil))
+                must(ep_for_acks():am_send(ACK, msg.header, nil))
                 check_finished()
             end
             buf:release()
@@ -162,8 +204,8 @@ local function receive(w, ep_for_acks, data_stream, done_stream, dst_path)
     finished:recv()                 -- returns when closed: all written
     dispatcher:kill()
     inbox:close()
-    for i = 1, o.window do writers[i]:join() end
-    assert(dst:fsync())
+    join_all(writers)
+    must(dst:fsync())
     dst:close()
     return written, chunks
 end
@@ -173,7 +215,7 @@ end
 ---------------------------------------------------------------------------
 
 local function generate(path)
-    local f = assert(open(path, "w+"))
+    local f = must(open(path, "w+"))
     local off = 0
     local tasks = {}
     for i = 1, o.window do
@@ -184,23 +226,24 @@ local function generate(path)
                 off = off + o.chunk
                 local n = math.min(o.chunk, o.size - my)
                 buf:fill_pattern(SEED, my, n)
-                assert(f:write_fixed(buf, my, n))
+                must(f:write_fixed(buf, my, n))
             end
             buf:release()
         end)
     end
-    for i = 1, o.window do tasks[i]:join() end
-    assert(f:fsync())
+    join_all(tasks)
+    must(f:fsync())
     f:close()
 end
 
 local function send(ep, ack_stream, src_path, progress)
-    local src = assert(open(src_path, "r"))
+    local src = must(open(src_path, "r"))
     local next_off, acked, sent = 0, 0, 0
     local acks = pluvio.spawn_named("acks", function()
         local want = math.ceil(o.size / o.chunk)
         for _ = 1, want do
-            local m = assert(ack_stream:wait_msg())
+            local m, err = ack_stream:wait_msg()
+            if not m then fail("the receiver went away before it acknowledged every chunk: " .. tostring(err)) end
             m:release()
             acked = acked + 1
         end
@@ -213,43 +256,46 @@ local function send(ep, ack_stream, src_path, progress)
                 local off = next_off
                 next_off = next_off + o.chunk
                 local n = math.min(o.chunk, o.size - off)
-                assert(src:read_fixed(buf, off, n))
-                assert(ep:am_send(DATA, tostring(off), buf, false, "rndv", n))
+                read_chunk(src, src_path, buf, off, n)
+                must(ep:am_send(DATA, tostring(off), buf, false, "rndv", n))
                 sent = sent + n
                 progress:update(("%d of %d MiB sent"):format(math.floor(sent / 1048576), math.floor(o.size / 1048576)))
             end
             buf:release()
         end)
     end
-    for i = 1, o.window do movers[i]:join() end
-    assert(ep:am_send(DONE, tostring(o.size), nil))
-    acks:join()
+    join_all(movers)
+    must(ep:am_send(DONE, tostring(o.size), nil))
+    joined(acks)
     src:close()
     return sent, acked
 end
 
 ---------------------------------------------------------------------------
 
-local ctx = assert(ucx.Context.new())
+local ctx = must(ucx.Context.new())
 ucx_ctx = ctx
 local src_path, dst_path = dir .. "/source.bin", dir .. "/received.bin"
 local result = { size = o.size, chunk = o.chunk, window = o.window, direct = o.direct }
 
 if o.server then
-    local w = assert(ctx:create_worker())
+    local w = must(ctx:create_worker())
     local data_stream = w:am_stream(DATA, { window = 2 * o.window })
     local done_stream = w:am_stream(DONE)
-    local l = assert(w:create_listener("127.0.0.1", o.port))
+    local errors = w:am_stream(ERROR)
+    local l = must(w:create_listener("127.0.0.1", o.port))
     io.write(("pipeline: receiving on 127.0.0.1:%d into %s\n"):format(l:port(), dst_path))
     io.stdout:flush()
-    local ep = assert(l:accept())
+    local ep = must(l:accept())
     l:close()
-    assert(ep:am_send(HELLO, tostring(o.chunk), nil))     -- the largest chunk it takes
+    peer = { ep = ep, errors = errors, name = "client" }
+    must(ep:am_send(HELLO, tostring(o.chunk), nil))     -- the largest chunk it takes
     local t0 = pluvio.now()
     local written = receive(w, function() return ep end, data_stream, done_stream, dst_path)
     local sum = checksum_file(dst_path, written)
-    assert(ep:am_send(RESULT, ("%d %s"):format(written, sum), nil))
+    must(ep:am_send(RESULT, ("%d %s"):format(written, sum), nil))
     say("pipeline: received %d MiB in %.2f s, checksum %s\n", math.floor(written / 1048576), pluvio.now() - t0, sum)
+    peer = nil
     pluvio.sleep(0.1)
     ep:close()
     w:close()
@@ -262,15 +308,16 @@ else
     result.generate_s = pluvio.now() - t
     say("  1. generated %-28s %6.2f s\n", src_path, result.generate_s)
 
-    local w = assert(ctx:create_worker())
+    local w = must(ctx:create_worker())
     local ack_stream = w:am_stream(ACK, { window = 4 * o.window })
     local receiver, remote_sum
     local ep
     if o.connect then
-        local hello = w:am_stream(HELLO)
+        local hello, errors = w:am_stream(HELLO), w:am_stream(ERROR)
         local err
         ep, err = w:connect_socket(connect_host, connect_port)
         if not ep then fail(err) end
+        peer = { ep = ep, errors = errors, name = "server" }
         local m = pluvio.timeout(10, hello.wait_msg, hello)
         if not m then fail("the server at " .. o.connect .. " did not say hello within 10 s") end
         local server_chunk = tonumber(m.header)
@@ -281,18 +328,18 @@ else
         end
     else
         -- loopback: the receiving end is a second worker in this process
-        local rw = assert(ctx:create_worker())
+        local rw = must(ctx:create_worker())
         local data_stream = rw:am_stream(DATA, { window = 2 * o.window })
         local done_stream = rw:am_stream(DONE)
         local back
         receiver = pluvio.spawn_named("receiver", function()
             local written = receive(rw, function()
-                back = back or assert(rw:connect_addr(w:address()))
+                back = back or must(rw:connect_addr(w:address()))
                 return back
             end, data_stream, done_stream, dst_path)
             return written
         end)
-        ep = assert(w:connect_addr(rw:address()))
+        ep = must(w:connect_addr(rw:address()))
     end
     local result_stream = w:am_stream(RESULT)
 
@@ -307,10 +354,11 @@ else
     t = pluvio.now()
     local local_sum = checksum_file(src_path, o.size)
     if receiver then
-        local written = receiver:join()
+        local written = joined(receiver)
         remote_sum = checksum_file(dst_path, written)
     else
-        local m = assert(result_stream:wait_msg())
+        local m, err = result_stream:wait_msg()
+        if not m then fail("the server went away before it sent its checksum: " .. tostring(err)) end
         local _, s = m.header:match("^(%d+) (.*)$")
         remote_sum = s
         m:release()
@@ -322,6 +370,7 @@ else
     say("     source   %s\n     received %s\n", local_sum, remote_sum)
     local st = rt:stats()
     say("  runtime: %d tasks, %d ticks, %.2f s blocked in the kernel\n", st.tasks_spawned, st.ticks, st.time_blocked)
+    peer = nil
     ep:close()
     w:close()
 end

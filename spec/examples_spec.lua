@@ -184,6 +184,76 @@ describe("examples/pipeline.lua", function()
     end)
 end)
 
+-- A --dir whose `name` is /dev/full: every write to that file fails with
+-- ENOSPC, as on a full disk (no mount needed).
+local function full_dir(name)
+    local dir = helper.tmp_path()
+    assert(helper.exec("mkdir " .. q(dir) .. " && ln -s /dev/full " .. q(dir .. "/" .. name)) == 0)
+    return dir
+end
+
+-- A script in the background (`timeout`: a hang fails the spec, it does
+-- not stop it); returns a handle on its first line of stdout, its stderr
+-- file and its exit status file.
+local function background(script, args)
+    local errfile, rcfile = os.tmpname(), os.tmpname()
+    local out = io.popen(("(timeout 60 %s %s %s 2>%s; echo $? >%s) &"):format(q(helper.host),
+        q(helper.root .. "/examples/" .. script), args, q(errfile), q(rcfile)), "r")
+    return out, errfile, rcfile
+end
+
+local function finished(errfile, rcfile)
+    local rc
+    for _ = 1, 600 do
+        local f = io.open(rcfile)
+        rc = f and tonumber(f:read("*a"))
+        if f then f:close() end
+        if rc then break end
+        helper.exec("sleep 0.1")
+    end
+    local f = io.open(errfile)
+    local err = f:read("*a")
+    f:close()
+    os.remove(errfile)
+    os.remove(rcfile)
+    return rc, err
+end
+
+describe("examples/pipeline.lua on a full disk", function()
+    it("stops with the write's error, one line and exit 2, when either file cannot be written", function()
+        for _, name in ipairs({ "source.bin", "received.bin" }) do
+            local dir = full_dir(name)
+            local status, _, err = sh("timeout 60 " .. q(helper.host) .. " " .. q(helper.root .. "/examples/pipeline.lua") ..
+                                      " --size 1m --chunk 256k --quiet --dir " .. q(dir))
+            helper.exec("rm -rf " .. q(dir))
+            assert.equal(2, status, name .. ": " .. err)
+            assert.matches("^pipeline: write [^\n]*/" .. name:gsub("%.", "%%.") ..
+                           " %(offset %d+, %d+ bytes%): ENOSPC: No space left on device\n$", err)
+        end
+    end)
+
+    it("tells the client why when the server's disk is full, and both ends exit 2", function()
+        local dir = full_dir("received.bin")
+        local srv, errfile, rcfile = background("pipeline.lua", "--server --quiet --dir " .. q(dir))
+        local line = srv:read("*l")
+        local port = line and line:match("receiving on 127%.0%.0%.1:(%d+)")
+        if not port then
+            srv:close()
+            error("the server did not start: " .. tostring(line) .. "\n" .. select(2, finished(errfile, rcfile)))
+        end
+        local status, _, err = sh("timeout 60 " .. q(helper.host) .. " " .. q(helper.root .. "/examples/pipeline.lua") ..
+                                  " --connect 127.0.0.1:" .. port .. " --size 8m --quiet")
+        local server_status, server_err = finished(errfile, rcfile)
+        srv:close()
+        helper.exec("rm -rf " .. q(dir))
+        assert.equal(2, status, err)
+        assert.matches("^pipeline: the server stopped: write [^\n]*/received%.bin %(offset %d+, %d+ bytes%): ENOSPC", err)
+        assert.equal(1, select(2, err:gsub("\n", "")))
+        assert.equal(2, server_status, server_err)
+        assert.matches("^pipeline: write [^\n]*/received%.bin %(offset %d+, %d+ bytes%): ENOSPC[^\n]*\n$", server_err)
+    end)
+end)
+
 describe("examples/remoteio.lua", function()
     it("writes a file to the server and reads one back, verified by checksum on both ends", function()
         for _, mode in ipairs({ "write", "read" }) do
