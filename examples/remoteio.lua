@@ -41,11 +41,41 @@ local spec = {
 local o = bench.parse_args(spec, arg)
 local cleanup         -- removes the temporary files, once there are some
 local ucx_ctx         -- closed before exiting (UCX's threads must not outlive it)
+local ERROR = 33      -- AM id of the reason an end stops, for the other
+local peer            -- with another process: { ep =, errors = its ERROR stream, name = "server" or "client" }
+local failing
 local function fail(msg)
+    if failing then     -- another task is ending the run: its error is the one to tell
+        while true do pluvio.suspend("the run to end") end
+    end
+    failing = true
+    local p = peer
+    if p then
+        -- the peer's own reason first: our failure may only be its going away
+        local m = pluvio.timeout(0.5, p.errors.wait_msg, p.errors)
+        local why = m and m:data()
+        if why then
+            msg = ("the %s stopped: %s"):format(p.name, why)
+        else            -- tell it why we stop, before the connection goes
+            pluvio.timeout(1, function() p.ep:am_send(ERROR, nil, msg); p.ep:close() end)
+        end
+    end
     io.stderr:write("remoteio: ", msg, "\n")
     if ucx_ctx and ucx_ctx.c then pcall(ucx_ctx.close, ucx_ctx) end
     if cleanup then pcall(cleanup) end
     os.exit(2)
+end
+-- An operation's result, or the end of the run with its error on one
+-- line: from any task (the others would wait for what it never does).
+local function must(v, err)
+    if not v then fail(tostring(err)) end
+    return v
+end
+-- A task's result; one that failed ends the run with its error.
+local function joined(t)
+    local r = { t:join() }
+    if t:status() ~= "done" then fail(tostring(r[2])) end
+    return unpack(r)
 end
 if o.mode ~= "write" and o.mode ~= "read" then fail("--mode must be write or read (got " .. o.mode .. ")") end
 if o.chunk < 4096 or o.chunk % 4096 ~= 0 then fail("--chunk must be a multiple of 4096") end
@@ -72,7 +102,7 @@ local dir = o.dir
 if not dir then
     dir = os.tmpname()
     os.remove(dir)
-    assert(uring.mkdir(dir))
+    must(uring.mkdir(dir))
     cleanup = function()
         os.remove(dir .. "/client.bin")
         os.remove(dir .. "/server.bin")
@@ -85,13 +115,22 @@ end
 -- The checksums of the file's 4 KiB blocks, folded: the same on both ends
 -- whatever --chunk each was given.
 local VERIFY_BLOCK = 4096
+-- Read n bytes at off into buf: all of them (a file shorter than it should
+-- be ends the run: the missing bytes would go out as whatever buf held).
+local function read_chunk(f, path, buf, off, n)
+    local got = must(f:read_fixed(buf, off, n))
+    if got < n then
+        fail(("read %s: %d of %d bytes at offset %d: the file is shorter than expected"):format(path, got, n, off))
+    end
+end
+
 local function checksum(path, size)
-    local f = assert(open(path, "r"))
+    local f = must(open(path, "r"))
     local buf = reactor:acquire_buffer()
     local sums = {}
     for off = 0, size - 1, o.chunk do
         local n = math.min(o.chunk, size - off)
-        assert(f:read_fixed(buf, off, n))
+        read_chunk(f, path, buf, off, n)
         for b = 0, n - 1, VERIFY_BLOCK do
             sums[#sums + 1] = buf:checksum(math.min(VERIFY_BLOCK, n - b), b)
         end
@@ -102,15 +141,15 @@ local function checksum(path, size)
 end
 
 local function fill(path, size)
-    local f = assert(open(path, "w+"))
+    local f = must(open(path, "w+"))
     local buf = reactor:acquire_buffer()
     for off = 0, size - 1, o.chunk do
         local n = math.min(o.chunk, size - off)
         buf:fill_pattern(SEED, off, n)
-        assert(f:write_fixed(buf, off, n))
+        must(f:write_fixed(buf, off, n))
     end
     buf:release()
-    assert(f:fsync())
+    must(f:fsync())
     f:close()
 end
 
@@ -119,8 +158,8 @@ end
 ---------------------------------------------------------------------------
 
 local function serve(ep, requests, path)
-    assert(ep:am_send(META, "chunk " .. o.chunk, nil))     -- the largest request it takes
-    local f = assert(open(path, "w+"))
+    must(ep:am_send(META, "chunk " .. o.chunk, nil))       -- the largest request it takes
+    local f = must(open(path, "w+"))
     local served = 0
     local handlers = {}
     local inbox = pluvio.channel(o.window)
@@ -133,13 +172,13 @@ local function serve(ep, requests, path)
                 local op, off, n = msg.header:match("^(%u) (%d+) (%d+)$")
                 off, n = tonumber(off), tonumber(n)
                 if op == "W" then
-                    assert(msg:recv_data(buf))                -- straight into buf
-                    assert(f:write_fixed(buf, off, n))
-                    assert(ep:am_send(REPLY, tostring(off), nil))
+                    must(msg:recv_data(buf))                  -- straight into buf
+                    must(f:write_fixed(buf, off, n))
+                    must(ep:am_send(REPLY, tostring(off), nil))
                 else
                     msg:release()
-                    assert(f:read_fixed(buf, off, n))
-                    assert(ep:am_send(REPLY, tostring(off), buf, false, "rndv", n))
+                    read_chunk(f, path, buf, off, n)
+                    must(ep:am_send(REPLY, tostring(off), buf, false, "rndv", n))
                 end
                 served = served + 1
             end
@@ -147,24 +186,25 @@ local function serve(ep, requests, path)
         end)
     end
     while true do
-        local msg = assert(requests:wait_msg())
+        local msg, err = requests:wait_msg()
+        if not msg then fail("the client went away before it said goodbye: " .. tostring(err)) end
         local op = msg.header:sub(1, 1)
         if op == "Q" then                       -- the client is done: checksum and goodbye
             local size = tonumber(msg.header:match("^Q (%d+)$"))
             msg:release()
             inbox:close()
-            for i = 1, o.window do handlers[i]:join() end
-            assert(f:fsync())
+            for i = 1, o.window do joined(handlers[i]) end
+            must(f:fsync())
             f:close()
-            assert(ep:am_send(META, checksum(path, size), nil))
+            must(ep:am_send(META, checksum(path, size), nil))
             return served
         elseif op == "P" then                   -- remote read: prepare the server's file
             local size = tonumber(msg.header:match("^P (%d+)$"))
             msg:release()
             f:close()
             fill(path, size)
-            f = assert(open(path, "r+"))
-            assert(ep:am_send(META, "ready", nil))
+            f = must(open(path, "r+"))
+            must(ep:am_send(META, "ready", nil))
         else
             inbox:send(msg)
         end
@@ -189,10 +229,12 @@ local function run_client(ep, replies, meta, path)
     if o.mode == "write" then
         fill(path, o.size)
     else
-        assert(ep:am_send(REQ, ("P %d"):format(o.size), nil))
-        assert(assert(meta:wait_msg()).header == "ready")
+        must(ep:am_send(REQ, ("P %d"):format(o.size), nil))
+        local m, err = meta:wait_msg()
+        if not m then fail("the server went away before its file was ready: " .. tostring(err)) end
+        m:release()
     end
-    local f = assert(open(path, o.mode == "write" and "r" or "w+"))
+    local f = must(open(path, o.mode == "write" and "r" or "w+"))
     local start = pluvio.now()
     local next_off = 0
     local movers = {}
@@ -200,8 +242,8 @@ local function run_client(ep, replies, meta, path)
     local waiting = {}
     local dispatcher = pluvio.spawn_named("replies", function()
         while true do
-            local m = replies:wait_msg()
-            if not m then return end
+            local m, err = replies:wait_msg()
+            if not m then fail("the server went away before it answered every request: " .. tostring(err)) end
             local w = waiting[tonumber(m.header)]
             waiting[tonumber(m.header)] = nil
             w.msg = m
@@ -218,15 +260,17 @@ local function run_client(ep, replies, meta, path)
                 local w = { task = pluvio.current() }
                 waiting[off] = w
                 if o.mode == "write" then
-                    assert(f:read_fixed(buf, off, n))
-                    assert(ep:am_send(REQ, ("W %d %d"):format(off, n), buf, false, "rndv", n))
+                    read_chunk(f, path, buf, off, n)
+                    must(ep:am_send(REQ, ("W %d %d"):format(off, n), buf, false, "rndv", n))
                 else
-                    assert(ep:am_send(REQ, ("R %d %d"):format(off, n), nil, true))
+                    must(ep:am_send(REQ, ("R %d %d"):format(off, n), nil, true))
                 end
                 while not w.msg do pluvio.suspend("reply for offset " .. off) end
                 if o.mode == "read" then
-                    assert(w.msg:recv_data(buf) == n)
-                    assert(f:write_fixed(buf, off, n))
+                    if must(w.msg:recv_data(buf)) ~= n then
+                        fail(("the server answered the read of %d bytes at offset %d with %d"):format(n, off, w.msg:data_len()))
+                    end
+                    must(f:write_fixed(buf, off, n))
                 else
                     w.msg:release()
                 end
@@ -236,14 +280,18 @@ local function run_client(ep, replies, meta, path)
             buf:release()
         end)
     end
-    for i = 1, o.window do movers[i]:join() end
+    for i = 1, o.window do joined(movers[i]) end
     local elapsed = pluvio.now() - start
     dispatcher:kill()
     progress:done()
-    if o.mode == "read" then assert(f:fsync()) end
+    if o.mode == "read" then must(f:fsync()) end
     f:close()
-    assert(ep:am_send(REQ, ("Q %d"):format(o.size), nil))
-    local remote_sum = assert(meta:wait_msg()).header
+    must(ep:am_send(REQ, ("Q %d"):format(o.size), nil))
+    local m, err = meta:wait_msg()
+    if not m then fail("the server went away before it sent its checksum: " .. tostring(err)) end
+    local remote_sum = m.header
+    m:release()
+    peer = nil
     local local_sum = checksum(path, o.size)
     return {
         mode = o.mode, size = o.size, chunk = o.chunk, window = o.window, seconds = elapsed,
@@ -254,47 +302,51 @@ end
 
 ---------------------------------------------------------------------------
 
-local ctx = assert(ucx.Context.new())
+local ctx = must(ucx.Context.new())
 ucx_ctx = ctx
 local result
 
 if o.server then
-    local w = assert(ctx:create_worker())
+    local w = must(ctx:create_worker())
     local requests = w:am_stream(REQ, { window = 4 * o.window })
+    local errors = w:am_stream(ERROR)
     local l, err = w:create_listener("127.0.0.1", o.port)
     if not l then fail(err) end
     io.write(("remoteio: serving on 127.0.0.1:%d, file %s/server.bin\n"):format(l:port(), dir))
     io.stdout:flush()
-    local ep = assert(l:accept())
+    local ep = must(l:accept())
     l:close()
+    peer = { ep = ep, errors = errors, name = "client" }
     local served = serve(ep, requests, dir .. "/server.bin")
+    peer = nil
     io.write(("remoteio: served %d requests\n"):format(served))
     pluvio.sleep(0.1)
     ep:close()
     w:close()
 else
-    local cw = assert(ctx:create_worker())
-    local replies, meta = cw:am_stream(REPLY, { window = 4 * o.window }), cw:am_stream(META)
+    local cw = must(ctx:create_worker())
+    local replies, meta, errors = cw:am_stream(REPLY, { window = 4 * o.window }), cw:am_stream(META), cw:am_stream(ERROR)
     local ep, server_task
     if o.connect then
         local err
         ep, err = cw:connect_socket(connect_host, connect_port)
         if not ep then fail(err) end
+        peer = { ep = ep, errors = errors, name = "server" }
     else
-        local sw = assert(ctx:create_worker())
+        local sw = must(ctx:create_worker())
         local requests = sw:am_stream(REQ, { window = 4 * o.window })
-        local l = assert(sw:create_listener("127.0.0.1", 0))
+        local l = must(sw:create_listener("127.0.0.1", 0))
         server_task = pluvio.spawn_named("server", function()
-            local sep = assert(l:accept())
+            local sep = must(l:accept())
             l:close()
             serve(sep, requests, dir .. "/server.bin")
             return sep, sw
         end)
-        ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+        ep = must(cw:connect_socket("127.0.0.1", l:port()))
     end
     result = run_client(ep, replies, meta, dir .. "/client.bin")
     if server_task then
-        local sep, sw = server_task:join()
+        local sep, sw = joined(server_task)
         sep:close()
         sw:close()
     end

@@ -192,30 +192,36 @@ local function full_dir(name)
     return dir
 end
 
--- A script in the background (`timeout`: a hang fails the spec, it does
--- not stop it); returns a handle on its first line of stdout, its stderr
--- file and its exit status file.
-local function background(script, args)
-    local errfile, rcfile = os.tmpname(), os.tmpname()
-    local out = io.popen(("(timeout 60 %s %s %s 2>%s; echo $? >%s) &"):format(q(helper.host),
-        q(helper.root .. "/examples/" .. script), args, q(errfile), q(rcfile)), "r")
-    return out, errfile, rcfile
+local function slurp(path)
+    local f = io.open(path)
+    local s = f and f:read("*a") or ""
+    if f then f:close() end
+    return s
 end
 
-local function finished(errfile, rcfile)
+-- A script in the background; returns a handle on its stdout and the
+-- process: { errfile =, rcfile =, pidfile = }.
+local function background(script, args)
+    local p = { errfile = os.tmpname(), rcfile = os.tmpname(), pidfile = os.tmpname() }
+    local out = io.popen(("(%s %s %s 2>%s & echo $! >%s; wait $!; echo $? >%s) 2>/dev/null &"):format(q(helper.host),
+        q(helper.root .. "/examples/" .. script), args, q(p.errfile), q(p.pidfile), q(p.rcfile)), "r")
+    return out, p
+end
+
+-- Its exit status and stderr, once it ended; a hang fails the spec
+-- (after 60 s, the process killed) rather than stopping it.
+local function finished(p)
     local rc
     for _ = 1, 600 do
-        local f = io.open(rcfile)
-        rc = f and tonumber(f:read("*a"))
-        if f then f:close() end
+        rc = tonumber(slurp(p.rcfile))
         if rc then break end
         helper.exec("sleep 0.1")
     end
-    local f = io.open(errfile)
-    local err = f:read("*a")
-    f:close()
-    os.remove(errfile)
-    os.remove(rcfile)
+    if not rc then helper.exec("kill -KILL " .. slurp(p.pidfile)) end
+    local err = slurp(p.errfile)
+    os.remove(p.errfile)
+    os.remove(p.rcfile)
+    os.remove(p.pidfile)
     return rc, err
 end
 
@@ -234,16 +240,16 @@ describe("examples/pipeline.lua on a full disk", function()
 
     it("tells the client why when the server's disk is full, and both ends exit 2", function()
         local dir = full_dir("received.bin")
-        local srv, errfile, rcfile = background("pipeline.lua", "--server --quiet --dir " .. q(dir))
+        local srv, proc = background("pipeline.lua", "--server --quiet --dir " .. q(dir))
         local line = srv:read("*l")
         local port = line and line:match("receiving on 127%.0%.0%.1:(%d+)")
         if not port then
             srv:close()
-            error("the server did not start: " .. tostring(line) .. "\n" .. select(2, finished(errfile, rcfile)))
+            error("the server did not start: " .. tostring(line) .. "\n" .. select(2, finished(proc)))
         end
         local status, _, err = sh("timeout 60 " .. q(helper.host) .. " " .. q(helper.root .. "/examples/pipeline.lua") ..
                                   " --connect 127.0.0.1:" .. port .. " --size 8m --quiet")
-        local server_status, server_err = finished(errfile, rcfile)
+        local server_status, server_err = finished(proc)
         srv:close()
         helper.exec("rm -rf " .. q(dir))
         assert.equal(2, status, err)
@@ -290,6 +296,69 @@ describe("examples/remoteio.lua", function()
         srv:close()
         assert.equal(2, status)
         assert.equal("remoteio: --chunk 2 MiB is larger than the server's --chunk 1 MiB (the size of its buffers)\n", err)
+    end)
+end)
+
+describe("examples/remoteio.lua when something fails", function()
+    local function remoteio(args)
+        return sh("timeout 60 " .. q(helper.host) .. " " .. q(helper.root .. "/examples/remoteio.lua") .. " " .. args)
+    end
+
+    -- A --server in the background with args; returns its port and what
+    -- finished() needs.
+    local function server(args)
+        local srv, proc = background("remoteio.lua", "--server --quiet " .. args)
+        local line = srv:read("*l")
+        local port = line and line:match("serving on 127%.0%.0%.1:(%d+)")
+        if not port then
+            srv:close()
+            error("the server did not start: " .. tostring(line) .. "\n" .. select(2, finished(proc)))
+        end
+        return port, srv, proc
+    end
+
+    it("stops with the write's error, one line and exit 2, when either end's file cannot be written", function()
+        for _, name in ipairs({ "server.bin", "client.bin" }) do
+            for _, mode in ipairs({ "write", "read" }) do
+                local dir = full_dir(name)
+                local status, _, err = remoteio("--mode " .. mode .. " --size 1m --chunk 256k --quiet --dir " .. q(dir))
+                helper.exec("rm -rf " .. q(dir))
+                assert.equal(2, status, name .. " " .. mode .. ": " .. err)
+                assert.matches("^remoteio: write [^\n]*/" .. name:gsub("%.", "%%.") ..
+                               " %(offset %d+, %d+ bytes%): ENOSPC: No space left on device\n$", err)
+            end
+        end
+    end)
+
+    it("tells the client why when the server's disk is full", function()
+        local dir = full_dir("server.bin")
+        local port, srv, proc = server("--dir " .. q(dir))
+        local status, _, err = remoteio("--connect 127.0.0.1:" .. port .. " --size 4m --quiet")
+        local server_status, server_err = finished(proc)
+        srv:close()
+        helper.exec("rm -rf " .. q(dir))
+        assert.equal(2, status, err)
+        assert.matches("^remoteio: the server stopped: write [^\n]*/server%.bin %(offset %d+, %d+ bytes%): ENOSPC[^\n]*\n$", err)
+        assert.equal(2, server_status, server_err)
+        assert.matches("^remoteio: write [^\n]*/server%.bin %(offset %d+, %d+ bytes%): ENOSPC[^\n]*\n$", server_err)
+    end)
+
+    it("ends the client with one line and exit 2, not a deadlock, when the server is killed mid-transfer", function()
+        local dir = helper.tmp_path()
+        assert(helper.exec("mkdir " .. q(dir)) == 0)
+        local port, srv, proc = server("--dir " .. q(dir))
+        local cli, client = background("remoteio.lua", "--connect 127.0.0.1:" .. port .. " --size 512m --quiet")
+        -- the server's file grows: the transfer is under way
+        assert.equal(0, helper.exec("for i in $(seq 3000); do [ -s " .. q(dir .. "/server.bin") ..
+                                    " ] && break; sleep 0.01; done; kill -KILL " .. slurp(proc.pidfile)))
+        local status, err = finished(client)
+        cli:close()
+        finished(proc)
+        srv:close()
+        helper.exec("rm -rf " .. q(dir))
+        assert.equal(2, status, err)
+        assert.matches("^remoteio: [^\n]+\n$", err)
+        assert.not_matches("deadlock", err)
     end)
 end)
 
