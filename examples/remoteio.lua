@@ -108,8 +108,10 @@ if not dir then
         os.remove(dir .. "/server.bin")
         os.remove(dir)
     end
-elseif not uring.statx(dir) then
-    fail("--dir " .. dir .. " does not exist")
+else
+    local st = uring.statx(dir)
+    if not st then fail("--dir " .. dir .. " does not exist") end
+    if st.type ~= "directory" then fail("--dir " .. dir .. " is not a directory") end
 end
 
 -- The checksums of the file's 4 KiB blocks, folded: the same on both ends

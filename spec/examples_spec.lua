@@ -378,6 +378,8 @@ describe("the scripts' option parser", function()
             { "bench_compare.lua", "--only foo", "^bench_compare: %-%-only must be uring or ucx %(got foo%)" },
             { "uring_bench.lua", "--json /nonexistent/x.json", "^uring_bench: %-%-json: cannot write /nonexistent/x.json" },
             { "pipeline.lua", "--dir /nonexistent", "^pipeline: %-%-dir /nonexistent does not exist" },
+            { "pipeline.lua", "--dir /etc/passwd", "^pipeline: %-%-dir /etc/passwd is not a directory" },
+            { "remoteio.lua", "--dir /etc/passwd", "^remoteio: %-%-dir /etc/passwd is not a directory" },
         }
         for _, c in ipairs(cases) do
             local status, _, err = run(c[1], c[2])
