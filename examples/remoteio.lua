@@ -27,7 +27,7 @@ local spec = {
           choices = { "write", "read" } },
         { "size", "size", 32 * 1048576, "bytes to move", min = 1 },
         { "chunk", "size", 1048576, "bytes per request", max = 1073741824 },
-        { "window", "integer", 8, "requests in flight", min = 1, max = 1024 },
+        { "window", "integer", 8, "requests in flight", min = 1, max = 256 },
         { "loopback", "flag", false, "both ends in this process (the default)" },
         { "server", "flag", false, "serve requests on --port until the client says goodbye" },
         { "port", "integer", 0, "port for --server (0: any, printed)", min = 0, max = 65535 },
@@ -80,7 +80,6 @@ end
 if o.mode ~= "write" and o.mode ~= "read" then fail("--mode must be write or read (got " .. o.mode .. ")") end
 if o.chunk < 4096 or o.chunk % 4096 ~= 0 then fail("--chunk must be a multiple of 4096") end
 if o.size < o.chunk or o.size % 4096 ~= 0 then fail("--size must be a multiple of 4096 and at least --chunk") end
-if o.window < 1 or o.window > 256 then fail("--window must be from 1 to 256") end
 if (o.server and o.connect) or (o.loopback and (o.server or o.connect)) then
     fail("choose one of --loopback, --server and --connect")
 end
