@@ -400,6 +400,24 @@ describe("UCX", function()
         ctx:close()
     end))
 
+    it("keeps a connection for the next accept when the worker's 4096 endpoints are in use, without hanging", async(function()
+        local ctx = assert(ucx.Context.new())
+        local server, client, peer = assert(ctx:create_worker()), assert(ctx:create_worker()), assert(ctx:create_worker())
+        local l = assert(server:create_listener("127.0.0.1", 0))
+        local addr = peer:address()
+        local eps = {}
+        for i = 1, 4096 do eps[i] = assert(server:connect_addr(addr)) end
+        local connect = pluvio.spawn(function() return client:connect_socket("127.0.0.1", l:port()) end)
+        local none, _, name = l:accept()       -- it hung in ucp_ep_destroy of the connection it dropped
+        assert.same({ nil, "EMFILE" }, { none, name })
+        assert.is_true(eps[4096]:close())
+        local sep = assert(l:accept())
+        local cep = assert(connect:join())
+        assert.is_true(cep:close() and sep:close())
+        for i = 1, 4095 do eps[i]:close() end
+        ctx:close()
+    end))
+
     it("tells the address a listener bound, as ip:port or [v6]:port, with the port chosen for port 0", async(function()
         local ctx = assert(ucx.Context.new())
         local w = assert(ctx:create_worker())

@@ -53,6 +53,19 @@ int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep)
     return i >= 0 ? ep_handle(w, i) : -1;
 }
 
+/* Whether the table has a free entry.  Checked before ucp_ep_create: an
+ * endpoint made and then destroyed for want of an entry is no way out, as
+ * ucp_ep_destroy of one still wiring up (accept, connect_socket) blocks
+ * progressing the worker until the peer answers, for good when the peer
+ * is a worker of this thread. */
+static bool ep_room(const pl_ucx_worker_t *w)
+{
+    for (int i = 0; i < UCX_MAX_ENDPOINTS; i++)
+        if (w->eps[i].state == EP_FREE)
+            return true;
+    return false;
+}
+
 /* The entry of ep, made if it has none.  An endpoint we just created has
  * none: an entry with its address is a reply endpoint's that UCX freed
  * since (the memory was reused), and is dropped rather than handed out. */
@@ -191,6 +204,8 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
 
     if (len <= 0 || !worker_address_valid(addr, (size_t)len))
         return -EINVAL;
+    if (!ep_room(w))
+        return -EMFILE;
     st = ucp_ep_create(w->ucp, &p, &ep);
     if (st != UCS_OK)
         return pl_ucx_errno(st);
@@ -273,6 +288,8 @@ int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *e
 
     if (rc < 0)
         return rc;
+    if (!ep_room(w))
+        return -EMFILE;
     p.sockaddr.addr = (struct sockaddr *)&ss;
     p.sockaddr.addrlen = len;
     st = ucp_ep_create(w->ucp, &p, &ep);
@@ -591,6 +608,8 @@ int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
         l->waiter_gen = gen;
         return -EAGAIN;
     }
+    if (!ep_room(w))
+        return -EMFILE;         /* the request stays for the next accept */
     c = l->pending[l->head];
     l->head = (l->head + 1) % l->cap;
     l->len--;
