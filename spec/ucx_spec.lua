@@ -418,6 +418,33 @@ describe("UCX", function()
         ctx:close()
     end))
 
+    it("says a worker's 4096 endpoints are all in use rather than that files ran out", async(function()
+        local ctx = assert(ucx.Context.new())
+        local server, client, peer = assert(ctx:create_worker()), assert(ctx:create_worker()), assert(ctx:create_worker())
+        local inbox = server:am_stream(1)
+        local l = assert(server:create_listener("127.0.0.1", 0))
+        local cep = assert(client:connect_addr(server:address()))
+        local addr = peer:address()
+        local eps = {}
+        for i = 1, 4096 do eps[i] = assert(server:connect_addr(addr)) end
+        local full = "a worker has at most 4096 endpoints open, reply endpoints included (close one first)"
+        assert.same({ nil, "connect_addr: " .. full, "EMFILE" }, { server:connect_addr(addr) })
+        assert.is_true(cep:am_send(1, "q", "?", true))
+        local m = assert(inbox:wait_msg())
+        assert.same({ nil, "am_send to the sender: " .. full, "EMFILE" }, { m:reply(2, "a", "!") })
+        local connect = pluvio.spawn(function() return client:connect_socket("127.0.0.1", l:port()) end)
+        assert.same({ nil, "accept: " .. full, "EMFILE" }, { l:accept() })
+        eps[4096]:close()
+        local sep = assert(l:accept())
+        assert(connect:join()):close()
+        sep:close()
+        local port = l:port()
+        for i = 1, 4095 do client:connect_addr(addr) end
+        assert.same({ nil, "connect to 127.0.0.1:" .. port .. ": " .. full, "EMFILE" },
+                    { client:connect_socket("127.0.0.1", port) })
+        ctx:close()
+    end))
+
     it("tells the address a listener bound, as ip:port or [v6]:port, with the port chosen for port 0", async(function()
         local ctx = assert(ucx.Context.new())
         local w = assert(ctx:create_worker())

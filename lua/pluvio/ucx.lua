@@ -486,6 +486,16 @@ function Worker:max_am_header()
     return self.max_header
 end
 
+-- A worker's table of endpoints has room for this many (UCX_MAX_ENDPOINTS),
+-- reply endpoints included; C says EMFILE only when it is full (UCX's own
+-- failures never map to it).
+local MAX_ENDPOINTS = 4096
+
+local function no_ep_room(what)
+    return nil, format("%s: a worker has at most %d endpoints open, reply endpoints included (close one first)",
+                       what, MAX_ENDPOINTS), "EMFILE"
+end
+
 local function new_endpoint(w, h, peer)
     local ep = setmetatable({ worker = w, h = h, peer = peer }, Endpoint)
     w.eps[ep] = true
@@ -521,6 +531,8 @@ function Worker:connect_addr(addr, opts)
     local h = C.pl_ucx_connect_addr(self.w, addr, #addr, peer_errors and 1 or 0)
     if h == EINVAL then
         return nil, "connect_addr: addr is not a UCX worker address (from Worker:address())", "EINVAL"
+    elseif h == EMFILE then
+        return no_ep_room("connect_addr")
     elseif h < 0 then
         return fail("connect_addr", h)
     end
@@ -572,6 +584,9 @@ function Worker:connect_socket(host, port)
             return unresolved("connect to", host, port)
         end
         local fname = format("connect to %s:%d", host, port)
+        if rc == EMFILE then
+            return no_ep_room(fname)
+        end
         if rc == ENOTCONN or rc == ECONNREFUSED then    -- UCX 1.13 says ENOTCONN for a refusal
             local _, msg, name = fail(fname, rc)
             return nil, msg .. " (refused: is a listener open there?)", name
@@ -783,6 +798,8 @@ function Listener:accept()
             return new_endpoint(w, h, ffi_string(C.pl_ucx_ep_peer(w.w, h)))
         elseif h == -16 then
             error("Listener:accept: another task is already accepting on this listener", 2)
+        elseif h == EMFILE then     -- (the connection waits for the next accept)
+            return no_ep_room("accept")
         elseif h ~= EAGAIN then
             return nil, "accept: " .. errstr(h), errname(h)
         end
@@ -1440,6 +1457,8 @@ function Message:reply(id, header, data, need_reply, proto)
         local msg, name = why(h)
         if h == ENOTCONN then
             msg = "the endpoint the message came on was closed"
+        elseif h == EMFILE then     -- when the message was taken
+            return no_ep_room("am_send to the sender")
         end
         return nil, "am_send to the sender: " .. msg, name
     end
