@@ -466,6 +466,35 @@ describe("UCX", function()
         ctx:close()
     end))
 
+    it("closes the connection of a connect_socket given up on a server that never speaks UCX", async(function()
+        local uring = require "pluvio.uring"
+        local tcp = assert(uring.tcp_listen("127.0.0.1", 0))
+        local server = pluvio.spawn(function()     -- accepts, reads, never answers
+            local s = assert(tcp:accept())
+            local got = 0
+            while true do
+                local d = s:recv(65536)
+                if not d then break end
+                got = got + #d
+            end
+            s:close()
+            return got
+        end)
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        -- UCX's wire-up has no timeout of its own: bound it
+        assert.same({ nil, "timeout" },
+                    { pluvio.timeout(0.2, function() return w:connect_socket("127.0.0.1", tcp:port()) end) })
+        local st = w:stats()
+        assert.same({ 0, 0 }, { st.endpoints, st.ops_in_flight })
+        -- the connection was closed, though nothing else progresses the worker
+        local got = assert(pluvio.timeout(10, function() return server:join() end))
+        assert.is_true(got > 0)
+        tcp:close()
+        w:close()
+        ctx:close()
+    end))
+
     it("reports a connection to a closed port with the endpoint's error and a hint, leaving nothing behind", async(function()
         local ctx = assert(ucx.Context.new())
         local w = assert(ctx:create_worker())

@@ -472,6 +472,10 @@ int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep)
     }
     if (UCS_PTR_IS_PTR(sp))
         ucp_request_free(sp);
+    /* UCX lets go of the connection (its socket) in the worker's next
+     * progress: a worker left with nothing to do is not progressed again,
+     * and the connection stayed open until the worker closed */
+    ucp_worker_progress(w->ucp);
     return 0;
 }
 
