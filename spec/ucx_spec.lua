@@ -495,6 +495,21 @@ describe("UCX", function()
         ctx:close()
     end))
 
+    it("writes an IPv6 host in brackets where an error names host:port", async(function()
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local tcp = assert(require("pluvio.uring").tcp_listen("::1", 0))     -- a port nobody listens on
+        local port = tcp:port()
+        tcp:close()
+        local ep, err = w:connect_socket("::1", port)
+        assert.is_nil(ep)
+        assert.equal("connect to [::1]:" .. port .. ": ", err:sub(1, #("connect to [::1]:" .. port .. ": ")))
+        assert.same({ nil, "listen on [::2]:0: EADDRNOTAVAIL: Cannot assign requested address", "EADDRNOTAVAIL" },
+                    { w:create_listener("::2", 0) })
+        w:close()
+        ctx:close()
+    end))
+
     it("reports a connection to a closed port with the endpoint's error and a hint, leaving nothing behind", async(function()
         local ctx = assert(ucx.Context.new())
         local w = assert(ctx:create_worker())

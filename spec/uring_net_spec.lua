@@ -219,3 +219,19 @@ describe("TCP sends from several tasks", function()
         c:close(); s:close(); l:close()
     end))
 end)
+
+describe("socket errors", function()
+    it("write an IPv6 host in brackets where they name host:port", async(function()
+        local l = assert(uring.tcp_listen("::1", 0))
+        local port = l:port()
+        l:close()
+        assert.same({ nil, "connect to [::1]:" .. port .. ": ECONNREFUSED: Connection refused", "ECONNREFUSED" },
+                    { uring.tcp_connect("::1", port) })
+        assert.same({ nil, "listen on [::2]:0: EADDRNOTAVAIL: Cannot assign requested address", "EADDRNOTAVAIL" },
+                    { uring.tcp_listen("::2", 0) })
+        local u4 = assert(uring.udp_bind("127.0.0.1", 0))
+        assert.same({ nil, "send_to [::1]:5: host \"::1\" has no IPv4 address (the socket is IPv4: " .. u4:address() ..
+                      ")", "EAFNOSUPPORT" }, { u4:send_to("x", "::1", 5) })
+        u4:close()
+    end))
+end)

@@ -13,6 +13,15 @@ local function show(v)
 end
 M.show = show
 
+-- "host:port", or "[host]:port" for an IPv6 address, as listeners' and
+-- sockets' address() write it: "::1:42201" reads as an address of its own.
+function M.host_port(host, port)
+    if host:find(":", 1, true) then
+        return format("[%s]:%d", host, port)
+    end
+    return format("%s:%d", host, port)
+end
+
 -- Raise "fname: what (got v)" at the user's level (level 3: the user called
 -- fname, fname called the check).
 function M.fail(fname, what, v, level)

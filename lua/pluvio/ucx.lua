@@ -16,6 +16,7 @@ local io_task, yielded, linger = pluvio._io_task, pluvio._yielded, pluvio._linge
 local WAIT_IO, WAIT_OTHER, WAIT_STREAM = pluvio._WAIT_KIND.IO, pluvio._WAIT_KIND.OTHER, pluvio._WAIT_KIND.STREAM
 local co_yield = coroutine.yield
 local errstr = core.errstr
+local host_port = check.host_port
 local ffi_string = ffi.string
 local type, format, setmetatable, getmetatable, tostring = type, string.format, setmetatable, getmetatable, tostring
 local max = math.max
@@ -548,8 +549,9 @@ end
 
 -- A host the resolver does not know: said as the io_uring sockets say it.
 local function unresolved(what, host, port)
-    return nil, format("%s %s:%d: cannot resolve host %s (names are looked up with getaddrinfo: " ..
-                       "a numeric address or one from /etc/hosts)", what, host, port, check.show(host)), "ENXIO"
+    return nil, format("%s %s: cannot resolve host %s (names are looked up with getaddrinfo: " ..
+                       "a numeric address or one from /etc/hosts)", what, host_port(host, port), check.show(host)),
+           "ENXIO"
 end
 
 local function check_port(fname, port)
@@ -566,7 +568,7 @@ function Worker:connect_socket(host, port)
     check_port("Worker:connect_socket", port)
     local t = current_task("Worker:connect_socket")
     local hout = ffi.new("int[1]", -1)
-    local what = format("connect to %s:%d", host, port)
+    local what = "connect to " .. host_port(host, port)
     local rc = C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen)
     local h = hout[0]
     t.io_abort_ep = h >= 0 and h or nil    -- a kill meanwhile aborts it (Worker:_abandon)
@@ -583,7 +585,7 @@ function Worker:connect_socket(host, port)
         if rc == ENXIO then
             return unresolved("connect to", host, port)
         end
-        local fname = format("connect to %s:%d", host, port)
+        local fname = what
         if rc == EMFILE then
             return no_ep_room(fname)
         end
@@ -615,10 +617,10 @@ function Worker:create_listener(host, port)
     if i == ENXIO then
         return unresolved("listen on", host, port)
     elseif i == EMFILE and count(self.listeners) >= MAX_LISTENERS then    -- (not the process's fds)
-        return nil, format("listen on %s:%d: a worker has at most %d listeners open (close one first)",
-                           host, port, MAX_LISTENERS), "EMFILE"
+        return nil, format("listen on %s: a worker has at most %d listeners open (close one first)",
+                           host_port(host, port), MAX_LISTENERS), "EMFILE"
     elseif i < 0 then
-        return nil, format("listen on %s:%d: %s", host, port, errstr(i)), errname(i)
+        return nil, format("listen on %s: %s", host_port(host, port), errstr(i)), errname(i)
     end
     local l = setmetatable({ worker = self, i = i, host = host }, Listener)
     self.listeners[l] = true
@@ -821,7 +823,7 @@ end
 
 function Listener:describe()
     check.self("Listener:describe", self, Listener, "a listener")
-    return format("accept on %s:%d%s", self.host, self.i and C.pl_ucx_listener_port(self.worker.w, self.i) or -1,
+    return format("accept on %s%s", host_port(self.host, self.i and C.pl_ucx_listener_port(self.worker.w, self.i) or -1),
                   progress_note(self.worker))
 end
 

@@ -12,6 +12,7 @@ local ffi, C = core.ffi, core.C
 local format, type, setmetatable, getmetatable = string.format, type, setmetatable, getmetatable
 local ffi_string = ffi.string
 local errstr = core.errstr
+local host_port = check.host_port
 local co_yield = coroutine.yield
 local wake, park, yielded, WAIT = pluvio._wake, pluvio._park, pluvio._yielded, pluvio._WAIT
 local WAIT_OTHER = pluvio._WAIT_KIND.OTHER
@@ -82,11 +83,11 @@ function M.install(U)
     -- several); ENXIO is the lookup's own (uring_net.c).
     local function host_failed(what, host, port, rc, note)
         if rc == ENXIO then
-            return nil, format("%s %s:%d: cannot resolve host %s (names are looked up with " ..
-                               "getaddrinfo: a numeric address or one from /etc/hosts)", what, host, port,
-                               check.show(host)), "ENXIO"
+            return nil, format("%s %s: cannot resolve host %s (names are looked up with " ..
+                               "getaddrinfo: a numeric address or one from /etc/hosts)", what,
+                               host_port(host, port), check.show(host)), "ENXIO"
         end
-        return nil, format("%s %s:%d: %s%s", what, host, port, errstr(rc), note or ""), errname(rc)
+        return nil, format("%s %s: %s%s", what, host_port(host, port), errstr(rc), note or ""), errname(rc)
     end
 
     -- The address of host:port a listener or UDP socket binds: the first
@@ -428,7 +429,7 @@ function M.install(U)
         end
         n = math.min(n, MAX_ADDRS)
         local fdout = ffi.new("int[1]", -1)
-        local what = format("connect to %s:%d", host, port)
+        local what = "connect to " .. host_port(host, port)
         local rc
         for i = 0, n - 1 do
             rc = run_op(r, t, C.pl_uring_connect(r.u, t.slot, t.gen, list[i], fdout), what)
@@ -745,15 +746,16 @@ function M.install(U)
         home("UdpSocket:send_to", self, r)
         local n = C.pl_net_resolve(host, port, 1, self.family, addrs, 1)
         if n == EAFNOSUPPORT then
-            return nil, format("send_to %s:%d: host %s has no IPv%d address (the socket is IPv%d: %s)", host,
-                               port, check.show(host), self.family, self.family, self.name), "EAFNOSUPPORT"
+            return nil, format("send_to %s: host %s has no IPv%d address (the socket is IPv%d: %s)",
+                               host_port(host, port), check.show(host), self.family, self.family, self.name),
+                   "EAFNOSUPPORT"
         elseif n < 0 then
             return host_failed("send_to", host, port, n)
         end
         local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, addrs[0]), self,
                           data)
         if rc < 0 then
-            return failed(format("send_to %s:%d from", host, port), self, rc)
+            return failed("send_to " .. host_port(host, port) .. " from", self, rc)
         end
         return rc
     end
