@@ -807,6 +807,18 @@ describe("UCX misuse and failures", function()
         close_pair(p)
     end))
 
+    it("names the argument that is not a registered buffer or not a worker", async(function()
+        local p = pair()
+        assert(p.ep:am_send(1, "m", "abc"))
+        local m = assert(p.stream:wait_msg())
+        assert.has_error(function() m:recv_data("x") end,
+                         "Message:recv_data: buf must be a registered buffer (got string)")
+        assert.has_error(function() ucx.UCXReactor.current():register_worker("w") end,
+                         "UCXReactor:register_worker: w must be a worker from Context:create_worker() (got string)")
+        assert.equal("abc", m:data())
+        close_pair(p)
+    end))
+
     it("names the caller's line when a rendezvous message's data is taken outside a task", function()
         local p, m
         pluvio.run(function()

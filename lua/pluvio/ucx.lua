@@ -109,7 +109,7 @@ end
 function UCXReactor:register_worker(w)
     check.self("UCXReactor:register_worker", self, UCXReactor, "the UCX reactor")
     if getmetatable(w) ~= M.Worker then
-        error("UCXReactor:register_worker: expected a worker (got " .. type(w) .. ")", 2)
+        error("UCXReactor:register_worker: w must be a worker from Context:create_worker() (got " .. type(w) .. ")", 2)
     end
     if not w.w then
         error("UCXReactor:register_worker: the worker is closed", 2)
@@ -1414,7 +1414,7 @@ end
 function Message:recv_data(buf)
     live_msg("Message:recv_data", self)
     if getmetatable(buf) ~= Buffer then
-        error("Message:recv_data: expected a registered buffer (got " .. type(buf) .. ")", 2)
+        error("Message:recv_data: buf must be a registered buffer (got " .. type(buf) .. ")", 2)
     end
     if not buf.base then
         error("Message:recv_data: buf is a registered buffer that was released", 2)
