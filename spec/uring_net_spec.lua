@@ -234,4 +234,9 @@ describe("socket errors", function()
                       ")", "EAFNOSUPPORT" }, { u4:send_to("x", "::1", 5) })
         u4:close()
     end))
+
+    it("write every digit of a large integer they were given", async(function()
+        assert.has_error(function() uring.tcp_listen("127.0.0.1", 2 ^ 53) end,
+                         "uring.tcp_listen: port must be an integer from 0 to 65535 (got 9007199254740992)")
+    end))
 end)

@@ -8,6 +8,8 @@ local type, floor, tostring, format = type, math.floor, tostring, string.format
 local function show(v)
     if type(v) == "string" then
         return format("%q", v)
+    elseif type(v) == "number" and v % 1 == 0 and v > -2 ^ 64 and v < 2 ^ 64 then
+        return format("%.0f", v)    -- every digit: tostring writes 2^53 as 9.007199254741e+15
     end
     return tostring(v)
 end
