@@ -554,6 +554,8 @@ describe("UCX", function()
             "Worker:create_listener: port must be an integer from 0 to 65535 (got 70000)")
         assert.has_error(function() p.sw:create_listener("127.0.0.1", 2 ^ 53) end,
             "Worker:create_listener: port must be an integer from 0 to 65535 (got 9007199254740992)")
+        assert.has_error(function() p.cw:connect_socket("127.0.0.1", 0) end,
+            "Worker:connect_socket: port must be the peer's port, an integer from 1 to 65535 (got 0)")
         assert.has_error(function() p.sw:am_stream(1) end,
             "Worker:am_stream: a stream for AM id 1 is already open on this worker")
         assert.has_error(function() p.sw:am_stream(2, { windw = 3 }) end,

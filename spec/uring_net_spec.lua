@@ -239,4 +239,13 @@ describe("socket errors", function()
         assert.has_error(function() uring.tcp_listen("127.0.0.1", 2 ^ 53) end,
                          "uring.tcp_listen: port must be an integer from 0 to 65535 (got 9007199254740992)")
     end))
+
+    it("refuse port 0 as a peer's port, naming the argument", async(function()
+        local u = assert(uring.udp_bind("127.0.0.1", 0))
+        assert.has_error(function() u:send_to("x", "127.0.0.1", 0) end,
+                         "UdpSocket:send_to: port must be the peer's port, an integer from 1 to 65535 (got 0)")
+        assert.has_error(function() uring.tcp_connect("127.0.0.1", 0) end,
+                         "uring.tcp_connect: port must be the peer's port, an integer from 1 to 65535 (got 0)")
+        u:close()
+    end))
 end)

@@ -554,9 +554,11 @@ local function unresolved(what, host, port)
            "ENXIO"
 end
 
-local function check_port(fname, port)
-    if type(port) ~= "number" or port % 1 ~= 0 or port < 0 or port > 65535 then
-        error(format("%s: port must be an integer from 0 to 65535 (got %s)", fname, check.show(port)), 3)
+-- min: 0 for a listener (any free port), 1 for connect_socket's peer
+local function check_port(fname, port, min)
+    if type(port) ~= "number" or port % 1 ~= 0 or port < min or port > 65535 then
+        error(format("%s: port must be %san integer from %d to 65535 (got %s)", fname,
+                     min == 1 and "the peer's port, " or "", min, check.show(port)), 3)
     end
 end
 
@@ -565,7 +567,7 @@ end
 function Worker:connect_socket(host, port)
     live_worker("Worker:connect_socket", self)
     check.string("Worker:connect_socket", "host", host)
-    check_port("Worker:connect_socket", port)
+    check_port("Worker:connect_socket", port, 1)
     local t = current_task("Worker:connect_socket")
     local hout = ffi.new("int[1]", -1)
     local what = "connect to " .. host_port(host, port)
@@ -612,7 +614,7 @@ end
 function Worker:create_listener(host, port)
     live_worker("Worker:create_listener", self)
     check.string("Worker:create_listener", "host", host)
-    check_port("Worker:create_listener", port)
+    check_port("Worker:create_listener", port, 0)
     local i = C.pl_ucx_listen(self.w, host, port)
     if i == ENXIO then
         return unresolved("listen on", host, port)

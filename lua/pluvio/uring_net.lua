@@ -48,9 +48,13 @@ local function sock_name(fd, which)
     return ffi_string(namebuf)
 end
 
-local function check_port(fname, port)
-    if type(port) ~= "number" or port ~= port or port % 1 ~= 0 or port < 0 or port > 65535 then
-        error(format("%s: port must be an integer from 0 to 65535 (got %s)", fname, check.show(port)), 3)
+-- min: 0 where the port is bound (0: any free one), 1 where it is a
+-- destination (the kernel says ECONNREFUSED or EINVAL for port 0)
+local function check_port(fname, port, min)
+    min = min or 0
+    if type(port) ~= "number" or port ~= port or port % 1 ~= 0 or port < min or port > 65535 then
+        error(format("%s: port must be %san integer from %d to 65535 (got %s)", fname,
+                     min == 1 and "the peer's port, " or "", min, check.show(port)), 3)
     end
 end
 
@@ -420,7 +424,7 @@ function M.install(U)
     -- order until one connects.
     function U.tcp_connect(host, port)
         check_host("uring.tcp_connect", host)
-        check_port("uring.tcp_connect", port)
+        check_port("uring.tcp_connect", port, 1)
         local t, r = context("uring.tcp_connect")
         local list = ffi.new("pl_net_addr_t[?]", MAX_ADDRS)     -- its own: connecting yields
         local n = C.pl_net_resolve(host, port, 0, 0, list, MAX_ADDRS)
@@ -737,7 +741,7 @@ function M.install(U)
         live("UdpSocket:send_to", self, UdpSocket, "a UDP socket")
         check.string("UdpSocket:send_to", "data", data)
         check_host("UdpSocket:send_to", host)
-        check_port("UdpSocket:send_to", port)
+        check_port("UdpSocket:send_to", port, 1)
         if #data > self.max_datagram then
             error(format("UdpSocket:send_to: a datagram holds at most %d bytes on an IPv%d socket (got %d)",
                          self.max_datagram, self.family, #data), 2)
