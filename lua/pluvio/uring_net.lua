@@ -58,6 +58,18 @@ local function check_port(fname, port, min)
     end
 end
 
+-- What a send takes: a string, said with the value a number or boolean
+-- had (send(123) sends nothing, not "123": convert it with tostring).
+local function check_data(fname, data)
+    if type(data) ~= "string" then
+        local v = type(data)
+        if v == "number" or v == "boolean" then
+            v = v .. " " .. check.show(data)
+        end
+        error(format("%s: data must be a string (got %s)", fname, v), 3)
+    end
+end
+
 local function check_host(fname, host)
     if type(host) ~= "string" or host == "" then
         error(format("%s: host must be an address or a name, e.g. \"127.0.0.1\" or \"::1\" (got %s)",
@@ -520,7 +532,7 @@ function M.install(U)
 
     function TcpSocket:send(data)
         live("TcpSocket:send", self, TcpSocket, "a socket")
-        check.string("TcpSocket:send", "data", data)
+        check_data("TcpSocket:send", data)
         if #data > MAX_IO then
             error(format("TcpSocket:send: data must be at most %d bytes (got %d)", MAX_IO, #data), 2)
         end
@@ -739,7 +751,7 @@ function M.install(U)
     -- of the socket's own family; returns #data or nil, err.
     function UdpSocket:send_to(data, host, port)
         live("UdpSocket:send_to", self, UdpSocket, "a UDP socket")
-        check.string("UdpSocket:send_to", "data", data)
+        check_data("UdpSocket:send_to", data)
         check_host("UdpSocket:send_to", host)
         check_port("UdpSocket:send_to", port, 1)
         if #data > self.max_datagram then
