@@ -327,7 +327,13 @@ local function encode(v, out)
             out[#out + 1] = format("%d", v)
         else    -- the fewest digits that read back as v (%.9g lost a clock's microseconds)
             local text = format("%.15g", v)
-            out[#out + 1] = tonumber(text) == v and text or format("%.17g", v)
+            if tonumber(text) ~= v then
+                text = format("%.16g", v)
+                if tonumber(text) ~= v then
+                    text = format("%.17g", v)
+                end
+            end
+            out[#out + 1] = text
         end
     elseif t == "boolean" then
         out[#out + 1] = tostring(v)
