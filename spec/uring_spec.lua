@@ -746,6 +746,26 @@ describe("File and DmaFile", function()
         assert.is_false(f:close())
     end)
 
+    it("lend the pool of a reactor registered on no runtime to one runtime at a time", function()
+        -- a release wakes the waiters of its own runtime only: a waiter of
+        -- another one would wait for good, and a task of the releasing
+        -- runtime with the same slot would be woken in its place
+        local r = uring.reactor { buffer_count = 1, buffer_size = 4096 }
+        local a, b = pluvio.Runtime.new(), pluvio.Runtime.new()
+        local held = a:run(function() return r:acquire_buffer():detach() end)
+        local ok, err = pcall(b.run, b, function() return r:acquire_buffer() end)
+        assert.is_false(ok)
+        assert.matches("IoUringReactor:acquire_buffer: the reactor's buffers are out to tasks of another " ..
+                       "runtime (a reactor registered on no runtime lends them to one at a time)", err, 1, true)
+        held:release()
+        local got = b:run(function()        -- the pool is whole again: b may have it
+            local buf = r:acquire_buffer()
+            buf:write("b's")
+            return buf:tostring(3)
+        end)
+        assert.equal("b's", got)
+    end)
+
     it("name DmaFile in the errors of a DmaFile", async(function()
         local path = tmpfile()
         local f = assert(uring.DmaFile.open(path, "w+"))

@@ -155,6 +155,7 @@ local function new_reactor(fname, opts)
         result = ffi.new("pl_uring_result_t"),
         iov = ffi.new("pl_iovec_t[?]", C.PL_URING_IOV_MAX),   -- readv / writev parts, copied by C
         buffers_reclaimed = 0,
+        lent_to = false,        -- registered on no runtime: the runtime its buffers went to last
         bounce = {},            -- size class -> free list of aligned scratch memory
         bounce_kept = 0,        -- bytes in those lists
         limbo = limbo,          -- strings and scratch of abandoned ops the kernel may still use
@@ -441,6 +442,14 @@ function IoUringReactor:acquire_buffer()
     local t, rt = current_task("IoUringReactor:acquire_buffer")
     if self.rt and self.rt ~= rt then   -- its releases would wake tasks of that runtime only
         error("IoUringReactor:acquire_buffer: the reactor is registered on another runtime", 2)
+    end
+    if not self.rt then                 -- so would a release by a task of another runtime
+        local lent = self.lent_to
+        if lent and lent ~= rt and self:stats().buffers_free < self.opts.buffer_count then
+            error("IoUringReactor:acquire_buffer: the reactor's buffers are out to tasks of another " ..
+                  "runtime (a reactor registered on no runtime lends them to one at a time)", 2)
+        end
+        self.lent_to = rt
     end
     local b = acquire(self, t, rt, "IoUringReactor:acquire_buffer")
     return b
