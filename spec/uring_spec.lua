@@ -349,6 +349,27 @@ describe("File and DmaFile", function()
         uring.unlink(path)
     end))
 
+    it("does not continue a short O_DIRECT read at an unaligned offset, which is end of file", async(function()
+        -- the rest would start at offset 5000 into buf + 5000: the kernel
+        -- refuses that (EINVAL) once the file has grown meanwhile, and the
+        -- read failed after reading all there was
+        local path = file_with(("q"):rep(5000))
+        local f = assert(uring.DmaFile.open(path, "r"))
+        local buf = f:acquire_buffer()
+        local before = uring.current():stats().resubmits
+        assert.equal(5000, f:read_fixed(buf, 0, 8192))
+        assert.equal(5000, #f:read(0, 8192))
+        local q = uring.io_queue()
+        assert.is_true(q:read_fixed(f, buf, 4096, 8192))
+        assert.same({ buf, 904 }, { q:wait() })
+        assert.equal(before, uring.current():stats().resubmits)
+        assert.equal(("q"):rep(904), buf:tostring(904))
+        q:close()
+        buf:release()
+        f:close()
+        uring.unlink(path)
+    end))
+
     it("does not continue a short read on a closed file's number once another file has it", async(function()
         local small, other = file_with(("a"):rep(5000)), file_with(("B"):rep(8192))
         local f = assert(uring.File.open(small, "r"))
