@@ -236,6 +236,18 @@ describe("Worker:close", function()
             assert.is_nil(err:find("UCX", 1, true), err)
         end
     end)
+
+    it("says the worker is closed, not the endpoint, when an endpoint's worker was closed", async(function()
+        local p = pair()
+        assert(p.cw:close())
+        for _, name in ipairs({ "am_send", "am_send_nb", "tag_send", "flush", "status" }) do
+            local args = name == "tag_send" and { 1, "" } or name:find("^am_send") and { 1, "", "" } or {}
+            assert.has_error(function() p.ep[name](p.ep, unpack(args)) end,
+                "Endpoint:" .. name .. ": the worker is closed (and its endpoints with it)")
+        end
+        assert.is_false(p.ep:close())
+        p.sep:close(); p.listener:close(); p.sw:close(); p.ctx:close()
+    end))
 end)
 
 describe("Endpoint:close", function()

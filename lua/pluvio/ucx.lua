@@ -737,7 +737,7 @@ function Worker:close()
     if not self.w then
         return false
     end
-    for ep in pairs(self.eps) do ep.h = nil end
+    for ep in pairs(self.eps) do ep.h, ep.closed_with_worker = nil, true end
     for l in pairs(self.listeners) do l.i = nil end
     for _, s in pairs(self.streams) do s.open = false end
     local w = self.w
@@ -847,6 +847,11 @@ end
 local function live_ep(fname, ep)
     check.self(fname, ep, Endpoint, "an endpoint", 4)
     if not ep.h or not ep.worker.w then
+        -- say which one the user closed: the endpoint, or its worker with it
+        -- (a reply endpoint keeps its handle)
+        if ep.h or ep.closed_with_worker then
+            error(fname .. ": the worker is closed (and its endpoints with it)", 3)
+        end
         error(fname .. ": the endpoint is closed", 3)
     end
     return ep
