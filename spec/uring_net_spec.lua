@@ -235,6 +235,19 @@ describe("socket errors", function()
         u4:close()
     end))
 
+    it("say an IPv6 socket bound to an IPv6 address cannot send to an IPv4 host, and one bound to :: can", async(function()
+        local u6 = assert(uring.udp_bind("::1", 0))
+        assert.same({ nil, "send_to 127.0.0.1:5: host \"127.0.0.1\" has no IPv6 address (the socket is IPv6: " ..
+                      u6:address() .. "; only one bound to \"::\" reaches IPv4 addresses)", "EAFNOSUPPORT" },
+                    { u6:send_to("x", "127.0.0.1", 5) })
+        u6:close()
+        local any, r4 = assert(uring.udp_bind("::", 0)), assert(uring.udp_bind("127.0.0.1", 0))
+        assert.equal(5, any:send_to("hello", "127.0.0.1", r4:port()))
+        assert.same({ "hello", "127.0.0.1", any:port() }, { r4:recv_from(16) })
+        any:close()
+        r4:close()
+    end))
+
     it("write every digit of a large integer they were given", async(function()
         assert.has_error(function() uring.tcp_listen("127.0.0.1", 2 ^ 53) end,
                          "uring.tcp_listen: port must be an integer from 0 to 65535 (got 9007199254740992)")

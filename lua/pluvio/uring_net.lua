@@ -24,7 +24,7 @@ local MAX_IO = 0x7ffff000
 -- as soon as some bytes arrive, so scratch memory of max bytes (up to 2 GiB,
 -- zeroed) would mostly go unused; recv_exact gathers chunks of this size.
 local RECV_CHUNK = 1048576
-local ENXIO, EAFNOSUPPORT, ECANCELED, EBUSY = -6, -97, -125, -16
+local ENXIO, EAFNOSUPPORT, ECANCELED, EBUSY, ENETUNREACH = -6, -97, -125, -16, -101
 local MAX_ADDRS = 16        -- the most of a name's addresses tcp_connect tries
 
 local function errname(rc)
@@ -747,6 +747,15 @@ function M.install(U)
         return sock_name(self.fd, 0)
     end
 
+    -- Whether send_to on an IPv6 socket sent to host's IPv4 address, as
+    -- IPv4-mapped: the kernel says ENETUNREACH for it from a socket bound
+    -- to an IPv6 address (IPv6 only), not to "::".  Resolved again: the
+    -- send yielded, and addrs is shared.
+    local function v4_mapped(s, host, port)
+        return s.family == 6 and C.pl_net_resolve(host, port, 1, 6, addrs, 1) > 0 and
+               addr_text(addrs[0]):find("^%[::ffff:%d") ~= nil
+    end
+
     -- send_to(data, host, port): one datagram, to the first address of host
     -- of the socket's own family; returns #data or nil, err.
     function UdpSocket:send_to(data, host, port)
@@ -771,6 +780,11 @@ function M.install(U)
         local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, addrs[0]), self,
                           data)
         if rc < 0 then
+            if rc == ENETUNREACH and v4_mapped(self, host, port) then
+                return nil, format("send_to %s: host %s has no IPv6 address (the socket is IPv6: %s; " ..
+                                   "only one bound to \"::\" reaches IPv4 addresses)",
+                                   host_port(host, port), check.show(host), self.name), "EAFNOSUPPORT"
+            end
             return failed("send_to " .. host_port(host, port) .. " from", self, rc)
         end
         return rc
