@@ -683,6 +683,22 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("goes on with a graceful close once the task of the rendezvous send it waits for is killed", async(function()
+        -- a send whose task gave up is not waited for (its receiver may
+        -- never pull), but nothing woke a close already waiting for it
+        local p = pair()
+        local sender = pluvio.spawn(function() return p.ep:am_send(1, "rndv", payload(4000000, 18), false, "rndv") end)
+        local m = assert(p.stream:wait_msg())       -- held, never pulled
+        local closer = pluvio.spawn(function() return p.ep:close() end)
+        pluvio.sleep(0.05)
+        assert.equal("waiting", closer:status())
+        sender:kill()
+        assert.same({ true }, { pluvio.timeout(5, function() return closer:join() end) })
+        m:release()
+        p.ep = p.sep                                -- (close_pair's to close)
+        close_pair(p)
+    end))
+
     it("closes an endpoint forcefully when its graceful close is cancelled, failing the send", async(function()
         local p = pair()
         local sender = pluvio.spawn(function() return p.ep:am_send(1, "rndv", payload(4000000, 17), false, "rndv") end)

@@ -355,6 +355,8 @@ int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
     }
     op->state = UOP_ABANDONED;
     ucp_request_cancel(w->ucp, op);
+    if (w->closers > 0)     /* a close waiting for it waits no more: see pl_ucx_ep_drained */
+        ucx_ep_op_ended(w, op->ep);
     return 0;
 }
 
