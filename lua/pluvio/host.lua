@@ -10,9 +10,11 @@ local function pack(...)
     return { n = select("#", ...), ... }
 end
 
+-- loadfile() reads standard input as luajit's `-` does: a read failure is
+-- its error ("cannot read stdin: Is a directory"), not a nil given to load.
 local function load_script(script)
     if script == "-" then
-        return load(io.stdin:read("*a"), "=stdin")
+        return loadfile()
     end
     return loadfile(script)
 end
