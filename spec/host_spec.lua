@@ -199,6 +199,18 @@ describe("pluvio (the host)", function()
         assert.matches("\n> 1\t2\n> 3\n", out)
     end)
 
+    it("goes on after a value or an error whose __tostring fails at the prompt", function()
+        local out = at_prompt('mt = {__tostring = function() error("no words", 0) end}\n' ..
+                              '=setmetatable({}, mt)\n' ..
+                              '=1, setmetatable({}, {__tostring = function() return {} end})\n' ..
+                              'error(setmetatable({}, mt))\n' ..
+                              'print("still here")\n')
+        if not out then return end
+        assert.matches("\n> %(cannot print a table: its __tostring raised no words%)\n", out)
+        assert.matches("\n> 1\t%(cannot print a table: its __tostring returned a table%)\n", out)
+        assert.matches("\n> %(cannot print a table: its __tostring raised no words%)\n> still here\n", out)
+    end)
+
     it("idles in the kernel: a 0.3 s sleep costs almost no CPU", function()
         local status, out, err = helper.run_script([[
             local c0 = os.clock()

@@ -104,6 +104,20 @@ local function load_input(input)
     return f, err
 end
 
+-- A value or an error as the prompt prints it.  A __tostring that raises
+-- or returns no string is reported in its place: it must not end the
+-- prompt (and with it the tasks started there).
+local function shown(v)
+    local ok, s = pcall(tostring, v)
+    if not ok then
+        return "(cannot print a " .. type(v) .. ": its __tostring raised " ..
+               (type(s) == "string" and s or type(s)) .. ")"
+    elseif type(s) ~= "string" and type(s) ~= "number" then
+        return "(cannot print a " .. type(v) .. ": its __tostring returned a " .. type(s) .. ")"
+    end
+    return s
+end
+
 -- The interactive prompt: each statement runs inside the main task, so
 -- blocking calls (pluvio.sleep, file and network operations) work; `=expr`
 -- or an expression prints its values.  A statement that the end of its line
@@ -139,10 +153,10 @@ local function repl(pluvio)
             -- (counted with select: # and maxn miss nils, a trailing one or all)
             local r = pack(pcall(f))
             if not r[1] then
-                io.stdout:write(tostring(r[2]), "\n")
+                io.stdout:write(shown(r[2]), "\n")
             elseif r.n > 1 then
                 local out = {}
-                for i = 2, r.n do out[#out + 1] = tostring(r[i]) end
+                for i = 2, r.n do out[#out + 1] = shown(r[i]) end
                 io.stdout:write(table.concat(out, "\t"), "\n")
             end
         end
