@@ -554,6 +554,20 @@ describe("failed tasks", function()
         assert.matches("stack traceback", err)
     end)
 
+    it("reports every failed task nobody joined, even one whose error object cannot be printed", function()
+        local status, _, err = helper.run_script([[
+            pluvio.spawn_named("mute", function()
+                error(setmetatable({}, { __tostring = function() error("no words", 0) end }))
+            end)
+            pluvio.spawn_named("second", function() error("also lost") end)
+            pluvio.sleep(0.001)
+        ]])
+        assert.equal(1, status)
+        assert.matches('pluvio: task "mute" %(#%d+, failed%) failed and was never joined: ' ..
+                       '%(an error object whose __tostring raised: no words%)\n', err)
+        assert.matches('pluvio: task "second" %(#%d+, failed%) failed and was never joined: .*also lost', err)
+    end)
+
     it("does not report a failed task that was joined", function()
         local status, out, err = helper.run_script([[
             local t = pluvio.spawn(function() error("joined") end)

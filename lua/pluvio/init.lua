@@ -901,6 +901,16 @@ local function run_batch(rt, n)
     end
 end
 
+-- A task's error as a report shows it: an error object whose __tostring
+-- raises must not stop the reports of the tasks after it.
+local function error_text(e)
+    local ok, s = pcall(tostring, e)
+    if not ok then
+        return "(an error object whose __tostring raised: " .. (type(s) == "string" and s or type(s)) .. ")"
+    end
+    return s
+end
+
 -- Report failed tasks nobody joined, once each.
 local function report_unjoined(rt)
     local list = rt.failed_list
@@ -908,7 +918,7 @@ local function report_unjoined(rt)
     for _, t in ipairs(list) do
         if not t.joined then
             rt.n_unjoined = rt.n_unjoined + 1
-            local what = format("%s failed and was never joined: %s", tostring(t), tostring(t.results[2]))
+            local what = format("%s failed and was never joined: %s", tostring(t), error_text(t.results[2]))
             rt.first_unjoined = rt.first_unjoined or what
             io.stderr:write("pluvio: " .. what .. "\n")
         end
