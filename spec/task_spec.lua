@@ -277,6 +277,27 @@ describe("pluvio.yield", function()
     end))
 end)
 
+describe("a plain coroutine's wait", function()
+    it("raises at the line that called the blocking function, not inside pluvio", async(function()
+        local t = pluvio.spawn(function() pluvio.sleep(0.001) end)
+        local ch = pluvio.channel(1)
+        for _, block in ipairs({
+            { "pluvio.suspend", function() pluvio.suspend(); return 0 end },
+            { "Task:join", function() t:join(); return 0 end },
+            { "pluvio.select", function() pluvio.select(t); return 0 end },
+            { "Channel:recv", function() ch:recv(); return 0 end },
+        }) do
+            local co = coroutine.create(block[2])
+            assert.is_true((coroutine.resume(co)))
+            local ok, err = coroutine.resume(co)
+            assert.is_false(ok)
+            assert.matches("^[^\n]*task_spec%.lua:%d+: " .. block[1]:gsub("%p", "%%%0") ..
+                           ": called from a coroutine that is not a pluvio task", err)
+        end
+        t:join()
+    end))
+end)
+
 describe("pluvio.sleep", function()
     it("sleeps its full time even when woken, before or during the sleep", async(function()
         local t = pluvio.spawn(function()

@@ -78,6 +78,30 @@ local function not_the_task(fname, depth)
           "(only pluvio tasks may block)", 4 + (depth or 0))
 end
 
+-- Pluvio's own modules, as debug.getinfo names their source ("@.../pluvio/").
+local own_source = (debug.getinfo(1, "S").source:match("^(@.*pluvio/)init%.lua$"))
+
+-- The stack level, seen from the caller of this function, of the first
+-- frame outside pluvio's modules: where the user called the function that
+-- got there, however many of ours (a wait's park, a channel's recv) lie
+-- between; fallback when that cannot be told.  Error paths only: it walks
+-- the stack.
+local function outside_level(fallback)
+    if not own_source then
+        return fallback
+    end
+    for level = 3, 64 do
+        local info = debug.getinfo(level, "S")
+        if not info then
+            break
+        end
+        if info.source:sub(1, #own_source) ~= own_source then
+            return level
+        end
+    end
+    return fallback
+end
+
 -- An operation a plain coroutine of the task started and left behind (it
 -- yielded to whoever resumed it, not to the loop): cancel it, keeping what
 -- it uses until the reactor lets go.
@@ -169,7 +193,7 @@ local function yielded(t, resumed_with, fname, seq)
             orphan(t)
         end
         t.waiting_for = nil
-        not_the_task(fname)
+        not_the_task(fname, outside_level(4) - 4)
     end
 end
 
