@@ -42,6 +42,13 @@ describe("pluvio (the host)", function()
         assert.matches("^pluvio: [^\n]+%.lua:2: bad thing\nstack traceback:", err)
     end)
 
+    it("says so when the script's error object cannot be printed, rather than blame the script's line", function()
+        local status, out, err = sh(q(host) .. [[ -e 'error(setmetatable({}, {__tostring = function() error("no words", 0) end}))']])
+        assert.equal(1, status)
+        assert.equal("", out)
+        assert.equal("pluvio: (cannot print a table: its __tostring raised no words)\n", err)
+    end)
+
     it("reports a syntax error and exits 1", function()
         local status, _, err = helper.run_script("local x = = 2\n")
         assert.equal(1, status)

@@ -104,9 +104,10 @@ local function load_input(input)
     return f, err
 end
 
--- A value or an error as the prompt prints it.  A __tostring that raises
--- or returns no string is reported in its place: it must not end the
--- prompt (and with it the tasks started there).
+-- A value or an error as the prompt and the host's report print it.  A
+-- __tostring that raises or returns no string is reported in its place: it
+-- must not end the prompt (and with it the tasks started there), nor pass
+-- off its own error as the script's.
 local function shown(v)
     local ok, s = pcall(tostring, v)
     if not ok then
@@ -216,7 +217,7 @@ function M.main(opts)
         io.stderr:write(M.format_stats(rt))
     end
     if not ok then
-        io.stderr:write("pluvio: ", tostring(err), "\n")
+        io.stderr:write("pluvio: ", shown(err), "\n")
         return 1
     end
     if rt:unjoined_failures() > 0 then
