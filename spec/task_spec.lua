@@ -713,6 +713,22 @@ describe("regressions", function()
         assert.matches("pluvio: an on_exit clean%-up of task .* failed: .*cleanup broke", err)
     end)
 
+    it("finishes a task whose failing clean-up raised an error object that cannot be printed", function()
+        local status, out, err = helper.run_script([[
+            local bad = setmetatable({}, { __tostring = function() error("no words", 0) end })
+            local t = pluvio.spawn(function()
+                pluvio.current():on_exit(function() error(bad) end)
+                pluvio.sleep(0.001)
+                return "r"
+            end)
+            print(t:join())
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("r\n", out)
+        assert.matches("pluvio: an on_exit clean%-up of task .* failed: " ..
+                       "%(an error object whose __tostring raised: no words%)\n", err)
+    end)
+
     it("checks self on every method", function()
         local ch = pluvio.channel(1)
         for _, case in ipairs({

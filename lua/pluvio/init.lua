@@ -267,6 +267,17 @@ local function task_error(co, e)
     return cut and tb:sub(1, cut - 1) or tb
 end
 
+-- An error as a report on stderr shows it: an error object whose
+-- __tostring raises must not stop the report, nor what comes after it (the
+-- reports of other tasks, the rest of a task's end).
+local function error_text(e)
+    local ok, s = pcall(tostring, e)
+    if not ok then
+        return "(an error object whose __tostring raised: " .. (type(s) == "string" and s or type(s)) .. ")"
+    end
+    return s
+end
+
 -- Coroutines are reused: after its task a coroutine yields DONE and is
 -- resumed with the next task, which saves coroutine.create, a fresh stack
 -- and garbage per task.  There is no xpcall: a task that raises ends its
@@ -389,7 +400,7 @@ local function finish(rt, t, final, was_running)
             local ok, err = pcall(cleanups[i], t)
             if not ok then
                 io.stderr:write(format("pluvio: an on_exit clean-up of %s failed: %s\n",
-                                       tostring(t), tostring(err)))
+                                       tostring(t), error_text(err)))
             end
         end
     end
@@ -923,16 +934,6 @@ local function run_batch(rt, n)
             end
         end
     end
-end
-
--- A task's error as a report shows it: an error object whose __tostring
--- raises must not stop the reports of the tasks after it.
-local function error_text(e)
-    local ok, s = pcall(tostring, e)
-    if not ok then
-        return "(an error object whose __tostring raised: " .. (type(s) == "string" and s or type(s)) .. ")"
-    end
-    return s
 end
 
 -- Report failed tasks nobody joined, once each.
