@@ -1022,6 +1022,12 @@ local function drive(rt, fname, until_all, fn, ...)
         error(lok, 0)
     end
     if was_killed then
+        -- A main task that failed before the kill (one of its clean-ups
+        -- killed the task running it, say): the kill replaces its error,
+        -- which nobody else will see, so report it as never joined.
+        if main.final == "failed" then
+            main.joined = false
+        end
         report_unjoined(rt)
         error(KILLED, 0)
     end
