@@ -440,6 +440,20 @@ describe("pluvio.timeout", function()
         assert.has_error(function() pluvio.timeout(1, nil) end,
             "pluvio.timeout: fn must be a function (got nil)")
     end))
+
+    it("reports fn's error when the caller is killed after fn failed but before it took the error", function()
+        local status, out, err = helper.run_script([[
+            local t = pluvio.spawn_named("T", function()
+                return pluvio.timeout(1, function() error("child fails") end)
+            end)
+            pluvio.yield()      -- T runs and spawns its child
+            pluvio.spawn(function() t:kill() end)   -- runs after the child failed, before T
+            print(t:join())
+        ]])
+        assert.equal(1, status)
+        assert.equal("nil\tcancelled\n", out)
+        assert.matches('pluvio: task "T/timeout" %(#%d+, failed%) failed and was never joined: [^\n]*child fails', err)
+    end)
 end)
 
 describe("pluvio.select", function()

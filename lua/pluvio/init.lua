@@ -419,7 +419,9 @@ local function finish(rt, t, final, was_running)
     local child = t.timeout_child
     if child then           -- a task that dies inside pluvio.timeout takes fn with it
         t.timeout_child = nil
-        child.joined = true
+        -- (fn may have failed already, t killed before it took the error:
+        -- nobody will see it but the report of failed tasks nobody joined)
+        child.joined = child.final ~= "failed"
         child:kill()
     end
 end
