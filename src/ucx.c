@@ -346,6 +346,7 @@ int pl_ucx_op_settled(pl_ucx_worker_t *w, int id, uint32_t gen)
 int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
 {
     struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;
+    int ep;
 
     if (!op || op->state == UOP_FREE || op->state == UOP_ABANDONED)
         return -ESRCH;
@@ -353,10 +354,11 @@ int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
         ucx_op_free(w, op);
         return 0;
     }
+    ep = op->ep;            /* (the cancel may finish the op, and free its slot) */
     op->state = UOP_ABANDONED;
     ucp_request_cancel(w->ucp, op);
     if (w->closers > 0)     /* a close waiting for it waits no more: see pl_ucx_ep_drained */
-        ucx_ep_op_ended(w, op->ep);
+        ucx_ep_op_ended(w, ep);
     return 0;
 }
 
