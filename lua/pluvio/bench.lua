@@ -326,12 +326,10 @@ local function encode(v, out)
         elseif v == floor(v) and math.abs(v) < 2 ^ 53 then
             out[#out + 1] = format("%d", v)
         else    -- the fewest digits that read back as v (%.9g lost a clock's microseconds)
-            local text = format("%.15g", v)
-            if tonumber(text) ~= v then
-                text = format("%.16g", v)
-                if tonumber(text) ~= v then
-                    text = format("%.17g", v)
-                end
+            local text
+            for digits = 15, 17 do
+                text = format("%." .. digits .. "g", v)
+                if tonumber(text) == v then break end
             end
             out[#out + 1] = text
         end

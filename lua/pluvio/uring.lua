@@ -823,6 +823,23 @@ local function close_guard(fd)
     end)
 end
 
+-- Whether the run of reactor r's runtime ended (or never began): nothing
+-- reaps its ring any more.
+local function run_ended(r)
+    local home = r.rt
+    return home ~= pluvio.runtime() and not (home and home.running)
+end
+
+-- The close of an fd (a file's, a socket's) of a reactor whose run ended:
+-- at once, unless a task that run left parked still has an op on it.
+-- Returns the close's result, or nil when it must wait for that run.
+local function close_idle(r, fd)
+    local rc = C.pl_uring_close_idle(r.u, fd)
+    if rc ~= EBUSY then
+        return rc
+    end
+end
+
 local function forget_fd(f)
     f.fd = -1
     local guard = f.guard
@@ -1183,18 +1200,13 @@ function File:close()
     if self.fd < 0 then
         return false        -- closed already: as a socket's, an endpoint's, a channel's close
     end
-    local home = self.reactor.rt
-    if home ~= pluvio.runtime() and not (home and home.running) then
-        -- its run ended (or it never ran): nothing reaps that ring any more,
-        -- so close at once, unless a task left parked there uses the file
-        local rc = C.pl_uring_close_idle(self.reactor.u, self.fd)
-        if rc ~= EBUSY then
-            forget_fd(self)
-            if rc < 0 then
-                return fail(self, "close", rc)
-            end
-            return true
+    local rc = run_ended(self.reactor) and close_idle(self.reactor, self.fd)
+    if rc then
+        forget_fd(self)
+        if rc < 0 then
+            return fail(self, "close", rc)
         end
+        return true
     end
     local t, r = file_task("File:close", self)  -- (first: raising must leave the file open)
     local fd = self.fd
@@ -1327,6 +1339,7 @@ end
 M._internal = {
     context = context, receive_context = receive_context, run_op = run_op,
     bounce_get = bounce_get, bounce_put = bounce_put,
+    run_ended = run_ended, close_idle = close_idle,
     WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, yielded = yielded, OP_INLINE = OP_INLINE,
     fixed_io = fixed_io, fixed_result = fixed_result,
 }

@@ -24,7 +24,7 @@ local MAX_IO = 0x7ffff000
 -- as soon as some bytes arrive, so scratch memory of max bytes (up to 2 GiB,
 -- zeroed) would mostly go unused; recv_exact gathers chunks of this size.
 local RECV_CHUNK = 1048576
-local ENXIO, EAFNOSUPPORT, ECANCELED, EBUSY, ENETUNREACH = -6, -97, -125, -16, -101
+local ENXIO, EAFNOSUPPORT, ECANCELED, ENETUNREACH = -6, -97, -125, -101
 local MAX_ADDRS = 16        -- the most of a name's addresses tcp_connect tries
 
 local function errname(rc)
@@ -81,6 +81,7 @@ function M.install(U)
     local I = U._internal
     local context, run_op, bounce_get, bounce_put = I.context, I.run_op, I.bounce_get, I.bounce_put
     local receive_context = I.receive_context
+    local run_ended, close_idle = I.run_ended, I.close_idle
 
     local TcpListener = {}
     TcpListener.__index = TcpListener
@@ -292,21 +293,17 @@ function M.install(U)
     -- Close: cancel what other tasks wait for on the fd, then close it (one
     -- op, so that a kill while it waits cannot leave the socket open).
     local function close_socket(obj, fname)
-        local home_r = obj.reactor
-        local home_rt = home_r.rt
-        if home_rt ~= pluvio.runtime() and not (home_rt and home_rt.running) then
-            -- its run ended (or it never ran): nothing reaps that ring any
-            -- more, so close at once (as a file's close), unless a task that
-            -- run left parked still has an op on it
-            drop_rescues(obj, home_r)
-            local rc = C.pl_uring_close_idle(home_r.u, obj.fd)
-            if rc ~= EBUSY then
-                obj.fd = -1
-                if rc < 0 then
-                    return failed("close", obj, rc)
-                end
-                return true
+        local home_r, rc = obj.reactor, nil
+        if run_ended(home_r) then       -- at once, as a file's close
+            drop_rescues(obj, home_r)   -- (nobody will take what they got)
+            rc = close_idle(home_r, obj.fd)
+        end
+        if rc then
+            obj.fd = -1
+            if rc < 0 then
+                return failed("close", obj, rc)
             end
+            return true
         end
         local t, r = context(fname)
         home(fname, obj, r)
