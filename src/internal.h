@@ -109,8 +109,18 @@ int pl_ready_push(pl_runtime_t *rt, uint32_t slot);
  * so that its head is at index 0.  Returns 0 or -ENOMEM (ring unchanged). */
 int pl_fifo_grow(void **items, uint32_t *cap, uint32_t *head, uint32_t len, size_t elem,
                  uint32_t first_cap);
-/* Is task (slot, gen) parked on exactly this wait (kind, arg)? */
-bool pl_task_is_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind, double arg);
+/* Is task (slot, gen) parked on exactly this wait (kind, arg)?  (Inline: a
+ * queue's completion asks it once per operation.) */
+static inline bool pl_task_is_waiting(const pl_runtime_t *rt, uint32_t slot, uint32_t gen,
+                                      int kind, double arg)
+{
+    const struct pl_task *t;
+
+    if (slot >= rt->capacity)
+        return false;
+    t = &rt->tasks[slot];
+    return t->state == PL_TASK_WAITING && t->gen == gen && t->wait == kind && t->wait_arg == arg;
+}
 
 static inline bool pl_ready_empty(const pl_runtime_t *rt)
 {

@@ -273,14 +273,6 @@ int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen)
     return pl_ready_push(rt, slot);
 }
 
-bool pl_task_is_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind, double arg)
-{
-    const struct pl_task *t = task_get(rt, slot);
-
-    return t && t->gen == gen && t->state == PL_TASK_WAITING && t->wait == kind &&
-           t->wait_arg == arg;
-}
-
 int pl_task_wake_waiting(pl_runtime_t *rt, uint32_t slot, uint32_t gen, int kind, double arg)
 {
     if (!pl_task_is_waiting(rt, slot, gen, kind, arg))

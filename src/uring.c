@@ -261,17 +261,16 @@ int pl_uring_flush(pl_uring_t *u)
     return io_uring_sq_ready(&u->ring) > 0 ? submit(u) : 0;
 }
 
-/* An SQE, submitting early when the queue is full.  With SQPOLL the submit
- * only wakes the kernel thread, which takes the SQEs in its own time: wait
- * until it has taken one rather than fail the operation with EBUSY. */
-struct io_uring_sqe *uring_get_sqe(pl_uring_t *u)
+/* uring_get_sqe's way when the submission queue is full: submit early.
+ * With SQPOLL the submit only wakes the kernel thread, which takes the SQEs
+ * in its own time: wait until it has taken one rather than fail the
+ * operation with EBUSY. */
+struct io_uring_sqe *uring_sqe_full(pl_uring_t *u)
 {
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+    struct io_uring_sqe *sqe;
 
-    if (!sqe) {
-        submit(u);
-        sqe = io_uring_get_sqe(&u->ring);
-    }
+    submit(u);
+    sqe = io_uring_get_sqe(&u->ring);
     while (!sqe && u->opts.sqpoll && io_uring_sqring_wait(&u->ring) >= 0)
         sqe = io_uring_get_sqe(&u->ring);
     return sqe;
@@ -294,7 +293,7 @@ static void maybe_submit(pl_uring_t *u, int64_t now)
     }
 }
 
-int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind)
+static inline int op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind)
 {
     uint32_t i;
     struct uring_op *op;
@@ -316,16 +315,6 @@ int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind)
     op->no_continue = false;
     op->fd_owner = FD_NONE;
     return (int)i;
-}
-
-static void op_free(pl_uring_t *u, uint32_t i)
-{
-    struct uring_op *op = uring_op(u, i);
-
-    op->state = OP_FREE;
-    op->gen++;
-    op->next_free = u->free_op;
-    u->free_op = i;
 }
 
 static uint64_t op_user_data(pl_uring_t *u, uint32_t i)
@@ -426,7 +415,7 @@ static void prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
         io_uring_prep_write(sqe, op->fd, addr, len, off);
 }
 
-int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len)
+static inline int buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len)
 {
     const char *base;
 
@@ -449,8 +438,8 @@ void uring_sqe_void(struct io_uring_sqe *sqe)
 
 /* An SQE and an op of the given kind for fd (len bytes at offset), or
  * -errno with nothing taken. */
-int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
-                   uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out)
+static inline int op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                           uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out)
 {
     struct io_uring_sqe *sqe = uring_get_sqe(u);
     struct uring_op *op;
@@ -458,7 +447,7 @@ int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
 
     if (!sqe)
         return -EBUSY;
-    i = uring_op_new(u, slot, gen, kind);
+    i = op_new(u, slot, gen, kind);
     if (i < 0) {
         uring_sqe_void(sqe);
         return i;
@@ -471,17 +460,23 @@ int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
     return i;
 }
 
+int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                   uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out)
+{
+    return op_begin(u, slot, gen, kind, fd, len, offset, sqe_out);
+}
+
 /* A read, write or send; queue: the I/O queue it reports to, or NONE. */
 int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
                    void *addr, uint32_t len, uint64_t offset, int buf_index, uint32_t queue)
 {
     struct io_uring_sqe *sqe;
     struct uring_op *op;
-    int i, rc = uring_buffer_check(u, buf_index, addr, len);
+    int i, rc = buffer_check(u, buf_index, addr, len);
 
     if (rc < 0)
         return rc;
-    i = uring_op_begin(u, slot, gen, kind, fd, len, offset, &sqe);
+    i = op_begin(u, slot, gen, kind, fd, len, offset, &sqe);
     if (i < 0)
         return i;
     op = uring_op(u, i);
@@ -649,7 +644,7 @@ static void op_complete(pl_uring_t *u, uint32_t i, int32_t res)
     op_drop_buffer(u, op);
     if (op->state == OP_ABANDONED) {
         op_drop_fd(op, res);
-        op_free(u, i);
+        uring_op_free(u, i);
         return;
     }
     /* reads and writes report bytes; an error after progress keeps the count */
@@ -789,9 +784,7 @@ int pl_uring_op_take(pl_uring_t *u, int i, pl_uring_result_t *out)
     op = uring_op(u, i);
     if (op->state != OP_DONE)
         return 0;
-    out->res = op->res;
-    out->bytes = op->done;
-    op_free(u, (uint32_t)i);
+    uring_op_take_done(u, (uint32_t)i, out);
     return 1;
 }
 
@@ -865,7 +858,7 @@ int pl_uring_op_abandon(pl_uring_t *u, int i)
     op = uring_op(u, i);
     if (op->state == OP_DONE) {
         op_drop_fd(op, op->res);
-        op_free(u, (uint32_t)i);
+        uring_op_free(u, (uint32_t)i);
         return 0;
     }
     op->state = OP_ABANDONED;

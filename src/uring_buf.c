@@ -259,16 +259,6 @@ int uring_buffer_index_of(const pl_uring_t *u, const void *addr, size_t len)
 
 /* An op (or a hold) stops using buffer index; a release that waited for
  * the last user completes now. */
-void uring_buffer_unuse(pl_uring_t *u, int index)
-{
-    struct uring_buf *b = &u->bufs[index];
-
-    if (--b->users == 0 && b->release_pending) {
-        b->release_pending = false;
-        uring_buffer_put(u, u->rt, index);
-    }
-}
-
 int pl_uring_buffer_hold(pl_uring_t *u, int index)
 {
     struct uring_buf *b = uring_held_buf(u, index);

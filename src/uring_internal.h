@@ -153,14 +153,12 @@ static inline struct uring_buf *uring_held_buf(pl_uring_t *u, int index)
 }
 
 /* uring.c */
-struct io_uring_sqe *uring_get_sqe(pl_uring_t *u);
-int uring_op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind);
+struct io_uring_sqe *uring_sqe_full(pl_uring_t *u);
 int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
 void uring_sqe_void(struct io_uring_sqe *sqe);
 int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
                    uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out);
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
-int uring_buffer_check(pl_uring_t *u, int index, const void *addr, uint32_t len);
 int uring_reap(pl_uring_t *u);
 void uring_fd_closing(pl_uring_t *u, int fd);
 bool uring_fd_busy(pl_uring_t *u, int fd);
@@ -168,13 +166,76 @@ int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
                    void *addr, uint32_t len, uint64_t offset, int buf_index, uint32_t queue);
 
 /* uring_queue.c */
-void uring_queue_done(pl_uring_t *u, uint32_t q, uint32_t op);
 void uring_queues_free(pl_uring_t *u);
 
 /* uring_buf.c */
 void uring_buffer_put(pl_uring_t *u, pl_runtime_t *rt, int index);
 int uring_buffer_index_of(const pl_uring_t *u, const void *addr, size_t len);
-void uring_buffer_unuse(pl_uring_t *u, int index);
+
+/*
+ * The per-operation steps below are inline: each runs once or twice per
+ * read or write, and as calls between the reactor's files (a shared
+ * library's functions are not inlined across them) they cost more than
+ * their bodies.
+ */
+
+/* An SQE, submitting early when the submission queue is full. */
+static inline struct io_uring_sqe *uring_get_sqe(pl_uring_t *u)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+
+    return sqe ? sqe : uring_sqe_full(u);
+}
+
+/* Op slot i back to the free list; its gen changes, so that a stale
+ * completion or id no longer matches it. */
+static inline void uring_op_free(pl_uring_t *u, uint32_t i)
+{
+    struct uring_op *op = uring_op(u, i);
+
+    op->state = OP_FREE;
+    op->gen++;
+    op->next_free = u->free_op;
+    u->free_op = i;
+}
+
+/* A finished op's result to out, and its slot freed. */
+static inline void uring_op_take_done(pl_uring_t *u, uint32_t i, pl_uring_result_t *out)
+{
+    const struct uring_op *op = uring_op(u, i);
+
+    out->res = op->res;
+    out->bytes = op->done;
+    uring_op_free(u, i);
+}
+
+/* An op using registered buffer index let go of it: a release that waited
+ * for the op now happens. */
+static inline void uring_buffer_unuse(pl_uring_t *u, int index)
+{
+    struct uring_buf *b = &u->bufs[index];
+
+    if (--b->users == 0 && b->release_pending) {
+        b->release_pending = false;
+        uring_buffer_put(u, u->rt, index);
+    }
+}
+
+/* Op `op` of queue qi finished (from its completion): into the queue's FIFO
+ * of done ops, which has room (see queue_reserve); its task is woken only
+ * while it is parked on this queue, not while it runs (it takes the op on
+ * its own), nor while it waits for something else. */
+static inline void uring_queue_done(pl_uring_t *u, uint32_t qi, uint32_t op)
+{
+    struct uring_queue *q = &u->queues[qi];
+    uint32_t at = q->done_head + q->done_len;
+
+    q->done[at >= q->done_cap ? at - q->done_cap : at] = op;
+    q->done_len++;
+    q->in_flight--;
+    if (u->rt && pl_task_is_waiting(u->rt, q->slot, q->gen, PL_WAIT_IO, URING_QUEUE_WAIT_ARG(qi)))
+        pl_task_wake(u->rt, q->slot, q->gen);
+}
 
 /* Start an op whose SQE `prep` fills in (uses u, slot, gen, sqe). */
 #define START_OTHER(prep)                                   \

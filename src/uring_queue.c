@@ -89,20 +89,6 @@ int pl_uring_queue_write(pl_uring_t *u, int q, int fd, const void *addr, uint32_
     return queue_start(u, q, OP_WRITE, fd, (void *)addr, len, offset, buf_index);
 }
 
-/* Op `op` of queue qi finished (called from its completion). */
-void uring_queue_done(pl_uring_t *u, uint32_t qi, uint32_t op)
-{
-    struct uring_queue *q = &u->queues[qi];
-
-    q->done[(q->done_head + q->done_len) % q->done_cap] = op;
-    q->done_len++;
-    q->in_flight--;
-    /* only a task parked on this queue: not one running (it takes the op
-     * on its own), nor one waiting for something else */
-    if (u->rt && pl_task_is_waiting(u->rt, q->slot, q->gen, PL_WAIT_IO, URING_QUEUE_WAIT_ARG(qi)))
-        pl_task_wake(u->rt, q->slot, q->gen);
-}
-
 /* The oldest finished op: reap the ring first when none is known yet (the
  * kernel may have finished ops inside the last submit).  -EAGAIN: none has
  * finished; the task parks with URING_QUEUE_WAIT_ARG to be woken by one. */
@@ -118,9 +104,12 @@ int pl_uring_queue_take(pl_uring_t *u, int qi, pl_uring_result_t *out)
     if (q->done_len == 0)
         return q->in_flight == 0 ? -ENOENT : -EAGAIN;
     op = q->done[q->done_head];
-    q->done_head = (q->done_head + 1) % q->done_cap;
+    q->done_head = q->done_head + 1 == q->done_cap ? 0 : q->done_head + 1;
     q->done_len--;
-    return pl_uring_op_take(u, (int)op, out) == 1 ? (int)op : -EIO;
+    if (uring_op(u, op)->state != OP_DONE)
+        return -EIO;                    /* (only done ops enter the FIFO) */
+    uring_op_take_done(u, op, out);
+    return (int)op;
 }
 
 int pl_uring_queue_pending(pl_uring_t *u, int qi)
