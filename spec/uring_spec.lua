@@ -370,6 +370,40 @@ describe("File and DmaFile", function()
         uring.unlink(path)
     end))
 
+    it("does not continue a short O_DIRECT read at end of file on a 4096-byte-block device", function()
+        -- 4608 bytes: the short read ends 512-aligned, but not aligned to the
+        -- device's 4096 bytes, so it is the end of the file all the same
+        -- (continued, the rest starts where the kernel refuses it once the
+        -- file has grown)
+        local dir, img = os.tmpname(), os.tmpname()
+        os.remove(dir)
+        helper.exec("mkdir -p " .. dir .. " && truncate -s 32M " .. img)
+        local dev = io.popen("losetup -f --show --sector-size 4096 " .. img .. " 2>/dev/null"):read("*l")
+        local ok = dev and helper.exec("mkfs.ext4 -q " .. dev .. " >/dev/null 2>&1 && mount " .. dev .. " " .. dir .. " 2>/dev/null")
+        if ok ~= 0 and ok ~= true then
+            if dev then helper.exec("losetup -d " .. dev) end
+            helper.exec("rmdir " .. dir .. "; rm -f " .. img)
+            pending("a loop device with 4096-byte sectors is not permitted here; not checked")
+            return
+        end
+        local got = { pluvio.run(function()
+            local path = dir .. "/f"
+            local f = assert(uring.DmaFile.open(path, "w+"))
+            local buf = f:acquire_buffer()
+            buf:fill(0x71)
+            assert(f:write_fixed(buf, 0, 8192))
+            assert(f:truncate(4608))
+            local before = uring.current():stats().resubmits
+            local n = f:read_fixed(buf, 0, 8192)
+            local resubmits = uring.current():stats().resubmits - before
+            buf:release()
+            f:close()
+            return f.offset_align, n, resubmits
+        end) }
+        helper.exec("umount " .. dir .. "; losetup -d " .. dev .. "; rmdir " .. dir .. "; rm -f " .. img)
+        assert.same({ 4096, 4608, 0 }, got)
+    end)
+
     it("does not continue a short read on a closed file's number once another file has it", async(function()
         local small, other = file_with(("a"):rep(5000)), file_with(("B"):rep(8192))
         local f = assert(uring.File.open(small, "r"))

@@ -19,6 +19,7 @@
 #include <sys/socket.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "uring_internal.h"
@@ -570,20 +571,34 @@ static void iov_advance(struct uring_op *op, uint32_t n)
     }
 }
 
+/* The file's O_DIRECT offset alignment: what STATX_DIOALIGN reports, else
+ * 512 (the smallest logical block). */
+static uint32_t direct_offset_align(int fd)
+{
+    struct statx st;
+
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &st) == 0 &&
+        (st.stx_mask & STATX_DIOALIGN) && st.stx_dio_offset_align > 0)
+        return st.stx_dio_offset_align;
+    return 512;
+}
+
 /* Whether a short read ended at the end of an O_DIRECT file: only there
- * does such a read stop at a count that is no multiple of a block (512 at
- * the least).  Its rest would start at an unaligned offset and address,
- * which the kernel refuses (EINVAL) once the file has grown meanwhile:
- * the read would fail after reading all there was.  (One fcntl, on a short
- * read at an unaligned offset only.) */
+ * does such a read stop at a count that is no multiple of the file's block
+ * (512 bytes, or 4096 on many disks).  Its rest would start at an unaligned
+ * offset and address, which the kernel refuses (EINVAL) once the file has
+ * grown meanwhile: the read would fail after reading all there was.  (An
+ * fcntl, and for an O_DIRECT file a statx, on a short read only: at the end
+ * of a file, or on a pipe.) */
 static bool direct_read_ended(const struct uring_op *op)
 {
+    uint64_t at = op->offset + op->done;
     int fl;
 
-    if ((op->kind != OP_READ && op->kind != OP_READV) || (op->offset + op->done) % 512 == 0)
+    if (op->kind != OP_READ && op->kind != OP_READV)
         return false;
     fl = fcntl(op->fd, F_GETFL);
-    return fl >= 0 && (fl & O_DIRECT);
+    return fl >= 0 && (fl & O_DIRECT) && at % direct_offset_align(op->fd) != 0;
 }
 
 /* A read or write came back short: continue it.  Returns true when it was
