@@ -106,6 +106,48 @@ describe("a TCP listener", function()
         assert.is_true(n == 0 or (n == -1 and ffi.errno() == 104))
         ffi.C.close(client)
     end))
+
+    pcall(ffi.cdef, "int fcntl(int fd, int cmd, ...);")
+    local F_GETFD = 1
+    local function is_open(fd) return ffi.C.fcntl(fd, F_GETFD) >= 0 end
+
+    it("nobody closed is closed with its unaccepted connections when collected, as are sockets and files from File.open",
+       pluvio.wrap(function()
+        local fds = {}
+        do
+            local l = assert(uring.tcp_listen("127.0.0.1", 0))
+            local srv = pluvio.spawn(function() return assert(l:accept()) end)
+            local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+            local s = srv:join()
+            local u = assert(uring.udp_bind("127.0.0.1", 0))
+            -- an accept killed after the kernel took a connection: held by the listener
+            local acceptor = pluvio.spawn(function() return l:accept() end)
+            pluvio.sleep(0.001)
+            pluvio.yield()
+            local c2 = raw_client(l)
+            assert.equal(1, tonumber(ffi.C.send(c2, "x", 1, 0)))
+            pluvio.yield()                  -- the tick reaps the accept; this task runs before its own
+            acceptor:kill()
+            assert.equal(1, #l.held)
+            fds = { l.fd, c.fd, s.fd, u.fd, l.held[1] }
+            ffi.C.close(c2)
+            for i = 1, #fds do assert.is_true(is_open(fds[i]), "fd " .. i) end
+        end
+        collectgarbage()
+        collectgarbage()
+        for i = 1, #fds do assert.is_false(is_open(fds[i]), "fd " .. i) end
+        -- closed by the caller, then collected: the collector leaves the number's next owner alone
+        local u = assert(uring.udp_bind("127.0.0.1", 0))
+        local fd = u.fd
+        assert.is_true(u:close())
+        local v = assert(uring.udp_bind("127.0.0.1", 0))
+        assert.equal(fd, v.fd)
+        u = nil     -- luacheck: ignore
+        collectgarbage()
+        collectgarbage()
+        assert.is_true(is_open(fd))
+        v:close()
+    end))
 end)
 
 describe("a TCP socket's send", function()

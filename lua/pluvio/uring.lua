@@ -810,15 +810,20 @@ local function wrap_fd(cls, r, fd, path, direct)
     }, cls)
 end
 
--- A file that open made and nobody closed is closed when the garbage
--- collector frees it, as io.open's are: its guard holds the fd, -1 once
--- the file closed it (forget_fd).  Only the fd: the ring may be gone, and
--- an op in flight on the file would have kept it alive (a killed task's
--- abandoned op holds the file itself, in the kernel, and never continues).
-local function close_guard(fd)
+-- A file that open made, or a socket, that nobody closed is closed when
+-- the garbage collector frees it, as io.open's are: its guard holds the
+-- fd, -1 once the file closed it (forget_fd).  Only the fd: the ring may
+-- be gone, and an op in flight on the file would have kept it alive (a
+-- killed task's abandoned op holds the file itself, in the kernel, and
+-- never continues).  held: a list of more fds it closes then (a
+-- listener's connections no accept took; the owner empties it in place).
+local function close_guard(fd, held)
     return ffi.gc(ffi.new("int[1]", fd), function(cell)
         if cell[0] >= 0 then
             C.pl_file_close_sync(cell[0])
+            for i = 1, held and #held or 0 do
+                C.pl_file_close_sync(held[i])
+            end
         end
     end)
 end
@@ -1339,7 +1344,7 @@ end
 M._internal = {
     context = context, receive_context = receive_context, run_op = run_op,
     bounce_get = bounce_get, bounce_put = bounce_put,
-    run_ended = run_ended, close_idle = close_idle,
+    run_ended = run_ended, close_idle = close_idle, close_guard = close_guard, forget_fd = forget_fd,
     WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, yielded = yielded, OP_INLINE = OP_INLINE,
     fixed_io = fixed_io, fixed_result = fixed_result,
 }

@@ -81,7 +81,7 @@ function M.install(U)
     local I = U._internal
     local context, run_op, bounce_get, bounce_put = I.context, I.run_op, I.bounce_get, I.bounce_put
     local receive_context = I.receive_context
-    local run_ended, close_idle = I.run_ended, I.close_idle
+    local run_ended, close_idle, close_guard, forget_fd = I.run_ended, I.close_idle, I.close_guard, I.forget_fd
 
     local TcpListener = {}
     TcpListener.__index = TcpListener
@@ -299,7 +299,7 @@ function M.install(U)
             rc = close_idle(home_r, obj.fd)
         end
         if rc then
-            obj.fd = -1
+            forget_fd(obj)
             if rc < 0 then
                 return failed("close", obj, rc)
             end
@@ -308,7 +308,7 @@ function M.install(U)
         local t, r = context(fname)
         home(fname, obj, r)
         local fd = obj.fd
-        obj.fd = -1
+        forget_fd(obj)
         local rc = run_op(r, t, C.pl_uring_close_socket(r.u, t.slot, t.gen, fd), obj)
         drop_rescues(obj, r)
         if rc < 0 then
@@ -338,8 +338,9 @@ function M.install(U)
         if fd < 0 then
             return host_failed("listen on", host, port, fd, bind_note(addr, n))
         end
-        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0),
-                              held = {} }, TcpListener)  -- held: see _keep
+        local held = {}     -- see _keep
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0), held = held,
+                              guard = close_guard(fd, held) }, TcpListener)
     end
 
     function TcpListener:port()
@@ -356,10 +357,12 @@ function M.install(U)
         return sock_name(self.fd, 0)
     end
 
+    -- A connected TCP socket on fd (a socket nobody closes is closed by the
+    -- garbage collector: see close_guard).
     local function connected(r, fd)
         C.pl_net_nodelay(fd)
         return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "",
-                              reader = false, writer = false }, TcpSocket)
+                              reader = false, writer = false, guard = close_guard(fd) }, TcpSocket)
     end
 
     -- A stopped accept ended (see stop_receive): the connection it took is
@@ -407,10 +410,10 @@ function M.install(U)
         end
         if self.fd < 0 then return false end
         local held = self.held
-        for i = 1, #held do         -- connections no accept took: their clients see the end
+        for i = #held, 1, -1 do     -- connections no accept took: their clients see the end
             C.pl_file_close_sync(held[i])
+            held[i] = nil           -- (in place: the guard has the list)
         end
-        self.held = {}
         return close_socket(self, "TcpListener:close")
     end
 
@@ -448,9 +451,7 @@ function M.install(U)
             rc = run_op(r, t, C.pl_uring_connect(r.u, t.slot, t.gen, list[i], fdout), what)
             local fd = fdout[0]
             if rc >= 0 then
-                C.pl_net_nodelay(fd)
-                return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "",
-                                      reader = false, writer = false }, TcpSocket)
+                return connected(r, fd)
             end
             if fd >= 0 then C.pl_file_close_sync(fd) end
             fdout[0] = -1
@@ -730,7 +731,7 @@ function M.install(U)
         local family = C.pl_net_family(fd)
         return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 0), family = family,
                               max_datagram = family == 6 and 65527 or 65507,
-                              held = {} }, UdpSocket)   -- held: see _keep
+                              held = {}, guard = close_guard(fd) }, UdpSocket)   -- held: see _keep
     end
 
     function UdpSocket:port()
