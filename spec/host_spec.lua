@@ -148,7 +148,7 @@ describe("pluvio (the host)", function()
         assert.matches('task "stuck" %(#%d+, waiting%) waits on channel', err)
     end)
 
-    it("gives an interactive prompt on a terminal whose lines run in the main task", function()
+    it("gives an interactive prompt on a terminal whose lines run as tasks", function()
         local out = at_prompt('x = 40\n=x + 2\npluvio.sleep(0.01) print("slept")\nerror("oops")\n' ..
                               'local t = pluvio.spawn(function() return 7 end) print(t:join())\n')
         if not out then return end
@@ -194,6 +194,32 @@ describe("pluvio (the host)", function()
         assert.is_number(tick, out)
         assert.is_number(two, out)
         assert.is_true(tick < two, out)
+    end)
+
+    it("stops the line that runs on Ctrl-C, or drops the statement typed so far, and goes on", function()
+        if sh("command -v script >/dev/null") ~= 0 then
+            pending("script(1) is not installed: no terminal to test the prompt with")
+            return
+        end
+        -- Ctrl-C (\003 typed on the terminal) at 1 s: the line parked in a
+        -- sleep is killed, the task it started goes on; then one in the
+        -- middle of a loop typed over several lines
+        local function line(code) return "printf '%s\\n' " .. q(code) end
+        local feed = "(" .. table.concat({
+            line('pluvio.spawn(function() pluvio.sleep(1.5) print("started task done") end) ' ..
+                 'pluvio.sleep(1e6) print("not here")'),
+            "sleep 1", "printf '\\003'", "sleep 1",
+            line("for i = 1, 2 do"), "sleep 0.5", "printf '\\003'", "sleep 0.5",
+            line('print("after")') }, "; ") .. ")"
+        local status, out = sh(feed .. " | timeout 60 script -qec " .. q(q(host)) .. " /dev/null")
+        assert.equal(0, status, out)
+        out = out:gsub("\r", "")
+        local stopped, started = out:find("\n> ^Cinterrupted\n", 1, true), out:find("started task done\n", 1, true)
+        assert.is_number(stopped, out)
+        assert.is_true(started and started > stopped, out)     -- (after the kill of the line)
+        assert.is_number(out:find("\n>> ^C\n> ", 1, true), out)     -- the loop dropped: a new statement
+        assert.is_number(out:find("\nafter\n", 1, true), out)
+        assert.is_nil(out:find("\nnot here", 1, true), out)   -- (the echo of the line has it, not after a newline)
     end)
 
     it("keeps luajit's stdin:1: position in the errors of prompt lines", function()

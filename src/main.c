@@ -34,8 +34,8 @@ static const char usage[] =
     "  -h, --help   print this help\n"
     "  --           stop handling options\n"
     "  -            read the script from standard input\n"
-    "With no script and a terminal on stdin: an interactive prompt whose\n"
-    "lines run inside the main task.\n"
+    "With no script and a terminal on stdin: an interactive prompt; each\n"
+    "line runs in a task of its own, which Ctrl-C stops.\n"
     "\n"
     "Exit status: 0, or 1 on an uncaught error or a failed task nobody joined.\n";
 

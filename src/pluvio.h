@@ -580,6 +580,17 @@ int pl_hist_buckets(const pl_hist_t *h, double *lower, double *counts, int max);
 const char *pl_strerror(int err);
 const char *pl_errname(int err);
 const char *pl_version(void);
+/* Ctrl-C for the host's prompt (interrupt.c): pl_interrupt_watch makes
+ * SIGINT write a byte to a pipe instead of ending the process, and returns
+ * the pipe's read end (non-blocking) for a task to read, or -errno; again,
+ * the same fd.  pl_interrupt_taken drains the pipe once the interrupt was
+ * handled: a second SIGINT before that (nobody could read the pipe: a
+ * statement that never yields) puts the earlier action back and raises it.
+ * pl_interrupt_unwatch puts the earlier action back and closes the pipe. */
+int pl_interrupt_watch(void);
+void pl_interrupt_taken(void);
+void pl_interrupt_unwatch(void);
+
 /* PL_CDEF_END */
 
 #ifdef __cplusplus

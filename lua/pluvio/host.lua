@@ -119,13 +119,68 @@ local function shown(v)
     return s
 end
 
--- The interactive prompt: each statement runs inside the main task, so
--- blocking calls (pluvio.sleep, file and network operations) work; `=expr`
--- or an expression prints its values.  A statement that the end of its line
--- leaves unfinished (a syntax error at '<eof>', as luajit decides) goes on
--- at a ">> " prompt, so a function or a loop can be typed over several lines.
-local function repl(pluvio)
-    io.stdout:write(("Pluvio %s (%s): lines run in the main task; Ctrl-D ends.\n")
+-- Ctrl-C at the prompt (pl_interrupt_watch): a task reads the interrupts;
+-- one kills the statement that runs, or, while the prompt waits for a line,
+-- drops the statement typed so far and prompts afresh.  A second Ctrl-C
+-- before that task could run (a statement that never yields) ends the
+-- host, as Ctrl-C did before.  nil when SIGINT cannot be watched.
+local function watch_interrupts(pluvio)
+    local C = require("pluvio.core").C
+    local uring = require "pluvio.uring"
+    local fd = C.pl_interrupt_watch()
+    if fd < 0 then
+        return nil
+    end
+    local w = { statement = false, dropped = false }
+    w.task = pluvio.spawn_named("ctrl-c", function()
+        while true do
+            local data = uring.read_some(fd, 64)
+            if not data or data == "" then
+                return
+            end
+            C.pl_interrupt_taken()
+            local t = w.statement
+            if t then
+                w.statement = false
+                t:kill()
+            else
+                w.dropped = true
+                io.stdout:write("\n> ")
+                io.stdout:flush()
+            end
+        end
+    end)
+    return w
+end
+
+local function unwatch_interrupts(w)
+    if w then
+        w.task:kill()
+        require("pluvio.core").C.pl_interrupt_unwatch()
+    end
+end
+
+-- A statement of the prompt, in a task of its own that Ctrl-C kills (w:
+-- see watch_interrupts); its pcall's results, packed.
+local function run_statement(pluvio, w, f)
+    if not w then
+        return pack(pcall(f))
+    end
+    local t = pluvio.spawn_named("prompt", function() return pack(pcall(f)) end)
+    w.statement = t
+    local r = t:join()
+    w.statement = false
+    return r or { n = 2, false, "interrupted" }
+end
+
+-- The interactive prompt: each statement runs in a task of its own, which
+-- the prompt waits for, so blocking calls (pluvio.sleep, file and network
+-- operations) work and Ctrl-C stops it; `=expr` or an expression prints
+-- its values.  A statement that the end of its line leaves unfinished (a
+-- syntax error at '<eof>', as luajit decides) goes on at a ">> " prompt, so
+-- a function or a loop can be typed over several lines.
+local function repl(pluvio, w)
+    io.stdout:write(("Pluvio %s (%s): Ctrl-C stops a statement, Ctrl-D ends.\n")
                     :format(pluvio.version, jit and jit.version or _VERSION))
     local next_line = stdin_lines()
     while true do
@@ -139,20 +194,27 @@ local function repl(pluvio)
         local f, err = load_input(input)
         while not f and err:sub(-7) == "'<eof>'" do
             io.stdout:write(">> ")
+            if w then
+                w.dropped = false
+            end
             io.stdout:flush()
             local more = next_line()
             if not more then    -- Ctrl-D in the middle: say why, and end
                 io.stdout:write(err, "\n")
                 return
             end
-            input = input .. "\n" .. more
+            if w and w.dropped then     -- Ctrl-C meanwhile: a new statement
+                input = more
+            else
+                input = input .. "\n" .. more
+            end
             f, err = load_input(input)
         end
         if not f then
             io.stdout:write(err, "\n")
         else
             -- (counted with select: # and maxn miss nils, a trailing one or all)
-            local r = pack(pcall(f))
+            local r = run_statement(pluvio, w, f)
             if not r[1] then
                 io.stdout:write(shown(r[2]), "\n")
             elseif r.n > 1 then
@@ -210,7 +272,12 @@ function M.main(opts)
             return chunk(...)
         end
         if opts.interactive then
-            repl(pluvio)
+            local w = watch_interrupts(pluvio)
+            local ok, err = pcall(repl, pluvio, w)
+            unwatch_interrupts(w)
+            if not ok then
+                error(err, 0)
+            end
         end
     end, unpack(args, 1, #args))
     if opts.stats then
