@@ -230,10 +230,15 @@ typedef struct pl_uring_options {
 } pl_uring_options_t;
 
 /* The result of a finished op: res is bytes (or the op's value, e.g. an fd)
- * or -errno; bytes counts what was transferred before an error. */
+ * or -errno; bytes counts what was transferred before an error.  A read or
+ * write also gives back what it was asked (len bytes at offset; write: 1
+ * for a write), so that an I/O queue need not keep it per op. */
 typedef struct pl_uring_result {
     int32_t res;
     uint32_t bytes;
+    uint32_t len;
+    int32_t write;
+    double offset;
 } pl_uring_result_t;
 
 /* What pl_uring_statx_decode makes of a struct statx. */

@@ -206,6 +206,9 @@ static inline void uring_op_take_done(pl_uring_t *u, uint32_t i, pl_uring_result
 
     out->res = op->res;
     out->bytes = op->done;
+    out->len = op->len;
+    out->write = op->kind == OP_WRITE;
+    out->offset = (double)op->offset;
     uring_op_free(u, i);
 }
 

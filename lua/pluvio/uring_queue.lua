@@ -41,8 +41,9 @@ function M.install(U)
         end
         local q = setmetatable({
             reactor = r, u = r.u, id = id, owner = t,
-            -- per op id + 1: the tag, file, offset and length it reports with
-            tags = {}, files = {}, offsets = {}, lens = {}, writes = {},
+            -- per op id + 1: the tag and file it reports with (its offset
+            -- and length come back with its result, from C)
+            tags = {}, files = {},
             result = ffi.new("pl_uring_result_t"),
         }, IoQueue)
         t:_own(q)
@@ -117,8 +118,7 @@ function M.install(U)
         if tag == nil then
             tag = buf
         end
-        self.tags[k], self.files[k], self.offsets[k], self.lens[k], self.writes[k] =
-            tag, f, offset, len, write
+        self.tags[k], self.files[k] = tag, f
         return true
     end
 
@@ -172,7 +172,7 @@ function M.install(U)
         local tags, files = self.tags, self.files
         local tag, f = tags[k], files[k]
         tags[k], files[k] = nil, nil    -- hold no reference past the op
-        return tag, fixed_result(f, self.writes[k], self.offsets[k], self.lens[k], result.res, result.bytes)
+        return tag, fixed_result(f, result.write ~= 0, result.offset, result.len, result.res, result.bytes)
     end
 
     -- q:pending(): ops started and not yet taken by wait.
@@ -189,7 +189,7 @@ function M.install(U)
     local function free(q)
         local n = C.pl_uring_queue_free(q.u, q.id)
         q.id = -1
-        q.tags, q.files, q.offsets, q.lens, q.writes = {}, {}, {}, {}, {}
+        q.tags, q.files = {}, {}
         return n
     end
 
