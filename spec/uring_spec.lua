@@ -231,6 +231,40 @@ describe("IoUringReactor", function()
         assert.is_false(ok)
         assert.matches('File.open: no io_uring reactor is registered on this runtime', err)
     end)
+
+    it("is registered on one runtime only, which keeps its files and its waiting tasks", function()
+        -- a second registration (a nested runtime, say) used to move the
+        -- reactor: its polls woke the tasks parked in the first runtime's
+        -- reads in the wrong runtime, and the first runtime's own files
+        -- were then "opened in another runtime"
+        local path = file_with("abcd")
+        local r = uring.reactor { buffer_count = 0 }
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring", r)
+        local got = rt:run(function()
+            local f = assert(uring.File.open(path, "r"))
+            local reader = pluvio.spawn(function() return f:read(0, 2) end)
+            local inner = pluvio.Runtime.new()
+            local ok, err = pcall(inner.register_reactor, inner, "io_uring", r)
+            assert.is_false(ok)
+            assert.equal('Runtime:register_reactor: cannot register "io_uring": this io_uring reactor is ' ..
+                         'registered on another runtime (a reactor serves one runtime: make one for each, ' ..
+                         'uring.reactor{...})', err)
+            assert.is_nil(inner:reactor("io_uring"))
+            inner:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
+            assert.equal("cd", inner:run(function()
+                local g = assert(uring.File.open(path, "r"))
+                local s = g:read(2, 2)
+                g:close()
+                return s
+            end))
+            local s = f:read(1, 2) .. reader:join()
+            f:close()
+            return s
+        end)
+        os.remove(path)
+        assert.equal("bcab", got)
+    end)
 end)
 
 describe("File and DmaFile", function()

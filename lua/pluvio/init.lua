@@ -717,6 +717,11 @@ function Runtime:register_reactor(name, reactor)
     end
     local cr = c_reactor_of(reactor)
     if cr then
+        local refused = type(reactor) == "table" and type(reactor._attach_refused) == "function" and
+                        reactor:_attach_refused(self)
+        if refused then
+            error(fname .. ": cannot register " .. check.show(name) .. ": " .. refused, 2)
+        end
         local rc = C.pl_runtime_register_reactor(self.crt, name, cr)
         if rc < 0 then
             error(fname .. ": cannot register " .. check.show(name) .. ": " .. core.errstr(rc), 2)

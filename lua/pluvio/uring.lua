@@ -215,6 +215,17 @@ function IoUringReactor:c_reactor()
     return C.pl_uring_reactor(self.u)
 end
 
+-- Why rt:register_reactor may not attach it to rt, or nil.  A reactor
+-- serves one runtime: its ops park that runtime's tasks and its polls wake
+-- them there, so a second runtime would take the wake-ups of the first's.
+function IoUringReactor:_attach_refused(rt)
+    if self.rt and self.rt ~= rt then
+        return "this io_uring reactor is registered on another runtime (a reactor serves one runtime: " ..
+               "make one for each, uring.reactor{...})"
+    end
+    return nil
+end
+
 -- Called by rt:register_reactor: ops park their task in C from now on.
 function IoUringReactor:attach(rt)
     C.pl_uring_attach(self.u, rt.crt)
