@@ -96,6 +96,24 @@ describe("rockspec/pluvio-scm-1.rockspec", function()
 end)
 
 describe("libpluvio.so", function()
+    it("says where it was looked for when it cannot be loaded", function()
+        local paths = ("LUA_PATH=%s "):format(q(root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;"))
+        local status, _, err = sh(CLEAN_ENV .. paths .. "PLUVIO_LIB=/nonexistent/libpluvio.so luajit -e " ..
+                                  q('require "pluvio"'))
+        assert.are_not.equal(0, status)
+        assert.matches("pluvio: cannot load libpluvio.so from PLUVIO_LIB (/nonexistent/libpluvio.so): " ..
+                       "/nonexistent/libpluvio.so: cannot open shared object file", err, 1, true)
+        -- found through package.cpath, but not a library
+        local dir = tmpdir()
+        assert.equal(0, (sh("echo junk > " .. q(dir .. "/libpluvio.so"))))
+        status, _, err = sh(CLEAN_ENV .. paths .. "LUA_CPATH=" .. q(dir .. "/?.so") .. " luajit -e " ..
+                            q('require "pluvio"'))
+        assert.are_not.equal(0, status)
+        assert.matches("pluvio: cannot load libpluvio.so from package.cpath (" .. dir .. "/libpluvio.so): ",
+                       err, 1, true)
+        sh("rm -rf " .. q(dir))
+    end)
+
     it("exports exactly the functions src/pluvio.h declares", function()
         local lib = os.getenv("PLUVIO_LIB") or (root .. "/build/libpluvio.so")
         local status, out = sh("nm -D --defined-only " .. q(lib))

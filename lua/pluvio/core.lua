@@ -8,21 +8,32 @@ local M = {}
 ffi.cdef(require "pluvio.cdef")
 
 -- The library sits where package.cpath finds C modules (LuaRocks' layout),
--- or where PLUVIO_LIB points.
+-- or where PLUVIO_LIB points; returns its path and where that came from.
 local function find_library()
     local path = os.getenv("PLUVIO_LIB")
     if path and path ~= "" then
-        return path
+        return path, "PLUVIO_LIB"
     end
     path = package.searchpath("libpluvio", package.cpath)
     if not path then
         error("pluvio: cannot find libpluvio.so in package.cpath (" .. package.cpath ..
               "); install Pluvio (make install or luarocks make) or set PLUVIO_LIB", 0)
     end
-    return path
+    return path, "package.cpath"
 end
 
-M.C = ffi.load(find_library())
+-- (ffi.load's own message names neither the variable nor the search: a
+-- stale PLUVIO_LIB, or a libucp.so the loader cannot find, says which.)
+local function load_library()
+    local path, from = find_library()
+    local ok, lib = pcall(ffi.load, path)
+    if not ok then
+        error(("pluvio: cannot load libpluvio.so from %s (%s): %s"):format(from, path, tostring(lib)), 0)
+    end
+    return lib
+end
+
+M.C = load_library()
 M.ffi = ffi
 
 local C = M.C
