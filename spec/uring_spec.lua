@@ -248,8 +248,8 @@ describe("IoUringReactor", function()
             local ok, err = pcall(inner.register_reactor, inner, "io_uring", r)
             assert.is_false(ok)
             assert.equal('Runtime:register_reactor: cannot register "io_uring": this io_uring reactor is ' ..
-                         'registered on another runtime (a reactor serves one runtime: make one for each, ' ..
-                         'uring.reactor{...})', err)
+                         'registered on another runtime, which is running (a reactor serves one runtime at a ' ..
+                         'time: make one for each, uring.reactor{...})', err)
             assert.is_nil(inner:reactor("io_uring"))
             inner:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
             assert.equal("cd", inner:run(function()
@@ -262,8 +262,17 @@ describe("IoUringReactor", function()
             f:close()
             return s
         end)
-        os.remove(path)
         assert.equal("bcab", got)
+        -- once that run has ended, the next runtime may have it
+        local after = pluvio.Runtime.new()
+        after:register_reactor("io_uring", r)
+        assert.equal("ab", after:run(function()
+            local f = assert(uring.File.open(path, "r"))
+            local s = f:read(0, 2)
+            f:close()
+            return s
+        end))
+        os.remove(path)
     end)
 end)
 

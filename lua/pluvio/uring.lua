@@ -216,12 +216,15 @@ function IoUringReactor:c_reactor()
 end
 
 -- Why rt:register_reactor may not attach it to rt, or nil.  A reactor
--- serves one runtime: its ops park that runtime's tasks and its polls wake
--- them there, so a second runtime would take the wake-ups of the first's.
+-- serves one running runtime: its ops park that runtime's tasks and its
+-- polls wake them there, so a second runtime (a nested one) would take the
+-- wake-ups of the first's.  Once that run has ended, the next runtime may
+-- have it, with the files it opened.
 function IoUringReactor:_attach_refused(rt)
-    if self.rt and self.rt ~= rt then
-        return "this io_uring reactor is registered on another runtime (a reactor serves one runtime: " ..
-               "make one for each, uring.reactor{...})"
+    local home = self.rt
+    if home and home ~= rt and home.running then
+        return "this io_uring reactor is registered on another runtime, which is running (a reactor " ..
+               "serves one runtime at a time: make one for each, uring.reactor{...})"
     end
     return nil
 end
