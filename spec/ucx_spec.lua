@@ -1316,6 +1316,34 @@ describe("UCX across processes", function()
 end)
 
 describe("UCX and the runtime", function()
+    it("wakes a task of the outer runtime for a message that arrives while a nested runtime runs", function()
+        -- the nested runtime polls the same UCX reactor: its wakes went to
+        -- the task in the same slot of the nested runtime, and the outer
+        -- receivers waited for good (a deadlock report)
+        local got = { pluvio.run(function()
+            local ctx = assert(ucx.Context.new())
+            local server, client = ctx:create_worker(), ctx:create_worker()
+            local inbox = server:am_stream(1)
+            local listener = assert(server:create_listener("127.0.0.1", 0))
+            local acc = pluvio.spawn(function() return listener:accept() end)
+            local ep = assert(client:connect_socket("127.0.0.1", listener:port()))
+            local sep = assert(acc:join())
+            local reader = pluvio.spawn(function() return inbox:wait_msg().header end)
+            local tagged = pluvio.spawn(function() return (server:tag_recv(5, 0, 100)) end)
+            pluvio.yield()                      -- both park
+            local inner = pluvio.run(function()
+                assert(ep:am_send(1, "to the outer reader", "x", false))
+                assert(ep:tag_send(5, "tagged"))
+                for _ = 1, 20 do pluvio.sleep(0.005) end    -- (both arrive meanwhile)
+                return "inner done"
+            end)
+            local r = { inner, pluvio.timeout(5, reader.join, reader), pluvio.timeout(5, tagged.join, tagged) }
+            ep:close(); sep:close(); listener:close(); server:close(); client:close(); ctx:close()
+            return unpack(r)
+        end) }
+        assert.same({ "inner done", "to the outer reader", "tagged" }, got)
+    end)
+
     it("idles in the kernel with an open listener, under 2% CPU over a second", function()
         -- os.clock is the CPU time of the whole process, UCX's threads too
         local status, out, err = helper.run_script([[

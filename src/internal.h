@@ -79,6 +79,7 @@ struct pl_runtime {
     int64_t spin_ns;
 
     pl_runtime_stats_t stats;
+    pl_runtime_t *next_live;    /* this thread's live runtimes (see pl_task_wake_any) */
 };
 
 int64_t pl_clock_ns(void);
@@ -105,6 +106,9 @@ int64_t pl_timer_next(const pl_runtime_t *rt);
 
 /* runtime.c */
 int pl_ready_push(pl_runtime_t *rt, uint32_t slot);
+/* The runtime of this thread's whose task (slot, gen) is live, hint first,
+ * or NULL.  Generations are unique in the process, so one has it at most. */
+pl_runtime_t *pl_task_home(pl_runtime_t *hint, uint32_t slot, uint32_t gen);
 /* Double a FIFO ring of elem-byte items (first_cap when empty), unrolled
  * so that its head is at index 0.  Returns 0 or -ENOMEM (ring unchanged). */
 int pl_fifo_grow(void **items, uint32_t *cap, uint32_t *head, uint32_t len, size_t elem,

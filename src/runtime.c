@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -84,6 +85,23 @@ static int task_table_grow(pl_runtime_t *rt)
     return 0;
 }
 
+/* This thread's live runtimes: a runtime nested in a task of another (and
+ * the one it nests in) shares the UCX reactor with it, whose wakes then go
+ * to the runtime that polled it last; pl_task_home finds the right one. */
+static _Thread_local pl_runtime_t *live_runtimes;
+
+/* Task generations come from one counter for the process, so that a task
+ * id (slot, gen) names one task of one runtime: a wake sent to another
+ * runtime finds no task there instead of a stranger in the same slot. */
+static _Atomic uint32_t last_gen;
+
+static uint32_t new_gen(void)
+{
+    uint32_t gen = atomic_fetch_add_explicit(&last_gen, 2, memory_order_relaxed) + 2;
+
+    return gen;     /* even: an ended task's gen + 1 is odd, so no new task has it */
+}
+
 pl_runtime_t *pl_runtime_new(uint32_t capacity, int *err)
 {
     pl_runtime_t *rt;
@@ -109,6 +127,8 @@ pl_runtime_t *pl_runtime_new(uint32_t capacity, int *err)
         goto fail_free;
     free_list_add_range(rt, 0, capacity);
     rt->stats.capacity = capacity;
+    rt->next_live = live_runtimes;
+    live_runtimes = rt;
     return rt;
 
 fail_free:
@@ -126,6 +146,12 @@ void pl_runtime_free(pl_runtime_t *rt)
 {
     if (!rt)
         return;
+    for (pl_runtime_t **p = &live_runtimes; *p; p = &(*p)->next_live) {
+        if (*p == rt) {
+            *p = rt->next_live;
+            break;
+        }
+    }
     io_uring_queue_exit(&rt->ring);
     free(rt->tasks);
     free(rt->heap);
@@ -242,6 +268,7 @@ int pl_task_spawn(pl_runtime_t *rt, uint32_t *gen)
     slot = rt->free_head;
     t = &rt->tasks[slot];
     rt->free_head = t->next_free;
+    t->gen = new_gen();
     t->state = PL_TASK_READY;
     t->wait = PL_WAIT_NONE;
     t->wait_arg = 0;
@@ -259,6 +286,23 @@ static struct pl_task *task_get(pl_runtime_t *rt, uint32_t slot)
     if (slot >= rt->capacity || rt->tasks[slot].state == PL_TASK_FREE)
         return NULL;
     return &rt->tasks[slot];
+}
+
+static bool task_is(pl_runtime_t *rt, uint32_t slot, uint32_t gen)
+{
+    const struct pl_task *t = task_get(rt, slot);
+
+    return t && t->gen == gen;
+}
+
+pl_runtime_t *pl_task_home(pl_runtime_t *hint, uint32_t slot, uint32_t gen)
+{
+    if (hint && task_is(hint, slot, gen))
+        return hint;
+    for (pl_runtime_t *rt = live_runtimes; rt; rt = rt->next_live)
+        if (rt != hint && task_is(rt, slot, gen))
+            return rt;
+    return NULL;
 }
 
 int pl_task_wake(pl_runtime_t *rt, uint32_t slot, uint32_t gen)

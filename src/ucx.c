@@ -257,10 +257,17 @@ void ucx_op_free(pl_ucx_worker_t *w, struct ucx_op *op)
     w->free_op = op->index;
 }
 
-void ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen)
+/* Wake task (slot, gen): of the runtime that polled the worker last, or,
+ * when that one has no such task, of the runtime it nests in or that nests
+ * in it (pl_task_home).  Returns pl_task_wake's result, -ESRCH for none. */
+int ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen)
 {
-    if (w->rt)
-        pl_task_wake(w->rt, slot, gen);
+    pl_runtime_t *rt;
+    int rc = w->rt ? pl_task_wake(w->rt, slot, gen) : -ESRCH;
+
+    if (rc == -ESRCH && (rt = pl_task_home(w->rt, slot, gen)) != NULL)
+        rc = pl_task_wake(rt, slot, gen);
+    return rc;
 }
 
 /* Called from UCX callbacks: record, wake, nothing else. */

@@ -362,10 +362,13 @@ static void stream_wake_one(struct ucx_stream *s)
     while (s->wlen > 0) {
         struct ucx_waiter wt = s->waiters[s->whead];
         pl_runtime_t *rt = s->w->rt;
+        double arg = (double)s->serial;
 
         s->whead = (s->whead + 1) % s->wcap;
         s->wlen--;
-        if (rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_STREAM, (double)s->serial) &&
+        if (!(rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_STREAM, arg)))
+            rt = pl_task_home(rt, wt.slot, wt.gen);     /* another runtime's task (see ucx_wake) */
+        if (rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_STREAM, arg) &&
             pl_task_wake(rt, wt.slot, wt.gen) >= 0)
             return;
     }

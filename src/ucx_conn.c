@@ -606,7 +606,7 @@ int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
         return -EBADF;
     if (l->len == 0) {
         if (l->has_waiter && (l->waiter_slot != slot || l->waiter_gen != gen) &&
-            w->rt && pl_task_wake(w->rt, l->waiter_slot, l->waiter_gen) >= 0)
+            ucx_wake(w, l->waiter_slot, l->waiter_gen) >= 0)
             return -EBUSY;      /* another live task is accepting */
         l->has_waiter = true;
         l->waiter_slot = slot;

@@ -215,7 +215,7 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer);
 int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep);
 int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,
                   struct ucx_op **op, ucp_request_param_t *p);
-void ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);
+int ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);
 void ucx_streams_wake_all(pl_ucx_worker_t *w);
 bool ucx_worker_has_peers(pl_ucx_worker_t *w);
 bool ucx_worker_over_window(const pl_ucx_worker_t *w);
