@@ -8,6 +8,7 @@ LUADIR      ?= $(PREFIX)/share/lua/5.1
 
 CC          ?= cc
 CFLAGS      ?= -O2 -g
+LDFLAGS     ?=
 BUILD       ?= build
 SANITIZE    ?=
 
@@ -35,7 +36,7 @@ export UCX_NET_DEVICES
 BUSTED      = busted --lua=luajit
 SPEC_FLAGS ?=
 
-.PHONY: all test demo bench bench-quick install uninstall clean help deps asan-test check-deps lint
+.PHONY: all rock test demo bench bench-quick install uninstall clean help deps asan-test check-deps lint
 
 C_BENCH    = $(BUILD)/uring_c_bench
 
@@ -49,14 +50,14 @@ $(BUILD)/%.o: src/%.c src/pluvio.h src/internal.h src/ucx_internal.h src/uring_i
 
 $(LIB): $(CORE_OBJ) src/pluvio.map
 	$(CC) $(SANITIZE) -shared -Wl,-z,nodelete -Wl,--version-script=src/pluvio.map -Wl,-Bsymbolic-functions \
-	    -o $@ $(CORE_OBJ) $(CORE_LIBS)
+	    -o $@ $(CORE_OBJ) $(LDFLAGS) $(CORE_LIBS)
 
 $(HOST): src/main.c | $(BUILD)
 	$(CC) $(PL_CFLAGS) $(LUAJIT_CFLAGS) -o $@ src/main.c $(LUAJIT_LIBS) -Wl,-E -ldl
 
 # The plain liburing loop the benchmarks compare against.
 $(C_BENCH): examples/uring_c_bench.c | $(BUILD)
-	$(CC) $(PL_CFLAGS) -o $@ $< -luring
+	$(CC) $(PL_CFLAGS) -o $@ $< $(LDFLAGS) -luring
 
 # The FFI cdef is the marked region of the public header: one source of truth.
 $(CDEF): src/pluvio.h Makefile
@@ -64,6 +65,10 @@ $(CDEF): src/pluvio.h Makefile
 	  echo 'return [==['; \
 	  sed -n '/^\/\* PL_CDEF_BEGIN \*\/$$/,/^\/\* PL_CDEF_END \*\/$$/{/PL_CDEF_/d;p}' src/pluvio.h; \
 	  echo ']==]'; } > $@
+
+rock: ## (luarocks make's target) a fresh build in BUILD, with the flags luarocks passes
+	rm -rf $(BUILD)
+	$(MAKE) all
 
 test: all ## build, then run every spec
 	@spec/run $(SPEC_FLAGS)
@@ -112,9 +117,9 @@ uninstall: ## remove what install put in place
 	rm -rf $(DESTDIR)$(LUADIR)/pluvio
 
 clean: ## remove build products
-	rm -rf build build-asan $(CDEF) luacov.*
+	rm -rf build build-asan build-rock $(CDEF) luacov.*
 
 help: ## list the targets
 	@echo "Pluvio make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
-	@echo "Variables: PREFIX=$(PREFIX) DESTDIR= BUILD=$(BUILD) CC=$(CC) CFLAGS='$(CFLAGS)'"
+	@echo "Variables: PREFIX=$(PREFIX) DESTDIR= BUILD=$(BUILD) CC=$(CC) CFLAGS='$(CFLAGS)' LDFLAGS='$(LDFLAGS)'"

@@ -29,12 +29,19 @@ external_dependencies = {
 }
 build = {
     type = "make",
-    build_target = "all",
+    build_target = "rock",
+    -- where luarocks found liburing and UCX (an HPC site's /opt/ucx, say):
+    -- headers, libraries, and the run path to them; afresh, in a build
+    -- directory of its own ("rock"), so that a `make` build of the checkout,
+    -- or one with other flags, is not taken as it is
     build_variables = {
-        CFLAGS = "$(CFLAGS)",
+        BUILD = "build-rock",
+        CFLAGS = "$(CFLAGS) -I$(UCX_INCDIR) -I$(URING_INCDIR)",
+        LDFLAGS = "-L$(UCX_LIBDIR) -L$(URING_LIBDIR) -Wl,-rpath,$(UCX_LIBDIR) -Wl,-rpath,$(URING_LIBDIR)",
     },
     install_target = "install",
     install_variables = {
+        BUILD = "build-rock",
         PREFIX = "$(PREFIX)",
         BINDIR = "$(BINDIR)",
         LIBDIR = "$(LIBDIR)",

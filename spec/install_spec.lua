@@ -87,11 +87,24 @@ end)
 describe("rockspec/pluvio-scm-1.rockspec", function()
     it("builds and installs with luarocks make into a tree that works", function()
         local tree = tmpdir()
+        -- UCX where luarocks is told (UCX_DIR: an HPC site's /opt/ucx, say;
+        -- here links to the system's): the build uses it, and the library
+        -- finds libucp there at run time
+        local ucx = tmpdir()
+        local libucp = io.popen("ldconfig -p | awk '/libucp.so / {print $NF; exit}'"):read("*l")
+        assert.is_string(libucp)
+        assert.equal(0, (sh("mkdir -p " .. q(ucx .. "/include") .. " " .. q(ucx .. "/lib") ..
+                            " && ln -s /usr/include/ucp " .. q(ucx .. "/include/ucp") ..
+                            " && ln -s " .. q(libucp) .. " " .. q(ucx .. "/lib/libucp.so"))))
         local status, out, err = sh("cd " .. q(root) .. " && luarocks --lua-version=5.1 --tree=" .. q(tree) ..
-                                    " make rockspec/pluvio-scm-1.rockspec")
+                                    " make rockspec/pluvio-scm-1.rockspec UCX_DIR=" .. q(ucx))
         assert.equal(0, status, out .. err)
+        assert.matches("-I" .. ucx .. "/include", out, 1, true)
+        assert.matches("-L" .. ucx .. "/lib", out, 1, true)
+        local _, dyn = sh("readelf -d " .. q(tree .. "/lib/lua/5.1/libpluvio.so"))
+        assert.matches(ucx .. "/lib", dyn, 1, true)     -- (RUNPATH)
         check_tree(tree)
-        sh("rm -rf " .. q(tree))
+        sh("rm -rf " .. q(tree) .. " " .. q(ucx))
     end)
 end)
 
