@@ -284,6 +284,31 @@ describe("pluvio.run and pluvio.wrap", function()
         end)
         assert.equal("fine", joined())
     end)
+
+    it("does not keep the rings of its earlier calls open until the collector runs", function()
+        -- A suite with a large live heap runs hundreds of tests between two
+        -- collections: each call's runtime and io_uring reactor (a ring fd
+        -- each, and a registered buffer pool) must not pile up meanwhile.
+        local uring = require "pluvio.uring"
+        local function open_fds()
+            local n = 0
+            for _ in require("lfs").dir("/proc/self/fd") do n = n + 1 end
+            return n
+        end
+        local body = pluvio.wrap(function()
+            local f = assert(uring.File.open("/proc/self/stat"))
+            assert.is_string(f:read(0, 16))
+            f:close()
+        end)
+        collectgarbage()
+        collectgarbage("stop")      -- as a large heap does: no collection for a while
+        finally(function() collectgarbage("restart") end)
+        local before = open_fds()
+        for _ = 1, 64 do
+            body()
+        end
+        assert.is_true(open_fds() - before <= 20, "open fds grew by " .. open_fds() - before)
+    end)
 end)
 
 describe("Runtime:set_affinity", function()

@@ -1111,12 +1111,37 @@ local function wrapped_results(rt, ...)
     return ...
 end
 
+-- The runtimes of earlier wrapped calls the collector has not freed yet.
+-- Each holds fds and memory LuaJIT's collector does not count (its ring;
+-- once it did I/O, its io_uring reactor's ring and buffer pool), so a
+-- suite with a large heap ran out of fds after about a thousand tests, or
+-- pinned 16 MiB per test that acquired a buffer.  A full collection once a
+-- few of them are unreachable bounds that; runtimes a test kept reachable
+-- raise the bound instead of making each call collect.
+local wrapped_runtimes = setmetatable({}, { __mode = "k" })
+local WRAPPED_UNCOLLECTED = 4
+local wrapped_collect_at = WRAPPED_UNCOLLECTED
+
+local function collect_wrapped_runtimes()
+    local n = 0
+    for _ in pairs(wrapped_runtimes) do n = n + 1 end
+    if n < wrapped_collect_at then
+        return
+    end
+    collectgarbage()        -- (runs the finalizers that close the rings)
+    n = 0
+    for _ in pairs(wrapped_runtimes) do n = n + 1 end
+    wrapped_collect_at = n + WRAPPED_UNCOLLECTED
+end
+
 -- pluvio.wrap(fn): a plain function that runs fn in a new runtime, for
 -- busted's it() and other synchronous callers.
 function M.wrap(fn)
     check.func("pluvio.wrap", "fn", fn)
     return function(...)
+        collect_wrapped_runtimes()
         local rt = M.default_runtime()
+        wrapped_runtimes[rt] = true
         return wrapped_results(rt, rt:run(fn, ...))
     end
 end
