@@ -285,6 +285,32 @@ describe("pluvio.run and pluvio.wrap", function()
         assert.equal("fine", joined())
     end)
 
+    it("puts the test body's position before an error that has none, not the position of its re-raise", function()
+        -- busted puts the position of the raise in front of a message
+        -- without one: pluvio's init.lua, for a deadlock or error(msg, 0)
+        local function next_line() return debug.getinfo(2, "l").currentline + 1 end
+        local line = next_line()
+        local deadlocked = pluvio.wrap(function()
+            pluvio.channel():recv()
+        end)
+        local ok, err = pcall(deadlocked)
+        assert.is_false(ok)
+        local want = "spec/runtime_spec.lua:" .. line .. ": deadlock: 1 task waits and nothing can wake it"
+        assert.equal(want, err:sub(1, #want))
+        line = next_line()
+        ok, err = pcall(pluvio.wrap(function() error("no position", 0) end))
+        assert.is_false(ok)
+        assert.matches("^spec/runtime_spec%.lua:" .. line .. ": no position\n", err)
+        line = next_line()
+        ok, err = pcall(pluvio.wrap(function() pluvio.spawn(function() error("lost", 0) end) end))
+        assert.is_false(ok)
+        assert.matches("^spec/runtime_spec%.lua:" .. line .. ": pluvio%.wrap: 1 task%(s%) failed", err)
+        line = next_line()
+        ok, err = pcall(pluvio.wrap(function() error("has one") end))   -- as it is
+        assert.matches("^spec/runtime_spec%.lua:" .. line .. ": has one\n", err)
+        assert.matches("^no position\n", select(2, pcall(pluvio.wrap(error), "no position", 0)))   -- (a C body)
+    end)
+
     it("does not keep the rings of its earlier calls open until the collector runs", function()
         -- A suite with a large live heap runs hundreds of tests between two
         -- collections: each call's runtime and io_uring reactor (a ring fd

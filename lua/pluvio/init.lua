@@ -1101,12 +1101,30 @@ function M.run(fn, ...)
     return M.default_runtime():run(fn, ...)
 end
 
--- fn's results, unless a task failed and nobody joined it: a test passes
--- only if nothing failed unseen.
-local function wrapped_results(rt, ...)
+-- A string error without a position (a deadlock, error(msg, 0)) gets the
+-- position of the wrapped fn: busted would put the position it was raised
+-- at in front of it, which is pluvio's own re-raise, not the test's line.
+-- (busted's own test for a position.)
+local function positioned(fn, e)
+    if type(e) ~= "string" or e:match("^[^\n]-:%d+: ") then
+        return e
+    end
+    local info = debug.getinfo(fn, "S")
+    if info.what == "C" then
+        return e
+    end
+    return format("%s:%d: %s", info.short_src, info.linedefined, e)
+end
+
+-- fn's results, unless fn raised or a task failed and nobody joined it: a
+-- test passes only if nothing failed unseen.
+local function wrapped_results(rt, fn, ok, ...)
+    if not ok then
+        error(positioned(fn, (...)), 0)
+    end
     if rt.n_unjoined > 0 then
-        error(format("pluvio.wrap: %d task(s) failed and nobody joined them; the first: %s",
-                     rt.n_unjoined, rt.first_unjoined), 0)
+        error(positioned(fn, format("pluvio.wrap: %d task(s) failed and nobody joined them; the first: %s",
+                                    rt.n_unjoined, rt.first_unjoined)), 0)
     end
     return ...
 end
@@ -1142,7 +1160,7 @@ function M.wrap(fn)
         collect_wrapped_runtimes()
         local rt = M.default_runtime()
         wrapped_runtimes[rt] = true
-        return wrapped_results(rt, rt:run(fn, ...))
+        return wrapped_results(rt, fn, pcall(rt.run, rt, fn, ...))
     end
 end
 
