@@ -20,6 +20,28 @@ describe("Runtime.new", function()
     end)
 end)
 
+describe("Runtime.new out of fds", function()
+    it("says the process has too many open files, without asking whether io_uring is allowed", function()
+        local script = helper.tmp_path(".lua")
+        local f = assert(io.open(script, "w"))
+        f:write([[
+            local pluvio = require "pluvio"
+            collectgarbage("stop")
+            local kept = {}
+            for _ = 1, 100 do
+                local ok, err = pcall(pluvio.Runtime.new)
+                if not ok then io.write(err) return end
+                kept[#kept + 1] = err
+            end
+        ]])
+        f:close()
+        local status, out, err = helper.sh("ulimit -n 40; " .. helper.quote(helper.host) .. " " .. helper.quote(script))
+        os.remove(script)
+        assert.equal(0, status, err)
+        assert.equal("Runtime.new: cannot create the runtime: EMFILE: Too many open files", out:match("[^:]*: (.*)"))
+    end)
+end)
+
 describe("Runtime:run", function()
     it("returns the main function's results after every task has finished", function()
         local rt = pluvio.Runtime.new()

@@ -20,6 +20,7 @@ local BATCH = 256                 -- slots taken from the ready ring per tick
 local DEFAULT_CAPACITY = 1024
 local MAX_CAPACITY = 16777216     -- PL_MAX_TASKS
 local EDEADLK = core.errno.EDEADLK
+local EPERM, EACCES, ENOSYS = 1, 13, 38     -- how the kernel refuses io_uring
 
 -- What a task yields to the loop.  WAIT: it parked itself in C already
 -- (an I/O start); PARK, kind, arg: park it; SLEEP, seconds: put it to
@@ -636,9 +637,9 @@ local function new_runtime(capacity)
     local err = ffi.new("int[1]")
     local crt = C.pl_runtime_new(capacity, err)
     if crt == nil then
+        local refused = err[0] == -EPERM or err[0] == -EACCES or err[0] == -ENOSYS
         error("Runtime.new: cannot create the runtime: " .. core.errstr(err[0]) ..
-              (err[0] == -core.errno.ENOMEM and "" or
-               " (the runtime blocks in io_uring: is io_uring allowed here?)"), 3)
+              (refused and " (the runtime blocks in io_uring: is io_uring allowed here?)" or ""), 3)
     end
     local rt = setmetatable({
         crt = ffi.gc(crt, C.pl_runtime_free),
