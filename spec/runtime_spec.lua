@@ -541,7 +541,9 @@ describe("Runtime:stats and Runtime:tasks", function()
             local times = {}
             for _, t in ipairs(rt:tasks()) do times[t.name] = t.run_time end
             assert.is_true(times.busy >= 0.029 and times.busy < 0.2, "busy ran " .. times.busy .. " s")
-            assert.is_true(times.sleeper < 0.005, "sleeper ran " .. times.sleeper .. " s")
+            -- charged for its sleeps it would have 0.02 s at least; its two
+            -- short runs stay well below that even on a loaded machine
+            assert.is_true(times.sleeper < 0.015, "sleeper ran " .. times.sleeper .. " s")
             busy:kill()
             sleeper:kill()
         end)
