@@ -238,6 +238,12 @@ describe("IoUringReactor", function()
         -- reads in the wrong runtime, and the first runtime's own files
         -- were then "opened in another runtime"
         local path = file_with("abcd")
+        local function read_there(off)     -- a task's read of 2 bytes at off, in a file of its own
+            local g = assert(uring.File.open(path, "r"))
+            local s = g:read(off, 2)
+            g:close()
+            return s
+        end
         local r = uring.reactor { buffer_count = 0 }
         local rt = pluvio.Runtime.new()
         rt:register_reactor("io_uring", r)
@@ -252,12 +258,7 @@ describe("IoUringReactor", function()
                          'time: make one for each, uring.reactor{...})', err)
             assert.is_nil(inner:reactor("io_uring"))
             inner:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
-            assert.equal("cd", inner:run(function()
-                local g = assert(uring.File.open(path, "r"))
-                local s = g:read(2, 2)
-                g:close()
-                return s
-            end))
+            assert.equal("cd", inner:run(read_there, 2))
             local s = f:read(1, 2) .. reader:join()
             f:close()
             return s
@@ -266,12 +267,7 @@ describe("IoUringReactor", function()
         -- once that run has ended, the next runtime may have it
         local after = pluvio.Runtime.new()
         after:register_reactor("io_uring", r)
-        assert.equal("ab", after:run(function()
-            local f = assert(uring.File.open(path, "r"))
-            local s = f:read(0, 2)
-            f:close()
-            return s
-        end))
+        assert.equal("ab", after:run(read_there, 0))
         os.remove(path)
     end)
 end)
