@@ -364,7 +364,7 @@ static void stream_wake_one(struct ucx_stream *s)
         pl_runtime_t *rt = s->w->rt;
         double arg = (double)s->serial;
 
-        s->whead = (s->whead + 1) % s->wcap;
+        s->whead = s->whead + 1 == s->wcap ? 0 : s->whead + 1;
         s->wlen--;
         if (!(rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_STREAM, arg)))
             rt = pl_task_home(rt, wt.slot, wt.gen);     /* another runtime's task (see ucx_wake) */
@@ -378,7 +378,7 @@ static void stream_wake_all(struct ucx_stream *s)
 {
     while (s->wlen > 0) {
         struct ucx_waiter wt = s->waiters[s->whead];
-        s->whead = (s->whead + 1) % s->wcap;
+        s->whead = s->whead + 1 == s->wcap ? 0 : s->whead + 1;
         s->wlen--;
         ucx_wake(s->w, wt.slot, wt.gen);
     }
@@ -557,6 +557,8 @@ void ucx_streams_free(pl_ucx_worker_t *w)
 
 static int waiter_push(struct ucx_stream *s, uint32_t slot, uint32_t gen)
 {
+    uint32_t at;
+
     for (uint32_t k = 0; k < s->wlen; k++) {
         struct ucx_waiter *wt = &s->waiters[(s->whead + k) % s->wcap];
         if (wt->slot == slot && wt->gen == gen)
@@ -565,7 +567,8 @@ static int waiter_push(struct ucx_stream *s, uint32_t slot, uint32_t gen)
     if (s->wlen == s->wcap &&
         pl_fifo_grow((void **)&s->waiters, &s->wcap, &s->whead, s->wlen, sizeof(*s->waiters), 8) < 0)
         return -ENOMEM;
-    s->waiters[(s->whead + s->wlen++) % s->wcap] = (struct ucx_waiter){ slot, gen };
+    at = s->whead + s->wlen++;
+    s->waiters[at >= s->wcap ? at - s->wcap : at] = (struct ucx_waiter){ slot, gen };   /* (no division) */
     return 0;
 }
 
