@@ -947,6 +947,23 @@ describe("UCX misuse and failures", function()
         assert.equal("nil\tContext:create_worker: the UCX reactor progresses at most 32 workers at once " ..
                      "(close one first)\tEMFILE\ntrue\n", out)
     end)
+
+    it("counts no worker nobody holds any more in the 32: create_worker collects them first", function()
+        -- (tests that never close their workers, each in a context of its
+        -- own, ran out after 32 until the collector happened to run)
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            collectgarbage("stop")
+            for i = 1, 40 do
+                local ctx = assert(ucx.Context.new({ wakeup = false }))
+                local w, why = ctx:create_worker()
+                if not w then print(i, why) end
+            end
+            print("made 40")
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("made 40\n", out)
+    end)
 end)
 
 describe("UCX flow control", function()

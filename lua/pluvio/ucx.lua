@@ -289,6 +289,10 @@ function Context:create_worker(opts)
     self.workers[worker] = true
     live_workers[worker] = true
     local rc, why = auto_register(worker)
+    if rc == EMFILE then    -- full: of workers nobody closed, perhaps, which a collection frees
+        collectgarbage()
+        rc, why = auto_register(worker)
+    end
     if rc < 0 then          -- nothing would progress it: not a worker to hand out
         worker:close()
         return nil, "Context:create_worker: " .. why, errname(rc)
