@@ -377,10 +377,10 @@ else
 end
 ctx:close()
 
-if not o.keep and not o.dir then
+if not o.keep then              -- in a --dir too: its files, not the directory
     uring.unlink(src_path)
     uring.unlink(dst_path)
-    uring.rmdir(dir)
+    if not o.dir then uring.rmdir(dir) end
 end
 if o.json then
     bench.write_json(o.json, result)

@@ -182,6 +182,18 @@ describe("examples/pipeline.lua", function()
         assert.equal(2, st)
         assert.matches("^pipeline: %-%-chunk must be a multiple of 4096", err)
     end)
+
+    it("removes the files it wrote into --dir, unless --keep", function()
+        local dir = helper.tmp_path()
+        assert(helper.exec("mkdir " .. q(dir)) == 0)
+        local status, _, err = run("pipeline.lua", "--size 64k --chunk 16k --quiet --dir " .. q(dir))
+        assert.equal(0, status, err)
+        assert.equal("", select(2, sh("ls -A " .. q(dir))))
+        status, _, err = run("pipeline.lua", "--size 64k --chunk 16k --quiet --keep --dir " .. q(dir))
+        assert.equal(0, status, err)
+        assert.equal("received.bin\nsource.bin\n", select(2, sh("ls -A " .. q(dir))))
+        helper.exec("rm -r " .. q(dir))
+    end)
 end)
 
 -- A --dir whose `name` is /dev/full: every write to that file fails with
