@@ -295,7 +295,7 @@ if o.server then
     local written = receive(w, function() return ep end, data_stream, done_stream, dst_path)
     local sum = checksum_file(dst_path, written)
     must(ep:am_send(RESULT, ("%d %s"):format(written, sum), nil))
-    say("pipeline: received %d MiB in %.2f s, checksum %s\n", math.floor(written / 1048576), pluvio.now() - t0, sum)
+    say("pipeline: received %s in %.2f s, checksum %s\n", bench.bytes(written), pluvio.now() - t0, sum)
     peer = nil
     pluvio.sleep(0.1)
     ep:close()
@@ -349,8 +349,8 @@ else
     result.transfer_s = pluvio.now() - t
     progress:done()
     result.mib_s = sent / result.transfer_s / 1048576
-    say("  2-4. read, sent, received, written %d MiB %12.2f s  (%.0f MiB/s, %d chunks acknowledged)\n",
-        math.floor(sent / 1048576), result.transfer_s, result.mib_s, acked)
+    say("  2-4. read, sent, received, written %s %12.2f s  (%.0f MiB/s, %d chunks acknowledged)\n",
+        bench.bytes(sent), result.transfer_s, result.mib_s, acked)
 
     t = pluvio.now()
     local local_sum = checksum_file(src_path, o.size)

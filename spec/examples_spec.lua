@@ -183,6 +183,13 @@ describe("examples/pipeline.lua", function()
         assert.matches("^pipeline: %-%-chunk must be a multiple of 4096", err)
     end)
 
+    it("reports a transfer of less than a MiB in KiB, not as 0 MiB", function()
+        local status, out, err = run("pipeline.lua", "--size 64k --chunk 16k --quiet")
+        assert.equal(0, status, err)
+        assert.matches("pipeline: 64 KiB of data, 16 KiB chunks", out, 1, true)
+        assert.matches("2-4. read, sent, received, written 64 KiB ", out, 1, true)
+    end)
+
     it("removes the files it wrote into --dir, unless --keep", function()
         local dir = helper.tmp_path()
         assert(helper.exec("mkdir " .. q(dir)) == 0)
