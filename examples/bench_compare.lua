@@ -18,7 +18,7 @@ local spec = {
         { "size", "size", 1073741824, "its size", min = 1048576 },
         { "output", "string", "docs/PERFORMANCE.md", "where the report goes ('-' for none)" },
         { "only", "string", nil, "uring or ucx: run one half", choices = { "uring", "ucx" } },
-        { "cpu", "integer", -2, "pin the file tests to this CPU (-1: no pinning; default: the last CPU)" },
+        { "cpu", "integer", nil, "pin the file tests to this CPU (-1: no pinning; default: the last CPU)" },
     },
 }
 local o = bench.parse_args(spec, arg)
@@ -53,13 +53,13 @@ end
 local pin = ""
 do
     local ncpu = tonumber((sh_out("nproc"))) or 1
-    if o.cpu < -2 or o.cpu >= ncpu then
+    if o.cpu and (o.cpu < -1 or o.cpu >= ncpu) then
         io.stderr:write(("bench_compare: --cpu must be -1 (no pinning) or a CPU from 0 to %d (got %d)\n")
             :format(ncpu - 1, o.cpu))
         os.exit(2)
     end
     if o.cpu ~= -1 and have("taskset") then
-        pin = ("taskset -c %d "):format(o.cpu == -2 and ncpu - 1 or o.cpu)
+        pin = ("taskset -c %d "):format(o.cpu or ncpu - 1)
     end
 end
 

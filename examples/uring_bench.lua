@@ -23,7 +23,7 @@ local spec = {
         { "fixed", "flag", false, "registered buffers (read_fixed / write_fixed)" },
         { "queue", "flag", false, "one task keeps --iodepth operations in flight on an I/O queue (with --fixed)" },
         { "runtime", "number", 0, "seconds to run (0: transfer --bytes)", min = 0, max = 1e6 },
-        { "bytes", "size", 0, "bytes to transfer (default: --size)" },
+        { "bytes", "size", nil, "bytes to transfer (default: --size)" },
         { "file", "string", nil, "file to use (default: a temporary file, removed after)" },
         { "verify", "flag", false, "write a pattern, read it back and check every block" },
         { "fsync-every", "integer", 0, "fsync after this many writes (0: never)", min = 0 },
@@ -60,7 +60,7 @@ if o.fsync_every < 0 then fail("--fsync-every must be >= 0") end
 local writes = o.rw == "write" or o.rw == "randwrite" or o.rw == "rw"
 local random = o.rw:match("^rand") ~= nil or o.rw == "rw"
 local nblocks = math.floor(o.size / o.bs)
-local total_bytes = o.bytes > 0 and o.bytes or o.size
+local total_bytes = o.bytes and o.bytes > 0 and o.bytes or o.size
 local total_ops = math.max(1, math.floor(total_bytes / o.bs))
 local temp = o.file == nil
 local path = o.file

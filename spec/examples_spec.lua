@@ -77,6 +77,22 @@ describe("examples/uring_bench.lua", function()
     end)
 end)
 
+describe("the scripts' --help", function()
+    it("states each option's default once, as the script applies it", function()
+        for _, script in ipairs({ "pipeline.lua", "uring_bench.lua", "remoteio.lua", "ucx_bench.lua",
+                                  "runtime_bench.lua", "bench_compare.lua" }) do
+            local status, out = run(script, "--help")
+            assert.equal(0, status, script)
+            for line in out:gmatch("[^\n]+") do
+                assert.is_true(select(2, line:gsub("%(default", "")) <= 1, script .. ": " .. line)
+            end
+        end
+        local st, _, err = run("bench_compare.lua", "--cpu -2 --output -")
+        assert.equal(2, st)
+        assert.matches("^bench_compare: %-%-cpu must be %-1 %(no pinning%) or a CPU from 0 to %d+ %(got %-2%)\n$", err)
+    end)
+end)
+
 describe("examples/ucx_bench.lua", function()
     it("measures latency and bandwidth in one process and counts what it sent", function()
         local status, r, _, err = run_json("ucx_bench.lua", "--loopback --sizes 8,64k --iters 50 --warmup 5")
