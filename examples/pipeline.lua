@@ -27,6 +27,7 @@ local spec = {
         { "dir", "string", nil, "where the files go (default: a temporary directory)" },
         { "direct", "flag", false, "O_DIRECT on both files" },
         { "server", "flag", false, "be the receiving end (prints its port)" },
+        { "host", "string", "127.0.0.1", "address --server listens on (0.0.0.0: all of them)" },
         { "port", "integer", 0, "port for --server (0: any)", min = 0, max = 65535 },
         { "connect", "string", nil, "send to a --server at HOST:PORT" },
         { "keep", "flag", false, "keep the files" },
@@ -284,8 +285,8 @@ if o.server then
     local data_stream = w:am_stream(DATA, { window = 2 * o.window })
     local done_stream = w:am_stream(DONE)
     local errors = w:am_stream(ERROR)
-    local l = must(w:create_listener("127.0.0.1", o.port))
-    io.write(("pipeline: receiving on 127.0.0.1:%d into %s\n"):format(l:port(), dst_path))
+    local l = must(w:create_listener(o.host, o.port))
+    io.write(("pipeline: receiving on %s into %s\n"):format(l:address(), dst_path))
     io.stdout:flush()
     local ep = must(l:accept())
     l:close()

@@ -30,6 +30,7 @@ local spec = {
         { "window", "integer", 8, "requests in flight", min = 1, max = 256 },
         { "loopback", "flag", false, "both ends in this process (the default)" },
         { "server", "flag", false, "serve requests on --port until the client says goodbye" },
+        { "host", "string", "127.0.0.1", "address --server listens on (0.0.0.0: all of them)" },
         { "port", "integer", 0, "port for --server (0: any, printed)", min = 0, max = 65535 },
         { "connect", "string", nil, "HOST:PORT of a --server" },
         { "direct", "flag", false, "O_DIRECT files" },
@@ -311,9 +312,9 @@ if o.server then
     local w = must(ctx:create_worker())
     local requests = w:am_stream(REQ, { window = 4 * o.window })
     local errors = w:am_stream(ERROR)
-    local l, err = w:create_listener("127.0.0.1", o.port)
+    local l, err = w:create_listener(o.host, o.port)
     if not l then fail(err) end
-    io.write(("remoteio: serving on 127.0.0.1:%d, file %s/server.bin\n"):format(l:port(), dir))
+    io.write(("remoteio: serving on %s, file %s/server.bin\n"):format(l:address(), dir))
     io.stdout:flush()
     local ep = must(l:accept())
     l:close()

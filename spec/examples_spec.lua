@@ -260,6 +260,26 @@ local function finished(p)
     return rc, err
 end
 
+describe("examples/pipeline.lua and remoteio.lua as two processes", function()
+    it("listen on the address --host names, so that another machine can connect", function()
+        for script, word in pairs({ ["pipeline.lua"] = "receiving on", ["remoteio.lua"] = "serving on" }) do
+            local srv, proc = background(script, "--server --quiet --host 0.0.0.0")
+            local line = srv:read("*l")
+            local port = line and line:match(word .. " 0%.0%.0%.0:(%d+)")
+            if not port then
+                srv:close()
+                error(script .. ": the server did not start: " .. tostring(line) .. "\n" .. select(2, finished(proc)))
+            end
+            local status, _, err = sh("timeout 60 " .. q(helper.host) .. " " .. q(helper.root .. "/examples/" .. script) ..
+                                      " --connect 127.0.0.1:" .. port .. " --size 1m --quiet")
+            local server_status, server_err = finished(proc)
+            srv:close()
+            assert.equal(0, status, script .. ": " .. err)
+            assert.equal(0, server_status, script .. ": " .. server_err)
+        end
+    end)
+end)
+
 describe("examples/pipeline.lua on a full disk", function()
     it("stops with the write's error, one line and exit 2, when either file cannot be written", function()
         for _, name in ipairs({ "source.bin", "received.bin" }) do
