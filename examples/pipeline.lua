@@ -79,7 +79,7 @@ local function join_all(tasks)
     for i = 1, #tasks do joined(tasks[i]) end
 end
 if o.chunk < 4096 or o.chunk % 4096 ~= 0 then fail("--chunk must be a multiple of 4096 (got " .. o.chunk .. ")") end
-if o.size < o.chunk then fail("--size must be at least --chunk") end
+if o.size < o.chunk then fail(("--size must be at least --chunk %d (got %d)"):format(o.chunk, o.size)) end
 if o.size % 4096 ~= 0 then fail("--size must be a multiple of 4096 (got " .. o.size .. ")") end
 if o.server and o.connect then fail("choose --server or --connect, not both") end
 local connect_host, connect_port

@@ -80,7 +80,8 @@ local function joined(t)
 end
 if o.mode ~= "write" and o.mode ~= "read" then fail("--mode must be write or read (got " .. o.mode .. ")") end
 if o.chunk < 4096 or o.chunk % 4096 ~= 0 then fail("--chunk must be a multiple of 4096") end
-if o.size < o.chunk or o.size % 4096 ~= 0 then fail("--size must be a multiple of 4096 and at least --chunk") end
+if o.size < o.chunk then fail(("--size must be at least --chunk %d (got %d)"):format(o.chunk, o.size)) end
+if o.size % 4096 ~= 0 then fail(("--size must be a multiple of 4096 (got %d)"):format(o.size)) end
 if (o.server and o.connect) or (o.loopback and (o.server or o.connect)) then
     fail("choose one of --loopback, --server and --connect")
 end
