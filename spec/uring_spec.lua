@@ -270,6 +270,33 @@ describe("IoUringReactor", function()
         assert.equal("ab", after:run(read_there, 0))
         os.remove(path)
     end)
+
+    it("serves its first runtime again when that runs after another registered it", function()
+        -- the later registration left the first runtime's reactor attached
+        -- to the other one: a file opened in the first was "opened in
+        -- another runtime" there, and its reads parked its tasks elsewhere
+        local path = file_with("abcd")
+        local r = uring.reactor { buffer_count = 0 }
+        local first, second = pluvio.Runtime.new(), pluvio.Runtime.new()
+        first:register_reactor("io_uring", r)
+        local function read_there(off)
+            local g = assert(uring.File.open(path, "r"))
+            local s = g:read(off, 2)
+            g:close()
+            return s
+        end
+        assert.equal("ab", first:run(read_there, 0))
+        second:register_reactor("io_uring", r)
+        assert.equal("bc", second:run(read_there, 1))
+        assert.equal("cd", first:run(read_there, 2))
+        -- and not while the other one runs (first nested in a task of second)
+        local ok, err = second:run(function() return pcall(first.run, first, read_there, 0) end)
+        assert.is_false(ok)
+        assert.equal('Runtime:run: cannot run: its reactor "io_uring": this io_uring reactor is registered ' ..
+                     'on another runtime, which is running (a reactor serves one runtime at a time: make ' ..
+                     'one for each, uring.reactor{...})', err)
+        os.remove(path)
+    end)
 end)
 
 describe("File and DmaFile", function()

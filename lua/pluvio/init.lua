@@ -978,6 +978,22 @@ local function loop(rt, done)
     return true
 end
 
+-- A reactor that serves one runtime at a time (an io_uring one) and that
+-- another runtime registered since rt's last run serves rt again: else its
+-- ops would park rt's tasks in the other runtime, and rt's own files would
+-- be "opened in another runtime".  Refused while that other one runs.
+local function reclaim_reactors(rt, fname)
+    for name, reactor in pairs(rt.reactors) do
+        if type(reactor) == "table" and type(reactor._attach_refused) == "function" then
+            local refused = reactor:_attach_refused(rt)
+            if refused then
+                error(fname .. ": cannot run: its reactor " .. check.show(name) .. ": " .. refused, 3)
+            end
+            reactor:attach(rt)
+        end
+    end
+end
+
 -- Run fn(...) as the main task; until_all: wait for every task (run) or
 -- only the main one (block_on).  Returns the main task's results; raises its
 -- error (and then cancels the tasks left).
@@ -987,6 +1003,7 @@ local function drive(rt, fname, until_all, fn, ...)
     if rt.running then
         error(fname .. ": this runtime is already running (a task cannot run its own runtime)", 3)
     end
+    reclaim_reactors(rt, fname)
     local outer_rt = current_rt
     local outer_task = outer_rt and outer_rt.current
     if outer_task then
