@@ -148,6 +148,34 @@ describe("a TCP listener", function()
         assert.is_true(is_open(fd))
         v:close()
     end))
+
+    it("given to a task that was killed or failed is collected while the task is held", pluvio.wrap(function()
+        -- such a task kept its arguments and what it waited on (the runtime
+        -- lists an unjoined failed one for its report): the sockets of a
+        -- server's failed handlers stayed open as long as the runtime
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local fds = {}
+        local function pair()
+            local srv = pluvio.spawn(function() return assert(l:accept()) end)
+            local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+            local s = srv:join()
+            fds[#fds + 1], fds[#fds + 2] = c.fd, s.fd
+            return c, s
+        end
+        local killed = pluvio.spawn(function(c, s) return c:recv(1), s end, pair())
+        local failed = pluvio.spawn(function(c, s) pluvio.sleep(0.001) error("handler failed", 0) end, pair())
+        pluvio.yield()
+        assert.is_true(killed:kill())
+        local ok, err = failed:join()
+        assert.is_nil(ok)
+        assert.matches("^handler failed", err)
+        for i = 1, #fds do assert.is_true(is_open(fds[i]), "fd " .. i) end
+        collectgarbage()
+        collectgarbage()
+        for i = 1, #fds do assert.is_false(is_open(fds[i]), "fd " .. i) end
+        assert.equal("cancelled", killed.final)     -- (held until here)
+        l:close()
+    end))
 end)
 
 describe("a TCP socket's send", function()

@@ -355,6 +355,12 @@ end
 local function finish(rt, t, final, was_running)
     t.live = false
     t.final = final
+    if final ~= "done" then
+        -- a killed or failed task kept its arguments (task_body lets them go
+        -- when fn returns) and what it waited on: a socket given to a failed
+        -- handler, which the list of failed tasks holds, was never collected
+        t.a1, t.a2, t.a3, t.args, t.fn, t.waiting_for = nil, nil, nil, nil, nil, nil
+    end
     rt.slots[t.slot] = nil
     rt.nlive = rt.nlive - 1
     local outcome = final == "done" and C.PL_TASK_DONE
