@@ -7,7 +7,8 @@
  * once; pl_interrupt_unwatch puts the earlier action back and closes both
  * ends.  The handler only writes to the pipe (async-signal-safe), or, for
  * a second SIGINT that nobody took (a statement that never yields lets no
- * task read the pipe), puts the earlier action back and raises it again.
+ * task read the pipe), puts the earlier action back and raises it again
+ * (unless SIGINT was ignored before: then the handler stays).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -26,8 +27,10 @@ static void on_sigint(int sig)
     int saved = errno;
 
     if (untaken) {
-        sigaction(SIGINT, &earlier, NULL);
-        raise(sig);
+        if (earlier.sa_handler != SIG_IGN) {    /* (ignored before: stay, rather than go deaf) */
+            sigaction(SIGINT, &earlier, NULL);
+            raise(sig);
+        }
     } else {
         untaken = 1;
         if (write(pipe_fds[1], "\x03", 1) < 0) {

@@ -590,7 +590,8 @@ const char *pl_version(void);
  * the pipe's read end (non-blocking) for a task to read, or -errno; again,
  * the same fd.  pl_interrupt_taken drains the pipe once the interrupt was
  * handled: a second SIGINT before that (nobody could read the pipe: a
- * statement that never yields) puts the earlier action back and raises it.
+ * statement that never yields) puts the earlier action back and raises it
+ * (unless SIGINT was ignored before: then it stays ignored).
  * pl_interrupt_unwatch puts the earlier action back and closes the pipe. */
 int pl_interrupt_watch(void);
 void pl_interrupt_taken(void);

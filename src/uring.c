@@ -572,15 +572,17 @@ static void iov_advance(struct uring_op *op, uint32_t n)
 }
 
 /* The file's O_DIRECT offset alignment: what STATX_DIOALIGN reports, else
- * 512 (the smallest logical block). */
+ * (a kernel before 6.1) the file system's block size, as DmaFile's checks
+ * take it, else 512. */
 static uint32_t direct_offset_align(int fd)
 {
     struct statx st;
 
-    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &st) == 0 &&
-        (st.stx_mask & STATX_DIOALIGN) && st.stx_dio_offset_align > 0)
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN | STATX_BASIC_STATS, &st) != 0)
+        return 512;
+    if ((st.stx_mask & STATX_DIOALIGN) && st.stx_dio_offset_align > 0)
         return st.stx_dio_offset_align;
-    return 512;
+    return st.stx_blksize > 0 ? st.stx_blksize : 512;
 }
 
 /* Whether a short read ended at the end of an O_DIRECT file: only there
