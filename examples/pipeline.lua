@@ -303,13 +303,10 @@ if o.server then
     w:close()
 else
     local progress = bench.progress("pipeline", o.quiet)
-    local t = pluvio.now()
     say("pipeline: %s of data, %s chunks, %d in flight%s\n", bench.bytes(o.size), bench.bytes(o.chunk),
         o.window, o.direct and ", O_DIRECT" or "")
-    generate(src_path)
-    result.generate_s = pluvio.now() - t
-    say("  1. generated %-28s %6.2f s\n", src_path, result.generate_s)
 
+    -- the other end first: a wrong --connect fails before the file is written
     local w = must(ctx:create_worker())
     local ack_stream = w:am_stream(ACK, { window = 4 * o.window })
     local receiver, remote_sum
@@ -344,6 +341,11 @@ else
         ep = must(w:connect_addr(rw:address()))
     end
     local result_stream = w:am_stream(RESULT)
+
+    local t = pluvio.now()
+    generate(src_path)
+    result.generate_s = pluvio.now() - t
+    say("  1. generated %-28s %6.2f s\n", src_path, result.generate_s)
 
     t = pluvio.now()
     local sent, acked = send(ep, ack_stream, src_path, progress)

@@ -220,6 +220,16 @@ describe("examples/pipeline.lua", function()
         assert.equal("received.bin\nsource.bin\n", select(2, sh("ls -A " .. q(dir))))
         helper.exec("rm -r " .. q(dir))
     end)
+
+    it("fails on a --connect nobody answers before it writes its file", function()
+        local dir = helper.tmp_path()
+        assert(helper.exec("mkdir " .. q(dir)) == 0)
+        local status, out, err = run("pipeline.lua", "--connect 127.0.0.1:1 --keep --dir " .. q(dir))
+        assert.equal(2, status, out .. err)
+        assert.matches("^pipeline: connect to 127.0.0.1:1: ", err)
+        assert.equal("", select(2, sh("ls -A " .. q(dir))))     -- (64 MiB were written first)
+        helper.exec("rm -r " .. q(dir))
+    end)
 end)
 
 -- A --dir whose `name` is /dev/full: every write to that file fails with
