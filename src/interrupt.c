@@ -13,7 +13,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "pluvio.h"
@@ -74,15 +73,7 @@ int pl_interrupt_watch(void)
 
 void pl_interrupt_taken(void)
 {
-    char buf[64];
-    int n = 0;
-
-    /* drain what is there (one interrupt however often it was pressed),
-     * without waiting for more */
-    while (pipe_fds[0] >= 0 && ioctl(pipe_fds[0], FIONREAD, &n) == 0 && n > 0 &&
-           read(pipe_fds[0], buf, sizeof(buf)) > 0) {
-    }
-    untaken = 0;
+    untaken = 0;    /* (the handler writes one byte per interrupt not yet taken: none to drain) */
 }
 
 void pl_interrupt_unwatch(void)

@@ -587,9 +587,9 @@ const char *pl_errname(int err);
 const char *pl_version(void);
 /* Ctrl-C for the host's prompt (interrupt.c): pl_interrupt_watch makes
  * SIGINT write a byte to a pipe instead of ending the process, and returns
- * the pipe's read end (non-blocking) for a task to read, or -errno; again,
- * the same fd.  pl_interrupt_taken drains the pipe once the interrupt was
- * handled: a second SIGINT before that (nobody could read the pipe: a
+ * the pipe's read end for a task to read (one byte per interrupt), or
+ * -errno; again, the same fd.  pl_interrupt_taken says the byte was read
+ * and handled: a second SIGINT before that (nobody could read the pipe: a
  * statement that never yields) puts the earlier action back and raises it
  * (unless SIGINT was ignored before: then it stays ignored).
  * pl_interrupt_unwatch puts the earlier action back and closes the pipe. */
