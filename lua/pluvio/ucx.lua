@@ -1114,7 +1114,10 @@ function Endpoint:close()
     end
     w.eps[self] = nil
     if rc < 0 and rc ~= CLOSED and rc ~= ECANCELED and rc ~= ECONNRESET then  -- (closed anyway)
-        return send_failed(self, "close", rc)
+        -- a flush fails only when the connection broke; the entry that
+        -- send_failed would ask is gone now, so the note is added here
+        local msg, name = why(rc)
+        return nil, format("close to %s: %s%s", self.peer, msg, PEER_FAILED), name
     end
     return true
 end
