@@ -489,21 +489,25 @@ end
 -- Reports
 ---------------------------------------------------------------------------
 
--- Format a figure for people: 1234567 -> "1.23M", seconds -> "12.3 us".
+-- Format a figure for people: 1234567 -> "1.23M", 6620.4 -> "6620",
+-- seconds -> "12.3 us".  Each unit is chosen by the value as it will be
+-- printed (999950 is "1.00M", not "1000.0k"), and no figure is printed
+-- with an exponent (%.3g gave "6.62e+03" for a bandwidth of 6620 MiB/s).
 function M.human(v, unit)
     if type(v) ~= "number" then
         check.fail("bench.human", "v must be a number", v)
     end
+    local a = math.abs(v)
     if unit == "s" then
-        if v < 1e-6 then return format("%.0f ns", v * 1e9) end
-        if v < 1e-3 then return format("%.2f us", v * 1e6) end
-        if v < 1 then return format("%.2f ms", v * 1e3) end
+        if a < 999.5e-9 then return format("%.0f ns", v * 1e9) end
+        if a < 999.995e-6 then return format("%.2f us", v * 1e6) end
+        if a < 0.999995 then return format("%.2f ms", v * 1e3) end
         return format("%.2f s", v)
     end
-    local a = math.abs(v)
-    if a >= 1e9 then return format("%.2fG", v / 1e9) end
-    if a >= 1e6 then return format("%.2fM", v / 1e6) end
-    if a >= 1e4 then return format("%.1fk", v / 1e3) end
+    if a >= 999.995e6 then return format("%.2fG", v / 1e9) end
+    if a >= 999.95e3 then return format("%.2fM", v / 1e6) end
+    if a >= 9999.5 then return format("%.1fk", v / 1e3) end
+    if a >= 999.5 then return format("%.0f", v) end
     if a == floor(a) then return format("%d", v) end
     return format("%.3g", v)
 end
