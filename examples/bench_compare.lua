@@ -301,7 +301,12 @@ out("| --- | --- | --- | --- | --- | --- | --- |")
 for _, t in ipairs(tests) do
     local p = stats(samples[t].pluvio)
     local r = stats(samples[t][t.ref])
-    local ratio = p and r and (t.higher and p.median / r.median or r.median / p.median)
+    -- Pluvio / reference for both kinds, so that the ratio reads as the
+    -- goal does ("latency <= 1.25x": Pluvio's at most 1.25 times the
+    -- reference's).  (Reference / Pluvio for latency printed 0.80x beside
+    -- "latency <= 1.25x" for a run 1.25 times slower, and 1.58x for one
+    -- faster.)
+    local ratio = p and r and p.median / r.median
     local others = {}
     for tool, list in pairs(samples[t]) do
         if tool ~= "pluvio" and tool ~= t.ref then others[#others + 1] = tool .. " " .. fmt(stats(list)) end
@@ -327,7 +332,8 @@ if o.output ~= "-" then
         ("Each figure is the median of %d round%s (min-max in brackets); the tools ran interleaved, " ..
          "alternating their order, on the same file and parameters%s."):format(o.rounds, o.rounds == 1 and "" or "s",
          pin ~= "" and (" (the file tests pinned to one CPU: `" .. pin:gsub(" $", "") .. "`)") or ""),
-        "Ratio: Pluvio / reference for throughput, reference / Pluvio for latency (higher is better for Pluvio).",
+        "Ratio: Pluvio / reference, for throughput (higher is better for Pluvio) and for latency (lower is " ..
+        "better); the goal column reads the same way.",
         "On a small shared VM single runs vary by up to 2x (the ranges show it); compare medians, and rerun " ..
         "`make bench` on your own machine before drawing conclusions.",
         "",
