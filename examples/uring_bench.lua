@@ -104,7 +104,9 @@ local function prepare()
     return true
 end
 
-if not writes or o.verify or temp then
+-- (--rw rw reads as well: its reads need the data there, or they would
+-- read nothing past the end of a shorter file)
+if not writes or o.rw == "rw" or o.verify or temp then
     prepare()
 end
 
@@ -186,6 +188,16 @@ local function tick()
     end
 end
 
+-- An operation that moved fewer bytes than --bs (a read at or past the end
+-- of the file gives 0, which is true in Lua) is an error, as in the C loop:
+-- counted as a whole block it would report I/O that never happened.
+local function check_count(is_write, off, n)
+    if n ~= o.bs then
+        error(("%s at offset %d moved %d bytes, not %d (is the file shorter than --size?)")
+              :format(is_write and "write" or "read", off, n, o.bs), 0)
+    end
+end
+
 local function next_is_write()
     return writes and (o.rw ~= "rw" or math.random() < 0.5)
 end
@@ -226,6 +238,7 @@ local function worker(id)
             ok, e = f:read(off, o.bs)
         end
         if not ok then error(e, 0) end
+        check_count(is_write, off, type(ok) == "string" and #ok or ok)
         t = hist:record_stamp(t)
         finished(is_write, off, buf, expect, ok)
         if t >= next_tick then tick() end
@@ -264,6 +277,7 @@ local function queue_worker()
     while q:pending() > 0 do
         local i, n, e = q:wait()
         if not n then error(e, 0) end
+        check_count(is_writes[i], offs[i], n)
         t = hist:record_stamp(starts[i])
         finished(is_writes[i], offs[i], bufs[i], expect, nil)
         if t >= next_tick then tick() end

@@ -22,3 +22,30 @@ describe("bench.human", function()
         assert.equal("250 ns", bench.human(250e-9, "s"))
     end)
 end)
+
+describe("examples/uring_bench.lua's counts", function()
+    local helper = require "helper"
+    local q = helper.quote
+
+    local function run(args)
+        return helper.sh(q(helper.host) .. " " .. q(helper.root .. "/examples/uring_bench.lua") .. " " .. args)
+    end
+
+    it("fills a file shorter than --size before --rw rw reads from it, so that every read gets a whole block", function()
+        local path = os.tmpname()
+        local f = io.open(path, "wb")
+        f:write(string.rep("x", 16384))
+        f:close()
+        for _, flags in ipairs({ "", "--fixed", "--fixed --queue" }) do
+            local status, out, err = run("--rw rw --bs 4k --size 256k --iodepth 4 --quiet --json - --file " .. q(path) .. " " .. flags)
+            assert.equal(0, status, err)
+            local r = bench.json_decode(out)
+            assert.equal(64, r.ops)
+            assert.equal(64 * 4096, r.bytes)
+            local g = io.open(path, "rb")
+            assert.equal(262144, g:seek("end"))
+            g:close()
+        end
+        os.remove(path)
+    end)
+end)
