@@ -49,3 +49,23 @@ describe("examples/uring_bench.lua's counts", function()
         os.remove(path)
     end)
 end)
+
+describe("examples/uring_c_bench.c", function()
+    local helper = require "helper"
+    local q = helper.quote
+    local c_loop = helper.root .. "/build/uring_c_bench"
+
+    it("reads within --size, as uring_bench and fio do, and refuses a --size the file does not have", function()
+        local path = os.tmpname()
+        local f = io.open(path, "wb")
+        f:write(string.rep("y", 65536))
+        f:close()
+        local status, out, err = helper.sh(q(c_loop) .. " " .. q(path) .. " --size 16384 --ops 100 --iodepth 4")
+        assert.equal(0, status, err)
+        assert.equal(100, bench.json_decode(out).ops)
+        status, _, err = helper.sh(q(c_loop) .. " " .. q(path) .. " --size 131072 --ops 10")
+        assert.equal(1, status)
+        assert.matches("is shorter than %-%-size 131072", err)
+        os.remove(path)
+    end)
+end)
