@@ -96,10 +96,13 @@ local function run_c_loop(t)
     return j and (t.metric == "mib_s" and j.mib_s or j.iops), cmd, out
 end
 
+-- fio's --runtime counts whole seconds unless given a unit: --runtime=1.5
+-- ran 1 s, and --quick's 0.5 ran no time limit at all (one pass of the
+-- file, 0.1 s).  In milliseconds it runs as long as the others.
 local function run_fio(t)
     local cmd = (pin .. "fio --name=bench --filename=%s --ioengine=io_uring --rw=%s --bs=%d --iodepth=%d --size=%d " ..
-                 "--runtime=%g --time_based --invalidate=0 --fixedbufs=1 --direct=%d --output-format=json")
-        :format(file_for(t), t.rw, t.bs, t.qd, o.size, o.seconds, t.direct and 1 or 0)
+                 "--runtime=%dms --time_based --invalidate=0 --fixedbufs=1 --direct=%d --output-format=json")
+        :format(file_for(t), t.rw, t.bs, t.qd, o.size, math.floor(o.seconds * 1000 + 0.5), t.direct and 1 or 0)
     local out, st = sh_out(cmd)
     local j = st == 0 and json_of(out)
     if not j then return nil, cmd, out end
