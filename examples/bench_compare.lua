@@ -154,9 +154,13 @@ local function run_perftest(t)
     local out = sh_out("timeout 30 " .. cmd)
     local f = { out:match("Final:%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)") }
     if #f < 6 then return nil, cmd, out end
-    -- Final: iterations, p50 latency, avg latency, overall, MB/s avg, MB/s overall
+    -- Final: iterations, p50 latency (of the last 2048 iterations), latency
+    -- since the last report, overall, MB/s since the last report, MB/s
+    -- overall (MiB/s: ucx_perftest divides by 1024^2).  The "average"
+    -- columns cover only the time since the last progress line (one a
+    -- second); ucx_bench's figure is over the whole run, as "overall" is.
     if t.kind == "lat" then return tonumber(f[2]), cmd, out end
-    return tonumber(f[5]), cmd, out
+    return tonumber(f[6]), cmd, out
 end
 
 local function run_ucx_bench(t)
