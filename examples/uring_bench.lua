@@ -31,6 +31,8 @@ local spec = {
         { "plot", "string", nil, "write latency and throughput plots to this SVG file", out = true },
         { "quiet", "flag", false, "no progress line" },
         { "seed", "integer", 42, "seed of the offsets and the data pattern", min = 0, max = 2 ^ 53 },
+        { "gc-check", "flag", false, "stop Lua's collector during the run and report how much the Lua\n" ..
+          "heap grew, per operation (garbage the I/O path makes)" },
     },
 }
 
@@ -288,6 +290,15 @@ local function queue_worker()
     if expect then expect:release() end
 end
 
+-- --gc-check: with the collector stopped, the Lua heap grows by all the
+-- garbage the run makes; the tasks' setup is a fixed part of that, so
+-- two runs of different lengths tell the part per operation.
+local heap0
+if o.gc_check then
+    collectgarbage()
+    collectgarbage("stop")
+    heap0 = collectgarbage("count")
+end
 local s0 = reactor:stats()
 local cpu0 = bench.cpu_time()
 local tasks = {}
@@ -305,6 +316,10 @@ end
 local elapsed = pluvio.now() - started
 local cpu = bench.cpu_time() - cpu0
 local s1 = reactor:stats()
+local heap1 = heap0 and collectgarbage("count")
+if heap0 then
+    collectgarbage("restart")
+end
 progress:done()
 
 -- --verify after writing: read every block back and check it.
@@ -337,6 +352,7 @@ local result = {
     io_uring_enters = enters, ops_per_enter = enters > 0 and done_ops / enters or done_ops,
     cpu_seconds = cpu, cpu_percent = cpu / elapsed * 100,
     verify = o.verify and { checked = checked_blocks, bad = bad_blocks } or nil,
+    lua_heap = heap0 and { grown_kib = heap1 - heap0, bytes_per_op = (heap1 - heap0) * 1024 / done_ops } or nil,
 }
 
 local report = o.json == "-" and io.stderr or io.stdout    -- stdout holds only the JSON then
@@ -350,6 +366,10 @@ for _, k in ipairs({ "min", "p50", "p90", "p99", "p99_9", "max" }) do
 end
 report:write(("  %-14s %12.1f\n"):format("ops/enter", result.ops_per_enter))
 report:write(("  %-14s %12s  (%.0f%% of one core)\n"):format("CPU", bench.human(cpu, "s"), result.cpu_percent))
+if result.lua_heap then
+    report:write(("  %-14s %10.2f B  (the heap grew %.1f KiB, collector stopped)\n"):format("Lua heap/op",
+        result.lua_heap.bytes_per_op, result.lua_heap.grown_kib))
+end
 if result.verify then
     report:write(("  %-14s %12s\n"):format("verify", ("%d blocks, %d bad"):format(checked_blocks, bad_blocks)))
 end

@@ -42,6 +42,27 @@ describe("examples/uring_bench.lua", function()
         end
     end)
 
+    it("makes no Lua garbage per read_fixed or write_fixed, by a task each or on an I/O queue (--gc-check)", function()
+        -- the heap grows by the run's fixed part (tasks, compiled traces:
+        -- 50-350 KiB, varying with what the JIT records) in a short and a
+        -- long run alike; what the longer one adds is the garbage of its
+        -- 200k more operations.  The smallest Lua object is 16 bytes or
+        -- more: garbage on every operation, or every fourth, shows as
+        -- more than 4 bytes per operation.
+        for _, mode in ipairs({ "--rw randread", "--rw randwrite", "--rw randread --queue", "--rw randwrite --queue" }) do
+            local grown = {}
+            for i, ops in ipairs({ 20000, 220000 }) do
+                local status, r, _, err = run_json("uring_bench.lua", mode .. " --bs 4k --size 4m --iodepth 32 " ..
+                                                   "--fixed --gc-check --bytes " .. ops * 4096)
+                assert.equal(0, status, err)
+                assert.equal(ops, r.ops)
+                grown[i] = r.lua_heap.grown_kib * 1024
+            end
+            local per_op = (grown[2] - grown[1]) / 200000
+            assert.is_true(per_op < 4, mode .. ": " .. per_op .. " bytes of Lua heap per operation")
+        end
+    end)
+
     it("detects a corrupted block with --verify", function()
         local path = os.tmpname()
         -- written with --verify: every block carries the pattern of its offset
