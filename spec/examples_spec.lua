@@ -63,6 +63,18 @@ describe("examples/uring_bench.lua", function()
         end
     end)
 
+    it("makes the --file of a write test that is not there yet", function()
+        local path = os.tmpname()
+        os.remove(path)
+        local status, _, err = run("uring_bench.lua", "--rw randwrite --bs 4k --size 64k --quiet --file " .. q(path))
+        local f = io.open(path, "rb")
+        local size = f and f:seek("end")
+        if f then f:close() end
+        os.remove(path)
+        assert.equal(0, status, err)
+        assert.is_true(size > 0 and size <= 65536, tostring(size))
+    end)
+
     it("detects a corrupted block with --verify", function()
         local path = os.tmpname()
         -- written with --verify: every block carries the pattern of its offset
