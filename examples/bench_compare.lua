@@ -106,16 +106,66 @@ end
 -- draw with repeats).  Submitting what is queued at once, taking up to
 -- --iodepth completions per call and --norandommap make it do the same
 -- work (QD 128 O_DIRECT: still >= 64 in flight 100% of the time).
-local function run_fio(t)
+-- Pluvio's registered pool and the C loop map buffers of 512 KiB and more
+-- as 2 MiB transparent huge pages (a 1 MiB O_DIRECT op is one segment, not
+-- 256: the C loop ran 1 MiB reads 3x faster so).  fio's huge pages
+-- (--iomem=shmhuge) come from the pages reserved in
+-- /proc/sys/vm/nr_hugepages: as root the run reserves what fio needs for
+-- those jobs and gives them back at the end (huge.pages: how many it
+-- added; 0 where it may not, and fio's buffers stay 4 KiB pages).
+local HUGE_FROM = 524288
+local NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+local huge = { pages = 0, old = nil, fallbacks = 0 }
+
+local function read_number(path)
+    local f = io.open(path)
+    local v = f and tonumber(f:read("*l"))
+    if f then f:close() end
+    return v
+end
+
+local function write_number(path, v)
+    local f = io.open(path, "w")
+    if not f then return false end
+    local ok = f:write(tostring(v))
+    return f:close() and ok ~= nil
+end
+
+local function reserve_huge(pages)
+    local old = read_number(NR_HUGEPAGES)
+    if not old or not write_number(NR_HUGEPAGES, old + pages) then return end
+    if (read_number(NR_HUGEPAGES) or 0) >= old + pages then
+        huge.pages, huge.old = pages, old
+    else                -- (the kernel found fewer free: as it was)
+        write_number(NR_HUGEPAGES, old)
+    end
+end
+
+local function release_huge()
+    if huge.pages > 0 then
+        write_number(NR_HUGEPAGES, huge.old)
+        huge.pages = 0
+    end
+end
+
+local function run_fio(t, no_huge)
+    local iomem = t.bs >= HUGE_FROM and huge.pages > 0 and not no_huge and " --iomem=shmhuge" or ""
     local cmd = (pin .. "fio --name=bench --filename=%s --ioengine=io_uring --rw=%s --bs=%d --iodepth=%d --size=%d " ..
                  "--runtime=%dms --time_based --invalidate=0 --fixedbufs=1 --direct=%d --norandommap " ..
-                 "--iodepth_batch_submit=%d --iodepth_batch_complete_max=%d --output-format=json")
+                 "--iodepth_batch_submit=%d --iodepth_batch_complete_max=%d%s --output-format=json")
         :format(file_for(t), t.rw, t.bs, t.qd, o.size, math.floor(o.seconds * 1000 + 0.5), t.direct and 1 or 0,
-                t.qd, t.qd)
+                t.qd, t.qd, iomem)
     local out, st = sh_out(cmd)
     local j = st == 0 and json_of(out)
-    if not j then return nil, cmd, out end
-    local job = j.jobs[1]
+    local job = j and j.jobs and j.jobs[1]
+    if job and job.error ~= 0 and iomem ~= "" then
+        -- (another process took the reserved pages: UCX takes huge pages
+        -- for its shared memory where there are any)
+        note("bench_compare: fio found no huge pages: this run with 4 KiB pages")
+        huge.fallbacks = huge.fallbacks + 1
+        return run_fio(t, true)
+    end
+    if not job or job.error ~= 0 then return nil, cmd, out end
     local side = (t.rw:match("write") and job.write) or job.read
     return t.metric == "mib_s" and side.bw / 1024 or side.iops, cmd, out
 end
@@ -237,6 +287,21 @@ if o.only ~= "ucx" then
     -- 1 GiB of dirty page cache, which the first O_DIRECT writer (the C
     -- loop, first in round 1) had to write back and invalidate
     os.execute(("dd if=%s of=%s.w bs=1M oflag=direct conv=fsync status=none"):format(o.file, o.file))
+    -- fio's huge pages: its largest job's buffers (2 MiB pages), and as many
+    -- again for its alignment
+    local need = 0
+    for _, t in ipairs(tests) do
+        if t.runs.fio and t.bs >= HUGE_FROM then
+            need = math.max(need, 2 * math.ceil(t.qd * t.bs / 2097152))
+        end
+    end
+    if need > 0 then
+        reserve_huge(need)
+        if huge.pages == 0 then
+            note("bench_compare: could not reserve %d huge pages in %s: fio's 1 MiB buffers are 4 KiB pages",
+                 need, NR_HUGEPAGES)
+        end
+    end
 end
 
 -- The executor's own figures first (no reference tool), before any UCX
@@ -274,29 +339,35 @@ end
 
 local samples, commands = {}, {}
 local t_start = os.time()
-for round = 1, o.rounds do
-    for _, t in ipairs(tests) do
-        local tools = {}
-        for tool in pairs(t.runs) do tools[#tools + 1] = tool end
-        table.sort(tools)
-        if round % 2 == 0 then          -- alternate the order: no tool always goes first
-            table.sort(tools, function(a, b) return a > b end)
-        end
-        for _, tool in ipairs(tools) do
-            local v, cmd, out = t.runs[tool](t)
-            samples[t] = samples[t] or {}
-            samples[t][tool] = samples[t][tool] or {}
-            if v then
-                table.insert(samples[t][tool], v)
-            else
-                note("bench_compare: %s / %s failed: %s\n%s", t.name, tool, cmd, out:sub(1, 400))
+-- (the huge pages go back also when a run raises an error)
+local ran, run_err = pcall(function()
+    for round = 1, o.rounds do
+        for _, t in ipairs(tests) do
+            local tools = {}
+            for tool in pairs(t.runs) do tools[#tools + 1] = tool end
+            table.sort(tools)
+            if round % 2 == 0 then          -- alternate the order: no tool always goes first
+                table.sort(tools, function(a, b) return a > b end)
             end
-            commands[t] = commands[t] or {}
-            commands[t][tool] = cmd
+            for _, tool in ipairs(tools) do
+                local v, cmd, out = t.runs[tool](t)
+                samples[t] = samples[t] or {}
+                samples[t][tool] = samples[t][tool] or {}
+                if v then
+                    table.insert(samples[t][tool], v)
+                else
+                    note("bench_compare: %s / %s failed: %s\n%s", t.name, tool, cmd, out:sub(1, 400))
+                end
+                commands[t] = commands[t] or {}
+                commands[t][tool] = cmd
+            end
+            note("bench_compare: round %d/%d: %s", round, o.rounds, t.name)
         end
-        note("bench_compare: round %d/%d: %s", round, o.rounds, t.name)
     end
-end
+end)
+local fio_huge = huge.pages > 0
+release_huge()
+if not ran then error(run_err, 0) end
 
 local function stats(list)
     if not list or #list == 0 then return nil end
@@ -381,10 +452,15 @@ if o.output ~= "-" then
         table.concat(runtime_lines, "\n"),
         "",
         "Buffers: Pluvio's registered pool and the C loop's buffers, from 512 KiB on, are 2 MiB aligned " ..
-        "transparent huge pages (a 1 MiB O_DIRECT operation is then one segment); fio's are malloc'd 4 KiB " ..
-        "pages (its only huge-page option, --iomem=mmaphuge, needs reserved hugetlbfs pages). Against fio, the " ..
-        "1 MiB rows favour Pluvio (here the C loop ran 3x faster with huge pages than without): compare them " ..
-        "with the C loop's figure too.",
+        "transparent huge pages (a 1 MiB O_DIRECT operation is then one segment); " ..
+        (fio_huge and "fio's are huge pages too (--iomem=shmhuge, from pages the run reserved in " ..
+            NR_HUGEPAGES .. " and gave back)" .. (huge.fallbacks > 0 and
+            (", except in %d runs that found none free (taken by another process) and used 4 KiB pages.")
+                :format(huge.fallbacks) or ".") or
+         "fio's are malloc'd 4 KiB pages (its huge pages need pages reserved in " .. NR_HUGEPAGES ..
+            ", which this run could not do: run it as root). Against fio, the 1 MiB rows favour Pluvio " ..
+            "(the C loop ran 1 MiB reads 3x faster with huge pages than without): compare them with the " ..
+            "C loop's figure too."),
         "",
         "UCX: Pluvio and ucx_perftest both run as a server and a client process on loopback; both busy-poll " ..
         "(ucx_bench --spin 1). `shm` allows shared memory (UCX_TLS=" .. UCX_TRANSPORTS.shm .. "), `tcp` only tcp; " ..
