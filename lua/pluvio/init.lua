@@ -1357,6 +1357,10 @@ function M.channel(capacity)
     return ch
 end
 
+-- pluvio.require(name): require, for a module whose top level waits (the
+-- host's global require; see pluvio/loader.lua).
+M.require = require("pluvio.loader").new(M)
+
 -- For modules built on the runtime (channels, reactors): park and wake.
 M._park = park
 M._linger = linger
