@@ -260,8 +260,11 @@ function M.main(opts)
             end
         end
     end
-    -- Scripts and -e code may use `pluvio` without requiring it.
+    -- Scripts and -e code may use `pluvio` without requiring it, and
+    -- require modules whose top level waits (LuaJIT's C require cannot
+    -- run a chunk that yields).
     rawset(_G, "pluvio", pluvio)
+    rawset(_G, "require", pluvio.require)
     local rt = pluvio.default_runtime()
     local args = arg or {}
     local ok, err = pcall(rt.run, rt, function(...)
