@@ -257,4 +257,216 @@ describe("pluvio (the host)", function()
         assert.equal(0, status, err)
         assert.is_true(tonumber(out) < 0.03, "cpu seconds " .. out)
     end)
+
+    describe("require", function()
+        -- A directory of modules for one spec, removed after it: files is
+        -- { name = code }; returns its path and the package.path entry.
+        local function module_dir(files)
+            local dir = helper.tmp_path(".d")
+            assert.equal(0, helper.exec("mkdir " .. q(dir)))
+            finally(function() helper.exec("rm -rf " .. q(dir)) end)
+            for name, code in pairs(files) do
+                local f = assert(io.open(dir .. "/" .. name, "w"))
+                f:write(code)
+                f:close()
+            end
+            return dir, dir .. "/?.lua"
+        end
+
+        -- A module whose top level waits: it sleeps, then reads a file.
+        local SLOW = [[
+            local uring = require "pluvio.uring"
+            pluvio.sleep(0.001)
+            local f = assert(uring.File.open(]] .. ("%q"):format(helper.root .. "/spec/host_spec.lua") .. [[))
+            local head = assert(f:read(0, 12))
+            f:close()
+            return { head = head, name = ... }
+        ]]
+
+        it("lets a script require a module whose top level sleeps and reads a file", function()
+            local _, path = module_dir({ ["slow.lua"] = SLOW })
+            local status, out, err = helper.run_script(
+                "package.path = " .. ("%q"):format(path) .. " .. ';' .. package.path\n" ..
+                "local m = require 'slow'\n" ..
+                "print(m.head, m.name, require('slow') == m, package.loaded.slow == m)\n")
+            assert.equal(0, status, err)
+            assert.equal("-- The pluvi\tslow\ttrue\ttrue\n", out)
+        end)
+
+        it("loads a -l module whose top level waits, found through LUA_PATH, before the -e code", function()
+            local _, path = module_dir({ ["slow.lua"] = SLOW })
+            local status, out, err = sh("LUA_PATH=" .. q(path .. ";;") .. " " .. q(host) ..
+                                        " -l slow -e 'print(slow.head, slow.name)'")
+            assert.equal(0, status, err)
+            assert.equal("-- The pluvi\tslow\n", out)
+        end)
+
+        it("requires a module whose top level waits at the interactive prompt", function()
+            local _, path = module_dir({ ["slow.lua"] = SLOW })
+            local out = at_prompt("package.path = " .. ("%q"):format(path) .. "\n=require('slow').head\n")
+            if not out then return end
+            assert.matches("> %-%- The pluvi\n", out)
+        end)
+
+        it("says a module is not found, or cannot be loaded, in luajit's words", function()
+            local dir, path = module_dir({ ["bad.lua"] = "local x = 1\nlocal y = = 2\n",
+                                           ["badso.so"] = "not a shared object\n" })
+            local paths = ("package.path = %q; package.cpath = %q; "):format(path, dir .. "/?.so")
+            for _, name in ipairs({ "nosuchmod", "bad", "badso", "no.such.sub" }) do
+                -- uncaught: the same report, but for the interpreter's name
+                local code = paths .. ("require %q"):format(name)
+                local _, _, expected = sh("luajit -e " .. q(code))
+                local status, _, err = sh(q(host) .. " -e " .. q(code))
+                assert.equal(1, status)
+                expected = expected:match("^luajit: (.-\n)stack traceback:")
+                assert.is_string(expected)
+                assert.equal("pluvio: " .. expected, err:match("^(.-\n)stack traceback:"))
+                -- the same message in a module whose top level waited
+                _, _, expected = sh("luajit -e " .. q(paths .. ("io.stderr:write((select(2, pcall(require, %q))))"):format(name)))
+                status, _, err = sh(q(host) .. " -e " .. q(paths .. "package.preload.w = function() pluvio.sleep(0.001) " ..
+                                                           ("return (select(2, pcall(require, %q))) end "):format(name) ..
+                                                           "io.stderr:write(require 'w')"))
+                assert.equal(0, status, err)
+                assert.is_number(expected:find("module '" .. name .. "'", 1, true), expected)
+                assert.equal(expected, err)
+            end
+        end)
+
+        it("reports an error a module raises after waiting at the module's file:line, with a traceback", function()
+            local dir, path = module_dir({ ["broken.lua"] = "pluvio.sleep(0.001)\nlocal x = 1\nerror('no config here')\n" })
+            local status, out, err, script = helper.run_script(
+                "package.path = " .. ("%q"):format(path) .. "\n" ..
+                "print(select(2, pcall(require, 'broken')))\n" ..
+                "package.loaded.broken = nil\n" ..
+                "require 'broken'\n")
+            assert.equal(1, status)
+            assert.equal(dir .. "/broken.lua:3: no config here\n", out)
+            assert.equal("pluvio: " .. dir .. "/broken.lua:3: no config here\nstack traceback:\n", err:match("^.-\n.-\n"))
+            assert.is_number(err:find("in function 'require'", 1, true), err)
+            assert.is_number(err:find(script .. ":4: in ", 1, true), err)
+        end)
+
+        it("raises luajit's loop error for a module that requires itself, and for a second require after a failed load", function()
+            local dir, path = module_dir({ ["loopy.lua"] = "pluvio.sleep(0.001)\nlocal again = require 'loopy'\nreturn again\n",
+                                           ["fails.lua"] = "pluvio.sleep(0.001)\nerror('first load fails')\n" })
+            local status, out, err = helper.run_script(
+                "package.path = " .. ("%q"):format(path) .. "\n" ..
+                "print(select(2, pcall(require, 'loopy')))\n" ..
+                "print(select(2, pcall(require, 'fails')))\n" ..
+                "print(select(2, pcall(require, 'fails')))\n" ..
+                "package.loaded.fails = nil   -- (as in luajit: what lets it load again)\n" ..
+                "print(select(2, pcall(require, 'fails')))\n")
+            assert.equal(0, status, err)
+            assert.equal(dir .. "/loopy.lua:2: loop or previous error loading module 'loopy'\n" ..
+                         dir .. "/fails.lua:2: first load fails\n" ..
+                         "loop or previous error loading module 'fails'\n" ..
+                         dir .. "/fails.lua:2: first load fails\n", out)
+        end)
+
+        it("takes bad arguments as luajit does: numbers as names, anything else an error", function()
+            local code = "package.preload['1'] = function(...) return 'one:' .. ... end " ..
+                         "print(require(1)) print(pcall(require)) print(pcall(require, {})) require(nil)"
+            local _, lout, lerr = sh("luajit -e " .. q(code))
+            local status, out, err = sh(q(host) .. " -e " .. q(code))
+            assert.equal(1, status)
+            assert.equal("one:1\nfalse\tbad argument #1 to '?' (string expected, got no value)\n" ..
+                         "false\tbad argument #1 to '?' (string expected, got table)\n", lout)
+            assert.equal(lout, out)
+            assert.equal("pluvio: (command line):1: bad argument #1 to 'require' (string expected, got nil)\n",
+                         err:match("^[^\n]*\n"))
+            assert.equal(lerr:match("^luajit: ([^\n]*\n)"), err:match("^pluvio: ([^\n]*\n)"))
+        end)
+
+        it("still loads C modules, ffi, jit and pluvio from a module that waits", function()
+            local _, path = module_dir({ ["uses.lua"] = "pluvio.sleep(0.001)\n" ..
+                "return { lfs = require 'lfs', ffi = require 'ffi', jit = require 'jit', pluvio = require 'pluvio' }\n" })
+            local status, out, err = helper.run_script(
+                "package.path = " .. ("%q"):format(path) .. " .. ';' .. package.path\n" ..
+                "local m = require 'uses'\n" ..
+                "print(type(m.lfs.attributes), m.lfs == package.loaded.lfs, m.ffi == package.loaded.ffi,\n" ..
+                "      m.ffi.sizeof('int32_t'), m.jit == jit, m.pluvio == pluvio)\n")
+            assert.equal(0, status, err)
+            assert.equal("function\ttrue\ttrue\t4\ttrue\ttrue\n", out)
+        end)
+
+        it("keeps package.loaded, package.preload and package.path working", function()
+            local _, path = module_dir({ ["counted.lua"] = "pluvio.sleep(0.001)\nLOADS = (LOADS or 0) + 1\n" })
+            local status, out, err = helper.run_script([[
+                package.preload.pre = function(name, extra) pluvio.sleep(0.001) return { name = name, extra = extra } end
+                local pre = require "pre"
+                print(pre.name, pre.extra, require "pre" == pre)
+                package.loaded.given = "given"
+                print(require "given")
+                package.path = ]] .. ("%q"):format(path) .. [[
+                print(require "counted", package.loaded.counted, LOADS)    -- (nothing returned: true)
+                package.loaded.counted = nil
+                print(require "counted", LOADS)
+                package.preload.sets = function(name) package.loaded[name] = "set by itself" end
+                print(require "sets")
+            ]])
+            assert.equal(0, status, err)
+            assert.equal("pre\tnil\ttrue\ngiven\ntrue\ttrue\t1\ntrue\t2\nset by itself\n", out)
+        end)
+
+        it("makes a task that requires a module another task is loading wait for it, not see it half-loaded", function()
+            local _, path = module_dir({
+                ["shared.lua"] = "LOADS = (LOADS or 0) + 1\npluvio.sleep(0.01)\nreturn { loads = LOADS }\n",
+                ["failing.lua"] = "pluvio.sleep(0.01)\nerror('cannot load')\n",
+                ["endless.lua"] = "pluvio.sleep(1e6)\n" })
+            -- Tasks run in spawn order: the first starts the load and
+            -- sleeps in it before the second asks for the module.
+            local status, out, err = helper.run_script("package.path = " .. ("%q"):format(path) .. "\n" .. [[
+                local function two(name, before_second)
+                    local first = pluvio.spawn_named("first", function() return pcall(require, name) end)
+                    local second = pluvio.spawn_named("second", function()
+                        if before_second then before_second(first) end
+                        local loading = package.loaded[name]
+                        return loading ~= nil and type(loading) ~= "table", pcall(require, name)
+                    end)
+                    return first, second
+                end
+                local a, b = two("shared")
+                local _, ma = a:join()
+                local in_progress, ok, mb = b:join()
+                print(in_progress, ok, ma == mb, ma.loads, LOADS)
+                a, b = two("failing")
+                print(a:join())
+                print(b:join())
+                -- a load killed in the middle: the waiter is told, and sees the wait
+                a, b = two("endless")
+                local seen
+                local watcher = pluvio.spawn(function()
+                    for _, t in ipairs(pluvio.runtime():tasks()) do
+                        if t.task == b then seen = t.waits_on end
+                    end
+                    a:kill()
+                end)
+                watcher:join()
+                print(b:join())
+                print(seen)
+            ]])
+            assert.equal(0, status, err)
+            assert.equal("true\ttrue\ttrue\t1\t1\n" ..
+                         "false\t" .. path:sub(1, -6) .. "failing.lua:2: cannot load\n" ..
+                         "true\tfalse\tloop or previous error loading module 'failing'\n" ..
+                         "true\tfalse\tloop or previous error loading module 'endless'\n" ..
+                         "require 'endless' (task \"first\" loads it)\n", out)
+        end)
+
+        it("gives pluvio.require to code that uses pluvio as a module, and leaves its require alone", function()
+            local _, path = module_dir({ ["slow.lua"] = SLOW, ["slow2.lua"] = SLOW })
+            local env = "LUA_PATH=" .. q(path .. ";" .. helper.root .. "/lua/?.lua;" .. helper.root .. "/lua/?/init.lua;;") ..
+                        " PLUVIO_LIB=" .. q(os.getenv("PLUVIO_LIB") or helper.root .. "/build/libpluvio.so")
+            local status, out, err = sh(env .. " luajit -e " .. q([[
+                local luajit_require = require
+                local pluvio = require "pluvio"
+                _G.pluvio = pluvio
+                print(require == luajit_require, debug.getinfo(require, "S").what)
+                print(pluvio.run(function() return pluvio.require("slow").head end))
+                print(pcall(pluvio.run, function() return require("slow2").head end))
+            ]]))
+            assert.equal(0, status, err)
+            assert.matches("^true\tC\n%-%- The pluvi\nfalse\t[^\n]*attempt to yield across C%-call boundary", out)
+        end)
+    end)
 end)
