@@ -455,7 +455,10 @@ describe("pluvio (the host)", function()
 
         it("gives pluvio.require to code that uses pluvio as a module, and leaves its require alone", function()
             local _, path = module_dir({ ["slow.lua"] = SLOW, ["slow2.lua"] = SLOW })
-            local env = "LUA_PATH=" .. q(path .. ";" .. helper.root .. "/lua/?.lua;" .. helper.root .. "/lua/?/init.lua;;") ..
+            -- (the sanitizer run's library needs its runtimes preloaded into luajit)
+            local preload = os.getenv("LD_PRELOAD")
+            local env = (preload and "LD_PRELOAD=" .. q(preload) .. " " or "") ..
+                        "LUA_PATH=" .. q(path .. ";" .. helper.root .. "/lua/?.lua;" .. helper.root .. "/lua/?/init.lua;;") ..
                         " PLUVIO_LIB=" .. q(os.getenv("PLUVIO_LIB") or helper.root .. "/build/libpluvio.so")
             local status, out, err = sh(env .. " luajit -e " .. q([[
                 local luajit_require = require
