@@ -126,6 +126,39 @@ describe("the scripts' --help", function()
     end)
 end)
 
+local function slurp(path)
+    local f = io.open(path)
+    local s = f and f:read("*a") or ""
+    if f then f:close() end
+    return s
+end
+
+-- A script in the background; returns a handle on its stdout and the
+-- process: { errfile =, rcfile =, pidfile = }.
+local function background(script, args)
+    local p = { errfile = os.tmpname(), rcfile = os.tmpname(), pidfile = os.tmpname() }
+    local out = io.popen(("(%s %s %s 2>%s & echo $! >%s; wait $!; echo $? >%s) 2>/dev/null &"):format(q(helper.host),
+        q(helper.root .. "/examples/" .. script), args, q(p.errfile), q(p.pidfile), q(p.rcfile)), "r")
+    return out, p
+end
+
+-- Its exit status and stderr, once it ended; a hang fails the spec
+-- (after 60 s, the process killed) rather than stopping it.
+local function finished(p)
+    local rc
+    for _ = 1, 600 do
+        rc = tonumber(slurp(p.rcfile))
+        if rc then break end
+        helper.exec("sleep 0.1")
+    end
+    if not rc then helper.exec("kill -KILL " .. slurp(p.pidfile)) end
+    local err = slurp(p.errfile)
+    os.remove(p.errfile)
+    os.remove(p.rcfile)
+    os.remove(p.pidfile)
+    return rc, err
+end
+
 describe("examples/ucx_bench.lua", function()
     it("measures latency and bandwidth in one process and counts what it sent", function()
         local status, r, _, err = run_json("ucx_bench.lua", "--loopback --sizes 8,64k --iters 50 --warmup 5")
@@ -146,48 +179,42 @@ describe("examples/ucx_bench.lua", function()
         assert.equal(22, r.results[1].bw.receiver_messages)
     end)
 
-    -- A ucx_bench server in the background (its stderr into errfile), and
-    -- client(port) run until it got past connecting; returns its results.
+    -- A ucx_bench server in the background on a port of its own choosing
+    -- (a fixed or random one may be held by another run or service), and
+    -- client(port) run once it listens; returns the server's exit status
+    -- and stderr, then the client's results.
     local function server_and_client(server_args, client)
-        math.randomseed(os.time() + math.floor(os.clock() * 1e6))
-        local port = 20000 + math.random(0, 20000)
-        local errfile = os.tmpname()
-        helper.exec(("%s %s --server --port %d %s >/dev/null 2>%s &"):format(q(helper.host),
-            q(helper.root .. "/examples/ucx_bench.lua"), port, server_args, q(errfile)))
-        local function pack(...) return { n = select("#", ...), ... } end
-        local r
-        for _ = 1, 50 do
-            r = pack(client(port))         -- status, ..., stderr
-            if r[1] == 0 or not r[r.n]:match("connect to") then break end
-            helper.exec("sleep 0.1")
+        local srv, proc = background("ucx_bench.lua", "--server --port 0 " .. server_args)
+        local line = srv:read("*l")
+        local port = line and tonumber(line:match("^ucx_bench: listening on 127%.0%.0%.1:(%d+)$"))
+        if not port then
+            srv:close()
+            error("the server did not start: " .. tostring(line) .. "\n" .. select(2, finished(proc)))
         end
-        return errfile, unpack(r, 1, r.n)
+        local function pack(...) return { n = select("#", ...), ... } end
+        local r = pack(client(port))
+        local server_status, server_err = finished(proc)
+        srv:close()
+        return server_status, server_err, unpack(r, 1, r.n)
     end
 
     it("runs as a server and a client process", function()
-        local errfile, status, r, _, err = server_and_client("", function(port)
+        local server_status, server_err, status, r, _, err = server_and_client("", function(port)
             return run_json("ucx_bench.lua", ("--connect 127.0.0.1:%d --sizes 4k --iters 20 --warmup 2"):format(port))
         end)
-        local ef = io.open(errfile); local server_err = ef:read("*a"); ef:close()
         assert.equal(0, status, err .. "\nserver: " .. server_err)
         assert.equal(20, r.results[1].bw.messages)
-        os.remove(errfile)
+        assert.equal(0, server_status, server_err)
     end)
 
     it("stops both ends with a one-line error when their --transport differs", function()
-        local errfile, status, _, err = server_and_client("--transport address", function(port)
+        local server_status, server_err, status, _, err = server_and_client("--transport address", function(port)
             return run("ucx_bench.lua", ("--connect 127.0.0.1:%d --transport socket --iters 5"):format(port))
         end)
         assert.equal(2, status)
         assert.matches("ucx_bench: the server uses %-%-transport address, this end %-%-transport socket: " ..
                        "give both ends the same\n$", err)
-        local server_err = ""
-        for _ = 1, 50 do        -- the server stops too
-            local ef = io.open(errfile); server_err = ef:read("*a"); ef:close()
-            if server_err ~= "" then break end
-            helper.exec("sleep 0.1")
-        end
-        os.remove(errfile)
+        assert.equal(2, server_status)      -- the server stops too
         assert.equal("ucx_bench: the client uses --transport socket, this end --transport address: " ..
                      "give both ends the same\n", server_err)
     end)
@@ -271,39 +298,6 @@ local function full_dir(name)
     local dir = helper.tmp_path()
     assert(helper.exec("mkdir " .. q(dir) .. " && ln -s /dev/full " .. q(dir .. "/" .. name)) == 0)
     return dir
-end
-
-local function slurp(path)
-    local f = io.open(path)
-    local s = f and f:read("*a") or ""
-    if f then f:close() end
-    return s
-end
-
--- A script in the background; returns a handle on its stdout and the
--- process: { errfile =, rcfile =, pidfile = }.
-local function background(script, args)
-    local p = { errfile = os.tmpname(), rcfile = os.tmpname(), pidfile = os.tmpname() }
-    local out = io.popen(("(%s %s %s 2>%s & echo $! >%s; wait $!; echo $? >%s) 2>/dev/null &"):format(q(helper.host),
-        q(helper.root .. "/examples/" .. script), args, q(p.errfile), q(p.pidfile), q(p.rcfile)), "r")
-    return out, p
-end
-
--- Its exit status and stderr, once it ended; a hang fails the spec
--- (after 60 s, the process killed) rather than stopping it.
-local function finished(p)
-    local rc
-    for _ = 1, 600 do
-        rc = tonumber(slurp(p.rcfile))
-        if rc then break end
-        helper.exec("sleep 0.1")
-    end
-    if not rc then helper.exec("kill -KILL " .. slurp(p.pidfile)) end
-    local err = slurp(p.errfile)
-    os.remove(p.errfile)
-    os.remove(p.rcfile)
-    os.remove(p.pidfile)
-    return rc, err
 end
 
 describe("examples/pipeline.lua and remoteio.lua as two processes", function()
