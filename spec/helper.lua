@@ -88,12 +88,15 @@ function M.tmp_path(suffix)
     return base .. (suffix or "")
 end
 
-function M.run_script(code, args)
+-- Run code as a script under the pluvio host, with args after it and env
+-- ("NAME=value ...") set for it; returns status, stdout, stderr, path.
+function M.run_script(code, args, env)
     local path = M.tmp_path(".lua")
     local f = assert(io.open(path, "w"))
     f:write(code)
     f:close()
-    local status, out, err = M.sh(shell_quote(M.host) .. " " .. shell_quote(path) .. " " .. (args or ""))
+    local status, out, err = M.sh((env and env .. " " or "") .. shell_quote(M.host) .. " " .. shell_quote(path) ..
+                                  " " .. (args or ""))
     os.remove(path)
     return status, out, err, path
 end
