@@ -101,6 +101,17 @@ function M.run_script(code, args, env)
     return status, out, err, path
 end
 
+-- Whether the loopback has ::1: a kernel booted with ipv6.disable=1, or a
+-- container with IPv6 turned off, has not (/proc/net/if_inet6 lists it).
+-- Specs then check IPv4 alone and say so with pending(M.NO_IPV6).
+function M.ipv6_loopback()
+    local f = io.open("/proc/net/if_inet6")
+    local list = f and f:read("*a") or ""
+    if f then f:close() end
+    return ("\n" .. list):find("\n0+1 [^\n]* lo\n") ~= nil
+end
+M.NO_IPV6 = "the loopback has no IPv6 address (::1): IPv6 not checked"
+
 -- Run fn as the main task of a fresh runtime (for specs of async code).
 function M.async(fn)
     return function()

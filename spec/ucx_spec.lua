@@ -450,8 +450,6 @@ describe("UCX", function()
         local w = assert(ctx:create_worker())
         local l4 = assert(w:create_listener("127.0.0.1", 0))
         assert.equal("127.0.0.1:" .. l4:port(), l4:address())
-        local l6 = assert(w:create_listener("::1", 0))
-        assert.equal("[::1]:" .. l6:port(), l6:address())
         -- a name that resolves to several addresses binds one: that one
         local ln = assert(w:create_listener("localhost", 0))
         local a = ln:address()
@@ -460,10 +458,16 @@ describe("UCX", function()
         local ep = assert(w:connect_socket(a:match("^%[?(.-)%]?:%d+$"), ln:port()))
         assert.is_true(ep:close())
         accepted:join():close()
-        l4:close(); l6:close(); ln:close()
+        l4:close(); ln:close()
         assert.has_error(function() l4:address() end, "Listener:address: the listener is closed")
+        if helper.ipv6_loopback() then
+            local l6 = assert(w:create_listener("::1", 0))
+            assert.equal("[::1]:" .. l6:port(), l6:address())
+            l6:close()
+        end
         w:close()
         ctx:close()
+        if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
     end))
 
     it("closes the connection of a connect_socket given up on a server that never speaks UCX", async(function()
@@ -497,6 +501,7 @@ describe("UCX", function()
     end))
 
     it("writes an IPv6 host in brackets where an error names host:port", async(function()
+        if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
         local ctx = assert(ucx.Context.new())
         local w = assert(ctx:create_worker())
         local tcp = assert(require("pluvio.uring").tcp_listen("::1", 0))     -- a port nobody listens on

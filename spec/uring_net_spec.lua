@@ -2,7 +2,8 @@
 -- (The first socket specs live in uring_spec.lua, "sockets over io_uring".)
 local pluvio = require "pluvio"
 local uring = require "pluvio.uring"
-local async = require("helper").async
+local helper = require "helper"
+local async = helper.async
 
 describe("sockets and runtimes", function()
     it("refuse to be used from another runtime than their own, whose ring has their ops", function()
@@ -292,6 +293,7 @@ end)
 
 describe("socket errors", function()
     it("write an IPv6 host in brackets where they name host:port", async(function()
+        if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
         local l = assert(uring.tcp_listen("::1", 0))
         local port = l:port()
         l:close()
@@ -306,6 +308,7 @@ describe("socket errors", function()
     end))
 
     it("say an IPv6 socket bound to an IPv6 address cannot send to an IPv4 host, and one bound to :: can", async(function()
+        if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
         local u6 = assert(uring.udp_bind("::1", 0))
         assert.same({ nil, "send_to 127.0.0.1:5: host \"127.0.0.1\" has no IPv6 address (the socket is IPv6: " ..
                       u6:address() .. "; only one bound to \"::\" reaches IPv4 addresses)", "EAFNOSUPPORT" },
