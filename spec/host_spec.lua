@@ -3,12 +3,16 @@ local helper = require "helper"
 
 local host, sh, q = helper.host, helper.sh, helper.quote
 
+-- The host on a terminal of its own: script(1) runs "$SHELL -c cmd", so
+-- SHELL is set for it (where the specs run it may be unset, or name a
+-- shell that is not installed, or nologin); `exec` makes the host the
+-- terminal's process itself (a shell that waited for it would die of the
+-- Ctrl-C that the host handles, and script report 130).
+local ON_TERMINAL = "env SHELL=/bin/sh script -qec " .. q("exec " .. q(host)) .. " /dev/null"
+
 -- What the interactive prompt printed for lines typed on a terminal
 -- (script(1)), carriage returns removed, after checking it exited 0; nil,
 -- with the spec marked pending, when script(1) is not installed.
--- (script runs "$SHELL -c cmd": `exec` makes the host the terminal's
--- process itself; dash, when SHELL is unset, would otherwise wait for it
--- and die of the Ctrl-C that the host handles, and script report 130.)
 local function at_prompt(lines)
     if sh("command -v script >/dev/null") ~= 0 then
         pending("script(1) is not installed: no terminal to test the prompt with")
@@ -18,7 +22,7 @@ local function at_prompt(lines)
     local f = io.open(input, "w")
     f:write(lines)
     f:close()
-    local status, out = sh("script -qec " .. q("exec " .. q(host)) .. " /dev/null < " .. q(input))
+    local status, out = sh(ON_TERMINAL .. " < " .. q(input))
     os.remove(input)
     assert.equal(0, status, out)
     return (out:gsub("\r", ""))
@@ -190,7 +194,7 @@ describe("pluvio (the host)", function()
         -- ticker run only after the last line.
         local feed = "(printf '%s\\n' " .. q('pluvio.spawn(function() for i = 1, 3 do pluvio.sleep(0.02) print("tick " .. i) end end)') ..
                      "; sleep 1; printf '%s\\n' " .. q('print("two" .. "!")') .. ")"
-        local status, out = sh(feed .. " | script -qec " .. q("exec " .. q(host)) .. " /dev/null")
+        local status, out = sh(feed .. " | " .. ON_TERMINAL)
         assert.equal(0, status, out)
         out = out:gsub("\r", "")
         local tick, two = out:find("\ntick 3\n"), out:find("\ntwo!\n")
@@ -214,7 +218,7 @@ describe("pluvio (the host)", function()
             "sleep 1", "printf '\\003'", "sleep 1",
             line("for i = 1, 2 do"), "sleep 0.5", "printf '\\003'", "sleep 0.5",
             line('print("after")') }, "; ") .. ")"
-        local status, out = sh(feed .. " | timeout 60 script -qec " .. q("exec " .. q(host)) .. " /dev/null")
+        local status, out = sh(feed .. " | timeout 60 " .. ON_TERMINAL)
         assert.equal(0, status, out)
         out = out:gsub("\r", "")
         -- (the terminal echoes a line typed ahead before the banner, else after the prompt)
