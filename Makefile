@@ -71,7 +71,7 @@ rock: ## (luarocks make's target) a fresh build in BUILD, with the flags luarock
 	$(MAKE) all
 
 test: all ## build, then run every spec
-	@spec/run $(SPEC_FLAGS)
+	@PLUVIO_BUILD=$(BUILD) spec/run $(SPEC_FLAGS)
 
 asan-test: ## run the specs with the C core under AddressSanitizer + UBSan
 	$(MAKE) BUILD=build-asan SANITIZE="-fsanitize=address,undefined -fno-omit-frame-pointer" all
