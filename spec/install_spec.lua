@@ -6,6 +6,9 @@ local helper = require "helper"
 local sh, q, root = helper.sh, helper.quote, helper.root
 
 local CLEAN_ENV = "env -u PLUVIO_LIB -u PLUVIO_HOST -u LUA_PATH -u LUA_CPATH -u LD_LIBRARY_PATH -u LD_PRELOAD "
+-- The Makefile takes DESTDIR and the install directories from the
+-- environment (?=): unset, so that the files go where the spec says.
+local INSTALL_ENV = "env -u DESTDIR -u BINDIR -u LIBDIR -u LUADIR "
 
 local function tmpdir()
     local status, out = sh("mktemp -d")
@@ -62,10 +65,10 @@ end
 describe("make install", function()
     it("installs host, library and modules in LuaRocks' layout under PREFIX", function()
         local tree = tmpdir()
-        local status, _, err = sh("make -s -C " .. q(root) .. " install PREFIX=" .. q(tree))
+        local status, _, err = sh(INSTALL_ENV .. "make -s -C " .. q(root) .. " install PREFIX=" .. q(tree))
         assert.equal(0, status, err)
         check_tree(tree)
-        status, _, err = sh("make -s -C " .. q(root) .. " uninstall PREFIX=" .. q(tree))
+        status, _, err = sh(INSTALL_ENV .. "make -s -C " .. q(root) .. " uninstall PREFIX=" .. q(tree))
         assert.equal(0, status, err)
         status = sh("test -e " .. q(tree .. "/bin/pluvio") .. " || test -e " .. q(tree .. "/lib/lua/5.1/libpluvio.so"))
         assert.are_not.equal(0, status)
@@ -74,7 +77,8 @@ describe("make install", function()
 
     it("stages into DESTDIR", function()
         local stage = tmpdir()
-        local status, _, err = sh("make -s -C " .. q(root) .. " install DESTDIR=" .. q(stage) .. " PREFIX=/opt/pluvio")
+        local status, _, err = sh(INSTALL_ENV .. "make -s -C " .. q(root) .. " install DESTDIR=" .. q(stage) ..
+                                  " PREFIX=/opt/pluvio")
         assert.equal(0, status, err)
         for _, f in ipairs({ "bin/pluvio", "lib/lua/5.1/libpluvio.so", "share/lua/5.1/pluvio/init.lua",
                              "share/lua/5.1/pluvio/cdef.lua" }) do
@@ -96,8 +100,8 @@ describe("rockspec/pluvio-scm-1.rockspec", function()
         assert.equal(0, (sh("mkdir -p " .. q(ucx .. "/include") .. " " .. q(ucx .. "/lib") ..
                             " && ln -s /usr/include/ucp " .. q(ucx .. "/include/ucp") ..
                             " && ln -s " .. q(libucp) .. " " .. q(ucx .. "/lib/libucp.so"))))
-        local status, out, err = sh("cd " .. q(root) .. " && luarocks --lua-version=5.1 --tree=" .. q(tree) ..
-                                    " make rockspec/pluvio-scm-1.rockspec UCX_DIR=" .. q(ucx))
+        local status, out, err = sh("cd " .. q(root) .. " && " .. INSTALL_ENV .. "luarocks --lua-version=5.1 --tree=" ..
+                                    q(tree) .. " make rockspec/pluvio-scm-1.rockspec UCX_DIR=" .. q(ucx))
         assert.equal(0, status, out .. err)
         assert.matches("-I" .. ucx .. "/include", out, 1, true)
         assert.matches("-L" .. ucx .. "/lib", out, 1, true)
