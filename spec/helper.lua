@@ -90,14 +90,21 @@ end
 
 -- Run code as a script under the pluvio host, with args after it and env
 -- ("NAME=value ...") set for it; returns status, stdout, stderr, path.
+-- Killed after SCRIPT_LIMIT seconds.
+M.SCRIPT_LIMIT = 180
 function M.run_script(code, args, env)
     local path = M.tmp_path(".lua")
     local f = assert(io.open(path, "w"))
     f:write(code)
     f:close()
-    local status, out, err = M.sh((env and env .. " " or "") .. shell_quote(M.host) .. " " .. shell_quote(path) ..
-                                  " " .. (args or ""))
+    -- (bounded: a script that hangs fails its spec, status 124, instead
+    -- of holding up the whole suite)
+    local status, out, err = M.sh((env and env .. " " or "") .. "timeout -k 5 " .. M.SCRIPT_LIMIT .. " " ..
+                                  shell_quote(M.host) .. " " .. shell_quote(path) .. " " .. (args or ""))
     os.remove(path)
+    if status == 124 then
+        err = err .. ("\n(the script did not finish within %d s: killed)"):format(M.SCRIPT_LIMIT)
+    end
     return status, out, err, path
 end
 
