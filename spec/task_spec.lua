@@ -612,6 +612,22 @@ describe("failed tasks", function()
         assert.equal("true\n", out)
         assert.equal("", err)
     end)
+
+    it("lets failed tasks that were joined be collected while the run goes on", async(function()
+        local probe = setmetatable({}, { __mode = "k" })
+        local lost = pluvio.spawn(function() error("joined at the end") end)
+        for _ = 1, 1000 do
+            local t = pluvio.spawn(function() error("handled") end)
+            probe[t] = true
+            assert.is_nil(t:join())
+        end
+        collectgarbage()
+        collectgarbage()
+        local kept = 0
+        for _ in pairs(probe) do kept = kept + 1 end
+        assert.is_true(kept <= 64, kept .. " of 1000 joined failed tasks are still held")
+        assert.is_nil(lost:join())      -- (an unjoined one stays for the report)
+    end))
 end)
 
 describe("deadlock", function()

@@ -350,6 +350,30 @@ local function task_name(t)
     return t._name or ("task-" .. t.id)
 end
 
+-- Keep a failed task for the report of failures nobody joined (at the
+-- end of the run).  The ones joined since are dropped whenever the list
+-- has doubled since the last sweep: kept all, a server whose handlers
+-- fail and are joined held every one of them, with its error and
+-- traceback, for as long as it ran.
+local function note_failed(rt, t)
+    local list = rt.failed_list
+    local n = #list
+    if n >= rt.failed_sweep_at then
+        local kept = 0
+        for i = 1, n do
+            local f = list[i]
+            list[i] = nil
+            if not f.joined then
+                kept = kept + 1
+                list[kept] = f
+            end
+        end
+        n = kept
+        rt.failed_sweep_at = kept < 32 and 64 or 2 * kept
+    end
+    list[n + 1] = t
+end
+
 -- A task ended (returned, raised, or was killed): free its slot, run its
 -- clean-ups (release buffers, cancel I/O), wake whoever joins it.
 local function finish(rt, t, final, was_running)
@@ -412,7 +436,7 @@ local function finish(rt, t, final, was_running)
         end
     end
     if final == "failed" then
-        rt.failed_list[#rt.failed_list + 1] = t
+        note_failed(rt, t)
     end
     local joiners = t.joiners
     if joiners then
@@ -655,7 +679,8 @@ local function new_runtime(capacity)
         info_out = ffi.new("pl_task_info_t"),
         reactors = {},            -- name -> object (keeps C reactors alive)
         lua_reactors = {},        -- array of { name, reactor }
-        failed_list = {},
+        failed_list = {},         -- failed tasks, until report_unjoined (note_failed)
+        failed_sweep_at = 64,
         co_pool = {},
         n_unjoined = 0,
         running = false,
