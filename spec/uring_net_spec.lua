@@ -46,6 +46,42 @@ describe("sockets and runtimes", function()
     end)
 end)
 
+describe("a socket left to the garbage collector", function()
+    -- Memory the kernel may still fill for the stopped receives of sockets nobody holds.
+    local function pinned(r)
+        local n = 0
+        for _, keep in pairs(r.pins) do
+            if keep then n = n + 1 end
+        end
+        return n
+    end
+
+    it("gives back the receives its killed tasks left, as close would", async(function()
+        local r = uring.current()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local before = pinned(r)
+        for i = 1, 300 do
+            local sock, peer
+            if i % 2 == 0 then
+                sock = assert(uring.udp_bind("127.0.0.1", 0))
+            else
+                sock = assert(uring.tcp_connect("127.0.0.1", l:port()))
+                peer = assert(l:accept())
+            end
+            local t = pluvio.spawn(function()
+                if i % 2 == 0 then return sock:recv_from(10) end
+                return sock:recv(10)
+            end)
+            pluvio.sleep(0.001)         -- its receive is in the kernel
+            t:kill()                    -- stopped: the socket keeps the receive for its next one
+            if peer then peer:close() end
+            collectgarbage()
+        end
+        l:close()
+        assert.is_true(pinned(r) - before <= 64, (pinned(r) - before) .. " of 300 receives are still held")
+    end))
+end)
+
 describe("a TCP listener", function()
     local ffi = require "ffi"
     local bit = require "bit"

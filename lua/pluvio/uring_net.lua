@@ -159,6 +159,7 @@ function M.install(U)
     -- they got before it receives anything new.  One task at a time waits
     -- on such an op (the adopter: its completion wakes that task); other
     -- receivers wait in self.rescue_waiters until it is done or killed.
+    local track_rescues     -- (below)
     local function stop_receive(self, r, op, scratch)
         local rc = C.pl_uring_op_cancel(r.u, op)
         if rc == 1 then                 -- done already: its result now
@@ -171,6 +172,7 @@ function M.install(U)
         if not list then
             list = {}
             self.rescues = list
+            track_rescues(self, r, list)
         end
         list[#list + 1] = { op = op, scratch = scratch }
         r.pins[op] = scratch            -- the kernel may fill it until the cancel lands
@@ -240,11 +242,14 @@ function M.install(U)
         if not (list and list[1]) then
             return
         end
-        local u, kept = r.u, {}
-        for _, e in ipairs(list) do
+        local u, kept = r.u, 0
+        for i = 1, #list do             -- (in place: track_rescues holds the list)
+            local e = list[i]
+            list[i] = nil
             local other = e.adopter
             if other and other.live then
-                kept[#kept + 1] = e
+                kept = kept + 1
+                list[kept] = e
             else
                 r.pins[e.op] = false
                 local gen = C.pl_uring_op_gen(u, e.op)
@@ -257,8 +262,39 @@ function M.install(U)
                 end
             end
         end
-        self.rescues = kept
         wake_rescue_waiters(self)
+    end
+
+    -- A socket left to the garbage collector with stopped receives never
+    -- took or dropped them: each kept its op slot, its pin and scratch
+    -- memory (an accept's connection too) for the reactor's life.  The
+    -- reactor keeps every socket's list, and drops those of collected
+    -- sockets as close would have, whenever the lists have doubled since
+    -- the last look.
+    track_rescues = function(self, r, list)
+        local owners, lists = r.rescue_owners, r.rescue_lists
+        if not owners then
+            owners, lists = setmetatable({}, { __mode = "k" }), {}
+            r.rescue_owners, r.rescue_lists, r.rescue_lists_n, r.rescue_sweep_at = owners, lists, 0, 64
+        end
+        if r.rescue_lists_n >= r.rescue_sweep_at then
+            local live, n = {}, 0
+            for _, l in pairs(owners) do
+                live[l] = true
+            end
+            for l in pairs(lists) do
+                if live[l] then
+                    n = n + 1
+                else
+                    lists[l] = nil
+                    drop_rescues({ rescues = l }, r)
+                end
+            end
+            r.rescue_lists_n, r.rescue_sweep_at = n, n < 32 and 64 or 2 * n
+        end
+        owners[self] = list
+        lists[list] = true
+        r.rescue_lists_n = r.rescue_lists_n + 1
     end
 
     -- A task waiting in take_rescues was killed: if it waited on the op,
