@@ -88,6 +88,54 @@ function M.tmp_path(suffix)
     return base .. (suffix or "")
 end
 
+-- A scratch directory on a file system whose page-cache reads io_uring
+-- finishes inside the submit (ext4, xfs, btrfs...), for specs whose subject
+-- is such a read: tmpfs (/tmp on Debian 13, Fedora, Arch) and ramfs have no
+-- nowait read path, so io_uring hands their buffered reads to its worker
+-- threads and they finish after the submit, at a time of the scheduler's
+-- choosing.  /tmp (os.tmpname's) if it is not one of those, else /var/tmp,
+-- else the build tree; nil and M.NO_DISK_DIR when none is (checked once).
+local MEMORY_FS = { tmpfs = true, ramfs = true }
+local disk_dir
+function M.disk_dir()
+    if disk_dir == nil then
+        disk_dir = false
+        local tmp = os.tmpname()
+        os.remove(tmp)
+        local build = os.getenv("PLUVIO_LIB") and os.getenv("PLUVIO_LIB"):match("^(.*)/[^/]*$")
+        for _, dir in ipairs({ tmp:match("^(.*)/[^/]*$"), "/var/tmp", build or (M.root .. "/build") }) do
+            -- (LuaJIT's popen close gives no exit status: the shell says it)
+            local p = io.popen("unset LD_PRELOAD; test -w " .. shell_quote(dir) ..
+                               " && stat -f -c %T " .. shell_quote(dir) .. " 2>/dev/null")
+            local fs = p:read("*l")
+            p:close()
+            if fs and not MEMORY_FS[fs] then
+                disk_dir = dir
+                break
+            end
+        end
+    end
+    return disk_dir or nil
+end
+M.NO_DISK_DIR = "/tmp, /var/tmp and the build tree are all on tmpfs or ramfs, whose buffered reads " ..
+                "io_uring finishes in its worker threads, not inside the submit: not checked"
+
+-- A new file holding content in M.disk_dir(); returns its path, or nil
+-- when there is no such directory (the spec then says pending(M.NO_DISK_DIR)).
+function M.disk_file_with(content)
+    local dir = M.disk_dir()
+    if not dir then
+        return nil
+    end
+    local p = io.popen("unset LD_PRELOAD; mktemp " .. shell_quote(dir .. "/pluvio-spec.XXXXXX"))
+    local path = p:read("*l")
+    p:close()
+    local f = assert(io.open(assert(path, "mktemp failed in " .. dir), "wb"))
+    f:write(content)
+    f:close()
+    return path
+end
+
 -- Run code as a script under the pluvio host, with args after it and env
 -- ("NAME=value ...") set for it; returns status, stdout, stderr, path.
 -- Killed after SCRIPT_LIMIT seconds.
