@@ -1287,7 +1287,8 @@ describe("freeing a reactor", function()
 
     it("closes the fd of an accept whose task was woken but never ran again", function()
         ffi.cdef [[ int socket(int domain, int type, int protocol); ]]
-        local path = file_with("cached")
+        local path = disk_file_with("cached")   -- (a read of tmpfs would park, letting the acceptor run)
+        if not path then return end
         local fd = libc_open(path, 0)
         local before = nfds()
         local client, lfd
