@@ -250,6 +250,81 @@ describe("IoQueue", function()
         end)
     end)
 
+    it("closes a queue dropped without close when it is collected: 20000 in one task stay bounded", function()
+        with_reactor(nil, function(r)
+            local function churn(n)
+                for _ = 1, n do
+                    local q = r:io_queue()
+                    assert.equal(0, q:pending())
+                end
+            end
+            churn(1000)                         -- warm up: JIT traces, the slot array
+            collectgarbage()
+            collectgarbage()
+            local before, slots = collectgarbage("count"), r:stats().io_queue_slots
+            churn(20000)
+            collectgarbage()
+            collectgarbage()
+            local grown = collectgarbage("count") - before
+            local s = r:stats()
+            -- without finalization the task held each queue: ~450 B and a C slot each
+            assert.is_true(grown < 256, ("the Lua heap grew %.1f KiB"):format(grown))
+            assert.is_true(s.io_queues <= 1, "open queues: " .. s.io_queues)
+            -- the slots grow to the most queues alive at once, collected or not yet:
+            -- the collector's pace, below the 32768 that 21000 kept queues take
+            assert.is_true(s.io_queue_slots <= math.max(slots, 16384), "queue slots: " .. s.io_queue_slots)
+            local q = r:io_queue()              -- a queue made after them works
+            assert.equal(1, r:stats().io_queues)
+            assert.equal(0, q:close())
+            assert.equal(0, r:stats().io_queues)
+        end)
+    end)
+
+    it("cancels what a collected queue had in flight, as close does, buffers out of the pool until the kernel lets go", function()
+        with_reactor({ buffer_count = 2, buffer_size = 4096 }, function(r)
+            local fds = ffi.new("int[2]")
+            assert.equal(0, helper.libc.pipe(fds))
+            local pipe = uring.File.new(fds[0], "pipe")
+            local b1, b2 = r:acquire_buffer(), r:acquire_buffer()
+            do
+                local q = r:io_queue()
+                assert.is_true(q:read_fixed(pipe, b1, 0, 10))
+                assert.is_true(q:read_fixed(pipe, b2, 0, 10))
+            end
+            pluvio.sleep(0.005)
+            assert.equal(2, r:stats().in_flight)
+            assert.equal(1, r:stats().io_queues)
+            b1:release()                        -- the kernel still has it
+            collectgarbage()
+            collectgarbage()
+            assert.equal(0, r:stats().io_queues)
+            local again = r:acquire_buffer()    -- parks until a cancel completes
+            assert.equal(0, r:stats().in_flight)
+            assert.is_true(r:stats().cancels >= 2)
+            again:release()
+            b2:release()
+            assert.equal(2, r:stats().buffers_free)
+            helper.libc.close(fds[1])
+            pipe:close()
+        end)
+    end)
+
+    it("closes the queues still open, and only those, when its task ends", function()
+        with_reactor(nil, function(r)
+            local kept
+            local t = pluvio.spawn(function()
+                kept = r:io_queue()
+                local closed = r:io_queue()
+                closed:close()
+                for _ = 1, 10 do r:io_queue() end
+                return r:stats().io_queues
+            end)
+            assert.is_true(t:join() >= 1)
+            assert.equal(0, r:stats().io_queues)
+            assert.equal(false, kept:close())   -- closed with its task
+        end)
+    end)
+
     it("continues a short read until the length asked, and waits with a timeout", function()
         with_reactor(nil, function(r)
             local fds = ffi.new("int[2]")

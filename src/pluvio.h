@@ -344,7 +344,9 @@ int pl_uring_op_adopt(pl_uring_t *u, int op, uint32_t slot, uint32_t gen);
  * the oldest finished op's id and result, or -EAGAIN when none has finished
  * (park the task with PL_WAIT_IO and arg -1 - q: the next completion wakes
  * it), or -ENOENT when the queue has nothing in flight; pending counts ops started and not taken;
- * free cancels the ops in flight (returns how many) and frees the queue. */
+ * free cancels the ops in flight (returns how many) and frees the queue
+ * (close, its task's end, or the collection of its Lua object); count says
+ * how many queues are open, slots how many the reactor has room for. */
 int pl_uring_queue_new(pl_uring_t *u, uint32_t slot, uint32_t gen);
 int pl_uring_queue_read(pl_uring_t *u, int q, int fd, void *addr, uint32_t len,
                         uint64_t offset, int buf_index);
@@ -353,6 +355,7 @@ int pl_uring_queue_write(pl_uring_t *u, int q, int fd, const void *addr, uint32_
 int pl_uring_queue_take(pl_uring_t *u, int q, pl_uring_result_t *out);
 int pl_uring_queue_pending(pl_uring_t *u, int q);
 int pl_uring_queue_free(pl_uring_t *u, int q);
+int pl_uring_queue_count(pl_uring_t *u, int slots);
 
 /* Registered buffers: mapped and registered on first use (or by this call). */
 int pl_uring_buffers_register(pl_uring_t *u);
