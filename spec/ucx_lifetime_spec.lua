@@ -622,3 +622,145 @@ describe("Worker:connect_socket", function()
         l:close(); cw:close(); sw:close(); ctx:close()
     end))
 end)
+
+describe("endpoints nobody closed", function()
+    -- w.eps held every endpoint until ep:close() or w:close(): a program
+    -- that dropped endpoints lost one of the worker's 4096 entries each,
+    -- and connect_addr, connect_socket and accept then failed with EMFILE
+    it("are closed when collected: 5000 dropped connect_addr endpoints leave room for more", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local addr = sw:address()
+        for i = 1, 5000 do
+            local ep, err = cw:connect_addr(addr)
+            assert(ep, "connect_addr " .. i .. ": " .. tostring(err))
+            if i % 1000 == 0 then pluvio.sleep(0) end
+        end
+        collectgarbage()
+        collectgarbage()
+        pluvio.sleep(0.01)
+        local s = cw:stats()
+        assert.is_true(s.endpoints + s.endpoints_closing <= 1, "endpoints left: " .. s.endpoints)
+        assert.equal(0, s.failed_endpoints)
+        local ep = assert(cw:connect_addr(addr))
+        local stream = sw:am_stream(1)
+        assert(ep:am_send(1, "after", "x"))
+        assert.equal("after", assert(stream:wait_msg()).header)
+        assert.is_true(ep:close())
+        cw:close(); sw:close(); ctx:close()
+    end))
+
+    it("deliver what was sent on them before they were dropped (a graceful close)", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local stream = sw:am_stream(1, { window = 4096 })
+        local l = assert(sw:create_listener("127.0.0.1", 0))
+        local acc = pluvio.spawn(function() return assert(l:accept()) end)
+        local sep
+        do
+            local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+            sep = acc:join()
+            for i = 1, 1000 do assert(ep:am_send(1, tostring(i), ("x"):rep(2000), false, "eager")) end
+        end
+        collectgarbage()
+        collectgarbage()
+        for i = 1, 1000 do
+            local m = assert(within(2, function() return stream:wait_msg() end)[1])
+            assert.equal(tostring(i), m.header)
+            assert.equal(2000, #m:data())
+        end
+        within(2, function()
+            while cw:stats().endpoints + cw:stats().endpoints_closing > 0 do pluvio.sleep(0.001) end
+        end)
+        sep:close(); l:close(); cw:close(); sw:close(); ctx:close()
+    end))
+
+    it("are closed when accepted and dropped by a server: 100 connections, accept keeps working", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local stream = sw:am_stream(1)
+        local l = assert(sw:create_listener("127.0.0.1", 0))
+        local eps = {}
+        for i = 1, 100 do
+            local acc = pluvio.spawn(function()
+                local sep = assert(l:accept())
+                return sep:status()     -- and drops it
+            end)
+            eps[i] = assert(cw:connect_socket("127.0.0.1", l:port()))
+            assert.is_true(acc:join())
+            assert(eps[i]:am_send(1, "c" .. i, ""))
+            assert(stream:wait_msg()):release()
+        end
+        collectgarbage()
+        collectgarbage()
+        within(2, function()
+            while sw:stats().endpoints + sw:stats().endpoints_closing > 0 do pluvio.sleep(0.001) end
+        end)
+        for i = 1, 100 do eps[i]:close() end
+        sw:close(); cw:close(); ctx:close()
+    end))
+
+    it("are only let go of when their peer failed, and stay while a message or send handle refers to them", async(function()
+        local p = pair()
+        assert(p.ep:am_send(1, "q", "x", true))
+        local m = assert(p.stream:wait_msg())
+        local replies = p.cw:am_stream(2)
+        local handle
+        do
+            local acc = pluvio.spawn(function() return assert(p.listener:accept()) end)
+            local ep2 = assert(p.cw:connect_socket("127.0.0.1", p.listener:port()))
+            acc:join()
+            handle = ep2:am_send_nb(1, "nb", "y")
+        end
+        p.sep = nil                             -- the message answers on it
+        collectgarbage()
+        collectgarbage()
+        assert.is_true(m:reply(2, "a", ""))
+        assert.equal("a", assert(replies:wait_msg()).header)
+        assert.is_true(handle:wait())
+        assert.equal(2, p.cw:stats().endpoints)
+        -- a failed peer: its endpoint is released at once, nothing to flush
+        local cw2, sw2 = assert(p.ctx:create_worker()), assert(p.ctx:create_worker())
+        local l2 = assert(sw2:create_listener("127.0.0.1", 0))
+        local acc = pluvio.spawn(function() return assert(l2:accept()) end)
+        local doomed = assert(cw2:connect_socket("127.0.0.1", l2:port()))
+        acc:join()
+        sw2:close()                             -- its endpoints closed forcefully
+        within(2, function() while doomed:status() do pluvio.sleep(0.001) end end)
+        assert.equal(1, cw2:stats().failed_endpoints)
+        doomed = nil                            -- luacheck: ignore
+        collectgarbage()
+        collectgarbage()
+        local s = cw2:stats()
+        assert.equal(0, s.failed_endpoints + s.endpoints + s.endpoints_closing)
+        cw2:close()
+        m, handle = nil, nil                    -- luacheck: ignore
+        p.ep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
+    it("lets workers and the context close, or be collected, with background closes in flight", function()
+        for _, ending in ipairs({ "w:close()", "ctx:close()", "collected", "exit" }) do
+            local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
+                local ending = arg[1]
+                for i = 1, 10 do
+                    local a = pluvio.spawn(function() return assert(l:accept()) end)
+                    local e = assert(cw:connect_socket("127.0.0.1", l:port()))
+                    a:join()
+                    assert(e:am_send(1, "e" .. i, "z"))
+                end
+                sep, ep, acc = nil, nil, nil
+                collectgarbage(); collectgarbage()
+                assert(cw:stats().endpoints_closing + sw:stats().endpoints_closing > 0)
+                if ending == "w:close()" then cw:close(); sw:close(); ctx:close()
+                elseif ending == "ctx:close()" then ctx:close()
+                elseif ending == "collected" then
+                    sw, cw, stream, l, ctx = nil; collectgarbage(); collectgarbage()
+                end
+                print("done")
+            ]], ("%q"):format(ending))
+            assert.equal(0, status, ending .. ": " .. err)
+            assert.equal("done\n", out, ending)
+            assert.equal("", err, ending)
+        end
+    end)
+end)

@@ -469,6 +469,7 @@ typedef struct pl_ucx_stats {
     double header_blocks;   /* blocks allocated for headers over 128 B (reused) */
     double am_unclaimed;    /* held now for AM ids with no open stream */
     double am_dropped;      /* for such ids past UCX_UNCLAIMED_HOLD, or arriving as the worker closed */
+    double endpoints_closing;   /* collected unclosed, their close still in flight */
 } pl_ucx_stats_t;
 
 /* wakeup 1: workers can sleep in the kernel (transports with events: tcp);
@@ -517,6 +518,11 @@ int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
 /* Force-close with no task waiting (a connect that failed or was given up);
  * it needs no op slot, so it fails only for a stale handle (-EBADF). */
 int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep);
+/* Nobody refers to the endpoint any more (its Lua object was collected
+ * unclosed): a failed one is closed forcefully now, an open one gracefully
+ * in the background (what was sent is still delivered), its entry freed
+ * when UCX finishes.  Wakes nobody; a stale handle is ignored. */
+void pl_ucx_ep_release(pl_ucx_worker_t *w, int ep);
 
 int pl_ucx_op_take(pl_ucx_worker_t *w, int op, pl_ucx_result_t *out);
 int pl_ucx_op_abandon(pl_ucx_worker_t *w, int op);
