@@ -439,8 +439,7 @@ describe("UCX", function()
         assert(connect:join()):close()
         sep:close()
         local port = l:port()
-        local ceps = { cep }     -- (held: dropped ones would be collected, and leave room)
-        for i = 1, 4095 do ceps[i + 1] = client:connect_addr(addr) end
+        for i = 1, 4095 do client:connect_addr(addr) end
         assert.same({ nil, "connect to 127.0.0.1:" .. port .. ": " .. full, "EMFILE" },
                     { client:connect_socket("127.0.0.1", port) })
         ctx:close()

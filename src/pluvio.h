@@ -344,9 +344,7 @@ int pl_uring_op_adopt(pl_uring_t *u, int op, uint32_t slot, uint32_t gen);
  * the oldest finished op's id and result, or -EAGAIN when none has finished
  * (park the task with PL_WAIT_IO and arg -1 - q: the next completion wakes
  * it), or -ENOENT when the queue has nothing in flight; pending counts ops started and not taken;
- * free cancels the ops in flight (returns how many) and frees the queue
- * (close, its task's end, or the collection of its Lua object); count says
- * how many queues are open, slots how many the reactor has room for. */
+ * free cancels the ops in flight (returns how many) and frees the queue. */
 int pl_uring_queue_new(pl_uring_t *u, uint32_t slot, uint32_t gen);
 int pl_uring_queue_read(pl_uring_t *u, int q, int fd, void *addr, uint32_t len,
                         uint64_t offset, int buf_index);
@@ -355,7 +353,6 @@ int pl_uring_queue_write(pl_uring_t *u, int q, int fd, const void *addr, uint32_
 int pl_uring_queue_take(pl_uring_t *u, int q, pl_uring_result_t *out);
 int pl_uring_queue_pending(pl_uring_t *u, int q);
 int pl_uring_queue_free(pl_uring_t *u, int q);
-int pl_uring_queue_count(pl_uring_t *u, int slots);
 
 /* Registered buffers: mapped and registered on first use (or by this call). */
 int pl_uring_buffers_register(pl_uring_t *u);
@@ -469,7 +466,6 @@ typedef struct pl_ucx_stats {
     double header_blocks;   /* blocks allocated for headers over 128 B (reused) */
     double am_unclaimed;    /* held now for AM ids with no open stream */
     double am_dropped;      /* for such ids past UCX_UNCLAIMED_HOLD, or arriving as the worker closed */
-    double endpoints_closing;   /* collected unclosed, their close still in flight */
 } pl_ucx_stats_t;
 
 /* wakeup 1: workers can sleep in the kernel (transports with events: tcp);
@@ -518,11 +514,6 @@ int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
 /* Force-close with no task waiting (a connect that failed or was given up);
  * it needs no op slot, so it fails only for a stale handle (-EBADF). */
 int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep);
-/* Nobody refers to the endpoint any more (its Lua object was collected
- * unclosed): a failed one is closed forcefully now, an open one gracefully
- * in the background (what was sent is still delivered), its entry freed
- * when UCX finishes.  Wakes nobody; a stale handle is ignored. */
-void pl_ucx_ep_release(pl_ucx_worker_t *w, int ep);
 
 int pl_ucx_op_take(pl_ucx_worker_t *w, int op, pl_ucx_result_t *out);
 int pl_ucx_op_abandon(pl_ucx_worker_t *w, int op);

@@ -30,7 +30,6 @@
 #define UCX_MAX_WORKERS 32
 #define UCX_SAFETY_WAIT_NS 1000000000LL  /* wake at least once a second */
 #define UCX_CLOSE_WAIT_NS 2000000000LL   /* longest a worker's close waits for UCX */
-#define UCX_RELEASE_WAIT_NS 200000000LL  /* ... for background closes of collected endpoints */
 
 static void reactor_remove_worker(struct pl_ucx_reactor *r, pl_ucx_worker_t *w);
 static bool worker_paused(const pl_ucx_worker_t *w);
@@ -97,8 +96,6 @@ static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const
     struct ucx_log_hold *h = log_hold;
     struct ucx_log_line *l;
 
-    if (h && h->discard && level == UCS_LOG_LEVEL_WARN && strstr(fmt, h->discard))
-        return UCS_LOG_FUNC_RC_STOP;
     if (!h || level > UCS_LOG_LEVEL_WARN || h->n == UCX_LOG_HELD)
         return UCS_LOG_FUNC_RC_CONTINUE;
     l = &h->lines[h->n++];
@@ -117,7 +114,6 @@ void ucx_log_hold(struct ucx_log_hold *h)
 {
     pthread_once(&log_handler_once, log_handler_push);
     h->n = 0;
-    h->discard = NULL;
     log_hold = h;
 }
 
@@ -435,12 +431,11 @@ double pl_ucx_worker_max_am_header(pl_ucx_worker_t *w)
 
 void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out)
 {
-    int live = 0, failed = 0, closing = 0;
+    int live = 0, failed = 0;
 
     for (int i = 0; i < w->neps; i++) {
         live += w->eps[i].state == EP_OPEN;
         failed += w->eps[i].state == EP_FAILED;
-        closing += w->eps[i].state == EP_RELEASED;
     }
     *out = w->stats;
     out->ops_in_flight = w->in_flight;
@@ -452,7 +447,6 @@ void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out)
             out->am_unclaimed += w->streams[id]->len;
     out->endpoints = live;
     out->failed_endpoints = failed;
-    out->endpoints_closing = closing;
 }
 
 /* Cancel what can be cancelled: tag receives, which wait for a peer that
@@ -519,26 +513,6 @@ static bool worker_settle(pl_ucx_worker_t *w, pl_runtime_t *rt)
     return true;
 }
 
-/* Let the background closes of collected endpoints finish, for at most
- * UCX_RELEASE_WAIT_NS: each needs a word with its peer (a worker of this
- * thread is progressed here, as in worker_settle), and one UCX still has
- * when the worker is destroyed is a request UCX warns about.  Those left
- * (a peer that does not answer, one nobody progresses at exit) are let go
- * of: destroy ends them.  Returns how many were. */
-static uint32_t worker_settle_releases(pl_ucx_worker_t *w, pl_runtime_t *rt)
-{
-    int64_t deadline = pl_clock_ns() + UCX_RELEASE_WAIT_NS;
-
-    while (w->releasing > 0 && pl_clock_ns() <= deadline) {
-        unsigned got = ucp_worker_progress(w->ucp);
-        if (rt)
-            got += worker_progress_peers(w, rt);
-        if (got == 0)
-            usleep(50);
-    }
-    return ucx_eps_unrelease(w);
-}
-
 /* Wake the tasks of ops UCX still holds: they find the worker closed. */
 static void worker_wake_ops(pl_ucx_worker_t *w)
 {
@@ -565,12 +539,9 @@ static void worker_wake_ops(pl_ucx_worker_t *w)
 int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
     pl_ucx_context_t *ctx = w->ctx;
-    struct ucx_log_hold held;
-    uint32_t let_go;
     bool settled;
 
     w->rt = rt;
-    let_go = worker_settle_releases(w, rt);     /* (first: UCX closes an endpoint once) */
     for (int i = 0; i < w->neps; i++) {
         struct ucx_ep *e = &w->eps[i];
         if (e->state != EP_FREE && e->owned) {
@@ -604,13 +575,7 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
     if (!settled)
         return -EBUSY;          /* kept, never progressed again: see above */
     ucx_tags_discard(w);        /* (UCX would warn about each) */
-    if (let_go > 0) {           /* their requests are not back in UCX's pool: it would warn of each */
-        ucx_log_hold(&held);
-        held.discard = "not returned to mpool";
-    }
     ucp_worker_destroy(w->ucp);
-    if (let_go > 0)
-        ucx_log_release(&held, false);
     for (int k = 0; k < w->nchunks; k++)
         free(w->op_chunks[k]);
     free(w->msgs);

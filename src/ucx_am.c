@@ -209,8 +209,6 @@ int pl_ucx_msg_reply_ep(pl_ucx_worker_t *w, int h)
     if (!m->reply_ep)
         return m->reply_err;
     ep = ucx_ep_add(w, m->reply_ep, false, "reply");
-    if (ep >= 0 && ucx_ep_get(w, ep)->state == EP_RELEASED)
-        return -ENOTCONN;               /* closing in the background: nobody's to answer on */
     if (ep >= 0)
         ucx_ep_get(w, ep)->holds++;     /* (an owned entry's count means nothing) */
     return ep;

@@ -434,7 +434,7 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);
 
-    if (!e || e->state == EP_RELEASED)
+    if (!e)
         return -EBADF;
     if (!e->owned) {            /* a reply endpoint: UCX closes it */
         e->state = EP_FREE;
@@ -458,7 +458,7 @@ int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep)
                               .flags = UCP_EP_CLOSE_FLAG_FORCE };
     ucs_status_ptr_t sp;
 
-    if (!e || e->state == EP_RELEASED)     /* (its close is in flight already) */
+    if (!e)
         return -EBADF;
     ep_drop_closer(w, e);
     e->state = EP_FREE;
@@ -478,91 +478,6 @@ int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep)
      * async thread assert (tcp_sockcm_ep.c:416, a client endpoint sending
      * without its private data packed) in 9 of 30 runs of a spec. */
     return 0;
-}
-
-/* The background close of a released endpoint ended (in a progress of its
- * worker): the entry goes, and the request, as UCX wants it, in its
- * callback.  (Close requests are few: finding the entry is a scan.) */
-static void ep_released(void *request, ucs_status_t status, void *arg)
-{
-    pl_ucx_worker_t *w = arg;
-
-    (void)status;
-    for (int i = 0; i < w->neps; i++) {
-        if (w->eps[i].state == EP_RELEASED && w->eps[i].close_req == request) {
-            w->eps[i].state = EP_FREE;
-            w->eps[i].close_req = NULL;
-            w->in_flight--;
-            w->releasing--;
-            break;
-        }
-    }
-    ucp_request_free(request);
-}
-
-/* A graceful close with nobody to wake, in UCX's own request rather than
- * an op slot: the worker's close can let go of it (ucx_eps_unrelease), as
- * UCX 1.13 asserts when a worker is destroyed under a close request that
- * was never released, and one whose peer is not progressed (a worker of
- * this thread at exit) would never finish.  It counts as in flight, so the
- * worker is progressed until it ends. */
-static void ep_close_background(pl_ucx_worker_t *w, struct ucx_ep *e)
-{
-    ucp_request_param_t p = {
-        .op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
-        .flags = 0,
-        .cb.send = ep_released,
-        .user_data = w,
-    };
-    ucs_status_ptr_t sp;
-
-    ep_drop_closer(w, e);
-    ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
-    sp = ucp_ep_close_nbx(e->ep, &p);
-    if (!UCS_PTR_IS_PTR(sp)) {  /* done (or failed) at once: UCX let go of it */
-        e->state = EP_FREE;
-        return;
-    }
-    e->state = EP_RELEASED;
-    e->close_req = sp;
-    w->in_flight++;
-    w->releasing++;
-}
-
-void pl_ucx_ep_release(pl_ucx_worker_t *w, int ep)
-{
-    struct ucx_ep *e = ucx_ep_get(w, ep);
-
-    if (!e || !e->owned || e->state == EP_RELEASED)
-        return;
-    /* A failed one: nothing can reach the peer, only let go.  One with a
-     * killed task's send still in UCX's hands: that send was cancelled
-     * (its task gave up), and a graceful close would wait for it, for good
-     * if its receiver never pulls it, and then hold up the worker's close
-     * (UCX closes an endpoint once: it could not be forced any more). */
-    if (e->state == EP_FAILED || ep_busy(w, ep, true))
-        pl_ucx_ep_abort(w, ep);
-    else
-        ep_close_background(w, e);
-}
-
-/* The worker closes with background closes in flight: released, UCX ends
- * them as it destroys the worker, without calling back.  Returns how many. */
-uint32_t ucx_eps_unrelease(pl_ucx_worker_t *w)
-{
-    uint32_t n = w->releasing;
-
-    for (int i = 0; i < w->neps; i++) {
-        struct ucx_ep *e = &w->eps[i];
-        if (e->state == EP_RELEASED) {
-            ucp_request_free(e->close_req);
-            e->close_req = NULL;
-            e->state = EP_FREE;
-            w->in_flight--;
-            w->releasing--;
-        }
-    }
-    return n;
 }
 
 /* ---- listeners ----------------------------------------------------------- */

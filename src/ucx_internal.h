@@ -30,7 +30,6 @@ struct ucx_log_line {
 
 struct ucx_log_hold {
     int n;
-    const char *discard;    /* a warning whose format has this is dropped, however many */
     struct ucx_log_line lines[UCX_LOG_HELD];
 };
 
@@ -67,16 +66,11 @@ struct ucx_op {
 #define UCX_OP_EP_CLOSE (-2)
 
 /* EP_CLOSING: a graceful close waits for the endpoint's operations (a
- * flush) before it closes it in UCX; new operations are refused.
- * EP_RELEASED: its Lua object was collected unclosed, and its graceful
- * close runs in the background (pl_ucx_ep_release) in UCX's own request,
- * close_req; the entry stays until UCX finishes it, so that endpoints
- * dropped faster than they close still count against the table. */
-enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED, EP_CLOSING, EP_RELEASED };
+ * flush) before it closes it in UCX; new operations are refused. */
+enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED, EP_CLOSING };
 
 /* An endpoint table entry.  An owned entry lives until its endpoint is
- * closed (by close(), its worker's close, or in the background once its
- * Lua object was collected: EP_RELEASED).  A reply endpoint's (not owned: UCX made the ucp endpoint for a
+ * closed.  A reply endpoint's (not owned: UCX made the ucp endpoint for a
  * connect_addr peer and frees it) lives while holders refer to it: the
  * Lua objects that answer on it (pl_ucx_msg_reply_ep, pl_ucx_ep_unhold).
  * Held messages keep the ucp endpoint itself and make an entry again
@@ -90,7 +84,6 @@ struct ucx_ep {
     int32_t error;          /* -errno once failed */
     bool closer_waits;      /* a graceful close waits for its ops to end */
     uint32_t closer_slot, closer_gen;
-    void *close_req;        /* EP_RELEASED: UCX's request of its close */
     char peer[UCX_PEER_LEN];
 };
 
@@ -188,7 +181,6 @@ struct pl_ucx_worker {
     uint32_t free_op, nops, in_flight;
     uint32_t passive_in_flight;     /* of in_flight: tag receives */
     uint32_t closers;       /* endpoints whose close waits for their ops */
-    uint32_t releasing;     /* background closes in flight (EP_RELEASED), of in_flight */
 
     struct ucx_msg *msgs;
     uint32_t nmsgs, free_msg, held;
@@ -217,8 +209,6 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status);
 int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp);
 void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op);
 struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep);
-/* The worker closes: let go of the background closes still in flight. */
-uint32_t ucx_eps_unrelease(pl_ucx_worker_t *w);
 /* An op on endpoint ep ended while some close waits (w->closers > 0). */
 void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep);
 int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer);

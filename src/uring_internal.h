@@ -73,9 +73,8 @@ struct uring_op {
  * Completions go to its FIFO of done op ids, sized at each start so that a
  * completion always has room; one wakes the task only while it waits on
  * the queue (PL_WAIT_IO with URING_QUEUE_WAIT_ARG).  Owned by the task
- * that made it (through its Lua object: close, the task's end or the
- * object's collection frees it); pl_uring_queue_free abandons what is in
- * flight. */
+ * that made it (through its Lua object); pl_uring_queue_free abandons what
+ * is in flight. */
 struct uring_queue {
     bool live;
     uint32_t slot, gen;     /* the owning task */
@@ -134,7 +133,6 @@ struct pl_uring {
 
     struct uring_queue *queues;     /* I/O queues by id (the array may move) */
     uint32_t nqueues, free_queue;
-    uint32_t queues_open;
 
     pl_uring_stats_t stats;
 };

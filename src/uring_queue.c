@@ -5,8 +5,7 @@
  * read itself at high queue depths).
  *
  * Lifetime: a queue slot belongs to the task that made it, through its Lua
- * object; pl_uring_queue_free (called by close, when the task ends, or
- * when the garbage collector frees the object of a queue nobody closed)
+ * object; pl_uring_queue_free (called by close or when the task ends)
  * abandons the ops still in flight, which are then cancelled and reclaimed
  * by their completions like any abandoned op, and frees the finished ones
  * nobody took.  The done ring always has room for every op started on the
@@ -48,7 +47,6 @@ int pl_uring_queue_new(pl_uring_t *u, uint32_t slot, uint32_t gen)
     q = &u->queues[i];
     u->free_queue = q->next_free;
     *q = (struct uring_queue){ .live = true, .slot = slot, .gen = gen, .next_free = NONE };
-    u->queues_open++;
     return (int)i;
 }
 
@@ -144,15 +142,7 @@ int pl_uring_queue_free(pl_uring_t *u, int qi)
     free(q->done);
     *q = (struct uring_queue){ .next_free = u->free_queue };
     u->free_queue = (uint32_t)qi;
-    u->queues_open--;
     return cancelled;
-}
-
-/* Queues open, or (slots != 0) the queues the array has room for: what a
- * program that drops its queues must see stay bounded. */
-int pl_uring_queue_count(pl_uring_t *u, int slots)
-{
-    return (int)(slots ? u->nqueues : u->queues_open);
 }
 
 void uring_queues_free(pl_uring_t *u)

@@ -283,8 +283,7 @@ function Context:create_worker(opts)
     local worker = setmetatable({
         w = ffi.gc(w, worker_finalizer(life, limbo)), life = life, context = self,
         result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
-        eps = setmetatable({}, weak_keys),  -- (an endpoint nobody refers to is collected: ep_guard)
-        listeners = {}, streams = {}, limbo = limbo, max_header = C.pl_ucx_worker_max_am_header(w),
+        eps = {}, listeners = {}, streams = {}, limbo = limbo, max_header = C.pl_ucx_worker_max_am_header(w),
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
     }, Worker)
     self.workers[worker] = true
@@ -497,48 +496,15 @@ end
 -- failures never map to it).
 local MAX_ENDPOINTS = 4096
 
--- The table is full, perhaps of endpoints nobody refers to any more: a
--- collection closes those (ep_guard), and the idle ones leave at once (as
--- Context:create_worker does for workers).  Only on this failure path.
-local function collect_eps()
-    collectgarbage()
-end
-
 local function no_ep_room(what)
     return nil, format("%s: a worker has at most %d endpoints open, reply endpoints included (close one first)",
                        what, MAX_ENDPOINTS), "EMFILE"
 end
 
--- An endpoint nobody closed is closed when the garbage collector frees it,
--- as a file is: its guard refers to neither it nor its worker (the worker's
--- eps and replies hold it weakly), and runs pl_ucx_ep_release, which closes
--- a healthy one gracefully in the background (what was sent is delivered)
--- and lets go of a failed one.  Nothing it does can yield, raise or wake a
--- task; life says whether the C worker is still there (at exit finalizers
--- run in any order).  Whatever Lua still waits for refers to the endpoint:
--- a task in one of its operations (waiting_for), a send handle (its ep),
--- a message that came on it (reply_ep: replies[h] is this object, not
--- another for the same entry), a close under way (on the closing task's
--- stack).  A killed task's send it no longer waits for is flushed by the
--- graceful close, as by ep:close().
-local function ep_guard(w, h)
-    local ww, life = w.w, w.life
-    return ffi.gc(ffi.new("int[1]", h), function(cell)
-        if cell[0] >= 0 and life.open then C.pl_ucx_ep_release(ww, cell[0]) end
-    end)
-end
-
 local function new_endpoint(w, h, peer)
-    local ep = setmetatable({ worker = w, h = h, peer = peer, guard = ep_guard(w, h) }, Endpoint)
+    local ep = setmetatable({ worker = w, h = h, peer = peer }, Endpoint)
     w.eps[ep] = true
-    w.replies[h] = ep       -- messages that come on it answer on it, and keep it
     return ep
-end
-
--- The endpoint was closed (or aborted): its guard has nothing left to do
--- (the handle's entry may be another endpoint's by the time it runs).
-local function disarm(ep)
-    if ep.guard then ep.guard[0] = -1 end
 end
 
 -- connect_addr(addr[, {peer_errors = false}]): an endpoint to the worker
@@ -568,10 +534,6 @@ function Worker:connect_addr(addr, opts)
         end
     end
     local h = C.pl_ucx_connect_addr(self.w, addr, #addr, peer_errors and 1 or 0)
-    if h == EMFILE then
-        collect_eps()
-        h = C.pl_ucx_connect_addr(self.w, addr, #addr, peer_errors and 1 or 0)
-    end
     if h == EINVAL then
         return nil, "connect_addr: addr is not a UCX worker address (from Worker:address())", "EINVAL"
     elseif h == EMFILE then
@@ -614,10 +576,6 @@ function Worker:connect_socket(host, port)
     local hout = ffi.new("int[1]", -1)
     local what = "connect to " .. host_port(host, port)
     local rc = C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen)
-    if rc == EMFILE and hout[0] < 0 then
-        collect_eps()
-        rc = C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen)
-    end
     local h = hout[0]
     t.io_abort_ep = h >= 0 and h or nil    -- a kill meanwhile aborts it (Worker:_abandon)
     rc = run_op(self, t, rc, what)
@@ -772,7 +730,7 @@ function Worker:stats()
         progress_calls = s.progress_calls, wakeups = s.wakeups, ops_in_flight = s.ops_in_flight,
         msgs_held = s.msgs_held, endpoints = s.endpoints, failed_endpoints = s.failed_endpoints,
         msgs_collected = self.tracked and self.tracked.collected or 0, header_blocks = s.header_blocks,
-        am_unclaimed = s.am_unclaimed, am_dropped = s.am_dropped, endpoints_closing = s.endpoints_closing,
+        am_unclaimed = s.am_unclaimed, am_dropped = s.am_dropped,
     }
 end
 
@@ -844,10 +802,6 @@ function Listener:accept()
             return nil, "accept: the listener was closed", "EBADF"
         end
         local h = C.pl_ucx_accept(w.w, self.i, t.slot, t.gen)
-        if h == EMFILE then
-            collect_eps()
-            h = C.pl_ucx_accept(w.w, self.i, t.slot, t.gen)
-        end
         if h >= 0 then
             return new_endpoint(w, h, ffi_string(C.pl_ucx_ep_peer(w.w, h)))
         elseif h == -16 then
@@ -1159,7 +1113,6 @@ function Endpoint:close()
         return send_failed(self, "close", rc)
     end
     w.eps[self] = nil
-    disarm(self)
     if rc < 0 and rc ~= CLOSED and rc ~= ECANCELED and rc ~= ECONNRESET then  -- (closed anyway)
         -- a flush fails only when the connection broke; the entry that
         -- send_failed would ask is gone now, so the note is added here
@@ -1177,7 +1130,6 @@ function Endpoint:_task_exit()
     if c and w.w then
         C.pl_ucx_ep_abort(w.w, c.h)
         w.eps[self] = nil
-        disarm(self)
     end
 end
 

@@ -254,7 +254,6 @@ function IoUringReactor:stats()
         buffer_waits = s.buffer_waits, buffers_free = s.buffers_free,
         resubmits = s.resubmits, cancels = s.cancels,
         buffers_reclaimed = self.buffers_reclaimed,
-        io_queues = C.pl_uring_queue_count(self.u, 0), io_queue_slots = C.pl_uring_queue_count(self.u, 1),
     }
 end
 

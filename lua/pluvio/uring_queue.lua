@@ -23,7 +23,6 @@ local running_task, current_task = pluvio._running_task, pluvio._current_task
 local M = {}
 
 local EAGAIN, ENOENT = -11, -2
-local weak_keys = { __mode = "k" }
 
 function M.install(U)
     local I = U._internal
@@ -34,46 +33,6 @@ function M.install(U)
     local IoQueue = {}
     IoQueue.__index = IoQueue
     U.IoQueue = IoQueue
-
-    -- A task's open queues are closed when it ends (QueueOwner, in its
-    -- resources once); it holds them weakly, in t.io_queues, so that one it
-    -- dropped is collected and closed by its guard, as a file from open is:
-    -- a long-lived task that made queues and dropped them kept each (its
-    -- Lua objects and a C slot) until it ended.
-    local QueueOwner = {}
-
-    local function free(q)
-        local n = C.pl_uring_queue_free(q.u, q.id)
-        q.id = -1
-        q.guard[0] = -1
-        q.tags, q.files = {}, {}
-        return n
-    end
-
-    function QueueOwner._task_exit(_, t)
-        local queues = t.io_queues
-        t.io_queues = nil
-        for q in pairs(queues) do
-            if q.id >= 0 then
-                free(q)
-            end
-        end
-    end
-
-    -- The guard of a queue nobody closed frees it when collected, as close
-    -- does: what is in flight is cancelled, and a registered buffer it uses
-    -- stays out of the pool until the kernel lets go (C counts its users);
-    -- its file, if collected too, is only closed (the kernel holds the file
-    -- of an op in flight).  Nothing here can yield or raise; the reactor
-    -- may be freed already at exit (life says so).  No task waits on a
-    -- collected queue: its wait would reference it.
-    local function queue_guard(u, life, id)
-        return ffi.gc(ffi.new("int[1]", id), function(cell)
-            if cell[0] >= 0 and life.open then
-                C.pl_uring_queue_free(u, cell[0])
-            end
-        end)
-    end
 
     local function new_queue(fname, r, t)
         local id = C.pl_uring_queue_new(r.u, t.slot, t.gen)
@@ -86,15 +45,8 @@ function M.install(U)
             -- and length come back with its result, from C)
             tags = {}, files = {},
             result = ffi.new("pl_uring_result_t"),
-            guard = queue_guard(r.u, r.life, id),
         }, IoQueue)
-        local queues = t.io_queues
-        if not queues then
-            queues = setmetatable({}, weak_keys)
-            t.io_queues = queues
-            t:_own(QueueOwner)
-        end
-        queues[q] = true
+        t:_own(q)
         return q
     end
 
@@ -234,18 +186,31 @@ function M.install(U)
         return C.pl_uring_queue_pending(self.u, self.id)
     end
 
+    local function free(q)
+        local n = C.pl_uring_queue_free(q.u, q.id)
+        q.id = -1
+        q.tags, q.files = {}, {}
+        return n
+    end
+
     -- q:close(): cancel the ops still in flight (their buffers stay in use
     -- until the kernel lets go) and drop finished ones not taken; returns
     -- how many were cancelled, or false when it was closed already (as every
-    -- close).  The queue closes by itself when its task ends, or when the
-    -- garbage collector frees a queue nobody refers to any more.
+    -- close).  The queue closes by itself when its task ends.
     function IoQueue:close()
         if getmetatable(self) == IoQueue and self.id < 0 then
             return false
         end
         own_queue("IoQueue:close", self)
-        self.owner.io_queues[self] = nil
+        self.owner:_disown(self)
         return free(self)
+    end
+
+    -- Its task ended with the queue open.
+    function IoQueue:_task_exit()
+        if self.id >= 0 then
+            free(self)
+        end
     end
 
     function IoQueue:describe()
