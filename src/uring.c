@@ -880,7 +880,12 @@ int pl_uring_op_abandon(pl_uring_t *u, int i)
     }
     op->state = OP_ABANDONED;
     u->stats.cancels++;
-    op_cancel(u, (uint32_t)i);
+    /* an SQE the kernel has not taken never goes: by the next submit its
+     * fd number may be another file's (the op's File collected meanwhile);
+     * dropped, the op is reclaimed here */
+    drop_untaken(u, (uint32_t)i);
+    if (op_state(u, (uint32_t)i) == OP_ABANDONED)
+        op_cancel(u, (uint32_t)i);
     return 0;
 }
 
