@@ -166,6 +166,8 @@ static uint8_t op_state(pl_uring_t *u, uint32_t i)
     return uring_op(u, i)->state;
 }
 
+static void op_abandon(pl_uring_t *u, uint32_t i, bool scan);
+
 /* Cancel every op the kernel has and wait for their completions, at most
  * timeout seconds: closing the ring alone would not do, as the kernel
  * tears a ring down asynchronously and could still write into buffers,
@@ -183,7 +185,7 @@ int pl_uring_shutdown(pl_uring_t *u, double timeout)
     for (uint32_t i = 0; i < u->nops; i++) {
         uint8_t state = uring_op(u, i)->state;
         if (state == OP_IN_FLIGHT || state == OP_DONE)  /* (done: its task never took it) */
-            pl_uring_op_abandon(u, (int)i);
+            op_abandon(u, i, false);    /* (nothing untaken is left: no scan per op) */
         else if (state == OP_ABANDONED)
             op_cancel(u, i);
     }
@@ -866,26 +868,34 @@ int pl_uring_op_adopt(pl_uring_t *u, int i, uint32_t slot, uint32_t gen)
     return 0;
 }
 
-int pl_uring_op_abandon(pl_uring_t *u, int i)
+/* Nobody will take op i: a done one is freed; one in flight is marked
+ * abandoned and cancelled, and its completion reclaims it.  scan: first
+ * drop its SQE if the kernel has not taken it (then it is reclaimed here),
+ * for by the next submit its fd number may be another file's (the op's
+ * File collected meanwhile); the cancel queued behind it would come too
+ * late for an op that completes inside the submit. */
+static void op_abandon(pl_uring_t *u, uint32_t i, bool scan)
 {
-    struct uring_op *op;
+    struct uring_op *op = uring_op(u, i);
 
-    if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, i)->state == OP_FREE)
-        return -ESRCH;
-    op = uring_op(u, i);
     if (op->state == OP_DONE) {
         op_drop_fd(op, op->res);
-        uring_op_free(u, (uint32_t)i);
-        return 0;
+        uring_op_free(u, i);
+        return;
     }
     op->state = OP_ABANDONED;
     u->stats.cancels++;
-    /* an SQE the kernel has not taken never goes: by the next submit its
-     * fd number may be another file's (the op's File collected meanwhile);
-     * dropped, the op is reclaimed here */
-    drop_untaken(u, (uint32_t)i);
-    if (op_state(u, (uint32_t)i) == OP_ABANDONED)
-        op_cancel(u, (uint32_t)i);
+    if (scan)
+        drop_untaken(u, i);
+    if (op_state(u, i) == OP_ABANDONED)
+        op_cancel(u, i);
+}
+
+int pl_uring_op_abandon(pl_uring_t *u, int i)
+{
+    if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, i)->state == OP_FREE)
+        return -ESRCH;
+    op_abandon(u, (uint32_t)i, true);
     return 0;
 }
 
