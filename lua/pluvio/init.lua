@@ -734,6 +734,16 @@ local function c_reactor_of(r)
     return nil
 end
 
+-- A reactor that serves one runtime at a time (an io_uring one) says why
+-- it may not serve rt now (_attach_refused), or nil.
+local function serves_one(reactor)
+    return type(reactor) == "table" and type(reactor._attach_refused) == "function"
+end
+
+local function attach_refusal(reactor, rt)
+    return serves_one(reactor) and reactor:_attach_refused(rt) or nil
+end
+
 -- register_reactor(name, reactor): a C reactor (cdata pl_reactor_t*, or an
 -- object with a :c_reactor() method) or a Lua reactor: a table with
 -- r:poll(budget) -> completions and r:status() -> "idle"|"pending"|"ready".
@@ -749,8 +759,7 @@ function Runtime:register_reactor(name, reactor)
     end
     local cr = c_reactor_of(reactor)
     if cr then
-        local refused = type(reactor) == "table" and type(reactor._attach_refused) == "function" and
-                        reactor:_attach_refused(self)
+        local refused = attach_refusal(reactor, self)
         if refused then
             error(fname .. ": cannot register " .. check.show(name) .. ": " .. refused, 2)
         end
@@ -1015,7 +1024,7 @@ end
 -- be "opened in another runtime".  Refused while that other one runs.
 local function reclaim_reactors(rt, fname)
     for name, reactor in pairs(rt.reactors) do
-        if type(reactor) == "table" and type(reactor._attach_refused) == "function" then
+        if serves_one(reactor) then
             local refused = reactor:_attach_refused(rt)
             if refused then
                 error(fname .. ": cannot run: its reactor " .. check.show(name) .. ": " .. refused, 3)
