@@ -55,9 +55,10 @@ $(LIB): $(CORE_OBJ) src/pluvio.map
 $(HOST): src/main.c | $(BUILD)
 	$(CC) $(PL_CFLAGS) $(LUAJIT_CFLAGS) -o $@ src/main.c $(LUAJIT_LIBS) -Wl,-E -ldl
 
-# The plain liburing loop the benchmarks compare against.
-$(C_BENCH): examples/uring_c_bench.c | $(BUILD)
-	$(CC) $(PL_CFLAGS) -o $@ $< $(LDFLAGS) -luring
+# The plain liburing loop the benchmarks compare against (with the
+# latency histogram of libpluvio that uring_bench.lua records into too).
+$(C_BENCH): examples/uring_c_bench.c src/pluvio.h $(LIB)
+	$(CC) $(PL_CFLAGS) -Isrc -o $@ $< $(LDFLAGS) -L$(BUILD) -Wl,-rpath,'$$ORIGIN' -lpluvio -luring
 
 # The FFI cdef is the marked region of the public header: one source of truth.
 $(CDEF): src/pluvio.h Makefile

@@ -451,6 +451,9 @@ if o.output ~= "-" then
         "",
         table.concat(runtime_lines, "\n"),
         "",
+        "Latency: every tool records each operation's latency (the C loop in libpluvio's histogram, one " ..
+        "clock stamp per completion, as uring_bench.lua does).",
+        "",
         "Buffers: Pluvio's registered pool and the C loop's buffers, from 512 KiB on, are 2 MiB aligned " ..
         "transparent huge pages (a 1 MiB O_DIRECT operation is then one segment); " ..
         (fio_huge and "fio's are huge pages too (--iomem=shmhuge, from pages the run reserved in " ..

@@ -1,13 +1,17 @@
 /*
  * uring_c_bench.c - the yardstick for uring_bench.lua: a plain C liburing
  * loop doing the same random reads (or sequential reads/writes) at the same
- * queue depth, with registered buffers, and nothing else.
+ * queue depth, with registered buffers, and nothing else but what
+ * uring_bench.lua does for each operation too: it records the operation's
+ * latency in the same histogram (libpluvio's pl_hist_*, one clock stamp
+ * per completion).  Without it the yardstick skipped a cost that every
+ * Pluvio figure beside it paid (and fio pays: it reports latencies).
  *
  *   uring_c_bench FILE [--bs N] [--size N] [--iodepth N] [--ops N | --runtime S]
  *                      [--rw randread|read|write] [--direct]
  *
  * Prints one line of JSON: {"ops":..,"seconds":..,"iops":..,"mib_s":..,
- * "enters":..}.  Operations cover the first --size bytes of the file (all
+ * "enters":..,"lat_p50_us":..,"lat_p99_us":..}.  Operations cover the first --size bytes of the file (all
  * of it by default), as uring_bench.lua's and fio's --size do.  Random
  * offsets are whole blocks drawn uniformly from that range by xorshift64;
  * uring_bench.lua draws them from the same range and distribution with
@@ -26,6 +30,8 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "pluvio.h"
 
 static double now(void)
 {
@@ -138,7 +144,9 @@ int main(int argc, char **argv)
     }
     char *mem = map_buffers((size_t)(bs * depth));
     struct iovec *iov = calloc((size_t)depth, sizeof(*iov));
-    if (!mem || !iov) {
+    double *stamp = calloc((size_t)depth, sizeof(*stamp));    /* when buffer i's op started */
+    pl_hist_t *hist = pl_hist_new();
+    if (!mem || !iov || !stamp || !hist) {
         fprintf(stderr, "uring_c_bench: out of memory\n");
         return 1;
     }
@@ -173,8 +181,10 @@ int main(int argc, char **argv)
         submitted++;                                                               \
     } while (0)
 
-    for (long i = 0; i < depth; i++)
+    for (long i = 0; i < depth; i++) {
+        stamp[i] = pl_hist_stamp();
         QUEUE(i);
+    }
     uint64_t in_flight = (uint64_t)depth;
     while (in_flight > 0) {
         struct io_uring_cqe *cqe;
@@ -191,6 +201,7 @@ int main(int argc, char **argv)
             n++;
             ops++;
             in_flight--;
+            stamp[i] = pl_hist_record_stamp(hist, stamp[i]);   /* (the next op starts now) */
             if (!stop && (max_ops ? submitted < (uint64_t)max_ops : 1)) {
                 QUEUE(i);
                 in_flight++;
@@ -206,9 +217,14 @@ int main(int argc, char **argv)
         }
     }
     double secs = now() - t0;
-    printf("{\"ops\":%llu,\"seconds\":%.6f,\"iops\":%.1f,\"mib_s\":%.2f,\"enters\":%llu}\n",
+    printf("{\"ops\":%llu,\"seconds\":%.6f,\"iops\":%.1f,\"mib_s\":%.2f,\"enters\":%llu,"
+           "\"lat_p50_us\":%.2f,\"lat_p99_us\":%.2f}\n",
            (unsigned long long)ops, secs, ops / secs, ops * (double)bs / secs / 1048576.0,
-           (unsigned long long)enters);
+           (unsigned long long)enters, pl_hist_percentile(hist, 50) * 1e6,
+           pl_hist_percentile(hist, 99) * 1e6);
+    pl_hist_free(hist);
+    free(stamp);
+    free(iov);
     io_uring_queue_exit(&ring);
     close(fd);
     return 0;
