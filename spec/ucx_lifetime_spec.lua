@@ -166,6 +166,10 @@ describe("Worker:close", function()
             { "closed with a rendezvous one from a connect_addr peer", [[
                 local aep = assert(cw:connect_addr(sw:address()))
                 local big = pluvio.spawn(function() return aep:tag_send(9, ("z"):rep(1048576)) end)
+                -- its wire-up and announcement reach sw first: ticks that
+                -- progress both workers, not only time (under load a
+                -- sleep alone could end before the process ran at all)
+                for _ = 1, 200 do pluvio.yield() end
                 pluvio.sleep(0.05)
                 sw:close()      -- (the send completes: UCX acknowledges it as it drops it)
                 print(pluvio.timeout(2, function() return big:join() end))
