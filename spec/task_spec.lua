@@ -630,6 +630,125 @@ describe("failed tasks", function()
     end))
 end)
 
+-- How many times stderr reports a failure nobody joined, and of how many
+-- tasks (told apart by name and number).
+local function unjoined_reports(err)
+    local n, ids, distinct = 0, {}, 0
+    for id in err:gmatch('(task "[^"]*" %(#%d+), failed%) failed and was never joined') do
+        n = n + 1
+        if not ids[id] then
+            ids[id], distinct = true, distinct + 1
+        end
+    end
+    return n, distinct
+end
+
+describe("failed tasks nobody can join", function()
+    it("are reported when collected and not kept: 10,000 failures keep the heap bounded", function()
+        local status, out, err = helper.run_script([[
+            local function heap()
+                collectgarbage(); collectgarbage(); collectgarbage()
+                return collectgarbage("count")
+            end
+            local at = {}
+            for i = 1, 10000 do
+                pluvio.spawn_named("handler", function() error("handler failed") end)
+                pluvio.yield()
+                if i == 1000 or i == 10000 then
+                    at[i] = heap()
+                end
+            end
+            print(string.format("%d %d", (at[10000] - at[1000]) * 1024, pluvio.runtime():unjoined_failures()))
+        ]])
+        assert.equal(1, status)
+        local growth, counted = out:match("^(%-?%d+) (%d+)\n$")
+        assert.equal("10000", counted, out)
+        -- kept for the run's end, each cost about 600 B: 5 MiB more at 10,000
+        assert.is_true(tonumber(growth) < 9000 * 50, "the heap grew by " .. growth .. " B over 9000 failures")
+        local n, distinct = unjoined_reports(err)
+        assert.equal(10000, n)
+        assert.equal(10000, distinct)
+        assert.matches('pluvio: task "handler" %(#%d+, failed%) failed and was never joined: [^\n]*handler failed\n' ..
+                       'stack traceback:', err)
+    end)
+
+    it("is reported by the collector and not again at the end of the run", function()
+        local status, out, err = helper.run_script([[
+            local probe = setmetatable({}, { __mode = "k" })
+            probe[pluvio.spawn_named("dropped", function() error("lost early") end)] = true
+            pluvio.yield()
+            collectgarbage(); collectgarbage(); collectgarbage()
+            print(next(probe) == nil, pluvio.runtime():unjoined_failures())
+        ]])
+        assert.equal(1, status)
+        assert.equal("true\t1\n", out)     -- collected, and reported before the run's end
+        assert.equal(1, (unjoined_reports(err)))
+        assert.matches('pluvio: task "dropped" %(#2, failed%) failed and was never joined: [^\n]*lost early', err)
+    end)
+
+    it("is reported at the end of the run when its handle is kept, once across runs", function()
+        local status, out, err = helper.run_script([[
+            local rt = pluvio.Runtime.new()
+            local kept
+            rt:block_on(function()
+                kept = pluvio.spawn_named("kept", function() error("kept's failure") end)
+                pluvio.yield()
+                collectgarbage(); collectgarbage()
+                print(rt:unjoined_failures())   -- held: not reported yet
+            end)
+            print(rt:unjoined_failures())       -- reported at the end of block_on
+            kept = nil
+            collectgarbage(); collectgarbage(); collectgarbage()
+            rt:block_on(function() end)
+            print(rt:unjoined_failures())       -- the collector does not report it again
+            rt = nil
+            collectgarbage(); collectgarbage(); collectgarbage()   -- nor once the runtime is freed
+            local other = pluvio.Runtime.new()  -- a task collected with its runtime
+            other:block_on(function()
+                pluvio.spawn_named("with its runtime", function() error("gone together") end)
+                pluvio.yield()
+            end)
+            print(other:unjoined_failures())
+            other = nil
+            collectgarbage(); collectgarbage(); collectgarbage()
+        ]])
+        assert.equal(0, status, err)            -- (the host's own runtime had no failures)
+        assert.equal("0\n1\n1\n1\n", out)
+        local n, distinct = unjoined_reports(err)
+        assert.equal(2, n)
+        assert.equal(2, distinct)
+        assert.matches('pluvio: task "with its runtime" %(#2, failed%) failed and was never joined: ' ..
+                       '[^\n]*gone together', err)
+        assert.matches('pluvio: task "kept" %(#2, failed%) failed and was never joined: [^\n]*kept\'s failure', err)
+    end)
+
+    it("is reported at the host's exit when the collector has not found it, and the host exits 1", function()
+        local status, _, err = helper.run_script([[
+            collectgarbage("stop")
+            pluvio.spawn_named("late", function() error("found at the end") end)
+            pluvio.yield()
+        ]])
+        assert.equal(1, status)
+        assert.equal(1, (unjoined_reports(err)))
+        assert.matches('pluvio: task "late" %(#2, failed%) failed and was never joined: [^\n]*found at the end', err)
+    end)
+
+    it("is not reported when joined after it failed", function()
+        local status, out, err = helper.run_script([[
+            local t = pluvio.spawn(function() error("seen late") end)
+            pluvio.yield()
+            collectgarbage(); collectgarbage()
+            print(t:status(), (select(2, t:join()):match("seen late")))
+            t = nil
+            collectgarbage(); collectgarbage(); collectgarbage()
+            print(pluvio.runtime():unjoined_failures())
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("failed\tseen late\n0\n", out)
+        assert.equal("", err)
+    end)
+end)
+
 describe("deadlock", function()
     it("stops with an error naming every waiting task and what it waits on", function()
         local rt = pluvio.Runtime.new()

@@ -13,6 +13,7 @@ local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, corou
 local co_running, co_status = coroutine.running, coroutine.status
 local select, type, tostring, setmetatable = select, type, tostring, setmetatable
 local unpack, traceback, format = unpack, debug.traceback, string.format
+local getmetatable, newproxy, pcall = getmetatable, newproxy, pcall
 
 local M = {}
 
@@ -350,28 +351,44 @@ local function task_name(t)
     return t._name or ("task-" .. t.id)
 end
 
--- Keep a failed task for the report of failures nobody joined (at the
--- end of the run).  The ones joined since are dropped whenever the list
--- has doubled since the last sweep: kept all, a server whose handlers
--- fail and are joined held every one of them, with its error and
--- traceback, for as long as it ran.
-local function note_failed(rt, t)
-    local list = rt.failed_list
-    local n = #list
-    if n >= rt.failed_sweep_at then
-        local kept = 0
-        for i = 1, n do
-            local f = list[i]
-            list[i] = nil
-            if not f.joined then
-                kept = kept + 1
-                list[kept] = f
-            end
-        end
-        n = kept
-        rt.failed_sweep_at = kept < 32 and 64 or 2 * kept
+-- Failed tasks nobody joined are reported once each, on stderr, counted
+-- in rt.n_unjoined: when the collector frees the task (nobody can join it
+-- any more), or at the end of the run for one still reachable then (a
+-- handle kept but never joined).  The runtime lists failed tasks weakly
+-- (rt.failed, task -> order of failure): held until the run's end, a
+-- server whose handlers fail unjoined kept each one, with its error and
+-- traceback, for as long as it ran.  A task has no __gc in Lua 5.1, so a
+-- failed task holds a guard, a userdata whose finalizer reports it; the
+-- guard's metatable refers to the task, so a task being finalized stays
+-- alive (and listed) until its report is made, whichever path makes it
+-- first.  The report touches only Lua values, never the runtime's C side.
+local function report_failure(rt, t)
+    t.reported = true
+    rt.n_unjoined = rt.n_unjoined + 1
+    local what = format("%s failed and was never joined: %s", tostring(t), error_text(t.results[2]))
+    rt.first_unjoined = rt.first_unjoined or what
+    io.stderr:write("pluvio: " .. what .. "\n")
+end
+
+-- The guard's finalizer.  It may run anywhere (inside a task, at exit):
+-- a report that raises must not go further.
+local function report_collected(guard)
+    local t = getmetatable(guard).task
+    if not t.joined and not t.reported then
+        pcall(report_failure, t.rt, t)
     end
-    list[n + 1] = t
+end
+
+local WEAK_KEYS = { __mode = "k" }
+
+local function note_failed(rt, t)
+    local guard = newproxy(true)
+    local mt = getmetatable(guard)
+    mt.__gc, mt.task = report_collected, t
+    t.unjoined_guard = guard
+    local order = rt.n_failed + 1
+    rt.n_failed = order
+    rt.failed[t] = order
 end
 
 -- A task ended (returned, raised, or was killed): free its slot, run its
@@ -382,7 +399,7 @@ local function finish(rt, t, final, was_running)
     if final ~= "done" then
         -- a killed or failed task kept its arguments (task_body lets them go
         -- when fn returns) and what it waited on: a socket given to a failed
-        -- handler, which the list of failed tasks holds, was never collected
+        -- handler, which a kept handle holds, was never collected
         t.a1, t.a2, t.a3, t.args, t.fn, t.waiting_for = nil, nil, nil, nil, nil, nil
     end
     rt.slots[t.slot] = nil
@@ -679,8 +696,8 @@ local function new_runtime(capacity)
         info_out = ffi.new("pl_task_info_t"),
         reactors = {},            -- name -> object (keeps C reactors alive)
         lua_reactors = {},        -- array of { name, reactor }
-        failed_list = {},         -- failed tasks, until report_unjoined (note_failed)
-        failed_sweep_at = 64,
+        failed = setmetatable({}, WEAK_KEYS),     -- failed tasks, weakly (note_failed)
+        n_failed = 0,
         co_pool = {},
         n_unjoined = 0,
         running = false,
@@ -984,17 +1001,20 @@ local function run_batch(rt, n)
     end
 end
 
--- Report failed tasks nobody joined, once each.
+-- At the end of a run: report the failed tasks nobody joined that the
+-- collector has not reported (yet), in the order they failed.
 local function report_unjoined(rt)
-    local list = rt.failed_list
-    rt.failed_list = {}
-    for _, t in ipairs(list) do
-        if not t.joined then
-            rt.n_unjoined = rt.n_unjoined + 1
-            local what = format("%s failed and was never joined: %s", tostring(t), error_text(t.results[2]))
-            rt.first_unjoined = rt.first_unjoined or what
-            io.stderr:write("pluvio: " .. what .. "\n")
+    local failed = rt.failed
+    rt.failed = setmetatable({}, WEAK_KEYS)
+    local list = {}
+    for t in pairs(failed) do
+        if not t.joined and not t.reported then
+            list[#list + 1] = t
         end
+    end
+    table.sort(list, function(a, b) return failed[a] < failed[b] end)
+    for i = 1, #list do
+        report_failure(rt, list[i])
     end
 end
 
@@ -1084,6 +1104,7 @@ local function drive(rt, fname, until_all, fn, ...)
     rt.done = nil
     rt.running = false
     if not ok then          -- never leave tasks half-run
+        report_unjoined(rt) -- (nor a failure unreported: the collector may never come)
         error(lok, 0)
     end
     if was_killed then
