@@ -1240,6 +1240,32 @@ describe("UCX across processes", function()
         finish(c, listener, other)
     end))
 
+    it("takes a busy worker's event fd out of the reactor's epoll set until it sleeps again", async(function()
+        local c = connect_server()
+        local rt = pluvio.runtime()
+        -- busy: spinning, each wait for a reply polls the worker in the
+        -- task's place many times over, and the worker is never armed
+        rt:set_spin(0.05)
+        local s0 = c.w:stats()
+        for i = 1, 20 do
+            assert(c.ep:am_send(1, "busy " .. i, "x", true))
+            assert(c.replies:wait_msg()):release()
+        end
+        rt:set_spin(0)
+        local s1 = c.w:stats()
+        assert.is_true(s1.watch_drops > s0.watch_drops, "watch drops: " .. s1.watch_drops - s0.watch_drops)
+        -- its next sleep puts it back: a late reply wakes the runtime
+        -- through the worker's event fd (not the one-second safety timeout)
+        local t0 = pluvio.now()
+        assert(c.ep:am_send(1, "late", "", true))
+        assert.equal("late", assert(c.replies:wait_msg()).header)
+        local s2 = c.w:stats()
+        assert.is_true(s2.wakeups > s1.wakeups, "no wake-up through the event fd")
+        assert.is_true(pluvio.now() - t0 < 0.5, "the late reply took " .. (pluvio.now() - t0) .. " s")
+        assert.equal(s1.watch_drops, s2.watch_drops)
+        finish(c)
+    end))
+
     -- SIGKILL the server; returns the time just before the kill.
     local function kill_server(c)
         local t0 = pluvio.now()

@@ -466,6 +466,7 @@ typedef struct pl_ucx_stats {
     double header_blocks;   /* blocks allocated for headers over 128 B (reused) */
     double am_unclaimed;    /* held now for AM ids with no open stream */
     double am_dropped;      /* for such ids past UCX_UNCLAIMED_HOLD, or arriving as the worker closed */
+    double watch_drops;     /* times its event fd left the reactor's epoll set, the worker busy */
 } pl_ucx_stats_t;
 
 /* wakeup 1: workers can sleep in the kernel (transports with events: tcp);

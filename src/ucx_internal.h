@@ -168,6 +168,7 @@ struct pl_ucx_worker {
     struct pl_ucx_reactor *reactor;     /* progressing it, or NULL */
     bool address_shared;    /* anyone holding address() may send to it */
     bool watched;           /* its event fd is in the reactor's epoll set */
+    uint32_t polls_awake;   /* reactor polls since it was last armed (ucx_poll) */
     int streams_full;       /* streams holding their window: progress pauses */
     size_t max_am_header;
 

@@ -718,7 +718,8 @@ end
 
 -- stats(): AMs and bytes sent/received, eager/rndv counts, tags, progress
 -- calls, wake-ups, ops in flight, held messages, endpoints, messages held
--- or dropped for AM ids with no open stream.
+-- or dropped for AM ids with no open stream, times the event fd was
+-- unwatched (the worker busy).
 function Worker:stats()
     live_worker("Worker:stats", self)
     local s = ffi.new("pl_ucx_stats_t")
@@ -730,7 +731,7 @@ function Worker:stats()
         progress_calls = s.progress_calls, wakeups = s.wakeups, ops_in_flight = s.ops_in_flight,
         msgs_held = s.msgs_held, endpoints = s.endpoints, failed_endpoints = s.failed_endpoints,
         msgs_collected = self.tracked and self.tracked.collected or 0, header_blocks = s.header_blocks,
-        am_unclaimed = s.am_unclaimed, am_dropped = s.am_dropped,
+        am_unclaimed = s.am_unclaimed, am_dropped = s.am_dropped, watch_drops = s.watch_drops,
     }
 end
 
