@@ -58,7 +58,7 @@ $(HOST): src/main.c | $(BUILD)
 # The plain liburing loop the benchmarks compare against (with the
 # latency histogram of libpluvio that uring_bench.lua records into too).
 $(C_BENCH): examples/uring_c_bench.c src/pluvio.h $(LIB)
-	$(CC) $(PL_CFLAGS) -Isrc -o $@ $< $(LDFLAGS) -L$(BUILD) -Wl,-rpath,'$$ORIGIN' -lpluvio -luring
+	$(CC) $(PL_CFLAGS) -Isrc -o $@ $< -L$(BUILD) $(LDFLAGS) -Wl,-rpath,'$$ORIGIN' -lpluvio -luring
 
 # The FFI cdef is the marked region of the public header: one source of truth.
 $(CDEF): src/pluvio.h Makefile
