@@ -570,12 +570,17 @@ describe("Runtime:stats and Runtime:tasks", function()
 end)
 
 describe("lingering (a parked task that is the last of its batch)", function()
-    -- a file with 64 KiB of data, read 4 KiB at a time from the page cache
+    -- a file with 64 KiB of data, read 4 KiB at a time from the page cache,
+    -- on a file system whose page-cache reads finish inside the submit
+    -- (helper.disk_dir): on tmpfs, where /tmp often is, io_uring hands them
+    -- to its worker threads and they finish when the scheduler lets those
+    -- run, so nothing lingers; the spec is marked pending where there is none
     local function with_file(fn)
-        local path = helper.tmp_path(".bin")
-        local f = assert(io.open(path, "wb"))
-        f:write(("z"):rep(65536))
-        f:close()
+        local path = helper.disk_file_with(("z"):rep(65536))
+        if not path then
+            pending(helper.NO_DISK_DIR)
+            return
+        end
         local ok, err = pcall(fn, path)
         os.remove(path)
         assert(ok, err)
