@@ -2117,12 +2117,19 @@ describe("sockets over io_uring", function()
             local c = pluvio.timeout(0.2, uring.tcp_connect, "127.0.0.1", l:port())
             if c then held[#held + 1] = c end
         end
-        pluvio.sleep(0.05)      -- a connect that timed out above is cancelled by now
+        -- (until the kernel gave back every op: the cancels of the connects
+        -- that timed out have completed and their sockets are closed)
+        local function settle()
+            local deadline = pluvio.now() + 10
+            while uring.current():stats().in_flight > 0 and pluvio.now() < deadline do pluvio.sleep(0.001) end
+            assert.equal(0, uring.current():stats().in_flight)
+        end
+        settle()                -- a connect that timed out above is cancelled
         local before = nfds()
         for _ = 1, 5 do
             assert.same({ nil, "timeout" }, { pluvio.timeout(0.05, uring.tcp_connect, "127.0.0.1", l:port()) })
         end
-        pluvio.sleep(0.05)      -- the cancels complete
+        settle()                -- the cancels complete
         assert.equal(before, nfds())
         for _, c in ipairs(held) do c:close() end
         l:close()
