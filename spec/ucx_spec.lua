@@ -1386,7 +1386,13 @@ describe("UCX and the runtime", function()
             local inner = pluvio.run(function()
                 assert(ep:am_send(1, "to the outer reader", "x", false))
                 assert(ep:tag_send(5, "tagged"))
-                for _ = 1, 20 do pluvio.sleep(0.005) end    -- (both arrive meanwhile)
+                -- both arrive meanwhile (counted as they come, not when the
+                -- outer tasks take them; a fixed sleep could end first under load)
+                local deadline = pluvio.now() + 5
+                repeat
+                    pluvio.sleep(0.005)
+                    local s = server:stats()
+                until (s.am_received >= 1 and s.tag_received >= 1) or pluvio.now() > deadline
                 return "inner done"
             end)
             local r = { inner, pluvio.timeout(5, reader.join, reader), pluvio.timeout(5, tagged.join, tagged) }
