@@ -998,7 +998,9 @@ describe("UCX flow control", function()
         local p = pair { window = 4 }
         local n = 20000                 -- 20 MB: more than the transport holds
         local sender = flood(p, n)
-        pluvio.sleep(0.2)               -- the stream fills and the worker pauses
+        local deadline = pluvio.now() + 10
+        while p.sw:stats().msgs_held < 4 and pluvio.now() < deadline do pluvio.sleep(0.001) end
+        pluvio.sleep(0.2)               -- the stream is full, the worker paused: the transport fills
         local c0 = os.clock()
         pluvio.sleep(0.5)
         local cpu = os.clock() - c0
