@@ -122,7 +122,7 @@ describe("UCX", function()
         assert.equal(65536, m:recv_data(out))
         assert.equal(sum, out:checksum(65536))
         for i = 1, #grabbed do grabbed[i]:release() end
-        local deadline = pluvio.now() + 2       -- the send settles: the buffer goes back
+        local deadline = pluvio.now() + 10      -- the send settles: the buffer goes back
         repeat assert.is_true(p.ep:flush()) until r:stats().buffers_free == free or pluvio.now() > deadline
         assert.equal(free, r:stats().buffers_free)
         close_pair(p)
@@ -350,7 +350,7 @@ describe("UCX", function()
         local reader = pluvio.spawn(function() return assert(p.stream:wait_msg()):data() end)
         pluvio.yield()
         pluvio.spawn(function() assert(p.ep:am_send(1, "", "to the reader")) end)
-        local deadline = pluvio.now() + 2
+        local deadline = pluvio.now() + 10
         while reader:status() ~= "done" and pluvio.now() < deadline do pluvio.sleep(0.002) end
         assert.equal("done", reader:status())
         assert.equal("to the reader", reader:join())

@@ -28,7 +28,7 @@ describe("sockets and runtimes", function()
                 { "UdpSocket:send_to", u, function() return u:send_to("x", "127.0.0.1", u:port()) end },
                 { "UdpSocket:recv_from", u, function() return u:recv_from(1) end },
             }) do
-                local ok, err = pluvio.timeout(1, pcall, call[3])   -- (else: parked on this ring for good)
+                local ok, err = pluvio.timeout(10, pcall, call[3])   -- (else: parked on this ring for good)
                 assert.is_false(ok)
                 assert.matches(call[1] .. ": " .. call[2].name .. " was made in another runtime (its io_uring " ..
                                "reactor is that runtime's): use it there", err, 1, true)
@@ -113,7 +113,7 @@ describe("a TCP listener", function()
         assert.equal(7, tonumber(ffi.C.send(client, "request", 7, 0)))
         assert.equal("waiting", acceptor:status())
         acceptor:kill()
-        local conn = assert(pluvio.timeout(1, l.accept, l))     -- the next accept has it
+        local conn = assert(pluvio.timeout(10, l.accept, l))     -- the next accept has it
         assert.equal("request", conn:recv_exact(7))
         assert.equal(5, conn:send("reply"))
         local buf = ffi.new("char[8]")

@@ -1445,8 +1445,8 @@ describe("registered buffers", function()
                     buf:release()
                 end)
             end
-            local function settle(n)       -- until n waiters hold a buffer (or 2 s)
-                local deadline = pluvio.now() + 2
+            local function settle(n)       -- until n waiters hold a buffer (or 10 s)
+                local deadline = pluvio.now() + 10
                 while #order < n and pluvio.now() < deadline do pluvio.sleep(0.001) end
                 pluvio.sleep(0.005)         -- and a little more: nobody else takes one
             end
@@ -1832,7 +1832,7 @@ describe("submission and completion", function()
             assert.equal(0, helper.libc.pipe(fds))
             local p = uring.File.new(fds[0], "pipe")
             local function settled()
-                local deadline = pluvio.now() + 2
+                local deadline = pluvio.now() + 10
                 while r:stats().in_flight > 0 and pluvio.now() < deadline do pluvio.sleep(0.001) end
                 return r:stats().in_flight
             end
@@ -1900,7 +1900,7 @@ describe("submission and completion", function()
             assert.is_false(ok)
             assert.matches("File:read: called from a coroutine that is not a pluvio task", err)
             helper.libc.write(qf[1], "hello", 5)
-            local deadline = pluvio.now() + 2
+            local deadline = pluvio.now() + 10
             while a:status() ~= "done" and pluvio.now() < deadline do pluvio.sleep(0.002) end
             assert.equal("done", a:status())        -- Y was not cancelled
             assert.equal("hello", a:join())
@@ -2086,7 +2086,7 @@ describe("sockets over io_uring", function()
             assert.equal(5, b:send_to("early", "127.0.0.1", a:port()))
             pluvio.sleep(0.01)
             local receiver = pluvio.spawn(function() return { a:recv_from(100) } end)
-            local deadline = pluvio.now() + 2
+            local deadline = pluvio.now() + 10
             while receiver:status() ~= "done" and pluvio.now() < deadline do pluvio.sleep(0.002) end
             assert.equal("done", receiver:status())
             local r = receiver:join()
@@ -2176,7 +2176,7 @@ describe("sockets over io_uring", function()
             assert.equal(status, reader:status())
             reader:kill()
             assert.equal(5, s:send("world"))
-            assert.same({ "helloworld" }, { pluvio.timeout(1, c.recv_exact, c, 10) })
+            assert.same({ "helloworld" }, { pluvio.timeout(10, c.recv_exact, c, 10) })
         end
         s:close()
         c:close()
@@ -2209,8 +2209,8 @@ describe("sockets over io_uring", function()
         assert.equal("waiting", reader:status())
         reader:kill()
         assert.equal(6, b:send_to("second", "127.0.0.1", a:port()))
-        assert.same({ "first", "127.0.0.1", plain:port() }, { pluvio.timeout(1, a.recv_from, a, 100) })
-        assert.same({ "second", "127.0.0.1", b:port() }, { pluvio.timeout(1, a.recv_from, a, 100) })
+        assert.same({ "first", "127.0.0.1", plain:port() }, { pluvio.timeout(10, a.recv_from, a, 100) })
+        assert.same({ "second", "127.0.0.1", b:port() }, { pluvio.timeout(10, a.recv_from, a, 100) })
         a:close()
         b:close()
         plain:close()
@@ -2242,7 +2242,7 @@ describe("sockets over io_uring", function()
             assert.equal(enters, r:stats().enters)
             assert.equal(1, r:stats().in_flight)
             assert.equal(5, tonumber(ffi.C.send(peer, "world", 5, 0)))
-            assert.equal(want, pluvio.timeout(1, next_receive))
+            assert.equal(want, pluvio.timeout(10, next_receive))
         end
         assert.equal(0, r:stats().in_flight)
         s:close()
@@ -2297,7 +2297,7 @@ describe("sockets over io_uring", function()
         second:kill()                           -- third takes over the wait, then receives
         local third = pluvio.spawn(function() return c:recv(100) end)
         assert.equal(5, s:send("hello"))
-        assert.equal("hello", pluvio.timeout(1, third.join, third))
+        assert.equal("hello", pluvio.timeout(10, third.join, third))
         s:close()
         c:close()
         l:close()
@@ -2319,8 +2319,8 @@ describe("sockets over io_uring", function()
         assert.equal(second, a.rescues[1].adopter)
         assert.is_true(a:close())
         local why = "recv_from " .. a.name .. ": the socket was closed"
-        assert.same({ nil, why, "ECANCELED" }, pluvio.timeout(1, second.join, second))
-        assert.same({ nil, why, "ECANCELED" }, pluvio.timeout(1, third.join, third))
+        assert.same({ nil, why, "ECANCELED" }, pluvio.timeout(10, second.join, second))
+        assert.same({ nil, why, "ECANCELED" }, pluvio.timeout(10, third.join, third))
         pluvio.sleep(0.001)
         assert.equal(0, r:stats().in_flight)
         -- a killed receive nobody waits for when its socket closes: dropped with it
@@ -2345,11 +2345,11 @@ describe("sockets over io_uring", function()
             reader:kill()
             assert.equal(6, b:send_to("second", "127.0.0.1", a:port()))
             if max == 100 then
-                assert.same({ "first", "127.0.0.1", b:port() }, { pluvio.timeout(1, a.recv_from, a, 100) })
+                assert.same({ "first", "127.0.0.1", b:port() }, { pluvio.timeout(10, a.recv_from, a, 100) })
             else    -- the killed recv_from kept only its 3 bytes, and says how long it was
-                assert.same({ "fi", "127.0.0.1", b:port(), 5 }, { pluvio.timeout(1, a.recv_from, a, 2) })
+                assert.same({ "fi", "127.0.0.1", b:port(), 5 }, { pluvio.timeout(10, a.recv_from, a, 2) })
             end
-            assert.same({ "second", "127.0.0.1", b:port() }, { pluvio.timeout(1, a.recv_from, a, 100) })
+            assert.same({ "second", "127.0.0.1", b:port() }, { pluvio.timeout(10, a.recv_from, a, 100) })
         end
         a:close()
         b:close()
@@ -2451,7 +2451,7 @@ describe("sockets over io_uring", function()
         pluvio.yield()                  -- it parks in close
         assert.equal("waiting", closer:status())
         closer:kill()
-        assert.same({ nil, "closed", "EOF" }, { pluvio.timeout(1, s.recv, s, 10) })
+        assert.same({ nil, "closed", "EOF" }, { pluvio.timeout(10, s.recv, s, 10) })
         s:close()
         l:close()
     end))
@@ -2633,7 +2633,7 @@ for _, at in ipairs({ "127.0.0.1", "::1" }) do
     local a, b = assert(uring.udp_bind(at, 0)), assert(uring.udp_bind(at, 0))
     local sent, why = b:send_to("to plmulti from " .. at, "plmulti", a:port())
     if sent then
-        local data, host = pluvio.timeout(1, a.recv_from, a, 100)
+        local data, host = pluvio.timeout(10, a.recv_from, a, 100)
         print(at .. ": " .. tostring(data) .. " at " .. tostring(host))
     else
         print(at .. ": " .. why)
@@ -2752,7 +2752,7 @@ describe("readv and writev", function()
         assert.equal(free, r:stats().buffers_free)
         pluvio.sleep(0.01)                      -- the cancel completes
         local f = assert(uring.File.open(tmpfile(), "w+"))
-        local deadline = pluvio.now() + 2       -- the next op lets go of them
+        local deadline = pluvio.now() + 10       -- the next op lets go of them
         repeat assert.equal(1, f:write(0, "x")) until r:stats().buffers_free == free + 2 or pluvio.now() > deadline
         assert.equal(free + 2, r:stats().buffers_free)
         f:close()
