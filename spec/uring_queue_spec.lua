@@ -436,7 +436,16 @@ describe("IoQueue", function()
     end)
 
     it("makes no Lua garbage per read and completion", async(function()
-        local path = tmpfile()
+        -- on a file system whose page-cache reads finish inside the submit:
+        -- on tmpfs io_uring's worker threads finish them when they get a
+        -- CPU, each run takes other paths through the loop, and the traces
+        -- the JIT compiles for those (on the Lua heap) varied from 5 to 31
+        -- KiB a run under load
+        local path = helper.disk_file_with("")
+        if not path then
+            pending(helper.NO_DISK_DIR)
+            return
+        end
         local f = assert(uring.File.open(path, "w+"))
         local q = uring.io_queue()
         local bufs = {}
