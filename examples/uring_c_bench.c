@@ -11,8 +11,9 @@
  *                      [--rw randread|read|write] [--direct]
  *
  * Prints one line of JSON: {"ops":..,"seconds":..,"iops":..,"mib_s":..,
- * "enters":..,"lat_p50_us":..,"lat_p99_us":..}.  Operations cover the first --size bytes of the file (all
- * of it by default), as uring_bench.lua's and fio's --size do.  Random
+ * "enters":..,"lat_p50_us":..,"lat_p99_us":..}.  Operations cover the
+ * first --size bytes of the file (all of it by default), as
+ * uring_bench.lua's and fio's --size do.  Random
  * offsets are whole blocks drawn uniformly from that range by xorshift64;
  * uring_bench.lua draws them from the same range and distribution with
  * LuaJIT's math.random, so the two read different blocks in a different
