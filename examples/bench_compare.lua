@@ -90,7 +90,7 @@ end
 
 local function run_c_loop(t)
     local cmd = (pin .. "%s %s --rw %s --bs %d --size %d --iodepth %d --runtime %g%s"):format(c_loop, file_for(t),
-        t.rw == "randread" and "randread" or t.rw, t.bs, o.size, t.qd, o.seconds, t.direct and " --direct" or "")
+        t.rw, t.bs, o.size, t.qd, o.seconds, t.direct and " --direct" or "")
     local out, st = sh_out(cmd)
     local j = st == 0 and json_of(out)
     return j and (t.metric == "mib_s" and j.mib_s or j.iops), cmd, out
