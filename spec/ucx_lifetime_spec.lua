@@ -438,6 +438,147 @@ describe("Endpoint:close", function()
     end))
 end)
 
+describe("endpoints nothing refers to", function()
+    -- A server whose clients come and go and that keeps no reference to
+    -- what it accepted: the listener, a stream, and a task accepting.
+    -- keep: a table to keep the accepted endpoints in, or nil to drop them.
+    local function server(ctx, opts, keep)
+        local sw = assert(ctx:create_worker(opts))
+        local s = { w = sw, l = assert(sw:create_listener("127.0.0.1", 0)), stream = sw:am_stream(1), got = {} }
+        s.acceptor = pluvio.spawn(function()
+            while true do
+                local ep, err = s.l:accept()
+                if not ep then return err end
+                if keep then keep[#keep + 1] = ep end
+            end
+        end)
+        s.reader = pluvio.spawn(function()
+            while true do
+                local m = s.stream:wait_msg()
+                if not m then return end
+                s.got[#s.got + 1] = m:data()
+                m:release()
+            end
+        end)
+        return s
+    end
+
+    -- A client that connects, sends one message and closes.
+    local function visit(cw, s, text)
+        local ep = within(10, function() return cw:connect_socket("127.0.0.1", s.l:port()) end)[1]
+        assert(ep, "connect " .. text)
+        assert(ep:am_send(1, "", text))
+        assert(ep:close())
+    end
+
+    -- Wait (collecting) until cond() holds; false after 10 s.
+    local function until_(cond)
+        local deadline = pluvio.now() + 10
+        while not cond() do
+            if pluvio.now() > deadline then return false end
+            collectgarbage()
+            pluvio.sleep(0.005)
+        end
+        return true
+    end
+
+    local function stop(ctx, s, cw)
+        s.l:close(); s.acceptor:join(); s.w:close(); cw:close(); ctx:close()
+    end
+
+    it("are freed once they failed, so that their peer's close leaves no entry behind", async(function()
+        local ctx = assert(ucx.Context.new())
+        local cw = assert(ctx:create_worker())
+        local s = server(ctx)
+        for i = 1, 3 do visit(cw, s, "v" .. i) end
+        -- failed first, then collected (pl_ucx_ep_drop frees it at once)
+        assert.is_true(until_(function() return s.w:stats().endpoints_collected == 3 end),
+                       "collected " .. s.w:stats().endpoints_collected)
+        local st = s.w:stats()
+        assert.same({ 0, 0 }, { st.endpoints, st.failed_endpoints })
+        assert.same({ "v1", "v2", "v3" }, s.got)
+        stop(ctx, s, cw)
+    end))
+
+    it("stay open while their peer is connected, and still deliver what it sends", async(function()
+        local ctx = assert(ucx.Context.new())
+        local cw = assert(ctx:create_worker())
+        local s = server(ctx)
+        local ep = within(10, function() return cw:connect_socket("127.0.0.1", s.l:port()) end)[1]
+        assert(ep)
+        for _ = 1, 3 do collectgarbage() end
+        pluvio.sleep(0.02)
+        assert.same({ 1, 0, 0 }, { s.w:stats().endpoints, s.w:stats().failed_endpoints,
+                                   s.w:stats().endpoints_collected })
+        assert(ep:am_send(1, "", "after the collection"))
+        assert.is_true(until_(function() return #s.got == 1 end))
+        assert.same({ "after the collection" }, s.got)
+        -- collected first, then failed: the reactor frees it after its progress
+        assert(ep:close())
+        assert.is_true(until_(function() return s.w:stats().endpoints_collected == 1 end))
+        assert.same({ 0, 0 }, { s.w:stats().endpoints, s.w:stats().failed_endpoints })
+        stop(ctx, s, cw)
+    end))
+
+    it("are not freed while referenced: a failed endpoint stays until its own close", async(function()
+        local ctx = assert(ucx.Context.new())
+        local cw = assert(ctx:create_worker())
+        local kept = {}
+        local s = server(ctx, nil, kept)
+        for i = 1, 3 do visit(cw, s, "v" .. i) end
+        assert.is_true(until_(function() return s.w:stats().failed_endpoints == 3 end))
+        for _ = 1, 3 do collectgarbage() end
+        pluvio.sleep(0.02)
+        assert.same({ 3, 0 }, { s.w:stats().failed_endpoints, s.w:stats().endpoints_collected })
+        for _, ep in ipairs(kept) do
+            assert.is_nil(ep:status())
+            assert.is_true(ep:close())
+        end
+        assert.equal(0, s.w:stats().failed_endpoints)
+        stop(ctx, s, cw)
+    end))
+
+    it("make room for accept past max_endpoints when the failed ones are garbage not yet collected", async(function()
+        local ctx = assert(ucx.Context.new())
+        local cw = assert(ctx:create_worker())
+        local s = server(ctx, { max_endpoints = 4 })
+        collectgarbage("stop")      -- only a full table makes accept collect
+        local ok, err = pcall(function()
+            for i = 1, 10 do visit(cw, s, "v" .. i) end
+        end)
+        collectgarbage("restart")
+        assert(ok, err)
+        assert.is_true(until_(function() return #s.got == 10 end), #s.got .. " messages")
+        assert.is_true(s.w:stats().endpoints_collected >= 6, "collected " .. s.w:stats().endpoints_collected)
+        stop(ctx, s, cw)
+    end))
+end)
+
+describe("Context:create_worker's max_endpoints", function()
+    it("bounds the endpoints open at once, with EMFILE naming the worker's limit", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, peer = assert(ctx:create_worker({ max_endpoints = 2 })), assert(ctx:create_worker())
+        local a, b = assert(sw:connect_addr(peer:address())), assert(sw:connect_addr(peer:address()))
+        assert.same({ nil, "connect_addr: this worker has at most 2 endpoints open, reply endpoints included " ..
+                           "(close one first)", "EMFILE" }, { sw:connect_addr(peer:address()) })
+        assert.is_true(a:close())
+        local c = assert(sw:connect_addr(peer:address()))
+        assert(b:close()); assert(c:close())
+        sw:close(); peer:close(); ctx:close()
+    end))
+
+    it("must be an integer from 1 to 4096", function()
+        local ctx = assert(ucx.Context.new())
+        for _, v in ipairs({ 0, 4097, 1.5, "8" }) do
+            local ok, err = pcall(ctx.create_worker, ctx, { max_endpoints = v })
+            assert.is_false(ok)
+            assert.matches("Context:create_worker: max_endpoints must be an integer from 1 to 4096 (got ",
+                           err, 1, true)
+        end
+        ctx:close()
+    end)
+end)
+
 describe("reply endpoints", function()
     -- A connect_addr peer's messages come with a reply endpoint UCX made
     -- for it (not ours to close): its table entry used to stay for good,

@@ -427,7 +427,7 @@ describe("UCX", function()
         local addr = peer:address()
         local eps = {}
         for i = 1, 4096 do eps[i] = assert(server:connect_addr(addr)) end
-        local full = "a worker has at most 4096 endpoints open, reply endpoints included (close one first)"
+        local full = "this worker has at most 4096 endpoints open, reply endpoints included (close one first)"
         assert.same({ nil, "connect_addr: " .. full, "EMFILE" }, { server:connect_addr(addr) })
         assert.is_true(cep:am_send(1, "q", "?", true))
         local m = assert(inbox:wait_msg())
@@ -899,7 +899,7 @@ describe("UCX misuse and failures", function()
     it("refuses an unknown create_worker option, naming it", async(function()
         local ctx = assert(ucx.Context.new())
         assert.has_error(function() ctx:create_worker({ bogus = 1 }) end,
-            'Context:create_worker: unknown option "bogus" (there are none yet)')
+            'Context:create_worker: unknown option "bogus" (known: max_endpoints)')
         ctx:close()
     end))
 

@@ -467,6 +467,7 @@ typedef struct pl_ucx_stats {
     double am_unclaimed;    /* held now for AM ids with no open stream */
     double am_dropped;      /* for such ids past UCX_UNCLAIMED_HOLD, or arriving as the worker closed */
     double watch_drops;     /* times its event fd left the reactor's epoll set, the worker busy */
+    double endpoints_collected;     /* failed endpoints freed, their Lua object collected */
 } pl_ucx_stats_t;
 
 /* wakeup 1: workers can sleep in the kernel (transports with events: tcp);
@@ -515,6 +516,13 @@ int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
 /* Force-close with no task waiting (a connect that failed or was given up);
  * it needs no op slot, so it fails only for a stale handle (-EBADF). */
 int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep);
+/* At most n endpoints open at once, 1 to 4096 (the default); for a new
+ * worker, before its first endpoint.  -EINVAL out of range. */
+int pl_ucx_worker_max_endpoints(pl_ucx_worker_t *w, int n);
+/* The Lua object of an endpoint we own was collected: a failed one is
+ * freed now, an open one once it fails (its peer may still send to the
+ * worker's streams meanwhile).  1 if it was freed now. */
+int pl_ucx_ep_drop(pl_ucx_worker_t *w, int ep);
 
 int pl_ucx_op_take(pl_ucx_worker_t *w, int op, pl_ucx_result_t *out);
 int pl_ucx_op_abandon(pl_ucx_worker_t *w, int op);

@@ -391,6 +391,7 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     w->free_msg = UCX_NONE;
     w->op_stride = (c->request_size + sizeof(struct ucx_op) + 15) & ~(size_t)15;
     w->efd = -1;
+    w->max_eps = UCX_MAX_ENDPOINTS;
     st = ucp_worker_create(c->ucp, &params, &w->ucp);
     if (st == UCS_OK && c->wakeup)
         st = ucp_worker_get_efd(w->ucp, &w->efd);
@@ -423,6 +424,14 @@ int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap)
         memcpy(buf, addr, len);
     ucp_worker_release_address(w->ucp, addr);
     return (int)len;
+}
+
+int pl_ucx_worker_max_endpoints(pl_ucx_worker_t *w, int n)
+{
+    if (n < 1 || n > UCX_MAX_ENDPOINTS)
+        return -EINVAL;
+    w->max_eps = n;
+    return 0;
 }
 
 double pl_ucx_worker_max_am_header(pl_ucx_worker_t *w)
@@ -646,6 +655,8 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
             if (got == 0 || pl_ready_pushed(rt) != pushed)
                 break;
         }
+        if (w->reap)
+            ucx_eps_reap(w);
     }
     return n;
 }

@@ -60,7 +60,7 @@ int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep)
  * is a worker of this thread. */
 static bool ep_room(const pl_ucx_worker_t *w)
 {
-    for (int i = 0; i < UCX_MAX_ENDPOINTS; i++)
+    for (int i = 0; i < w->max_eps; i++)
         if (w->eps[i].state == EP_FREE)
             return true;
     return false;
@@ -79,10 +79,10 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
         w->eps[i].state = EP_FREE;
         ucx_msgs_forget_ep(w, ep, -ENOTCONN);   /* their sender is gone too */
     }
-    for (i = 0; i < UCX_MAX_ENDPOINTS; i++)
+    for (i = 0; i < w->max_eps; i++)
         if (w->eps[i].state == EP_FREE)
             break;
-    if (i == UCX_MAX_ENDPOINTS)
+    if (i == w->max_eps)
         return -EMFILE;
     if (i >= w->neps)
         w->neps = i + 1;
@@ -92,6 +92,7 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
     w->eps[i].owned = owned;
     w->eps[i].holds = 0;
     w->eps[i].error = 0;
+    w->eps[i].dropped = false;
     snprintf(w->eps[i].peer, UCX_PEER_LEN, "%s", peer);
     return ep_handle(w, i);
 }
@@ -119,6 +120,8 @@ static void ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
         ucx_msgs_forget_ep(w, ep, w->eps[i].error);
         if (w->eps[i].closer_waits)     /* its close goes on: forcefully now */
             ucx_wake(w, w->eps[i].closer_slot, w->eps[i].closer_gen);
+        if (w->eps[i].dropped)          /* nobody can close it: ucx_poll will */
+            w->reap++;
     }
     ucx_streams_wake_all(w);
 }
@@ -478,6 +481,34 @@ int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep)
      * async thread assert (tcp_sockcm_ep.c:416, a client endpoint sending
      * without its private data packed) in 9 of 30 runs of a spec. */
     return 0;
+}
+
+int pl_ucx_ep_drop(pl_ucx_worker_t *w, int ep)
+{
+    struct ucx_ep *e = ucx_ep_get(w, ep);
+
+    if (!e || !e->owned)
+        return 0;
+    if (e->state == EP_FAILED) {
+        pl_ucx_ep_abort(w, ep);
+        w->stats.endpoints_collected++;
+        return 1;
+    }
+    e->dropped = true;
+    return 0;
+}
+
+/* Not in ep_error itself: UCX is inside the worker's progress there. */
+void ucx_eps_reap(pl_ucx_worker_t *w)
+{
+    w->reap = 0;
+    for (int i = 0; i < w->neps; i++) {
+        struct ucx_ep *e = &w->eps[i];
+        if (e->state == EP_FAILED && e->dropped && e->owned) {
+            pl_ucx_ep_abort(w, ep_handle(w, i));
+            w->stats.endpoints_collected++;
+        }
+    }
 }
 
 /* ---- listeners ----------------------------------------------------------- */

@@ -83,6 +83,7 @@ struct ucx_ep {
     uint32_t holds;         /* reply endpoints: its holders; freed at 0 */
     int32_t error;          /* -errno once failed */
     bool closer_waits;      /* a graceful close waits for its ops to end */
+    bool dropped;           /* its Lua object was collected (pl_ucx_ep_drop) */
     uint32_t closer_slot, closer_gen;
     char peer[UCX_PEER_LEN];
 };
@@ -174,6 +175,7 @@ struct pl_ucx_worker {
 
     struct ucx_ep eps[UCX_MAX_ENDPOINTS];
     int neps;               /* high-water mark of used endpoint slots */
+    int max_eps;            /* entries it may use (max_endpoints), at most UCX_MAX_ENDPOINTS */
     struct ucx_listener listeners[UCX_MAX_LISTENERS];
 
     char *op_chunks[UCX_MAX_OP_CHUNKS];
@@ -182,6 +184,7 @@ struct pl_ucx_worker {
     uint32_t free_op, nops, in_flight;
     uint32_t passive_in_flight;     /* of in_flight: tag receives */
     uint32_t closers;       /* endpoints whose close waits for their ops */
+    uint32_t reap;          /* dropped endpoints that failed since (ucx_eps_reap) */
 
     struct ucx_msg *msgs;
     uint32_t nmsgs, free_msg, held;
@@ -213,6 +216,9 @@ struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep);
 /* An op on endpoint ep ended while some close waits (w->closers > 0). */
 void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep);
 int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer);
+/* Free the dropped endpoints that failed (w->reap > 0), outside UCX's
+ * callbacks. */
+void ucx_eps_reap(pl_ucx_worker_t *w);
 int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep);
 int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,
                   struct ucx_op **op, ucp_request_param_t *p);

@@ -244,6 +244,11 @@ local function release_hold(rec)
     end
 end
 
+-- A worker's table of endpoints has room for this many (UCX_MAX_ENDPOINTS),
+-- or its max_endpoints, reply endpoints included; C says EMFILE only when
+-- it is full (UCX's own failures never map to it).
+local MAX_ENDPOINTS = 4096
+
 -- A worker left to the garbage collector: its runtime may be gone, so it
 -- wakes nobody (no task can wait on it: they would reference it).  life is
 -- what other finalizers (reply endpoints') see of it: at exit finalizers
@@ -270,20 +275,26 @@ function Context:create_worker(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("Context:create_worker: options must be a table (got " .. type(opts) .. ")", 2)
     end
-    local unknown = opts and next(opts)
-    if unknown ~= nil then
-        error("Context:create_worker: unknown option " .. check.show(unknown) .. " (there are none yet)", 2)
+    local max_eps = MAX_ENDPOINTS
+    for k, v in pairs(opts or {}) do
+        if k == "max_endpoints" then
+            max_eps = check.integer("Context:create_worker", "max_endpoints", v, 1, MAX_ENDPOINTS)
+        else
+            error("Context:create_worker: unknown option " .. check.show(k) .. " (known: max_endpoints)", 2)
+        end
     end
     local err = ffi.new("int[1]")
     local w = C.pl_ucx_worker_new(self.c, err)
     if w == nil then
         return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0]), errname(err[0])
     end
+    C.pl_ucx_worker_max_endpoints(w, max_eps)
     local life, limbo = { open = true }, {}
     local worker = setmetatable({
         w = ffi.gc(w, worker_finalizer(life, limbo)), life = life, context = self,
         result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
-        eps = {}, listeners = {}, streams = {}, limbo = limbo, max_header = C.pl_ucx_worker_max_am_header(w),
+        eps = setmetatable({}, { __mode = "k" }), listeners = {}, streams = {}, limbo = limbo, max_header = C.pl_ucx_worker_max_am_header(w),
+        max_endpoints = max_eps,
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
     }, Worker)
     self.workers[worker] = true
@@ -491,20 +502,45 @@ function Worker:max_am_header()
     return self.max_header
 end
 
--- A worker's table of endpoints has room for this many (UCX_MAX_ENDPOINTS),
--- reply endpoints included; C says EMFILE only when it is full (UCX's own
--- failures never map to it).
-local MAX_ENDPOINTS = 4096
 
-local function no_ep_room(what)
-    return nil, format("%s: a worker has at most %d endpoints open, reply endpoints included (close one first)",
-                       what, MAX_ENDPOINTS), "EMFILE"
+-- The table is full: failed endpoints nothing refers to any more are
+-- freed by their collection (drop_guard), so connects and accept try once
+-- more after a full collection.
+local function ep_room_after_collect()
+    collectgarbage()
+end
+
+local function no_ep_room(w, what)
+    return nil, format("%s: this worker has at most %d endpoints open, reply endpoints included (close one first)",
+                       what, w.max_endpoints), "EMFILE"
+end
+
+-- An endpoint nothing refers to any more stays open (its peer may still
+-- send to the worker's streams: a server that only receives keeps no
+-- reference to the endpoints it accepted), but once it fails its entry is
+-- freed (C: pl_ucx_ep_drop), so that peers that come and go do not fill
+-- the worker's table.  The guard holds the handle, -1 once the endpoint
+-- is closed (so that a late finalizer cannot drop an entry reused since);
+-- it refers to neither ep nor w.
+local function drop_guard(w, h)
+    local ww, life = w.w, w.life
+    return ffi.gc(ffi.new("int[1]", h), function(g)
+        if life.open and g[0] >= 0 then C.pl_ucx_ep_drop(ww, g[0]) end
+    end)
 end
 
 local function new_endpoint(w, h, peer)
-    local ep = setmetatable({ worker = w, h = h, peer = peer }, Endpoint)
+    local ep = setmetatable({ worker = w, h = h, peer = peer, guard = drop_guard(w, h) }, Endpoint)
     w.eps[ep] = true
     return ep
+end
+
+-- The endpoint's entry is gone (closed): no more the worker's.
+local function forget_endpoint(w, ep)
+    w.eps[ep] = nil
+    if ep.guard then        -- (a reply endpoint has a hold instead)
+        ep.guard[0] = -1
+    end
 end
 
 -- connect_addr(addr[, {peer_errors = false}]): an endpoint to the worker
@@ -534,10 +570,14 @@ function Worker:connect_addr(addr, opts)
         end
     end
     local h = C.pl_ucx_connect_addr(self.w, addr, #addr, peer_errors and 1 or 0)
+    if h == EMFILE then
+        ep_room_after_collect()
+        h = C.pl_ucx_connect_addr(self.w, addr, #addr, peer_errors and 1 or 0)
+    end
     if h == EINVAL then
         return nil, "connect_addr: addr is not a UCX worker address (from Worker:address())", "EINVAL"
     elseif h == EMFILE then
-        return no_ep_room("connect_addr")
+        return no_ep_room(self, "connect_addr")
     elseif h < 0 then
         return fail("connect_addr", h)
     end
@@ -576,6 +616,10 @@ function Worker:connect_socket(host, port)
     local hout = ffi.new("int[1]", -1)
     local what = "connect to " .. host_port(host, port)
     local rc = C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen)
+    if rc == EMFILE and hout[0] < 0 then
+        ep_room_after_collect()
+        rc = C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen)
+    end
     local h = hout[0]
     t.io_abort_ep = h >= 0 and h or nil    -- a kill meanwhile aborts it (Worker:_abandon)
     rc = run_op(self, t, rc, what)
@@ -593,7 +637,7 @@ function Worker:connect_socket(host, port)
         end
         local fname = what
         if rc == EMFILE then
-            return no_ep_room(fname)
+            return no_ep_room(self, fname)
         end
         if rc == ENOTCONN or rc == ECONNREFUSED then    -- UCX 1.13 says ENOTCONN for a refusal
             local _, msg, name = fail(fname, rc)
@@ -732,6 +776,7 @@ function Worker:stats()
         msgs_held = s.msgs_held, endpoints = s.endpoints, failed_endpoints = s.failed_endpoints,
         msgs_collected = self.tracked and self.tracked.collected or 0, header_blocks = s.header_blocks,
         am_unclaimed = s.am_unclaimed, am_dropped = s.am_dropped, watch_drops = s.watch_drops,
+        endpoints_collected = s.endpoints_collected,
     }
 end
 
@@ -796,6 +841,7 @@ function Listener:accept()
     live_listener("Listener:accept", self)
     local t = current_task("Listener:accept")
     local w = self.worker
+    local collected = false
     while true do
         if not w.w then
             return nil, "accept: the worker is closed", "ECANCELED"
@@ -808,11 +854,16 @@ function Listener:accept()
         elseif h == -16 then
             error("Listener:accept: another task is already accepting on this listener", 2)
         elseif h == EMFILE then     -- (the connection waits for the next accept)
-            return no_ep_room("accept")
+            if collected then
+                return no_ep_room(w, "accept")
+            end
+            ep_room_after_collect()
+            collected = true
         elseif h ~= EAGAIN then
             return nil, "accept: " .. errstr(h), errname(h)
+        else
+            park(t, WAIT_OTHER, 0, self)
         end
-        park(t, WAIT_OTHER, 0, self)
     end
 end
 
@@ -1113,7 +1164,7 @@ function Endpoint:close()
         self.h = h
         return send_failed(self, "close", rc)
     end
-    w.eps[self] = nil
+    forget_endpoint(w, self)
     if rc < 0 and rc ~= CLOSED and rc ~= ECANCELED and rc ~= ECONNRESET then  -- (closed anyway)
         -- a flush fails only when the connection broke; the entry that
         -- send_failed would ask is gone now, so the note is added here
@@ -1130,7 +1181,7 @@ function Endpoint:_task_exit()
     self.closing = nil
     if c and w.w then
         C.pl_ucx_ep_abort(w.w, c.h)
-        w.eps[self] = nil
+        forget_endpoint(w, self)
     end
 end
 
@@ -1475,7 +1526,7 @@ function Message:reply(id, header, data, need_reply, proto)
         if h == ENOTCONN then
             msg = "the endpoint the message came on was closed"
         elseif h == EMFILE then     -- when the message was taken
-            return no_ep_room("am_send to the sender")
+            return no_ep_room(w, "am_send to the sender")
         end
         return nil, "am_send to the sender: " .. msg, name
     end
