@@ -554,6 +554,38 @@ describe("endpoints nothing refers to", function()
     end))
 end)
 
+describe("a message taken while the endpoint table is full of failed garbage", function()
+    it("can still be answered: taking it collects once for its reply endpoint", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw = assert(ctx:create_worker({ max_endpoints = 2 }))
+        local cw, peer = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local l = assert(sw:create_listener("127.0.0.1", 0))
+        local inbox, answers = sw:am_stream(1), peer:am_stream(2)
+        collectgarbage("stop")      -- what the server accepted stays garbage, its entries full
+        local ok, err = pcall(function()
+            for _ = 1, 2 do
+                local acc = pluvio.spawn(function() return (assert(l:accept())).peer end)
+                local ep = within(10, function() return cw:connect_socket("127.0.0.1", l:port()) end)[1]
+                assert(ep and acc:join())
+                assert(ep:close())
+            end
+            local deadline = pluvio.now() + 10
+            while sw:stats().failed_endpoints < 2 and pluvio.now() < deadline do pluvio.sleep(0.005) end
+            assert.equal(2, sw:stats().failed_endpoints)
+            local ep = assert(peer:connect_addr(sw:address()))
+            assert(ep:am_send(1, "question", "?", true))
+            local m = assert(inbox:wait_msg())
+            assert.same({ true }, { m:reply(2, "answer", "!") })
+            assert.equal("answer", assert(answers:wait_msg()).header)
+            m:release()
+            ep:close()
+        end)
+        collectgarbage("restart")
+        assert(ok, err)
+        l:close(); sw:close(); cw:close(); peer:close(); ctx:close()
+    end))
+end)
+
 describe("Context:create_worker's max_endpoints", function()
     it("bounds the endpoints open at once, with EMFILE naming the worker's limit", async(function()
         local ctx = assert(ucx.Context.new())

@@ -1288,6 +1288,10 @@ end
 local function reply_endpoint(w, h)
     local ww, life = w.w, w.life
     local rh = C.pl_ucx_msg_reply_ep(ww, h)
+    if rh == EMFILE then    -- (else it stays so: the message may be released before its reply)
+        ep_room_after_collect()
+        rh = C.pl_ucx_msg_reply_ep(ww, h)
+    end
     if rh < 0 then
         return rh
     end
