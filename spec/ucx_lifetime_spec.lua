@@ -552,6 +552,27 @@ describe("endpoints nothing refers to", function()
         assert.is_true(s.w:stats().endpoints_collected >= 6, "collected " .. s.w:stats().endpoints_collected)
         stop(ctx, s, cw)
     end))
+
+    it("whose close was given up (its task killed) leave no finalizer armed for their slot's next endpoint", async(function()
+        -- The kill frees the entry (Worker:_abandon); a guard still holding
+        -- the handle would drop whatever endpoint has it 32768 reuses of the
+        -- slot later (the generation wraps): a referenced endpoint, freed
+        -- under its object (about 30 s of connects to show; the guard is
+        -- looked at instead).
+        local ctx = assert(ucx.Context.new())
+        local cw = assert(ctx:create_worker({ max_endpoints = 1 }))
+        local s = server(ctx, nil, {})
+        local ep = within(10, function() return cw:connect_socket("127.0.0.1", s.l:port()) end)[1]
+        assert(ep)
+        local closer = pluvio.spawn(function() return ep:close() end)
+        pluvio.sleep(0)             -- its close is in flight
+        assert.equal("waiting", closer:status())
+        closer:kill()
+        assert.equal(0, cw:stats().endpoints)
+        assert.equal(-1, ep.guard[0])
+        assert.is_false(ep:close())
+        stop(ctx, s, cw)
+    end))
 end)
 
 describe("a message taken while the endpoint table is full of failed garbage", function()

@@ -1136,6 +1136,11 @@ function Endpoint:close()
     local w = self.worker
     local h = self.h
     self.h = nil            -- a second close meanwhile returns false
+    -- and a later finalizer drops nothing: a kill during the close frees
+    -- the entry (Worker:_abandon) without forget_endpoint, and its slot's
+    -- endpoint 32768 reuses on would have the same handle
+    local guard = self.guard
+    if guard then guard[0] = -1 end
     -- with operations in flight C flushes first, then closes on the next
     -- call; a kill during the flush closes it forcefully (the entry would
     -- stay, the endpoint open in UCX, and close() say false)
@@ -1162,6 +1167,7 @@ function Endpoint:close()
     end
     if not ep_gone(w, h) then   -- it did not start: still there, to close again
         self.h = h
+        if guard then guard[0] = h end
         return send_failed(self, "close", rc)
     end
     forget_endpoint(w, self)
