@@ -553,6 +553,32 @@ describe("endpoints nothing refers to", function()
         stop(ctx, s, cw)
     end))
 
+    it("stay while a message that came on them is held: its reply says the peer failed, not closed", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local l = assert(sw:create_listener("127.0.0.1", 0))
+        local inbox = sw:am_stream(1)
+        local acc = pluvio.spawn(function() while l:accept() do end end)   -- keeps nothing
+        local ep = within(10, function() return cw:connect_socket("127.0.0.1", l:port()) end)[1]
+        assert(ep)
+        assert(ep:am_send(1, "", "ask", true))
+        local m = assert(inbox:wait_msg())
+        for _ = 1, 3 do collectgarbage() end   -- the accepted endpoint's object goes
+        assert(ep:close())
+        assert.is_true(until_(function() return sw:stats().failed_endpoints == 1 end))
+        for _ = 1, 3 do collectgarbage() end
+        pluvio.sleep(0.02)
+        assert.equal(0, sw:stats().endpoints_collected)
+        local ok, err, code = m:reply(2, "", "answer")
+        assert.is_nil(ok)
+        assert.equal("ECONNRESET", code)
+        assert.matches("the peer failed", err, 1, true)
+        m = nil             -- (its reply endpoint was the last reference)
+        assert.is_true(until_(function() return sw:stats().endpoints_collected == 1 end))
+        assert.equal(0, sw:stats().failed_endpoints)
+        l:close(); acc:join(); sw:close(); cw:close(); ctx:close()
+    end))
+
     it("whose close was given up (its task killed) leave no finalizer armed for their slot's next endpoint", async(function()
         -- The kill frees the entry (Worker:_abandon); a guard still holding
         -- the handle would drop whatever endpoint has it 32768 reuses of the

@@ -521,7 +521,9 @@ int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep);
 int pl_ucx_worker_max_endpoints(pl_ucx_worker_t *w, int n);
 /* The Lua object of an endpoint we own was collected: a failed one is
  * freed now, an open one once it fails (its peer may still send to the
- * worker's streams meanwhile).  1 if it was freed now. */
+ * worker's streams meanwhile); not while a message's reply endpoint holds
+ * it (pl_ucx_msg_reply_ep): then its last pl_ucx_ep_unhold frees it.  1 if
+ * it was freed now. */
 int pl_ucx_ep_drop(pl_ucx_worker_t *w, int ep);
 
 int pl_ucx_op_take(pl_ucx_worker_t *w, int op, pl_ucx_result_t *out);
@@ -549,6 +551,8 @@ int pl_ucx_msg_info(pl_ucx_worker_t *w, int msg, pl_ucx_msg_info_t *out);
  * connect_addr peer leaves the table with its last holder.  -errno: why it
  * cannot be answered. */
 int pl_ucx_msg_reply_ep(pl_ucx_worker_t *w, int msg);
+/* (It frees too an owned entry whose object was collected and that failed:
+ * see pl_ucx_ep_drop.) */
 void pl_ucx_ep_unhold(pl_ucx_worker_t *w, int ep);
 int pl_ucx_msg_recv(pl_ucx_worker_t *w, int msg, void *buf, size_t len, uint32_t slot, uint32_t gen);
 int pl_ucx_msg_release(pl_ucx_worker_t *w, int msg);

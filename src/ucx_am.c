@@ -210,7 +210,7 @@ int pl_ucx_msg_reply_ep(pl_ucx_worker_t *w, int h)
         return m->reply_err;
     ep = ucx_ep_add(w, m->reply_ep, false, "reply");
     if (ep >= 0)
-        ucx_ep_get(w, ep)->holds++;     /* (an owned entry's count means nothing) */
+        ucx_ep_get(w, ep)->holds++;     /* (an owned entry's keeps it from pl_ucx_ep_drop) */
     return ep;
 }
 

@@ -97,14 +97,24 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
     return ep_handle(w, i);
 }
 
+static void ep_collect(pl_ucx_worker_t *w, int ep);
+
 /* A holder of a reply endpoint's entry lets go: the last one frees it.
- * Owned entries, and entries closed or reused meanwhile, are left alone. */
+ * An owned entry (a message came on an endpoint we accepted or connected)
+ * stays; but once its own object was collected too (dropped) and it
+ * failed, nothing refers to it any more: it is freed now (not in a UCX
+ * callback: this is a finalizer's).  Entries closed or reused meanwhile
+ * are left alone. */
 void pl_ucx_ep_unhold(pl_ucx_worker_t *w, int ep)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);
 
-    if (e && !e->owned && e->holds > 0 && --e->holds == 0)
+    if (!e || e->holds == 0 || --e->holds > 0)
+        return;
+    if (!e->owned)
         e->state = EP_FREE;
+    else if (e->dropped && e->state == EP_FAILED)
+        ep_collect(w, ep);
 }
 
 /* The peer failed (UCP_ERR_HANDLING_MODE_PEER): UCX fails the endpoint's
@@ -483,18 +493,28 @@ int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep)
     return 0;
 }
 
+/* A failed owned endpoint nothing refers to any more is freed. */
+static void ep_collect(pl_ucx_worker_t *w, int ep)
+{
+    pl_ucx_ep_abort(w, ep);
+    w->stats.endpoints_collected++;
+}
+
+/* Its object was collected.  A message's reply endpoint (holds) may still
+ * refer to the entry: then its last holder frees it (pl_ucx_ep_unhold),
+ * and until then the reply says why it fails (the peer's failure), not
+ * that the endpoint was closed. */
 int pl_ucx_ep_drop(pl_ucx_worker_t *w, int ep)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);
 
     if (!e || !e->owned)
         return 0;
-    if (e->state == EP_FAILED) {
-        pl_ucx_ep_abort(w, ep);
-        w->stats.endpoints_collected++;
+    e->dropped = true;
+    if (e->state == EP_FAILED && e->holds == 0) {
+        ep_collect(w, ep);
         return 1;
     }
-    e->dropped = true;
     return 0;
 }
 
@@ -504,10 +524,8 @@ void ucx_eps_reap(pl_ucx_worker_t *w)
     w->reap = 0;
     for (int i = 0; i < w->neps; i++) {
         struct ucx_ep *e = &w->eps[i];
-        if (e->state == EP_FAILED && e->dropped && e->owned) {
-            pl_ucx_ep_abort(w, ep_handle(w, i));
-            w->stats.endpoints_collected++;
-        }
+        if (e->state == EP_FAILED && e->dropped && e->owned && e->holds == 0)
+            ep_collect(w, ep_handle(w, i));
     }
 }
 

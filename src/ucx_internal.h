@@ -80,7 +80,7 @@ struct ucx_ep {
     uint16_t gen;
     uint8_t state;
     bool owned;             /* false: a reply endpoint UCX handed us */
-    uint32_t holds;         /* reply endpoints: its holders; freed at 0 */
+    uint32_t holds;         /* reply endpoint objects on it; a reply endpoint's entry is freed at 0 */
     int32_t error;          /* -errno once failed */
     bool closer_waits;      /* a graceful close waits for its ops to end */
     bool dropped;           /* its Lua object was collected (pl_ucx_ep_drop) */
