@@ -58,12 +58,24 @@ int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep)
  * ucp_ep_destroy of one still wiring up (accept, connect_socket) blocks
  * progressing the worker until the peer answers, for good when the peer
  * is a worker of this thread. */
-static bool ep_room(const pl_ucx_worker_t *w)
+static int ep_free_entry(pl_ucx_worker_t *w)
 {
-    for (int i = 0; i < w->max_eps; i++)
-        if (w->eps[i].state == EP_FREE)
-            return true;
-    return false;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < w->max_eps; i++)
+            if (w->eps[i].state == EP_FREE)
+                return i;
+        /* dropped endpoints that failed in a progress call other than the
+         * reactor's poll (a pull's, a close's) are not freed yet */
+        if (pass > 0 || w->reap == 0)
+            break;
+        ucx_eps_reap(w);
+    }
+    return -1;
+}
+
+static bool ep_room(pl_ucx_worker_t *w)
+{
+    return ep_free_entry(w) >= 0;
 }
 
 /* The entry of ep, made if it has none.  An endpoint we just created has
@@ -79,10 +91,8 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
         w->eps[i].state = EP_FREE;
         ucx_msgs_forget_ep(w, ep, -ENOTCONN);   /* their sender is gone too */
     }
-    for (i = 0; i < w->max_eps; i++)
-        if (w->eps[i].state == EP_FREE)
-            break;
-    if (i == w->max_eps)
+    i = ep_free_entry(w);
+    if (i < 0)
         return -EMFILE;
     if (i >= w->neps)
         w->neps = i + 1;

@@ -863,6 +863,7 @@ function Listener:accept()
             return nil, "accept: " .. errstr(h), errname(h)
         else
             park(t, WAIT_OTHER, 0, self)
+            collected = false   -- (a new connection: a new chance)
         end
     end
 end
