@@ -633,6 +633,70 @@ describe("a message taken while the endpoint table is full of failed garbage", f
     end))
 end)
 
+describe("a listener nothing refers to", function()
+    it("is closed when collected: its port refuses connections and can be bound again", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local port
+        do
+            port = assert(sw:create_listener("127.0.0.1", 0)):port()
+        end
+        collectgarbage(); collectgarbage()
+        local r = within(10, function() return cw:connect_socket("127.0.0.1", port) end)
+        assert.is_nil(r[1])
+        assert.matches("refused", r[2], 1, true)
+        local l = assert(sw:create_listener("127.0.0.1", port))
+        assert.equal(port, l:port())
+        l:close(); sw:close(); cw:close(); ctx:close()
+    end))
+
+    it("is not collected while a task waits in its accept", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local port, acceptor
+        do
+            local l = assert(sw:create_listener("127.0.0.1", 0))
+            port = l:port()
+            acceptor = pluvio.spawn(function() return l:accept() end)
+        end
+        pluvio.yield()
+        collectgarbage(); collectgarbage()
+        local ep = within(10, function() return cw:connect_socket("127.0.0.1", port) end)[1]
+        assert(ep, "connect")
+        local sep = assert(within(10, function() return acceptor:join() end)[1])
+        assert.is_true(sep:close())
+        assert.is_true(ep:close())
+        sw:close(); cw:close(); ctx:close()
+    end))
+
+    it("leaves its slot to a new one: 70 dropped listeners do not fill a worker's 64", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw = assert(ctx:create_worker())
+        for i = 1, 70 do
+            local l, err = sw:create_listener("127.0.0.1", 0)
+            assert(l, i .. ": " .. tostring(err))
+        end
+        sw:close(); ctx:close()
+    end))
+
+    it("no longer keeps a stream's reader waiting once it was the last way in for peers", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw = assert(ctx:create_worker())
+        local stream = sw:am_stream(1)
+        do
+            assert(sw:create_listener("127.0.0.1", 0))
+        end
+        local reader = pluvio.spawn(function() return stream:wait_msg() end)
+        pluvio.yield()
+        assert.equal("waiting", reader:status())
+        collectgarbage(); collectgarbage()
+        local r = within(10, function() return { reader:join() } end)[1]
+        assert.same({ nil, "wait_msg: no peer can send to AM stream 1 any more (every endpoint failed " ..
+                     "or closed, no listener open)", "ENOTCONN" }, { r[1], r[2], r[3] })
+        sw:close(); ctx:close()
+    end))
+end)
+
 describe("Context:create_worker's max_endpoints", function()
     it("bounds the endpoints open at once, with EMFILE naming the worker's limit", async(function()
         local ctx = assert(ucx.Context.new())

@@ -505,6 +505,8 @@ int pl_ucx_listener_port(pl_ucx_worker_t *w, int listener);
 const char *pl_ucx_listener_address(pl_ucx_worker_t *w, int listener);
 int pl_ucx_accept(pl_ucx_worker_t *w, int listener, uint32_t slot, uint32_t gen);
 int pl_ucx_listener_close(pl_ucx_worker_t *w, int listener);
+/* The listener's Lua object was collected: close it, waking nobody now. */
+int pl_ucx_listener_drop(pl_ucx_worker_t *w, int listener);
 int pl_ucx_ep_status(pl_ucx_worker_t *w, int ep);
 const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep);
 int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);

@@ -610,7 +610,8 @@ static bool worker_paused(const pl_ucx_worker_t *w)
  * and then it is polled again (an idle paused receiver sleeps). */
 static bool worker_busy(pl_ucx_worker_t *w)
 {
-    return !worker_paused(w) && (w->in_flight > 0 || ucx_worker_has_peers(w));
+    return w->listener_dropped ||
+           (!worker_paused(w) && (w->in_flight > 0 || ucx_worker_has_peers(w)));
 }
 
 /* A worker polled this many times since it was last armed is busy: its
@@ -657,6 +658,10 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
         }
         if (w->reap)
             ucx_eps_reap(w);
+        if (w->listener_dropped) {
+            w->listener_dropped = false;
+            ucx_streams_wake_all(w);
+        }
     }
     return n;
 }
@@ -707,6 +712,8 @@ static int ucx_arm(pl_reactor_t *self)
         pl_ucx_worker_t *w = r->workers[i];
         bool paused = worker_paused(w);
         ucs_status_t st;
+        if (w->listener_dropped)
+            return -EAGAIN;     /* its streams' readers are to be woken first */
         if (reactor_watch(r, w, !paused) < 0)
             return -EAGAIN;     /* cannot sleep on it: poll again */
         w->polls_awake = 0;

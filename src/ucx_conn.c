@@ -687,7 +687,9 @@ int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
     return h;
 }
 
-int pl_ucx_listener_close(pl_ucx_worker_t *w, int i)
+/* Close a listener; readers of the streams are woken (wake) so that they
+ * re-check whether any peer can still send to them. */
+static int listener_close(pl_ucx_worker_t *w, int i, bool wake)
 {
     struct ucx_listener *l = listener_get(w, i);
 
@@ -707,6 +709,22 @@ int pl_ucx_listener_close(pl_ucx_worker_t *w, int i)
         l->has_waiter = false;
         ucx_wake(w, l->waiter_slot, l->waiter_gen);
     }
-    ucx_streams_wake_all(w);
+    if (wake)
+        ucx_streams_wake_all(w);
+    else
+        w->listener_dropped = true;
     return 0;
+}
+
+int pl_ucx_listener_close(pl_ucx_worker_t *w, int i)
+{
+    return listener_close(w, i, true);
+}
+
+/* From a finalizer, whose runtime may be gone: no task can wait in its
+ * accept (it would refer to it), and the streams' readers are woken by the
+ * reactor's next poll (listener_dropped). */
+int pl_ucx_listener_drop(pl_ucx_worker_t *w, int i)
+{
+    return listener_close(w, i, false);
 }

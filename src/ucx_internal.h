@@ -185,6 +185,7 @@ struct pl_ucx_worker {
     uint32_t passive_in_flight;     /* of in_flight: tag receives */
     uint32_t closers;       /* endpoints whose close waits for their ops */
     uint32_t reap;          /* dropped endpoints that failed since (ucx_eps_reap) */
+    bool listener_dropped;  /* a listener was closed by its collection: wake the readers */
 
     struct ucx_msg *msgs;
     uint32_t nmsgs, free_msg, held;

@@ -24,6 +24,7 @@ local max = math.max
 local M = {}
 
 local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMFILE, EMSGSIZE = -6, -9, -11, -12, -22, -24, -90
+local EADDRINUSE = -98
 local ECONNRESET, ENOTCONN, ECONNREFUSED, ECANCELED = -104, -107, -111, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
@@ -293,7 +294,7 @@ function Context:create_worker(opts)
     local worker = setmetatable({
         w = ffi.gc(w, worker_finalizer(life, limbo)), life = life, context = self,
         result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
-        eps = setmetatable({}, { __mode = "k" }), listeners = {}, streams = {}, limbo = limbo, max_header = C.pl_ucx_worker_max_am_header(w),
+        eps = setmetatable({}, { __mode = "k" }), listeners = setmetatable({}, { __mode = "k" }), streams = {}, limbo = limbo, max_header = C.pl_ucx_worker_max_am_header(w),
         max_endpoints = max_eps,
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
     }, Worker)
@@ -664,6 +665,12 @@ function Worker:create_listener(host, port)
     check.string("Worker:create_listener", "host", host)
     check_port("Worker:create_listener", port, 0)
     local i = C.pl_ucx_listen(self.w, host, port)
+    if i == EMFILE or i == EADDRINUSE then
+        -- a listener nobody refers to may hold the slot or the port until
+        -- it is collected
+        collectgarbage()
+        i = C.pl_ucx_listen(self.w, host, port)
+    end
     if i == ENXIO then
         return unresolved("listen on", host, port)
     elseif i == EMFILE and count(self.listeners) >= MAX_LISTENERS then    -- (not the process's fds)
@@ -672,7 +679,14 @@ function Worker:create_listener(host, port)
     elseif i < 0 then
         return nil, format("listen on %s: %s", host_port(host, port), errstr(i)), errname(i)
     end
-    local l = setmetatable({ worker = self, i = i, host = host }, Listener)
+    -- a listener nothing refers to is closed when collected: no task can
+    -- accept on it any more (a task in accept refers to it).  The guard
+    -- holds its index, -1 once closed (the slot may be reused).
+    local ww, life = self.w, self.life
+    local guard = ffi.gc(ffi.new("int[1]", i), function(g)
+        if life.open and g[0] >= 0 then C.pl_ucx_listener_drop(ww, g[0]) end
+    end)
+    local l = setmetatable({ worker = self, i = i, host = host, guard = guard }, Listener)
     self.listeners[l] = true
     return l
 end
@@ -893,6 +907,7 @@ function Listener:close()
     end
     C.pl_ucx_listener_close(self.worker.w, self.i)
     self.i = nil
+    self.guard[0] = -1
     self.worker.listeners[self] = nil
     return true
 end
