@@ -705,10 +705,9 @@ static int listener_close(pl_ucx_worker_t *w, int i, bool wake)
     l->open = false;
     free(l->pending);
     l->pending = NULL;
-    if (l->has_waiter) {
-        l->has_waiter = false;
+    if (l->has_waiter && wake)      /* (dropped: a task left there was killed) */
         ucx_wake(w, l->waiter_slot, l->waiter_gen);
-    }
+    l->has_waiter = false;
     if (wake)
         ucx_streams_wake_all(w);
     else
