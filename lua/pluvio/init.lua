@@ -306,6 +306,10 @@ local function task_body(t)
             t.results = pack(true, fn(unpack(args, 1, args.n)))
         end
         t.a1, t.a2, t.a3 = nil, nil, nil
+        -- a pooled coroutine waits for its next task holding nothing of
+        -- this one: not its function (its upvalues: a listener, a file, a
+        -- socket, closed when collected), nor the task (its results)
+        fn, t = nil, nil
         t = co_yield(DONE)
     end
 end
