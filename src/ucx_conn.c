@@ -58,19 +58,25 @@ int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep)
  * ucp_ep_destroy of one still wiring up (accept, connect_socket) blocks
  * progressing the worker until the peer answers, for good when the peer
  * is a worker of this thread. */
+static int ep_first_free(const pl_ucx_worker_t *w)
+{
+    for (int i = 0; i < w->max_eps; i++)
+        if (w->eps[i].state == EP_FREE)
+            return i;
+    return -1;
+}
+
 static int ep_free_entry(pl_ucx_worker_t *w)
 {
-    for (int pass = 0; pass < 2; pass++) {
-        for (int i = 0; i < w->max_eps; i++)
-            if (w->eps[i].state == EP_FREE)
-                return i;
-        /* dropped endpoints that failed in a progress call other than the
-         * reactor's poll (a pull's, a close's) are not freed yet */
-        if (pass > 0 || w->reap == 0)
-            break;
+    int i = ep_first_free(w);
+
+    /* dropped endpoints that failed in a progress call other than the
+     * reactor's poll (a pull's, a close's) are not freed yet */
+    if (i < 0 && w->reap > 0) {
         ucx_eps_reap(w);
+        i = ep_first_free(w);
     }
-    return -1;
+    return i;
 }
 
 static bool ep_room(pl_ucx_worker_t *w)

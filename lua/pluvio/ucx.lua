@@ -294,8 +294,8 @@ function Context:create_worker(opts)
     local worker = setmetatable({
         w = ffi.gc(w, worker_finalizer(life, limbo)), life = life, context = self,
         result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
-        eps = setmetatable({}, { __mode = "k" }), listeners = setmetatable({}, { __mode = "k" }), streams = {}, limbo = limbo, max_header = C.pl_ucx_worker_max_am_header(w),
-        max_endpoints = max_eps,
+        eps = setmetatable({}, weak_keys), listeners = setmetatable({}, weak_keys), streams = {}, limbo = limbo,
+        max_header = C.pl_ucx_worker_max_am_header(w), max_endpoints = max_eps,
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
     }, Worker)
     self.workers[worker] = true
@@ -504,10 +504,11 @@ function Worker:max_am_header()
 end
 
 
--- The table is full: failed endpoints nothing refers to any more are
--- freed by their collection (drop_guard), so connects and accept try once
--- more after a full collection.
-local function ep_room_after_collect()
+-- A table is full (endpoints, listeners) or a port taken: failed
+-- endpoints and listeners nothing refers to any more are freed by their
+-- collection (drop_guard), so connects, accept and listen try once more
+-- after a full collection.
+local function collect_dropped()
     collectgarbage()
 end
 
@@ -516,32 +517,28 @@ local function no_ep_room(w, what)
                        what, w.max_endpoints), "EMFILE"
 end
 
+-- What C is told when an endpoint's or a listener's object is collected
+-- (drop: pl_ucx_ep_drop or pl_ucx_listener_drop, with its handle).  The
+-- guard holds the handle, -1 once the object was closed (so that a late
+-- finalizer cannot drop an entry reused since); it refers to neither the
+-- object nor w.
+local function drop_guard(w, drop, h)
+    local ww, life = w.w, w.life
+    return ffi.gc(ffi.new("int[1]", h), function(g)
+        if life.open and g[0] >= 0 then drop(ww, g[0]) end
+    end)
+end
+
 -- An endpoint nothing refers to any more stays open (its peer may still
 -- send to the worker's streams: a server that only receives keeps no
 -- reference to the endpoints it accepted), but once it fails its entry is
 -- freed (C: pl_ucx_ep_drop), so that peers that come and go do not fill
--- the worker's table.  The guard holds the handle, -1 once the endpoint
--- is closed (so that a late finalizer cannot drop an entry reused since);
--- it refers to neither ep nor w.
-local function drop_guard(w, h)
-    local ww, life = w.w, w.life
-    return ffi.gc(ffi.new("int[1]", h), function(g)
-        if life.open and g[0] >= 0 then C.pl_ucx_ep_drop(ww, g[0]) end
-    end)
-end
-
+-- the worker's table.
 local function new_endpoint(w, h, peer)
-    local ep = setmetatable({ worker = w, h = h, peer = peer, guard = drop_guard(w, h) }, Endpoint)
+    local ep = setmetatable({ worker = w, h = h, peer = peer }, Endpoint)
+    ep.guard = drop_guard(w, C.pl_ucx_ep_drop, h)
     w.eps[ep] = true
     return ep
-end
-
--- The endpoint's entry is gone (closed): no more the worker's.
-local function forget_endpoint(w, ep)
-    w.eps[ep] = nil
-    if ep.guard then        -- (a reply endpoint has a hold instead)
-        ep.guard[0] = -1
-    end
 end
 
 -- connect_addr(addr[, {peer_errors = false}]): an endpoint to the worker
@@ -572,7 +569,7 @@ function Worker:connect_addr(addr, opts)
     end
     local h = C.pl_ucx_connect_addr(self.w, addr, #addr, peer_errors and 1 or 0)
     if h == EMFILE then
-        ep_room_after_collect()
+        collect_dropped()
         h = C.pl_ucx_connect_addr(self.w, addr, #addr, peer_errors and 1 or 0)
     end
     if h == EINVAL then
@@ -618,7 +615,7 @@ function Worker:connect_socket(host, port)
     local what = "connect to " .. host_port(host, port)
     local rc = C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen)
     if rc == EMFILE and hout[0] < 0 then
-        ep_room_after_collect()
+        collect_dropped()
         rc = C.pl_ucx_connect_socket(self.w, host, port, hout, t.slot, t.gen)
     end
     local h = hout[0]
@@ -666,9 +663,7 @@ function Worker:create_listener(host, port)
     check_port("Worker:create_listener", port, 0)
     local i = C.pl_ucx_listen(self.w, host, port)
     if i == EMFILE or i == EADDRINUSE then
-        -- a listener nobody refers to may hold the slot or the port until
-        -- it is collected
-        collectgarbage()
+        collect_dropped()
         i = C.pl_ucx_listen(self.w, host, port)
     end
     if i == ENXIO then
@@ -680,12 +675,8 @@ function Worker:create_listener(host, port)
         return nil, format("listen on %s: %s", host_port(host, port), errstr(i)), errname(i)
     end
     -- a listener nothing refers to is closed when collected: no task can
-    -- accept on it any more (a task in accept refers to it).  The guard
-    -- holds its index, -1 once closed (the slot may be reused).
-    local ww, life = self.w, self.life
-    local guard = ffi.gc(ffi.new("int[1]", i), function(g)
-        if life.open and g[0] >= 0 then C.pl_ucx_listener_drop(ww, g[0]) end
-    end)
+    -- accept on it any more (a task in accept refers to it)
+    local guard = drop_guard(self, C.pl_ucx_listener_drop, i)
     local l = setmetatable({ worker = self, i = i, host = host, guard = guard }, Listener)
     self.listeners[l] = true
     return l
@@ -871,7 +862,7 @@ function Listener:accept()
             if collected then
                 return no_ep_room(w, "accept")
             end
-            ep_room_after_collect()
+            collect_dropped()
             collected = true
         elseif h ~= EAGAIN then
             return nil, "accept: " .. errstr(h), errname(h)
@@ -1153,8 +1144,8 @@ function Endpoint:close()
     local h = self.h
     self.h = nil            -- a second close meanwhile returns false
     -- and a later finalizer drops nothing: a kill during the close frees
-    -- the entry (Worker:_abandon) without forget_endpoint, and its slot's
-    -- endpoint 32768 reuses on would have the same handle
+    -- the entry (Worker:_abandon), and its slot's endpoint 32768 reuses on
+    -- would have the same handle
     local guard = self.guard
     if guard then guard[0] = -1 end
     -- with operations in flight C flushes first, then closes on the next
@@ -1186,7 +1177,7 @@ function Endpoint:close()
         if guard then guard[0] = h end
         return send_failed(self, "close", rc)
     end
-    forget_endpoint(w, self)
+    w.eps[self] = nil
     if rc < 0 and rc ~= CLOSED and rc ~= ECANCELED and rc ~= ECONNRESET then  -- (closed anyway)
         -- a flush fails only when the connection broke; the entry that
         -- send_failed would ask is gone now, so the note is added here
@@ -1203,7 +1194,7 @@ function Endpoint:_task_exit()
     self.closing = nil
     if c and w.w then
         C.pl_ucx_ep_abort(w.w, c.h)
-        forget_endpoint(w, self)
+        w.eps[self] = nil
     end
 end
 
@@ -1311,7 +1302,7 @@ local function reply_endpoint(w, h)
     local ww, life = w.w, w.life
     local rh = C.pl_ucx_msg_reply_ep(ww, h)
     if rh == EMFILE then    -- (else it stays so: the message may be released before its reply)
-        ep_room_after_collect()
+        collect_dropped()
         rh = C.pl_ucx_msg_reply_ep(ww, h)
     end
     if rh < 0 then
