@@ -356,6 +356,7 @@ describe("pluvio.run and pluvio.wrap", function()
             body()
         end
         assert.is_true(open_fds() - before <= 20, "open fds grew by " .. open_fds() - before)
+        assert.is_false(collectgarbage("isrunning"), "its collections restarted the collector the spec had stopped")
     end)
 end)
 

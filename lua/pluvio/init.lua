@@ -1212,6 +1212,18 @@ local function wrapped_results(rt, fn, ok, ...)
     return ...
 end
 
+-- A full collection, for what only finalizers give back (rings, UCX
+-- endpoints and listeners nobody refers to).  collectgarbage() would also
+-- restart a collector the user had stopped ("stop", as a benchmark does to
+-- see its garbage): that stays as the user left it.
+local function full_collect()
+    local running = collectgarbage("isrunning")
+    collectgarbage()
+    if not running then
+        collectgarbage("stop")
+    end
+end
+
 -- The runtimes of earlier wrapped calls the collector has not freed yet.
 -- Each holds fds and memory LuaJIT's collector does not count (its ring;
 -- once it did I/O, its io_uring reactor's ring and buffer pool), so a
@@ -1229,7 +1241,7 @@ local function collect_wrapped_runtimes()
     if n < wrapped_collect_at then
         return
     end
-    collectgarbage()        -- (runs the finalizers that close the rings)
+    full_collect()          -- (runs the finalizers that close the rings)
     n = 0
     for _ in pairs(wrapped_runtimes) do n = n + 1 end
     wrapped_collect_at = n + WRAPPED_UNCOLLECTED
@@ -1429,6 +1441,7 @@ M._current_task = current_task
 M._io_task = io_task
 M._yielded = yielded
 M._running_task = running_task
+M._full_collect = full_collect
 
 M.version = ffi.string(C.pl_version())
 

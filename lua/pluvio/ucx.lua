@@ -302,7 +302,7 @@ function Context:create_worker(opts)
     live_workers[worker] = true
     local rc, why = auto_register(worker)
     if rc == EMFILE then    -- full: of workers nobody closed, perhaps, which a collection frees
-        collectgarbage()
+        pluvio._full_collect()
         rc, why = auto_register(worker)
     end
     if rc < 0 then          -- nothing would progress it: not a worker to hand out
@@ -508,9 +508,7 @@ end
 -- endpoints and listeners nothing refers to any more are freed by their
 -- collection (drop_guard), so connects, accept and listen try once more
 -- after a full collection.
-local function collect_dropped()
-    collectgarbage()
-end
+local collect_dropped = pluvio._full_collect
 
 local function no_ep_room(w, what)
     return nil, format("%s: this worker has at most %d endpoints open, reply endpoints included (close one first)",
