@@ -219,6 +219,9 @@ int main(int argc, char **argv)
     }
     if (o.script == argc && lua_objlen(L, 1) == 0) {
         if (!isatty(STDIN_FILENO)) {
+            /* luajit would run stdin here; say why we do not, and what does */
+            fputs("pluvio: no script to run, and standard input is not a terminal "
+                  "(to run a script from it: pluvio - < script.lua)\n", stderr);
             fputs(usage, stderr);
             lua_close(L);
             return 1;
