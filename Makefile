@@ -33,6 +33,7 @@ LUA_MODULES = $(wildcard lua/pluvio/*.lua)
 UCX_NET_DEVICES ?= lo
 export UCX_NET_DEVICES
 
+CPPCHECK   ?= cppcheck
 BUSTED      = busted --lua=luajit
 SPEC_FLAGS ?=
 
@@ -88,7 +89,9 @@ bench-quick: check-deps all ## the same in under a minute (1 round, short runs)
 	$(HOST) examples/bench_compare.lua --quick $(BENCH_FLAGS)
 
 lint: ## cppcheck the C core
-	cppcheck --enable=warning,style,performance,portability --error-exitcode=1 \
+	@command -v $(CPPCHECK) >/dev/null || \
+	  { echo "make lint: $(CPPCHECK) not found (apt-get install -y cppcheck: make deps leaves it out)" >&2; exit 1; }
+	$(CPPCHECK) --enable=warning,style,performance,portability --error-exitcode=1 \
 	  --inline-suppr --suppress=missingIncludeSystem -q src/
 
 deps: ## install the Debian packages Pluvio needs (as root), else print the command

@@ -228,4 +228,12 @@ describe("make help and README's Make targets", function()
         table.sort(in_readme)
         assert.same(targets, in_readme)
     end)
+
+    it("make lint names the package to install when cppcheck is missing (make deps does not install it)", function()
+        local status, out, err = helper.sh("make -s -C " .. helper.quote(root) .. " lint CPPCHECK=/nonexistent/cppcheck")
+        assert.equal(2, status, out .. err)
+        assert.equal("", out)
+        assert.matches("make lint: /nonexistent/cppcheck not found (apt-get install -y cppcheck: make deps leaves it out)\n",
+            err, 1, true)
+    end)
 end)
