@@ -41,7 +41,7 @@ SPEC_FLAGS ?=
 
 C_BENCH    = $(BUILD)/uring_c_bench
 
-all: $(LIB) $(HOST) $(CDEF) $(C_BENCH) ## (plain `make`) build libpluvio.so, the pluvio host and the FFI cdef
+all: $(LIB) $(HOST) $(CDEF) $(C_BENCH) ## (plain `make`) build libpluvio.so, the pluvio host, the FFI cdef and uring_c_bench
 
 $(BUILD):
 	mkdir -p $(BUILD)
@@ -79,16 +79,16 @@ asan-test: ## run the specs with the C core under AddressSanitizer + UBSan
 	$(MAKE) BUILD=build-asan SANITIZE="-fsanitize=address,undefined -fno-omit-frame-pointer" all
 	@PLUVIO_BUILD=build-asan spec/run $(SPEC_FLAGS)
 
-demo: check-deps all ## build, then stream a file through io_uring and UCX and verify it
+demo: check-deps all ## install missing packages (as root), build, then stream a file through io_uring and UCX and verify it
 	$(HOST) examples/pipeline.lua
 
-bench: check-deps all ## Pluvio vs fio, a C liburing loop and ucx_perftest; writes docs/PERFORMANCE.md
+bench: check-deps all ## (6 to 9 minutes) Pluvio vs fio, a C liburing loop and ucx_perftest; writes docs/PERFORMANCE.md
 	$(HOST) examples/bench_compare.lua $(BENCH_FLAGS)
 
 bench-quick: check-deps all ## the same in under a minute (1 round, short runs)
 	$(HOST) examples/bench_compare.lua --quick $(BENCH_FLAGS)
 
-lint: ## cppcheck the C core
+lint: ## cppcheck the C core (needs cppcheck, which deps leaves out)
 	@command -v $(CPPCHECK) >/dev/null || \
 	  { echo "make lint: $(CPPCHECK) not found (apt-get install -y cppcheck: make deps leaves it out)" >&2; exit 1; }
 	$(CPPCHECK) --enable=warning,style,performance,portability --error-exitcode=1 \
