@@ -1,7 +1,8 @@
 -- The documentation's examples: every ```lua block of README.md and
 -- docs/*.md runs as a script under the pluvio host and must exit 0 (the
 -- examples assert their own results).  A block whose preceding line is
--- `<!-- norun -->` is only shown, not run (for snippets that need a peer).
+-- `<!-- norun -->` is not run by the host (for snippets that need a peer);
+-- one that is a busted spec file ("-- spec/x_spec.lua") runs under busted.
 local helper = require "helper"
 
 local root = helper.root
@@ -113,6 +114,30 @@ describe("documentation examples", function()
                     assert.are.equal(0, status, string.format(
                         "%s line %d: the example exited %d\n--- stderr:\n%s\n--- stdout:\n%s",
                         file, b.line, status, err, out))
+                end)
+            end
+        end
+    end
+end)
+
+describe("documentation spec files", function()
+    -- The norun blocks that are whole busted spec files ("-- spec/x_spec.lua"
+    -- on their first line) need busted's describe and it: each runs under
+    -- busted as a user would run it, with Pluvio on the paths, and must pass.
+    for _, file in ipairs(doc_files()) do
+        for _, b in ipairs(lua_blocks(read(root .. "/" .. file))) do
+            local name = b.norun and b.code:match("^%-%- (spec/[%w_]+_spec%.lua)")
+            if name then
+                it(file .. ": " .. name .. " passes under busted", function()
+                    local path = helper.tmp_path("_spec.lua")
+                    local f = assert(io.open(path, "w"))
+                    f:write(b.code)
+                    f:close()
+                    local paths = ("LUA_PATH=%s "):format(helper.quote(root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;"))
+                    local status, out, err = helper.sh(paths .. "busted --lua=luajit -o plainTerminal " .. helper.quote(path))
+                    os.remove(path)
+                    assert.are.equal(0, status, string.format("%s line %d:\n%s%s", file, b.line, out, err))
+                    assert.matches(" 0 failures / 0 errors", out)
                 end)
             end
         end
