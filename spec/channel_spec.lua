@@ -132,6 +132,15 @@ describe("pluvio.channel", function()
         assert.has_error(function() pluvio.channel("x") end, msg:format('"x"'))
     end)
 
+    it("says describe() is a method when it is called without self", function()
+        local ch = pluvio.channel(2)
+        assert.equal("channel (0/2)", ch:describe())
+        assert.has_error(function() ch.describe() end,
+            "Channel:describe: call it as a method on a channel (obj:describe(...)); got nil as self")
+        assert.has_error(function() ch.describe({}) end,
+            "Channel:describe: call it as a method on a channel (obj:describe(...)); got table as self")
+    end)
+
     it("rejects send on a closed channel and sending nil", async(function()
         local ch = pluvio.channel(1)
         assert.has_error(function() ch:send(nil) end,

@@ -402,6 +402,8 @@ describe("IoQueue", function()
                 "IoQueue:read_fixed: O_DIRECT offset 100 is not a multiple of")
             assert.error_matches(function() q.read_fixed(nil, f, buf, 0) end,
                 "IoQueue:read_fixed: call it as a method on an I/O queue %(q:read_fixed%(...%)%); got nil as self")
+            assert.has_error(function() q.describe() end,
+                "IoQueue:describe: call it as a method on an I/O queue (q:describe(...)); got nil as self")
             -- another reactor's file or buffer
             local other = uring.reactor { buffer_count = 1, buffer_size = 4096 }
             f.reactor = other

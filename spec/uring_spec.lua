@@ -938,6 +938,8 @@ describe("File and DmaFile", function()
         assert.has_error(function() uring.File.open(42) end, "File.open: path must be a string (got number)")
         assert.has_error(function() f.read({}, 0, 1) end,
             "File:read: call it as a method on a file (f:read(...)); got table as self")
+        assert.has_error(function() f.describe() end,
+            "File:describe: call it as a method on a file (f:describe(...)); got nil as self")
         f:close()
         uring.unlink(path)
     end))
@@ -2077,6 +2079,11 @@ describe("sockets over io_uring", function()
                          "TcpListener:address: call it as a method on a listener; got table as self")
         assert.has_error(function() uring.UdpSocket.address(nil) end,
                          "UdpSocket:address: call it as a method on a UDP socket; got nil as self")
+        for _, c in ipairs({ { "TcpListener", "a listener" }, { "TcpSocket", "a socket" },
+                             { "UdpSocket", "a UDP socket" } }) do
+            assert.has_error(function() uring[c[1]].describe() end,
+                             c[1] .. ":describe: call it as a method on " .. c[2] .. "; got nil as self")
+        end
         if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
     end))
 

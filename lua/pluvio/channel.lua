@@ -83,6 +83,7 @@ local function wake_all(q, head)
 end
 
 function Channel:describe()
+    check.self("Channel:describe", self, Channel, "a channel")
     return format("channel (%d/%d%s)", self.count, self.cap, self.closed and ", closed" or "")
 end
 

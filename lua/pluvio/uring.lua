@@ -712,6 +712,9 @@ local function self_file(fname, f)
 end
 
 function File:describe()
+    if not is_file(self) then
+        error(format("File:describe: call it as a method on a file (f:describe(...)); got %s as self", type(self)), 2)
+    end
     return "io on " .. self.path
 end
 

@@ -130,10 +130,14 @@ function M.install(U)
         return nil, format("%s %s: %s%s", what, obj.name, errstr(rc), done), errname(rc), bytes
     end
 
-    local function live(fname, obj, mt, what)
+    local function method_of(fname, obj, mt, what, level)
         if getmetatable(obj) ~= mt then
-            error(format("%s: call it as a method on %s; got %s as self", fname, what, type(obj)), 3)
+            error(format("%s: call it as a method on %s; got %s as self", fname, what, type(obj)), level)
         end
+    end
+
+    local function live(fname, obj, mt, what)
+        method_of(fname, obj, mt, what, 4)
         if obj.fd < 0 then
             error(fname .. ": the socket is closed (" .. obj.name .. ")", 3)
         end
@@ -353,9 +357,19 @@ function M.install(U)
         return true
     end
 
-    function TcpListener:describe() return "accept on " .. self.name end
-    function TcpSocket:describe() return "tcp " .. self.name end
-    function UdpSocket:describe() return "udp " .. self.name end
+    -- (a closed one too: rt:tasks() may show a task still parked on it)
+    function TcpListener:describe()
+        method_of("TcpListener:describe", self, TcpListener, "a listener", 3)
+        return "accept on " .. self.name
+    end
+    function TcpSocket:describe()
+        method_of("TcpSocket:describe", self, TcpSocket, "a socket", 3)
+        return "tcp " .. self.name
+    end
+    function UdpSocket:describe()
+        method_of("UdpSocket:describe", self, UdpSocket, "a UDP socket", 3)
+        return "udp " .. self.name
+    end
 
     -- tcp_listen(host, port[, backlog]): a listening socket on host:port
     -- (port 0: any free port, see :port(); a name with several addresses:

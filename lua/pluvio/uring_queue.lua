@@ -214,6 +214,10 @@ function M.install(U)
     end
 
     function IoQueue:describe()
+        if getmetatable(self) ~= IoQueue then     -- (a closed one too: as own_queue words it)
+            error(format("IoQueue:describe: call it as a method on an I/O queue (q:describe(...)); got %s as self",
+                         type(self)), 2)
+        end
         if self.id < 0 then
             return "a closed I/O queue"
         end
