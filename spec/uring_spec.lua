@@ -149,6 +149,17 @@ describe("IoUringReactor", function()
         assert.is_false(uring.IoUringReactor.builder():sqpoll(10):sqpoll(false).opts.sqpoll)
     end)
 
+    it("says a builder's methods are methods when they are called without self", function()
+        local b = uring.IoUringReactor.builder()
+        assert.has_error(function() b.queue_size(64) end,
+            "IoUringReactor.builder():queue_size: call it as a method on a builder (b:queue_size(...)); got number as self")
+        assert.has_error(function() b.sqpoll(10) end,
+            "IoUringReactor.builder():sqpoll: call it as a method on a builder (b:sqpoll(...)); got number as self")
+        assert.has_error(function() b.build() end,
+            "IoUringReactor.builder():build: call it as a method on a builder (b:build(...)); got nil as self")
+        assert.same({}, b.opts)
+    end)
+
     it("takes :sqpoll(true) on the builder as the options table's sqpoll = true", function()
         local b = uring.IoUringReactor.builder():sqpoll(true)
         assert.is_true(b.opts.sqpoll)

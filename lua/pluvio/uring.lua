@@ -178,8 +178,17 @@ end
 -- The seed's builder: IoUringReactor.builder():queue_size(2048):...:build()
 local Builder = {}
 Builder.__index = Builder
+
+local function self_builder(method, b)
+    if getmetatable(b) ~= Builder then
+        error(format("IoUringReactor.builder():%s: call it as a method on a builder (b:%s(...)); got %s as self",
+                     method, method, type(b)), 3)
+    end
+end
+
 for name in pairs(OPTION_RULES) do
     Builder[name] = function(self, v)
+        self_builder(name, self)
         self.opts[name] = check_option("IoUringReactor.builder():" .. name, name, v, 3)
         return self
     end
@@ -187,6 +196,7 @@ end
 -- :sqpoll(idle_ms) turns SQPOLL on with that idle time; :sqpoll() and
 -- :sqpoll(true) with the idle time set so far.  :sqpoll(false) turns it off.
 function Builder:sqpoll(idle_ms)
+    self_builder("sqpoll", self)
     if idle_ms == false then
         self.opts.sqpoll = false
         return self
@@ -203,6 +213,7 @@ function Builder:sqpoll(idle_ms)
 end
 
 function Builder:build()
+    self_builder("build", self)
     local r = new_reactor("IoUringReactor.builder():build", self.opts)
     return r
 end
