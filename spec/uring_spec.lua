@@ -711,7 +711,20 @@ describe("File and DmaFile", function()
             assert.same({ nil, "fallocate " .. path .. ": EOPNOTSUPP: Operation not supported", "EOPNOTSUPP", 0 },
                         { f:fallocate(0, 4096, FALLOC_FL_PUNCH_HOLE) })
             assert.has_error(function() f:fallocate(0, 4096, 256) end,
-                "File:fallocate: mode must be an integer from 0 to 255 (got 256)")
+                kind .. ":fallocate: mode must be an integer from 0 to 255 (got 256)")
+            f:close()
+            uring.unlink(path)
+        end))
+
+        it(kind .. " fallocate refuses a length of 0 and a call without self, naming them", async(function()
+            local path = tmpfile()
+            local f = assert(cls.open(path, "w+"))
+            -- the kernel's EINVAL named no argument (on a DmaFile it blamed the O_DIRECT alignment)
+            assert.has_error(function() f:fallocate(0, 0) end,
+                kind .. ":fallocate: length must be an integer from 1 to 4611686018427387904 (got 0)")
+            assert.has_error(function() f.fallocate(0, 4096) end,
+                "File:fallocate: call it as a method on a file (f:fallocate(...)); got number as self")
+            assert.equal(0, f:statx().size)
             f:close()
             uring.unlink(path)
         end))

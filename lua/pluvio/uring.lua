@@ -777,9 +777,10 @@ local function check_offset(fname, offset, f)
     end
 end
 
-local function check_len(fname, len, max, f)
-    if type(len) ~= "number" or len ~= len or len % 1 ~= 0 or len < 0 or len > max then
-        error(format("%s: length must be an integer from 0 to %d (got %s)", file_fname(fname, f), max,
+local function check_len(fname, len, max, f, min)
+    min = min or 0
+    if type(len) ~= "number" or len ~= len or len % 1 ~= 0 or len < min or len > max then
+        error(format("%s: length must be an integer from %d to %d (got %s)", file_fname(fname, f), min, max,
                      check.show(len)), 3)
     end
 end
@@ -1194,11 +1195,14 @@ function File:fdatasync()
 end
 
 -- f:fallocate(offset, len[, mode]): reserve space (mode as fallocate(2)).
+-- (len 0 is the kernel's EINVAL, which would name no argument: on a DmaFile
+-- the O_DIRECT hint would even blame the alignment)
 function File:fallocate(offset, len, mode)
+    self_file("File:fallocate", self)
     check_offset("File:fallocate", offset, self)
-    check_len("File:fallocate", len, 2 ^ 62, self)
+    check_len("File:fallocate", len, 2 ^ 62, self, 1)
     mode = mode or 0
-    check.integer("File:fallocate", "mode", mode, 0, 255)
+    check.integer(file_fname("File:fallocate", self), "mode", mode, 0, 255)
     return simple_op(self, "File:fallocate", "fallocate", C.pl_uring_fallocate, mode, offset, len)
 end
 
