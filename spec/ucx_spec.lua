@@ -750,6 +750,20 @@ describe("UCX misuse and failures", function()
         close_pair(p)
     end))
 
+    it("refuses a host with a NUL byte instead of listening on or connecting to the part before it", async(function()
+        local p = pair()
+        local cut = "127.0.0.1\0.example.org"
+        local got = 'host must not contain a NUL byte %(got "127%.0%.0%.1\\0%.example%.org"%)'
+        assert.matches("ucx_spec%.lua:%d+: Worker:create_listener: " .. got,
+                       raised(function() return p.sw:create_listener(cut, 0) end))
+        local gone = assert(p.sw:create_listener("127.0.0.1", 0))    -- (a refusal, not a wait for an accept)
+        local port = gone:port()
+        gone:close()
+        assert.matches("ucx_spec%.lua:%d+: Worker:connect_socket: " .. got,
+                       raised(function() return p.cw:connect_socket(cut, port) end))
+        close_pair(p)
+    end))
+
     it("names the caller's line for a bad self or a bad argument to every UCX method and function", async(function()
         local uring = require "pluvio.uring"
         local p = pair()

@@ -956,6 +956,8 @@ describe("File and DmaFile", function()
             'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got "br")')
         assert.has_error(function() uring.File.open(path, "r+bx") end,
             'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got "r+bx")')
+        assert.has_error(function() uring.File.open(path, "r\0+") end,    -- C read it as "r"
+            'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got "r\\0+")')
         for _, mode in ipairs({ "rb", "r+b", "rb+", "wb", "ab+" }) do      -- as io.open's
             assert(uring.File.open(path, mode)):close()
         end
@@ -2436,6 +2438,28 @@ describe("sockets over io_uring", function()
         assert.is_nil(busy)
         assert.matches("EADDRINUSE", err2)
         l:close()
+    end))
+
+    it("refuses a host with a NUL byte instead of binding or connecting to the part before it", async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local u = assert(uring.udp_bind("127.0.0.1", 0))
+        local cut = "127.0.0.1\0.example.org"
+        local calls = {
+            { "uring.tcp_listen", function() local r = uring.tcp_listen(cut, 0); return r end },
+            { "uring.tcp_connect", function() local r = uring.tcp_connect(cut, l:port()); return r end },
+            { "uring.udp_bind", function() local r = uring.udp_bind(cut, 0); return r end },
+            { "UdpSocket:send_to", function() local r = u:send_to("x", cut, u:port()); return r end },
+        }
+        for _, c in ipairs(calls) do
+            local ok, err = pcall(c[2])
+            assert.is_false(ok, c[1])
+            assert.matches(c[1]:gsub("%.", "%%.") .. ': host must not contain a NUL byte %(got "127%.0%.0%.1\\0%.example%.org"%)',
+                           err)
+            assert.matches("uring_spec.lua:%d+:", err)     -- at the caller's line
+        end
+        assert.equal(0, uring.current():stats().in_flight)
+        l:close()
+        u:close()
     end))
 
     it("wakes a task waiting in accept when the listener is closed", async(function()

@@ -60,6 +60,15 @@ function M.string(fname, argname, v, level)
     return v
 end
 
+-- A string C reads up to its first NUL (a path, a host): "x\0.bak" would act
+-- on x, "127.0.0.1\0junk" would bind or connect to 127.0.0.1.
+function M.no_nul(fname, argname, s, level)
+    if s:find("\0", 1, true) then
+        error(format("%s: %s must not contain a NUL byte (got %s)", fname, argname, show(s)), level or 3)
+    end
+    return s
+end
+
 function M.self(fname, v, mt, what, level)
     if getmetatable(v) ~= mt then
         error(format("%s: call it as a method on %s (obj:%s(...)); got %s as self",

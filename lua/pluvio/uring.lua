@@ -81,9 +81,7 @@ end
 local function check_path(fname, argname, path, level)
     level = level or 3
     check.string(fname, argname, path, level + 1)
-    if path:find("\0", 1, true) then
-        error(format("%s: %s must not contain a NUL byte (got %s)", fname, argname, check.show(path)), level)
-    end
+    check.no_nul(fname, argname, path, level + 1)
     return path
 end
 
@@ -904,7 +902,7 @@ local function open_file(cls, fname, direct, path, mode, perms)
     end
     check.string(fname, "mode", mode, 4)
     local flags = C.pl_file_flags(mode, direct and 1 or 0)
-    if flags < 0 then
+    if flags < 0 or mode:find("\0", 1, true) then     -- (C reads "r\0x" as "r")
         error(format('%s: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got %s)',
                      fname, check.show(mode)), 3)
     end
