@@ -485,6 +485,15 @@ describe("Runtime:register_reactor", function()
             'Runtime:register_reactor: name must be 1 to 63 characters (got "")')
         assert.equal(r, rt:reactor("a"))
     end)
+
+    it("rejects a name with a NUL byte, which C would register as the part before it", function()
+        local rt = pluvio.Runtime.new()
+        local uring = require "pluvio.uring"
+        assert.has_error(function() rt:register_reactor("io\0x", uring.reactor()) end,
+            'Runtime:register_reactor: name must not contain a NUL byte (got "io\\0x")')
+        assert.is_true(rt:register_reactor("io", uring.reactor()))     -- "io" was not taken
+        assert.is_nil(rt:reactor("io\0x"))
+    end)
 end)
 
 describe("Runtime:stats and Runtime:tasks", function()

@@ -775,6 +775,7 @@ function Runtime:register_reactor(name, reactor)
     if name == "" or #name >= 64 then
         check.fail(fname, "name must be 1 to 63 characters", name)
     end
+    check.no_nul(fname, "name", name)       -- (C would register "ab" for "ab\0c")
     if self.reactors[name] then
         error(fname .. ": a reactor named " .. check.show(name) .. " is already registered", 2)
     end
