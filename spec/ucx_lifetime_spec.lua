@@ -923,6 +923,31 @@ describe("Worker:connect_addr", function()
         local line = "nil\tconnect_addr: addr is not a UCX worker address (from Worker:address())\tEINVAL\n"
         assert.equal(line:rep(3), out)
     end)
+
+    it("refuses every truncation of a worker address: UCX would read past its end and crash", function()
+        -- (ucp_ep_create takes no length; a cut address, as a short read of
+        -- one makes, had UCX act on the bytes after it: a segfault in
+        -- cma's reachability check in about 2 runs of 5 of this script)
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w, peer = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local addr = assert(peer:address())
+            local refused = 0
+            for n = 1, #addr - 1 do
+                local ep, e, name = w:connect_addr(addr:sub(1, n))
+                assert(ep == nil and name == "EINVAL", n .. " bytes: " .. tostring(ep or e))
+                refused = refused + 1
+            end
+            local ep = assert(w:connect_addr(addr .. "trailing bytes"))  -- past its end: not read
+            assert(ep:am_send(1, "h", "whole"))
+            ep:close(); w:close(); peer:close(); ctx:close()
+            print(refused == #addr - 1)
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("true\n", out)
+        assert.equal("", err)
+    end)
 end)
 
 describe("Worker:connect_socket", function()
