@@ -764,6 +764,18 @@ describe("UCX misuse and failures", function()
         close_pair(p)
     end))
 
+    it("refuses an empty host as the io_uring sockets do, instead of saying it cannot be resolved", async(function()
+        local p = pair()
+        local got = 'host must be an address or a name, e%.g%. "127%.0%.0%.1" or "::1" %(got ""%)'
+        assert.matches("ucx_spec%.lua:%d+: Worker:create_listener: " .. got,
+                       raised(function() return p.sw:create_listener("", 0) end))
+        assert.matches("ucx_spec%.lua:%d+: Worker:connect_socket: " .. got,
+                       raised(function() return p.cw:connect_socket("", 1) end))
+        assert.matches("Worker:connect_socket: host must be an address or a name, .* %(got nil%)",
+                       raised(function() return p.cw:connect_socket(nil, 1) end))
+        close_pair(p)
+    end))
+
     it("names the caller's line for a bad self or a bad argument to every UCX method and function", async(function()
         local uring = require "pluvio.uring"
         local p = pair()

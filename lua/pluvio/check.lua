@@ -69,6 +69,18 @@ function M.no_nul(fname, argname, s, level)
     return s
 end
 
+-- A host to bind or connect to: an address or a name, never "" (which
+-- resolves to a wildcard or nothing, depending on the call).
+function M.host(fname, host, level)
+    level = level or 3
+    if type(host) ~= "string" or host == "" then
+        error(format("%s: host must be an address or a name, e.g. \"127.0.0.1\" or \"::1\" (got %s)",
+                     fname, show(host)), level)
+    end
+    M.no_nul(fname, "host", host, level + 1)  -- (not a tail call: the level counts this frame)
+    return host
+end
+
 function M.self(fname, v, mt, what, level)
     if getmetatable(v) ~= mt then
         error(format("%s: call it as a method on %s (obj:%s(...)); got %s as self",

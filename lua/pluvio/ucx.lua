@@ -606,7 +606,7 @@ end
 -- connection is wired up (or nil, err).
 function Worker:connect_socket(host, port)
     live_worker("Worker:connect_socket", self)
-    check.no_nul("Worker:connect_socket", "host", check.string("Worker:connect_socket", "host", host))
+    check.host("Worker:connect_socket", host)
     check_port("Worker:connect_socket", port, 1)
     local t = current_task("Worker:connect_socket")
     local hout = ffi.new("int[1]", -1)
@@ -657,7 +657,7 @@ end
 -- any free port, see listener:port()).  Binds only where told.
 function Worker:create_listener(host, port)
     live_worker("Worker:create_listener", self)
-    check.no_nul("Worker:create_listener", "host", check.string("Worker:create_listener", "host", host))
+    check.host("Worker:create_listener", host)
     check_port("Worker:create_listener", port, 0)
     local i = C.pl_ucx_listen(self.w, host, port)
     if i == EMFILE or i == EADDRINUSE then

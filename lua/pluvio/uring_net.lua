@@ -71,11 +71,7 @@ local function check_data(fname, data)
 end
 
 local function check_host(fname, host)
-    if type(host) ~= "string" or host == "" then
-        error(format("%s: host must be an address or a name, e.g. \"127.0.0.1\" or \"::1\" (got %s)",
-                     fname, check.show(host)), 3)
-    end
-    check.no_nul(fname, "host", host, 4)
+    check.host(fname, host, 4)
 end
 
 function M.install(U)
