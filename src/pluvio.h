@@ -495,7 +495,9 @@ void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out);
 
 /* peer_errors 1: UCP_ERR_HANDLING_MODE_PEER (failures reported, but UCX
  * 1.13 then uses no shared-memory transport); 0: none (fastest lanes).
- * -EINVAL when addr is not a worker address (UCX 1.13 would abort). */
+ * -EINVAL when addr is not a whole worker address, -EBADMSG when a sealed
+ * one (pl_ucx_worker_address) was changed since (UCX 1.13 would read past
+ * it, abort or crash). */
 int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_errors);
 int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *ep_out,
                           uint32_t slot, uint32_t gen);

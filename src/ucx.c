@@ -411,6 +411,11 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     return w;
 }
 
+/* The address handed out is UCX's followed by a seal: a magic, UCX's
+ * length and a checksum of it (UCX reads an address as far as it says,
+ * so programs of its own ignore the seal).  connect_addr checks a sealed
+ * address whole: a damaged one crashed UCX in many ways (a transport's
+ * device address or attributes taken from garbage). */
 int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap)
 {
     ucp_address_t *addr;
@@ -420,10 +425,18 @@ int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap)
     if (st != UCS_OK)
         return pl_ucx_errno(st);
     w->address_shared = true;
-    if ((size_t)cap >= len)
+    if ((size_t)cap >= len + UCX_ADDR_SEAL_LEN) {
+        uint32_t n = (uint32_t)len;
+        uint64_t sum = pl_checksum64(addr, len, UCX_ADDR_SEAL_SEED);
+        uint8_t *seal = (uint8_t *)buf + len;
+
         memcpy(buf, addr, len);
+        memcpy(seal, UCX_ADDR_SEAL_MAGIC, 4);
+        memcpy(seal + 4, &n, sizeof(n));
+        memcpy(seal + 8, &sum, sizeof(sum));
+    }
     ucp_worker_release_address(w->ucp, addr);
-    return (int)len;
+    return (int)(len + UCX_ADDR_SEAL_LEN);
 }
 
 int pl_ucx_worker_max_endpoints(pl_ucx_worker_t *w, int n)

@@ -5,6 +5,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -214,6 +215,19 @@ enum {
     ADDR_TL_ATTR_V1 = 16, ADDR_TL_ATTR_V2 = 8,
 };
 
+/* A v1 transport's packed attributes start with three floats: overhead,
+ * bandwidth (negative from UCX <= 1.11 peers) and latency.  UCX scores
+ * lanes with them and asserts that no score is negative: a NaN, an
+ * infinity or a negative time aborted the process. */
+static bool tl_attr_v1_valid(const uint8_t *attr)
+{
+    float f[3];
+
+    memcpy(f, attr, sizeof(f));
+    return isfinite(f[0]) && f[0] >= 0 && isfinite(f[1]) && f[1] != 0 &&
+           isfinite(f[2]) && f[2] >= 0;
+}
+
 /* A byte at *p (masked), or the next byte when v2 extends it; -1 past end. */
 static int addr_byte(const uint8_t *a, size_t len, size_t *p, unsigned mask, bool v2)
 {
@@ -282,7 +296,7 @@ static long address_extent(const uint8_t *a, size_t len)
             bool last_ep;
 
             p += 2 + (v2 ? ADDR_TL_ATTR_V2 : ADDR_TL_ATTR_V1);
-            if (p >= len)
+            if (p >= len || (!v2 && !tl_attr_v1_valid(a + p - ADDR_TL_ATTR_V1)))
                 return -1;
             last_tl = a[p] & ADDR_LAST;
             last_ep = !(a[p] & ADDR_TL_HAS_EP);
@@ -325,6 +339,25 @@ static bool worker_address_valid(pl_ucx_worker_t *w, const uint8_t *a, size_t le
     return w->addr_layout < 0 || address_extent(a, len) > 0;
 }
 
+/* A sealed address (pl_ucx_worker_address) whose seal holds: its UCX
+ * length in *len; one whose seal does not: -EBADMSG; no seal (a UCX
+ * program's address, or the start of a sealed one): 0, *len as it was. */
+static int address_unseal(const uint8_t *a, size_t *len)
+{
+    const uint8_t *seal = a + *len - UCX_ADDR_SEAL_LEN;
+    uint32_t n;
+    uint64_t sum;
+
+    if (*len <= UCX_ADDR_SEAL_LEN || memcmp(seal, UCX_ADDR_SEAL_MAGIC, 4) != 0)
+        return 0;
+    memcpy(&n, seal + 4, sizeof(n));
+    memcpy(&sum, seal + 8, sizeof(sum));
+    if (n != *len - UCX_ADDR_SEAL_LEN || pl_checksum64(a, n, UCX_ADDR_SEAL_SEED) != sum)
+        return -EBADMSG;
+    *len = n;
+    return 0;
+}
+
 int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_errors)
 {
     ucp_ep_params_t p = {
@@ -338,7 +371,11 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
     ucs_status_t st;
     int h;
 
-    if (len <= 0 || !worker_address_valid(w, addr, (size_t)len))
+    size_t n = len > 0 ? (size_t)len : 0;
+
+    if (n > 0 && address_unseal(addr, &n) < 0)
+        return -EBADMSG;
+    if (n == 0 || !worker_address_valid(w, addr, n))
         return -EINVAL;
     if (!ep_room(w))
         return -EMFILE;

@@ -161,6 +161,11 @@ struct ucx_stream {
     struct pl_ucx_worker *w;
 };
 
+/* The seal after a worker address (pl_ucx_worker_address). */
+#define UCX_ADDR_SEAL_MAGIC "PLv1"
+#define UCX_ADDR_SEAL_LEN 16
+#define UCX_ADDR_SEAL_SEED 0x706c7576696f6164ULL
+
 struct pl_ucx_worker {
     pl_ucx_context_t *ctx;
     ucp_worker_h ucp;

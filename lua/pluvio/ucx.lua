@@ -24,7 +24,7 @@ local max = math.max
 local M = {}
 
 local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMFILE, EMSGSIZE = -6, -9, -11, -12, -22, -24, -90
-local EADDRINUSE = -98
+local EBADMSG, EADDRINUSE = -74, -98
 local ECONNRESET, ENOTCONN, ECONNREFUSED, ECANCELED = -104, -107, -111, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
@@ -572,6 +572,9 @@ function Worker:connect_addr(addr, opts)
     end
     if h == EINVAL then
         return nil, "connect_addr: addr is not a UCX worker address (from Worker:address())", "EINVAL"
+    elseif h == EBADMSG then
+        return nil, "connect_addr: addr is damaged: its bytes are not those Worker:address() returned " ..
+                    "(its checksum does not match)", "EBADMSG"
     elseif h == EMFILE then
         return no_ep_room(self, "connect_addr")
     elseif h < 0 then
