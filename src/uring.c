@@ -873,7 +873,11 @@ int pl_uring_op_adopt(pl_uring_t *u, int i, uint32_t slot, uint32_t gen)
  * drop its SQE if the kernel has not taken it (then it is reclaimed here),
  * for by the next submit its fd number may be another file's (the op's
  * File collected meanwhile); the cancel queued behind it would come too
- * late for an op that completes inside the submit. */
+ * late for an op that completes inside the submit.  A close is neither
+ * dropped nor cancelled: its fd number is its own until it runs, and done
+ * at once here it would run ahead of other tasks' ops queued on the fd
+ * before it, which would then act on whatever file the number is given to
+ * next. */
 static void op_abandon(pl_uring_t *u, uint32_t i, bool scan)
 {
     struct uring_op *op = uring_op(u, i);
@@ -884,6 +888,8 @@ static void op_abandon(pl_uring_t *u, uint32_t i, bool scan)
         return;
     }
     op->state = OP_ABANDONED;
+    if (op->fd_owner == FD_CLOSE)
+        return;
     u->stats.cancels++;
     if (scan)
         drop_untaken(u, i);
