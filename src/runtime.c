@@ -781,10 +781,26 @@ int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
     return ready_drain(rt, out, max);
 }
 
+/* The ring's entries the next drain hands out: not those of tasks that
+ * ended while queued (zombies, kept until that drain), nor of a sleep
+ * begun after its wake (as ready_drain skips them). */
+static uint32_t ready_count(const pl_runtime_t *rt)
+{
+    const struct pl_ready_ring *r = &rt->ready;
+    uint32_t n = 0;
+
+    for (uint32_t k = r->head; k != r->tail; k++) {
+        const struct pl_task *t = &rt->tasks[r->slots[k & r->mask]];
+        if (!t->zombie && t->state != PL_TASK_WAITING)
+            n++;
+    }
+    return n;
+}
+
 void pl_runtime_stats(pl_runtime_t *rt, pl_runtime_stats_t *out)
 {
     *out = rt->stats;
     out->live = rt->live;
-    out->ready = rt->ready.tail - rt->ready.head;
+    out->ready = ready_count(rt);
     out->timers = rt->heap_len;
 }
