@@ -328,6 +328,40 @@ describe("TCP sends from several tasks", function()
 end)
 
 describe("socket errors", function()
+    -- The peer's end with a reset (SO_LINGER 0): its close sends RST, not FIN.
+    local function reset(sock)
+        local ffi = require "ffi"
+        pcall(ffi.cdef, "int setsockopt(int fd, int level, int name, const void *val, unsigned len);")
+        local linger = ffi.new("int[2]", 1, 0)     -- struct linger: on, 0 s
+        assert.equal(0, ffi.C.setsockopt(sock.fd, 1, 13, linger, 8))   -- SOL_SOCKET, SO_LINGER
+        assert.is_true(sock:close())
+    end
+
+    it("say how many bytes a recv_exact got before the peer's reset, and keep them for the next recv",
+       async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        assert.equal(4, s:send("part"))
+        reset(s)            -- the kernel gives what came before the reset first, then ECONNRESET
+        assert.same({ nil, "recv " .. c.name .. ": ECONNRESET: Connection reset by peer (after 4 of 100 bytes, " ..
+                      "kept for the next recv)", "ECONNRESET", 4 }, { c:recv_exact(100) })
+        assert.equal("part", c:recv(100))
+        c:close()
+        -- at the peer's close (FIN) too the count comes as a fourth value
+        srv = pluvio.spawn(function() return assert(l:accept()) end)
+        c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        s = srv:join()
+        assert.equal(3, s:send("abc"))
+        s:close()
+        assert.same({ nil, "recv " .. c.name .. ": connection closed after 3 of 10 bytes", "EOF", 3 },
+                    { c:recv_exact(10) })
+        assert.equal("abc", c:recv(100))
+        c:close()
+        l:close()
+    end))
+
     it("write an IPv6 host in brackets where they name host:port", async(function()
         if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
         local l = assert(uring.tcp_listen("::1", 0))

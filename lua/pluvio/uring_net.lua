@@ -704,8 +704,9 @@ function M.install(U)
         return receive(self, "TcpSocket:recv", "max", max, 1, recv)
     end
 
-    -- recv_exact(n): exactly n bytes, or nil, err (the bytes that did
-    -- arrive before the peer closed are kept for the next recv).
+    -- recv_exact(n): exactly n bytes, or nil, err, code, bytes_received
+    -- (the bytes that did arrive before the peer closed or reset the
+    -- connection are kept for the next recv).
     local function recv_exact(self, t, r, n)
         gather(self)
         -- the parts live on the socket while they come in: a task killed
@@ -726,9 +727,17 @@ function M.install(U)
                     gather(self)
                     if rc == 0 then
                         return nil, format("recv %s: connection closed after %d of %d bytes", self.name, have, n),
-                               "EOF"
+                               "EOF", have
                     end
-                    return failed("recv", self, rc)
+                    if rc == ECANCELED then     -- closed under it: its bytes went with it
+                        return failed("recv", self, rc)
+                    elseif have == 0 then
+                        return failed("recv", self, rc, 0)
+                    end
+                    -- a reset or time-out: the bytes that came before it are
+                    -- kept, as at the peer's close, and the error says so
+                    return nil, format("recv %s: %s (after %d of %d bytes, kept for the next recv)", self.name,
+                                       errstr(rc), have, n), errname(rc), have
                 end
                 parts[#parts + 1] = s
                 have = have + rc
