@@ -337,6 +337,18 @@ describe("socket errors", function()
         assert.is_true(sock:close())
     end
 
+    it("say nothing of a datagram sent to a port nobody listens on, and pass on one of 0 bytes", async(function()
+        local a, b = assert(uring.udp_bind("127.0.0.1", 0)), assert(uring.udp_bind("127.0.0.1", 0))
+        local gone = assert(uring.udp_bind("127.0.0.1", 0))
+        local port = gone:port()
+        gone:close()
+        assert.equal(1, a:send_to("x", "127.0.0.1", port))     -- lost: UDP has no connection to refuse
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.05, function() return a:recv_from(10) end) })
+        assert.equal(0, b:send_to("", "127.0.0.1", a:port()))
+        assert.same({ "", "127.0.0.1", b:port() }, { a:recv_from(10) })
+        a:close(); b:close()
+    end))
+
     it("say how many bytes a recv_exact got before the peer's reset, and keep them for the next recv",
        async(function()
         local l = assert(uring.tcp_listen("127.0.0.1", 0))
