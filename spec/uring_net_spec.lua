@@ -327,6 +327,67 @@ describe("TCP sends from several tasks", function()
     end))
 end)
 
+describe("TcpSocket:shutdown", function()
+    local function pair()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        return l, c, srv:join()
+    end
+
+    local function read_to_end(s)
+        local parts = {}
+        while true do
+            local x, err = s:recv(65536)
+            if not x then
+                assert.equal("closed", err)
+                return table.concat(parts)
+            end
+            parts[#parts + 1] = x
+        end
+    end
+
+    it("ends the sending side after the sends under way, and the reply still comes back", async(function()
+        local l, c, s = pair()
+        local big = ("x"):rep(8 * 1048576)     -- (more than the socket buffers hold: still going out)
+        local sender = pluvio.spawn(function() return c:send(big) end)
+        pluvio.yield()
+        local closer = pluvio.spawn(function() return c:shutdown() end)  -- ("w"): waits its turn
+        local got = read_to_end(s)            -- the server sees all of it, then "closed"
+        assert.is_true(closer:join())
+        assert.equal(#big, sender:join())
+        assert.equal(#big, #got)
+        assert.equal(6, s:send("thanks"))     -- the other direction is still open
+        assert.equal("thanks", c:recv_exact(6))
+        local ok, err, code = c:send("late")
+        assert.is_nil(ok)
+        assert.equal("EPIPE", code, err)
+        c:close(); s:close(); l:close()
+    end))
+
+    it("ends the receiving side with \"r\", and both with \"rw\"", async(function()
+        local l, c, s = pair()
+        assert.is_true(c:shutdown("r"))
+        local x, err = c:recv(10)
+        assert.is_nil(x)
+        assert.equal("closed", err)
+        assert.is_true(s:shutdown("rw"))
+        assert.equal("", read_to_end(c))
+        c:close(); s:close(); l:close()
+    end))
+
+    it("names a bad how, and says so when the socket is closed", async(function()
+        local l, c, s = pair()
+        assert.has_error(function() c:shutdown("write") end,
+                         'TcpSocket:shutdown: how must be "w", "r" or "rw" (got "write")')
+        c:close()
+        local ok, err = pcall(c.shutdown, c)
+        assert.is_false(ok)
+        assert.matches("TcpSocket:shutdown: .*closed", err)
+        s:close(); l:close()
+    end))
+end)
+
 describe("socket errors", function()
     -- The peer's end with a reset (SO_LINGER 0): its close sends RST, not FIN.
     local function reset(sock)

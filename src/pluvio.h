@@ -406,6 +406,8 @@ int pl_uring_sendto(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const vo
 int pl_uring_recvfrom(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len);
 int pl_uring_op_peer(pl_uring_t *u, int op, char *out, int cap);
 int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
+/* shutdown(2) through the ring; how: 0 SHUT_RD, 1 SHUT_WR, 2 SHUT_RDWR. */
+int pl_uring_sock_shutdown(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int how);
 
 int pl_uring_statx_size(void);
 void pl_uring_statx_decode(const void *statx_buf, pl_file_stat_t *out);

@@ -219,6 +219,13 @@ int pl_uring_recv(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf,
     START_OTHER(io_uring_prep_recv(sqe, fd, buf, len, 0));
 }
 
+int pl_uring_sock_shutdown(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int how)
+{
+    if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
+        return -EINVAL;
+    START_OTHER(io_uring_prep_shutdown(sqe, fd, how));
+}
+
 /* A datagram to an address; the message header lives in the op slot. */
 int pl_uring_sendto(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void *data,
                     uint32_t len, const pl_net_addr_t *to)

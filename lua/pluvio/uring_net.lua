@@ -753,6 +753,41 @@ function M.install(U)
         return receive(self, "TcpSocket:recv_exact", "n", n, 0, recv_exact)
     end
 
+    -- shutdown([how]): end the sending side ("w", the default), the
+    -- receiving side ("r") or both ("rw"); the socket stays open until
+    -- close().  "w" and "rw" wait their turn behind the sends under way,
+    -- so that what was sent goes out before the peer's recv says "closed".
+    local SHUT = { r = 0, w = 1, rw = 2 }   -- SHUT_RD, SHUT_WR, SHUT_RDWR
+
+    local function shutdown(self, t, r, how)
+        if self.fd < 0 then         -- another task closed it meanwhile
+            return failed("shutdown", self, ECANCELED)
+        end
+        local rc = run_op(r, t, C.pl_uring_sock_shutdown(r.u, t.slot, t.gen, self.fd, how), self)
+        if rc < 0 then
+            return failed("shutdown", self, rc)
+        end
+        return true
+    end
+
+    function TcpSocket:shutdown(how)
+        live("TcpSocket:shutdown", self, TcpSocket, "a socket")
+        if how == nil then
+            how = "w"
+        end
+        local shut = SHUT[how]
+        if not shut then
+            error(format("TcpSocket:shutdown: how must be \"w\", \"r\" or \"rw\" (got %s)", check.show(how)), 2)
+        end
+        local t, r = context("TcpSocket:shutdown")
+        home("TcpSocket:shutdown", self, r)
+        if shut == SHUT.r then
+            return shutdown(self, t, r, shut)
+        end
+        claim_writer(self, t)
+        return release_writer(self, t, shutdown(self, t, r, shut))
+    end
+
     function TcpSocket:peer()
         if getmetatable(self) ~= TcpSocket then
             error("TcpSocket:peer: call it as a method on a socket", 2)
