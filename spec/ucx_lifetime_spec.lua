@@ -980,6 +980,27 @@ describe("Worker:connect_addr", function()
         assert.equal("true\tconnect_addr: addr is damaged: its bytes are not those Worker:address() returned " ..
                      "(its checksum does not match)\n", out)
     end)
+
+    it("checks the seal of a damaged address with bytes after it (a newline appended): they do not skip the check", function()
+        -- (the seal was looked for at the end only: a damaged address with
+        -- a newline after it went to UCX with the layout check alone)
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w, peer = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local addr = assert(peer:address())
+            local damaged = addr:sub(1, 20) .. "x" .. addr:sub(22)
+            for _, tail in ipairs({ "\n", "\r\n", ("\0"):rep(64) }) do
+                local ep, e, name = w:connect_addr(damaged .. tail)
+                assert(ep == nil and name == "EBADMSG", #tail .. " bytes after: " .. tostring(ep or e))
+                assert(w:connect_addr(addr .. tail)):close()
+            end
+            w:close(); peer:close(); ctx:close()
+            print("ok")
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("ok\n", out)
+    end)
 end)
 
 describe("Worker:connect_socket", function()

@@ -341,18 +341,31 @@ static bool worker_address_valid(pl_ucx_worker_t *w, const uint8_t *a, size_t le
 
 /* A sealed address (pl_ucx_worker_address) whose seal holds: its UCX
  * length in *len; one whose seal does not: -EBADMSG; no seal (a UCX
- * program's address, or the start of a sealed one): 0, *len as it was. */
+ * program's address, or the start of a sealed one): 0, *len as it was.
+ * The seal is looked for at the end, then (bytes after a sealed address:
+ * a newline appended, a padded buffer) where its own length puts it, so
+ * that bytes added after it do not skip the check. */
 static int address_unseal(const uint8_t *a, size_t *len)
 {
-    const uint8_t *seal = a + *len - UCX_ADDR_SEAL_LEN;
     uint32_t n;
     uint64_t sum;
+    size_t q;
 
-    if (*len <= UCX_ADDR_SEAL_LEN || memcmp(seal, UCX_ADDR_SEAL_MAGIC, 4) != 0)
+    if (*len <= UCX_ADDR_SEAL_LEN)
         return 0;
-    memcpy(&n, seal + 4, sizeof(n));
-    memcpy(&sum, seal + 8, sizeof(sum));
-    if (n != *len - UCX_ADDR_SEAL_LEN || pl_checksum64(a, n, UCX_ADDR_SEAL_SEED) != sum)
+    q = *len - UCX_ADDR_SEAL_LEN;
+    if (memcmp(a + q, UCX_ADDR_SEAL_MAGIC, 4) != 0) {
+        for (;;) {
+            if (q-- == 1)
+                return 0;
+            memcpy(&n, a + q + 4, sizeof(n));
+            if (n == q && memcmp(a + q, UCX_ADDR_SEAL_MAGIC, 4) == 0)
+                break;
+        }
+    }
+    memcpy(&n, a + q + 4, sizeof(n));
+    memcpy(&sum, a + q + 8, sizeof(sum));
+    if (n != q || pl_checksum64(a, n, UCX_ADDR_SEAL_SEED) != sum)
         return -EBADMSG;
     *len = n;
     return 0;
