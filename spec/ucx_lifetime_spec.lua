@@ -953,6 +953,21 @@ describe("Worker:connect_addr", function()
         assert.equal("", err)
     end)
 
+    it("takes the addresses of UCX's unified mode, whose layout only UCX can read, on their header", function()
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w, peer = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local inbox = peer:am_stream(1)
+            local ep = assert(w:connect_addr(peer:address()))
+            assert(ep:am_send(1, "h", "unified"))
+            print(assert(inbox:wait_msg()):data())
+            ep:close(); w:close(); peer:close(); ctx:close()
+        ]], nil, "UCX_UNIFIED_MODE=y")
+        assert.equal(0, status, err)
+        assert.equal("unified\n", out)
+    end)
+
     it("refuses an address damaged after Worker:address() made it: its seal's checksum no longer matches", function()
         -- (a byte of a transport's address or attributes changed had UCX
         -- abort on an assertion or crash: 2 to 17 runs of 40 of 200 tries)

@@ -139,6 +139,26 @@ void ucx_log_release(struct ucx_log_hold *h, bool failed)
 
 /* ---- context ------------------------------------------------------------- */
 
+/* Whether the configuration asks for UCX's unified mode, whose worker
+ * addresses leave out lengths the peer takes from its own transports (UCX
+ * has no getter: its printed configuration says it, from the environment
+ * and the configuration files alike). */
+static bool config_unified(const ucp_config_t *config)
+{
+    char *text = NULL;
+    size_t len = 0;
+    bool unified = false;
+    FILE *f = open_memstream(&text, &len);
+
+    if (!f)
+        return false;
+    ucp_config_print(config, f, NULL, UCS_CONFIG_PRINT_CONFIG);
+    if (fclose(f) == 0 && text)
+        unified = strstr(text, "UNIFIED_MODE=y") != NULL;
+    free(text);
+    return unified;
+}
+
 pl_ucx_context_t *pl_ucx_context_new(int wakeup, int *err)
 {
     ucp_params_t params = {
@@ -156,6 +176,7 @@ pl_ucx_context_t *pl_ucx_context_new(int wakeup, int *err)
     }
     st = ucp_config_read(NULL, NULL, &config);
     if (st == UCS_OK) {
+        c->unified = config_unified(config);
         st = ucp_init(&params, config, &c->ucp);
         ucp_config_release(config);
     }

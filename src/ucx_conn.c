@@ -317,16 +317,19 @@ static long address_extent(const uint8_t *a, size_t len)
     return p <= len ? (long)p : -1;
 }
 
-/* Whether addr can go to ucp_ep_create.  The whole layout is read when
- * this worker's own address reads as it should (UCX packs addresses
- * differently in its unified mode, UCX_UNIFIED_MODE=y, where lengths come
- * from the local transports: there only the header is checked). */
+/* Whether addr can go to ucp_ep_create.  UCX packs addresses differently
+ * in its unified mode (UCX_UNIFIED_MODE=y), where lengths come from the
+ * local transports: there only the header is checked.  Otherwise the
+ * whole layout is read, once this worker's own address reads as it
+ * should (a layout this code does not know refuses nothing). */
 static bool worker_address_valid(pl_ucx_worker_t *w, const uint8_t *a, size_t len)
 {
     unsigned version;
 
     if (address_header(a, len, &version) == 0)
         return false;
+    if (w->ctx->unified)
+        return true;
     if (w->addr_layout == 0) {
         ucp_address_t *own;
         size_t own_len;

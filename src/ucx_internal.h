@@ -42,6 +42,7 @@ struct pl_ucx_context {
     int workers;            /* live workers: the context outlives them */
     bool released;          /* its owner let go: free with the last worker */
     bool wakeup;            /* workers have event fds (UCP_FEATURE_WAKEUP) */
+    bool unified;           /* UCX_UNIFIED_MODE: addresses only UCX can read (worker_address_valid) */
 };
 
 enum ucx_op_state { UOP_FREE, UOP_IN_FLIGHT, UOP_DONE, UOP_ABANDONED };
