@@ -266,14 +266,15 @@ describe("a TCP socket's send", function()
     end))
 end)
 
-describe("TCP sends from several tasks", function()
-    local function pair()
-        local l = assert(uring.tcp_listen("127.0.0.1", 0))
-        local srv = pluvio.spawn(function() return assert(l:accept()) end)
-        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
-        return l, c, srv:join()
-    end
+-- A listener, a client socket and the server's end of its connection.
+local function pair()
+    local l = assert(uring.tcp_listen("127.0.0.1", 0))
+    local srv = pluvio.spawn(function() return assert(l:accept()) end)
+    local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+    return l, c, srv:join()
+end
 
+describe("TCP sends from several tasks", function()
     -- The stream's bytes as runs of one letter: "A2097152 B2097152 ...".
     local function runs(got)
         local seq, p = {}, 1
@@ -328,13 +329,6 @@ describe("TCP sends from several tasks", function()
 end)
 
 describe("TcpSocket:shutdown", function()
-    local function pair()
-        local l = assert(uring.tcp_listen("127.0.0.1", 0))
-        local srv = pluvio.spawn(function() return assert(l:accept()) end)
-        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
-        return l, c, srv:join()
-    end
-
     local function read_to_end(s)
         local parts = {}
         while true do
