@@ -534,6 +534,24 @@ describe("File and DmaFile", function()
         end)
     end)
 
+    it("closes the fd of a close whose task was killed even when the run ends with the kill", function()
+        -- (submit_depth 64: the close waits in the SQ for a tick that never comes)
+        local path = file_with("x")
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring_reactor", uring.reactor({ submit_depth = 64 }))
+        local fd
+        rt:run(function()
+            local f = assert(uring.File.open(path, "r"))
+            fd = f:fileno()
+            local closer = pluvio.spawn(function() return f:close() end)
+            pluvio.yield()                      -- the close is queued, not submitted
+            assert.equal("waiting", closer:status())
+            closer:kill()                       -- and the run ends
+        end)
+        assert.equal(-1, ffi.C.fcntl(fd, F_GETFD), "the file's fd is still open after the run")
+        os.remove(path)
+    end)
+
     it("checks every O_DIRECT alignment rule before submitting", async(function()
         local path = tmpfile()
         local f = assert(uring.DmaFile.open(path, "w+"))

@@ -877,7 +877,9 @@ int pl_uring_op_adopt(pl_uring_t *u, int i, uint32_t slot, uint32_t gen)
  * dropped nor cancelled: its fd number is its own until it runs, and done
  * at once here it would run ahead of other tasks' ops queued on the fd
  * before it, which would then act on whatever file the number is given to
- * next. */
+ * next.  It is submitted at once instead, with what is queued before it:
+ * left for the next tick, a run that ends with the kill would leave the fd
+ * open until the runtime runs again or is collected. */
 static void op_abandon(pl_uring_t *u, uint32_t i, bool scan)
 {
     struct uring_op *op = uring_op(u, i);
@@ -888,8 +890,11 @@ static void op_abandon(pl_uring_t *u, uint32_t i, bool scan)
         return;
     }
     op->state = OP_ABANDONED;
-    if (op->fd_owner == FD_CLOSE)
+    if (op->fd_owner == FD_CLOSE) {
+        if (scan)           /* out now, behind those ops: no tick may follow (a run's end) */
+            pl_uring_flush(u);
         return;
+    }
     u->stats.cancels++;
     if (scan)
         drop_untaken(u, i);
