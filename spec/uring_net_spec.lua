@@ -370,6 +370,19 @@ describe("TcpSocket:shutdown", function()
         c:close(); s:close(); l:close()
     end))
 
+    it("names itself, not send, when its turn's wait is in a coroutine that is not a task", async(function()
+        local l, c, s = pair()
+        local sender = pluvio.spawn(function() return c:send(("x"):rep(8 * 1048576)) end)
+        pluvio.yield()                          -- the send is under way: the shutdown waits its turn
+        local co = coroutine.create(function() return c:shutdown() end)
+        assert.is_true((coroutine.resume(co)))  -- (the wait's yield comes out here)
+        local ok, err = coroutine.resume(co)    -- resumed by another than the runtime
+        assert.is_false(ok)
+        assert.matches("TcpSocket:shutdown: called from a coroutine that is not a pluvio task", err, 1, true)
+        sender:kill()
+        c:close(); s:close(); l:close()
+    end))
+
     it("names a bad how, and says so when the socket is closed", async(function()
         local l, c, s = pair()
         assert.has_error(function() c:shutdown("write") end,

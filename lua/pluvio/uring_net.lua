@@ -524,7 +524,7 @@ function M.install(U)
         self.writer = false
     end
 
-    local function claim_writer(self, t)
+    local function claim_writer(self, t, fname)
         local w = self.writer
         if w and w ~= t and w.live then
             local q = self.send_queue
@@ -534,7 +534,7 @@ function M.install(U)
             end
             q[#q + 1] = t
             repeat
-                park(t, WAIT_OTHER, 0, self, "TcpSocket:send")
+                park(t, WAIT_OTHER, 0, self, fname)
             until self.writer == t
         end
         self.writer = t
@@ -583,7 +583,7 @@ function M.install(U)
         end
         local t, r = context("TcpSocket:send")
         home("TcpSocket:send", self, r)
-        claim_writer(self, t)
+        claim_writer(self, t, "TcpSocket:send")
         return release_writer(self, t, send(self, t, r, data))
     end
 
@@ -784,7 +784,7 @@ function M.install(U)
         if shut == SHUT.r then
             return shutdown(self, t, r, shut)
         end
-        claim_writer(self, t)
+        claim_writer(self, t, "TcpSocket:shutdown")
         return release_writer(self, t, shutdown(self, t, r, shut))
     end
 
