@@ -453,21 +453,15 @@ describe("UCX", function()
         -- a name that resolves to several addresses binds one: that one
         local ln = assert(w:create_listener("localhost", 0))
         local a = ln:address()
-        assert.is_true(a == "127.0.0.1:" .. ln:port() or a == "[::1]:" .. ln:port(), a)
+        assert.equal("127.0.0.1:" .. ln:port(), a)      -- (its IPv4 address: UCX is given no IPv6)
         local accepted = pluvio.spawn(function() return assert(ln:accept()) end)
-        local ep = assert(w:connect_socket(a:match("^%[?(.-)%]?:%d+$"), ln:port()))
+        local ep = assert(w:connect_socket(a:match("^(.-):%d+$"), ln:port()))
         assert.is_true(ep:close())
         accepted:join():close()
         l4:close(); ln:close()
         assert.has_error(function() l4:address() end, "Listener:address: the listener is closed")
-        if helper.ipv6_loopback() then
-            local l6 = assert(w:create_listener("::1", 0))
-            assert.equal("[::1]:" .. l6:port(), l6:address())
-            l6:close()
-        end
         w:close()
         ctx:close()
-        if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
     end))
 
     it("closes the connection of a connect_socket given up on a server that never speaks UCX", async(function()
@@ -510,8 +504,8 @@ describe("UCX", function()
         local ep, err = w:connect_socket("::1", port)
         assert.is_nil(ep)
         assert.equal("connect to [::1]:" .. port .. ": ", err:sub(1, #("connect to [::1]:" .. port .. ": ")))
-        assert.same({ nil, "listen on [::2]:0: EADDRNOTAVAIL: Cannot assign requested address", "EADDRNOTAVAIL" },
-                    { w:create_listener("::2", 0) })
+        local _, lerr = w:create_listener("::2", 0)
+        assert.equal("listen on [::2]:0: ", lerr:sub(1, #"listen on [::2]:0: "))
         w:close()
         ctx:close()
     end))
@@ -761,6 +755,22 @@ describe("UCX misuse and failures", function()
         gone:close()
         assert.matches("ucx_spec%.lua:%d+: Worker:connect_socket: " .. got,
                        raised(function() return p.cw:connect_socket(cut, port) end))
+        close_pair(p)
+    end))
+
+    it("refuses IPv6 addresses, which UCX 1.13's tcp connection manager overruns a heap buffer with", async(function()
+        -- (an accepted IPv6 connection: an AddressSanitizer report in
+        -- ucs_sockaddr_str, and glibc's malloc aborting a plain build)
+        local p = pair()
+        local why = "UCX 1.13 is not given IPv6 addresses (its tcp connection manager overruns a buffer with " ..
+                    "them): name an IPv4 address"
+        for _, host in ipairs({ "::1", "[::1]" }) do
+            assert.same({ nil, "listen on [::1]:0: " .. why, "EAFNOSUPPORT" }, { p.sw:create_listener(host, 0) })
+            assert.same({ nil, "connect to [::1]:9: " .. why, "EAFNOSUPPORT" }, { p.cw:connect_socket(host, 9) })
+        end
+        local l = assert(p.sw:create_listener("localhost", 0))   -- a name: its IPv4 address
+        assert.matches("^127%.0%.0%.1:%d+$", l:address())
+        l:close()
         close_pair(p)
     end))
 

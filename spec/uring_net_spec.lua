@@ -467,6 +467,24 @@ describe("socket errors", function()
         u4:close()
     end))
 
+    it("take an IPv6 host in the brackets their host:port strings write it in", async(function()
+        if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
+        local l = assert(uring.tcp_listen("[::1]", 0))
+        local host = l:address():match("^(.*):%d+$")        -- "[::1]", as a user splits it
+        assert.equal("[::1]", host)
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect(host, l:port()))
+        local s = srv:join()
+        assert.equal(2, c:send("hi"))
+        assert.equal("hi", s:recv_exact(2))
+        local u, v = assert(uring.udp_bind("[::1]", 0)), assert(uring.udp_bind("::1", 0))
+        assert.equal(2, v:send_to("yo", "[::1]", u:port()))
+        assert.equal("yo", (u:recv_from(10)))
+        -- (brackets around no IPv6 address are the name's own: not taken off)
+        assert.equal("ENXIO", select(3, uring.tcp_connect("[localhost]", 1)))
+        c:close(); s:close(); l:close(); u:close(); v:close()
+    end))
+
     it("say an IPv6 socket bound to an IPv6 address cannot send to an IPv4 host, and one bound to :: can", async(function()
         if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
         local u6 = assert(uring.udp_bind("::1", 0))

@@ -404,12 +404,17 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
     return h;
 }
 
-/* Resolve host:port (numeric or a name) into a socket address. */
+/* Resolve host:port (numeric or a name) into its first IPv4 address;
+ * -EAFNOSUPPORT when it has IPv6 ones only.  UCX 1.13's tcp connection
+ * manager overruns a heap buffer on an IPv6 connection (ucs_sockaddr_str
+ * reads 16 bytes past a 160-byte block as the server accepts: an
+ * AddressSanitizer report, and glibc's malloc aborting the process in a
+ * plain build), so IPv6 is refused here rather than left to it. */
 static int resolve(const char *host, int port, struct sockaddr_storage *ss, socklen_t *len)
 {
     struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
                               .ai_flags = AI_NUMERICSERV };
-    struct addrinfo *res;
+    struct addrinfo *res, *ai;
     char service[16];
     int rc;
 
@@ -417,10 +422,14 @@ static int resolve(const char *host, int port, struct sockaddr_storage *ss, sock
     rc = getaddrinfo(host, service, &hints, &res);
     if (rc != 0)
         return -ENXIO;      /* as pl_net_resolve: the Lua side says "cannot resolve host" */
-    memcpy(ss, res->ai_addr, res->ai_addrlen);
-    *len = res->ai_addrlen;
+    for (ai = res; ai && ai->ai_family != AF_INET; ai = ai->ai_next)
+        ;
+    if (ai) {
+        memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+        *len = ai->ai_addrlen;
+    }
     freeaddrinfo(res);
-    return 0;
+    return ai ? 0 : -EAFNOSUPPORT;
 }
 
 /* Whether the address can be bound as UCX binds a listener's (without

@@ -70,7 +70,9 @@ function M.no_nul(fname, argname, s, level)
 end
 
 -- A host to bind or connect to: an address or a name, never "" (which
--- resolves to a wildcard or nothing, depending on the call).
+-- resolves to a wildcard or nothing, depending on the call).  Returns it,
+-- without the brackets of an IPv6 address written as host:port strings
+-- write it ("[::1]", from "[::1]:42201"), which the resolver does not take.
 function M.host(fname, host, level)
     level = level or 3
     if type(host) ~= "string" or host == "" then
@@ -78,7 +80,7 @@ function M.host(fname, host, level)
                      fname, show(host)), level)
     end
     M.no_nul(fname, "host", host, level + 1)  -- (not a tail call: the level counts this frame)
-    return host
+    return host:match("^%[([^%]]*:[^%]]*)%]$") or host
 end
 
 function M.self(fname, v, mt, what, level)

@@ -24,7 +24,7 @@ local max = math.max
 local M = {}
 
 local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMFILE, EMSGSIZE = -6, -9, -11, -12, -22, -24, -90
-local EBADMSG, EADDRINUSE = -74, -98
+local EBADMSG, EAFNOSUPPORT, EADDRINUSE = -74, -97, -98
 local ECONNRESET, ENOTCONN, ECONNREFUSED, ECANCELED = -104, -107, -111, -125
 local MAX_AM_ID = 255
 local Buffer = uring.Buffer
@@ -597,6 +597,12 @@ local function unresolved(what, host, port)
            "ENXIO"
 end
 
+-- A host with IPv6 addresses only (see resolve in src/ucx_conn.c).
+local function ipv6_refused(what, host, port)
+    return nil, format("%s %s: UCX 1.13 is not given IPv6 addresses (its tcp connection manager overruns a " ..
+                       "buffer with them): name an IPv4 address", what, host_port(host, port)), "EAFNOSUPPORT"
+end
+
 -- min: 0 for a listener (any free port), 1 for connect_socket's peer
 local function check_port(fname, port, min)
     if type(port) ~= "number" or port % 1 ~= 0 or port < min or port > 65535 then
@@ -609,7 +615,7 @@ end
 -- connection is wired up (or nil, err).
 function Worker:connect_socket(host, port)
     live_worker("Worker:connect_socket", self)
-    check.host("Worker:connect_socket", host)
+    host = check.host("Worker:connect_socket", host)
     check_port("Worker:connect_socket", port, 1)
     local t = current_task("Worker:connect_socket")
     local hout = ffi.new("int[1]", -1)
@@ -633,6 +639,8 @@ function Worker:connect_socket(host, port)
         end
         if rc == ENXIO then
             return unresolved("connect to", host, port)
+        elseif rc == EAFNOSUPPORT then
+            return ipv6_refused("connect to", host, port)
         end
         local fname = what
         if rc == EMFILE then
@@ -660,7 +668,7 @@ end
 -- any free port, see listener:port()).  Binds only where told.
 function Worker:create_listener(host, port)
     live_worker("Worker:create_listener", self)
-    check.host("Worker:create_listener", host)
+    host = check.host("Worker:create_listener", host)
     check_port("Worker:create_listener", port, 0)
     local i = C.pl_ucx_listen(self.w, host, port)
     if i == EMFILE or i == EADDRINUSE then
@@ -669,6 +677,8 @@ function Worker:create_listener(host, port)
     end
     if i == ENXIO then
         return unresolved("listen on", host, port)
+    elseif i == EAFNOSUPPORT then
+        return ipv6_refused("listen on", host, port)
     elseif i == EMFILE and count(self.listeners) >= MAX_LISTENERS then    -- (not the process's fds)
         return nil, format("listen on %s: a worker has at most %d listeners open (close one first)",
                            host_port(host, port), MAX_LISTENERS), "EMFILE"

@@ -71,7 +71,7 @@ local function check_data(fname, data)
 end
 
 local function check_host(fname, host)
-    check.host(fname, host, 4)
+    return (check.host(fname, host, 4))    -- (not a tail call: the level counts this frame)
 end
 
 function M.install(U)
@@ -372,7 +372,7 @@ function M.install(U)
     -- (port 0: any free port, see :port(); a name with several addresses:
     -- the first).
     function U.tcp_listen(host, port, backlog)
-        check_host("uring.tcp_listen", host)
+        host = check_host("uring.tcp_listen", host)
         check_port("uring.tcp_listen", port)
         backlog = backlog or 128
         check.integer("uring.tcp_listen", "backlog", backlog, 1, 65535)
@@ -482,7 +482,7 @@ function M.install(U)
     -- the name's addresses (up to MAX_ADDRS) is tried in getaddrinfo's
     -- order until one connects.
     function U.tcp_connect(host, port)
-        check_host("uring.tcp_connect", host)
+        host = check_host("uring.tcp_connect", host)
         check_port("uring.tcp_connect", port, 1)
         local t, r = context("uring.tcp_connect")
         local list = ffi.new("pl_net_addr_t[?]", MAX_ADDRS)     -- its own: connecting yields
@@ -806,7 +806,7 @@ function M.install(U)
     -- udp_bind(host, port): a datagram socket bound to host:port (a name
     -- with several addresses: the first).
     function U.udp_bind(host, port)
-        check_host("uring.udp_bind", host)
+        host = check_host("uring.udp_bind", host)
         check_port("uring.udp_bind", port)
         local _, r = context("uring.udp_bind")
         local addr, n = bind_addr(host, port, 1)
@@ -850,7 +850,7 @@ function M.install(U)
     function UdpSocket:send_to(data, host, port)
         live("UdpSocket:send_to", self, UdpSocket, "a UDP socket")
         check_data("UdpSocket:send_to", data)
-        check_host("UdpSocket:send_to", host)
+        host = check_host("UdpSocket:send_to", host)
         check_port("UdpSocket:send_to", port, 1)
         if #data > self.max_datagram then
             error(format("UdpSocket:send_to: a datagram holds at most %d bytes on an IPv%d socket (got %d)",
