@@ -970,7 +970,9 @@ describe("UCX misuse and failures", function()
         status, out, err = helper.sh("ulimit -n 64; " .. run .. " worker")
         os.remove(script)
         assert.equal(0, status, err)
-        assert.matches("^nil\tContext:create_worker: cannot create a UCX worker: E%u+: [^\t]+\tE%u+\n$", out)
+        -- (refused with room to spare: UCX 1.13 running out part way ended the
+        -- process now and then, "failed to set active message handler")
+        assert.equal("nil\tContext:create_worker: cannot create a UCX worker: EMFILE: Too many open files\tEMFILE\n", out)
     end)
 
     -- The next two hold 32 to 40 workers at once.  Each takes about 4 MB of

@@ -17,6 +17,7 @@
  * one: most sleeps end on a timer or another reactor's completion).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -393,6 +394,29 @@ int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
 
 /* ---- worker -------------------------------------------------------------- */
 
+/* Whether n more file descriptors can be opened.  A worker takes about 10
+ * (its transports' sockets, shared memory, event fds), and UCX 1.13 runs
+ * out of them inside ucp_worker_create now and then in a place where it
+ * ends the process (ucs_fatal: "failed to set active message handler"):
+ * so a worker is made only with room to spare, else EMFILE. */
+#define UCX_WORKER_FDS 32
+
+static bool fd_headroom(int n)
+{
+    int fds[UCX_WORKER_FDS], k = 0;
+    bool ok;
+
+    fds[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fds[0] >= 0)
+        for (k = 1; k < n && k < UCX_WORKER_FDS; k++)
+            if ((fds[k] = fcntl(fds[0], F_DUPFD_CLOEXEC, 0)) < 0)
+                break;
+    ok = fds[0] >= 0 && k >= n;
+    while (k-- > 0)
+        close(fds[k]);
+    return ok;
+}
+
 pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
 {
     ucp_worker_params_t params = {
@@ -413,6 +437,11 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     w->op_stride = (c->request_size + sizeof(struct ucx_op) + 15) & ~(size_t)15;
     w->efd = -1;
     w->max_eps = UCX_MAX_ENDPOINTS;
+    if (!fd_headroom(UCX_WORKER_FDS)) {
+        *err = -EMFILE;
+        free(w);
+        return NULL;
+    }
     st = ucp_worker_create(c->ucp, &params, &w->ucp);
     if (st == UCS_OK && c->wakeup)
         st = ucp_worker_get_efd(w->ucp, &w->efd);
