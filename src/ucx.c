@@ -394,24 +394,24 @@ int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
 
 /* ---- worker -------------------------------------------------------------- */
 
-/* Whether n more file descriptors can be opened.  A worker takes about 10
+/* Whether UCX_WORKER_FDS more file descriptors can be opened.  A worker takes about 10
  * (its transports' sockets, shared memory, event fds), and UCX 1.13 runs
  * out of them inside ucp_worker_create now and then in a place where it
  * ends the process (ucs_fatal: "failed to set active message handler"):
  * so a worker is made only with room to spare, else EMFILE. */
 #define UCX_WORKER_FDS 32
 
-static bool fd_headroom(int n)
+static bool fd_headroom(void)
 {
     int fds[UCX_WORKER_FDS], k = 0;
     bool ok;
 
     fds[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (fds[0] >= 0)
-        for (k = 1; k < n && k < UCX_WORKER_FDS; k++)
+        for (k = 1; k < UCX_WORKER_FDS; k++)
             if ((fds[k] = fcntl(fds[0], F_DUPFD_CLOEXEC, 0)) < 0)
                 break;
-    ok = fds[0] >= 0 && k >= n;
+    ok = k == UCX_WORKER_FDS;
     while (k-- > 0)
         close(fds[k]);
     return ok;
@@ -437,7 +437,7 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     w->op_stride = (c->request_size + sizeof(struct ucx_op) + 15) & ~(size_t)15;
     w->efd = -1;
     w->max_eps = UCX_MAX_ENDPOINTS;
-    if (!fd_headroom(UCX_WORKER_FDS)) {
+    if (!fd_headroom()) {
         *err = -EMFILE;
         free(w);
         return NULL;
@@ -459,34 +459,6 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     w->max_am_header = attr.max_am_header;
     c->workers++;
     return w;
-}
-
-/* The address handed out is UCX's followed by a seal: a magic, UCX's
- * length and a checksum of it (UCX reads an address as far as it says,
- * so programs of its own ignore the seal).  connect_addr checks a sealed
- * address whole: a damaged one crashed UCX in many ways (a transport's
- * device address or attributes taken from garbage). */
-int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap)
-{
-    ucp_address_t *addr;
-    size_t len;
-    ucs_status_t st = ucp_worker_get_address(w->ucp, &addr, &len);
-
-    if (st != UCS_OK)
-        return pl_ucx_errno(st);
-    w->address_shared = true;
-    if ((size_t)cap >= len + UCX_ADDR_SEAL_LEN) {
-        uint32_t n = (uint32_t)len;
-        uint64_t sum = pl_checksum64(addr, len, UCX_ADDR_SEAL_SEED);
-        uint8_t *seal = (uint8_t *)buf + len;
-
-        memcpy(buf, addr, len);
-        memcpy(seal, UCX_ADDR_SEAL_MAGIC, 4);
-        memcpy(seal + 4, &n, sizeof(n));
-        memcpy(seal + 8, &sum, sizeof(sum));
-    }
-    ucp_worker_release_address(w->ucp, addr);
-    return (int)(len + UCX_ADDR_SEAL_LEN);
 }
 
 int pl_ucx_worker_max_endpoints(pl_ucx_worker_t *w, int n)

@@ -162,11 +162,6 @@ struct ucx_stream {
     struct pl_ucx_worker *w;
 };
 
-/* The seal after a worker address (pl_ucx_worker_address). */
-#define UCX_ADDR_SEAL_MAGIC "PLv1"
-#define UCX_ADDR_SEAL_LEN 16
-#define UCX_ADDR_SEAL_SEED 0x706c7576696f6164ULL
-
 struct pl_ucx_worker {
     pl_ucx_context_t *ctx;
     ucp_worker_h ucp;
@@ -228,6 +223,9 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer);
  * callbacks. */
 void ucx_eps_reap(pl_ucx_worker_t *w);
 int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep);
+/* Whether addr may go to ucp_ep_create (ucx_addr.c): 0, -EINVAL (not a
+ * whole worker address) or -EBADMSG (a sealed one changed since). */
+int ucx_address_check(pl_ucx_worker_t *w, const uint8_t *a, size_t len);
 int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,
                   struct ucx_op **op, ucp_request_param_t *p);
 int ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);

@@ -70,10 +70,6 @@ local function check_data(fname, data)
     end
 end
 
-local function check_host(fname, host)
-    return (check.host(fname, host, 4))    -- (not a tail call: the level counts this frame)
-end
-
 function M.install(U)
     local I = U._internal
     local context, run_op, bounce_get, bounce_put = I.context, I.run_op, I.bounce_get, I.bounce_put
@@ -372,7 +368,7 @@ function M.install(U)
     -- (port 0: any free port, see :port(); a name with several addresses:
     -- the first).
     function U.tcp_listen(host, port, backlog)
-        host = check_host("uring.tcp_listen", host)
+        host = check.host("uring.tcp_listen", host)
         check_port("uring.tcp_listen", port)
         backlog = backlog or 128
         check.integer("uring.tcp_listen", "backlog", backlog, 1, 65535)
@@ -482,7 +478,7 @@ function M.install(U)
     -- the name's addresses (up to MAX_ADDRS) is tried in getaddrinfo's
     -- order until one connects.
     function U.tcp_connect(host, port)
-        host = check_host("uring.tcp_connect", host)
+        host = check.host("uring.tcp_connect", host)
         check_port("uring.tcp_connect", port, 1)
         local t, r = context("uring.tcp_connect")
         local list = ffi.new("pl_net_addr_t[?]", MAX_ADDRS)     -- its own: connecting yields
@@ -806,7 +802,7 @@ function M.install(U)
     -- udp_bind(host, port): a datagram socket bound to host:port (a name
     -- with several addresses: the first).
     function U.udp_bind(host, port)
-        host = check_host("uring.udp_bind", host)
+        host = check.host("uring.udp_bind", host)
         check_port("uring.udp_bind", port)
         local _, r = context("uring.udp_bind")
         local addr, n = bind_addr(host, port, 1)
@@ -850,7 +846,7 @@ function M.install(U)
     function UdpSocket:send_to(data, host, port)
         live("UdpSocket:send_to", self, UdpSocket, "a UDP socket")
         check_data("UdpSocket:send_to", data)
-        host = check_host("UdpSocket:send_to", host)
+        host = check.host("UdpSocket:send_to", host)
         check_port("UdpSocket:send_to", port, 1)
         if #data > self.max_datagram then
             error(format("UdpSocket:send_to: a datagram holds at most %d bytes on an IPv%d socket (got %d)",
