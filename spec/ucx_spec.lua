@@ -266,6 +266,21 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("receives a tagged message with the largest length, reusing its scratch memory", async(function()
+        local p = pair()
+        for i = 1, 3 do
+            local r = pluvio.spawn(function() return { p.sw:tag_recv(7, 2 ^ 53, 2 ^ 31) } end)
+            assert.is_true(p.ep:tag_send(7, "small " .. i))
+            assert.equal("small " .. i, r:join()[1])
+            assert.equal(0, p.sw.scratch.kept)          -- 2 GiB is not kept...
+        end
+        local r = pluvio.spawn(function() return { p.sw:tag_recv(7, 2 ^ 53, 100) } end)
+        assert.is_true(p.ep:tag_send(7, "kept"))
+        assert.equal("kept", r:join()[1])
+        assert.equal(4096, p.sw.scratch.kept)           -- ...a small piece is, for the next one
+        close_pair(p)
+    end))
+
     it("says how long a tagged message that does not fit was, and what it had room for", async(function()
         local uring = require "pluvio.uring"
         local p = pair()

@@ -371,6 +371,13 @@ int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index);
 int pl_uring_buffer_hold(pl_uring_t *u, int index);
 int pl_uring_buffer_unhold(pl_uring_t *u, int index);
 
+/* Scratch memory for string I/O (reads into it, the string is copied out):
+ * page-aligned, not zero-filled, reserved without committing memory, so
+ * only the pages an operation writes become resident.  NULL (errno set)
+ * when it cannot be mapped; free with the same len. */
+void *pl_scratch_alloc(size_t len);
+void pl_scratch_free(void *p, size_t len);
+
 /* Sockets over io_uring (uring_net.c).  Set-up is synchronous; the ops
  * behave like the file ops above (connect also returns the socket in
  * *fd_out, which the caller closes if the op fails). */

@@ -278,3 +278,25 @@ int pl_uring_buffer_unhold(pl_uring_t *u, int index)
     uring_buffer_unuse(u, index);
     return 0;
 }
+
+/* MAP_NORESERVE: a read(offset, 1 GiB) of a 5-byte file asks for 1 GiB and
+ * uses one page of it; it must not be refused by overcommit accounting nor
+ * cost the zero fill of the whole length (4 s and 1 GiB resident with
+ * LuaJIT's ffi.new). */
+void *pl_scratch_alloc(size_t len)
+{
+    void *p;
+
+    if (len == 0) {
+        errno = EINVAL;
+        return NULL;
+    }
+    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void pl_scratch_free(void *p, size_t len)
+{
+    if (p)
+        munmap(p, len);
+}

@@ -43,6 +43,59 @@ function M.errstr(rc)
     return ffi.string(C.pl_errname(rc)) .. ": " .. ffi.string(C.pl_strerror(rc))
 end
 
+-- Scratch memory for string I/O, kept for reuse per power-of-two size
+-- class up to budget bytes (more would hold one large read's memory for the
+-- owner's whole life).  C maps it (pl_scratch_alloc): page-aligned, not
+-- zero-filled, and only the pages an operation writes become resident.
+-- An entry is { ptr = uint8_t *, class = bytes }; one dropped instead of put
+-- back is unmapped by the collector.
+local Scratch = {}
+Scratch.__index = Scratch
+
+function M.scratch_pool(budget)
+    return setmetatable({ budget = budget, kept = 0, lists = {} }, Scratch)
+end
+
+local PAGE = 4096
+
+-- At least len bytes (fname names the caller if they cannot be mapped).
+function Scratch:get(len, fname)
+    local class = PAGE
+    while class < len do class = class * 2 end
+    local list = self.lists[class]
+    local n = list and #list or 0
+    if n > 0 then
+        local e = list[n]
+        list[n] = nil
+        self.kept = self.kept - class
+        return e
+    end
+    if not list then
+        self.lists[class] = {}
+    end
+    local p = C.pl_scratch_alloc(class)
+    if p == nil then
+        error(("%s: cannot map %d bytes of scratch memory (%s)"):format(fname, class, M.errstr(-ffi.errno())), 0)
+    end
+    p = ffi.gc(ffi.cast("uint8_t *", p), function(q) C.pl_scratch_free(q, class) end)
+    return { ptr = p, class = class }
+end
+
+-- An entry the kernel or UCX is done with: kept, or unmapped now.
+function Scratch:put(e)
+    local kept = self.kept + e.class
+    if kept <= self.budget then
+        local list = self.lists[e.class]
+        list[#list + 1] = e
+        self.kept = kept
+    else
+        local p = e.ptr
+        e.ptr = nil
+        ffi.gc(p, nil)
+        C.pl_scratch_free(p, e.class)
+    end
+end
+
 M.errno = {
     ENOENT = 2, ESRCH = 3, EINTR = 4, EIO = 5, EBADF = 9, EAGAIN = 11, ENOMEM = 12,
     EBUSY = 16, EEXIST = 17, EINVAL = 22, ENOSPC = 28, EDEADLK = 35,

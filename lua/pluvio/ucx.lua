@@ -27,6 +27,7 @@ local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMFILE, EMSGSIZE = -6, -9, -11, -12,
 local EBADMSG, EAFNOSUPPORT, EADDRINUSE = -74, -97, -98
 local ECONNRESET, ENOTCONN, ECONNREFUSED, ECANCELED = -104, -107, -111, -125
 local MAX_AM_ID = 255
+local SCRATCH_KEEP = 64 * 1048576  -- scratch memory a worker keeps for tag_recv and data()
 local Buffer = uring.Buffer
 
 local function errname(rc)
@@ -297,6 +298,7 @@ function Context:create_worker(opts)
         eps = setmetatable({}, weak_keys), listeners = setmetatable({}, weak_keys), streams = {}, limbo = limbo,
         max_header = C.pl_ucx_worker_max_am_header(w), max_endpoints = max_eps,
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
+        scratch = core.scratch_pool(SCRATCH_KEEP),     -- for tag_recv and data()
     }, Worker)
     self.workers[worker] = true
     live_workers[worker] = true
@@ -757,13 +759,15 @@ function Worker:tag_recv(tag, mask, len_or_buf)
     else
         check.integer("Worker:tag_recv", "len_or_buf", len_or_buf, 0, 2 ^ 31)
         cap = len_or_buf
-        scratch = ffi.new("uint8_t[?]", cap)
-        ptr = scratch
     end
     local t = current_task("Worker:tag_recv")    -- it takes a message: check first
+    if not ptr then
+        scratch = self.scratch:get(cap, "Worker:tag_recv")
+        ptr = scratch.ptr
+    end
     local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
                                  "tag receive", scratch or len_or_buf)
-    if rc < 0 then
+    if rc < 0 then             -- (scratch, if any, is left to the collector, as UCX may hold it)
         if rc == EMSGSIZE then  -- UCX reports the whole message's length and tag, and drops it
             return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
                                "len_or_buf has room for (it is dropped)", stag, len, cap), rc)
@@ -771,7 +775,9 @@ function Worker:tag_recv(tag, mask, len_or_buf)
         return fail("tag_recv", rc)
     end
     if scratch then
-        return ffi_string(scratch, len), stag
+        local str = ffi_string(ptr, len)
+        self.scratch:put(scratch)
+        return str, stag
     end
     return len, stag
 end
@@ -1259,7 +1265,6 @@ end
 -- pays nothing (its messages stay sunk by the JIT); one that drops them
 -- keeps at most TRACK_FROM untracked ones held.
 local TRACK_FROM = 256
-local SCRATCH_KEEP = 64 * 1048576  -- largest rendezvous scratch a worker keeps for data()
 local weak_values = { __mode = "v" }
 
 local function sweep(w, tr)
@@ -1483,23 +1488,15 @@ function Message:data()
         let_go(self)
         return s
     end
-    -- rendezvous: pulled into scratch memory the worker keeps between pulls
-    -- (up to SCRATCH_KEEP bytes), taken from it meanwhile: a task killed
-    -- during a pull leaves it to UCX
-    local scratch = w.scratch
-    if scratch and w.scratch_len >= len then
-        w.scratch = nil
-    else
-        scratch = ffi.new("uint8_t[?]", len)
-    end
-    local n, err, code = take(self, "Message:data", scratch, len, scratch)
+    -- rendezvous: pulled into the worker's scratch memory (a task killed
+    -- during a pull leaves its piece to UCX)
+    local scratch = w.scratch:get(len, "Message:data")
+    local n, err, code = take(self, "Message:data", scratch.ptr, len, scratch)
     if not n then
         return nil, err, code
     end
-    local s = ffi_string(scratch, len)
-    if len <= SCRATCH_KEEP and (not w.scratch or w.scratch_len < len) then
-        w.scratch, w.scratch_len = scratch, len
-    end
+    local s = ffi_string(scratch.ptr, len)
+    w.scratch:put(scratch)
     return s
 end
 

@@ -26,6 +26,11 @@ local EAGAIN, ENOBUFS, ENOMEM, EPERM, ECANCELED, EBUSY = -11, -105, -12, -1, -12
 local AT_FDCWD, AT_EMPTY_PATH, AT_REMOVEDIR = -100, 0x1000, 0x200
 local MAX_IO = 0x7ffff000          -- Linux caps one read/write at this many bytes
 local OP_INLINE = C.PL_URING_OP_INLINE
+-- Scratch memory for read()/write() of strings (core.scratch_pool: page
+-- aligned, as O_DIRECT wants), reused per size class, so steady state
+-- allocates nothing but the string.  A reactor keeps at most this many
+-- bytes of it: else one 256 MiB read held 256 MiB for the reactor's life.
+local BOUNCE_KEEP = 64 * 1048576
 
 M.DEFAULTS = {
     queue_size = 256,              -- SQ entries
@@ -154,8 +159,7 @@ local function new_reactor(fname, opts)
         iov = ffi.new("pl_iovec_t[?]", C.PL_URING_IOV_MAX),   -- readv / writev parts, copied by C
         buffers_reclaimed = 0,
         lent_to = false,        -- registered on no runtime: the runtime its buffers went to last
-        bounce = {},            -- size class -> free list of aligned scratch memory
-        bounce_kept = 0,        -- bytes in those lists
+        bounce = core.scratch_pool(BOUNCE_KEEP),   -- scratch memory for strings
         limbo = limbo,          -- strings and scratch of abandoned ops the kernel may still use
         pins = pins,            -- op id -> strings and scratch its parked task's op uses, or false
     }, IoUringReactor)
@@ -352,19 +356,8 @@ local function await(r, t, op, what, keep)
     return result.res, result.bytes
 end
 
--- Scratch memory (below) kept for reuse is at most this many bytes per
--- reactor: beyond it a returned piece is left to the garbage collector,
--- else one 256 MiB read held 256 MiB for the reactor's whole life.
-local BOUNCE_KEEP = 64 * 1048576
-
--- Scratch memory back to its size class's free list, if the budget allows.
 local function bounce_put(r, e)
-    local kept = r.bounce_kept + e.class
-    if kept <= BOUNCE_KEEP then
-        local list = r.bounce[e.class]
-        list[#list + 1] = e
-        r.bounce_kept = kept
-    end
+    r.bounce:put(e)
 end
 
 -- Scratch space back to its pool, or a string let go, once the kernel is
@@ -382,6 +375,13 @@ local function limbo_sweep(r)
             bounce_put(r, e.keep)
         end
     end
+end
+
+local function bounce_get(r, len, fname)
+    if r.limbo[1] then
+        limbo_sweep(r)
+    end
+    return r.bounce:get(len, fname)
 end
 
 function IoUringReactor:_abandon(t)
@@ -651,37 +651,6 @@ end
 function Buffer:__tostring()
     return format("registered buffer #%d (%d bytes%s)", self.index, self.len,
                   self.base and "" or ", released")
-end
-
----------------------------------------------------------------------------
--- Scratch memory for read()/write() of strings: aligned for O_DIRECT,
--- reused per size class (up to BOUNCE_KEEP bytes: bounce_put, above), so
--- steady state allocates nothing but the string.
----------------------------------------------------------------------------
-
-local ALIGN = 4096
-
-local function bounce_get(r, len)
-    if r.limbo[1] then
-        limbo_sweep(r)
-    end
-    local class = ALIGN
-    while class < len do class = class * 2 end
-    local list = r.bounce[class]
-    local n = list and #list or 0
-    if n > 0 then
-        local e = list[n]
-        list[n] = nil
-        r.bounce_kept = r.bounce_kept - class
-        return e
-    end
-    if not list then
-        r.bounce[class] = {}
-    end
-    local raw = ffi.new("uint8_t[?]", class + ALIGN)
-    local addr = tonumber(ffi_cast("uintptr_t", raw))
-    local aligned = ffi_cast("uint8_t *", raw) + ((ALIGN - addr % ALIGN) % ALIGN)
-    return { raw = raw, ptr = aligned, class = class }
 end
 
 ---------------------------------------------------------------------------
@@ -1030,7 +999,7 @@ function File:read(offset, len)
     check_len("File:read", len, MAX_IO, self)
     check_direct("File:read", self, offset, len)
     local t, r = file_task("File:read", self)
-    local scratch = bounce_get(r, len)
+    local scratch = bounce_get(r, len, "File:read")
     local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
                               self, scratch)
     if res < 0 then
@@ -1051,7 +1020,7 @@ function File:write(offset, data)
     check_len("File:write", len, MAX_IO, self)
     check_direct("File:write", self, offset, len)
     local t, r = file_task("File:write", self)
-    local scratch = bounce_get(r, len)
+    local scratch = bounce_get(r, len, "File:write")
     ffi_copy(scratch.ptr, data, len)
     local res, bytes = run_op(r, t, C.pl_uring_write(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
                               self, scratch)
@@ -1357,7 +1326,7 @@ function M.read_some(fd, len)
     repeat
         rc = run_op(r, t, C.pl_uring_poll_in(r.u, t.slot, t.gen, fd), what)
         if rc >= 0 then
-            local scratch = bounce_get(r, len)
+            local scratch = bounce_get(r, len, "uring.read_some")
             rc = C.pl_fd_read(fd, scratch.ptr, len)
             if rc >= 0 then
                 local s = ffi_string(scratch.ptr, rc)

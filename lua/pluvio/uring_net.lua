@@ -584,7 +584,7 @@ function M.install(U)
     end
 
     local function recv_raw(self, t, r, max)
-        local scratch = bounce_get(r, max)
+        local scratch = bounce_get(r, max, "TcpSocket:recv")
         t.io_rescue = self          -- (see await)
         local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self, scratch)
         t.io_rescue = nil
@@ -922,7 +922,7 @@ function M.install(U)
             local d = table.remove(held, 1)
             return datagram(d[1], d[2], d[3], max)
         end
-        local scratch = bounce_get(r, max)
+        local scratch = bounce_get(r, max, "UdpSocket:recv_from")
         scratch.len = max                   -- what the kernel may fill, for _keep
         local op = C.pl_uring_recvfrom(r.u, t.slot, t.gen, self.fd, scratch.ptr, max)
         if op < 0 then
