@@ -326,6 +326,22 @@ describe("TCP sends from several tasks", function()
         assert.matches("an earlier send was killed after %d+ of its 67108864 bytes", err)
         c:close(); s:close(); l:close()
     end))
+
+    it("refuse a plain coroutine's wait for the turn at once, so that no turn waits for it", async(function()
+        local l, c, s = pair()
+        local size = 8 * 1048576            -- (more than the socket buffers hold: it waits for the reader)
+        local first = pluvio.spawn(function() return c:send(("A"):rep(size)) end)
+        pluvio.yield()                      -- the first send has the turn
+        local co = coroutine.create(function() return c:send("B") end)
+        local ok, err = coroutine.resume(co)    -- (and never resumed again)
+        assert.is_false(ok)
+        assert.matches("TcpSocket:send: called from a coroutine that is not a pluvio task", err)
+        local last = pluvio.spawn(function() return c:send("C") end)
+        assert.equal(size + 1, #read_all(s, size + 1))
+        assert.equal(size, first:join())
+        assert.equal(1, pluvio.timeout(5, function() return last:join() end))
+        c:close(); s:close(); l:close()
+    end))
 end)
 
 describe("TcpSocket:shutdown", function()
@@ -385,8 +401,7 @@ describe("TcpSocket:shutdown", function()
         local sender = pluvio.spawn(function() return c:send(("x"):rep(8 * 1048576)) end)
         pluvio.yield()                          -- the send is under way: the shutdown waits its turn
         local co = coroutine.create(function() return c:shutdown() end)
-        assert.is_true((coroutine.resume(co)))  -- (the wait's yield comes out here)
-        local ok, err = coroutine.resume(co)    -- resumed by another than the runtime
+        local ok, err = coroutine.resume(co)    -- refused before it waits
         assert.is_false(ok)
         assert.matches("TcpSocket:shutdown: called from a coroutine that is not a pluvio task", err, 1, true)
         sender:kill()

@@ -1341,7 +1341,7 @@ end
 
 -- What uring_net.lua (sockets) builds on.
 M._internal = {
-    context = context, receive_context = receive_context, run_op = run_op,
+    context = context, receive_context = receive_context, current_task = current_task, run_op = run_op,
     bounce_get = bounce_get, bounce_put = bounce_put,
     run_ended = run_ended, close_idle = close_idle, close_guard = close_guard, forget_fd = forget_fd,
     WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, yielded = yielded, OP_INLINE = OP_INLINE,

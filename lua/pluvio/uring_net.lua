@@ -73,7 +73,7 @@ end
 function M.install(U)
     local I = U._internal
     local context, run_op, bounce_get, bounce_put = I.context, I.run_op, I.bounce_get, I.bounce_put
-    local receive_context = I.receive_context
+    local receive_context, current_task = I.receive_context, I.current_task
     local run_ended, close_idle, close_guard, forget_fd = I.run_ended, I.close_idle, I.close_guard, I.forget_fd
 
     local TcpListener = {}
@@ -520,9 +520,13 @@ function M.install(U)
         self.writer = false
     end
 
+    -- A plain coroutine inside the task may not wait for the turn (it
+    -- raises at once, as receives do): left unresumed, it would leave the
+    -- task in the queue, and the turn, once handed to it, with nobody.
     local function claim_writer(self, t, fname)
         local w = self.writer
         if w and w ~= t and w.live then
+            current_task(fname, 1)
             local q = self.send_queue
             if not q then
                 q = {}
