@@ -2,7 +2,9 @@
 -- docs/*.md runs as a script under the pluvio host and must exit 0 (the
 -- examples assert their own results).  A block whose preceding line is
 -- `<!-- norun -->` is not run by the host (for snippets that need a peer);
--- one that is a busted spec file ("-- spec/x_spec.lua") runs under busted.
+-- one that is a busted spec file ("-- spec/x_spec.lua") runs under busted,
+-- and a "-- server.lua" block with the "-- client.lua" block after it run
+-- as two processes against each other.
 local helper = require "helper"
 
 local root = helper.root
@@ -149,6 +151,71 @@ describe("documentation spec files", function()
                     os.remove(path)
                     assert.are.equal(0, status, string.format("%s line %d:\n%s%s", file, b.line, out, err))
                     assert.matches(" 0 failures / 0 errors", out)
+                end)
+            end
+        end
+    end
+end)
+
+describe("documentation two-process examples", function()
+    -- A norun block "-- server.lua: pluvio server.lua HOST PORT" and the
+    -- "-- client.lua: ..." block after it are one example: the server runs
+    -- on an ephemeral port (it prints "listening on port N"), the client
+    -- against it must exit 0, and the server must stop on Ctrl-C (SIGINT).
+    for _, file in ipairs(doc_files()) do
+        local server
+        for _, b in ipairs(lua_blocks(read(root .. "/" .. file))) do
+            if b.norun and b.code:match("^%-%- server%.lua: pluvio server%.lua HOST PORT") then
+                server = b
+            elseif server and b.norun and b.code:match("^%-%- client%.lua: pluvio client%.lua HOST PORT") then
+                local srv = server
+                server = nil
+                it(file .. " line " .. srv.line .. ": server.lua and client.lua run against each other", function()
+                    local function put(code)
+                        local path = helper.tmp_path(".lua")
+                        local f = assert(io.open(path, "w"))
+                        f:write(code)
+                        f:close()
+                        return path
+                    end
+                    local spath, cpath = put(srv.code), put(b.code)
+                    local out, err, pidf = helper.tmp_path(".out"), helper.tmp_path(".err"), helper.tmp_path(".pid")
+                    helper.exec(("UCX_NET_DEVICES=lo timeout -k 5 120 %s %s 127.0.0.1 0 >%s 2>%s & echo $! >%s")
+                                :format(helper.quote(helper.host), helper.quote(spath), out, err, pidf))
+                    local port
+                    for _ = 1, 300 do
+                        local f = io.open(out)
+                        port = f and f:read("*a"):match("listening on port (%d+)")
+                        if f then f:close() end
+                        if port then break end
+                        helper.exec("sleep 0.1")
+                    end
+                    local f = assert(io.open(pidf))
+                    local pid = assert(tonumber(f:read("*a")))
+                    f:close()
+                    local cstatus, cout, cerr = 1, "", "(not run: the server printed no port)"
+                    if port then
+                        cstatus, cout, cerr = helper.sh(("UCX_NET_DEVICES=lo timeout -k 5 60 %s %s 127.0.0.1 %s")
+                                                        :format(helper.quote(helper.host), helper.quote(cpath), port))
+                    end
+                    -- Ctrl-C: the timeout above is the server's parent, so signal the host itself
+                    helper.exec(("pkill -INT -P %d; kill -INT %d 2>/dev/null"):format(pid, pid))
+                    local gone = false
+                    for _ = 1, 100 do
+                        if helper.exec(("kill -0 %d 2>/dev/null"):format(pid)) ~= 0 then gone = true; break end
+                        helper.exec("sleep 0.1")
+                    end
+                    if not gone then helper.exec(("pkill -KILL -P %d; kill -KILL %d"):format(pid, pid)) end
+                    local sf = io.open(err)
+                    local serr = sf and sf:read("*a") or ""
+                    if sf then sf:close() end
+                    for _, p in ipairs({ spath, cpath, out, err, pidf }) do os.remove(p) end
+                    assert.is_truthy(port, file .. ": server.lua printed no port; its stderr:\n" .. serr)
+                    assert.are.equal(0, cstatus, ("%s line %d: client.lua exited %d\n%s%s")
+                                                  :format(file, b.line, cstatus, cout, cerr))
+                    assert.matches("the server holds the same 1 MiB: ", cout)
+                    assert.is_true(gone, "server.lua did not stop on SIGINT")
+                    assert.is_nil(serr:find("UCX  ERROR", 1, true), serr)
                 end)
             end
         end
