@@ -118,6 +118,27 @@ describe("workers across default runtimes", function()
         pluvio.run(function() ep:close(); w:close(); ctx:close() end)
     end)
 
+    it("progress a worker made while no runtime ran (a luajit script's top level, a busted setup)", function()
+        assert.is_nil(pluvio.runtime())
+        local ctx = assert(ucx.Context.new())
+        local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local header = pluvio.run(function()
+            local stream = server:am_stream(7)
+            local l = assert(server:create_listener("127.0.0.1", 0))
+            local acc = pluvio.spawn(function() return assert(l:accept()) end)
+            local ep = assert(client:connect_socket("127.0.0.1", l:port()))
+            local sep = acc:join()
+            assert(ep:am_send(7, "outside", "data"))
+            local m = assert(stream:wait_msg())
+            local h = m.header
+            m:release()
+            ep:close(); sep:close(); l:close()
+            return h
+        end)
+        assert.equal("outside", header)
+        client:close(); server:close(); ctx:close()
+    end)
+
     it("says in the deadlock report that a runtime of one's own does not progress the worker", function()
         local rt = pluvio.Runtime.new()     -- no UCX reactor registered on it
         local ok, err = pcall(rt.run, rt, function()

@@ -135,9 +135,16 @@ end
 
 -- On default runtimes (pluvio.run, the host) the reactor is registered and
 -- workers are progressed without boilerplate: 0, or -errno and why not.
+-- A worker made while no runtime runs (at the top level of a luajit
+-- script, in a busted setup) joins the Lua state's reactor too, which the
+-- next default runtime registers (see below): else it was progressed by
+-- nobody, and its first wait ended in the deadlock report.
 local function auto_register(w)
     local rt = pluvio.runtime()
-    if not (rt and rt.auto_reactors) then
+    if not rt then
+        return add_worker(UCXReactor.current(), w)
+    end
+    if not rt.auto_reactors then
         return 0
     end
     local r = UCXReactor.current()
