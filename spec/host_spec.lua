@@ -258,6 +258,33 @@ describe("pluvio (the host)", function()
         assert.matches("\n> %(cannot print a table: its __tostring raised no words%)\n> still here\n", out)
     end)
 
+    it("ends on SIGHUP, as luajit does, rather than turn on UCX's trace log", function()
+        local f = assert(io.open("/proc/self/status"))
+        local ignored = tonumber(f:read("*a"):match("SigIgn:%s*(%x+)"), 16)
+        f:close()
+        if ignored % 2 == 1 then    -- (nohup: the host inherits that, rightly)
+            pending("SIGHUP is ignored where the specs run")
+            return
+        end
+        -- libucs takes SIGHUP as its "debug signal" when it loads; the
+        -- script then survived its own hang-up, and printed "survived"
+        local raise = [[local ffi = require "ffi"; ffi.cdef "int raise(int sig);"; ffi.C.raise(1); print("survived")]]
+        local status, out = sh(q(host) .. " -e " .. q(raise))
+        assert.equal(128 + 1, status, out)
+        assert.equal("", out)
+        -- (luajit with the module: libpluvio.so gives it back as it loads)
+        -- (the sanitizer run's library needs its runtimes preloaded, as spec/run does)
+        local preload = os.getenv("LD_PRELOAD")
+        local lua_path = helper.root .. "/lua/?.lua;" .. helper.root .. "/lua/?/init.lua;;"
+        status, out = sh((preload and "LD_PRELOAD=" .. q(preload) .. " " or "") .. "LUA_PATH=" .. q(lua_path) ..
+                         " luajit -e " .. q('require "pluvio"; ' .. raise))
+        assert.equal(128 + 1, status, out)
+        -- and who asks for UCX's debug signal keeps it
+        status, out = sh("UCX_DEBUG_SIGNO=SIGHUP " .. q(host) .. " -e " .. q(raise))
+        assert.equal(0, status, out)
+        assert.equal("survived\n", out)
+    end)
+
     it("idles in the kernel: a 0.3 s sleep costs almost no CPU", function()
         local status, out, err = helper.run_script([[
             local c0 = os.clock()

@@ -26,6 +26,9 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
+#include <ucs/config/global_opts.h>
+#include <ucs/debug/debug.h>
+
 #include "ucx_internal.h"
 
 #define UCX_MAX_WORKERS 32
@@ -136,6 +139,27 @@ void ucx_log_release(struct ucx_log_hold *h, bool failed)
     log_hold = NULL;
     for (i = 0; !failed && i < h->n; i++)
         log_print(&h->lines[i], h->lines[i].text);
+}
+
+/* ---- SIGHUP --------------------------------------------------------------- */
+
+/* libucs, as it loads (with libpluvio, before any of our code runs),
+ * takes its "debug signal", SIGHUP unless UCX_DEBUG_SIGNO names another:
+ * on it, UCX logs everything from then on, to stdout by default.  A
+ * process that loaded Pluvio then outlived the hang-up of its terminal,
+ * `kill -HUP` and the like, and filled its output with UCX's trace.
+ * Unless the user asked for that signal, it gets back the action it had
+ * before libucs took it (the default: the process ends), and debug_signo
+ * records that UCX no longer has it (a second copy of the library loaded
+ * leaves it alone). */
+__attribute__((constructor)) static void ucx_give_back_debug_signal(void)
+{
+    const char *asked = getenv("UCX_DEBUG_SIGNO");
+
+    if (ucs_global_opts.debug_signo > 0 && (!asked || !*asked)) {
+        ucs_debug_disable_signal((int)ucs_global_opts.debug_signo);
+        ucs_global_opts.debug_signo = 0;
+    }
 }
 
 /* ---- context ------------------------------------------------------------- */
