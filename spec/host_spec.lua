@@ -258,6 +258,19 @@ describe("pluvio (the host)", function()
         assert.matches("\n> %(cannot print a table: its __tostring raised no words%)\n> still here\n", out)
     end)
 
+    it("keeps print() out of the script's files when started with stdin and stdout closed", function()
+        -- (the runtime's ring took fd 0, and the file the script opened fd 1)
+        local path = helper.tmp_path(".txt")
+        finally(function() os.remove(path) end)
+        local status, _, err = sh(q(host) .. " -e " .. q(("local f = assert(io.open(%q, 'w')); print('stray'); " ..
+                                                          "io.stdout:flush(); f:write('data'); f:close()"):format(path)) ..
+                                  " <&- >&-")
+        assert.equal(0, status, err)
+        local f = assert(io.open(path))
+        assert.equal("data", f:read("*a"))
+        f:close()
+    end)
+
     it("ends on SIGHUP, as luajit does, rather than turn on UCX's trace log", function()
         local f = assert(io.open("/proc/self/status"))
         local ignored = tonumber(f:read("*a"):match("SigIgn:%s*(%x+)"), 16)

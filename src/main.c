@@ -7,6 +7,8 @@
  * executable (the build tree or an installed PREFIX), builds `arg` the way
  * luajit does, and hands the parsed command line to pluvio.host.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +40,22 @@ static const char usage[] =
     "line runs in a task of its own, which Ctrl-C stops.\n"
     "\n"
     "Exit status: 0, or 1 on an uncaught error or a failed task nobody joined.\n";
+
+/* Standard input, output and error that the parent closed are opened on
+ * /dev/null.  Else the next fds made take their numbers (the runtime's
+ * ring, a file the script opens, a UCX socket), and print() or an error
+ * report wrote into them: a file got the script's output.  Returns
+ * whether standard input was closed (`-` still says so, as luajit does). */
+static int open_std_fds(void)
+{
+    int stdin_closed = fcntl(0, F_GETFD) < 0 && errno == EBADF;
+
+    /* (open takes the lowest free number: fd, the lower ones being open) */
+    for (int fd = 0; fd <= 2; fd++)
+        if (fcntl(fd, F_GETFD) < 0 && errno == EBADF && open("/dev/null", O_RDWR) < 0)
+            break;      /* no /dev/null (a bare chroot): as before */
+    return stdin_closed;
+}
 
 /* Does dir/rel exist? */
 static int exists(const char *dir, const char *rel)
@@ -108,6 +126,7 @@ struct options {
     int version;
     int help;
     int interactive;    /* no script, stdin a terminal: read-eval-print */
+    int stdin_closed;   /* by the parent (now /dev/null: open_std_fds) */
     const char *bad;    /* an option we do not know, or one missing its value */
 };
 
@@ -171,7 +190,7 @@ static int run_host(lua_State *L, const struct options *o, int argc, char **argv
         return 1;
     }
     lua_getfield(L, -1, "main");
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 5);
     lua_pushvalue(L, 1);
     lua_setfield(L, -2, "actions");
     if (o->script < argc)
@@ -183,6 +202,8 @@ static int run_host(lua_State *L, const struct options *o, int argc, char **argv
     lua_setfield(L, -2, "stats");
     lua_pushboolean(L, o->interactive);
     lua_setfield(L, -2, "interactive");
+    lua_pushboolean(L, o->stdin_closed);
+    lua_setfield(L, -2, "stdin_closed");
     if (lua_pcall(L, 1, 1, 2) != 0) {
         fprintf(stderr, "pluvio: %s\n", lua_tostring(L, -1));
         return 1;
@@ -192,10 +213,11 @@ static int run_host(lua_State *L, const struct options *o, int argc, char **argv
 
 int main(int argc, char **argv)
 {
-    lua_State *L = luaL_newstate();
+    lua_State *L;
     struct options o;
-    int status;
+    int status, stdin_closed = open_std_fds();
 
+    L = luaL_newstate();
     if (!L) {
         fprintf(stderr, "pluvio: cannot create the Lua state (out of memory)\n");
         return 1;
@@ -204,6 +226,7 @@ int main(int argc, char **argv)
     set_paths(L);
     lua_newtable(L);                        /* stack 1: the -e / -l actions */
     o = parse(L, argc, argv);
+    o.stdin_closed = stdin_closed;
     if (o.bad) {
         fprintf(stderr, "pluvio: unknown option or missing value: '%s'\n%s", o.bad, usage);
         lua_close(L);

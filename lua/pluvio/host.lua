@@ -12,8 +12,13 @@ end
 
 -- loadfile() reads standard input as luajit's `-` does: a read failure is
 -- its error ("cannot read stdin: Is a directory"), not a nil given to load.
-local function load_script(script)
+-- A standard input the parent closed (the host put /dev/null there) gives
+-- luajit's error too, not an empty script.
+local function load_script(script, stdin_closed)
     if script == "-" then
+        if stdin_closed then
+            return nil, "cannot read stdin: Bad file descriptor"
+        end
         return loadfile()
     end
     return loadfile(script)
@@ -227,13 +232,13 @@ local function repl(pluvio, w)
 end
 
 -- opts: { script = path or "-" or nil, actions = { {"e", code} | {"l", module} },
---         stats = bool, interactive = bool }
+--         stats = bool, interactive = bool, stdin_closed = bool }
 function M.main(opts)
     local pluvio = require "pluvio"
     local chunk
     if opts.script then
         local err
-        chunk, err = load_script(opts.script)
+        chunk, err = load_script(opts.script, opts.stdin_closed)
         if not chunk then
             io.stderr:write("pluvio: ", tostring(err), "\n")
             return 1
