@@ -124,6 +124,18 @@ local function shown(v)
     return s
 end
 
+-- An uncaught error as the host reports it: a string, a number or an
+-- object with __tostring as shown() prints it; any other object in lua.c's
+-- words, not an address ("table: 0x...") that reads like the message.
+local function error_shown(e)
+    local t = type(e)
+    local mt = debug.getmetatable(e)
+    if t ~= "string" and t ~= "number" and not (mt and mt.__tostring) then
+        return "(error object is a " .. t .. " value)"
+    end
+    return shown(e)
+end
+
 -- Ctrl-C at the prompt (pl_interrupt_watch): a task reads the interrupts;
 -- one kills the statement that runs, or, while the prompt waits for a line,
 -- drops the statement typed so far and prompts afresh.  A second Ctrl-C
@@ -292,7 +304,7 @@ function M.main(opts)
         io.stderr:write(M.format_stats(rt))
     end
     if not ok then
-        io.stderr:write("pluvio: ", shown(err), "\n")
+        io.stderr:write("pluvio: ", error_shown(err), "\n")
         return 1
     end
     if rt:unjoined_failures() > 0 then

@@ -271,8 +271,14 @@ end
 
 -- An error as a report on stderr shows it: an error object whose
 -- __tostring raises must not stop the report, nor what comes after it (the
--- reports of other tasks, the rest of a task's end).
+-- reports of other tasks, the rest of a task's end).  One without
+-- __tostring (error({code = 5})) is named in lua.c's words, not by an
+-- address ("table: 0x...") that reads like the message.
 local function error_text(e)
+    local t, mt = type(e), debug.getmetatable(e)
+    if t ~= "string" and t ~= "number" and not (mt and mt.__tostring) then
+        return "(error object is a " .. t .. " value)"
+    end
     local ok, s = pcall(tostring, e)
     if not ok then
         return "(an error object whose __tostring raised: " .. (type(s) == "string" and s or type(s)) .. ")"
