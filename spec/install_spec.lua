@@ -131,6 +131,18 @@ describe("libpluvio.so", function()
         sh("rm -rf " .. q(dir))
     end)
 
+    it("says it needs LuaJIT when another Lua loads it (busted without --lua=luajit)", function()
+        if sh("command -v lua >/dev/null && ! lua -v 2>&1 | grep -q LuaJIT") ~= 0 then
+            pending("no Lua but LuaJIT installed as lua")
+            return
+        end
+        local paths = ("LUA_PATH=%s "):format(q(root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;"))
+        local status, _, err = sh(CLEAN_ENV .. paths .. "lua -e " .. q('require "pluvio"'))
+        assert.are_not.equal(0, status)
+        assert.matches("^lua: pluvio: needs LuaJIT, whose FFI it is built on; this is Lua 5%.%d " ..
+                       "%(run scripts with luajit or the pluvio host, and busted with %-%-lua=luajit%)\n", err)
+    end)
+
     it("exports exactly the functions src/pluvio.h declares", function()
         local lib = os.getenv("PLUVIO_LIB") or (root .. "/build/libpluvio.so")
         local status, out = sh("nm -D --defined-only " .. q(lib))

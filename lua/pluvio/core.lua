@@ -1,7 +1,13 @@
 -- pluvio.core: the FFI boundary.  Declares the C ABI (from src/pluvio.h,
 -- through the generated pluvio.cdef) and loads libpluvio.so.  Every other
 -- module reaches C through this one.
-local ffi = require "ffi"
+-- (without LuaJIT, "module 'ffi' not found" and a list of paths did not
+-- say what was wrong: busted, say, started without --lua=luajit)
+local has_ffi, ffi = pcall(require, "ffi")
+if not has_ffi then
+    error("pluvio: needs LuaJIT, whose FFI it is built on; this is " .. _VERSION ..
+          " (run scripts with luajit or the pluvio host, and busted with --lua=luajit)", 0)
+end
 
 local M = {}
 
