@@ -282,6 +282,14 @@ function M.main(opts)
     -- run a chunk that yields).
     rawset(_G, "pluvio", pluvio)
     rawset(_G, "require", pluvio.require)
+    -- os.exit leaves before the run ends, and with it went the reports of
+    -- failed tasks nobody joined: os.exit(ok and 0 or 1) at a script's end
+    -- hid a worker's error.  (The status stays the one asked for.)
+    local exit = os.exit
+    os.exit = function(...)
+        pcall(pluvio._report_running_unjoined)
+        return exit(...)
+    end
     local rt = pluvio.default_runtime()
     local args = arg or {}
     local ok, err = pcall(rt.run, rt, function(...)

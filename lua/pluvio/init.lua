@@ -1095,6 +1095,7 @@ local function drive(rt, fname, until_all, fn, ...)
     end
     rt.running = true
     rt.done = done
+    rt.outer = outer_rt     -- (the runs under way: see report_running_unjoined)
     current_rt = rt
     local ok, lok, lerr = pcall(loop, rt, done)
     local was_killed = ok and lok and killed()
@@ -1112,6 +1113,7 @@ local function drive(rt, fname, until_all, fn, ...)
         cancel_all(rt)
     end
     current_rt = outer_rt
+    rt.outer = nil
     rt.done = nil
     rt.running = false
     if not ok then          -- never leave tasks half-run
@@ -1149,6 +1151,17 @@ end
 -- other tasks stay in the runtime for the next run/block_on.
 function Runtime:block_on(fn, ...)
     return drive(self, "Runtime:block_on", false, fn, ...)
+end
+
+-- For the host's os.exit, which leaves before any run ends: report now
+-- what the ends of the runs under way would (failed tasks nobody joined),
+-- innermost first.
+function M._report_running_unjoined()
+    local rt = current_rt
+    while rt do
+        report_unjoined(rt)
+        rt = rt.outer
+    end
 end
 
 -- How many failed tasks were never joined (the host exits 1 when > 0).
