@@ -474,7 +474,8 @@ typedef struct pl_ucx_stats {
     double progress_calls, wakeups, ops_in_flight, msgs_held, endpoints, failed_endpoints;
     double header_blocks;   /* blocks allocated for headers over 128 B (reused) */
     double am_unclaimed;    /* held now for AM ids with no open stream */
-    double am_dropped;      /* for such ids past UCX_UNCLAIMED_HOLD, or arriving as the worker closed */
+    double am_dropped;      /* for such ids past UCX_UNCLAIMED_HOLD, arriving as the worker closed,
+                             * or with no memory to hold them */
     double watch_drops;     /* times its event fd left the reactor's epoll set, the worker busy */
     double endpoints_collected;     /* failed endpoints freed, their Lua object collected */
 } pl_ucx_stats_t;

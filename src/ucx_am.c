@@ -420,6 +420,16 @@ static struct ucx_stream *stream_unclaimed(pl_ucx_worker_t *w, unsigned id)
     return s;
 }
 
+/* A message that cannot be held (no memory for it): dropped and counted.
+ * Only a rendezvous sender can be told: UCX sends it the error status
+ * with its acknowledgement.  An eager message's callback must say UCS_OK
+ * (UCX 1.13 asserts on an error there: ucp_am.c, the process aborts). */
+static ucs_status_t am_unheld(pl_ucx_worker_t *w, const ucp_am_recv_param_t *param)
+{
+    w->stats.am_dropped++;
+    return (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ? UCS_ERR_NO_MEMORY : UCS_OK;
+}
+
 /* The AM callback: hold the message, wake one reader.  Eager data comes
  * back to UCX at once (UCS_OK) and a rendezvous sender is told it is done
  * when the message is dropped: when the worker is closing, or past the
@@ -433,22 +443,25 @@ static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len,
     struct ucx_msg *m;
     int i;
 
-    if (!s && !w->closing)
+    if (!s && !w->closing) {
         s = stream_unclaimed(w, a->id);     /* (once per id, not per message) */
+        if (!s)
+            return am_unheld(w, param);
+    }
     if (!s || w->closing || (!s->open && s->len >= s->window)) {
         w->stats.am_dropped++;
         return UCS_OK;
     }
     i = msg_alloc(w);
     if (i < 0)
-        return UCS_ERR_NO_MEMORY;   /* UCX reports it; we cannot hold it */
+        return am_unheld(w, param);
     m = &w->msgs[i];
     m->header_len = header_len;
     if (header_len > sizeof(m->header_inline)) {
         m->header_heap = header_block(w, m, header_len);
         if (!m->header_heap) {
             msg_free(w, m);
-            return UCS_ERR_NO_MEMORY;
+            return am_unheld(w, param);
         }
     }
     if (header_len)
