@@ -77,6 +77,7 @@ struct pl_runtime {
     struct io_uring ring;   /* the one place the runtime blocks */
     int64_t switch_cyc;     /* when (pl_cycles) the last task stopped running (or the batch began) */
     int64_t spin_ns;
+    uint32_t wait_retries;  /* sleeps in a row that the kernel refused for now (EAGAIN, EBUSY) */
 
     pl_runtime_stats_t stats;
     pl_runtime_t *next_live;    /* this thread's live runtimes (see pl_task_wake_any) */

@@ -716,6 +716,26 @@ int pl_task_linger(pl_runtime_t *rt, uint32_t slot, int go)
     return 1;
 }
 
+/* What a sleep's io_uring_enter said: 0 to go on (the tick polls again),
+ * or the error that ends the run.  ETIME and EINTR end a sleep normally.
+ * EAGAIN (the kernel is short of memory for requests) and EBUSY (older
+ * kernels: completions overflowed) are the kernel's "reap some completions
+ * and try again": the next tick reaps first, so a few in a row are passed
+ * over; only a run of them that reaping does not clear fails the run. */
+#define WAIT_RETRIES_MAX 64
+
+static int wait_result(pl_runtime_t *rt, int rc)
+{
+    if (rc >= 0 || rc == -ETIME || rc == -EINTR) {
+        rt->wait_retries = 0;
+        return 0;
+    }
+    if ((rc == -EAGAIN || rc == -EBUSY) && rt->wait_retries++ < WAIT_RETRIES_MAX)
+        return 0;
+    rt->wait_retries = 0;
+    return rc;
+}
+
 static int block(pl_runtime_t *rt)
 {
     struct __kernel_timespec ts, *tsp = NULL;
@@ -738,7 +758,7 @@ static int block(pl_runtime_t *rt)
         rc = only->block(only, d);
         rt->stats.idle_waits++;
         rt->stats.blocked_s += (double)(pl_clock_ns() - t0) / 1e9;
-        return rc < 0 && rc != -ETIME && rc != -EINTR ? rc : 0;
+        return wait_result(rt, rc);
     }
     if (d >= 0) {
         ts.tv_sec = d / 1000000000;
@@ -749,9 +769,7 @@ static int block(pl_runtime_t *rt)
     rt->stats.idle_waits++;
     rt->stats.blocked_s += (double)(pl_clock_ns() - t0) / 1e9;
     reap_home_ring(rt);
-    if (rc < 0 && rc != -ETIME && rc != -EINTR)
-        return rc;
-    return 0;
+    return wait_result(rt, rc);
 }
 
 int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
