@@ -467,6 +467,31 @@ describe("socket errors", function()
         l:close()
     end))
 
+    it("say why a listener's or UDP socket's port and address cannot be read, instead of a negative port",
+       async(function()
+        -- getsockname fails (ENOTSOCK) once a file takes the socket's fd number
+        local ffi = require "ffi"
+        pcall(ffi.cdef, "int dup2(int oldfd, int newfd);")
+        local path = os.tmpname()
+        local f = assert(io.open(path, "w"))
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local u = assert(uring.udp_bind("127.0.0.1", 0))
+        local file = assert(uring.File.open(path, "r"))
+        assert.equal(l.fd, ffi.C.dup2(file:fileno(), l.fd))
+        assert.equal(u.fd, ffi.C.dup2(file:fileno(), u.fd))
+        assert.same({ nil, "TcpListener:port: cannot read the address of " .. l.name ..
+                      ": ENOTSOCK: Socket operation on non-socket", "ENOTSOCK" }, { l:port() })
+        assert.same({ nil, "TcpListener:address: cannot read the address of " .. l.name ..
+                      ": ENOTSOCK: Socket operation on non-socket", "ENOTSOCK" }, { l:address() })
+        assert.same({ nil, "UdpSocket:port: cannot read the address of " .. u.name ..
+                      ": ENOTSOCK: Socket operation on non-socket", "ENOTSOCK" }, { u:port() })
+        assert.same({ nil, "UdpSocket:address: cannot read the address of " .. u.name ..
+                      ": ENOTSOCK: Socket operation on non-socket", "ENOTSOCK" }, { u:address() })
+        assert.is_true(l:close() and u:close() and file:close())    -- (the copies of the file)
+        f:close()
+        os.remove(path)
+    end))
+
     it("write an IPv6 host in brackets where they name host:port", async(function()
         if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
         local l = assert(uring.tcp_listen("::1", 0))

@@ -48,6 +48,28 @@ local function sock_name(fd, which)
     return ffi_string(namebuf)
 end
 
+-- A bound socket's port or address as port() and address() give them, or
+-- nil, err, code when the kernel cannot say (getsockname failed).
+local function unreadable(fname, obj, rc)
+    return nil, format("%s: cannot read the address of %s: %s", fname, obj.name, errstr(rc)), errname(rc)
+end
+
+local function bound_port(fname, obj)
+    local port = C.pl_net_local_port(obj.fd)
+    if port < 0 then
+        return unreadable(fname, obj, port)
+    end
+    return port
+end
+
+local function bound_address(fname, obj)
+    local rc = C.pl_net_name(obj.fd, 0, namebuf, 80)
+    if rc < 0 then
+        return unreadable(fname, obj, rc)
+    end
+    return ffi_string(namebuf)
+end
+
 -- min: 0 where the port is bound (0: any free one), 1 where it is a
 -- destination (the kernel says ECONNREFUSED or EINVAL for port 0)
 local function check_port(fname, port, min)
@@ -388,7 +410,7 @@ function M.install(U)
 
     function TcpListener:port()
         live("TcpListener:port", self, TcpListener, "a listener")
-        return C.pl_net_local_port(self.fd)
+        return bound_port("TcpListener:port", self)
     end
 
     -- address(): the address the listener is bound to, as "ip:port" or
@@ -397,7 +419,7 @@ function M.install(U)
     -- the first, and this says which.
     function TcpListener:address()
         live("TcpListener:address", self, TcpListener, "a listener")
-        return sock_name(self.fd, 0)
+        return bound_address("TcpListener:address", self)
     end
 
     -- A connected TCP socket on fd (a socket nobody closes is closed by the
@@ -827,13 +849,13 @@ function M.install(U)
 
     function UdpSocket:port()
         live("UdpSocket:port", self, UdpSocket, "a UDP socket")
-        return C.pl_net_local_port(self.fd)
+        return bound_port("UdpSocket:port", self)
     end
 
     -- address(): the address the socket is bound to (as TcpListener:address).
     function UdpSocket:address()
         live("UdpSocket:address", self, UdpSocket, "a UDP socket")
-        return sock_name(self.fd, 0)
+        return bound_address("UdpSocket:address", self)
     end
 
     -- Whether send_to on an IPv6 socket sent to host's IPv4 address, as
