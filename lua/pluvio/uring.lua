@@ -444,6 +444,9 @@ local function acquire(r, t, rt, fname)
         if idx == ENOBUFS then
             error(fname .. ": this reactor has no registered buffers (buffer_count = 0)", 3)
         end
+        if C.pl_uring_buffer_ptr(u, 0) ~= nil then      -- registered: the wait found no memory
+            error(format("%s: cannot wait for a registered buffer: %s", fname, errstr(idx)), 3)
+        end
         error(format("%s: cannot register %d buffers of %d bytes: %s " ..
                      "(lower buffer_count or buffer_size, or raise the locked-memory limit: ulimit -l)",
                      fname, o.buffer_count, o.buffer_size, errstr(idx)), 3)
