@@ -54,13 +54,15 @@ function M.install(U)
     function IoUringReactor:io_queue()
         check.self("IoUringReactor:io_queue", self, IoUringReactor, "an io_uring reactor")
         local t = running_task("IoUringReactor:io_queue")
-        return new_queue("IoUringReactor:io_queue", self, t)
+        local q = new_queue("IoUringReactor:io_queue", self, t)
+        return q        -- (not a tail call: new_queue's error names our caller's line)
     end
 
     -- uring.io_queue(): the same on the running runtime's reactor.
     function U.io_queue()
         local t, r = context("uring.io_queue")
-        return new_queue("uring.io_queue", r, t)
+        local q = new_queue("uring.io_queue", r, t)
+        return q
     end
 
     -- The queue, open, used by the task that made it (only its owner takes
