@@ -936,6 +936,28 @@ describe("UCX misuse and failures", function()
         assert.is_nil(err:find("UCX", 1, true), err)
     end)
 
+    it("says the process ran out of file descriptors when the resolver did, not that the host is unknown",
+       function()
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w = assert(ctx:create_worker())
+            local held = {}
+            while true do
+                local h = io.open("/dev/null")
+                if not h then break end
+                held[#held + 1] = h
+            end
+            print(w:create_listener("localhost", 0))
+            print(w:connect_socket("localhost", 4242))
+            for _, h in ipairs(held) do h:close() end
+            w:close(); ctx:close()
+        ]], nil, "ulimit -n 128;")
+        assert.equal(0, status, err)
+        assert.equal("nil\tlisten on localhost:0: EMFILE: Too many open files\tEMFILE\n" ..
+                     "nil\tconnect to localhost:4242: EMFILE: Too many open files\tEMFILE\n", out)
+    end)
+
     it("refuses a len for string or nil data instead of ignoring it", async(function()
         local p = pair()
         assert.matches("ucx_spec%.lua:%d+: Endpoint:am_send: len applies to a registered buffer only %(data is a string%)",

@@ -492,6 +492,29 @@ describe("socket errors", function()
         os.remove(path)
     end))
 
+    it("say the process ran out of file descriptors when the resolver did, not that the host is unknown",
+       function()
+        -- glibc's files backend cannot open /etc/hosts: getaddrinfo says
+        -- EAI_NONAME ("no such name"), with errno EMFILE
+        local status, out, err = helper.run_script([[
+            local uring = require "pluvio.uring"
+            local l = assert(uring.tcp_listen("127.0.0.1", 0))
+            local held = {}
+            while true do
+                local h = io.open("/dev/null")
+                if not h then break end
+                held[#held + 1] = h
+            end
+            print(select(2, uring.tcp_connect("localhost", 4242)))
+            print(select(2, uring.udp_bind("localhost", 0)))
+            for _, h in ipairs(held) do h:close() end
+            l:close()
+        ]], nil, "ulimit -n 64;")
+        assert.equal(0, status, err)
+        assert.equal("connect to localhost:4242: EMFILE: Too many open files\tEMFILE\n" ..
+                     "bind localhost:0: EMFILE: Too many open files\tEMFILE\n", out)
+    end)
+
     it("write an IPv6 host in brackets where they name host:port", async(function()
         if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
         local l = assert(uring.tcp_listen("::1", 0))

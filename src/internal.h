@@ -105,6 +105,9 @@ void pl_timer_remove(pl_runtime_t *rt, uint32_t slot);
 int pl_timer_fire(pl_runtime_t *rt, int64_t now);
 int64_t pl_timer_next(const pl_runtime_t *rt);
 
+/* uring_net.c: a failed getaddrinfo's rc (and errno after it) as -errno */
+int pl_net_gai_errno(int rc, int err);
+
 /* runtime.c */
 int pl_ready_push(pl_runtime_t *rt, uint32_t slot);
 /* The runtime of this thread's whose task (slot, gen) is live, hint first,

@@ -390,7 +390,8 @@ typedef struct pl_net_addr {
 
 /* The addresses of host:port, in getaddrinfo's order, into out[0..cap):
  * returns how many there are (which may be more than cap), -ENXIO if the
- * name cannot be resolved, or -EAFNOSUPPORT if it has no address of family
+ * name cannot be resolved, -EMFILE, -ENFILE or -ENOMEM if the process
+ * could not look it up, or -EAFNOSUPPORT if it has no address of family
  * (4 or 6; 0 takes both, 6 takes IPv4-mapped ones when there is no IPv6
  * address).  udp 0 for stream sockets, 1 for datagram sockets. */
 int pl_net_resolve(const char *host, int port, int udp, int family, pl_net_addr_t *out, int cap);
@@ -533,6 +534,9 @@ int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep);
 /* At most n endpoints open at once, 1 to 4096 (the default); for a new
  * worker, before its first endpoint.  -EINVAL out of range. */
 int pl_ucx_worker_max_endpoints(pl_ucx_worker_t *w, int n);
+/* 1 when the worker's endpoint table has a free entry (after freeing the
+ * dropped failed ones), else 0: tells its EMFILE from the process's. */
+int pl_ucx_worker_ep_room(pl_ucx_worker_t *w);
 /* The Lua object of an endpoint we own was collected: a failed one is
  * freed now, an open one once it fails (its peer may still send to the
  * worker's streams meanwhile); not while a message's reply endpoint holds

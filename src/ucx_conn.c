@@ -84,6 +84,11 @@ static bool ep_room(pl_ucx_worker_t *w)
     return ep_free_entry(w) >= 0;
 }
 
+int pl_ucx_worker_ep_room(pl_ucx_worker_t *w)
+{
+    return ep_room(w);
+}
+
 /* The entry of ep, made if it has none.  An endpoint we just created has
  * none: an entry with its address is a reply endpoint's that UCX freed
  * since (the memory was reused), and is dropped rather than handed out. */
@@ -226,9 +231,10 @@ static int resolve(const char *host, int port, struct sockaddr_storage *ss, sock
     int rc;
 
     snprintf(service, sizeof(service), "%d", port);
+    errno = 0;
     rc = getaddrinfo(host, service, &hints, &res);
-    if (rc != 0)
-        return -ENXIO;      /* as pl_net_resolve: the Lua side says "cannot resolve host" */
+    if (rc != 0)            /* as pl_net_resolve: the Lua side says "cannot resolve host" for -ENXIO */
+        return pl_net_gai_errno(rc, errno);
     for (ai = res; ai && ai->ai_family != AF_INET; ai = ai->ai_next)
         ;
     if (ai) {

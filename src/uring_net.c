@@ -21,6 +21,23 @@
 _Static_assert(sizeof(((pl_net_addr_t *)0)->storage) >= sizeof(struct sockaddr_storage),
                "pl_net_addr_t holds any socket address");
 
+/* A failed getaddrinfo as -errno: the lookup's own failures (an unknown
+ * name, no address of the family) as -ENXIO, which the callers report as
+ * "cannot resolve host"; the process's (no memory, no file descriptor) as
+ * theirs.  err is errno after the call, cleared before it: glibc's files
+ * backend, unable to open /etc/hosts, says EAI_NONAME and leaves EMFILE in
+ * errno, and "no such host" would send the reader after the wrong cause. */
+int pl_net_gai_errno(int rc, int err)
+{
+    if (rc == EAI_MEMORY)
+        return -ENOMEM;
+    if (rc == EAI_SYSTEM)
+        return err > 0 ? -err : -EIO;
+    if (err == EMFILE || err == ENFILE || err == ENOMEM)
+        return -err;
+    return -ENXIO;
+}
+
 static int resolve_family(int family)
 {
     return family == 4 ? AF_INET : family == 6 ? AF_INET6 : AF_UNSPEC;
@@ -38,16 +55,19 @@ int pl_net_resolve(const char *host, int port, int udp, int family, pl_net_addr_
                               .ai_flags = AI_NUMERICSERV | (family == 6 ? AI_V4MAPPED : 0) };
     struct addrinfo *res, *ai;
     char service[16];
-    int n = 0;
+    int n = 0, rc;
 
     if (!host || !*host || port < 0 || port > 65535)
         return -EINVAL;
     snprintf(service, sizeof(service), "%d", port);
-    if (getaddrinfo(host, service, &hints, &res) != 0) {
+    errno = 0;
+    rc = getaddrinfo(host, service, &hints, &res);
+    if (rc != 0) {
+        rc = pl_net_gai_errno(rc, errno);
         /* a name with addresses of the other family only: say so */
-        if (family && pl_net_resolve(host, port, udp, 0, NULL, 0) > 0)
+        if (rc == -ENXIO && family && pl_net_resolve(host, port, udp, 0, NULL, 0) > 0)
             return -EAFNOSUPPORT;
-        return -ENXIO;      /* the callers say "cannot resolve" for this one */
+        return rc;          /* the callers say "cannot resolve" for -ENXIO */
     }
     for (ai = res; ai; ai = ai->ai_next) {
         if (n < cap) {

@@ -652,8 +652,8 @@ function Worker:connect_socket(host, port)
             return ipv6_refused("connect to", host, port)
         end
         local fname = what
-        if rc == EMFILE then
-            return no_ep_room(self, fname)
+        if rc == EMFILE and (not self.w or C.pl_ucx_worker_ep_room(self.w) == 0) then
+            return no_ep_room(self, fname)      -- (else the process's: the resolver's files)
         end
         if rc == ENOTCONN or rc == ECONNREFUSED then    -- UCX 1.13 says ENOTCONN for a refusal
             local _, msg, name = fail(fname, rc)
