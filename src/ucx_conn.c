@@ -593,15 +593,20 @@ int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
         l->l = NULL;
         return st == UCS_ERR_BUSY ? -EADDRINUSE : pl_ucx_errno(st);
     }
-    l->open = true;
     l->port = port;
-    if (ucp_listener_query(l->l, &attr) == UCS_OK) {
+    st = ucp_listener_query(l->l, &attr);
+    if (st == UCS_OK) {
         if (attr.sockaddr.ss_family == AF_INET)
             l->port = ntohs(((struct sockaddr_in *)&attr.sockaddr)->sin_port);
         else if (attr.sockaddr.ss_family == AF_INET6)
             l->port = ntohs(((struct sockaddr_in6 *)&attr.sockaddr)->sin6_port);
         memcpy(&ss, &attr.sockaddr, sizeof(ss));
+    } else if (port == 0) {     /* bound to a port nobody could be told */
+        ucp_listener_destroy(l->l);
+        l->l = NULL;
+        return pl_ucx_errno(st);
     }
+    l->open = true;
     /* what was bound (the host may name several addresses: the first one
      * is), with the port chosen for port 0 */
     if (ss.ss_family == AF_INET)
