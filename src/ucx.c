@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <ucs/config/global_opts.h>
@@ -418,27 +419,32 @@ int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
 
 /* ---- worker -------------------------------------------------------------- */
 
-/* Whether UCX_WORKER_FDS more file descriptors can be opened.  A worker takes about 10
+/* File descriptors a worker must have room for.  A worker takes about 10
  * (its transports' sockets, shared memory, event fds), and UCX 1.13 runs
  * out of them inside ucp_worker_create now and then in a place where it
  * ends the process (ucs_fatal: "failed to set active message handler"):
  * so a worker is made only with room to spare, else EMFILE. */
 #define UCX_WORKER_FDS 32
 
-static bool fd_headroom(void)
+/* 0 when UCX_WORKER_FDS more can be had, else why not (-EMFILE).  The
+ * first is an eventfd, not an open of a path: a sandbox may close
+ * /dev/null to us, and its EACCES was taken for EMFILE. */
+static int fd_headroom(void)
 {
-    int fds[UCX_WORKER_FDS], k = 0;
-    bool ok;
+    int fds[UCX_WORKER_FDS], k = 0, rc = 0;
 
-    fds[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
-    if (fds[0] >= 0)
+    fds[0] = eventfd(0, EFD_CLOEXEC);
+    if (fds[0] < 0)
+        rc = -errno;
+    else
         for (k = 1; k < UCX_WORKER_FDS; k++)
-            if ((fds[k] = fcntl(fds[0], F_DUPFD_CLOEXEC, 0)) < 0)
+            if ((fds[k] = fcntl(fds[0], F_DUPFD_CLOEXEC, 0)) < 0) {
+                rc = -errno;
                 break;
-    ok = k == UCX_WORKER_FDS;
+            }
     while (k-- > 0)
         close(fds[k]);
-    return ok;
+    return rc;
 }
 
 pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
@@ -461,8 +467,8 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     w->op_stride = (c->request_size + sizeof(struct ucx_op) + 15) & ~(size_t)15;
     w->efd = -1;
     w->max_eps = UCX_MAX_ENDPOINTS;
-    if (!fd_headroom()) {
-        *err = -EMFILE;
+    *err = fd_headroom();
+    if (*err < 0) {
         free(w);
         return NULL;
     }
