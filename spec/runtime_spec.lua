@@ -42,6 +42,33 @@ describe("Runtime.new out of fds", function()
     end)
 end)
 
+describe("Runtime.new under the locked-memory limit", function()
+    -- A user without CAP_IPC_LOCK: the kernel counts io_uring's rings
+    -- against RLIMIT_MEMLOCK (6.x kernels do; where one does not, the
+    -- runtime is made and there is nothing to say).
+    it("says which limit to raise when the kernel refuses the ring's memory", function()
+        local as_user = ""
+        if helper.sh("test \"$(id -u)\" = 0") == 0 then
+            as_user = "setpriv --reuid=65534 --regid=65534 --clear-groups "
+            if helper.sh(as_user .. "test -r " .. helper.quote(helper.host)) ~= 0 then
+                pending("no setpriv, or user 65534 cannot read the build tree: not checked")
+                return
+            end
+        end
+        local script = helper.tmp_path(".lua")
+        local f = assert(io.open(script, "w"))
+        f:write('io.write("made")')     -- (the host makes its runtime first)
+        f:close()
+        local status, out, err = helper.sh("cd /; ulimit -l 0; " .. as_user .. helper.quote(helper.host) .. " " ..
+                                           helper.quote(script))
+        os.remove(script)
+        if status ~= 0 or out ~= "made" then
+            assert.matches("Runtime.new: cannot create the runtime: ENOMEM: Cannot allocate memory (io_uring's " ..
+                           "rings count against the locked-memory limit: raise it, ulimit -l)", err, 1, true)
+        end
+    end)
+end)
+
 describe("Runtime:run", function()
     it("returns the main function's results after every task has finished", function()
         local rt = pluvio.Runtime.new()

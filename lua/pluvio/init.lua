@@ -22,6 +22,7 @@ local DEFAULT_CAPACITY = 1024
 local MAX_CAPACITY = 16777216     -- PL_MAX_TASKS
 local EDEADLK = core.errno.EDEADLK
 local EPERM, EACCES, ENOSYS = 1, 13, 38     -- how the kernel refuses io_uring
+local ENOMEM = 12                           -- and its rings' memory, for a user without CAP_IPC_LOCK
 
 -- What a task yields to the loop.  WAIT: it parked itself in C already
 -- (an I/O start); PARK, kind, arg: park it; SLEEP, seconds: put it to
@@ -695,8 +696,10 @@ local function new_runtime(capacity)
     local crt = C.pl_runtime_new(capacity, err)
     if crt == nil then
         local refused = err[0] == -EPERM or err[0] == -EACCES or err[0] == -ENOSYS
-        error("Runtime.new: cannot create the runtime: " .. core.errstr(err[0]) ..
-              (refused and " (the runtime blocks in io_uring: is io_uring allowed here?)" or ""), 3)
+        local hint = refused and " (the runtime blocks in io_uring: is io_uring allowed here?)" or
+                     err[0] == -ENOMEM and " (io_uring's rings count against the locked-memory limit: " ..
+                                           "raise it, ulimit -l)" or ""
+        error("Runtime.new: cannot create the runtime: " .. core.errstr(err[0]) .. hint, 3)
     end
     local rt = setmetatable({
         crt = ffi.gc(crt, C.pl_runtime_free),
