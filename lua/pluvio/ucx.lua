@@ -1459,10 +1459,20 @@ local function take(m, fname, ptr, cap, keep)
     local t = io_task(fname, 1)     -- (1: its errors name the caller of our caller)
     local w = m.worker
     local h = m.h
+    local owner = w.tracked and w.tracked.owners[h]
     m.h = nil
     untrack(w, h)
     local rc = run_op(w, t, C.pl_ucx_msg_recv(w.w, h, ptr, cap, t.slot, t.gen), "AM data", keep)
     if rc < 0 then
+        if w.w and C.pl_ucx_msg_info(w.w, h, w.info) == 0 then
+            -- the pull could not start (no op slot: ENOMEM): the message
+            -- is as it was, to take again or release, not held in C for
+            -- good with its rendezvous sender waiting
+            m.h = h
+            if owner then
+                track(w, h, m, owner)
+            end
+        end
         return fail("receive AM data", rc)
     end
     return m.len
