@@ -304,7 +304,8 @@ int pl_uring_openat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path
                     int flags, int mode);
 int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
 /* A file's close: ops still in flight on fd are cancelled first (their
- * tasks get -ECANCELED), as a socket's close does. */
+ * tasks get -ECANCELED), as a socket's close does.  As for every close, a
+ * negative return means it did not start: fd is still open, the caller's. */
 int pl_uring_close_file(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
 /* The close of a file whose runtime is not running: synchronous; -EBUSY
  * while a task parked there has an op on fd. */

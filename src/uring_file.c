@@ -66,10 +66,12 @@ int pl_uring_openat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path
     });
 }
 
+/* (Ops on fd learn of the close once it is queued: one that cannot start
+ * leaves the fd open, and them going on.) */
 int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
 {
-    uring_fd_closing(u, fd);
     START_OTHER({
+        uring_fd_closing(u, fd);
         io_uring_prep_close(sqe, fd);
         uring_op(u, (uint32_t)i)->fd = fd;
         uring_op(u, (uint32_t)i)->fd_owner = FD_CLOSE;

@@ -321,7 +321,7 @@ int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
         pl_uring_flush(u);      /* a ring of one entry: the cancel goes first, alone
                                  * (a link may not span two submits) */
     rc = pl_uring_close(u, slot, gen, fd);
-    if (rc < 0 && pair)
-        cancel->flags &= ~IOSQE_IO_HARDLINK;   /* not linked to whatever SQE comes next */
+    if (rc < 0 && pair)     /* no close (no op slot): no cancel either, the socket stays as it was */
+        uring_sqe_void(cancel);
     return rc;
 }

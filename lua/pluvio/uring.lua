@@ -1217,10 +1217,14 @@ function File:close()
     end
     local t, r = file_task("File:close", self)  -- (first: raising must leave the file open)
     local fd = self.fd
-    forget_fd(self)
     -- Other tasks' ops on the fd are cancelled first, as a socket's: a read
     -- of a pipe or FIFO would otherwise wait for good, holding the file.
-    local res = run_op(r, t, C.pl_uring_close_file(r.u, t.slot, t.gen, fd), self)
+    local op = C.pl_uring_close_file(r.u, t.slot, t.gen, fd)
+    if op < 0 then          -- not started (no SQE, no op slot): still open, to close again
+        return fail(self, "close", op)
+    end
+    forget_fd(self)
+    local res = run_op(r, t, op, self)
     if res < 0 then
         return fail(self, "close", res)
     end

@@ -363,8 +363,12 @@ function M.install(U)
         local t, r = context(fname)
         home(fname, obj, r)
         local fd = obj.fd
+        local op = C.pl_uring_close_socket(r.u, t.slot, t.gen, fd)
+        if op < 0 then      -- not started (no SQE, no op slot): still open, to close again
+            return failed("close", obj, op)
+        end
         forget_fd(obj)
-        local rc = run_op(r, t, C.pl_uring_close_socket(r.u, t.slot, t.gen, fd), obj)
+        local rc = run_op(r, t, op, obj)
         drop_rescues(obj, r)
         if rc < 0 then
             return failed("close", obj, rc)
