@@ -1479,6 +1479,61 @@ describe("UCX and the runtime", function()
         assert.same({ "inner done", "to the outer reader", "tagged" }, got)
     end)
 
+    it("hands a message to the nested runtime's reader while a reader of the outer one waits on the stream too", function()
+        -- the turn went to the outer reader, first in line but paused until
+        -- the nested runtime ends: the nested reader waited for a message
+        -- held on its stream (for good, without the timeout)
+        local got = { pluvio.run(function()
+            local ctx = assert(ucx.Context.new())
+            local server, client = ctx:create_worker(), ctx:create_worker()
+            local inbox = server:am_stream(1)
+            local ep = assert(client:connect_addr(server:address()))
+            local outer = pluvio.spawn(function() return inbox:wait_msg().header end)
+            pluvio.yield()                      -- parks first
+            local inner = pluvio.run(function()
+                local reader = pluvio.spawn(function() return inbox:wait_msg() end)
+                pluvio.yield()
+                assert(ep:am_send(1, "first", "x"))
+                local m, err = pluvio.timeout(5, reader.join, reader)
+                if not m then reader:kill() return err end
+                m:release()
+                return m.header
+            end)
+            assert(ep:am_send(1, "second", "x"))
+            local r = { inner, pluvio.timeout(5, outer.join, outer) }
+            ep:close(); server:close(); client:close(); ctx:close()
+            return unpack(r)
+        end) }
+        assert.same({ "first", "second" }, got)
+    end)
+
+    it("gives a message to the next runtime's reader, not to one a block_on left parked", function()
+        -- the reader block_on left behind (its runtime never runs again) was
+        -- woken for the message and never took it: held for good, and the
+        -- new reader waited; a rendezvous sender waited for good too
+        local ctx, server, client, inbox, ep
+        pluvio.run(function()
+            ctx = assert(ucx.Context.new())
+            server, client = ctx:create_worker(), ctx:create_worker()
+            inbox = server:am_stream(1)
+            ep = assert(client:connect_addr(server:address()))
+        end)
+        pluvio.default_runtime():block_on(function()
+            pluvio.spawn(function() return inbox:wait_msg() end)
+            pluvio.yield()                      -- parked when block_on returns
+        end)
+        local header, data, held, sent = pluvio.run(function()
+            local sender = pluvio.spawn(function()
+                return ep:am_send_nb(1, "rndv", ("r"):rep(100000), false, "rndv"):wait()
+            end)
+            local m = assert(pluvio.timeout(5, function() return inbox:wait_msg() end))
+            local d = m:data()
+            return m.header, #d, server:stats().msgs_held, pluvio.timeout(5, sender.join, sender)
+        end)
+        assert.same({ "rndv", 100000, 0, true }, { header, data, held, sent })
+        pluvio.run(function() ep:close(); server:close(); client:close(); ctx:close() end)
+    end)
+
     it("idles in the kernel with an open listener, under 2% CPU over a second", function()
         -- os.clock is the CPU time of the whole process, UCX's threads too
         local status, out, err = helper.run_script([[

@@ -356,20 +356,28 @@ static struct ucx_stream *stream_get(pl_ucx_worker_t *w, unsigned id)
 /* Wake the first reader still parked on this stream.  An entry whose task
  * is not (any more) parked here is dropped: a task woken otherwise, or a
  * plain coroutine's wait that yielded to its resumer instead of the loop
- * must not take the turn of a reader that is waiting. */
+ * must not take the turn of a reader that is waiting.  A reader of another
+ * runtime than the one progressing the worker (an outer one, paused while
+ * a nested one runs; one a block_on left, which may never run again) is
+ * woken but takes no turn: the next reader is woken too, else a message
+ * stayed held while a reader that could run waited for it (for good under
+ * a dropped runtime, with a rendezvous sender waiting behind it).  A
+ * reader woken for a message taken meanwhile parks again. */
 static void stream_wake_one(struct ucx_stream *s)
 {
+    pl_runtime_t *now = s->w->rt;
+    double arg = (double)s->serial;
+
     while (s->wlen > 0) {
         struct ucx_waiter wt = s->waiters[s->whead];
-        pl_runtime_t *rt = s->w->rt;
-        double arg = (double)s->serial;
+        pl_runtime_t *rt = now;
 
         s->whead = s->whead + 1 == s->wcap ? 0 : s->whead + 1;
         s->wlen--;
         if (!(rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_STREAM, arg)))
             rt = pl_task_home(rt, wt.slot, wt.gen);     /* another runtime's task (see ucx_wake) */
         if (rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_STREAM, arg) &&
-            pl_task_wake(rt, wt.slot, wt.gen) >= 0)
+            pl_task_wake(rt, wt.slot, wt.gen) >= 0 && rt == now)
             return;
     }
 }
