@@ -200,4 +200,40 @@ describe("pluvio.channel", function()
         assert.equal("for the reader", pluvio.timeout(5, function() return reader:join() end))
         left:kill()
     end))
+
+    it("wakes the nested runtime's receiver while a receiver of the outer one waits too", async(function()
+        -- the turn went to the outer receiver, first in line but paused
+        -- until the nested runtime ends: the nested one's receiver waited
+        -- with a value in the channel (a false deadlock report without the timeout)
+        local ch = pluvio.channel(4)
+        local outer = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()                              -- parks first
+        local inner = pluvio.run(function()
+            local reader = pluvio.spawn(function() return ch:recv() end)
+            pluvio.yield()
+            ch:send("first")
+            local v, err = pluvio.timeout(5, reader.join, reader)
+            if v == nil then reader:kill() end
+            return v or err
+        end)
+        ch:send("second")
+        assert.same({ "first", "second" }, { inner, pluvio.timeout(5, outer.join, outer) })
+    end))
+
+    it("wakes the next runtime's receiver, not one a block_on left parked", function()
+        local ch = pluvio.channel(4)
+        pluvio.default_runtime():block_on(function()
+            pluvio.spawn(function() return ch:recv() end)
+            pluvio.yield()                          -- parked when block_on returns
+        end)
+        local got = pluvio.run(function()
+            local reader = pluvio.spawn(function() return ch:recv() end)
+            pluvio.yield()
+            ch:send("for the reader that runs")
+            local v, err = pluvio.timeout(5, reader.join, reader)
+            if v == nil then reader:kill() end
+            return v or err
+        end)
+        assert.equal("for the reader that runs", got)
+    end)
 end)

@@ -6,6 +6,7 @@ local pluvio = require "pluvio"
 local check = require "pluvio.check"
 
 local park, wake, running_task = pluvio._park, pluvio._wake, pluvio._running_task
+local runtime = pluvio.runtime
 local WAIT = pluvio._WAIT_KIND
 local C = require("pluvio.core").C
 local format = string.format
@@ -52,8 +53,13 @@ end
 -- whose task does not wait so was left by a plain coroutine inside that
 -- task (its wait yielded to the coroutine's resumer, not to the loop): it
 -- is dropped, or the wake would go to whatever the task waits on now and
--- the value would sit here with every real waiter asleep.
+-- the value would sit here with every real waiter asleep.  A task of
+-- another runtime than the running one (an outer one, paused while this
+-- nested one runs; one a block_on left, which may never run again) is
+-- woken but takes no turn: the next one is woken too, else a receiver
+-- that could run waited with a value in the channel (a false deadlock).
 local function wake_first(ch, q, head, kind)
+    local now = runtime()
     local t = q[head]
     while t do
         q[head] = nil
@@ -62,7 +68,9 @@ local function wake_first(ch, q, head, kind)
             t.parked_on = nil
             if C.pl_task_wake_waiting(t.rt.crt, t.slot, t.gen, kind, ch.cap) == 1 then
                 t.baton = ch      -- if t dies before it runs, it passes the wake on
-                return head
+                if t.rt == now then
+                    return head
+                end
             end
         end
         t = q[head]
