@@ -250,6 +250,43 @@ describe("IoQueue", function()
         end)
     end)
 
+    it("is freed by the collector once its long-lived task drops it idle, never with an op pending", function()
+        -- the task held every queue it made until it ended: a server task
+        -- making a queue per request kept each (Lua objects, a C slot)
+        with_reactor(nil, function(r)
+            local fds = ffi.new("int[2]")
+            assert.equal(0, helper.libc.pipe(fds))
+            local pipe = uring.File.new(fds[0], "pipe")
+            local path = tmpfile()
+            local f = assert(uring.File.open(path, "w+"))
+            local buf = r:acquire_buffer()
+            local seen = setmetatable({}, { __mode = "k" })
+            local most = -1
+            for _ = 1, 100 do
+                local q = r:io_queue()
+                assert.is_true(q:write_fixed(f, buf, 0, 4096))
+                assert.equal(buf, (q:wait()))
+                seen[q], most = "idle", math.max(most, q.id)
+            end
+            local busy = r:io_queue()
+            assert.is_true(busy:read_fixed(pipe, r:acquire_buffer(), 0, 5, "pending"))
+            seen[busy] = "busy"
+            busy = nil                  -- only its task refers to it now
+            jit.flush()                 -- (a trace may hold the last queue)
+            collectgarbage(); collectgarbage()
+            local left = {}
+            for q, what in pairs(seen) do left[what] = q end
+            assert.is_nil(left.idle)    -- collected
+            busy = assert(left.busy)    -- kept by its task: its read goes on
+            helper.libc.write(fds[1], "hello", 5)
+            assert.same({ "pending", 5 }, { busy:wait(5) })
+            assert.is_true(r:io_queue().id < most)     -- (internal) a freed slot, not a new one
+            busy:close(); f:close(); pipe:close()
+            helper.libc.close(fds[1])
+            os.remove(path)
+        end)
+    end)
+
     it("continues a short read until the length asked, and waits with a timeout", function()
         with_reactor(nil, function(r)
             local fds = ffi.new("int[2]")

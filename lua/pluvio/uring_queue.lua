@@ -23,6 +23,7 @@ local running_task, current_task = pluvio._running_task, pluvio._current_task
 local M = {}
 
 local EAGAIN, ENOENT = -11, -2
+local weak_keys = { __mode = "k" }
 
 function M.install(U)
     local I = U._internal
@@ -33,6 +34,45 @@ function M.install(U)
     local IoQueue = {}
     IoQueue.__index = IoQueue
     U.IoQueue = IoQueue
+
+    -- A queue is closed when its task ends.  The task holds it only while
+    -- some op started on it is not taken yet (q.started, counted here: no
+    -- call into C per op), in its resources; an idle one it holds weakly,
+    -- in t.io_queues (QueueOwner, in its resources once, closes those at
+    -- its end), so that a long-lived task that makes queues and drops them
+    -- does not keep each (its Lua objects and a C slot) until it ends: the
+    -- guard of a collected one frees its slot.  Never one with an op the
+    -- kernel may still have: its file, collected with it, would close an
+    -- fd that a queued SQE then reads or writes under its next owner.
+    local QueueOwner = {}
+
+    local function free(q)
+        local n = C.pl_uring_queue_free(q.u, q.id)
+        q.id = -1
+        q.guard[0] = -1
+        q.tags, q.files = {}, {}
+        return n
+    end
+
+    function QueueOwner._task_exit(_, t)
+        local queues = t.io_queues
+        t.io_queues = nil
+        for q in pairs(queues) do
+            if q.id >= 0 then
+                free(q)
+            end
+        end
+    end
+
+    -- Frees the slot of a queue nobody refers to (so none of its ops is
+    -- pending); the reactor may be freed already at exit (life says so).
+    local function queue_guard(u, life, id)
+        return ffi.gc(ffi.new("int[1]", id), function(cell)
+            if cell[0] >= 0 and life.open then
+                C.pl_uring_queue_free(u, cell[0])
+            end
+        end)
+    end
 
     local function new_queue(fname, r, t)
         local id = C.pl_uring_queue_new(r.u, t.slot, t.gen)
@@ -45,8 +85,16 @@ function M.install(U)
             -- and length come back with its result, from C)
             tags = {}, files = {},
             result = ffi.new("pl_uring_result_t"),
+            started = 0,        -- ops started and not taken by wait
+            guard = queue_guard(r.u, r.life, id),
         }, IoQueue)
-        t:_own(q)
+        local queues = t.io_queues
+        if not queues then
+            queues = setmetatable({}, weak_keys)
+            t.io_queues = queues
+            t:_own(QueueOwner)
+        end
+        queues[q] = true
         return q
     end
 
@@ -121,6 +169,11 @@ function M.install(U)
             tag = buf
         end
         self.tags[k], self.files[k] = tag, f
+        local n = self.started
+        if n == 0 then
+            self.owner:_own(self)      -- held while an op is pending (see QueueOwner)
+        end
+        self.started = n + 1
         return true
     end
 
@@ -174,6 +227,11 @@ function M.install(U)
         local tags, files = self.tags, self.files
         local tag, f = tags[k], files[k]
         tags[k], files[k] = nil, nil    -- hold no reference past the op
+        local n = self.started - 1
+        self.started = n
+        if n == 0 then
+            self.owner:_disown(self)   -- idle: the task holds it weakly
+        end
         return tag, fixed_result(f, result.write ~= 0, result.offset, result.len, result.res, result.bytes)
     end
 
@@ -188,13 +246,6 @@ function M.install(U)
         return C.pl_uring_queue_pending(self.u, self.id)
     end
 
-    local function free(q)
-        local n = C.pl_uring_queue_free(q.u, q.id)
-        q.id = -1
-        q.tags, q.files = {}, {}
-        return n
-    end
-
     -- q:close(): cancel the ops still in flight (their buffers stay in use
     -- until the kernel lets go) and drop finished ones not taken; returns
     -- how many were cancelled, or false when it was closed already (as every
@@ -205,6 +256,7 @@ function M.install(U)
         end
         own_queue("IoQueue:close", self)
         self.owner:_disown(self)
+        self.owner.io_queues[self] = nil
         return free(self)
     end
 
