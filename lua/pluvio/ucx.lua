@@ -993,6 +993,49 @@ local Handle = {}
 Handle.__index = Handle
 M.SendHandle = Handle
 
+-- A send handle's op ended with rc (0 or -errno; CLOSED: the worker was
+-- closed): it lets go of what it kept for UCX.
+local function settle_handle(h, w, rc)
+    h.op = rc
+    if rc ~= CLOSED or not w.stuck then     -- (stuck: UCX kept the op, see Worker:close)
+        unhold(h.held1)
+        unhold(h.held2)
+    end
+    h.header, h.data, h.held1, h.held2 = nil, nil, nil, nil
+end
+
+-- Sends from am_send_nb that nobody waits for: a task keeps the handles of
+-- its sends in flight (t.nb_sends) and, once the list has doubled since the
+-- last look, takes the results of those that completed into their handles
+-- (wait() returns them) and lets go of them.  Else each stayed the task's
+-- until it ended, with its strings, its registered buffers held out of the
+-- pool and its op slot: a long-lived task that did not wait for its sends
+-- ran the pool dry, and after 65,536 every op of the worker failed (ENOMEM).
+local NB_SWEEP_MIN = 8
+
+local function sweep_sends(t)
+    local list, kept = t.nb_sends, 0
+    for i = 1, #list do
+        local h = list[i]
+        list[i] = nil
+        if h.op > 0 then    -- not waited for yet
+            local w = h.ep.worker
+            local ww = w.w
+            if not ww then
+                t:_disown(h)
+                settle_handle(h, w, CLOSED)
+            elseif C.pl_ucx_op_take(ww, h.op, w.result) ~= 0 then
+                t:_disown(h)
+                settle_handle(h, w, w.result.status)
+            else
+                kept = kept + 1
+                list[kept] = h
+            end
+        end
+    end
+    t.nb_sweep_at = math.max(NB_SWEEP_MIN, 2 * kept)
+end
+
 local function start_send(fname, nb, ep, id, header, data, need_reply, proto, len)
     live_ep(fname, ep)
     check.integer(fname, "id", id, 0, MAX_AM_ID)
@@ -1024,9 +1067,18 @@ local function start_send(fname, nb, ep, id, header, data, need_reply, proto, le
     local rc = C.pl_ucx_am_send(w.w, ep.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen)
     if nb then
         local handle = setmetatable({ ep = ep, op = rc, header = header, data = data, owner = t }, Handle)
-        if rc > 0 then      -- in flight: the task's until it is waited for
+        if rc > 0 then      -- in flight: the task's until it is waited for (or swept)
             handle.held1, handle.held2 = hold(header), hold(data)
             t:_own(handle)
+            local list = t.nb_sends
+            if not list then
+                list = {}
+                t.nb_sends, t.nb_sweep_at = list, NB_SWEEP_MIN
+            end
+            list[#list + 1] = handle
+            if #list >= t.nb_sweep_at then
+                sweep_sends(t)
+            end
         end
         return handle
     end
@@ -1100,11 +1152,7 @@ function Handle:wait()
         t.waiting_for = nil
         t.io_reactor, t.io_handle = nil, nil
         t.io_keep, t.io_keep2, t.io_held1, t.io_held2 = nil, nil, nil, nil
-        self.op = rc
-        if rc ~= CLOSED or not w.stuck then     -- (stuck: UCX kept the op, see Worker:close)
-            unhold(self.held1)
-            unhold(self.held2)
-        end
+        settle_handle(self, w, rc)
     end
     self.header, self.data, self.held1, self.held2 = nil, nil, nil, nil
     if rc < 0 then
