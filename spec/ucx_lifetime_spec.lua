@@ -272,6 +272,33 @@ describe("Worker:close", function()
         end
     end)
 
+    it("lets a connect_addr wire-up under way finish first, so that UCX does not abort the peer worker", function()
+        -- two workers of one thread, connected by connect_addr with
+        -- peer_errors, one closed two ticks after the first send: the
+        -- other one's tcp connection failed with UCX's wire-up reply still
+        -- queued on it, and UCX 1.13 aborted the process ("Assertion ...
+        -- got REP message", ucp_request_send_state_ff) in 10 runs of 10
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            for _, closed in ipairs({ "connecting", "connected" }) do
+                for ticks = 0, 4 do
+                    local ctx = assert(ucx.Context.new())
+                    local w = { connecting = assert(ctx:create_worker()), connected = assert(ctx:create_worker()) }
+                    local ep = assert(w.connecting:connect_addr(w.connected:address(), { peer_errors = true }))
+                    local h = ep:am_send_nb(1, "h", "x")
+                    for _ = 1, ticks do pluvio.yield() end
+                    assert(w[closed]:close())
+                    pluvio.sleep(0.02)          -- the other one notices
+                    assert(ctx:close())
+                end
+            end
+            print("exit")
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("exit\n", out)
+        assert.is_nil(err:find("Assertion", 1, true), err)
+    end)
+
     it("says the worker is closed, not the endpoint, when an endpoint's worker was closed", async(function()
         local p = pair()
         assert(p.cw:close())

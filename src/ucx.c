@@ -588,6 +588,50 @@ static bool worker_settle(pl_ucx_worker_t *w, pl_runtime_t *rt)
     return true;
 }
 
+/* Let wire-ups under way finish before the worker goes.  UCX 1.13 aborts
+ * the peer of a worker destroyed while a wire-up message to it was still
+ * queued on the peer's side ("Assertion ... got REP message" in
+ * ucp_request_send_state_ff, as the peer's tcp connection to it fails):
+ * two workers connected by connect_addr with peer_errors and closed right
+ * away did.  An endpoint of ours that connect_addr made with peer_errors
+ * is flushed first (its flush ends once its wire-up has: the peer's REP
+ * came), then this worker and the others of rt are progressed until
+ * UCX_QUIESCE_ROUNDS rounds in a row find nothing (a wire-up a peer of this
+ * thread started towards us), all within UCX_QUIESCE_NS. */
+#define UCX_QUIESCE_ROUNDS 4
+#define UCX_QUIESCE_NS 100000000LL
+
+static unsigned worker_progress_all(pl_ucx_worker_t *w, pl_runtime_t *rt)
+{
+    unsigned got = ucp_worker_progress(w->ucp);
+
+    if (rt)                     /* (from a finalizer other workers' runtime may be gone) */
+        got += worker_progress_peers(w, rt);
+    return got;
+}
+
+static void worker_quiesce(pl_ucx_worker_t *w, pl_runtime_t *rt)
+{
+    int64_t deadline = pl_clock_ns() + UCX_QUIESCE_NS;
+    ucp_request_param_t p = { .op_attr_mask = 0 };
+    int quiet = 0;
+
+    for (int i = 0; i < w->neps; i++) {
+        struct ucx_ep *e = &w->eps[i];
+        ucs_status_ptr_t sp;
+        if (e->state != EP_OPEN || !e->p2p_peer)
+            continue;
+        sp = ucp_ep_flush_nbx(e->ep, &p);
+        if (!UCS_PTR_IS_PTR(sp))
+            continue;
+        while (ucp_request_check_status(sp) == UCS_INPROGRESS && pl_clock_ns() < deadline)
+            worker_progress_all(w, rt);
+        ucp_request_free(sp);   /* (UCX frees one still going as it ends) */
+    }
+    while (quiet < UCX_QUIESCE_ROUNDS && pl_clock_ns() < deadline)
+        quiet = worker_progress_all(w, rt) ? 0 : quiet + 1;
+}
+
 /* Wake the tasks of ops UCX still holds: they find the worker closed. */
 static void worker_wake_ops(pl_ucx_worker_t *w)
 {
@@ -617,6 +661,7 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
     bool settled;
 
     w->rt = rt;
+    worker_quiesce(w, rt);
     for (int i = 0; i < w->neps; i++) {
         struct ucx_ep *e = &w->eps[i];
         if (e->state != EP_FREE && e->owned) {

@@ -114,6 +114,7 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
     w->eps[i].holds = 0;
     w->eps[i].error = 0;
     w->eps[i].dropped = false;
+    w->eps[i].p2p_peer = false;
     snprintf(w->eps[i].peer, UCX_PEER_LEN, "%s", peer);
     return ep_handle(w, i);
 }
@@ -213,6 +214,8 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
     h = ucx_ep_add(w, ep, true, "worker address");
     if (h < 0)
         ucp_ep_destroy(ep);
+    else
+        ucx_ep_get(w, h)->p2p_peer = peer_errors != 0;
     return h;
 }
 

@@ -85,6 +85,7 @@ struct ucx_ep {
     int32_t error;          /* -errno once failed */
     bool closer_waits;      /* a graceful close waits for its ops to end */
     bool dropped;           /* its Lua object was collected (pl_ucx_ep_drop) */
+    bool p2p_peer;          /* connect_addr with peer_errors: its wire-up is let finish at close */
     uint32_t closer_slot, closer_gen;
     char peer[UCX_PEER_LEN];
 };
