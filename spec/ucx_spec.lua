@@ -466,6 +466,40 @@ describe("UCX", function()
         ctx:close()
     end))
 
+    it("skips a connection whose client gave up before accept took it, and goes on accepting", async(function()
+        -- accept returned nil, "accept: ECONNRESET: ..." for a client
+        -- killed while it connected (3 or 4 ticks in, now and then) and gone
+        -- before the accept: a server's accept loop (while l:accept() do
+        -- end) ended on it
+        local ctx = assert(ucx.Context.new())
+        local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local l = assert(server:create_listener("127.0.0.1", 0))
+        local accepted = {}
+        for try = 0, 39 do
+            local ticks = 2 + try % 4
+            local gave_up = pluvio.spawn(function() return client:connect_socket("127.0.0.1", l:port()) end)
+            for _ = 1, ticks do pluvio.yield() end
+            gave_up:kill()
+            pluvio.sleep(0.05)          -- its connection request waits for the accept
+            local acceptor = pluvio.spawn(function()
+                while true do
+                    local sep, err, name = l:accept()
+                    if not sep then return err, name end
+                    accepted[#accepted + 1] = sep
+                end
+            end)
+            local cep, err = pluvio.timeout(5, function() return client:connect_socket("127.0.0.1", l:port()) end)
+            if acceptor:status() ~= "waiting" then
+                error(ticks .. " ticks: accept returned " .. tostring((acceptor:join())))
+            end
+            assert(cep, err)
+            acceptor:kill()
+            assert.is_true(cep:close())
+        end
+        for _, sep in ipairs(accepted) do sep:close() end
+        l:close(); ctx:close()
+    end))
+
     it("says a worker's 4096 endpoints are all in use rather than that files ran out", async(function()
         local ctx = assert(ucx.Context.new())
         local server, client, peer = assert(ctx:create_worker()), assert(ctx:create_worker()), assert(ctx:create_worker())

@@ -641,8 +641,17 @@ const char *pl_ucx_listener_address(pl_ucx_worker_t *w, int i)
     return l ? l->address : "";
 }
 
-/* An endpoint for the oldest connection request, or -EAGAIN after making
- * the task the listener's waiter. */
+/* Whether ucp_ep_create failed on a connection request because its client
+ * is gone (reset, refused, timed out): not the listener's failure. */
+static bool peer_gone(ucs_status_t st)
+{
+    return st == UCS_ERR_CONNECTION_RESET || st == UCS_ERR_NOT_CONNECTED || st == UCS_ERR_REJECTED ||
+           st == UCS_ERR_ENDPOINT_TIMEOUT || st == UCS_ERR_TIMED_OUT || st == UCS_ERR_UNREACHABLE ||
+           st == UCS_ERR_CANCELED;
+}
+
+/* An endpoint for the oldest connection request whose client is still
+ * there, or -EAGAIN after making the task the listener's waiter. */
 int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
 {
     struct ucx_listener *l = listener_get(w, i);
@@ -652,13 +661,32 @@ int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
         .err_mode = UCP_ERR_HANDLING_MODE_PEER,
         .err_handler = { .cb = ep_error, .arg = w },
     };
-    struct ucx_conn c;
     ucp_ep_h ep;
     ucs_status_t st;
     int h;
 
     if (!l)
         return -EBADF;
+    while (l->len > 0 && ep_room(w)) {
+        struct ucx_conn c = l->pending[l->head];
+        l->head = (l->head + 1) % l->cap;
+        l->len--;
+        p.conn_request = c.req;
+        st = ucp_ep_create(w->ucp, &p, &ep);
+        if (st == UCS_OK) {
+            h = ucx_ep_add(w, ep, true, c.peer);
+            if (h < 0)
+                ucp_ep_destroy(ep);
+            return h;
+        }
+        /* A client that gave up or died before its request was taken
+         * (UCX says the connection was reset) is not the listener's
+         * failure: its request is dropped and the next one taken, or
+         * waited for.  Else accept loops (while l:accept() do end) ended
+         * on the first client that went away early. */
+        if (!peer_gone(st))
+            return pl_ucx_errno(st);
+    }
     if (l->len == 0) {
         if (l->has_waiter && (l->waiter_slot != slot || l->waiter_gen != gen) &&
             ucx_wake(w, l->waiter_slot, l->waiter_gen) >= 0)
@@ -668,19 +696,7 @@ int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
         l->waiter_gen = gen;
         return -EAGAIN;
     }
-    if (!ep_room(w))
-        return -EMFILE;         /* the request stays for the next accept */
-    c = l->pending[l->head];
-    l->head = (l->head + 1) % l->cap;
-    l->len--;
-    p.conn_request = c.req;
-    st = ucp_ep_create(w->ucp, &p, &ep);
-    if (st != UCS_OK)
-        return pl_ucx_errno(st);
-    h = ucx_ep_add(w, ep, true, c.peer);
-    if (h < 0)
-        ucp_ep_destroy(ep);
-    return h;
+    return -EMFILE;             /* no room: the request stays for the next accept */
 }
 
 /* Close a listener; readers of the streams are woken (wake) so that they
