@@ -979,6 +979,26 @@ describe("UCX misuse and failures", function()
         p.ctx:close()       -- (its workers, with their endpoints)
     end)
 
+    it("says why a connect_addr to a peer whose endpoint to us has the other peer_errors fails, UCX printing nothing", function()
+        -- UCX pairs the two into one connection and refuses the mix: it
+        -- returned nil, "connect_addr: EOPNOTSUPP: Operation not
+        -- supported", after an ERROR line of UCX's on stderr
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local a, b = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local a_to_b = assert(a:connect_addr(b:address(), { peer_errors = true }))
+            assert(a_to_b:am_send(1, "", "wired up"))
+            print(b:connect_addr(a:address()))
+            a_to_b:close(); a:close(); b:close(); ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("nil\tconnect_addr: EOPNOTSUPP: the peer's endpoint to this worker was made with the other " ..
+                     "peer_errors setting: UCX makes the endpoints two workers open to each other by address one " ..
+                     "connection, and both need the same peer_errors\tEOPNOTSUPP\n", out)
+        assert.equal("", err)
+    end)
+
     it("says a listen or connect host cannot be resolved, and a port in use, with nothing from UCX on stderr", function()
         local status, out, err = helper.run_script([[
             local ucx = require "pluvio.ucx"

@@ -198,6 +198,7 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
         .err_mode = peer_errors ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE,
         .err_handler = { .cb = ep_error, .arg = w },
     };
+    struct ucx_log_hold held;
     ucp_ep_h ep;
     ucs_status_t st;
     int h;
@@ -208,7 +209,13 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
         return rc;
     if (!ep_room(w))
         return -EMFILE;
+    /* UCX makes the endpoints two workers open to each other by address
+     * one connection; one whose peer_errors differs from the peer's is
+     * refused (EOPNOTSUPP, said by the Lua side), with an ERROR line UCX
+     * would print besides */
+    ucx_log_hold(&held);
     st = ucp_ep_create(w->ucp, &p, &ep);
+    ucx_log_release(&held, st != UCS_OK);
     if (st != UCS_OK)
         return pl_ucx_errno(st);
     h = ucx_ep_add(w, ep, true, "worker address");

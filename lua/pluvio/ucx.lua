@@ -24,7 +24,7 @@ local max = math.max
 local M = {}
 
 local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMFILE, EMSGSIZE = -6, -9, -11, -12, -22, -24, -90
-local EBADMSG, EAFNOSUPPORT, EADDRINUSE = -74, -97, -98
+local EBADMSG, EOPNOTSUPP, EAFNOSUPPORT, EADDRINUSE = -74, -95, -97, -98
 local ECONNRESET, ENOTCONN, ECONNREFUSED, ECANCELED = -104, -107, -111, -125
 local MAX_AM_ID = 255
 local SCRATCH_KEEP = 64 * 1048576  -- scratch memory a worker keeps for tag_recv and data()
@@ -252,6 +252,12 @@ local function release_hold(rec)
         C.pl_uring_buffer_unhold(rec.u, rec.index)
     end
 end
+
+-- UCX makes the connect_addr endpoints of two workers to each other one
+-- connection, which refuses two peer_errors settings: said for a
+-- connect_addr refused so, and for an endpoint failed so.
+local OTHER_PEER_ERRORS = "was made with the other peer_errors setting: UCX makes the endpoints two workers " ..
+                          "open to each other by address one connection, and both need the same peer_errors"
 
 -- A worker's table of endpoints has room for this many (UCX_MAX_ENDPOINTS),
 -- or its max_endpoints, reply endpoints included; C says EMFILE only when
@@ -586,6 +592,8 @@ function Worker:connect_addr(addr, opts)
                     "(its checksum does not match)", "EBADMSG"
     elseif h == EMFILE then
         return no_ep_room(self, "connect_addr")
+    elseif h == EOPNOTSUPP then
+        return nil, "connect_addr: EOPNOTSUPP: the peer's endpoint to this worker " .. OTHER_PEER_ERRORS, "EOPNOTSUPP"
     elseif h < 0 then
         return fail("connect_addr", h)
     end
@@ -979,10 +987,18 @@ local function peer_failed(ep)
     return ep.h ~= nil and w ~= nil and C.pl_ucx_ep_status(w, ep.h) < 0
 end
 
+-- Why the endpoint failed, after its errno text.
+local function failed_note(ep)
+    if C.pl_ucx_ep_status(ep.worker.w, ep.h) == EOPNOTSUPP then
+        return " (the peer's endpoint to this worker " .. OTHER_PEER_ERRORS .. ")"
+    end
+    return PEER_FAILED
+end
+
 local function send_failed(ep, what, rc)
     local msg, name = why(rc)
     if rc ~= CLOSED and peer_failed(ep) then
-        msg = msg .. PEER_FAILED
+        msg = msg .. failed_note(ep)
     end
     return nil, format("%s to %s: %s", what, ep.peer, msg), name
 end
@@ -1192,7 +1208,7 @@ function Endpoint:status()
     live_ep("Endpoint:status", self)
     local rc = C.pl_ucx_ep_status(self.worker.w, self.h)
     if rc < 0 then
-        return nil, format("endpoint to %s: %s%s", self.peer, errstr(rc), PEER_FAILED), errname(rc)
+        return nil, format("endpoint to %s: %s%s", self.peer, errstr(rc), failed_note(self)), errname(rc)
     end
     return true
 end
