@@ -1083,4 +1083,32 @@ describe("Worker:connect_socket", function()
         assert.equal("ENOTCONN", r[3])
         l:close(); cw:close(); sw:close(); ctx:close()
     end))
+
+    it("survives tasks killed in the middle of its wire-up: UCX's async thread aborted the process", function()
+        -- the endpoint was forced closed at once, while UCX's async thread
+        -- still worked on its connection: tcp_sockcm_ep.c:416 asserted in
+        -- 5 runs of 7 of this script; now it is closed once the wire-up is over
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local l = assert(server:create_listener("127.0.0.1", 0))
+            pluvio.spawn(function() while l:accept() do end end)
+            for try = 1, 60 do
+                local t = pluvio.spawn(function() return client:connect_socket("127.0.0.1", l:port()) end)
+                for _ = 1, try % 6 do pluvio.yield() end
+                t:kill()
+                pluvio.sleep(0.005)
+            end
+            local deadline = pluvio.now() + 5       -- each one is closed, its flush with it
+            while client:stats().ops_in_flight > 0 and pluvio.now() < deadline do pluvio.sleep(0.01) end
+            print(client:stats().endpoints, client:stats().ops_in_flight)
+            local ep = assert(client:connect_socket("127.0.0.1", l:port()))    -- and the next one connects
+            print(ep:close())
+            l:close(); ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("0\t0\ntrue\n", out)
+        assert.is_nil(err:find("Assertion", 1, true), err)
+    end)
 end)

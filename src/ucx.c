@@ -323,6 +323,13 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status)
 {
     pl_ucx_worker_t *w = op->w;
     int ep = op->ep;
+    struct ucx_ep *e = ep >= 0 ? ucx_ep_get(w, ep) : NULL;
+
+    if (e && e->connecting) {   /* its wire-up is over, one way or another */
+        e->connecting = false;
+        if (e->state == EP_ABORTING)
+            w->reap++;          /* given up meanwhile: closed by ucx_eps_reap */
+    }
 
     w->in_flight--;
     if (op->passive)
@@ -766,7 +773,7 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
             if (got == 0 || pl_ready_pushed(rt) != pushed)
                 break;
         }
-        if (w->reap)
+        if (w->reap || w->aborting)
             ucx_eps_reap(w);
         if (w->listener_dropped) {
             w->listener_dropped = false;

@@ -67,8 +67,10 @@ struct ucx_op {
 #define UCX_OP_EP_CLOSE (-2)
 
 /* EP_CLOSING: a graceful close waits for the endpoint's operations (a
- * flush) before it closes it in UCX; new operations are refused. */
-enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED, EP_CLOSING };
+ * flush) before it closes it in UCX; new operations are refused.
+ * EP_ABORTING: a connect_socket given up in its wire-up, closed once that
+ * is over (pl_ucx_ep_abort); nothing refers to it any more. */
+enum ucx_ep_state { EP_FREE, EP_OPEN, EP_FAILED, EP_CLOSING, EP_ABORTING };
 
 /* An endpoint table entry.  An owned entry lives until its endpoint is
  * closed.  A reply endpoint's (not owned: UCX made the ucp endpoint for a
@@ -86,6 +88,8 @@ struct ucx_ep {
     bool closer_waits;      /* a graceful close waits for its ops to end */
     bool dropped;           /* its Lua object was collected (pl_ucx_ep_drop) */
     bool p2p_peer;          /* connect_addr with peer_errors: its wire-up is let finish at close */
+    bool connecting;        /* connect_socket's wire-up: no op on it has ended yet */
+    int64_t abort_at;       /* EP_ABORTING: closed by then at the latest (pl_clock_ns) */
     uint32_t closer_slot, closer_gen;
     char peer[UCX_PEER_LEN];
 };
@@ -187,7 +191,8 @@ struct pl_ucx_worker {
     uint32_t free_op, nops, in_flight;
     uint32_t passive_in_flight;     /* of in_flight: tag receives */
     uint32_t closers;       /* endpoints whose close waits for their ops */
-    uint32_t reap;          /* dropped endpoints that failed since (ucx_eps_reap) */
+    uint32_t reap;          /* dropped endpoints that failed since, or aborts due (ucx_eps_reap) */
+    uint32_t aborting;      /* entries in EP_ABORTING */
     bool listener_dropped;  /* a listener was closed by its collection: wake the readers */
 
     struct ucx_msg *msgs;
