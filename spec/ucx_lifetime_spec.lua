@@ -299,6 +299,50 @@ describe("Worker:close", function()
         assert.is_nil(err:find("Assertion", 1, true), err)
     end)
 
+    it("keeps the data of a send UCX kept at the close for good: its receiver pulls it, not freed memory", function()
+        -- a rendezvous send on a connect_addr endpoint (which cannot be
+        -- forced) whose receiver has not taken the message: the close
+        -- leaves it to UCX after 2 s, the sender's task found the worker
+        -- closed and let go of the string, and the receiver then pulled
+        -- freed memory, reused meanwhile (the stress driver saw it corrupted)
+        local status, out, err = helper.run_script([[
+            local ucx = require "pluvio.ucx"
+            local bench = require "pluvio.bench"
+            local ffi = require "ffi"
+            local C = require("pluvio.core").C
+            local function payload(seed, n)
+                local buf = ffi.new("uint8_t[?]", n)
+                C.pl_fill_pattern(buf, n, seed, 0)
+                return ffi.string(buf, n)
+            end
+            for _, how in ipairs({ "am_send", "am_send_nb" }) do
+                local ctx = assert(ucx.Context.new())
+                local a, b = assert(ctx:create_worker()), assert(ctx:create_worker())
+                local inbox = b:am_stream(1)
+                local ep = assert(a:connect_addr(b:address()))
+                local n = 1048576
+                local sum = bench.checksum(payload(7, n))   -- (not the string: interned, it is the one sent)
+                local sender = pluvio.spawn(function()
+                    if how == "am_send" then return ep:am_send(1, "h", payload(7, n), false, "rndv") end
+                    return ep:am_send_nb(1, "h", payload(7, n), false, "rndv"):wait()
+                end)
+                pluvio.sleep(0.05)          -- the message waits in b's stream, untaken
+                assert(a:close())           -- UCX keeps the send (after 2 s)
+                assert(select(3, sender:join()) == "ECANCELED")
+                sender = nil
+                for i = 1, 200 do pluvio.spawn(function() return i end):join() end     -- (coroutines reused)
+                collectgarbage(); collectgarbage()
+                local junk = {}
+                for i = 1, 128 do junk[i] = payload(100 + i, n) end      -- the freed memory reused
+                local d = assert(assert(inbox:wait_msg()):data())
+                print(how, #d == n and bench.checksum(d) == sum)
+                b:close(); ctx:close()
+            end
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("am_send\ttrue\nam_send_nb\ttrue\n", out)
+    end)
+
     it("says the worker is closed, not the endpoint, when an endpoint's worker was closed", async(function()
         local p = pair()
         assert(p.cw:close())

@@ -350,6 +350,18 @@ end
 -- Operations: start, park, take
 ---------------------------------------------------------------------------
 
+-- What the ops of a worker UCX kept at its close (Worker:close: stuck)
+-- read or fill: strings, scratch memory, registered buffers.  UCX may
+-- still use them (a peer pulling a send's data reads the string where it
+-- is), so they are kept for good, as the UCX worker is: a leak rather
+-- than a peer reading freed memory, or UCX writing into it.
+local stuck_kept = {}
+
+local function keep_forever(k1, k2)
+    if k1 ~= nil then stuck_kept[#stuck_kept + 1] = k1 end
+    if k2 ~= nil then stuck_kept[#stuck_kept + 1] = k2 end
+end
+
 -- Park until op completes; returns status (0 or -errno), length, tag.
 -- keep, keep2: what UCX reads or fills (strings, scratch, registered
 -- buffers), kept from reuse past a kill until UCX is done with it.
@@ -378,6 +390,7 @@ local function await(w, t, op, what, keep, keep2)
     t.io_reactor = nil
     t.io_keep, t.io_keep2 = nil, nil
     if not ww then
+        if w.stuck then keep_forever(keep, keep2) end
         return CLOSED, 0, 0
     end
     return result.status, result.length, result.sender_tag
@@ -433,7 +446,9 @@ end
 -- pool (held now, or already: h1, h2), until UCX completes it.
 local function abandon_op(w, op, k1, k2, h1, h2)
     if not w.w then         -- closed: its ops are gone (unless UCX kept them: Worker:close)
-        if not w.stuck then
+        if w.stuck then
+            keep_forever(k1, k2)
+        else
             unhold(h1)
             unhold(h2)
         end
@@ -838,8 +853,14 @@ function Worker:close()
     else
         -- UCX still had ops it could neither finish nor cancel in time,
         -- and keeps them (the worker is never progressed again): the
-        -- registered buffers they use never go back to the pool
+        -- registered buffers they use never go back to the pool, and what
+        -- the abandoned ones read or fill is kept (the woken tasks keep
+        -- theirs as they find the worker closed: await)
         self.stuck = true
+        for i = 1, #self.limbo do
+            local e = self.limbo[i]
+            keep_forever(e[1], e[2])
+        end
     end
     if self.reactor then self.reactor.workers[self] = nil end
     self.context.workers[self] = nil
@@ -1016,6 +1037,8 @@ local function settle_handle(h, w, rc)
     if rc ~= CLOSED or not w.stuck then     -- (stuck: UCX kept the op, see Worker:close)
         unhold(h.held1)
         unhold(h.held2)
+    else
+        keep_forever(h.header, h.data)
     end
     h.header, h.data, h.held1, h.held2 = nil, nil, nil, nil
 end
