@@ -602,9 +602,10 @@ static bool worker_settle(pl_ucx_worker_t *w, pl_runtime_t *rt)
  * two workers connected by connect_addr with peer_errors and closed right
  * away did.  An endpoint of ours that connect_addr made with peer_errors
  * is flushed first (its flush ends once its wire-up has: the peer's REP
- * came), then this worker and the others of rt are progressed until
- * UCX_QUIESCE_ROUNDS rounds in a row find nothing (a wire-up a peer of this
- * thread started towards us), all within UCX_QUIESCE_NS. */
+ * came), then, if a peer may have started one towards us (our address
+ * was handed out, or we connected by address), this worker and the others
+ * of rt are progressed until UCX_QUIESCE_ROUNDS rounds in a row find
+ * nothing, all within UCX_QUIESCE_NS. */
 #define UCX_QUIESCE_ROUNDS 4
 #define UCX_QUIESCE_NS 100000000LL
 
@@ -621,6 +622,7 @@ static void worker_quiesce(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
     int64_t deadline = pl_clock_ns() + UCX_QUIESCE_NS;
     ucp_request_param_t p = { .op_attr_mask = 0 };
+    bool p2p = w->address_shared;   /* (else no wire-up can come from a peer) */
     int quiet = 0;
 
     for (int i = 0; i < w->neps; i++) {
@@ -628,6 +630,7 @@ static void worker_quiesce(pl_ucx_worker_t *w, pl_runtime_t *rt)
         ucs_status_ptr_t sp;
         if (e->state != EP_OPEN || !e->p2p_peer)
             continue;
+        p2p = true;
         sp = ucp_ep_flush_nbx(e->ep, &p);
         if (!UCS_PTR_IS_PTR(sp))
             continue;
@@ -635,7 +638,7 @@ static void worker_quiesce(pl_ucx_worker_t *w, pl_runtime_t *rt)
             worker_progress_all(w, rt);
         ucp_request_free(sp);   /* (UCX frees one still going as it ends) */
     }
-    while (quiet < UCX_QUIESCE_ROUNDS && pl_clock_ns() < deadline)
+    while (p2p && quiet < UCX_QUIESCE_ROUNDS && pl_clock_ns() < deadline)
         quiet = worker_progress_all(w, rt) ? 0 : quiet + 1;
 }
 
