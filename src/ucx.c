@@ -609,6 +609,24 @@ static bool worker_settle(pl_ucx_worker_t *w, pl_runtime_t *rt)
 #define UCX_QUIESCE_ROUNDS 4
 #define UCX_QUIESCE_NS 100000000LL
 
+/* Endpoints of connect_socket in their wire-up (given up or not) are let
+ * go on with it first, for at most UCX_CONNECT_WAIT_NS: forced closed in
+ * the middle, UCX 1.13's async thread asserted (tcp_sockcm_ep.c:416, as
+ * in pl_ucx_ep_abort) in 2 runs of 6 of 40 workers closed a few ticks
+ * into a connect.  The async thread's part (the tcp connection made, the
+ * client's data sent) takes well under that; what is left waits for the
+ * server, which may be a worker of this thread whose accept cannot run
+ * while the close blocks, and is forced. */
+#define UCX_CONNECT_WAIT_NS 20000000LL
+
+static bool worker_connecting(const pl_ucx_worker_t *w)
+{
+    for (int i = 0; i < w->neps; i++)
+        if (w->eps[i].connecting && (w->eps[i].state == EP_OPEN || w->eps[i].state == EP_ABORTING))
+            return true;
+    return false;
+}
+
 static unsigned worker_progress_all(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
     unsigned got = ucp_worker_progress(w->ucp);
@@ -620,10 +638,15 @@ static unsigned worker_progress_all(pl_ucx_worker_t *w, pl_runtime_t *rt)
 
 static void worker_quiesce(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
-    int64_t deadline = pl_clock_ns() + UCX_QUIESCE_NS;
+    int64_t deadline = pl_clock_ns() + UCX_CONNECT_WAIT_NS;
     ucp_request_param_t p = { .op_attr_mask = 0 };
     bool p2p = w->address_shared;   /* (else no wire-up can come from a peer) */
     int quiet = 0;
+
+    while (worker_connecting(w) && pl_clock_ns() < deadline)
+        if (worker_progress_all(w, rt) == 0)
+            usleep(50);         /* (the server's turn, perhaps in another process) */
+    deadline = pl_clock_ns() + UCX_QUIESCE_NS;
 
     for (int i = 0; i < w->neps; i++) {
         struct ucx_ep *e = &w->eps[i];
