@@ -177,6 +177,42 @@ describe("Worker:close", function()
         ctx:close()
     end))
 
+    it("destroys a worker its close left with UCX once the receiver lets go: fds and buffer come back", async(function()
+        -- a rendezvous send whose receiver (here in this process) holds the
+        -- message keeps the sender's close from destroying the UCX worker
+        -- (UCX 1.13 aborts under it): the worker was kept for good, with its
+        -- sockets, its memory and the registered buffer the send reads
+        local uring = require "pluvio.uring"
+        local r = uring.current()
+        local function open_fds()
+            local n = 0
+            for _ in require("lfs").dir("/proc/self/fd") do n = n + 1 end
+            return n
+        end
+        uring.acquire_buffer():release()        -- (the pool is registered on first use,
+        local warm = assert(ucx.Context.new())  -- and the UCX reactor's epoll fd made)
+        assert(warm:create_worker()):close()
+        warm:close()
+        full_collect()
+        local fds, free = open_fds(), r:stats().buffers_free
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local stream = sw:am_stream(1)
+        local ep = assert(cw:connect_addr(sw:address()))
+        local b = uring.acquire_buffer()
+        local h = ep:am_send_nb(1, "held", b, false, "rndv", 65536)
+        b:release()                             -- UCX reads it until the receiver pulls
+        local m = assert(stream:wait_msg())     -- held, not pulled
+        assert.is_true(cw:close())              -- (UCX keeps the send: the close gives up after 2 s)
+        assert.same({ nil, "ECANCELED" }, { h:wait(), select(3, h:wait()) })
+        m:release()                             -- the receiver lets go
+        assert.is_true(sw:close())              -- a close looks at the workers left with UCX
+        assert.is_true(ctx:close())
+        full_collect()
+        assert.equal(free, r:stats().buffers_free)
+        assert.equal(fds, open_fds())
+    end))
+
     it("fails a send handle's wait after the handle's worker was closed, without touching the worker", function()
         local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
             -- rendezvous: in flight until the receiver pulls it, which it never does

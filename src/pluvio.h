@@ -501,6 +501,9 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err);
  * (NULL from a finalizer: its runtime may be gone).  0, or -EBUSY when UCX
  * kept operations it could not finish in time (their memory stays theirs). */
 int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt);
+/* For a worker whose close said -EBUSY: progress it, and destroy it once UCX
+ * let go of those ops (0: w is gone), else -EBUSY. */
+int pl_ucx_worker_reap(pl_ucx_worker_t *w);
 int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap);
 double pl_ucx_worker_max_am_header(pl_ucx_worker_t *w);
 void pl_ucx_worker_stats(pl_ucx_worker_t *w, pl_ucx_stats_t *out);

@@ -675,6 +675,33 @@ static void worker_wake_ops(pl_ucx_worker_t *w)
     }
 }
 
+/* Its tasks were told the worker is closed: an op UCX ends later (in
+ * pl_ucx_worker_reap's progress) wakes nobody and frees its slot. */
+static void worker_abandon_ops(pl_ucx_worker_t *w)
+{
+    for (uint32_t i = 0; i < w->nops; i++) {
+        struct ucx_op *op = op_at(w, i);
+        if (op->state == UOP_IN_FLIGHT)
+            op->state = UOP_ABANDONED;
+        else if (op->state == UOP_DONE)
+            ucx_op_free(w, op);
+    }
+}
+
+static void worker_destroy(pl_ucx_worker_t *w)
+{
+    pl_ucx_context_t *ctx = w->ctx;
+
+    ucx_tags_discard(w);        /* (UCX would warn about each) */
+    ucp_worker_destroy(w->ucp);
+    for (int k = 0; k < w->nchunks; k++)
+        free(w->op_chunks[k]);
+    free(w->msgs);
+    free(w);
+    if (--ctx->workers == 0 && ctx->released)
+        pl_ucx_context_close(ctx);
+}
+
 /* Close everything the worker owns, in order: endpoints (forced: a worker
  * being closed will not progress a graceful flush), listeners, streams,
  * messages, ops still in flight, tagged messages never received, then the
@@ -686,11 +713,10 @@ static void worker_wake_ops(pl_ucx_worker_t *w)
  * is waited for, progressing, for at most UCX_CLOSE_WAIT_NS: destroying
  * the worker under it would abort the process.  If it is still there then,
  * the ucp worker, its op memory (UCX's requests) and so its context are
- * kept, never progressed again, and -EBUSY says so: the memory those ops
- * use must stay out of reuse too. */
+ * kept, progressed only by pl_ucx_worker_reap, and -EBUSY says so: the
+ * memory those ops use must stay out of reuse until that destroys it. */
 int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
-    pl_ucx_context_t *ctx = w->ctx;
     bool settled;
 
     w->rt = rt;
@@ -725,16 +751,27 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
     if (w->reactor)
         reactor_remove_worker(w->reactor, w);
     w->rt = NULL;
-    if (!settled)
-        return -EBUSY;          /* kept, never progressed again: see above */
-    ucx_tags_discard(w);        /* (UCX would warn about each) */
-    ucp_worker_destroy(w->ucp);
-    for (int k = 0; k < w->nchunks; k++)
-        free(w->op_chunks[k]);
-    free(w->msgs);
-    free(w);
-    if (--ctx->workers == 0 && ctx->released)
-        pl_ucx_context_close(ctx);
+    if (!settled) {             /* kept, not progressed by the reactor: see above */
+        worker_abandon_ops(w);
+        return -EBUSY;
+    }
+    worker_destroy(w);
+    return 0;
+}
+
+/* A worker whose close said -EBUSY: progress it (nobody else does) and, once
+ * UCX holds none of its requests any more (the peer pulled or dropped the
+ * data: it received the message, or its worker was closed), destroy it as
+ * the close would have.  Else the ucp worker, its sockets, memory and the
+ * registered buffers its ops use were kept for good.  0 when it is gone,
+ * -EBUSY while UCX still holds some. */
+int pl_ucx_worker_reap(pl_ucx_worker_t *w)
+{
+    while (ucp_worker_progress(w->ucp) > 0)
+        ;
+    if (worker_holds_requests(w))
+        return -EBUSY;
+    worker_destroy(w);
     return 0;
 }
 

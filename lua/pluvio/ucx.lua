@@ -272,16 +272,46 @@ local MAX_ENDPOINTS = 4096
 -- Worker:close does (else they were out of the pool for good); referenced
 -- from here, their reactors outlive this finalizer, except at exit, when
 -- one may be freed already (its life says so) and nothing needs them.
+local function release_limbo(limbo)
+    for i = 1, #limbo do
+        release_hold(limbo[i].held1)
+        release_hold(limbo[i].held2)
+        limbo[i] = nil
+    end
+end
+
+-- Workers whose close left ops UCX still held (pl_ucx_worker_close said
+-- EBUSY: a rendezvous send whose receiver holds the message, say), with
+-- their limbo: the registered buffers those ops use.  Nothing progresses
+-- them; reap_stuck (at the next create_worker or close) does, and destroys
+-- each once UCX has let go (the receiver took or released the message, or
+-- its worker was closed), its buffers back to the pool.  Else each kept its
+-- ucp worker (sockets, memory) and those buffers for the process's life.
+local stuck_workers = {}
+
+local function reap_stuck()
+    local kept = 0
+    for i = 1, #stuck_workers do
+        local e = stuck_workers[i]
+        stuck_workers[i] = nil
+        if C.pl_ucx_worker_reap(e.w) == 0 then
+            if e.worker then e.worker.stuck = nil end
+            release_limbo(e.limbo)
+        else
+            kept = kept + 1
+            stuck_workers[kept] = e
+        end
+    end
+end
+
 local function worker_finalizer(life, limbo)
     return function(w)
         life.open = false
-        if C.pl_ucx_worker_close(w, nil) ~= 0 then
-            return              -- UCX kept ops: their buffers stay theirs
+        if C.pl_ucx_worker_close(w, nil) ~= 0 then   -- UCX kept ops: their buffers stay theirs
+            stuck_workers[#stuck_workers + 1] = { w = w, limbo = limbo }
+            return
         end
-        for i = 1, #limbo do
-            release_hold(limbo[i].held1)
-            release_hold(limbo[i].held2)
-        end
+        release_limbo(limbo)
     end
 end
 
@@ -297,6 +327,9 @@ function Context:create_worker(opts)
         else
             error("Context:create_worker: unknown option " .. check.show(k) .. " (known: max_endpoints)", 2)
         end
+    end
+    if stuck_workers[1] then
+        reap_stuck()
     end
     local err = ffi.new("int[1]")
     local w = C.pl_ucx_worker_new(self.c, err)
@@ -351,15 +384,14 @@ end
 ---------------------------------------------------------------------------
 
 -- What the ops of a worker UCX kept at its close (Worker:close: stuck)
--- read or fill: strings, scratch memory, registered buffers.  UCX may
--- still use them (a peer pulling a send's data reads the string where it
--- is), so they are kept for good, as the UCX worker is: a leak rather
--- than a peer reading freed memory, or UCX writing into it.
-local stuck_kept = {}
-
-local function keep_forever(k1, k2)
-    if k1 ~= nil then stuck_kept[#stuck_kept + 1] = k1 end
-    if k2 ~= nil then stuck_kept[#stuck_kept + 1] = k2 end
+-- read or fill: strings, scratch memory.  UCX may still use them (a peer
+-- pulling a send's data reads the string where it is), so the worker's
+-- limbo keeps them until reap_stuck destroys the UCX worker: never freed
+-- while a peer may read them, or UCX write into them.
+local function keep_stuck(w, k1, k2)
+    if k1 ~= nil or k2 ~= nil then
+        w.limbo[#w.limbo + 1] = { k1, k2 }
+    end
 end
 
 -- Park until op completes; returns status (0 or -errno), length, tag.
@@ -390,7 +422,7 @@ local function await(w, t, op, what, keep, keep2)
     t.io_reactor = nil
     t.io_keep, t.io_keep2 = nil, nil
     if not ww then
-        if w.stuck then keep_forever(keep, keep2) end
+        if w.stuck then keep_stuck(w, keep, keep2) end
         return CLOSED, 0, 0
     end
     return result.status, result.length, result.sender_tag
@@ -422,11 +454,28 @@ local function kept(k)
     return getmetatable(k) ~= Buffer and k
 end
 
+-- The holds of an op its closed worker ended: let go of, unless UCX kept
+-- the op (the worker is stuck): then its worker's limbo keeps them until
+-- reap_stuck destroys it.
+local function keep_or_unhold(w, h1, h2)
+    if w.stuck then
+        if h1 or h2 then
+            w.limbo[#w.limbo + 1] = { held1 = hold_record(h1), held2 = hold_record(h2) }
+        end
+    else
+        unhold(h1)
+        unhold(h2)
+    end
+end
+
 -- Let go of what settled abandoned ops kept (all of it once the worker is
 -- closed: its ops are gone).
 local function limbo_sweep(w, all)
     local limbo = w.limbo
     local kept = 0
+    if not w.w and w.stuck then
+        return              -- (reap_stuck lets go of it)
+    end
     all = all or not w.w
     for i = 1, #limbo do
         local e = limbo[i]
@@ -446,12 +495,8 @@ end
 -- pool (held now, or already: h1, h2), until UCX completes it.
 local function abandon_op(w, op, k1, k2, h1, h2)
     if not w.w then         -- closed: its ops are gone (unless UCX kept them: Worker:close)
-        if w.stuck then
-            keep_forever(k1, k2)
-        else
-            unhold(h1)
-            unhold(h2)
-        end
+        keep_or_unhold(w, h1, h2)
+        if w.stuck then keep_stuck(w, k1, k2) end
         return
     end
     local gen = C.pl_ucx_op_gen(w.w, op)
@@ -492,8 +537,9 @@ local function run_op(w, t, rc, what, keep, keep2)
     t.io_held1, t.io_held2 = h1, h2
     local status, len, tag = await(w, t, rc, what, keep, keep2)
     t.io_held1, t.io_held2 = nil, nil
-    if status == CLOSED and w.stuck then
-        return status, len, tag     -- UCX kept the op: its buffers stay out of the pool
+    if status == CLOSED then
+        keep_or_unhold(w, h1, h2)   -- (stuck: UCX kept the op, its buffers stay out of the pool)
+        return status, len, tag
     end
     unhold(h1)
     unhold(h2)
@@ -852,15 +898,13 @@ function Worker:close()
         limbo_sweep(self, true)     -- its ops are gone with it
     else
         -- UCX still had ops it could neither finish nor cancel in time,
-        -- and keeps them (the worker is never progressed again): the
-        -- registered buffers they use never go back to the pool, and what
-        -- the abandoned ones read or fill is kept (the woken tasks keep
-        -- theirs as they find the worker closed: await)
+        -- and keeps them: the registered buffers they use stay out of the
+        -- pool (in the limbo) until reap_stuck destroys the worker
         self.stuck = true
-        for i = 1, #self.limbo do
-            local e = self.limbo[i]
-            keep_forever(e[1], e[2])
-        end
+        stuck_workers[#stuck_workers + 1] = { w = w, limbo = self.limbo, worker = self }
+    end
+    if stuck_workers[1] then
+        reap_stuck()
     end
     if self.reactor then self.reactor.workers[self] = nil end
     self.context.workers[self] = nil
@@ -1034,11 +1078,12 @@ M.SendHandle = Handle
 -- closed): it lets go of what it kept for UCX.
 local function settle_handle(h, w, rc)
     h.op = rc
-    if rc ~= CLOSED or not w.stuck then     -- (stuck: UCX kept the op, see Worker:close)
+    if rc == CLOSED then
+        keep_or_unhold(w, h.held1, h.held2)     -- (stuck: UCX kept the op, see Worker:close)
+        if w.stuck then keep_stuck(w, h.header, h.data) end
+    else
         unhold(h.held1)
         unhold(h.held2)
-    else
-        keep_forever(h.header, h.data)
     end
     h.header, h.data, h.held1, h.held2 = nil, nil, nil, nil
 end
