@@ -1,0 +1,95 @@
+/*
+ * ucx_log.c - what the core does about UCX's process-wide side effects:
+ * its log lines around calls whose failures the caller gets anyway (held,
+ * then dropped or printed), and the debug signal libucs takes as it loads.
+ */
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <ucs/config/global_opts.h>
+#include <ucs/debug/debug.h>
+
+#include "ucx_internal.h"
+
+/* ---- holding UCX's log ---------------------------------------------------- */
+
+/* UCX logs some failures on stderr that it also returns to us (a
+ * listener's bind).  Around such a call this thread's UCX errors and
+ * warnings are held instead of printed (up to UCX_LOG_HELD of them, later
+ * ones go through): dropped when the call failed, since the caller gets
+ * that failure, printed after all when it succeeded, so that nothing the
+ * caller does not otherwise get is hidden.  The handler is pushed once
+ * and never popped: UCX's handler list has no lock, and its async thread
+ * may log meanwhile; for other threads, and outside a hold, it passes. */
+static _Thread_local struct ucx_log_hold *log_hold;
+static pthread_once_t log_handler_once = PTHREAD_ONCE_INIT;
+
+static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const char *function,
+                                          ucs_log_level_t level, const ucs_log_component_config_t *comp,
+                                          const char *fmt, va_list ap)
+{
+    struct ucx_log_hold *h = log_hold;
+    struct ucx_log_line *l;
+
+    if (!h || level > UCS_LOG_LEVEL_WARN || h->n == UCX_LOG_HELD)
+        return UCS_LOG_FUNC_RC_CONTINUE;
+    l = &h->lines[h->n++];
+    *l = (struct ucx_log_line){ .file = file, .line = line, .function = function,
+                                .level = level, .comp = comp };
+    vsnprintf(l->text, sizeof(l->text), fmt, ap);
+    return UCS_LOG_FUNC_RC_STOP;
+}
+
+static void log_handler_push(void)
+{
+    ucs_log_push_handler(log_hold_handler);
+}
+
+void ucx_log_hold(struct ucx_log_hold *h)
+{
+    pthread_once(&log_handler_once, log_handler_push);
+    h->n = 0;
+    log_hold = h;
+}
+
+/* (varargs only to hand UCX's handler the va_list it takes) */
+static void log_print(const struct ucx_log_line *l, ...)
+{
+    va_list ap;
+
+    va_start(ap, l);
+    ucs_log_default_handler(l->file, l->line, l->function, l->level, l->comp, "%s", ap);
+    va_end(ap);
+}
+
+void ucx_log_release(struct ucx_log_hold *h, bool failed)
+{
+    int i;
+
+    log_hold = NULL;
+    for (i = 0; !failed && i < h->n; i++)
+        log_print(&h->lines[i], h->lines[i].text);
+}
+
+/* ---- SIGHUP --------------------------------------------------------------- */
+
+/* libucs, as it loads (with libpluvio, before any of our code runs),
+ * takes its "debug signal", SIGHUP unless UCX_DEBUG_SIGNO names another:
+ * on it, UCX logs everything from then on, to stdout by default.  A
+ * process that loaded Pluvio then outlived the hang-up of its terminal,
+ * `kill -HUP` and the like, and filled its output with UCX's trace.
+ * Unless the user asked for that signal, it gets back the action it had
+ * before libucs took it (the default: the process ends), and debug_signo
+ * records that UCX no longer has it (a second copy of the library loaded
+ * leaves it alone). */
+__attribute__((constructor)) static void ucx_give_back_debug_signal(void)
+{
+    const char *asked = getenv("UCX_DEBUG_SIGNO");
+
+    if (ucs_global_opts.debug_signo > 0 && (!asked || !*asked)) {
+        ucs_debug_disable_signal((int)ucs_global_opts.debug_signo);
+        ucs_global_opts.debug_signo = 0;
+    }
+}
