@@ -18,6 +18,7 @@ local spec = {
         { "size", "size", 1073741824, "its size", min = 1048576 },
         { "output", "string", "docs/PERFORMANCE.md", "where the report goes ('-' for none)" },
         { "only", "string", nil, "uring or ucx: run one half", choices = { "uring", "ucx" } },
+        { "match", "string", nil, "run only the tests whose name contains this text (e.g. 'seq read')" },
         { "cpu", "integer", nil, "pin the file tests to this CPU (-1: no pinning; default: the last CPU)" },
     },
 }
@@ -277,10 +278,23 @@ if o.only ~= "uring" and have("ucx_perftest") then
         end
     end
 end
+if o.match then
+    local kept = {}
+    for _, t in ipairs(tests) do
+        if t.name:find(o.match, 1, true) then kept[#kept + 1] = t end
+    end
+    if #kept == 0 then
+        io.stderr:write(("bench_compare: --match: no test name contains %q\n"):format(o.match))
+        os.exit(2)
+    end
+    tests = kept
+end
 
 ---------------------------------------------------------------------------
 
-if o.only ~= "ucx" then
+local any_file_test = false
+for _, t in ipairs(tests) do any_file_test = any_file_test or t.group == "uring" end
+if any_file_test then
     local f = io.open(o.file)
     local size = f and f:seek("end") or 0
     if f then f:close() end
@@ -314,7 +328,7 @@ end
 -- server that busy-polls has run: runtime_bench.lua with LuaJIT's default
 -- GC pause and with a larger one.
 local runtime_lines = {}
-if o.only ~= "uring" and o.only ~= "ucx" then
+if o.only ~= "uring" and o.only ~= "ucx" and not o.match then
     runtime_lines[1] = "| figure | default GC (pause 200) | GC pause 1000 | goal |"
     runtime_lines[2] = "| --- | --- | --- | --- |"
     local runs = {}
