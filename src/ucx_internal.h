@@ -1,6 +1,8 @@
 /*
- * ucx_internal.h - state shared by ucx.c (context, worker, reactor,
- * endpoints, listeners) and ucx_am.c (Active Messages, tags, streams).
+ * ucx_internal.h - state shared by ucx.c (context, worker, op slots),
+ * ucx_reactor.c (the reactor), ucx_conn.c (endpoints, listeners),
+ * ucx_addr.c (addresses), ucx_log.c (UCX's log) and ucx_am.c (Active
+ * Messages, tags, streams).
  */
 #ifndef PL_UCX_INTERNAL_H
 #define PL_UCX_INTERNAL_H
@@ -238,6 +240,8 @@ int ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);
 void ucx_streams_wake_all(pl_ucx_worker_t *w);
 bool ucx_worker_has_peers(pl_ucx_worker_t *w);
 bool ucx_worker_over_window(const pl_ucx_worker_t *w);
+unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt);
+void ucx_reactor_remove_worker(pl_ucx_worker_t *w);
 void ucx_streams_free(pl_ucx_worker_t *w);
 ucs_status_t ucx_am_handlers_init(pl_ucx_worker_t *w);
 void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err);

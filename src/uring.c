@@ -1,7 +1,8 @@
 /*
  * uring.c - the io_uring reactor: ring set-up, op slots, batched submission,
- * completion (with short-I/O continuation) and statistics.  Files, buffers
- * and sockets are in uring_file.c, uring_buf.c and uring_net.c.
+ * completion (with short-I/O continuation) and statistics.  Cancels and
+ * the shutdown are in uring_cancel.c; files, buffers, sockets and I/O
+ * queues in uring_file.c, uring_buf.c, uring_net.c and uring_queue.c.
  *
  * Lifetime: a pl_uring_t owns its ring, its op slots, its buffer memory and
  * their registration; pl_uring_free releases them once the kernel has
@@ -98,115 +99,6 @@ fail:
     *err = rc;
     pl_uring_free(u);
     return NULL;
-}
-
-static void op_complete(pl_uring_t *u, uint32_t i, int32_t res);
-static uint64_t op_user_data(pl_uring_t *u, uint32_t i);
-
-/* Ask the kernel to cancel op i (its completion, -ECANCELED or the result
- * it had reached, reclaims it). */
-static void op_cancel(pl_uring_t *u, uint32_t i)
-{
-    struct io_uring_sqe *sqe = uring_get_sqe(u);
-
-    if (sqe) {
-        io_uring_prep_cancel64(sqe, op_user_data(u, i), 0);
-        io_uring_sqe_set_data64(sqe, CANCEL_TAG);
-    }
-}
-
-/* SQEs the kernel has not taken yet become no-ops, and their ops finish as
- * cancelled: a teardown comes whenever the garbage collector says, and an
- * fd number they name (a read's) may belong to another file by then.  Not
- * a close's: nothing but the close frees that number, so it is closed
- * (close_dropped), not left open for good.  (Without SQPOLL the kernel
- * takes SQEs only inside our io_uring_enter, so all from khead on are
- * untaken; with it, only those not yet flushed to the kernel's thread.) */
-static unsigned untaken_from(pl_uring_t *u)
-{
-    return u->opts.sqpoll ? u->ring.sq.sqe_head : *u->ring.sq.khead;
-}
-
-/* A close whose SQE is dropped is done here instead: its task asked for
- * it and let go of the fd, so nothing else will ever close it.  Returns
- * the close's result. */
-static int32_t close_dropped(struct uring_op *op)
-{
-    op->fd_owner = FD_NONE;
-    return close(op->fd) < 0 ? -errno : 0;
-}
-
-/* The untaken SQEs of op `only` (of every op: NONE) become no-ops, and
- * their ops finish as cancelled (a close: as done, see close_dropped). */
-static void drop_untaken(pl_uring_t *u, uint32_t only)
-{
-    struct io_uring_sq *sq = &u->ring.sq;
-
-    for (unsigned k = untaken_from(u); k != sq->sqe_tail; k++) {
-        struct io_uring_sqe *sqe = &sq->sqes[k & sq->ring_mask];
-        uint64_t ud = sqe->user_data;
-        uint32_t i = (uint32_t)ud;
-        bool live = ud != CANCEL_TAG && i < u->nops && uring_op(u, i)->gen == (uint32_t)(ud >> 32) &&
-                    uring_op(u, i)->state != OP_FREE;
-
-        if (only != NONE && (!live || i != only))
-            continue;
-        uring_sqe_void(sqe);
-        if (live) {
-            struct uring_op *op = uring_op(u, i);
-            op_complete(u, i, op->fd_owner == FD_CLOSE ? close_dropped(op) : -ECANCELED);
-        }
-    }
-}
-
-/* Op i's state, read anew at each call: drop_untaken changes it under
- * pl_uring_op_cancel (a plain read there looks constant to cppcheck). */
-static uint8_t op_state(pl_uring_t *u, uint32_t i)
-{
-    return uring_op(u, i)->state;
-}
-
-static void op_abandon(pl_uring_t *u, uint32_t i, bool scan);
-
-/* Cancel every op the kernel has and wait for their completions, at most
- * timeout seconds: closing the ring alone would not do, as the kernel
- * tears a ring down asynchronously and could still write into buffers,
- * scratch memory or op slots after they were freed.  Nobody is woken: the
- * runtime may be gone already (a reactor and its runtime are often
- * collected together).  Returns the ops the kernel still has (0: none). */
-int pl_uring_shutdown(pl_uring_t *u, double timeout)
-{
-    int64_t deadline = pl_clock_ns() + (int64_t)(timeout * 1e9);
-
-    if (!u->ring_ready)
-        return 0;
-    u->rt = NULL;
-    drop_untaken(u, NONE);  /* (the cancels of abandoned ops among them) */
-    for (uint32_t i = 0; i < u->nops; i++) {
-        uint8_t state = uring_op(u, i)->state;
-        if (state == OP_IN_FLIGHT || state == OP_DONE)  /* (done: its task never took it) */
-            op_abandon(u, i, false);    /* (nothing untaken is left: no scan per op) */
-        else if (state == OP_ABANDONED)
-            op_cancel(u, i);
-    }
-    if (u->shut_down)       /* waited once already: pl_uring_free after a failed shutdown */
-        deadline = 0;
-    u->shut_down = true;
-    for (;;) {
-        struct __kernel_timespec ts;
-        struct io_uring_cqe *cqe;
-        int64_t left;
-
-        uring_reap(u);
-        left = deadline - pl_clock_ns();
-        if (u->in_flight == 0 || left <= 0)
-            break;
-        ts.tv_sec = left / 1000000000;
-        ts.tv_nsec = left % 1000000000;
-        /* (submits the cancels) */
-        io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1, &ts, NULL);
-    }
-    return (int)u->in_flight;
 }
 
 void pl_uring_free(pl_uring_t *u)
@@ -320,11 +212,6 @@ static inline int op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kin
     return (int)i;
 }
 
-static uint64_t op_user_data(pl_uring_t *u, uint32_t i)
-{
-    return ((uint64_t)uring_op(u, i)->gen << 32) | i;
-}
-
 static int reap(pl_uring_t *u, int budget);
 
 /* The op was just submitted: when the kernel finished it inside the submit
@@ -359,7 +246,7 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
     struct uring_op *op = uring_op(u, i);
     bool at_once;
 
-    io_uring_sqe_set_data64(sqe, op_user_data(u, i));
+    io_uring_sqe_set_data64(sqe, uring_op_user_data(u, i));
     u->in_flight++;
     if (u->in_flight > u->stats.in_flight_max)
         u->stats.in_flight_max = u->in_flight;
@@ -625,7 +512,7 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
     if (op->kind == OP_READV || op->kind == OP_WRITEV)
         iov_advance(op, (uint32_t)res);
     prep_rw(u, i, sqe);
-    io_uring_sqe_set_data64(sqe, op_user_data(u, i));
+    io_uring_sqe_set_data64(sqe, uring_op_user_data(u, i));
     u->stats.resubmits++;
     return true;
 }
@@ -644,7 +531,7 @@ static void op_drop_buffer(pl_uring_t *u, struct uring_op *op)
 
 /* Nobody will take the op's result: close the fd it holds for its task
  * (a close op's fd went with the close: FD_CLOSE needs nothing here). */
-static void op_drop_fd(struct uring_op *op, int32_t res)
+void uring_op_drop_fd(struct uring_op *op, int32_t res)
 {
     if (op->fd_owner == FD_RESULT && res >= 0)
         close(res);
@@ -653,7 +540,7 @@ static void op_drop_fd(struct uring_op *op, int32_t res)
     op->fd_owner = FD_NONE;
 }
 
-static void op_complete(pl_uring_t *u, uint32_t i, int32_t res)
+void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res)
 {
     struct uring_op *op = uring_op(u, i);
 
@@ -662,7 +549,7 @@ static void op_complete(pl_uring_t *u, uint32_t i, int32_t res)
     u->in_flight--;
     op_drop_buffer(u, op);
     if (op->state == OP_ABANDONED) {
-        op_drop_fd(op, res);
+        uring_op_drop_fd(op, res);
         uring_op_free(u, i);
         return;
     }
@@ -691,7 +578,7 @@ static int reap(pl_uring_t *u, int budget)
         n++;
         if (ud != CANCEL_TAG && i < u->nops && uring_op(u, i)->gen == (uint32_t)(ud >> 32) &&
             uring_op(u, i)->state != OP_FREE)
-            op_complete(u, i, cqe->res);
+            uring_op_complete(u, i, cqe->res);
         if (n >= budget)
             break;
     }
@@ -822,92 +709,6 @@ int pl_uring_op_settled(pl_uring_t *u, int i, uint32_t gen)
         return 1;
     op = uring_op(u, i);
     return op->gen != gen || op->state == OP_FREE || op->state == OP_DONE;
-}
-
-/* A socket receive whose task was killed gives the socket what it took, so
- * it is stopped, not given up: an op whose SQE the kernel has not taken
- * yet (batched for the next tick) is dropped and never runs; else it is
- * cancelled, and its completion (data or -ECANCELED) waits for a task of
- * the socket's to take it (pl_uring_op_adopt).  Nobody waits here: the
- * cancel goes out with the next flush, and the loop goes on meanwhile.
- * Until then the op wakes nobody (its task is gone, and a stale task id
- * wakes no other). */
-int pl_uring_op_cancel(pl_uring_t *u, int i)
-{
-    if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, i)->state == OP_FREE)
-        return -ESRCH;
-    if (op_state(u, (uint32_t)i) == OP_IN_FLIGHT)
-        drop_untaken(u, (uint32_t)i);
-    if (op_state(u, (uint32_t)i) != OP_IN_FLIGHT)
-        return op_state(u, (uint32_t)i) == OP_DONE;
-    /* a short result reaped before the cancel lands ends the op there:
-     * resubmitted, the rest would go on after the cancel found nothing */
-    uring_op(u, (uint32_t)i)->no_continue = true;
-    op_cancel(u, (uint32_t)i);
-    u->stats.cancels++;
-    return 0;
-}
-
-/* Task (slot, gen) waits for the cancelled op: parked on it, which its
- * completion wakes. */
-int pl_uring_op_adopt(pl_uring_t *u, int i, uint32_t slot, uint32_t gen)
-{
-    struct uring_op *op;
-
-    if (i < 0 || (uint32_t)i >= u->nops)
-        return -ESRCH;
-    op = uring_op(u, i);
-    if (op->state == OP_DONE)
-        return 1;
-    if (op->state != OP_IN_FLIGHT || op->queue != NONE)
-        return -ESRCH;
-    op->task_slot = slot;
-    op->task_gen = gen;
-    if (u->rt)
-        pl_task_wait(u->rt, slot, PL_WAIT_IO, (double)i);
-    return 0;
-}
-
-/* Nobody will take op i: a done one is freed; one in flight is marked
- * abandoned and cancelled, and its completion reclaims it.  scan: first
- * drop its SQE if the kernel has not taken it (then it is reclaimed here),
- * for by the next submit its fd number may be another file's (the op's
- * File collected meanwhile); the cancel queued behind it would come too
- * late for an op that completes inside the submit.  A close is neither
- * dropped nor cancelled: its fd number is its own until it runs, and done
- * at once here it would run ahead of other tasks' ops queued on the fd
- * before it, which would then act on whatever file the number is given to
- * next.  It is submitted at once instead, with what is queued before it:
- * left for the next tick, a run that ends with the kill would leave the fd
- * open until the runtime runs again or is collected. */
-static void op_abandon(pl_uring_t *u, uint32_t i, bool scan)
-{
-    struct uring_op *op = uring_op(u, i);
-
-    if (op->state == OP_DONE) {
-        op_drop_fd(op, op->res);
-        uring_op_free(u, i);
-        return;
-    }
-    op->state = OP_ABANDONED;
-    if (op->fd_owner == FD_CLOSE) {
-        if (scan)           /* out now, behind those ops: no tick may follow (a run's end) */
-            pl_uring_flush(u);
-        return;
-    }
-    u->stats.cancels++;
-    if (scan)
-        drop_untaken(u, i);
-    if (op_state(u, i) == OP_ABANDONED)
-        op_cancel(u, i);
-}
-
-int pl_uring_op_abandon(pl_uring_t *u, int i)
-{
-    if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, i)->state == OP_FREE)
-        return -ESRCH;
-    op_abandon(u, (uint32_t)i, true);
-    return 0;
 }
 
 /* ---- statistics and helpers ---------------------------------------------- */

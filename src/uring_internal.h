@@ -1,7 +1,9 @@
 /*
  * uring_internal.h - state shared by the io_uring reactor's files: uring.c
- * (ring, op slots, submission, completion), uring_file.c (file and path
- * operations), uring_buf.c (registered buffers), uring_net.c (sockets).
+ * (ring, op slots, submission, completion), uring_cancel.c (cancels,
+ * abandoned ops, shutdown), uring_file.c (file and path operations),
+ * uring_buf.c (registered buffers), uring_net.c (sockets), uring_queue.c
+ * (I/O queues).
  */
 #ifndef PL_URING_INTERNAL_H
 #define PL_URING_INTERNAL_H
@@ -160,6 +162,8 @@ int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
                    uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out);
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
 int uring_reap(pl_uring_t *u);
+void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res);
+void uring_op_drop_fd(struct uring_op *op, int32_t res);
 void uring_fd_closing(pl_uring_t *u, int fd);
 bool uring_fd_busy(pl_uring_t *u, int fd);
 int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
@@ -197,6 +201,13 @@ static inline void uring_op_free(pl_uring_t *u, uint32_t i)
     op->gen++;
     op->next_free = u->free_op;
     u->free_op = i;
+}
+
+/* The user_data of op i's SQEs: its generation and index, so that a
+ * completion of a slot since reused is recognised. */
+static inline uint64_t uring_op_user_data(pl_uring_t *u, uint32_t i)
+{
+    return ((uint64_t)uring_op(u, i)->gen << 32) | i;
 }
 
 /* A finished op's result to out, and its slot freed. */
