@@ -1880,6 +1880,71 @@ describe("submission and completion", function()
         end)
     end)
 
+    it("sends a killed task's cancel later when the submission queue is full and the kernel refuses a submit",
+       function()
+        -- io_uring_submit made to fail (as the kernel does with EBUSY or
+        -- EAGAIN) by a preloaded stand-in while two reads fill a queue of
+        -- two: the cancel of the killed reader found no SQE.  It was given
+        -- up, and the abandoned read ate the next bytes of the pipe.
+        local dir = helper.tmp_path(".d")
+        assert.equal(0, helper.exec("mkdir -p " .. helper.quote(dir)))
+        local src = assert(io.open(dir .. "/shim.c", "w"))
+        src:write([[
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+struct io_uring;
+int pl_test_fail_submits;
+int io_uring_submit(struct io_uring *ring)
+{
+    /* (libpluvio and its liburing are loaded by the FFI, out of RTLD_NEXT's reach) */
+    void *lib = dlopen("liburing.so.2", RTLD_LAZY | RTLD_NOLOAD);
+    int (*real)(struct io_uring *) = (int (*)(struct io_uring *))(lib ? dlsym(lib, "io_uring_submit") : 0);
+
+    if (!real)
+        return -ENOSYS;
+    return pl_test_fail_submits ? -EAGAIN : real(ring);
+}
+]])
+        src:close()
+        local shim = dir .. "/shim.so"
+        local cc, _, cc_err = helper.sh("cc -shared -fPIC -o " .. helper.quote(shim) .. " " ..
+                                        helper.quote(dir .. "/shim.c") .. " -ldl")
+        assert.equal(0, cc, cc_err)
+        local status, out, err = helper.run_script([[
+            local pluvio = require "pluvio"
+            local uring = require "pluvio.uring"
+            local ffi = require "ffi"
+            ffi.cdef[[int pipe(int fds[2]); long write(int fd, const void *buf, size_t n);
+                      int pl_test_fail_submits;]] .. "]]" .. [[
+            local rt = pluvio.Runtime.new()
+            local r = uring.reactor { queue_size = 2, submit_depth = 64 }
+            rt:register_reactor("io_uring_reactor", r)
+            print(rt:run(function()
+                local a, b = ffi.new("int[2]"), ffi.new("int[2]")
+                assert(ffi.C.pipe(a) == 0 and ffi.C.pipe(b) == 0)
+                local pa, pb = uring.File.new(a[0], "pipe a"), uring.File.new(b[0], "pipe b")
+                local victim = pluvio.spawn(function() return pa:read(0, 10) end)
+                pluvio.sleep(0.01)                  -- its read is in the kernel
+                ffi.C.pl_test_fail_submits = 1
+                local others = { pluvio.spawn(function() return pb:read(0, 1) end),
+                                 pluvio.spawn(function() return pb:read(0, 1) end) }
+                pluvio.yield()                      -- their SQEs fill the queue; the flush fails
+                victim:kill()                       -- no SQE for the cancel
+                ffi.C.pl_test_fail_submits = 0
+                pluvio.sleep(0.01)                  -- the reads go out, and the cancel
+                ffi.C.write(b[1], "xy", 2)
+                for _, t in ipairs(others) do t:join() end
+                ffi.C.write(a[1], "next", 4)
+                local got = pluvio.timeout(2, function() return pa:read(0, 4) end)
+                return got, r:stats().in_flight
+            end))
+        ]], nil, "LD_PRELOAD=" .. helper.quote(shim) .. " ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}verify_asan_link_order=0")
+        helper.exec("rm -rf " .. helper.quote(dir))
+        assert.equal(0, status, err)
+        assert.equal("next\t0\n", out)
+    end)
+
     it("never submits the write of a task killed before the kernel took it, whose fd went to a socket", function()
         -- the writer's SQE waits for the tick's submit; killed, its File
         -- collected (closing the fd) and the number taken by a socket

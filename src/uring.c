@@ -153,6 +153,8 @@ static int submit(pl_uring_t *u)
 
 int pl_uring_flush(pl_uring_t *u)
 {
+    if (u->cancels_due > 0)
+        uring_cancels_retry(u);
     return io_uring_sq_ready(&u->ring) > 0 ? submit(u) : 0;
 }
 
@@ -209,6 +211,7 @@ static inline int op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kin
     op->fd = -1;
     op->no_continue = false;
     op->fd_owner = FD_NONE;
+    op->cancel_due = false;
     return (int)i;
 }
 
@@ -668,6 +671,8 @@ static int uring_block(pl_reactor_t *self, int64_t timeout_ns)
 
     if (u->wait_complete_ns > 0 && (timeout_ns < 0 || timeout_ns > u->wait_complete_ns))
         timeout_ns = u->wait_complete_ns;
+    if (u->cancels_due > 0)
+        uring_cancels_retry(u);
     u->first_unsubmitted_cyc = 0;
     u->stats.sqes += io_uring_sq_ready(&u->ring);     /* submitted with the wait */
     if (timeout_ns < 0) {

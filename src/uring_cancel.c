@@ -11,15 +11,45 @@
 #include "uring_internal.h"
 
 /* Ask the kernel to cancel op i (its completion, -ECANCELED or the result
- * it had reached, reclaims it). */
+ * it had reached, reclaims it).  With no free SQE even after an early
+ * submit (the kernel refused it), the cancel is due: the next flush or
+ * sleep sends it.  Given up, the op would run on until its fd had data (a
+ * killed task's read of a pipe or socket then ate the next bytes, which no
+ * later reader got) or closed. */
 static void op_cancel(pl_uring_t *u, uint32_t i)
 {
+    struct uring_op *op = uring_op(u, i);
     struct io_uring_sqe *sqe = uring_get_sqe(u);
 
-    if (sqe) {
-        io_uring_prep_cancel64(sqe, uring_op_user_data(u, i), 0);
-        io_uring_sqe_set_data64(sqe, CANCEL_TAG);
+    if (!sqe) {
+        if (!op->cancel_due)
+            u->cancels_due++;
+        op->cancel_due = true;
+        return;
     }
+    io_uring_prep_cancel64(sqe, uring_op_user_data(u, i), 0);
+    io_uring_sqe_set_data64(sqe, CANCEL_TAG);
+    op->cancel_due = false;
+}
+
+/* Send the cancels that found no free SQE (op_cancel), for the ops still
+ * in the kernel; called before SQEs go out.  A rare path: the scan of
+ * every slot costs nothing while no cancel is due. */
+void uring_cancels_retry(pl_uring_t *u)
+{
+    uint32_t due = 0;
+
+    for (uint32_t i = 0; i < u->nops; i++) {
+        struct uring_op *op = uring_op(u, i);
+
+        if (!op->cancel_due)
+            continue;
+        op->cancel_due = false;
+        if (op->state == OP_IN_FLIGHT || op->state == OP_ABANDONED)
+            op_cancel(u, i);
+        due += op->cancel_due;
+    }
+    u->cancels_due = due;
 }
 
 /* SQEs the kernel has not taken yet become no-ops, and their ops finish as
@@ -108,6 +138,8 @@ int pl_uring_shutdown(pl_uring_t *u, double timeout)
         left = deadline - pl_clock_ns();
         if (u->in_flight == 0 || left <= 0)
             break;
+        if (u->cancels_due > 0)
+            uring_cancels_retry(u);
         ts.tv_sec = left / 1000000000;
         ts.tv_nsec = left % 1000000000;
         /* (submits the cancels) */

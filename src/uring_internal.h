@@ -41,6 +41,7 @@ struct uring_op {
     bool no_continue;       /* its fd was closed (the number may name another file), or it was
                              * stopped (a cancel that came too late must not see it go on) */
     uint8_t fd_owner;       /* which fd is the op's own until its task takes it (enum) */
+    bool cancel_due;        /* its cancel found no free SQE: uring_cancels_retry sends it */
     uint32_t task_slot, task_gen;
     int fd;
     int buf_index;          /* registered buffer used, or NO_BUF */
@@ -119,6 +120,7 @@ struct pl_uring {
     struct uring_op *op_chunks[URING_MAX_OP_CHUNKS];   /* slots never move */
     uint32_t nops, free_op;
     uint32_t in_flight;     /* ops the kernel has (including abandoned) */
+    uint32_t cancels_due;   /* ops marked cancel_due (at most: some may have ended since) */
 
     char *buf_mem;
     size_t buf_mem_len;        /* the buffers */
@@ -162,6 +164,7 @@ int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
                    uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out);
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
 int uring_reap(pl_uring_t *u);
+void uring_cancels_retry(pl_uring_t *u);
 void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res);
 void uring_op_drop_fd(struct uring_op *op, int32_t res);
 void uring_fd_closing(pl_uring_t *u, int fd);
