@@ -32,7 +32,7 @@ local spec = {
         { "quiet", "flag", false, "no progress line" },
         { "seed", "integer", 42, "seed of the offsets and the data pattern", min = 0, max = 2 ^ 53 },
         { "gc-check", "flag", false, "stop Lua's collector during the run and report how much the Lua\n" ..
-          "heap grew, per operation (garbage the I/O path makes)" },
+          "                           heap grew, per operation (garbage the I/O path makes)" },
     },
 }
 

@@ -111,6 +111,20 @@ describe("examples/uring_bench.lua", function()
 end)
 
 describe("the scripts' --help", function()
+    it("lines up every option's text, continuation lines included", function()
+        for _, script in ipairs({ "pipeline.lua", "uring_bench.lua", "remoteio.lua", "ucx_bench.lua",
+                                  "runtime_bench.lua", "bench_compare.lua" }) do
+            local status, out = run(script, "--help")
+            assert.equal(0, status, script)
+            local options = out:match("\noptions:\n(.*)$")
+            assert.is_string(options, script)
+            for line in options:gmatch("[^\n]+") do
+                assert.is_truthy(line:match("^  %-%-%S") or line:match("^" .. (" "):rep(27) .. "%S"),
+                    script .. ": " .. line)
+            end
+        end
+    end)
+
     it("states each option's default once, as the script applies it", function()
         for _, script in ipairs({ "pipeline.lua", "uring_bench.lua", "remoteio.lua", "ucx_bench.lua",
                                   "runtime_bench.lua", "bench_compare.lua" }) do
