@@ -681,6 +681,27 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("replies with len bytes of a registered buffer, as am_send sends them, and names Message:reply in errors",
+       async(function()
+        local uring = require "pluvio.uring"
+        local p = pair()
+        local answers = p.cw:am_stream(2)
+        assert.is_true(p.ep:am_send(1, "", "ask", true))
+        local m = assert(p.stream:wait_msg())
+        local buf = uring.acquire_buffer()
+        buf:fill_pattern(3, 0)
+        assert.has_error(function() m:reply(2, "", "text", nil, nil, 2) end,
+                         "Message:reply: len applies to a registered buffer only (data is a string)")
+        assert.has_error(function() m:reply(2, "", buf, nil, "fast") end,
+                         'Message:reply: proto must be nil, "eager" or "rndv" (got "fast")')
+        assert.is_true(m:reply(2, "part", buf, nil, nil, 4096))
+        local a = assert(answers:wait_msg())
+        assert.equal(4096, a:data_len())
+        assert.equal(buf:checksum(4096), (require "pluvio.bench").checksum(a:data()))
+        buf:release()
+        close_pair(p)
+    end))
+
     -- the number held for an id with no open stream (UCX_UNCLAIMED_HOLD)
     local HOLD = 64
 

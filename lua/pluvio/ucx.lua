@@ -1673,9 +1673,9 @@ function Message:release()
     return true
 end
 
--- reply(id, header, data[, need_reply, proto]): answer the sender (it must
+-- reply(id, header, data[, need_reply, proto[, len]]): answer the sender (it must
 -- have sent with need_reply).
-function Message:reply(id, header, data, need_reply, proto)
+function Message:reply(id, header, data, need_reply, proto, len)
     check.self("Message:reply", self, Message, "a message")
     local ep = self.reply_ep    -- an endpoint, -errno (gone before the message was taken) or false
     if not ep then
@@ -1704,7 +1704,7 @@ function Message:reply(id, header, data, need_reply, proto)
         end
         return nil, "am_send to the sender: " .. msg, name
     end
-    return ep:am_send(id, header, data, need_reply, proto)     -- a tail call: errors name our caller
+    return start_send("Message:reply", false, ep, id, header, data, need_reply, proto, len)  -- a tail call: errors name our caller
 end
 
 return M
