@@ -1456,6 +1456,26 @@ describe("freeing a reactor", function()
 end)
 
 describe("registered buffers", function()
+    it("refuses uring.acquire_buffer from a plain coroutine inside a task, as reactor:acquire_buffer does",
+       async(function()
+        local r = uring.current()
+        local path = os.tmpname()
+        local f = assert(uring.File.open(path, "r"))
+        local held = r:acquire_buffer()          -- (maps the pool)
+        local free = r:stats().buffers_free
+        for name, fn in pairs({ ["uring.acquire_buffer"] = function() return uring.acquire_buffer() end,
+                                ["IoUringReactor:acquire_buffer"] = function() return r:acquire_buffer() end,
+                                ["File:acquire_buffer"] = function() return f:acquire_buffer() end }) do
+            local ok, err = coroutine.resume(coroutine.create(fn))
+            assert.is_false(ok, name)
+            assert.matches(name .. ": called from a coroutine that is not a pluvio task", err, 1, true)
+            assert.equal(free, r:stats().buffers_free, name)
+        end
+        held:release()
+        f:close()
+        os.remove(path)
+    end))
+
     it("live on a 2 MiB boundary (huge pages) from a pool of 512 KiB, and are all usable", function()
         local function first_addr(count, size)
             local addr

@@ -1357,7 +1357,9 @@ M._internal = {
 
 -- The reactor's acquire, reachable from the module for convenience.
 function M.acquire_buffer()
-    local t, r, rt = context("uring.acquire_buffer")
+    -- (checked as a receive is: a buffer handed in C to a wait that a plain
+    -- coroutine left behind would be out of the pool until the task ends)
+    local t, r, rt = receive_context("uring.acquire_buffer")
     local b = acquire(r, t, rt, "uring.acquire_buffer")
     return b
 end
