@@ -18,6 +18,15 @@ describe("Runtime.new", function()
         end
         assert.has_error(function() pluvio.Runtime.new("8") end, msg:format('"8"'))
     end)
+
+    it("names the argument, not the error of its __tostring, when that raises", function()
+        local bad = setmetatable({}, { __tostring = function() error("__tostring raised") end })
+        assert.has_error(function() pluvio.Runtime.new(bad) end,
+            "Runtime.new: capacity must be an integer from 1 to 16777216 (got a table whose __tostring failed)")
+        local rt = pluvio.Runtime.new()
+        assert.has_error(function() rt:set_spin(bad) end,
+            "Runtime:set_spin: seconds must be a finite number from 0 to 10 (got a table whose __tostring failed)")
+    end)
 end)
 
 describe("Runtime.new out of fds", function()

@@ -3,7 +3,7 @@
 -- rule it broke.
 local M = {}
 
-local type, floor, tostring, format = type, math.floor, tostring, string.format
+local type, floor, tostring, format, pcall = type, math.floor, tostring, string.format, pcall
 
 local function show(v)
     if type(v) == "string" then
@@ -11,7 +11,13 @@ local function show(v)
     elseif type(v) == "number" and v % 1 == 0 and v > -2 ^ 64 and v < 2 ^ 64 then
         return format("%.0f", v)    -- every digit: tostring writes 2^53 as 9.007199254741e+15
     end
-    return tostring(v)
+    -- A __tostring that raises (or returns no string) would replace the
+    -- message about the argument with its own error.
+    local ok, s = pcall(tostring, v)
+    if not ok then
+        return format("a %s whose __tostring failed", type(v))
+    end
+    return s
 end
 M.show = show
 
