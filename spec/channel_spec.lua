@@ -132,6 +132,11 @@ describe("pluvio.channel", function()
         assert.has_error(function() pluvio.channel("x") end, msg:format('"x"'))
     end)
 
+    it("rejects a NULL pointer as capacity, though it compares equal to nil, the default", function()
+        assert.has_error(function() pluvio.channel(require("ffi").cast("void *", 0)) end,
+            "pluvio.channel: capacity must be an integer from 1 to 2147483648 (got cdata<void *>: NULL)")
+    end)
+
     it("says describe() is a method when it is called without self", function()
         local ch = pluvio.channel(2)
         assert.equal("channel (0/2)", ch:describe())

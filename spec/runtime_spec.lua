@@ -19,6 +19,14 @@ describe("Runtime.new", function()
         assert.has_error(function() pluvio.Runtime.new("8") end, msg:format('"8"'))
     end)
 
+    it("rejects a NULL pointer as capacity, though it compares equal to nil, the default", function()
+        local null = ffi.cast("void *", 0)
+        assert.has_error(function() pluvio.Runtime.new(null) end,
+            "Runtime.new: capacity must be an integer from 1 to 16777216 (got cdata<void *>: NULL)")
+        assert.has_error(function() pluvio.default_runtime(null) end,
+            "pluvio.default_runtime: capacity must be an integer from 1 to 16777216 (got cdata<void *>: NULL)")
+    end)
+
     it("names the argument, not the error of its __tostring, when that raises", function()
         local bad = setmetatable({}, { __tostring = function() error("__tostring raised") end })
         assert.has_error(function() pluvio.Runtime.new(bad) end,

@@ -865,6 +865,32 @@ describe("UCX misuse and failures", function()
         close_pair(p)
     end))
 
+    -- A NULL pointer compares equal to nil: taken for an omitted argument,
+    -- need_reply = NULL asked for a reply, header = NULL raised from inside
+    -- (attempt to get length of 'void *'), options = NULL from pairs.
+    it("refuses NULL pointers for the arguments that may be nil, naming the argument", async(function()
+        local null = require("ffi").cast("void *", 0)
+        assert.has_error(function() ucx.Context.new(null) end, "Context.new: options must be a table (got cdata)")
+        local p = pair()
+        assert.has_error(function() p.ctx:create_worker(null) end,
+                         "Context:create_worker: options must be a table (got cdata)")
+        assert.has_error(function() p.cw:connect_addr(p.sw:address(), null) end,
+                         "Worker:connect_addr: options must be a table (got cdata)")
+        assert.has_error(function() p.sw:am_stream(2, null) end, "Worker:am_stream: options must be a table (got cdata)")
+        assert.has_error(function() p.ep:am_send(1, null, "d") end,
+                         "Endpoint:am_send: header must be a string, nil or a registered buffer (got cdata)")
+        assert.has_error(function() p.ep:am_send_nb(1, "h", null) end,
+                         "Endpoint:am_send_nb: data must be a string, nil or a registered buffer (got cdata)")
+        assert.has_error(function() p.ep:am_send(1, "h", "d", null) end,
+                         "Endpoint:am_send: need_reply must be a boolean or nil (got cdata)")
+        assert.has_error(function() p.ep:am_send(1, "h", "d", false, null) end,
+                         'Endpoint:am_send: proto must be nil, "eager" or "rndv" (got cdata<void *>: NULL)')
+        assert.has_error(function() p.ep:tag_send(1, "d", null) end,
+                         "Endpoint:tag_send: len applies to a registered buffer only (data is a string)")
+        assert.equal(0, p.sw:stats().am_received)     -- nothing was sent
+        close_pair(p)
+    end))
+
     it("refuses IPv6 addresses, which UCX 1.13's tcp connection manager overruns a heap buffer with", async(function()
         -- (an accepted IPv6 connection: an AddressSanitizer report in
         -- ucs_sockaddr_str, and glibc's malloc aborting a plain build)

@@ -418,6 +418,13 @@ describe("TcpSocket:shutdown", function()
         assert.matches("TcpSocket:shutdown: .*closed", err)
         s:close(); l:close()
     end))
+
+    it("takes only nil as the default how, not a NULL pointer, which compares equal to nil", async(function()
+        local l, c, s = pair()
+        assert.has_error(function() c:shutdown(require("ffi").cast("void *", 0)) end,
+                         'TcpSocket:shutdown: how must be "w", "r" or "rw" (got cdata<void *>: NULL)')
+        c:close(); s:close(); l:close()
+    end))
 end)
 
 describe("socket errors", function()

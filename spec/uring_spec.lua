@@ -186,6 +186,14 @@ describe("IoUringReactor", function()
             "IoUringReactor.builder():submit_depth: submit_depth must be an integer from 1 to 32768 (got 1.5)")
     end)
 
+    it("rejects a NULL pointer as options or as sqpoll's idle time, though it compares equal to nil", function()
+        local null = ffi.cast("void *", 0)
+        assert.has_error(function() uring.reactor(null) end, "uring.reactor: options must be a table (got cdata)")
+        assert.has_error(function() uring.IoUringReactor.builder():sqpoll(null) end,
+            "IoUringReactor.builder():sqpoll: idle_ms must be an integer from 0 to 3600000, or true or false " ..
+            "(got cdata<void *>: NULL)")
+    end)
+
     it("says which option to lower when the buffer pool cannot be registered", function()
         with_reactor({ buffer_size = 1073741824, buffer_count = 65536 }, function(r)
             local ok, err = pcall(r.acquire_buffer, r)
@@ -342,6 +350,36 @@ describe("File and DmaFile", function()
         assert.matches(here .. "File%.open: not inside a pluvio task", raised(function() uring.File.open("x") end))
         assert.matches(here .. "File%.new: not inside a pluvio task", raised(function() uring.File.new(0) end))
     end)
+
+    -- An optional argument defaults only when it is nil: false, and a NULL
+    -- pointer (which compares equal to nil), are bad values of their own.
+    it("reject false and NULL pointers for optional arguments, which default only when nil", async(function()
+        local null = ffi.cast("void *", 0)
+        local path = tmpfile("optional")
+        assert.has_error(function() uring.File.open(path, null) end, "File.open: mode must be a string (got cdata)")
+        assert.has_error(function() uring.File.open(path, "w", null) end,
+            "File.open: perms must be an integer from 0 to 4095 (got cdata<void *>: NULL)")
+        assert.has_error(function() uring.File.open(path, "w", false) end,
+            "File.open: perms must be an integer from 0 to 4095 (got false)")
+        assert.has_error(function() uring.mkdir(path .. ".d", false) end,
+            "uring.mkdir: perms must be an integer from 0 to 4095 (got false)")
+        local f = assert(uring.File.open(path, "w+"))
+        local b = uring.acquire_buffer()
+        assert.has_error(function() f:read_fixed(b, 0, null) end,
+            "File:read_fixed: length must be an integer from 0 to 1048576 (got cdata<void *>: NULL)")
+        assert.has_error(function() f:readv(0, { b }, null) end,
+            "File:readv: lens must be nil or a list of byte counts (got cdata<void *>: NULL)")
+        assert.has_error(function() f:fallocate(0, 4096, false) end,
+            "File:fallocate: mode must be an integer from 0 to 255 (got false)")
+        assert.has_error(function() b:fill(65, 4, false) end,
+            "Buffer:fill: offset must be an integer from 0 to 1048576 (got false)")
+        assert.has_error(function() b:tostring(null) end,
+            "Buffer:tostring: length must be an integer from 0 to 1048576 (got cdata<void *>: NULL)")
+        assert.is_nil(uring.statx(path .. ".d"))      -- nothing was made
+        b:release()
+        f:close()
+        os.remove(path)
+    end))
 
     for _, kind in ipairs({ "File", "DmaFile" }) do
         local cls = uring[kind]
@@ -2578,6 +2616,11 @@ describe("sockets over io_uring", function()
         assert.is_nil(busy)
         assert.matches("EADDRINUSE", err2)
         l:close()
+    end))
+
+    it("takes only nil as the default backlog, not false", async(function()
+        assert.has_error(function() uring.tcp_listen("127.0.0.1", 0, false) end,
+            "uring.tcp_listen: backlog must be an integer from 1 to 65535 (got false)")
     end))
 
     it("refuses a host with a NUL byte instead of binding or connecting to the part before it", async(function()

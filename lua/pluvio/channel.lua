@@ -20,7 +20,7 @@ M.Channel = Channel
 local MAX_CAPACITY = 2 ^ 31
 
 local function new_channel(capacity, level)
-    if capacity == nil then
+    if type(capacity) == "nil" then     -- (not == nil: a NULL pointer equals nil)
         capacity = 1
     end
     if type(capacity) ~= "number" or capacity ~= capacity or capacity % 1 ~= 0

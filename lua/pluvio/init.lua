@@ -725,7 +725,7 @@ end
 -- Runtime.new([capacity]): capacity is the initial task-table size (it grows
 -- when needed), an integer from 1 to 16777216; default 1024.
 function Runtime.new(capacity)
-    if capacity == nil then
+    if type(capacity) == "nil" then     -- (not == nil: a NULL pointer equals nil)
         capacity = DEFAULT_CAPACITY
     end
     check.integer("Runtime.new", "capacity", capacity, 1, MAX_CAPACITY)
@@ -1188,7 +1188,7 @@ end
 
 -- A runtime with the default reactors, as the host and pluvio.run use.
 function M.default_runtime(capacity)
-    if capacity == nil then
+    if type(capacity) == "nil" then     -- (not == nil: a NULL pointer equals nil)
         capacity = DEFAULT_CAPACITY
     end
     check.integer("pluvio.default_runtime", "capacity", capacity, 1, MAX_CAPACITY)

@@ -202,7 +202,7 @@ M.Message = Message
 -- latency, one core).  Transports and devices otherwise come from UCX's
 -- environment (UCX_TLS, UCX_NET_DEVICES).
 function Context.new(opts)
-    if opts ~= nil and type(opts) ~= "table" then
+    if type(opts) ~= "nil" and type(opts) ~= "table" then
         error("Context.new: options must be a table (got " .. type(opts) .. ")", 2)
     end
     local wakeup = true
@@ -317,7 +317,7 @@ end
 
 function Context:create_worker(opts)
     live_context("Context:create_worker", self)
-    if opts ~= nil and type(opts) ~= "table" then
+    if type(opts) ~= "nil" and type(opts) ~= "table" then
         error("Context:create_worker: options must be a table (got " .. type(opts) .. ")", 2)
     end
     local max_eps = MAX_ENDPOINTS
@@ -627,7 +627,7 @@ function Worker:connect_addr(addr, opts)
         error("Worker:connect_addr: addr must be a worker address from Worker:address() (got \"\")", 2)
     end
     local peer_errors = false
-    if opts ~= nil then
+    if type(opts) ~= "nil" then     -- (not ~= nil: a NULL pointer equals nil)
         if type(opts) ~= "table" then
             error("Worker:connect_addr: options must be a table (got " .. type(opts) .. ")", 2)
         end
@@ -779,7 +779,7 @@ function Worker:am_stream(id, opts)
     live_worker("Worker:am_stream", self)
     check.integer("Worker:am_stream", "id", id, 0, MAX_AM_ID)
     local window = 64
-    if opts ~= nil then
+    if type(opts) ~= "nil" then     -- (not ~= nil: a NULL pointer equals nil)
         if type(opts) ~= "table" then
             error("Worker:am_stream: options must be a table (got " .. type(opts) .. ")", 2)
         end
@@ -1022,8 +1022,8 @@ local PROTO_FLAGS = { eager = 2, rndv = 4 }
 -- A string, nil (empty) or a registered buffer: pointer and length (len:
 -- bytes of a buffer, all by default).  Errors name the user's line.
 local function payload(fname, name, v, len)
-    if v == nil or type(v) == "string" then
-        if len ~= nil then
+    if type(v) == "nil" or type(v) == "string" then     -- (not == nil: a NULL pointer equals nil)
+        if type(len) ~= "nil" then
             error(format("%s: len applies to a registered buffer only (%s is %s)", fname, name,
                          v == nil and "nil" or "a string"), 3)
         end
@@ -1033,7 +1033,7 @@ local function payload(fname, name, v, len)
             error(format("%s: %s is a registered buffer that was released", fname, name), 3)
         end
         local size = v.len
-        if len == nil then
+        if type(len) == "nil" then
             len = size
         elseif type(len) ~= "number" or len % 1 ~= 0 or len < 0 or len > size then
             error(format("%s: len must be an integer from 0 to %d (got %s)", fname, size, check.show(len)), 3)
@@ -1129,7 +1129,7 @@ local function start_send(fname, nb, ep, id, header, data, need_reply, proto, le
         error(format("%s: header is %d bytes, more than this worker's limit of %d (Worker:max_am_header())",
                      fname, hlen, ep.worker.max_header), 2)
     end
-    if need_reply ~= nil and type(need_reply) ~= "boolean" then
+    if type(need_reply) ~= "nil" and type(need_reply) ~= "boolean" then
         error(format("%s: need_reply must be a boolean or nil (got %s)", fname, type(need_reply)), 2)
     end
     if need_reply and ep.no_reply then
@@ -1139,7 +1139,7 @@ local function start_send(fname, nb, ep, id, header, data, need_reply, proto, le
                      "failure detection, or connect_addr without peer_errors", fname), 2)
     end
     local flags = need_reply and 1 or 0
-    if proto ~= nil then
+    if type(proto) ~= "nil" then
         local f = PROTO_FLAGS[proto]
         if not f then
             error(format('%s: proto must be nil, "eager" or "rndv" (got %s)', fname, check.show(proto)), 2)

@@ -124,7 +124,7 @@ local function new_reactor(fname, opts)
     for k, v in pairs(M.DEFAULTS) do     -- public: a script may have changed them
         o[k] = check_option(fname .. ": uring.DEFAULTS", k, v)
     end
-    if opts ~= nil then
+    if type(opts) ~= "nil" then     -- (not ~= nil: a NULL pointer equals nil)
         if type(opts) ~= "table" then
             error(format("%s: options must be a table (got %s)", fname, type(opts)), 3)
         end
@@ -203,7 +203,7 @@ function Builder:sqpoll(idle_ms)
         self.opts.sqpoll = false
         return self
     end
-    if idle_ms ~= nil and idle_ms ~= true and type(idle_ms) ~= "number" then
+    if type(idle_ms) ~= "nil" and idle_ms ~= true and type(idle_ms) ~= "number" then
         error(format("IoUringReactor.builder():sqpoll: idle_ms must be an integer from 0 to %d, or true or false (got %s)",
                      OPTION_RULES.sqpoll_idle_ms[3], check.show(idle_ms)), 2)
     end
@@ -499,11 +499,13 @@ end
 
 -- Validate [off, off + len) against the buffer; defaults: off 0, len rest.
 local function span(fname, b, len, off)
-    off = off or 0
+    if type(off) == "nil" then      -- (not off or 0: false is no offset; nor == nil: NULL equals nil)
+        off = 0
+    end
     if type(off) ~= "number" or off % 1 ~= 0 or off < 0 or off > b.len then
         error(format("%s: offset must be an integer from 0 to %d (got %s)", fname, b.len, check.show(off)), 3)
     end
-    if len == nil then
+    if type(len) == "nil" then
         len = b.len - off
     elseif type(len) ~= "number" or len % 1 ~= 0 or len < 0 or off + len > b.len then
         error(format("%s: length must be an integer from 0 to %d (got %s)", fname, b.len - off,
@@ -869,7 +871,7 @@ end
 
 local function open_file(cls, fname, direct, path, mode, perms)
     check_path(fname, "path", path, 4)         -- (4: the user called File.open, which called us)
-    if mode == nil then
+    if type(mode) == "nil" then     -- (not == nil: a NULL pointer equals nil)
         mode = "r"
     end
     check.string(fname, "mode", mode, 4)
@@ -878,7 +880,7 @@ local function open_file(cls, fname, direct, path, mode, perms)
         error(format('%s: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got %s)',
                      fname, check.show(mode)), 3)
     end
-    if perms == nil then
+    if type(perms) == "nil" then
         perms = 420     -- 0644
     end
     check.integer(fname, "perms", perms, 0, 4095, 4)
@@ -964,7 +966,7 @@ local function fixed_io(self, fname, write, buf, offset, len, queue, tag)
     self_file(fname, self)
     live_buffer(fname, buf)
     check_offset(fname, offset, self)
-    if len == nil then
+    if type(len) == "nil" then      -- (not == nil: a NULL pointer equals nil)
         len = buf.len
     else
         check_len(fname, len, buf.len, self)
@@ -1052,7 +1054,7 @@ local function vector(fname, f, r, offset, parts, lens, strings_ok)
     if last ~= n then
         error(format("%s: parts has a hole: entry %d is nil, entry %d is not", fname, n + 1, last), 3)
     end
-    if lens ~= nil and type(lens) ~= "table" then
+    if type(lens) ~= "nil" and type(lens) ~= "table" then
         error(format("%s: lens must be nil or a list of byte counts (got %s)", fname, check.show(lens)), 3)
     end
     local iov, total = r.iov, 0
@@ -1171,7 +1173,9 @@ function File:fallocate(offset, len, mode)
     self_file("File:fallocate", self)
     check_offset("File:fallocate", offset, self)
     check_len("File:fallocate", len, 2 ^ 62, self, 1)
-    mode = mode or 0
+    if type(mode) == "nil" then     -- (not mode or 0: false is no mode; nor == nil: NULL equals nil)
+        mode = 0
+    end
     check.integer(file_fname("File:fallocate", self), "mode", mode, 0, 255)
     return simple_op(self, "File:fallocate", "fallocate", C.pl_uring_fallocate, mode, offset, len)
 end
@@ -1308,7 +1312,9 @@ end
 
 function M.mkdir(path, perms)
     check_path("uring.mkdir", "path", path)
-    perms = perms or 493    -- 0755
+    if type(perms) == "nil" then    -- (not perms or 0755: false is no mode; nor == nil: NULL equals nil)
+        perms = 493     -- 0755
+    end
     check.integer("uring.mkdir", "perms", perms, 0, 4095)
     local t, r = context("uring.mkdir")
     local rc = run_op(r, t, C.pl_uring_mkdirat(r.u, t.slot, t.gen, path, perms), path, path)

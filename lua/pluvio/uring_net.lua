@@ -396,7 +396,9 @@ function M.install(U)
     function U.tcp_listen(host, port, backlog)
         host = check.host("uring.tcp_listen", host)
         check_port("uring.tcp_listen", port)
-        backlog = backlog or 128
+        if type(backlog) == "nil" then  -- (not backlog or 128: false is no backlog; nor == nil: NULL equals nil)
+            backlog = 128
+        end
         check.integer("uring.tcp_listen", "backlog", backlog, 1, 65535)
         local _, r = context("uring.tcp_listen")
         local addr, n = bind_addr(host, port, 0)
@@ -798,7 +800,7 @@ function M.install(U)
 
     function TcpSocket:shutdown(how)
         live("TcpSocket:shutdown", self, TcpSocket, "a socket")
-        if how == nil then
+        if type(how) == "nil" then      -- (not == nil: a NULL pointer equals nil)
             how = "w"
         end
         local shut = SHUT[how]

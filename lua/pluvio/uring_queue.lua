@@ -165,7 +165,7 @@ function M.install(U)
             return fixed_result(f, write, offset, len, op)
         end
         local k = op + 1
-        if tag == nil then
+        if type(tag) == "nil" then      -- (not == nil: a NULL pointer tag is a tag)
             tag = buf
         end
         self.tags[k], self.files[k] = tag, f
@@ -207,7 +207,7 @@ function M.install(U)
     -- nothing is in flight.
     function IoQueue:wait(seconds)
         local t = own_queue("IoQueue:wait", self)
-        if seconds ~= nil and (type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > 1e9) then
+        if type(seconds) ~= "nil" and (type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > 1e9) then
             check.fail("IoQueue:wait", "seconds must be a finite number from 0 to 1e9", seconds)
         end
         local result = self.result
