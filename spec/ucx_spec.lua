@@ -891,6 +891,22 @@ describe("UCX misuse and failures", function()
         close_pair(p)
     end))
 
+    it("names Message:reply, not the Endpoint:am_send behind it, in errors about reply's arguments", async(function()
+        local p = pair()
+        assert(p.ep:am_send(1, "h", "question", true))
+        local m = assert(p.stream:wait_msg())
+        assert.matches("ucx_spec%.lua:%d+: Message:reply: id must be an integer from 0 to 255 %(got nil%)",
+                       raised(function() return m:reply(nil, "", "") end))
+        assert.matches("ucx_spec%.lua:%d+: Message:reply: data must be a string, nil or a registered buffer %(got number%)",
+                       raised(function() return m:reply(2, "", 42) end))
+        assert.matches('ucx_spec%.lua:%d+: Message:reply: proto must be nil, "eager" or "rndv" %(got "fast"%)',
+                       raised(function() return m:reply(2, "", "", false, "fast") end))
+        local answers = p.cw:am_stream(2)
+        assert.is_true(m:reply(2, "h", "answer"))
+        assert.equal("answer", assert(answers:wait_msg()):data())
+        close_pair(p)
+    end))
+
     it("refuses IPv6 addresses, which UCX 1.13's tcp connection manager overruns a heap buffer with", async(function()
         -- (an accepted IPv6 connection: an AddressSanitizer report in
         -- ucs_sockaddr_str, and glibc's malloc aborting a plain build)

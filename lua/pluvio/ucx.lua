@@ -1704,7 +1704,9 @@ function Message:reply(id, header, data, need_reply, proto, len)
         end
         return nil, "am_send to the sender: " .. msg, name
     end
-    return start_send("Message:reply", false, ep, id, header, data, need_reply, proto, len)  -- a tail call: errors name our caller
+    -- (a tail call: errors name our caller's line, and Message:reply, not the
+    -- Endpoint:am_send the user never called)
+    return start_send("Message:reply", false, ep, id, header, data, need_reply, proto, len)
 end
 
 return M
