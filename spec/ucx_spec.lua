@@ -907,6 +907,16 @@ describe("UCX misuse and failures", function()
         close_pair(p)
     end))
 
+    it("describes a closed listener with the port it had, not -1", async(function()
+        local p = pair()
+        local l = assert(p.sw:create_listener("127.0.0.1", 0))
+        local said = "accept on 127.0.0.1:" .. l:port()
+        assert.equal(said, l:describe())
+        assert.is_true(l:close())
+        assert.equal(said, l:describe())
+        close_pair(p)
+    end))
+
     it("refuses IPv6 addresses, which UCX 1.13's tcp connection manager overruns a heap buffer with", async(function()
         -- (an accepted IPv6 connection: an AddressSanitizer report in
         -- ucs_sockaddr_str, and glibc's malloc aborting a plain build)

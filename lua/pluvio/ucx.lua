@@ -766,7 +766,8 @@ function Worker:create_listener(host, port)
     -- a listener nothing refers to is closed when collected: no task can
     -- accept on it any more (a task in accept refers to it)
     local guard = drop_guard(self, C.pl_ucx_listener_drop, i)
-    local l = setmetatable({ worker = self, i = i, host = host, guard = guard }, Listener)
+    local l = setmetatable({ worker = self, i = i, host = host, guard = guard,
+                             bound_port = C.pl_ucx_listener_port(self.w, i) }, Listener)  -- (describe, once closed)
     self.listeners[l] = true
     return l
 end
@@ -984,8 +985,7 @@ end
 
 function Listener:describe()
     check.self("Listener:describe", self, Listener, "a listener")
-    return format("accept on %s%s", host_port(self.host, self.i and C.pl_ucx_listener_port(self.worker.w, self.i) or -1),
-                  progress_note(self.worker))
+    return format("accept on %s%s", host_port(self.host, self.bound_port), progress_note(self.worker))
 end
 
 function Listener:close()
