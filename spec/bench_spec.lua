@@ -72,3 +72,26 @@ describe("examples/uring_c_bench.c", function()
         os.remove(path)
     end)
 end)
+
+describe("bench.Histogram", function()
+    -- C takes the histogram as it is: a table of another kind handed it a
+    -- NULL pointer, and the process died (SIGSEGV) instead of raising.
+    it("raises, naming the method, when self is not a histogram", function()
+        local h = bench.Histogram.new()
+        local calls = {
+            record = { 1e-6 }, record_since = { 0 }, record_stamp = { 0 }, percentile = { 50 },
+            merge = { h }, count = {}, min = {}, max = {}, mean = {}, reset = {}, summary = {}, buckets = {},
+        }
+        for name, args in pairs(calls) do
+            for _, self in ipairs({ {}, "x", 5 }) do
+                assert.has_error(function() h[name](self, unpack(args)) end,
+                    ("Histogram:%s: call it as a method on a histogram (obj:%s(...)); got %s as self")
+                        :format(name, name, type(self)))
+            end
+        end
+        assert.has_error(function() h.record(1e-6) end,
+            "Histogram:record: call it as a method on a histogram (obj:record(...)); got number as self")
+        h:record(1e-6)
+        assert.equal(1, h:count())
+    end)
+end)

@@ -32,6 +32,7 @@ end
 -- record(seconds): one value (negative and NaN count as 0, infinity as the
 -- largest value).
 function Histogram:record(seconds)
+    check.self("Histogram:record", self, Histogram, "a histogram")
     if type(seconds) ~= "number" then
         check.fail("Histogram:record", "seconds must be a number", seconds)
     end
@@ -41,6 +42,7 @@ end
 -- record_since(start): record now - start and return now (one call per
 -- operation when timing back-to-back operations).
 function Histogram:record_since(start)
+    check.self("Histogram:record_since", self, Histogram, "a histogram")
     if type(start) ~= "number" then
         check.fail("Histogram:record_since", "start must be a number (a pluvio.now())", start)
     end
@@ -50,6 +52,7 @@ end
 -- record_stamp(stamp): the same with stamps from bench.stamp(), a cheaper
 -- clock (the CPU's TSC where the runtime found one); returns now as a stamp.
 function Histogram:record_stamp(stamp)
+    check.self("Histogram:record_stamp", self, Histogram, "a histogram")
     if type(stamp) ~= "number" then
         check.fail("Histogram:record_stamp", "stamp must be a number (a bench.stamp())", stamp)
     end
@@ -64,19 +67,28 @@ M.stamp = C.pl_hist_stamp
 -- compare stamps with (a deadline that costs no clock read to check).
 M.stamp_after = C.pl_hist_stamp_after
 
-function Histogram:count() return C.pl_hist_count(self.h) end
-function Histogram:min() return C.pl_hist_min(self.h) end
-function Histogram:max() return C.pl_hist_max(self.h) end
-function Histogram:mean() return C.pl_hist_mean(self.h) end
-function Histogram:reset() C.pl_hist_reset(self.h) end
+-- C takes self.h as it is: a table of another kind has none, and C would
+-- follow a NULL pointer (a crash, not an error).  So every method checks self.
+local function hist(fname, h)
+    check.self(fname, h, Histogram, "a histogram", 4)
+    return h.h
+end
+
+function Histogram:count() return C.pl_hist_count(hist("Histogram:count", self)) end
+function Histogram:min() return C.pl_hist_min(hist("Histogram:min", self)) end
+function Histogram:max() return C.pl_hist_max(hist("Histogram:max", self)) end
+function Histogram:mean() return C.pl_hist_mean(hist("Histogram:mean", self)) end
+function Histogram:reset() C.pl_hist_reset(hist("Histogram:reset", self)) end
 
 -- percentile(p): p from 0 to 100.
 function Histogram:percentile(p)
+    check.self("Histogram:percentile", self, Histogram, "a histogram")
     check.number("Histogram:percentile", "p", p, 0, 100)
     return C.pl_hist_percentile(self.h, p)
 end
 
 function Histogram:merge(other)
+    check.self("Histogram:merge", self, Histogram, "a histogram")
     if getmetatable(other) ~= Histogram then
         error("Histogram:merge: expected a histogram (got " .. type(other) .. ")", 2)
     end
@@ -86,6 +98,7 @@ end
 
 -- summary(): count, min, mean, p50, p90, p99, p99_9, max (seconds).
 function Histogram:summary()
+    check.self("Histogram:summary", self, Histogram, "a histogram")
     return {
         count = self:count(), min = self:min(), mean = self:mean(),
         p50 = self:percentile(50), p90 = self:percentile(90), p99 = self:percentile(99),
@@ -95,6 +108,7 @@ end
 
 -- buckets(): non-empty buckets as { {lower_seconds, count}, ... }.
 function Histogram:buckets()
+    check.self("Histogram:buckets", self, Histogram, "a histogram")
     local n = 6000
     local lower, counts = ffi.new("double[?]", n), ffi.new("double[?]", n)
     local got = C.pl_hist_buckets(self.h, lower, counts, n)
