@@ -252,6 +252,13 @@ describe("examples/bench_compare.lua", function()
         assert.equal(2, status)
         assert.matches("^bench_compare: %-%-cpu must be %-1 %(no pinning%) or a CPU from 0 to %d+ %(got 4096%)\n$", err)
     end)
+
+    it("refuses a --match that no test name contains, before running anything", function()
+        local status, out, err = run("bench_compare.lua", "--match 'no such test' --output -")
+        assert.equal(2, status)
+        assert.equal("", out)
+        assert.equal('bench_compare: --match: no test name contains "no such test"\n', err)
+    end)
 end)
 
 describe("examples/pipeline.lua", function()
