@@ -803,6 +803,59 @@ describe("a message taken while the endpoint table is full of failed garbage", f
     end))
 end)
 
+describe("a listener closed while a client's connection is on its way", function()
+    -- UCX's async thread accepts the connection and keeps a plain pointer
+    -- to the listener until the client's first message comes (the
+    -- client's worker sends it in its progress); a listener destroyed
+    -- before that had the thread call into the freed one: SIGSEGV in
+    -- ucp_cm_server_conn_request_cb, in every run of these scripts
+    local RACE_SCRIPT = [[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local client = assert(ctx:create_worker())
+            local server = assert(ctx:create_worker())
+            local how, rounds = ...
+            -- (a worker's close waits for the client's request at most
+            -- 100 ms: then its connection is reset instead)
+            local ok = how == "worker" and { ECONNREFUSED = true, ECONNRESET = true } or { ECONNREFUSED = true }
+            for i = 1, tonumber(rounds) do
+                pluvio.run(function()
+                    local w = how == "worker" and assert(ctx:create_worker()) or server
+                    local l = assert(w:create_listener("127.0.0.1", 0))
+                    local port = l:port()
+                    local t = pluvio.spawn(function() return client:connect_socket("127.0.0.1", port) end)
+                    pluvio.yield()      -- (the connection made, the client's request not sent yet)
+                    if how == "close" then
+                        assert(l:close())
+                    elseif how == "worker" then
+                        assert(w:close())
+                    else
+                        l = nil
+                        jit.flush(); collectgarbage(); collectgarbage()     -- (see full_collect)
+                    end
+                    local ep, e, name = pluvio.timeout(10, function() return t:join() end)
+                    assert(ep == nil and ok[name], i .. ": " .. tostring(ep or e))
+                end)
+            end
+            print("all failed as they should")
+            assert(client:close()); assert(server:close()); assert(ctx:close())
+    ]]
+
+    it("refuses the connection instead of UCX's thread calling the freed listener (Listener:close)", function()
+        local status, out, err = helper.run_script(RACE_SCRIPT, "close 200")
+        assert.equal(0, status, err)
+        assert.equal("all failed as they should\n", out)
+    end)
+
+    it("fails the connect as refused or reset, no crash, when the listener's worker is closed or it is collected", function()
+        for _, how in ipairs({ "worker", "gc" }) do
+            local status, out, err = helper.run_script(RACE_SCRIPT, how .. " 100")
+            assert.equal(0, status, how .. ": " .. err)
+            assert.equal("all failed as they should\n", out, how)
+        end
+    end)
+end)
+
 describe("a listener nothing refers to", function()
     it("is closed when collected: its port refuses connections and can be bound again", async(function()
         local ctx = assert(ucx.Context.new())

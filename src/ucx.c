@@ -541,6 +541,25 @@ static void worker_quiesce(pl_ucx_worker_t *w, pl_runtime_t *rt)
         quiet = worker_progress_all(w, rt) ? 0 : quiet + 1;
 }
 
+/* A listener closed while a client's connection was on its way is kept
+ * until the connection was answered (ucx_listeners_settle): the worker and
+ * the others of rt (the client may be one) are progressed for that, at
+ * most UCX_LISTENER_WAIT_NS.  One still kept then goes with the worker,
+ * right before the ucp worker, whose destruction closes such connections
+ * (tcp_sockcm.c:233) before anything of this thread can send on them. */
+#define UCX_LISTENER_WAIT_NS 100000000LL
+
+static void worker_settle_listeners(pl_ucx_worker_t *w, pl_runtime_t *rt)
+{
+    int64_t deadline = pl_clock_ns() + UCX_LISTENER_WAIT_NS;
+
+    while (w->listeners_closing > 0 && pl_clock_ns() < deadline) {
+        if (worker_progress_all(w, rt) == 0)
+            usleep(50);
+        ucx_listeners_settle(w, UCX_SETTLE_DUE);
+    }
+}
+
 /* Wake the tasks of ops UCX still holds: they find the worker closed. */
 static void worker_wake_ops(pl_ucx_worker_t *w)
 {
@@ -569,6 +588,7 @@ static void worker_destroy(pl_ucx_worker_t *w)
     pl_ucx_context_t *ctx = w->ctx;
 
     ucx_tags_discard(w);        /* (UCX would warn about each) */
+    ucx_listeners_settle(w, UCX_SETTLE_FORCE);
     ucp_worker_destroy(w->ucp);
     for (int k = 0; k < w->nchunks; k++)
         free(w->op_chunks[k]);
@@ -617,6 +637,7 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
     for (int i = 0; i < UCX_MAX_LISTENERS; i++)
         if (w->listeners[i].open)
             pl_ucx_listener_close(w, i);
+    worker_settle_listeners(w, rt);
     w->closing = true;
     ucx_streams_free(w);
     ucx_msgs_free(w);           /* those taken and never received */

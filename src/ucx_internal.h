@@ -8,6 +8,7 @@
 #define PL_UCX_INTERNAL_H
 
 #include <stdbool.h>
+#include <sys/socket.h>
 #include <ucp/api/ucp.h>
 #include <ucs/debug/log_def.h>
 
@@ -107,7 +108,12 @@ struct ucx_listener {
     int index;
     int port;
     char address[UCX_PEER_LEN];     /* as bound: "ip:port" or "[v6]:port" */
+    struct sockaddr_storage bound;  /* the same, for ucx_listeners_settle */
     bool open;
+    /* closed, its UCX listener kept until no connection it took can still
+     * call it (ucx_listeners_settle) */
+    bool closing;
+    int64_t retry_at, retry_ns;
     struct ucx_conn *pending;   /* FIFO ring */
     uint32_t cap, head, len;
     uint32_t waiter_slot, waiter_gen;
@@ -196,6 +202,7 @@ struct pl_ucx_worker {
     uint32_t reap;          /* dropped endpoints that failed since, or aborts due (ucx_eps_reap) */
     uint32_t aborting;      /* entries in EP_ABORTING */
     bool listener_dropped;  /* a listener was closed by its collection: wake the readers */
+    uint32_t listeners_closing;     /* of listeners: closing (ucx_listeners_settle) */
 
     struct ucx_msg *msgs;
     uint32_t nmsgs, free_msg, held;
@@ -227,6 +234,11 @@ struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep);
 /* An op on endpoint ep ended while some close waits (w->closers > 0). */
 void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep);
 int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer);
+/* Destroy the UCX listeners of closed ones that no connection can call
+ * any more (ucx_conn.c): those whose retry time came (DUE), all (NOW), or
+ * all of them whatever may call them (FORCE: the worker goes). */
+enum ucx_settle { UCX_SETTLE_DUE, UCX_SETTLE_NOW, UCX_SETTLE_FORCE };
+void ucx_listeners_settle(pl_ucx_worker_t *w, enum ucx_settle how);
 /* Free the dropped endpoints that failed (w->reap > 0), outside UCX's
  * callbacks. */
 void ucx_eps_reap(pl_ucx_worker_t *w);
@@ -241,6 +253,9 @@ void ucx_streams_wake_all(pl_ucx_worker_t *w);
 bool ucx_worker_has_peers(pl_ucx_worker_t *w);
 bool ucx_worker_over_window(const pl_ucx_worker_t *w);
 unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt);
+/* Whether an endpoint of a worker of w's reactor is still connecting
+ * (connect_socket) to l's address. */
+bool ucx_reactor_connecting_to(const pl_ucx_worker_t *w, const struct ucx_listener *l);
 void ucx_reactor_remove_worker(pl_ucx_worker_t *w);
 void ucx_streams_free(pl_ucx_worker_t *w);
 ucs_status_t ucx_am_handlers_init(pl_ucx_worker_t *w);

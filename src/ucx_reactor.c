@@ -12,6 +12,7 @@
  */
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <unistd.h>
 
@@ -63,6 +64,34 @@ unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt)
     return got;
 }
 
+/* Whether peer (an endpoint's, "ip:port") is l's address: the same, or
+ * the same port when l bound the wildcard address. */
+static bool peer_is(const char *peer, const struct ucx_listener *l)
+{
+    const char *port = strrchr(l->address, ':');
+    size_t n = strlen(peer), k = port ? strlen(port) : 0;
+
+    if (strcmp(peer, l->address) == 0)
+        return true;
+    return port && (strncmp(l->address, "0.0.0.0:", 8) == 0 || strncmp(l->address, "[::]:", 5) == 0) &&
+           n > k && strcmp(peer + n - k, port) == 0;
+}
+
+bool ucx_reactor_connecting_to(const pl_ucx_worker_t *w, const struct ucx_listener *l)
+{
+    const pl_ucx_reactor_t *r = w->reactor;
+
+    for (int i = 0; r && i < r->nworkers; i++) {
+        const pl_ucx_worker_t *c = r->workers[i];
+        for (int k = 0; k < c->neps; k++) {
+            const struct ucx_ep *e = &c->eps[k];
+            if (e->connecting && (e->state == EP_OPEN || e->state == EP_ABORTING) && peer_is(e->peer, l))
+                return true;
+        }
+    }
+    return false;
+}
+
 /* A worker polled this many times since it was last armed is busy: its
  * event fd leaves the reactor's epoll set until the next sleep (ucx_arm
  * puts it back).  While it is in the set, every event of every UCX
@@ -107,6 +136,8 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
         }
         if (w->reap || w->aborting)
             ucx_eps_reap(w);
+        if (w->listeners_closing)
+            ucx_listeners_settle(w, UCX_SETTLE_DUE);
         if (w->listener_dropped) {
             w->listener_dropped = false;
             ucx_streams_wake_all(w);
