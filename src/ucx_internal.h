@@ -1,8 +1,8 @@
 /*
  * ucx_internal.h - state shared by ucx.c (context, worker, op slots),
- * ucx_reactor.c (the reactor), ucx_conn.c (endpoints, listeners),
- * ucx_addr.c (addresses), ucx_log.c (UCX's log) and ucx_am.c (Active
- * Messages, tags, streams).
+ * ucx_reactor.c (the reactor), ucx_conn.c (endpoints), ucx_listener.c
+ * (listeners), ucx_addr.c (addresses), ucx_log.c (UCX's log) and ucx_am.c
+ * (Active Messages, tags, streams).
  */
 #ifndef PL_UCX_INTERNAL_H
 #define PL_UCX_INTERNAL_H
@@ -243,6 +243,10 @@ void ucx_listeners_settle(pl_ucx_worker_t *w, enum ucx_settle how);
  * callbacks. */
 void ucx_eps_reap(pl_ucx_worker_t *w);
 int ucx_ep_lookup(pl_ucx_worker_t *w, ucp_ep_h ep);
+bool ucx_ep_room(pl_ucx_worker_t *w);
+void ucx_ep_error(void *arg, ucp_ep_h ep, ucs_status_t status);
+int ucx_resolve(const char *host, int port, struct sockaddr_storage *ss, socklen_t *len);
+void ucx_sockaddr_text(const struct sockaddr_storage *ss, char *out, size_t cap);
 /* Whether addr may go to ucp_ep_create (ucx_addr.c): 0, -EINVAL (not a
  * whole worker address) or -EBADMSG (a sealed one changed since). */
 int ucx_address_check(pl_ucx_worker_t *w, const uint8_t *a, size_t len);
