@@ -357,6 +357,19 @@ describe("TcpSocket:shutdown", function()
         end
     end
 
+    it("shuts down its own socket when another task closes it in the same tick", async(function()
+        -- (the kernel looks a shutdown's fd up in a worker thread, after the
+        -- close: it failed with EBADF, or shut down whatever socket got the number)
+        for _ = 1, 20 do
+            local l, c, s = pair()
+            local shut = pluvio.spawn(function() return c:shutdown() end)
+            pluvio.spawn(function() assert(c:close()) end)
+            local ok, err = shut:join()
+            assert.is_true(ok, err)
+            s:close(); l:close()
+        end
+    end))
+
     it("ends the sending side after the sends under way, and the reply still comes back", async(function()
         local l, c, s = pair()
         local big = ("x"):rep(8 * 1048576)     -- (more than the socket buffers hold: still going out)

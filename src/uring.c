@@ -444,6 +444,32 @@ int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen,
     return uring_op_begin(u, slot, gen, OP_OTHER, -1, 0, 0, sqe_out);
 }
 
+/* Start an op on fd that the kernel may look up only when it runs: fsync,
+ * fallocate, statx of an fd and shutdown go to a worker thread before the
+ * kernel takes the file, so until then they name it by its number.  A close
+ * of the file by another task in the same submit (its cancel cannot find
+ * them: it matches the file, which they do not hold yet) would leave them a
+ * closed number, EBADF, or one an open made meanwhile reused: a fallocate
+ * then grew another file.  So the op runs on a duplicate of fd, its own
+ * until it completes (FD_DUP), which no close of the file can take away. */
+int uring_start_on_fd(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd,
+                      struct io_uring_sqe **sqe_out)
+{
+    int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    int i;
+
+    if (dup < 0)
+        return -errno;
+    i = uring_start_other(u, slot, gen, sqe_out);
+    if (i < 0) {
+        close(dup);
+        return i;
+    }
+    uring_op(u, (uint32_t)i)->fd = dup;
+    uring_op(u, (uint32_t)i)->fd_owner = FD_DUP;
+    return i;
+}
+
 /* ---- completion ---------------------------------------------------------- */
 
 void uring_buffer_put(pl_uring_t *u, pl_runtime_t *rt, int index);
@@ -551,6 +577,11 @@ void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res)
         return;
     u->in_flight--;
     op_drop_buffer(u, op);
+    if (op->fd_owner == FD_DUP) {   /* the kernel is done with the op's own fd */
+        close(op->fd);
+        op->fd = -1;
+        op->fd_owner = FD_NONE;
+    }
     if (op->state == OP_ABANDONED) {
         uring_op_drop_fd(op, res);
         uring_op_free(u, i);

@@ -14,13 +14,13 @@
 
 int pl_uring_fsync(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int datasync)
 {
-    START_OTHER(io_uring_prep_fsync(sqe, fd, datasync ? IORING_FSYNC_DATASYNC : 0));
+    START_ON_FD(fd, io_uring_prep_fsync(sqe, fd_of_op, datasync ? IORING_FSYNC_DATASYNC : 0));
 }
 
 int pl_uring_fallocate(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int mode,
                        uint64_t offset, uint64_t len)
 {
-    START_OTHER(io_uring_prep_fallocate(sqe, fd, mode, (off_t)offset, (off_t)len));
+    START_ON_FD(fd, io_uring_prep_fallocate(sqe, fd_of_op, mode, (off_t)offset, (off_t)len));
 }
 
 /* Wait until fd is readable: a poll request in the ring (no worker thread,
@@ -103,9 +103,13 @@ int pl_uring_close_idle(pl_uring_t *u, int fd)
 int pl_uring_statx(pl_uring_t *u, uint32_t slot, uint32_t gen, int dirfd, const char *path,
                    int flags, void *statx_buf)
 {
-    START_OTHER(io_uring_prep_statx(sqe, dirfd, path, flags,
-                                    STATX_BASIC_STATS | STATX_BTIME | STATX_DIOALIGN,
-                                    (struct statx *)statx_buf));
+    if (dirfd < 0)          /* AT_FDCWD: a path */
+        START_OTHER(io_uring_prep_statx(sqe, dirfd, path, flags,
+                                        STATX_BASIC_STATS | STATX_BTIME | STATX_DIOALIGN,
+                                        (struct statx *)statx_buf));
+    START_ON_FD(dirfd, io_uring_prep_statx(sqe, fd_of_op, path, flags,
+                                           STATX_BASIC_STATS | STATX_BTIME | STATX_DIOALIGN,
+                                           (struct statx *)statx_buf));
 }
 
 int pl_uring_unlinkat(pl_uring_t *u, uint32_t slot, uint32_t gen, const char *path, int flags)

@@ -25,8 +25,10 @@ enum op_kind { OP_READ, OP_WRITE, OP_OTHER, OP_SEND, OP_READV, OP_WRITEV };
  * socket a connect runs on.  If the task dies first, or the reactor is
  * freed before the task took the result, the op closes it.  FD_CLOSE: the
  * fd a close op is to close, closed at once if its SQE is dropped before
- * the kernel took it (the task asked for the close; nobody else will). */
-enum op_fd_owner { FD_NONE, FD_RESULT, FD_OP, FD_CLOSE };
+ * the kernel took it (the task asked for the close; nobody else will).
+ * FD_DUP: the op's own duplicate of a file's or socket's fd, closed when
+ * the op completes (see uring_start_on_fd). */
+enum op_fd_owner { FD_NONE, FD_RESULT, FD_OP, FD_CLOSE, FD_DUP };
 
 #define NO_BUF (-1)
 #define CANCEL_TAG UINT64_MAX   /* user_data of cancel requests: ignored */
@@ -163,6 +165,7 @@ void uring_sqe_void(struct io_uring_sqe *sqe);
 int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
                    uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out);
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
+int uring_start_on_fd(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, struct io_uring_sqe **sqe_out);
 int uring_reap(pl_uring_t *u);
 void uring_cancels_retry(pl_uring_t *u);
 void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res);
@@ -263,6 +266,20 @@ static inline void uring_queue_done(pl_uring_t *u, uint32_t qi, uint32_t op)
             return i;                                       \
         prep;                                               \
         return uring_op_queue(u, (uint32_t)i, sqe);         \
+    } while (0)
+
+/* Start an op on at_fd whose SQE `prep` fills in, naming the fd as `fd_of_op`
+ * (the op's own duplicate: see uring_start_on_fd). */
+#define START_ON_FD(at_fd, prep)                                     \
+    do {                                                            \
+        struct io_uring_sqe *sqe;                                   \
+        int i = uring_start_on_fd(u, slot, gen, (at_fd), &sqe);     \
+        int fd_of_op;                                               \
+        if (i < 0)                                                  \
+            return i;                                               \
+        fd_of_op = uring_op(u, (uint32_t)i)->fd;                    \
+        prep;                                                       \
+        return uring_op_queue(u, (uint32_t)i, sqe);                 \
     } while (0)
 
 #endif /* PL_URING_INTERNAL_H */

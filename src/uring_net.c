@@ -243,7 +243,7 @@ int pl_uring_sock_shutdown(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, i
 {
     if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
         return -EINVAL;
-    START_OTHER(io_uring_prep_shutdown(sqe, fd, how));
+    START_ON_FD(fd, io_uring_prep_shutdown(sqe, fd_of_op, how));
 }
 
 /* A datagram to an address; the message header lives in the op slot. */
