@@ -327,6 +327,28 @@ describe("TCP sends from several tasks", function()
         c:close(); s:close(); l:close()
     end))
 
+    it("hand the turn on when a task is killed after it was handed the turn, before it ran", async(function()
+        -- (found by a randomized stress: the turn stayed with the dead task,
+        -- and the sends queued behind it waited for good)
+        local l, c, s = pair()
+        local size = 8 * 1048576            -- (more than the socket buffers hold: it waits for the reader)
+        local next_one, last
+        local first = pluvio.spawn(function()
+            local n = c:send(("A"):rep(size))
+            next_one:kill()                 -- handed the turn as this send ended, not run yet
+            return n
+        end)
+        pluvio.yield()                      -- the first send has the turn
+        next_one = pluvio.spawn(function() return c:send("B") end)
+        last = pluvio.spawn(function() return c:send("C") end)
+        pluvio.yield()                      -- both wait for it
+        local got = pluvio.timeout(5, read_all, s, size + 1)
+        assert.equal(size + 1, got and #got, "the last send never came")
+        assert.equal(size, first:join())
+        assert.equal(1, pluvio.timeout(5, function() return last:join() end))
+        c:close(); s:close(); l:close()
+    end))
+
     it("refuse a plain coroutine's wait for the turn at once, so that no turn waits for it", async(function()
         local l, c, s = pair()
         local size = 8 * 1048576            -- (more than the socket buffers hold: it waits for the reader)

@@ -551,6 +551,9 @@ function M.install(U)
     -- A plain coroutine inside the task may not wait for the turn (it
     -- raises at once, as receives do): left unresumed, it would leave the
     -- task in the queue, and the turn, once handed to it, with nobody.
+    -- A waiter owns the socket from its place in the queue on: killed after
+    -- next_writer handed it the turn but before it ran, its end passes the
+    -- turn on (_task_exit), else the sends queued behind it waited for good.
     local function claim_writer(self, t, fname)
         local w = self.writer
         if w and w ~= t and w.live then
@@ -561,6 +564,7 @@ function M.install(U)
                 self.send_queue = q
             end
             q[#q + 1] = t
+            t:_own(self)
             repeat
                 park(t, WAIT_OTHER, 0, self, fname)
             until self.writer == t
