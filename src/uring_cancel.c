@@ -44,8 +44,11 @@ void uring_cancels_retry(pl_uring_t *u)
 
         if (!op->cancel_due)
             continue;
-        op->cancel_due = false;
-        if (op->state == OP_IN_FLIGHT || op->state == OP_ABANDONED)
+        if (op->state != OP_IN_FLIGHT && op->state != OP_ABANDONED) {
+            op->cancel_due = false;     /* ended meanwhile */
+            continue;
+        }
+        if (due == 0)           /* (after one found no SQE, the rest wait too) */
             op_cancel(u, i);
         due += op->cancel_due;
     }
