@@ -928,8 +928,12 @@ describe("File and DmaFile", function()
             pluvio.spawn(function() return p:read(0, 16) end)
             pluvio.yield()
         end)
-        assert.has_error(function() p:close() end, "File:close: not inside a pluvio task (call it from a function " ..
-            "run by pluvio.run / rt:run, or from a script run by the pluvio host)")
+        local busy = "File:close: a task of the runtime pipe was opened in still has an operation on it (that " ..
+            "task was left parked when the runtime stopped running): close it in that runtime, or kill that task first"
+        assert.has_error(function() p:close() end, busy)   -- (it said: not inside a pluvio task)
+        pluvio.run(function()                               -- (it said: opened in another runtime)
+            assert.has_error(function() p:close() end, busy)
+        end)
         assert.equal(0, ffi.C.fcntl(fds[0], F_GETFD) < 0 and 1 or 0)
         rt:run(function() assert.is_true(p:close()) end)    -- at home: the reader is cancelled, the fd closed
         assert.equal(-1, ffi.C.fcntl(fds[0], F_GETFD))

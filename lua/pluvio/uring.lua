@@ -757,6 +757,14 @@ local function check_len(fname, len, max, f, min)
     end
 end
 
+-- The close of a file or socket whose run ended while a task of that run,
+-- left parked, still has an op on it: only that runtime can finish it.
+local function left_busy(fname, name)
+    return format("%s: a task of the runtime %s was opened in still has an operation on it (that task " ..
+                  "was left parked when the runtime stopped running): close it in that runtime, or kill " ..
+                  "that task first", fname, name)
+end
+
 -- A file belongs to the runtime it was opened in: its ops go to that
 -- runtime's ring, which another runtime's loop never reaps (the task would
 -- wait for good).
@@ -1211,13 +1219,17 @@ function File:close()
     if self.fd < 0 then
         return false        -- closed already: as a socket's, an endpoint's, a channel's close
     end
-    local rc = run_ended(self.reactor) and close_idle(self.reactor, self.fd)
+    local ended = run_ended(self.reactor)
+    local rc = ended and close_idle(self.reactor, self.fd)
     if rc then
         forget_fd(self)
         if rc < 0 then
             return fail(self, "close", rc)
         end
         return true
+    end
+    if ended then
+        error(left_busy("File:close", self.path), 2)
     end
     local t, r = file_task("File:close", self)  -- (first: raising must leave the file open)
     local fd = self.fd
@@ -1357,6 +1369,7 @@ M._internal = {
     context = context, receive_context = receive_context, current_task = current_task, run_op = run_op,
     bounce_get = bounce_get, bounce_put = bounce_put,
     run_ended = run_ended, close_idle = close_idle, close_guard = close_guard, forget_fd = forget_fd,
+    left_busy = left_busy,
     WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, yielded = yielded, OP_INLINE = OP_INLINE,
     fixed_io = fixed_io, fixed_result = fixed_result,
 }

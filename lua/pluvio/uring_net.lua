@@ -97,6 +97,7 @@ function M.install(U)
     local context, run_op, bounce_get, bounce_put = I.context, I.run_op, I.bounce_get, I.bounce_put
     local receive_context, current_task = I.receive_context, I.current_task
     local run_ended, close_idle, close_guard, forget_fd = I.run_ended, I.close_idle, I.close_guard, I.forget_fd
+    local left_busy = I.left_busy
 
     local TcpListener = {}
     TcpListener.__index = TcpListener
@@ -349,7 +350,8 @@ function M.install(U)
     -- op, so that a kill while it waits cannot leave the socket open).
     local function close_socket(obj, fname)
         local home_r, rc = obj.reactor, nil
-        if run_ended(home_r) then       -- at once, as a file's close
+        local ended = run_ended(home_r)
+        if ended then                   -- at once, as a file's close
             drop_rescues(obj, home_r)   -- (nobody will take what they got)
             rc = close_idle(home_r, obj.fd)
         end
@@ -359,6 +361,9 @@ function M.install(U)
                 return failed("close", obj, rc)
             end
             return true
+        end
+        if ended then
+            error(left_busy(fname, obj.name), 2)   -- (our callers tail-call us)
         end
         local t, r = context(fname)
         home(fname, obj, r)
