@@ -49,11 +49,9 @@ int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, 
 #undef IMM
         ucs_status_ptr_t sp;
 
-        e = ucx_ep_get(w, ep);
-        if (!e)
-            return -EBADF;
-        if (e->state != EP_OPEN)
-            return pl_ucx_ep_status(w, ep);
+        rc = ucx_ep_open(w, ep, &e);
+        if (rc < 0)
+            return rc;
         sp = ucp_am_send_nbx(e->ep, id, header, header_len, data, data_len, &imm[flags & 3]);
         if (UCS_PTR_STATUS(sp) != UCS_ERR_NO_RESOURCE) {    /* (never a request) */
             if (sp == UCS_OK) {

@@ -316,16 +316,24 @@ int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *e
 
 /* The start of every operation on an endpoint: it must be open; then an
  * op slot and its request parameters. */
-int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,
-                  struct ucx_op **op, ucp_request_param_t *p)
+/* Endpoint ep, if it is open for new operations; else why not. */
+int ucx_ep_open(pl_ucx_worker_t *w, int ep, struct ucx_ep **e)
 {
-    int rc;
-
     *e = ucx_ep_get(w, ep);
     if (!*e)
         return -EBADF;
     if ((*e)->state != EP_OPEN)
         return pl_ucx_ep_status(w, ep);
+    return 0;
+}
+
+int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,
+                  struct ucx_op **op, ucp_request_param_t *p)
+{
+    int rc = ucx_ep_open(w, ep, e);
+
+    if (rc < 0)
+        return rc;
     rc = ucx_op_new(w, slot, gen, ep, op);
     if (rc < 0)
         return rc;

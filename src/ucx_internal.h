@@ -250,6 +250,7 @@ void ucx_sockaddr_text(const struct sockaddr_storage *ss, char *out, size_t cap)
 /* Whether addr may go to ucp_ep_create (ucx_addr.c): 0, -EINVAL (not a
  * whole worker address) or -EBADMSG (a sealed one changed since). */
 int ucx_address_check(pl_ucx_worker_t *w, const uint8_t *a, size_t len);
+int ucx_ep_open(pl_ucx_worker_t *w, int ep, struct ucx_ep **e);
 int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,
                   struct ucx_op **op, ucp_request_param_t *p);
 int ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);
