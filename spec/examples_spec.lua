@@ -48,18 +48,26 @@ describe("examples/uring_bench.lua", function()
         -- long run alike; what the longer one adds is the garbage of its
         -- 200k more operations.  The smallest Lua object is 16 bytes or
         -- more: garbage on every operation, or every fourth, shows as
-        -- more than 4 bytes per operation.
+        -- more than 4 bytes per operation.  The fixed part may differ
+        -- between the two runs (on a loaded machine the JIT recorded 850
+        -- KiB more in one long run): a pair that shows more is measured
+        -- again, up to three times; garbage per operation shows in every
+        -- pair.
         for _, mode in ipairs({ "--rw randread", "--rw randwrite", "--rw randread --queue", "--rw randwrite --queue" }) do
-            local grown = {}
-            for i, ops in ipairs({ 20000, 220000 }) do
-                local status, r, _, err = run_json("uring_bench.lua", mode .. " --bs 4k --size 4m --iodepth 32 " ..
-                                                   "--fixed --gc-check --bytes " .. ops * 4096)
-                assert.equal(0, status, err)
-                assert.equal(ops, r.ops)
-                grown[i] = r.lua_heap.grown_kib * 1024
+            local seen = {}
+            for _ = 1, 3 do
+                local grown = {}
+                for i, ops in ipairs({ 20000, 220000 }) do
+                    local status, r, _, err = run_json("uring_bench.lua", mode .. " --bs 4k --size 4m --iodepth 32 " ..
+                                                       "--fixed --gc-check --bytes " .. ops * 4096)
+                    assert.equal(0, status, err)
+                    assert.equal(ops, r.ops)
+                    grown[i] = r.lua_heap.grown_kib * 1024
+                end
+                seen[#seen + 1] = (grown[2] - grown[1]) / 200000
+                if seen[#seen] < 4 then break end
             end
-            local per_op = (grown[2] - grown[1]) / 200000
-            assert.is_true(per_op < 4, mode .. ": " .. per_op .. " bytes of Lua heap per operation")
+            assert.is_true(seen[#seen] < 4, mode .. ": bytes of Lua heap per operation: " .. table.concat(seen, ", "))
         end
     end)
 
