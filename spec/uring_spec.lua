@@ -1392,6 +1392,60 @@ describe("freeing a reactor", function()
         return held
     end
 
+    it("is freed with its runtime within a few collections of their drop, also once the JIT compiled the loop",
+       function()
+        -- (a fresh process: the JIT specializes on the first closures of
+        -- a function only) Each run's loop, compiled, kept the run's own
+        -- closure as a constant of its trace, and with it the main task,
+        -- the runtime and the reactor: the first runs' rings and buffers
+        -- stayed until the trace was flushed (50 collections did not free
+        -- them).  Counted: collections until the rings are closed.
+        local status, out, err = helper.run_script([[
+            local uring = require "pluvio.uring"
+            local ffi = require "ffi"
+            ffi.cdef[[long readlink(const char *path, char *buf, size_t n);]] .. "]]" .. [[
+            local function rings()
+                local n, buf = 0, ffi.new("char[64]")
+                for fd = 0, 1023 do
+                    local k = ffi.C.readlink("/proc/self/fd/" .. fd, buf, 64)
+                    if k > 0 and ffi.string(buf, k) == "anon_inode:[io_uring]" then n = n + 1 end
+                end
+                return n
+            end
+            local before = rings()
+            local counts = {}
+            for i = 1, 6 do
+                do
+                    local rt = pluvio.Runtime.new()
+                    local r = uring.reactor { queue_size = 8, buffer_count = 2 }
+                    rt:register_reactor("io_uring_reactor", r)
+                    local drive = i % 2 == 0 and rt.block_on or rt.run
+                    drive(rt, function()
+                        local path = os.tmpname()
+                        local f = assert(uring.File.open(path, "w"))
+                        for _ = 1, 300 do         -- (the loop gets hot)
+                            assert(f:write(0, "x"))
+                            pluvio.yield()
+                        end
+                        f:close()
+                        os.remove(path)
+                    end)
+                end
+                local n = 0
+                repeat
+                    collectgarbage()
+                    n = n + 1
+                until rings() == before or n == 50
+                counts[i] = n
+            end
+            print(table.concat(counts, " "))
+        ]])
+        assert.equal(0, status, err)
+        for n in out:gmatch("%d+") do
+            assert.is_true(tonumber(n) <= 3, "collections until the rings were closed: " .. out)
+        end
+    end)
+
     it("cancels the reads its tasks left parked and waits for the kernel before freeing their memory",
        function()
         assert.equal("after", reads_left_in_flight(function(rt, start) rt:block_on(start) end))

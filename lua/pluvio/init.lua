@@ -212,7 +212,7 @@ local function may_linger(rt, t)
         return false        -- (a task that caught its own kill stops at its next wait)
     end
     local done = rt.done
-    if done and done() then
+    if done and done(rt) then
         return false        -- the loop stops at the batch's end (block_on's main task is done)
     end
     local marks = rt.ready_marks    -- another task ready: no (read without a call)
@@ -1035,7 +1035,7 @@ end
 -- The loop: tick, resume, repeat, until done() says so or no task is live.
 local function loop(rt, done)
     local crt, ready = rt.crt, rt.ready
-    while rt.nlive > 0 and not done() do
+    while rt.nlive > 0 and not done(rt) do
         local flags = C.PL_TICK_MAY_BLOCK
         if rt.lua_reactors[1] then
             flags = poll_lua_reactors(rt)
@@ -1068,6 +1068,29 @@ local function reclaim_reactors(rt, fname)
     end
 end
 
+-- When a run stops (rt.done(rt)): a kill of the task running this runtime
+-- (from in here, or caught by it before) stops the loop, the runtime being
+-- that task's wait point; run stops when its main task failed or was
+-- cancelled (else when no task is left), block_on when it ended.  Module
+-- functions, not closures made by each run: the JIT compiles the loop's
+-- call of done to a check of that very function, kept in the trace as a
+-- constant, and a closure of the run (its main task, so its runtime and
+-- reactors: an io_uring ring, registered buffers) stayed alive as long as
+-- the trace did, long after the runtime was dropped.
+local function outer_killed(rt)
+    local outer_task = rt.outer_task
+    return outer_task ~= nil and outer_task.kill_requested == true
+end
+
+local function run_done(rt)
+    local main = rt.main_task
+    return main.final == "failed" or main.final == "cancelled" or outer_killed(rt)
+end
+
+local function block_on_done(rt)
+    return not rt.main_task.live or outer_killed(rt)
+end
+
 -- Run fn(...) as the main task; until_all: wait for every task (run) or
 -- only the main one (block_on).  Returns the main task's results; raises its
 -- error (and then cancels the tasks left).
@@ -1085,23 +1108,13 @@ local function drive(rt, fname, until_all, fn, ...)
     end
     local main = spawn(rt, "main", fn, ...)
     main.joined = true
-    -- A kill of the task running this runtime (from in here, or caught by
-    -- it before) stops the loop: the runtime is that task's wait point.
-    local function killed()
-        return outer_task ~= nil and outer_task.kill_requested == true
-    end
-    local done
-    if until_all then
-        done = function() return main.final == "failed" or main.final == "cancelled" or killed() end
-    else
-        done = function() return not main.live or killed() end
-    end
     rt.running = true
-    rt.done = done
+    rt.main_task, rt.outer_task = main, outer_task
+    rt.done = until_all and run_done or block_on_done
     rt.outer = outer_rt     -- (the runs under way: see report_running_unjoined)
     current_rt = rt
-    local ok, lok, lerr = pcall(loop, rt, done)
-    local was_killed = ok and lok and killed()
+    local ok, lok, lerr = pcall(loop, rt, rt.done)
+    local was_killed = ok and lok and outer_killed(rt)
     -- Cancel what is left while rt is still the current runtime: clean-ups
     -- that spawn put their tasks here, and those are cancelled too.
     if not ok or not lok then   -- a bug in the loop, a deadlock, a failed wait
@@ -1117,7 +1130,7 @@ local function drive(rt, fname, until_all, fn, ...)
     end
     current_rt = outer_rt
     rt.outer = nil
-    rt.done = nil
+    rt.done, rt.main_task, rt.outer_task = nil, nil, nil
     rt.running = false
     if not ok then          -- never leave tasks half-run
         report_unjoined(rt) -- (nor a failure unreported: the collector may never come)
