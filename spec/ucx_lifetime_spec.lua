@@ -118,6 +118,41 @@ describe("workers across default runtimes", function()
         pluvio.run(function() ep:close(); w:close(); ctx:close() end)
     end)
 
+    it("do not keep the runtime that progressed them last alive once it is dropped", function()
+        -- The Lua state's reactor lives on; it held the last runtime that
+        -- registered it, and with it that runtime's other reactors (an
+        -- io_uring ring, registered buffers), until another one came.
+        local weak = setmetatable({}, { __mode = "v" })
+        local ctx, w, stream, ep
+        do
+            local rt = pluvio.Runtime.new()
+            local reactor = ucx.UCXReactor.current()
+            rt:register_reactor("ucx", reactor)
+            weak.rt = rt
+            rt:run(function()
+                ctx = assert(ucx.Context.new())
+                w = assert(ctx:create_worker())
+                reactor:register_worker(w)
+                stream = w:am_stream(7)
+                ep = assert(w:connect_addr(w:address()))
+                assert(ep:am_send(7, "first", "data"))
+                assert(stream:wait_msg()):release()
+            end)
+        end
+        full_collect()
+        assert.is_nil(weak.rt, "the dropped runtime was not collected")
+        -- its worker goes on in the next runtime (C forgot the freed one)
+        local header = pluvio.run(function()
+            assert(ep:am_send(7, "later", "data"))
+            local m = assert(stream:wait_msg())
+            local h = m.header
+            m:release()
+            return h
+        end)
+        assert.equal("later", header)
+        pluvio.run(function() ep:close(); w:close(); ctx:close() end)
+    end)
+
     it("progress a worker made while no runtime ran (a luajit script's top level, a busted setup)", function()
         assert.is_nil(pluvio.runtime())
         local ctx = assert(ucx.Context.new())

@@ -108,6 +108,10 @@ int64_t pl_timer_next(const pl_runtime_t *rt);
 /* uring_net.c: a failed getaddrinfo's rc (and errno after it) as -errno */
 int pl_net_gai_errno(int rc, int err);
 
+/* ucx_reactor.c: runtime rt is being freed; the UCX reactors and their
+ * workers forget it (they outlive the runtimes that poll them) */
+void ucx_reactors_forget(const pl_runtime_t *rt);
+
 /* runtime.c */
 int pl_ready_push(pl_runtime_t *rt, uint32_t slot);
 /* The runtime of this thread's whose task (slot, gen) is live, hint first,

@@ -152,6 +152,7 @@ void pl_runtime_free(pl_runtime_t *rt)
             break;
         }
     }
+    ucx_reactors_forget(rt);
     io_uring_queue_exit(&rt->ring);
     free(rt->tasks);
     free(rt->heap);

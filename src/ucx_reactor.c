@@ -27,7 +27,11 @@ struct pl_ucx_reactor {
     pl_runtime_t *rt;
     pl_ucx_worker_t *workers[UCX_MAX_WORKERS];
     int nworkers;
+    struct pl_ucx_reactor *next_live;   /* on live_reactors */
 };
+
+/* The reactors of this thread, for ucx_reactors_forget. */
+static _Thread_local pl_ucx_reactor_t *live_reactors;
 
 static int reactor_watch(pl_ucx_reactor_t *r, pl_ucx_worker_t *w, bool watch);
 
@@ -258,13 +262,37 @@ pl_ucx_reactor_t *pl_ucx_reactor_new(int *err)
         .kind = "ucx", .poll = ucx_poll, .status = ucx_status, .wait_fd = ucx_wait_fd,
         .arm = ucx_arm, .stats = ucx_stats, .woken = ucx_woken, .max_wait_ns = UCX_SAFETY_WAIT_NS,
     };
+    r->next_live = live_reactors;
+    live_reactors = r;
     return r;
+}
+
+/* Runtime rt is being freed: no reactor or worker may wake tasks in it
+ * any more (a wake with no runtime finds the task's home, if it has one,
+ * through pl_task_home).  The reactor lives on, often for the whole
+ * process, while the runtimes that polled it come and go: the Lua side
+ * refers to the last one weakly, so that a dropped runtime is collected. */
+void ucx_reactors_forget(const pl_runtime_t *rt)
+{
+    for (pl_ucx_reactor_t *r = live_reactors; r; r = r->next_live) {
+        if (r->rt == rt)
+            r->rt = NULL;
+        for (int i = 0; i < r->nworkers; i++)
+            if (r->workers[i]->rt == rt)
+                r->workers[i]->rt = NULL;
+    }
 }
 
 void pl_ucx_reactor_free(pl_ucx_reactor_t *r)
 {
     if (!r)
         return;
+    for (pl_ucx_reactor_t **p = &live_reactors; *p; p = &(*p)->next_live) {
+        if (*p == r) {
+            *p = r->next_live;
+            break;
+        }
+    }
     for (int i = 0; i < r->nworkers; i++)
         r->workers[i]->reactor = NULL;
     close(r->epfd);

@@ -69,7 +69,11 @@ local function new_reactor()
         error("UCXReactor: cannot create the reactor: " .. errstr(err[0]), 3)
     end
     -- workers: weak, as a context's (Context.new)
-    return setmetatable({ r = ffi.gc(r, C.pl_ucx_reactor_free), workers = setmetatable({}, weak_keys) },
+    -- attached: the runtime that registered it last, weakly: the reactor
+    -- lives as long as the Lua state, and a runtime dropped after its run
+    -- must be collected (C forgets it then, ucx_reactors_forget)
+    return setmetatable({ r = ffi.gc(r, C.pl_ucx_reactor_free), workers = setmetatable({}, weak_keys),
+                          attached = setmetatable({}, { __mode = "v" }) },
                         UCXReactor)
 end
 
@@ -86,7 +90,7 @@ function UCXReactor:c_reactor()
 end
 
 function UCXReactor:attach(rt)
-    self.rt = rt
+    self.attached[1] = rt
     C.pl_ucx_reactor_attach(self.r, rt.crt)
 end
 
@@ -894,7 +898,7 @@ function Worker:close()
     self.w = nil            -- first: the tasks it wakes must find it closed
     self.life.open = false
     -- they wait in the runtime progressing it (else in the running one)
-    local rt = self.reactor and self.reactor.rt or pluvio.runtime()
+    local rt = self.reactor and self.reactor.attached[1] or pluvio.runtime()
     if C.pl_ucx_worker_close(w, rt and rt.crt or nil) == 0 then
         limbo_sweep(self, true)     -- its ops are gone with it
     else
