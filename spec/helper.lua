@@ -156,6 +156,26 @@ function M.run_script(code, args, env)
     return status, out, err, path
 end
 
+-- Compile a stand-in for library functions (C source) to a shared object
+-- preloaded into a script run by M.run_script, to make them fail on cue.
+-- Returns the env for run_script and a function that removes the object.
+-- (libpluvio and its liburing are loaded by the FFI, out of RTLD_NEXT's
+-- reach: a stand-in finds liburing's real functions with
+-- dlopen("liburing.so.2", RTLD_LAZY | RTLD_NOLOAD) and dlsym.)
+function M.preload_shim(source)
+    local dir = M.tmp_path(".d")
+    assert(M.exec("mkdir -p " .. shell_quote(dir)) == 0, "mkdir " .. dir)
+    local src = assert(io.open(dir .. "/shim.c", "w"))
+    src:write(source)
+    src:close()
+    local shim = dir .. "/shim.so"
+    local cc, _, cc_err = M.sh("cc -shared -fPIC -o " .. shell_quote(shim) .. " " ..
+                               shell_quote(dir .. "/shim.c") .. " -ldl")
+    assert(cc == 0, cc_err)
+    return "LD_PRELOAD=" .. shell_quote(shim) .. " ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}verify_asan_link_order=0",
+           function() M.exec("rm -rf " .. shell_quote(dir)) end
+end
+
 -- Whether the loopback has ::1: a kernel booted with ipv6.disable=1, or a
 -- container with IPv6 turned off, has not (/proc/net/if_inet6 lists it).
 -- Specs then check IPv4 alone and say so with pending(M.NO_IPV6).

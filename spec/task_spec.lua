@@ -53,6 +53,56 @@ describe("pluvio.spawn", function()
         assert.equal(5050, total)
         assert.is_true(rt:stats().task_capacity >= 101)
     end)
+
+    it("names the spawning function and the task table's size when the table cannot grow", function()
+        -- the task table's growth made to fail by a preloaded realloc (a
+        -- runtime of one slot, taken by the main task): it said "spawn:
+        -- cannot create a task: ENOMEM", whoever spawned
+        local env, remove_shim = helper.preload_shim([[
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+int pl_test_fail_reallocs;
+void *realloc(void *p, size_t n)
+{
+    static void *(*real)(void *, size_t);
+
+    if (pl_test_fail_reallocs)
+        return NULL;
+    if (!real)
+        real = (void *(*)(void *, size_t))dlsym(RTLD_NEXT, "realloc");
+    return real(p, n);
+}
+]])
+        local status, out, err = helper.run_script([[
+            local pluvio = require "pluvio"
+            local ffi = require "ffi"
+            ffi.cdef[[int pl_test_fail_reallocs;]] .. "]]" .. [[
+            local function refused(fn)
+                ffi.C.pl_test_fail_reallocs = 1
+                local ok, e = pcall(fn)
+                ffi.C.pl_test_fail_reallocs = 0
+                print(ok, e)
+            end
+            local rt = pluvio.Runtime.new(1)
+            rt:block_on(function()
+                refused(function() pluvio.spawn(function() end) end)
+                refused(function() pluvio.spawn_named("w", function() end) end)
+                refused(function() pluvio.timeout(1, function() end) end)
+            end)
+        ]], nil, env)
+        remove_shim()
+        assert.equal(0, status, err)
+        local lines = {}
+        for line in out:gmatch("[^\n]+") do lines[#lines + 1] = line end
+        assert.equal(3, #lines, out)
+        local what = ": cannot create a task: no memory to grow the runtime's task table past its %s, " ..
+                     "all taken by live tasks (ENOMEM: Cannot allocate memory; it doubles when full, up to 16777216)"
+        for i, fname in ipairs({ "pluvio.spawn", "pluvio.spawn_named", "pluvio.timeout" }) do
+            assert.matches("false\t[^\t]*:%d+: " .. fname:gsub("%p", "%%%0") .. ":", lines[i])
+            assert.matches(fname .. what:format("1 slot"), lines[i], 1, true)
+        end
+    end)
 end)
 
 -- wait(t) in a plain coroutine of the running task: its yield comes

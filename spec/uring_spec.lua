@@ -26,6 +26,29 @@ local O_DIRECT = ({ arm = 0x10000, arm64 = 0x10000, ppc = 0x20000 })[ffi.arch] o
 local F_GETFD, F_GETFL = 1, 3
 local FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 
+-- The C source of a stand-in for liburing's io_uring_submit (for
+-- helper.preload_shim): it fails with rc, a C expression ("-EAGAIN",
+-- "-EBUSY"), as the kernel does, while the script's
+-- ffi.C.pl_test_fail_submits is not 0, and submits otherwise.
+local function failing_submit(rc)
+    return [[
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+struct io_uring;
+int pl_test_fail_submits;
+int io_uring_submit(struct io_uring *ring)
+{
+    void *lib = dlopen("liburing.so.2", RTLD_LAZY | RTLD_NOLOAD);
+    int (*real)(struct io_uring *) = (int (*)(struct io_uring *))(lib ? dlsym(lib, "io_uring_submit") : 0);
+
+    if (!real)
+        return -ENOSYS;
+    return pl_test_fail_submits ? ]] .. rc .. [[ : real(ring);
+}
+]]
+end
+
 local function libc_open(path, flags)
     local fd = ffi.C.open(path, flags, ffi.cast("int", 420))   -- 0644 (a vararg: passed as an int)
     assert(fd >= 0, "open " .. path .. " failed: errno " .. ffi.errno())
@@ -2035,31 +2058,7 @@ describe("submission and completion", function()
         -- EAGAIN) by a preloaded stand-in while two reads fill a queue of
         -- two: the cancel of the killed reader found no SQE.  It was given
         -- up, and the abandoned read ate the next bytes of the pipe.
-        local dir = helper.tmp_path(".d")
-        assert.equal(0, helper.exec("mkdir -p " .. helper.quote(dir)))
-        local src = assert(io.open(dir .. "/shim.c", "w"))
-        src:write([[
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-struct io_uring;
-int pl_test_fail_submits;
-int io_uring_submit(struct io_uring *ring)
-{
-    /* (libpluvio and its liburing are loaded by the FFI, out of RTLD_NEXT's reach) */
-    void *lib = dlopen("liburing.so.2", RTLD_LAZY | RTLD_NOLOAD);
-    int (*real)(struct io_uring *) = (int (*)(struct io_uring *))(lib ? dlsym(lib, "io_uring_submit") : 0);
-
-    if (!real)
-        return -ENOSYS;
-    return pl_test_fail_submits ? -EAGAIN : real(ring);
-}
-]])
-        src:close()
-        local shim = dir .. "/shim.so"
-        local cc, _, cc_err = helper.sh("cc -shared -fPIC -o " .. helper.quote(shim) .. " " ..
-                                        helper.quote(dir .. "/shim.c") .. " -ldl")
-        assert.equal(0, cc, cc_err)
+        local env, remove_shim = helper.preload_shim(failing_submit("-EAGAIN"))
         local status, out, err = helper.run_script([[
             local pluvio = require "pluvio"
             local uring = require "pluvio.uring"
@@ -2088,8 +2087,8 @@ int io_uring_submit(struct io_uring *ring)
                 local got = pluvio.timeout(2, function() return pa:read(0, 4) end)
                 return got, r:stats().in_flight
             end))
-        ]], nil, "LD_PRELOAD=" .. helper.quote(shim) .. " ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}verify_asan_link_order=0")
-        helper.exec("rm -rf " .. helper.quote(dir))
+        ]], nil, env)
+        remove_shim()
         assert.equal(0, status, err)
         assert.equal("next\t0\n", out)
     end)

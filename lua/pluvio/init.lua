@@ -321,11 +321,30 @@ local function task_body(t)
     end
 end
 
-local function spawn(rt, name, fn, ...)
+-- Why pl_task_spawn refused (rc) a task of rt, for fname's error: the task
+-- table is full and cannot grow, at its most slots or for want of memory.
+local function spawn_refusal(rt, fname, rc)
+    local s = ffi.new("pl_runtime_stats_t")
+    C.pl_runtime_stats(rt.crt, s)
+    local cap = tonumber(s.capacity)
+    if rc == -ENOMEM and cap >= MAX_CAPACITY then
+        return format("%s: cannot create a task: the runtime has %d live tasks, the most it can hold " ..
+                      "(its task table does not grow past %d slots, whatever Runtime.new's capacity: " ..
+                      "let tasks end first, or spread them over runtimes)", fname, rt.nlive, MAX_CAPACITY)
+    elseif rc == -ENOMEM then
+        return format("%s: cannot create a task: no memory to grow the runtime's task table past its %d " ..
+                      "slot%s, all taken by live tasks (%s; it doubles when full, up to %d)",
+                      fname, cap, cap == 1 and "" or "s", core.errstr(rc), MAX_CAPACITY)
+    end
+    return format("%s: cannot create a task: %s", fname, core.errstr(rc))
+end
+
+-- fname: the public function spawning (for its errors)
+local function spawn(rt, fname, name, fn, ...)
     local gen = rt.gen_out
     local slot = C.pl_task_spawn(rt.crt, gen)
     if slot < 0 then
-        error("spawn: cannot create a task: " .. core.errstr(slot), 3)
+        error(spawn_refusal(rt, fname, slot), 3)
     end
     local seq = rt.seq + 1
     rt.seq = seq
@@ -1106,7 +1125,7 @@ local function drive(rt, fname, until_all, fn, ...)
     if outer_task then
         C.pl_task_wait(outer_rt.crt, outer_task.slot, C.PL_WAIT_RUNTIME, 0)
     end
-    local main = spawn(rt, "main", fn, ...)
+    local main = spawn(rt, fname, "main", fn, ...)
     main.joined = true
     rt.running = true
     rt.main_task, rt.outer_task = main, outer_task
@@ -1321,7 +1340,7 @@ local function spawn_checked(fname, name, fn, ...)
         error(fname .. ": no runtime is running (call it inside pluvio.run(fn), rt:run(fn), " ..
               "or a script run by the pluvio host)", 3)
     end
-    return spawn(rt, name, fn, ...)
+    return spawn(rt, fname, name, fn, ...)
 end
 
 -- (Not tail calls: the error level of spawn_checked must reach the caller.)
@@ -1430,7 +1449,7 @@ function M.timeout(seconds, fn, ...)
     end
     check.func("pluvio.timeout", "fn", fn)
     local me, rt = current_task("pluvio.timeout")
-    local child = spawn(rt, task_name(me) .. "/timeout", fn, ...)
+    local child = spawn(rt, "pluvio.timeout", task_name(me) .. "/timeout", fn, ...)
     child.joiner = me       -- its results are ours (see claim_refused)
     local deadline = C.pl_now() + seconds
     me.timeout_child = child
