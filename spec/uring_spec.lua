@@ -2052,6 +2052,42 @@ describe("submission and completion", function()
         end)
     end)
 
+    it("says the submission queue was full and names queue_size when the kernel refuses the early submit",
+       function()
+        -- a third read finds the queue of two full; the early submit that
+        -- would free its entries fails with EBUSY (a preloaded stand-in, as
+        -- the kernel does): the read failed with a bare "EBUSY: Device or
+        -- resource busy", which named neither the queue nor the option
+        local env, remove_shim = helper.preload_shim(failing_submit("-EBUSY"))
+        local status, out, err = helper.run_script([[
+            local pluvio = require "pluvio"
+            local uring = require "pluvio.uring"
+            local ffi = require "ffi"
+            ffi.cdef[[int pipe(int fds[2]); long write(int fd, const void *buf, size_t n);
+                      int pl_test_fail_submits;]] .. "]]" .. [[
+            local rt = pluvio.Runtime.new()
+            local r = uring.reactor { queue_size = 2, submit_depth = 64 }
+            rt:register_reactor("io_uring_reactor", r)
+            print(rt:run(function()
+                local fds = ffi.new("int[2]")
+                assert(ffi.C.pipe(fds) == 0)
+                local p = uring.File.new(fds[0], "pipe a")
+                ffi.C.pl_test_fail_submits = 1
+                local readers = {}
+                for i = 1, 3 do readers[i] = pluvio.spawn(function() return p:read(0, 1) end) end
+                pluvio.yield()                      -- they run: two SQEs, then none
+                ffi.C.pl_test_fail_submits = 0
+                ffi.C.write(fds[1], "xy", 2)
+                assert(readers[1]:join() and readers[2]:join())
+                return readers[3]:join()
+            end))
+        ]], nil, env)
+        remove_shim()
+        assert.equal(0, status, err)
+        assert.equal("nil\tread pipe a (offset 0, 1 bytes): EBUSY: the io_uring submission queue was full and the kernel refused " ..
+                     "to take more entries for now (a bigger queue_size of the reactor makes room)\tEBUSY\t0\n", out)
+    end)
+
     it("sends a killed task's cancel later when the submission queue is full and the kernel refuses a submit",
        function()
         -- io_uring_submit made to fail (as the kernel does with EBUSY or

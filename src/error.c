@@ -12,12 +12,17 @@
 
 const char *pl_strerror(int err)
 {
+    if (err == -PL_ESQFULL || err == PL_ESQFULL)
+        return "the io_uring submission queue was full and the kernel refused to take more entries "
+               "for now (a bigger queue_size of the reactor makes room)";
     return strerror(err < 0 ? -err : err);
 }
 
 const char *pl_errname(int err)
 {
     switch (err < 0 ? -err : err) {
+    case PL_ESQFULL:
+        return "EBUSY";
 #define NAME(e) case e: return #e;
     NAME(EPERM) NAME(ENOENT) NAME(ESRCH) NAME(EINTR) NAME(EIO) NAME(ENXIO)
     NAME(E2BIG) NAME(EBADF) NAME(EAGAIN) NAME(ENOMEM) NAME(EACCES)

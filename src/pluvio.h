@@ -617,6 +617,12 @@ double pl_hist_mean(const pl_hist_t *h);
 double pl_hist_percentile(const pl_hist_t *h, double p);
 int pl_hist_buckets(const pl_hist_t *h, double *lower, double *counts, int max);
 
+/* -PL_ESQFULL: an io_uring operation found no free submission-queue entry
+ * and the kernel refused the early submit that would have freed some
+ * (io_uring_submit said EBUSY or EAGAIN).  Not an errno: pl_errname names it
+ * EBUSY, pl_strerror says what happened and that queue_size raises the
+ * queue's size. */
+enum { PL_ESQFULL = 4096 };
 const char *pl_strerror(int err);
 const char *pl_errname(int err);
 const char *pl_version(void);

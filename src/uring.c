@@ -161,7 +161,8 @@ int pl_uring_flush(pl_uring_t *u)
 /* uring_get_sqe's way when the submission queue is full: submit early.
  * With SQPOLL the submit only wakes the kernel thread, which takes the SQEs
  * in its own time: wait until it has taken one rather than fail the
- * operation with EBUSY. */
+ * operation.  NULL when the kernel refused the submit (EBUSY, EAGAIN): the
+ * operation then fails with -PL_ESQFULL. */
 struct io_uring_sqe *uring_sqe_full(pl_uring_t *u)
 {
     struct io_uring_sqe *sqe;
@@ -339,7 +340,7 @@ static inline int op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t k
     int i;
 
     if (!sqe)
-        return -EBUSY;
+        return -PL_ESQFULL;
     i = op_new(u, slot, gen, kind);
     if (i < 0) {
         uring_sqe_void(sqe);

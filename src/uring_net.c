@@ -312,7 +312,7 @@ int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
     pair = io_uring_sq_space_left(&u->ring) >= 2;   /* in one submit */
     cancel = uring_get_sqe(u);
     if (!cancel)
-        return -EBUSY;
+        return -PL_ESQFULL;
     io_uring_prep_cancel_fd(cancel, fd, IORING_ASYNC_CANCEL_ALL);
     io_uring_sqe_set_data64(cancel, CANCEL_TAG);
     if (pair)
