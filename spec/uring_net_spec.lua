@@ -244,6 +244,34 @@ describe("a TCP socket's send", function()
         l:close()
     end))
 
+    it("fails with ECANCELED and the bytes sent when another task's close cut it short", pluvio.wrap(function()
+        -- The close came in the same tick: the send's first part went out,
+        -- the rest was not sent, and send returned that count as if it were
+        -- all of the data.
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local srv = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = srv:join()
+        local big = ("x"):rep(16 * 1048576)   -- the peer reads nothing: only part of it goes out
+        local sender = pluvio.spawn(function() return c:send(big) end)
+        pluvio.spawn(function() assert.is_true(c:close()) end):join()
+        local none, err, code, sent = sender:join()
+        assert.is_nil(none)
+        assert.equal("ECANCELED", code)
+        assert.is_true(sent > 0 and sent < #big, tostring(sent))
+        assert.equal(string.format("send %s: the socket was closed (%d bytes done before the error)", c.name,
+                                   sent), err)
+        local got = 0
+        while true do                       -- and that is what the peer gets
+            local piece = s:recv(1048576)
+            if not piece then break end
+            got = got + #piece
+        end
+        assert.equal(sent, got)
+        s:close()
+        l:close()
+    end))
+
     it("goes on as usual after a killed send that sent nothing or all", pluvio.wrap(function()
         local l = assert(uring.tcp_listen("127.0.0.1", 0))
         local srv = pluvio.spawn(function() return assert(l:accept()) end)

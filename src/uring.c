@@ -213,6 +213,7 @@ static inline int op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kin
     op->no_continue = false;
     op->fd_owner = FD_NONE;
     op->cancel_due = false;
+    op->fd_closed = false;
     return (int)i;
 }
 
@@ -588,8 +589,13 @@ void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res)
         uring_op_free(u, i);
         return;
     }
-    /* reads and writes report bytes; an error after progress keeps the count */
-    if (op->kind != OP_OTHER && res >= 0)
+    /* reads and writes report bytes; an error after progress keeps the
+     * count.  So does a transfer cut short because its fd was closed: a
+     * count alone would read as the end of the file, or for a write as a
+     * full disk (ENOSPC), and for a send as all of it sent. */
+    if (op->kind != OP_OTHER && res > 0 && op->fd_closed && op->done < op->len)
+        op->res = -ECANCELED;
+    else if (op->kind != OP_OTHER && res >= 0)
         op->res = (int32_t)op->done;
     else
         op->res = res;
@@ -622,15 +628,17 @@ static int reap(pl_uring_t *u, int budget)
     return n;
 }
 
-/* fd is being closed: ops in flight on it report what they did instead of
- * continuing a short transfer, which would go to whatever file or socket
- * the number is given to next. */
+/* fd is being closed: ops in flight on it are not continued after a short
+ * transfer (the rest would go to whatever file or socket the number is
+ * given to next); they fail with ECANCELED after the bytes they did. */
 void uring_fd_closing(pl_uring_t *u, int fd)
 {
     for (uint32_t i = 0; i < u->nops; i++) {
         struct uring_op *op = uring_op(u, i);
-        if (op->fd == fd && (op->state == OP_IN_FLIGHT || op->state == OP_ABANDONED))
+        if (op->fd == fd && (op->state == OP_IN_FLIGHT || op->state == OP_ABANDONED)) {
             op->no_continue = true;
+            op->fd_closed = true;
+        }
     }
 }
 
