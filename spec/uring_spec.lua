@@ -751,7 +751,10 @@ describe("File and DmaFile", function()
             if type(opener.waiting_for) == "table" then break end
         end
         assert.equal(uring.DmaFile, getmetatable(opener.waiting_for))
-        assert.equal(2, open_here())    -- the file's fd, and the statx's own duplicate of it
+        -- the file's fd, and the statx's own duplicate of it (gone already
+        -- when the statx finished and was reaped before this task ran)
+        local n = open_here()
+        assert.is_true(n == 2 or n == 1, tostring(n))
         opener:kill()
         for _ = 1, 1000 do              -- (the abandoned statx lets go of its duplicate as it completes)
             if uring.current():stats().in_flight == 0 then break end
