@@ -1206,7 +1206,7 @@ describe("File and DmaFile", function()
             assert.is_true(f:close())
         end):join()
         assert.same({ nil, "read pipe (offset 0, 100 bytes): ECANCELED: Operation canceled (the file was " ..
-                           "closed) (10 bytes done before the error)", "ECANCELED", 10 },
+                           "closed) (10 bytes done before the error)", "ECANCELED", 10, "0123456789" },
                     { reader:join() })
         helper.libc.close(fds[1])
 
@@ -2126,6 +2126,48 @@ describe("submission and completion", function()
         assert.equal(0, status, err)
         assert.equal("nil\tread pipe a (offset 0, 1 bytes): EBUSY: the io_uring submission queue was full and the kernel refused " ..
                      "to take more entries for now (a bigger queue_size of the reactor makes room)\tEBUSY\t0\n", out)
+    end)
+
+    it("fails a short read whose rest finds the submission queue full, with the bytes done, rather than end it there",
+       function()
+        -- the read of 10 bytes got 3; its continuation found the queue of
+        -- two full and the early submit refused (a preloaded stand-in, as
+        -- the kernel does with EBUSY): the 3 bytes came back as the whole
+        -- read, as if the pipe had ended
+        local env, remove_shim = helper.preload_shim(failing_submit("-EBUSY"))
+        local status, out, err = helper.run_script([[
+            local pluvio = require "pluvio"
+            local uring = require "pluvio.uring"
+            local ffi = require "ffi"
+            ffi.cdef[[int pipe(int fds[2]); long write(int fd, const void *buf, size_t n);
+                      int pl_test_fail_submits;]] .. "]]" .. [[
+            local rt = pluvio.Runtime.new()
+            local r = uring.reactor { queue_size = 2, submit_depth = 64 }
+            rt:register_reactor("io_uring_reactor", r)
+            print(rt:run(function()
+                local a, b = ffi.new("int[2]"), ffi.new("int[2]")
+                assert(ffi.C.pipe(a) == 0 and ffi.C.pipe(b) == 0)
+                local pa, pb = uring.File.new(a[0], "pipe a"), uring.File.new(b[0], "pipe b")
+                local reader = pluvio.spawn(function() return pa:read(0, 10) end)
+                pluvio.sleep(0.01)                  -- its read is in the kernel
+                ffi.C.pl_test_fail_submits = 1
+                local others = { pluvio.spawn(function() return pb:read(0, 1) end),
+                                 pluvio.spawn(function() return pb:read(0, 1) end) }
+                pluvio.yield()                      -- their SQEs fill the queue; the flush fails
+                ffi.C.write(a[1], "abc", 3)         -- the read ends short
+                pluvio.yield()                      -- reaped: no SQE for the rest
+                ffi.C.pl_test_fail_submits = 0
+                local res = { n = 5, reader:join() }
+                ffi.C.write(b[1], "xy", 2)
+                for _, t in ipairs(others) do t:join() end
+                return unpack(res, 1, res.n)
+            end))
+        ]], nil, env)
+        remove_shim()
+        assert.equal(0, status, err)
+        assert.equal("nil\tread pipe a (offset 0, 10 bytes): EBUSY: the io_uring submission queue was full and the kernel " ..
+                     "refused to take more entries for now (a bigger queue_size of the reactor makes room) (3 bytes done " ..
+                     "before the error)\tEBUSY\t3\tabc\n", out)
     end)
 
     it("sends a killed task's cancel later when the submission queue is full and the kernel refuses a submit",

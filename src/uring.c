@@ -214,6 +214,7 @@ static inline int op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kin
     op->fd_owner = FD_NONE;
     op->cancel_due = false;
     op->fd_closed = false;
+    op->sq_refused = false;
     return (int)i;
 }
 
@@ -538,8 +539,10 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
     if (direct_read_ended(op))
         return false;
     sqe = uring_get_sqe(u);
-    if (!sqe)
-        return false;   /* report the partial count rather than lose it */
+    if (!sqe) {         /* the kernel refused the early submit: fail with the count done */
+        op->sq_refused = true;
+        return false;
+    }
     if (op->kind == OP_READV || op->kind == OP_WRITEV)
         iov_advance(op, (uint32_t)res);
     prep_rw(u, i, sqe);
@@ -592,9 +595,12 @@ void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res)
     /* reads and writes report bytes; an error after progress keeps the
      * count.  So does a transfer cut short because its fd was closed: a
      * count alone would read as the end of the file, or for a write as a
-     * full disk (ENOSPC), and for a send as all of it sent. */
+     * full disk (ENOSPC), and for a send as all of it sent.  The same for
+     * one whose rest found the submission queue full (-PL_ESQFULL). */
     if (op->kind != OP_OTHER && res > 0 && op->fd_closed && op->done < op->len)
         op->res = -ECANCELED;
+    else if (op->kind != OP_OTHER && res > 0 && op->sq_refused)
+        op->res = -PL_ESQFULL;
     else if (op->kind != OP_OTHER && res >= 0)
         op->res = (int32_t)op->done;
     else

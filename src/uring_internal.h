@@ -45,6 +45,7 @@ struct uring_op {
     uint8_t fd_owner;       /* which fd is the op's own until its task takes it (enum) */
     bool cancel_due;        /* its cancel found no free SQE: uring_cancels_retry sends it */
     bool fd_closed;         /* its fd was closed while it was in flight (see uring_op_complete) */
+    bool sq_refused;        /* the rest of a short transfer found no SQE (see continue_short) */
     uint32_t task_slot, task_gen;
     int fd;
     int buf_index;          /* registered buffer used, or NO_BUF */

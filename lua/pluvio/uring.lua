@@ -1016,8 +1016,15 @@ function File:read(offset, len)
     local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
                               self, scratch)
     if res < 0 then
+        -- the bytes read before the error, as a 5th value: from a pipe or
+        -- a socket wrapped with File.new they cannot be read again
+        local got = bytes and bytes > 0 and ffi_string(scratch.ptr, bytes) or nil
         bounce_put(r, scratch)
-        return fail(self, "read", res, format(" (offset %d, %d bytes)", offset, len), bytes)
+        local _, msg, code, n = fail(self, "read", res, format(" (offset %d, %d bytes)", offset, len), bytes)
+        if got then
+            return nil, msg, code, n, got
+        end
+        return nil, msg, code, n
     end
     local s = ffi_string(scratch.ptr, res)
     bounce_put(r, scratch)
