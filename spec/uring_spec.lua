@@ -49,6 +49,30 @@ int io_uring_submit(struct io_uring *ring)
 ]]
 end
 
+-- Run body (Lua source of a function's body) as the main task of a
+-- runtime whose io_uring reactor has a queue of two, in a subprocess where
+-- io_uring_submit fails with rc while ffi.C.pl_test_fail_submits is set; it
+-- has pipe and write declared.  Returns what the run's results printed.
+local function run_with_failing_submits(rc, body)
+    local env, remove_shim = helper.preload_shim(failing_submit(rc))
+    local status, out, err = helper.run_script([[
+        local pluvio = require "pluvio"
+        local uring = require "pluvio.uring"
+        local ffi = require "ffi"
+        ffi.cdef[[int pipe(int fds[2]); long write(int fd, const void *buf, size_t n);
+                  int pl_test_fail_submits;]] .. "]]" .. [[
+        local rt = pluvio.Runtime.new()
+        local r = uring.reactor { queue_size = 2, submit_depth = 64 }
+        rt:register_reactor("io_uring_reactor", r)
+        print(rt:run(function()
+]] .. body .. [[
+        end))
+    ]], nil, env)
+    remove_shim()
+    assert.equal(0, status, err)
+    return out
+end
+
 local function libc_open(path, flags)
     local fd = ffi.C.open(path, flags, ffi.cast("int", 420))   -- 0644 (a vararg: passed as an int)
     assert(fd >= 0, "open " .. path .. " failed: errno " .. ffi.errno())
@@ -2098,17 +2122,7 @@ describe("submission and completion", function()
         -- would free its entries fails with EBUSY (a preloaded stand-in, as
         -- the kernel does): the read failed with a bare "EBUSY: Device or
         -- resource busy", which named neither the queue nor the option
-        local env, remove_shim = helper.preload_shim(failing_submit("-EBUSY"))
-        local status, out, err = helper.run_script([[
-            local pluvio = require "pluvio"
-            local uring = require "pluvio.uring"
-            local ffi = require "ffi"
-            ffi.cdef[[int pipe(int fds[2]); long write(int fd, const void *buf, size_t n);
-                      int pl_test_fail_submits;]] .. "]]" .. [[
-            local rt = pluvio.Runtime.new()
-            local r = uring.reactor { queue_size = 2, submit_depth = 64 }
-            rt:register_reactor("io_uring_reactor", r)
-            print(rt:run(function()
+        local out = run_with_failing_submits("-EBUSY", [[
                 local fds = ffi.new("int[2]")
                 assert(ffi.C.pipe(fds) == 0)
                 local p = uring.File.new(fds[0], "pipe a")
@@ -2120,10 +2134,7 @@ describe("submission and completion", function()
                 ffi.C.write(fds[1], "xy", 2)
                 assert(readers[1]:join() and readers[2]:join())
                 return readers[3]:join()
-            end))
-        ]], nil, env)
-        remove_shim()
-        assert.equal(0, status, err)
+        ]])
         assert.equal("nil\tread pipe a (offset 0, 1 bytes): EBUSY: the io_uring submission queue was full and the kernel refused " ..
                      "to take more entries for now (a bigger queue_size of the reactor makes room)\tEBUSY\t0\n", out)
     end)
@@ -2134,17 +2145,7 @@ describe("submission and completion", function()
         -- two full and the early submit refused (a preloaded stand-in, as
         -- the kernel does with EBUSY): the 3 bytes came back as the whole
         -- read, as if the pipe had ended
-        local env, remove_shim = helper.preload_shim(failing_submit("-EBUSY"))
-        local status, out, err = helper.run_script([[
-            local pluvio = require "pluvio"
-            local uring = require "pluvio.uring"
-            local ffi = require "ffi"
-            ffi.cdef[[int pipe(int fds[2]); long write(int fd, const void *buf, size_t n);
-                      int pl_test_fail_submits;]] .. "]]" .. [[
-            local rt = pluvio.Runtime.new()
-            local r = uring.reactor { queue_size = 2, submit_depth = 64 }
-            rt:register_reactor("io_uring_reactor", r)
-            print(rt:run(function()
+        local out = run_with_failing_submits("-EBUSY", [[
                 local a, b = ffi.new("int[2]"), ffi.new("int[2]")
                 assert(ffi.C.pipe(a) == 0 and ffi.C.pipe(b) == 0)
                 local pa, pb = uring.File.new(a[0], "pipe a"), uring.File.new(b[0], "pipe b")
@@ -2161,10 +2162,7 @@ describe("submission and completion", function()
                 ffi.C.write(b[1], "xy", 2)
                 for _, t in ipairs(others) do t:join() end
                 return unpack(res, 1, res.n)
-            end))
-        ]], nil, env)
-        remove_shim()
-        assert.equal(0, status, err)
+        ]])
         assert.equal("nil\tread pipe a (offset 0, 10 bytes): EBUSY: the io_uring submission queue was full and the kernel " ..
                      "refused to take more entries for now (a bigger queue_size of the reactor makes room) (3 bytes done " ..
                      "before the error)\tEBUSY\t3\tabc\n", out)
@@ -2176,17 +2174,7 @@ describe("submission and completion", function()
         -- EAGAIN) by a preloaded stand-in while two reads fill a queue of
         -- two: the cancel of the killed reader found no SQE.  It was given
         -- up, and the abandoned read ate the next bytes of the pipe.
-        local env, remove_shim = helper.preload_shim(failing_submit("-EAGAIN"))
-        local status, out, err = helper.run_script([[
-            local pluvio = require "pluvio"
-            local uring = require "pluvio.uring"
-            local ffi = require "ffi"
-            ffi.cdef[[int pipe(int fds[2]); long write(int fd, const void *buf, size_t n);
-                      int pl_test_fail_submits;]] .. "]]" .. [[
-            local rt = pluvio.Runtime.new()
-            local r = uring.reactor { queue_size = 2, submit_depth = 64 }
-            rt:register_reactor("io_uring_reactor", r)
-            print(rt:run(function()
+        local out = run_with_failing_submits("-EAGAIN", [[
                 local a, b = ffi.new("int[2]"), ffi.new("int[2]")
                 assert(ffi.C.pipe(a) == 0 and ffi.C.pipe(b) == 0)
                 local pa, pb = uring.File.new(a[0], "pipe a"), uring.File.new(b[0], "pipe b")
@@ -2204,10 +2192,7 @@ describe("submission and completion", function()
                 ffi.C.write(a[1], "next", 4)
                 local got = pluvio.timeout(2, function() return pa:read(0, 4) end)
                 return got, r:stats().in_flight
-            end))
-        ]], nil, env)
-        remove_shim()
-        assert.equal(0, status, err)
+        ]])
         assert.equal("next\t0\n", out)
     end)
 
