@@ -343,6 +343,48 @@ describe("Worker:close", function()
         end
     end)
 
+    it("fails a rendezvous pull on a slot a rendezvous send used before, without UCX's purge assertion", function()
+        -- UCX 1.13 fills only the receive part of the request memory it is
+        -- given, and purging a tcp pull whose RTR was sent (its endpoint
+        -- forced closed by the worker's close, or failed with its peer)
+        -- asserts on the send part: a rendezvous send's PUT zcopy left
+        -- there aborted the process (ucp_ep.c:3318, ucp_ep_req_purge)
+        for _, recv in ipairs({ "m:data()", "m:recv_data(buf)" }) do
+            for _, closed in ipairs({ "sw", "cw" }) do
+                local status, out, err = helper.run_script(PAIR_SCRIPT .. [[
+                    local buf = require("pluvio.uring").acquire_buffer()    -- 1 MiB
+                    local back = cw:am_stream(2)
+                    -- the server's send slot ends as RNDV PUT zcopy, and is freed
+                    local first = pluvio.spawn(function()
+                        return sep:am_send(2, "h", ("y"):rep(1048576), false, "rndv")
+                    end)
+                    local m0 = assert(back:wait_msg())
+                    assert(#m0:data() == 1048576 and first:join())
+                    -- the server's pull takes that slot, sends its RTR, and
+                    -- its endpoint is forced closed (sw) or fails (cw)
+                    local sender = pluvio.spawn(function()
+                        return ep:am_send(1, "h", ("x"):rep(1048576), false, "rndv")
+                    end)
+                    local m = assert(stream:wait_msg())
+                    local puller = pluvio.spawn(function() return ]] .. recv .. [[ end)
+                    pluvio.yield()
+                    print(puller:status())
+                    assert(]] .. closed .. [[:close())
+                    print(select(3, puller:join()))
+                    sender:join()
+                    l:close(); cw:close(); sw:close(); ctx:close()
+                    print("exit")
+                ]], nil, "UCX_TLS=tcp")
+                local what = recv .. ", " .. closed .. ":close()"
+                assert.equal(0, status, what .. ": " .. err)
+                -- (a dead peer's pull fails as the connection did: ETIMEDOUT or ECONNRESET)
+                local name = closed == "sw" and "ECANCELED" or "E%u+"
+                assert.matches("^waiting\n" .. name .. "\nexit\n$", out, what)
+                assert.is_nil(err:find("UCX", 1, true), what .. ": " .. err)
+            end
+        end
+    end)
+
     it("lets a connect_addr wire-up under way finish first, so that UCX does not abort the peer worker", function()
         -- two workers of one thread, connected by connect_addr with
         -- peer_errors, one closed two ticks after the first send: the

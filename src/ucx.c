@@ -255,6 +255,23 @@ void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op)
     p->cb.send = send_done;
 }
 
+/* The same for a receive, on a slot whose UCX request is cleared first.
+ * UCX 1.13 fills only the receive part of a request it is given, and when
+ * an endpoint fails or is forced closed during a rendezvous pull (RTR sent,
+ * over tcp) it purges the pull's request and asserts on the request's send
+ * part that it is not a RNDV GET/PUT zcopy (ucp_ep.c:3318, in
+ * ucp_ep_req_purge).  A slot whose last op was a rendezvous send still held
+ * ucp_rndv_progress_rma_put_zcopy there, and UCX aborted the process.
+ * Cleared, the request is as a new slot's (calloc) was.  (A tag_recv in the
+ * same sequence did not reach it: its tag fields overlay that one.) */
+void ucx_op_param_recv(ucp_request_param_t *p, struct ucx_op *op)
+{
+    size_t n = op->w->ctx->request_size;
+
+    memset((char *)op - n, 0, n);
+    ucx_op_param(p, op);
+}
+
 /* What a UCX call returned: done at once (0), in flight (op id + 1), or an
  * error; the op slot is freed unless in flight. */
 int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp)

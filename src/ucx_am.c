@@ -346,7 +346,7 @@ int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t s
     rc = ucx_op_new(w, slot, gen, -1, &op);
     if (rc < 0)
         return rc;
-    ucx_op_param(&p, op);
+    ucx_op_param_recv(&p, op);
     p.cb.recv_am = recv_done;
     op->length = m->length;
     sp = ucp_am_recv_data_nbx(w->ucp, m->data, buf, m->length, &p);

@@ -230,6 +230,7 @@ void ucx_op_free(pl_ucx_worker_t *w, struct ucx_op *op);
 void ucx_op_finish(struct ucx_op *op, ucs_status_t status);
 int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp);
 void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op);
+void ucx_op_param_recv(ucp_request_param_t *p, struct ucx_op *op);
 struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep);
 /* An op on endpoint ep ended while some close waits (w->closers > 0). */
 void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep);
