@@ -77,6 +77,28 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("takes an empty rendezvous message into a buffer without UCX keeping its descriptor", function()
+        -- UCX 1.13's ucp_am_recv_data_nbx of a 0-byte rendezvous message
+        -- answered the sender but never freed the descriptor: the worker's
+        -- close warned "was not returned to mpool ucp_am_bufs"
+        local status, out, err = helper.run_script([[
+            local pluvio, ucx = require "pluvio", require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local stream = sw:am_stream(1)
+            local ep = assert(cw:connect_addr(sw:address()))
+            local sender = pluvio.spawn(function() return ep:am_send(1, "h", "", false, "rndv") end)
+            local m = assert(stream:wait_msg())
+            local buf = require("pluvio.uring").acquire_buffer()
+            print(m:is_rndv(), m:recv_data(buf), sender:join())
+            buf:release()
+            ep:close(); cw:close(); sw:close(); ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("true\t0\ttrue\n", out)
+        assert.equal("", err)
+    end)
+
     it("sends registered buffers without a copy", async(function()
         local uring = require "pluvio.uring"
         local p = pair()

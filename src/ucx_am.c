@@ -337,7 +337,12 @@ int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t s
         return -EBADF;
     if (len < m->length)
         return -ENOBUFS;
-    if (!m->rndv) {
+    /* An empty rendezvous message is released, as data() does: UCX 1.13's
+     * ucp_am_recv_data_nbx sends the sender its ATS for it but keeps the
+     * descriptor for good (out of its callback), and warned at the
+     * worker's close (mpool.c:53, "was not returned to mpool ucp_am_bufs").
+     * ucp_am_data_release sends the same ATS and frees it. */
+    if (!m->rndv || m->length == 0) {
         if (m->length)
             memcpy(buf, m->data, m->length);
         msg_free(w, m);
