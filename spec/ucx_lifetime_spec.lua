@@ -385,6 +385,37 @@ describe("Worker:close", function()
         end
     end)
 
+    it("lets an endpoint's graceful close under way finish first: destroyed under it, UCX asserted", function()
+        -- a close a tick after the endpoint's first send still had its
+        -- flush queued on a lane; ucp_worker_destroy fast-forwarded it,
+        -- queued its end and asserted that the request (an op's memory)
+        -- was released (ucp_ep.c:382).  The peer is progressed for the
+        -- close even when its full stream (window = 1) paused it.
+        for _, window in ipairs({ 64, 1 }) do
+            local status, out, err = helper.run_script([[
+                local ucx = require "pluvio.ucx"
+                local ctx = assert(ucx.Context.new())
+                local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+                local stream = sw:am_stream(1, { window = ]] .. window .. [[ })
+                local l = assert(sw:create_listener("127.0.0.1", 0))
+                local acc = pluvio.spawn(function() return assert(l:accept()) end)
+                local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+                local sep = acc:join()
+                assert(ep:am_send(1, "h", "x"))
+                local closer = pluvio.spawn(function() return ep:close() end)
+                pluvio.yield()
+                print(closer:status())
+                print(cw:close())
+                print(closer:join())
+                sw:close(); l:close(); ctx:close()
+                print("exit")
+            ]])
+            assert.equal(0, status, "window " .. window .. ": " .. err)
+            assert.equal("waiting\ntrue\ntrue\nexit\n", out, "window " .. window)
+            assert.is_nil(err:find("UCX", 1, true), err)
+        end
+    end)
+
     it("lets a connect_addr wire-up under way finish first, so that UCX does not abort the peer worker", function()
         -- two workers of one thread, connected by connect_addr with
         -- peer_errors, one closed two ticks after the first send: the

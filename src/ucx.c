@@ -458,7 +458,8 @@ static void worker_cancel_ops(pl_ucx_worker_t *w)
  * pull or send outstanding.  Those on endpoints we could force-close are
  * done by now; what is left runs on an endpoint whose graceful close is in
  * flight (its entry is gone, and UCX refuses to close it twice) or on a
- * reply endpoint (UCX's).  A close in flight is not one: destroy ends it. */
+ * reply endpoint (UCX's).  A close in flight is not one: worker_settle_closes
+ * gives it a moment, and the destroy ends it. */
 static bool worker_holds_requests(pl_ucx_worker_t *w)
 {
     for (uint32_t i = 0; i < w->nops; i++) {
@@ -481,11 +482,45 @@ static bool worker_settle(pl_ucx_worker_t *w, pl_runtime_t *rt)
             return false;
         got = ucp_worker_progress(w->ucp);
         if (rt)                 /* (from a finalizer other workers' runtime may be gone) */
-            got += ucx_reactor_progress_peers(w, rt);
+            got += ucx_reactor_progress_peers(w, rt, false);
         if (got == 0)
             usleep(50);         /* a remote peer's turn: do not spin the core */
     }
     return true;
+}
+
+/* Graceful endpoint closes still in flight are let finish, progressing this
+ * worker and the others of rt (the peer may be one), for at most
+ * UCX_CLOSE_SETTLE_NS.  ucp_worker_destroy fast-forwards a close whose
+ * flush is still queued on a lane (a close right after the wire-up, a
+ * sender's tcp buffer full) and queues its end (ucp_ep_close_flushed_callback),
+ * then destroys the endpoint and asserts that the request there was
+ * released by its owner (ucp_ep.c:382): one in an op's memory never is, and
+ * UCX 1.13 aborted the process.  One its peer does not answer in time is
+ * still ended by the destroy, as before. */
+#define UCX_CLOSE_SETTLE_NS 100000000LL
+
+static bool worker_closes_in_flight(pl_ucx_worker_t *w)
+{
+    for (uint32_t i = 0; i < w->nops; i++) {
+        const struct ucx_op *op = op_at(w, i);
+        if ((op->state == UOP_IN_FLIGHT || op->state == UOP_ABANDONED) && op->ep == UCX_OP_EP_CLOSE)
+            return true;
+    }
+    return false;
+}
+
+static void worker_settle_closes(pl_ucx_worker_t *w, pl_runtime_t *rt)
+{
+    int64_t deadline = pl_clock_ns() + UCX_CLOSE_SETTLE_NS;
+
+    while (worker_closes_in_flight(w) && pl_clock_ns() < deadline) {
+        unsigned got = ucp_worker_progress(w->ucp);
+        if (rt)                 /* (from a finalizer other workers' runtime may be gone) */
+            got += ucx_reactor_progress_peers(w, rt, true);
+        if (got == 0)
+            usleep(50);
+    }
 }
 
 /* Let wire-ups under way finish before the worker goes.  UCX 1.13 aborts
@@ -525,7 +560,7 @@ static unsigned worker_progress_all(pl_ucx_worker_t *w, pl_runtime_t *rt)
     unsigned got = ucp_worker_progress(w->ucp);
 
     if (rt)                     /* (from a finalizer other workers' runtime may be gone) */
-        got += ucx_reactor_progress_peers(w, rt);
+        got += ucx_reactor_progress_peers(w, rt, false);
     return got;
 }
 
@@ -661,6 +696,8 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
     ucx_header_blocks_free(w);
     worker_cancel_ops(w);
     settled = worker_settle(w, rt);
+    if (settled)
+        worker_settle_closes(w, rt);
     worker_wake_ops(w);
     if (w->reactor)
         ucx_reactor_remove_worker(w);

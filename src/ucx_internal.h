@@ -258,7 +258,7 @@ int ucx_wake(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);
 void ucx_streams_wake_all(pl_ucx_worker_t *w);
 bool ucx_worker_has_peers(pl_ucx_worker_t *w);
 bool ucx_worker_over_window(const pl_ucx_worker_t *w);
-unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt);
+unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt, bool paused_too);
 /* Whether an endpoint of a worker of w's reactor is still connecting
  * (connect_socket) to l's address. */
 bool ucx_reactor_connecting_to(const pl_ucx_worker_t *w, const struct ucx_listener *l);

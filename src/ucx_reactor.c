@@ -55,14 +55,14 @@ static bool worker_busy(pl_ucx_worker_t *w)
 /* The other workers progressed in rt: a peer in this thread waits for our
  * progress as we wait for its (a pull needs its sender), and nobody else
  * progresses it while the close blocks.  Paused ones stay paused. */
-unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt)
+unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt, bool paused_too)
 {
     pl_ucx_reactor_t *r = w->reactor;
     unsigned got = 0;
 
     for (int i = 0; r && i < r->nworkers; i++) {
         pl_ucx_worker_t *peer = r->workers[i];
-        if (peer != w && peer->rt == rt && !worker_paused(peer))
+        if (peer != w && peer->rt == rt && (paused_too || !worker_paused(peer)))
             got += ucp_worker_progress(peer->ucp);
     }
     return got;
