@@ -416,6 +416,58 @@ describe("Worker:close", function()
         end
     end)
 
+    it("leaves to UCX, with the worker, an endpoint's close that waits for a stopped peer: destroyed, UCX asserted", function()
+        -- the close's flush waited for the peer's answer; ucp_worker_destroy
+        -- ended it and asserted as above (ucp_ep.c:382).  The kept worker
+        -- goes at a later create_worker, once the peer answered.
+        for _, pe in ipairs({ "false", "true" }) do
+            local status, out, err = helper.run_script([[
+                local ucx = require "pluvio.ucx"
+                if arg[1] == "peer" then
+                    local ctx = assert(ucx.Context.new())
+                    local w = assert(ctx:create_worker())
+                    local s = w:am_stream(1)
+                    local ffi = require "ffi"
+                    ffi.cdef "int getpid(void);"
+                    local f = assert(io.open(arg[2] .. ".tmp", "wb"))
+                    f:write(ffi.C.getpid(), "\n", w:address()); f:close()
+                    os.rename(arg[2] .. ".tmp", arg[2])
+                    while true do local m = s:wait_msg(); if not m then break end; m:release() end
+                    return
+                end
+                local path = os.tmpname(); os.remove(path)
+                -- (killed in any case: a stopped peer must not outlive a failed run)
+                os.execute("timeout -s KILL 60 " .. arg[-1] .. " " .. arg[0] .. " peer " .. path .. " >/dev/null 2>&1 &")
+                local pid, addr
+                for _ = 1, 1000 do
+                    local f = io.open(path, "rb")
+                    if f then pid = f:read("*l"); addr = f:read("*a"); f:close(); break end
+                    pluvio.sleep(0.01)
+                end
+                os.remove(path)
+                local ctx = assert(ucx.Context.new())
+                local w = assert(ctx:create_worker())
+                local ep = assert(w:connect_addr(assert(addr), { peer_errors = ]] .. pe .. [[ }))
+                assert(ep:am_send(1, "h", "x"))
+                os.execute("kill -STOP " .. pid)
+                local closer = pluvio.spawn(function() return ep:close() end)
+                pluvio.sleep(0.05)
+                print(closer:status())
+                print(w:close())
+                print(closer:join())
+                os.execute("kill -CONT " .. pid)
+                pluvio.sleep(0.1)
+                assert(ctx:create_worker()):close()
+                os.execute("kill -9 " .. pid)
+                ctx:close()
+                print("exit")
+            ]], nil, "UCX_TLS=tcp")
+            assert.equal(0, status, "peer_errors " .. pe .. ": " .. err)
+            assert.equal("waiting\ntrue\ntrue\nexit\n", out, "peer_errors " .. pe)
+            assert.is_nil(err:find("UCX", 1, true), err)
+        end
+    end)
+
     it("lets a connect_addr wire-up under way finish first, so that UCX does not abort the peer worker", function()
         -- two workers of one thread, connected by connect_addr with
         -- peer_errors, one closed two ticks after the first send: the
