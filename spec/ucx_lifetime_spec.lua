@@ -99,6 +99,15 @@ describe("Context", function()
 end)
 
 describe("workers across default runtimes", function()
+    -- In a new run: a message sent on ep, received on stream (its header).
+    local function send_later(ep, stream)
+        assert(ep:am_send(7, "later", "data"))
+        local m = assert(stream:wait_msg())
+        local h = m.header
+        m:release()
+        return h
+    end
+
     it("are progressed by a later pluvio.run, as the Lua state's UCX reactor is", function()
         local ctx, w, stream, ep
         pluvio.run(function()
@@ -107,14 +116,8 @@ describe("workers across default runtimes", function()
             stream = w:am_stream(7)
             ep = assert(w:connect_addr(w:address()))
         end)
-        local header = pluvio.run(function()        -- a new runtime: nothing made here
-            assert(ep:am_send(7, "later", "data"))
-            local m = assert(stream:wait_msg())
-            local h = m.header
-            m:release()
-            return h
-        end)
-        assert.equal("later", header)
+        -- a new runtime: nothing made here
+        assert.equal("later", pluvio.run(send_later, ep, stream))
         pluvio.run(function() ep:close(); w:close(); ctx:close() end)
     end)
 
@@ -141,15 +144,8 @@ describe("workers across default runtimes", function()
         end
         full_collect()
         assert.is_nil(weak.rt, "the dropped runtime was not collected")
-        -- its worker goes on in the next runtime (C forgot the freed one)
-        local header = pluvio.run(function()
-            assert(ep:am_send(7, "later", "data"))
-            local m = assert(stream:wait_msg())
-            local h = m.header
-            m:release()
-            return h
-        end)
-        assert.equal("later", header)
+        -- its worker goes on in the next runtime (which registers the reactor anew)
+        assert.equal("later", pluvio.run(send_later, ep, stream))
         pluvio.run(function() ep:close(); w:close(); ctx:close() end)
     end)
 
