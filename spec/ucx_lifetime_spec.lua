@@ -149,6 +149,39 @@ describe("workers across default runtimes", function()
         pluvio.run(function() ep:close(); w:close(); ctx:close() end)
     end)
 
+    it("wake their tasks in a runtime of one's own once the runtime that progressed them last was freed", function()
+        -- The worker kept a pointer to that runtime, freed with it: a
+        -- listener's close in a runtime without the UCX reactor woke its
+        -- accept through it (a use after free, which ASan reports)
+        local weak = setmetatable({}, { __mode = "v" })
+        local ctx, w, l
+        do
+            local rt = pluvio.Runtime.new()
+            local reactor = ucx.UCXReactor.current()
+            rt:register_reactor("ucx", reactor)
+            weak.rt = rt
+            rt:run(function()
+                ctx = assert(ucx.Context.new())
+                w = assert(ctx:create_worker())
+                reactor:register_worker(w)
+                l = assert(w:create_listener("127.0.0.1", 0))
+                pluvio.sleep(0.001)
+            end)
+        end
+        full_collect()
+        assert.is_nil(weak.rt, "the dropped runtime was not collected")
+        local own = pluvio.Runtime.new()        -- no UCX reactor on it
+        local got = { own:run(function()
+            local acc = pluvio.spawn(function() return l:accept() end)
+            pluvio.yield()                      -- it parks
+            assert.is_true(l:close())           -- and is woken
+            return acc:join()
+        end) }
+        assert.same({ nil, "accept: the listener was closed", "EBADF" }, got)
+        assert.is_true(w:close())
+        ctx:close()
+    end)
+
     it("progress a worker made while no runtime ran (a luajit script's top level, a busted setup)", function()
         assert.is_nil(pluvio.runtime())
         local ctx = assert(ucx.Context.new())
