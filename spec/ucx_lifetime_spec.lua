@@ -108,6 +108,21 @@ describe("workers across default runtimes", function()
         return h
     end
 
+    -- fn(reactor) run in a runtime of its own with the UCX reactor, which
+    -- is then dropped: it must be collected.
+    local function run_dropped(fn)
+        local weak = setmetatable({}, { __mode = "v" })
+        do
+            local rt = pluvio.Runtime.new()
+            local reactor = ucx.UCXReactor.current()
+            rt:register_reactor("ucx", reactor)
+            weak.rt = rt
+            rt:run(fn, reactor)
+        end
+        full_collect()
+        assert.is_nil(weak.rt, "the dropped runtime was not collected")
+    end
+
     it("are progressed by a later pluvio.run, as the Lua state's UCX reactor is", function()
         local ctx, w, stream, ep
         pluvio.run(function()
@@ -125,25 +140,16 @@ describe("workers across default runtimes", function()
         -- The Lua state's reactor lives on; it held the last runtime that
         -- registered it, and with it that runtime's other reactors (an
         -- io_uring ring, registered buffers), until another one came.
-        local weak = setmetatable({}, { __mode = "v" })
         local ctx, w, stream, ep
-        do
-            local rt = pluvio.Runtime.new()
-            local reactor = ucx.UCXReactor.current()
-            rt:register_reactor("ucx", reactor)
-            weak.rt = rt
-            rt:run(function()
-                ctx = assert(ucx.Context.new())
-                w = assert(ctx:create_worker())
-                reactor:register_worker(w)
-                stream = w:am_stream(7)
-                ep = assert(w:connect_addr(w:address()))
-                assert(ep:am_send(7, "first", "data"))
-                assert(stream:wait_msg()):release()
-            end)
-        end
-        full_collect()
-        assert.is_nil(weak.rt, "the dropped runtime was not collected")
+        run_dropped(function(reactor)
+            ctx = assert(ucx.Context.new())
+            w = assert(ctx:create_worker())
+            reactor:register_worker(w)
+            stream = w:am_stream(7)
+            ep = assert(w:connect_addr(w:address()))
+            assert(ep:am_send(7, "first", "data"))
+            assert(stream:wait_msg()):release()
+        end)
         -- its worker goes on in the next runtime (which registers the reactor anew)
         assert.equal("later", pluvio.run(send_later, ep, stream))
         pluvio.run(function() ep:close(); w:close(); ctx:close() end)
@@ -153,23 +159,14 @@ describe("workers across default runtimes", function()
         -- The worker kept a pointer to that runtime, freed with it: a
         -- listener's close in a runtime without the UCX reactor woke its
         -- accept through it (a use after free, which ASan reports)
-        local weak = setmetatable({}, { __mode = "v" })
         local ctx, w, l
-        do
-            local rt = pluvio.Runtime.new()
-            local reactor = ucx.UCXReactor.current()
-            rt:register_reactor("ucx", reactor)
-            weak.rt = rt
-            rt:run(function()
-                ctx = assert(ucx.Context.new())
-                w = assert(ctx:create_worker())
-                reactor:register_worker(w)
-                l = assert(w:create_listener("127.0.0.1", 0))
-                pluvio.sleep(0.001)
-            end)
-        end
-        full_collect()
-        assert.is_nil(weak.rt, "the dropped runtime was not collected")
+        run_dropped(function(reactor)
+            ctx = assert(ucx.Context.new())
+            w = assert(ctx:create_worker())
+            reactor:register_worker(w)
+            l = assert(w:create_listener("127.0.0.1", 0))
+            pluvio.sleep(0.001)
+        end)
         local own = pluvio.Runtime.new()        -- no UCX reactor on it
         local got = { own:run(function()
             local acc = pluvio.spawn(function() return l:accept() end)
