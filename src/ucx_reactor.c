@@ -54,7 +54,9 @@ static bool worker_busy(pl_ucx_worker_t *w)
 
 /* The other workers progressed in rt: a peer in this thread waits for our
  * progress as we wait for its (a pull needs its sender), and nobody else
- * progresses it while the close blocks.  Paused ones stay paused. */
+ * progresses it while the close blocks.  Paused ones stay paused.  So are
+ * those whose runtime was freed (ucx_reactors_forget): until a run polls
+ * them again they have none, and nobody else progresses them either. */
 unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt, bool paused_too)
 {
     pl_ucx_reactor_t *r = w->reactor;
@@ -62,7 +64,7 @@ unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt, 
 
     for (int i = 0; r && i < r->nworkers; i++) {
         pl_ucx_worker_t *peer = r->workers[i];
-        if (peer != w && peer->rt == rt && (paused_too || !worker_paused(peer)))
+        if (peer != w && (peer->rt == rt || !peer->rt) && (paused_too || !worker_paused(peer)))
             got += ucp_worker_progress(peer->ucp);
     }
     return got;
@@ -293,8 +295,10 @@ void pl_ucx_reactor_free(pl_ucx_reactor_t *r)
             break;
         }
     }
-    for (int i = 0; i < r->nworkers; i++)
+    for (int i = 0; i < r->nworkers; i++) {   /* (a runtime freed later cannot reach them) */
         r->workers[i]->reactor = NULL;
+        r->workers[i]->rt = NULL;
+    }
     close(r->epfd);
     free(r);
 }
