@@ -206,6 +206,22 @@ describe("pluvio.channel", function()
         left:kill()
     end))
 
+    it("wakes a sender whose plain coroutine had left a recv on the same channel", async(function()
+        -- the left recv kept the task marked as queued on the channel, so
+        -- its own send there was never queued: the receiver that made room
+        -- woke nobody (a false deadlock report without the timeout)
+        local ch = pluvio.channel(1)
+        local first = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()                              -- parks first
+        local co = coroutine.wrap(function() return ch:recv() end)
+        co()                                        -- queued behind first, left there
+        assert.has_error(co, "Channel:recv: called from a coroutine that is not a pluvio task (only pluvio tasks may block)")
+        ch:send(1)                                  -- wakes first
+        assert.is_true(ch:send(2))                  -- full: parks until first takes 1
+        assert.equal(1, first:join())
+        assert.equal(2, ch:recv())
+    end))
+
     it("wakes the nested runtime's receiver while a receiver of the outer one waits too", async(function()
         -- the turn went to the outer receiver, first in line but paused
         -- until the nested runtime ends: the nested one's receiver waited

@@ -95,6 +95,14 @@ function Channel:describe()
     return format("channel (%d/%d%s)", self.count, self.cap, self.closed and ", closed" or "")
 end
 
+-- A task's wait that finds it still marked as queued here (t.parked_on) at
+-- its start was left by a plain coroutine of the task: that wait yielded to
+-- the coroutine's resumer and raised when resumed, or was never resumed,
+-- and its entry stayed, maybe in the other queue.  (A task's own waits
+-- clear the mark when they end, and a task runs one wait at a time.)  It
+-- leaves first: else a send after a left recv was never queued as a sender,
+-- and the receiver that made room woke nobody.
+
 -- send(v): queue v (not nil); parks while the channel is full.  Sending on a
 -- closed channel raises.
 function Channel:send(v)
@@ -107,6 +115,10 @@ function Channel:send(v)
     end
     if self.count >= self.cap then
         local t = running_task("Channel:send")
+        if t.parked_on == self then     -- left by a plain coroutine's wait (see above send)
+            self:_leave(t)
+            t.parked_on = nil
+        end
         repeat
             if t.parked_on ~= self then
                 t.parked_on = self
@@ -142,6 +154,10 @@ function Channel:recv()
             return nil, "closed"
         end
         local t = running_task("Channel:recv")
+        if t.parked_on == self then     -- left by a plain coroutine's wait (see above send)
+            self:_leave(t)
+            t.parked_on = nil
+        end
         repeat
             if t.parked_on ~= self then
                 t.parked_on = self
