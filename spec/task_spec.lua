@@ -912,6 +912,13 @@ describe("regressions", function()
         assert.matches("pluvio: an on_exit clean%-up of task .* failed: .*cleanup broke", err)
     end)
 
+    it("raises, from on_exit, the error of a clean-up run at once on a finished task", async(function()
+        local t = pluvio.spawn(function() end)
+        t:join()
+        assert.has_error(function() t:on_exit(function() error("late clean-up broke", 0) end) end,
+            "late clean-up broke")
+    end))
+
     it("finishes a task whose failing clean-up raised an error object that cannot be printed", function()
         local status, out, err = helper.run_script([[
             local bad = setmetatable({}, { __tostring = function() error("no words", 0) end })
