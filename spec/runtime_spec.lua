@@ -584,6 +584,24 @@ describe("Runtime:stats and Runtime:tasks", function()
         end)
     end)
 
+    it("counts as ready the tasks on the queue, not the rest of the batch being run, which tasks() shows ready", function()
+        local rt = pluvio.Runtime.new()
+        local counted, listed
+        rt:run(function()
+            pluvio.spawn(function()
+                counted = rt:stats().tasks_ready
+                listed = 0
+                for _, e in ipairs(rt:tasks()) do
+                    if e.state == "ready" then listed = listed + 1 end
+                end
+            end)
+            pluvio.spawn(function() end)
+            pluvio.yield()              -- one batch: the two tasks, then main
+        end)
+        assert.equal(0, counted)
+        assert.equal(2, listed)
+    end)
+
     it("lists live tasks with name, state, wait, resumes and run time", function()
         local rt = pluvio.Runtime.new()
         rt:run(function()
