@@ -439,6 +439,20 @@ describe("pluvio.now", function()
 end)
 
 describe("pluvio.timeout", function()
+    it("cancels a child that never ran when the deadline passed before the caller ran again", async(function()
+        local hog = pluvio.spawn(function()
+            pluvio.yield()                  -- then runs after main in main's next batch
+            local t0 = pluvio.now()
+            while pluvio.now() - t0 < 0.003 do end
+        end)
+        pluvio.yield()
+        pluvio.current():wake()             -- main is queued ahead of the child
+        local ran = false
+        local r, err = pluvio.timeout(0.001, function() ran = true end)
+        assert.same({ nil, "timeout", false }, { r, err, ran })
+        hog:join()
+    end))
+
     it("returns the function's results when it finishes in time", async(function()
         local a, b = pluvio.timeout(1, function(x) pluvio.sleep(0.001); return x, "y" end, "x")
         assert.equal("x", a)
