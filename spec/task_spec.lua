@@ -926,6 +926,24 @@ describe("regressions", function()
         assert.matches("pluvio: an on_exit clean%-up of task .* failed: .*cleanup broke", err)
     end)
 
+    it("does not report as failed a clean-up that killed the task that ran it, which still ends cancelled", function()
+        local status, out, err = helper.run_script([[
+            local victim = pluvio.spawn(pluvio.sleep, 10)
+            local killer
+            killer = pluvio.spawn(function()
+                pluvio.yield()
+                victim:kill()           -- runs victim's clean-up, which kills killer
+                pluvio.yield()
+                return "went on"
+            end)
+            victim:on_exit(function() killer:kill() end)
+            print(select(2, killer:join()), killer:status())
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("cancelled\tcancelled\n", out)
+        assert.equal("", err)
+    end)
+
     it("raises, from on_exit, the error of a clean-up run at once on a finished task", async(function()
         local t = pluvio.spawn(function() end)
         t:join()

@@ -476,7 +476,9 @@ local function finish(rt, t, final, was_running)
         t.cleanups = nil
         for i = #cleanups, 1, -1 do
             local ok, err = pcall(cleanups[i], t)
-            if not ok then
+            -- (a clean-up that killed the task running it, the killer: no
+            -- failure of the clean-up; that task stops at its next wait)
+            if not ok and err ~= KILLED then
                 io.stderr:write(format("pluvio: an on_exit clean-up of %s failed: %s\n",
                                        tostring(t), error_text(err)))
             end
