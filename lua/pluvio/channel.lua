@@ -115,7 +115,7 @@ function Channel:send(v)
     end
     if self.count >= self.cap then
         local t = running_task("Channel:send")
-        if t.parked_on == self then     -- left by a plain coroutine's wait (see above send)
+        if t.parked_on == self then     -- left by a plain coroutine's wait (see above Channel:send)
             self:_leave(t)
             t.parked_on = nil
         end
@@ -154,7 +154,7 @@ function Channel:recv()
             return nil, "closed"
         end
         local t = running_task("Channel:recv")
-        if t.parked_on == self then     -- left by a plain coroutine's wait (see above send)
+        if t.parked_on == self then     -- left by a plain coroutine's wait (see above Channel:send)
             self:_leave(t)
             t.parked_on = nil
         end
