@@ -470,6 +470,17 @@ static bool worker_holds_requests(pl_ucx_worker_t *w)
     return false;
 }
 
+/* One progress of the worker and of the others of rt (a peer in this
+ * thread may be one; paused_too: also those paused by a full window). */
+static unsigned worker_progress_all(pl_ucx_worker_t *w, pl_runtime_t *rt, bool paused_too)
+{
+    unsigned got = ucp_worker_progress(w->ucp);
+
+    if (rt)                     /* (from a finalizer other workers' runtime may be gone) */
+        got += ucx_reactor_progress_peers(w, rt, paused_too);
+    return got;
+}
+
 /* Progress until UCX holds no such request (none can be cancelled: they
  * finish), at most UCX_CLOSE_WAIT_NS; false if some still are. */
 static bool worker_settle(pl_ucx_worker_t *w, pl_runtime_t *rt)
@@ -477,13 +488,9 @@ static bool worker_settle(pl_ucx_worker_t *w, pl_runtime_t *rt)
     int64_t deadline = pl_clock_ns() + UCX_CLOSE_WAIT_NS;
 
     while (worker_holds_requests(w)) {
-        unsigned got;
         if (pl_clock_ns() > deadline)
             return false;
-        got = ucp_worker_progress(w->ucp);
-        if (rt)                 /* (from a finalizer other workers' runtime may be gone) */
-            got += ucx_reactor_progress_peers(w, rt, false);
-        if (got == 0)
+        if (worker_progress_all(w, rt, false) == 0)
             usleep(50);         /* a remote peer's turn: do not spin the core */
     }
     return true;
@@ -516,13 +523,9 @@ static void worker_settle_closes(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
     int64_t deadline = pl_clock_ns() + UCX_CLOSE_SETTLE_NS;
 
-    while (worker_closes_in_flight(w) && pl_clock_ns() < deadline) {
-        unsigned got = ucp_worker_progress(w->ucp);
-        if (rt)                 /* (from a finalizer other workers' runtime may be gone) */
-            got += ucx_reactor_progress_peers(w, rt, true);
-        if (got == 0)
+    while (worker_closes_in_flight(w) && pl_clock_ns() < deadline)
+        if (worker_progress_all(w, rt, true) == 0)
             usleep(50);
-    }
 }
 
 /* Let wire-ups under way finish before the worker goes.  UCX 1.13 aborts
@@ -557,15 +560,6 @@ static bool worker_connecting(const pl_ucx_worker_t *w)
     return false;
 }
 
-static unsigned worker_progress_all(pl_ucx_worker_t *w, pl_runtime_t *rt)
-{
-    unsigned got = ucp_worker_progress(w->ucp);
-
-    if (rt)                     /* (from a finalizer other workers' runtime may be gone) */
-        got += ucx_reactor_progress_peers(w, rt, false);
-    return got;
-}
-
 static void worker_quiesce(pl_ucx_worker_t *w, pl_runtime_t *rt)
 {
     int64_t deadline = pl_clock_ns() + UCX_CONNECT_WAIT_NS;
@@ -574,7 +568,7 @@ static void worker_quiesce(pl_ucx_worker_t *w, pl_runtime_t *rt)
     int quiet = 0;
 
     while (worker_connecting(w) && pl_clock_ns() < deadline)
-        if (worker_progress_all(w, rt) == 0)
+        if (worker_progress_all(w, rt, false) == 0)
             usleep(50);         /* (the server's turn, perhaps in another process) */
     deadline = pl_clock_ns() + UCX_QUIESCE_NS;
 
@@ -588,11 +582,11 @@ static void worker_quiesce(pl_ucx_worker_t *w, pl_runtime_t *rt)
         if (!UCS_PTR_IS_PTR(sp))
             continue;
         while (ucp_request_check_status(sp) == UCS_INPROGRESS && pl_clock_ns() < deadline)
-            worker_progress_all(w, rt);
+            worker_progress_all(w, rt, false);
         ucp_request_free(sp);   /* (UCX frees one still going as it ends) */
     }
     while (p2p && quiet < UCX_QUIESCE_ROUNDS && pl_clock_ns() < deadline)
-        quiet = worker_progress_all(w, rt) ? 0 : quiet + 1;
+        quiet = worker_progress_all(w, rt, false) ? 0 : quiet + 1;
 }
 
 /* A listener closed while a client's connection was on its way is kept
@@ -608,7 +602,7 @@ static void worker_settle_listeners(pl_ucx_worker_t *w, pl_runtime_t *rt)
     int64_t deadline = pl_clock_ns() + UCX_LISTENER_WAIT_NS;
 
     while (w->listeners_closing > 0 && pl_clock_ns() < deadline) {
-        if (worker_progress_all(w, rt) == 0)
+        if (worker_progress_all(w, rt, false) == 0)
             usleep(50);
         ucx_listeners_settle(w, UCX_SETTLE_DUE);
     }

@@ -236,7 +236,7 @@ struct ucx_ep *ucx_ep_get(pl_ucx_worker_t *w, int ep);
 void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep);
 int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer);
 /* Destroy the UCX listeners of closed ones that no connection can call
- * any more (ucx_conn.c): those whose retry time came (DUE), all (NOW), or
+ * any more (ucx_listener.c): those whose retry time came (DUE), all (NOW), or
  * all of them whatever may call them (FORCE: the worker goes). */
 enum ucx_settle { UCX_SETTLE_DUE, UCX_SETTLE_NOW, UCX_SETTLE_FORCE };
 void ucx_listeners_settle(pl_ucx_worker_t *w, enum ucx_settle how);

@@ -597,14 +597,14 @@ void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res)
      * count alone would read as the end of the file, or for a write as a
      * full disk (ENOSPC), and for a send as all of it sent.  The same for
      * one whose rest found the submission queue full (-PL_ESQFULL). */
-    if (op->kind != OP_OTHER && res > 0 && op->fd_closed && op->done < op->len)
-        op->res = -ECANCELED;
-    else if (op->kind != OP_OTHER && res > 0 && op->sq_refused)
-        op->res = -PL_ESQFULL;
-    else if (op->kind != OP_OTHER && res >= 0)
-        op->res = (int32_t)op->done;
-    else
+    if (op->kind == OP_OTHER || res < 0)
         op->res = res;
+    else if (res > 0 && op->fd_closed && op->done < op->len)
+        op->res = -ECANCELED;
+    else if (res > 0 && op->sq_refused)
+        op->res = -PL_ESQFULL;
+    else
+        op->res = (int32_t)op->done;
     op->state = OP_DONE;
     if (op->queue != NONE)
         uring_queue_done(u, op->queue, i);

@@ -102,6 +102,12 @@ end
 -- clear the mark when they end, and a task runs one wait at a time.)  It
 -- leaves first: else a send after a left recv was never queued as a sender,
 -- and the receiver that made room woke nobody.
+local function leave_stale_wait(ch, t)
+    if t.parked_on == ch then
+        ch:_leave(t)
+        t.parked_on = nil
+    end
+end
 
 -- send(v): queue v (not nil); parks while the channel is full.  Sending on a
 -- closed channel raises.
@@ -115,10 +121,7 @@ function Channel:send(v)
     end
     if self.count >= self.cap then
         local t = running_task("Channel:send")
-        if t.parked_on == self then     -- left by a plain coroutine's wait (see above Channel:send)
-            self:_leave(t)
-            t.parked_on = nil
-        end
+        leave_stale_wait(self, t)
         repeat
             if t.parked_on ~= self then
                 t.parked_on = self
@@ -154,10 +157,7 @@ function Channel:recv()
             return nil, "closed"
         end
         local t = running_task("Channel:recv")
-        if t.parked_on == self then     -- left by a plain coroutine's wait (see above Channel:send)
-            self:_leave(t)
-            t.parked_on = nil
-        end
+        leave_stale_wait(self, t)
         repeat
             if t.parked_on ~= self then
                 t.parked_on = self
