@@ -31,6 +31,9 @@ static const char usage[] =
     "options:\n"
     "  -e code      run code (inside the main task, before the script)\n"
     "  -l module    require module (inside the main task, before the script)\n"
+    "  -j cmd       control LuaJIT as luajit -j does: -jv[=file], -jdump[=opts[,file]],\n"
+    "               -jp[=opts[,file]], -joff, -jflush (before any -e, -l or script)\n"
+    "  -O[opt]      LuaJIT optimizations as luajit -O: -O1, -O-loop, -Ohotloop=10\n"
     "  --stats      print runtime statistics and live tasks at exit (stderr)\n"
     "  -v, --version  print the version\n"
     "  -h, --help   print this help\n"
@@ -126,11 +129,13 @@ struct options {
     int version;
     int help;
     int interactive;    /* no script, stdin a terminal: read-eval-print */
+    int runs_code;      /* an -e or -l (a -j or -O alone still gives the prompt) */
     int stdin_closed;   /* by the parent (now /dev/null: open_std_fds) */
     const char *bad;    /* an option we do not know, or one missing its value */
 };
 
-/* Parse options; -e and -l are pushed, in order, into the table on top. */
+/* Parse options; -e, -l, -j and -O are pushed, in order, into the table
+ * on top, as { letter, value }. */
 static struct options parse(lua_State *L, int argc, char **argv)
 {
     struct options o = { .script = argc };
@@ -146,12 +151,16 @@ static struct options parse(lua_State *L, int argc, char **argv)
             o.script = i;
             return o;
         }
-        if (a[1] == 'e' || a[1] == 'l') {   /* -e code, -ecode: as luajit takes them */
-            const char *value = a[2] ? a + 2 : i + 1 < argc ? argv[++i] : NULL;
+        if (a[1] == 'e' || a[1] == 'l' || a[1] == 'j' || a[1] == 'O') {
+            /* -e code, -ecode: as luajit takes them; -O only attached
+             * (-O alone: the default level) */
+            const char *value = a[2] || a[1] == 'O' ? a + 2 : i + 1 < argc ? argv[++i] : NULL;
             if (!value) {
                 o.bad = a;
                 return o;
             }
+            if (a[1] == 'e' || a[1] == 'l')
+                o.runs_code = 1;
             lua_createtable(L, 2, 0);
             lua_pushlstring(L, a + 1, 1);
             lua_rawseti(L, -2, 1);
@@ -240,7 +249,7 @@ int main(int argc, char **argv)
         lua_close(L);
         return 0;
     }
-    if (o.script == argc && lua_objlen(L, 1) == 0) {
+    if (o.script == argc && !o.runs_code) {
         if (!isatty(STDIN_FILENO)) {
             /* luajit would run stdin here; say why we do not, and what does */
             fputs("pluvio: no script to run, and standard input is not a terminal "

@@ -243,10 +243,58 @@ local function repl(pluvio, w)
     end
 end
 
--- opts: { script = path or "-" or nil, actions = { {"e", code} | {"l", module} },
+-- -j cmd[=arg[,arg...]], as luajit takes it: a function of the jit
+-- table (on, off, flush) called with the args, else the module jit.cmd
+-- (v, dump, p, bc, ...) started with them; an empty arg is nil.
+local function jit_command(spec)
+    local cmd, rest = spec:match("^([^=]*)=?(.*)$")
+    local args, n = {}, 0
+    if rest ~= "" then
+        for a in (rest .. ","):gmatch("([^,]*),") do
+            n = n + 1
+            args[n] = a ~= "" and a or nil
+        end
+    end
+    local fn = jit[cmd]
+    if type(fn) ~= "function" then
+        local ok, mod = pcall(require, "jit." .. cmd)
+        if not ok or type(mod) ~= "table" or type(mod.start) ~= "function" then
+            local why = ok and "" or tostring(mod):match("^module '[^']*' not found") and "" or
+                        ": " .. tostring(mod)   -- (a module that failed to load says why)
+            error(format("-j%s: %q is neither a LuaJIT command (on, off, flush) nor a module jit.%s " ..
+                         "with a start function (v, dump, p, ...)%s", spec, cmd, cmd, why), 0)
+        end
+        fn = mod.start
+    end
+    local ok, err = pcall(fn, unpack(args, 1, n))
+    if not ok then
+        error(format("-j%s: %s", spec, tostring(err)), 0)
+    end
+end
+
+-- -O[opt]: jit.opt.start(opt); -O alone sets the default level, 3.
+local function jit_optimize(opt)
+    local ok, err = pcall(require("jit.opt").start, opt == "" and 3 or opt)
+    if not ok then
+        error(format("-O%s: %s", opt, tostring(err)), 0)
+    end
+end
+
+-- opts: { script = path or "-" or nil, actions = { {"e", code} | {"l", module} | {"j", cmd} | {"O", opt} },
 --         stats = bool, interactive = bool, stdin_closed = bool }
 function M.main(opts)
     local pluvio = require "pluvio"
+    -- -j and -O first, outside the run: they set the JIT for the whole
+    -- process, and a mistyped one stops the host before anything runs
+    for _, a in ipairs(opts.actions) do
+        if a[1] == "j" or a[1] == "O" then
+            local ok, err = pcall(a[1] == "j" and jit_command or jit_optimize, a[2])
+            if not ok then
+                io.stderr:write("pluvio: ", tostring(err), "\n")
+                return 1
+            end
+        end
+    end
     local chunk
     if opts.script then
         local err
@@ -257,17 +305,17 @@ function M.main(opts)
         end
     end
     local actions = {}
-    for i, a in ipairs(opts.actions) do
+    for _, a in ipairs(opts.actions) do
         if a[1] == "e" then
             local f, err = load(a[2], "=(command line)")
             if not f then
                 io.stderr:write("pluvio: ", err, "\n")
                 return 1
             end
-            actions[i] = f
-        else
+            actions[#actions + 1] = f
+        elseif a[1] == "l" then
             local name = a[2]
-            actions[i] = function()
+            actions[#actions + 1] = function()
                 -- (through pcall: require's error would begin with this line of the host)
                 local ok, mod = pcall(require, name)
                 if not ok then
