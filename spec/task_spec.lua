@@ -151,6 +151,30 @@ describe("Task:join", function()
         assert.matches('Task:join: task "task%-%d+" %(#%d+, done%) was already joined', err)
     end))
 
+    it("refuses the main task of a run, saying that the run returns its results", async(function()
+        local main = pluvio.current()
+        local t = pluvio.spawn(function() return pcall(main.join, main) end)
+        local ok, err = t:join()
+        assert.is_false(ok)
+        assert.matches('^Task:join: task "main" %(#1, waiting%) is the main task of its runtime, ' ..
+                       'whose results Runtime:run returns %(or raises%); no task can join it$', err)
+        -- pluvio.timeout runs fn as a child task: the join there raises the same
+        local tok, terr = pcall(pluvio.timeout, 1, function() return main:join() end)
+        assert.is_false(tok)
+        assert.matches('Task:join: task "main" %(#1, waiting%) is the main task of its runtime', terr)
+    end))
+
+    it("refuses the main task of a block_on, even after block_on returned", function()
+        local rt = pluvio.Runtime.new()
+        local main = rt:block_on(function() return pluvio.current() end)
+        local ok, err = rt:block_on(function()
+            return pcall(main.join, main)
+        end)
+        assert.is_false(ok)
+        assert.matches('Task:join: task "main" %(#1, done%) is the main task of its runtime, ' ..
+                       'whose results Runtime:block_on returns %(or raises%); no task can join it', err)
+    end)
+
     it("refuses a task whose pluvio.timeout waits on it", async(function()
         local child
         local ok, err
@@ -981,6 +1005,17 @@ describe("regressions", function()
             assert.matches(case[2]:gsub("%p", "%%%0") .. ": call it as a method", err)
         end
     end)
+
+    it("refuses to select the main task, saying that the run returns its results", async(function()
+        local main = pluvio.current()
+        local other = pluvio.spawn(function() pluvio.sleep(0.001) end)
+        local t = pluvio.spawn(function() return pcall(pluvio.select, other, main) end)
+        local ok, err = t:join()
+        assert.is_false(ok)
+        assert.matches('pluvio.select: argument 2, task "main" %(#1, waiting%), is the main task of ' ..
+                       'its runtime, whose results Runtime:run returns %(or raises%); no task can join it', err)
+        other:join()
+    end))
 
     it("refuses to select a task whose results were already taken", async(function()
         local s = pluvio.spawn(function() return 1 end)

@@ -592,13 +592,21 @@ end
 -- not take, and a killed waiter's claim lapses.  Another waiter meanwhile,
 -- even one that comes after the task ended but before the claimant ran
 -- again, gets an error (nil if t may be claimed by me; else the reason).
+-- A run's main task is claimed by its run (main_of: "Runtime:run" or
+-- "Runtime:block_on"), which returns its results: said as such, since "was
+-- already joined" read as a bug to whoever never joined it.
 local function claim_refused(t, me)
+    local run = t.main_of
+    if run then
+        return format("is the main task of its runtime, whose results %s returns (or raises); " ..
+                      "no task can join it", run)
+    end
     if t.joined then
-        return "was already joined"
+        return "was already joined; a task's results are given once"
     end
     local other = t.joiner
     if other and other ~= me and other.live then
-        return "is already waited for by " .. tostring(other)
+        return "is already waited for by " .. tostring(other) .. "; a task's results are given once"
     end
     return nil
 end
@@ -628,8 +636,7 @@ function Task:join()
     end
     local refused = claim_refused(self, me)
     if refused then
-        error("Task:join: " .. tostring(self) .. " " .. refused .. "; " ..
-              "a task's results are given once", 2)
+        error("Task:join: " .. tostring(self) .. " " .. refused, 2)
     end
     local claim = self.live and not in_plain_coroutine(me)    -- (a plain coroutine's raises when resumed)
     if claim then
@@ -1129,6 +1136,7 @@ local function drive(rt, fname, until_all, fn, ...)
     end
     local main = spawn(rt, fname, "main", fn, ...)
     main.joined = true
+    main.main_of = fname    -- (see claim_refused)
     rt.running = true
     rt.main_task, rt.outer_task = main, outer_task
     rt.done = until_all and run_done or block_on_done
@@ -1414,8 +1422,7 @@ function M.select(...)
         end
         local refused = claim_refused(tasks[i], me)
         if refused then
-            error(format("pluvio.select: argument %d, %s, %s; a task's results are given once",
-                         i, tostring(tasks[i]), refused), 2)
+            error(format("pluvio.select: argument %d, %s, %s", i, tostring(tasks[i]), refused), 2)
         end
     end
     local claimed           -- (nil until it first waits: then whether it claims)
