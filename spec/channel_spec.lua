@@ -222,6 +222,68 @@ describe("pluvio.channel", function()
         assert.equal(2, ch:recv())
     end))
 
+    it("wakes a sender whose plain coroutine had left a recv before the task waited on another channel",
+       async(function()
+        -- the left recv stayed queued, unmarked once the task's own wait on
+        -- other ended; a wake walking past it took the mark of the task's
+        -- later send there, which was then never woken (a false deadlock)
+        local ch, other = pluvio.channel(1), pluvio.channel(1)
+        local r1 = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()                              -- r1 parks in ch's recv
+        local t = pluvio.spawn(function()
+            local co = coroutine.wrap(function() return ch:recv() end)
+            co()                                    -- queued behind r1, left there
+            other:recv()
+            ch:send("t")
+            return "t sent"
+        end)
+        pluvio.yield()                              -- t parks in other's recv
+        local s0 = pluvio.spawn(function() ch:send("s0"); return "s0 sent" end)
+        other:send("go")                            -- t ready
+        ch:send("a")                                -- wakes r1
+        pluvio.yield()                              -- s0 then t park in send; r1 takes "a", wakes s0
+        ch:send("c")                                -- before s0 runs: the recv wake walks t's left entry
+        local got = {}
+        for i = 1, 3 do got[i] = ch:recv() end
+        table.sort(got)
+        assert.same({ "c", "s0", "t" }, got)
+        assert.equal("a", r1:join())
+        assert.equal("s0 sent", s0:join())
+        assert.equal("t sent", t:join())
+    end))
+
+    it("keeps one queue entry per task however many plain coroutines left waits on two channels",
+       async(function()
+        local a, b = pluvio.channel(1), pluvio.channel(1)
+        for _ = 1, 100 do
+            coroutine.wrap(function() return a:recv() end)()
+            coroutine.wrap(function() return b:recv() end)()
+        end
+        -- (the queues' extent: 100 entries each before, for one task)
+        assert.is_true(a.recv_tail - a.recv_head + 1 <= 1)
+        assert.is_true(b.recv_tail - b.recv_head + 1 <= 1)
+        local r = pluvio.spawn(function() return a:recv() end)
+        pluvio.yield()
+        a:send("v")
+        assert.equal("v", r:join())
+        b:send("w")
+        assert.equal("w", b:recv())
+    end))
+
+    it("leaves the queue when a wake from elsewhere ends a recv while it is still queued", async(function()
+        local ch = pluvio.channel(1)
+        local r0 = pluvio.spawn(function() return ch:recv() end)
+        local t = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()                              -- both park: r0 first
+        t:wake()                                    -- t is woken, still queued
+        ch:send("a")                                -- wakes r0; t runs first and takes "a"
+        assert.equal("a", t:join())
+        -- (t's entry left with it: r0, parked again, is the only one)
+        assert.equal(1, ch.recv_tail - ch.recv_head + 1)
+        ch:send("b")
+        assert.equal("b", r0:join())
+    end))
+
     it("wakes the nested runtime's receiver while a receiver of the outer one waits too", async(function()
         -- the turn went to the outer receiver, first in line but paused
         -- until the nested runtime ends: the nested one's receiver waited

@@ -95,17 +95,22 @@ function Channel:describe()
     return format("channel (%d/%d%s)", self.count, self.cap, self.closed and ", closed" or "")
 end
 
--- A task's wait that finds it still marked as queued here (t.parked_on) at
--- its start was left by a plain coroutine of the task: that wait yielded to
--- the coroutine's resumer and raised when resumed, or was never resumed,
--- and its entry stayed, maybe in the other queue.  (A task's own waits
--- clear the mark when they end, and a task runs one wait at a time.)  It
--- leaves first: else a send after a left recv was never queued as a sender,
--- and the receiver that made room woke nobody.
-local function leave_stale_wait(ch, t)
-    if t.parked_on == ch then
-        ch:_leave(t)
+-- A task is queued on at most one channel, in one queue, once, and only
+-- while marked so (t.parked_on): a wait leaves the queue it is marked on
+-- when it starts and when it ends.  A mark found at the start (on this
+-- channel or another) was left by a plain coroutine of the task, whose
+-- wait yielded to the coroutine's resumer, not to the loop (and raised if
+-- that resumed it).  One found at the end: a wake from elsewhere
+-- (Task:wake) ended the wait while still queued.  Left there, the entry
+-- stayed unmarked, and once the task waited on that channel's other side
+-- a wake walking past the stale entry took the mark of the real wait:
+-- that send was never woken (a false deadlock).  A loop of abandoned
+-- coroutines receiving on two channels grew a queue without bound.
+local function leave_queue(t)
+    local ch = t.parked_on
+    if ch then
         t.parked_on = nil
+        ch:_leave(t)
     end
 end
 
@@ -121,7 +126,7 @@ function Channel:send(v)
     end
     if self.count >= self.cap then
         local t = running_task("Channel:send")
-        leave_stale_wait(self, t)
+        leave_queue(t)
         repeat
             if t.parked_on ~= self then
                 t.parked_on = self
@@ -131,12 +136,12 @@ function Channel:send(v)
             park(t, WAIT.CHANNEL_SEND, self.cap, self, "Channel:send")
             t.baton = nil
             if self.closed then
-                t.parked_on = nil
+                leave_queue(t)
                 error("Channel:send: the channel was closed while this send waited " ..
                       "(the value was not delivered)", 2)
             end
         until self.count < self.cap
-        t.parked_on = nil
+        leave_queue(t)
     end
     local n = self.count
     self.buf[(self.head + n - 1) % self.cap + 1] = v
@@ -157,7 +162,7 @@ function Channel:recv()
             return nil, "closed"
         end
         local t = running_task("Channel:recv")
-        leave_stale_wait(self, t)
+        leave_queue(t)
         repeat
             if t.parked_on ~= self then
                 t.parked_on = self
@@ -167,11 +172,11 @@ function Channel:recv()
             park(t, WAIT.CHANNEL_RECV, self.cap, self, "Channel:recv")
             t.baton = nil
             if self.count == 0 and self.closed then
-                t.parked_on = nil
+                leave_queue(t)
                 return nil, "closed"
             end
         until self.count > 0
-        t.parked_on = nil
+        leave_queue(t)
     end
     local h = self.head
     local v = self.buf[h]
