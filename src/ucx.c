@@ -255,15 +255,19 @@ void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op)
     p->cb.send = send_done;
 }
 
-/* The same for a receive, on a slot whose UCX request is cleared first.
- * UCX 1.13 fills only the receive part of a request it is given, and when
- * an endpoint fails or is forced closed during a rendezvous pull (RTR sent,
- * over tcp) it purges the pull's request and asserts on the request's send
- * part that it is not a RNDV GET/PUT zcopy (ucp_ep.c:3318, in
- * ucp_ep_req_purge).  A slot whose last op was a rendezvous send still held
- * ucp_rndv_progress_rma_put_zcopy there, and UCX aborted the process.
- * Cleared, the request is as a new slot's (calloc) was.  (A tag_recv in the
- * same sequence did not reach it: its tag fields overlay that one.) */
+/* The same for a receive (an AM pull, a tag_recv), on a slot whose UCX
+ * request is cleared first.  UCX 1.13 fills only the receive part of a
+ * request it is given, and when an endpoint fails or is forced closed
+ * during a rendezvous pull (RTR sent, over tcp) it purges the pull's
+ * request and asserts on the request's send part that it is not a RNDV
+ * GET/PUT zcopy (ucp_ep.c:3318, in ucp_ep_req_purge).  A slot whose last op
+ * was a rendezvous send still held ucp_rndv_progress_rma_put_zcopy there,
+ * and UCX aborted the process.  Cleared, the request is as a new slot's
+ * (calloc) was.  A tag_recv never reached it with 1.13's layout (its tag
+ * fields overlay that pointer) but is cleared as well: that is a layout's
+ * accident, not a promise.  Sends, flushes and closes need no clearing:
+ * UCX sets the flags and every send field they read, as it must for the
+ * requests of its own pool, which a release build reuses uncleared. */
 void ucx_op_param_recv(ucp_request_param_t *p, struct ucx_op *op)
 {
     size_t n = op->w->ctx->request_size;

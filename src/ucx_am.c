@@ -716,7 +716,7 @@ int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, 
 
     if (rc < 0)
         return rc;
-    ucx_op_param(&p, op);
+    ucx_op_param_recv(&p, op);
     p.op_attr_mask |= UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
     p.cb.recv = tag_recv_done;
     /* it waits for a peer: flow control may pause it.  Counted before the
