@@ -44,8 +44,9 @@ SPEC_FLAGS ?=
 .PHONY: all rock test demo bench bench-quick install uninstall clean help deps asan-test check-deps lint
 
 C_BENCH    = $(BUILD)/uring_c_bench
+FLOOR      = $(BUILD)/uring_floor.so
 
-all: $(LIB) $(HOST) $(CDEF) $(C_BENCH) ## (plain `make`) build libpluvio.so, the pluvio host, the FFI cdef and uring_c_bench
+all: $(LIB) $(HOST) $(CDEF) $(C_BENCH) $(FLOOR) ## (plain `make`) build libpluvio.so, the pluvio host, the FFI cdef, uring_c_bench and uring_floor.so
 
 $(BUILD):
 	mkdir -p $(BUILD)
@@ -64,6 +65,11 @@ $(HOST): src/main.c | $(BUILD)
 # latency histogram of libpluvio that uring_bench.lua records into too).
 $(C_BENCH): examples/uring_c_bench.c src/pluvio.h $(LIB)
 	$(CC) $(PL_CFLAGS) -Isrc -o $@ $< -L$(BUILD) $(LDFLAGS) -Wl,-rpath,'$$ORIGIN' -lpluvio -luring
+
+# The same loop cut in two calls for examples/uring_floor.lua (the floor of
+# a task per read: LuaJIT resuming a coroutine per read, nothing else).
+$(FLOOR): examples/uring_c_bench.c src/pluvio.h $(LIB)
+	$(CC) $(PL_CFLAGS) -DURING_FLOOR -fPIC -shared -Isrc -o $@ $< -L$(BUILD) $(LDFLAGS) -Wl,-rpath,'$$ORIGIN' -lpluvio -luring
 
 # The FFI cdef is the marked region of the public header: one source of truth.
 $(CDEF): src/pluvio.h Makefile

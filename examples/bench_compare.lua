@@ -97,6 +97,16 @@ local function run_c_loop(t)
     return j and (t.metric == "mib_s" and j.mib_s or j.iops), cmd, out
 end
 
+-- The floor of a task per read (examples/uring_floor.lua): the C loop's
+-- calls driven from LuaJIT, a coroutine resumed per read, nothing else.
+local function run_floor(t)
+    local cmd = (pin .. "%s %s/examples/uring_floor.lua --file %s --size %d --bs %d --iodepth %d --runtime %g")
+        :format(host, root, file_for(t), o.size, t.bs, t.qd, o.seconds)
+    local out, st = sh_out(cmd)
+    local j = st == 0 and json_of(out)
+    return j and j.iops, cmd, out
+end
+
 -- fio's --runtime counts whole seconds unless given a unit: --runtime=1.5
 -- ran 1 s, and --quick's 0.5 ran no time limit at all (one pass of the
 -- file, 0.1 s).  In milliseconds it runs as long as the others.
@@ -249,7 +259,7 @@ if o.only ~= "ucx" then
         add { group = "uring", name = ("4 KiB randread, page cache, QD %d"):format(qd), rw = "randread", bs = 4096,
               qd = qd, metric = "iops", unit = "IOPS", higher = true,
               goal = qd == 1 and 0.9 or 0.95, ref = "C loop",
-              runs = { pluvio = run_pluvio_uring, ["C loop"] = run_c_loop, fio = run_fio } }
+              runs = { pluvio = run_pluvio_uring, ["C loop"] = run_c_loop, fio = run_fio, floor = run_floor } }
     end
     for _, qd in ipairs({ 32, 128 }) do
         add { group = "uring", name = ("4 KiB randread, page cache, QD %d, one task with an I/O queue"):format(qd),
@@ -421,6 +431,7 @@ for _, t in ipairs(tests) do
     for tool, list in pairs(samples[t]) do
         if tool ~= "pluvio" and tool ~= t.ref then others[#others + 1] = tool .. " " .. fmt(stats(list)) end
     end
+    table.sort(others)
     out(("| %s | %s | %s | %s: %s | %s | %s | %s |"):format(t.name, t.unit, fmt(p), t.ref, fmt(r),
         ratio and ("%.2fx"):format(ratio) or "-",
         t.goal and (t.higher and (">= %.2fx"):format(t.goal) or ("latency <= %.2fx"):format(t.goal)) or "-",

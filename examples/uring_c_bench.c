@@ -18,6 +18,11 @@
  * uring_bench.lua draws them from the same range and distribution with
  * LuaJIT's math.random, so the two read different blocks in a different
  * order (and fio a third).
+ *
+ * Built with -DURING_FLOOR as build/uring_floor.so, the same loop is cut in
+ * two calls, uring_floor_queue(i) and uring_floor_wait(slots), for
+ * examples/uring_floor.lua to drive from LuaJIT: with a coroutine resumed
+ * per read and nothing else, it is the floor of a task-per-read runtime.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -75,6 +80,137 @@ static char *map_buffers(size_t len)
     return start;
 }
 
+#ifdef URING_FLOOR
+#define NAME "uring_floor"
+#else
+#define NAME "uring_c_bench"
+#endif
+
+/* The loop's state: one run per process. */
+static struct io_uring ring;
+static int fd = -1, writing, randomly;
+static long bs;
+static uint64_t blocks, seq, submitted;
+static struct iovec *iov;
+static double *stamp;       /* when buffer i's op started */
+static pl_hist_t *hist;
+
+/* Open path and set up a ring of depth ops on registered buffers of bs
+ * bytes over the first size bytes (0: all of it); 0, or 1 after saying why
+ * on stderr. */
+static int setup(const char *path, const char *rw, long bsize, long depth, long size, int direct)
+{
+    bs = bsize;
+    writing = !strcmp(rw, "write");
+    randomly = !strcmp(rw, "randread");     /* (not a strcmp per op in the yardstick) */
+    fd = open(path, (writing ? O_RDWR | O_CREAT : O_RDONLY) | (direct ? O_DIRECT : 0), 0644);
+    if (fd < 0) {
+        fprintf(stderr, NAME ": open %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    struct stat st;
+    fstat(fd, &st);
+    blocks = (uint64_t)st.st_size / (uint64_t)bs;
+    if (size > 0) {
+        /* the range the others use: a larger file's tail is not read (with
+         * the whole file, --quick's 128 MiB runs read 1 GiB here) */
+        if (!writing && size > st.st_size) {
+            fprintf(stderr, NAME ": %s is shorter than --size %ld\n", path, size);
+            return 1;
+        }
+        blocks = (uint64_t)size / (uint64_t)bs;
+    }
+    if (!writing && blocks == 0) {
+        fprintf(stderr, NAME ": %s is smaller than one block\n", path);
+        return 1;
+    }
+    if (writing && blocks == 0)
+        blocks = 1024;
+
+    int rc = io_uring_queue_init((unsigned)depth, &ring, 0);
+    if (rc < 0) {
+        fprintf(stderr, NAME ": io_uring_queue_init: %s\n", strerror(-rc));
+        return 1;
+    }
+    char *mem = map_buffers((size_t)(bs * depth));
+    iov = calloc((size_t)depth, sizeof(*iov));
+    stamp = calloc((size_t)depth, sizeof(*stamp));
+    hist = pl_hist_new();
+    if (!mem || !iov || !stamp || !hist) {
+        fprintf(stderr, NAME ": out of memory\n");
+        return 1;
+    }
+    for (long i = 0; i < depth; i++) {
+        iov[i].iov_base = mem + i * bs;
+        iov[i].iov_len = (size_t)bs;
+        memset(iov[i].iov_base, 0x5a, (size_t)bs);
+    }
+    rc = io_uring_register_buffers(&ring, iov, (unsigned)depth);
+    if (rc < 0) {
+        fprintf(stderr, NAME ": register buffers: %s\n", strerror(-rc));
+        return 1;
+    }
+    return 0;
+}
+
+/* Queue one op in buffer i. */
+static inline void queue_op(long i)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
+    uint64_t blk = randomly ? next_rand() % blocks : seq++ % blocks;
+
+    if (writing)
+        io_uring_prep_write_fixed(sqe, fd, iov[i].iov_base, (unsigned)bs, blk * (uint64_t)bs, (int)i);
+    else
+        io_uring_prep_read_fixed(sqe, fd, iov[i].iov_base, (unsigned)bs, blk * (uint64_t)bs, (int)i);
+    io_uring_sqe_set_data64(sqe, (uint64_t)i);
+    submitted++;
+}
+
+#ifdef URING_FLOOR
+
+/* The floor library's calls (examples/uring_floor.lua): set up; queue a
+ * read in buffer i; submit and wait for one completion at least, record
+ * each one's latency, put their buffer numbers in slots and return how
+ * many (-1 for an op that did not move bs bytes). */
+int uring_floor_open(const char *path, long bsize, long depth, long size)
+{
+    if (setup(path, "randread", bsize, depth, size, 0))
+        return -1;
+    for (long i = 0; i < depth; i++)
+        stamp[i] = pl_hist_stamp();
+    return 0;
+}
+
+void uring_floor_queue(int i)
+{
+    queue_op(i);
+}
+
+double uring_floor_now(void)
+{
+    return now();
+}
+
+int uring_floor_wait(int *slots)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+
+    io_uring_submit_and_wait(&ring, 1);
+    io_uring_for_each_cqe(&ring, head, cqe) {
+        uint64_t i = io_uring_cqe_get_data64(cqe);
+        if (cqe->res != bs)
+            return -1;
+        stamp[i] = pl_hist_record_stamp(hist, stamp[i]);   /* (the next op starts now) */
+        slots[n++] = (int)i;
+    }
+    io_uring_cq_advance(&ring, n);
+    return (int)n;
+}
+
+#else
+
 static void usage(void)
 {
     fprintf(stderr, "usage: uring_c_bench FILE [--bs N] [--size N] [--iodepth N] [--ops N | --runtime S] "
@@ -85,13 +221,13 @@ static void usage(void)
 int main(int argc, char **argv)
 {
     const char *path = NULL, *rw = "randread";
-    long bs = 4096, depth = 1, max_ops = 0, size = 0;
+    long bsize = 4096, depth = 1, max_ops = 0, size = 0;
     double runtime = 2.0;
     int direct = 0;
 
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--bs") && i + 1 < argc)
-            bs = atol(argv[++i]);
+            bsize = atol(argv[++i]);
         else if (!strcmp(argv[i], "--size") && i + 1 < argc)
             size = atol(argv[++i]);
         else if (!strcmp(argv[i], "--iodepth") && i + 1 < argc)
@@ -109,82 +245,18 @@ int main(int argc, char **argv)
         else
             usage();
     }
-    if (!path || bs <= 0 || size < 0 || depth <= 0 || depth > 4096)
+    if (!path || bsize <= 0 || size < 0 || depth <= 0 || depth > 4096)
         usage();
+    if (setup(path, rw, bsize, depth, size, direct))
+        return 1;
 
-    int writing = !strcmp(rw, "write");
-    int fd = open(path, (writing ? O_RDWR | O_CREAT : O_RDONLY) | (direct ? O_DIRECT : 0), 0644);
-    if (fd < 0) {
-        fprintf(stderr, "uring_c_bench: open %s: %s\n", path, strerror(errno));
-        return 1;
-    }
-    struct stat st;
-    fstat(fd, &st);
-    uint64_t blocks = (uint64_t)st.st_size / (uint64_t)bs;
-    if (size > 0) {
-        /* the range the others use: a larger file's tail is not read (with
-         * the whole file, --quick's 128 MiB runs read 1 GiB here) */
-        if (!writing && size > st.st_size) {
-            fprintf(stderr, "uring_c_bench: %s is shorter than --size %ld\n", path, size);
-            return 1;
-        }
-        blocks = (uint64_t)size / (uint64_t)bs;
-    }
-    if (!writing && blocks == 0) {
-        fprintf(stderr, "uring_c_bench: %s is smaller than one block\n", path);
-        return 1;
-    }
-    if (writing && blocks == 0)
-        blocks = 1024;
-
-    struct io_uring ring;
-    int rc = io_uring_queue_init((unsigned)depth, &ring, 0);
-    if (rc < 0) {
-        fprintf(stderr, "uring_c_bench: io_uring_queue_init: %s\n", strerror(-rc));
-        return 1;
-    }
-    char *mem = map_buffers((size_t)(bs * depth));
-    struct iovec *iov = calloc((size_t)depth, sizeof(*iov));
-    double *stamp = calloc((size_t)depth, sizeof(*stamp));    /* when buffer i's op started */
-    pl_hist_t *hist = pl_hist_new();
-    if (!mem || !iov || !stamp || !hist) {
-        fprintf(stderr, "uring_c_bench: out of memory\n");
-        return 1;
-    }
-    for (long i = 0; i < depth; i++) {
-        iov[i].iov_base = mem + i * bs;
-        iov[i].iov_len = (size_t)bs;
-        memset(iov[i].iov_base, 0x5a, (size_t)bs);
-    }
-    rc = io_uring_register_buffers(&ring, iov, (unsigned)depth);
-    if (rc < 0) {
-        fprintf(stderr, "uring_c_bench: register buffers: %s\n", strerror(-rc));
-        return 1;
-    }
-
-    uint64_t seq = 0, ops = 0, submitted = 0, enters = 0, next_check = 64;
+    uint64_t ops = 0, enters = 0, next_check = 64;
     double t0 = now(), deadline = t0 + runtime;
     int stop = 0;
-    const int randomly = !strcmp(rw, "randread");   /* (not a strcmp per op in the yardstick) */
-
-    /* Queue one op in buffer i. */
-#define QUEUE(i)                                                                   \
-    do {                                                                           \
-        struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);                        \
-        uint64_t blk = randomly ? next_rand() % blocks : seq++ % blocks;          \
-        if (writing)                                                               \
-            io_uring_prep_write_fixed(sqe, fd, iov[i].iov_base, (unsigned)bs,      \
-                                      blk * (uint64_t)bs, (int)(i));               \
-        else                                                                       \
-            io_uring_prep_read_fixed(sqe, fd, iov[i].iov_base, (unsigned)bs,       \
-                                     blk * (uint64_t)bs, (int)(i));                \
-        io_uring_sqe_set_data64(sqe, (uint64_t)(i));                               \
-        submitted++;                                                               \
-    } while (0)
 
     for (long i = 0; i < depth; i++) {
         stamp[i] = pl_hist_stamp();
-        QUEUE(i);
+        queue_op(i);
     }
     uint64_t in_flight = (uint64_t)depth;
     while (in_flight > 0) {
@@ -204,7 +276,7 @@ int main(int argc, char **argv)
             in_flight--;
             stamp[i] = pl_hist_record_stamp(hist, stamp[i]);   /* (the next op starts now) */
             if (!stop && (max_ops ? submitted < (uint64_t)max_ops : 1)) {
-                QUEUE(i);
+                queue_op((long)i);
                 in_flight++;
             }
         }
@@ -230,3 +302,5 @@ int main(int argc, char **argv)
     close(fd);
     return 0;
 }
+
+#endif

@@ -73,6 +73,36 @@ describe("examples/uring_c_bench.c", function()
     end)
 end)
 
+describe("examples/uring_floor.lua", function()
+    local helper = require "helper"
+    local q = helper.quote
+
+    it("reads the file with a coroutine per read, or none, within --size", function()
+        local path = os.tmpname()
+        local f = io.open(path, "wb")
+        f:write(string.rep("z", 65536))
+        f:close()
+        local floor = q(helper.host) .. " " .. q(helper.root .. "/examples/uring_floor.lua") .. " --file " .. q(path)
+        for _, mode in ipairs({ "", " --no-coroutines" }) do
+            local status, out, err = helper.sh(floor .. " --iodepth 4 --runtime 0.05" .. mode)
+            assert.equal(0, status, err)
+            local r = bench.json_decode(out)
+            assert.is_true(r.ops > 0 and r.iops > 0, out)
+        end
+        -- a --size past the end, a block larger than the file
+        local status, _, err = helper.sh(floor .. " --size 131072 --runtime 0.05")
+        assert.equal(1, status)
+        assert.matches("^uring_floor: .* is shorter than %-%-size 131072", err)
+        status, _, err = helper.sh(floor .. " --bs 131072 --runtime 0.05")
+        assert.equal(1, status)
+        assert.matches("^uring_floor: .* is smaller than one block", err)
+        status, _, err = helper.sh(q(helper.host) .. " " .. q(helper.root .. "/examples/uring_floor.lua"))
+        assert.equal(2, status)
+        assert.matches("^uring_floor: %-%-file is required", err)
+        os.remove(path)
+    end)
+end)
+
 describe("bench.Histogram", function()
     -- C takes the histogram as it is: a table of another kind handed it a
     -- NULL pointer, and the process died (SIGSEGV) instead of raising.

@@ -121,7 +121,7 @@ end)
 describe("the scripts' --help", function()
     it("lines up every option's text, continuation lines included", function()
         for _, script in ipairs({ "pipeline.lua", "uring_bench.lua", "remoteio.lua", "ucx_bench.lua",
-                                  "runtime_bench.lua", "bench_compare.lua" }) do
+                                  "runtime_bench.lua", "bench_compare.lua", "uring_floor.lua" }) do
             local status, out = run(script, "--help")
             assert.equal(0, status, script)
             local options = out:match("\noptions:\n(.*)$")
@@ -135,7 +135,7 @@ describe("the scripts' --help", function()
 
     it("states each option's default once, as the script applies it", function()
         for _, script in ipairs({ "pipeline.lua", "uring_bench.lua", "remoteio.lua", "ucx_bench.lua",
-                                  "runtime_bench.lua", "bench_compare.lua" }) do
+                                  "runtime_bench.lua", "bench_compare.lua", "uring_floor.lua" }) do
             local status, out = run(script, "--help")
             assert.equal(0, status, script)
             for line in out:gmatch("[^\n]+") do
