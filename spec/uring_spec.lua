@@ -29,44 +29,71 @@ local FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 -- The C source of a stand-in for liburing's io_uring_submit (for
 -- helper.preload_shim): it fails with rc, a C expression ("-EAGAIN",
 -- "-EBUSY"), as the kernel does, while the script's
--- ffi.C.pl_test_fail_submits is not 0, and submits otherwise.
+-- ffi.C.pl_test_fail_submits is not 0, and submits otherwise.  While that
+-- is 2, so does the sleep's io_uring_submit_and_wait_timeout.
 local function failing_submit(rc)
     return [[
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 struct io_uring;
+struct io_uring_cqe;
+struct __kernel_timespec;
 int pl_test_fail_submits;
-int io_uring_submit(struct io_uring *ring)
+static void *real_fn(const char *name)
 {
     void *lib = dlopen("liburing.so.2", RTLD_LAZY | RTLD_NOLOAD);
-    int (*real)(struct io_uring *) = (int (*)(struct io_uring *))(lib ? dlsym(lib, "io_uring_submit") : 0);
+
+    return lib ? dlsym(lib, name) : 0;
+}
+int io_uring_submit(struct io_uring *ring)
+{
+    int (*real)(struct io_uring *) = (int (*)(struct io_uring *))real_fn("io_uring_submit");
 
     if (!real)
         return -ENOSYS;
     return pl_test_fail_submits ? ]] .. rc .. [[ : real(ring);
 }
+typedef int wait_fn(struct io_uring *, struct io_uring_cqe **, unsigned, struct __kernel_timespec *, void *);
+int io_uring_submit_and_wait_timeout(struct io_uring *ring, struct io_uring_cqe **cqe, unsigned n,
+                                     struct __kernel_timespec *ts, void *sig)
+{
+    wait_fn *real = (wait_fn *)real_fn("io_uring_submit_and_wait_timeout");
+
+    if (!real)
+        return -ENOSYS;
+    return pl_test_fail_submits > 1 ? ]] .. rc .. [[ : real(ring, cqe, n, ts, sig);
+}
 ]]
 end
 
 -- Run body (Lua source of a function's body) as the main task of a
--- runtime whose io_uring reactor has a queue of two, in a subprocess where
--- io_uring_submit fails with rc while ffi.C.pl_test_fail_submits is set; it
--- has pipe and write declared.  Returns what the run's results printed.
-local function run_with_failing_submits(rc, body)
+-- runtime rt whose io_uring reactor r has a queue of two, in a subprocess
+-- where io_uring_submit fails with rc while ffi.C.pl_test_fail_submits is
+-- set; it has pipe, read, write and alarm declared, and a table `shared`
+-- for body and after.  extra (optional): reactor, the reactor's options
+-- (Lua source of a table); call, how the body's function is run (Lua
+-- source up to the function: "rt:run(" by default); after, Lua source run
+-- once that returned.  Returns what the run's results (and
+-- after) printed.
+local function run_with_failing_submits(rc, body, extra)
+    extra = extra or {}
     local env, remove_shim = helper.preload_shim(failing_submit(rc))
     local status, out, err = helper.run_script([[
         local pluvio = require "pluvio"
         local uring = require "pluvio.uring"
         local ffi = require "ffi"
         ffi.cdef[[int pipe(int fds[2]); long write(int fd, const void *buf, size_t n);
+                  long read(int fd, void *buf, size_t n); unsigned alarm(unsigned s);
                   int pl_test_fail_submits;]] .. "]]" .. [[
         local rt = pluvio.Runtime.new()
-        local r = uring.reactor { queue_size = 2, submit_depth = 64 }
+        local r = uring.reactor ]] .. (extra.reactor or "{ queue_size = 2, submit_depth = 64 }") .. [[
+        local shared = {}
         rt:register_reactor("io_uring_reactor", r)
-        print(rt:run(function()
+        print(]] .. (extra.call or "rt:run(") .. [[function()
 ]] .. body .. [[
         end))
+]] .. (extra.after or "") .. [[
     ]], nil, env)
     remove_shim()
     assert.equal(0, status, err)
@@ -2139,17 +2166,19 @@ describe("submission and completion", function()
                      "to take more entries for now (a bigger queue_size of the reactor makes room)\tEBUSY\t0\n", out)
     end)
 
-    it("fails a short read whose rest finds the submission queue full, with the bytes done, rather than end it there",
-       function()
-        -- the read of 10 bytes got 3; its continuation found the queue of
-        -- two full and the early submit refused (a preloaded stand-in, as
-        -- the kernel does with EBUSY): the 3 bytes came back as the whole
-        -- read, as if the pipe had ended
-        local out = run_with_failing_submits("-EBUSY", [[
+    -- The start of a body for run_with_failing_submits: `reader` (start:
+    -- Lua source that makes it; by default a task) reads 10 bytes of pipe a
+    -- (pa; a[1] its write end), which gives 3 ("abc"); the rest finds the
+    -- queue of two full with the reads of pipe b by `others` and the early
+    -- submit refused (a preloaded stand-in, as the kernel does with EBUSY).
+    -- Submits still fail; finish_others() ends those reads.
+    local function rest_refused(start)
+        return [[
                 local a, b = ffi.new("int[2]"), ffi.new("int[2]")
                 assert(ffi.C.pipe(a) == 0 and ffi.C.pipe(b) == 0)
                 local pa, pb = uring.File.new(a[0], "pipe a"), uring.File.new(b[0], "pipe b")
-                local reader = pluvio.spawn(function() return pa:read(0, 10) end)
+                ]] .. (start or "local reader = pluvio.spawn(function() return pa:read(0, 10) end)") .. [[
+
                 pluvio.sleep(0.01)                  -- its read is in the kernel
                 ffi.C.pl_test_fail_submits = 1
                 local others = { pluvio.spawn(function() return pb:read(0, 1) end),
@@ -2157,15 +2186,149 @@ describe("submission and completion", function()
                 pluvio.yield()                      -- their SQEs fill the queue; the flush fails
                 ffi.C.write(a[1], "abc", 3)         -- the read ends short
                 pluvio.yield()                      -- reaped: no SQE for the rest
+                pluvio.yield()                      -- (nor at the next flush)
+                local function finish_others()
+                    ffi.C.pl_test_fail_submits = 0
+                    ffi.C.write(b[1], "xy", 2)
+                    for _, t in ipairs(others) do assert(t:join()) end
+                end
+]]
+    end
+
+    it("completes a short read whose rest found the submission queue full once the kernel takes entries again",
+       function()
+        -- the read of 10 bytes got 3; its continuation found no SQE and the
+        -- early submit refused: the read failed with EBUSY and the 3 bytes,
+        -- for a refusal that passes
+        local out = run_with_failing_submits("-EBUSY", rest_refused() .. [[
+                local waiting = reader:status()
+                ffi.C.write(a[1], "defghij", 7)
+                ffi.C.pl_test_fail_submits = 0     -- the next flush sends the rest
+                local got = { reader:join() }
+                finish_others()
+                return waiting, #got, got[1], r:stats().in_flight, r:stats().resubmits
+        ]])
+        assert.equal("waiting\t1\tabcdefghij\t0\t1\n", out)
+    end)
+
+    it("completes a short write whose rest found the submission queue full once the kernel takes entries again",
+       function()
+        -- a pipe takes 65536 bytes at a time: the write of 200000 came back
+        -- short, and its rest, short again, found no SQE for what was left
+        local out = run_with_failing_submits("-EAGAIN", [[
+                local a, b = ffi.new("int[2]"), ffi.new("int[2]")
+                assert(ffi.C.pipe(a) == 0 and ffi.C.pipe(b) == 0)
+                local w, pb = uring.File.new(a[1], "pipe a"), uring.File.new(b[0], "pipe b")
+                local data = ("0123456789abcdef"):rep(12500)
+                local writer = pluvio.spawn(function() return w:write(0, data) end)
+                pluvio.sleep(0.01)                  -- 65536 went; the rest waits in the kernel
+                ffi.C.pl_test_fail_submits = 1
+                local others = { pluvio.spawn(function() return pb:read(0, 1) end),
+                                 pluvio.spawn(function() return pb:read(0, 1) end) }
+                pluvio.yield()                      -- their SQEs fill the queue; the flush fails
+                local buf = ffi.new("char[65536]")
+                local got = { ffi.string(buf, ffi.C.read(a[0], buf, 65536)) }   -- room for 65536 more
+                pluvio.yield()                      -- reaped: no SQE for the rest
+                pluvio.yield()                      -- (nor at the next flush)
+                local waiting = writer:status()
                 ffi.C.pl_test_fail_submits = 0
-                local res = { n = 5, reader:join() }
+                local drain = pluvio.spawn(function()
+                    local pr, n = uring.File.new(a[0], "pipe a's reading end"), #got[1]
+                    while n < #data do
+                        got[#got + 1] = assert(pr:read(0, math.min(65536, #data - n)))
+                        n = n + #got[#got]
+                    end
+                end)
+                local res = { writer:join() }
+                drain:join()
                 ffi.C.write(b[1], "xy", 2)
                 for _, t in ipairs(others) do t:join() end
-                return unpack(res, 1, res.n)
+                return waiting, res[1], res[2], table.concat(got) == data, r:stats().in_flight
         ]])
-        assert.equal("nil\tread pipe a (offset 0, 10 bytes): EBUSY: the io_uring submission queue was full and the kernel " ..
-                     "refused to take more entries for now (a bigger queue_size of the reactor makes room) (3 bytes done " ..
-                     "before the error)\tEBUSY\t3\tabc\n", out)
+        assert.equal("waiting\t200000\tnil\ttrue\t0\n", out)
+    end)
+
+    it("fails the run rather than hang when the kernel refuses for good while a rest waits for an SQE", function()
+        -- (the sleeps refused too: wait_complete_timeout bounds each, so
+        -- they go through io_uring_submit_and_wait_timeout)
+        local out = run_with_failing_submits("-EBUSY", rest_refused() .. [[
+                ffi.C.pl_test_fail_submits = 2
+                ffi.C.write(a[1], "defghij", 7)
+                shared.reader = reader
+                return reader:join()
+        ]], { call = "pcall(rt.run, rt, ", after = "print(shared.reader:status(), r:stats().in_flight)" })
+        -- (the reader waited to the end: it did not fail on its own)
+        assert.equal("false\tthe runtime cannot wait: EBUSY: Device or resource busy\ncancelled\t0\n", out)
+    end)
+
+    it("ends a killed task's transfer whose rest waits for an SQE at once, with its buffer, and never sends the rest",
+       function()
+        local out = run_with_failing_submits("-EBUSY", rest_refused([[
+                local reader = pluvio.spawn(function() return pa:read_fixed(uring.acquire_buffer(), 0, 10) end)]]) .. [[
+                local waiting, free = reader:status(), r:stats().buffers_free
+                reader:kill()
+                local s = r:stats()                 -- (the queue is still refused)
+                ffi.C.write(a[1], "defghij", 7)
+                ffi.C.pl_test_fail_submits = 0
+                local nxt = pluvio.timeout(5, function() return pa:read(0, 7) end)
+                finish_others()
+                return waiting, free, s.in_flight, s.buffers_free, nxt, r:stats().in_flight
+        ]])
+        assert.equal("waiting\t15\t2\t16\tdefghij\t0\n", out)
+    end)
+
+    it("ends the read of a plain coroutine inside a task whose rest waits for an SQE when it is resumed", function()
+        local out = run_with_failing_submits("-EBUSY", rest_refused([[
+                local co = coroutine.create(function() return pa:read(0, 10) end)
+                assert(coroutine.resume(co))        -- its read, the main task's now]]) .. [[
+                local before = r:stats().in_flight
+                local ok, err = coroutine.resume(co)
+                local after = r:stats().in_flight   -- (the queue is still refused)
+                ffi.C.write(a[1], "defghij", 7)
+                ffi.C.pl_test_fail_submits = 0
+                local nxt = pluvio.timeout(5, function() return pa:read(0, 7) end)
+                finish_others()
+                return before, ok, err:match("File:read: called from a coroutine that is not a pluvio task") ~= nil,
+                       after, nxt, r:stats().in_flight
+        ]])
+        assert.equal("3\tfalse\ttrue\t2\tdefghij\t0\n", out)
+    end)
+
+    it("fails a read whose rest waits for an SQE with ECANCELED and the bytes done when another task closes its file",
+       function()
+        local out = run_with_failing_submits("-EBUSY", rest_refused() .. [[
+                local waiting = reader:status()
+                local refused = { pa:close() }      -- a new op: refused with the queue
+                ffi.C.pl_test_fail_submits = 0
+                local closed = pa:close()
+                local res = { n = 5, reader:join() }
+                finish_others()
+                return waiting, refused[1], refused[3], closed, unpack(res, 1, res.n)
+        ]])
+        assert.equal("waiting\tnil\tEBUSY\ttrue\tnil\tread pipe a (offset 0, 10 bytes): ECANCELED: Operation " ..
+                     "canceled (the file was closed) (3 bytes done before the error)\tECANCELED\t3\tabc\n", out)
+    end)
+
+    it("ends a read whose rest waits for an SQE when its reactor shuts down, and never sends the rest", function()
+        -- block_on leaves the reader waiting; the reactor's shutdown then
+        -- has nothing of its in the kernel to wait for
+        local out = run_with_failing_submits("-EBUSY", rest_refused() .. [[
+                shared.a = a
+                return reader:status(), r:stats().in_flight
+        ]], { call = "rt:block_on(", after = [[
+        ffi.cdef("int fcntl(int fd, int cmd, ...);")
+        local left = require("pluvio.core").C.pl_uring_shutdown(r.u, 5)
+        rt, r = nil, nil                            -- luacheck: ignore
+        collectgarbage()
+        collectgarbage()
+        ffi.C.pl_test_fail_submits = 0
+        ffi.C.write(shared.a[1], "next", 4)
+        ffi.C.fcntl(shared.a[0], 4, ffi.cast("int", 2048))     -- F_SETFL, O_NONBLOCK
+        local buf = ffi.new("char[8]")
+        local n = ffi.C.read(shared.a[0], buf, 8)
+        print(left, n > 0 and ffi.string(buf, n) or n)
+        ]] })
+        assert.equal("waiting\t3\n0\tnext\n", out)
     end)
 
     it("sends a killed task's cancel later when the submission queue is full and the kernel refuses a submit",

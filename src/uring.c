@@ -25,6 +25,12 @@
 
 #include "uring_internal.h"
 
+/* An op slot per op in flight, in chunks: its size is the reactor's memory
+ * per op, and what a new field costs (the rest of a short transfer that
+ * waits for an SQE links through next_free, unused then, for that reason). */
+_Static_assert(sizeof(void *) != 8 || sizeof(struct uring_op) <= 400,
+               "struct uring_op grew past 400 bytes on a 64-bit build");
+
 /* ---- set-up -------------------------------------------------------------- */
 
 static int uring_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget);
@@ -79,6 +85,7 @@ pl_uring_t *pl_uring_new(const pl_uring_options_t *opts, int *err)
     u->inline_op = NONE;
     u->free_buf = NONE;
     u->free_queue = NONE;
+    u->rests_head = u->rests_tail = NONE;
     /* room for completions of ops resubmitted or finished while the SQ
      * refills, within the kernel's limit of 65536 CQEs */
     p.flags = IORING_SETUP_CQSIZE;
@@ -151,27 +158,40 @@ static int submit(pl_uring_t *u)
     return rc;
 }
 
+static void rests_send(pl_uring_t *u);
+static void rests_retry(pl_uring_t *u);
+
 int pl_uring_flush(pl_uring_t *u)
 {
     if (u->cancels_due > 0)
         uring_cancels_retry(u);
+    if (u->rests_due > 0)
+        rests_retry(u);
     return io_uring_sq_ready(&u->ring) > 0 ? submit(u) : 0;
 }
 
-/* uring_get_sqe's way when the submission queue is full: submit early.
- * With SQPOLL the submit only wakes the kernel thread, which takes the SQEs
- * in its own time: wait until it has taken one rather than fail the
- * operation.  NULL when the kernel refused the submit (EBUSY, EAGAIN): the
- * operation then fails with -PL_ESQFULL. */
+/* uring_get_sqe's way when the submission queue is full, or when rests of
+ * short transfers wait for SQEs (they go first): submit early.  With
+ * SQPOLL the submit only wakes the kernel thread, which takes the SQEs in
+ * its own time: wait until it has taken one rather than fail the
+ * operation.  NULL when the kernel refused the submit (EBUSY, EAGAIN): a
+ * new operation then fails with -PL_ESQFULL, a rest waits (rest_defer). */
 struct io_uring_sqe *uring_sqe_full(pl_uring_t *u)
 {
     struct io_uring_sqe *sqe;
 
+    if (u->rests_due > 0)
+        rests_send(u);
+    if (u->rests_due == 0 && (sqe = io_uring_get_sqe(&u->ring)))
+        return sqe;
     submit(u);
-    sqe = io_uring_get_sqe(&u->ring);
-    while (!sqe && u->opts.sqpoll && io_uring_sqring_wait(&u->ring) >= 0)
-        sqe = io_uring_get_sqe(&u->ring);
-    return sqe;
+    for (;;) {
+        if (u->rests_due > 0)
+            rests_send(u);
+        sqe = u->rests_due == 0 ? io_uring_get_sqe(&u->ring) : NULL;
+        if (sqe || !u->opts.sqpoll || io_uring_sqring_wait(&u->ring) < 0)
+            return sqe;
+    }
 }
 
 /* Batching: an SQE waits for the next tick, unless submit_depth SQEs wait
@@ -214,7 +234,7 @@ static inline int op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kin
     op->fd_owner = FD_NONE;
     op->cancel_due = false;
     op->fd_closed = false;
-    op->sq_refused = false;
+    op->rest_due = false;
     return (int)i;
 }
 
@@ -524,8 +544,89 @@ static bool direct_read_ended(const struct uring_op *op)
     return fl >= 0 && (fl & O_DIRECT) && at % direct_offset_align(op->fd) != 0;
 }
 
-/* A read or write came back short: continue it.  Returns true when it was
- * resubmitted (the op stays in flight). */
+/* The rest of op i's transfer into sqe. */
+static void rest_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
+{
+    prep_rw(u, i, sqe);
+    io_uring_sqe_set_data64(sqe, uring_op_user_data(u, i));
+    u->stats.resubmits++;
+}
+
+/* The rest of op i's short transfer found no SQE: the kernel refused the
+ * early submit (EBUSY, EAGAIN: its completion queue overflowing, or short
+ * of memory), a passing state.  It waits for one at the end of the FIFO of
+ * due rests, which the next flush or sleep sends, and which any SQE freed
+ * meanwhile goes to first (uring_sqe_full).  The op stays in flight: its
+ * task waits on it as on the kernel, and its kill, its fd's close or the
+ * shutdown ends it (uring_rest_end). */
+static void rest_defer(pl_uring_t *u, uint32_t i)
+{
+    struct uring_op *op = uring_op(u, i);
+
+    op->rest_due = true;
+    op->next_free = NONE;
+    if (u->rests_tail == NONE)
+        u->rests_head = i;
+    else
+        uring_op(u, u->rests_tail)->next_free = i;
+    u->rests_tail = i;
+    u->rests_due++;
+}
+
+/* Op i (due) out of the FIFO of due rests. */
+static void rest_unlink(pl_uring_t *u, uint32_t i)
+{
+    struct uring_op *op = uring_op(u, i);
+    uint32_t prev = NONE;
+
+    for (uint32_t k = u->rests_head; k != i; k = uring_op(u, k)->next_free)
+        prev = k;
+    if (prev == NONE)
+        u->rests_head = op->next_free;
+    else
+        uring_op(u, prev)->next_free = op->next_free;
+    if (u->rests_tail == i)
+        u->rests_tail = prev;
+    op->rest_due = false;
+    u->rests_due--;
+}
+
+/* Due rests into the free SQEs, oldest first (no submit). */
+static void rests_send(pl_uring_t *u)
+{
+    struct io_uring_sqe *sqe;
+
+    while (u->rests_head != NONE && (sqe = io_uring_get_sqe(&u->ring))) {
+        uint32_t i = u->rests_head;
+        rest_unlink(u, i);
+        rest_queue(u, i, sqe);
+    }
+}
+
+/* The flush's or the sleep's turn for the due rests: into the free SQEs,
+ * and when those are too few, into those an early submit frees.  What the
+ * kernel still refuses waits for the next turn. */
+static void rests_retry(pl_uring_t *u)
+{
+    rests_send(u);
+    if (u->rests_due > 0 && submit(u) > 0)
+        rests_send(u);
+}
+
+static void op_finish(pl_uring_t *u, uint32_t i, int32_t res);
+
+/* Op i, whose rest waits for an SQE (the kernel has nothing of it), ends
+ * here with res (-ECANCELED: killed, stopped, its fd closed, the reactor
+ * shut down) and the bytes it did: as the completion of a stopped op
+ * would, and it releases its buffers now. */
+void uring_rest_end(pl_uring_t *u, uint32_t i, int32_t res)
+{
+    rest_unlink(u, i);
+    op_finish(u, i, res);
+}
+
+/* A read or write came back short: continue it.  Returns true when the op
+ * stays in flight: its rest resubmitted, or waiting for an SQE. */
 static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
 {
     struct uring_op *op = uring_op(u, i);
@@ -538,16 +639,13 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
         return false;   /* (a closed fd's number may name another file by now) */
     if (direct_read_ended(op))
         return false;
-    sqe = uring_get_sqe(u);
-    if (!sqe) {         /* the kernel refused the early submit: fail with the count done */
-        op->sq_refused = true;
-        return false;
-    }
     if (op->kind == OP_READV || op->kind == OP_WRITEV)
         iov_advance(op, (uint32_t)res);
-    prep_rw(u, i, sqe);
-    io_uring_sqe_set_data64(sqe, uring_op_user_data(u, i));
-    u->stats.resubmits++;
+    sqe = uring_get_sqe(u);
+    if (sqe)
+        rest_queue(u, i, sqe);
+    else
+        rest_defer(u, i);
     return true;
 }
 
@@ -576,10 +674,15 @@ void uring_op_drop_fd(struct uring_op *op, int32_t res)
 
 void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res)
 {
+    if (!continue_short(u, i, res))
+        op_finish(u, i, res);
+}
+
+/* Op i is done with the kernel; res: its last result. */
+static void op_finish(pl_uring_t *u, uint32_t i, int32_t res)
+{
     struct uring_op *op = uring_op(u, i);
 
-    if (continue_short(u, i, res))
-        return;
     u->in_flight--;
     op_drop_buffer(u, op);
     if (op->fd_owner == FD_DUP) {   /* the kernel is done with the op's own fd */
@@ -595,14 +698,11 @@ void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res)
     /* reads and writes report bytes; an error after progress keeps the
      * count.  So does a transfer cut short because its fd was closed: a
      * count alone would read as the end of the file, or for a write as a
-     * full disk (ENOSPC), and for a send as all of it sent.  The same for
-     * one whose rest found the submission queue full (-PL_ESQFULL). */
+     * full disk (ENOSPC), and for a send as all of it sent. */
     if (op->kind == OP_OTHER || res < 0)
         op->res = res;
     else if (res > 0 && op->fd_closed && op->done < op->len)
         op->res = -ECANCELED;
-    else if (res > 0 && op->sq_refused)
-        op->res = -PL_ESQFULL;
     else
         op->res = (int32_t)op->done;
     op->state = OP_DONE;
@@ -636,7 +736,9 @@ static int reap(pl_uring_t *u, int budget)
 
 /* fd is being closed: ops in flight on it are not continued after a short
  * transfer (the rest would go to whatever file or socket the number is
- * given to next); they fail with ECANCELED after the bytes they did. */
+ * given to next); they fail with ECANCELED after the bytes they did.  One
+ * whose rest still waits for an SQE ends so now.  (A close that got its
+ * SQE finds none waiting: due rests get SQEs first.) */
 void uring_fd_closing(pl_uring_t *u, int fd)
 {
     for (uint32_t i = 0; i < u->nops; i++) {
@@ -644,6 +746,8 @@ void uring_fd_closing(pl_uring_t *u, int fd)
         if (op->fd == fd && (op->state == OP_IN_FLIGHT || op->state == OP_ABANDONED)) {
             op->no_continue = true;
             op->fd_closed = true;
+            if (op->rest_due)
+                uring_rest_end(u, i, -ECANCELED);
         }
     }
 }
@@ -719,6 +823,8 @@ static int uring_block(pl_reactor_t *self, int64_t timeout_ns)
         timeout_ns = u->wait_complete_ns;
     if (u->cancels_due > 0)
         uring_cancels_retry(u);
+    if (u->rests_due > 0)
+        rests_retry(u);
     u->first_unsubmitted_cyc = 0;
     u->stats.sqes += io_uring_sq_ready(&u->ring);     /* submitted with the wait */
     if (timeout_ns < 0) {

@@ -122,6 +122,8 @@ int pl_uring_shutdown(pl_uring_t *u, double timeout)
         return 0;
     u->rt = NULL;
     drop_untaken(u, NONE);  /* (the cancels of abandoned ops among them) */
+    while (u->rests_head != NONE)   /* (first: a cancel's SQE would go to them) */
+        uring_rest_end(u, u->rests_head, -ECANCELED);
     for (uint32_t i = 0; i < u->nops; i++) {
         uint8_t state = uring_op(u, i)->state;
         if (state == OP_IN_FLIGHT || state == OP_DONE)  /* (done: its task never took it) */
@@ -163,6 +165,8 @@ int pl_uring_op_cancel(pl_uring_t *u, int i)
 {
     if (i < 0 || (uint32_t)i >= u->nops || uring_op(u, i)->state == OP_FREE)
         return -ESRCH;
+    if (uring_op(u, (uint32_t)i)->rest_due)     /* nothing in the kernel: stopped here */
+        uring_rest_end(u, (uint32_t)i, -ECANCELED);
     if (op_state(u, (uint32_t)i) == OP_IN_FLIGHT)
         drop_untaken(u, (uint32_t)i);
     if (op_state(u, (uint32_t)i) != OP_IN_FLIGHT)
@@ -223,6 +227,10 @@ static void op_abandon(pl_uring_t *u, uint32_t i, bool scan)
         return;
     }
     u->stats.cancels++;
+    if (op->rest_due) {     /* nothing in the kernel: reclaimed now */
+        uring_rest_end(u, i, -ECANCELED);
+        return;
+    }
     if (scan)
         drop_untaken(u, i);
     if (op_state(u, i) == OP_ABANDONED)

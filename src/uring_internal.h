@@ -45,7 +45,8 @@ struct uring_op {
     uint8_t fd_owner;       /* which fd is the op's own until its task takes it (enum) */
     bool cancel_due;        /* its cancel found no free SQE: uring_cancels_retry sends it */
     bool fd_closed;         /* its fd was closed while it was in flight (see uring_op_complete) */
-    bool sq_refused;        /* the rest of a short transfer found no SQE (see continue_short) */
+    bool rest_due;          /* the rest of its short transfer found no SQE: it waits in the
+                             * reactor's FIFO of due rests (see rest_defer) */
     uint32_t task_slot, task_gen;
     int fd;
     int buf_index;          /* registered buffer used, or NO_BUF */
@@ -54,7 +55,7 @@ struct uring_op {
     uint32_t done;          /* bytes transferred so far */
     uint64_t offset;
     int32_t res;
-    uint32_t next_free;
+    uint32_t next_free;     /* free: the free list's link; rest_due: the FIFO's (unused else) */
     uint32_t queue;         /* the I/O queue it reports to, or NONE (its task waits on it) */
     union {
         /* sockets: the kernel reads (and for recvmsg writes) these after
@@ -123,8 +124,10 @@ struct pl_uring {
 
     struct uring_op *op_chunks[URING_MAX_OP_CHUNKS];   /* slots never move */
     uint32_t nops, free_op;
-    uint32_t in_flight;     /* ops the kernel has (including abandoned) */
+    uint32_t in_flight;     /* ops the kernel has (including abandoned), and rests due */
     uint32_t cancels_due;   /* ops marked cancel_due (at most: some may have ended since) */
+    uint32_t rests_head, rests_tail, rests_due;    /* FIFO of ops marked rest_due, linked
+                                                    * through next_free; NONE: empty */
 
     char *buf_mem;
     size_t buf_mem_len;        /* the buffers */
@@ -162,6 +165,7 @@ static inline struct uring_buf *uring_held_buf(pl_uring_t *u, int index)
 
 /* uring.c */
 struct io_uring_sqe *uring_sqe_full(pl_uring_t *u);
+void uring_rest_end(pl_uring_t *u, uint32_t i, int32_t res);
 int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
 void uring_sqe_void(struct io_uring_sqe *sqe);
 int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
@@ -191,10 +195,12 @@ int uring_buffer_index_of(const pl_uring_t *u, const void *addr, size_t len);
  * their bodies.
  */
 
-/* An SQE, submitting early when the submission queue is full. */
+/* An SQE, submitting early when the submission queue is full.  While
+ * rests of short transfers wait for one, they get the free SQEs first
+ * (uring_sqe_full): they were asked for before. */
 static inline struct io_uring_sqe *uring_get_sqe(pl_uring_t *u)
 {
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+    struct io_uring_sqe *sqe = u->rests_due == 0 ? io_uring_get_sqe(&u->ring) : NULL;
 
     return sqe ? sqe : uring_sqe_full(u);
 }
