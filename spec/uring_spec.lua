@@ -2248,6 +2248,23 @@ describe("submission and completion", function()
         assert.equal("waiting\t200000\tnil\ttrue\t0\n", out)
     end)
 
+    it("sends a rest that waits for an SQE once the queue has room, though no completion comes to end the sleep",
+       function()
+        -- wait_complete_timeout 0: the sleep, whose submit made room (it is
+        -- not refused in this stand-in), waited for a completion that never
+        -- came, with the rest still waiting for its turn (alarm: a hang
+        -- fails here, not at the script limit)
+        local out = run_with_failing_submits("-EAGAIN", rest_refused() .. [[
+                ffi.C.write(a[1], "defghij", 7)
+                ffi.C.alarm(20)
+                local got = reader:join()
+                ffi.C.alarm(0)
+                finish_others()
+                return got, r:stats().in_flight
+        ]], { reactor = "{ queue_size = 2, submit_depth = 64, wait_complete_timeout = 0 }" })
+        assert.equal("abcdefghij\t0\n", out)
+    end)
+
     it("fails the run rather than hang when the kernel refuses for good while a rest waits for an SQE", function()
         -- (the sleeps refused too: wait_complete_timeout bounds each, so
         -- they go through io_uring_submit_and_wait_timeout)

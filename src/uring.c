@@ -552,6 +552,13 @@ static void rest_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
     u->stats.resubmits++;
 }
 
+/* The sleep's bound while something waits for an SQE (see
+ * URING_DUE_WAIT_NS): the runtime applies max_wait_ns while we are pending. */
+void uring_due_wait(pl_uring_t *u)
+{
+    u->reactor.max_wait_ns = u->rests_due > 0 || u->cancels_due > 0 ? URING_DUE_WAIT_NS : 0;
+}
+
 /* The rest of op i's short transfer found no SQE: the kernel refused the
  * early submit (EBUSY, EAGAIN: its completion queue overflowing, or short
  * of memory), a passing state.  It waits for one at the end of the FIFO of
@@ -571,6 +578,7 @@ static void rest_defer(pl_uring_t *u, uint32_t i)
         uring_op(u, u->rests_tail)->next_free = i;
     u->rests_tail = i;
     u->rests_due++;
+    uring_due_wait(u);
 }
 
 /* Op i (due) out of the FIFO of due rests. */
@@ -589,6 +597,7 @@ static void rest_unlink(pl_uring_t *u, uint32_t i)
         u->rests_tail = prev;
     op->rest_due = false;
     u->rests_due--;
+    uring_due_wait(u);
 }
 
 /* Due rests into the free SQEs, oldest first (no submit). */

@@ -25,6 +25,7 @@ static void op_cancel(pl_uring_t *u, uint32_t i)
         if (!op->cancel_due)
             u->cancels_due++;
         op->cancel_due = true;
+        uring_due_wait(u);
         return;
     }
     io_uring_prep_cancel64(sqe, uring_op_user_data(u, i), 0);
@@ -53,6 +54,7 @@ void uring_cancels_retry(pl_uring_t *u)
         due += op->cancel_due;
     }
     u->cancels_due = due;
+    uring_due_wait(u);
 }
 
 /* SQEs the kernel has not taken yet become no-ops, and their ops finish as

@@ -18,6 +18,10 @@
 #define NONE UINT32_MAX
 #define URING_INLINE_MAX 16     /* ops finished inline in a row before the task parks */
 #define URING_SHUTDOWN_WAIT 5.0 /* s pl_uring_free waits for the kernel to finish cancelled ops */
+/* ns a sleep lasts at most while a cancel or the rest of a short transfer
+ * waits for an SQE (the kernel refused a submit): no completion may come to
+ * end the sleep, and the refusal may pass without one (EAGAIN) */
+#define URING_DUE_WAIT_NS 1000000
 
 enum op_state { OP_FREE, OP_IN_FLIGHT, OP_DONE, OP_ABANDONED };
 enum op_kind { OP_READ, OP_WRITE, OP_OTHER, OP_SEND, OP_READV, OP_WRITEV };
@@ -166,6 +170,7 @@ static inline struct uring_buf *uring_held_buf(pl_uring_t *u, int index)
 /* uring.c */
 struct io_uring_sqe *uring_sqe_full(pl_uring_t *u);
 void uring_rest_end(pl_uring_t *u, uint32_t i, int32_t res);
+void uring_due_wait(pl_uring_t *u);
 int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
 void uring_sqe_void(struct io_uring_sqe *sqe);
 int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
