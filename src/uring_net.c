@@ -307,9 +307,11 @@ int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
     bool pair;
     int rc;
 
-    if (io_uring_sq_space_left(&u->ring) < 2)
+    /* (rests of short transfers due would take the free SQEs first: sent
+     * with the flush, or, refused, they leave none for the pair) */
+    if (io_uring_sq_space_left(&u->ring) < 2 || u->rests_due > 0)
         pl_uring_flush(u);
-    pair = io_uring_sq_space_left(&u->ring) >= 2;   /* in one submit */
+    pair = u->rests_due == 0 && io_uring_sq_space_left(&u->ring) >= 2;   /* in one submit */
     cancel = uring_get_sqe(u);
     if (!cancel)
         return -PL_ESQFULL;
