@@ -192,6 +192,19 @@ double uring_floor_now(void)
     return now();
 }
 
+/* What uring_floor_open made, given back (the buffers' mapping goes with
+ * the process). */
+void uring_floor_close(void)
+{
+    if (ring.ring_fd > 0)
+        io_uring_queue_exit(&ring);
+    if (fd >= 0)
+        close(fd);
+    pl_hist_free(hist);
+    free(stamp);
+    free(iov);
+}
+
 int uring_floor_wait(int *slots)
 {
     struct io_uring_cqe *cqe;

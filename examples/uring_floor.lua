@@ -34,10 +34,12 @@ int uring_floor_open(const char *path, long bs, long depth, long size);
 void uring_floor_queue(int i);
 int uring_floor_wait(int *slots);
 double uring_floor_now(void);
+void uring_floor_close(void);
 ]]
 local here = (arg and arg[0] or ""):match("^(.*)/examples/[^/]*$") or "."
 local F = ffi.load(here .. "/build/uring_floor.so")
 if F.uring_floor_open(o.file, o.bs, o.iodepth, o.size) ~= 0 then
+    F.uring_floor_close()
     os.exit(1)      -- (it said why)
 end
 
@@ -66,6 +68,7 @@ repeat
     local n = wait(slots)
     if n < 0 then
         io.stderr:write("uring_floor: a read moved fewer bytes than --bs (is the file shorter than --size?)\n")
+        F.uring_floor_close()
         os.exit(1)
     end
     ops = ops + n
@@ -76,5 +79,6 @@ repeat
     end
 until now() >= deadline
 local secs = now() - t0
+F.uring_floor_close()
 print(('{"ops":%d,"seconds":%.6f,"iops":%.1f,"mib_s":%.2f}'):format(ops, secs, ops / secs,
       ops * o.bs / secs / 1048576))
