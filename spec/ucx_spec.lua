@@ -1236,6 +1236,76 @@ describe("UCX misuse and failures", function()
         assert.equal(0, status, err)
         assert.equal("made 40\n", out)
     end)
+
+    it("survives, over tcp, a flush that the closing peer acknowledged just before its close broke the connection",
+       function()
+        -- UCX 1.13's tcp transport aborted the process (tcp_ep.c:939,
+        -- PUT_TX_WAITING_ACK): the client's recv brought the server's
+        -- flush and then the acknowledgement of the client's; answering
+        -- the first failed (the server's worker was closed), which
+        -- cleared the flag the second one asserts (every run)
+        local status, out, err = helper.run_script([[
+            local pluvio = require "pluvio"
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local cst = cw:am_stream(2)
+            local l = assert(sw:create_listener("127.0.0.1", 0))
+            local acc = pluvio.spawn(function() return assert(l:accept()) end)
+            local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+            local sep = acc:join()
+            pluvio.spawn(function() return sep:am_send(2, "h", ("y"):rep(70000)) end)
+            pluvio.spawn(function() return ep:am_send(1, "h", "small") end)
+            local pull = pluvio.spawn(function() return cst:wait_msg():data() end)
+            pluvio.yield()
+            local flush = pluvio.spawn(function() return ep:flush() end)
+            pluvio.spawn(function() return sep:close() end)
+            pluvio.yield()
+            sw:close()
+            pluvio.yield()
+            print(flush:join())
+            print(select(3, ep:status()))
+            print(select(3, pull:join()))
+            cw:close(); l:close(); ctx:close()
+        ]], nil, "UCX_TLS=tcp UCX_NET_DEVICES=lo")
+        assert.equal(0, status, err)
+        -- the flush was acknowledged; the broken connection is reported
+        assert.equal("true\nECONNRESET\nECONNRESET\n", out)
+    end)
+
+    it("fails, over tcp, a large eager send cut short by the peer's close, without UCX completing it twice", function()
+        -- UCX 1.13 aborted (uct_iface.h:884, comp->count > 0): the send of
+        -- the rest of a zero-copy message failed, and UCX's purge and its
+        -- send path both completed it (tcp_ep.c:1062-1063; every run)
+        local status, out, err = helper.run_script([[
+            local pluvio = require "pluvio"
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local l = assert(sw:create_listener("127.0.0.1", 0))
+            local acc = pluvio.spawn(function() return assert(l:accept()) end)
+            local ep = assert(cw:connect_socket("127.0.0.1", l:port()))
+            local sep = acc:join()
+            local big = ("y"):rep(1048576)
+            local sends = {}
+            for i = 1, 4 do sends[i] = pluvio.spawn(function() return sep:am_send(2, "h", big, false, "eager") end) end
+            pluvio.spawn(function() return ep:am_send(1, "h", big, false, "eager") end)
+            pluvio.yield()
+            cw:close()
+            for i = 1, 4 do print(sends[i]:join()) end
+            print(select(3, sep:status()))
+            sw:close(); l:close(); ctx:close()
+        ]], nil, "UCX_TLS=tcp UCX_NET_DEVICES=lo")
+        assert.equal(0, status, err)
+        -- those in the socket's buffers when the peer closed were sent; the
+        -- one cut short, and those after it, say why they failed
+        local lines = {}
+        for line in out:gmatch("[^\n]+") do lines[#lines + 1] = line end
+        assert.equal(5, #lines, out)
+        assert.equal("ECONNRESET", lines[5])
+        assert.matches("^nil\tam_send to 127%.0%.0%.1:%d+: %u+: .*\t%u+$", lines[4])
+        for i = 1, 3 do assert.truthy(lines[i] == "true" or lines[i]:find("^nil\t"), out) end
+    end)
 end)
 
 describe("UCX flow control", function()
