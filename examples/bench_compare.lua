@@ -368,6 +368,7 @@ if o.only ~= "uring" and o.only ~= "ucx" and not o.match then
 end
 
 local samples, commands = {}, {}
+local by_round = {}     -- test -> round -> tool -> figure (for the paired ratios)
 local t_start = os.time()
 -- (the huge pages go back also when a run raises an error)
 local ran, run_err = pcall(function()
@@ -385,6 +386,9 @@ local ran, run_err = pcall(function()
                 samples[t][tool] = samples[t][tool] or {}
                 if v then
                     table.insert(samples[t][tool], v)
+                    by_round[t] = by_round[t] or {}
+                    by_round[t][round] = by_round[t][round] or {}
+                    by_round[t][round][tool] = v
                 else
                     note("bench_compare: %s / %s failed: %s\n%s", t.name, tool, cmd, out:sub(1, 400))
                 end
@@ -426,7 +430,16 @@ for _, t in ipairs(tests) do
     -- reference's).  (Reference / Pluvio for latency printed 0.80x beside
     -- "latency <= 1.25x" for a run 1.25 times slower, and 1.58x for one
     -- faster.)
-    local ratio = p and r and p.median / r.median
+    -- The median of the rounds' own ratios: the tools of a round ran one
+    -- after the other, so a VM that changed speed between rounds (runs of
+    -- both tools at 170 us, then both at 600) does not set one tool's
+    -- median from its fast rounds beside the other's from its slow ones.
+    local ratios = {}
+    for _, figures in pairs(by_round[t] or {}) do
+        local pv, rv = figures.pluvio, figures[t.ref]
+        if pv and rv and rv > 0 then ratios[#ratios + 1] = pv / rv end
+    end
+    local ratio = p and r and (stats(ratios) or {}).median
     local others = {}
     for tool, list in pairs(samples[t]) do
         if tool ~= "pluvio" and tool ~= t.ref then others[#others + 1] = tool .. " " .. fmt(stats(list)) end
@@ -454,7 +467,8 @@ if o.output ~= "-" then
          "alternating their order, on the same file and parameters%s."):format(o.rounds, o.rounds == 1 and "" or "s",
          pin ~= "" and (" (the file tests pinned to one CPU: `" .. pin:gsub(" $", "") .. "`)") or ""),
         "Ratio: Pluvio / reference, for throughput (higher is better for Pluvio) and for latency (lower is " ..
-        "better); the goal column reads the same way.",
+        "better), the median of the rounds' own ratios (each round ran both tools one after the other); " ..
+        "the goal column reads the same way.",
         "On a small shared VM single runs vary by up to 2x (the ranges show it); compare medians, and rerun " ..
         "`make bench` on your own machine before drawing conclusions.",
         "",
