@@ -91,8 +91,7 @@ describe("Context", function()
             assert.equal(free - 1, r:stats().buffers_free)  -- UCX still reads it
             seen[p.cw] = true
         end
-        collectgarbage()
-        collectgarbage()
+        full_collect()
         assert.is_nil(next(seen), "the dropped worker was not collected")
         assert.equal(free, r:stats().buffers_free)
     end))
