@@ -1,7 +1,8 @@
 /*
  * uring.c - the io_uring reactor: ring set-up, op slots, batched submission,
  * completion (with short-I/O continuation) and statistics.  Cancels and
- * the shutdown are in uring_cancel.c; files, buffers, sockets and I/O
+ * the shutdown are in uring_cancel.c, rests waiting for an SQE in
+ * uring_rest.c; files, buffers, sockets and I/O
  * queues in uring_file.c, uring_buf.c, uring_net.c and uring_queue.c.
  *
  * Lifetime: a pl_uring_t owns its ring, its op slots, its buffer memory and
@@ -146,7 +147,7 @@ void pl_uring_attach(pl_uring_t *u, pl_runtime_t *rt)
 
 /* ---- submission ---------------------------------------------------------- */
 
-static int submit(pl_uring_t *u)
+int uring_submit(pl_uring_t *u)
 {
     int rc = io_uring_submit(&u->ring);
 
@@ -158,16 +159,13 @@ static int submit(pl_uring_t *u)
     return rc;
 }
 
-static void rests_send(pl_uring_t *u);
-static void rests_retry(pl_uring_t *u);
-
 int pl_uring_flush(pl_uring_t *u)
 {
     if (u->cancels_due > 0)
         uring_cancels_retry(u);
     if (u->rests_due > 0)
-        rests_retry(u);
-    return io_uring_sq_ready(&u->ring) > 0 ? submit(u) : 0;
+        uring_rests_retry(u);
+    return io_uring_sq_ready(&u->ring) > 0 ? uring_submit(u) : 0;
 }
 
 /* uring_get_sqe's way when the submission queue is full, or when rests of
@@ -175,19 +173,19 @@ int pl_uring_flush(pl_uring_t *u)
  * SQPOLL the submit only wakes the kernel thread, which takes the SQEs in
  * its own time: wait until it has taken one rather than fail the
  * operation.  NULL when the kernel refused the submit (EBUSY, EAGAIN): a
- * new operation then fails with -PL_ESQFULL, a rest waits (rest_defer). */
+ * new operation then fails with -PL_ESQFULL, a rest waits (uring_rest.c). */
 struct io_uring_sqe *uring_sqe_full(pl_uring_t *u)
 {
     struct io_uring_sqe *sqe;
 
     if (u->rests_due > 0)
-        rests_send(u);
+        uring_rests_send(u);
     if (u->rests_due == 0 && (sqe = io_uring_get_sqe(&u->ring)))
         return sqe;
-    submit(u);
+    uring_submit(u);
     for (;;) {
         if (u->rests_due > 0)
-            rests_send(u);
+            uring_rests_send(u);
         sqe = u->rests_due == 0 ? io_uring_get_sqe(&u->ring) : NULL;
         if (sqe || !u->opts.sqpoll || io_uring_sqring_wait(&u->ring) < 0)
             return sqe;
@@ -203,11 +201,11 @@ static void maybe_submit(pl_uring_t *u, int64_t now)
     unsigned ready = io_uring_sq_ready(&u->ring);
 
     if (ready >= u->opts.submit_depth) {
-        submit(u);
+        uring_submit(u);
     } else if (ready == 1 || u->first_unsubmitted_cyc == 0) {
         u->first_unsubmitted_cyc = now;
     } else if (now - u->first_unsubmitted_cyc >= u->wait_submit_cyc) {
-        submit(u);
+        uring_submit(u);
     }
 }
 
@@ -290,7 +288,7 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
     }
     at_once = io_uring_sq_ready(&u->ring) >= u->opts.submit_depth;
     if (at_once) {
-        submit(u);
+        uring_submit(u);
         if (finish_inline(u, i))
             return (int)i + PL_URING_OP_INLINE;
     }
@@ -301,7 +299,7 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 }
 
 /* Prepare the (rest of a) read, write or send of op i. */
-static void prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
+void uring_prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 {
     struct uring_op *op = uring_op(u, i);
     uint64_t off = op->offset + op->done;
@@ -401,7 +399,7 @@ int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
     op->queue = queue;
     if (buf_index >= 0)
         u->bufs[buf_index].users++;
-    prep_rw(u, (uint32_t)i, sqe);
+    uring_prep_rw(u, (uint32_t)i, sqe);
     return uring_op_queue(u, (uint32_t)i, sqe);
 }
 
@@ -444,7 +442,7 @@ static int start_rwv(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, i
     }
     op->iov_first = 0;
     op->iov_count = (uint32_t)nparts;
-    prep_rw(u, (uint32_t)i, sqe);
+    uring_prep_rw(u, (uint32_t)i, sqe);
     return uring_op_queue(u, (uint32_t)i, sqe);
 }
 
@@ -544,96 +542,6 @@ static bool direct_read_ended(const struct uring_op *op)
     return fl >= 0 && (fl & O_DIRECT) && at % direct_offset_align(op->fd) != 0;
 }
 
-/* The rest of op i's transfer into sqe. */
-static void rest_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
-{
-    prep_rw(u, i, sqe);
-    io_uring_sqe_set_data64(sqe, uring_op_user_data(u, i));
-    u->stats.resubmits++;
-}
-
-/* The sleep's bound while something waits for an SQE (see
- * URING_DUE_WAIT_NS): the runtime applies max_wait_ns while we are pending. */
-void uring_due_wait(pl_uring_t *u)
-{
-    u->reactor.max_wait_ns = u->rests_due > 0 || u->cancels_due > 0 ? URING_DUE_WAIT_NS : 0;
-}
-
-/* The rest of op i's short transfer found no SQE: the kernel refused the
- * early submit (EBUSY, EAGAIN: its completion queue overflowing, or short
- * of memory), a passing state.  It waits for one at the end of the FIFO of
- * due rests, which the next flush or sleep sends, and which any SQE freed
- * meanwhile goes to first (uring_sqe_full).  The op stays in flight: its
- * task waits on it as on the kernel, and its kill, its fd's close or the
- * shutdown ends it (uring_rest_end). */
-static void rest_defer(pl_uring_t *u, uint32_t i)
-{
-    struct uring_op *op = uring_op(u, i);
-
-    op->rest_due = true;
-    op->next_free = NONE;
-    if (u->rests_tail == NONE)
-        u->rests_head = i;
-    else
-        uring_op(u, u->rests_tail)->next_free = i;
-    u->rests_tail = i;
-    u->rests_due++;
-    uring_due_wait(u);
-}
-
-/* Op i (due) out of the FIFO of due rests. */
-static void rest_unlink(pl_uring_t *u, uint32_t i)
-{
-    struct uring_op *op = uring_op(u, i);
-    uint32_t prev = NONE;
-
-    for (uint32_t k = u->rests_head; k != i; k = uring_op(u, k)->next_free)
-        prev = k;
-    if (prev == NONE)
-        u->rests_head = op->next_free;
-    else
-        uring_op(u, prev)->next_free = op->next_free;
-    if (u->rests_tail == i)
-        u->rests_tail = prev;
-    op->rest_due = false;
-    u->rests_due--;
-    uring_due_wait(u);
-}
-
-/* Due rests into the free SQEs, oldest first (no submit). */
-static void rests_send(pl_uring_t *u)
-{
-    struct io_uring_sqe *sqe;
-
-    while (u->rests_head != NONE && (sqe = io_uring_get_sqe(&u->ring))) {
-        uint32_t i = u->rests_head;
-        rest_unlink(u, i);
-        rest_queue(u, i, sqe);
-    }
-}
-
-/* The flush's or the sleep's turn for the due rests: into the free SQEs,
- * and when those are too few, into those an early submit frees.  What the
- * kernel still refuses waits for the next turn. */
-static void rests_retry(pl_uring_t *u)
-{
-    rests_send(u);
-    if (u->rests_due > 0 && submit(u) > 0)
-        rests_send(u);
-}
-
-static void op_finish(pl_uring_t *u, uint32_t i, int32_t res);
-
-/* Op i, whose rest waits for an SQE (the kernel has nothing of it), ends
- * here with res (-ECANCELED: killed, stopped, its fd closed, the reactor
- * shut down) and the bytes it did: as the completion of a stopped op
- * would, and it releases its buffers now. */
-void uring_rest_end(pl_uring_t *u, uint32_t i, int32_t res)
-{
-    rest_unlink(u, i);
-    op_finish(u, i, res);
-}
-
 /* A read or write came back short: continue it.  Returns true when the op
  * stays in flight: its rest resubmitted, or waiting for an SQE. */
 static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
@@ -652,9 +560,9 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
         iov_advance(op, (uint32_t)res);
     sqe = uring_get_sqe(u);
     if (sqe)
-        rest_queue(u, i, sqe);
+        uring_rest_queue(u, i, sqe);
     else
-        rest_defer(u, i);
+        uring_rest_defer(u, i);
     return true;
 }
 
@@ -684,11 +592,11 @@ void uring_op_drop_fd(struct uring_op *op, int32_t res)
 void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res)
 {
     if (!continue_short(u, i, res))
-        op_finish(u, i, res);
+        uring_op_finish(u, i, res);
 }
 
 /* Op i is done with the kernel; res: its last result. */
-static void op_finish(pl_uring_t *u, uint32_t i, int32_t res)
+void uring_op_finish(pl_uring_t *u, uint32_t i, int32_t res)
 {
     struct uring_op *op = uring_op(u, i);
 
@@ -833,7 +741,7 @@ static int uring_block(pl_reactor_t *self, int64_t timeout_ns)
     if (u->cancels_due > 0)
         uring_cancels_retry(u);
     if (u->rests_due > 0)
-        rests_retry(u);
+        uring_rests_retry(u);
     u->first_unsubmitted_cyc = 0;
     u->stats.sqes += io_uring_sq_ready(&u->ring);     /* submitted with the wait */
     if (timeout_ns < 0) {

@@ -1,6 +1,7 @@
 /*
  * uring_internal.h - state shared by the io_uring reactor's files: uring.c
- * (ring, op slots, submission, completion), uring_cancel.c (cancels,
+ * (ring, op slots, submission, completion), uring_rest.c (rests of short
+ * transfers waiting for an SQE), uring_cancel.c (cancels,
  * abandoned ops, shutdown), uring_file.c (file and path operations),
  * uring_buf.c (registered buffers), uring_net.c (sockets), uring_queue.c
  * (I/O queues).
@@ -50,7 +51,7 @@ struct uring_op {
     bool cancel_due;        /* its cancel found no free SQE: uring_cancels_retry sends it */
     bool fd_closed;         /* its fd was closed while it was in flight (see uring_op_complete) */
     bool rest_due;          /* the rest of its short transfer found no SQE: it waits in the
-                             * reactor's FIFO of due rests (see rest_defer) */
+                             * reactor's FIFO of due rests (see uring_rest.c) */
     uint32_t task_slot, task_gen;
     int fd;
     int buf_index;          /* registered buffer used, or NO_BUF */
@@ -169,6 +170,15 @@ static inline struct uring_buf *uring_held_buf(pl_uring_t *u, int index)
 
 /* uring.c */
 struct io_uring_sqe *uring_sqe_full(pl_uring_t *u);
+int uring_submit(pl_uring_t *u);
+void uring_prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
+void uring_op_finish(pl_uring_t *u, uint32_t i, int32_t res);
+
+/* uring_rest.c */
+void uring_rest_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
+void uring_rest_defer(pl_uring_t *u, uint32_t i);
+void uring_rests_send(pl_uring_t *u);
+void uring_rests_retry(pl_uring_t *u);
 void uring_rest_end(pl_uring_t *u, uint32_t i, int32_t res);
 void uring_due_wait(pl_uring_t *u);
 int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
