@@ -174,22 +174,25 @@ int pl_uring_flush(pl_uring_t *u)
  * its own time: wait until it has taken one rather than fail the
  * operation.  NULL when the kernel refused the submit (EBUSY, EAGAIN): a
  * new operation then fails with -PL_ESQFULL, a rest waits (uring_rest.c). */
-struct io_uring_sqe *uring_sqe_full(pl_uring_t *u)
+/* A free SQE once the due rests, which come first, have theirs; NULL when
+ * they took them all or none is free. */
+static struct io_uring_sqe *sqe_after_rests(pl_uring_t *u)
 {
-    struct io_uring_sqe *sqe;
-
     if (u->rests_due > 0)
         uring_rests_send(u);
-    if (u->rests_due == 0 && (sqe = io_uring_get_sqe(&u->ring)))
+    return u->rests_due == 0 ? io_uring_get_sqe(&u->ring) : NULL;
+}
+
+struct io_uring_sqe *uring_sqe_full(pl_uring_t *u)
+{
+    struct io_uring_sqe *sqe = sqe_after_rests(u);
+
+    if (sqe)
         return sqe;
     uring_submit(u);
-    for (;;) {
-        if (u->rests_due > 0)
-            uring_rests_send(u);
-        sqe = u->rests_due == 0 ? io_uring_get_sqe(&u->ring) : NULL;
-        if (sqe || !u->opts.sqpoll || io_uring_sqring_wait(&u->ring) < 0)
-            return sqe;
-    }
+    while (!(sqe = sqe_after_rests(u)) && u->opts.sqpoll && io_uring_sqring_wait(&u->ring) >= 0)
+        ;
+    return sqe;
 }
 
 /* Batching: an SQE waits for the next tick, unless submit_depth SQEs wait

@@ -245,7 +245,8 @@ end
 
 -- -j cmd[=arg[,arg...]], as luajit takes it: a function of the jit
 -- table (on, off, flush) called with the args, else the module jit.cmd
--- (v, dump, p, bc, ...) started with them; an empty arg is nil.
+-- (v, dump, p, bc, ...) started with them; an empty arg is nil.  true,
+-- or nil and why.
 local function jit_command(spec)
     local cmd, rest = spec:match("^([^=]*)=?(.*)$")
     local args, n = {}, 0
@@ -261,23 +262,26 @@ local function jit_command(spec)
         if not ok or type(mod) ~= "table" or type(mod.start) ~= "function" then
             local why = ok and "" or tostring(mod):match("^module '[^']*' not found") and "" or
                         ": " .. tostring(mod)   -- (a module that failed to load says why)
-            error(format("-j%s: %q is neither a LuaJIT command (on, off, flush) nor a module jit.%s " ..
-                         "with a start function (v, dump, p, ...)%s", spec, cmd, cmd, why), 0)
+            return nil, format("-j%s: %q is neither a LuaJIT command (on, off, flush) nor a module jit.%s " ..
+                               "with a start function (v, dump, p, ...)%s", spec, cmd, cmd, why)
         end
         fn = mod.start
     end
     local ok, err = pcall(fn, unpack(args, 1, n))
     if not ok then
-        error(format("-j%s: %s", spec, tostring(err)), 0)
+        return nil, format("-j%s: %s", spec, tostring(err))
     end
+    return true
 end
 
--- -O[opt]: jit.opt.start(opt); -O alone sets the default level, 3.
+-- -O[opt]: jit.opt.start(opt); -O alone sets the default level, 3.  As
+-- jit_command.
 local function jit_optimize(opt)
     local ok, err = pcall(require("jit.opt").start, opt == "" and 3 or opt)
     if not ok then
-        error(format("-O%s: %s", opt, tostring(err)), 0)
+        return nil, format("-O%s: %s", opt, tostring(err))
     end
+    return true
 end
 
 -- opts: { script = path or "-" or nil, actions = { {"e", code} | {"l", module} | {"j", cmd} | {"O", opt} },
@@ -288,9 +292,9 @@ function M.main(opts)
     -- process, and a mistyped one stops the host before anything runs
     for _, a in ipairs(opts.actions) do
         if a[1] == "j" or a[1] == "O" then
-            local ok, err = pcall(a[1] == "j" and jit_command or jit_optimize, a[2])
+            local ok, err = (a[1] == "j" and jit_command or jit_optimize)(a[2])
             if not ok then
-                io.stderr:write("pluvio: ", tostring(err), "\n")
+                io.stderr:write("pluvio: ", err, "\n")
                 return 1
             end
         end
