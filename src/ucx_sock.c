@@ -28,9 +28,10 @@
  * uct_tcp_ep_handle_send_err and again by uct_tcp_ep_sendv, tcp_ep.c:1062-1063.)
  * The retried send fails again while the recv has the peer's last data
  * to read first: a socket is deferred at most SOCK_DEFER_MAX times, then
- * the error goes through (never a loop).  A socket is told from a later
- * one with the same descriptor number by its inode.  Only the error path
- * takes the lock and the fstat; a send that works costs a branch.
+ * its errors go through (never a loop, however many sockets fail at once:
+ * each has a count of its own).  A socket is told from a later one with
+ * the same descriptor number by its inode.  Only the error path takes the
+ * lock and the fstat; a send that works costs a branch.
  *
  * libuct calls these through its PLT, and libpluvio.so (loaded before
  * libucs, which it depends on) comes first in its lookup scope: the
@@ -52,17 +53,20 @@
 typedef ucs_status_t (*send_nb_fn)(int fd, const void *data, size_t *length_p);
 typedef ucs_status_t (*sendv_nb_fn)(int fd, struct iovec *iov, size_t iov_cnt, size_t *length_p);
 
-/* Sockets whose failure was deferred, by descriptor (a collision forgets
- * the older one, whose count starts again: no harm), and how many times. */
-#define SOCK_DEFERRED_SLOTS 64
+/* How many failures of the socket on each descriptor number were
+ * deferred, and that socket's inode (a later socket on the number has
+ * another: sockets all live on sockfs, whose inode numbers are never 0,
+ * the zero-filled entry's).  Indexed by the number itself, so that no two
+ * sockets share a count (sharing, they reset each other's: no bound); in
+ * bss, only the pages of numbers whose sends failed are ever touched.  A
+ * socket numbered SOCK_FDS or above fails as libucs says. */
+#define SOCK_FDS 65536
 #define SOCK_DEFER_MAX 1024
 
 static struct {
-    int fd;
-    unsigned times;
-    dev_t dev;
     ino_t ino;
-} sock_deferred[SOCK_DEFERRED_SLOTS];
+    unsigned times;
+} sock_deferred[SOCK_FDS];
 static pthread_mutex_t sock_deferred_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static send_nb_fn real_send_nb;
@@ -89,25 +93,22 @@ static void sock_find_real(void)
 /* Whether a failed send on fd is to be reported as "try again": its
  * connection was closed by the peer (EPIPE, ECONNRESET: libucs says
  * UCS_ERR_CONNECTION_RESET for both), and this socket has not had
- * SOCK_DEFER_MAX such failures deferred yet. */
+ * SOCK_DEFER_MAX such failures deferred yet (once it has, its count stays:
+ * every later failure goes through too). */
 static bool sock_defer(int fd, ucs_status_t st)
 {
     struct stat sb;
     bool defer = true;
-    int slot;
 
-    if (st != UCS_ERR_CONNECTION_RESET || fd < 0 || fstat(fd, &sb) != 0)
+    if (st != UCS_ERR_CONNECTION_RESET || fd < 0 || fd >= SOCK_FDS || fstat(fd, &sb) != 0)
         return false;
-    slot = fd % SOCK_DEFERRED_SLOTS;
     pthread_mutex_lock(&sock_deferred_lock);
-    if (sock_deferred[slot].fd != fd || sock_deferred[slot].dev != sb.st_dev ||
-        sock_deferred[slot].ino != sb.st_ino) {
-        sock_deferred[slot].fd = fd;
-        sock_deferred[slot].dev = sb.st_dev;
-        sock_deferred[slot].ino = sb.st_ino;
-        sock_deferred[slot].times = 1;
-    } else if (++sock_deferred[slot].times > SOCK_DEFER_MAX) {
-        sock_deferred[slot].fd = -1;
+    if (sock_deferred[fd].ino != sb.st_ino) {
+        sock_deferred[fd].ino = sb.st_ino;
+        sock_deferred[fd].times = 1;
+    } else if (sock_deferred[fd].times < SOCK_DEFER_MAX) {
+        sock_deferred[fd].times++;
+    } else {
         defer = false;
     }
     pthread_mutex_unlock(&sock_deferred_lock);
