@@ -1302,7 +1302,10 @@ describe("UCX misuse and failures", function()
         local lines = {}
         for line in out:gmatch("[^\n]+") do lines[#lines + 1] = line end
         assert.equal(5, #lines, out)
-        assert.equal("ECONNRESET", lines[5])
+        -- (as for any peer failure: the reset, when UCX's connection
+        -- manager noticed it first, or the tcp endpoint's failure, which
+        -- UCX 1.13 reports as a time-out: 1 to 4 runs in 100 here)
+        assert.truthy(lines[5] == "ECONNRESET" or lines[5] == "ETIMEDOUT", out)
         assert.matches("^nil\tam_send to 127%.0%.0%.1:%d+: %u+: .*\t%u+$", lines[4])
         for i = 1, 3 do assert.truthy(lines[i] == "true" or lines[i]:find("^nil\t"), out) end
     end)
