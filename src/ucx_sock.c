@@ -37,8 +37,10 @@
  * libucs, which it depends on) comes first in its lookup scope: the
  * stand-ins are found before libucs's, which they call (found with
  * dlsym on libucs itself: loaded by the FFI, libpluvio is out of
- * RTLD_NEXT's reach).  A process that loaded UCX before Pluvio, into the
- * global scope, keeps libucs's: there UCX 1.13 can still abort.
+ * RTLD_NEXT's reach).  A process that had libuct loaded before Pluvio
+ * (whatever the scope: libuct's was set then, without libpluvio), or
+ * libucs in the global scope, which is searched first, keeps libucs's:
+ * there UCX 1.13 can still abort.
  */
 #include <dlfcn.h>
 #include <pthread.h>
