@@ -29,8 +29,9 @@ local FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 -- The C source of a stand-in for liburing's io_uring_submit (for
 -- helper.preload_shim): it fails with rc, a C expression ("-EAGAIN",
 -- "-EBUSY"), as the kernel does, while the script's
--- ffi.C.pl_test_fail_submits is not 0, and submits otherwise.  While that
--- is 2, so does the sleep's io_uring_submit_and_wait_timeout.
+-- ffi.C.pl_test_fail_submits is not 0, and submits otherwise; so does
+-- the wait of an SQPOLL ring's submitter for room (io_uring_sqring_wait).
+-- While that is 2, so does the sleep's io_uring_submit_and_wait_timeout.
 local function failing_submit(rc)
     return [[
 #define _GNU_SOURCE
@@ -63,6 +64,14 @@ int io_uring_submit_and_wait_timeout(struct io_uring *ring, struct io_uring_cqe 
     if (!real)
         return -ENOSYS;
     return pl_test_fail_submits > 1 ? ]] .. rc .. [[ : real(ring, cqe, n, ts, sig);
+}
+int __io_uring_sqring_wait(struct io_uring *ring)
+{
+    int (*real)(struct io_uring *) = (int (*)(struct io_uring *))real_fn("__io_uring_sqring_wait");
+
+    if (!real)
+        return -ENOSYS;
+    return pl_test_fail_submits ? ]] .. rc .. [[ : real(ring);
 }
 ]]
 end
@@ -2246,6 +2255,66 @@ describe("submission and completion", function()
                 return waiting, res[1], res[2], table.concat(got) == data, r:stats().in_flight
         ]])
         assert.equal("waiting\t200000\tnil\ttrue\t0\n", out)
+    end)
+
+    -- A body for run_with_failing_submits: the reads of three pipes end
+    -- short ("abc" of 10 bytes) while the queue of two is full with the
+    -- reads by `others` and the kernel refuses submits, so that their rests
+    -- wait for SQEs; then it takes entries again, and before any tick's
+    -- flush the main task writes a byte to a fourth pipe.  Returns the
+    -- reads reaped short, the three reads' results and the write's.
+    local rests_before_a_write = [[
+                local fds, readers = {}, {}
+                for k = 1, 3 do
+                    local p = ffi.new("int[2]")
+                    assert(ffi.C.pipe(p) == 0)
+                    local f = uring.File.new(p[0], "pipe " .. k)
+                    fds[k], readers[k] = p, pluvio.spawn(function() return f:read(0, 10) end)
+                end
+                local b, w = ffi.new("int[2]"), ffi.new("int[2]")
+                assert(ffi.C.pipe(b) == 0 and ffi.C.pipe(w) == 0)
+                local pb, pw = uring.File.new(b[0], "pipe b"), uring.File.new(w[1], "pipe w")
+                pluvio.sleep(0.05)                  -- their reads are in the kernel
+                ffi.C.pl_test_fail_submits = 1
+                local others = { pluvio.spawn(function() return pb:read(0, 1) end),
+                                 pluvio.spawn(function() return pb:read(0, 1) end) }
+                pluvio.yield()                      -- their SQEs fill the queue; the flush fails
+                local done = r:stats().completions
+                for k = 1, 3 do ffi.C.write(fds[k][1], "abc", 3) end    -- the reads end short
+                local deadline = pluvio.now() + 5   -- (SQPOLL: its thread completes them)
+                while r:stats().completions < done + 3 and pluvio.now() < deadline do
+                    pluvio.yield()                  -- reaped: no SQE for the rests
+                end
+                local short = r:stats().completions - done
+                for k = 1, 3 do ffi.C.write(fds[k][1], "defghij", 7) end
+                ffi.C.pl_test_fail_submits = 0
+                ffi.C.alarm(20)                     -- (a hang fails here, not at the script limit)
+                local wrote = { n = 3, pw:write(0, "z") }
+                local got = {}
+                for k = 1, 3 do got[k] = readers[k]:join() end
+                ffi.C.alarm(0)
+                ffi.C.write(b[1], "xy", 2)
+                for _, t in ipairs(others) do assert(t:join()) end
+                return short, table.concat(got, " "), unpack(wrote, 1, wrote.n)
+]]
+
+    it("starts an operation once the kernel takes entries again, after the rests that waited for an SQE",
+       function()
+        -- the write's early submit, taken, freed two SQEs, which two of
+        -- the rests took: it failed with EBUSY ("the kernel refused") with
+        -- the third rest still waiting, rather than submit again
+        local out = run_with_failing_submits("-EBUSY", rests_before_a_write)
+        assert.equal("3\tabcdefghij abcdefghij abcdefghij\t1\tnil\tnil\n", out)
+    end)
+
+    it("with SQPOLL, hands the kernel thread the rests put in the SQEs it freed before waiting for more room",
+       function()
+        -- (its wait for room failed while the rests were deferred): those
+        -- put in the two SQEs the thread freed were never handed to it, so
+        -- that its wait for room returned at once, again and again
+        local out = run_with_failing_submits("-EBUSY", rests_before_a_write,
+                                             { reactor = "{ queue_size = 2, submit_depth = 64, sqpoll = true }" })
+        assert.equal("3\tabcdefghij abcdefghij abcdefghij\t1\tnil\tnil\n", out)
     end)
 
     it("sends a rest that waits for an SQE once the queue has room, though no completion comes to end the sleep",

@@ -168,12 +168,6 @@ int pl_uring_flush(pl_uring_t *u)
     return io_uring_sq_ready(&u->ring) > 0 ? uring_submit(u) : 0;
 }
 
-/* uring_get_sqe's way when the submission queue is full, or when rests of
- * short transfers wait for SQEs (they go first): submit early.  With
- * SQPOLL the submit only wakes the kernel thread, which takes the SQEs in
- * its own time: wait until it has taken one rather than fail the
- * operation.  NULL when the kernel refused the submit (EBUSY, EAGAIN): a
- * new operation then fails with -PL_ESQFULL, a rest waits (uring_rest.c). */
 /* A free SQE once the due rests, which come first, have theirs; NULL when
  * they took them all or none is free. */
 static struct io_uring_sqe *sqe_after_rests(pl_uring_t *u)
@@ -183,15 +177,27 @@ static struct io_uring_sqe *sqe_after_rests(pl_uring_t *u)
     return u->rests_due == 0 ? io_uring_get_sqe(&u->ring) : NULL;
 }
 
+/* uring_get_sqe's way when the submission queue is full, or when rests of
+ * short transfers wait for SQEs (they go first): submit early, and again
+ * while the kernel takes entries and the rests take all it frees (one
+ * submit frees queue_size entries, fewer than the rests may need: the op
+ * then failed as refused, though the kernel refused nothing).  With SQPOLL
+ * the submit only hands the SQEs to the kernel thread, which takes them in
+ * its own time: wait until it has taken one rather than fail the
+ * operation (each round submits first the rests put in what it freed: the
+ * thread, which has not seen them, would not make the wait block).  NULL
+ * when the kernel refused the submit (EBUSY, EAGAIN): a new operation then
+ * fails with -PL_ESQFULL, a rest waits (uring_rest.c). */
 struct io_uring_sqe *uring_sqe_full(pl_uring_t *u)
 {
-    struct io_uring_sqe *sqe = sqe_after_rests(u);
+    struct io_uring_sqe *sqe;
 
-    if (sqe)
-        return sqe;
-    uring_submit(u);
-    while (!(sqe = sqe_after_rests(u)) && u->opts.sqpoll && io_uring_sqring_wait(&u->ring) >= 0)
-        ;
+    while (!(sqe = sqe_after_rests(u))) {
+        int taken = uring_submit(u);
+
+        if (u->opts.sqpoll ? io_uring_sqring_wait(&u->ring) < 0 : taken <= 0)
+            break;
+    }
     return sqe;
 }
 
