@@ -743,6 +743,7 @@ static int uring_block(pl_reactor_t *self, int64_t timeout_ns)
     pl_uring_t *u = (pl_uring_t *)self;
     struct __kernel_timespec ts;
     struct io_uring_cqe *cqe;
+    unsigned ready;
     int rc;
 
     if (u->wait_complete_ns > 0 && (timeout_ns < 0 || timeout_ns > u->wait_complete_ns))
@@ -752,7 +753,7 @@ static int uring_block(pl_reactor_t *self, int64_t timeout_ns)
     if (u->rests_due > 0)
         uring_rests_retry(u);
     u->first_unsubmitted_cyc = 0;
-    u->stats.sqes += io_uring_sq_ready(&u->ring);     /* submitted with the wait */
+    ready = io_uring_sq_ready(&u->ring);
     if (timeout_ns < 0) {
         rc = io_uring_submit_and_wait(&u->ring, 1);
     } else {
@@ -760,6 +761,10 @@ static int uring_block(pl_reactor_t *self, int64_t timeout_ns)
         ts.tv_nsec = timeout_ns % 1000000000;
         rc = io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1, &ts, NULL);
     }
+    /* submitted with the wait: what the kernel took (none when it refused
+     * the submit: counted each time, a run of refused sleeps counted them
+     * dozens of times); with SQPOLL, what went to its thread */
+    u->stats.sqes += u->opts.sqpoll ? ready : ready - io_uring_sq_ready(&u->ring);
     u->stats.enters++;
     return rc < 0 ? rc : 0;
 }
