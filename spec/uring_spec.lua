@@ -2419,6 +2419,34 @@ describe("submission and completion", function()
         assert.equal("waiting\t3\n0\tnext\n", out)
     end)
 
+    it("leaves another task's read of a file running when the close that would cancel it is refused", function()
+        -- a queue of four, three entries waiting: the close's cancel of
+        -- the reader's read took the last, and the close itself found none
+        -- (the kernel refused the submits).  The close failed with EBUSY,
+        -- the file open, but its cancel went out later: the read ended
+        -- with ECANCELED, on a file nobody closed
+        local out = run_with_failing_submits("-EBUSY", [[
+                local a, b = ffi.new("int[2]"), ffi.new("int[2]")
+                assert(ffi.C.pipe(a) == 0 and ffi.C.pipe(b) == 0)
+                local pa, pb = uring.File.new(a[0], "pipe a"), uring.File.new(b[0], "pipe b")
+                local reader = pluvio.spawn(function() return pa:read(0, 4) end)
+                pluvio.sleep(0.01)                  -- its read is in the kernel
+                ffi.C.pl_test_fail_submits = 1
+                local others = {}
+                for k = 1, 3 do others[k] = pluvio.spawn(function() return pb:read(0, 1) end) end
+                pluvio.yield()                      -- their SQEs wait; the flush fails
+                local refused = { pa:close() }
+                ffi.C.pl_test_fail_submits = 0
+                pluvio.sleep(0.01)                  -- what waited goes out
+                ffi.C.write(a[1], "next", 4)
+                local got = { n = 3, reader:join() }
+                ffi.C.write(b[1], "xyz", 3)
+                for _, t in ipairs(others) do assert(t:join()) end
+                return refused[1], refused[3], pa:close(), unpack(got, 1, got.n)
+        ]], { reactor = "{ queue_size = 4, submit_depth = 64 }" })
+        assert.equal("nil\tEBUSY\ttrue\tnext\tnil\tnil\n", out)
+    end)
+
     it("sends a killed task's cancel later when the submission queue is full and the kernel refuses a submit",
        function()
         -- io_uring_submit made to fail (as the kernel does with EBUSY or

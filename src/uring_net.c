@@ -317,11 +317,20 @@ int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
         return -PL_ESQFULL;
     io_uring_prep_cancel_fd(cancel, fd, IORING_ASYNC_CANCEL_ALL);
     io_uring_sqe_set_data64(cancel, CANCEL_TAG);
-    if (pair)
+    if (pair) {
         cancel->flags |= IOSQE_IO_HARDLINK;
-    else
-        pl_uring_flush(u);      /* a ring of one entry: the cancel goes first, alone
-                                 * (a link may not span two submits) */
+    } else {
+        /* a ring of one entry: the cancel goes first, alone (a link may not
+         * span two submits).  Refused, it is taken back: after a close that
+         * then finds no SQE (-PL_ESQFULL: the file stays open, to close
+         * again) it would still go out, and end other tasks' ops on a file
+         * nobody closed.  (With SQPOLL the submit hands it over.) */
+        pl_uring_flush(u);
+        if (!u->opts.sqpoll && io_uring_sq_ready(&u->ring) > 0) {
+            uring_sqe_void(cancel);
+            return -PL_ESQFULL;
+        }
+    }
     rc = pl_uring_close(u, slot, gen, fd);
     if (rc < 0 && pair)     /* no close (no op slot): no cancel either, the socket stays as it was */
         uring_sqe_void(cancel);
