@@ -173,6 +173,19 @@ struct io_uring_sqe *uring_sqe_full(pl_uring_t *u);
 int uring_submit(pl_uring_t *u);
 void uring_prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
 void uring_op_finish(pl_uring_t *u, uint32_t i, int32_t res);
+int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
+void uring_sqe_void(struct io_uring_sqe *sqe);
+int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                   uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out);
+int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
+int uring_start_on_fd(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, struct io_uring_sqe **sqe_out);
+int uring_reap(pl_uring_t *u);
+void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res);
+void uring_op_drop_fd(struct uring_op *op, int32_t res);
+void uring_fd_closing(pl_uring_t *u, int fd);
+bool uring_fd_busy(pl_uring_t *u, int fd);
+int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
+                   void *addr, uint32_t len, uint64_t offset, int buf_index, uint32_t queue);
 
 /* uring_rest.c */
 void uring_rest_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
@@ -181,20 +194,9 @@ void uring_rests_send(pl_uring_t *u);
 void uring_rests_retry(pl_uring_t *u);
 void uring_rest_end(pl_uring_t *u, uint32_t i, int32_t res);
 void uring_due_wait(pl_uring_t *u);
-int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
-void uring_sqe_void(struct io_uring_sqe *sqe);
-int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
-                   uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out);
-int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
-int uring_start_on_fd(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, struct io_uring_sqe **sqe_out);
-int uring_reap(pl_uring_t *u);
+
+/* uring_cancel.c */
 void uring_cancels_retry(pl_uring_t *u);
-void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res);
-void uring_op_drop_fd(struct uring_op *op, int32_t res);
-void uring_fd_closing(pl_uring_t *u, int fd);
-bool uring_fd_busy(pl_uring_t *u, int fd);
-int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
-                   void *addr, uint32_t len, uint64_t offset, int buf_index, uint32_t queue);
 
 /* uring_queue.c */
 void uring_queues_free(pl_uring_t *u);
