@@ -134,6 +134,12 @@ static inline bool pl_task_is_waiting(const pl_runtime_t *rt, uint32_t slot, uin
     return t->state == PL_TASK_WAITING && t->gen == gen && t->wait == kind && t->wait_arg == arg;
 }
 
+/* Is (slot, gen) a live task of rt? */
+static inline bool pl_task_is_live(const pl_runtime_t *rt, uint32_t slot, uint32_t gen)
+{
+    return slot < rt->capacity && rt->tasks[slot].state != PL_TASK_FREE && rt->tasks[slot].gen == gen;
+}
+
 static inline bool pl_ready_empty(const pl_runtime_t *rt)
 {
     return rt->ready.head == rt->ready.tail;

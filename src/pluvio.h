@@ -272,6 +272,10 @@ void pl_uring_free(pl_uring_t *u);
 pl_reactor_t *pl_uring_reactor(pl_uring_t *u);
 /* The runtime whose tasks start ops (they are parked on I/O in C). */
 void pl_uring_attach(pl_uring_t *u, pl_runtime_t *rt);
+/* Ops in flight for live tasks of rt (a queue's for its owner): their
+ * completions wake rt's tasks only while rt is attached.  Ops of ended
+ * tasks wake nobody and are not counted.  *first: the task slot of one. */
+int pl_uring_ops_pending(pl_uring_t *u, const pl_runtime_t *rt, uint32_t *first);
 void pl_uring_get_stats(pl_uring_t *u, pl_uring_stats_t *out);
 int pl_uring_flush(pl_uring_t *u);
 
@@ -366,6 +370,9 @@ void *pl_uring_buffer_ptr(pl_uring_t *u, int index);
 int pl_uring_buffer_acquire(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint32_t gen);
 /* A waiter stops waiting (killed); a buffer already handed to it is passed on. */
 void pl_uring_buffer_abandon(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uint32_t gen);
+/* Live tasks of rt waiting for a buffer, or handed one not taken yet (a
+ * release wakes them in the runtime attached then).  *first: one's slot. */
+int pl_uring_buffer_waiters(pl_uring_t *u, const pl_runtime_t *rt, uint32_t *first);
 int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index);
 /* Another engine (UCX) may still read or fill a held buffer after its task
  * died: hold keeps it out of the pool, unhold lets a pending release finish. */

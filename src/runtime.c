@@ -289,19 +289,12 @@ static struct pl_task *task_get(pl_runtime_t *rt, uint32_t slot)
     return &rt->tasks[slot];
 }
 
-static bool task_is(pl_runtime_t *rt, uint32_t slot, uint32_t gen)
-{
-    const struct pl_task *t = task_get(rt, slot);
-
-    return t && t->gen == gen;
-}
-
 pl_runtime_t *pl_task_home(pl_runtime_t *hint, uint32_t slot, uint32_t gen)
 {
-    if (hint && task_is(hint, slot, gen))
+    if (hint && pl_task_is_live(hint, slot, gen))
         return hint;
     for (pl_runtime_t *rt = live_runtimes; rt; rt = rt->next_live)
-        if (rt != hint && task_is(rt, slot, gen))
+        if (rt != hint && pl_task_is_live(rt, slot, gen))
             return rt;
     return NULL;
 }

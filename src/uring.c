@@ -145,6 +145,19 @@ void pl_uring_attach(pl_uring_t *u, pl_runtime_t *rt)
     u->rt = rt;
 }
 
+/* (A scan: asked when a runtime would take the reactor, not per op.) */
+int pl_uring_ops_pending(pl_uring_t *u, const pl_runtime_t *rt, uint32_t *first)
+{
+    int n = 0;
+
+    for (uint32_t i = 0; i < u->nops; i++) {
+        const struct uring_op *op = uring_op(u, i);
+        if (op->state == OP_IN_FLIGHT && pl_task_is_live(rt, op->task_slot, op->task_gen) && n++ == 0)
+            *first = op->task_slot;
+    }
+    return n;
+}
+
 /* ---- submission ---------------------------------------------------------- */
 
 int uring_submit(pl_uring_t *u)

@@ -225,6 +225,21 @@ void pl_uring_buffer_abandon(pl_uring_t *u, pl_runtime_t *rt, uint32_t slot, uin
     }
 }
 
+int pl_uring_buffer_waiters(pl_uring_t *u, const pl_runtime_t *rt, uint32_t *first)
+{
+    int n = 0;
+
+    for (uint32_t k = 0; k < u->waiters_len; k++) {
+        const struct buf_waiter *w = &u->waiters[(u->waiters_head + k) % u->waiters_cap];
+        if (pl_task_is_live(rt, w->slot, w->gen) && n++ == 0)
+            *first = w->slot;
+    }
+    for (uint32_t slot = 0; slot < u->handoff_cap; slot++)
+        if (u->handoff[slot] != NO_BUF && pl_task_is_live(rt, slot, u->handoff_gen[slot]) && n++ == 0)
+            *first = slot;
+    return n;
+}
+
 int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index)
 {
     struct uring_buf *b;
