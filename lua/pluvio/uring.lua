@@ -232,14 +232,33 @@ end
 -- serves one running runtime: its ops park that runtime's tasks and its
 -- polls wake them there, so a second runtime (a nested one) would take the
 -- wake-ups of the first's.  Once that run has ended, the next runtime may
--- have it, with the files it opened.
+-- have it, with the files it opened; not while tasks the run left parked
+-- still wait on its ops or buffers: their wakes would go to the new one,
+-- and they would wait for good (a later run of theirs: a false deadlock).
+local first_slots = ffi.new("uint32_t[2]")     -- (of a task waiting on an op, on a buffer)
+
 function IoUringReactor:_attach_refused(rt)
     local home = self.rt
-    if home and home ~= rt and home.running then
+    if not home or home == rt then
+        return nil
+    end
+    if home.running then
         return "this io_uring reactor is registered on another runtime, which is running (a reactor " ..
                "serves one runtime at a time: make one for each, uring.reactor{...})"
     end
-    return nil
+    local ops = C.pl_uring_ops_pending(self.u, home.crt, first_slots)
+    local bufs = C.pl_uring_buffer_waiters(self.u, home.crt, first_slots + 1)
+    if ops + bufs == 0 then
+        return nil
+    end
+    local what = ops > 0 and format("%d of its operations", ops) or ""
+    if bufs > 0 then
+        what = what .. (ops > 0 and " and " or "") .. format("%d of its registered buffers", bufs)
+    end
+    local first = home.slots[first_slots[ops > 0 and 0 or 1]]
+    return format("this io_uring reactor is registered on another runtime, whose tasks still wait on %s, " ..
+                  "%s first (they were left parked when its run ended, and only it can wake them): run " ..
+                  "that runtime until they are done, or kill those tasks first", what, tostring(first))
 end
 
 -- Called by rt:register_reactor: ops park their task in C from now on.
