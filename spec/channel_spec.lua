@@ -303,6 +303,43 @@ describe("pluvio.channel", function()
         assert.same({ "first", "second" }, { inner, pluvio.timeout(5, outer.join, outer) })
     end))
 
+    it("hands the turn on when block_on returns before the task woken for it runs", async(function()
+        -- the left receiver took the turn while its runtime ran, and that
+        -- runtime stopped: this one's receiver waited with the value in the
+        -- channel (a false deadlock)
+        local ch = pluvio.channel(1)
+        local inner = pluvio.Runtime.new()
+        local left
+        inner:block_on(function()
+            left = pluvio.spawn(function() return ch:recv() end)
+            pluvio.yield()                          -- parks first, left there
+        end)
+        local r = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()                              -- parks second
+        inner:block_on(function() ch:send("v") end) -- left's turn; inner stops before it runs
+        assert.equal("v", r:join())
+        assert.is_true(left:kill())
+    end))
+
+    it("hands the turn on when a nested runtime starts before the task woken for it runs", async(function()
+        -- the outer receiver took the turn and its runtime paused: the
+        -- nested one's receiver waited with the value in the channel (a
+        -- false deadlock of the nested run)
+        local ch = pluvio.channel(1)
+        local outer = pluvio.spawn(function() return ch:recv() end)
+        pluvio.yield()                              -- parks first
+        local inner = pluvio.Runtime.new()
+        local left
+        inner:block_on(function()
+            left = pluvio.spawn(function() return ch:recv() end)
+            pluvio.yield()                          -- parks second, left there
+        end)
+        ch:send("v")                                -- outer's turn; inner runs before it does
+        assert.equal("v", inner:run(function() return left:join() end))
+        ch:send("w")                                -- (outer waited again, at the end of the line)
+        assert.equal("w", outer:join())
+    end))
+
     it("wakes the next runtime's receiver, not one a block_on left parked", function()
         local ch = pluvio.channel(4)
         pluvio.default_runtime():block_on(function()

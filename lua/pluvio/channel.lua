@@ -69,6 +69,7 @@ local function wake_first(ch, q, head, kind)
             if C.pl_task_wake_waiting(t.rt.crt, t.slot, t.gen, kind, ch.cap) == 1 then
                 t.baton = ch      -- if t dies before it runs, it passes the wake on
                 if t.rt == now then
+                    now.turns[t] = true     -- (passed on if now stops running first)
                     return head
                 end
             end
@@ -93,6 +94,14 @@ end
 function Channel:describe()
     check.self("Channel:describe", self, Channel, "a channel")
     return format("channel (%d/%d%s)", self.count, self.cap, self.closed and ", closed" or "")
+end
+
+-- The running task took up the turn it was woken for (if it was).
+local function take_turn(t)
+    if t.baton then
+        t.baton = nil
+        t.rt.turns[t] = nil
+    end
 end
 
 -- A task is queued on at most one channel, in one queue, once, and only
@@ -134,7 +143,7 @@ function Channel:send(v)
                 self.sendq[self.send_tail] = t
             end
             park(t, WAIT.CHANNEL_SEND, self.cap, self, "Channel:send")
-            t.baton = nil
+            take_turn(t)
             if self.closed then
                 leave_queue(t)
                 error("Channel:send: the channel was closed while this send waited " ..
@@ -170,7 +179,7 @@ function Channel:recv()
                 self.recvq[self.recv_tail] = t
             end
             park(t, WAIT.CHANNEL_RECV, self.cap, self, "Channel:recv")
-            t.baton = nil
+            take_turn(t)
             if self.count == 0 and self.closed then
                 leave_queue(t)
                 return nil, "closed"

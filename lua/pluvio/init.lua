@@ -443,6 +443,7 @@ local function finish(rt, t, final, was_running)
     local baton = t.baton
     if baton then           -- it was woken to take a turn it will never take
         t.baton = nil
+        rt.turns[t] = nil
         baton:_pass_baton()
     end
     local parked_on = t.parked_on
@@ -745,6 +746,7 @@ local function new_runtime(capacity)
         stopping = false,         -- cancel_all's last round: spawn raises
         current = nil,
         last_slot = -1,           -- the last task of the loop's batch (see linger)
+        turns = {},               -- task -> true: woken to take a channel's turn, not yet run
     }, Runtime)
     rt.ready_marks = C.pl_runtime_ready_marks(crt)     -- (crt keeps it alive)
     return rt
@@ -1119,6 +1121,35 @@ local function block_on_done(rt)
     return not rt.main_task.live or outer_killed(rt)
 end
 
+-- rt stops running (a block_on returned with tasks left, a runtime nested
+-- in a task of rt starts): a task woken to take a channel's turn while rt
+-- ran cannot take it until rt runs again, so the turn goes on to the next
+-- in line (with one of the running runtime first).  Left with it, a task
+-- parked in the runtime that runs waited with a value in the channel: a
+-- false deadlock.  The task still runs later and finds the channel as it
+-- is then.  (By id: the same order on every run.  next, not pairs: see
+-- spec/channel_model.lua on LuaJIT#827.)
+local function pass_turns(rt)
+    local turns = rt.turns
+    local t = next(turns)
+    if t == nil then
+        return
+    end
+    local list = {}
+    while t ~= nil do
+        list[#list + 1] = t
+        t = next(turns, t)
+    end
+    table.sort(list, function(a, b) return a.id < b.id end)
+    for _, holder in ipairs(list) do
+        local baton = holder.baton
+        turns[holder], holder.baton = nil, nil
+        if baton then
+            baton:_pass_baton()
+        end
+    end
+end
+
 -- Run fn(...) as the main task; until_all: wait for every task (run) or
 -- only the main one (block_on).  Returns the main task's results; raises its
 -- error (and then cancels the tasks left).
@@ -1142,6 +1173,9 @@ local function drive(rt, fname, until_all, fn, ...)
     rt.done = until_all and run_done or block_on_done
     rt.outer = outer_rt     -- (the runs under way: see report_running_unjoined)
     current_rt = rt
+    if outer_rt then
+        pass_turns(outer_rt)
+    end
     local ok, lok, lerr = pcall(loop, rt, rt.done)
     local was_killed = ok and lok and outer_killed(rt)
     -- Cancel what is left while rt is still the current runtime: clean-ups
@@ -1158,6 +1192,7 @@ local function drive(rt, fname, until_all, fn, ...)
         cancel_all(rt)
     end
     current_rt = outer_rt
+    pass_turns(rt)          -- (tasks block_on left)
     rt.outer = nil
     rt.done, rt.main_task, rt.outer_task = nil, nil, nil
     rt.running = false
