@@ -5,6 +5,7 @@
 local M = {}
 
 local format = string.format
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
 
 local function pack(...)
     return { n = select("#", ...), ... }
@@ -35,14 +36,14 @@ function M.format_stats(rt)
                s.time_blocked),
     }
     local names = {}
-    for name in pairs(s.reactors) do
+    for name in walk, s.reactors do
         names[#names + 1] = name
     end
     table.sort(names)
     for _, name in ipairs(names) do
         local r = s.reactors[name]
         local extra = {}
-        for k, v in pairs(r) do
+        for k, v in walk, r do
             if k ~= "kind" and k ~= "status" and k ~= "polls" and k ~= "completions" then
                 extra[#extra + 1] = format("%s=%s", k, tostring(v))
             end

@@ -21,6 +21,7 @@ local M = {}
 
 local type, tostring, pcall, rawget, error, select = type, tostring, pcall, rawget, error, select
 local format = string.format
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
 
 -- The tables LuaJIT's require reads: _LOADED from the registry (which
 -- package.loaded is, unless a script replaces the field) and loaders from
@@ -112,7 +113,7 @@ end
 
 -- A task killed in the middle of a load never returns to end it.
 local function ended(task)
-    for name, rec in pairs(loading) do
+    for name, rec in walk, loading do
         if rec.task == task then
             end_load(name, rec)
         end

@@ -18,6 +18,7 @@ local co_yield = coroutine.yield
 local errstr = core.errstr
 local host_port = check.host_port
 local ffi_string = ffi.string
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
 local type, format, setmetatable, getmetatable, tostring = type, string.format, setmetatable, getmetatable, tostring
 local max = math.max
 
@@ -129,7 +130,7 @@ end
 
 -- Whether reactor r is registered on rt (under any name).
 local function registered_on(rt, r)
-    for _, obj in pairs(rt.reactors) do
+    for _, obj in walk, rt.reactors do
         if obj == r then
             return true
         end
@@ -163,7 +164,7 @@ end
 -- in one pluvio.run and used in the next was progressed by nobody, and its
 -- wait_msg ended in the deadlock report).
 pluvio._on_default_runtime(function(rt)
-    for w in pairs(singleton and singleton.workers or {}) do
+    for w in walk, singleton and singleton.workers or {} do
         if w.w then         -- an open one (closed ones wait for the collector)
             rt:register_reactor("ucx", singleton)
             return
@@ -210,7 +211,7 @@ function Context.new(opts)
         error("Context.new: options must be a table (got " .. type(opts) .. ")", 2)
     end
     local wakeup = true
-    for k, v in pairs(opts or {}) do
+    for k, v in walk, opts or {} do
         if k == "wakeup" then
             if type(v) ~= "boolean" then
                 error("Context.new: wakeup must be a boolean (got " .. check.show(v) .. ")", 2)
@@ -325,7 +326,7 @@ function Context:create_worker(opts)
         error("Context:create_worker: options must be a table (got " .. type(opts) .. ")", 2)
     end
     local max_eps = MAX_ENDPOINTS
-    for k, v in pairs(opts or {}) do
+    for k, v in walk, opts or {} do
         if k == "max_endpoints" then
             max_eps = check.integer("Context:create_worker", "max_endpoints", v, 1, MAX_ENDPOINTS)
         else
@@ -373,7 +374,7 @@ function Context:close()
     if not self.c then
         return false
     end
-    for w in pairs(self.workers) do
+    for w in walk, self.workers do
         if w.w then w:close() end
     end
     local c = self.c
@@ -635,7 +636,7 @@ function Worker:connect_addr(addr, opts)
         if type(opts) ~= "table" then
             error("Worker:connect_addr: options must be a table (got " .. type(opts) .. ")", 2)
         end
-        for k, v in pairs(opts) do
+        for k, v in walk, opts do
             if k ~= "peer_errors" then
                 error("Worker:connect_addr: unknown option " .. check.show(k) .. " (known: peer_errors)", 2)
             end
@@ -742,7 +743,7 @@ local MAX_LISTENERS = 64
 
 local function count(t)
     local n = 0
-    for _ in pairs(t) do n = n + 1 end
+    for _ in walk, t do n = n + 1 end
     return n
 end
 
@@ -788,7 +789,7 @@ function Worker:am_stream(id, opts)
         if type(opts) ~= "table" then
             error("Worker:am_stream: options must be a table (got " .. type(opts) .. ")", 2)
         end
-        for k, v in pairs(opts) do
+        for k, v in walk, opts do
             if k == "window" then
                 window = check.integer("Worker:am_stream", "window", v, 1, 1048576)
             else
@@ -890,9 +891,9 @@ function Worker:close()
     if not self.w then
         return false
     end
-    for ep in pairs(self.eps) do ep.h, ep.closed_with_worker = nil, true end
-    for l in pairs(self.listeners) do l.i = nil end
-    for _, s in pairs(self.streams) do s.open = false end
+    for ep in walk, self.eps do ep.h, ep.closed_with_worker = nil, true end
+    for l in walk, self.listeners do l.i = nil end
+    for _, s in walk, self.streams do s.open = false end
     local w = self.w
     ffi.gc(w, nil)
     self.w = nil            -- first: the tasks it wakes must find it closed
@@ -1391,7 +1392,7 @@ function MsgOwner._task_exit(_, t)
     if t.final == "done" then
         return
     end
-    for w in pairs(live_workers) do
+    for w in walk, live_workers do
         if w.w then
             C.pl_ucx_msgs_release_task(w.w, t.slot, t.gen)
         end
@@ -1412,7 +1413,7 @@ local weak_values = { __mode = "v" }
 
 local function sweep(w, tr)
     local objs, owners, n = tr.objs, tr.owners, 0
-    for h, t in pairs(owners) do
+    for h, t in walk, owners do
         if objs[h] == nil then          -- collected while still held
             owners[h] = nil
             if w.w and C.pl_ucx_msg_drop(w.w, h, t.slot, t.gen) == 1 then

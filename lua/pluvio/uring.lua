@@ -18,6 +18,7 @@ local errstr = core.errstr
 local ffi_string, ffi_copy, ffi_fill, ffi_cast = ffi.string, ffi.copy, ffi.fill, ffi.cast
 local type, format, setmetatable, getmetatable = type, string.format, setmetatable, getmetatable
 local tonumber, floor = tonumber, math.floor
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
 local bit = require "bit"
 
 local M = {}
@@ -59,7 +60,7 @@ local function check_option(fname, name, v, level)
     local rule = OPTION_RULES[name]
     if not rule then
         local known = {}
-        for k in pairs(OPTION_RULES) do known[#known + 1] = k end
+        for k in walk, OPTION_RULES do known[#known + 1] = k end
         table.sort(known)
         error(format("%s: unknown option %s (known: %s)", fname, check.show(name),
                      table.concat(known, ", ")), level)
@@ -121,14 +122,14 @@ end
 
 local function new_reactor(fname, opts)
     local o = {}
-    for k, v in pairs(M.DEFAULTS) do     -- public: a script may have changed them
+    for k, v in walk, M.DEFAULTS do     -- public: a script may have changed them
         o[k] = check_option(fname .. ": uring.DEFAULTS", k, v)
     end
     if type(opts) ~= "nil" then     -- (not ~= nil: a NULL pointer equals nil)
         if type(opts) ~= "table" then
             error(format("%s: options must be a table (got %s)", fname, type(opts)), 3)
         end
-        for k, v in pairs(opts) do
+        for k, v in walk, opts do
             o[k] = check_option(fname, k, v)
         end
     end
@@ -188,7 +189,7 @@ local function self_builder(method, b)
     end
 end
 
-for name in pairs(OPTION_RULES) do
+for name in walk, OPTION_RULES do
     Builder[name] = function(self, v)
         self_builder(name, self)
         self.opts[name] = check_option("IoUringReactor.builder():" .. name, name, v, 3)
@@ -270,7 +271,7 @@ end
 function IoUringReactor:options()
     check.self("IoUringReactor:options", self, IoUringReactor, "an io_uring reactor")
     local o = {}
-    for k, v in pairs(self.opts) do o[k] = v end
+    for k, v in walk, self.opts do o[k] = v end
     return o
 end
 
@@ -296,7 +297,7 @@ local function reactor_of(rt, fname, depth)
     if r then
         return r
     end
-    for _, obj in pairs(rt.reactors) do
+    for _, obj in walk, rt.reactors do
         if getmetatable(obj) == IoUringReactor then
             rt._uring = obj
             return obj

@@ -16,6 +16,7 @@ local host_port = check.host_port
 local co_yield = coroutine.yield
 local wake, park, yielded, WAIT = pluvio._wake, pluvio._park, pluvio._yielded, pluvio._WAIT
 local WAIT_OTHER = pluvio._WAIT_KIND.OTHER
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
 
 local M = {}
 
@@ -299,10 +300,10 @@ function M.install(U)
         end
         if r.rescue_lists_n >= r.rescue_sweep_at then
             local live, n = {}, 0
-            for _, l in pairs(owners) do
+            for _, l in walk, owners do
                 live[l] = true
             end
-            for l in pairs(lists) do
+            for l in walk, lists do
                 if live[l] then
                     n = n + 1
                 else

@@ -19,6 +19,7 @@ local check = require "pluvio.check"
 local ffi, C = core.ffi, core.C
 local format, type, setmetatable, getmetatable = string.format, type, setmetatable, getmetatable
 local running_task, current_task = pluvio._running_task, pluvio._current_task
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
 
 local M = {}
 
@@ -57,7 +58,7 @@ function M.install(U)
     function QueueOwner._task_exit(_, t)
         local queues = t.io_queues
         t.io_queues = nil
-        for q in pairs(queues) do
+        for q in walk, queues do
             if q.id >= 0 then
                 free(q)
             end
