@@ -16,6 +16,20 @@ local function pipe()
     return fds[0], fds[1]
 end
 
+-- A block_on of rt that returns with a task named "reader" parked on a
+-- 4-byte read of a pipe: that task, the pipe's file and its write end.
+local function left_reader(rt)
+    local rfd, wfd = pipe()
+    local f
+    local reader = rt:block_on(function()
+        f = uring.File.new(rfd, "pipe")
+        local t = pluvio.spawn_named("reader", function() return f:read(0, 4) end)
+        pluvio.yield()
+        return t
+    end)
+    return reader, f, wfd
+end
+
 -- The refusal's text after "<fname>: ...: ", for waits on what (task: the
 -- first waiting task, as tostring shows it).
 local function busy(what, task)
@@ -43,14 +57,7 @@ describe("an io_uring reactor registered on two runtimes", function()
         local r = uring.reactor { buffer_count = 0 }
         local a, b = pluvio.Runtime.new(), pluvio.Runtime.new()
         a:register_reactor("io_uring", r)
-        local rfd, wfd = pipe()
-        local f
-        local reader = a:block_on(function()
-            f = uring.File.new(rfd, "pipe")
-            local t = pluvio.spawn_named("reader", function() return f:read(0, 4) end)
-            pluvio.yield()
-            return t
-        end)
+        local reader, f, wfd = left_reader(a)
         fails_with(register_refusal("io_uring", "1 of its operations", tostring(reader)),
                    b.register_reactor, b, "io_uring", r)
         assert.is_nil(b:reactor("io_uring"))
@@ -70,14 +77,7 @@ describe("an io_uring reactor registered on two runtimes", function()
         a:register_reactor("io_uring", r)
         assert.is_true(a:run(function() return true end))
         b:register_reactor("io_uring", r)        -- nothing waits in a: it moves
-        local rfd, wfd = pipe()
-        local f
-        local reader = b:block_on(function()
-            f = uring.File.new(rfd, "pipe")
-            local t = pluvio.spawn_named("reader", function() return f:read(0, 4) end)
-            pluvio.yield()
-            return t
-        end)
+        local reader, f, wfd = left_reader(b)
         local msg = 'Runtime:block_on: cannot run: its reactor "io_uring": ' .. busy("1 of its operations",
                                                                                      tostring(reader))
         fails_with(msg, a.block_on, a, function() return "ran" end)
@@ -93,14 +93,7 @@ describe("an io_uring reactor registered on two runtimes", function()
         local r = uring.reactor { buffer_count = 0 }
         local a, b = pluvio.Runtime.new(), pluvio.Runtime.new()
         a:register_reactor("io_uring", r)
-        local rfd, wfd = pipe()
-        local f
-        local reader = a:block_on(function()
-            f = uring.File.new(rfd, "pipe")
-            local t = pluvio.spawn(function() return f:read(0, 4) end)
-            pluvio.yield()
-            return t
-        end)
+        local reader, f, wfd = left_reader(a)
         assert.is_true(reader:kill())
         b:register_reactor("io_uring", r)
         local left = b:run(function()
