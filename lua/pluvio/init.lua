@@ -1134,18 +1134,15 @@ end
 -- in line (with one of the running runtime first).  Left with it, a task
 -- parked in the runtime that runs waited with a value in the channel: a
 -- false deadlock.  The task still runs later and finds the channel as it
--- is then.  (By id: the same order on every run.  next, not pairs: see
--- spec/channel_model.lua on LuaJIT#827.)
+-- is then.  (By id: the same order on every run.)
 local function pass_turns(rt)
     local turns = rt.turns
-    local t = next(turns)
-    if t == nil then
+    if next(turns) == nil then
         return
     end
     local list = {}
-    while t ~= nil do
+    for t in walk, turns do
         list[#list + 1] = t
-        t = next(turns, t)
     end
     table.sort(list, function(a, b) return a.id < b.id end)
     for _, holder in ipairs(list) do
