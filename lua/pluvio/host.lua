@@ -5,7 +5,7 @@
 local M = {}
 
 local format = string.format
-local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see task.lua
 
 local function pack(...)
     return { n = select("#", ...), ... }

@@ -21,7 +21,7 @@ local M = {}
 
 local type, tostring, pcall, rawget, error, select = type, tostring, pcall, rawget, error, select
 local format = string.format
-local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see task.lua
 
 -- The tables LuaJIT's require reads: _LOADED from the registry (which
 -- package.loaded is, unless a script replaces the field) and loaders from

@@ -16,7 +16,7 @@ local host_port = check.host_port
 local co_yield = coroutine.yield
 local wake, park, yielded, WAIT = pluvio._wake, pluvio._park, pluvio._yielded, pluvio._WAIT
 local WAIT_OTHER = pluvio._WAIT_KIND.OTHER
-local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see task.lua
 
 local M = {}
 

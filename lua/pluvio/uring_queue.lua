@@ -19,7 +19,7 @@ local check = require "pluvio.check"
 local ffi, C = core.ffi, core.C
 local format, type, setmetatable, getmetatable = string.format, type, setmetatable, getmetatable
 local running_task, current_task = pluvio._running_task, pluvio._current_task
-local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see init.lua
+local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see task.lua
 
 local M = {}
 
