@@ -604,6 +604,7 @@ end
 
 require("pluvio.uring_file").install(M)
 require("pluvio.uring_net").install(M)
+require("pluvio.uring_tcp").install(M)
 require("pluvio.uring_queue").install(M)
 
 return M
