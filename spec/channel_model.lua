@@ -190,6 +190,37 @@ local function chan_op(S, kind, m)
     after_send(S, m, v, ok, err, was_closed, where)
 end
 
+-- A try_send or try_recv, which never parks: checked against the model as
+-- it returns (full, empty, closed).
+local function try_op(S, kind, m, where)
+    if kind == "recv" then
+        local v, err = m.ch:try_recv()
+        if model_len(m) > 0 then
+            after_recv(S, m, v, err, where .. " try")
+        else
+            local want = m.closed and "closed" or "empty"
+            expect(S, v == nil and err == want, "%s: try_recv on c%d returned %s, %s (model: empty, closed %s)",
+                   where, m.id, tostring(v), tostring(err), tostring(m.closed))
+            note(S, "%s try_recv c%d -> %s", where, m.id, tostring(err))
+        end
+        return
+    end
+    S.value = S.value + 1
+    local v = S.value
+    local ok, r, err = pcall(m.ch.try_send, m.ch, v)
+    if m.closed then
+        expect(S, not ok and type(r) == "string" and r:find("Channel:try_send: the channel is closed", 1, true),
+               "%s: try_send on closed c%d gave %s, %s", where, m.id, tostring(ok), tostring(r))
+    elseif model_len(m) >= m.cap then
+        expect(S, ok and r == false and err == "full", "%s: try_send on full c%d gave %s, %s, %s",
+               where, m.id, tostring(ok), tostring(r), tostring(err))
+    else
+        after_send(S, m, v, ok, r, false, where .. " try")
+        return
+    end
+    note(S, "%s try_send %d c%d -> %s", where, v, m.id, tostring(ok and err or r):sub(1, 40))
+end
+
 local function close_op(S, m, where)
     local r = m.ch:close()
     expect(S, r == not m.closed, "%s: close of c%d returned %s (model closed %s)",
@@ -237,7 +268,7 @@ end
 ---------------------------------------------------------------------------
 
 local WORKER_OPS = {
-    "send", 30, "recv", 30, "yield", 8, "select", 6, "timeout", 6, "coro", 8,
+    "send", 30, "recv", 30, "try", 10, "yield", 8, "select", 6, "timeout", 6, "coro", 8,
     "close", 1, "kill", 2, "wake", 4, "kill_self", 1, "exit_hook", 2, "nested", 2,
 }
 
@@ -486,6 +517,8 @@ function run_program(S, prog)
         local name, m = op[1], S.chans[op[2]]
         if name == "send" or name == "recv" then
             chan_op(S, name, m)
+        elseif name == "try" then
+            try_op(S, op[4], m, me:name())
         elseif name == "yield" then
             pluvio.yield()
         elseif name == "select" then
@@ -674,7 +707,7 @@ end
 ---------------------------------------------------------------------------
 
 local MAIN_OPS = {
-    "spawn", 12, "settle", 10, "yield", 14, "send", 10, "recv", 10, "kill", 4, "wake", 4,
+    "spawn", 12, "settle", 10, "yield", 14, "send", 10, "recv", 10, "try", 4, "kill", 4, "wake", 4,
     "coro", 4, "close", 1, "block", 3, "sleep", 1, "inject", 4,
 }
 
@@ -728,6 +761,8 @@ local function main_step(S, step)
         if model_len(m) > 0 then
             chan_op(S, "recv", m)
         end
+    elseif name == "try" then
+        try_op(S, rng(2) == 1 and "recv" or "send", m, "main")
     elseif name == "kill" or name == "wake" then
         local victim = random_task(S, nil)
         if victim and name == "kill" then

@@ -154,6 +154,52 @@ describe("pluvio.channel", function()
         assert.has_error(function() ch:send(1) end, "Channel:send: the channel is closed")
     end))
 
+    describe("try_send and try_recv", function()
+        it("take and give at once, and say full, empty or closed instead of parking", function()
+            local ch = pluvio.channel(2)        -- (no task: they never park)
+            assert.same({ nil, "empty" }, { ch:try_recv() })
+            assert.is_true(ch:try_send("a"))
+            assert.is_true(ch:try_send(false))
+            assert.same({ false, "full" }, { ch:try_send("c") })
+            assert.equal(2, ch:len())           -- the refused value was not queued
+            assert.equal("a", ch:try_recv())
+            assert.is_false(ch:try_recv())
+            assert.same({ nil, "empty" }, { ch:try_recv() })
+            assert.is_true(ch:try_send("d"))
+            ch:close()
+            assert.equal("d", ch:try_recv())    -- drained after close
+            assert.same({ nil, "closed" }, { ch:try_recv() })
+        end)
+
+        it("wake the parked sender or receiver as send and recv do", async(function()
+            local ch = pluvio.channel(1)
+            local receiver = pluvio.spawn(function() return ch:recv() end)
+            pluvio.yield()
+            assert.equal("waiting", receiver:status())
+            assert.is_true(ch:try_send("to the receiver"))
+            assert.equal("to the receiver", receiver:join())
+            ch:send(1)
+            local sender = pluvio.spawn(function() return ch:send(2) end)
+            pluvio.yield()
+            assert.equal("waiting", sender:status())
+            assert.equal(1, ch:try_recv())
+            assert.is_true(sender:join())
+            assert.equal(2, ch:try_recv())
+        end))
+
+        it("reject nil, a closed channel for try_send, and a call without self", function()
+            local ch = pluvio.channel(1)
+            assert.has_error(function() ch:try_send(nil) end,
+                "Channel:try_send: value must not be nil (recv returns nil only when closed)")
+            assert.has_error(function() ch.try_recv() end,
+                "Channel:try_recv: call it as a method on a channel (obj:try_recv(...)); got nil as self")
+            assert.has_error(function() ch.try_send({}, 1) end,
+                "Channel:try_send: call it as a method on a channel (obj:try_send(...)); got table as self")
+            ch:close()
+            assert.has_error(function() ch:try_send(1) end, "Channel:try_send: the channel is closed")
+        end)
+    end)
+
     it("refuses to park outside a task", function()
         local ch = pluvio.channel(1)
         assert.has_error(function() ch:recv() end,

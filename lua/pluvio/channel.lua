@@ -1,5 +1,6 @@
 -- pluvio.channel: a bounded FIFO between tasks.  send parks while the
--- channel is full, recv parks while it is empty; close wakes everyone.
+-- channel is full, recv parks while it is empty, try_send and try_recv
+-- never park (full, empty); close wakes everyone.
 -- Values are Lua values, so the buffer is a Lua ring; waking goes through
 -- the runtime's C ready ring like every other wake-up.
 local pluvio = require "pluvio"
@@ -123,6 +124,32 @@ local function leave_queue(t)
     end
 end
 
+-- Queue v (there is room) and wake the oldest parked receiver.
+local function put(self, v)
+    local n = self.count
+    self.buf[(self.head + n - 1) % self.cap + 1] = v
+    self.count = n + 1
+    self.sent = self.sent + 1
+    if self.recvq[self.recv_head] then
+        self.recv_head = wake_first(self, self.recvq, self.recv_head, WAIT.CHANNEL_RECV)
+    end
+    return true
+end
+
+-- The oldest value (there is one); wakes the oldest parked sender.
+local function take(self)
+    local h = self.head
+    local v = self.buf[h]
+    self.buf[h] = nil
+    self.head = h % self.cap + 1
+    self.count = self.count - 1
+    self.received = self.received + 1
+    if self.sendq[self.send_head] then
+        self.send_head = wake_first(self, self.sendq, self.send_head, WAIT.CHANNEL_SEND)
+    end
+    return v
+end
+
 -- send(v): queue v (not nil); parks while the channel is full.  Sending on a
 -- closed channel raises.
 function Channel:send(v)
@@ -152,14 +179,7 @@ function Channel:send(v)
         until self.count < self.cap
         leave_queue(t)
     end
-    local n = self.count
-    self.buf[(self.head + n - 1) % self.cap + 1] = v
-    self.count = n + 1
-    self.sent = self.sent + 1
-    if self.recvq[self.recv_head] then
-        self.recv_head = wake_first(self, self.recvq, self.recv_head, WAIT.CHANNEL_RECV)
-    end
-    return true
+    return put(self, v)
 end
 
 -- recv(): the oldest value; parks while empty; nil, "closed" once the
@@ -187,16 +207,33 @@ function Channel:recv()
         until self.count > 0
         leave_queue(t)
     end
-    local h = self.head
-    local v = self.buf[h]
-    self.buf[h] = nil
-    self.head = h % self.cap + 1
-    self.count = self.count - 1
-    self.received = self.received + 1
-    if self.sendq[self.send_head] then
-        self.send_head = wake_first(self, self.sendq, self.send_head, WAIT.CHANNEL_SEND)
+    return take(self)
+end
+
+-- try_send(v): queue v if the channel has room (true), else false, "full"
+-- at once.  Raises as send does for nil and a closed channel.
+function Channel:try_send(v)
+    check.self("Channel:try_send", self, Channel, "a channel")
+    if v == nil then
+        error("Channel:try_send: value must not be nil (recv returns nil only when closed)", 2)
     end
-    return v
+    if self.closed then
+        error("Channel:try_send: the channel is closed", 2)
+    end
+    if self.count >= self.cap then
+        return false, "full"
+    end
+    return put(self, v)
+end
+
+-- try_recv(): the oldest value if there is one, else nil, "empty" at once
+-- (nil, "closed" once the channel is closed and drained).
+function Channel:try_recv()
+    check.self("Channel:try_recv", self, Channel, "a channel")
+    if self.count == 0 then
+        return nil, self.closed and "closed" or "empty"
+    end
+    return take(self)
 end
 
 -- close(): no more sends; receivers drain what is buffered, then get
