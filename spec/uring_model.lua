@@ -421,16 +421,12 @@ local function failed_ok(S, f, code, where, what, err)
 end
 
 local function do_write(S, W, kind)
-    local h, f, F = pick_handle(S)
+    local buf = kind == "write_fixed" and held_buffer(S, W)    -- (first: it may park)
+    local _, f, F = pick_handle(S)
     local off, len = span(S, F, kind == "write" and 3 * 4096 or S.bufsize)
     local op = { kind = "w", name = kind, off = off, len = len }
-    local buf, data
-    data = pattern(S, len)
-    if kind == "write_fixed" then
-        buf = held_buffer(S, W)
-        if S.closed[f] ~= S.closed[h.f] then f = h.f end
-        buf:write(data)
-    end
+    local data = pattern(S, len)
+    if buf then buf:write(data) end
     if S.closed[f] then
         return guarded_op(S, f, kind, kind == "write" and f.write or f.write_fixed, f,
                           kind == "write" and off or buf, kind == "write" and data or off, len)
@@ -458,14 +454,10 @@ local function do_write(S, W, kind)
 end
 
 local function do_read(S, W, kind)
-    local h, f, F = pick_handle(S)
+    local buf = kind == "read_fixed" and held_buffer(S, W)
+    local _, f, F = pick_handle(S)
     local off, len = span(S, F, kind == "read" and 3 * 4096 or S.bufsize)
-    local buf
-    if kind == "read_fixed" then
-        buf = held_buffer(S, W)
-        if S.closed[f] ~= S.closed[h.f] then f = h.f end
-        buf:fill(0xee, len)
-    end
+    if buf then buf:fill(0xee, len) end
     if S.closed[f] then
         return guarded_op(S, f, kind, kind == "read" and f.read or f.read_fixed, f,
                           kind == "read" and off or buf, kind == "read" and len or off, len)
@@ -491,9 +483,8 @@ local function do_read(S, W, kind)
 end
 
 local function do_vector(S, W, kind)
-    local h, f, F = pick_handle(S)
     local b1 = held_buffer(S, W)
-    if S.closed[f] ~= S.closed[h.f] then f = h.f end
+    local _, f, F = pick_handle(S)
     local b2 = S.rng(2) == 1 and extra_buffer(S, W, b1)
     local parts, lens, datas, total = {}, {}, {}, 0
     local off = select(1, span(S, F, 4096))
@@ -642,14 +633,18 @@ local function do_simple(S, W, kind)
     end
 end
 
+-- The handle gets a file again: of its own path, or of another (so that a
+-- file opened now takes the number of an fd just closed: an op meant for
+-- the closed one would land in it, and its model would see).
 local function reopen(S, h)
-    local cls = h.F.direct and uring.DmaFile or uring.File
+    local F = S.rng(2) == 1 and S.files[S.rng(#S.files)] or h.F
+    local cls = F.direct and uring.DmaFile or uring.File
     h.reopening = pluvio.current()
-    local f, err = cls.open(h.F.path, "r+")
+    local f, err = cls.open(F.path, "r+")
     h.reopening = nil
-    if expect(S, f, "%s: reopen of f%d: %s", me(), h.F.id, tostring(err)) then
-        h.f = f
-        note(S, "%s reopened f%d", me(), h.F.id)
+    if expect(S, f, "%s: reopen of f%d: %s", me(), F.id, tostring(err)) then
+        h.f, h.F = f, F
+        note(S, "%s reopened f%d (fd %d)", me(), F.id, f:fileno())
     end
 end
 
@@ -984,7 +979,7 @@ function M.run(seed)
     local S = {
         rng = rng, seed = seed, events = {}, nevents = 0, files = {}, handles = {}, workers = {},
         mailbox = {}, closed = setmetatable({}, { __mode = "k" }), nops = 0, nwrites = 0, nworkers = 0,
-        empty_acquires = 0, steps = 20 + rng(100), max_workers = 2 + rng(5),
+        empty_acquires = 0, steps = 20 + rng(100), max_workers = rng(4) == 1 and 8 + rng(10) or 2 + rng(5),
         fileblocks = ({ 2, 4, 12 })[rng(3)],
         stats = { timeouts = 0, kills_parked = 0, kills_in_op = 0, barriers = 0, buffer_waits = 0,
                   cut_by_close = 0, closed_raised = 0, sqpoll = 0 },
