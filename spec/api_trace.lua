@@ -7,6 +7,13 @@ local M = {}
 
 M.MODULES = { "pluvio", "pluvio.uring", "pluvio.ucx", "pluvio.bench", "pluvio.channel" }
 
+-- The classes whose objects only a function gives (no module field holds
+-- the class): their methods are walked through an object's metatable.
+M.OBJECTS = {
+    { "pluvio.uring.IoUringReactor.builder()", function() return require("pluvio.uring").IoUringReactor.builder() end },
+    { "pluvio.bench.progress()", function() return require("pluvio.bench").progress("api_trace", true) end },
+}
+
 -- Everything reachable from the modules without a leading underscore, as
 -- { qualified name, key, table, value } (a class's methods through its
 -- metatable's __index too; each table once).  A table that holds
@@ -38,6 +45,9 @@ function M.walk()
     end
     for _, m in ipairs(M.MODULES) do
         walk(m, require(m), 0)
+    end
+    for _, o in ipairs(M.OBJECTS) do
+        walk(o[1], getmetatable(o[2]()).__index, 1)
     end
     return entries
 end
