@@ -125,3 +125,25 @@ describe("bench.Histogram", function()
         assert.equal(1, h:count())
     end)
 end)
+
+describe("bench.parse_args and bench.help", function()
+    -- A spec without its options list (the list passed as the spec, or the
+    -- arguments swapped) raised "attempt to index local 'spec'" or ipairs'
+    -- "table expected, got nil" from inside bench.lua, not at the caller.
+    it("raise at the caller's line, naming the spec, when it is not a table with an options list", function()
+        local options = { { "bs", "size", "4k", "block size" } }
+        for _, f in ipairs({ "parse_args", "help" }) do
+            local msg = "bench." .. f .. ": spec must be a table with an options list, { options = { {name, kind, " ..
+                        "default, help}, ... } } (got %s)"
+            for _, case in ipairs({ { options, "options = nil" }, { 5, "5" }, { { options = "x" }, 'options = "x"' } }) do
+                local ok, err = pcall(function() local r = bench[f](case[1], {}); return r end)
+                assert.is_false(ok)
+                assert.equal(("%s:%d: "):format(debug.getinfo(1, "S").short_src, debug.getinfo(1, "l").currentline - 2)
+                             .. msg:format(case[2]), err)
+            end
+        end
+        assert.has_error(function() bench.parse_args({ options = options }, "--bs") end,
+            'bench.parse_args: argv must be a list of strings, as arg is (got "--bs")')
+        assert.equal(4096, bench.parse_args({ options = options }, {}).bs)
+    end)
+end)

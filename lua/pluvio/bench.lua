@@ -178,7 +178,20 @@ end
 -- value, choices lists the allowed ones, out marks a path the script will
 -- write (checked before the run).  Returns the options table, or prints
 -- the help and exits 0 (--help), or prints a one-line error and exits 2.
+-- A spec as parse_args and help take it: a table with an options list.
+local function check_spec(fname, spec)
+    if type(spec) ~= "table" or type(spec.options) ~= "table" then
+        error(format("%s: spec must be a table with an options list, { options = { {name, kind, default, help}, " ..
+                     "... } } (got %s)", fname, type(spec) == "table" and "options = " .. check.show(spec.options)
+                     or check.show(spec)), 3)
+    end
+end
+
 function M.parse_args(spec, argv)
+    check_spec("bench.parse_args", spec)
+    if type(argv) ~= "table" then
+        check.fail("bench.parse_args", "argv must be a list of strings, as arg is", argv)
+    end
     local opts, by_name = {}, {}
     for _, o in ipairs(spec.options) do
         by_name[o[1]] = o
@@ -272,6 +285,7 @@ function M.host_port(s)
 end
 
 function M.help(spec)
+    check_spec("bench.help", spec)
     local lines = { spec.usage or "", "", "options:" }
     for _, o in ipairs(spec.options) do
         local arg = o[2] == "flag" and "" or (" " .. o[2]:upper())
