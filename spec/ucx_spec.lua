@@ -851,6 +851,23 @@ describe("UCX misuse and failures", function()
         return err
     end
 
+    -- attach(rt) with a table that was no runtime raised "attempt to index
+    -- local 'rt'" from ucx.lua (after recording it as attached), and
+    -- c_reactor with a wrong self gave a NULL vtable.
+    it("raises at attach(rt) without a runtime, and at c_reactor() and attach without the reactor as self", function()
+        local r = ucx.UCXReactor.current()
+        for _, bad in ipairs({ {}, 5 }) do
+            assert.equal(("UCXReactor:attach: rt must be a runtime (got %s)"):format(type(bad)),
+                         raised(function() return r:attach(bad) end):match("ucx_spec%.lua:%d+: (.*)"))
+            assert.has_error(function() r.attach(bad, pluvio.Runtime.new()) end,
+                ("UCXReactor:attach: call it as a method on the UCX reactor (obj:attach(...)); got %s as self")
+                    :format(type(bad)))
+            assert.has_error(function() r.c_reactor(bad) end,
+                ("UCXReactor:c_reactor: call it as a method on the UCX reactor (obj:c_reactor(...)); got %s as self")
+                    :format(type(bad)))
+        end
+    end)
+
     it("names the function, the argument and the caller's line when a released registered buffer is passed", async(function()
         local uring = require "pluvio.uring"
         local p = pair()

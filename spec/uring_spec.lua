@@ -168,6 +168,32 @@ describe("IoUringReactor", function()
         assert.equal(uring.DEFAULTS.buffer_size, r2:options().buffer_size)
     end)
 
+    -- attach(rt) with a table that was no runtime handed C a NULL runtime:
+    -- the reactor was silently detached from its own, and the next file
+    -- operation said the file "was opened in another runtime"; c_reactor
+    -- with a wrong self gave a NULL vtable.
+    it("raises at attach(rt) without a runtime, and at c_reactor() and attach without a reactor as self", function()
+        local r = uring.reactor { buffer_count = 1, buffer_size = 4096 }
+        for _, bad in ipairs({ {}, 5 }) do
+            assert.has_error(function() r:attach(bad) end,
+                             ("IoUringReactor:attach: rt must be a runtime (got %s)"):format(type(bad)))
+            assert.has_error(function() r.attach(bad, pluvio.Runtime.new()) end,
+                ("IoUringReactor:attach: call it as a method on an io_uring reactor (obj:attach(...)); got %s as self")
+                    :format(type(bad)))
+            assert.has_error(function() r.c_reactor(bad) end,
+                ("IoUringReactor:c_reactor: call it as a method on an io_uring reactor (obj:c_reactor(...)); got %s as self")
+                    :format(type(bad)))
+        end
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring", r)
+        assert.equal("ok", rt:run(function()
+            local f = assert(uring.File.open("/etc/hostname"))
+            assert.is_string(f:read(0, 1))
+            f:close()
+            return "ok"
+        end))
+    end)
+
     it("takes changed uring.DEFAULTS for later reactors, checked as options are", function()
         local saved = uring.DEFAULTS.queue_size
         finally(function() uring.DEFAULTS.queue_size = saved end)

@@ -85,10 +85,15 @@ function UCXReactor.current()
 end
 
 function UCXReactor:c_reactor()
+    check.self("UCXReactor:c_reactor", self, UCXReactor, "the UCX reactor")
     return C.pl_ucx_reactor_vtable(self.r)
 end
 
 function UCXReactor:attach(rt)
+    check.self("UCXReactor:attach", self, UCXReactor, "the UCX reactor")
+    if getmetatable(rt) ~= pluvio.Runtime then    -- (a table without crt detached the reactor)
+        error(format("UCXReactor:attach: rt must be a runtime (got %s)", type(rt)), 2)
+    end
     self.attached[1] = rt
     C.pl_ucx_reactor_attach(self.r, rt.crt)
 end

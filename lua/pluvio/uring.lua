@@ -216,6 +216,7 @@ function IoUringReactor.builder()
 end
 
 function IoUringReactor:c_reactor()
+    check.self("IoUringReactor:c_reactor", self, IoUringReactor, "an io_uring reactor")
     return C.pl_uring_reactor(self.u)
 end
 
@@ -254,6 +255,10 @@ end
 
 -- Called by rt:register_reactor: ops park their task in C from now on.
 function IoUringReactor:attach(rt)
+    check.self("IoUringReactor:attach", self, IoUringReactor, "an io_uring reactor")
+    if getmetatable(rt) ~= pluvio.Runtime then    -- (a table without crt detached the reactor)
+        error(format("IoUringReactor:attach: rt must be a runtime (got %s)", type(rt)), 2)
+    end
     C.pl_uring_attach(self.u, rt.crt)
     self.rt = rt
 end
