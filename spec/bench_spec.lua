@@ -147,3 +147,23 @@ describe("bench.parse_args and bench.help", function()
         assert.equal(4096, bench.parse_args({ options = options }, {}).bs)
     end)
 end)
+
+describe("bench.write_json and bench.svg", function()
+    -- io.open stops at a NUL byte: "out.json\0.bak" wrote out.json, as the
+    -- kernel calls of pluvio.uring would without their check.
+    it("raise for a path with a NUL byte instead of writing the file its first part names", function()
+        local dir = os.tmpname()
+        os.remove(dir)
+        assert(os.execute("mkdir " .. dir) == 0)
+        assert.has_error(function() bench.write_json(dir .. "/a\0.bak", { 1 }) end,
+                         ('bench.write_json: dest must not contain a NUL byte (got "%s/a\\0.bak")'):format(dir))
+        assert.has_error(function() bench.svg(dir .. "/b\0.bak", { title = "t" }) end,
+                         ('bench.svg: path must not contain a NUL byte (got "%s/b\\0.bak")'):format(dir))
+        local a, b = io.open(dir .. "/a"), io.open(dir .. "/b")
+        if a then a:close() end
+        if b then b:close() end
+        os.remove(dir .. "/a"); os.remove(dir .. "/b"); os.remove(dir)
+        assert.is_nil(a)
+        assert.is_nil(b)
+    end)
+end)

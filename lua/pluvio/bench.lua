@@ -405,6 +405,7 @@ end
 
 function M.write_json(dest, value)
     check.string("bench.write_json", "dest", dest)
+    check.no_nul("bench.write_json", "dest", dest)  -- (io.open would write the file named by its first part)
     local text = M.json(value) .. "\n"
     if dest == "-" then
         io.stdout:write(text)
@@ -647,6 +648,7 @@ end
 -- series_label = "MiB/s" }): two panels side by side.
 function M.svg(path, spec)
     check.string("bench.svg", "path", path)
+    check.no_nul("bench.svg", "path", path)
     if type(spec) ~= "table" then
         check.fail("bench.svg", "spec must be a table", spec)
     end
