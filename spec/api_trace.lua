@@ -76,8 +76,19 @@ function M.install(path)
             if not list then
                 list = {}
                 names[f] = list
+                local seen = false
                 wrappers[f] = function(...)
-                    for i = 1, #list do record(list[i]) end
+                    -- a call from the example's code, not one another public
+                    -- function makes for it (uring.acquire_buffer calls the
+                    -- reactor's, register_reactor calls attach): those do
+                    -- not show the function in use.  (By the calling
+                    -- function, not its file: an example's closure that
+                    -- tail-calls leaves Pluvio's task start as the caller.)
+                    local caller = debug.getinfo(2, "f")
+                    if not seen and not (caller and names[caller.func]) then
+                        seen = true
+                        for i = 1, #list do record(list[i]) end
+                    end
                     return f(...)
                 end
             end
