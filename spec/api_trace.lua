@@ -17,7 +17,8 @@ M.OBJECTS = {
 -- Everything reachable from the modules without a leading underscore, as
 -- { qualified name, key, table, value } (a class's methods through its
 -- metatable's __index too; each table once).  A table that holds
--- functions is a class: its methods are listed, not its name.
+-- functions is a class: its methods are listed, and its name if a module
+-- holds it (docs_spec wants that named in an example).
 function M.walk()
     local entries, seen = {}, {}
     local function walk(prefix, t, depth)
@@ -34,7 +35,7 @@ function M.walk()
             if type(v) == "table" then
                 local class = false
                 for _, f in pairs(v) do class = class or type(f) == "function" end
-                if depth == 0 and not class then entries[#entries + 1] = { prefix .. "." .. k, k, t, v } end
+                if depth == 0 then entries[#entries + 1] = { prefix .. "." .. k, k, t, v } end
                 if depth < 2 then walk(prefix .. "." .. k, v, depth + 1) end
             elseif type(v) == "function" or type(v) == "cdata" or depth == 0 then
                 entries[#entries + 1] = { prefix .. "." .. k, k, t, v }

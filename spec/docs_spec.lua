@@ -225,7 +225,7 @@ end)
 describe("the public API", function()
     -- Each public function is called by an example that runs (the calls the
     -- examples above made); a value that is not a function (a constant, a
-    -- module's table) is named in one.
+    -- module's table, a class such as uring.IoQueue) is named in one.
     it("is used, name by name, in an example the docs spec runs", function()
         local f = io.open(trace_path)
         if not f then
