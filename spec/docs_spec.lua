@@ -256,6 +256,41 @@ describe("the public API", function()
     end)
 end)
 
+describe("README's Layout", function()
+    -- The files of the C core and the Lua modules are named there, so that
+    -- a reader finds a concept by its file: a file added (or split off)
+    -- must be named, and a name must be a file.
+    it("names every file of src/ and lua/pluvio/, and only files that exist", function()
+        local section = read(root .. "/README.md"):match("\n## Layout\n.-```\n(.-)```")
+        assert.is_string(section, "README.md has no Layout block")
+        local missing, stale = {}, {}
+        for _, dir in ipairs({ "src", "lua/pluvio" }) do
+            local p = io.popen("unset LD_PRELOAD; ls " .. helper.quote(root .. "/" .. dir))
+            for name in p:lines() do
+                if name:match("%.[ch]$") or name:match("%.lua$") or name:match("%.map$") then
+                    if not section:find("%f[%w_]" .. name:gsub("%p", "%%%0") .. "%f[^%w_.]") then
+                        missing[#missing + 1] = dir .. "/" .. name
+                    end
+                end
+            end
+            p:close()
+        end
+        local line_dir
+        for line in section:gmatch("[^\n]+") do
+            line_dir = line:match("^(%S+/)%s") or line_dir
+            local dir = line_dir == "src/" and "src/" or line_dir == "lua/pluvio/" and "lua/pluvio/"
+            for name in line:gmatch("([%w_]+%.[chlmaup]+)%f[^%w_.]") do
+                if dir and (name:match("%.[ch]$") or name:match("%.lua$") or name:match("%.map$"))
+                        and not read(root .. "/" .. dir .. name) then
+                    stale[#stale + 1] = dir .. name
+                end
+            end
+        end
+        assert.same({}, missing)
+        assert.same({}, stale)
+    end)
+end)
+
 describe("docs/PATTERNS.md: Measuring your own loop", function()
     -- Under load (the specs share the CPUs with builds) the runtime can be
     -- off the CPU for longer than the example's 0.2 s: its loops must still
