@@ -1326,6 +1326,34 @@ describe("UCX misuse and failures", function()
         assert.matches("^nil\tam_send to 127%.0%.0%.1:%d+: %u+: .*\t%u+$", lines[4])
         for i = 1, 3 do assert.truthy(lines[i] == "true" or lines[i]:find("^nil\t"), out) end
     end)
+
+    -- A worker's op table stops growing at 65536 ops in flight: the one
+    -- past it said "ENOMEM: Cannot allocate memory", as if the machine had
+    -- run out, and named no limit (an io_uring reactor's, 262144, alike).
+    it("names the op table's limit when a worker has 65536 operations in flight", function()
+        local status, out, err = helper.run_script([[
+            local pluvio = require "pluvio"
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w = assert(ctx:create_worker())
+            local tasks = {}
+            for i = 1, 65537 do tasks[i] = pluvio.spawn(function() return w:tag_recv(5, 0xff, 8) end) end
+            pluvio.yield()
+            local r, why, name = tasks[65537]:join()
+            print(r, why, name)
+            assert(w:close())
+            local cancelled = 0
+            for i = 1, 65536 do
+                if select(3, tasks[i]:join()) == "ECANCELED" then cancelled = cancelled + 1 end
+            end
+            print(cancelled)
+            ctx:close()
+        ]])
+        assert.equal(0, status, err)
+        assert.equal("nil\ttag_recv: ENOMEM: too many operations in flight: an io_uring reactor holds 262144 " ..
+                     "at once, a UCX worker 65536 (let some finish first, or spread them over reactors " ..
+                     "or workers)\tENOMEM\n65536\n", out)
+    end)
 end)
 
 describe("UCX flow control", function()

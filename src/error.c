@@ -15,6 +15,9 @@ const char *pl_strerror(int err)
     if (err == -PL_ESQFULL || err == PL_ESQFULL)
         return "the io_uring submission queue was full and the kernel refused to take more entries "
                "for now (a bigger queue_size of the reactor makes room)";
+    if (err == -PL_EOPSFULL || err == PL_EOPSFULL)
+        return "too many operations in flight: an io_uring reactor holds 262144 at once, a UCX "
+               "worker 65536 (let some finish first, or spread them over reactors or workers)";
     return strerror(err < 0 ? -err : err);
 }
 
@@ -23,6 +26,8 @@ const char *pl_errname(int err)
     switch (err < 0 ? -err : err) {
     case PL_ESQFULL:
         return "EBUSY";
+    case PL_EOPSFULL:
+        return "ENOMEM";
 #define NAME(e) case e: return #e;
     NAME(EPERM) NAME(ENOENT) NAME(ESRCH) NAME(EINTR) NAME(EIO) NAME(ENXIO)
     NAME(E2BIG) NAME(EBADF) NAME(EAGAIN) NAME(ENOMEM) NAME(EACCES)

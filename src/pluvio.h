@@ -630,6 +630,10 @@ int pl_hist_buckets(const pl_hist_t *h, double *lower, double *counts, int max);
  * EBUSY, pl_strerror says what happened and that queue_size raises the
  * queue's size. */
 enum { PL_ESQFULL = 4096 };
+/* -PL_EOPSFULL: an io_uring reactor or a UCX worker has as many operations
+ * in flight as its op table holds (PL_URING_MAX_OPS, PL_UCX_MAX_OPS).  Not
+ * an errno: pl_errname names it ENOMEM, pl_strerror gives the limits. */
+enum { PL_EOPSFULL = 4097, PL_URING_MAX_OPS = 262144, PL_UCX_MAX_OPS = 65536 };
 const char *pl_strerror(int err);
 const char *pl_errname(int err);
 const char *pl_version(void);

@@ -151,7 +151,7 @@ static int ops_grow(pl_ucx_worker_t *w)
     char *chunk;
 
     if (w->nchunks == UCX_MAX_OP_CHUNKS)
-        return -ENOMEM;
+        return -PL_EOPSFULL;
     chunk = calloc(UCX_OPS_PER_CHUNK, w->op_stride);
     if (!chunk)
         return -ENOMEM;
@@ -173,8 +173,12 @@ int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct u
 {
     struct ucx_op *op;
 
-    if (w->free_op == UCX_NONE && ops_grow(w) < 0)
-        return -ENOMEM;
+    if (w->free_op == UCX_NONE) {
+        int rc = ops_grow(w);
+
+        if (rc < 0)
+            return rc;
+    }
     op = op_at(w, w->free_op);
     w->free_op = op->next_free;
     op->state = UOP_IN_FLIGHT;

@@ -363,7 +363,7 @@ static void ep_drop_closer(pl_ucx_worker_t *w, struct ucx_ep *e)
 }
 
 /* Start closing an endpoint we own; the entry is free from now on (not if
- * there is no op slot for it: -ENOMEM, the entry unchanged). */
+ * there is no op slot for it: -ENOMEM or -PL_EOPSFULL, the entry unchanged). */
 static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t slot, uint32_t gen)
 {
     ucp_request_param_t p;
@@ -447,7 +447,7 @@ void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep)
  * destroyed under an endpoint whose close is still flushing a send, while
  * one that is only flushing is force-closed by pl_ucx_worker_close.  The
  * entry is freed as the close proper starts; an error before that (no op
- * slot: -ENOMEM) leaves it in place. */
+ * slot: -ENOMEM or -PL_EOPSFULL) leaves it in place. */
 int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);

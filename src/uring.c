@@ -49,7 +49,7 @@ static int ops_grow(pl_uring_t *u)
     struct uring_op *chunk;
 
     if (c == URING_MAX_OP_CHUNKS)
-        return -ENOMEM;
+        return -PL_EOPSFULL;
     chunk = calloc(URING_OPS_PER_CHUNK, sizeof(*chunk));
     if (!chunk)
         return -ENOMEM;
@@ -236,8 +236,12 @@ static inline int op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kin
     uint32_t i;
     struct uring_op *op;
 
-    if (u->free_op == NONE && ops_grow(u) < 0)
-        return -ENOMEM;
+    if (u->free_op == NONE) {
+        int rc = ops_grow(u);
+
+        if (rc < 0)
+            return rc;
+    }
     i = u->free_op;
     op = uring_op(u, i);
     u->free_op = op->next_free;

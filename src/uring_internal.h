@@ -15,7 +15,7 @@
 #include "internal.h"
 
 #define URING_OPS_PER_CHUNK 256
-#define URING_MAX_OP_CHUNKS 1024
+#define URING_MAX_OP_CHUNKS (PL_URING_MAX_OPS / URING_OPS_PER_CHUNK)
 #define NONE UINT32_MAX
 #define URING_INLINE_MAX 16     /* ops finished inline in a row before the task parks */
 #define URING_SHUTDOWN_WAIT 5.0 /* s pl_uring_free waits for the kernel to finish cancelled ops */

@@ -22,6 +22,7 @@ local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMFILE = -6, -9, -11, -12, -22, -24
 local EBADMSG, EOPNOTSUPP, EAFNOSUPPORT, EADDRINUSE, ECONNRESET, ENOTCONN = -74, -95, -97, -98, -104, -107
 local ECONNREFUSED, ECANCELED = -111, -125
 local MAX_AM_ID = 255
+local EOPSFULL = -C.PL_EOPSFULL     -- the worker's op table is full (as ENOMEM: no op slot)
 local Buffer = require("pluvio.uring").Buffer
 
 function M.install(U)
@@ -608,7 +609,7 @@ function M.install(U)
         t.io_abort_ep = h
         local rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
         t.io_abort_ep = nil
-        if rc ~= ENOMEM and w.w and C.pl_ucx_ep_drained(w.w, h, t.slot, t.gen) == 0 then
+        if rc ~= ENOMEM and rc ~= EOPSFULL and w.w and C.pl_ucx_ep_drained(w.w, h, t.slot, t.gen) == 0 then
             -- the flush is done, but a rendezvous send still waits for its
             -- receiver to pull the data: wait for the endpoint's last op too
             -- (a kill meanwhile closes it forcefully: _task_exit)
@@ -620,7 +621,7 @@ function M.install(U)
             t:_disown(self)
             self.closing = nil
         end
-        if rc ~= ENOMEM and w.w and not ep_gone(w, h) then
+        if rc ~= ENOMEM and rc ~= EOPSFULL and w.w and not ep_gone(w, h) then
             rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
         end
         if not w.w then         -- the worker was closed meanwhile, the endpoint with it

@@ -339,7 +339,7 @@ function M.install(U)
         local rc = run_op(w, t, C.pl_ucx_msg_recv(w.w, h, ptr, cap, t.slot, t.gen), "AM data", keep)
         if rc < 0 then
             if w.w and C.pl_ucx_msg_info(w.w, h, w.info) == 0 then
-                -- the pull could not start (no op slot: ENOMEM): the message
+                -- the pull could not start (no op slot: ENOMEM, EOPSFULL): the message
                 -- is as it was, to take again or release, not held in C for
                 -- good with its rendezvous sender waiting
                 m.h = h
