@@ -3225,8 +3225,15 @@ describe("sockets over io_uring", function()
         local fds = ffi.new("int[2]")
         assert.equal(0, ffi.C.pipe(fds))
         local f = uring.File.new(fds[0], "pipe")
+        -- killed before its tick's submit: the kernel never saw it, its
+        -- scratch space is free at once
         local t = pluvio.spawn(function() return f:read(0, 100) end)
         pluvio.yield()
+        t:kill()
+        assert.equal(0, #r.limbo)
+        t = pluvio.spawn(function() return f:read(0, 100) end)
+        pluvio.sleep(0.001)         -- submitted: the kernel has it
+        assert.equal(1, r:stats().in_flight)
         t:kill()                    -- the cancel is queued, not yet done
         assert.equal(1, #r.limbo)
         local kept = r.limbo[1].keep

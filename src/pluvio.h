@@ -332,6 +332,10 @@ int pl_uring_op_abandon(pl_uring_t *u, int op);
  * until pl_uring_op_settled(op, gen) is 1 (the kernel is done with it). */
 uint32_t pl_uring_op_gen(pl_uring_t *u, int op);
 int pl_uring_op_settled(pl_uring_t *u, int op, uint32_t gen);
+/* How many abandoned ops have settled so far (a counter that wraps): the
+ * keeper of their memory looks for settled ones only when it moved, not
+ * on every abandon (which made killing n waiting tasks O(n^2)). */
+uint32_t pl_uring_abandoned_settled(const pl_uring_t *u);
 /* Stop an op its killed task gave up on, whose result must not be lost
  * (a socket receive's bytes), without waiting: an op the kernel has not
  * taken is dropped, else it is cancelled.  1 when it is done (take it:
@@ -560,6 +564,7 @@ int pl_ucx_op_abandon(pl_ucx_worker_t *w, int op);
 /* As for io_uring: memory an abandoned op uses is kept until it settles. */
 uint32_t pl_ucx_op_gen(pl_ucx_worker_t *w, int op);
 int pl_ucx_op_settled(pl_ucx_worker_t *w, int op, uint32_t gen);
+uint32_t pl_ucx_abandoned_settled(const pl_ucx_worker_t *w);
 
 /* flags: 1 reply wanted, 2 force eager, 4 force rendezvous */
 int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, size_t header_len,

@@ -195,6 +195,8 @@ int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct u
 
 void ucx_op_free(pl_ucx_worker_t *w, struct ucx_op *op)
 {
+    if (op->state == UOP_ABANDONED)
+        w->abandoned_settled++;
     op->state = UOP_FREE;
     op->gen++;
     op->next_free = w->free_op;
@@ -319,6 +321,11 @@ int pl_ucx_op_settled(pl_ucx_worker_t *w, int id, uint32_t gen)
     const struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;
 
     return !op || op->gen != gen || op->state == UOP_FREE || op->state == UOP_DONE;
+}
+
+uint32_t pl_ucx_abandoned_settled(const pl_ucx_worker_t *w)
+{
+    return w->abandoned_settled;
 }
 
 /* The task gave up (killed): cancel; the slot is freed by the callback. */

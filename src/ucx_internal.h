@@ -197,6 +197,7 @@ struct pl_ucx_worker {
     int nchunks;
     size_t op_stride;
     uint32_t free_op, nops, in_flight;
+    uint32_t abandoned_settled;     /* abandoned ops freed so far (wraps) */
     uint32_t passive_in_flight;     /* of in_flight: tag receives */
     uint32_t closers;       /* endpoints whose close waits for their ops */
     uint32_t reap;          /* dropped endpoints that failed since, or aborts due (ucx_eps_reap) */

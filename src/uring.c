@@ -816,6 +816,11 @@ int pl_uring_op_settled(pl_uring_t *u, int i, uint32_t gen)
     return op->gen != gen || op->state == OP_FREE || op->state == OP_DONE;
 }
 
+uint32_t pl_uring_abandoned_settled(const pl_uring_t *u)
+{
+    return u->abandoned_settled;
+}
+
 /* ---- statistics and helpers ---------------------------------------------- */
 
 void pl_uring_get_stats(pl_uring_t *u, pl_uring_stats_t *out)

@@ -130,6 +130,7 @@ struct pl_uring {
     struct uring_op *op_chunks[URING_MAX_OP_CHUNKS];   /* slots never move */
     uint32_t nops, free_op;
     uint32_t in_flight;     /* ops the kernel has (including abandoned), and rests due */
+    uint32_t abandoned_settled;     /* abandoned ops freed so far (wraps) */
     uint32_t cancels_due;   /* ops marked cancel_due (at most: some may have ended since) */
     uint32_t rests_head, rests_tail, rests_due;    /* FIFO of ops marked rest_due, linked
                                                     * through next_free; NONE: empty */
@@ -228,6 +229,8 @@ static inline void uring_op_free(pl_uring_t *u, uint32_t i)
 {
     struct uring_op *op = uring_op(u, i);
 
+    if (op->state == OP_ABANDONED)
+        u->abandoned_settled++;
     op->state = OP_FREE;
     op->gen++;
     op->next_free = u->free_op;

@@ -349,7 +349,7 @@ function Context:create_worker(opts)
     local worker = setmetatable({
         w = ffi.gc(w, worker_finalizer(life, limbo)), life = life, context = self,
         result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
-        eps = setmetatable({}, weak_keys), listeners = setmetatable({}, weak_keys), streams = {}, limbo = limbo,
+        eps = setmetatable({}, weak_keys), listeners = setmetatable({}, weak_keys), streams = {}, limbo = limbo, limbo_seen = 0,
         max_header = C.pl_ucx_worker_max_am_header(w), max_endpoints = max_eps,
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
         scratch = core.scratch_pool(SCRATCH_KEEP),     -- for tag_recv and data()
@@ -477,7 +477,8 @@ local function keep_or_unhold(w, h1, h2)
 end
 
 -- Let go of what settled abandoned ops kept (all of it once the worker is
--- closed: its ops are gone).
+-- closed: its ops are gone).  Only when an abandoned op has settled since
+-- the last sweep, as for io_uring (uring.lua's limbo_sweep).
 local function limbo_sweep(w, all)
     local limbo = w.limbo
     local kept = 0
@@ -485,6 +486,13 @@ local function limbo_sweep(w, all)
         return              -- (reap_stuck lets go of it)
     end
     all = all or not w.w
+    if not all then
+        local settled = C.pl_ucx_abandoned_settled(w.w)
+        if settled == w.limbo_seen then
+            return
+        end
+        w.limbo_seen = settled
+    end
     for i = 1, #limbo do
         local e = limbo[i]
         limbo[i] = nil
@@ -509,7 +517,10 @@ local function abandon_op(w, op, k1, k2, h1, h2)
     end
     local gen = C.pl_ucx_op_gen(w.w, op)
     C.pl_ucx_op_abandon(w.w, op)
-    if k1 ~= nil or k2 ~= nil then
+    if (k1 ~= nil or k2 ~= nil) and C.pl_ucx_op_settled(w.w, op, gen) == 1 then
+        unhold(h1)                  -- done already, freed by the abandon
+        unhold(h2)
+    elseif k1 ~= nil or k2 ~= nil then
         limbo_sweep(w)
         w.limbo[#w.limbo + 1] = { op = op, gen = gen, kept(k1), kept(k2),
                                   held1 = hold_record(h1 or hold(k1)), held2 = hold_record(h2 or hold(k2)) }
