@@ -791,6 +791,106 @@ describe("Endpoint:close", function()
     end))
 end)
 
+describe("a stream's reader when the worker's last endpoint goes", function()
+    -- Readers parked in wait_msg before a local close of the worker's last
+    -- endpoint were never woken (only a peer's failure and a listener's
+    -- close woke them): they waited for good, and the deadlock report never
+    -- came either (a worker whose address was handed out stays busy).
+    local NO_PEER = "wait_msg: no peer can send to AM stream 7 any more (every endpoint failed or " ..
+                    "closed, no listener open)"
+
+    local function reader(stream)
+        local t = pluvio.spawn(function() return stream:wait_msg() end)
+        pluvio.yield()
+        assert.equal("waiting", t:status())
+        return t
+    end
+
+    local function ends_not_connected(t)
+        local r = within(10, function() return t:join() end)
+        assert.same({ nil, NO_PEER, "ENOTCONN" }, { r[1], r[2], r[3] })
+    end
+
+    -- p.ep's close waits: a rendezvous send on it that the server took and
+    -- holds unpulled (m).  Returns the closing task and m.
+    local function close_waiting(p)
+        assert(p.ep:am_send(7, "first", "x"))   -- the server holds its window (1)
+        while p.sw:stats().msgs_held == 0 do pluvio.sleep(0.001) end
+        local h = p.ep:am_send_nb(7, "big", ("x"):rep(1048576), false, "rndv")
+        assert(p.stream:wait_msg()):release()   -- room: the rendezvous message comes
+        local m = assert(p.stream:wait_msg())
+        local closer = pluvio.spawn(function() return p.ep:close() end)
+        while closer:status() ~= "waiting" do pluvio.yield() end
+        return closer, m, h
+    end
+
+    it("wakes it with ENOTCONN when the user closes the last endpoint (connect_addr)", async(function()
+        local ctx = assert(ucx.Context.new())
+        local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local stream = client:am_stream(7)
+        local ep = assert(client:connect_addr(server:address()))
+        local r = reader(stream)
+        assert.is_true(ep:close())
+        ends_not_connected(r)
+        ctx:close()
+    end))
+
+    it("wakes it once the last way in is closed, not while an accepted endpoint is still open", async(function()
+        local p = pair({ id = 7 })
+        local r = reader(p.stream)
+        p.listener:close()      -- sep is still open: the reader waits on
+        pluvio.yield()
+        assert.equal("waiting", r:status())
+        assert.is_true(p.sep:close())
+        ends_not_connected(r)
+        p.ep:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
+    it("keeps it waiting while the last endpoint's close waits for operations, then wakes it", async(function()
+        local p = pair({ id = 7, window = 1 })
+        local back = p.cw:am_stream(7)
+        local early = reader(back)
+        local closer, m = close_waiting(p)
+        -- the endpoint is still open in UCX: the peer may still answer on it
+        local late = reader(back)
+        assert(p.sep:am_send(7, "reply 1", "a"))
+        assert(p.sep:am_send(7, "reply 2", "b"))
+        assert.equal("reply 1", within(10, function() return early:join() end)[1].header)
+        assert.equal("reply 2", within(10, function() return late:join() end)[1].header)
+        local last = reader(back)
+        assert.equal(1048576, #assert(m:data()))    -- the send is done: the close goes on
+        assert.is_true(within(10, function() return closer:join() end)[1])
+        ends_not_connected(last)
+        p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
+    it("wakes it when the task closing the last endpoint is killed and the endpoint forced closed", async(function()
+        local p = pair({ id = 7, window = 1 })
+        local r = reader(p.cw:am_stream(7))
+        local closer, m, h = close_waiting(p)
+        closer:kill()
+        ends_not_connected(r)
+        h:wait()
+        m:release()
+        p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
+    it("wakes it when the only endpoint was still connecting and its connect is given up", async(function()
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local l = assert(sw:create_listener("127.0.0.1", 0))   -- nobody accepts: the connect waits
+        local stream = cw:am_stream(7)
+        local connector = pluvio.spawn(function() return cw:connect_socket("127.0.0.1", l:port()) end)
+        while connector:status() ~= "waiting" do pluvio.yield() end
+        local r = reader(stream)
+        connector:kill()
+        ends_not_connected(r)
+        local deadline = pluvio.now() + 10      -- the endpoint given up is closed in UCX
+        while cw:stats().ops_in_flight > 0 and pluvio.now() < deadline do pluvio.sleep(0.005) end
+        l:close(); cw:close(); sw:close(); ctx:close()
+    end))
+end)
+
 describe("endpoints nothing refers to", function()
     -- A server whose clients come and go and that keeps no reference to
     -- what it accepted: the listener, a stream, and a task accepting.

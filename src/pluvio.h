@@ -575,7 +575,8 @@ int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window);
 int pl_ucx_stream_close(pl_ucx_worker_t *w, unsigned id);
 /* A held message's handle (its description in *info unless info is NULL),
  * -EAGAIN after queueing the task as a waiter, or -ENOTCONN when nothing
- * can feed the stream any more (no live endpoint, no listener). */
+ * can feed the stream any more (no endpoint open or closing, no listener,
+ * address never handed out).  Waiters are woken when that becomes so. */
 int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen,
                        pl_ucx_msg_info_t *info);
 void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen);

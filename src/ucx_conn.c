@@ -180,17 +180,36 @@ const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep)
     return e ? e->peer : "";
 }
 
+/* Whether the peer of an entry may still send to the worker: an endpoint
+ * of ours that is open, or closing (its flush under way: it is still open
+ * in UCX, and answers to what was sent on it may still come).  Not a
+ * reply endpoint: its peer is counted already (its own endpoint to us). */
+static bool ep_is_peer(const struct ucx_ep *e)
+{
+    return e->owned && (e->state == EP_OPEN || e->state == EP_CLOSING);
+}
+
 bool ucx_worker_has_peers(pl_ucx_worker_t *w)
 {
     if (w->address_shared)
         return true;
-    for (int i = 0; i < w->neps; i++)    /* reply endpoints: their peer is counted already */
-        if (w->eps[i].state == EP_OPEN && w->eps[i].owned)
+    for (int i = 0; i < w->neps; i++)
+        if (ep_is_peer(&w->eps[i]))
             return true;
     for (int i = 0; i < UCX_MAX_LISTENERS; i++)
         if (w->listeners[i].open)
             return true;
     return false;
+}
+
+/* An entry stopped being a peer by a local close or abort: once no peer
+ * is left, the streams' readers parked meanwhile are woken to hear it
+ * (-ENOTCONN from pl_ucx_stream_next), else they waited for good.  (A
+ * peer's failure and a listener's close wake them themselves.) */
+static void ep_peer_gone(pl_ucx_worker_t *w)
+{
+    if (!ucx_worker_has_peers(w))
+        ucx_streams_wake_all(w);
 }
 
 int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_errors)
@@ -368,6 +387,7 @@ static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t s
 {
     ucp_request_param_t p;
     struct ucx_op *op;
+    bool was_peer = ep_is_peer(e);
     int rc = ucx_op_new(w, slot, gen, UCX_OP_EP_CLOSE, &op);
 
     if (rc < 0)
@@ -378,6 +398,8 @@ static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t s
     ep_drop_closer(w, e);
     e->state = EP_FREE;
     ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
+    if (was_peer)
+        ep_peer_gone(w);
     return ucx_op_result(w, op, ucp_ep_close_nbx(e->ep, &p));
 }
 
@@ -493,6 +515,7 @@ int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep)
         e->abort_at = pl_clock_ns() + UCX_ABORT_WAIT_NS;
         ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
         w->aborting++;
+        ep_peer_gone(w);
         return 0;
     }
     ep_abort_now(w, e);
@@ -503,6 +526,7 @@ static void ep_abort_now(pl_ucx_worker_t *w, struct ucx_ep *e)
 {
     ucp_request_param_t p = { .op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
                               .flags = UCP_EP_CLOSE_FLAG_FORCE };
+    bool was_peer = ep_is_peer(e);
     ucs_status_ptr_t sp;
 
     if (e->state == EP_ABORTING)
@@ -512,6 +536,8 @@ static void ep_abort_now(pl_ucx_worker_t *w, struct ucx_ep *e)
     if (!e->owned)
         return;
     ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
+    if (was_peer)       /* (a failed one, as those the collection frees, was no peer) */
+        ep_peer_gone(w);
     sp = ucp_ep_close_nbx(e->ep, &p);
     if (UCS_PTR_IS_ERR(sp) && UCS_PTR_STATUS(sp) == UCS_ERR_INVALID_PARAM) {
         p.flags = 0;
