@@ -820,7 +820,8 @@ describe("a stream's reader when the worker's last endpoint goes", function()
         assert(p.stream:wait_msg()):release()   -- room: the rendezvous message comes
         local m = assert(p.stream:wait_msg())
         local closer = pluvio.spawn(function() return p.ep:close() end)
-        while closer:status() ~= "waiting" do pluvio.yield() end
+        while closer:status() == "ready" do pluvio.yield() end
+        assert.equal("waiting", closer:status())
         return closer, m, h
     end
 
@@ -839,7 +840,7 @@ describe("a stream's reader when the worker's last endpoint goes", function()
         local p = pair({ id = 7 })
         local r = reader(p.stream)
         p.listener:close()      -- sep is still open: the reader waits on
-        pluvio.yield()
+        while r:status() == "ready" do pluvio.yield() end
         assert.equal("waiting", r:status())
         assert.is_true(p.sep:close())
         ends_not_connected(r)
@@ -881,7 +882,8 @@ describe("a stream's reader when the worker's last endpoint goes", function()
         local l = assert(sw:create_listener("127.0.0.1", 0))   -- nobody accepts: the connect waits
         local stream = cw:am_stream(7)
         local connector = pluvio.spawn(function() return cw:connect_socket("127.0.0.1", l:port()) end)
-        while connector:status() ~= "waiting" do pluvio.yield() end
+        while connector:status() == "ready" do pluvio.yield() end
+        assert.equal("waiting", connector:status())
         local r = reader(stream)
         connector:kill()
         ends_not_connected(r)
