@@ -1,5 +1,5 @@
 -- Sockets over io_uring (pluvio.uring_net): fixed bugs, one spec each.
--- (The first socket specs live in uring_spec.lua, "sockets over io_uring".)
+-- (The first socket specs live in uring_socket_spec.lua.)
 local pluvio = require "pluvio"
 local uring = require "pluvio.uring"
 local helper = require "helper"
