@@ -1,0 +1,92 @@
+-- Tagged messages over UCX: tag_send and tag_recv.
+local pluvio = require "pluvio"
+local helper = require "helper"
+
+local async = helper.async
+local pair, close_pair = helper.ucx_pair, helper.ucx_close_pair
+
+describe("UCX", function()
+    it("sends and receives tagged messages", async(function()
+        local p = pair()
+        local r = pluvio.spawn(function() return { p.sw:tag_recv(42, 2 ^ 53, 100) } end)
+        assert.is_true(p.ep:tag_send(42, "tagged data"))
+        local got = r:join()
+        assert.equal("tagged data", got[1])
+        assert.equal(42, tonumber(got[2]))
+        close_pair(p)
+    end))
+
+    it("receives a tagged message with the largest length, reusing its scratch memory", async(function()
+        local p = pair()
+        for i = 1, 3 do
+            local r = pluvio.spawn(function() return { p.sw:tag_recv(7, 2 ^ 53, 2 ^ 31) } end)
+            assert.is_true(p.ep:tag_send(7, "small " .. i))
+            assert.equal("small " .. i, r:join()[1])
+            assert.equal(0, p.sw.scratch.kept)          -- 2 GiB is not kept...
+        end
+        local r = pluvio.spawn(function() return { p.sw:tag_recv(7, 2 ^ 53, 100) } end)
+        assert.is_true(p.ep:tag_send(7, "kept"))
+        assert.equal("kept", r:join()[1])
+        assert.equal(4096, p.sw.scratch.kept)           -- ...a small piece is, for the next one
+        close_pair(p)
+    end))
+
+    it("says how long a tagged message that does not fit was, and what it had room for", async(function()
+        local uring = require "pluvio.uring"
+        local p = pair()
+        -- posted first (UCX matches it as the message comes), and after the
+        -- message came (it waits unexpected); eager and rendezvous sizes
+        for _, size in ipairs({ 100, 1048576 }) do
+            local r = pluvio.spawn(function() return { p.sw:tag_recv(0x4217, 0xffff, 10) } end)
+            pluvio.yield()
+            assert.is_true(p.ep:tag_send(0x4217, ("z"):rep(size)))
+            assert.same({ nil, ("tag_recv: the message with tag 0x4217 has %d bytes, more than the 10 " ..
+                                "len_or_buf has room for (it is dropped): EMSGSIZE: Message too long"):format(size),
+                          "EMSGSIZE" }, r:join())
+        end
+        local buf = uring.acquire_buffer()
+        local sender = pluvio.spawn(function() return p.ep:tag_send(5, ("y"):rep(buf.len + 1)) end)
+        while p.cw:stats().tag_sent == 2 do pluvio.sleep(0.001) end
+        local n, err, name = p.sw:tag_recv(5, 0xff, buf)
+        assert.is_nil(n)
+        assert.equal(("tag_recv: the message with tag 0x5 has %d bytes, more than the %d len_or_buf has room " ..
+                      "for (it is dropped): EMSGSIZE: Message too long"):format(buf.len + 1, buf.len), err)
+        assert.equal("EMSGSIZE", name)
+        assert.is_true(sender:join())
+        buf:release()
+        close_pair(p)
+    end))
+
+    it("takes 64-bit integer cdata tags and refuses other cdata, naming the argument", async(function()
+        local ffi = require "ffi"
+        local p = pair()
+        local r = pluvio.spawn(function() return { p.sw:tag_recv(0x4217ULL, ffi.new("int64_t", -1), 16) } end)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(ffi.new("uint64_t", 0x4217), "cdata tags"))
+        local got = r:join()
+        assert.equal("cdata tags", got[1])
+        assert.is_true(got[2] == 0x4217ULL)
+        assert.has_error(function() p.sw:tag_recv(ffi.new("int[1]"), 0, 16) end,
+            "Worker:tag_recv: tag must be an integer or a uint64_t (got cdata<int [1]>)")
+        assert.has_error(function() p.sw:tag_recv(1, ffi.new("double", 1), 16) end,
+            "Worker:tag_recv: mask must be an integer or a uint64_t (got cdata<double>)")
+        assert.has_error(function() p.ep:tag_send(ffi.new("char *"), "x") end,
+            "Endpoint:tag_send: tag must be an integer or a uint64_t (got cdata<char *>)")
+        close_pair(p)
+    end))
+
+    it("refuses a tag receive from a plain coroutine inside a task before it starts", async(function()
+        local p = pair()
+        -- a receive takes a message: it checks first, so none is lost
+        local co = coroutine.create(function() return p.sw:tag_recv(7, 2 ^ 53, 100) end)
+        local ok, err = coroutine.resume(co)
+        assert.is_false(ok)
+        assert.matches("Worker:tag_recv: called from a coroutine that is not a pluvio task", err)
+        -- the task's own receive gets the message
+        local r = pluvio.spawn(function() return p.sw:tag_recv(7, 2 ^ 53, 100) end)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(7, "for the task"))
+        assert.equal("for the task", r:join())
+        close_pair(p)
+    end))
+end)
