@@ -450,8 +450,13 @@ describe("UCX misuse and failures", function()
             cw:close(); l:close(); ctx:close()
         ]], nil, "UCX_TLS=tcp UCX_NET_DEVICES=lo")
         assert.equal(0, status, err)
-        -- the flush was acknowledged; the broken connection is reported
-        assert.equal("true\nECONNRESET\nECONNRESET\n", out)
+        -- the flush was acknowledged; the broken connection is reported (as
+        -- the reset, or as UCX 1.13's time-out of the tcp endpoint, as in
+        -- the spec of a send cut short below: once in six full runs here)
+        local status_reason, pull_reason = out:match("^true\n(%u+)\n(%u+)\n$")
+        for _, reason in ipairs({ status_reason, pull_reason }) do
+            assert.truthy(reason == "ECONNRESET" or reason == "ETIMEDOUT", out)
+        end
     end)
 
     it("fails, over tcp, a large eager send cut short by the peer's close, without UCX completing it twice", function()
