@@ -893,6 +893,121 @@ describe("a stream's reader when the worker's last endpoint goes", function()
     end))
 end)
 
+describe("a tag receive when no peer can send to the worker", function()
+    -- A tag_recv on a worker without a peer (no endpoint open or closing,
+    -- no listener open, its address never handed out), or whose last peer
+    -- went while it waited, waited for good: a tag receive in flight keeps
+    -- the worker busy, so the deadlock report never came either.  What came
+    -- before the last peer went is still received.
+    local NO_PEER = "tag_recv: no peer can send to this worker any more (every endpoint failed or " ..
+                    "closed, no listener open, its address never handed out)"
+
+    local function receiver(w)
+        local t = pluvio.spawn(function() return w:tag_recv(5, 0xff, 16) end)
+        pluvio.yield()
+        assert.equal("waiting", t:status())
+        return t
+    end
+
+    local function ends_not_connected(t)
+        local r = within(10, function() return t:join() end)
+        assert.same({ nil, NO_PEER, "ENOTCONN" }, { r[1], r[2], r[3] })
+    end
+
+    -- p.sep sends data with tag 5, then "marker" with tag 6, which p.cw
+    -- receives: the first has come by then (a sender's messages keep their
+    -- order), and waits, unmatched, in UCX.  Returns the sending task.
+    local function announce(p, data)
+        local sender = pluvio.spawn(function() return p.sep:tag_send(5, data) end)
+        assert(p.sep:tag_send(6, "marker"))
+        assert.equal("marker", (within(10, function() return p.cw:tag_recv(6, 0xff, 16) end)[1]))
+        return sender
+    end
+
+    it("ends at once with ENOTCONN on a worker that never had a peer, not hanging the host", function()
+        local limit = helper.SCRIPT_LIMIT
+        helper.SCRIPT_LIMIT = 20       -- (it hung for good)
+        local ok, status, out, err = pcall(helper.run_script, [[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w = assert(ctx:create_worker())
+            print(w:tag_recv(5, 0xff, 16))
+            local l = assert(w:create_listener("127.0.0.1", 0))
+            l:close()           -- a way in that went
+            print(w:tag_recv(5, 0xff, 16))
+            w:close(); ctx:close()
+        ]])
+        helper.SCRIPT_LIMIT = limit
+        assert(ok, status)
+        local line = "nil\t" .. NO_PEER .. "\tENOTCONN\n"
+        assert.equal(0, status, err)
+        assert.equal(line .. line, out)
+    end)
+
+    it("wakes a waiting one with ENOTCONN when the user closes the last endpoint", async(function()
+        local p = pair()
+        local r = receiver(p.cw)
+        assert.is_true(p.ep:close())
+        ends_not_connected(r)
+        p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
+    it("wakes a waiting one with ENOTCONN when the last peer fails", async(function()
+        local p = pair()
+        local r = receiver(p.cw)
+        p.sep:close(); p.listener:close(); p.sw:close()
+        ends_not_connected(r)
+        p.ep:close(); p.cw:close(); p.ctx:close()
+    end))
+
+    it("keeps it waiting while a way in is left, and wakes it when the listener, the last, closes", async(function()
+        local p = pair()
+        local r = receiver(p.sw)
+        assert.is_true(p.sep:close())   -- the listener is still open: it waits on
+        for _ = 1, 10 do pluvio.yield() end
+        assert.equal("waiting", r:status())
+        p.listener:close()
+        ends_not_connected(r)
+        p.ep:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
+    it("wakes it when the last way in is a listener nothing refers to any more, collected", async(function()
+        local p = pair()
+        local r = receiver(p.sw)
+        assert.is_true(p.sep:close())
+        p.listener = nil
+        full_collect()
+        ends_not_connected(r)
+        p.ep:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
+    it("still receives a message that came before the last endpoint was closed, then ends", async(function()
+        local p = pair()
+        local sender = announce(p, "early")
+        assert.is_true(p.ep:close())
+        assert.same({ "early", 5ULL }, within(10, function() return p.cw:tag_recv(5, 0xff, 16) end))
+        local r = within(10, function() return p.cw:tag_recv(5, 0xff, 16) end)
+        assert.same({ nil, NO_PEER, "ENOTCONN" }, { r[1], r[2], r[3] })
+        assert.is_true(within(10, function() return sender:join() end)[1])
+        p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
+    it("says a rendezvous message announced by an endpoint closed since is out of reach", async(function()
+        -- its data was never pulled: UCX cancels the receive that matches it
+        local p = pair()
+        local sender = announce(p, ("y"):rep(1048576))
+        assert.is_true(p.ep:close())
+        local r = within(10, function() return p.cw:tag_recv(5, 0xff, 2097152) end)
+        assert.same({ nil, "tag_recv: the message with tag 0x5 (1048576 bytes) came from an endpoint " ..
+                           "closed or failed since: its data cannot be fetched (it is dropped)", "ENOTCONN" },
+                    { r[1], r[2], r[3] })
+        r = within(10, function() return p.cw:tag_recv(5, 0xff, 16) end)
+        assert.same({ nil, NO_PEER, "ENOTCONN" }, { r[1], r[2], r[3] })
+        assert.is_nil(within(10, function() return sender:join() end)[1])   -- its peer went
+        p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+end)
+
 describe("endpoints nothing refers to", function()
     -- A server whose clients come and go and that keeps no reference to
     -- what it accepted: the listener, a stream, and a task accepting.

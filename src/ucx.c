@@ -183,6 +183,7 @@ int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct u
     w->free_op = op->next_free;
     op->state = UOP_IN_FLIGHT;
     op->passive = false;
+    op->orphaned = false;
     op->task_slot = slot;
     op->task_gen = gen;
     op->status = 0;

@@ -697,16 +697,49 @@ static void tag_recv_done(void *request, ucs_status_t status, const ucp_tag_recv
     struct ucx_op *op = user_data;
 
     (void)request;
-    if (info) {
+    if (info && !(status == UCS_ERR_CANCELED && op->orphaned)) {    /* (UCX's info is stale then) */
         op->length = info->length;
         op->sender_tag = info->sender_tag;
     }
+    /* A cancel a task can see says that no peer can feed the receive:
+     * ours (tag_recv_orphan: it matched nothing, length 0), or UCX's, of a
+     * rendezvous message it matched whose endpoint was closed since (its
+     * length and tag: the data is out of reach).  A kill's or a worker's
+     * close's cancel reaches nobody. */
+    if (status == UCS_ERR_CANCELED)
+        status = UCS_ERR_NOT_CONNECTED;
     op->w->stats.tag_received++;
     ucx_op_finish(op, status);
 }
 
+/* No peer is left to send what op waits for: cancel it, which UCX does
+ * only while nothing matched it (a message it matched, a rendezvous one
+ * being pulled, still ends on its own). */
+static void tag_recv_orphan(pl_ucx_worker_t *w, struct ucx_op *op)
+{
+    op->orphaned = true;
+    ucp_request_cancel(w->ucp, op);
+}
+
+/* A scan of the ops, but only as the last peer goes (rare), and only
+ * with a tag receive in flight. */
+void ucx_tags_orphan(pl_ucx_worker_t *w)
+{
+    w->tags_recheck = false;
+    if (w->passive_in_flight == 0 || ucx_worker_has_peers(w))
+        return;
+    for (uint32_t i = 0; i < w->nops; i++) {
+        struct ucx_op *op = ucx_op_get(w, i);
+        if (op->passive && op->state == UOP_IN_FLIGHT && !op->orphaned)
+            tag_recv_orphan(w, op);
+    }
+}
+
 /* Always completes through the op (UCP_OP_ATTR_FLAG_NO_IMM_CMPL), so the
- * received length and tag are in one place. */
+ * received length and tag are in one place.  Posting it matches what came
+ * already (UCX's unexpected queue); one still unmatched on a worker no peer
+ * can send to any more ends at once with -ENOTCONN, as it would wait for
+ * good (and keep the worker busy: no deadlock report either). */
 int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, size_t len,
                     uint32_t slot, uint32_t gen)
 {
@@ -726,6 +759,8 @@ int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, 
     rc = ucx_op_result(w, op, ucp_tag_recv_nbx(w->ucp, buf, len, tag, mask, &p));
     if (rc <= 0)                /* refused: no callback will come */
         w->passive_in_flight--;
+    else if (op->state == UOP_IN_FLIGHT && !ucx_worker_has_peers(w))
+        tag_recv_orphan(w, op);
     return rc;
 }
 

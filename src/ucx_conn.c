@@ -158,6 +158,10 @@ void ucx_ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
             ucx_wake(w, w->eps[i].closer_slot, w->eps[i].closer_gen);
         if (w->eps[i].dropped)          /* nobody can close it: ucx_poll will */
             w->reap++;
+        /* the tag receives it may leave without a peer: not from inside
+         * this UCX callback, by the next ucx_poll (cancels complete them) */
+        if (w->passive_in_flight > 0)
+            w->tags_recheck = true;
     }
     ucx_streams_wake_all(w);
 }
@@ -204,12 +208,15 @@ bool ucx_worker_has_peers(pl_ucx_worker_t *w)
 
 /* An entry stopped being a peer by a local close or abort: once no peer
  * is left, the streams' readers parked meanwhile are woken to hear it
- * (-ENOTCONN from pl_ucx_stream_next), else they waited for good.  (A
- * peer's failure and a listener's close wake them themselves.) */
+ * (-ENOTCONN from pl_ucx_stream_next), else they waited for good, and so
+ * are the tag receives nothing matched (ucx_tags_orphan).  (A peer's
+ * failure and a listener's close wake them themselves.) */
 static void ep_peer_gone(pl_ucx_worker_t *w)
 {
-    if (!ucx_worker_has_peers(w))
+    if (!ucx_worker_has_peers(w)) {
         ucx_streams_wake_all(w);
+        ucx_tags_orphan(w);
+    }
 }
 
 int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_errors)

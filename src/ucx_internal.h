@@ -57,6 +57,7 @@ struct ucx_op {
     uint32_t gen;
     uint8_t state;
     bool passive;           /* waits for a peer (tag receive): needs no progress of ours */
+    bool orphaned;          /* a tag receive cancelled as no peer was left: ENOTCONN */
     uint32_t task_slot, task_gen;
     int32_t status;
     size_t length;
@@ -203,6 +204,7 @@ struct pl_ucx_worker {
     uint32_t reap;          /* dropped endpoints that failed since, or aborts due (ucx_eps_reap) */
     uint32_t aborting;      /* entries in EP_ABORTING */
     bool listener_dropped;  /* a listener was closed by its collection: wake the readers */
+    bool tags_recheck;      /* a peer failed (in a UCX callback): ucx_tags_orphan due */
     uint32_t listeners_closing;     /* of listeners: closing (ucx_listeners_settle) */
 
     struct ucx_msg *msgs;
@@ -270,5 +272,8 @@ void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err);
 void ucx_msgs_free(pl_ucx_worker_t *w);
 void ucx_header_blocks_free(pl_ucx_worker_t *w);
 void ucx_tags_discard(pl_ucx_worker_t *w);
+/* A peer went: if none is left, end the tag receives nothing matched yet
+ * with -ENOTCONN (no message can come for them any more). */
+void ucx_tags_orphan(pl_ucx_worker_t *w);
 
 #endif /* PL_UCX_INTERNAL_H */

@@ -373,10 +373,12 @@ static int listener_close(pl_ucx_worker_t *w, int i, bool wake)
     if (l->has_waiter && wake)      /* (dropped: a task left there was killed) */
         ucx_wake(w, l->waiter_slot, l->waiter_gen);
     l->has_waiter = false;
-    if (wake)
+    if (wake) {
         ucx_streams_wake_all(w);
-    else
+        ucx_tags_orphan(w);
+    } else {
         w->listener_dropped = true;
+    }
     return 0;
 }
 

@@ -48,7 +48,7 @@ static bool worker_paused(const pl_ucx_worker_t *w)
  * and then it is polled again (an idle paused receiver sleeps). */
 static bool worker_busy(pl_ucx_worker_t *w)
 {
-    return w->listener_dropped ||
+    return w->listener_dropped || w->tags_recheck ||
            (!worker_paused(w) && (w->in_flight > 0 || ucx_worker_has_peers(w)));
 }
 
@@ -147,7 +147,10 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
         if (w->listener_dropped) {
             w->listener_dropped = false;
             ucx_streams_wake_all(w);
+            ucx_tags_orphan(w);
         }
+        if (w->tags_recheck)
+            ucx_tags_orphan(w);
     }
     return n;
 }
@@ -198,8 +201,8 @@ static int ucx_arm(pl_reactor_t *self)
         pl_ucx_worker_t *w = r->workers[i];
         bool paused = worker_paused(w);
         ucs_status_t st;
-        if (w->listener_dropped)
-            return -EAGAIN;     /* its streams' readers are to be woken first */
+        if (w->listener_dropped || w->tags_recheck)
+            return -EAGAIN;     /* its streams' readers, tag receives are to be woken first */
         if (reactor_watch(r, w, !paused) < 0)
             return -EAGAIN;     /* cannot sleep on it: poll again */
         w->polls_awake = 0;

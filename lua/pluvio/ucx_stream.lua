@@ -63,7 +63,9 @@ function M.install(U)
 
     -- tag_recv(tag, mask, len_or_buf): receive a tagged message: with a length,
     -- returns the data as a string and the sender's tag; with a registered
-    -- buffer, the byte count and the sender's tag.
+    -- buffer, the byte count and the sender's tag.  A message that came
+    -- already is received; else, once no peer can send to the worker (none
+    -- at the call, or the last one goes while it waits): nil, err, "ENOTCONN".
     function Worker:tag_recv(tag, mask, len_or_buf)
         live_worker("Worker:tag_recv", self)
         tag = tag_value("Worker:tag_recv", "tag", tag)
@@ -89,6 +91,13 @@ function M.install(U)
             if rc == EMSGSIZE then  -- UCX reports the whole message's length and tag, and drops it
                 return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
                                    "len_or_buf has room for (it is dropped)", stag, len, cap), rc)
+            elseif rc == ENOTCONN and len > 0 then    -- a rendezvous message whose sender went
+                return nil, format("tag_recv: the message with tag 0x%x (%d bytes) came from an endpoint " ..
+                                   "closed or failed since: its data cannot be fetched (it is dropped)",
+                                   stag, len), "ENOTCONN"
+            elseif rc == ENOTCONN then
+                return nil, "tag_recv: no peer can send to this worker any more (every endpoint " ..
+                            "failed or closed, no listener open, its address never handed out)", "ENOTCONN"
             end
             return fail("tag_recv", rc)
         end
