@@ -791,6 +791,21 @@ describe("Endpoint:close", function()
     end))
 end)
 
+-- p.ep's close waits (p: a pair with AM id 7 and window 1): a rendezvous
+-- send on it that the server took and holds unpulled (m).  Returns the
+-- closing task, m and the send's handle.
+local function close_waiting(p)
+    assert(p.ep:am_send(7, "first", "x"))   -- the server holds its window (1)
+    while p.sw:stats().msgs_held == 0 do pluvio.sleep(0.001) end
+    local h = p.ep:am_send_nb(7, "big", ("x"):rep(1048576), false, "rndv")
+    assert(p.stream:wait_msg()):release()   -- room: the rendezvous message comes
+    local m = assert(p.stream:wait_msg())
+    local closer = pluvio.spawn(function() return p.ep:close() end)
+    while closer:status() == "ready" do pluvio.yield() end
+    assert.equal("waiting", closer:status())
+    return closer, m, h
+end
+
 describe("a stream's reader when the worker's last endpoint goes", function()
     -- Readers parked in wait_msg before a local close of the worker's last
     -- endpoint were never woken (only a peer's failure and a listener's
@@ -809,20 +824,6 @@ describe("a stream's reader when the worker's last endpoint goes", function()
     local function ends_not_connected(t)
         local r = within(10, function() return t:join() end)
         assert.same({ nil, NO_PEER, "ENOTCONN" }, { r[1], r[2], r[3] })
-    end
-
-    -- p.ep's close waits: a rendezvous send on it that the server took and
-    -- holds unpulled (m).  Returns the closing task and m.
-    local function close_waiting(p)
-        assert(p.ep:am_send(7, "first", "x"))   -- the server holds its window (1)
-        while p.sw:stats().msgs_held == 0 do pluvio.sleep(0.001) end
-        local h = p.ep:am_send_nb(7, "big", ("x"):rep(1048576), false, "rndv")
-        assert(p.stream:wait_msg()):release()   -- room: the rendezvous message comes
-        local m = assert(p.stream:wait_msg())
-        local closer = pluvio.spawn(function() return p.ep:close() end)
-        while closer:status() == "ready" do pluvio.yield() end
-        assert.equal("waiting", closer:status())
-        return closer, m, h
     end
 
     it("wakes it with ENOTCONN when the user closes the last endpoint (connect_addr)", async(function()
@@ -979,6 +980,23 @@ describe("a tag receive when no peer can send to the worker", function()
         full_collect()
         ends_not_connected(r)
         p.ep:close(); p.cw:close(); p.sw:close(); p.ctx:close()
+    end))
+
+    it("keeps it waiting while the last endpoint's close waits for operations, then wakes it", async(function()
+        local p = pair({ id = 7, window = 1 })
+        local early = receiver(p.cw)
+        local closer, m = close_waiting(p)
+        -- the endpoint is still open in UCX: the peer may still answer on it
+        local late = receiver(p.cw)
+        assert(p.sep:tag_send(5, "reply 1"))
+        assert(p.sep:tag_send(5, "reply 2"))
+        assert.same({ "reply 1", 5ULL }, within(10, function() return early:join() end))
+        assert.same({ "reply 2", 5ULL }, within(10, function() return late:join() end))
+        local last = receiver(p.cw)
+        assert.equal(1048576, #assert(m:data()))    -- the send is done: the close goes on
+        assert.is_true(within(10, function() return closer:join() end)[1])
+        ends_not_connected(last)
+        p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
     end))
 
     it("still receives a message that came before the last endpoint was closed, then ends", async(function()
