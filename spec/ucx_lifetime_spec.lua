@@ -1223,6 +1223,33 @@ describe("a message taken while the endpoint table is full of failed garbage", f
     end))
 end)
 
+-- Found by the UCX model (seed 704): fn's task took the message and
+-- returned it, the caller was killed before it resumed, and the message
+-- stayed held by nobody until the worker closed, its rendezvous sender
+-- waiting as long.
+describe("a message returned by pluvio.timeout's fn to a caller killed meanwhile", function()
+    it("is released, and a rendezvous sender's send ends", async(function()
+        local p = pair()
+        local reader = pluvio.spawn(function()
+            local m = pluvio.timeout(5, p.stream.wait_msg, p.stream)
+            return m and m:data()
+        end)
+        pluvio.yield()
+        local big = ("r"):rep(1048576)
+        local send = pluvio.spawn(function() return p.ep:am_send(1, "h", big, false, "rndv") end)
+        local deadline = pluvio.now() + 10
+        while not (p.sw:stats().msgs_held == 1 and reader:status() == "ready") and pluvio.now() < deadline do
+            pluvio.yield()
+        end
+        assert.equal("ready", reader:status())     -- fn returned the message, the caller not yet resumed
+        reader:kill()
+        assert.equal(0, p.sw:stats().msgs_held)
+        -- released unread: the sender's rendezvous send is not left waiting
+        assert.same({ "done" }, { within(10, function() return send:join() and "done" end)[1] })
+        close_pair(p)
+    end))
+end)
+
 describe("a listener closed while a client's connection is on its way", function()
     -- UCX's async thread accepts the connection and keeps a plain pointer
     -- to the listener until the client's first message comes (the

@@ -14,7 +14,7 @@ local co_create, co_yield = coroutine.create, coroutine.yield
 local co_running = coroutine.running
 local select, type, tostring, setmetatable = select, type, tostring, setmetatable
 local unpack, traceback, format = unpack, debug.traceback, string.format
-local getmetatable, newproxy, pcall = getmetatable, newproxy, pcall
+local getmetatable, newproxy, pcall, rawget = getmetatable, newproxy, pcall, rawget
 -- Tables are walked with `for k, v in walk, t`, never with pairs() or a
 -- variable named next: LuaJIT specializes a loop written so (ITERN), and
 -- Debian's LuaJIT (the 2022-03-20 snapshot) can end such a loop early once
@@ -434,6 +434,20 @@ local function note_failed(rt, t)
     rt.failed[t] = order
 end
 
+-- Results nobody will ever take (those of fn in a pluvio.timeout whose
+-- task was killed before it took them): what among them holds something
+-- outside Lua lets go of it (a UCX message: its data, and its rendezvous
+-- sender, else held until the worker closed), as it would have had fn
+-- been killed instead.  Such objects' metatables have _result_dropped.
+local function drop_results(r)
+    for i = 2, r.n do
+        local mt = getmetatable(r[i])
+        local drop = type(mt) == "table" and rawget(mt, "_result_dropped")
+        if drop then
+            drop(r[i])
+        end
+    end
+end
 -- A task ended (returned, raised, or was killed): free its slot, run its
 -- clean-ups (release buffers, cancel I/O), wake whoever joins it.
 local function finish(rt, t, final, was_running)
@@ -516,6 +530,9 @@ local function finish(rt, t, final, was_running)
         -- (fn may have failed already, t killed before it took the error:
         -- nobody will see it but the report of failed tasks nobody joined)
         child.joined = child.final ~= "failed"
+        if child.final == "done" then   -- fn returned, t was killed before it took the results
+            drop_results(child.results)
+        end
         child:kill()
     end
 end

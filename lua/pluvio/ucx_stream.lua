@@ -375,6 +375,9 @@ function M.install(U)
         m.h = nil
     end
 
+    -- Taken, then dropped by the runtime: see task.lua's drop_results.
+    Message._result_dropped = let_go
+
     -- data(): the message's data as a string (pulls rendezvous data first).
     function Message:data()
         live_msg("Message:data", self)
