@@ -67,6 +67,13 @@
 -- - a pair of workers connected both by connect_addr and connect_socket
 --   (PLUVIO_UCX_MIX_PAIRS=1): a connect_socket then hung the process
 --   now and then, or UCX aborted as above.
+-- - a reader killed while in pluvio.timeout(t, stream.wait_msg, stream)
+--   (PLUVIO_UCX_KILL_TIMED_READERS=1): when the timeout's task has just
+--   taken a message and ended, the kill drops its results, and the message
+--   stays held, owned by a task that ended well, until its worker closes
+--   (a rendezvous sender waits until then);
+-- - a connect_socket to a worker paused by a full stream waits (docs/
+--   UCX.md, head-of-line blocking): readers are respawned before a connect.
 -- Only a killed reader or closer, or a pluvio.timeout around a wait_msg,
 -- a pull or a tag_recv, cancels anything.
 -- M.trace = true prints each event as it happens; a failure shows the
@@ -88,6 +95,10 @@ M.mix_pairs = os.getenv("PLUVIO_UCX_MIX_PAIRS") == "1"
 -- Whether senders may be killed, and sends run under pluvio.timeout (see
 -- the head of this file).
 M.kill_senders = os.getenv("PLUVIO_UCX_KILL_SENDERS") == "1"
+
+-- Whether a reader may be killed in a wait_msg under pluvio.timeout
+-- (see the head of this file).
+M.kill_timed_readers = os.getenv("PLUVIO_UCX_KILL_TIMED_READERS") == "1"
 
 -- Whether tagged messages may be large (rendezvous: see the head of this
 -- file).
@@ -174,7 +185,6 @@ end
 
 -- The payload of message key (a string) of len bytes: a unit of 8 bytes
 -- from the key, repeated.
-local payload_cache = setmetatable({}, { __mode = "k" })
 local function payload(key, len)
     local h = 0
     for i = 1, #key do h = (h * 31 + key:byte(i)) % 99999989 end
@@ -183,7 +193,6 @@ local function payload(key, len)
     return s
 end
 M.payload = payload
-local _ = payload_cache
 
 -- Flows: one per connection, direction ("a": sent by side a, toward b;
 -- "b" back) and stream id (1, 2; 3 for replies; "t" for tags).
@@ -332,7 +341,9 @@ local function reader(S, W, sid, prog)
         local op = prog[(i - 1) % #prog + 1]
         local m, err, name
         if op.timeout then
+            S.timed_wait[pluvio.current()] = true
             m, err, name = pluvio.timeout(op.timeout, stream.wait_msg, stream)
+            S.timed_wait[pluvio.current()] = nil
             if m == nil and err == "timeout" then
                 S.stats.timeouts = S.stats.timeouts + 1
                 goto continue
@@ -690,6 +701,8 @@ local function wait_until(cond, limit)
     return cond()
 end
 
+local respawn
+
 local function connect(S)
     local rng = S.rng
     local a = rng(#S.workers)
@@ -719,8 +732,11 @@ local function connect(S)
     end
     local L = open[rng(#open)]
     local before = #L.queue
+    -- a stream without a reader, once full, pauses its worker, listeners
+    -- included (docs/UCX.md): its readers first
+    respawn(S)
     note(S, "main: worker %d connects to listener %d (port %d)", a, L.id, L.port)
-    local ep, err, name = Wa.w:connect_socket("127.0.0.1", L.port)
+    local ep, err, name = pluvio.timeout(5, Wa.w.connect_socket, Wa.w, "127.0.0.1", L.port)
     if not expect(S, ep, "connect_socket to listener %d: %s, %s", L.id, tostring(err), tostring(name)) then
         return
     end
@@ -746,7 +762,7 @@ local function connect_closed(S)
     local L = closed[S.rng(#closed)]
     local W = S.workers[S.rng(#S.workers)]
     note(S, "main: worker %d connects to closed listener %d (port %d)", W.i, L.id, L.port)
-    local ep, err, name = W.w:connect_socket("127.0.0.1", L.port)
+    local ep, err, name = pluvio.timeout(5, W.w.connect_socket, W.w, "127.0.0.1", L.port)
     -- (UCX 1.13 reports a refusal as ENOTCONN: docs/UCX.md)
     expect(S, ep == nil and (name == "ECONNREFUSED" or name == "ECONNRESET" or name == "ENOTCONN")
               and err:find("refused", 1, true),
@@ -786,6 +802,8 @@ local function kill_one(S)
     local e = list[S.rng(#list)]
     if e.kind == "sender" and not M.kill_senders then
         return      -- (UCX 1.13 may abort: see the head of this file)
+    elseif S.timed_wait[e.task] and not M.kill_timed_readers then
+        return      -- (the message its timeout's task took would be lost: see the head of this file)
     end
     note(S, "main: kills %s (%s, %s)", e.name, e.kind, e.task:status())
     e.task:kill()
@@ -807,7 +825,7 @@ local function kill_one(S)
     -- a killed send is a "maybe" (records in flight stay so)
 end
 
-local function respawn(S)
+function respawn(S)
     for _, W in ipairs(S.workers) do
         for sid = 1, 3 do
             if not W.readers[sid].live then spawn_reader(S, W, sid) end
@@ -1007,7 +1025,8 @@ function M.run(seed)
     local rng = new_rng(seed)
     local S = {
         rng = rng, seed = seed, step = 0, events = {}, nevents = 0, tasks = {}, workers = {}, conns = {},
-        listeners = {}, stuck_pulls = {}, socket_pairs = {}, sending = setmetatable({}, { __mode = "k" }), flows = {}, flow_list = {}, addr_pairs = {}, nreaders = 0, nsenders = 0, nlisteners = 0,
+        listeners = {}, stuck_pulls = {}, socket_pairs = {}, sending = setmetatable({}, { __mode = "k" }),
+        timed_wait = setmetatable({}, { __mode = "k" }), flows = {}, flow_list = {}, addr_pairs = {}, nreaders = 0, nsenders = 0, nlisteners = 0,
         nworkers = 1 + rng(2), steps = 20 + rng(80), max_conns = 1 + rng(5), max_senders = 1 + rng(5),
         timed = rng(3) == 1,
         stats = { taken = 0, tags = 0, kills = 0, timeouts = 0, pull_failed = 0, unclaimed = 0, pull_timeouts = 0 },
