@@ -62,8 +62,10 @@
 --   (ucp_ep.c:437, `ucs_hlist_is_empty(...proto_reqs)', in a worker
 --   progress) when a task in a rendezvous send (am_send or tag_send) is
 --   killed around the closes of the connection's two sides;
--- - rendezvous tagged messages (PLUVIO_UCX_RNDV_TAGS=1), for the same
---   abort;
+-- - rendezvous tagged messages (PLUVIO_UCX_RNDV_TAGS=1), and sends on a
+--   connection whose other side began to close (PLUVIO_UCX_BROKEN_SENDS=1,
+--   rendezvous ones toward the closing side: the abort came with no task
+--   killed), for the same abort;
 -- - a pair of workers connected both by connect_addr and connect_socket
 --   (PLUVIO_UCX_MIX_PAIRS=1): a connect_socket then hung the process
 --   now and then, or UCX aborted as above.
@@ -99,6 +101,10 @@ M.kill_senders = os.getenv("PLUVIO_UCX_KILL_SENDERS") == "1"
 -- Whether a reader may be killed in a wait_msg under pluvio.timeout
 -- (see the head of this file).
 M.kill_timed_readers = os.getenv("PLUVIO_UCX_KILL_TIMED_READERS") == "1"
+
+-- Whether senders may go on sending on a connection whose other side
+-- began to close (see the head of this file).
+M.broken_sends = os.getenv("PLUVIO_UCX_BROKEN_SENDS") == "1"
 
 -- Whether tagged messages may be large (rendezvous: see the head of this
 -- file).
@@ -503,7 +509,11 @@ local function pick_side(S)
     for _, c in ipairs(S.conns) do
         for _, side in ipairs({ "a", "b" }) do
             local e = c[side]
-            if e.ep and (not e.closing or S.rng(8) == 1) then list[#list + 1] = { c, side } end
+            -- (a side being closed: its use raises; the other side of a
+            -- broken connection only when asked, see the head of this file)
+            if e.ep and (e.closing and S.rng(8) == 1 or not e.closing and (not c.broken or M.broken_sends)) then
+                list[#list + 1] = { c, side }
+            end
         end
     end
     if #list > 0 then
@@ -953,6 +963,9 @@ local function finish(S)
         end
     end
     expect(S, wait_until(function() return #live(S) == 0 end, 2), "tasks left: %s", describe_live(S))
+    -- (timeout tasks included; the scenario's main task is the one left)
+    local left = pluvio.runtime():stats().tasks_live - S.tasks_before
+    expect(S, left == 0, "%d tasks left in the runtime", left)
     local t0 = pluvio.now()
     local held
     repeat
@@ -991,6 +1004,7 @@ local function check_pool(S)
 end
 
 local function main(S)
+    S.tasks_before = pluvio.runtime():stats().tasks_live
     S.ctx = assert(ucx.Context.new())
     for i = 1, S.nworkers do
         local w = assert(S.ctx:create_worker())
