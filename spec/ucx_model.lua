@@ -69,11 +69,6 @@
 -- - a pair of workers connected both by connect_addr and connect_socket
 --   (PLUVIO_UCX_MIX_PAIRS=1): a connect_socket then hung the process
 --   now and then, or UCX aborted as above.
--- - a reader killed while in pluvio.timeout(t, stream.wait_msg, stream)
---   (PLUVIO_UCX_KILL_TIMED_READERS=1): when the timeout's task has just
---   taken a message and ended, the kill drops its results, and the message
---   stays held, owned by a task that ended well, until its worker closes
---   (a rendezvous sender waits until then);
 -- - a connect_socket to a worker paused by a full stream waits (docs/
 --   UCX.md, head-of-line blocking): readers are respawned before a connect.
 -- Only a killed reader or closer, or a pluvio.timeout around a wait_msg,
@@ -97,10 +92,6 @@ M.mix_pairs = os.getenv("PLUVIO_UCX_MIX_PAIRS") == "1"
 -- Whether senders may be killed, and sends run under pluvio.timeout (see
 -- the head of this file).
 M.kill_senders = os.getenv("PLUVIO_UCX_KILL_SENDERS") == "1"
-
--- Whether a reader may be killed in a wait_msg under pluvio.timeout
--- (see the head of this file).
-M.kill_timed_readers = os.getenv("PLUVIO_UCX_KILL_TIMED_READERS") == "1"
 
 -- Whether senders may go on sending on a connection whose other side
 -- began to close (see the head of this file).
@@ -812,8 +803,6 @@ local function kill_one(S)
     local e = list[S.rng(#list)]
     if e.kind == "sender" and not M.kill_senders then
         return      -- (UCX 1.13 may abort: see the head of this file)
-    elseif S.timed_wait[e.task] and not M.kill_timed_readers then
-        return      -- (the message its timeout's task took would be lost: see the head of this file)
     end
     note(S, "main: kills %s (%s, %s)", e.name, e.kind, e.task:status())
     e.task:kill()
@@ -830,6 +819,14 @@ local function kill_one(S)
     elseif e.kind == "tag" then
         for _, W in ipairs(S.workers) do
             if W.tag_task == e.task then W.tag_lost = W.tag_lost + 1 end
+        end
+    elseif S.timed_wait[e.task] then
+        -- its timeout's task may have taken a message and ended: released
+        -- with the kill (nobody can have it), so one may never arrive
+        for _, W in ipairs(S.workers) do
+            for sid, t in pairs(W.readers) do
+                if t == e.task then W.stream_lost[sid] = W.stream_lost[sid] + 1 end
+            end
         end
     end
     -- a killed send is a "maybe" (records in flight stay so)
@@ -879,16 +876,24 @@ end
 -- Every definite message taken (tagged ones: at most W.tag_lost missing
 -- per worker)?  With why not, for the report.
 local function missing(S)
-    local miss, tag_miss = {}, {}
+    local miss, tag_miss, stream_miss = {}, {}, {}
     for _, f in ipairs(S.flow_list) do
         for _, rec in pairs(f.msgs) do
             if rec.definite and rec.taken == 0 then
                 if f.sid == "t" then
                     tag_miss[rec.dest] = (tag_miss[rec.dest] or 0) + 1
                 else
-                    miss[#miss + 1] = rec.key
+                    local key = rec.dest .. "." .. f.sid
+                    local list = stream_miss[key] or { w = rec.dest, sid = f.sid }
+                    stream_miss[key] = list
+                    list[#list + 1] = rec.key
                 end
             end
+        end
+    end
+    for _, list in pairs(stream_miss) do
+        if #list > S.workers[list.w].stream_lost[list.sid] then
+            for i = 1, #list do miss[#miss + 1] = list[i] end
         end
     end
     for w, n in pairs(tag_miss) do
@@ -1008,7 +1013,8 @@ local function main(S)
     S.ctx = assert(ucx.Context.new())
     for i = 1, S.nworkers do
         local w = assert(S.ctx:create_worker())
-        local W = { i = i, w = w, streams = {}, readers = {}, listeners = {}, tag_lost = 0, streams_open = true }
+        local W = { i = i, w = w, streams = {}, readers = {}, listeners = {}, tag_lost = 0,
+                    stream_lost = { 0, 0, 0 }, streams_open = true }
         for sid = 1, 3 do
             W.streams[sid] = w:am_stream(sid, { window = sid == 3 and 64 or S.rng(64) })
         end
