@@ -389,11 +389,14 @@ static void ep_drop_closer(pl_ucx_worker_t *w, struct ucx_ep *e)
 }
 
 /* Start closing an endpoint we own; the entry is free from now on (not if
- * there is no op slot for it: -ENOMEM or -PL_EOPSFULL, the entry unchanged). */
+ * there is no op slot for it: -ENOMEM or -PL_EOPSFULL, the entry unchanged).
+ * A forced close that UCX refuses (an endpoint without peer error
+ * handling: connect_addr's default) is made graceful. */
 static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t slot, uint32_t gen)
 {
     ucp_request_param_t p;
     struct ucx_op *op;
+    ucs_status_ptr_t sp;
     bool was_peer = ep_is_peer(e);
     int rc = ucx_op_new(w, slot, gen, UCX_OP_EP_CLOSE, &op);
 
@@ -407,7 +410,12 @@ static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t s
     ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
     if (was_peer)
         ep_peer_gone(w);
-    return ucx_op_result(w, op, ucp_ep_close_nbx(e->ep, &p));
+    sp = ucp_ep_close_nbx(e->ep, &p);
+    if (force && UCS_PTR_IS_ERR(sp) && UCS_PTR_STATUS(sp) == UCS_ERR_INVALID_PARAM) {
+        p.flags = 0;
+        sp = ucp_ep_close_nbx(e->ep, &p);
+    }
+    return ucx_op_result(w, op, sp);
 }
 
 /* Whether an operation of ours is still in UCX's hands on the endpoint:
@@ -489,7 +497,12 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
     }
     if (e->state == EP_OPEN && ep_busy(w, ep, true))
         return ep_drain(w, e, ep, slot, gen);
-    return ep_close(w, e, e->state == EP_FAILED, slot, gen);
+    /* An operation a killed task left in UCX's hands (a rendezvous send
+     * whose receiver never pulls) is dropped by a forced close: UCX 1.13
+     * aborted the process in a graceful one (ucp_ep.c:437, the endpoint's
+     * proto_reqs not empty at its local disconnect; a killed tag_send's
+     * endpoint closed after its peer's close, 2 runs in 8). */
+    return ep_close(w, e, e->state == EP_FAILED || ep_busy(w, ep, true), slot, gen);
 }
 
 /* Close forcefully with nobody waiting: a connection that never came up,
