@@ -45,27 +45,11 @@ jit.off(true, true)
 
 local M = {}
 
+local util = require "model_util"
+local new_rng, pick_weighted, swarm = util.new_rng, util.pick_weighted, util.swarm
+
 local format, concat = string.format, table.concat
 local unpack = unpack or table.unpack
-
--- Park-Miller: exact in doubles, the same sequence on every platform.
-local function new_rng(seed)
-    local s = seed % 2147483646 + 1
-    return function(n)              -- 1..n
-        s = s * 16807 % 2147483647
-        return s % n + 1
-    end
-end
-
-local function pick_weighted(rng, weights)
-    local total = 0
-    for i = 1, #weights, 2 do total = total + weights[i + 1] end
-    local x = rng(total)
-    for i = 1, #weights, 2 do
-        x = x - weights[i + 1]
-        if x <= 0 then return weights[i] end
-    end
-end
 
 ---------------------------------------------------------------------------
 -- Scenario state, failures, the event log
@@ -838,19 +822,6 @@ local function main(S)
         end
     end
     finish_scenario(S)
-end
-
--- Swarm testing: each scenario leaves some operations out and makes some
--- three times as likely (a bug that needs many of one kind, and none of
--- another in between, comes up far sooner).
-local function swarm(rng, weights, keep)
-    local w = {}
-    for i = 1, #weights, 2 do
-        local f = ({ 0, 1, 3 })[rng(3)]
-        if keep[weights[i]] and f == 0 then f = 1 end
-        w[i], w[i + 1] = weights[i], weights[i + 1] * f
-    end
-    return w
 end
 
 -- Runs the scenario of seed; returns nil, or a description of what failed

@@ -6,14 +6,7 @@
 local model = require "channel_model"
 
 local function seeds()
-    local env = os.getenv("PLUVIO_CHANNEL_SEEDS")
-    if not env then
-        return 1, 120
-    end
-    local first, last = env:match("^(%d+)%-(%d+)$")
-    first = first or env:match("^(%d+)$")
-    assert(first, "PLUVIO_CHANNEL_SEEDS must be a seed or FIRST-LAST (got " .. env .. ")")
-    return tonumber(first), tonumber(last or first)
+    return require("model_util").seeds("PLUVIO_CHANNEL_SEEDS", 1, 120)
 end
 
 -- The failures of the seeds (at most 3 described), and how many failed.

@@ -86,6 +86,9 @@ jit.off(true, true)
 
 local M = {}
 
+local util = require "model_util"
+local new_rng, pick_weighted, swarm = util.new_rng, util.pick_weighted, util.swarm
+
 -- Whether a pair of workers may be connected both ways, by connect_addr
 -- and connect_socket (see the head of this file).
 M.mix_pairs = os.getenv("PLUVIO_UCX_MIX_PAIRS") == "1"
@@ -112,34 +115,6 @@ local format, concat, floor = string.format, table.concat, math.floor
 -- connection broke.
 local PEER_GONE = { ECONNRESET = true, ENOTCONN = true, ECANCELED = true, ETIMEDOUT = true, EPIPE = true,
                     ECONNABORTED = true, EHOSTUNREACH = true }
-
-local function new_rng(seed)
-    local s = seed % 2147483646 + 1
-    return function(n)              -- 1..n
-        s = s * 16807 % 2147483647
-        return s % n + 1
-    end
-end
-
-local function pick_weighted(rng, weights)
-    local total = 0
-    for i = 1, #weights, 2 do total = total + weights[i + 1] end
-    local x = rng(total)
-    for i = 1, #weights, 2 do
-        x = x - weights[i + 1]
-        if x <= 0 then return weights[i] end
-    end
-end
-
-local function swarm(rng, weights, keep)
-    local w = {}
-    for i = 1, #weights, 2 do
-        local f = ({ 0, 1, 3 })[rng(3)]
-        if keep[weights[i]] and f == 0 then f = 1 end
-        w[i], w[i + 1] = weights[i], weights[i + 1] * f
-    end
-    return w
-end
 
 ---------------------------------------------------------------------------
 -- Events and failures

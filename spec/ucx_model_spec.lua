@@ -8,14 +8,7 @@
 local helper = require "helper"
 
 local function seeds()
-    local env = os.getenv("PLUVIO_UCX_SEEDS")
-    if not env then
-        return 1, 50
-    end
-    local first, last = env:match("^(%d+)%-(%d+)$")
-    first = first or env:match("^(%d+)$")
-    assert(first, "PLUVIO_UCX_SEEDS must be a seed or FIRST-LAST (got " .. env .. ")")
-    return tonumber(first), tonumber(last or first)
+    return require("model_util").seeds("PLUVIO_UCX_SEEDS", 1, 50)
 end
 
 -- Runs seeds first..last, one after another, printing "seed N" before

@@ -6,14 +6,7 @@
 local model = require "uring_model"
 
 local function seeds()
-    local env = os.getenv("PLUVIO_URING_SEEDS")
-    if not env then
-        return 1, 100
-    end
-    local first, last = env:match("^(%d+)%-(%d+)$")
-    first = first or env:match("^(%d+)$")
-    assert(first, "PLUVIO_URING_SEEDS must be a seed or FIRST-LAST (got " .. env .. ")")
-    return tonumber(first), tonumber(last or first)
+    return require("model_util").seeds("PLUVIO_URING_SEEDS", 1, 100)
 end
 
 local function run_seeds(first, last)
