@@ -806,6 +806,20 @@ local function close_waiting(p)
     return closer, m, h
 end
 
+-- A task running fn, checked parked in it after one turn.
+local function parked(fn)
+    local t = pluvio.spawn(fn)
+    pluvio.yield()
+    assert.equal("waiting", t:status())
+    return t
+end
+
+-- t ends (within 10 s) with nil, why, "ENOTCONN".
+local function ends_not_connected(t, why)
+    local r = within(10, function() return t:join() end)
+    assert.same({ nil, why, "ENOTCONN" }, { r[1], r[2], r[3] })
+end
+
 describe("a stream's reader when the worker's last endpoint goes", function()
     -- Readers parked in wait_msg before a local close of the worker's last
     -- endpoint were never woken (only a peer's failure and a listener's
@@ -815,15 +829,7 @@ describe("a stream's reader when the worker's last endpoint goes", function()
                     "closed, no listener open)"
 
     local function reader(stream)
-        local t = pluvio.spawn(function() return stream:wait_msg() end)
-        pluvio.yield()
-        assert.equal("waiting", t:status())
-        return t
-    end
-
-    local function ends_not_connected(t)
-        local r = within(10, function() return t:join() end)
-        assert.same({ nil, NO_PEER, "ENOTCONN" }, { r[1], r[2], r[3] })
+        return parked(function() return stream:wait_msg() end)
     end
 
     it("wakes it with ENOTCONN when the user closes the last endpoint (connect_addr)", async(function()
@@ -833,7 +839,7 @@ describe("a stream's reader when the worker's last endpoint goes", function()
         local ep = assert(client:connect_addr(server:address()))
         local r = reader(stream)
         assert.is_true(ep:close())
-        ends_not_connected(r)
+        ends_not_connected(r, NO_PEER)
         ctx:close()
     end))
 
@@ -844,7 +850,7 @@ describe("a stream's reader when the worker's last endpoint goes", function()
         while r:status() == "ready" do pluvio.yield() end
         assert.equal("waiting", r:status())
         assert.is_true(p.sep:close())
-        ends_not_connected(r)
+        ends_not_connected(r, NO_PEER)
         p.ep:close(); p.cw:close(); p.sw:close(); p.ctx:close()
     end))
 
@@ -862,7 +868,7 @@ describe("a stream's reader when the worker's last endpoint goes", function()
         local last = reader(back)
         assert.equal(1048576, #assert(m:data()))    -- the send is done: the close goes on
         assert.is_true(within(10, function() return closer:join() end)[1])
-        ends_not_connected(last)
+        ends_not_connected(last, NO_PEER)
         p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
     end))
 
@@ -871,7 +877,7 @@ describe("a stream's reader when the worker's last endpoint goes", function()
         local r = reader(p.cw:am_stream(7))
         local closer, m, h = close_waiting(p)
         closer:kill()
-        ends_not_connected(r)
+        ends_not_connected(r, NO_PEER)
         h:wait()
         m:release()
         p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
@@ -887,7 +893,7 @@ describe("a stream's reader when the worker's last endpoint goes", function()
         assert.equal("waiting", connector:status())
         local r = reader(stream)
         connector:kill()
-        ends_not_connected(r)
+        ends_not_connected(r, NO_PEER)
         local deadline = pluvio.now() + 10      -- the endpoint given up is closed in UCX
         while cw:stats().ops_in_flight > 0 and pluvio.now() < deadline do pluvio.sleep(0.005) end
         l:close(); cw:close(); sw:close(); ctx:close()
@@ -904,15 +910,7 @@ describe("a tag receive when no peer can send to the worker", function()
                     "closed, no listener open, its address never handed out)"
 
     local function receiver(w)
-        local t = pluvio.spawn(function() return w:tag_recv(5, 0xff, 16) end)
-        pluvio.yield()
-        assert.equal("waiting", t:status())
-        return t
-    end
-
-    local function ends_not_connected(t)
-        local r = within(10, function() return t:join() end)
-        assert.same({ nil, NO_PEER, "ENOTCONN" }, { r[1], r[2], r[3] })
+        return parked(function() return w:tag_recv(5, 0xff, 16) end)
     end
 
     -- p.sep sends data with tag 5, then "marker" with tag 6, which p.cw
@@ -949,7 +947,7 @@ describe("a tag receive when no peer can send to the worker", function()
         local p = pair()
         local r = receiver(p.cw)
         assert.is_true(p.ep:close())
-        ends_not_connected(r)
+        ends_not_connected(r, NO_PEER)
         p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
     end))
 
@@ -957,7 +955,7 @@ describe("a tag receive when no peer can send to the worker", function()
         local p = pair()
         local r = receiver(p.cw)
         p.sep:close(); p.listener:close(); p.sw:close()
-        ends_not_connected(r)
+        ends_not_connected(r, NO_PEER)
         p.ep:close(); p.cw:close(); p.ctx:close()
     end))
 
@@ -968,7 +966,7 @@ describe("a tag receive when no peer can send to the worker", function()
         for _ = 1, 10 do pluvio.yield() end
         assert.equal("waiting", r:status())
         p.listener:close()
-        ends_not_connected(r)
+        ends_not_connected(r, NO_PEER)
         p.ep:close(); p.cw:close(); p.sw:close(); p.ctx:close()
     end))
 
@@ -978,7 +976,7 @@ describe("a tag receive when no peer can send to the worker", function()
         assert.is_true(p.sep:close())
         p.listener = nil
         full_collect()
-        ends_not_connected(r)
+        ends_not_connected(r, NO_PEER)
         p.ep:close(); p.cw:close(); p.sw:close(); p.ctx:close()
     end))
 
@@ -995,7 +993,7 @@ describe("a tag receive when no peer can send to the worker", function()
         local last = receiver(p.cw)
         assert.equal(1048576, #assert(m:data()))    -- the send is done: the close goes on
         assert.is_true(within(10, function() return closer:join() end)[1])
-        ends_not_connected(last)
+        ends_not_connected(last, NO_PEER)
         p.sep:close(); p.listener:close(); p.cw:close(); p.sw:close(); p.ctx:close()
     end))
 
