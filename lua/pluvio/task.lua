@@ -448,6 +448,7 @@ local function drop_results(r)
         end
     end
 end
+
 -- A task ended (returned, raised, or was killed): free its slot, run its
 -- clean-ups (release buffers, cancel I/O), wake whoever joins it.
 local function finish(rt, t, final, was_running)

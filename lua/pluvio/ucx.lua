@@ -349,7 +349,8 @@ function Context:create_worker(opts)
     local worker = setmetatable({
         w = ffi.gc(w, worker_finalizer(life, limbo)), life = life, context = self,
         result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
-        eps = setmetatable({}, weak_keys), listeners = setmetatable({}, weak_keys), streams = {}, limbo = limbo, limbo_seen = 0,
+        eps = setmetatable({}, weak_keys), listeners = setmetatable({}, weak_keys), streams = {}, limbo = limbo,
+        limbo_seen = 0,         -- pl_ucx_abandoned_settled at the limbo's last sweep
         max_header = C.pl_ucx_worker_max_am_header(w), max_endpoints = max_eps,
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
         scratch = core.scratch_pool(SCRATCH_KEEP),     -- for tag_recv and data()
