@@ -10,6 +10,10 @@
 #define PL_VERSION "0.0.0"
 #endif
 
+/* pl_strerror's words for -PL_EOPSFULL give the limits as text. */
+_Static_assert(PL_URING_MAX_OPS == 262144 && PL_UCX_MAX_OPS == 65536,
+               "update the numbers in pl_strerror's PL_EOPSFULL message");
+
 const char *pl_strerror(int err)
 {
     if (err == -PL_ESQFULL || err == PL_ESQFULL)

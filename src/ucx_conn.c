@@ -388,15 +388,27 @@ static void ep_drop_closer(pl_ucx_worker_t *w, struct ucx_ep *e)
     }
 }
 
+/* ucp_ep_close_nbx with p's flags; a forced close that UCX refuses (an
+ * endpoint without peer error handling: connect_addr's default, EINVAL
+ * before it starts) is made graceful. */
+static ucs_status_ptr_t ep_close_nbx(ucp_ep_h ep, ucp_request_param_t *p)
+{
+    ucs_status_ptr_t sp = ucp_ep_close_nbx(ep, p);
+
+    if ((p->flags & UCP_EP_CLOSE_FLAG_FORCE) && UCS_PTR_IS_ERR(sp) &&
+        UCS_PTR_STATUS(sp) == UCS_ERR_INVALID_PARAM) {
+        p->flags &= ~(uint32_t)UCP_EP_CLOSE_FLAG_FORCE;
+        sp = ucp_ep_close_nbx(ep, p);
+    }
+    return sp;
+}
+
 /* Start closing an endpoint we own; the entry is free from now on (not if
- * there is no op slot for it: -ENOMEM or -PL_EOPSFULL, the entry unchanged).
- * A forced close that UCX refuses (an endpoint without peer error
- * handling: connect_addr's default) is made graceful. */
+ * there is no op slot for it: -ENOMEM or -PL_EOPSFULL, the entry unchanged). */
 static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t slot, uint32_t gen)
 {
     ucp_request_param_t p;
     struct ucx_op *op;
-    ucs_status_ptr_t sp;
     bool was_peer = ep_is_peer(e);
     int rc = ucx_op_new(w, slot, gen, UCX_OP_EP_CLOSE, &op);
 
@@ -410,12 +422,7 @@ static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t s
     ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
     if (was_peer)
         ep_peer_gone(w);
-    sp = ucp_ep_close_nbx(e->ep, &p);
-    if (force && UCS_PTR_IS_ERR(sp) && UCS_PTR_STATUS(sp) == UCS_ERR_INVALID_PARAM) {
-        p.flags = 0;
-        sp = ucp_ep_close_nbx(e->ep, &p);
-    }
-    return ucx_op_result(w, op, sp);
+    return ucx_op_result(w, op, ep_close_nbx(e->ep, &p));
 }
 
 /* Whether an operation of ours is still in UCX's hands on the endpoint:
@@ -488,6 +495,7 @@ void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep)
 int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);
+    bool busy;
 
     if (!e)
         return -EBADF;
@@ -495,14 +503,15 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
         e->state = EP_FREE;
         return 0;
     }
-    if (e->state == EP_OPEN && ep_busy(w, ep, true))
+    busy = ep_busy(w, ep, true);
+    if (e->state == EP_OPEN && busy)
         return ep_drain(w, e, ep, slot, gen);
     /* An operation a killed task left in UCX's hands (a rendezvous send
      * whose receiver never pulls) is dropped by a forced close: UCX 1.13
      * aborted the process in a graceful one (ucp_ep.c:437, the endpoint's
      * proto_reqs not empty at its local disconnect; a killed tag_send's
      * endpoint closed after its peer's close, 2 runs in 8). */
-    return ep_close(w, e, e->state == EP_FAILED || ep_busy(w, ep, true), slot, gen);
+    return ep_close(w, e, e->state == EP_FAILED || busy, slot, gen);
 }
 
 /* Close forcefully with nobody waiting: a connection that never came up,
@@ -558,11 +567,7 @@ static void ep_abort_now(pl_ucx_worker_t *w, struct ucx_ep *e)
     ucx_msgs_forget_ep(w, e->ep, -ENOTCONN);
     if (was_peer)       /* (a failed one, as those the collection frees, was no peer) */
         ep_peer_gone(w);
-    sp = ucp_ep_close_nbx(e->ep, &p);
-    if (UCS_PTR_IS_ERR(sp) && UCS_PTR_STATUS(sp) == UCS_ERR_INVALID_PARAM) {
-        p.flags = 0;
-        sp = ucp_ep_close_nbx(e->ep, &p);
-    }
+    sp = ep_close_nbx(e->ep, &p);
     if (UCS_PTR_IS_PTR(sp))
         ucp_request_free(sp);
     /* UCX lets go of the connection (its socket) in the worker's next

@@ -609,7 +609,8 @@ function M.install(U)
         t.io_abort_ep = h
         local rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
         t.io_abort_ep = nil
-        if rc ~= ENOMEM and rc ~= EOPSFULL and w.w and C.pl_ucx_ep_drained(w.w, h, t.slot, t.gen) == 0 then
+        local started = rc ~= ENOMEM and rc ~= EOPSFULL    -- (else no op slot: the endpoint is as it was)
+        if started and w.w and C.pl_ucx_ep_drained(w.w, h, t.slot, t.gen) == 0 then
             -- the flush is done, but a rendezvous send still waits for its
             -- receiver to pull the data: wait for the endpoint's last op too
             -- (a kill meanwhile closes it forcefully: _task_exit)
@@ -621,7 +622,7 @@ function M.install(U)
             t:_disown(self)
             self.closing = nil
         end
-        if rc ~= ENOMEM and rc ~= EOPSFULL and w.w and not ep_gone(w, h) then
+        if started and w.w and not ep_gone(w, h) then
             rc = run_op(w, t, C.pl_ucx_ep_close(w.w, h, t.slot, t.gen), self)
         end
         if not w.w then         -- the worker was closed meanwhile, the endpoint with it
