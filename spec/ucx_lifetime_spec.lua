@@ -1248,6 +1248,81 @@ describe("a message returned by pluvio.timeout's fn to a caller killed meanwhile
     end))
 end)
 
+-- Found by the UCX model (seed 859 with PLUVIO_UCX_KILL_SENDERS and
+-- PLUVIO_UCX_RNDV_TAGS): a reader took a rendezvous message through
+-- pluvio.timeout's fn and was killed later, before it pulled the data.  The
+-- message still belonged to fn's task, which had ended well: nothing
+-- released it, and its sender waited until the worker closed.
+describe("a message handed over as a task's result", function()
+    local big = ("r"):rep(1048576)
+
+    -- The message taken by take(stream) in another task and handed to a
+    -- reader that then waits for good; the reader is killed before it
+    -- pulls the data: the message is released, the sender's send ends.
+    local function killed_holder(take)
+        local p = pair()
+        local send = pluvio.spawn(function() return p.ep:am_send(1, "h", big, false, "rndv") end)
+        local holding = false
+        local reader = pluvio.spawn(function()
+            local m = assert(take(p.stream))
+            assert.equal(1048576, m:data_len())
+            holding = true
+            pluvio.sleep(60)
+            return m:data()
+        end)
+        local deadline = pluvio.now() + 10
+        while not holding and pluvio.now() < deadline do
+            pluvio.sleep(1e-3)
+        end
+        assert.is_true(holding)
+        assert.equal(1, p.sw:stats().msgs_held)
+        assert.equal("waiting", reader:status())
+        reader:kill()
+        assert.equal(0, p.sw:stats().msgs_held)
+        assert.same({ "done" }, { within(10, function() return send:join() and "done" end)[1] })
+        close_pair(p)
+    end
+
+    it("by pluvio.timeout's fn is released when the caller is killed later", async(function()
+        killed_holder(function(stream) return pluvio.timeout(10, stream.wait_msg, stream) end)
+    end))
+
+    it("by a joined task is released when the joiner is killed later", async(function()
+        killed_holder(function(stream)
+            return pluvio.spawn(function() return stream:wait_msg() end):join()
+        end)
+    end))
+
+    it("by a task taken with pluvio.select is released when the selecting task is killed later", async(function()
+        killed_holder(function(stream)
+            local _, m = pluvio.select(pluvio.spawn(function() return stream:wait_msg() end),
+                                       pluvio.spawn(pluvio.sleep, 60))
+            return m
+        end)
+    end))
+
+    it("along a chain of joins is released when the last holder is killed", async(function()
+        killed_holder(function(stream)
+            return pluvio.spawn(function()
+                return pluvio.spawn(function() return stream:wait_msg() end):join()
+            end):join()
+        end)
+    end))
+
+    it("stays with a holder that returns it in turn, until someone takes it", async(function()
+        local p = pair()
+        assert(p.ep:am_send(1, "h", "kept"))
+        local holder = pluvio.spawn(function()
+            return pluvio.spawn(function() return p.stream:wait_msg() end):join()
+        end)
+        local m = assert(holder:join())
+        assert.equal(1, p.sw:stats().msgs_held)
+        assert.equal("kept", m:data())
+        assert.equal(0, p.sw:stats().msgs_held)
+        close_pair(p)
+    end))
+end)
+
 describe("a listener closed while a client's connection is on its way", function()
     -- UCX's async thread accepts the connection and keeps a plain pointer
     -- to the listener until the client's first message comes (the

@@ -600,6 +600,9 @@ int pl_ucx_msg_drop(pl_ucx_worker_t *w, int msg, uint32_t slot, uint32_t gen);
 /* Release the messages the task (slot, gen) took and neither received nor
  * released: it ended.  Returns how many. */
 int pl_ucx_msgs_release_task(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen);
+/* msg, taken and still held, belongs to the task (slot, gen) from now on
+ * (the task it was taken by handed it over as a result); 0, or -EBADF. */
+int pl_ucx_msg_adopt(pl_ucx_worker_t *w, int msg, uint32_t slot, uint32_t gen);
 
 int pl_ucx_tag_send(pl_ucx_worker_t *w, int ep, uint64_t tag, const void *data, size_t len,
                     uint32_t slot, uint32_t gen);

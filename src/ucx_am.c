@@ -304,6 +304,17 @@ int pl_ucx_msgs_release_task(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen)
     return released;
 }
 
+int pl_ucx_msg_adopt(pl_ucx_worker_t *w, int h, uint32_t slot, uint32_t gen)
+{
+    struct ucx_msg *m = msg_get(w, h);
+
+    if (!m || !m->taken)
+        return -EBADF;
+    m->owner_slot = slot;
+    m->owner_gen = gen;
+    return 0;
+}
+
 static void recv_done(void *request, ucs_status_t status, size_t length, void *user_data)
 {
     struct ucx_op *op = user_data;

@@ -28,7 +28,7 @@ M._report_running_unjoined = runtime.report_running_unjoined
 local current_rt = task.current_rt
 local new_runtime, CANCEL_ROUNDS = runtime.new_runtime, runtime.CANCEL_ROUNDS
 local KILLED, YIELD, SLEEP = task.KILLED, task.YIELD, task.SLEEP
-local spawn, task_name, results_of = task.spawn, task.task_name, task.results_of
+local spawn, task_name, results_of, hand_results = task.spawn, task.task_name, task.results_of, task.hand_results
 local park, yielded, running_task, current_task = task.park, task.yielded, task.running_task, task.current_task
 local add_joiner, remove_joiner = task.add_joiner, task.remove_joiner
 local claim_refused, unclaim, in_plain_coroutine = task.claim_refused, task.unclaim, task.in_plain_coroutine
@@ -250,7 +250,7 @@ function M.select(...)
                     remove_joiner(tasks[k], me)
                     unclaim(tasks[k], me)
                 end
-                return i, results_of(tasks[i])
+                return i, results_of(tasks[i], me)
             end
         end
         if claimed == nil then
@@ -295,6 +295,7 @@ function M.timeout(seconds, fn, ...)
     local r = child.results
     child.joined = true
     if r[1] then
+        hand_results(r, me)
         return unpack(r, 2, r.n)
     end
     if r[2] == KILLED then

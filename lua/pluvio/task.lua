@@ -579,10 +579,30 @@ function Task:__tostring()
     return format("task %q (#%d, %s)", task_name(self), self.id, self:status())
 end
 
-local function results_of(t)
+-- Results given to the task me that takes them (a join, a select, a
+-- pluvio.timeout): what among them belonged to the task that returned it
+-- is me's from now on, released if me is killed or fails as if me had
+-- taken it (a UCX message fn took: else its end, "done", released nothing
+-- and the message stayed held, its rendezvous sender waiting, until the
+-- worker closed).  Such objects' metatables have _result_taken.
+local function hand_results(r, me)
+    for i = 2, r.n do
+        local v = r[i]
+        if type(v) == "table" then
+            local mt = getmetatable(v)
+            local take = type(mt) == "table" and rawget(mt, "_result_taken")
+            if take then
+                take(v, me)
+            end
+        end
+    end
+end
+
+local function results_of(t, me)
     t.joined = true
     local r = t.results
     if r[1] then
+        hand_results(r, me)
         return unpack(r, 2, r.n)
     end
     return nil, r[2] == KILLED and "cancelled" or r[2]
@@ -680,7 +700,7 @@ function Task:join()
         end
         park(me, C.PL_WAIT_JOIN, self.id, self, "Task:join")
     end
-    return results_of(self)
+    return results_of(self, me)
 end
 
 -- Cancel a task: it stops at its current wait point, what it waits on is
@@ -753,7 +773,7 @@ M.task_of, M.current_task, M.io_task, M.running_task = task_of, current_task, io
 M.yielded, M.may_linger, M.linger, M.park, M.wake = yielded, may_linger, linger, park, wake
 M.task_error, M.error_text, M.DONE, M.POOL_MAX = task_error, error_text, DONE, POOL_MAX
 M.spawn, M.task_name, M.report_failure, M.WEAK_KEYS = spawn, task_name, report_failure, WEAK_KEYS
-M.finish, M.settle, M.results_of = finish, settle, results_of
+M.finish, M.settle, M.results_of, M.hand_results = finish, settle, results_of, hand_results
 M.add_joiner, M.remove_joiner, M.claim_refused, M.unclaim = add_joiner, remove_joiner, claim_refused, unclaim
 M.in_plain_coroutine = in_plain_coroutine
 

@@ -378,6 +378,24 @@ function M.install(U)
     -- Taken, then dropped by the runtime: see task.lua's drop_results.
     Message._result_dropped = let_go
 
+    -- Handed by the task that took it (it returned the message) to the task
+    -- that took its results (see task.lua's hand_results): that task's end
+    -- releases it from now on.
+    function Message._result_taken(m, t)
+        local h, w = m.h, m.worker
+        if h and w.w and m.owner ~= t and C.pl_ucx_msg_adopt(w.w, h, t.slot, t.gen) == 0 then
+            m.owner = t
+            local tr = w.tracked
+            if tr and tr.owners[h] then
+                tr.owners[h] = t
+            end
+            if not t.takes_msgs then
+                t.takes_msgs = true
+                t:_own(MsgOwner)
+            end
+        end
+    end
+
     -- data(): the message's data as a string (pulls rendezvous data first).
     function Message:data()
         live_msg("Message:data", self)
