@@ -233,6 +233,8 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status)
     w->in_flight--;
     if (op->passive)
         w->passive_in_flight--;
+    if (ep == UCX_OP_PULL)
+        w->pulls--;
     if (op->state == UOP_ABANDONED) {
         ucx_op_free(w, op);
     } else {

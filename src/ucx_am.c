@@ -359,7 +359,7 @@ int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t s
         msg_free(w, m);
         return 0;
     }
-    rc = ucx_op_new(w, slot, gen, -1, &op);
+    rc = ucx_op_new(w, slot, gen, UCX_OP_PULL, &op);
     if (rc < 0)
         return rc;
     ucx_op_param_recv(&p, op);
@@ -373,6 +373,8 @@ int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t s
         return 0;
     }
     rc = ucx_op_result(w, op, sp);
+    if (rc > 0)
+        w->pulls++;             /* (before the progress below, which may end it) */
     if (rc > 0 && w->rt) {
         /* UCX queues the pull for the next progress.  Over shared memory
          * that progress does the whole copy (process_vm_readv) and sends

@@ -438,6 +438,19 @@ static bool ep_busy(pl_ucx_worker_t *w, int ep, bool abandoned_too)
     return false;
 }
 
+/* Whether an AM pull of the worker that a task waits for is in flight
+ * (see pl_ucx_ep_drained).  A scan, but only with pulls in flight, as an
+ * endpoint closes. */
+static bool pull_waited(pl_ucx_worker_t *w)
+{
+    for (uint32_t i = 0; w->pulls > 0 && i < w->nops; i++) {
+        const struct ucx_op *op = ucx_op_get(w, i);
+        if (op->ep == UCX_OP_PULL && op->state == UOP_IN_FLIGHT)
+            return true;
+    }
+    return false;
+}
+
 /* The first step of a graceful close with operations in flight: flush,
  * the endpoint still open in UCX, and refuse new operations. */
 static int ep_drain(pl_ucx_worker_t *w, struct ucx_ep *e, int ep, uint32_t slot, uint32_t gen)
@@ -456,14 +469,22 @@ static int ep_drain(pl_ucx_worker_t *w, struct ucx_ep *e, int ep, uint32_t slot,
 /* Whether a graceful close may go on: none of the endpoint's ops that a
  * task still waits for is in UCX's hands any more (a rendezvous send waits
  * for its receiver to pull the data, which the flush does not wait for),
- * or it is not closing any more (failed).  Not for an op whose task gave
- * up: its receiver may never pull it.  1, or 0 with task (slot, gen)
- * recorded: the end of the endpoint's last op, or its failure, wakes it. */
+ * nor an AM pull of the worker that a task waits for, or it is not
+ * closing any more (failed).  Not for an op whose task gave up: its
+ * receiver may never pull it, and a pull may never end (a connect_addr
+ * peer forced closed: docs/UCX.md).  UCX 1.13 asserted (ucp_ep.c:437,
+ * proto_reqs not empty) when a graceful close destroyed an endpoint that
+ * a pull of a message it brought was still reading from, and UCX does not
+ * say which endpoint that is (the sender's, known only with need_reply):
+ * a close with pulls still in flight after this is forced instead
+ * (pl_ucx_ep_close), its own ops flushed by then.  1, or 0 with task
+ * (slot, gen) recorded: the end of the last such op, or the endpoint's
+ * failure, wakes it. */
 int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);
 
-    if (!e || e->state != EP_CLOSING || !ep_busy(w, ep, false)) {
+    if (!e || e->state != EP_CLOSING || (!pull_waited(w) && !ep_busy(w, ep, false))) {
         if (e)
             ep_drop_closer(w, e);
         return 1;
@@ -477,12 +498,22 @@ int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
     return 0;
 }
 
+static void ep_closer_check(pl_ucx_worker_t *w, const struct ucx_ep *e, int ep)
+{
+    if (e && e->closer_waits && (e->state != EP_CLOSING || (!ep_busy(w, ep, false) && !pull_waited(w))))
+        ucx_wake(w, e->closer_slot, e->closer_gen);
+}
+
+/* An op on endpoint ep ended, or was given up, while some close waits; a
+ * pull's (UCX_OP_PULL) may let any close go on (closes are few). */
 void ucx_ep_op_ended(pl_ucx_worker_t *w, int ep)
 {
-    struct ucx_ep *e = ucx_ep_get(w, ep);
-
-    if (e && e->closer_waits && (e->state != EP_CLOSING || !ep_busy(w, ep, false)))
-        ucx_wake(w, e->closer_slot, e->closer_gen);
+    if (ep != UCX_OP_PULL) {
+        ep_closer_check(w, ucx_ep_get(w, ep), ep);
+        return;
+    }
+    for (int i = 0; i < w->neps; i++)
+        ep_closer_check(w, &w->eps[i], ep_handle(w, i));
 }
 
 /* Close gracefully a healthy endpoint, forcefully a failed one.  With
@@ -504,14 +535,15 @@ int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
         return 0;
     }
     busy = ep_busy(w, ep, true);
-    if (e->state == EP_OPEN && busy)
+    if (e->state == EP_OPEN && (busy || w->pulls > 0))     /* (pulls: see pl_ucx_ep_drained) */
         return ep_drain(w, e, ep, slot, gen);
     /* An operation a killed task left in UCX's hands (a rendezvous send
      * whose receiver never pulls) is dropped by a forced close: UCX 1.13
      * aborted the process in a graceful one (ucp_ep.c:437, the endpoint's
      * proto_reqs not empty at its local disconnect; a killed tag_send's
-     * endpoint closed after its peer's close, 2 runs in 8). */
-    return ep_close(w, e, e->state == EP_FAILED || busy, slot, gen);
+     * endpoint closed after its peer's close, 2 runs in 8).  So is a pull
+     * still in flight, its task gone (see pl_ucx_ep_drained). */
+    return ep_close(w, e, e->state == EP_FAILED || busy || w->pulls > 0, slot, gen);
 }
 
 /* Close forcefully with nobody waiting: a connection that never came up,

@@ -62,13 +62,16 @@ struct ucx_op {
     int32_t status;
     size_t length;
     uint64_t sender_tag;
-    int ep;                 /* endpoint it runs on, -1, or UCX_OP_EP_CLOSE */
+    int ep;                 /* endpoint it runs on, -1, UCX_OP_EP_CLOSE or UCX_OP_PULL */
     struct pl_ucx_worker *w;
     uint32_t next_free;
 };
 
 /* The ep of an op that closes an endpoint (its entry is gone by then). */
 #define UCX_OP_EP_CLOSE (-2)
+/* The ep of an AM rendezvous pull (pl_ucx_msg_recv): it runs on the
+ * endpoint the message came on, which is not known (see w->pulls). */
+#define UCX_OP_PULL (-3)
 
 /* EP_CLOSING: a graceful close waits for the endpoint's operations (a
  * flush) before it closes it in UCX; new operations are refused.
@@ -200,6 +203,7 @@ struct pl_ucx_worker {
     uint32_t free_op, nops, in_flight;
     uint32_t abandoned_settled;     /* abandoned ops freed so far (wraps) */
     uint32_t passive_in_flight;     /* of in_flight: tag receives */
+    uint32_t pulls;         /* of in_flight: AM rendezvous pulls, abandoned ones too */
     uint32_t closers;       /* endpoints whose close waits for their ops */
     uint32_t reap;          /* dropped endpoints that failed since, or aborts due (ucx_eps_reap) */
     uint32_t aborting;      /* entries in EP_ABORTING */
