@@ -386,31 +386,42 @@ describe("pluvio.sleep", function()
         assert.is_true(t:join() >= 0.02)
     end))
 
-    it("keeps a parked task small: no call into C deep in its frames", async(function()
+    it("keeps a parked task small: no call into C deep in its frames", function()
         -- A call into C (coroutine.running, an FFI call the JIT left to the
         -- interpreter) made deep in a task doubles its coroutine's stack for
-        -- good: 1370 bytes per parked task where 930 are enough.
-        local n = 2000
-        local box = pluvio.channel(1)
-        local waits = {
-            function() pluvio.sleep(30) end,
-            function() pluvio.suspend("parked") end,
-            function() box:recv() end,
-        }
-        for _, wait in ipairs(waits) do
-            collectgarbage()
-            collectgarbage()
-            local before = collectgarbage("count")
-            local tasks = {}
-            for i = 1, n do tasks[i] = pluvio.spawn(wait) end
-            pluvio.yield()
-            collectgarbage()
-            collectgarbage()
-            local per_task = (collectgarbage("count") - before) * 1024 / n
-            for i = 1, n do tasks[i]:kill() end
-            assert.is_true(per_task < 1100, ("%.0f bytes per parked task"):format(per_task))
+        -- good: 1370 bytes per parked task where 930 are enough.  Measured
+        -- in a fresh host: in the specs' own process, what earlier specs
+        -- left to the JIT (traces flushed, functions blacklisted) decides
+        -- what runs interpreted, and one ASan run of 20 measured 1378.
+        local status, out, err = helper.run_script([[
+            local n = 2000
+            local box = pluvio.channel(1)
+            local waits = {
+                function() pluvio.sleep(30) end,
+                function() pluvio.suspend("parked") end,
+                function() box:recv() end,
+            }
+            for _, wait in ipairs(waits) do
+                collectgarbage()
+                collectgarbage()
+                local before = collectgarbage("count")
+                local tasks = {}
+                for i = 1, n do tasks[i] = pluvio.spawn(wait) end
+                pluvio.yield()
+                collectgarbage()
+                collectgarbage()
+                print(("%.0f"):format((collectgarbage("count") - before) * 1024 / n))
+                for i = 1, n do tasks[i]:kill() end
+            end
+        ]])
+        assert.equal(0, status, err)
+        local sizes = {}
+        for size in out:gmatch("%d+") do sizes[#sizes + 1] = tonumber(size) end
+        assert.equal(3, #sizes, out)
+        for i, size in ipairs(sizes) do
+            assert.is_true(size < 1100, ("wait %d: %d bytes per parked task"):format(i, size))
         end
-    end))
+    end)
 
     it("sleeps at least the time asked and wakes promptly", async(function()
         local t0 = pluvio.now()
