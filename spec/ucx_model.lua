@@ -67,11 +67,15 @@
 -- killed senders and sends under pluvio.timeout
 -- (PLUVIO_UCX_KILL_SENDERS), and sends on a connection whose other side
 -- began to close (PLUVIO_UCX_BROKEN_SENDS).  With all four on, 2,400
--- seeds passed here, but one run of seeds 1-100 in CI had UCX 1.13 end
--- the process (seed 59: ucs_fatal in ucp_request_send_state_ff, a tcp
--- endpoint failing in pl_ucx_worker_close's progress, purging a send
--- still pending on it), not reproduced in 10 local runs of the same
--- seeds since: open.
+-- seeds passed here, but seed 59 (mixed pairs off) has UCX 1.13 abort
+-- the process in 1 run of 10 to 20 under load (one CI run, two of 18 runs
+-- of 1-100 two at a time, one of 60 runs of 59 alone): at the end, in a
+-- worker's close, its progress sees a tcp connect refused (UCX logs
+-- "connect(...) failed: Connection refused": the other worker is gone),
+-- fails that endpoint and asserts on a wireup message still pending on it
+-- (ucp_request.c:684, `req->send.wireup.type == UCP_WIREUP_MSG_EP_REMOVED
+-- ...').  Its one connection is a connect_addr with peer_errors whose
+-- eager sends never completed before their senders were killed: open.
 -- Found with them: UCX 1.13 aborting
 -- the process (ucp_ep.c:437, `ucs_hlist_is_empty(...proto_reqs)') when
 -- an endpoint was closed gracefully with a killed task's rendezvous send
