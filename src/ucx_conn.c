@@ -249,10 +249,12 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
     if (st != UCS_OK)
         return pl_ucx_errno(st);
     h = ucx_ep_add(w, ep, true, "worker address");
-    if (h < 0)
+    if (h < 0) {
         ucp_ep_destroy(ep);
-    else
+    } else {
         ucx_ep_get(w, h)->p2p_peer = peer_errors != 0;
+        w->addr_connected = true;
+    }
     return h;
 }
 

@@ -186,6 +186,7 @@ struct pl_ucx_worker {
     pl_runtime_t *rt;       /* runtime of the reactor progressing it */
     struct pl_ucx_reactor *reactor;     /* progressing it, or NULL */
     bool address_shared;    /* anyone holding address() may send to it */
+    bool addr_connected;    /* it made an endpoint by connect_addr (worker_quiesce) */
     int8_t addr_layout;     /* address_extent reads this UCX's addresses: 1, not: -1, not known yet: 0 */
     bool watched;           /* its event fd is in the reactor's epoll set */
     uint32_t polls_awake;   /* reactor polls since it was last armed (ucx_poll) */
