@@ -1085,7 +1085,8 @@ function M.run(seed)
     local S = {
         rng = rng, seed = seed, step = 0, events = {}, nevents = 0, tasks = {}, workers = {}, conns = {},
         listeners = {}, stuck_pulls = {}, socket_pairs = {}, sending = setmetatable({}, { __mode = "k" }),
-        timed_wait = setmetatable({}, { __mode = "k" }), pulling = setmetatable({}, { __mode = "k" }), flows = {}, flow_list = {}, addr_pairs = {}, nreaders = 0, nsenders = 0, nlisteners = 0,
+        timed_wait = setmetatable({}, { __mode = "k" }), pulling = setmetatable({}, { __mode = "k" }),
+        flows = {}, flow_list = {}, addr_pairs = {}, nreaders = 0, nsenders = 0, nlisteners = 0,
         nworkers = 1 + rng(2), steps = 20 + rng(80), max_conns = 1 + rng(5), max_senders = 1 + rng(5),
         timed = rng(3) == 1,
         stats = { taken = 0, tags = 0, kills = 0, timeouts = 0, pull_failed = 0, unclaimed = 0, pull_timeouts = 0 },
