@@ -427,27 +427,15 @@ static int ep_close(pl_ucx_worker_t *w, struct ucx_ep *e, bool force, uint32_t s
     return ucx_op_result(w, op, ep_close_nbx(e->ep, &p));
 }
 
-/* Whether an operation of ours is still in UCX's hands on the endpoint:
- * one a task (or a send handle) waits for, or also one whose task gave up
- * (abandoned).  Not a hot path: endpoints close rarely. */
+/* Whether an operation of ours is still in UCX's hands on the endpoint
+ * (or, ep UCX_OP_PULL, an AM pull of the worker): one a task (or a send
+ * handle) waits for, or also one whose task gave up (abandoned).  Not a
+ * hot path: endpoints close rarely. */
 static bool ep_busy(pl_ucx_worker_t *w, int ep, bool abandoned_too)
 {
     for (uint32_t i = 0; i < w->nops; i++) {
         const struct ucx_op *op = ucx_op_get(w, i);
         if (op->ep == ep && (op->state == UOP_IN_FLIGHT || (abandoned_too && op->state == UOP_ABANDONED)))
-            return true;
-    }
-    return false;
-}
-
-/* Whether an AM pull of the worker that a task waits for is in flight
- * (see pl_ucx_ep_drained).  A scan, but only with pulls in flight, as an
- * endpoint closes. */
-static bool pull_waited(pl_ucx_worker_t *w)
-{
-    for (uint32_t i = 0; w->pulls > 0 && i < w->nops; i++) {
-        const struct ucx_op *op = ucx_op_get(w, i);
-        if (op->ep == UCX_OP_PULL && op->state == UOP_IN_FLIGHT)
             return true;
     }
     return false;
@@ -479,14 +467,20 @@ static int ep_drain(pl_ucx_worker_t *w, struct ucx_ep *e, int ep, uint32_t slot,
  * a pull of a message it brought was still reading from, and UCX does not
  * say which endpoint that is (the sender's, known only with need_reply):
  * a close with pulls still in flight after this is forced instead
- * (pl_ucx_ep_close), its own ops flushed by then.  1, or 0 with task
- * (slot, gen) recorded: the end of the last such op, or the endpoint's
- * failure, wakes it. */
+ * (pl_ucx_ep_close), its own ops flushed by then. */
+static bool ep_drained(pl_ucx_worker_t *w, const struct ucx_ep *e, int ep)
+{
+    return e->state != EP_CLOSING ||
+           (!ep_busy(w, ep, false) && (w->pulls == 0 || !ep_busy(w, UCX_OP_PULL, false)));
+}
+
+/* 1, or 0 with task (slot, gen) recorded: the end of the last op
+ * ep_drained waits for, or the endpoint's failure, wakes it. */
 int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
 {
     struct ucx_ep *e = ucx_ep_get(w, ep);
 
-    if (!e || e->state != EP_CLOSING || (!pull_waited(w) && !ep_busy(w, ep, false))) {
+    if (!e || ep_drained(w, e, ep)) {
         if (e)
             ep_drop_closer(w, e);
         return 1;
@@ -502,7 +496,7 @@ int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen)
 
 static void ep_closer_check(pl_ucx_worker_t *w, const struct ucx_ep *e, int ep)
 {
-    if (e && e->closer_waits && (e->state != EP_CLOSING || (!ep_busy(w, ep, false) && !pull_waited(w))))
+    if (e && e->closer_waits && ep_drained(w, e, ep))
         ucx_wake(w, e->closer_slot, e->closer_gen);
 }
 

@@ -434,19 +434,27 @@ local function note_failed(rt, t)
     rt.failed[t] = order
 end
 
+-- For each of a task's results r whose metatable has hook (a function
+-- of the modules whose objects hold something outside Lua: a UCX
+-- message), hook(result, arg).
+local function result_hooks(r, hook, arg)
+    for i = 2, r.n do
+        local v = r[i]
+        local mt = getmetatable(v)
+        local fn = type(mt) == "table" and rawget(mt, hook)
+        if fn then
+            fn(v, arg)
+        end
+    end
+end
+
 -- Results nobody will ever take (those of fn in a pluvio.timeout whose
 -- task was killed before it took them): what among them holds something
 -- outside Lua lets go of it (a UCX message: its data, and its rendezvous
 -- sender, else held until the worker closed), as it would have had fn
--- been killed instead.  Such objects' metatables have _result_dropped.
+-- been killed instead.
 local function drop_results(r)
-    for i = 2, r.n do
-        local mt = getmetatable(r[i])
-        local drop = type(mt) == "table" and rawget(mt, "_result_dropped")
-        if drop then
-            drop(r[i])
-        end
-    end
+    result_hooks(r, "_result_dropped")
 end
 
 -- A task ended (returned, raised, or was killed): free its slot, run its
@@ -584,18 +592,9 @@ end
 -- is me's from now on, released if me is killed or fails as if me had
 -- taken it (a UCX message fn took: else its end, "done", released nothing
 -- and the message stayed held, its rendezvous sender waiting, until the
--- worker closed).  Such objects' metatables have _result_taken.
+-- worker closed).
 local function hand_results(r, me)
-    for i = 2, r.n do
-        local v = r[i]
-        if type(v) == "table" then
-            local mt = getmetatable(v)
-            local take = type(mt) == "table" and rawget(mt, "_result_taken")
-            if take then
-                take(v, me)
-            end
-        end
-    end
+    result_hooks(r, "_result_taken", me)
 end
 
 local function results_of(t, me)
