@@ -19,6 +19,9 @@ Channel.__index = Channel
 M.Channel = Channel
 
 local MAX_CAPACITY = 2 ^ 31
+-- The wait argument of a recv_any (a channel's own waits carry its
+-- capacity): a wake-up from a channel it is queued on matches only that.
+local ANY_ARG = -1
 
 local function new_channel(capacity, level)
     if type(capacity) == "nil" then     -- (not == nil: a NULL pointer equals nil)
@@ -65,9 +68,15 @@ local function wake_first(ch, q, head, kind)
     while t do
         q[head] = nil
         head = head + 1
-        if t.live and t.parked_on == ch then
-            t.parked_on = nil
-            if C.pl_task_wake_waiting(t.rt.crt, t.slot, t.gen, kind, ch.cap) == 1 then
+        local mark = t.parked_on
+        if t.live and (mark == ch or mark ~= nil and rawget(mark, ch)) then
+            local arg = ch.cap
+            if mark == ch then
+                t.parked_on = nil
+            else    -- a recv_any: queued on its other channels until it runs
+                arg = ANY_ARG
+            end
+            if C.pl_task_wake_waiting(t.rt.crt, t.slot, t.gen, kind, arg) == 1 then
                 t.baton = ch      -- if t dies before it runs, it passes the wake on
                 if t.rt == now then
                     now.turns[t] = true     -- (passed on if now stops running first)
@@ -80,12 +89,14 @@ local function wake_first(ch, q, head, kind)
     return head
 end
 
-local function wake_all(q, head)
+local function wake_all(ch, q, head)
     local t = q[head]
     while t do
         q[head] = nil
         head = head + 1
-        t.parked_on = nil
+        if t.parked_on == ch then   -- (a recv_any's mark stays: it leaves its other queues itself)
+            t.parked_on = nil
+        end
         wake(t)
         t = q[head]
     end
@@ -244,8 +255,8 @@ function Channel:close()
         return false
     end
     self.closed = true
-    self.recv_head = wake_all(self.recvq, self.recv_head)
-    self.send_head = wake_all(self.sendq, self.send_head)
+    self.recv_head = wake_all(self, self.recvq, self.recv_head)
+    self.send_head = wake_all(self, self.sendq, self.send_head)
     return true
 end
 
@@ -285,6 +296,102 @@ end
 function Channel:_leave(t)
     self.recv_head, self.recv_tail = leave(self.recvq, self.recv_head, self.recv_tail, t)
     self.send_head, self.send_tail = leave(self.sendq, self.send_head, self.send_tail, t)
+end
+
+-- recv_any: a task waiting on several channels at once is queued with the
+-- receivers of each, marked with the set of them (t.parked_on): its
+-- channels in argument order, and each channel as a key.  A wake-up from
+-- one of them leaves the task queued on the others until it runs: then it
+-- leaves them all (and queues again if it must wait on).
+local AnyWait = {}
+AnyWait.__index = AnyWait
+
+function AnyWait:_leave(t)
+    for i = 1, #self do
+        self[i]:_leave(t)
+    end
+end
+
+function AnyWait:describe()
+    local parts = {}
+    for i = 1, #self do
+        parts[i] = self[i]:describe()
+    end
+    return "recv_any of " .. table.concat(parts, ", ")
+end
+
+-- The first channel of chans (1..n) with a value; 0 when every one is
+-- closed and drained; nil when the caller must wait.
+local function first_ready(chans, n)
+    local open = false
+    for i = 1, n do
+        local ch = chans[i]
+        if ch.count > 0 then
+            return i
+        end
+        open = open or not ch.closed
+    end
+    if not open then
+        return 0
+    end
+end
+
+-- recv_any(ch1, ch2, ...): the oldest value of the first channel, in
+-- argument order, that has one, as i, value.  A closed and drained channel
+-- is passed over (else a loop over channels that end one by one would spin
+-- on the first to end); nil, "closed" once they all are.  Parks while every
+-- channel is empty.  level: for errors, the user's frame seen from here.
+function M._recv_any(level, ...)
+    local n = select("#", ...)
+    if n == 0 then
+        error("pluvio.recv_any: give at least one channel", level)
+    end
+    local chans = { ... }
+    for i = 1, n do
+        local ch = chans[i]
+        if getmetatable(ch) ~= Channel then
+            error(format("pluvio.recv_any: argument %d must be a channel (got %s)", i, check.show(ch)), level)
+        end
+        for k = 1, i - 1 do
+            if chans[k] == ch then
+                error(format("pluvio.recv_any: argument %d is the same channel as argument %d", i, k), level)
+            end
+        end
+    end
+    local i = first_ready(chans, n)
+    if not i then
+        local t = running_task("pluvio.recv_any")
+        local set = setmetatable(chans, AnyWait)
+        for k = 1, n do
+            set[chans[k]] = true
+        end
+        repeat
+            leave_queue(t)          -- (all of them: a wake-up took it out of one)
+            t.parked_on = set
+            for k = 1, n do
+                local ch = chans[k]
+                if not ch.closed then   -- (a closed one gets no more values)
+                    ch.recv_tail = ch.recv_tail + 1
+                    ch.recvq[ch.recv_tail] = t
+                end
+            end
+            park(t, WAIT.CHANNEL_RECV, ANY_ARG, set, "pluvio.recv_any")
+            local woken_by = t.baton
+            take_turn(t)
+            i = first_ready(chans, n)
+            -- woken by a channel that still holds a value, but taking one of
+            -- an earlier channel: the turn goes on to its next receiver
+            if woken_by and i and woken_by ~= chans[i] and woken_by.count > 0 then
+                woken_by.recv_head = wake_first(woken_by, woken_by.recvq, woken_by.recv_head,
+                                                WAIT.CHANNEL_RECV)
+            end
+        until i
+        leave_queue(t)
+    end
+    if i == 0 then
+        return nil, "closed"
+    end
+    return i, take(chans[i])
 end
 
 function Channel:len()

@@ -310,6 +310,13 @@ function M.channel(capacity)
     return ch
 end
 
+-- pluvio.recv_any(ch1, ch2, ...): a value from whichever channel has one
+-- first (pluvio/channel.lua).
+function M.recv_any(...)
+    local i, v, err = require("pluvio.channel")._recv_any(3, ...)
+    return i, v, err
+end
+
 -- pluvio.require(name): require, for a module whose top level waits (the
 -- host's global require; see pluvio/loader.lua).
 M.require = require("pluvio.loader").new(M)
