@@ -6,6 +6,41 @@ local helper = require "helper"
 local async = helper.async
 
 describe("sockets and runtimes", function()
+    it("stay open after their run when a task that run left parked still receives on them", function()
+        -- (the receive holds the socket's number, not the socket: closed at
+        -- once, the number went to the next socket made, and the receive,
+        -- submitted when the runtime ran again, read that socket's bytes)
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
+        local l, c, s, u, parked
+        rt:block_on(function()
+            l = assert(uring.tcp_listen("127.0.0.1", 0))
+            local srv = pluvio.spawn(function() return assert(l:accept()) end)
+            c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+            s = srv:join()
+            u = assert(uring.udp_bind("127.0.0.1", 0))
+            parked = {
+                pluvio.spawn(function() return s:recv(100) end),
+                pluvio.spawn(function() return u:recv_from(100) end),
+                pluvio.spawn(function() return l:accept() end),
+            }
+            pluvio.yield()
+        end)
+        for i, sock in ipairs({ s, u, l }) do
+            assert.equal("waiting", parked[i]:status())
+            local fname = ({ "TcpSocket:close", "UdpSocket:close", "TcpListener:close" })[i]
+            assert.has_error(function() sock:close() end, fname .. ": a task of the runtime " .. sock.name ..
+                " was opened in still has an operation on it (that task was left parked when the runtime " ..
+                "stopped running): close it in that runtime, or kill that task first")
+        end
+        rt:run(function()           -- at home: the parked tasks' ops are cancelled, the sockets closed
+            assert.is_true(s:close() and u:close() and l:close() and c:close())
+            for i = 1, 3 do
+                assert.is_nil(parked[i]:join())
+            end
+        end)
+    end)
+
     it("refuse to be used from another runtime than their own, whose ring has their ops", function()
         local rt = pluvio.Runtime.new()
         rt:register_reactor("io_uring", uring.reactor())

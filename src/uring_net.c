@@ -189,12 +189,28 @@ int pl_net_nodelay(int fd)
     return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0 ? -errno : 0;
 }
 
+/* An op on socket fd, which the op records (not the op's to close): a
+ * close of the socket while the op is still the kernel's, or still waits
+ * for its submit, then sees it (uring_fd_busy, uring_fd_closing).  Without
+ * it a close after the run ended closed the number at once, and the parked
+ * recv, submitted when the runtime ran again, read whatever socket had
+ * been given that number meanwhile. */
+static int start_on_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd,
+                           struct io_uring_sqe **sqe_out)
+{
+    return uring_op_begin(u, slot, gen, OP_OTHER, fd, 0, 0, sqe_out);
+}
+
 int pl_uring_accept(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
 {
-    START_OTHER({
-        io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
-        uring_op(u, (uint32_t)i)->fd_owner = FD_RESULT;
-    });
+    struct io_uring_sqe *sqe;
+    int i = start_on_socket(u, slot, gen, fd, &sqe);
+
+    if (i < 0)
+        return i;
+    io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+    uring_op(u, (uint32_t)i)->fd_owner = FD_RESULT;
+    return uring_op_queue(u, (uint32_t)i, sqe);
 }
 
 /* A socket for addr in *fd_out (the caller closes it on failure) and the
@@ -236,7 +252,13 @@ int pl_uring_send(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const void
 
 int pl_uring_recv(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *buf, uint32_t len)
 {
-    START_OTHER(io_uring_prep_recv(sqe, fd, buf, len, 0));
+    struct io_uring_sqe *sqe;
+    int i = start_on_socket(u, slot, gen, fd, &sqe);
+
+    if (i < 0)
+        return i;
+    io_uring_prep_recv(sqe, fd, buf, len, 0);
+    return uring_op_queue(u, (uint32_t)i, sqe);
 }
 
 int pl_uring_sock_shutdown(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int how)
@@ -252,7 +274,7 @@ int pl_uring_sendto(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, const vo
 {
     struct io_uring_sqe *sqe;
     struct uring_op *op;
-    int i = uring_start_other(u, slot, gen, &sqe);
+    int i = start_on_socket(u, slot, gen, fd, &sqe);
 
     if (i < 0)
         return i;
@@ -271,7 +293,7 @@ int pl_uring_recvfrom(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, void *
 {
     struct io_uring_sqe *sqe;
     struct uring_op *op;
-    int i = uring_start_other(u, slot, gen, &sqe);
+    int i = start_on_socket(u, slot, gen, fd, &sqe);
 
     if (i < 0)
         return i;
