@@ -16,6 +16,8 @@ ffi.cdef [[
 int getpid(void);
 long send(int fd, const void *buf, size_t n, int flags);
 int connect(int fd, const void *addr, unsigned len);
+int socket(int domain, int type, int protocol);
+long recv(int fd, void *buf, size_t n, int flags);
 ]]
 
 describe("sockets over io_uring", function()
@@ -571,6 +573,25 @@ describe("sockets over io_uring", function()
         assert.same({ nil, "closed", "EOF" }, { pluvio.timeout(10, s.recv, s, 10) })
         s:close()
         l:close()
+    end))
+
+    it("closes the connection a killed accept took when the task closing the listener is killed too",
+       async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local acceptor = pluvio.spawn(function() return l:accept() end)
+        pluvio.sleep(0.001)             -- it parks in accept, submitted
+        local client = ffi.C.socket(2, 1, 0)     -- a client by connect(2): the accept ends, nobody reaps it
+        local to = ffi.new("uint8_t[16]", 2, 0, bit.rshift(l:port(), 8), bit.band(l:port(), 255), 127, 0, 0, 1)
+        assert.equal(0, ffi.C.connect(client, to, 16))
+        acceptor:kill()                 -- its accept is kept on the listener, for the next accept
+        assert.equal(1, l.rescues and #l.rescues)
+        local closer = pluvio.spawn(function() return l:close() end)
+        pluvio.yield()                  -- it parks in close
+        closer:kill()
+        pluvio.sleep(0.05)
+        local buf = ffi.new("char[8]")
+        assert.equal(0, tonumber(ffi.C.recv(client, buf, 8, 0x40)))    -- EOF: the connection was closed
+        helper.libc.close(client)
     end))
 
     it("wakes a task waiting in accept when the listener is closed, also on a ring of one entry", function()

@@ -370,8 +370,11 @@ function M.install(U)
             return failed("close", obj, op)
         end
         forget_fd(obj)
-        local rc = run_op(r, t, op, obj)
+        -- before the wait: a closer killed there never came back to drop
+        -- them, and a listener's connection an accept had taken stayed open
+        -- (the close's cancel ends the ops; dropped, they close what they get)
         drop_rescues(obj, r)
+        local rc = run_op(r, t, op, obj)
         if rc < 0 then
             return failed("close", obj, rc)
         end
