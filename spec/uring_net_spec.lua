@@ -6,6 +6,24 @@ local helper = require "helper"
 local async = helper.async
 
 describe("sockets and runtimes", function()
+    it("refuse a send from a plain coroutine that would wait for a killed send's end", async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local acc = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = acc:join()
+        local sender = pluvio.spawn(function() return c:send(("b"):rep(32 * 1048576)) end)
+        pluvio.sleep(0.02)              -- it parks: the peer does not read
+        local t = pluvio.spawn(function()
+            sender:kill()               -- its send is kept on the socket until the kernel says how much went
+            local co = coroutine.create(function() return c:send("x") end)
+            return coroutine.resume(co)
+        end)
+        local ok, err = t:join()
+        assert.is_false(ok)
+        assert.matches("TcpSocket:send: called from a coroutine that is not a pluvio task", err, 1, true)
+        c:close(); s:close(); l:close()
+    end))
+
     it("stay open after their run when a task that run left parked still receives on them", function()
         -- (the receive holds the socket's number, not the socket: closed at
         -- once, the number went to the next socket made, and the receive,

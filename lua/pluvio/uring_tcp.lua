@@ -236,6 +236,7 @@ function M.install(U)
     -- other, whole, in the order they were called.
     local function send(self, t, r, data)
         if has_rescues(self) then   -- a killed send among them: how much went out?
+            current_task("TcpSocket:send", 1)  -- (it may wait: a plain coroutine raises here, see API.md)
             take_rescues(self, t, r, "TcpSocket:send")
         end
         if self.fd < 0 then         -- another task closed it meanwhile
