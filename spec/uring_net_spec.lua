@@ -6,6 +6,22 @@ local helper = require "helper"
 local async = helper.async
 
 describe("sockets and runtimes", function()
+    it("refuse to bind a host that stands for the wildcard address without naming it", async(function()
+        -- (getaddrinfo takes "0" as 0.0.0.0: a port in the host's place listened on every interface)
+        for _, host in ipairs({ "0", "00", "0x0", "0.0" }) do
+            for _, call in ipairs({ { uring.tcp_listen, "listen on " }, { uring.udp_bind, "bind " } }) do
+                local sock, err, code = call[1](host, 0)
+                assert.is_nil(sock)
+                assert.equal(call[2] .. host .. ':0: host "' .. host .. '" stands for the wildcard address ' ..
+                             '(every interface) without naming it; write "0.0.0.0" or "::" to mean every ' ..
+                             'interface', err)
+                assert.equal("EINVAL", code)
+            end
+        end
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))     -- a named address binds as before
+        l:close()
+    end))
+
     it("refuse a send from a plain coroutine that would wait for a killed send's end", async(function()
         local l = assert(uring.tcp_listen("127.0.0.1", 0))
         local acc = pluvio.spawn(function() return assert(l:accept()) end)

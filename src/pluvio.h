@@ -407,6 +407,9 @@ typedef struct pl_net_addr {
  * (4 or 6; 0 takes both, 6 takes IPv4-mapped ones when there is no IPv6
  * address).  udp 0 for stream sockets, 1 for datagram sockets. */
 int pl_net_resolve(const char *host, int port, int udp, int family, pl_net_addr_t *out, int cap);
+/* 1 if addr, resolved from host, is the wildcard address but host is not a
+ * numeric address ("0", "0x0", a name): binding refuses it. */
+int pl_net_unasked_wildcard(const char *host, const pl_net_addr_t *addr);
 /* An address as "host:port" or "[v6]:port". */
 void pl_net_addr_text(const pl_net_addr_t *addr, char *out, int cap);
 int pl_net_tcp_listen(const pl_net_addr_t *addr, int backlog);

@@ -85,6 +85,28 @@ static const struct sockaddr *net_sockaddr(const pl_net_addr_t *addr)
     return (const struct sockaddr *)addr->storage;
 }
 
+/* Is addr, which host resolved to, the wildcard address without host
+ * spelling one out?  getaddrinfo takes inet_aton's short forms, so "0",
+ * "0x0" and "0.0" are 0.0.0.0: a port or a count in the wrong place would
+ * listen on every interface.  Only a full numeric address (inet_pton's) is
+ * taken as asking for the wildcard. */
+int pl_net_unasked_wildcard(const char *host, const pl_net_addr_t *addr)
+{
+    const struct sockaddr *sa = net_sockaddr(addr);
+    unsigned char bin[sizeof(struct in6_addr)];
+    bool any;
+
+    if (sa->sa_family == AF_INET)
+        any = ((const struct sockaddr_in *)(const void *)sa)->sin_addr.s_addr == htonl(INADDR_ANY);
+    else if (sa->sa_family == AF_INET6)
+        any = IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr);
+    else
+        any = false;
+    if (!any)
+        return 0;
+    return inet_pton(AF_INET, host, bin) == 1 || inet_pton(AF_INET6, host, bin) == 1 ? 0 : 1;
+}
+
 static int bound_socket(const pl_net_addr_t *addr, int socktype)
 {
     int one = 1, fd = socket(net_sockaddr(addr)->sa_family, socktype | SOCK_CLOEXEC, 0);

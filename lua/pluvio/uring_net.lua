@@ -108,10 +108,17 @@ function M.install(U)
     UdpSocket.__index = UdpSocket
     U.UdpSocket = UdpSocket
 
+    local WILDCARD = "wildcard"     -- (bind_addr's refusal of a short form of 0.0.0.0)
+
     -- nil, message, errno name[, bytes done before the error]
     -- A failure naming host:port (note: which of its addresses, when it has
     -- several); ENXIO is the lookup's own (uring_net.c).
     local function host_failed(what, host, port, rc, note)
+        if rc == WILDCARD then
+            return nil, format("%s %s: host %s stands for the wildcard address (every interface) " ..
+                               "without naming it; write \"0.0.0.0\" or \"::\" to mean every interface", what,
+                               host_port(host, port), check.show(host)), "EINVAL"
+        end
         if rc == ENXIO then
             return nil, format("%s %s: cannot resolve host %s (names are looked up with " ..
                                "getaddrinfo: a numeric address or one from /etc/hosts)", what,
@@ -127,6 +134,9 @@ function M.install(U)
         local n = C.pl_net_resolve(host, port, udp, 0, addrs, 1)
         if n < 0 then
             return nil, n
+        end
+        if C.pl_net_unasked_wildcard(host, addrs[0]) == 1 then
+            return nil, WILDCARD
         end
         return addrs[0], n
     end
