@@ -169,11 +169,19 @@ describe("IoUringReactor", function()
     end)
 
     it("says which option to lower when the buffer pool cannot be registered", function()
-        with_reactor({ buffer_size = 1073741824, buffer_count = 65536 }, function(r)
+        with_reactor({ buffer_size = 1073741824, buffer_count = 16384 }, function(r)
             local ok, err = pcall(r.acquire_buffer, r)
             assert.is_false(ok)
-            assert.matches("cannot register 65536 buffers of 1073741824 bytes: ENOMEM", err)
+            assert.matches("cannot register 16384 buffers of 1073741824 bytes: ENOMEM", err)
             assert.matches("lower buffer_count or buffer_size", err)
+        end)
+    end)
+
+    it("refuses more buffers than io_uring registers (16384) when it is made, not at the first acquire", function()
+        assert.has_error(function() uring.reactor { buffer_count = 16385 } end,
+            "uring.reactor: buffer_count must be an integer from 0 to 16384 (got 16385)")
+        with_reactor({ buffer_size = 4096, buffer_count = 16384 }, function(r)
+            r:acquire_buffer():release()
         end)
     end)
 
