@@ -136,6 +136,11 @@ describe("readv and writev", function()
             "File:writev: lens[1] must be an integer from 0 to 3, the size of part 1 (got 4)")
         assert.has_error(function() f:writev(0, { "abc" }, 3) end,
             "File:writev: lens must be nil or a list of byte counts (got 3)")
+        -- (a count beyond the parts was ignored: a part left out of the list went unnoticed)
+        assert.has_error(function() f:writev(0, { "abc", "def" }, { 3, 3, 5 }) end,
+            "File:writev: lens has 3 entries for 2 parts (one byte count per part)")
+        assert.has_error(function() f:readv(0, { a }, { 2, 4096 }) end,
+            "File:readv: lens has 2 entries for 1 part (one byte count per part)")
         assert.has_error(function() f:writev(-1, { "abc" }) end,
             "File:writev: offset must be an integer >= 0 (got -1)")
         -- errors name the caller's line, not the library's

@@ -398,6 +398,10 @@ function M.install(U)
         if type(lens) ~= "nil" and type(lens) ~= "table" then
             error(format("%s: lens must be nil or a list of byte counts (got %s)", fname, check.show(lens)), 3)
         end
+        if lens and table.maxn(lens) > n then  -- (a count for a part left out of the list)
+            error(format("%s: lens has %d entries for %d part%s (one byte count per part)", fname,
+                         table.maxn(lens), n, n == 1 and "" or "s"), 3)
+        end
         local iov, total = r.iov, 0
         local keep              -- the strings among the parts (they must outlive a killed op;
                                 -- a registered buffer's memory is C's, counted in use by C)
