@@ -205,6 +205,17 @@ describe("File and DmaFile", function()
         uring.unlink(path)
     end))
 
+    it("gives the O_DIRECT hint with EINVAL only for operations that move data", async(function()
+        local path = file_with(("q"):rep(8192))
+        local f = assert(uring.DmaFile.open(path, "r"))
+        local ok, err, code = f:truncate(0)         -- a read-only file: EINVAL, nothing to do with alignment
+        assert.is_nil(ok)
+        assert.equal("EINVAL", code)
+        assert.equal("truncate " .. path .. ": EINVAL: Invalid argument", err)
+        f:close()
+        uring.unlink(path)
+    end))
+
     it("does not continue a short O_DIRECT read at an unaligned offset, which is end of file", async(function()
         -- the rest would start at offset 5000 into buf + 5000: the kernel
         -- refuses that (EINVAL) once the file has grown meanwhile, and the

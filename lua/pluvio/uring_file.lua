@@ -83,10 +83,14 @@ function M.install(U)
                       self.fd < 0 and ", closed" or "")
     end
 
+    -- The operations that move data, whose EINVAL on an O_DIRECT file is
+    -- most likely its alignment rules (a truncate's or fallocate's is not).
+    local MOVES_DATA = { read = true, write = true, readv = true, writev = true }
+
     -- The message of a failed operation: what, on which file, errno and a hint.
     local function fail(f, what, rc, detail, bytes)
         local hint = ""
-        if f.direct and rc == -22 then
+        if f.direct and rc == -22 and MOVES_DATA[what] then
             hint = format(" (O_DIRECT needs offset and length multiples of %d and memory aligned to %d on this file)",
                           f.offset_align, f.mem_align)
         elseif rc == ECANCELED and f.fd and f.fd < 0 then
