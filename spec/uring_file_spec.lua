@@ -213,6 +213,17 @@ describe("File and DmaFile", function()
         assert.equal("EINVAL", code)
         assert.equal("truncate " .. path .. ": EINVAL: Invalid argument", err)
         f:close()
+        -- opened to append, the write goes to the end of the file (100 bytes), not to offset 0
+        local w = assert(uring.File.open(path, "w"))
+        w:write(0, ("x"):rep(100))
+        w:close()
+        local a = assert(uring.DmaFile.open(path, "a"))
+        ok, err = a:write(0, ("y"):rep(512))
+        assert.is_nil(ok)
+        assert.equal("write " .. path .. " (offset 0, 512 bytes): EINVAL: Invalid argument (opened to append: " ..
+                     "a write goes to the end of the file whatever its offset, and with O_DIRECT that end " ..
+                     "must be a multiple of " .. a.offset_align .. ")", err)
+        a:close()
         uring.unlink(path)
     end))
 

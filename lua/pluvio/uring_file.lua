@@ -93,6 +93,10 @@ function M.install(U)
         if f.direct and rc == -22 and MOVES_DATA[what] then
             hint = format(" (O_DIRECT needs offset and length multiples of %d and memory aligned to %d on this file)",
                           f.offset_align, f.mem_align)
+            if f.append and what:find("^write") then    -- (the offset checked was not the one used)
+                hint = format(" (opened to append: a write goes to the end of the file whatever its offset, " ..
+                              "and with O_DIRECT that end must be a multiple of %d)", f.offset_align)
+            end
         elseif rc == ECANCELED and f.fd and f.fd < 0 then
             hint = " (the file was closed)"
         end
@@ -234,6 +238,7 @@ function M.install(U)
             return nil, msg .. hint, code
         end
         local f = wrap_fd(cls, r, fd, path, direct)
+        f.append = mode:find("a", 1, true) ~= nil or nil
         f.guard = close_guard(fd)
         t:_own(f)               -- a kill at the statx below closes the fd
         learn_alignment(f, t)
