@@ -262,6 +262,77 @@ describe("registered buffers", function()
 end)
 
 describe("the registered-buffer path", function()
+    -- A pipe whose read end is a File, and its write end's fd.
+    local function pipe_file()
+        local fds = ffi.new("int[2]")
+        assert.equal(0, helper.libc.pipe(fds))
+        return uring.File.new(fds[0], "pipe"), fds[1]
+    end
+
+    it("are kept from their holder until a killed task's operation on them has ended", async(function()
+        local f, w = pipe_file()
+        local buf = uring.acquire_buffer()
+        buf:write("holder's bytes..")
+        -- (a task of pluvio.timeout reads into the caller's buffer and is killed)
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.01, f.read_fixed, f, buf, 0, 16) })
+        for _, use in ipairs({
+            { "Buffer:write", function() buf:write("x") end },
+            { "Buffer:fill", function() buf:fill(0) end },
+            { "Buffer:tostring", function() buf:tostring() end },
+            { "Buffer:checksum", function() buf:checksum() end },
+            { "Buffer:ptr", function() buf:ptr() end },
+            { "Buffer:fill_pattern", function() buf:fill_pattern(1, 0) end },
+        }) do
+            assert.has_error(use[2], use[1] .. ": an operation of a killed task still uses the buffer (the " ..
+                             "kernel may still write into it or read it); buf:settle() waits until it has let go")
+        end
+        assert.equal(buf, buf:settle())      -- the cancel lands: the kernel let go of it
+        buf:write("new bytes, mine!")
+        assert.equal(16, tonumber(helper.libc.write(w, "late pipe bytes!", 16)))
+        pluvio.sleep(0.01)
+        assert.equal("new bytes, mine!", buf:tostring(16))  -- not the pipe's: that read was cancelled
+        assert.equal(buf, buf:settle())      -- nothing left: at once
+        assert.equal(16, f:read_fixed(buf, 0, 16))
+        assert.equal("late pipe bytes!", buf:tostring(16))
+        buf:release()
+        f:close()
+        helper.libc.close(w)
+    end))
+
+    it("start an operation only once a killed task's operation on them has ended", async(function()
+        local f, w = pipe_file()
+        local buf = uring.acquire_buffer()
+        -- a read with a timeout, tried again at once into the same buffer
+        local function write_soon(data)
+            return pluvio.spawn(function()
+                pluvio.sleep(0.02)
+                assert.equal(#data, tonumber(helper.libc.write(w, data, #data)))
+            end)
+        end
+        local writer = write_soon("for the 2nd read")
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.01, f.read_fixed, f, buf, 0, 16) })
+        assert.equal(16, f:read_fixed(buf, 0, 16))
+        assert.equal("for the 2nd read", buf:tostring(16))
+        writer:join()
+        -- readv and an I/O queue wait as well
+        writer = write_soon("vvvv")
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.01, f.read_fixed, f, buf, 0, 4) })
+        assert.equal(4, f:readv(0, { buf }, { 4 }))
+        assert.equal("vvvv", buf:tostring(4))
+        writer:join()
+        writer = write_soon("queued..")
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.01, f.readv, f, 0, { buf }, { 8 }) })
+        local q = uring.io_queue()
+        assert.is_true(q:read_fixed(f, buf, 0, 8))
+        assert.same({ buf, 8 }, { q:wait() })
+        assert.equal("queued..", buf:tostring(8))
+        writer:join()
+        q:close()
+        buf:release()
+        f:close()
+        helper.libc.close(w)
+    end))
+
     it("makes no Lua garbage per read_fixed / write_fixed", async(function()
         local path = tmpfile()
         local f = assert(uring.File.open(path, "w+"))

@@ -22,6 +22,9 @@ const char *pl_strerror(int err)
     if (err == -PL_EOPSFULL || err == PL_EOPSFULL)
         return "too many operations in flight: an io_uring reactor holds 262144 at once, a UCX "
                "worker 65536 (let some finish first, or spread them over reactors or workers)";
+    if (err == -PL_EBUFCANCELLED || err == PL_EBUFCANCELLED)
+        return "the registered buffer is still used by an operation of a killed task, which the "
+               "kernel has not ended yet";
     return strerror(err < 0 ? -err : err);
 }
 
@@ -32,6 +35,8 @@ const char *pl_errname(int err)
         return "EBUSY";
     case PL_EOPSFULL:
         return "ENOMEM";
+    case PL_EBUFCANCELLED:
+        return "EBUSY";
 #define NAME(e) case e: return #e;
     NAME(EPERM) NAME(ENOENT) NAME(ESRCH) NAME(EINTR) NAME(EIO) NAME(ENXIO)
     NAME(E2BIG) NAME(EBADF) NAME(EAGAIN) NAME(ENOMEM) NAME(EACCES)

@@ -382,6 +382,10 @@ int pl_uring_buffer_release(pl_uring_t *u, pl_runtime_t *rt, int index);
  * died: hold keeps it out of the pool, unhold lets a pending release finish. */
 int pl_uring_buffer_hold(pl_uring_t *u, int index);
 int pl_uring_buffer_unhold(pl_uring_t *u, int index);
+/* How many abandoned ops (their task was killed) still use held buffer
+ * index: until none, the kernel may still write into it or read it, and
+ * ops started on it fail with -PL_EBUFCANCELLED. */
+int pl_uring_buffer_cancelled(pl_uring_t *u, int index);
 
 /* Scratch memory for string I/O (reads into it, the string is copied out):
  * page-aligned, not zero-filled, reserved without committing memory, so
@@ -646,6 +650,10 @@ enum { PL_ESQFULL = 4096 };
  * in flight as its op table holds (PL_URING_MAX_OPS, PL_UCX_MAX_OPS).  Not
  * an errno: pl_errname names it ENOMEM, pl_strerror gives the limits. */
 enum { PL_EOPSFULL = 4097, PL_URING_MAX_OPS = 262144, PL_UCX_MAX_OPS = 65536 };
+/* -PL_EBUFCANCELLED: an io_uring operation was asked to use a registered
+ * buffer that an operation of a killed task still uses (its cancel has not
+ * landed).  Not an errno: pl_errname names it EBUSY. */
+enum { PL_EBUFCANCELLED = 4098 };
 const char *pl_strerror(int err);
 const char *pl_errname(int err);
 const char *pl_version(void);

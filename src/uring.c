@@ -363,6 +363,8 @@ static inline int buffer_check(pl_uring_t *u, int index, const void *addr, uint3
         return 0;
     if (!uring_held_buf(u, index))
         return -EINVAL;
+    if (u->bufs[index].cancelled > 0)      /* a killed task's op still has it */
+        return -PL_EBUFCANCELLED;
     base = u->buf_mem + (size_t)index * u->opts.buffer_size;
     if ((const char *)addr < base || (const char *)addr + len > base + u->opts.buffer_size)
         return -EFAULT;
@@ -451,8 +453,12 @@ static int start_rwv(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, i
 
     if (nparts < 1 || nparts > PL_URING_IOV_MAX)
         return -EINVAL;
-    for (int p = 0; p < nparts; p++)
+    for (int p = 0; p < nparts; p++) {
+        int b = uring_buffer_index_of(u, parts[p].base, parts[p].len);
+        if (b != NO_BUF && u->bufs[b].cancelled > 0)   /* a killed task's op still has it */
+            return -PL_EBUFCANCELLED;
         total += parts[p].len;
+    }
     if (total > UINT32_MAX)
         return -EINVAL;
     i = uring_op_begin(u, slot, gen, kind, fd, (uint32_t)total, offset, &sqe);
@@ -592,9 +598,24 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
     return true;
 }
 
+/* Count op's registered buffers as used by an op nobody waits for
+ * (delta 1, when it is abandoned) or no longer (-1, when it ends). */
+void uring_op_buffers_cancelled(pl_uring_t *u, const struct uring_op *op, int delta)
+{
+    if (op->kind == OP_READV || op->kind == OP_WRITEV) {
+        for (uint32_t p = 0; p < op->iov_count; p++)
+            if (op->iov_buf[p] != NO_BUF)
+                u->bufs[op->iov_buf[p]].cancelled += (uint32_t)delta;
+    } else if (op->buf_index >= 0) {
+        u->bufs[op->buf_index].cancelled += (uint32_t)delta;
+    }
+}
+
 /* The op's buffers are no longer in the kernel's hands. */
 static void op_drop_buffer(pl_uring_t *u, struct uring_op *op)
 {
+    if (op->state == OP_ABANDONED)
+        uring_op_buffers_cancelled(u, op, -1);
     if (op->kind == OP_READV || op->kind == OP_WRITEV) {
         for (uint32_t p = 0; p < op->iov_count; p++)
             if (op->iov_buf[p] != NO_BUF)

@@ -272,6 +272,14 @@ int uring_buffer_index_of(const pl_uring_t *u, const void *addr, size_t len)
     return (int)(off / size);
 }
 
+/* How many ops whose task let go of them (killed) still use buffer index. */
+int pl_uring_buffer_cancelled(pl_uring_t *u, int index)
+{
+    const struct uring_buf *b = uring_held_buf(u, index);
+
+    return b ? (int)b->cancelled : 0;
+}
+
 /* An op (or a hold) stops using buffer index; a release that waited for
  * the last user completes now. */
 int pl_uring_buffer_hold(pl_uring_t *u, int index)

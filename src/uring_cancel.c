@@ -223,6 +223,7 @@ static void op_abandon(pl_uring_t *u, uint32_t i, bool scan)
         return;
     }
     op->state = OP_ABANDONED;
+    uring_op_buffers_cancelled(u, op, 1);
     if (op->fd_owner == FD_CLOSE) {
         if (scan)           /* out now, behind those ops: no tick may follow (a run's end) */
             pl_uring_flush(u);

@@ -106,6 +106,8 @@ struct uring_buf {
     uint8_t state;
     bool release_pending;   /* released while an abandoned op still uses it */
     uint32_t users;         /* in-flight ops using it */
+    uint32_t cancelled;     /* of those, ops nobody waits for (abandoned): the kernel may
+                             * still write into the buffer or read it, behind its holder's back */
     uint32_t next_free;
 };
 
@@ -204,6 +206,7 @@ void uring_queues_free(pl_uring_t *u);
 
 /* uring_buf.c */
 void uring_buffer_put(pl_uring_t *u, pl_runtime_t *rt, int index);
+void uring_op_buffers_cancelled(pl_uring_t *u, const struct uring_op *op, int delta);
 int uring_buffer_index_of(const pl_uring_t *u, const void *addr, size_t len);
 
 /*

@@ -28,6 +28,37 @@ local function live_buffer(fname, b)
     return b
 end
 
+-- A killed task's read_fixed or write_fixed on a buffer another task holds
+-- (a pluvio.timeout around it, say) is cancelled, but the kernel may still
+-- write into the buffer, or read it, until the cancel lands: the holder's
+-- new bytes would be overwritten, or sent half-made.  Until then the
+-- buffer's memory is refused (below) and an operation started on it waits
+-- (settle).
+local function usable(fname, b)
+    live_buffer(fname, b)
+    if C.pl_uring_buffer_cancelled(b.reactor.u, b.index) > 0 then
+        error(fname .. ": an operation of a killed task still uses the buffer (the kernel may still " ..
+              "write into it or read it); buf:settle() waits until it has let go", 3)
+    end
+    return b
+end
+
+-- Wait in the running task until no operation of a killed task uses b:
+-- a yield first (the loop submits the cancel and reaps its end), then
+-- sleeps of growing length (a read the kernel could not stop ends when the
+-- device is done with it).
+local function settle(b, fname)
+    local u, i, pause = b.reactor.u, b.index, 0
+    while C.pl_uring_buffer_cancelled(u, i) > 0 do
+        if pause == 0 then
+            current_task(fname, 2)      -- (its wait would go to a plain coroutine's resumer)
+        end
+        pluvio.sleep(pause)
+        pause = pause == 0 and 1e-4 or math.min(2 * pause, 0.01)
+    end
+end
+M.settle = settle
+
 -- Validate [off, off + len) against the buffer; defaults: off 0, len rest.
 local function span(fname, b, len, off)
     if type(off) == "nil" then      -- (not off or 0: false is no offset; nor == nil: NULL equals nil)
@@ -46,7 +77,7 @@ local function span(fname, b, len, off)
 end
 
 function Buffer:ptr()
-    live_buffer("Buffer:ptr", self)
+    usable("Buffer:ptr", self)
     return self.base
 end
 
@@ -57,7 +88,7 @@ end
 
 -- fill(byte[, len[, off]]): set bytes to byte (0-255).
 function Buffer:fill(byte, len, off)
-    live_buffer("Buffer:fill", self)
+    usable("Buffer:fill", self)
     if type(byte) ~= "number" or byte % 1 ~= 0 or byte < 0 or byte > 255 then
         error("Buffer:fill: byte must be an integer from 0 to 255 (got " .. check.show(byte) .. ")", 2)
     end
@@ -68,7 +99,7 @@ end
 
 -- write(str[, off]): copy a string into the buffer at off (default 0).
 function Buffer:write(str, off)
-    live_buffer("Buffer:write", self)
+    usable("Buffer:write", self)
     check.string("Buffer:write", "data", str)
     local _, o = span("Buffer:write", self, 0, off)
     if #str > self.len - o then     -- (span would name a length the caller never gave)
@@ -81,14 +112,14 @@ end
 
 -- tostring([len[, off]]): the bytes as a Lua string.
 function Buffer:tostring(len, off)
-    live_buffer("Buffer:tostring", self)
+    usable("Buffer:tostring", self)
     len, off = span("Buffer:tostring", self, len, off)
     return ffi_string(self.base + off, len)
 end
 
 -- checksum([len[, off]]): 64-bit checksum of the bytes, as 16 hex digits.
 function Buffer:checksum(len, off)
-    live_buffer("Buffer:checksum", self)
+    usable("Buffer:checksum", self)
     len, off = span("Buffer:checksum", self, len, off)
     return bit.tohex(C.pl_checksum64(self.base + off, len, 0), 16)
 end
@@ -96,11 +127,19 @@ end
 -- fill_pattern(seed, file_offset[, len[, off]]): bytes that depend only on
 -- seed and the file offset they will be written at (for verification).
 function Buffer:fill_pattern(seed, file_offset, len, off)
-    live_buffer("Buffer:fill_pattern", self)
+    usable("Buffer:fill_pattern", self)
     check.integer("Buffer:fill_pattern", "seed", seed, 0, 2 ^ 53)
     check.integer("Buffer:fill_pattern", "file_offset", file_offset, 0, 2 ^ 53)
     len, off = span("Buffer:fill_pattern", self, len, off)
     C.pl_fill_pattern(self.base + off, len, seed, file_offset)
+    return self
+end
+
+-- settle(): wait until no operation of a killed task uses the buffer (at
+-- once when none does); returns the buffer.
+function Buffer:settle()
+    live_buffer("Buffer:settle", self)
+    settle(self, "Buffer:settle")
     return self
 end
 

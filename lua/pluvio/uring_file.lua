@@ -34,6 +34,8 @@ function M.install(U)
     local bounce_get, bounce_put, acquire = I.bounce_get, I.bounce_put, I.acquire
     local run_ended, close_idle, close_guard, forget_fd = I.run_ended, I.close_idle, I.close_guard, I.forget_fd
     local left_busy, live_buffer, Buffer = I.left_busy, I.live_buffer, U.Buffer
+    local settle = require("pluvio.uring_buffer").settle
+    local BUF_CANCELLED = -C.PL_EBUFCANCELLED
 
     ---------------------------------------------------------------------------
     -- Files
@@ -324,7 +326,12 @@ function M.install(U)
         end
         local t = file_task(fname, self)    -- (tail-called)
         local start = write and C.pl_uring_write or C.pl_uring_read
-        local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, buf.base, len, offset, buf.index), self)
+        local op = start(r.u, t.slot, t.gen, self.fd, buf.base, len, offset, buf.index)
+        if op == BUF_CANCELLED then         -- a killed task's op still has the buffer
+            settle(buf, fname)
+            op = start(r.u, t.slot, t.gen, self.fd, buf.base, len, offset, buf.index)
+        end
+        local res, bytes = run_op(r, t, op, self)
         return fixed_result(self, write, offset, len, res, bytes)
     end
 
@@ -476,7 +483,17 @@ function M.install(U)
         local t, r = file_task(fname, self)     -- (tail-called)
         local n, total, keep = vector(fname, self, r, offset, parts, lens, write)
         local start = write and C.pl_uring_writev or C.pl_uring_readv
-        local res, bytes = run_op(r, t, start(r.u, t.slot, t.gen, self.fd, r.iov, n, offset), self, keep)
+        local op = start(r.u, t.slot, t.gen, self.fd, r.iov, n, offset)
+        while op == BUF_CANCELLED do        -- a killed task's op still has one of the buffers
+            for i = 1, n do
+                if getmetatable(parts[i]) == Buffer then
+                    settle(parts[i], fname)
+                end
+            end
+            n, total, keep = vector(fname, self, r, offset, parts, lens, write)  -- (r.iov may be another's now)
+            op = start(r.u, t.slot, t.gen, self.fd, r.iov, n, offset)
+        end
+        local res, bytes = run_op(r, t, op, self, keep)
         local what = write and "writev" or "readv"
         if res < 0 then
             return fail(self, what, res, format(" (offset %d, %d bytes in %d parts)", offset, total, n), bytes)

@@ -24,6 +24,8 @@ local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(
 local M = {}
 
 local EAGAIN, ENOENT = -11, -2
+local BUF_CANCELLED = -C.PL_EBUFCANCELLED
+local settle = require("pluvio.uring_buffer").settle
 local weak_keys = { __mode = "k" }
 
 function M.install(U)
@@ -162,6 +164,10 @@ function M.install(U)
     function IoQueue:_start(f, write, buf, offset, len, tag)
         local start = write and C.pl_uring_queue_write or C.pl_uring_queue_read
         local op = start(self.u, self.id, f.fd, buf.base, len, offset, buf.index)
+        if op == BUF_CANCELLED then         -- a killed task's op still has the buffer
+            settle(buf, write and "IoQueue:write_fixed" or "IoQueue:read_fixed")
+            op = start(self.u, self.id, f.fd, buf.base, len, offset, buf.index)
+        end
         if op < 0 then
             return fixed_result(f, write, offset, len, op)
         end
