@@ -71,6 +71,32 @@ describe("Context", function()
         assert.has_error(function() ctx:create_worker() end, "Context:create_worker: the context is closed")
     end))
 
+    it("keeps a killed sender's registered buffer from its holder until UCX is done with it", async(function()
+        -- (the holder's new bytes would go out in the rendezvous the
+        -- receiver pulls later, under the killed send's header)
+        local uring = require "pluvio.uring"
+        local p = pair()
+        local b = uring.acquire_buffer()
+        b:fill(0x61, 8)
+        local sender = pluvio.spawn(function() return p.ep:am_send(1, "h", b, false, "rndv") end)
+        while p.sw:stats().msgs_held == 0 do pluvio.sleep(0.001) end
+        sender:kill()               -- the holder is this task: b stays its own
+        assert.has_error(function() b:fill(0x62, 8) end, "Buffer:fill: an operation of a killed task still uses " ..
+                         "the buffer (the kernel may still write into it or read it); buf:settle() waits until " ..
+                         "it has let go")
+        local msg = assert(p.stream:wait_msg())
+        local settled = pluvio.spawn(function() return b:settle() end)
+        pluvio.sleep(0.01)
+        assert.is_true(settled.live)                    -- UCX still reads it: the data is not pulled yet
+        assert.equal(("a"):rep(8), msg:data():sub(1, 8))
+        msg:release()
+        assert.equal(b, settled:join())
+        b:fill(0x62, 8)
+        assert.equal("bbbbbbbb", b:tostring(8))
+        b:release()
+        close_pair(p)
+    end))
+
     it("gives a killed sender's registered buffer back to the pool when its worker is collected", async(function()
         -- the send's op kept the buffer out of the pool (UCX reads it until
         -- it completes), held in the worker's limbo; a worker collected

@@ -386,6 +386,9 @@ int pl_uring_buffer_unhold(pl_uring_t *u, int index);
  * index: until none, the kernel may still write into it or read it, and
  * ops started on it fail with -PL_EBUFCANCELLED. */
 int pl_uring_buffer_cancelled(pl_uring_t *u, int index);
+/* A hold (above) whose op nobody waits for any more counts as such a use
+ * (delta 1) until it is let go of (delta -1, which unholds it too). */
+int pl_uring_buffer_hold_cancelled(pl_uring_t *u, int index, int delta);
 
 /* Scratch memory for string I/O (reads into it, the string is copied out):
  * page-aligned, not zero-filled, reserved without committing memory, so

@@ -272,6 +272,21 @@ int uring_buffer_index_of(const pl_uring_t *u, const void *addr, size_t len)
     return (int)(off / size);
 }
 
+/* A hold of an op nobody waits for any more (its task was killed, its
+ * worker closed while UCX kept it) counts as a cancelled use (delta 1),
+ * until UCX is done with it and it is let go of (delta -1: unhold too). */
+int pl_uring_buffer_hold_cancelled(pl_uring_t *u, int index, int delta)
+{
+    struct uring_buf *b = uring_held_buf(u, index);
+
+    if (!b || b->users == 0 || (delta < 0 && b->cancelled == 0))
+        return -EINVAL;
+    b->cancelled += (uint32_t)delta;
+    if (delta < 0)
+        uring_buffer_unuse(u, index);
+    return 0;
+}
+
 /* How many ops whose task let go of them (killed) still use buffer index. */
 int pl_uring_buffer_cancelled(pl_uring_t *u, int index)
 {

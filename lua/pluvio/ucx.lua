@@ -257,7 +257,7 @@ local live_workers = setmetatable({}, { __mode = "k" })
 -- Let go of a registered buffer's hold kept in a limbo entry (hold_record).
 local function release_hold(rec)
     if rec and rec.life.open then   -- (at exit its ring may be freed already)
-        C.pl_uring_buffer_unhold(rec.u, rec.index)
+        C.pl_uring_buffer_hold_cancelled(rec.u, rec.index, -1)
     end
 end
 
@@ -455,8 +455,15 @@ end
 -- What a limbo entry keeps of a registered buffer: its hold, not the buffer
 -- object, whose owner task may lead back to the worker (the worker's
 -- finalizer refers to the limbo: it would never be collected).
+-- The op is nobody's any more: until UCX is done with it, the buffer's
+-- holder is kept from its memory, as from an io_uring op of a killed task
+-- (uring_buffer.lua: usable).
 local function hold_record(b)
-    return b and { u = b.reactor.u, index = b.index, life = b.reactor.life } or false
+    if not b then
+        return false
+    end
+    C.pl_uring_buffer_hold_cancelled(b.reactor.u, b.index, 1)
+    return { u = b.reactor.u, index = b.index, life = b.reactor.life }
 end
 
 local function kept(k)
@@ -506,6 +513,17 @@ local function limbo_sweep(w, all)
         end
     end
 end
+
+-- A task waiting in buf:settle() for UCX to be done with a buffer: only a
+-- sweep lets go of a settled op's hold, and the worker may have nothing
+-- else to do that would sweep.
+table.insert(require("pluvio.uring_buffer").sweepers, function()
+    for w in walk, live_workers do
+        if w.w and w.limbo[1] then
+            limbo_sweep(w)
+        end
+    end
+end)
 
 -- Cancel op (UCX may still finish a send: it reads the data until then);
 -- k1, k2 stay referenced, and registered buffers among them out of the

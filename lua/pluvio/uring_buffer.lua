@@ -47,6 +47,11 @@ end
 -- a yield first (the loop submits the cancel and reaps its end), then
 -- sleeps of growing length (a read the kernel could not stop ends when the
 -- device is done with it).
+-- sweepers: functions that let go of what settled ops of other engines
+-- kept (UCX's, in Lua: ucx.lua adds its own when loaded).
+local sweepers = {}
+M.sweepers = sweepers
+
 local function settle(b, fname)
     local u, i, pause = b.reactor.u, b.index, 0
     while C.pl_uring_buffer_cancelled(u, i) > 0 do
@@ -54,6 +59,9 @@ local function settle(b, fname)
             current_task(fname, 2)      -- (its wait would go to a plain coroutine's resumer)
         end
         pluvio.sleep(pause)
+        for k = 1, #sweepers do
+            sweepers[k]()
+        end
         pause = pause == 0 and 1e-4 or math.min(2 * pause, 0.01)
     end
 end
