@@ -46,7 +46,7 @@ describe("UCX", function()
         end
         local buf = uring.acquire_buffer()
         local sender = pluvio.spawn(function() return p.ep:tag_send(5, ("y"):rep(buf.len + 1)) end)
-        while p.cw:stats().tag_sent == 2 do pluvio.sleep(0.001) end
+        while p.cw:stats().ops_in_flight == 0 do pluvio.sleep(0.001) end     -- (the rendezvous send waits)
         local n, err, name = p.sw:tag_recv(5, 0xff, buf)
         assert.is_nil(n)
         assert.equal(("tag_recv: the message with tag 0x5 has %d bytes, more than the %d len_or_buf has room " ..
@@ -55,6 +55,29 @@ describe("UCX", function()
         assert.is_true(sender:join())
         buf:release()
         close_pair(p)
+    end))
+
+    it("counts in stats the tagged messages that went and came, not the receives and sends that failed",
+       async(function()
+        local ucx = require "pluvio.ucx"
+        local ctx = assert(ucx.Context.new())
+        local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+        assert.equal("ENOTCONN", select(3, server:tag_recv(5, 0xff, 16)))     -- no peer yet
+        local ep = assert(client:connect_addr(server:address()))
+        local killed = pluvio.spawn(function() return server:tag_recv(6, 0xff, 16) end)
+        pluvio.yield()
+        killed:kill()
+        assert.is_true(ep:tag_send(7, ("x"):rep(100)))
+        assert.equal("EMSGSIZE", select(3, server:tag_recv(7, 0xff, 10)))      -- too long: dropped
+        assert.equal(0, server:stats().tag_received)
+        local big = pluvio.spawn(function() return ep:tag_send(8, ("y"):rep(1048576)) end)   -- rendezvous
+        while client:stats().ops_in_flight == 0 do pluvio.sleep(0.001) end
+        assert.equal(1, client:stats().tag_sent)        -- not yet: the receiver has not pulled it
+        assert.equal(1048576, #server:tag_recv(8, 0xff, 1048576))
+        assert.is_true(big:join())
+        assert.equal(2, client:stats().tag_sent)
+        assert.equal(1, server:stats().tag_received)
+        ep:close(); client:close(); server:close(); ctx:close()
     end))
 
     it("takes 64-bit integer cdata tags and refuses other cdata, naming the argument", async(function()

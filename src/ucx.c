@@ -184,6 +184,7 @@ int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct u
     op->state = UOP_IN_FLIGHT;
     op->passive = false;
     op->orphaned = false;
+    op->sends = 0;
     op->task_slot = slot;
     op->task_gen = gen;
     op->status = 0;
@@ -247,10 +248,25 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status)
         ucx_ep_op_ended(w, ep);
 }
 
+/* A send op went out: counted in the stats (a failed one is not). */
+static void count_sent(pl_ucx_worker_t *w, const struct ucx_op *op)
+{
+    if (op->sends == UCX_SENDS_AM) {
+        w->stats.am_sent++;
+        w->stats.am_bytes_sent += (double)op->length;
+    } else if (op->sends == UCX_SENDS_TAG) {
+        w->stats.tag_sent++;
+    }
+}
+
 static void send_done(void *request, ucs_status_t status, void *user_data)
 {
+    struct ucx_op *op = user_data;
+
     (void)request;
-    ucx_op_finish(user_data, status);
+    if (status == UCS_OK)
+        count_sent(op->w, op);
+    ucx_op_finish(op, status);
 }
 
 /* Request parameters that make UCX use the op's memory and report to it. */
@@ -293,6 +309,8 @@ int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp)
         w->in_flight++;
         return (int)op->index + 1;
     }
+    if (UCS_PTR_STATUS(sp) == UCS_OK)
+        count_sent(w, op);
     ucx_op_free(w, op);
     return pl_ucx_errno(UCS_PTR_STATUS(sp));
 }

@@ -66,8 +66,8 @@ int pl_ucx_am_send(pl_ucx_worker_t *w, int ep, unsigned id, const void *header, 
         return rc;
     p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = am_flags;
-    w->stats.am_sent++;
-    w->stats.am_bytes_sent += (double)data_len;
+    op->sends = UCX_SENDS_AM;
+    op->length = data_len;
     return ucx_op_result(w, op, ucp_am_send_nbx(e->ep, id, header, header_len, data, data_len, &p));
 }
 
@@ -700,7 +700,7 @@ int pl_ucx_tag_send(pl_ucx_worker_t *w, int ep, uint64_t tag, const void *data, 
 
     if (rc < 0)
         return rc;
-    w->stats.tag_sent++;
+    op->sends = UCX_SENDS_TAG;
     return ucx_op_result(w, op, ucp_tag_send_nbx(e->ep, data, len, tag, &p));
 }
 
@@ -721,7 +721,8 @@ static void tag_recv_done(void *request, ucs_status_t status, const ucp_tag_recv
      * close's cancel reaches nobody. */
     if (status == UCS_ERR_CANCELED)
         status = UCS_ERR_NOT_CONNECTED;
-    op->w->stats.tag_received++;
+    if (status == UCS_OK)   /* (not a receive that failed: no message, or one too long) */
+        op->w->stats.tag_received++;
     ucx_op_finish(op, status);
 }
 

@@ -58,6 +58,8 @@ struct ucx_op {
     uint8_t state;
     bool passive;           /* waits for a peer (tag receive): needs no progress of ours */
     bool orphaned;          /* a tag receive cancelled as no peer was left: ENOTCONN */
+    uint8_t sends;          /* a send the stats count once it succeeds: UCX_SENDS_AM, _TAG or 0;
+                             * its bytes wait in length */
     uint32_t task_slot, task_gen;
     int32_t status;
     size_t length;
@@ -66,6 +68,8 @@ struct ucx_op {
     struct pl_ucx_worker *w;
     uint32_t next_free;
 };
+
+enum { UCX_SENDS_AM = 1, UCX_SENDS_TAG = 2 };
 
 /* The ep of an op that closes an endpoint (its entry is gone by then). */
 #define UCX_OP_EP_CLOSE (-2)
