@@ -679,7 +679,8 @@ local function in_netns(hosts, code)
     local status, out, err
     status, _, err = helper.sh("ip netns add " .. ns)
     if status == 0 then
-        status, out, err = helper.sh(inside("ip link set lo up && ip addr add fd00:706c::1/128 dev lo"))
+        status, out, err = helper.sh(inside("ip link set lo up && ip addr add fd00:706c::1/128 dev lo && " ..
+                                           "ip addr add fe80::1/64 dev lo nodad"))
         if status == 0 then
             status, out, err = helper.sh(inside(q(helper.host) .. " " .. q(script)))
         else
@@ -706,6 +707,25 @@ local function netns_output(hosts, code)
     assert.equal(0, status)
     return out
 end
+
+describe("link-local IPv6 addresses", function()
+    it("keep their interface in the addresses sockets give, so that a reply finds its way", function()
+        local out = netns_output("", [[
+local uring = require "pluvio.uring"
+local a = assert(uring.udp_bind("fe80::1%lo", 0))
+local b = assert(uring.udp_bind("fe80::1%lo", 0))
+print((a:address():gsub(":%d+$", "")))
+assert(b:send_to("hi", "fe80::1%lo", a:port()))
+local data, host, port = a:recv_from(10)
+print(data, host, port == b:port())
+assert(a:send_to("back", host, port))       -- (without its zone the reply had no interface to go out on)
+print((b:recv_from(10)))
+a:close(); b:close()
+]])
+        if not out then return end
+        assert.equal("[fe80::1%lo]\nhi\tfe80::1%lo\ttrue\nback\n", out)
+    end)
+end)
 
 describe("names with several addresses", function()
     -- plmulti has three addresses, of both families; pl6only one IPv6

@@ -8,6 +8,7 @@
  * killing the process.  A short TCP send is continued in C (OP_SEND).
  */
 #include <arpa/inet.h>
+#include <net/if.h>
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -153,8 +154,14 @@ static void addr_text(const struct sockaddr_storage *ss, char *out, int cap)
         snprintf(out, (size_t)cap, "%s:%d", ip, ntohs(a->sin_port));
     } else if (ss->ss_family == AF_INET6) {
         const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        char zone[IF_NAMESIZE + 1] = "";
+
         inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof(ip));
-        snprintf(out, (size_t)cap, "[%s]:%d", ip, ntohs(a->sin6_port));
+        /* a link-local address means nothing without its interface: a
+         * reply to "fe80::1" alone has no way out */
+        if (a->sin6_scope_id != 0 && if_indextoname(a->sin6_scope_id, zone + 1))
+            zone[0] = '%';
+        snprintf(out, (size_t)cap, "[%s%s]:%d", ip, zone, ntohs(a->sin6_port));
     } else {
         snprintf(out, (size_t)cap, "?");
     }
