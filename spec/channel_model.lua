@@ -4,6 +4,7 @@
 -- A seed gives a scenario: a few channels (capacity 1 to 3), and tasks
 -- spawned over time that each run a random program of send, recv, "select"
 -- (child tasks on several channels, pluvio.select, losers killed or left),
+-- pluvio.recv_any on two or three channels (also inside pluvio.timeout),
 -- pluvio.timeout around a send or recv, a plain coroutine that starts a wait
 -- and is abandoned (or resumed, which raises), close, kill and Task:wake of
 -- another task, on_exit clean-ups that send or close, and runtimes nested
@@ -22,7 +23,8 @@
 --   channel closes, recv says "closed" only when closed and drained, close
 --   returns true once;
 -- - the wait queues: every entry a live task marked as queued there
---   (t.parked_on), at most one entry per task over all channels, no key
+--   (t.parked_on), at most one entry per task over all channels (one per
+--   channel of its set, in receiver lines, for a recv_any's mark), no key
 --   outside head..tail (no growth); a turn (rt.turns) held only in the
 --   runtime that runs; at the end every queue empty;
 -- - after every step: a receiver waits only while each value has a ready
@@ -174,6 +176,56 @@ local function chan_op(S, kind, m)
     after_send(S, m, v, ok, err, was_closed, where)
 end
 
+-- pluvio.recv_any on ms (models of distinct channels): checked as it
+-- returns, as a recv on the channel it took from, and every channel before
+-- that one in ms must have been empty (nothing runs between the take and
+-- the return).
+local function any_op(S, ms)
+    local t = pluvio.current()
+    local name, where = t:name() .. "#" .. t.id, me_name()
+    local names = cur_names(S, pluvio.runtime())
+    local op = { kind = "any", ms = ms }
+    local chans = {}
+    for k = 1, #ms do
+        chans[k] = ms[k].ch
+    end
+    S.cur[t], names[name] = op, op
+    local i, v, err = pluvio.recv_any(unpack(chans))
+    S.cur[t], names[name] = nil, nil
+    S.stats.anys = S.stats.anys + 1
+    if i == nil then
+        for k = 1, #ms do
+            expect(S, v == "closed" and ms[k].closed and model_len(ms[k]) == 0,
+                   "%s: recv_any returned nil, %s with c%d holding %d (closed %s)", where, tostring(v),
+                   ms[k].id, model_len(ms[k]), tostring(ms[k].closed))
+        end
+        note(S, "%s recv_any -> closed", where)
+        return
+    end
+    for k = 1, i - 1 do
+        expect(S, model_len(ms[k]) == 0, "%s: recv_any took from its channel %d, c%d, while c%d (channel %d) " ..
+               "held %d", where, i, ms[i].id, ms[k].id, k, model_len(ms[k]))
+    end
+    expect(S, err == nil, "%s: recv_any gave a value and %s", where, tostring(err))
+    after_recv(S, ms[i], v, nil, where .. " recv_any")
+end
+
+-- The distinct channels an "any" op names (2 or 3 of them).
+local function any_chans(S, op)
+    local ms, seen = {}, {}
+    for _, k in ipairs({ op[2], op[3], op[5] % #S.chans + 1 }) do
+        local m = S.chans[k]
+        if not seen[m] and #ms < 2 + op[6] % 2 then
+            seen[m] = true
+            ms[#ms + 1] = m
+        end
+    end
+    if #ms == 1 then
+        ms[2] = S.chans[op[2] % #S.chans + 1]
+    end
+    return ms
+end
+
 -- A try_send or try_recv, which never parks: checked against the model as
 -- it returns (full, empty, closed).
 local function try_op(S, kind, m, where)
@@ -252,7 +304,7 @@ end
 ---------------------------------------------------------------------------
 
 local WORKER_OPS = {
-    "send", 30, "recv", 30, "try", 10, "yield", 8, "select", 6, "timeout", 6, "coro", 8,
+    "send", 30, "recv", 30, "try", 10, "yield", 8, "select", 6, "timeout", 6, "coro", 8, "any", 10,
     "close", 1, "kill", 2, "wake", 4, "kill_self", 1, "exit_hook", 2, "nested", 2,
 }
 
@@ -386,7 +438,11 @@ local function timeout_op(S, op)
     local r, err = pluvio.timeout(secs, function()
         child = pluvio.current()
         register(S, child)
-        chan_op(S, op[4], m)
+        if op[4] == "recv" and op[6] % 3 == 0 then
+            any_op(S, any_chans(S, op))
+        else
+            chan_op(S, op[4], m)
+        end
         return "done"
     end)
     -- (cancelled: another task killed the child)
@@ -507,6 +563,8 @@ function run_program(S, prog)
             pluvio.yield()
         elseif name == "select" then
             select_op(S, op)
+        elseif name == "any" then
+            any_op(S, any_chans(S, op))
         elseif name == "timeout" then
             timeout_op(S, op)
         elseif name == "coro" then
@@ -559,11 +617,19 @@ local function check_queues(S)
                 local t = q[i]
                 if expect(S, t ~= nil, "c%d's %s queue has a hole at %d (%d..%d)", m.id, side, i, head, tail) then
                     expect(S, t.live, "c%d's %s queue holds %s, ended", m.id, side, tostring(t))
-                    expect(S, t.parked_on == ch, "c%d's %s queue holds %s, marked on %s", m.id, side,
-                           tostring(t), tostring(t.parked_on and t.parked_on:describe()))
-                    expect(S, not queued[t], "%s is queued twice (c%d %s, and c%d %s)", tostring(t),
-                           m.id, side, queued[t] and queued[t].m.id or 0, queued[t] and queued[t].side or "")
-                    queued[t] = { m = m, side = side }
+                    local mark = t.parked_on
+                    -- (a recv_any's mark: the set of its channels, each a key)
+                    local any = mark ~= nil and mark ~= ch and getmetatable(mark) ~= getmetatable(ch)
+                    expect(S, mark == ch or any and side == "recv" and rawget(mark, ch),
+                           "c%d's %s queue holds %s, marked on %s", m.id, side, tostring(t),
+                           tostring(mark and mark:describe()))
+                    local list = queued[t] or {}
+                    queued[t] = list
+                    for _, e in ipairs(list) do
+                        expect(S, any and e.m ~= m, "%s is queued twice (c%d %s, and c%d %s)", tostring(t),
+                               m.id, side, e.m.id, e.side)
+                    end
+                    list[#list + 1] = { m = m, side = side }
                 end
             end
         end
@@ -580,12 +646,23 @@ local function check_queues(S)
     end
     for _, e in ipairs(all_tasks(S)) do
         local t = e.task
-        if t.parked_on then
-            expect(S, queued[t] and queued[t].m.ch == t.parked_on, "%s is marked on a channel, not queued there",
+        local mark, list = t.parked_on, queued[t]
+        if mark and mark.cap then       -- (a channel: a recv_any's may have left some of its lines)
+            expect(S, list and #list == 1 and list[1].m.ch == mark, "%s is marked on a channel, not queued there",
                    tostring(t))
         end
     end
     return queued
+end
+
+-- Whether queued (check_queues) has t in m's line of side.
+local function in_line(queued, t, m, side)
+    for _, e in ipairs(queued[t] or {}) do
+        if e.m == m and e.side == side then
+            return true
+        end
+    end
+    return false
 end
 
 -- At any time, in the running runtime: while a receiver waits on a
@@ -598,12 +675,15 @@ function check_turns(S)
     for _, e in ipairs(all_tasks(S, pluvio.runtime())) do
         local t = e.task
         local op = S.cur[t]
-        if op then
-            local key = op.kind .. op.m.id
-            if e.state == "waiting" then
-                waiting[key] = true
-            elseif e.state == "ready" and t.baton == op.m.ch then
-                turns[key] = (turns[key] or 0) + 1
+        if op then      -- (a recv_any waits as a receiver on each of its channels)
+            local kind = op.kind == "any" and "recv" or op.kind
+            for _, m in ipairs(op.ms or { op.m }) do
+                local key = kind .. m.id
+                if e.state == "waiting" then
+                    waiting[key] = true
+                elseif e.state == "ready" and t.baton == m.ch then
+                    turns[key] = (turns[key] or 0) + 1
+                end
             end
         end
     end
@@ -624,7 +704,22 @@ local function check_quiet(S)
     for _, e in ipairs(all_tasks(S, S.rt)) do
         local t = e.task
         local op = S.cur[t]
-        if t ~= S.main and op then
+        if t ~= S.main and op and op.kind == "any" then
+            S.stats.parked_seen = S.stats.parked_seen + 1
+            expect(S, e.state == "waiting" and t.waiting_for ~= nil and t.waiting_for == t.parked_on,
+                   "%s in recv_any is %s on %s", tostring(t), e.state, tostring(t.waiting_for))
+            local open = false
+            for _, m in ipairs(op.ms) do
+                expect(S, model_len(m) == 0, "%s stays parked in recv_any, c%d holding %d values", tostring(t),
+                       m.id, model_len(m))
+                if not m.closed then
+                    open = true
+                    expect(S, in_line(queued, t, m, "recv"), "%s parked in recv_any is not in c%d's line",
+                           tostring(t), m.id)
+                end
+            end
+            expect(S, open, "%s stays parked in recv_any on closed channels", tostring(t))
+        elseif t ~= S.main and op then
             local m = op.m
             S.stats.parked_seen = S.stats.parked_seen + 1
             expect(S, e.state == "waiting" and t.waiting_for == m.ch, "%s in %s on c%d is %s on %s",
@@ -637,9 +732,9 @@ local function check_quiet(S)
                 expect(S, model_len(m) == m.cap, "%s stays parked in send on c%d, which holds %d of %d",
                        tostring(t), m.id, model_len(m), m.cap)
             end
-            local q = queued[t]
-            expect(S, q and q.m == m and q.side == op.kind, "%s parked in %s on c%d is not queued there",
-                   tostring(t), op.kind, m.id)
+            local list = queued[t]
+            expect(S, list and #list == 1 and list[1].m == m and list[1].side == op.kind,
+                   "%s parked in %s on c%d is not queued there", tostring(t), op.kind, m.id)
         end
         expect(S, t == S.main or t.baton == nil, "%s waits holding a turn of %s", tostring(t),
                tostring(t.baton and t.baton:describe()))
@@ -671,7 +766,14 @@ function check_deadlock(S, err, rt)
     for name, id in err:gmatch('\n  task "([^"]+)" %(#(%d+), waiting%) waits on ') do
         n = n + 1
         local op = cur_names(S, rt)[name .. "#" .. id]
-        if op then
+        if op and op.kind == "any" then
+            local empty, open = true, false
+            for _, m in ipairs(op.ms) do
+                empty = empty and model_len(m) - m.sent_after_report == 0
+                open = open or not (m.closed and not m.closed_after_report)
+            end
+            expect(S, empty and open, "false deadlock: %s in recv_any could go on", name)
+        elseif op then
             local m = op.m
             local len, closed = model_len(m) - m.sent_after_report, m.closed and not m.closed_after_report
             local stuck = not closed and (op.kind == "recv" and len == 0 or op.kind == "send" and len == m.cap)
@@ -834,7 +936,7 @@ function M.run(seed)
         steps = 20 + rng(120), max_tasks = 3 + rng(8),
         timed = rng(5) == 1, hooks = rng(3) == 1,
         stats = { sent = 0, received = 0, abandoned = 0, kills = 0, timeouts = 0, deadlocks = 0,
-                  parked_seen = 0, kills_parked = 0, nested = 0, hooks_after_report = 0 },
+                  parked_seen = 0, kills_parked = 0, nested = 0, hooks_after_report = 0, anys = 0 },
     }
     S.worker_ops = swarm(rng, WORKER_OPS, { send = true, recv = true })
     S.main_ops = swarm(rng, MAIN_OPS, { spawn = true, settle = true })

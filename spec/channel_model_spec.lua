@@ -43,7 +43,7 @@ describe("pluvio.channel against a model", function()
         Channel._pass_baton = pass_baton
         assert(ok, failures)
         assert.equal(1, n)
-        assert.matches("seed 28: main: a sender waits on c2, which has 1 free places, with 0 woken to fill them",
+        assert.matches("seed 28: w6: a sender waits on c1, which has 1 free places, with 0 woken to fill them",
                        failures[1], 1, true)
     end)
 end)
