@@ -454,10 +454,10 @@ end
 
 -- What a limbo entry keeps of a registered buffer: its hold, not the buffer
 -- object, whose owner task may lead back to the worker (the worker's
--- finalizer refers to the limbo: it would never be collected).
--- The op is nobody's any more: until UCX is done with it, the buffer's
--- holder is kept from its memory, as from an io_uring op of a killed task
--- (uring_buffer.lua: usable).
+-- finalizer refers to the limbo: it would never be collected).  The op is
+-- nobody's any more: until UCX is done with it, the buffer's holder is kept
+-- from its memory, as from an io_uring op of a killed task (uring_buffer.lua:
+-- usable).
 local function hold_record(b)
     if not b then
         return false

@@ -43,15 +43,15 @@ local function usable(fname, b)
     return b
 end
 
+-- Functions that let go of what settled ops of other engines kept (UCX's
+-- holds, let go of in Lua: ucx.lua adds its own when loaded).
+local sweepers = {}
+M.sweepers = sweepers
+
 -- Wait in the running task until no operation of a killed task uses b:
 -- a yield first (the loop submits the cancel and reaps its end), then
 -- sleeps of growing length (a read the kernel could not stop ends when the
 -- device is done with it).
--- sweepers: functions that let go of what settled ops of other engines
--- kept (UCX's, in Lua: ucx.lua adds its own when loaded).
-local sweepers = {}
-M.sweepers = sweepers
-
 local function settle(b, fname)
     local u, i, pause = b.reactor.u, b.index, 0
     while C.pl_uring_buffer_cancelled(u, i) > 0 do
