@@ -10,6 +10,32 @@ local pair, close_pair = helper.ucx_pair, helper.ucx_close_pair
 local payload = uh.payload
 
 describe("UCX", function()
+    it("hands connections to the tasks accepting on a listener in the order they began to wait",
+       async(function()
+        -- (a second accepting task raised 'another task is already accepting')
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local l = assert(sw:create_listener("127.0.0.1", 0))
+        local order = {}
+        local acceptors = {}
+        for k = 1, 4 do
+            acceptors[k] = pluvio.spawn(function()
+                local ep = assert(l:accept())
+                order[#order + 1] = k
+                return ep
+            end)
+            pluvio.yield()
+        end
+        acceptors[2]:kill()             -- its turn passes on
+        assert.equal("accept on 127.0.0.1:" .. l:port(), pluvio.runtime():tasks()[2].waits_on)
+        local eps = {}
+        for k = 1, 3 do eps[k] = assert(cw:connect_socket("127.0.0.1", l:port())) end
+        for _, k in ipairs({ 1, 3, 4 }) do acceptors[k]:join():close() end
+        assert.same({ 1, 3, 4 }, order)
+        for k = 1, 3 do eps[k]:close() end
+        cw:close(); sw:close(); ctx:close()
+    end))
+
     it("says a worker's 64 listeners are all in use rather than that files ran out", async(function()
         local ctx = assert(ucx.Context.new())
         local w = assert(ctx:create_worker())

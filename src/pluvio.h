@@ -46,7 +46,8 @@ enum pl_wait_kind {
     PL_WAIT_RUNTIME = 8,
     PL_WAIT_REACTOR = 9,
     PL_WAIT_OTHER = 10,
-    PL_WAIT_STREAM = 11     /* an AM stream's reader; the arg is the stream's serial */
+    PL_WAIT_STREAM = 11,    /* an AM stream's reader; the arg is the stream's serial */
+    PL_WAIT_ACCEPT = 12     /* a UCX listener's acceptor; the arg is the listener's serial */
 };
 
 /* How a task ended, for pl_task_exit; add PL_TASK_WAS_RUNNING when it
@@ -541,7 +542,12 @@ int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port);
 int pl_ucx_listener_port(pl_ucx_worker_t *w, int listener);
 /* The address bound, "ip:port" or "[v6]:port" ("" for a closed listener). */
 const char *pl_ucx_listener_address(pl_ucx_worker_t *w, int listener);
+/* An endpoint for the next connection, or -EAGAIN with the task queued
+ * (FIFO) among the listener's acceptors, which park with PL_WAIT_ACCEPT and
+ * the listener's serial; abandon: a queued acceptor was killed. */
 int pl_ucx_accept(pl_ucx_worker_t *w, int listener, uint32_t slot, uint32_t gen);
+double pl_ucx_listener_serial(pl_ucx_worker_t *w, int listener);
+void pl_ucx_listener_abandon(pl_ucx_worker_t *w, int listener, uint32_t slot, uint32_t gen);
 int pl_ucx_listener_close(pl_ucx_worker_t *w, int listener);
 /* The listener's Lua object was collected: close it, waking nobody now. */
 int pl_ucx_listener_drop(pl_ucx_worker_t *w, int listener);

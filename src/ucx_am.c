@@ -11,7 +11,6 @@
  * the reactor stops progressing the worker, which slows the sender.
  */
 #include <errno.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -401,50 +400,11 @@ static struct ucx_stream *stream_get(pl_ucx_worker_t *w, unsigned id)
     return s && s->open ? s : NULL;
 }
 
-/* Wake the first reader still parked on this stream.  An entry whose task
- * is not (any more) parked here is dropped: a task woken otherwise, or a
- * plain coroutine's wait that yielded to its resumer instead of the loop
- * must not take the turn of a reader that is waiting.  A reader of another
- * runtime than the one progressing the worker (an outer one, paused while
- * a nested one runs; one a block_on left, which may never run again) is
- * woken but takes no turn: the next reader is woken too, else a message
- * stayed held while a reader that could run waited for it (for good under
- * a dropped runtime, with a rendezvous sender waiting behind it).  A
- * reader woken for a message taken meanwhile parks again. */
-static void stream_wake_one(struct ucx_stream *s)
-{
-    pl_runtime_t *now = s->w->rt;
-    double arg = (double)s->serial;
-
-    while (s->wlen > 0) {
-        struct ucx_waiter wt = s->waiters[s->whead];
-        pl_runtime_t *rt = now;
-
-        s->whead = s->whead + 1 == s->wcap ? 0 : s->whead + 1;
-        s->wlen--;
-        if (!(rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_STREAM, arg)))
-            rt = pl_task_home(rt, wt.slot, wt.gen);     /* another runtime's task (see ucx_wake) */
-        if (rt && pl_task_is_waiting(rt, wt.slot, wt.gen, PL_WAIT_STREAM, arg) &&
-            pl_task_wake(rt, wt.slot, wt.gen) >= 0 && rt == now)
-            return;
-    }
-}
-
-static void stream_wake_all(struct ucx_stream *s)
-{
-    while (s->wlen > 0) {
-        struct ucx_waiter wt = s->waiters[s->whead];
-        s->whead = s->whead + 1 == s->wcap ? 0 : s->whead + 1;
-        s->wlen--;
-        ucx_wake(s->w, wt.slot, wt.gen);
-    }
-}
-
 void ucx_streams_wake_all(pl_ucx_worker_t *w)
 {
     for (unsigned id = 0; id < UCX_MAX_STREAMS; id++)
         if (stream_get(w, id))
-            stream_wake_all(w->streams[id]);
+            ucx_waitq_wake_all(w, &w->streams[id]->readers);
 }
 
 bool ucx_worker_over_window(const pl_ucx_worker_t *w)
@@ -541,7 +501,7 @@ static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len,
         w->stats.rndv_received++;
     else
         w->stats.eager_received++;
-    stream_wake_one(s);
+    ucx_waitq_wake_one(s->w, &s->readers);
     return (m->rndv || m->data_held) ? UCS_INPROGRESS : UCS_OK;
 }
 
@@ -572,7 +532,6 @@ ucs_status_t ucx_am_handlers_init(pl_ucx_worker_t *w)
 
 int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window)
 {
-    static _Atomic uint32_t serials;    /* runtimes may run in several threads */
     struct ucx_stream *s;
 
     if (id >= UCX_MAX_STREAMS || window == 0)
@@ -588,8 +547,8 @@ int pl_ucx_stream_open(pl_ucx_worker_t *w, unsigned id, uint32_t window)
     s->open = true;
     s->window = window;
     stream_len_changed(s, 0);
-    s->serial = (atomic_fetch_add(&serials, 1) % 0x7ffffffe) + 1;
-    return (int)s->serial;
+    ucx_waitq_init(&s->readers, PL_WAIT_STREAM);
+    return (int)s->readers.serial;
 }
 
 static void stream_free(pl_ucx_worker_t *w, struct ucx_stream *s)
@@ -601,8 +560,8 @@ static void stream_free(pl_ucx_worker_t *w, struct ucx_stream *s)
         stream_len_changed(s, s->len + 1);
         msg_free(w, &w->msgs[i]);
     }
-    stream_wake_all(s);
-    free(s->waiters);
+    ucx_waitq_wake_all(w, &s->readers);
+    ucx_waitq_free(&s->readers);
     w->streams[s->id] = NULL;
     free(s);
 }
@@ -624,23 +583,6 @@ void ucx_streams_free(pl_ucx_worker_t *w)
             stream_free(w, w->streams[id]);
 }
 
-static int waiter_push(struct ucx_stream *s, uint32_t slot, uint32_t gen)
-{
-    uint32_t at;
-
-    for (uint32_t k = 0; k < s->wlen; k++) {
-        struct ucx_waiter *wt = &s->waiters[(s->whead + k) % s->wcap];
-        if (wt->slot == slot && wt->gen == gen)
-            return 0;
-    }
-    if (s->wlen == s->wcap &&
-        pl_fifo_grow((void **)&s->waiters, &s->wcap, &s->whead, s->wlen, sizeof(*s->waiters), 8) < 0)
-        return -ENOMEM;
-    at = s->whead + s->wlen++;
-    s->waiters[at >= s->wcap ? at - s->wcap : at] = (struct ucx_waiter){ slot, gen };   /* (no division) */
-    return 0;
-}
-
 int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t gen,
                        pl_ucx_msg_info_t *info)
 {
@@ -654,7 +596,7 @@ int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t 
         int rc;
         if (!ucx_worker_has_peers(w))
             return -ENOTCONN;
-        rc = waiter_push(s, slot, gen);
+        rc = ucx_waitq_push(&s->readers, slot, gen);
         return rc < 0 ? rc : -EAGAIN;
     }
     i = s->head;
@@ -662,7 +604,7 @@ int pl_ucx_stream_next(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint32_t 
     s->len--;
     stream_len_changed(s, s->len + 1);
     if (s->len > 0)
-        stream_wake_one(s);     /* more held: the next reader may go on */
+        ucx_waitq_wake_one(s->w, &s->readers);     /* more held: the next reader may go on */
     w->msgs[i].taken = true;
     w->taken++;
     w->msgs[i].owner_slot = slot;
@@ -679,13 +621,9 @@ void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint3
 
     if (!s)
         return;
-    for (uint32_t k = 0; k < s->wlen; k++) {
-        struct ucx_waiter *wt = &s->waiters[(s->whead + k) % s->wcap];
-        if (wt->slot == slot && wt->gen == gen)
-            wt->slot = UCX_NONE;
-    }
+    ucx_waitq_forget(&s->readers, slot, gen);
     if (s->len > 0)
-        stream_wake_one(s);     /* its turn passes on */
+        ucx_waitq_wake_one(w, &s->readers);     /* its turn passes on */
 }
 
 /* ---- tags ---------------------------------------------------------------- */

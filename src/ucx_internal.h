@@ -110,6 +110,28 @@ struct ucx_conn {           /* a connection request waiting for accept() */
     char peer[UCX_PEER_LEN];
 };
 
+struct ucx_waiter {
+    uint32_t slot, gen;
+};
+
+/* Tasks parked on one thing, first come first served: a stream's readers
+ * (PL_WAIT_STREAM), a listener's acceptors (PL_WAIT_ACCEPT); each parks
+ * with (kind, arg), arg the thing's serial (ucx_serial), which the queue
+ * checks before it wakes one.  A FIFO ring. */
+struct ucx_waitq {
+    struct ucx_waiter *ring;
+    uint32_t cap, head, len;
+    int kind;
+    uint32_t serial;
+};
+uint32_t ucx_serial(void);
+void ucx_waitq_init(struct ucx_waitq *q, int kind);
+int ucx_waitq_push(struct ucx_waitq *q, uint32_t slot, uint32_t gen);
+void ucx_waitq_wake_one(pl_ucx_worker_t *w, struct ucx_waitq *q);
+void ucx_waitq_wake_all(pl_ucx_worker_t *w, struct ucx_waitq *q);
+void ucx_waitq_forget(struct ucx_waitq *q, uint32_t slot, uint32_t gen);
+void ucx_waitq_free(struct ucx_waitq *q);
+
 struct ucx_listener {
     ucp_listener_h l;
     struct pl_ucx_worker *w;
@@ -124,8 +146,7 @@ struct ucx_listener {
     int64_t retry_at, retry_ns;
     struct ucx_conn *pending;   /* FIFO ring */
     uint32_t cap, head, len;
-    uint32_t waiter_slot, waiter_gen;
-    bool has_waiter;
+    struct ucx_waitq acceptors;
 };
 
 /* A received message: held by its stream, then taken (handed to Lua by
@@ -154,9 +175,6 @@ struct ucx_msg {
     uint32_t next;          /* next message of the stream, or free list */
 };
 
-struct ucx_waiter {
-    uint32_t slot, gen;
-};
 
 /* Messages for an AM id with no open stream are held, up to this many,
  * for the stream opened next for that id; later ones are dropped (and
@@ -175,11 +193,9 @@ struct ucx_amid {
 struct ucx_stream {
     bool open;                  /* false: holds messages nobody opened a stream for */
     unsigned id;
-    uint32_t serial;            /* unique in the process: the wait_arg of its readers */
     uint32_t window;
     uint32_t head, tail, len;   /* message handles, linked through next */
-    struct ucx_waiter *waiters; /* FIFO ring */
-    uint32_t wcap, whead, wlen;
+    struct ucx_waitq readers;   /* its serial: unique in the process, set when opened */
     struct pl_ucx_worker *w;
 };
 

@@ -52,10 +52,7 @@ static void conn_request(ucp_conn_request_h req, void *arg)
         ucx_sockaddr_text(&attr.client_address, c->peer, sizeof(c->peer));
     else
         snprintf(c->peer, sizeof(c->peer), "?");
-    if (l->has_waiter) {
-        l->has_waiter = false;
-        ucx_wake(l->w, l->waiter_slot, l->waiter_gen);
-    }
+    ucx_waitq_wake_one(l->w, &l->acceptors);
 }
 
 int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
@@ -84,6 +81,7 @@ int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
         return -EMFILE;
     l = &w->listeners[i];
     *l = (struct ucx_listener){ .w = w, .index = i };
+    ucx_waitq_init(&l->acceptors, PL_WAIT_ACCEPT);
     p.sockaddr.addr = (struct sockaddr *)&ss;
     p.sockaddr.addrlen = len;
     p.conn_handler.cb = conn_request;
@@ -152,8 +150,29 @@ static bool peer_gone(ucs_status_t st)
            st == UCS_ERR_CANCELED;
 }
 
+/* The wait argument of the listener's acceptors (PL_WAIT_ACCEPT). */
+double pl_ucx_listener_serial(pl_ucx_worker_t *w, int i)
+{
+    const struct ucx_listener *l = listener_get(w, i);
+
+    return l ? (double)l->acceptors.serial : -1;
+}
+
+/* A task waiting in accept was killed: its turn passes on. */
+void pl_ucx_listener_abandon(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
+{
+    struct ucx_listener *l = listener_get(w, i);
+
+    if (!l)
+        return;
+    ucx_waitq_forget(&l->acceptors, slot, gen);
+    if (l->len > 0)
+        ucx_waitq_wake_one(w, &l->acceptors);
+}
+
 /* An endpoint for the oldest connection request whose client is still
- * there, or -EAGAIN after making the task the listener's waiter. */
+ * there, or -EAGAIN after queueing the task among the listener's
+ * acceptors (first come, first served). */
 int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
 {
     struct ucx_listener *l = listener_get(w, i);
@@ -179,6 +198,8 @@ int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
             h = ucx_ep_add(w, ep, true, c.peer);
             if (h < 0)
                 ucp_ep_destroy(ep);
+            else if (l->len > 0)    /* more waiting: the next acceptor goes on */
+                ucx_waitq_wake_one(w, &l->acceptors);
             return h;
         }
         /* A client that gave up or died before its request was taken
@@ -190,13 +211,8 @@ int pl_ucx_accept(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t gen)
             return pl_ucx_errno(st);
     }
     if (l->len == 0) {
-        if (l->has_waiter && (l->waiter_slot != slot || l->waiter_gen != gen) &&
-            ucx_wake(w, l->waiter_slot, l->waiter_gen) >= 0)
-            return -EBUSY;      /* another live task is accepting */
-        l->has_waiter = true;
-        l->waiter_slot = slot;
-        l->waiter_gen = gen;
-        return -EAGAIN;
+        int rc = ucx_waitq_push(&l->acceptors, slot, gen);
+        return rc < 0 ? rc : -EAGAIN;
     }
     return -EMFILE;             /* no room: the request stays for the next accept */
 }
@@ -370,9 +386,9 @@ static int listener_close(pl_ucx_worker_t *w, int i, bool wake)
     free(l->pending);
     l->pending = NULL;
     l->cap = l->head = 0;
-    if (l->has_waiter && wake)      /* (dropped: a task left there was killed) */
-        ucx_wake(w, l->waiter_slot, l->waiter_gen);
-    l->has_waiter = false;
+    if (wake)                   /* (dropped: no task can be waiting there) */
+        ucx_waitq_wake_all(w, &l->acceptors);
+    ucx_waitq_free(&l->acceptors);
     if (wake) {
         ucx_streams_wake_all(w);
         ucx_tags_orphan(w);

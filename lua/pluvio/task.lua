@@ -49,6 +49,7 @@ local WAIT_NAMES = {
     [C.PL_WAIT_CHANNEL_RECV] = "channel recv", [C.PL_WAIT_IO] = "io",
     [C.PL_WAIT_BUFFER] = "buffer", [C.PL_WAIT_RUNTIME] = "nested runtime",
     [C.PL_WAIT_REACTOR] = "reactor", [C.PL_WAIT_OTHER] = "other", [C.PL_WAIT_STREAM] = "stream",
+    [C.PL_WAIT_ACCEPT] = "accept",
 }
 local STATE_NAMES = {
     [C.PL_TASK_READY] = "ready", [C.PL_TASK_RUNNING] = "running",
@@ -58,7 +59,7 @@ M.WAIT_KIND = {     -- the park kinds (PL_WAIT_*), for the modules that park tas
     SLEEP = C.PL_WAIT_SLEEP, JOIN = C.PL_WAIT_JOIN, SELECT = C.PL_WAIT_SELECT,
     CHANNEL_SEND = C.PL_WAIT_CHANNEL_SEND, CHANNEL_RECV = C.PL_WAIT_CHANNEL_RECV,
     IO = C.PL_WAIT_IO, BUFFER = C.PL_WAIT_BUFFER, REACTOR = C.PL_WAIT_REACTOR,
-    OTHER = C.PL_WAIT_OTHER, STREAM = C.PL_WAIT_STREAM,
+    OTHER = C.PL_WAIT_OTHER, STREAM = C.PL_WAIT_STREAM, ACCEPT = C.PL_WAIT_ACCEPT,
 }
 
 M.WAIT_NAMES, M.STATE_NAMES = WAIT_NAMES, STATE_NAMES

@@ -9,7 +9,7 @@ local check = require "pluvio.check"
 
 local ffi, C = core.ffi, core.C
 local park, current_task, io_task = pluvio._park, pluvio._current_task, pluvio._io_task
-local WAIT_IO, WAIT_OTHER = pluvio._WAIT_KIND.IO, pluvio._WAIT_KIND.OTHER
+local WAIT_IO, WAIT_OTHER, WAIT_ACCEPT = pluvio._WAIT_KIND.IO, pluvio._WAIT_KIND.OTHER, pluvio._WAIT_KIND.ACCEPT
 local errstr = core.errstr
 local host_port = check.host_port
 local ffi_string = ffi.string
@@ -250,7 +250,9 @@ function M.install(U)
     end
 
     -- accept(): the next connection as an endpoint; parks until a client
-    -- connects.  Returns nil, err once the listener is closed.
+    -- connects.  Returns nil, err once the listener is closed.  Several
+    -- tasks may accept at once: connections go to them in the order they
+    -- came to wait (C queues them, each parked with the listener's serial).
     function Listener:accept()
         live_listener("Listener:accept", self)
         local t = current_task("Listener:accept")
@@ -265,8 +267,6 @@ function M.install(U)
             local h = C.pl_ucx_accept(w.w, self.i, t.slot, t.gen)
             if h >= 0 then
                 return new_endpoint(w, h, ffi_string(C.pl_ucx_ep_peer(w.w, h)))
-            elseif h == -16 then
-                error("Listener:accept: another task is already accepting on this listener", 2)
             elseif h == EMFILE then     -- (the connection waits for the next accept)
                 if collected then
                     return no_ep_room(w, "accept")
@@ -276,9 +276,17 @@ function M.install(U)
             elseif h ~= EAGAIN then
                 return nil, "accept: " .. errstr(h), errname(h)
             else
-                park(t, WAIT_OTHER, 0, self)
+                t.wait_obj = self   -- a kill here passes the turn on (_abandon_wait)
+                park(t, WAIT_ACCEPT, C.pl_ucx_listener_serial(w.w, self.i), self, "Listener:accept")
+                t.wait_obj = nil
                 collected = false   -- (a new connection: a new chance)
             end
+        end
+    end
+
+    function Listener:_abandon_wait(t)
+        if self.i and self.worker.w then
+            C.pl_ucx_listener_abandon(self.worker.w, self.i, t.slot, t.gen)
         end
     end
 
