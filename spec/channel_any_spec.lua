@@ -137,12 +137,32 @@ describe("pluvio.recv_any", function()
         end
     end)
 
-    it("refuses to park outside a task, and takes a waiting value without one", function()
+    it("refuses to park outside a task, naming the caller's line, and takes a waiting value without one",
+       function()
         local a = pluvio.channel()
-        local ok, err = pcall(pluvio.recv_any, a)
+        local ok, err = pcall(function() local i = pluvio.recv_any(a); return i end)
         assert.is_false(ok)
-        assert.truthy(err:find("pluvio.recv_any", 1, true), err)
+        assert.matches("channel_any_spec%.lua:%d+: pluvio%.recv_any: not inside a pluvio task", err)
         a:send(7)
-        assert.same({ 1, 7 }, { pluvio.recv_any(a) })
+        assert.equal(2, select("#", pluvio.recv_any(a)))   -- i, value: no third
+        a:send(8)
+        assert.same({ 1, 8 }, { pluvio.recv_any(a) })
+        a:close()
+        assert.equal(2, select("#", pluvio.recv_any(a)))   -- nil, "closed"
     end)
+
+    it("names no line of pluvio's when a plain coroutine's call of it was a tail call", async(function()
+        local a = pluvio.channel()
+        for _, f in ipairs({
+            function() return pluvio.recv_any(a) end,
+            function() return a:recv() end,
+            function() return pluvio.sleep(0.001) end,
+        }) do
+            local co = coroutine.create(f)
+            assert.is_true(coroutine.resume(co))          -- its wait yields to us
+            local ok, err = coroutine.resume(co)          -- and raises when resumed
+            assert.is_false(ok)
+            assert.matches("^[%w.:_]+: called from a coroutine that is not a pluvio task", err)
+        end
+    end))
 end)

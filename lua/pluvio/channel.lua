@@ -360,7 +360,7 @@ function M._recv_any(level, ...)
     end
     local i = first_ready(chans, n)
     if not i then
-        local t = running_task("pluvio.recv_any")
+        local t = running_task("pluvio.recv_any", 1)   -- (pluvio.recv_any calls us)
         local set = setmetatable(chans, AnyWait)
         for k = 1, n do
             set[chans[k]] = true

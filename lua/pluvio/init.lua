@@ -313,8 +313,8 @@ end
 -- pluvio.recv_any(ch1, ch2, ...): a value from whichever channel has one
 -- first (pluvio/channel.lua).
 function M.recv_any(...)
-    local i, v, err = require("pluvio.channel")._recv_any(3, ...)
-    return i, v, err
+    local i, v = require("pluvio.channel")._recv_any(3, ...)   -- (not a tail call: errors name our caller)
+    return i, v
 end
 
 -- pluvio.require(name): require, for a module whose top level waits (the

@@ -101,8 +101,10 @@ local own_source = (debug.getinfo(1, "S").source:match("^(@.*pluvio/)task%.lua$"
 -- The stack level, seen from the caller of this function, of the first
 -- frame outside pluvio's modules: where the user called the function that
 -- got there, however many of ours (a wait's park, a channel's recv) lie
--- between; fallback when that cannot be told.  Error paths only: it walks
--- the stack.
+-- between; fallback when pluvio's own files cannot be told apart, 0 (no
+-- position) when no such frame is left (the user's call was a tail call:
+-- `return ch:recv()`), rather than a line of ours.  Error paths only: it
+-- walks the stack.
 local function outside_level(fallback)
     if not own_source then
         return fallback
@@ -116,7 +118,7 @@ local function outside_level(fallback)
             return level
         end
     end
-    return fallback
+    return 0
 end
 
 -- An operation a plain coroutine of the task started and left behind (it
@@ -190,11 +192,11 @@ end
 -- that, called deep in a task, grows its stack and breaks the JIT's traces.
 -- A plain coroutine inside a task that calls one yields the wait to whoever
 -- resumed it, with nothing started; yielded() raises when it is resumed.
-local function running_task(fname)
+local function running_task(fname, depth)
     local rt = current_rt
     local t = rt and rt.current
     if not t then
-        not_in_task(fname)
+        not_in_task(fname, 4 + (depth or 0))
     end
     return t, rt
 end
@@ -210,7 +212,7 @@ local function yielded(t, resumed_with, fname, seq)
             orphan(t)
         end
         t.waiting_for = nil
-        not_the_task(fname, outside_level(4) - 4)
+        not_the_task(fname, outside_level(4) - 4)     -- (0 - 4: error level 0)
     end
 end
 
