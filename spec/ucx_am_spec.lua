@@ -495,8 +495,12 @@ describe("UCX", function()
         for i = 1, HOLD + 5 do
             assert(p.ep:am_send(200, tostring(i), "x"))
         end
-        -- a rendezvous sender past the hold is told its send completed
-        assert.is_true(p.ep:am_send(200, "big", ("y"):rep(300000), false, "rndv"))
+        -- a rendezvous sender past the hold is told its message was not held
+        -- (it was told its send completed, and the data went nowhere)
+        local ok, err, name = p.ep:am_send(200, "big", ("y"):rep(300000), false, "rndv")
+        assert.is_nil(ok)
+        assert.equal("ENOMEM", name)
+        assert.matches("the receiver could not hold the message: no stream is open for its AM id", err, 1, true)
         until_stat(p.sw, "am_dropped", 6)
         -- the worker still takes messages for open streams
         assert(p.ep:am_send(1, "open", "z"))
@@ -511,6 +515,34 @@ describe("UCX", function()
             assert.equal(tostring(i), m.header)
             m:release()
         end
+        assert.equal(0, p.sw:stats().am_unclaimed)
+        close_pair(p)
+    end))
+
+    it("keeps what a closed stream held for the stream opened next for its id, its rendezvous senders waiting",
+       async(function()
+        -- (close released them: their rendezvous senders were told their
+        -- sends were done, and the data went nowhere)
+        local p = pair()
+        local s = p.sw:am_stream(201, { window = 4 })
+        for i = 1, 3 do assert(p.ep:am_send(201, "k" .. i, "x")) end
+        local big = p.ep:am_send_nb(201, "r", ("z"):rep(300000), false, "rndv")
+        local reader = pluvio.spawn(function()
+            pluvio.sleep(0.01)
+            return { s:wait_msg() }
+        end)
+        while p.sw:stats().msgs_held < 4 do pluvio.sleep(0.001) end
+        assert.is_true(s:close())
+        assert.same({ nil, "wait_msg: the stream is closed", "EBADF" }, reader:join())
+        assert.equal(4, p.sw:stats().am_unclaimed)
+        pluvio.sleep(0.02)
+        assert.equal(1, p.cw:stats().ops_in_flight)     -- the rendezvous sender waits for a reader
+        s = p.sw:am_stream(201)
+        for _, want in ipairs({ { "k1", 1 }, { "k2", 1 }, { "k3", 1 }, { "r", 300000 } }) do
+            local m = assert(s:wait_msg())
+            assert.same(want, { m.header, #m:data() })
+        end
+        assert.is_true(big:wait())
         assert.equal(0, p.sw:stats().am_unclaimed)
         close_pair(p)
     end))

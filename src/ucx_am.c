@@ -447,9 +447,9 @@ static ucs_status_t am_unheld(pl_ucx_worker_t *w, const ucp_am_recv_param_t *par
 }
 
 /* The AM callback: hold the message, wake one reader.  Eager data comes
- * back to UCX at once (UCS_OK) and a rendezvous sender is told it is done
- * when the message is dropped: when the worker is closing, or past the
- * hold for an id with no open stream. */
+ * back to UCX at once (UCS_OK).  A message dropped while the worker closes
+ * tells its rendezvous sender it is done; one past the hold for an id with
+ * no open stream fails it (am_unheld). */
 static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len, void *data,
                                size_t length, const ucp_am_recv_param_t *param)
 {
@@ -464,10 +464,12 @@ static ucs_status_t am_arrived(void *arg, const void *header, size_t header_len,
         if (!s)
             return am_unheld(w, param);
     }
-    if (!s || w->closing || (!s->open && s->len >= s->window)) {
+    if (!s || w->closing) {
         w->stats.am_dropped++;
         return UCS_OK;
     }
+    if (!s->open && s->len >= s->window)   /* past the hold: a rendezvous sender is told */
+        return am_unheld(w, param);
     i = msg_alloc(w);
     if (i < 0)
         return am_unheld(w, param);
@@ -566,13 +568,26 @@ static void stream_free(pl_ucx_worker_t *w, struct ucx_stream *s)
     free(s);
 }
 
+/* Close a stream: its readers are woken (they find it closed), and what
+ * it still holds stays held for the next stream opened for the id, as the
+ * messages for an id nobody reads are: released here, their rendezvous
+ * senders were told their sends were done, and the data went nowhere. */
 int pl_ucx_stream_close(pl_ucx_worker_t *w, unsigned id)
 {
     struct ucx_stream *s = stream_get(w, id);
 
     if (!s)
         return -EBADF;
-    stream_free(w, s);
+    if (s->len >= s->window)    /* (an unopened id's messages do not pause the worker) */
+        w->streams_full--;
+    s->open = false;
+    s->window = UCX_UNCLAIMED_HOLD;
+    ucx_waitq_wake_all(w, &s->readers);
+    ucx_waitq_free(&s->readers);
+    if (s->len == 0) {          /* nothing held: as if it had never been opened */
+        w->streams[id] = NULL;
+        free(s);
+    }
     return 0;
 }
 

@@ -367,10 +367,14 @@ function M.install(U)
         return PEER_FAILED
     end
 
-    local function send_failed(ep, what, rc)
+    -- started: the send had started (else it failed before UCX took it).
+    local function send_failed(ep, what, rc, started)
         local msg, name = why(rc)
         if rc ~= CLOSED and peer_failed(ep) then
             msg = msg .. failed_note(ep)
+        elseif rc == ENOMEM and started then    -- the receiver's answer to a rendezvous send
+            msg = msg .. " (the receiver could not hold the message: no stream is open for its AM id " ..
+                "and 64 messages are held for it already, or it had no memory for it)"
         end
         return nil, format("%s to %s: %s", what, ep.peer, msg), name
     end
@@ -457,7 +461,8 @@ function M.install(U)
         local w = ep.worker
         local rc = C.pl_ucx_am_send(w.w, ep.h, id, hptr, hlen, dptr, dlen, flags, t.slot, t.gen)
         if nb then
-            local handle = setmetatable({ ep = ep, op = rc, header = header, data = data, owner = t }, Handle)
+            local handle = setmetatable({ ep = ep, op = rc, header = header, data = data, owner = t,
+                                          started = rc > 0 }, Handle)
             if rc > 0 then      -- in flight: the task's until it is waited for (or swept)
                 handle.held1, handle.held2 = hold(header), hold(data)
                 t:_own(handle)
@@ -473,9 +478,10 @@ function M.install(U)
             end
             return handle
         end
+        local started = rc > 0
         rc = run_op(w, t, rc, ep, header, data)
         if rc < 0 then
-            return send_failed(ep, "am_send", rc)
+            return send_failed(ep, "am_send", rc, started)
         end
         return true
     end
@@ -547,7 +553,7 @@ function M.install(U)
         end
         self.header, self.data, self.held1, self.held2 = nil, nil, nil, nil
         if rc < 0 then
-            return send_failed(self.ep, "am_send", rc)
+            return send_failed(self.ep, "am_send", rc, self.started)
         end
         return true
     end
