@@ -273,6 +273,36 @@ describe("UCX", function()
         close_pair(p)
     end))
 
+    it("gives a send handle's result after its worker closed, when the send had completed", async(function()
+        -- (it said the send failed, ECANCELED, when no sweep had taken the
+        -- result before the close: a caller would send it again)
+        local ctx = assert(ucx.Context.new())
+        local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local s = sw:am_stream(1)
+        local ep = assert(cw:connect_addr(sw:address()))
+        local h = ep:am_send_nb(1, "hdr", ("p"):rep(100000), false, "eager")
+        assert.equal(100000, #assert(s:wait_msg()):data())
+        while cw:stats().ops_in_flight > 0 do pluvio.sleep(0.001) end
+        ep:close()
+        cw:close()
+        assert.is_true(h:wait())
+        sw:close(); ctx:close()
+    end))
+
+    it("lets only the task that started a send wait for it, also once it is over", async(function()
+        local p = pair()
+        for _, data in ipairs({ "small", ("x"):rep(1048576) }) do     -- (done at once, and in flight)
+            local h = p.ep:am_send_nb(1, "", data)
+            local other = pluvio.spawn(function() return pcall(h.wait, h) end)
+            local ok, err = other:join()
+            assert.is_false(ok)
+            assert.matches("SendHandle:wait: only the task that started the send can wait for it", err, 1, true)
+            assert(p.stream:wait_msg()):release()
+            assert.is_true(h:wait())
+        end
+        close_pair(p)
+    end))
+
     it("cancels a send handle's wait left in a plain coroutine, and the handle then says so", async(function()
         local p = pair()
         -- rendezvous data stays with the sender until the receiver pulls it

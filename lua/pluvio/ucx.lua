@@ -672,6 +672,17 @@ function Worker:close()
     if not self.w then
         return false
     end
+    -- they wait in the runtime progressing it (else in the running one)
+    local rt = self.reactor and self.reactor.attached[1] or pluvio.runtime()
+    local settle_sends_of = M._internal.settle_sends_of
+    if settle_sends_of then
+        local now = pluvio.runtime()
+        local rts = { rt }      -- (rt may be nil: { nil } is empty)
+        if now and now ~= rt then
+            rts[#rts + 1] = now
+        end
+        settle_sends_of(self, rts)
+    end
     for ep in walk, self.eps do ep.h, ep.closed_with_worker = nil, true end
     for l in walk, self.listeners do l.i = nil end
     for _, s in walk, self.streams do s.open = false end
@@ -679,8 +690,6 @@ function Worker:close()
     ffi.gc(w, nil)
     self.w = nil            -- first: the tasks it wakes must find it closed
     self.life.open = false
-    -- they wait in the runtime progressing it (else in the running one)
-    local rt = self.reactor and self.reactor.attached[1] or pluvio.runtime()
     if C.pl_ucx_worker_close(w, rt and rt.crt or nil) == 0 then
         limbo_sweep(self, true)     -- its ops are gone with it
     else

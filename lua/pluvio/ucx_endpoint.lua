@@ -431,6 +431,28 @@ function M.install(U)
         t.nb_sweep_at = math.max(NB_SWEEP_MIN, 2 * kept)
     end
 
+    -- The worker w is closing: the sends from am_send_nb nobody has waited
+    -- for yet that completed take their results now (wait() returns them),
+    -- as a sweep would have; the closed worker's ops go with it, and wait()
+    -- said a send the peer had received failed (ECANCELED), a caller that
+    -- sent it again sending it twice.  The tasks of the runtimes that may
+    -- hold such handles are looked through (once, at the close).
+    local function settle_sends_of(w, rts)
+        local ww, result = w.w, w.result
+        for _, rt in ipairs(rts) do
+            for _, t in walk, rt.slots do
+                local list = t.nb_sends
+                for i = 1, list and #list or 0 do
+                    local h = list[i]
+                    if h.op > 0 and h.ep.worker == w and C.pl_ucx_op_take(ww, h.op, result) ~= 0 then
+                        t:_disown(h)
+                        settle_handle(h, w, result.status)
+                    end
+                end
+            end
+        end
+    end
+
     local function start_send(fname, nb, ep, id, header, data, need_reply, proto, len)
         live_ep(fname, ep)
         check.integer(fname, "id", id, 0, MAX_AM_ID)
@@ -518,12 +540,12 @@ function M.install(U)
     function Handle:wait()
         check.self("SendHandle:wait", self, Handle, "a send handle")
         local rc = self.op
+        local t = io_task("SendHandle:wait")
+        if t ~= self.owner then     -- (also once the send is over: the rule does not depend on timing)
+            error("SendHandle:wait: only the task that started the send can wait for it", 2)
+        end
         if rc > 0 then
-            local t = io_task("SendHandle:wait")
             local w = self.ep.worker
-            if t ~= self.owner then
-                error("SendHandle:wait: only the task that started the send can wait for it", 2)
-            end
             t:_disown(self)     -- from here a kill abandons the op through t.io_op
             t.io_reactor = w
             t.io_op = rc
@@ -673,6 +695,7 @@ function M.install(U)
     end
 
     I.collect_dropped, I.no_ep_room, I.start_send = collect_dropped, no_ep_room, start_send
+    I.settle_sends_of = settle_sends_of
 end
 
 return M
