@@ -95,8 +95,8 @@ demo: check-deps all ## install missing packages (as root), build, then stream a
 bench: check-deps all ## (6 to 9 minutes) Pluvio vs fio, a C liburing loop and ucx_perftest; writes docs/PERFORMANCE.md
 	$(HOST) examples/bench_compare.lua $(BENCH_FLAGS)
 
-bench-quick: check-deps all ## the same in under a minute (1 round, short runs)
-	$(HOST) examples/bench_compare.lua --quick $(BENCH_FLAGS)
+bench-quick: check-deps all ## the same in under a minute (1 round, short runs); writes build/PERFORMANCE-quick.md, not docs/
+	$(HOST) examples/bench_compare.lua --quick --output $(BUILD)/PERFORMANCE-quick.md $(BENCH_FLAGS)
 
 lint: ## cppcheck the C core (needs cppcheck, which deps leaves out)
 	@command -v $(CPPCHECK) >/dev/null || \

@@ -29,7 +29,18 @@ end
 
 local root = (debug.getinfo(1, "S").source:match("^@(.*)/examples/") or ".")
 local host = arg[-1] and arg[-1]:match("pluvio$") and arg[-1] or (root .. "/build/pluvio")
-local c_loop = root .. "/build/uring_c_bench"
+local c_loop = (host:match("^(.*)/[^/]*$") or (root .. "/build")) .. "/uring_c_bench"   -- (beside the host)
+
+-- The report's path (relative ones from the checkout's root), checked now:
+-- found unwritable after a 9-minute run, the run was lost.
+local output = o.output ~= "-" and (o.output:sub(1, 1) == "/" and o.output or (root .. "/" .. o.output)) or nil
+if output then
+    local err = bench.writable(output)
+    if err then
+        io.stderr:write(("bench_compare: --output: cannot write %s (%s)\n"):format(output, err))
+        os.exit(2)
+    end
+end
 
 local function sh_out(cmd)
     local p = io.popen(cmd .. " 2>&1")
@@ -531,8 +542,12 @@ if o.output ~= "-" then
     end
     doc[#doc + 1] = ""
     doc[#doc + 1] = ("Total time: %d s."):format(os.time() - t_start)
-    local path = o.output:sub(1, 1) == "/" and o.output or (root .. "/" .. o.output)
-    local f = assert(io.open(path, "w"))
+    local path = output
+    local f, err = io.open(path, "w")
+    if not f then       -- (writable at the start: removed or made read-only since)
+        io.stderr:write(("bench_compare: cannot write %s (%s)\n"):format(path, tostring(err)))
+        os.exit(1)
+    end
     f:write(table.concat(doc, "\n"), "\n")
     f:close()
     note("bench_compare: wrote %s", path)

@@ -27,7 +27,7 @@ local spec = {
         { "dir", "string", nil, "where the files go (default: a temporary directory)" },
         { "direct", "flag", false, "O_DIRECT on both files" },
         { "server", "flag", false, "be the receiving end (prints its port)" },
-        { "host", "string", "127.0.0.1", "address --server listens on (0.0.0.0: all of them)" },
+        { "host", "string", "127.0.0.1", "address --server listens on (0.0.0.0: all of them)", nonempty = true },
         { "port", "integer", 0, "port for --server (0: any)", min = 0, max = 65535 },
         { "connect", "string", nil, "send to a --server at HOST:PORT" },
         { "keep", "flag", false, "keep the files" },
@@ -85,7 +85,7 @@ if o.server and o.connect then fail("choose --server or --connect, not both") en
 local connect_host, connect_port
 if o.connect then       -- checked before anything is generated
     connect_host, connect_port = bench.host_port(o.connect)
-    if not connect_host then fail("--connect must be HOST:PORT (got " .. o.connect .. ")") end
+    if not connect_host then fail("--connect must be HOST:PORT, the port from 1 to 65535 (got " .. o.connect .. ")") end
 end
 
 local DATA, ACK, DONE, RESULT, HELLO = 20, 21, 22, 23, 24

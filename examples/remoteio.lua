@@ -30,7 +30,7 @@ local spec = {
         { "window", "integer", 8, "requests in flight", min = 1, max = 256 },
         { "loopback", "flag", false, "both ends in this process (the default)" },
         { "server", "flag", false, "serve requests on --port until the client says goodbye" },
-        { "host", "string", "127.0.0.1", "address --server listens on (0.0.0.0: all of them)" },
+        { "host", "string", "127.0.0.1", "address --server listens on (0.0.0.0: all of them)", nonempty = true },
         { "port", "integer", 0, "port for --server (0: any, printed)", min = 0, max = 65535 },
         { "connect", "string", nil, "HOST:PORT of a --server" },
         { "direct", "flag", false, "O_DIRECT files" },
@@ -96,7 +96,7 @@ local open = o.direct and uring.DmaFile.open or uring.File.open
 local connect_host, connect_port
 if o.connect then       -- checked before anything is made
     connect_host, connect_port = bench.host_port(o.connect)
-    if not connect_host then fail("--connect must be HOST:PORT (got " .. o.connect .. ")") end
+    if not connect_host then fail("--connect must be HOST:PORT, the port from 1 to 65535 (got " .. o.connect .. ")") end
 end
 
 local dir = o.dir

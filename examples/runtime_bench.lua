@@ -21,7 +21,8 @@ local spec = {
         { "quick", "flag", false, "small sizes (about a second in all)" },
         { "gc-pause", "integer", 0, "LuaJIT's collectgarbage('setpause') (0: leave the default, 200); with\n" ..
           "                           100k live tasks the collector's largest steps take tens of ms\n" ..
-          "                           (tasks due meanwhile wake that late): a larger pause runs fewer cycles" },
+          "                           (tasks due meanwhile wake that late): a larger pause runs fewer cycles",
+          min = 0, max = 1000000 },
         { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)", out = true },
     },
 }

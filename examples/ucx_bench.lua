@@ -23,7 +23,7 @@ local spec = {
         { "loopback", "flag", false, "server and client in this process (default when neither --server nor --connect)" },
         { "server", "flag", false, "serve clients until one says goodbye" },
         { "connect", "string", nil, "HOST:PORT of a --server" },
-        { "host", "string", "127.0.0.1", "address the server listens on" },
+        { "host", "string", "127.0.0.1", "address the server listens on", nonempty = true },
         { "port", "integer", 0, "port the server listens on (0: any; printed)", min = 0, max = 65535 },
         { "test", "string", "both", "lat, bw or both", choices = { "lat", "bw", "both" } },
         { "transport", "string", "address", "address: exchange worker addresses over the socket and use\n" ..
@@ -63,7 +63,7 @@ if roles > 1 then fail("choose one of --loopback, --server and --connect") end
 local connect_host, connect_port
 if o.connect then
     connect_host, connect_port = bench.host_port(o.connect)
-    if not connect_host then fail("--connect must be HOST:PORT (got " .. o.connect .. ")") end
+    if not connect_host then fail("--connect must be HOST:PORT, the port from 1 to 65535 (got " .. o.connect .. ")") end
 end
 
 if o.transport ~= "address" and o.transport ~= "socket" then

@@ -106,6 +106,16 @@ local function prepare()
     return true
 end
 
+-- The buffer pool (--iodepth + 2 buffers of --bs) is registered at the
+-- first acquire: when the kernel refuses it, say so here, in one line.
+do
+    local ok, err = pcall(function() reactor:acquire_buffer():release() end)
+    if not ok then
+        fail(tostring(err):gsub("^[^:]*:%d+: ", "", 1) .. " (with --bs " .. o.bs .. " and --iodepth " ..
+             o.iodepth .. ")")
+    end
+end
+
 -- (--rw rw reads as well: its reads need the data there, or they would
 -- read nothing past the end of a shorter file)
 if not writes or o.rw == "rw" or o.verify or temp then

@@ -100,6 +100,10 @@ static pl_hist_t *hist;
  * on stderr. */
 static int setup(const char *path, const char *rw, long bsize, long depth, long size, int direct)
 {
+    if (bsize <= 0 || depth <= 0) {     /* (a block count divides by it) */
+        fprintf(stderr, NAME ": the block size and the queue depth must be at least 1\n");
+        return 1;
+    }
     bs = bsize;
     writing = !strcmp(rw, "write");
     randomly = !strcmp(rw, "randread");     /* (not a strcmp per op in the yardstick) */
@@ -121,7 +125,10 @@ static int setup(const char *path, const char *rw, long bsize, long depth, long 
         blocks = (uint64_t)size / (uint64_t)bs;
     }
     if (!writing && blocks == 0) {
-        fprintf(stderr, NAME ": %s is smaller than one block\n", path);
+        if (size > 0)
+            fprintf(stderr, NAME ": --size %ld is smaller than one block (%ld bytes)\n", size, bsize);
+        else
+            fprintf(stderr, NAME ": %s is smaller than one block\n", path);
         return 1;
     }
     if (writing && blocks == 0)

@@ -17,7 +17,7 @@ local o = bench.parse_args({
             "Page-cache random reads from LuaJIT on uring_c_bench's loop: a coroutine per read, nothing else.",
     options = {
         { "file", "string", nil, "the file to read (made beforehand, e.g. by uring_bench.lua)" },
-        { "bs", "size", 4096, "block size" },
+        { "bs", "size", 4096, "block size", min = 512, max = 1073741824 },
         { "size", "size", 0, "read the first SIZE bytes (0: the whole file)" },
         { "iodepth", "integer", 32, "reads in flight, a coroutine each", min = 1, max = 4096 },
         { "runtime", "number", 2, "seconds to run", min = 0.01, max = 1e6 },
@@ -36,8 +36,12 @@ int uring_floor_wait(int *slots);
 double uring_floor_now(void);
 void uring_floor_close(void);
 ]]
+-- uring_floor.so is built beside the host running us (build/, or
+-- build-asan/ for the sanitizer run), wherever we are started from.
+local host_dir = arg and arg[-1] and arg[-1]:match("^(.*)/pluvio$")
+local lib_dir = os.getenv("PLUVIO_LIB") and os.getenv("PLUVIO_LIB"):match("^(.*)/[^/]*$")
 local here = (arg and arg[0] or ""):match("^(.*)/examples/[^/]*$") or "."
-local F = ffi.load(here .. "/build/uring_floor.so")
+local F = ffi.load((host_dir or lib_dir or here .. "/build") .. "/uring_floor.so")
 if F.uring_floor_open(o.file, o.bs, o.iodepth, o.size) ~= 0 then
     F.uring_floor_close()
     os.exit(1)      -- (it said why)

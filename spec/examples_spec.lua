@@ -729,3 +729,28 @@ describe("pluvio.bench", function()
                          "bench.json_decode: text must be a string (got nil)")
     end)
 end)
+
+describe("the examples' options", function()
+    -- Each bad option: one line naming it and exit 2, before anything runs
+    -- (a traceback, a signal, or a report path found unwritable after the run before).
+    it("are checked before anything runs, with one line and exit 2", function()
+        local dat = os.tmpname()
+        for _, case in ipairs({
+            { "uring_floor.lua --file " .. q(dat) .. " --bs 0", "^uring_floor: %-%-bs must be from 512 to" },
+            { "bench_compare.lua --quick --only ucx --output /nonexistent/x.md",
+              "^bench_compare: %-%-output: cannot write /nonexistent/x%.md" },
+            { "ucx_bench.lua --server --host ''", "^ucx_bench: %-%-host must not be empty" },
+            { "pipeline.lua --connect 127.0.0.1:0", "^pipeline: %-%-connect must be HOST:PORT, the port from 1" },
+            { "remoteio.lua --server --host ''", "^remoteio: %-%-host must not be empty" },
+            { "runtime_bench.lua --gc-pause -5", "^runtime_bench: %-%-gc%-pause must be from 0 to" },
+            { "uring_bench.lua --size 2g --bs 1g --bytes 1g --quiet --file " .. q(dat),
+              "^uring_bench: IoUringReactor:acquire_buffer: cannot register 34 buffers of 1073741824 bytes" },
+        }) do
+            local status, _, err = sh(q(helper.host) .. " " .. q(helper.root .. "/examples/") .. case[1])
+            assert.equal(2, status, case[1] .. ": " .. err)
+            assert.matches(case[2], err)
+            assert.equal(1, select(2, err:gsub("\n", "")), case[1] .. ": " .. err)      -- one line
+        end
+        os.remove(dat)
+    end)
+end)

@@ -171,8 +171,27 @@ local function convert(o, name, v)
     return v
 end
 
+-- nil if path can be written (a report's: known before a run, not after
+-- it), else why not.  A file it had to make for the check is removed
+-- again: a run refused for another option leaves nothing behind.
+function M.writable(path)
+    local existed = io.open(path, "r")
+    if existed then
+        existed:close()
+    end
+    local f, err = io.open(path, "a")
+    if not f then
+        return tostring(err)
+    end
+    f:close()
+    if not existed then
+        os.remove(path)
+    end
+    return nil
+end
+
 -- parse_args(spec, argv): spec = { usage = "...", options = { {name, kind,
--- default, help[, min = n][, max = n][, choices = {...}][, out = true]},
+-- default, help[, min = n][, max = n][, choices = {...}][, out = true][, nonempty = true]},
 -- ... } } with kind "string", "integer", "number" (decimal, finite),
 -- "size", "flag" or "list" (comma-separated sizes).  min / max bound a
 -- value, choices lists the allowed ones, out marks a path the script will
@@ -259,12 +278,14 @@ function M.parse_args(spec, argv)
                     or format("from %s to %s", tostring(o.min), tostring(o.max))
                 fail(format("--%s must be %s (got %s)", name, bound, tostring(v)))
             end
+            if o.nonempty and v == "" then
+                fail(format("--%s must not be empty", name))
+            end
             if o.out and v ~= "-" then       -- a report path: find out now, not after the run
-                local f, err = io.open(v, "a")
-                if not f then
-                    fail(format("--%s: cannot write %s (%s)", name, v, tostring(err)))
+                local err = M.writable(v)
+                if err then
+                    fail(format("--%s: cannot write %s (%s)", name, v, err))
                 end
-                f:close()
             end
             opts[key] = v
         end
@@ -274,11 +295,11 @@ function M.parse_args(spec, argv)
 end
 
 -- host_port("HOST:PORT" or "[v6]:PORT"): host and port, or nil when the
--- text is not that (port 0 to 65535).
+-- text is not that (a port to connect to: 1 to 65535).
 function M.host_port(s)
     local host, port = tostring(s):match("^%[?([^%]]+)%]?:(%d+)$")
     port = tonumber(port)
-    if not host or not port or port > 65535 then
+    if not host or not port or port < 1 or port > 65535 then
         return nil
     end
     return host, port
