@@ -56,7 +56,7 @@ if o.iters < 1 then fail("--iters must be >= 1") end
 if o.window < 1 or o.window > 4096 then fail("--window must be from 1 to 4096") end
 if o.warmup < 0 then fail("--warmup must be >= 0") end
 for _, s in ipairs(o.sizes) do
-    if s < 0 or s > 1073741824 then fail("--sizes must be from 0 to 1g") end
+    if s < 0 or s > 1073741824 then fail("--sizes must each be from 0 to 1g (got " .. s .. ")") end
 end
 local roles = (o.server and 1 or 0) + (o.connect and 1 or 0) + (o.loopback and 1 or 0)
 if roles > 1 then fail("choose one of --loopback, --server and --connect") end
