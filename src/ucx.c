@@ -293,14 +293,17 @@ void ucx_waitq_wake_all(pl_ucx_worker_t *w, struct ucx_waitq *q)
     }
 }
 
-/* (slot, gen) stops waiting (killed): its entries wake nobody. */
-void ucx_waitq_forget(struct ucx_waitq *q, uint32_t slot, uint32_t gen)
+/* (slot, gen) stops waiting (killed): its entries wake nobody, and when
+ * there is something to take (more) its turn passes on. */
+void ucx_waitq_leave(pl_ucx_worker_t *w, struct ucx_waitq *q, uint32_t slot, uint32_t gen, bool more)
 {
     for (uint32_t k = 0; k < q->len; k++) {
         struct ucx_waiter *wt = &q->ring[(q->head + k) % q->cap];
         if (wt->slot == slot && wt->gen == gen)
             wt->slot = UCX_NONE;
     }
+    if (more)
+        ucx_waitq_wake_one(w, q);
 }
 
 void ucx_waitq_free(struct ucx_waitq *q)

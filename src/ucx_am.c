@@ -634,11 +634,8 @@ void pl_ucx_stream_abandon(pl_ucx_worker_t *w, unsigned id, uint32_t slot, uint3
 {
     struct ucx_stream *s = stream_get(w, id);
 
-    if (!s)
-        return;
-    ucx_waitq_forget(&s->readers, slot, gen);
-    if (s->len > 0)
-        ucx_waitq_wake_one(w, &s->readers);     /* its turn passes on */
+    if (s)
+        ucx_waitq_leave(w, &s->readers, slot, gen, s->len > 0);
 }
 
 /* ---- tags ---------------------------------------------------------------- */

@@ -129,7 +129,7 @@ void ucx_waitq_init(struct ucx_waitq *q, int kind);
 int ucx_waitq_push(struct ucx_waitq *q, uint32_t slot, uint32_t gen);
 void ucx_waitq_wake_one(pl_ucx_worker_t *w, struct ucx_waitq *q);
 void ucx_waitq_wake_all(pl_ucx_worker_t *w, struct ucx_waitq *q);
-void ucx_waitq_forget(struct ucx_waitq *q, uint32_t slot, uint32_t gen);
+void ucx_waitq_leave(pl_ucx_worker_t *w, struct ucx_waitq *q, uint32_t slot, uint32_t gen, bool more);
 void ucx_waitq_free(struct ucx_waitq *q);
 
 struct ucx_listener {

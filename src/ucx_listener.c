@@ -163,11 +163,8 @@ void pl_ucx_listener_abandon(pl_ucx_worker_t *w, int i, uint32_t slot, uint32_t 
 {
     struct ucx_listener *l = listener_get(w, i);
 
-    if (!l)
-        return;
-    ucx_waitq_forget(&l->acceptors, slot, gen);
-    if (l->len > 0)
-        ucx_waitq_wake_one(w, &l->acceptors);
+    if (l)
+        ucx_waitq_leave(w, &l->acceptors, slot, gen, l->len > 0);
 }
 
 /* An endpoint for the oldest connection request whose client is still
