@@ -467,7 +467,7 @@ if #runtime_lines > 0 then
     print(table.concat(runtime_lines, "\n"))
 end
 
-if o.output ~= "-" then
+if output then
     local function first_line(cmd) local s = sh_out(cmd); return (s:gsub("\n.*", "")) end
     local doc = {
         "# Performance",
@@ -542,13 +542,12 @@ if o.output ~= "-" then
     end
     doc[#doc + 1] = ""
     doc[#doc + 1] = ("Total time: %d s."):format(os.time() - t_start)
-    local path = output
-    local f, err = io.open(path, "w")
+    local f, err = io.open(output, "w")
     if not f then       -- (writable at the start: removed or made read-only since)
-        io.stderr:write(("bench_compare: cannot write %s (%s)\n"):format(path, tostring(err)))
+        io.stderr:write(("bench_compare: cannot write %s (%s)\n"):format(output, tostring(err)))
         os.exit(1)
     end
     f:write(table.concat(doc, "\n"), "\n")
     f:close()
-    note("bench_compare: wrote %s", path)
+    note("bench_compare: wrote %s", output)
 end

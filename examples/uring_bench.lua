@@ -148,9 +148,9 @@ local over = false     -- --runtime has passed
 local TICK = 0.005
 local next_tick = bench.stamp_after(TICK)
 
--- The next operation's block, or nil when the run is over.
 local first_error     -- the first worker's failure: the others stop at their next claim
 
+-- The next operation's block, or nil when the run is over.
 local function claim()
     if first_error then
         return nil
