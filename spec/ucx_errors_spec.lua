@@ -136,6 +136,20 @@ describe("UCX misuse and failures", function()
         close_pair(p)
     end))
 
+    it("refuses a listener host that stands for the wildcard address without naming it, as io_uring's", async(function()
+        -- ("0" listened on 0.0.0.0: every interface)
+        local p = pair()
+        for _, host in ipairs({ "0", "00", "0x0", "0.0" }) do
+            assert.same({ nil, "listen on " .. host .. ':0: host "' .. host .. '" stands for the wildcard ' ..
+                          'address (every interface) without naming it; write "0.0.0.0" or "::" to mean every ' ..
+                          'interface', "EINVAL" }, { p.sw:create_listener(host, 0) })
+        end
+        local l = assert(p.sw:create_listener("0.0.0.0", 0))    -- asked for by name: bound
+        assert.matches("^0%.0%.0%.0:%d+$", l:address())
+        l:close()
+        close_pair(p)
+    end))
+
     it("refuses an empty host as the io_uring sockets do, instead of saying it cannot be resolved", async(function()
         local p = pair()
         local got = 'host must be an address or a name, e%.g%. "127%.0%.0%.1" or "::1" %(got ""%)'

@@ -25,6 +25,8 @@ const char *pl_strerror(int err)
     if (err == -PL_EBUFCANCELLED || err == PL_EBUFCANCELLED)
         return "the registered buffer is still used by an operation of a killed task, which the "
                "kernel has not ended yet";
+    if (err == -PL_EWILDCARD || err == PL_EWILDCARD)
+        return "the host stands for the wildcard address (every interface) without naming it";
     return strerror(err < 0 ? -err : err);
 }
 
@@ -37,6 +39,8 @@ const char *pl_errname(int err)
         return "ENOMEM";
     case PL_EBUFCANCELLED:
         return "EBUSY";
+    case PL_EWILDCARD:
+        return "EINVAL";
 #define NAME(e) case e: return #e;
     NAME(EPERM) NAME(ENOENT) NAME(ESRCH) NAME(EINTR) NAME(EIO) NAME(ENXIO)
     NAME(E2BIG) NAME(EBADF) NAME(EAGAIN) NAME(ENOMEM) NAME(EACCES)

@@ -107,6 +107,10 @@ int64_t pl_timer_next(const pl_runtime_t *rt);
 
 /* uring_net.c: a failed getaddrinfo's rc (and errno after it) as -errno */
 int pl_net_gai_errno(int rc, int err);
+/* uring_net.c: does host name the wildcard address sa only by a short form
+ * ("0", "0x0", "0.0": inet_aton's), not by a full numeric address? */
+struct sockaddr;
+bool pl_net_sockaddr_unasked_wildcard(const char *host, const struct sockaddr *sa);
 
 /* ucx_reactor.c: runtime rt is being freed; the UCX reactors and their
  * workers forget it (they outlive the runtimes that poll them) */

@@ -663,6 +663,11 @@ enum { PL_EOPSFULL = 4097, PL_URING_MAX_OPS = 262144, PL_UCX_MAX_OPS = 65536 };
  * buffer that an operation of a killed task still uses (its cancel has not
  * landed).  Not an errno: pl_errname names it EBUSY. */
 enum { PL_EBUFCANCELLED = 4098 };
+/* -PL_EWILDCARD: a UCX listener's host resolved to the wildcard address
+ * (0.0.0.0 or ::) but spelled it only by a short form ("0", "0x0", "0.0"):
+ * refused, as pl_net_unasked_wildcard refuses it for io_uring sockets.  Not
+ * an errno: pl_errname names it EINVAL. */
+enum { PL_EWILDCARD = 4099 };
 const char *pl_strerror(int err);
 const char *pl_errname(int err);
 const char *pl_version(void);

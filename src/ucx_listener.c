@@ -68,6 +68,8 @@ int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
     ucs_status_t st;
     int i, rc = ucx_resolve(host, port, &ss, &len);
 
+    if (rc == 0 && pl_net_sockaddr_unasked_wildcard(host, (const struct sockaddr *)&ss))
+        rc = -PL_EWILDCARD;     /* (as an io_uring listener: uring_net.c) */
     if (rc == 0)
         rc = bind_probe(&ss, len);
     if (rc < 0)

@@ -86,14 +86,13 @@ static const struct sockaddr *net_sockaddr(const pl_net_addr_t *addr)
     return (const struct sockaddr *)addr->storage;
 }
 
-/* Is addr, which host resolved to, the wildcard address without host
+/* Is sa, which host resolved to, the wildcard address without host
  * spelling one out?  getaddrinfo takes inet_aton's short forms, so "0",
  * "0x0" and "0.0" are 0.0.0.0: a port or a count in the wrong place would
  * listen on every interface.  Only a full numeric address (inet_pton's) is
- * taken as asking for the wildcard. */
-int pl_net_unasked_wildcard(const char *host, const pl_net_addr_t *addr)
+ * taken as asking for the wildcard.  (A UCX listener asks it too.) */
+bool pl_net_sockaddr_unasked_wildcard(const char *host, const struct sockaddr *sa)
 {
-    const struct sockaddr *sa = net_sockaddr(addr);
     unsigned char bin[sizeof(struct in6_addr)];
     bool any;
 
@@ -104,8 +103,13 @@ int pl_net_unasked_wildcard(const char *host, const pl_net_addr_t *addr)
     else
         any = false;
     if (!any)
-        return 0;
-    return inet_pton(AF_INET, host, bin) == 1 || inet_pton(AF_INET6, host, bin) == 1 ? 0 : 1;
+        return false;
+    return inet_pton(AF_INET, host, bin) != 1 && inet_pton(AF_INET6, host, bin) != 1;
+}
+
+int pl_net_unasked_wildcard(const char *host, const pl_net_addr_t *addr)
+{
+    return pl_net_sockaddr_unasked_wildcard(host, net_sockaddr(addr)) ? 1 : 0;
 }
 
 static int bound_socket(const pl_net_addr_t *addr, int socktype)

@@ -30,6 +30,14 @@ function M.host_port(host, port)
     return format("%s:%d", host, port)
 end
 
+-- nil, message, "EINVAL" for a listener or socket whose host stands for the
+-- wildcard address without naming it (pl_net_unasked_wildcard).
+function M.wildcard_refused(what, host, port)
+    return nil, format("%s %s: host %s stands for the wildcard address (every interface) without " ..
+                       "naming it; write \"0.0.0.0\" or \"::\" to mean every interface", what,
+                       M.host_port(host, port), show(host)), "EINVAL"
+end
+
 -- Raise "fname: what (got v)" at the user's level (level 3: the user called
 -- fname, fname called the check).
 function M.fail(fname, what, v, level)

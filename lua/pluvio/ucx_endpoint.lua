@@ -208,6 +208,8 @@ function M.install(U)
         end
         if i == ENXIO then
             return unresolved("listen on", host, port)
+        elseif i == -C.PL_EWILDCARD then
+            return check.wildcard_refused("listen on", host, port)
         elseif i == EAFNOSUPPORT then
             return ipv6_refused("listen on", host, port)
         elseif i == EMFILE and count(self.listeners) >= MAX_LISTENERS then    -- (not the process's fds)

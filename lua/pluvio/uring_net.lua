@@ -115,9 +115,7 @@ function M.install(U)
     -- several); ENXIO is the lookup's own (uring_net.c).
     local function host_failed(what, host, port, rc, note)
         if rc == WILDCARD then
-            return nil, format("%s %s: host %s stands for the wildcard address (every interface) " ..
-                               "without naming it; write \"0.0.0.0\" or \"::\" to mean every interface", what,
-                               host_port(host, port), check.show(host)), "EINVAL"
+            return check.wildcard_refused(what, host, port)
         end
         if rc == ENXIO then
             return nil, format("%s %s: cannot resolve host %s (names are looked up with " ..
