@@ -42,6 +42,19 @@ describe("uring.read_some", function()
         assert.matches("^read fd %d+: EBADF", err)
     end))
 
+    it("gives EBADF at once for a pipe's write end, which would never be readable", async(function()
+        -- (it polled for input there for good)
+        local fds = ffi.new("int[2]")
+        assert.equal(0, helper.libc.pipe(fds))
+        local none, err, code = uring.read_some(fds[1], 10)
+        assert.is_nil(none)
+        assert.equal("EBADF", code)
+        assert.equal("read fd " .. fds[1] .. ": EBADF: Bad file descriptor (not open, or open only for writing)", err)
+        helper.libc.write(fds[1], "ok", 2)              -- the pipe itself is as it was
+        assert.equal("ok", uring.read_some(fds[0], 10))
+        helper.libc.close(fds[0]); helper.libc.close(fds[1])
+    end))
+
     it("parks a second reader of the same pipe again when the first took the input", function()
         -- in a process of its own: a read that blocks stops the whole runtime
         local script = tmpfile(".lua")

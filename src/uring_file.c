@@ -24,9 +24,17 @@ int pl_uring_fallocate(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, int m
 }
 
 /* Wait until fd is readable: a poll request in the ring (no worker thread,
- * cancelled at once), whose result is the poll(2) events that fired. */
+ * cancelled at once), whose result is the poll(2) events that fired.  An fd
+ * open only for writing (a pipe's write end) never is: -EBADF, as read(2)
+ * says, instead of a wait for good. */
 int pl_uring_poll_in(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
 {
+    int fl = fcntl(fd, F_GETFL);
+
+    if (fl < 0)
+        return -errno;
+    if ((fl & O_ACCMODE) == O_WRONLY)
+        return -EBADF;
     START_OTHER(io_uring_prep_poll_add(sqe, fd, POLLIN));
 }
 

@@ -23,7 +23,7 @@ local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(
 
 local M = {}
 
-local EAGAIN, ENOBUFS, ENOMEM, EPERM, EBUSY = -11, -105, -12, -1, -16
+local EAGAIN, ENOBUFS, ENOMEM, EPERM, EBUSY, EBADF = -11, -105, -12, -1, -16, -9
 local MAX_IO = 0x7ffff000          -- Linux caps one read/write at this many bytes
 local OP_INLINE = C.PL_URING_OP_INLINE
 -- Scratch memory for read()/write() of strings (core.scratch_pool: page
@@ -598,7 +598,8 @@ function M.read_some(fd, len)
             bounce_put(r, scratch)
         end
     until rc ~= EAGAIN
-    return nil, format("read fd %d: %s", fd, errstr(rc)), ffi_string(C.pl_errname(rc))
+    local note = rc == EBADF and " (not open, or open only for writing)" or ""
+    return nil, format("read fd %d: %s%s", fd, errstr(rc), note), ffi_string(C.pl_errname(rc))
 end
 
 -- What the installed parts (files, sockets, I/O queues) build on; uring_file.lua adds
