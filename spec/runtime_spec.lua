@@ -530,6 +530,35 @@ describe("Runtime:register_reactor", function()
         assert.equal(r, rt:reactor("a"))
     end)
 
+    -- (a reactor under two names was polled twice per tick and its figures
+    -- counted twice; a c_reactor() that gave no vtable raised from the FFI)
+    it("rejects a reactor registered already under another name, and a c_reactor() that gives no vtable", function()
+        local uring = require "pluvio.uring"
+        local rt = pluvio.Runtime.new()
+        local lua_r = { poll = function() return 0 end, status = function() return "idle" end }
+        local io = uring.reactor { buffer_count = 1, buffer_size = 4096 }
+        rt:register_reactor("a", lua_r)
+        rt:register_reactor("io", io)
+        assert.has_error(function() rt:register_reactor("b", lua_r) end,
+            'Runtime:register_reactor: cannot register "b": the reactor is registered on this runtime already, as "a"')
+        assert.has_error(function() rt:register_reactor("c", io) end,
+            'Runtime:register_reactor: cannot register "c": the reactor is registered on this runtime already, as "io"')
+        assert.has_error(function() rt:register_reactor("d", io:c_reactor()) end,       -- its vtable alone
+            'Runtime:register_reactor: cannot register "d": the reactor is registered on this runtime already, as "io"')
+        for _, bad in ipairs({ 5, "x" }) do
+            assert.has_error(function() rt:register_reactor("e", { c_reactor = function() return bad end }) end,
+                "Runtime:register_reactor: reactor:c_reactor() must return a pl_reactor_t * (got " ..
+                require("pluvio.check").show(bad) .. ")")
+        end
+        assert.is_nil(rt:reactor("b") or rt:reactor("c") or rt:reactor("d") or rt:reactor("e"))
+        assert.same({ "a", "io" }, (function()
+            local names = {}
+            for name in pairs(rt:stats().reactors) do names[#names + 1] = name end
+            table.sort(names)
+            return names
+        end)())
+    end)
+
     it("rejects a name with a NUL byte, which C would register as the part before it", function()
         local rt = pluvio.Runtime.new()
         local uring = require "pluvio.uring"

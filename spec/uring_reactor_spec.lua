@@ -33,6 +33,40 @@ describe("IoUringReactor", function()
         assert.equal(uring.DEFAULTS.buffer_size, r2:options().buffer_size)
     end)
 
+    -- attach(other) while the reactor's runtime ran took the reactor from
+    -- under it: its next file operation said "opened in another runtime";
+    -- an I/O queue on a reactor of another runtime took ops whose
+    -- completions that runtime reaped (a deadlock report).
+    it("refuses attach(rt) and io_queue() while the reactor serves another runtime", function()
+        local r = uring.reactor { buffer_count = 1, buffer_size = 4096 }
+        local rt, other = pluvio.Runtime.new(), pluvio.Runtime.new()
+        rt:register_reactor("io_uring", r)
+        local unregistered = uring.reactor { buffer_count = 1, buffer_size = 4096 }
+        assert.equal("ok", rt:run(function()
+            local ok, err = pcall(r.attach, r, other)
+            assert.is_false(ok)
+            assert.matches("IoUringReactor:attach: this io_uring reactor is registered on another runtime, " ..
+                           "which is running", err, 1, true)
+            local f = assert(uring.File.open("/etc/hostname"))     -- still this runtime's
+            assert.is_string(f:read(0, 1))
+            f:close()
+            local q = r:io_queue()          -- its own reactor: fine
+            q:close()
+            return "ok"
+        end))
+        other:register_reactor("io_uring", uring.reactor { buffer_count = 1, buffer_size = 4096 })
+        assert.equal("ok", other:run(function()
+            for _, which in ipairs({ { r, "another runtime" }, { unregistered, "no runtime" } }) do
+                local ok, err = pcall(which[1].io_queue, which[1])
+                assert.is_false(ok)
+                assert.matches("IoUringReactor:io_queue: the reactor is registered on " .. which[2] ..
+                               " (a queue's operations complete in the runtime the reactor is registered on: " ..
+                               "use uring.io_queue() for this one's)", err, 1, true)
+            end
+            return "ok"
+        end))
+    end)
+
     -- attach(rt) with a table that was no runtime handed C a NULL runtime:
     -- the reactor was silently detached from its own, and the next file
     -- operation said the file "was opened in another runtime"; c_reactor

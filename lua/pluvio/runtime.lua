@@ -98,12 +98,27 @@ function Runtime:set_spin(seconds)
     C.pl_runtime_set_spin(self.crt, seconds)
 end
 
-local function c_reactor_of(r)
+local function c_reactor_of(r, fname)
     if type(r) == "cdata" and ffi.istype("pl_reactor_t *", r) then
         return r
     end
     if type(r) == "table" and type(r.c_reactor) == "function" then
-        return r:c_reactor()
+        local cr = r:c_reactor()
+        if not (type(cr) == "cdata" and ffi.istype("pl_reactor_t *", cr)) then
+            error(format("%s: reactor:c_reactor() must return a pl_reactor_t * (got %s)", fname,
+                         check.show(cr)), 3)
+        end
+        return cr
+    end
+    return nil
+end
+
+-- The name reactor (or its C vtable) is registered under on rt, or nil.
+local function registered_as(rt, reactor, cr)
+    for name, r in walk, rt.reactors do
+        if r == reactor or (cr ~= nil and c_reactor_of(r, "Runtime:register_reactor") == cr) then
+            return name
+        end
     end
     return nil
 end
@@ -132,7 +147,12 @@ function Runtime:register_reactor(name, reactor)
     if self.reactors[name] then
         error(fname .. ": a reactor named " .. check.show(name) .. " is already registered", 2)
     end
-    local cr = c_reactor_of(reactor)
+    local cr = c_reactor_of(reactor, fname)
+    local as = registered_as(self, reactor, cr)
+    if as then      -- (it would be polled once per name, its figures counted as often)
+        error(fname .. ": cannot register " .. check.show(name) .. ": the reactor is registered on " ..
+              "this runtime already, as " .. check.show(as), 2)
+    end
     if cr then
         local refused = attach_refusal(reactor, self)
         if refused then

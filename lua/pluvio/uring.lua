@@ -260,6 +260,10 @@ function IoUringReactor:attach(rt)
     if getmetatable(rt) ~= pluvio.Runtime then    -- (a table without crt detached the reactor)
         error(format("IoUringReactor:attach: rt must be a runtime (got %s)", type(rt)), 2)
     end
+    local refused = self:_attach_refused(rt)    -- (register_reactor and run ask first)
+    if refused then
+        error("IoUringReactor:attach: " .. refused, 2)
+    end
     C.pl_uring_attach(self.u, rt.crt)
     self.rt = rt
 end

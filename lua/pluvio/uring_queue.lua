@@ -104,7 +104,13 @@ function M.install(U)
     -- reactor:io_queue(): an I/O queue on this reactor for the running task.
     function IoUringReactor:io_queue()
         check.self("IoUringReactor:io_queue", self, IoUringReactor, "an io_uring reactor")
-        local t = running_task("IoUringReactor:io_queue")
+        local t, rt = running_task("IoUringReactor:io_queue")
+        if self.rt ~= rt then       -- its completions would reach that runtime only, or none
+            error("IoUringReactor:io_queue: the reactor is " ..
+                  (self.rt and "registered on another runtime" or "registered on no runtime") ..
+                  " (a queue's operations complete in the runtime the reactor is registered on: use " ..
+                  "uring.io_queue() for this one's)", 2)
+        end
         local q = new_queue("IoUringReactor:io_queue", self, t)
         return q        -- (not a tail call: new_queue's error names our caller's line)
     end
