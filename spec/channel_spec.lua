@@ -130,6 +130,9 @@ describe("pluvio.channel", function()
         assert.has_error(function() pluvio.channel(-2) end, msg:format("-2"))
         assert.has_error(function() pluvio.channel(1.5) end, msg:format("1.5"))
         assert.has_error(function() pluvio.channel("x") end, msg:format('"x"'))
+        -- the module's own constructor says its own name (it said "pluvio.channel")
+        assert.has_error(function() require("pluvio.channel").new(0) end,
+            "channel.new: capacity must be an integer from 1 to 2147483648 (got 0)")
     end)
 
     it("rejects a NULL pointer as capacity, though it compares equal to nil, the default", function()

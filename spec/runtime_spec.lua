@@ -215,6 +215,17 @@ describe("Runtime:run", function()
         local ok, err = pcall(rt.run, rt, function() return rt:run(function() end) end)
         assert.is_false(ok)
         assert.matches("Runtime:run: this runtime is already running", err)
+        for _, m in ipairs({ "run", "block_on" }) do    -- at the caller's line (it had no position)
+            local line
+            ok, err = pcall(rt.run, rt, function()
+                line = debug.getinfo(1, "l").currentline + 1
+                local x = rt[m](rt, function() end)
+                return x
+            end)
+            assert.is_false(ok)
+            assert.equal(("spec/runtime_spec.lua:%d: Runtime:%s: this runtime is already running (a task cannot " ..
+                          "run its own runtime)"):format(line, m), err:match("^[^\n]*"))  -- (the task's traceback follows)
+        end
     end)
 
     it("runs a runtime inside a task of another, blocking that task until done", function()
@@ -923,5 +934,13 @@ describe("the FFI boundary", function()
         local region = h:match("\n/%* PL_CDEF_BEGIN %*/\n(.-)/%* PL_CDEF_END %*/\n")
         assert.is_string(region)
         assert.equal(region, require("pluvio.cdef"))
+    end)
+end)
+
+describe("pluvio.now and bench.stamp", function()
+    it("ignore arguments, as Lua functions do (the FFI functions raised at one)", function()
+        local before = pluvio.now()
+        assert.is_true(pluvio.now(1) >= before)
+        assert.is_true(require("pluvio.bench").stamp(1) > 0)
     end)
 end)

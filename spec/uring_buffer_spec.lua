@@ -259,6 +259,45 @@ describe("registered buffers", function()
             assert.has_error(function() b:release() end, "Buffer:release: the buffer was already released")
         end)
     end)
+
+    -- (the memory methods raised at their own line in uring_buffer.lua; a
+    -- missing buffer argument was "expected a registered buffer", naming no
+    -- argument, and a DmaFile's errors said "File:")
+    it("point misuse at the caller's line, and name the argument and the file's kind", async(function()
+        local r = uring.current()
+        local b, rel = r:acquire_buffer(), r:acquire_buffer()
+        rel:release()
+        local function where(f)
+            local ok, err = pcall(f)
+            assert.is_false(ok)
+            return err:match("^([^:]*:%d+): (.*)$")
+        end
+        local here = debug.getinfo(1, "S").short_src
+        for _, m in ipairs({ "ptr", "fill", "write", "tostring", "checksum", "fill_pattern", "size" }) do
+            local line = debug.getinfo(1, "l").currentline + 1
+            local at, msg = where(function() local x = rel[m](rel, 1); return x end)
+            assert.equal(here .. ":" .. line, at)
+            assert.equal("Buffer:" .. m .. ": the buffer was released", msg)
+            line = debug.getinfo(1, "l").currentline + 1
+            at, msg = where(function() local x = b[m](nil, 1); return x end)
+            assert.equal(here .. ":" .. line, at)
+            assert.equal(("Buffer:%s: call it as a method on a registered buffer (buf:%s(...)); got nil as self")
+                         :format(m, m), msg)
+        end
+        local path = tmpfile()
+        local plain = assert(uring.File.open(path, "w+"))
+        local direct = assert(uring.DmaFile.open(path, "r+"))
+        assert.has_error(function() plain:read_fixed(nil, 0) end,
+                         "File:read_fixed: buf must be a registered buffer (got nil)")
+        assert.has_error(function() direct:write_fixed(rel, 0) end, "DmaFile:write_fixed: the buffer was released")
+        assert.has_error(function() direct:write(0, 5) end, "DmaFile:write: data must be a string (got number)")
+        assert.has_error(function() direct:readv(0, b) end,
+                         "DmaFile:readv: parts must be a list of registered buffers (got a single buffer: write {buf})")
+        assert.has_error(function() direct:writev(0, {}) end, "DmaFile:writev: parts must hold 1 to 16 entries (got 0)")
+        plain:close(); direct:close()
+        uring.unlink(path)
+        b:release()
+    end))
 end)
 
 describe("the registered-buffer path", function()

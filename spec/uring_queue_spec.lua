@@ -440,7 +440,7 @@ describe("IoQueue", function()
             assert.error_matches(function() q:write_fixed(f, "buf", 0) end,
                 "IoQueue:write_fixed: expected a registered buffer %(got string%)")
             assert.error_matches(function() q:read_fixed(f, buf, -1) end,
-                "IoQueue:read_fixed: offset must be an integer >= 0 %(got %-1%)")
+                "IoQueue:read_fixed: offset must be an integer from 0 to 2%^62 %(got %-1%)")
             assert.error_matches(function() q:read_fixed(f, buf, 0, buf:size() + 1) end,
                 "IoQueue:read_fixed: length must be an integer from 0 to")
             assert.error_matches(function() q:read_fixed(d, buf, 100, 4096) end,

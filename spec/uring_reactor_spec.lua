@@ -104,6 +104,19 @@ describe("IoUringReactor", function()
             assert.is_false(ok)
             assert.matches("uring.reactor: uring.DEFAULTS: queue_size must be an integer from 1 to 32768", err, 1, true)
         end
+        -- (one set to nil was not checked: C took 0 buffers, or a format raised)
+        uring.DEFAULTS.queue_size = nil
+        local ok, err = pcall(uring.reactor)
+        assert.is_false(ok)
+        assert.matches("uring.reactor: uring.DEFAULTS: queue_size must be an integer from 1 to 32768 (got nil)",
+                       err, 1, true)
+        uring.DEFAULTS.queue_size = saved
+        local sqpoll = uring.DEFAULTS.sqpoll
+        uring.DEFAULTS.sqpoll = nil
+        ok, err = pcall(uring.reactor)
+        uring.DEFAULTS.sqpoll = sqpoll
+        assert.is_false(ok)
+        assert.matches("uring.reactor: uring.DEFAULTS: sqpoll must be a boolean (got nil)", err, 1, true)
     end)
 
     it("runs the seed's example as written", function()

@@ -142,7 +142,7 @@ describe("readv and writev", function()
         assert.has_error(function() f:readv(0, { a }, { 2, 4096 }) end,
             "File:readv: lens has 2 entries for 1 part (one byte count per part)")
         assert.has_error(function() f:writev(-1, { "abc" }) end,
-            "File:writev: offset must be an integer >= 0 (got -1)")
+            "File:writev: offset must be an integer from 0 to 2^62 (got -1)")
         -- errors name the caller's line, not the library's
         for _, call in ipairs({
             function() local n = f:readv(0, "x"); return n end,

@@ -23,14 +23,14 @@ local MAX_CAPACITY = 2 ^ 31
 -- capacity): a wake-up from a channel it is queued on matches only that.
 local ANY_ARG = -1
 
-local function new_channel(capacity, level)
+local function new_channel(fname, capacity, level)
     if type(capacity) == "nil" then     -- (not == nil: a NULL pointer equals nil)
         capacity = 1
     end
     if type(capacity) ~= "number" or capacity ~= capacity or capacity % 1 ~= 0
         or capacity < 1 or capacity > MAX_CAPACITY then
-        error(format("pluvio.channel: capacity must be an integer from 1 to %d (got %s)",
-                     MAX_CAPACITY, check.show(capacity)), level)
+        error(format("%s: capacity must be an integer from 1 to %d (got %s)",
+                     fname, MAX_CAPACITY, check.show(capacity)), level)
     end
     return setmetatable({
         cap = capacity, buf = {}, head = 1, count = 0, closed = false,
@@ -43,13 +43,13 @@ end
 -- new(capacity): capacity is an integer >= 1 (how many values it holds
 -- before send parks); default 1.
 function M.new(capacity)
-    local ch = new_channel(capacity, 3)
+    local ch = new_channel("channel.new", capacity, 3)
     return ch
 end
 
 -- For pluvio.channel, one call deeper.
 function M._new(capacity, level)
-    local ch = new_channel(capacity, level + 1)
+    local ch = new_channel("pluvio.channel", capacity, level + 1)
     return ch
 end
 

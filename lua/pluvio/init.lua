@@ -191,7 +191,12 @@ function M.yield()
 end
 
 -- Monotonic seconds (CLOCK_MONOTONIC, sub-microsecond resolution).
-M.now = C.pl_now
+-- (a Lua function, not the FFI one: that raised "wrong number of arguments"
+-- at an argument; the JIT compiles the call to the same code)
+local pl_now = C.pl_now
+function M.now()
+    return pl_now()
+end
 
 -- pluvio.sleep(seconds): seconds is a finite number >= 0; 0 yields once.
 function M.sleep(seconds)

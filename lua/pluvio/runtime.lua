@@ -488,7 +488,7 @@ local function drive(rt, fname, until_all, fn, ...)
     check.self(fname, rt, Runtime, "a runtime")
     check.func(fname, "fn", fn)
     if rt.running then
-        error(fname .. ": this runtime is already running (a task cannot run its own runtime)", 3)
+        error(fname .. ": this runtime is already running (a task cannot run its own runtime)", 2)   -- (drive is tail-called: 2 is the user)
     end
     reclaim_reactors(rt, fname)
     local outer_rt = task.current_rt()

@@ -112,8 +112,14 @@ end
 
 local function new_reactor(fname, opts)
     local o = {}
-    for k, v in walk, M.DEFAULTS do     -- public: a script may have changed them
+    local defaults = M.DEFAULTS         -- public: a script may have changed them
+    for k, v in walk, defaults do
         o[k] = check_option(fname .. ": uring.DEFAULTS", k, v)
+    end
+    for k in walk, OPTION_RULES do      -- (one set to nil is not walked above)
+        if o[k] == nil then
+            check_option(fname .. ": uring.DEFAULTS", k, defaults[k])
+        end
     end
     if type(opts) ~= "nil" then     -- (not ~= nil: a NULL pointer equals nil)
         if type(opts) ~= "table" then

@@ -18,12 +18,17 @@ local Buffer = {}
 Buffer.__index = Buffer
 M.Buffer = Buffer
 
-local function live_buffer(fname, b)
+local function live_buffer(fname, b, argname, level)
+    level = level or 3
     if getmetatable(b) ~= Buffer then
-        error(format("%s: expected a registered buffer (got %s)", fname, type(b)), 3)
+        if argname then
+            error(format("%s: %s must be a registered buffer (got %s)", fname, argname, type(b)), level)
+        end
+        error(format("%s: call it as a method on a registered buffer (buf:%s(...)); got %s as self", fname,
+                     fname:match(":(.*)$"), type(b)), level)
     end
     if not b.base then
-        error(fname .. ": the buffer was released" .. (b.gone or ""), 3)
+        error(fname .. ": the buffer was released" .. (b.gone or ""), level)
     end
     return b
 end
@@ -35,7 +40,7 @@ end
 -- buffer's memory is refused (below) and an operation started on it waits
 -- (settle).
 local function usable(fname, b)
-    live_buffer(fname, b)
+    live_buffer(fname, b, nil, 4)       -- (at our caller's caller: the user's line)
     if C.pl_uring_buffer_cancelled(b.reactor.u, b.index) > 0 then
         error(fname .. ": an operation of a killed task still uses the buffer (the kernel may still " ..
               "write into it or read it); buf:settle() waits until it has let go", 3)

@@ -132,7 +132,7 @@ function M.install(U)
 
     local function check_offset(fname, offset, f)
         if type(offset) ~= "number" or offset ~= offset or offset % 1 ~= 0 or offset < 0 or offset > 2 ^ 62 then
-            error(format("%s: offset must be an integer >= 0 (got %s)", file_fname(fname, f), check.show(offset)), 3)
+            error(format("%s: offset must be an integer from 0 to 2^62 (got %s)", file_fname(fname, f), check.show(offset)), 3)
         end
     end
 
@@ -262,7 +262,7 @@ function M.install(U)
 
     local function new_from_fd(cls, fname, direct, fd, path)
         check.integer(fname, "fd", fd, 0, 2 ^ 31 - 1, 4)
-        if path ~= nil then     -- (every error about the file names it: File:read's concatenates it)
+        if type(path) ~= "nil" then     -- (every error about the file names it: File:read's concatenates it)
             check.string(fname, "name", path, 4)
         end
         local has = C.pl_file_fd_direct(fd)
@@ -309,7 +309,9 @@ function M.install(U)
     -- for an I/O queue's, which starts the op on queue with tag instead).
     local function fixed_io(self, fname, write, buf, offset, len, queue, tag)
         self_file(fname, self)
-        live_buffer(fname, buf)
+        if getmetatable(buf) ~= Buffer or not buf.base then
+            live_buffer(file_fname(fname, self), buf, "buf")
+        end
         check_offset(fname, offset, self)
         if type(len) == "nil" then      -- (not == nil: a NULL pointer equals nil)
             len = buf.len
@@ -377,7 +379,9 @@ function M.install(U)
     function File:write(offset, data)
         self_file("File:write", self)
         check_offset("File:write", offset, self)
-        check.string("File:write", "data", data)
+        if type(data) ~= "string" then
+            check.string(file_fname("File:write", self), "data", data)
+        end
         local len = #data
         check_len("File:write", len, MAX_IO, self)
         check_direct("File:write", self, offset, len)
@@ -400,22 +404,23 @@ function M.install(U)
     -- copies); returns their count, total bytes and what the op must keep.
     local function vector(fname, f, r, offset, parts, lens, strings_ok)
         local kinds = strings_ok and "registered buffers or strings" or "registered buffers"
-        if type(parts) ~= "table" then
-            error(format("%s: parts must be a list of %s (got %s)", fname, kinds, check.show(parts)), 3)
+        if type(parts) ~= "table" or getmetatable(parts) == Buffer then
+            local got = type(parts) == "table" and "a single buffer: write {buf}" or check.show(parts)
+            error(format("%s: parts must be a list of %s (got %s)", file_fname(fname, f), kinds, got), 3)
         end
         local n, max = #parts, C.PL_URING_IOV_MAX
         if n < 1 or n > max then
-            error(format("%s: parts must hold 1 to %d entries (got %d)", fname, max, n), 3)
+            error(format("%s: parts must hold 1 to %d entries (got %d)", file_fname(fname, f), max, n), 3)
         end
         local last = table.maxn(parts)  -- (# may stop at a hole: the parts after it were dropped)
         if last ~= n then
-            error(format("%s: parts has a hole: entry %d is nil, entry %d is not", fname, n + 1, last), 3)
+            error(format("%s: parts has a hole: entry %d is nil, entry %d is not", file_fname(fname, f), n + 1, last), 3)
         end
         if type(lens) ~= "nil" and type(lens) ~= "table" then
-            error(format("%s: lens must be nil or a list of byte counts (got %s)", fname, check.show(lens)), 3)
+            error(format("%s: lens must be nil or a list of byte counts (got %s)", file_fname(fname, f), check.show(lens)), 3)
         end
         if lens and table.maxn(lens) > n then  -- (a count for a part left out of the list)
-            error(format("%s: lens has %d entries for %d part%s (one byte count per part)", fname,
+            error(format("%s: lens has %d entries for %d part%s (one byte count per part)", file_fname(fname, f),
                          table.maxn(lens), n, n == 1 and "" or "s"), 3)
         end
         local iov, total = r.iov, 0
@@ -426,16 +431,16 @@ function M.install(U)
             local ptr, size
             if getmetatable(p) == Buffer then
                 if not p.base then
-                    error(format("%s: part %d, %s, was released", fname, i, tostring(p)), 3)
+                    error(format("%s: part %d, %s, was released", file_fname(fname, f), i, tostring(p)), 3)
                 end
                 if p.reactor ~= r then
-                    error(format("%s: part %d belongs to another io_uring reactor", fname, i), 3)
+                    error(format("%s: part %d belongs to another io_uring reactor", file_fname(fname, f), i), 3)
                 end
                 ptr, size = p.base, p.len
             elseif strings_ok and type(p) == "string" then
                 ptr, size = p, #p
             else
-                error(format("%s: part %d must be a registered buffer%s (got %s)", fname, i,
+                error(format("%s: part %d must be a registered buffer%s (got %s)", file_fname(fname, f), i,
                              strings_ok and " or a string" or "", check.show(p)), 3)
             end
             local len = size
@@ -443,7 +448,7 @@ function M.install(U)
                 len = lens[i]
                 if type(len) ~= "number" or len % 1 ~= 0 or len < 0 or len > size then
                     error(format("%s: lens[%d] must be an integer from 0 to %d, the size of part %d (got %s)",
-                                 fname, i, size, i, check.show(len)), 3)
+                                 file_fname(fname, f), i, size, i, check.show(len)), 3)
                 end
             end
             if f.direct then
@@ -467,7 +472,7 @@ function M.install(U)
             end
         end
         if total > MAX_IO then
-            error(format("%s: the parts hold %d bytes; one operation moves at most %d", fname, total, MAX_IO), 3)
+            error(format("%s: the parts hold %d bytes; one operation moves at most %d", file_fname(fname, f), total, MAX_IO), 3)
         end
         if f.direct and offset % f.offset_align ~= 0 then
             error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s",
