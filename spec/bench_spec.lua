@@ -146,6 +146,72 @@ describe("bench.parse_args and bench.help", function()
             'bench.parse_args: argv must be a list of strings, as arg is (got "--bs")')
         assert.equal(4096, bench.parse_args({ options = options }, {}).bs)
     end)
+
+    -- (each raised a Lua error from inside bench.lua, or, for an unknown
+    -- kind, was taken and its values passed through unchecked)
+    it("raise for an option entry without a name or with an unknown kind, and for an argument not a string", function()
+        local function err_of(f, ...)
+            local ok, err = pcall(f, ...)
+            assert.is_false(ok)
+            return (err:gsub("^[^:]*:%d+: ", ""))
+        end
+        for _, f in ipairs({ "parse_args", "help" }) do
+            assert.equal("bench." .. f .. ": spec.options[1] must be a table {name, kind, default, help} (got 5)",
+                         err_of(bench[f], { options = { 5 } }, {}))
+            assert.equal("bench." .. f .. ": spec.options[1][1], its name, must be a string of letters, digits and " ..
+                         "'-' (got nil)", err_of(bench[f], { options = { {} } }, {}))
+            assert.equal("bench." .. f .. ': spec.options[2][2], the kind of --x, must be "string", "integer", ' ..
+                         '"number", "size", "flag" or "list" (got "bogus")',
+                         err_of(bench[f], { options = { { "bs", "size", "4k" }, { "x", "bogus", 1 } } }, {}))
+        end
+        assert.equal("bench.parse_args: argv[2] must be a string, as arg's are (got 5)",
+                     err_of(bench.parse_args, { options = { { "n", "integer", 1 } } }, { "--n", 5 }))
+    end)
+end)
+
+describe("bench.json, bench.json_decode, bench.table, bench.writable and the histogram's clocks", function()
+    it("raise for what JSON cannot hold and give nil, err for text nested too deep", function()
+        local cycle = {}
+        cycle.a = { b = cycle }
+        assert.has_error(function() bench.json(cycle) end,
+                         "bench.json: cannot encode a table that holds itself (a cycle) at .a.b")
+        local ok, err = pcall(bench.json, { x = { 1, print } })
+        assert.is_false(ok)
+        assert.matches("bench.json: cannot encode a function (function: ", err, 1, true)
+        assert.matches("), which JSON cannot hold, at .x[2]", err, 1, true)
+        local shared = { 1 }
+        assert.equal('{"a":[1],"b":[1]}', bench.json({ a = shared, b = shared }))   -- shared, not a cycle
+        assert.equal("[null,null,3]", bench.json({ 0 / 0, 1 / 0, 3 }))
+        assert.same({ nil, "nested deeper than 200 levels at byte 201" }, { bench.json_decode(("["):rep(100000)) })
+        local v = bench.json_decode(("["):rep(150) .. "1" .. ("]"):rep(150))    -- deep enough for any report
+        for _ = 1, 150 do v = v[1] end
+        assert.equal(1, v)
+    end)
+
+    it("raise for rows, columns, svg series and paths of the wrong kind, and for a start that is not finite", function()
+        assert.has_error(function() bench.table({ 5 }) end, "bench.table: rows[1] must be a table (got 5)")
+        assert.has_error(function() bench.table({ { a = 1 } }, { 5 }) end,
+                         "bench.table: cols[1] must be a column name (a string) (got 5)")
+        local svg = os.tmpname()
+        assert.has_error(function() bench.svg(svg, { histogram = 5 }) end,
+                         "bench.svg: spec.histogram must be a bench.Histogram (got 5)")
+        assert.has_error(function() bench.svg(svg, { series = 5 }) end,
+                         "bench.svg: spec.series must be a list of {t, value} pairs (got 5)")
+        local ok, err = pcall(bench.svg, svg, { series = { { 1, "x" }, { 2, "y" } } })
+        assert.is_false(ok)
+        assert.matches("bench.svg: spec.series[1] must be a pair of numbers {t, value} (got table", err, 1, true)
+        os.remove(svg)
+        assert.has_error(function() bench.writable(nil) end, "bench.writable: path must be a string (got nil)")
+        assert.has_error(function() bench.writable("/tmp/x\0y") end,
+                         'bench.writable: path must not contain a NUL byte (got "/tmp/x\\0y")')
+        local h = bench.Histogram.new()
+        assert.has_error(function() h:record_since(0 / 0) end,
+                         "Histogram:record_since: start must be a finite number (a pluvio.now()) (got nan)")
+        assert.has_error(function() h:record_stamp(1 / 0) end,
+                         "Histogram:record_stamp: stamp must be a finite number (a bench.stamp()) (got inf)")
+        assert.has_error(function() bench.stamp_after("x") end, 'bench.stamp_after: seconds must be a number (got "x")')
+        assert.equal(0, h:count())
+    end)
 end)
 
 describe("bench.write_json and bench.svg", function()

@@ -7,7 +7,7 @@ local check = require "pluvio.check"
 
 local ffi, C = core.ffi, core.C
 local format, type, tostring, pairs, ipairs = string.format, type, tostring, pairs, ipairs
-local floor = math.floor
+local floor, HUGE = math.floor, math.huge
 local jit = require "jit"
 
 local M = {}
@@ -44,8 +44,8 @@ end
 -- operation when timing back-to-back operations).
 function Histogram:record_since(start)
     check.self("Histogram:record_since", self, Histogram, "a histogram")
-    if type(start) ~= "number" then
-        check.fail("Histogram:record_since", "start must be a number (a pluvio.now())", start)
+    if type(start) ~= "number" or start ~= start or start == HUGE or start == -HUGE then
+        check.fail("Histogram:record_since", "start must be a finite number (a pluvio.now())", start)
     end
     return C.pl_hist_record_since(self.h, start)
 end
@@ -54,8 +54,8 @@ end
 -- clock (the CPU's TSC where the runtime found one); returns now as a stamp.
 function Histogram:record_stamp(stamp)
     check.self("Histogram:record_stamp", self, Histogram, "a histogram")
-    if type(stamp) ~= "number" then
-        check.fail("Histogram:record_stamp", "stamp must be a number (a bench.stamp())", stamp)
+    if type(stamp) ~= "number" or stamp ~= stamp or stamp == HUGE or stamp == -HUGE then
+        check.fail("Histogram:record_stamp", "stamp must be a finite number (a bench.stamp())", stamp)
     end
     return C.pl_hist_record_stamp(self.h, stamp)
 end
@@ -69,7 +69,13 @@ end
 
 -- bench.stamp_after(seconds): a stamp that many seconds from now, to
 -- compare stamps with (a deadline that costs no clock read to check).
-M.stamp_after = C.pl_hist_stamp_after
+local pl_hist_stamp_after = C.pl_hist_stamp_after
+function M.stamp_after(seconds)
+    if type(seconds) ~= "number" or seconds ~= seconds then
+        check.fail("bench.stamp_after", "seconds must be a number", seconds)
+    end
+    return pl_hist_stamp_after(seconds)
+end
 
 -- C takes self.h as it is: a table of another kind has none, and C would
 -- follow a NULL pointer (a crash, not an error).  So every method checks self.
@@ -178,6 +184,8 @@ end
 -- it), else why not.  A file it had to make for the check is removed
 -- again: a run refused for another option leaves nothing behind.
 function M.writable(path)
+    check.string("bench.writable", "path", path)
+    check.no_nul("bench.writable", "path", path)    -- (io.open would check the part before it)
     local existed = io.open(path, "r")
     if existed then
         existed:close()
@@ -201,11 +209,31 @@ end
 -- write (checked before the run).  Returns the options table, or prints
 -- the help and exits 0 (--help), or prints a one-line error and exits 2.
 -- A spec as parse_args and help take it: a table with an options list.
+local KINDS = { string = true, integer = true, number = true, size = true, flag = true, list = true }
+
 local function check_spec(fname, spec)
     if type(spec) ~= "table" or type(spec.options) ~= "table" then
         error(format("%s: spec must be a table with an options list, { options = { {name, kind, default, help}, " ..
                      "... } } (got %s)", fname, type(spec) == "table" and "options = " .. check.show(spec.options)
                      or check.show(spec)), 3)
+    end
+    for i, o in ipairs(spec.options) do
+        local what
+        if type(o) ~= "table" then
+            what = format("must be a table {name, kind, default, help} (got %s)", check.show(o))
+        elseif type(o[1]) ~= "string" or not o[1]:match("^[%w][%w%-]*$") then
+            what = format("[1], its name, must be a string of letters, digits and '-' (got %s)", check.show(o[1]))
+        elseif not KINDS[o[2]] then
+            what = format("[2], the kind of --%s, must be \"string\", \"integer\", \"number\", \"size\", " ..
+                          "\"flag\" or \"list\" (got %s)", o[1], check.show(o[2]))
+        elseif o[4] ~= nil and type(o[4]) ~= "string" then
+            what = format("[4], the help of --%s, must be a string (got %s)", o[1], check.show(o[4]))
+        elseif o.choices ~= nil and type(o.choices) ~= "table" then
+            what = format(".choices of --%s must be a list (got %s)", o[1], check.show(o.choices))
+        end
+        if what then
+            error(format("%s: spec.options[%d]%s", fname, i, what:sub(1, 1) == "m" and " " .. what or what), 3)
+        end
     end
 end
 
@@ -213,6 +241,11 @@ function M.parse_args(spec, argv)
     check_spec("bench.parse_args", spec)
     if type(argv) ~= "table" then
         check.fail("bench.parse_args", "argv must be a list of strings, as arg is", argv)
+    end
+    for i = 1, #argv do
+        if type(argv[i]) ~= "string" then
+            check.fail("bench.parse_args", format("argv[%d] must be a string, as arg's are", i), argv[i])
+        end
     end
     local opts, by_name = {}, {}
     for _, o in ipairs(spec.options) do
@@ -340,15 +373,24 @@ local function array_length(v)
     return n <= 2 * count and n or nil
 end
 
-local function encode(v, out)
-    local t = type(v)
-    if t == "table" then
-        local n = array_length(v)
+local encode
+
+-- A value JSON cannot hold (a function, a cycle): raise, naming where it is.
+local function unencodable(path, what)
+    error({ json_error = format("%s at %s", what, path == "" and "the top" or path) })
+end
+
+local function encode_table(v, out, seen, path)
+    if seen[v] then
+        unencodable(path, "a table that holds itself (a cycle)")
+    end
+    seen[v] = true
+    local n = array_length(v)
         if n then
             out[#out + 1] = "["
             for i = 1, n do
                 if i > 1 then out[#out + 1] = "," end
-                encode(v[i], out)
+                encode(v[i], out, seen, path .. "[" .. i .. "]")
             end
             out[#out + 1] = "]"
         else
@@ -362,12 +404,19 @@ local function encode(v, out)
             out[#out + 1] = "{"
             for i, name in ipairs(keys) do
                 if i > 1 then out[#out + 1] = "," end
-                encode(name, out)
+                encode(name, out, seen, path)
                 out[#out + 1] = ":"
-                encode(v[by_name[name]], out)
+                encode(v[by_name[name]], out, seen, path .. "." .. name)
             end
             out[#out + 1] = "}"
         end
+    seen[v] = nil
+end
+
+function encode(v, out, seen, path)
+    local t = type(v)
+    if t == "table" then
+        encode_table(v, out, seen, path)
     elseif t == "string" then
         out[#out + 1] = '"' .. v:gsub('[%c"\\]', function(c)
             return ({ ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\t"] = "\\t" })[c]
@@ -388,10 +437,12 @@ local function encode(v, out)
         end
     elseif t == "boolean" then
         out[#out + 1] = tostring(v)
-    elseif t == "cdata" and tonumber(v) then     -- (a 64-bit integer; a pointer is null)
-        encode(tonumber(v), out)
-    else
+    elseif t == "cdata" and tonumber(v) then     -- (a 64-bit integer)
+        encode(tonumber(v), out, seen, path)
+    elseif t == "nil" then
         out[#out + 1] = "null"
+    else    -- (a function, a pointer: null would hide the mistake)
+        unencodable(path, "a " .. t .. " (" .. tostring(v) .. "), which JSON cannot hold,")
     end
 end
 
@@ -402,11 +453,20 @@ end
 -- runs of examples_spec (seen in the trace: two calls of lj_vm_next, the
 -- first key compared after the second).  Reports are not hot paths.
 jit.off(array_length)
+jit.off(encode_table)
 jit.off(encode)
 
+-- json(v): v as JSON text.  NaN and infinities become null (JSON has no
+-- word for them); a function, a pointer or a cycle raises.
 function M.json(v)
     local out = {}
-    encode(v, out)
+    local ok, err = pcall(encode, v, out, {}, "")
+    if not ok then
+        if type(err) == "table" and err.json_error then
+            error("bench.json: cannot encode " .. err.json_error, 2)
+        end
+        error(err, 0)
+    end
     return table.concat(out)
 end
 
@@ -459,6 +519,8 @@ end
 -- json_decode(text): the first value in text (what follows it is ignored:
 -- tools print lines after their report), or nil and where it went wrong
 -- (enough for reading fio's and our own reports).
+local MAX_DEPTH = 200     -- (a Lua C stack overflow comes at about 200 nested calls of value)
+
 function M.json_decode(text)
     check.string("bench.json_decode", "text", text)
     local pos = 1
@@ -499,13 +561,18 @@ function M.json_decode(text)
             end
         end
     end
+    local depth = 0
     function value()
         ws()
         local c = text:sub(pos, pos)
+        if c == "{" or c == "[" then
+            depth = depth + 1
+            if depth > MAX_DEPTH then err(format("nested deeper than %d levels", MAX_DEPTH)) end
+        end
         if c == "{" then
             local t = {}
             pos = pos + 1; ws()
-            if text:sub(pos, pos) == "}" then pos = pos + 1; return t end
+            if text:sub(pos, pos) == "}" then pos = pos + 1; depth = depth - 1; return t end
             while true do
                 ws()
                 if text:sub(pos, pos) ~= '"' then err("expected a key") end
@@ -514,19 +581,19 @@ function M.json_decode(text)
                 pos = pos + 1
                 t[k] = value(); ws()
                 local d = text:sub(pos, pos); pos = pos + 1
-                if d == "}" then return t end
+                if d == "}" then depth = depth - 1; return t end
                 if d ~= "," then err("expected ',' or '}'") end
             end
         elseif c == "[" then
             local t = {}
             pos = pos + 1; ws()
-            if text:sub(pos, pos) == "]" then pos = pos + 1; return t end
+            if text:sub(pos, pos) == "]" then pos = pos + 1; depth = depth - 1; return t end
             local n = 0     -- (not #t: a null leaves a hole, and the values after it keep their place)
             while true do
                 n = n + 1
                 t[n] = value(); ws()
                 local d = text:sub(pos, pos); pos = pos + 1
-                if d == "]" then return t end
+                if d == "]" then depth = depth - 1; return t end
                 if d ~= "," then err("expected ',' or ']'") end
             end
         elseif c == '"' then
@@ -600,6 +667,16 @@ function M.table(rows, cols)
     end
     if cols ~= nil and type(cols) ~= "table" then
         check.fail("bench.table", "cols must be nil or a list of column names", cols)
+    end
+    for i, r in ipairs(rows) do
+        if type(r) ~= "table" then
+            check.fail("bench.table", format("rows[%d] must be a table", i), r)
+        end
+    end
+    for i, name in ipairs(cols or {}) do
+        if type(name) ~= "string" then
+            check.fail("bench.table", format("cols[%d] must be a column name (a string)", i), name)
+        end
     end
     if not cols then
         cols = {}
@@ -675,6 +752,19 @@ function M.svg(path, spec)
     check.no_nul("bench.svg", "path", path)
     if type(spec) ~= "table" then
         check.fail("bench.svg", "spec must be a table", spec)
+    end
+    if spec.histogram ~= nil and getmetatable(spec.histogram) ~= Histogram then
+        check.fail("bench.svg", "spec.histogram must be a bench.Histogram", spec.histogram)
+    end
+    if spec.series ~= nil then
+        if type(spec.series) ~= "table" then
+            check.fail("bench.svg", "spec.series must be a list of {t, value} pairs", spec.series)
+        end
+        for i, e in ipairs(spec.series) do
+            if type(e) ~= "table" or type(e[1]) ~= "number" or type(e[2]) ~= "number" then
+                check.fail("bench.svg", format("spec.series[%d] must be a pair of numbers {t, value}", i), e)
+            end
+        end
     end
     local W, H, pad = 960, 360, 50
     local pw = (W - 3 * pad) / 2
