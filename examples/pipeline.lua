@@ -23,7 +23,8 @@ local spec = {
     options = {
         { "size", "size", 64 * 1048576, "bytes to generate and move", min = 1 },
         { "chunk", "size", 1048576, "bytes per Active Message", max = 1073741824 },
-        { "window", "integer", 8, "chunks in flight", min = 1, max = 256 },
+        { "window", "integer", nil, "chunks in flight (default 8, fewer when the locked-memory limit, " ..
+          "ulimit -l, holds fewer registered buffers)", min = 1, max = 256 },
         { "dir", "string", nil, "where the files go (default: a temporary directory)" },
         { "direct", "flag", false, "O_DIRECT on both files" },
         { "server", "flag", false, "be the receiving end (prints its port)" },
@@ -86,6 +87,24 @@ local connect_host, connect_port
 if o.connect then       -- checked before anything is generated
     connect_host, connect_port = bench.host_port(o.connect)
     if not connect_host then fail("--connect must be HOST:PORT, the port from 1 to 65535 (got " .. o.connect .. ")") end
+end
+
+-- The pool is 2 * window + 4 buffers of a chunk: the default window is
+-- lowered to what the locked-memory limit holds (a user's is 8 MiB: 6
+-- buffers of 1 MiB beside the rings; root has none).
+local lockable = uring.lockable_buffers(o.chunk, 256)
+local window_note = ""
+if not o.window then
+    o.window = 8
+    if lockable and 2 * o.window + 4 > lockable and lockable >= 6 then
+        o.window = math.floor((lockable - 4) / 2)
+        window_note = (" (the locked-memory limit holds %d buffers of a chunk)"):format(lockable)
+    end
+end
+if lockable and 2 * o.window + 4 > lockable then
+    fail(("--window %d takes %d registered buffers of %s, and the locked-memory limit (ulimit -l) holds %d: " ..
+          "lower --window or --chunk, or raise the limit"):format(o.window, 2 * o.window + 4, bench.bytes(o.chunk),
+                                                                  lockable))
 end
 
 local DATA, ACK, DONE, RESULT, HELLO = 20, 21, 22, 23, 24
@@ -303,8 +322,8 @@ if o.server then
     w:close()
 else
     local progress = bench.progress("pipeline", o.quiet)
-    say("pipeline: %s of data, %s chunks, %d in flight%s\n", bench.bytes(o.size), bench.bytes(o.chunk),
-        o.window, o.direct and ", O_DIRECT" or "")
+    say("pipeline: %s of data, %s chunks, %d in flight%s%s\n", bench.bytes(o.size), bench.bytes(o.chunk),
+        o.window, window_note, o.direct and ", O_DIRECT" or "")
 
     -- the other end first: a wrong --connect fails before the file is written
     local w = must(ctx:create_worker())

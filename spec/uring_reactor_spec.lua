@@ -600,3 +600,62 @@ describe("freeing a reactor", function()
         end))
     end)
 end)
+
+-- A user's locked-memory limit is 8 MiB (Debian's default), which the
+-- default pool of 16 buffers of 1 MiB overran: README's examples, the
+-- host's uring.acquire_buffer() and `make demo` all failed for non-root
+-- users.  These run a script as such a user would (root without
+-- CAP_IPC_LOCK, whose registrations the limit then bounds too).
+describe("registered buffers under a user's locked-memory limit (8 MiB)", function()
+    -- Run the host with args as a user would be (root drops CAP_IPC_LOCK).
+    local function as_user(args)
+        local _, uid = helper.sh("id -u")
+        local drop = uid:match("^0\n") and "setpriv --bounding-set=-ipc_lock -- " or ""
+        return helper.sh("ulimit -l 8192; " .. drop .. "timeout -k 5 120 " .. helper.quote(helper.host) .. " " .. args)
+    end
+
+    it("fit the default pool to the limit, and say what the limit holds when a given count overruns it", function()
+        local path = helper.tmp_path(".lua")
+        local f = assert(io.open(path, "w"))
+        f:write([[
+            local uring = require "pluvio.uring"
+            local n = assert(uring.lockable_buffers(1048576))
+            assert(n >= 1 and n < 8, n)
+            local r = uring.reactor()                       -- the defaults: 16 x 1 MiB asked
+            assert(r:options().buffer_count == n, r:options().buffer_count)
+            local held = {}
+            for i = 1, n do held[i] = uring.acquire_buffer() end  -- the host's reactor: registered
+            for i = 1, n do held[i]:release() end
+            local big = uring.reactor { buffer_count = 16 }     -- given: taken as is
+            assert(big:options().buffer_count == 16)
+            local rt = pluvio.Runtime.new()
+            rt:register_reactor("io", big)
+            local ok, e = pcall(rt.run, rt, function() local b = big:acquire_buffer(); return b end)
+            assert(not ok)
+            print(e:match("^[^\n]*"))
+            print(n, uring.lockable_buffers(4096, 1))
+        ]])
+        f:close()
+        local status, out, err = as_user(helper.quote(path))
+        os.remove(path)
+        assert.equal(0, status, err)
+        local line, n, small = out:match("^(.-)\n(%d+)\t(%d+)\n$")
+        assert.is_string(line, out)
+        assert.matches("cannot register 16 buffers of 1048576 bytes: ENOMEM: Cannot allocate memory (lower " ..
+                       "buffer_count or buffer_size, or raise the locked-memory limit: ulimit -l; the limit, 8192 " ..
+                       "KiB, holds about " .. n .. " of these beside the rings)", line, 1, true)
+        assert.is_true(tonumber(small) > 1000)      -- 4 KiB buffers: about 7 MiB of them
+    end)
+
+    it("run the demo with a window that fits, and refuse a given one that does not in one line", function()
+        local pipeline = helper.quote(helper.root .. "/examples/pipeline.lua")
+        local status, out, err = as_user(pipeline .. " --size 8m --quiet")
+        assert.equal(0, status, err)
+        assert.matches("in flight (the locked-memory limit holds ", out, 1, true)
+        assert.matches("verified (checksums match)", out, 1, true)
+        status, out, err = as_user(pipeline .. " --size 8m --quiet --window 8")
+        assert.equal(2, status, err)
+        assert.matches("^pipeline: %-%-window 8 takes 20 registered buffers of 1 MiB, and the locked%-memory " ..
+                       "limit %(ulimit %-l%) holds %d+: lower %-%-window or %-%-chunk, or raise the limit\n$", err)
+    end)
+end)

@@ -366,6 +366,15 @@ int pl_uring_queue_free(pl_uring_t *u, int q);
 
 /* Registered buffers: mapped and registered on first use (or by this call). */
 int pl_uring_buffers_register(pl_uring_t *u);
+/* How many registered buffers of buffer_size bytes (a pool as
+ * pl_uring_buffers_register maps it) the locked-memory limit
+ * (RLIMIT_MEMLOCK) holds beside a ring of queue_size entries and a few
+ * small rings of other reactors (the kernel counts rings against the limit
+ * too), or -1 when no limit applies (unlimited, or the process has
+ * CAP_IPC_LOCK). */
+int pl_uring_memlock_buffers(uint32_t buffer_size, uint32_t queue_size);
+/* The locked-memory limit (RLIMIT_MEMLOCK, soft) in KiB, or -1 when unlimited. */
+double pl_memlock_limit_kib(void);
 int pl_uring_buffer_count(pl_uring_t *u);
 uint32_t pl_uring_buffer_size(pl_uring_t *u);
 void *pl_uring_buffer_ptr(pl_uring_t *u, int index);

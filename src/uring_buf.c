@@ -7,13 +7,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/capability.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "uring_internal.h"
 
 #define HUGE_PAGE ((size_t)2 << 20)
 #define HUGE_MIN ((size_t)512 << 10)
+#define MAX_BUFFERS 16384       /* the kernel's IORING_MAX_REG_BUFFERS (and buffer_count's max) */
 
 /* The pool's memory: a pool of 512 KiB or more is mapped in whole 2 MiB
  * units (rounded up: at most 4 times a small pool's size), on a 2 MiB
@@ -48,6 +52,54 @@ static char *map_pool(size_t len, size_t *map_len)
         munmap((char *)end, (uintptr_t)p + len + slack - end);
     (void)madvise((char *)start, len, MADV_HUGEPAGE);   /* a hint: no THP is fine */
     return (char *)start;
+}
+
+/* The bytes a pool of len bytes pins: map_pool's mapping (the kernel
+ * counts the whole huge pages of a pool in 2 MiB units). */
+static size_t pool_pinned(size_t len)
+{
+    if (len >= HUGE_MIN && sysconf(_SC_PAGESIZE) == 4096)
+        return (len + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    return len;
+}
+
+static bool may_lock_unlimited(void)
+{
+    struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+
+    if (syscall(SYS_capget, &hdr, data) != 0)
+        return false;
+    return (data[CAP_TO_INDEX(CAP_IPC_LOCK)].effective & CAP_TO_MASK(CAP_IPC_LOCK)) != 0;
+}
+
+/* What the rings take of the limit: this reactor's (an SQE of 64 bytes and
+ * two CQEs of 16 per entry, rounded up) and 1 MiB for the other reactors'
+ * of this user (a default ring takes about 24 KiB). */
+#define RING_BYTES_PER_ENTRY 96
+#define OTHER_RINGS ((size_t)1 << 20)
+
+int pl_uring_memlock_buffers(uint32_t buffer_size, uint32_t queue_size)
+{
+    struct rlimit rl;
+    size_t n = 0, reserve = OTHER_RINGS + (size_t)queue_size * RING_BYTES_PER_ENTRY, budget;
+
+    if (buffer_size == 0 || may_lock_unlimited() || getrlimit(RLIMIT_MEMLOCK, &rl) != 0 ||
+        rl.rlim_cur == RLIM_INFINITY)
+        return -1;
+    budget = rl.rlim_cur > reserve ? rl.rlim_cur - reserve : 0;
+    while (n < MAX_BUFFERS && pool_pinned((n + 1) * (size_t)buffer_size) <= budget)
+        n++;
+    return (int)n;
+}
+
+double pl_memlock_limit_kib(void)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_MEMLOCK, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+        return -1;
+    return (double)(rl.rlim_cur / 1024);
 }
 
 /* The pool is mapped and registered on first use, so a reactor nobody asks

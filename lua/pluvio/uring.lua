@@ -121,12 +121,20 @@ local function new_reactor(fname, opts)
             check_option(fname .. ": uring.DEFAULTS", k, defaults[k])
         end
     end
+    local count_given = false
     if type(opts) ~= "nil" then     -- (not ~= nil: a NULL pointer equals nil)
         if type(opts) ~= "table" then
             error(format("%s: options must be a table (got %s)", fname, type(opts)), 3)
         end
         for k, v in walk, opts do
             o[k] = check_option(fname, k, v)
+        end
+        count_given = opts.buffer_count ~= nil
+    end
+    if not count_given then     -- a default pool fits the locked-memory limit (8 MiB for a user)
+        local room = C.pl_uring_memlock_buffers(o.buffer_size, o.queue_size)
+        if room >= 1 and room < o.buffer_count then
+            o.buffer_count = room
         end
     end
     local copts = ffi.new("pl_uring_options_t", {
@@ -487,9 +495,12 @@ local function acquire(r, t, rt, fname)
         if C.pl_uring_buffer_ptr(u, 0) ~= nil then      -- registered: the wait found no memory
             error(format("%s: cannot wait for a registered buffer: %s", fname, errstr(idx)), 3)
         end
+        local room = C.pl_uring_memlock_buffers(o.buffer_size, o.queue_size)
+        local holds = room >= 0 and format("; the limit, %d KiB, holds about %d of these beside the rings",
+                                           C.pl_memlock_limit_kib(), room) or ""
         error(format("%s: cannot register %d buffers of %d bytes: %s " ..
-                     "(lower buffer_count or buffer_size, or raise the locked-memory limit: ulimit -l)",
-                     fname, o.buffer_count, o.buffer_size, errstr(idx)), 3)
+                     "(lower buffer_count or buffer_size, or raise the locked-memory limit: ulimit -l%s)",
+                     fname, o.buffer_count, o.buffer_size, errstr(idx), holds), 3)
     end
     local b = setmetatable({
         reactor = r, index = idx, task = t, rt = rt,     -- task: its owner, or false
@@ -623,6 +634,25 @@ M._internal = {
     io_task = io_task, acquire = acquire,
     live_buffer = require("pluvio.uring_buffer").live_buffer,
 }
+
+-- uring.lockable_buffers(buffer_size[, queue_size]): how many registered
+-- buffers of that size the locked-memory limit holds beside a ring of
+-- queue_size entries (default uring.DEFAULTS.queue_size), or nil when no
+-- limit applies (root, CAP_IPC_LOCK, ulimit -l unlimited).
+function M.lockable_buffers(buffer_size, queue_size)
+    check_option("uring.lockable_buffers", "buffer_size", buffer_size, 3)
+    if type(queue_size) == "nil" then
+        queue_size = M.DEFAULTS.queue_size
+        check_option("uring.lockable_buffers: uring.DEFAULTS", "queue_size", queue_size, 3)
+    else
+        check_option("uring.lockable_buffers", "queue_size", queue_size, 3)
+    end
+    local n = C.pl_uring_memlock_buffers(buffer_size, queue_size)
+    if n < 0 then
+        return nil
+    end
+    return n
+end
 
 -- The reactor's acquire, reachable from the module for convenience.
 function M.acquire_buffer()
