@@ -62,6 +62,24 @@ describe("Context", function()
         assert.is_false(kept:close())
         assert.is_false(l2:close())
     end))
+    -- (an endpoint's or listener's guard referred to its worker: a dropped
+    -- worker that had connections was freed a collection late, and the 17th
+    -- round here found the reactor's 32 slots full after the collection
+    -- create_worker runs then)
+    it("frees dropped workers that had connections in the one collection create_worker runs when full", async(function()
+        for round = 1, 40 do
+            local ctx = assert(ucx.Context.new())
+            local s, err = ctx:create_worker()
+            assert(s, ("round %d: %s"):format(round, tostring(err)))
+            local c = assert(ctx:create_worker())
+            local l = assert(s:create_listener("127.0.0.1", 0))
+            local acc = pluvio.spawn(function() return assert(l:accept()) end)
+            local ep = assert(c:connect_socket("127.0.0.1", l:port()))
+            local sep = acc:join()
+            ep:close(); sep:close(); l:close()     -- the workers and the context are dropped unclosed
+        end
+    end))
+
     it("returns false from a second Context:close, as every other close does, instead of raising", async(function()
         local ctx = assert(ucx.Context.new())
         local w = assert(ctx:create_worker())

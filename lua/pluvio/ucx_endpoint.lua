@@ -48,11 +48,17 @@ function M.install(U)
     -- (drop: pl_ucx_ep_drop or pl_ucx_listener_drop, with its handle).  The
     -- guard holds the handle, -1 once the object was closed (so that a late
     -- finalizer cannot drop an entry reused since); it refers to neither the
-    -- object nor w.
+    -- object nor w, nor w's C worker (by its address only): a finalizer
+    -- keeps what it refers to alive for one more collection, so a dropped
+    -- worker with such a guard on it was freed a collection late, and a
+    -- create_worker that found the reactor's 32 slots full still found them
+    -- full after its collection.  life.open says the address is still the
+    -- worker's (its finalizer clears it before the worker is freed).
+    local worker_ptr = ffi.typeof("pl_ucx_worker_t *")
     local function drop_guard(w, drop, h)
-        local ww, life = w.w, w.life
+        local addr, life = ffi.cast("uintptr_t", w.w), w.life
         return ffi.gc(ffi.new("int[1]", h), function(g)
-            if life.open and g[0] >= 0 then drop(ww, g[0]) end
+            if life.open and g[0] >= 0 then drop(ffi.cast(worker_ptr, addr), g[0]) end
         end)
     end
 
