@@ -166,6 +166,47 @@ describe("workers across default runtimes", function()
         assert.is_nil(weak.rt, "the dropped runtime was not collected")
     end
 
+    -- (a tag receive a dropped runtime's task left parked stayed posted: it
+    -- held its op slot and took the next matching message, writing it into
+    -- scratch memory that had been unmapped: a crash)
+    it("cancel the operations a dropped runtime's parked tasks left, and keep what UCX may still use", function()
+        local ctx = assert(ucx.Context.new())
+        local s, c = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local l = assert(s:create_listener("127.0.0.1", 0))
+        local base = s:stats().ops_in_flight
+        local weak = setmetatable({}, { __mode = "k" })
+        for _ = 1, 20 do
+            local rt = pluvio.default_runtime()
+            weak[rt] = true
+            rt:block_on(function()
+                pluvio.spawn(function() return s:tag_recv(5, 0xff, 4 * 1048576) end)    -- scratch: mapped
+                pluvio.yield()
+            end)
+        end
+        full_collect()
+        assert.is_nil(next(weak), "a dropped runtime was not collected")
+        assert.equal(base, s:stats().ops_in_flight)
+        local got, got_small = pluvio.run(function()
+            local acc = pluvio.spawn(function() return assert(l:accept()) end)
+            local ep = assert(c:connect_socket("127.0.0.1", l:port()))
+            local sep = acc:join()
+            local big = ("x"):rep(4 * 1048576)
+            local r = pluvio.spawn(function() return pluvio.timeout(5, s.tag_recv, s, 5, 0xff, 4 * 1048576) end)
+            pluvio.yield()
+            assert(ep:tag_send(5, big))                  -- rendezvous: to the live receiver
+            local d = r:join()
+            local r2 = pluvio.spawn(function() return pluvio.timeout(5, s.tag_recv, s, 5, 0xff, 16) end)
+            pluvio.yield()
+            assert(ep:tag_send(5, "hello"))
+            local d2 = r2:join()
+            ep:close(); sep:close()
+            return d == big, d2
+        end)
+        assert.is_true(got)
+        assert.equal("hello", got_small)
+        l:close(); ctx:close()
+    end)
+
     it("are progressed by a later pluvio.run, as the Lua state's UCX reactor is", function()
         local ctx, w, stream, ep
         pluvio.run(function()

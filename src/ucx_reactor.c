@@ -277,14 +277,33 @@ pl_ucx_reactor_t *pl_ucx_reactor_new(int *err)
  * through pl_task_home).  The reactor lives on, often for the whole
  * process, while the runtimes that polled it come and go: the Lua side
  * refers to the last one weakly, so that a dropped runtime is collected. */
+/* The ops of rt's tasks, as rt is freed: nobody will take them, and the
+ * Lua side dropped what a task kept for them.  Abandoned, as a killed
+ * task's are (UCX cancels what it can; the slot is freed once UCX is done):
+ * a tag receive left posted took a later message, written into scratch
+ * memory that had been unmapped (the worker keeps that memory referenced
+ * until the op's slot is reused: ucx.lua's run_op). */
+static void forget_ops(pl_ucx_worker_t *w, const pl_runtime_t *rt)
+{
+    for (uint32_t i = 0; i < w->nops; i++) {
+        const struct ucx_op *op = ucx_op_get(w, i);
+
+        if ((op->state == UOP_IN_FLIGHT || op->state == UOP_DONE) &&
+            pl_task_is_live(rt, op->task_slot, op->task_gen))
+            pl_ucx_op_abandon(w, (int)i + 1);
+    }
+}
+
 void ucx_reactors_forget(const pl_runtime_t *rt)
 {
     for (pl_ucx_reactor_t *r = live_reactors; r; r = r->next_live) {
         if (r->rt == rt)
             r->rt = NULL;
-        for (int i = 0; i < r->nworkers; i++)
+        for (int i = 0; i < r->nworkers; i++) {
+            forget_ops(r->workers[i], rt);
             if (r->workers[i]->rt == rt)
                 r->workers[i]->rt = NULL;
+        }
     }
 }
 

@@ -286,6 +286,7 @@ local function release_limbo(limbo)
         release_hold(limbo[i].held2)
         limbo[i] = nil
     end
+    limbo.op_keep, limbo.op_keep2 = {}, {}      -- (the worker's ops are gone)
 end
 
 -- Workers whose close left ops UCX still held (pl_ucx_worker_close said
@@ -345,7 +346,8 @@ function Context:create_worker(opts)
         return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0]), errname(err[0])
     end
     C.pl_ucx_worker_max_endpoints(w, max_eps)
-    local life, limbo = { open = true }, {}
+    -- limbo.op_keep, op_keep2: what each op in flight reads or fills (see run_op)
+    local life, limbo = { open = true }, { op_keep = {}, op_keep2 = {} }
     local worker = setmetatable({
         w = ffi.gc(w, worker_finalizer(life, limbo)), life = life, context = self,
         result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
@@ -567,13 +569,25 @@ end
 -- Wait for op rc (or take its immediate result).  Registered buffers among
 -- keep, keep2 stay out of the pool while UCX has them, even if another
 -- task releases them meanwhile (a kill hands the holds to the limbo).
+--
+-- The worker refers to keep and keep2 (strings, scratch memory; not
+-- registered buffers, whose owner task leads back to the worker) while the
+-- op is in flight, by op id: a runtime dropped with the task parked here
+-- takes the task, and its references, with it, while UCX may still read a
+-- send's string, or write a message into a tag receive's scratch memory,
+-- until C has cancelled the op (ucx_reactors_forget).  Such an op's entry
+-- goes when its slot is used again, or with the worker.
 local function run_op(w, t, rc, what, keep, keep2)
     if rc <= 0 then
         return rc, 0
     end
+    local limbo = w.limbo
+    local op_keep, op_keep2 = limbo.op_keep, limbo.op_keep2
+    op_keep[rc], op_keep2[rc] = kept(keep), kept(keep2)
     local h1, h2 = hold(keep), hold(keep2)
     t.io_held1, t.io_held2 = h1, h2
     local status, len, tag = await(w, t, rc, what, keep, keep2)
+    op_keep[rc], op_keep2[rc] = nil, nil
     t.io_held1, t.io_held2 = nil, nil
     if status == CLOSED then
         keep_or_unhold(w, h1, h2)   -- (stuck: UCX kept the op, its buffers stay out of the pool)
@@ -692,6 +706,7 @@ function Worker:close()
     self.life.open = false
     if C.pl_ucx_worker_close(w, rt and rt.crt or nil) == 0 then
         limbo_sweep(self, true)     -- its ops are gone with it
+        self.limbo.op_keep, self.limbo.op_keep2 = {}, {}
     else
         -- UCX still had ops it could neither finish nor cancel in time,
         -- and keeps them: the registered buffers they use stay out of the
