@@ -522,6 +522,27 @@ describe("Runtime:register_reactor", function()
         assert.equal(0, rt:stats().tasks_live)
     end)
 
+    -- (it was taken and not counted: a poll that returned "lots" went unnoticed)
+    it("stops the run when a Lua reactor's poll returns what is not a count, and takes nil as none", function()
+        for _, case in ipairs({ { "lots", 'reactor "r": poll() returned "lots"; it must return how many ' ..
+                                          'operations it completed (a number >= 0)' },
+                                { -1, 'reactor "r": poll() returned -1; it must return how many operations ' ..
+                                      'it completed (a number >= 0)' } }) do
+            local rt = pluvio.Runtime.new()
+            rt:register_reactor("r", { status = function() return "pending" end,
+                                       poll = function() return case[1] end })
+            local ok, err = pcall(rt.run, rt, function() pluvio.sleep(0.001) end)
+            assert.is_false(ok)
+            assert.equal(case[2], err)
+        end
+        local rt = pluvio.Runtime.new()
+        local polls = 0
+        rt:register_reactor("quiet", { status = function() return polls < 3 and "pending" or "idle" end,
+                                       poll = function() polls = polls + 1 end })
+        assert.equal("ok", rt:run(function() pluvio.sleep(0.001); return "ok" end))
+        assert.equal(0, rt:stats().reactors.quiet.completions)
+    end)
+
     it("rejects a duplicate name, a table without poll or status, and other types", function()
         local rt = pluvio.Runtime.new()
         local r = { poll = function() return 0 end, status = function() return "idle" end }

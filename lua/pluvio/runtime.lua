@@ -205,8 +205,11 @@ local function poll_lua_reactors(rt)
         if code ~= 0 then
             local n = e.reactor:poll(BATCH)
             e.polls = e.polls + 1
-            if type(n) == "number" and n > 0 then
+            if type(n) == "number" and n == n and n >= 0 then
                 e.completions = e.completions + n
+            elseif n ~= nil then    -- (nil: a poll that says nothing completed nothing)
+                error(format('reactor "%s": poll() returned %s; it must return how many operations it ' ..
+                             'completed (a number >= 0)', e.name, check.show(n)), 0)
             end
             busy = true
         end

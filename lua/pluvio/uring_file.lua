@@ -633,11 +633,12 @@ function M.install(U)
     -- The seed's spelling: file:acquire_buffer() takes from the file's reactor.
     function File:acquire_buffer()
         self_file("File:acquire_buffer", self)
-        local t, rt = current_task("File:acquire_buffer")
+        local fname = self.direct and "DmaFile:acquire_buffer" or "File:acquire_buffer"
+        local t, rt = current_task(fname)
         if self.reactor.rt ~= rt then
-            foreign_file("File:acquire_buffer", self, 2)
+            foreign_file("File:acquire_buffer", self, 2)     -- (names the file's kind itself)
         end
-        local b = acquire(self.reactor, t, rt, "File:acquire_buffer")
+        local b = acquire(self.reactor, t, rt, fname)
         return b
     end
 
