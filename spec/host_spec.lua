@@ -301,8 +301,12 @@ describe("pluvio (the host)", function()
     end)
 
     it("keeps luajit's stdin:1: position in the errors of prompt lines", function()
-        local out = at_prompt('error("oops")\n=error("eq")\nx = = 1\n=nil + 1\n=1, 2;\n=3 -- a comment\n')
+        local out = at_prompt('error("oops")\n=error("eq")\nx = = 1\n=nil + 1\n=1, 2;\n=3 -- a comment\n' ..
+                              '=nosuch.x\nnosuch.y = 1\n')
         if not out then return end
+        -- (an index in an expression said stdin:2: its ")" came after a newline)
+        assert.matches("\n> stdin:1: attempt to index global 'nosuch' %(a nil value%)\n> stdin:1: attempt to " ..
+                       "index global 'nosuch' %(a nil value%)\n", out)
         assert.matches("\n> stdin:1: oops\n", out)
         assert.matches("\n> stdin:1: eq\n", out)
         assert.matches("\n> stdin:1: unexpected symbol near '='\n", out)

@@ -95,7 +95,14 @@ end
 -- newline ends a trailing comment; a trailing ';' is allowed as after return.)
 local function load_expression(code)
     code = code:gsub(";%s*$", "")
-    return load("return (function(...) return ... end)(" .. code .. "\n)", "=stdin")
+    -- (the ")" on the line itself: after a newline, LuaJIT gave the
+    -- expression's errors the next line, stdin:2; the newline is only for
+    -- a line that ends in a comment)
+    local f, err = load("return (function(...) return ... end)(" .. code .. ")", "=stdin")
+    if not f then
+        f, err = load("return (function(...) return ... end)(" .. code .. "\n)", "=stdin")
+    end
+    return f, err
 end
 
 -- The prompt's input as a function: an expression whose values are
