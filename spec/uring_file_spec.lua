@@ -64,6 +64,26 @@ describe("File and DmaFile", function()
 
     -- An optional argument defaults only when it is nil: false, and a NULL
     -- pointer (which compares equal to nil), are bad values of their own.
+    -- (Lua has no octal literals: 644 made a file of mode 01204, sticky and
+    -- unreadable to its owner, and mkdir(d, 755) a directory of 01363)
+    it("refuse perms written as octal digits in a decimal number, and take the number they stand for", async(function()
+        local path = tmpfile("perms")
+        assert.has_error(function() uring.File.open(path, "w", 644) end,
+            'File.open: perms 644 is decimal here (octal 1204, with the sticky bit): Lua has no octal literals; ' ..
+            'write tonumber("644", 8), which is 420')
+        assert.has_error(function() uring.mkdir(path .. ".d", 755) end,
+            'uring.mkdir: perms 755 is decimal here (octal 1363, with the sticky bit): Lua has no octal literals; ' ..
+            'write tonumber("755", 8), which is 493')
+        assert.is_nil(uring.statx(path))                   -- nothing made
+        local f = assert(uring.File.open(path, "w", tonumber("640", 8)))
+        f:close()
+        assert.equal(tonumber("640", 8), require("bit").band(uring.statx(path).mode, 4095))
+        assert(uring.mkdir(path .. ".d", tonumber("1777", 8)))       -- a real sticky mode, 1023: taken
+        assert.equal(tonumber("1000", 8), require("bit").band(uring.statx(path .. ".d").mode, tonumber("1000", 8)))
+        assert(uring.rmdir(path .. ".d"))
+        uring.unlink(path)
+    end))
+
     it("reject false and NULL pointers for optional arguments, which default only when nil", async(function()
         local null = ffi.cast("void *", 0)
         local path = tmpfile("optional")
@@ -796,7 +816,7 @@ describe("File and DmaFile", function()
                          "File:read: offset must be an integer from 0 to 2^62 (got 4611686018427389952)")
         assert.has_error(function() f:read(0, 1.5) end, "File:read: length must be an integer from 0 to 2147479552 (got 1.5)")
         assert.has_error(function() f:write(0, 42) end, "File:write: data must be a string (got number)")
-        assert.has_error(function() f:read_fixed("buf", 0) end, "File:read_fixed: expected a registered buffer (got string)")
+        assert.has_error(function() f:read_fixed("buf", 0) end, "File:read_fixed: buf must be a registered buffer (got string)")
         assert.has_error(function() uring.File.open(path, "rw") end,
             'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got "rw")')
         assert.has_error(function() uring.File.open(path, "br") end,

@@ -438,7 +438,7 @@ describe("IoQueue", function()
             assert.error_matches(function() q:read_fixed("f", buf, 0) end,
                 "IoQueue:read_fixed: file must be a File or DmaFile %(got \"f\"%)")
             assert.error_matches(function() q:write_fixed(f, "buf", 0) end,
-                "IoQueue:write_fixed: expected a registered buffer %(got string%)")
+                "IoQueue:write_fixed: buf must be a registered buffer %(got string%)")
             assert.error_matches(function() q:read_fixed(f, buf, -1) end,
                 "IoQueue:read_fixed: offset must be an integer from 0 to 2%^62 %(got %-1%)")
             assert.error_matches(function() q:read_fixed(f, buf, 0, buf:size() + 1) end,

@@ -213,6 +213,20 @@ function M.install(U)
         end
     end
 
+    -- perms: an integer mode.  Lua has no octal literals: 644 is decimal
+    -- 644, mode 01204 (sticky, and no read for the owner), which open and
+    -- mkdir took as given.  A three-digit number from 512 to 777 written
+    -- with octal digits only is that mistake, never a mode anybody means.
+    local function check_perms(fname, perms, level)
+        check.integer(fname, "perms", perms, 0, 4095, level + 1)
+        local digits = format("%d", perms)
+        if perms >= 512 and perms <= 777 and not digits:find("[89]") then
+            error(format('%s: perms %s is decimal here (octal %o, with the sticky bit): Lua has no octal ' ..
+                         'literals; write tonumber("%s", 8), which is %d', fname, digits, perms, digits,
+                         tonumber(digits, 8)), level)
+        end
+    end
+
     local function open_file(cls, fname, direct, path, mode, perms)
         check_path(fname, "path", path, 4)         -- (4: the user called File.open, which called us)
         if type(mode) == "nil" then     -- (not == nil: a NULL pointer equals nil)
@@ -227,7 +241,7 @@ function M.install(U)
         if type(perms) == "nil" then
             perms = 420     -- 0644
         end
-        check.integer(fname, "perms", perms, 0, 4095, 4)
+        check_perms(fname, perms, 4)
         local t, r = context(fname, 1)
         local fd = run_op(r, t, C.pl_uring_openat(r.u, t.slot, t.gen, path, flags, perms), path, path)
         if fd < 0 then
@@ -696,7 +710,7 @@ function M.install(U)
         if type(perms) == "nil" then    -- (not perms or 0755: false is no mode; nor == nil: NULL equals nil)
             perms = 493     -- 0755
         end
-        check.integer("uring.mkdir", "perms", perms, 0, 4095)
+        check_perms("uring.mkdir", perms, 3)
         local t, r = context("uring.mkdir")
         local rc = run_op(r, t, C.pl_uring_mkdirat(r.u, t.slot, t.gen, path, perms), path, path)
         if rc < 0 then
