@@ -693,6 +693,24 @@ describe("Worker:close", function()
 end)
 
 describe("Endpoint:close", function()
+    -- (it raised "not inside a pluvio task" where every other close worked:
+    -- a busted finally, a script's top level)
+    it("closes where no runtime runs, flushing as it does in a task", function()
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local stream = w:am_stream(3)
+        local ep = pluvio.run(function()
+            local e = assert(w:connect_addr(w:address()))
+            assert(e:am_send(3, "h", "before the close"))
+            return e
+        end)
+        assert.is_nil(pluvio.runtime())
+        assert.is_true(ep:close())
+        assert.is_false(ep:close())
+        assert.equal("before the close", pluvio.run(function() return assert(stream:wait_msg()):data() end))
+        assert.is_true(ctx:close())
+    end)
+
     it("returns true when the worker is closed while it waits, without a UCX assertion", function()
         -- the close waited for a rendezvous send the receiver never pulls;
         -- UCX 1.13 aborted the process when the worker was destroyed under

@@ -638,6 +638,12 @@ function M.install(U)
         if not self.h or not self.worker.w then
             return false
         end
+        if not pluvio.runtime() then
+            -- no runtime runs (a script's top level, busted's finally): the
+            -- close, which waits for the endpoint's flush, runs as the task
+            -- of a runtime of its own, as every other close works there too
+            return pluvio.run(Endpoint.close, self)
+        end
         local t = current_task("Endpoint:close")
         local w = self.worker
         local h = self.h
