@@ -411,6 +411,18 @@ describe("pluvio (the host)", function()
             assert.equal("-- The pluvi\tslow\ttrue\ttrue\n", out)
         end)
 
+        -- (LuaJIT's dofile ran the chunk from C: "attempt to yield across
+        -- C-call boundary" at its first wait)
+        it("lets a script dofile a file whose top level sleeps and reads a file", function()
+            local dir = module_dir({ ["slow.lua"] = SLOW })
+            local status, out, err = helper.run_script(
+                "local m = dofile(" .. ("%q"):format(dir .. "/slow.lua") .. ")\n" ..
+                "print(m.head, m.name, dofile == pluvio.dofile)\n" ..
+                "print(pcall(dofile, " .. ("%q"):format(dir .. "/none.lua") .. "))\n")
+            assert.equal(0, status, err)
+            assert.equal("-- The pluvi\tnil\ttrue\nfalse\tcannot open " .. dir .. "/none.lua: No such file or directory\n", out)
+        end)
+
         it("loads a -l module whose top level waits, found through LUA_PATH, before the -e code", function()
             local _, path = module_dir({ ["slow.lua"] = SLOW })
             local status, out, err = sh("LUA_PATH=" .. q(path .. ";;") .. " " .. q(host) ..

@@ -338,10 +338,11 @@ function M.main(opts)
         end
     end
     -- Scripts and -e code may use `pluvio` without requiring it, and
-    -- require modules whose top level waits (LuaJIT's C require cannot
-    -- run a chunk that yields).
+    -- require modules (and dofile files) whose top level waits (LuaJIT's
+    -- C require and dofile cannot run a chunk that yields).
     rawset(_G, "pluvio", pluvio)
     rawset(_G, "require", pluvio.require)
+    rawset(_G, "dofile", pluvio.dofile)
     -- os.exit leaves before the run ends, and with it went the reports of
     -- failed tasks nobody joined: os.exit(ok and 0 or 1) at a script's end
     -- hid a worker's error.  (The status stays the one asked for.)

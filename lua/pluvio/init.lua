@@ -326,6 +326,22 @@ end
 -- host's global require; see pluvio/loader.lua).
 M.require = require("pluvio.loader").new(M)
 
+-- pluvio.dofile([path]): dofile, for a file whose top level waits: the
+-- chunk is called from Lua (LuaJIT's dofile calls it from C, where a wait
+-- raises "attempt to yield across C-call boundary").  The host's global
+-- dofile.  Errors as dofile's: the load's message as it is, the chunk's
+-- own as the chunk raised them.
+function M.dofile(path)
+    if type(path) ~= "nil" and type(path) ~= "string" then
+        error("bad argument #1 to 'dofile' (string expected, got " .. type(path) .. ")", 2)
+    end
+    local chunk, err = loadfile(path)
+    if not chunk then
+        error(err, 0)
+    end
+    return chunk()
+end
+
 -- For modules built on the runtime (channels, reactors): park and wake.
 M._park = park
 M._linger = task.linger
