@@ -220,7 +220,7 @@ local function check_spec(fname, spec)
     for i, o in ipairs(spec.options) do
         local what
         if type(o) ~= "table" then
-            what = format("must be a table {name, kind, default, help} (got %s)", check.show(o))
+            what = format(" must be a table {name, kind, default, help} (got %s)", check.show(o))
         elseif type(o[1]) ~= "string" or not o[1]:match("^[%w][%w%-]*$") then
             what = format("[1], its name, must be a string of letters, digits and '-' (got %s)", check.show(o[1]))
         elseif not KINDS[o[2]] then
@@ -232,7 +232,7 @@ local function check_spec(fname, spec)
             what = format(".choices of --%s must be a list (got %s)", o[1], check.show(o.choices))
         end
         if what then
-            error(format("%s: spec.options[%d]%s", fname, i, what:sub(1, 1) == "m" and " " .. what or what), 3)
+            error(format("%s: spec.options[%d]%s", fname, i, what), 3)
         end
     end
 end
@@ -386,30 +386,30 @@ local function encode_table(v, out, seen, path)
     end
     seen[v] = true
     local n = array_length(v)
-        if n then
-            out[#out + 1] = "["
-            for i = 1, n do
-                if i > 1 then out[#out + 1] = "," end
-                encode(v[i], out, seen, path .. "[" .. i .. "]")
-            end
-            out[#out + 1] = "]"
-        else
-            local keys, by_name = {}, {}
-            for k in pairs(v) do
-                local name = tostring(k)
-                keys[#keys + 1] = name
-                by_name[name] = k
-            end
-            table.sort(keys)
-            out[#out + 1] = "{"
-            for i, name in ipairs(keys) do
-                if i > 1 then out[#out + 1] = "," end
-                encode(name, out, seen, path)
-                out[#out + 1] = ":"
-                encode(v[by_name[name]], out, seen, path .. "." .. name)
-            end
-            out[#out + 1] = "}"
+    if n then
+        out[#out + 1] = "["
+        for i = 1, n do
+            if i > 1 then out[#out + 1] = "," end
+            encode(v[i], out, seen, path .. "[" .. i .. "]")
         end
+        out[#out + 1] = "]"
+    else
+        local keys, by_name = {}, {}
+        for k in pairs(v) do
+            local name = tostring(k)
+            keys[#keys + 1] = name
+            by_name[name] = k
+        end
+        table.sort(keys)
+        out[#out + 1] = "{"
+        for i, name in ipairs(keys) do
+            if i > 1 then out[#out + 1] = "," end
+            encode(name, out, seen, path)
+            out[#out + 1] = ":"
+            encode(v[by_name[name]], out, seen, path .. "." .. name)
+        end
+        out[#out + 1] = "}"
+    end
     seen[v] = nil
 end
 
@@ -519,7 +519,7 @@ end
 -- json_decode(text): the first value in text (what follows it is ignored:
 -- tools print lines after their report), or nil and where it went wrong
 -- (enough for reading fio's and our own reports).
-local MAX_DEPTH = 200     -- (a Lua C stack overflow comes at about 200 nested calls of value)
+local MAX_DEPTH = 200     -- (reports nest a few levels; a deep enough text overflowed the Lua stack)
 
 function M.json_decode(text)
     check.string("bench.json_decode", "text", text)
