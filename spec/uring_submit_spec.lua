@@ -253,6 +253,49 @@ describe("submission and completion", function()
         os.remove(path)
     end)
 
+    -- (completions past a full CQ wait in the kernel's overflow list until
+    -- an io_uring_enter asks for them: with another reactor pending, the
+    -- runtime watched the ring's fd, which the overflow kept readable, and
+    -- spun without fetching them)
+    it("fetches completions that overflowed the CQ while another reactor is pending", function()
+        -- (in a script of its own: the reads of a regression never end, and
+        -- the script's watchdog exits)
+        local status, out, err = helper.run_script([[
+            local uring, ucx = require "pluvio.uring", require "pluvio.ucx"
+            local rt = pluvio.Runtime.new()
+            local r = uring.reactor { queue_size = 1, submit_depth = 32768, wait_submit_timeout = 60 }
+            rt:register_reactor("io_uring", r)
+            rt:run(function()
+                local ctx = assert(ucx.Context.new())
+                local w = assert(ctx:create_worker())
+                local ur = ucx.UCXReactor.current()
+                rt:register_reactor("ucx", ur)
+                ur:register_worker(w)
+                local l = assert(w:create_listener("127.0.0.1", 0))    -- a connection: the worker is pending
+                local a = pluvio.spawn(function() return l:accept() end)
+                local ep = assert(w:connect_socket("127.0.0.1", l:port()))
+                local sep = assert(a:join())
+                local f = assert(uring.File.open("/dev/zero", "r"))
+                local tasks, n = {}, 0
+                for i = 1, 12 do         -- 12 completions for a CQ of 4 entries
+                    tasks[i] = pluvio.spawn(function() return #assert(f:read(0, 1)) end)
+                end
+                local ticks0 = rt:stats().ticks
+                local watchdog = pluvio.spawn(function()
+                    pluvio.sleep(3)
+                    print(("stuck: %d of 12 reads done, %d ticks"):format(n, rt:stats().ticks - ticks0))
+                    os.exit(1)
+                end)
+                for i = 1, 12 do tasks[i]:join(); n = n + 1 end
+                watchdog:kill()
+                print(n, rt:stats().ticks - ticks0 < 1000)     -- (it spun: millions of ticks)
+                f:close(); ep:close(); sep:close(); l:close(); w:close(); ctx:close()
+            end)
+        ]])
+        assert.equal(0, status, out .. err)
+        assert.equal("12\ttrue\n", out)
+    end)
+
     it("completes a lone read without paying wait_complete_timeout", function()
         with_reactor({ wait_complete_timeout = 5, wait_submit_timeout = 5 }, function()
             local f = assert(uring.File.open("/etc/hostname"))

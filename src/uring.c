@@ -740,6 +740,13 @@ static int uring_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
 
     u->rt = rt;
     u->inline_streak = 0;
+    /* Completions past a full CQ wait in the kernel's overflow list until
+     * an io_uring_enter asks for completions; this reactor's own sleep
+     * does, but a runtime with another reactor pending watches the ring's
+     * fd instead, which the overflow keeps readable: the tick spun, and
+     * those completions waited for the next submit. */
+    if (io_uring_cq_ready(&u->ring) == 0 && io_uring_cq_has_overflow(&u->ring))
+        (void)io_uring_get_events(&u->ring);
     return reap(u, budget);
 }
 
@@ -763,8 +770,8 @@ static int uring_status(pl_reactor_t *self)
 {
     pl_uring_t *u = (pl_uring_t *)self;
 
-    if (io_uring_cq_ready(&u->ring) > 0)
-        return PL_REACTOR_READY;
+    if (io_uring_cq_ready(&u->ring) > 0 || io_uring_cq_has_overflow(&u->ring))
+        return PL_REACTOR_READY;        /* (overflow: uring_poll fetches it) */
     return u->in_flight > 0 ? PL_REACTOR_PENDING : PL_REACTOR_IDLE;
 }
 
