@@ -296,6 +296,20 @@ describe("submission and completion", function()
         assert.equal("12\ttrue\n", out)
     end)
 
+    -- (the C API took up to 4 GiB; an op's result is an int32, and a 3 GiB
+    -- write, continued past the kernel's 2 GiB cap, came back negative, as
+    -- an error.  Lua's calls stop at 2 GiB - 4 KiB before C sees them.)
+    it("refuses, in C, a transfer longer than its int32 result can report", function()
+        with_reactor({ buffer_count = 0 }, function(r)
+            local C = require("pluvio.core").C
+            local t = pluvio.current()
+            local mem = ffi.new("char[1]")
+            assert.equal(-22, C.pl_uring_write(r.u, t.slot, t.gen, 1, mem, 3 * 2 ^ 30, 0, -1))
+            assert.equal(-22, C.pl_uring_read(r.u, t.slot, t.gen, 0, mem, 2 ^ 31, 0, -1))
+            assert.equal(0, r:stats().in_flight)
+        end)
+    end)
+
     it("completes a lone read without paying wait_complete_timeout", function()
         with_reactor({ wait_complete_timeout = 5, wait_submit_timeout = 5 }, function()
             local f = assert(uring.File.open("/etc/hostname"))

@@ -379,14 +379,19 @@ void uring_sqe_void(struct io_uring_sqe *sqe)
 }
 
 /* An SQE and an op of the given kind for fd (len bytes at offset), or
- * -errno with nothing taken. */
+ * -errno with nothing taken.  len is at most INT32_MAX: an op's result is
+ * an int32 (a 3 GiB write, continued past the kernel's 2 GiB cap, came
+ * back as a negative "error"). */
 static inline int op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
                            uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out)
 {
-    struct io_uring_sqe *sqe = uring_get_sqe(u);
+    struct io_uring_sqe *sqe;
     struct uring_op *op;
     int i;
 
+    if (len > INT32_MAX)
+        return -EINVAL;
+    sqe = uring_get_sqe(u);
     if (!sqe)
         return -PL_ESQFULL;
     i = op_new(u, slot, gen, kind);
@@ -459,7 +464,7 @@ static int start_rwv(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, i
             return -PL_EBUFCANCELLED;
         total += parts[p].len;
     }
-    if (total > UINT32_MAX)
+    if (total > INT32_MAX)       /* (op_begin's limit) */
         return -EINVAL;
     i = uring_op_begin(u, slot, gen, kind, fd, (uint32_t)total, offset, &sqe);
     if (i < 0)
