@@ -451,14 +451,22 @@ int pl_runtime_unregister_reactor(pl_runtime_t *rt, const char *name)
 
     if (i < 0)
         return -ENOENT;
-    if (rt->reactors[i].armed) {
-        struct io_uring_sqe *sqe = io_uring_get_sqe(&rt->ring);
-        if (sqe) {
-            io_uring_prep_poll_remove(sqe, poll_user_data(i, rt->reactors[i].token));
-            io_uring_sqe_set_data64(sqe, 0);
-            io_uring_submit(&rt->ring);
-        }
+    /* Its watch goes, and so do those of the reactors after it, whose
+     * index changes: left in the kernel, an old watch held its reactor's
+     * ring file (a freed reactor's pinned buffers with it) until the fd
+     * fired.  They are armed again at the next block. */
+    bool removed = false;
+    for (int j = i; j < rt->nreactors; j++) {
+        struct io_uring_sqe *sqe;
+
+        if (!rt->reactors[j].armed || !(sqe = io_uring_get_sqe(&rt->ring)))
+            continue;
+        io_uring_prep_poll_remove(sqe, poll_user_data(j, rt->reactors[j].token));
+        io_uring_sqe_set_data64(sqe, 0);
+        removed = true;
     }
+    if (removed)
+        io_uring_submit(&rt->ring);
     /* Keep the order of the others; tokens tell stale completions apart. */
     for (int j = i; j + 1 < rt->nreactors; j++) {
         rt->reactors[j] = rt->reactors[j + 1];
