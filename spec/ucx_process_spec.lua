@@ -350,4 +350,61 @@ describe("UCX across processes", function()
         assert.equal(GONE, err2)
         ep:close(); w:close(); c.ctx:close()
     end))
+
+    -- (a pull that failed after it started handed its message object the
+    -- handle of whichever message had its slot by then, 128 messages on;
+    -- the object's release freed that message while its stream still held
+    -- it: the message was lost, and the next arrivals crashed the process)
+    it("keeps a message whose pull failed from taking another message's handle", function()
+        local sender = [[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local w = assert(ctx:create_worker())
+            local ep = assert(w:connect_socket("127.0.0.1", tonumber(arg[1])))
+            local h = ep:am_send_nb(1, "X", ("x"):rep(1048576), false, "rndv")
+            pluvio.sleep(3600)
+        ]]
+        local sender_path = helper.tmp_path(".lua")
+        local f = assert(io.open(sender_path, "w"))
+        f:write(sender)
+        f:close()
+        local status, out, err = helper.run_script(([[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local r = assert(ctx:create_worker())
+            local inbox = r:am_stream(1, { window = 1024 })
+            local l = assert(r:create_listener("127.0.0.1", 0))
+            local acc = pluvio.spawn(function() return assert(l:accept()) end)
+            local p = io.popen(%q .. " " .. %q .. " " .. l:port() .. " >/dev/null 2>&1 & echo $!")
+            local pid = tonumber(p:read("*l")); p:close()
+            acc:join()
+            local x = assert(inbox:wait_msg())
+            os.execute("kill -STOP " .. pid)            -- its pull stays in flight (tcp)
+            local puller = pluvio.spawn(function() return x:data() end)
+            pluvio.yield(); pluvio.yield()
+            local s2 = assert(ctx:create_worker())
+            local ep2 = assert(s2:connect_addr(r:address()))
+            for k = 1, 127 do                           -- x's message slot goes round
+                assert(ep2:am_send(1, "m" .. k, "d" .. k))
+                local m = assert(inbox:wait_msg())
+                assert(m.header == "m" .. k)
+                m:release()
+            end
+            assert(ep2:am_send(1, "m128", "payload-128"))   -- in x's old slot: its handle
+            while r:stats().msgs_held < 1 do pluvio.sleep(0.001) end
+            os.execute("kill -9 " .. pid)
+            local d, why = puller:join()
+            print(d, why ~= nil, x.h)
+            x:release()                                  -- (harmless after a failed pull)
+            assert(ep2:am_send(1, "m129", "payload-129"))
+            for k = 128, 129 do
+                local m = assert(inbox:wait_msg())
+                print(m.header, m:data())
+            end
+            os.exit(0)
+        ]]):format(helper.host, sender_path), nil, "UCX_TLS=tcp")
+        os.remove(sender_path)
+        assert.equal(0, status, err)
+        assert.equal("nil\ttrue\tnil\nm128\tpayload-128\nm129\tpayload-129\n", out)
+    end)
 end)

@@ -276,11 +276,13 @@ int pl_ucx_msg_drop(pl_ucx_worker_t *w, int h, uint32_t slot, uint32_t gen)
     return 1;
 }
 
+/* Only a taken message (a task's): one still in its stream is the
+ * stream's to hand out. */
 int pl_ucx_msg_release(pl_ucx_worker_t *w, int h)
 {
     struct ucx_msg *m = msg_get(w, h);
 
-    if (!m)
+    if (!m || !m->taken)
         return -EBADF;
     msg_free(w, m);
     return 0;
@@ -343,7 +345,7 @@ int pl_ucx_msg_recv(pl_ucx_worker_t *w, int h, void *buf, size_t len, uint32_t s
     ucs_status_ptr_t sp;
     int rc;
 
-    if (!m)
+    if (!m || !m->taken)        /* (as pl_ucx_msg_release) */
         return -EBADF;
     if (len < m->length)
         return -ENOBUFS;

@@ -19,6 +19,7 @@ local max = math.max
 local M = {}
 
 local EBADF, EAGAIN, EMFILE, EMSGSIZE, ENOTCONN, ECANCELED = -9, -11, -24, -90, -107, -125
+local ENOMEM, ENOBUFS, EOPSFULL = -12, -105, -C.PL_EOPSFULL
 local MAX_AM_ID = 255
 local Buffer = require("pluvio.uring").Buffer
 
@@ -345,17 +346,23 @@ function M.install(U)
         local owner = w.tracked and w.tracked.owners[h]
         m.h = nil
         untrack(w, h)
-        local rc = run_op(w, t, C.pl_ucx_msg_recv(w.w, h, ptr, cap, t.slot, t.gen), "AM data", keep)
-        if rc < 0 then
-            if w.w and C.pl_ucx_msg_info(w.w, h, w.info) == 0 then
-                -- the pull could not start (no op slot: ENOMEM, EOPSFULL): the message
-                -- is as it was, to take again or release, not held in C for
-                -- good with its rendezvous sender waiting
-                m.h = h
-                if owner then
-                    track(w, h, m, owner)
-                end
+        local op = C.pl_ucx_msg_recv(w.w, h, ptr, cap, t.slot, t.gen)
+        if op == ENOMEM or op == EOPSFULL or op == ENOBUFS then
+            -- the pull could not start (no op slot; no room): the message
+            -- is as it was, to take again or release, not held in C for
+            -- good with its rendezvous sender waiting.  (Only then: once it
+            -- started, the message's slot is free, and after 128 more
+            -- messages another one has the same handle: a pull that failed
+            -- later gave this object that message, which its release freed
+            -- while a stream still held it.)
+            m.h = h
+            if owner then
+                track(w, h, m, owner)
             end
+            return fail("receive AM data", op)
+        end
+        local rc = run_op(w, t, op, "AM data", keep)
+        if rc < 0 then
             return fail("receive AM data", rc)
         end
         return m.len
