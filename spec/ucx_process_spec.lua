@@ -230,7 +230,10 @@ describe("UCX across processes", function()
         local rt = pluvio.runtime()
         -- busy: spinning, each wait for a reply polls the worker in the
         -- task's place many times over, and the worker is never armed
-        rt:set_spin(0.05)
+        -- (0.5 s: a reply later than the spin, from a server starved on a
+        -- loaded machine, let the runtime sleep, which starts the count of
+        -- polls without sleep again: no drop in an ASan run under load)
+        rt:set_spin(0.5)
         local s0 = c.w:stats()
         for i = 1, 20 do
             assert(c.ep:am_send(1, "busy " .. i, "x", true))
