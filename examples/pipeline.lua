@@ -92,19 +92,17 @@ end
 -- The pool is 2 * window + 4 buffers of a chunk: the default window is
 -- lowered to what the locked-memory limit holds (a user's is 8 MiB: 6
 -- buffers of 1 MiB beside the rings; root has none).
-local lockable = uring.lockable_buffers(o.chunk, 256)
 local window_note = ""
-if not o.window then
-    o.window = 8
-    if lockable and 2 * o.window + 4 > lockable and lockable >= 6 then
-        o.window = math.floor((lockable - 4) / 2)
+do
+    local want = o.window or 8
+    local n, lockable = bench.fit_pool(o.chunk, function(w) return 2 * w + 4 end, want, o.window, 256)
+    if not n then
+        fail(("--window %d takes %s: lower --window or --chunk, or raise the limit"):format(o.window or 1, lockable))
+    end
+    if n < want then
         window_note = (" (the locked-memory limit holds %d buffers of a chunk)"):format(lockable)
     end
-end
-if lockable and 2 * o.window + 4 > lockable then
-    fail(("--window %d takes %d registered buffers of %s, and the locked-memory limit (ulimit -l) holds %d: " ..
-          "lower --window or --chunk, or raise the limit"):format(o.window, 2 * o.window + 4, bench.bytes(o.chunk),
-                                                                  lockable))
+    o.window = n
 end
 
 local DATA, ACK, DONE, RESULT, HELLO = 20, 21, 22, 23, 24

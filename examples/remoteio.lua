@@ -26,8 +26,10 @@ local spec = {
         { "mode", "string", "write", "write (client -> server file) or read (server file -> client)",
           choices = { "write", "read" } },
         { "size", "size", 32 * 1048576, "bytes to move", min = 1 },
-        { "chunk", "size", 1048576, "bytes per request", max = 1073741824 },
-        { "window", "integer", 8, "requests in flight", min = 1, max = 256 },
+        { "chunk", "size", nil, "bytes per request (default 1m; less when the locked-memory limit, " ..
+          "ulimit -l, holds fewer registered buffers)", max = 1073741824 },
+        { "window", "integer", nil, "requests in flight (default 8; fewer when the locked-memory limit " ..
+          "holds fewer registered buffers)", min = 1, max = 256 },
         { "loopback", "flag", false, "both ends in this process (the default)" },
         { "server", "flag", false, "serve requests on --port until the client says goodbye" },
         { "host", "string", "127.0.0.1", "address --server listens on (0.0.0.0: all of them)", nonempty = true },
@@ -79,6 +81,27 @@ local function joined(t)
     return unpack(r)
 end
 if o.mode ~= "write" and o.mode ~= "read" then fail("--mode must be write or read (got " .. o.mode .. ")") end
+-- The pool is 3 * window + 4 buffers of a chunk.  Under a locked-memory
+-- limit (a user's ulimit -l: 8 MiB) the defaults are lowered to what it
+-- holds: the window first, then the chunk, down to 64 KiB.
+local fit_note = ""
+do
+    local chunk, window = o.chunk or 1048576, o.window or 8
+    while true do
+        local n, lockable = bench.fit_pool(chunk, function(w) return 3 * w + 4 end, window, o.window, 256)
+        if n then
+            if n < window or chunk < (o.chunk or 1048576) then
+                fit_note = (" (the locked-memory limit holds %d buffers of %s)"):format(lockable, bench.bytes(chunk))
+            end
+            o.chunk, o.window = chunk, n
+            break
+        end
+        if o.chunk or chunk <= 65536 then
+            fail(("--window %d takes %s: lower --window or --chunk, or raise the limit"):format(o.window or 1, lockable))
+        end
+        chunk = chunk / 2
+    end
+end
 if o.chunk < 4096 or o.chunk % 4096 ~= 0 then fail("--chunk must be a multiple of 4096") end
 if o.size < o.chunk then fail(("--size must be at least --chunk %d (got %d)"):format(o.chunk, o.size)) end
 if o.size % 4096 ~= 0 then fail(("--size must be a multiple of 4096 (got %d)"):format(o.size)) end
@@ -315,7 +338,7 @@ if o.server then
     local errors = w:am_stream(ERROR)
     local l, err = w:create_listener(o.host, o.port)
     if not l then fail(err) end
-    io.write(("remoteio: serving on %s, file %s/server.bin\n"):format(l:address(), dir))
+    io.write(("remoteio: serving on %s, file %s/server.bin%s\n"):format(l:address(), dir, fit_note))
     io.stdout:flush()
     local ep = must(l:accept())
     l:close()
@@ -356,8 +379,8 @@ else
     ep:close()
     cw:close()
     if o.json ~= "-" then
-        io.write(("remoteio: %s %s in %s chunks, %d in flight: %.2f s, %.0f MiB/s\n"):format(o.mode,
-            bench.bytes(o.size), bench.bytes(o.chunk), o.window, result.seconds, result.mib_s))
+        io.write(("remoteio: %s %s in %s chunks, %d in flight%s: %.2f s, %.0f MiB/s\n"):format(o.mode,
+            bench.bytes(o.size), bench.bytes(o.chunk), o.window, fit_note, result.seconds, result.mib_s))
         io.write(("  checksums: client %s, server %s: %s\n"):format(result.local_checksum, result.remote_checksum,
             result.ok and "match" or "DIFFER"))
     end

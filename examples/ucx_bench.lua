@@ -76,8 +76,14 @@ local max_size = 4096
 for _, s in ipairs(o.sizes) do max_size = math.max(max_size, s) end
 -- The server takes data with several tasks, so that pulling one rendezvous
 -- message overlaps with the next (as UCX's callbacks do for ucx_perftest).
-local SINKS = 8
-local buffers = uring.reactor { buffer_size = math.ceil(max_size / 4096) * 4096, buffer_count = 4 + SINKS }
+-- (Fewer under a locked-memory limit, a user's ulimit -l of 8 MiB: the
+-- pool is 4 + SINKS buffers of the largest size.)
+local buffer_size = math.ceil(max_size / 4096) * 4096
+local SINKS, lockable = bench.fit_pool(buffer_size, function(n) return 4 + n end, 8)
+if not SINKS then
+    fail(("the largest --sizes takes %s: lower it, or raise the limit"):format(lockable))
+end
+local buffers = uring.reactor { buffer_size = buffer_size, buffer_count = 4 + SINKS }
 pluvio.runtime():register_reactor("ucx_bench buffers", buffers)
 
 -- Take a message as ucx_perftest's AM handler does: rendezvous data is

@@ -658,4 +658,19 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
         assert.matches("^pipeline: %-%-window 8 takes 20 registered buffers of 1 MiB, and the locked%-memory " ..
                        "limit %(ulimit %-l%) holds %d+: lower %-%-window or %-%-chunk, or raise the limit\n$", err)
     end)
+
+    -- (remoteio and ucx_bench failed with tracebacks from every task)
+    it("run remoteio and ucx_bench with smaller defaults that fit, and refuse sizes that cannot in one line", function()
+        local ex = helper.root .. "/examples/"
+        local status, out, err = as_user(helper.quote(ex .. "remoteio.lua") .. " --size 8m")
+        assert.equal(0, status, err)
+        assert.matches("in flight (the locked-memory limit holds ", out, 1, true)
+        assert.matches("checksums: client (%x+), server %1: match", out)
+        status, out, err = as_user(helper.quote(ex .. "ucx_bench.lua") .. " --iters 200 --warmup 10 --sizes 8,1m")
+        assert.equal(0, status, err)
+        status, out, err = as_user(helper.quote(ex .. "ucx_bench.lua") .. " --sizes 64m")
+        assert.equal(2, status, err)
+        assert.matches("^ucx_bench: the largest %-%-sizes takes 5 registered buffers of 64 MiB, and the " ..
+                       "locked%-memory limit %(ulimit %-l%) holds 0: lower it, or raise the limit\n$", err)
+    end)
 end)

@@ -180,6 +180,34 @@ local function convert(o, name, v)
     return v
 end
 
+-- fit_pool(buffer_size, count_of, want[, min[, queue_size]]): the largest
+-- n from min (default 1) to want whose pool of count_of(n) registered
+-- buffers of buffer_size bytes the locked-memory limit holds
+-- (uring.lockable_buffers), and that limit's count (nil: no limit, n is
+-- want); or nil and why not, for a one-line error: a script's window or
+-- number of tasks, lowered to what a user's ulimit -l (8 MiB) holds.
+function M.fit_pool(buffer_size, count_of, want, min, queue_size)
+    check.integer("bench.fit_pool", "want", want, 1, 2 ^ 31)
+    if type(count_of) ~= "function" then
+        check.fail("bench.fit_pool", "count_of must be a function (n -> buffers)", count_of)
+    end
+    if type(min) == "nil" then
+        min = 1
+    end
+    check.integer("bench.fit_pool", "min", min, 1, want)
+    local lockable = require("pluvio.uring").lockable_buffers(buffer_size, queue_size)
+    if not lockable then
+        return want, nil
+    end
+    for n = want, min, -1 do
+        if count_of(n) <= lockable then
+            return n, lockable
+        end
+    end
+    return nil, format("%d registered buffers of %s, and the locked-memory limit (ulimit -l) holds %d",
+                       count_of(min), M.bytes(buffer_size), lockable)
+end
+
 -- nil if path can be written (a report's: known before a run, not after
 -- it), else why not.  A file it had to make for the check is removed
 -- again: a run refused for another option leaves nothing behind.
