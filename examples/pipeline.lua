@@ -331,7 +331,7 @@ else
     if o.connect then
         local hello, errors = w:am_stream(HELLO), w:am_stream(ERROR)
         local err
-        ep, err = w:connect_socket(connect_host, connect_port)
+        ep, err = bench.connect_socket(w, connect_host, connect_port)
         if not ep then fail(err) end
         peer = { ep = ep, errors = errors, name = "server" }
         local m = pluvio.timeout(10, hello.wait_msg, hello)

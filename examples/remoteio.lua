@@ -355,7 +355,7 @@ else
     local ep, server_task
     if o.connect then
         local err
-        ep, err = cw:connect_socket(connect_host, connect_port)
+        ep, err = bench.connect_socket(cw, connect_host, connect_port)
         if not ep then fail(err) end
         peer = { ep = ep, errors = errors, name = "server" }
     else

@@ -360,7 +360,7 @@ if o.server then
 elseif o.connect then
     local w = assert(ctx:create_worker())
     local streams = open_streams(w)
-    local ctrl, err = w:connect_socket(connect_host, connect_port)
+    local ctrl, err = bench.connect_socket(w, connect_host, connect_port)
     if not ctrl then fail(err) end
     local ep, why = client_data_ep(w, streams, ctrl)
     if not ep then

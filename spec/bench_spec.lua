@@ -1,6 +1,8 @@
 -- What the benchmark scripts report and how: pluvio.bench's formatting,
 -- and short runs of the benchmarks that check what they counted.
 local bench = require "pluvio.bench"
+local pluvio = require "pluvio"
+local helper = require "helper"
 
 describe("bench.human", function()
     it("prints figures from 1000 to 9999 without an exponent", function()
@@ -233,3 +235,29 @@ describe("bench.write_json and bench.svg", function()
         assert.is_nil(b)
     end)
 end)
+
+describe("bench.connect_socket", function()
+    -- (a port where something accepts but never speaks UCX held the
+    -- examples' clients in the wire-up for good)
+    it("gives up a connect that gets no UCX answer, in one line", helper.async(function()
+        local ucx, uring = require "pluvio.ucx", require "pluvio.uring"
+        local silent = assert(uring.tcp_listen("127.0.0.1", 0))    -- the kernel accepts; nobody answers
+        local ctx = assert(ucx.Context.new())
+        local w = assert(ctx:create_worker())
+        local t0 = pluvio.now()
+        local ep, err, code = bench.connect_socket(w, "127.0.0.1", silent:port(), 0.3)
+        assert.is_nil(ep)
+        assert.equal(("connect to 127.0.0.1:%d: no UCX connection within 0.3 s (is a UCX listener there?)")
+                     :format(silent:port()), err)
+        assert.equal("ETIMEDOUT", code)
+        assert.is_true(pluvio.now() - t0 < 2)
+        local l = assert(w:create_listener("127.0.0.1", 0))             -- a real one: connected
+        local acc = pluvio.spawn(function() return l:accept() end)
+        local e = assert(bench.connect_socket(w, "127.0.0.1", l:port()))
+        assert(acc:join()):close()
+        e:close(); l:close(); silent:close(); ctx:close()
+        assert.has_error(function() bench.connect_socket(w, "127.0.0.1", 1, 0) end,
+                         "bench.connect_socket: seconds must be a number from 0 to 1e9 (not 0) (got 0)")
+    end))
+end)
+

@@ -208,6 +208,26 @@ function M.fit_pool(buffer_size, count_of, want, min, queue_size)
                        count_of(min), M.bytes(buffer_size), lockable)
 end
 
+-- connect_socket(worker, host, port[, seconds]): worker:connect_socket,
+-- given up after seconds (10): a port where something accepts but never
+-- speaks UCX left the wire-up, and the script, waiting for good.  The
+-- endpoint, or nil and a one-line error.
+function M.connect_socket(worker, host, port, seconds)
+    if type(seconds) == "nil" then
+        seconds = 10
+    end
+    if type(seconds) ~= "number" or seconds ~= seconds or seconds <= 0 or seconds > 1e9 then
+        check.fail("bench.connect_socket", "seconds must be a number from 0 to 1e9 (not 0)", seconds)
+    end
+    local pluvio = require "pluvio"
+    local ep, err, code = pluvio.timeout(seconds, worker.connect_socket, worker, host, port)
+    if ep == nil and err == "timeout" and code == nil then
+        return nil, format("connect to %s: no UCX connection within %g s (is a UCX listener there?)",
+                           check.host_port(host, port), seconds), "ETIMEDOUT"
+    end
+    return ep, err, code
+end
+
 -- nil if path can be written (a report's: known before a run, not after
 -- it), else why not.  A file it had to make for the check is removed
 -- again: a run refused for another option leaves nothing behind.
