@@ -49,6 +49,12 @@ local function fail(msg)
     io.stderr:write("ucx_bench: ", msg, "\n")
     os.exit(2)
 end
+-- An operation's result, or the end of the run with its error on one line
+-- (a peer that went away, say), from any task.
+local function must(v, err)
+    if not v then fail(tostring(err)) end
+    return v
+end
 
 if o.test ~= "lat" and o.test ~= "bw" and o.test ~= "both" then fail("--test must be lat, bw or both (got " .. o.test .. ")") end
 if o.proto and o.proto ~= "eager" and o.proto ~= "rndv" then fail("--proto must be eager or rndv (got " .. o.proto .. ")") end
@@ -89,9 +95,38 @@ pluvio.runtime():register_reactor("ucx_bench buffers", buffers)
 -- Take a message as ucx_perftest's AM handler does: rendezvous data is
 -- pulled into buf, eager data is dropped unread where UCX put it (with
 -- --recv-copy it is copied into buf too).
+-- Messages taken and sent so far: a watchdog ends a run that stops moving
+-- for 10 s.  (Over --transport address a peer that died is not detected:
+-- its endpoints have no peer error handling, and the waits went on for
+-- good.)
+local moved = 0
+local function watchdog(who)
+    return pluvio.spawn_named("watchdog", function()
+        local seen, still = -1, 0
+        while true do
+            pluvio.sleep(1)
+            if moved ~= seen then
+                seen, still = moved, 0
+            else
+                still = still + 1
+            end
+            if still >= 10 then
+                fail(("nothing came from or went to the %s for 10 s: it stopped, or the connection broke%s")
+                    :format(who, o.transport == "address" and " (--transport socket detects a peer's failure " ..
+                                                              "at once)" or ""))
+            end
+        end
+    end)
+end
+
 local function take(m, buf)
+    moved = moved + 1
+    if m:data_len() > buf:size() then   -- (recv_data would raise in a task nobody joins: a hang)
+        fail(("a message of %d bytes is larger than this end's largest --sizes (%d bytes): give both ends " ..
+              "the same --sizes"):format(m:data_len(), buf:size()))
+    end
     if m:data_len() > 0 and (o.recv_copy or m:is_rndv()) then
-        assert(m:recv_data(buf))
+        must(m:recv_data(buf))
     else
         m:release()
     end
@@ -116,7 +151,7 @@ local function serve_connection(w, ep, streams)
             if not m then return end
             local n = m:data_len()
             take(m, inbuf)
-            assert(ep:am_send(PONG, "", outbuf, false, o.proto, n))
+            must(ep:am_send(PONG, "", outbuf, false, o.proto, n))
         end
     end)
     local function sink()
@@ -134,23 +169,30 @@ local function serve_connection(w, ep, streams)
     end
     local sinks = {}
     for i = 1, SINKS do sinks[i] = pluvio.spawn_named("sink " .. i, sink) end
+    local dog = watchdog("client")
+    local gone                  -- why the client stopped before its "bye", if it did
     while true do
-        local m = streams.done:wait_msg()
-        if not m then break end
+        local m, err = streams.done:wait_msg()
+        if not m then gone = err; break end
         local size, want = m.header:match("^(%d+) (%d+)$")
         m:release()
-        if m.header == "bye" or not size then break end
+        if m.header == "bye" then break end
+        if not size then gone = "it sent " .. ("%q"):format(m.header) .. ", not a count request"; break end
         size, want = tonumber(size), tonumber(want)
         -- DONE says how many were sent; the sink may still be taking them
         -- (pulling rendezvous data): wait, bounded, then report what it got
         local deadline = pluvio.now() + 10
         while (counts[size] or { 0 })[1] < want and pluvio.now() < deadline do pluvio.sleep(0.0005) end
         local c = counts[size] or { 0, 0 }
-        assert(ep:am_send(COUNT, ("%d %d %d"):format(size, c[1], c[2]), ""))
+        must(ep:am_send(COUNT, ("%d %d %d"):format(size, c[1], c[2]), ""))
         counts[size] = nil
     end
+    dog:kill()
     ping_task:kill()
     for i = 1, SINKS do sinks[i]:kill() end
+    if gone then
+        fail("the client stopped before it was done: " .. tostring(gone))
+    end
 end
 
 local function open_streams(w)
@@ -175,8 +217,8 @@ local function mismatch(theirs)
 end
 
 local function client_data_ep(w, streams, ctrl)
-    assert(ctrl:am_send(ADDR, o.transport, o.transport == "address" and assert(w:address()) or ""))
-    local m = assert(streams.addr_reply:wait_msg())
+    must(ctrl:am_send(ADDR, o.transport, o.transport == "address" and must(w:address()) or ""))
+    local m = must(streams.addr_reply:wait_msg())
     if m.header ~= o.transport then
         m:release()
         return mismatch(m.header)
@@ -185,24 +227,24 @@ local function client_data_ep(w, streams, ctrl)
         m:release()
         return ctrl
     end
-    local ep = assert(w:connect_addr(m:data()))
+    local ep = must(w:connect_addr(m:data()))
     ctrl:close()
     return ep
 end
 
 local function server_data_ep(w, streams, ctrl)
-    local m = assert(streams.addr:wait_msg())
+    local m = must(streams.addr:wait_msg())
     if m.header ~= o.transport or o.transport == "socket" then
         local theirs = m.header
         m:release()
-        assert(ctrl:am_send(ADDR_REPLY, o.transport, ""))
+        must(ctrl:am_send(ADDR_REPLY, o.transport, ""))
         if theirs ~= o.transport then
             return mismatch(theirs)
         end
         return ctrl
     end
-    local back = assert(w:connect_addr(m:data()))
-    assert(ctrl:am_send(ADDR_REPLY, o.transport, assert(w:address())))
+    local back = must(w:connect_addr(m:data()))
+    must(ctrl:am_send(ADDR_REPLY, o.transport, must(w:address())))
     -- the client closes first, so that TCP's TIME_WAIT stays on its side
     -- and a new server can listen on this port at once
     local deadline = pluvio.now() + 5
@@ -227,8 +269,8 @@ local function measure_latency(ep, streams, size, progress, buf, inbuf)
     local t = bench.stamp()
     local next_update = bench.stamp_after(0.25)
     for i = 1, o.warmup + o.iters do
-        assert(ep:am_send(PING, "", buf, false, o.proto, size))
-        local m = assert(streams.pong:wait_msg())
+        must(ep:am_send(PING, "", buf, false, o.proto, size))
+        local m = must(streams.pong:wait_msg())
         take(m, inbuf)
         t = hist:record_stamp(t)
         if i == o.warmup then
@@ -252,9 +294,10 @@ local function measure_bandwidth(ep, streams, size, progress, buf)
     local function send_n(n)
         for _ = 1, n do
             local slot = sent % o.window + 1
-            if handles[slot] then assert(handles[slot]:wait()) end
+            if handles[slot] then must(handles[slot]:wait()) end
             handles[slot] = ep:am_send_nb(DATA, "", buf, false, o.proto, size)
             sent = sent + 1
+            moved = moved + 1
         end
     end
     -- warm-up messages are counted by the receiver too
@@ -269,11 +312,11 @@ local function measure_bandwidth(ep, streams, size, progress, buf)
         progress:update(("bandwidth %s: %d/%d"):format(bench.human(size), o.iters - left, o.iters))
     end
     for i = 1, o.window do
-        if handles[i] then assert(handles[i]:wait()); handles[i] = nil end
+        if handles[i] then must(handles[i]:wait()); handles[i] = nil end
     end
     -- the receiver's count, checked against ours
-    assert(ep:am_send(DONE, ("%d %d"):format(size, sent), ""))
-    local m = assert(streams.count:wait_msg())
+    must(ep:am_send(DONE, ("%d %d"):format(size, sent), ""))
+    local m = must(streams.count:wait_msg())
     local elapsed = pluvio.now() - t0
     local rsize, rmsgs, rbytes = m.header:match("^(%d+) (%d+) (%d+)$")
     m:release()
@@ -291,6 +334,7 @@ local function run_client(w, ep, streams)
     local results = {}
     local buf, inbuf = buffers:acquire_buffer(), buffers:acquire_buffer()
     buf:fill(0x62)
+    local dog = watchdog("server")
     for _, size in ipairs(o.sizes) do
         local r = { size = size }
         if o.test ~= "bw" then
@@ -301,10 +345,11 @@ local function run_client(w, ep, streams)
         end
         results[#results + 1] = r
     end
+    dog:kill()
     buf:release()
     inbuf:release()
     progress:done()
-    assert(ep:am_send(DONE, "bye", ""))
+    must(ep:am_send(DONE, "bye", ""))
     return results
 end
 
@@ -336,16 +381,16 @@ end
 if o.spin < 0 or o.spin > 10 then fail("--spin must be from 0 to 10 seconds") end
 if o.spin > 0 then pluvio.runtime():set_spin(o.spin) end
 
-local ctx = assert(ucx.Context.new { wakeup = not o.no_wakeup })
+local ctx = must(ucx.Context.new { wakeup = not o.no_wakeup })
 
 if o.server then
-    local w = assert(ctx:create_worker())
+    local w = must(ctx:create_worker())
     local streams = open_streams(w)
     local l, err = w:create_listener(o.host, o.port)
     if not l then fail(err) end
     io.write(("ucx_bench: listening on %s:%d\n"):format(o.host, l:port()))
     io.stdout:flush()
-    local ctrl = assert(l:accept())
+    local ctrl = must(l:accept())
     l:close()
     local ep, why = server_data_ep(w, streams, ctrl)
     if not ep then
@@ -358,7 +403,7 @@ if o.server then
     ep:close()
     w:close()
 elseif o.connect then
-    local w = assert(ctx:create_worker())
+    local w = must(ctx:create_worker())
     local streams = open_streams(w)
     local ctrl, err = bench.connect_socket(w, connect_host, connect_port)
     if not ctrl then fail(err) end
@@ -372,17 +417,17 @@ elseif o.connect then
     ep:close()
     w:close()
 else
-    local sw, cw = assert(ctx:create_worker()), assert(ctx:create_worker())
+    local sw, cw = must(ctx:create_worker()), must(ctx:create_worker())
     local sstreams, cstreams = open_streams(sw), open_streams(cw)
-    local l = assert(sw:create_listener("127.0.0.1", 0))
+    local l = must(sw:create_listener("127.0.0.1", 0))
     local server = pluvio.spawn_named("server", function()
-        local ctrl = assert(l:accept())
+        local ctrl = must(l:accept())
         l:close()
         local ep = server_data_ep(sw, sstreams, ctrl)
         serve_connection(sw, ep, sstreams)
         return ep
     end)
-    local ctrl = assert(cw:connect_socket("127.0.0.1", l:port()))
+    local ctrl = must(cw:connect_socket("127.0.0.1", l:port()))
     local ep = client_data_ep(cw, cstreams, ctrl)
     local results = run_client(cw, ep, cstreams)
     local sep = server:join()

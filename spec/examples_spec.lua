@@ -241,6 +241,26 @@ describe("examples/ucx_bench.lua", function()
                      "give both ends the same\n", server_err)
     end)
 
+    -- (the server's receiving task raised, nobody joined it, and both ends
+    -- waited for good; a peer that went away gave tracebacks, or exit 0)
+    it("stops both ends in one line each when their --sizes differ, over either transport", function()
+        for _, transport in ipairs({ "socket", "address" }) do
+            local server_status, server_err, status, _, err = server_and_client(
+                "--sizes 8 --transport " .. transport, function(port)
+                    return run("ucx_bench.lua", ("--connect 127.0.0.1:%d --sizes 8,1m --iters 20 --warmup 2 " ..
+                                                 "--transport %s"):format(port, transport))
+                end)
+            assert.equal(2, server_status, server_err)
+            assert.equal("ucx_bench: a message of 1048576 bytes is larger than this end's largest --sizes " ..
+                         "(4096 bytes): give both ends the same --sizes\n", server_err)
+            assert.equal(2, status, err)
+            assert.matches("^ucx_bench: [^\n]+\n$", err)        -- one line, no traceback
+            if transport == "address" then      -- (no peer errors there: the watchdog)
+                assert.matches("nothing came from or went to the server for 10 s", err, 1, true)
+            end
+        end
+    end)
+
     it("gives a one-line error for an unreachable peer and bad arguments", function()
         local status, _, err = run("ucx_bench.lua", "--connect 127.0.0.1:1 --iters 1")
         assert.are_not.equal(0, status)
