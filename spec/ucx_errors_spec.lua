@@ -150,6 +150,36 @@ describe("UCX misuse and failures", function()
         close_pair(p)
     end))
 
+    -- (the probe before UCX's bind never set SO_REUSEADDR: a port whose
+    -- last connection was in TIME_WAIT stayed refused for a minute, though
+    -- UCX_TCP_CM_REUSEADDR=y makes UCX bind it)
+    it("listens again on a port in TIME_WAIT when UCX_TCP_CM_REUSEADDR says so, and only then", function()
+        local script = [[
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local s, c = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local l = assert(s:create_listener("127.0.0.1", 0))
+            local port = l:port()
+            local acc = pluvio.spawn(function() return assert(l:accept()) end)
+            local ep = assert(c:connect_socket("127.0.0.1", port))
+            local sep = acc:join()
+            sep:close()                  -- the server's side closes first: TIME_WAIT on its port
+            pluvio.sleep(0.1)
+            ep:close(); l:close()
+            pluvio.sleep(0.1)
+            local l2, _, code = s:create_listener("127.0.0.1", port)
+            print(l2 and "listening" or code)
+            if l2 then l2:close() end
+            ctx:close()
+        ]]
+        local status, out, err = helper.run_script(script)
+        assert.equal(0, status, err)
+        assert.equal("EADDRINUSE\n", out)
+        status, out, err = helper.run_script(script, nil, "UCX_TCP_CM_REUSEADDR=y")
+        assert.equal(0, status, err)
+        assert.equal("listening\n", out)
+    end)
+
     it("refuses an empty host as the io_uring sockets do, instead of saying it cannot be resolved", async(function()
         local p = pair()
         local got = 'host must be an address or a name, e%.g%. "127%.0%.0%.1" or "::1" %(got ""%)'

@@ -10,21 +10,35 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "ucx_internal.h"
 
-/* Whether the address can be bound as UCX binds a listener's (without
- * SO_REUSEADDR: UCX_TCP_CM_ALLOW_ADDR_INUSE's default).  A listen bound
- * to fail then gets the kernel's errno (EADDRINUSE, EADDRNOTAVAIL,
- * EACCES), where UCX would say EIO for all but the first. */
+/* Whether UCX binds a listener with SO_REUSEADDR: UCX_TCP_CM_REUSEADDR
+ * (UCX 1.13's name; "n" by default), a yes as UCX reads one. */
+static bool ucx_reuseaddr(void)
+{
+    const char *v = getenv("UCX_TCP_CM_REUSEADDR");
+
+    return v && (strcasecmp(v, "y") == 0 || strcasecmp(v, "yes") == 0 || strcasecmp(v, "on") == 0 ||
+                 strcmp(v, "1") == 0);
+}
+
+/* Whether the address can be bound as UCX binds a listener's (with
+ * SO_REUSEADDR only when UCX_TCP_CM_REUSEADDR says so: else a port whose
+ * last connection is in TIME_WAIT was refused here though UCX would take
+ * it).  A listen bound to fail then gets the kernel's errno (EADDRINUSE,
+ * EADDRNOTAVAIL, EACCES), where UCX would say EIO for all but the first. */
 static int bind_probe(const struct sockaddr_storage *ss, socklen_t len)
 {
-    int rc = 0, fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int rc = 0, one = 1, fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 
     if (fd < 0)
         return -errno;
+    if (ucx_reuseaddr())
+        (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
     if (bind(fd, (const struct sockaddr *)ss, len) < 0)
         rc = -errno;
     close(fd);
