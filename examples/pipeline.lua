@@ -129,6 +129,12 @@ else
     local st = uring.statx(dir)
     if not st then fail("--dir " .. dir .. " does not exist") end
     if st.type ~= "directory" then fail("--dir " .. dir .. " is not a directory") end
+    if not o.keep then          -- a failed run's files go too (a full disk stayed full): not the directory
+        cleanup = function()
+            os.remove(dir .. "/source.bin")
+            os.remove(dir .. "/received.bin")
+        end
+    end
 end
 
 local function say(fmt, ...)

@@ -35,6 +35,7 @@ local spec = {
         { "host", "string", "127.0.0.1", "address --server listens on (0.0.0.0: all of them)", nonempty = true },
         { "port", "integer", 0, "port for --server (0: any, printed)", min = 0, max = 65535 },
         { "connect", "string", nil, "HOST:PORT of a --server" },
+        { "keep", "flag", false, "keep the files" },
         { "direct", "flag", false, "O_DIRECT files" },
         { "dir", "string", nil, "directory for the files (default: a temporary one)" },
         { "json", "string", nil, "write the figures as JSON to this file ('-' for stdout)", out = true },
@@ -127,15 +128,17 @@ if not dir then
     dir = os.tmpname()
     os.remove(dir)
     must(uring.mkdir(dir))
-    cleanup = function()
-        os.remove(dir .. "/client.bin")
-        os.remove(dir .. "/server.bin")
-        os.remove(dir)
-    end
 else
     local st = uring.statx(dir)
     if not st then fail("--dir " .. dir .. " does not exist") end
     if st.type ~= "directory" then fail("--dir " .. dir .. " is not a directory") end
+end
+if not o.keep then      -- the files (in a --dir too: they stayed, a failed run's partial ones as well)
+    cleanup = function()
+        os.remove(dir .. "/client.bin")
+        os.remove(dir .. "/server.bin")
+        if not o.dir then os.remove(dir) end
+    end
 end
 
 -- The checksums of the file's 4 KiB blocks, folded: the same on both ends
