@@ -304,6 +304,10 @@ local src_path, dst_path = dir .. "/source.bin", dir .. "/received.bin"
 local result = { size = o.size, chunk = o.chunk, window = o.window, direct = o.direct }
 
 if o.server then
+    -- the file it receives into can be made: known before a client sends
+    -- (a read-only --dir failed only once the client had made its data)
+    local why = bench.writable(dst_path)
+    if why then fail("cannot write " .. why) end
     local w = must(ctx:create_worker())
     local data_stream = w:am_stream(DATA, { window = 2 * o.window })
     local done_stream = w:am_stream(DONE)

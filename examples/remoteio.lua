@@ -336,6 +336,10 @@ ucx_ctx = ctx
 local result
 
 if o.server then
+    -- its file can be made: known before a client sends (a read-only --dir
+    -- failed only once the client had made its data)
+    local why = bench.writable(dir .. "/server.bin")
+    if why then fail("cannot write " .. why) end
     local w = must(ctx:create_worker())
     local requests = w:am_stream(REQ, { window = 4 * o.window })
     local errors = w:am_stream(ERROR)

@@ -405,6 +405,27 @@ describe("examples/pipeline.lua on a full disk", function()
 end)
 
 describe("examples/remoteio.lua", function()
+    -- (a server said it was receiving into a read-only --dir, and failed
+    -- only once a client had made and started sending its data)
+    it("refuses, as pipeline does, to serve into a --dir it cannot write, before it listens", function()
+        local dir = helper.tmp_path(".d")
+        assert.equal(0, helper.exec("mkdir " .. q(dir)))
+        finally(function() helper.exec("umount " .. q(dir) .. " 2>/dev/null; rm -rf " .. q(dir)) end)
+        if helper.exec("mount --bind " .. q(dir) .. " " .. q(dir) .. " 2>/dev/null && mount -o remount,bind,ro " ..
+                       q(dir) .. " 2>/dev/null") ~= 0 then
+            pending("mount is not permitted here: no read-only directory to serve into")
+            return
+        end
+        for _, case in ipairs({ { "pipeline.lua", "received.bin" }, { "remoteio.lua", "server.bin" } }) do
+            local status, out, err = sh("timeout 20 " .. q(helper.host) .. " " .. q(helper.root .. "/examples/" ..
+                                        case[1]) .. " --server --port 0 --dir " .. q(dir))  -- (a regression waits for a client)
+            assert.equal(2, status, err)
+            assert.equal("", out)               -- (no "receiving on ..." first)
+            assert.equal(("%s: cannot write %s/%s: Read-only file system\n"):format(case[1]:match("^(%w+)"), dir,
+                                                                                  case[2]), err)
+        end
+    end)
+
     -- (its files stayed in a --dir, a failed run's partial ones too, and
     -- it had no --keep)
     it("removes its files from a --dir unless --keep, and so does pipeline after a failure", function()
