@@ -92,9 +92,6 @@ end
 local buffers = uring.reactor { buffer_size = buffer_size, buffer_count = 4 + SINKS }
 pluvio.runtime():register_reactor("ucx_bench buffers", buffers)
 
--- Take a message as ucx_perftest's AM handler does: rendezvous data is
--- pulled into buf, eager data is dropped unread where UCX put it (with
--- --recv-copy it is copied into buf too).
 -- Messages taken and sent so far: a watchdog ends a run that stops moving
 -- for 10 s.  (Over --transport address a peer that died is not detected:
 -- its endpoints have no peer error handling, and the waits went on for
@@ -119,6 +116,9 @@ local function watchdog(who)
     end)
 end
 
+-- Take a message as ucx_perftest's AM handler does: rendezvous data is
+-- pulled into buf, eager data is dropped unread where UCX put it (with
+-- --recv-copy it is copied into buf too).
 local function take(m, buf)
     moved = moved + 1
     if m:data_len() > buf:size() then   -- (recv_data would raise in a task nobody joins: a hang)

@@ -19,6 +19,21 @@
 #define HUGE_MIN ((size_t)512 << 10)
 #define MAX_BUFFERS 16384       /* the kernel's IORING_MAX_REG_BUFFERS (and buffer_count's max) */
 
+/* Whether a pool of len bytes is mapped in 2 MiB units: only where pages
+ * are 4 KiB (map_pool's trims need len to be a multiple of the page size,
+ * and elsewhere THP is not 2 MiB). */
+static bool pool_huge(size_t len)
+{
+    return len >= HUGE_MIN && sysconf(_SC_PAGESIZE) == 4096;
+}
+
+/* The bytes map_pool maps for a pool of len bytes: what the kernel pins
+ * and counts against the locked-memory limit when it registers them. */
+static size_t pool_mapped(size_t len)
+{
+    return pool_huge(len) ? (len + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1) : len;
+}
+
 /* The pool's memory: a pool of 512 KiB or more is mapped in whole 2 MiB
  * units (rounded up: at most 4 times a small pool's size), on a 2 MiB
  * boundary, and asks for transparent huge pages.  The kernel then pins and
@@ -29,15 +44,12 @@
  * is the length to unmap. */
 static char *map_pool(size_t len, size_t *map_len)
 {
-    /* only where pages are 4 KiB: the trims below need len to be a
-     * multiple of the page size, and elsewhere THP is not 2 MiB */
-    bool huge = len >= HUGE_MIN && sysconf(_SC_PAGESIZE) == 4096;
+    bool huge = pool_huge(len);
     size_t slack = huge ? HUGE_PAGE : 0;
     char *p;
     uintptr_t start, end;
 
-    if (huge)
-        len = (len + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    len = pool_mapped(len);
     *map_len = len;
     p = mmap(NULL, len + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
@@ -52,15 +64,6 @@ static char *map_pool(size_t len, size_t *map_len)
         munmap((char *)end, (uintptr_t)p + len + slack - end);
     (void)madvise((char *)start, len, MADV_HUGEPAGE);   /* a hint: no THP is fine */
     return (char *)start;
-}
-
-/* The bytes a pool of len bytes pins: map_pool's mapping (the kernel
- * counts the whole huge pages of a pool in 2 MiB units). */
-static size_t pool_pinned(size_t len)
-{
-    if (len >= HUGE_MIN && sysconf(_SC_PAGESIZE) == 4096)
-        return (len + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
-    return len;
 }
 
 static bool may_lock_unlimited(void)
@@ -88,7 +91,7 @@ int pl_uring_memlock_buffers(uint32_t buffer_size, uint32_t queue_size)
         rl.rlim_cur == RLIM_INFINITY)
         return -1;
     budget = rl.rlim_cur > reserve ? rl.rlim_cur - reserve : 0;
-    while (n < MAX_BUFFERS && pool_pinned((n + 1) * (size_t)buffer_size) <= budget)
+    while (n < MAX_BUFFERS && pool_mapped((n + 1) * (size_t)buffer_size) <= budget)
         n++;
     return (int)n;
 }

@@ -489,13 +489,13 @@ end
 -- Let go of what settled abandoned ops kept (all of it once the worker is
 -- closed: its ops are gone).  Only when an abandoned op has settled since
 -- the last sweep, as for io_uring (uring.lua's limbo_sweep).
-local function limbo_sweep(w, all)
+local function limbo_sweep(w)
     local limbo = w.limbo
     local kept = 0
     if not w.w and w.stuck then
         return              -- (reap_stuck lets go of it)
     end
-    all = all or not w.w
+    local all = not w.w
     if not all then
         local settled = C.pl_ucx_abandoned_settled(w.w)
         if settled == w.limbo_seen then
@@ -705,8 +705,7 @@ function Worker:close()
     self.w = nil            -- first: the tasks it wakes must find it closed
     self.life.open = false
     if C.pl_ucx_worker_close(w, rt and rt.crt or nil) == 0 then
-        limbo_sweep(self, true)     -- its ops are gone with it
-        self.limbo.op_keep, self.limbo.op_keep2 = {}, {}
+        release_limbo(self.limbo)   -- its ops are gone with it
     else
         -- UCX still had ops it could neither finish nor cancel in time,
         -- and keeps them: the registered buffers they use stay out of the
