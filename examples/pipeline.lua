@@ -39,6 +39,9 @@ local spec = {
 
 local o = bench.parse_args(spec, arg)
 local cleanup         -- removes the temporary files, once there are some
+-- (at the end, and when Ctrl-C or SIGTERM stops the run: the host then
+-- cancels the tasks, and this task's on_exit clean-ups run)
+pluvio.current():on_exit(function() if cleanup then pcall(cleanup) end end)
 local ucx_ctx         -- closed before exiting (UCX's threads must not outlive it)
 local ERROR = 25      -- AM id of the reason an end stops, for the other
 local peer            -- with another process: { ep =, errors = its ERROR stream, name = "server" or "client" }

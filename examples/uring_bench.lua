@@ -39,6 +39,9 @@ local spec = {
 local o = bench.parse_args(spec, arg)
 
 local cleanup         -- removes the temporary file, once there is one
+-- (at the end, and when Ctrl-C or SIGTERM stops the run: the host then
+-- cancels the tasks, and this task's on_exit clean-ups run)
+pluvio.current():on_exit(function() if cleanup then pcall(cleanup) end end)
 local function fail(msg, status)
     io.stderr:write("uring_bench: ", msg, "\n")
     if cleanup then pcall(cleanup) end

@@ -349,6 +349,32 @@ local function full_dir(name)
     return dir
 end
 
+describe("examples/pipeline.lua stopped by SIGTERM", function()
+    -- (the host cancels the run's tasks and the script's on_exit clean-up
+    -- removes the files: a stopped demo left up to gigabytes behind)
+    it("removes its files from the --dir and dies of the signal", function()
+        local dir = helper.tmp_path(".d")
+        assert.equal(0, helper.exec("mkdir " .. q(dir)))
+        finally(function() helper.exec("rm -rf " .. q(dir)) end)
+        local out, proc = background("pipeline.lua", "--size 8g --quiet --dir " .. q(dir))
+        local made
+        for _ = 1, 1500 do
+            made = io.open(dir .. "/source.bin")
+            if made or slurp(proc.rcfile) ~= "" then break end
+            helper.exec("sleep 0.02")
+        end
+        assert(made, "pipeline never made its source file")
+        made:close()
+        assert.equal(0, helper.exec("kill -TERM " .. slurp(proc.pidfile)))
+        local status, err = finished(proc)
+        out:close()
+        assert.equal(143, status, err)
+        assert.equal("", err)
+        local left = io.popen("ls -A " .. q(dir)):read("*a")
+        assert.equal("", left)
+    end)
+end)
+
 describe("examples/pipeline.lua and remoteio.lua as two processes", function()
     it("listen on the address --host names, so that another machine can connect", function()
         for script, word in pairs({ ["pipeline.lua"] = "receiving on", ["remoteio.lua"] = "serving on" }) do

@@ -603,3 +603,124 @@ describe("pluvio (the host)", function()
         end)
     end)
 end)
+
+-- The host in the background on a script, with SIGINT at its default
+-- action (a shell's `&` ignores it in the job unless told otherwise:
+-- default_int = false keeps that); returns the process's files.  The
+-- script gets the path of a file to make once it wants its signal.
+local function start_host(code, default_int)
+    local p = { script = helper.tmp_path(".lua"), ready = helper.tmp_path(".ready"), out = os.tmpname(),
+                err = os.tmpname(), rc = os.tmpname(), pid = os.tmpname() }
+    local f = assert(io.open(p.script, "w"))
+    f:write(code)
+    f:close()
+    os.remove(p.rc)
+    helper.exec(("(%s %s %s %s >%s 2>%s & echo $! >%s; wait $!; echo $? >%s) </dev/null >/dev/null 2>&1 &"):format(
+        default_int == false and "" or "env --default-signal=INT", q(host), q(p.script), q(p.ready),
+        q(p.out), q(p.err), q(p.pid), q(p.rc)))
+    return p
+end
+
+local function slurp(path)
+    local f = io.open(path, "rb")
+    local s = f and f:read("*a")
+    if f then f:close() end
+    return s
+end
+
+-- Wait up to limit seconds for check() to return a value; returns it.
+local function poll(limit, check)
+    for _ = 1, limit * 50 do
+        local v = check()
+        if v then return v end
+        helper.exec("sleep 0.02")
+    end
+end
+
+local function signal(p, name)
+    local pid = assert(poll(30, function() return tonumber(slurp(p.pid)) end), "the host never started")
+    assert(poll(30, function() return slurp(p.ready) end), "the script never got ready: " .. (slurp(p.err) or ""))
+    assert.equal(0, helper.exec(("kill -%s %d"):format(name, pid)))
+    return pid
+end
+
+-- The host's exit status (as its shell saw it: 128 + the signal's number
+-- when one ended it), stdout and stderr; the files removed.
+local function ended(p, pid)
+    local rc = poll(60, function() return tonumber(slurp(p.rc)) end)
+    if not rc then helper.exec("kill -KILL " .. pid) end
+    local out, err = slurp(p.out), slurp(p.err)
+    for _, k in ipairs { "script", "ready", "out", "err", "rc", "pid" } do os.remove(p[k]) end
+    return rc, out, err
+end
+
+describe("pluvio (the host) on SIGINT and SIGTERM", function()
+    it("cancels the tasks, runs their on_exit clean-ups, writes out stdio and dies of SIGINT", function()
+        local p = start_host([[
+            local ready = ...
+            io.stdout:setvbuf("full")   -- (a file: stdio holds what print writes)
+            print("before")
+            pluvio.spawn(function()
+                pluvio.current():on_exit(function() io.stdout:write("worker cleaned\n") end)
+                pluvio.sleep(100)
+            end)
+            pluvio.current():on_exit(function(t) io.stdout:write("main ", t:status(), "\n") end)
+            io.open(ready, "w"):close()
+            pluvio.sleep(100)
+            print("not reached")
+        ]])
+        local rc, out, err = ended(p, signal(p, "INT"))
+        assert.equal(130, rc, err)
+        assert.equal("before\nmain cancelled\nworker cleaned\n", out)
+        assert.equal("", err)
+    end)
+
+    it("stops a task that lingers and a runtime nested in a task, and dies of SIGTERM", function()
+        local p = start_host([[
+            local uring = require "pluvio.uring"
+            local ready = ...
+            pluvio.current():on_exit(function() io.stdout:write("outer main cleaned\n") end)
+            pluvio.run(function()
+                pluvio.current():on_exit(function() io.stdout:write("inner main cleaned\n") end)
+                local f = assert(uring.File.open("/dev/zero"))
+                local buf = uring.current():acquire_buffer()
+                io.open(ready, "w"):close()
+                while true do assert(f:read_fixed(buf, 0, 512)) end   -- (each read lingers)
+            end)
+            print("not reached")
+        ]])
+        local rc, out, err = ended(p, signal(p, "TERM"))
+        assert.equal(143, rc, err)
+        assert.equal("inner main cleaned\nouter main cleaned\n", out)
+        assert.equal("", err)
+    end)
+
+    it("ends a script that never waits on the second SIGINT, at once", function()
+        local p = start_host([[
+            local ready = ...
+            pluvio.current():on_exit(function() io.stdout:write("cleaned\n") end)
+            io.open(ready, "w"):close()
+            local n = 0
+            while true do n = n + 1 end
+        ]])
+        local pid = signal(p, "INT")
+        helper.exec("sleep 0.3")
+        assert.equal(0, helper.exec("kill -0 " .. pid), "the first SIGINT ended a script that never waits")
+        assert.equal(0, helper.exec("kill -INT " .. pid))
+        local rc, out, err = ended(p, pid)
+        assert.equal(130, rc, err)
+        assert.equal("", out)
+    end)
+
+    it("leaves an ignored SIGINT ignored (a shell's background job, nohup)", function()
+        local p = start_host([[
+            local ready = ...
+            io.open(ready, "w"):close()
+            pluvio.sleep(0.5)
+            print("done")
+        ]], false)
+        local rc, out, err = ended(p, signal(p, "INT"))
+        assert.equal(0, rc, err)
+        assert.equal("done\n", out)
+    end)
+end)

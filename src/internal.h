@@ -5,6 +5,7 @@
 #define PL_INTERNAL_H
 
 #include <liburing.h>
+#include <signal.h>
 #include <stdbool.h>
 #if defined(__x86_64__)
 #include <x86intrin.h>
@@ -16,6 +17,10 @@
 #define PL_REACTOR_NAME_MAX 64
 #define PL_MAX_TASKS (1u << 24)
 #define PL_NO_TIMER (-1)
+
+/* The signal the host caught (interrupt.c), or 0: the loops stop for it,
+ * so a task lingers and a spin busy-polls no longer once it is set. */
+extern volatile sig_atomic_t pl_signal_flag;
 
 /*
  * One task slot.  Owned by the runtime's task table; a slot is either on the

@@ -691,6 +691,18 @@ const char *pl_version(void);
 int pl_interrupt_watch(void);
 void pl_interrupt_taken(void);
 void pl_interrupt_unwatch(void);
+/* SIGINT and SIGTERM for the host's script (interrupt.c):
+ * pl_signals_catch makes the first one set a flag that stops every
+ * runtime's loop (pl_signal_caught returns its number, else 0; the loop
+ * cancels its tasks); a second one ends the process at once.  Signals that
+ * were ignored stay so.  0 or -errno.  pl_signals_release gives sig its
+ * earlier action back (the prompt takes SIGINT over).  pl_signals_end
+ * flushes stdio and ends the process by the caught signal, with its
+ * earlier action; returns when none was caught. */
+int pl_signals_catch(void);
+void pl_signals_release(int sig);
+int pl_signal_caught(void);
+void pl_signals_end(void);
 
 /* PL_CDEF_END */
 

@@ -672,7 +672,7 @@ static void spin(pl_runtime_t *rt)
             return;
         if (rt->heap_len > 0)
             pl_timer_fire(rt, pl_clock_ns());
-        if (!pl_ready_empty(rt) || pl_cycles() >= until)
+        if (!pl_ready_empty(rt) || pl_cycles() >= until || pl_signal_flag)
             return;
     }
 }
@@ -694,8 +694,8 @@ int pl_task_linger(pl_runtime_t *rt, uint32_t slot, int go)
     struct pl_task *t = task_get(rt, slot);
     bool spun = false;
 
-    if (!t || (!pl_ready_empty(rt) && !ready_only(rt, slot)))
-        return 0;
+    if (!t || (!pl_ready_empty(rt) && !ready_only(rt, slot)) || pl_signal_flag)
+        return 0;       /* (a caught signal: the loop must see it) */
     if (!go)
         return 1;
     /* also when its wake came already: a task that wakes itself and parks,
@@ -779,7 +779,7 @@ int pl_tick(pl_runtime_t *rt, uint32_t *out, int max, int flags)
     rt->stats.ticks++;
     collect(rt);
     if (pl_ready_empty(rt) && rt->live > 0 && !(flags & PL_TICK_EXTERNAL_BUSY) &&
-        (flags & PL_TICK_MAY_BLOCK)) {
+        (flags & PL_TICK_MAY_BLOCK) && !pl_signal_flag) {
         if (rt->spin_ns > 0)
             spin(rt);
         if (pl_ready_empty(rt)) {

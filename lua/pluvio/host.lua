@@ -152,6 +152,7 @@ end
 local function watch_interrupts(pluvio)
     local C = require("pluvio.core").C
     local uring = require "pluvio.uring"
+    C.pl_signals_release(2)     -- SIGINT is the prompt's from here on
     local fd = C.pl_interrupt_watch()
     if fd < 0 then
         return nil
@@ -353,6 +354,11 @@ function M.main(opts)
     end
     local rt = pluvio.default_runtime()
     local args = arg or {}
+    -- SIGINT and SIGTERM stop the run instead of the process: its tasks
+    -- are cancelled (their on_exit clean-ups run), and then the host ends
+    -- by that signal, stdio flushed (pl_signals_end below)
+    local C = require("pluvio.core").C
+    C.pl_signals_catch()    -- (failing, it leaves the signals as they were)
     local ok, err = pcall(rt.run, rt, function(...)
         for _, f in ipairs(actions) do
             f()
@@ -371,6 +377,11 @@ function M.main(opts)
     end, unpack(args, 1, #args))
     if opts.stats then
         io.stderr:write(M.format_stats(rt))
+    end
+    local sig = C.pl_signal_caught()
+    if sig ~= 0 then    -- the run's error says only that: nothing to report
+        C.pl_signals_end()
+        return 128 + sig
     end
     if not ok then
         io.stderr:write("pluvio: ", error_shown(err), "\n")

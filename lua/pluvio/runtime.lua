@@ -399,10 +399,23 @@ local function report_unjoined(rt)
     end
 end
 
--- The loop: tick, resume, repeat, until done() says so or no task is live.
+-- What stops a loop when the host caught SIGINT or SIGTERM (the loop's
+-- error; drive cancels the tasks, and the host ends by that signal).
+local SIGNAL_NAMES = { [2] = "SIGINT", [15] = "SIGTERM" }
+
+local function interrupted(sig)
+    return "interrupted by " .. (SIGNAL_NAMES[sig] or ("signal " .. sig))
+end
+
+-- The loop: tick, resume, repeat, until done() says so or no task is live
+-- (or the host caught a signal: pl_signals_catch).
 local function loop(rt, done)
     local crt, ready = rt.crt, rt.ready
     while rt.nlive > 0 and not done(rt) do
+        local sig = C.pl_signal_caught()
+        if sig ~= 0 then
+            return nil, interrupted(sig)
+        end
         local flags = C.PL_TICK_MAY_BLOCK
         if rt.lua_reactors[1] then
             flags = poll_lua_reactors(rt)
