@@ -366,6 +366,27 @@ describe("pluvio (the host)", function()
         assert.equal("survived\n", out)
     end)
 
+    -- (UCX's ERROR lines, a dropped link's, landed in a script's output on
+    -- stdout: in the middle of the JSON that ucx_bench --json - writes)
+    it("has UCX log to stderr unless UCX_LOG_FILE says otherwise, in the host and under luajit", function()
+        local code = [[local ucx = require "pluvio.ucx"; ucx.Context.new():close(); print("done")]]
+        local status, out, err = sh("UCX_LOG_LEVEL=info " .. q(host) .. " -e " .. q(code))
+        assert.equal(0, status, err)
+        assert.equal("done\n", out)
+        assert.matches("UCX  INFO  Version", err, 1, true)
+        local preload = os.getenv("LD_PRELOAD")
+        local lua_path = helper.root .. "/lua/?.lua;" .. helper.root .. "/lua/?/init.lua;;"
+        status, out, err = sh((preload and "LD_PRELOAD=" .. q(preload) .. " " or "") .. "LUA_PATH=" .. q(lua_path) ..
+                              " UCX_LOG_LEVEL=info luajit -e " .. q(code))
+        assert.equal(0, status, err)
+        assert.equal("done\n", out)
+        assert.matches("UCX  INFO  Version", err, 1, true)
+        status, out, err = sh("UCX_LOG_FILE=stdout UCX_LOG_LEVEL=info " .. q(host) .. " -e " .. q(code))
+        assert.equal(0, status, err)
+        assert.matches("UCX  INFO  Version", out, 1, true)
+        assert.not_matches("UCX", err, 1, true)
+    end)
+
     it("idles in the kernel: a 0.3 s sleep costs almost no CPU", function()
         local status, out, err = helper.run_script([[
             local c0 = os.clock()

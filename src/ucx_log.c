@@ -1,7 +1,8 @@
 /*
  * ucx_log.c - what the core does about UCX's process-wide side effects:
  * its log lines around calls whose failures the caller gets anyway (held,
- * then dropped or printed), and the debug signal libucs takes as it loads.
+ * then dropped or printed), the debug signal libucs takes as it loads, and
+ * the stream its log goes to (stderr, not stdout).
  */
 #include <pthread.h>
 #include <stdarg.h>
@@ -10,6 +11,7 @@
 
 #include <ucs/config/global_opts.h>
 #include <ucs/debug/debug.h>
+#include <ucs/debug/log_def.h>
 
 #include "ucx_internal.h"
 
@@ -84,7 +86,7 @@ void ucx_log_release(struct ucx_log_hold *h, bool failed)
  * before libucs took it (the default: the process ends), and debug_signo
  * records that UCX no longer has it (a second copy of the library loaded
  * leaves it alone). */
-__attribute__((constructor)) static void ucx_give_back_debug_signal(void)
+static void ucx_give_back_debug_signal(void)
 {
     const char *asked = getenv("UCX_DEBUG_SIGNO");
 
@@ -92,4 +94,28 @@ __attribute__((constructor)) static void ucx_give_back_debug_signal(void)
         ucs_debug_disable_signal((int)ucs_global_opts.debug_signo);
         ucs_global_opts.debug_signo = 0;
     }
+}
+
+/* ---- the log's stream ------------------------------------------------------ */
+
+/* UCX writes its log to stdout unless UCX_LOG_FILE names another place:
+ * its ERROR lines (a link that dropped, a peer that went away) landed in
+ * the middle of a script's output, a JSON document on stdout say.  Unless
+ * the user chose, they go to stderr, with the host's and Lua's own errors.
+ * The stream is opened once, as libucs loads: it is reopened here, before
+ * any of UCX's threads can log. */
+static void ucx_log_to_stderr(void)
+{
+    const char *asked = getenv("UCX_LOG_FILE");
+
+    if ((!asked || !*asked) && ucs_global_opts_set_value("LOG_FILE", "stderr") == UCS_OK) {
+        ucs_log_cleanup();
+        ucs_log_init();
+    }
+}
+
+__attribute__((constructor)) static void ucx_side_effects(void)
+{
+    ucx_give_back_debug_signal();
+    ucx_log_to_stderr();
 }
