@@ -20,6 +20,7 @@
 #include "ucx_internal.h"
 
 #define UCX_CLOSE_WAIT_NS 2000000000LL   /* longest a worker's close waits for UCX */
+#define PL_UCX_KEEPALIVE_INTERVAL "5s"    /* UCX's own keepalive, when Pluvio turns it on */
 
 
 int pl_ucx_errno(ucs_status_t status)
@@ -78,6 +79,31 @@ static bool config_unified(const ucp_config_t *config)
     return unified;
 }
 
+/* UCX's tcp transport keeps a connection alive with TCP's own keepalive,
+ * but sets it only on the sockets it connects itself: the side that
+ * accepted a connection (a client of a listener, in UCX 1.13) never
+ * notices a link that breaks while it waits for its peer (a rendezvous
+ * send waiting for the receiver to pull), and waits for good.  With TCP's
+ * keepalive off, UCX sends its own keepalive on every connection, both
+ * ways, so a broken link ends in ETIMEDOUT on both sides (once TCP gives
+ * up retransmitting it).  Left as UCX has it when the environment tunes
+ * either keepalive.  (A worker with no tcp transport has UCX warn of an
+ * "invalid configuration": pl_ucx_worker_new drops that line.) */
+static bool keepalive_both_ways(ucp_config_t *config)
+{
+    static const char *const knobs[] = {
+        "UCX_TCP_KEEPIDLE", "UCX_TCP_KEEPINTVL", "UCX_TCP_KEEPCNT", "UCX_KEEPALIVE_INTERVAL",
+    };
+
+    for (size_t i = 0; i < sizeof(knobs) / sizeof(knobs[0]); i++)
+        if (getenv(knobs[i]))
+            return false;
+    if (ucp_config_modify(config, "KEEPIDLE", "inf") != UCS_OK)
+        return false;
+    (void)ucp_config_modify(config, "KEEPALIVE_INTERVAL", PL_UCX_KEEPALIVE_INTERVAL);  /* else UCX's 20 s */
+    return true;
+}
+
 pl_ucx_context_t *pl_ucx_context_new(int wakeup, int *err)
 {
     ucp_params_t params = {
@@ -96,6 +122,7 @@ pl_ucx_context_t *pl_ucx_context_new(int wakeup, int *err)
     st = ucp_config_read(NULL, NULL, &config);
     if (st == UCS_OK) {
         c->unified = config_unified(config);
+        c->keepalive = keepalive_both_ways(config);
         st = ucp_init(&params, config, &c->ucp);
         ucp_config_release(config);
     }
@@ -502,6 +529,7 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     };
     ucp_worker_attr_t attr = { .field_mask = UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER };
     pl_ucx_worker_t *w = calloc(1, sizeof(*w));
+    struct ucx_log_hold held;
     ucs_status_t st;
 
     if (!w) {
@@ -519,7 +547,9 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
         free(w);
         return NULL;
     }
+    ucx_log_hold(&held, c->keepalive ? "invalid configuration: KEEPIDLE=inf" : NULL);
     st = ucp_worker_create(c->ucp, &params, &w->ucp);
+    ucx_log_release(&held, false);
     if (st == UCS_OK && c->wakeup)
         st = ucp_worker_get_efd(w->ucp, &w->efd);
     if (st == UCS_OK)

@@ -243,7 +243,7 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
      * one connection; one whose peer_errors differs from the peer's is
      * refused (EOPNOTSUPP, said by the Lua side), with an ERROR line UCX
      * would print besides */
-    ucx_log_hold(&held);
+    ucx_log_hold(&held, NULL);
     st = ucp_ep_create(w->ucp, &p, &ep);
     ucx_log_release(&held, st != UCS_OK);
     if (st != UCS_OK)

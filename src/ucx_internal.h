@@ -33,10 +33,11 @@ struct ucx_log_line {
 
 struct ucx_log_hold {
     int n;
+    const char *drop;       /* a line to drop, not hold (NULL: none) */
     struct ucx_log_line lines[UCX_LOG_HELD];
 };
 
-void ucx_log_hold(struct ucx_log_hold *h);
+void ucx_log_hold(struct ucx_log_hold *h, const char *drop);
 void ucx_log_release(struct ucx_log_hold *h, bool failed);
 
 struct pl_ucx_context {
@@ -46,6 +47,7 @@ struct pl_ucx_context {
     bool released;          /* its owner let go: free with the last worker */
     bool wakeup;            /* workers have event fds (UCP_FEATURE_WAKEUP) */
     bool unified;           /* UCX_UNIFIED_MODE: addresses only UCX can read (worker_address_valid) */
+    bool keepalive;         /* Pluvio turned TCP's keepalive off for UCX's own (keepalive_both_ways) */
 };
 
 enum ucx_op_state { UOP_FREE, UOP_IN_FLIGHT, UOP_DONE, UOP_ABANDONED };

@@ -104,7 +104,7 @@ int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
     p.conn_handler.arg = l;
     /* the port may be taken between the probe and UCX's bind: UCX would
      * log what we return */
-    ucx_log_hold(&held);
+    ucx_log_hold(&held, NULL);
     st = ucp_listener_create(w->ucp, &p, &l->l);
     ucx_log_release(&held, st != UCS_OK);
     if (st != UCS_OK) {

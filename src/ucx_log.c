@@ -8,6 +8,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <ucs/config/global_opts.h>
 #include <ucs/debug/debug.h>
@@ -22,7 +23,9 @@
  * warnings are held instead of printed (up to UCX_LOG_HELD of them, later
  * ones go through): dropped when the call failed, since the caller gets
  * that failure, printed after all when it succeeded, so that nothing the
- * caller does not otherwise get is hidden.  The handler is pushed once
+ * caller does not otherwise get is hidden.  A hold may also name one
+ * line to drop outright, one UCX prints about a setting of ours (not
+ * the user's).  The handler is pushed once
  * and never popped: UCX's handler list has no lock, and its async thread
  * may log meanwhile; for other threads, and outside a hold, it passes. */
 static _Thread_local struct ucx_log_hold *log_hold;
@@ -37,10 +40,12 @@ static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const
 
     if (!h || level > UCS_LOG_LEVEL_WARN || h->n == UCX_LOG_HELD)
         return UCS_LOG_FUNC_RC_CONTINUE;
-    l = &h->lines[h->n++];
+    l = &h->lines[h->n];
     *l = (struct ucx_log_line){ .file = file, .line = line, .function = function,
                                 .level = level, .comp = comp };
     vsnprintf(l->text, sizeof(l->text), fmt, ap);
+    if (!h->drop || strcmp(l->text, h->drop) != 0)
+        h->n++;
     return UCS_LOG_FUNC_RC_STOP;
 }
 
@@ -49,10 +54,11 @@ static void log_handler_push(void)
     ucs_log_push_handler(log_hold_handler);
 }
 
-void ucx_log_hold(struct ucx_log_hold *h)
+void ucx_log_hold(struct ucx_log_hold *h, const char *drop)
 {
     pthread_once(&log_handler_once, log_handler_push);
     h->n = 0;
+    h->drop = drop;
     log_hold = h;
 }
 

@@ -1,0 +1,105 @@
+-- UCX over a link that breaks: two pluvio processes in network namespaces
+-- of their own, joined by a veth pair whose one end is then set down, so
+-- that nothing answers any more (no reset, as from a killed peer).
+local helper = require "helper"
+
+local format = string.format
+local q = helper.quote
+
+-- The server takes a client, closes its listener, takes a small message,
+-- then a rendezvous one whose data it never pulls (its sender waits for
+-- the receiver), then waits for a third message that cannot come.
+local SERVER = [[
+local ucx = require "pluvio.ucx"
+local ctx = assert(ucx.Context.new())
+local w = assert(ctx:create_worker())
+local stream = w:am_stream(1)
+local l = assert(w:create_listener("10.77.0.1", 13370))
+print("listening"); io.stdout:flush()
+local ep = assert(l:accept())
+l:close()
+assert(assert(stream:wait_msg()):data() == "12345678")
+local held = assert(stream:wait_msg())
+print("holding " .. held:data_len()); io.stdout:flush()
+print("server", stream:wait_msg())
+]]
+
+local CLIENT = [[
+local ucx = require "pluvio.ucx"
+local ctx = assert(ucx.Context.new())
+local w = assert(ctx:create_worker())
+local ep = assert(w:connect_socket("10.77.0.1", 13370))
+assert(ep:am_send(1, "small", "12345678"))
+print("client", ep:am_send(1, "big", string.rep("x", 1048576), false, "rndv"))
+]]
+
+-- The whole scenario as one shell script: exits 200 when the namespaces
+-- cannot be made.  TCP gives up retransmitting after 3 tries (about 3 s
+-- here; the default, 15, is about 15 minutes).
+local SCENARIO = [[
+A=pluvio_link_a_$$ B=pluvio_link_b_$$ D=%s HOST=%s
+trap 'ip netns del $A 2>/dev/null; ip netns del $B 2>/dev/null' EXIT
+ip netns add $A && ip netns add $B &&
+ip link add va netns $A type veth peer name vb netns $B &&
+ip -n $A addr add 10.77.0.1/24 dev va && ip -n $B addr add 10.77.0.2/24 dev vb &&
+ip -n $A link set va up && ip -n $B link set vb up &&
+ip -n $A link set lo up && ip -n $B link set lo up &&
+ip netns exec $A sysctl -q -w net.ipv4.tcp_retries2=3 &&
+ip netns exec $B sysctl -q -w net.ipv4.tcp_retries2=3 || exit 200
+for i in $(seq 100); do    # (UCX leaves out an interface not up yet)
+    ip -n $A link show va | grep -q "state UP" && ip -n $B link show vb | grep -q "state UP" && break
+    sleep 0.05
+done
+export UCX_NET_DEVICES=all    # (spec/run's lo: the namespaces have lo and the veth only)
+ip netns exec $A timeout -k 5 120 "$HOST" $D/server.lua >$D/server.out 2>$D/server.err &
+SERVER=$!
+for i in $(seq 100); do grep -q listening $D/server.out && break; sleep 0.1; done
+ip netns exec $B timeout -k 5 120 "$HOST" $D/client.lua >$D/client.out 2>$D/client.err &
+CLIENT=$!
+for i in $(seq 100); do grep -q holding $D/server.out && break; sleep 0.1; done
+ip -n $A link set va down
+start=$(date +%%s)
+wait $CLIENT; echo "client exit $?"
+wait $SERVER; echo "server exit $?"
+echo "seconds $(( $(date +%%s) - start ))"
+]]
+
+describe("UCX over a link that breaks (no peer answers any more)", function()
+    it("fails a rendezvous send waiting for its receiver, and the receiver's wait, " ..
+       "with ETIMEDOUT and ENOTCONN instead of waiting for good", function()
+        -- (UCX 1.13's TCP keepalive was only on the sockets it connected:
+        -- the client, whose socket was accepted, waited for good)
+        local dir = helper.tmp_path(".link")
+        assert(os.execute("mkdir " .. q(dir)) == 0)
+        for name, code in pairs({ ["server.lua"] = SERVER, ["client.lua"] = CLIENT }) do
+            local f = assert(io.open(dir .. "/" .. name, "w"))
+            f:write(code)
+            f:close()
+        end
+        local status, out, err = helper.sh(format(SCENARIO, q(dir), q(helper.host)))
+        local function slurp(name)
+            local f = io.open(dir .. "/" .. name)
+            local s = f and f:read("*a") or ""
+            if f then f:close() end
+            return s
+        end
+        local report = format("scenario: %s%s\nclient: %s%s\nserver: %s%s", out, err,
+                              slurp("client.out"), slurp("client.err"),
+                              slurp("server.out"), slurp("server.err"))
+        os.execute("rm -rf " .. q(dir))
+        if status == 200 then
+            pending("cannot make network namespaces and a veth pair (needs root and ip): " .. err)
+            return
+        end
+        assert(status == 0, report)
+        assert(out:match("client exit 0\n") and out:match("server exit 0\n"), report)
+        assert(report:match("client\tnil\tam_send to 10%.77%.0%.1:13370: ETIMEDOUT: [^\n]*\tETIMEDOUT\n"),
+               report)
+        assert(report:match("server\tnil\twait_msg: no peer can send to AM stream 1 any more [^\n]*\tENOTCONN\n"),
+               report)
+        -- the keepalive goes every 5 s, TCP gives up 3 s after the first
+        -- one left: well under a minute (the bound is no timing claim, it
+        -- tells "ended by the keepalive" from "ended by the 120 s timeout")
+        assert(tonumber(out:match("seconds (%d+)")) < 60, report)
+    end)
+end)
