@@ -102,4 +102,21 @@ describe("UCX over a link that breaks (no peer answers any more)", function()
         -- tells "ended by the keepalive" from "ended by the 120 s timeout")
         assert(tonumber(out:match("seconds (%d+)")) < 60, report)
     end)
+
+    it("has UCX say nothing about that keepalive setting on a worker without tcp", function()
+        -- (UCX warns "invalid configuration: KEEPIDLE=inf" where no tcp
+        -- transport took the setting: shared memory only, say)
+        for _, tls in ipairs({ "posix,self", "shm", "^tcp" }) do
+            local status, out, err = helper.run_script([[
+local ucx = require "pluvio.ucx"
+local ctx = assert(ucx.Context.new())
+local a, b = assert(ctx:create_worker()), assert(ctx:create_worker())
+print(a:stats().am_sent)
+a:close(); b:close(); ctx:close()
+]], nil, "UCX_TLS=" .. q(tls))
+            assert.equal("", err, tls)
+            assert.equal("0\n", out, tls)
+            assert.equal(0, status, tls)
+        end
+    end)
 end)
