@@ -18,6 +18,7 @@ long send(int fd, const void *buf, size_t n, int flags);
 int connect(int fd, const void *addr, unsigned len);
 int socket(int domain, int type, int protocol);
 long recv(int fd, void *buf, size_t n, int flags);
+int getsockopt(int fd, int level, int name, void *val, unsigned *len);
 ]]
 
 describe("sockets over io_uring", function()
@@ -483,6 +484,54 @@ describe("sockets over io_uring", function()
         assert.equal('connect to no-such-host.invalid:80: cannot resolve host "no-such-host.invalid" ' ..
                      "(names are looked up with getaddrinfo: a numeric address or one from /etc/hosts)", err)
         assert.equal("ENXIO", code)
+    end))
+
+    it("turns TCP keepalive on and off, with the same bound on unacknowledged data", async(function()
+        local SOL_SOCKET, SO_KEEPALIVE, IPPROTO_TCP = 1, 9, 6
+        local TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT = 4, 5, 6, 18
+        local function opt(sock, level, name)
+            local v, len = ffi.new("int[1]"), ffi.new("unsigned[1]", 4)
+            assert(ffi.C.getsockopt(sock.fd, level, name, v, len) == 0)
+            return v[0]
+        end
+        local function settings(sock)
+            return { opt(sock, SOL_SOCKET, SO_KEEPALIVE), opt(sock, IPPROTO_TCP, TCP_KEEPIDLE),
+                     opt(sock, IPPROTO_TCP, TCP_KEEPINTVL), opt(sock, IPPROTO_TCP, TCP_KEEPCNT),
+                     opt(sock, IPPROTO_TCP, TCP_USER_TIMEOUT) }
+        end
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local accepting = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local a = accepting:join()
+        assert.same({ 0, 0 }, { settings(c)[1], settings(c)[5] })   -- off to begin with
+        assert.is_true(c:keepalive(5, 2, 4))
+        assert.same({ 1, 5, 2, 4, 13000 }, settings(c))     -- 5 + 2 * 4 s
+        assert.is_true(a:keepalive(10))                     -- interval: idle; count: 3
+        assert.same({ 1, 10, 10, 3, 40000 }, settings(a))
+        assert.is_true(c:keepalive(false))
+        assert.same({ 0, 0 }, { settings(c)[1], settings(c)[5] })
+        assert.is_true(c:keepalive(32767, 32767, 127))      -- the bound, capped at 2^31-1 ms
+        assert.same({ 1, 32767, 32767, 127, 2147483647 }, settings(c))
+        for _, case in ipairs({
+            { { 0 }, "idle must be an integer from 1 to 32767 (got 0)" },
+            { { 1.5 }, "idle must be an integer from 1 to 32767 (got 1.5)" },
+            { { true }, "idle must be an integer from 1 to 32767 (got true)" },
+            { { }, "idle must be an integer from 1 to 32767 (got nil)" },
+            { { 32768 }, "idle must be an integer from 1 to 32767 (got 32768)" },
+            { { 1, 0 }, "interval must be an integer from 1 to 32767 (got 0)" },
+            { { 1, "2" }, "interval must be an integer from 1 to 32767 (got \"2\")" },
+            { { 1, 1, 0 }, "count must be an integer from 1 to 127 (got 0)" },
+            { { 1, 1, 128 }, "count must be an integer from 1 to 127 (got 128)" },
+        }) do
+            local ok, err = pcall(c.keepalive, c, unpack(case[1], 1, 3))
+            assert.is_false(ok)
+            assert.equal("TcpSocket:keepalive: " .. case[2], err:match("TcpSocket:keepalive: .*$"))
+        end
+        local ok, err = pcall(c.keepalive, l, 1)
+        assert(not ok and err:find("TcpSocket:keepalive: call it as a method on a socket", 1, true), err)
+        c:close(); a:close(); l:close()
+        ok, err = pcall(c.keepalive, c, 1)
+        assert(not ok and err:find("TcpSocket:keepalive: the socket is closed", 1, true), err)
     end))
 
     it("reports a refused connection and refuses wildcard defaults", async(function()

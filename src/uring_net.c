@@ -10,6 +10,7 @@
 #include <arpa/inet.h>
 #include <net/if.h>
 #include <errno.h>
+#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -220,6 +221,28 @@ int pl_net_nodelay(int fd)
     int one = 1;
 
     return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0 ? -errno : 0;
+}
+
+/* TCP keepalive on fd: probes after idle seconds without traffic, every
+ * interval seconds, count of them unanswered end the connection
+ * (ETIMEDOUT).  TCP sends no probe while data waits to be acknowledged,
+ * so the same bound is set on that too (TCP_USER_TIMEOUT): a dead link
+ * ends a sending connection in that time rather than after the kernel's
+ * retransmission limit (tcp_retries2, some 15 minutes).  idle 0 turns
+ * both off. */
+int pl_net_keepalive(int fd, int idle, int interval, int count)
+{
+    long long ms = idle > 0 ? ((long long)idle + (long long)interval * count) * 1000 : 0;
+    int on = idle > 0, user = ms > INT_MAX ? INT_MAX : (int)ms;
+
+    if (on && (setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle)) < 0 ||
+               setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval)) < 0 ||
+               setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count)) < 0))
+        return -errno;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user, sizeof(user)) < 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on)) < 0)
+        return -errno;
+    return 0;
 }
 
 /* An op on socket fd, which the op records (not the op's to close): a

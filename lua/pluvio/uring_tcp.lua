@@ -1,7 +1,7 @@
 -- pluvio.uring_tcp: TCP over the io_uring reactor, part of pluvio.uring:
 -- uring.tcp_listen (TcpListener: accept, port, address, close) and
--- uring.tcp_connect (TcpSocket: send, recv, recv_exact, shutdown, peer,
--- close).  Installed into pluvio.uring after uring_net.lua, whose socket
+-- uring.tcp_connect (TcpSocket: send, recv, recv_exact, shutdown,
+-- keepalive, peer, close).  Installed into pluvio.uring after uring_net.lua, whose socket
 -- machinery (addresses, failures, stopped receives, close) it builds on.
 local pluvio = require "pluvio"
 local core = require "pluvio.core"
@@ -24,6 +24,7 @@ local MAX_IO = 0x7ffff000
 local RECV_CHUNK = 1048576
 local ECANCELED = -125
 local MAX_ADDRS = 16        -- the most of a name's addresses tcp_connect tries
+local MAX_KEEPIDLE, MAX_KEEPCNT = 32767, 127    -- Linux's most for TCP_KEEPIDLE/KEEPINTVL, TCP_KEEPCNT
 
 function M.install(U)
     local I = U._internal
@@ -465,6 +466,32 @@ function M.install(U)
         end
         claim_writer(self, t, "TcpSocket:shutdown")
         return release_writer(self, t, shutdown(self, t, r, shut))
+    end
+
+    -- keepalive(idle[, interval[, count]]) or keepalive(false): see
+    -- pl_net_keepalive.  A dead peer or link ends the connection within
+    -- idle + interval * count seconds (ETIMEDOUT), idle or sending.
+    function TcpSocket:keepalive(idle, interval, count)
+        live("TcpSocket:keepalive", self, TcpSocket, "a socket")
+        if idle == false then
+            interval, count = 0, 0
+            idle = 0
+        else
+            check.integer("TcpSocket:keepalive", "idle", idle, 1, MAX_KEEPIDLE)
+            if type(interval) == "nil" then     -- (not == nil: a NULL pointer equals nil)
+                interval = idle
+            end
+            check.integer("TcpSocket:keepalive", "interval", interval, 1, MAX_KEEPIDLE)
+            if type(count) == "nil" then
+                count = 3
+            end
+            check.integer("TcpSocket:keepalive", "count", count, 1, MAX_KEEPCNT)
+        end
+        local rc = C.pl_net_keepalive(self.fd, idle, interval, count)
+        if rc < 0 then
+            return failed("keepalive on", self, rc)
+        end
+        return true
     end
 
     function TcpSocket:peer()

@@ -1,0 +1,173 @@
+-- Connections over a link that breaks (UCX's, and TCP sockets over
+-- io_uring): two pluvio processes in network namespaces of their own,
+-- joined by a veth pair whose one end is then set down, so that nothing
+-- answers any more (no reset, as from a killed peer).
+local helper = require "helper"
+
+local format = string.format
+local q = helper.quote
+
+-- The server takes a client, closes its listener, takes a small message,
+-- then a rendezvous one whose data it never pulls (its sender waits for
+-- the receiver), then waits for a third message that cannot come.
+local UCX_SERVER = [[
+local ucx = require "pluvio.ucx"
+local ctx = assert(ucx.Context.new())
+local w = assert(ctx:create_worker())
+local stream = w:am_stream(1)
+local l = assert(w:create_listener("10.77.0.1", 13370))
+print("listening"); io.stdout:flush()
+local ep = assert(l:accept())
+l:close()
+assert(assert(stream:wait_msg()):data() == "12345678")
+local held = assert(stream:wait_msg())
+print("ready " .. held:data_len()); io.stdout:flush()
+print("server", stream:wait_msg())
+]]
+
+local UCX_CLIENT = [[
+local ucx = require "pluvio.ucx"
+local ctx = assert(ucx.Context.new())
+local w = assert(ctx:create_worker())
+local ep = assert(w:connect_socket("10.77.0.1", 13370))
+assert(ep:am_send(1, "small", "12345678"))
+print("client", ep:am_send(1, "big", string.rep("x", 1048576), false, "rndv"))
+]]
+
+-- A TCP server that turns keepalive on for the connection it accepts and
+-- then reads; its client does the same and sends until its send fails.
+local TCP_SERVER = [[
+local uring = require "pluvio.uring"
+local l = assert(uring.tcp_listen("10.77.0.1", 13371))
+print("listening"); io.stdout:flush()
+local c = assert(l:accept())
+if arg[1] ~= "off" then assert(c:keepalive(1, 1, 2) == true) end
+assert(c:recv_exact(65536))
+print("ready"); io.stdout:flush()
+while true do
+    local s, err, code = c:recv(65536)
+    if not s then print("server", s, err, code) break end
+end
+]]
+
+local TCP_CLIENT = [[
+local uring = require "pluvio.uring"
+local c = assert(uring.tcp_connect("10.77.0.1", 13371))
+if arg[1] ~= "off" then assert(c:keepalive(1, 1, 2) == true) end
+local chunk = string.rep("x", 65536)
+while true do
+    local n, err, code = c:send(chunk)
+    if not n then print("client", n, err, code) break end
+end
+]]
+
+-- The whole scenario as one shell script: the server (10.77.0.1) prints
+-- "listening", then the client (10.77.0.2) starts; once the server prints
+-- "ready" the link goes down.  Exits 200 when the namespaces cannot be
+-- made.  retries: TCP's retransmission limit there (tcp_retries2); arg:
+-- both scripts' argument.
+local SCENARIO = [[
+A=pluvio_link_a_$$ B=pluvio_link_b_$$ D=%s HOST=%s RETRIES=%d ARG=%s
+trap 'ip netns del $A 2>/dev/null; ip netns del $B 2>/dev/null' EXIT
+ip netns add $A && ip netns add $B &&
+ip link add va netns $A type veth peer name vb netns $B &&
+ip -n $A addr add 10.77.0.1/24 dev va && ip -n $B addr add 10.77.0.2/24 dev vb &&
+ip -n $A link set va up && ip -n $B link set vb up &&
+ip -n $A link set lo up && ip -n $B link set lo up &&
+ip netns exec $A sysctl -q -w net.ipv4.tcp_retries2=$RETRIES &&
+ip netns exec $B sysctl -q -w net.ipv4.tcp_retries2=$RETRIES || exit 200
+for i in $(seq 100); do    # (UCX leaves out an interface not up yet)
+    ip -n $A link show va | grep -q "state UP" && ip -n $B link show vb | grep -q "state UP" && break
+    sleep 0.05
+done
+export UCX_NET_DEVICES=all    # (spec/run's lo: the namespaces have lo and the veth only)
+ip netns exec $A timeout -k 5 60 "$HOST" $D/server.lua $ARG >$D/server.out 2>$D/server.err &
+SERVER=$!
+for i in $(seq 100); do grep -q listening $D/server.out && break; sleep 0.1; done
+ip netns exec $B timeout -k 5 60 "$HOST" $D/client.lua $ARG >$D/client.out 2>$D/client.err &
+CLIENT=$!
+for i in $(seq 100); do grep -q ready $D/server.out && break; sleep 0.1; done
+ip -n $A link set va down
+start=$(date +%%s)
+wait $CLIENT; echo "client exit $?"
+wait $SERVER; echo "server exit $?"
+echo "seconds $(( $(date +%%s) - start ))"
+]]
+
+-- Runs server and client (code) over the link; returns the scenario's
+-- output and a report of everything (for a failed assertion), or nil
+-- when no namespace can be made (the spec is then pending).
+local function over_broken_link(server, client, retries, arg)
+    local dir = helper.tmp_path(".link")
+    assert(os.execute("mkdir " .. q(dir)) == 0)
+    for name, code in pairs({ ["server.lua"] = server, ["client.lua"] = client }) do
+        local f = assert(io.open(dir .. "/" .. name, "w"))
+        f:write(code)
+        f:close()
+    end
+    local status, out, err = helper.sh(format(SCENARIO, q(dir), q(helper.host), retries, q(arg or "")))
+    local function slurp(name)
+        local f = io.open(dir .. "/" .. name)
+        local s = f and f:read("*a") or ""
+        if f then f:close() end
+        return s
+    end
+    local report = format("scenario: %s%s\nclient: %s%s\nserver: %s%s", out, err,
+                          slurp("client.out"), slurp("client.err"),
+                          slurp("server.out"), slurp("server.err"))
+    os.execute("rm -rf " .. q(dir))
+    if status == 200 then
+        pending("cannot make network namespaces and a veth pair (needs root and ip): " .. err)
+        return nil
+    end
+    assert(status == 0, report)
+    assert(out:match("client exit 0\n") and out:match("server exit 0\n"), report)
+    -- (no timing claim: under a minute tells "ended by a keepalive" from
+    -- "ended by the 60 s timeout")
+    assert(tonumber(out:match("seconds (%d+)")) < 50, report)
+    return out, report
+end
+
+describe("UCX over a link that breaks (no peer answers any more)", function()
+    it("fails a rendezvous send waiting for its receiver, and the receiver's wait, " ..
+       "with ETIMEDOUT and ENOTCONN instead of waiting for good", function()
+        -- (UCX 1.13's TCP keepalive was only on the sockets it connected:
+        -- the client, whose socket was accepted, waited for good)
+        local _, report = over_broken_link(UCX_SERVER, UCX_CLIENT, 3)
+        if not report then return end
+        assert(report:match("client\tnil\tam_send to 10%.77%.0%.1:13370: ETIMEDOUT: [^\n]*\tETIMEDOUT\n"),
+               report)
+        assert(report:match("server\tnil\twait_msg: no peer can send to AM stream 1 any more [^\n]*\tENOTCONN\n"),
+               report)
+    end)
+
+    it("has UCX say nothing about that keepalive setting on a worker without tcp", function()
+        -- (UCX warns "invalid configuration: KEEPIDLE=inf" where no tcp
+        -- transport took the setting: shared memory only, say)
+        for _, tls in ipairs({ "posix,self", "shm", "^tcp" }) do
+            local status, out, err = helper.run_script([[
+local ucx = require "pluvio.ucx"
+local ctx = assert(ucx.Context.new())
+local a, b = assert(ctx:create_worker()), assert(ctx:create_worker())
+print(a:stats().am_sent)
+a:close(); b:close(); ctx:close()
+]], nil, "UCX_TLS=" .. q(tls))
+            assert.equal("", err, tls)
+            assert.equal("0\n", out, tls)
+            assert.equal(0, status, tls)
+        end
+    end)
+end)
+
+describe("TCP sockets over a link that breaks", function()
+    it("end with ETIMEDOUT within keepalive's bound, the idle reader's and the " ..
+       "sender's alike", function()
+        -- tcp_retries2 left at Linux's default (15: some 15 minutes): the
+        -- sender's end comes from the bound keepalive puts on unacknowledged
+        -- data, the reader's from the probes
+        local _, report = over_broken_link(TCP_SERVER, TCP_CLIENT, 15)
+        if not report then return end
+        assert(report:match("server\tnil\trecv 10%.77%.0%.2:%d+: ETIMEDOUT: [^\n]*\tETIMEDOUT\n"), report)
+        assert(report:match("client\tnil\tsend 10%.77%.0%.1:13371: ETIMEDOUT: [^\n]*\tETIMEDOUT\n"), report)
+    end)
+end)
