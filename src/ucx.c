@@ -547,6 +547,8 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
         free(w);
         return NULL;
     }
+    /* (what else UCX says is printed, also when the create fails: the
+     * errno we return tells less) */
     ucx_log_hold(&held, c->keepalive ? "invalid configuration: KEEPIDLE=inf" : NULL);
     st = ucp_worker_create(c->ucp, &params, &w->ucp);
     ucx_log_release(&held, false);

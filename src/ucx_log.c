@@ -38,14 +38,24 @@ static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const
     struct ucx_log_hold *h = log_hold;
     struct ucx_log_line *l;
 
-    if (!h || level > UCS_LOG_LEVEL_WARN || h->n == UCX_LOG_HELD)
+    if (!h || level > UCS_LOG_LEVEL_WARN)
         return UCS_LOG_FUNC_RC_CONTINUE;
-    l = &h->lines[h->n];
+    if (h->drop) {
+        char text[sizeof(h->lines[0].text)];
+        va_list copy;
+
+        va_copy(copy, ap);
+        vsnprintf(text, sizeof(text), fmt, copy);
+        va_end(copy);
+        if (strcmp(text, h->drop) == 0)
+            return UCS_LOG_FUNC_RC_STOP;
+    }
+    if (h->n == UCX_LOG_HELD)
+        return UCS_LOG_FUNC_RC_CONTINUE;
+    l = &h->lines[h->n++];
     *l = (struct ucx_log_line){ .file = file, .line = line, .function = function,
                                 .level = level, .comp = comp };
     vsnprintf(l->text, sizeof(l->text), fmt, ap);
-    if (!h->drop || strcmp(l->text, h->drop) != 0)
-        h->n++;
     return UCS_LOG_FUNC_RC_STOP;
 }
 

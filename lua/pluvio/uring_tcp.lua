@@ -1,8 +1,9 @@
 -- pluvio.uring_tcp: TCP over the io_uring reactor, part of pluvio.uring:
 -- uring.tcp_listen (TcpListener: accept, port, address, close) and
 -- uring.tcp_connect (TcpSocket: send, recv, recv_exact, shutdown,
--- keepalive, peer, close).  Installed into pluvio.uring after uring_net.lua, whose socket
--- machinery (addresses, failures, stopped receives, close) it builds on.
+-- keepalive, peer, close).  Installed into pluvio.uring after
+-- uring_net.lua, whose socket machinery (addresses, failures, stopped
+-- receives, close) it builds on.
 local pluvio = require "pluvio"
 local core = require "pluvio.core"
 local check = require "pluvio.check"
