@@ -1,6 +1,7 @@
 -- Tagged messages over UCX: tag_send and tag_recv.
 local pluvio = require "pluvio"
 local helper = require "helper"
+local uh = require "ucx_helpers"
 
 local async = helper.async
 local pair, close_pair = helper.ucx_pair, helper.ucx_close_pair
@@ -110,6 +111,65 @@ describe("UCX", function()
         pluvio.yield()
         assert.is_true(p.ep:tag_send(7, "for the task"))
         assert.equal("for the task", r:join())
+        close_pair(p)
+    end))
+
+    -- (each was lost, its sender told it went: UCX cancels a receive only
+    -- while it matched nothing)
+    it("keeps a message a killed tag receive had matched for the next receive, eager and rendezvous",
+       async(function()
+        local p = pair()
+        -- matched and done, its task killed before it ran again
+        local r = pluvio.spawn(function() return p.sw:tag_recv(5, 0xff, 100) end)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(5, "precious"))
+        while r:status() == "waiting" do pluvio.yield() end
+        r:kill()
+        assert.same({ "precious", true }, { pluvio.timeout(5, function()
+            local data, tag = p.sw:tag_recv(5, 0xff, 100)
+            return data, tag == 5
+        end) })
+        -- matched while its rendezvous data was on its way
+        local size = 4 * 1048576
+        local big = uh.payload(size, 3)
+        local sender = pluvio.spawn(function() return p.ep:tag_send(6, big) end)
+        r = pluvio.spawn(function() return p.sw:tag_recv(6, 0xff, size) end)
+        while p.sw:stats().ops_in_flight == 0 or r:status() ~= "waiting" do pluvio.yield() end
+        pluvio.yield()
+        r:kill()
+        local got = pluvio.timeout(5, function() return p.sw:tag_recv(6, 0xff, size) end)
+        assert.is_true(sender:join())
+        assert.equal(size, #got)
+        assert.is_true(got == big)
+        -- kept in order, by tag and mask; into a registered buffer too; one
+        -- too long for the next receive is dropped, saying so
+        local killed = {}
+        for k = 1, 3 do
+            killed[k] = pluvio.spawn(function() return p.sw:tag_recv(0x70, 0xf0, 100) end)
+        end
+        pluvio.yield()
+        for k = 1, 3 do
+            assert.is_true(p.ep:tag_send(0x70 + k, ("m%d"):format(k):rep(k * 10)))
+        end
+        while killed[3]:status() == "waiting" do pluvio.yield() end
+        for k = 1, 3 do killed[k]:kill() end
+        local data, tag = p.sw:tag_recv(0x72, 0xff, 100)    -- the second, by its tag
+        assert.equal(("m2"):rep(20), data)
+        assert.is_true(tag == 0x72)
+        local none, err, code = p.sw:tag_recv(0x70, 0xf0, 5)  -- the first: 20 bytes
+        assert.is_nil(none)
+        assert.equal("EMSGSIZE", code)
+        assert.matches("tag 0x71 has 20 bytes, more than the 5 len_or_buf has room for %(it is dropped%)", err)
+        local pool = require("pluvio.uring").reactor { buffer_size = 4096, buffer_count = 1 }
+        pluvio.runtime():register_reactor("tag buffers", pool)
+        local buf = pool:acquire_buffer()
+        local n
+        n, tag = p.sw:tag_recv(0x70, 0xf0, buf)
+        assert.equal(60, n)
+        assert.equal(("m3"):rep(30), buf:tostring(n))
+        assert.is_true(tag == 0x73)
+        buf:release()
+        assert.equal(0, p.sw:stats().ops_in_flight)
         close_pair(p)
     end))
 end)

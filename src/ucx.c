@@ -212,6 +212,7 @@ int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct u
     op->state = UOP_IN_FLIGHT;
     op->passive = false;
     op->orphaned = false;
+    op->rescue = false;
     op->sends = 0;
     op->task_slot = slot;
     op->task_gen = gen;
@@ -358,7 +359,11 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status)
         w->passive_in_flight--;
     if (ep == UCX_OP_PULL)
         w->pulls--;
-    if (op->state == UOP_ABANDONED) {
+    if (op->state == UOP_ABANDONED && op->rescue) {
+        op->status = pl_ucx_errno(status);      /* for the sweep's pl_ucx_op_take */
+        op->state = UOP_DONE;
+        w->abandoned_settled++;
+    } else if (op->state == UOP_ABANDONED) {
         ucx_op_free(w, op);
     } else {
         op->status = pl_ucx_errno(status);
@@ -471,8 +476,17 @@ uint32_t pl_ucx_abandoned_settled(const pl_ucx_worker_t *w)
     return w->abandoned_settled;
 }
 
-/* The task gave up (killed): cancel; the slot is freed by the callback. */
+/* The task gave up (killed): cancel; the slot is freed by the callback.
+ * A tag receive's is not: UCX cancels one only while it matched nothing,
+ * and a message it did match (a rendezvous one being fetched) is for the
+ * next tag_recv, so its result waits, DONE, for the limbo's sweep
+ * (rescue: the Lua side has a limbo entry to take it). */
 int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
+{
+    return ucx_op_abandon(w, id, true);
+}
+
+int ucx_op_abandon(pl_ucx_worker_t *w, int id, bool rescue)
 {
     struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;
     int ep;
@@ -485,6 +499,7 @@ int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
     }
     ep = op->ep;            /* (the cancel may finish the op, and free its slot) */
     op->state = UOP_ABANDONED;
+    op->rescue = rescue && op->passive;
     ucp_request_cancel(w->ucp, op);
     if (w->closers > 0)     /* a close waiting for it waits no more: see pl_ucx_ep_drained */
         ucx_ep_op_ended(w, ep);

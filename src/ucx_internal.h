@@ -60,6 +60,8 @@ struct ucx_op {
     uint8_t state;
     bool passive;           /* waits for a peer (tag receive): needs no progress of ours */
     bool orphaned;          /* a tag receive cancelled as no peer was left: ENOTCONN */
+    bool rescue;            /* an abandoned tag receive: it ends DONE, not freed, for
+                             * pl_ucx_op_take (a message it matched is not lost) */
     uint8_t sends;          /* a send the stats count once it succeeds: UCX_SENDS_AM, _TAG or 0;
                              * its bytes wait in length */
     uint32_t task_slot, task_gen;
@@ -258,6 +260,7 @@ struct ucx_op *ucx_op_get(pl_ucx_worker_t *w, uint32_t index);
 int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct ucx_op **out);
 void ucx_op_free(pl_ucx_worker_t *w, struct ucx_op *op);
 void ucx_op_finish(struct ucx_op *op, ucs_status_t status);
+int ucx_op_abandon(pl_ucx_worker_t *w, int id, bool rescue);
 int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp);
 void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op);
 void ucx_op_param_recv(ucp_request_param_t *p, struct ucx_op *op);

@@ -353,6 +353,7 @@ function Context:create_worker(opts)
         result = ffi.new("pl_ucx_result_t"), info = ffi.new("pl_ucx_msg_info_t"),
         eps = setmetatable({}, weak_keys), listeners = setmetatable({}, weak_keys), streams = {}, limbo = limbo,
         limbo_seen = 0,         -- pl_ucx_abandoned_settled at the limbo's last sweep
+        tag_rescued = {},       -- tagged messages killed tag receives had matched (take_rescued)
         max_header = C.pl_ucx_worker_max_am_header(w), max_endpoints = max_eps,
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
         scratch = core.scratch_pool(SCRATCH_KEEP),     -- for tag_recv and data()
@@ -486,6 +487,19 @@ local function keep_or_unhold(w, h1, h2)
     end
 end
 
+-- A tag receive whose task was killed, once UCX is done with it (its op
+-- DONE: pl_ucx_op_abandon): a message it had matched (UCX cancels a receive
+-- only while it matched none) is kept, from the memory at ptr it was
+-- received into, for the next tag_recv (Worker:tag_recv: take_tag_rescued),
+-- rather than lost with its sender told it was received.
+local function take_rescued(w, op, ptr)
+    local result = w.result
+    if C.pl_ucx_op_take(w.w, op, result) == 1 and result.status == 0 then
+        local rescued = w.tag_rescued
+        rescued[#rescued + 1] = { tag = result.sender_tag + 0ULL, data = ffi.string(ptr, result.length) }
+    end
+end
+
 -- Let go of what settled abandoned ops kept (all of it once the worker is
 -- closed: its ops are gone).  Only when an abandoned op has settled since
 -- the last sweep, as for io_uring (uring.lua's limbo_sweep).
@@ -510,6 +524,9 @@ local function limbo_sweep(w)
             kept = kept + 1
             limbo[kept] = e
         else
+            if e.rescue and not all then
+                take_rescued(w, e.op, e.rescue)
+            end
             release_hold(e.held1)
             release_hold(e.held2)
         end
@@ -530,35 +547,46 @@ end)
 -- Cancel op (UCX may still finish a send: it reads the data until then);
 -- k1, k2 stay referenced, and registered buffers among them out of the
 -- pool (held now, or already: h1, h2), until UCX completes it.
-local function abandon_op(w, op, k1, k2, h1, h2)
+-- rescue: a tag receive's memory (see take_rescued).
+local function abandon_op(w, op, k1, k2, h1, h2, rescue)
     if not w.w then         -- closed: its ops are gone (unless UCX kept them: Worker:close)
         keep_or_unhold(w, h1, h2)
         if w.stuck then keep_stuck(w, k1, k2) end
         return
     end
+    if rescue and C.pl_ucx_op_settled(w.w, op, C.pl_ucx_op_gen(w.w, op)) == 1 then
+        take_rescued(w, op, rescue)     -- done before its task could take it
+        unhold(h1)
+        unhold(h2)
+        return
+    end
     local gen = C.pl_ucx_op_gen(w.w, op)
     C.pl_ucx_op_abandon(w.w, op)
-    if (k1 ~= nil or k2 ~= nil) and C.pl_ucx_op_settled(w.w, op, gen) == 1 then
+    if rescue and C.pl_ucx_op_settled(w.w, op, gen) == 1 then
+        take_rescued(w, op, rescue)     -- the cancel ended it
+        unhold(h1)
+        unhold(h2)
+    elseif (k1 ~= nil or k2 ~= nil) and C.pl_ucx_op_settled(w.w, op, gen) == 1 then
         unhold(h1)                  -- done already, freed by the abandon
         unhold(h2)
     elseif k1 ~= nil or k2 ~= nil then
         limbo_sweep(w)
-        w.limbo[#w.limbo + 1] = { op = op, gen = gen, kept(k1), kept(k2),
+        w.limbo[#w.limbo + 1] = { op = op, gen = gen, kept(k1), kept(k2), rescue = rescue,
                                   held1 = hold_record(h1 or hold(k1)), held2 = hold_record(h2 or hold(k2)) }
     end
 end
 
 -- A killed task's op is cancelled; the slot is freed when UCX completes it.
 function Worker:_abandon(t)
-    local op, k1, k2, h1, h2 = t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2
-    t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2 = nil, nil, nil, nil, nil
+    local op, k1, k2, h1, h2, rescue = t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2, t.io_tag_ptr
+    t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2, t.io_tag_ptr = nil, nil, nil, nil, nil, nil
     local handle = t.io_handle
     if handle then          -- a send handle being waited for: it owns nothing now
         t.io_handle = nil
         handle.op = ECANCELED
         handle.header, handle.data, handle.held1, handle.held2 = nil, nil, nil, nil
     end
-    abandon_op(self, op, k1, k2, h1, h2)
+    abandon_op(self, op, k1, k2, h1, h2, rescue)
     local ep = t.io_abort_ep
     if ep then              -- a connect or close given up: its endpoint would stay half open
         t.io_abort_ep = nil
@@ -729,7 +757,7 @@ M._internal = {
     errname = errname, CLOSED = CLOSED, why = why, fail = fail, OTHER_PEER_ERRORS = OTHER_PEER_ERRORS,
     keep_stuck = keep_stuck, hold = hold, unhold = unhold, kept = kept, keep_or_unhold = keep_or_unhold,
     abandon_op = abandon_op, run_op = run_op, live_worker = live_worker, live_workers = live_workers,
-    tag_value = tag_value, progress_note = progress_note,
+    tag_value = tag_value, progress_note = progress_note, limbo_sweep = limbo_sweep,
 }
 
 require("pluvio.ucx_endpoint").install(M)

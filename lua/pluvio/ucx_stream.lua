@@ -15,18 +15,21 @@ local ffi_string = ffi.string
 local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(): see task.lua
 local type, format, setmetatable, getmetatable, tostring = type, string.format, setmetatable, getmetatable, tostring
 local max = math.max
+local band = require("bit").band
 
 local M = {}
 
 local EBADF, EAGAIN, EMFILE, EMSGSIZE, ENOTCONN, ECANCELED = -9, -11, -24, -90, -107, -125
 local ENOMEM, ENOBUFS, EOPSFULL = -12, -105, -C.PL_EOPSFULL
 local MAX_AM_ID = 255
+local RESCUE_POLL = 0.001   -- s between looks at a killed tag receive still fetching its message
 local Buffer = require("pluvio.uring").Buffer
 
 function M.install(U)
     local I = U._internal
     local errname, why, fail, hold = I.errname, I.why, I.fail, I.hold
     local run_op, live_worker, live_workers, tag_value = I.run_op, I.live_worker, I.live_workers, I.tag_value
+    local limbo_sweep, CLOSED = I.limbo_sweep, I.CLOSED
     local progress_note, collect_dropped, no_ep_room, start_send = I.progress_note, I.collect_dropped, I.no_ep_room, I.start_send
     local Worker, Endpoint, Stream, Message = U.Worker, U.Endpoint, U.Stream, U.Message
 
@@ -67,6 +70,32 @@ function M.install(U)
     -- buffer, the byte count and the sender's tag.  A message that came
     -- already is received; else, once no peer can send to the worker (none
     -- at the call, or the last one goes while it waits): nil, err, "ENOTCONN".
+    -- The first message killed tag receives had matched (in the order they
+    -- matched them) whose tag matches tag in mask's bits: its data and tag,
+    -- taken off the list; nil if none.
+    local function rescue_pending(w)
+        local limbo = w.limbo
+        for i = 1, #limbo do
+            if limbo[i].rescue then
+                return true
+            end
+        end
+        return false
+    end
+
+    local function take_tag_rescued(w, tag, mask)
+        local rescued = w.tag_rescued
+        local want = band(tag + 0ULL, mask + 0ULL)
+        for i = 1, #rescued do
+            local m = rescued[i]
+            if band(m.tag, mask + 0ULL) == want then
+                table.remove(rescued, i)
+                return m.data, m.tag
+            end
+        end
+        return nil
+    end
+
     function Worker:tag_recv(tag, mask, len_or_buf)
         live_worker("Worker:tag_recv", self)
         tag = tag_value("Worker:tag_recv", "tag", tag)
@@ -82,12 +111,40 @@ function M.install(U)
             cap = len_or_buf
         end
         local t = current_task("Worker:tag_recv")    -- it takes a message: check first
+        if self.limbo[1] then
+            limbo_sweep(self)       -- (takes what killed receives had matched)
+            -- a killed receive may still be fetching a message it matched
+            -- (rendezvous): that one goes first, else this receive would
+            -- wait in UCX for a later one while it sat in tag_rescued
+            while rescue_pending(self) do
+                pluvio.sleep(RESCUE_POLL)
+                if not self.w then
+                    return fail("tag_recv", CLOSED)
+                end
+                limbo_sweep(self)
+            end
+        end
+        if self.tag_rescued[1] then
+            local data, stag = take_tag_rescued(self, tag, mask)
+            if data then
+                if #data > cap then
+                    return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
+                                       "len_or_buf has room for (it is dropped)", stag, #data, cap), EMSGSIZE)
+                elseif ptr then
+                    ffi.copy(ptr, data, #data)
+                    return #data, stag
+                end
+                return data, stag
+            end
+        end
         if not ptr then
             scratch = self.scratch:get(cap, "Worker:tag_recv")
             ptr = scratch.ptr
         end
+        t.io_tag_ptr = ptr          -- (a kill keeps the message it matched: ucx.lua's take_rescued)
         local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
                                      "tag receive", scratch or len_or_buf)
+        t.io_tag_ptr = nil
         if rc < 0 then             -- (scratch, if any, is left to the collector, as UCX may hold it)
             if rc == EMSGSIZE then  -- UCX reports the whole message's length and tag, and drops it
                 return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
