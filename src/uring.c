@@ -259,6 +259,7 @@ static inline int op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kin
     op->cancel_due = false;
     op->fd_closed = false;
     op->rest_due = false;
+    op->stream = false;
     return (int)i;
 }
 
@@ -328,7 +329,7 @@ int uring_op_queue(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 void uring_prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe)
 {
     struct uring_op *op = uring_op(u, i);
-    uint64_t off = op->offset + op->done;
+    uint64_t off = op->stream ? op->offset : op->offset + op->done;
     char *addr;
     uint32_t len;
 
@@ -579,6 +580,15 @@ static bool direct_read_ended(const struct uring_op *op)
     return fl >= 0 && (fl & O_DIRECT) && at % direct_offset_align(op->fd) != 0;
 }
 
+/* Whether fd is a socket (an fstat, on a short transfer's first rest only:
+ * a pipe's or a file's rest is no common case either). */
+static bool is_socket(int fd)
+{
+    struct stat st;
+
+    return fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
+}
+
 /* A read or write came back short: continue it.  Returns true when the op
  * stays in flight: its rest resubmitted, or waiting for an SQE. */
 static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
@@ -593,6 +603,8 @@ static bool continue_short(pl_uring_t *u, uint32_t i, int32_t res)
         return false;   /* (a closed fd's number may name another file by now) */
     if (direct_read_ended(op))
         return false;
+    if (op->done == (uint32_t)res && op->kind != OP_SEND)    /* its first rest */
+        op->stream = is_socket(op->fd);
     if (op->kind == OP_READV || op->kind == OP_WRITEV)
         iov_advance(op, (uint32_t)res);
     sqe = uring_get_sqe(u);

@@ -52,6 +52,8 @@ struct uring_op {
     bool fd_closed;         /* its fd was closed while it was in flight (see uring_op_complete) */
     bool rest_due;          /* the rest of its short transfer found no SQE: it waits in the
                              * reactor's FIFO of due rests (see uring_rest.c) */
+    bool stream;            /* its fd is a socket (a File.new of one): its rest goes at the
+                             * same offset, 0, as a socket refuses any other (ESPIPE) */
     uint32_t task_slot, task_gen;
     int fd;
     int buf_index;          /* registered buffer used, or NO_BUF */
