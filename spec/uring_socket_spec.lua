@@ -487,6 +487,28 @@ describe("sockets over io_uring", function()
         assert.equal("ENXIO", code)
     end))
 
+    it("hands out bytes a killed recv_exact kept in order, in small recvs and a recv_exact across them",
+       async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local accepting = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = accepting:join()
+        local data = {}
+        for i = 1, 2000 do data[i] = ("%05d"):format(i) end
+        data = table.concat(data)                   -- 10,000 bytes
+        assert(c:send(data))
+        assert.same({ nil, "timeout" }, { pluvio.timeout(0.05, s.recv_exact, s, #data + 1) })
+        local got = { s:recv(3), s:recv(4) }        -- from the kept bytes, 3 then 4
+        got[3] = s:recv_exact(10)                   -- across what recv left of them
+        while #table.concat(got) < #data do got[#got + 1] = s:recv(997) end
+        assert.equal(3, #got[1])
+        assert.equal(4, #got[2])
+        assert.is_true(table.concat(got) == data)
+        assert(c:send("next"))                      -- and then the stream goes on
+        assert.equal("next", s:recv_exact(4))
+        c:close(); s:close(); l:close()
+    end))
+
     it("continues a short read or write of File.new on a socket at offset 0, which is all a socket takes",
        async(function()
         -- (the rest went at offset + done: ESPIPE after the first part)

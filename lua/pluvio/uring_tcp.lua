@@ -80,7 +80,7 @@ function M.install(U)
     -- garbage collector: see close_guard).
     local function connected(r, fd)
         C.pl_net_nodelay(fd)
-        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "",
+        return setmetatable({ reactor = r, fd = fd, name = sock_name(fd, 1), pending = "", pending_at = 1,
                               reader = false, writer = false, guard = close_guard(fd) }, TcpSocket)
     end
 
@@ -284,8 +284,17 @@ function M.install(U)
         local parts = self.parts
         if parts then
             self.parts = nil
-            self.pending = table.concat(parts)
+            self.pending, self.pending_at = table.concat(parts), 1
         end
+    end
+
+    -- The bytes pending, as one string; none pending after.  (recv hands
+    -- them out from pending_at on: a cut copying the rest each time made a
+    -- loop of small recvs over a large remainder quadratic.)
+    local function take_all_pending(self)
+        local p, at = self.pending, self.pending_at
+        self.pending, self.pending_at = "", 1
+        return at == 1 and p or p:sub(at)
     end
 
     -- A stopped recv ended (see stop_receive): its bytes, if any, are the
@@ -307,7 +316,7 @@ function M.install(U)
             if parts then
                 parts[#parts + 1] = s
             else
-                self.pending = self.pending .. s
+                self.pending = take_all_pending(self) .. s
             end
         end
         bounce_put(r, scratch)
@@ -316,9 +325,15 @@ function M.install(U)
     -- Up to max bytes of what is pending, or nil.
     local function take_pending(self, max)
         gather(self)
-        if #self.pending > 0 then
-            local s = self.pending:sub(1, max)
-            self.pending = self.pending:sub(max + 1)
+        local p, at = self.pending, self.pending_at
+        if at <= #p then
+            local s = p:sub(at, at + max - 1)
+            at = at + #s
+            if at > #p then
+                self.pending, self.pending_at = "", 1
+            else
+                self.pending_at = at
+            end
             return s
         end
         return nil
@@ -392,8 +407,8 @@ function M.install(U)
         gather(self)
         -- the parts live on the socket while they come in: a task killed
         -- here leaves them for the next recv instead of losing them
-        local parts, have = { self.pending }, #self.pending
-        self.pending = ""
+        local first = take_all_pending(self)
+        local parts, have = { first }, #first
         self.parts = parts
         while have < n do
             if has_rescues(self) then   -- a receive killed before this one (or meanwhile)
@@ -426,7 +441,7 @@ function M.install(U)
         end
         self.parts = nil
         local all = table.concat(parts)
-        self.pending = all:sub(n + 1)
+        self.pending, self.pending_at = all:sub(n + 1), 1
         return all:sub(1, n)
     end
 
