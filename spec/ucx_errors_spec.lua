@@ -366,7 +366,43 @@ describe("UCX misuse and failures", function()
         ]], nil, "ulimit -n 128;")
         assert.equal(0, status, err)
         assert.equal("nil\tlisten on localhost:0: EMFILE: Too many open files\tEMFILE\n" ..
-                     "nil\tconnect to localhost:4242: EMFILE: Too many open files\tEMFILE\n", out)
+                     "nil\tconnect to localhost:4242: EMFILE: Too many open files (a connection takes a few " ..
+                     "file descriptors: close files, or raise the limit, ulimit -n)\tEMFILE\n", out)
+    end)
+
+    -- (UCX 1.13 then waited for good, logging its accept's failure a
+    -- million times a second, or said EIO)
+    it("refuses a connect_socket with EMFILE when the process has too few file descriptors left for it, " ..
+       "and connects once it has", function()
+        for _, free in ipairs({ 0, 1, 2, 5 }) do
+            local status, out, err = helper.run_script([[
+                local pluvio = require "pluvio"
+                local ucx = require "pluvio.ucx"
+                local ctx = assert(ucx.Context.new())
+                local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+                local l = assert(server:create_listener("127.0.0.1", 0))
+                local accepting = pluvio.spawn(function() return l:accept() end)
+                local held = {}
+                while true do
+                    local h = io.open("/dev/null")
+                    if not h then break end
+                    held[#held + 1] = h
+                end
+                for _ = 1, ]] .. free .. [[ do table.remove(held):close() end
+                local none, why, code = pluvio.timeout(10, function()
+                    return client:connect_socket("127.0.0.1", l:port())
+                end)
+                print(none, (why:gsub(":%d+:", ":PORT:")), code)
+                for _, h in ipairs(held) do h:close() end
+                assert(client:connect_socket("127.0.0.1", l:port()))
+                assert(accepting:join())
+                ctx:close()
+            ]], nil, "ulimit -n 128;")
+            assert.equal(0, status, err)
+            assert.equal("", err)
+            assert.equal("nil\tconnect to 127.0.0.1:PORT: EMFILE: Too many open files (a connection takes a " ..
+                         "few file descriptors: close files, or raise the limit, ulimit -n)\tEMFILE\n", out)
+        end
     end)
 
     it("refuses a len for string or nil data instead of ignoring it", async(function()

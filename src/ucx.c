@@ -515,18 +515,20 @@ int ucx_op_abandon(pl_ucx_worker_t *w, int id, bool rescue)
  * so a worker is made only with room to spare, else EMFILE. */
 #define UCX_WORKER_FDS 32
 
-/* 0 when UCX_WORKER_FDS more can be had, else why not (-EMFILE).  The
- * first is an eventfd, not an open of a path: a sandbox may close
- * /dev/null to us, and its EACCES was taken for EMFILE. */
-static int fd_headroom(void)
+/* 0 when n (at most UCX_WORKER_FDS) more can be had, else why not
+ * (-EMFILE).  The first is an eventfd, not an open of a path: a sandbox
+ * may close /dev/null to us, and its EACCES was taken for EMFILE. */
+int ucx_fd_headroom(int n)
 {
     int fds[UCX_WORKER_FDS], k = 0, rc = 0;
 
+    if (n > UCX_WORKER_FDS)
+        n = UCX_WORKER_FDS;
     fds[0] = eventfd(0, EFD_CLOEXEC);
     if (fds[0] < 0)
         rc = -errno;
     else
-        for (k = 1; k < UCX_WORKER_FDS; k++)
+        for (k = 1; k < n; k++)
             if ((fds[k] = fcntl(fds[0], F_DUPFD_CLOEXEC, 0)) < 0) {
                 rc = -errno;
                 break;
@@ -557,7 +559,7 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     w->op_stride = (c->request_size + sizeof(struct ucx_op) + 15) & ~(size_t)15;
     w->efd = -1;
     w->max_eps = UCX_MAX_ENDPOINTS;
-    *err = fd_headroom();
+    *err = ucx_fd_headroom(UCX_WORKER_FDS);
     if (*err < 0) {
         free(w);
         return NULL;

@@ -304,6 +304,8 @@ void ucx_sockaddr_text(const struct sockaddr_storage *ss, char *out, size_t cap)
     }
 }
 
+#define UCX_CONNECT_FDS 8    /* descriptors a connect_socket must have room for */
+
 /* Create the endpoint, then flush it so the caller waits for wire-up: the
  * first large message then goes rendezvous, as it should. */
 int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *ep_out,
@@ -327,6 +329,12 @@ int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *e
         return rc;
     if (!ucx_ep_room(w))
         return -EMFILE;
+    /* UCX 1.13 short of descriptors for the connection's sockets (its
+     * own, and a listener's in this process) left the connect waiting for
+     * good, or logged its accept's failure in a loop: refused first */
+    rc = ucx_fd_headroom(UCX_CONNECT_FDS);
+    if (rc < 0)
+        return rc;
     p.sockaddr.addr = (struct sockaddr *)&ss;
     p.sockaddr.addrlen = len;
     st = ucp_ep_create(w->ucp, &p, &ep);

@@ -182,6 +182,10 @@ function M.install(U)
             local fname = what
             if rc == EMFILE and (not self.w or C.pl_ucx_worker_ep_room(self.w) == 0) then
                 return no_ep_room(self, fname)      -- (else the process's: the resolver's files)
+            elseif rc == EMFILE then
+                local _, msg, name = fail(fname, rc)
+                return nil, msg .. " (a connection takes a few file descriptors: close files, " ..
+                            "or raise the limit, ulimit -n)", name
             end
             if rc == ENOTCONN or rc == ECONNREFUSED then    -- UCX 1.13 says ENOTCONN for a refusal
                 local _, msg, name = fail(fname, rc)
