@@ -397,7 +397,10 @@ function M.install(U)
             check.string(file_fname("File:write", self), "data", data)
         end
         local len = #data
-        check_len("File:write", len, MAX_IO, self)
+        if len > MAX_IO then
+            error(format("%s: data must be at most %d bytes, Linux's most for one transfer (got %d)",
+                         file_fname("File:write", self), MAX_IO, len), 2)
+        end
         check_direct("File:write", self, offset, len)
         local t, r = file_task("File:write", self)
         local scratch = bounce_get(r, len, "File:write")
