@@ -65,14 +65,8 @@ function M.install(U)
         return s
     end
 
-    -- tag_recv(tag, mask, len_or_buf): receive a tagged message: with a length,
-    -- returns the data as a string and the sender's tag; with a registered
-    -- buffer, the byte count and the sender's tag.  A message that came
-    -- already is received; else, once no peer can send to the worker (none
-    -- at the call, or the last one goes while it waits): nil, err, "ENOTCONN".
-    -- The first message killed tag receives had matched (in the order they
-    -- matched them) whose tag matches tag in mask's bits: its data and tag,
-    -- taken off the list; nil if none.
+    -- Whether a killed tag receive's op is still UCX's (its message, if it
+    -- matched one, not kept yet: ucx.lua's take_rescued).
     local function rescue_pending(w)
         local limbo = w.limbo
         for i = 1, #limbo do
@@ -83,6 +77,9 @@ function M.install(U)
         return false
     end
 
+    -- The first message killed tag receives had matched (in the order they
+    -- matched them) whose tag matches tag in mask's bits: its data and tag,
+    -- taken off the list; nil if none.
     local function take_tag_rescued(w, tag, mask)
         local rescued = w.tag_rescued
         local want = band(tag + 0ULL, mask + 0ULL)
@@ -96,6 +93,11 @@ function M.install(U)
         return nil
     end
 
+    -- tag_recv(tag, mask, len_or_buf): receive a tagged message: with a length,
+    -- returns the data as a string and the sender's tag; with a registered
+    -- buffer, the byte count and the sender's tag.  A message that came
+    -- already is received; else, once no peer can send to the worker (none
+    -- at the call, or the last one goes while it waits): nil, err, "ENOTCONN".
     function Worker:tag_recv(tag, mask, len_or_buf)
         live_worker("Worker:tag_recv", self)
         tag = tag_value("Worker:tag_recv", "tag", tag)
