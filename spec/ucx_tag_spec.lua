@@ -172,4 +172,27 @@ describe("UCX", function()
         assert.equal(0, p.sw:stats().ops_in_flight)
         close_pair(p)
     end))
+
+    it("hands kept messages out in the order the killed receives matched them, and lets a receive of " ..
+       "another tag past a fetch still under way", async(function()
+        local p = pair()
+        local size = 64 * 1048576
+        local big = uh.payload(size, 5)
+        local first = pluvio.spawn(function() return p.sw:tag_recv(5, 0xff, size) end)
+        local second = pluvio.spawn(function() return p.sw:tag_recv(5, 0xff, size) end)
+        pluvio.yield()
+        local s1 = pluvio.spawn(function() return p.ep:tag_send(5, big) end)         -- rendezvous
+        local s2 = pluvio.spawn(function() return p.ep:tag_send(5, "second") end)    -- eager
+        assert.is_true(p.ep:tag_send(7, "other"))
+        while second:status() == "waiting" do pluvio.yield() end
+        first:kill(); second:kill()                 -- the first still fetches its message, or did
+        assert.equal("other", p.sw:tag_recv(7, 0xff, 100))  -- not held up by tag 5's fetch
+        local got = p.sw:tag_recv(5, 0xff, size)
+        assert.equal(size, #got)
+        assert.is_true(got == big)
+        assert.equal("second", p.sw:tag_recv(5, 0xff, size))
+        assert.is_true(s1:join())
+        assert.is_true(s2:join())
+        close_pair(p)
+    end))
 end)

@@ -354,6 +354,7 @@ function Context:create_worker(opts)
         eps = setmetatable({}, weak_keys), listeners = setmetatable({}, weak_keys), streams = {}, limbo = limbo,
         limbo_seen = 0,         -- pl_ucx_abandoned_settled at the limbo's last sweep
         tag_rescued = {},       -- tagged messages killed tag receives had matched (take_rescued)
+        tag_posted = 0,         -- tag receives posted: each one's seq
         max_header = C.pl_ucx_worker_max_am_header(w), max_endpoints = max_eps,
         replies = setmetatable({}, { __mode = "v" }),   -- reply endpoints by handle
         scratch = core.scratch_pool(SCRATCH_KEEP),     -- for tag_recv and data()
@@ -492,11 +493,19 @@ end
 -- only while it matched none) is kept, from the memory at ptr it was
 -- received into, for the next tag_recv (Worker:tag_recv: take_tag_rescued),
 -- rather than lost with its sender told it was received.
-local function take_rescued(w, op, ptr)
+-- rescue: { ptr, seq, tag, mask } of the receive (seq: the order it was
+-- posted in, which is the order UCX matched messages to receives); the
+-- list stays in that order, whichever fetch ended first.
+local function take_rescued(w, op, rescue)
     local result = w.result
     if C.pl_ucx_op_take(w.w, op, result) == 1 and result.status == 0 then
         local rescued = w.tag_rescued
-        rescued[#rescued + 1] = { tag = result.sender_tag + 0ULL, data = ffi.string(ptr, result.length) }
+        local i = #rescued
+        while i > 0 and rescued[i].seq > rescue.seq do
+            i = i - 1
+        end
+        table.insert(rescued, i + 1, { tag = result.sender_tag + 0ULL, seq = rescue.seq,
+                                       data = ffi.string(rescue.ptr, result.length) })
     end
 end
 
@@ -547,7 +556,7 @@ end)
 -- Cancel op (UCX may still finish a send: it reads the data until then);
 -- k1, k2 stay referenced, and registered buffers among them out of the
 -- pool (held now, or already: h1, h2), until UCX completes it.
--- rescue: a tag receive's memory (see take_rescued).
+-- rescue: a tag receive's memory and match (see take_rescued).
 local function abandon_op(w, op, k1, k2, h1, h2, rescue)
     if not w.w then         -- closed: its ops are gone (unless UCX kept them: Worker:close)
         keep_or_unhold(w, h1, h2)
@@ -578,8 +587,10 @@ end
 
 -- A killed task's op is cancelled; the slot is freed when UCX completes it.
 function Worker:_abandon(t)
-    local op, k1, k2, h1, h2, rescue = t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2, t.io_tag_ptr
-    t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2, t.io_tag_ptr = nil, nil, nil, nil, nil, nil
+    local op, k1, k2, h1, h2 = t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2
+    t.io_op, t.io_keep, t.io_keep2, t.io_held1, t.io_held2 = nil, nil, nil, nil, nil
+    local rescue = t.io_tag_ptr and { ptr = t.io_tag_ptr, seq = t.io_tag_seq, tag = t.io_tag, mask = t.io_tag_mask }
+    t.io_tag_ptr = nil
     local handle = t.io_handle
     if handle then          -- a send handle being waited for: it owns nothing now
         t.io_handle = nil

@@ -65,13 +65,18 @@ function M.install(U)
         return s
     end
 
-    -- Whether a killed tag receive's op is still UCX's (its message, if it
-    -- matched one, not kept yet: ucx.lua's take_rescued).
-    local function rescue_pending(w)
+    -- Whether a killed tag receive whose op is still UCX's (its message, if
+    -- it matched one, not kept yet: ucx.lua's take_rescued) may have matched
+    -- a message that tag and mask match too: one tag both match.
+    local function rescue_pending(w, tag, mask)
         local limbo = w.limbo
         for i = 1, #limbo do
-            if limbo[i].rescue then
-                return true
+            local r = limbo[i].rescue
+            if r then
+                local both = band(r.mask, mask)
+                if band(r.tag, both) == band(tag, both) then
+                    return true
+                end
             end
         end
         return false
@@ -82,10 +87,10 @@ function M.install(U)
     -- taken off the list; nil if none.
     local function take_tag_rescued(w, tag, mask)
         local rescued = w.tag_rescued
-        local want = band(tag + 0ULL, mask + 0ULL)
+        local want = band(tag, mask)
         for i = 1, #rescued do
             local m = rescued[i]
-            if band(m.tag, mask + 0ULL) == want then
+            if band(m.tag, mask) == want then
                 table.remove(rescued, i)
                 return m.data, m.tag
             end
@@ -113,12 +118,14 @@ function M.install(U)
             cap = len_or_buf
         end
         local t = current_task("Worker:tag_recv")    -- it takes a message: check first
+        local utag, umask = tag + 0ULL, mask + 0ULL
         if self.limbo[1] then
             limbo_sweep(self)       -- (takes what killed receives had matched)
             -- a killed receive may still be fetching a message it matched
-            -- (rendezvous): that one goes first, else this receive would
-            -- wait in UCX for a later one while it sat in tag_rescued
-            while rescue_pending(self) do
+            -- (rendezvous) that this one could take: that one goes first,
+            -- as UCX would have it, else this receive would wait in UCX for
+            -- a later one while it sat in tag_rescued
+            while rescue_pending(self, utag, umask) do
                 pluvio.sleep(RESCUE_POLL)
                 if not self.w then
                     return fail("tag_recv", CLOSED)
@@ -127,7 +134,7 @@ function M.install(U)
             end
         end
         if self.tag_rescued[1] then
-            local data, stag = take_tag_rescued(self, tag, mask)
+            local data, stag = take_tag_rescued(self, utag, umask)
             if data then
                 if #data > cap then
                     return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
@@ -143,7 +150,10 @@ function M.install(U)
             scratch = self.scratch:get(cap, "Worker:tag_recv")
             ptr = scratch.ptr
         end
-        t.io_tag_ptr = ptr          -- (a kill keeps the message it matched: ucx.lua's take_rescued)
+        local seq = self.tag_posted + 1
+        self.tag_posted = seq
+        -- (a kill keeps the message it matched: ucx.lua's take_rescued)
+        t.io_tag_ptr, t.io_tag_seq, t.io_tag, t.io_tag_mask = ptr, seq, utag, umask
         local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
                                      "tag receive", scratch or len_or_buf)
         t.io_tag_ptr = nil
