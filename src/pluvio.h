@@ -436,8 +436,7 @@ int pl_net_local_port(int fd);
 /* The socket's address family: 4 (IPv4) or 6 (IPv6), or -errno. */
 int pl_net_family(int fd);
 int pl_net_nodelay(int fd);
-/* TCP keepalive (and the same bound on unacknowledged data) on fd, in
- * seconds; idle 0: off.  0 or -errno. */
+/* TCP keepalive on fd, in seconds; idle 0: off.  0 or -errno. */
 int pl_net_keepalive(int fd, int idle, int interval, int count);
 int pl_uring_accept(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd);
 int pl_uring_connect(pl_uring_t *u, uint32_t slot, uint32_t gen, const pl_net_addr_t *addr,

@@ -10,7 +10,6 @@
 #include <arpa/inet.h>
 #include <net/if.h>
 #include <errno.h>
-#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -225,22 +224,18 @@ int pl_net_nodelay(int fd)
 
 /* TCP keepalive on fd: probes after idle seconds without traffic, every
  * interval seconds, count of them unanswered end the connection
- * (ETIMEDOUT).  TCP sends no probe while data waits to be acknowledged,
- * so the same bound is set on that too (TCP_USER_TIMEOUT): a dead link
- * ends a sending connection in that time rather than after the kernel's
- * retransmission limit (tcp_retries2, some 15 minutes).  idle 0 turns
- * both off. */
+ * (ETIMEDOUT); idle 0 turns it off.  (No TCP_USER_TIMEOUT to bound sent
+ * data waiting for its acknowledgement as well: it also ends a connection
+ * whose live peer does not read for that long, a zero window.) */
 int pl_net_keepalive(int fd, int idle, int interval, int count)
 {
-    long long ms = idle > 0 ? ((long long)idle + (long long)interval * count) * 1000 : 0;
-    int on = idle > 0, user = ms > INT_MAX ? INT_MAX : (int)ms;
+    int on = idle > 0;
 
     if (on && (setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle)) < 0 ||
                setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval)) < 0 ||
                setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count)) < 0))
         return -errno;
-    if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user, sizeof(user)) < 0 ||
-        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on)) < 0)
+    if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on)) < 0)
         return -errno;
     return 0;
 }

@@ -485,8 +485,8 @@ function M.install(U)
     end
 
     -- keepalive(idle[, interval[, count]]) or keepalive(false): see
-    -- pl_net_keepalive.  A dead peer or link ends the connection within
-    -- idle + interval * count seconds (ETIMEDOUT), idle or sending.
+    -- pl_net_keepalive.  A dead peer or link ends an idle connection within
+    -- idle + interval * count seconds (ETIMEDOUT).
     function TcpSocket:keepalive(idle, interval, count)
         live("TcpSocket:keepalive", self, TcpSocket, "a socket")
         if idle == false then
