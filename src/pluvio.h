@@ -587,7 +587,10 @@ int pl_ucx_worker_ep_room(pl_ucx_worker_t *w);
 int pl_ucx_ep_drop(pl_ucx_worker_t *w, int ep);
 
 int pl_ucx_op_take(pl_ucx_worker_t *w, int op, pl_ucx_result_t *out);
-int pl_ucx_op_abandon(pl_ucx_worker_t *w, int op);
+/* The op's task gave up: cancel it.  keep: a tag receive's result (a
+ * message it matched) waits, DONE, for pl_ucx_op_take instead of being
+ * dropped with the slot. */
+int pl_ucx_op_abandon(pl_ucx_worker_t *w, int op, int keep);
 /* As for io_uring: memory an abandoned op uses is kept until it settles. */
 uint32_t pl_ucx_op_gen(pl_ucx_worker_t *w, int op);
 int pl_ucx_op_settled(pl_ucx_worker_t *w, int op, uint32_t gen);

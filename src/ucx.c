@@ -477,16 +477,11 @@ uint32_t pl_ucx_abandoned_settled(const pl_ucx_worker_t *w)
 }
 
 /* The task gave up (killed): cancel; the slot is freed by the callback.
- * A tag receive's is not: UCX cancels one only while it matched nothing,
- * and a message it did match (a rendezvous one being fetched) is for the
- * next tag_recv, so its result waits, DONE, for the limbo's sweep
- * (rescue: the Lua side has a limbo entry to take it). */
-int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id)
-{
-    return ucx_op_abandon(w, id, true);
-}
-
-int ucx_op_abandon(pl_ucx_worker_t *w, int id, bool rescue)
+ * A tag receive's is not when its caller keeps it: UCX cancels one only
+ * while it matched nothing, and a message it did match (done already, or
+ * a rendezvous one being fetched) is for the next tag_recv, so its result
+ * waits, DONE, for pl_ucx_op_take (the Lua side's take_rescued). */
+int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id, int keep)
 {
     struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;
     int ep;
@@ -494,12 +489,13 @@ int ucx_op_abandon(pl_ucx_worker_t *w, int id, bool rescue)
     if (!op || op->state == UOP_FREE || op->state == UOP_ABANDONED)
         return -ESRCH;
     if (op->state == UOP_DONE) {
-        ucx_op_free(w, op);
+        if (!(keep && op->passive))
+            ucx_op_free(w, op);
         return 0;
     }
     ep = op->ep;            /* (the cancel may finish the op, and free its slot) */
     op->state = UOP_ABANDONED;
-    op->rescue = rescue && op->passive;
+    op->rescue = keep && op->passive;
     ucp_request_cancel(w->ucp, op);
     if (w->closers > 0)     /* a close waiting for it waits no more: see pl_ucx_ep_drained */
         ucx_ep_op_ended(w, ep);

@@ -260,7 +260,6 @@ struct ucx_op *ucx_op_get(pl_ucx_worker_t *w, uint32_t index);
 int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct ucx_op **out);
 void ucx_op_free(pl_ucx_worker_t *w, struct ucx_op *op);
 void ucx_op_finish(struct ucx_op *op, ucs_status_t status);
-int ucx_op_abandon(pl_ucx_worker_t *w, int id, bool rescue);
 int ucx_fd_headroom(int n);
 int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp);
 void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op);

@@ -290,7 +290,7 @@ static void forget_ops(pl_ucx_worker_t *w, const pl_runtime_t *rt)
 
         if ((op->state == UOP_IN_FLIGHT || op->state == UOP_DONE) &&
             pl_task_is_live(rt, op->task_slot, op->task_gen))
-            ucx_op_abandon(w, (int)i + 1, false);   /* (nobody to take a tag receive's message) */
+            pl_ucx_op_abandon(w, (int)i + 1, 0);    /* (nobody to take a tag receive's message) */
     }
 }
 

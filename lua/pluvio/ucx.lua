@@ -533,7 +533,7 @@ local function limbo_sweep(w)
             kept = kept + 1
             limbo[kept] = e
         else
-            if e.rescue and not all then
+            if e.rescue and not all and C.pl_ucx_op_gen(w.w, e.op) == e.gen then   -- (its slot, not reused)
                 take_rescued(w, e.op, e.rescue)
             end
             release_hold(e.held1)
@@ -563,16 +563,10 @@ local function abandon_op(w, op, k1, k2, h1, h2, rescue)
         if w.stuck then keep_stuck(w, k1, k2) end
         return
     end
-    if rescue and C.pl_ucx_op_settled(w.w, op, C.pl_ucx_op_gen(w.w, op)) == 1 then
-        take_rescued(w, op, rescue)     -- done before its task could take it
-        unhold(h1)
-        unhold(h2)
-        return
-    end
     local gen = C.pl_ucx_op_gen(w.w, op)
-    C.pl_ucx_op_abandon(w.w, op)
+    C.pl_ucx_op_abandon(w.w, op, rescue and 1 or 0)
     if rescue and C.pl_ucx_op_settled(w.w, op, gen) == 1 then
-        take_rescued(w, op, rescue)     -- the cancel ended it
+        take_rescued(w, op, rescue)     -- done before its task could take it, or by the cancel
         unhold(h1)
         unhold(h2)
     elseif (k1 ~= nil or k2 ~= nil) and C.pl_ucx_op_settled(w.w, op, gen) == 1 then

@@ -490,8 +490,7 @@ function M.install(U)
     function TcpSocket:keepalive(idle, interval, count)
         live("TcpSocket:keepalive", self, TcpSocket, "a socket")
         if idle == false then
-            interval, count = 0, 0
-            idle = 0
+            idle, interval, count = 0, 0, 0
         else
             check.integer("TcpSocket:keepalive", "idle", idle, 1, MAX_KEEPIDLE)
             if type(interval) == "nil" then     -- (not == nil: a NULL pointer equals nil)
