@@ -12,7 +12,7 @@ local function aborts_in(body)
     local code = [[
 local vmdef = require "jit.vmdef"
 local funcinfo = require("jit.util").funcinfo
-local aborts, started = {}, {}
+local aborts, started, inner_seen = {}, {}, {}
 local function where(func, pc)
     local info = funcinfo(func, pc)
     return (info.source or "?"):match("[^/]*/?[^/]*$") .. ":" .. tostring(info.currentline)
@@ -26,12 +26,22 @@ jit.attach(function(what, tr, func, pc, otr, oex)
         if oex ~= nil and msg:find("%%d", 1, true) then msg = msg:format(oex) end
         -- what the JIT cannot compile (NYI) or gives up on for good, and
         -- a loop inside pluvio that keeps the caller's loop (a trace that
-        -- started outside pluvio) from having a root trace; not "leaving
-        -- loop in root trace", after which it records elsewhere, nor a
-        -- trace that started in pluvio's own cold code (Worker:close)
+        -- started outside pluvio) from having a root trace: one entered on
+        -- every call aborts each recording of the caller's loop, again and
+        -- again; a loop run only now and then (sweep_sends, every few
+        -- sends) may abort the one recording that passes it while it is
+        -- still cold, and is compiled by the next time, so a third abort at
+        -- the same place counts.  Not "leaving loop in root trace", after
+        -- which it records elsewhere, nor a trace that started in pluvio's
+        -- own cold code (Worker:close)
         local lasting = msg:find("^NYI") or msg:find("blacklist")
-        local inner = msg:find("inner loop in root trace", 1, true) and at:find("pluvio/", 1, true)
-            and not from:find("pluvio/", 1, true)
+        local inner = false
+        if msg:find("inner loop in root trace", 1, true) and at:find("pluvio/", 1, true)
+           and not from:find("pluvio/", 1, true) then
+            local key = from .. " " .. at
+            inner_seen[key] = (inner_seen[key] or 0) + 1
+            inner = inner_seen[key] == 3
+        end
         if inner or (lasting and (from:find("pluvio/", 1, true) or at:find("pluvio/", 1, true))) then
             aborts[#aborts + 1] = ("trace from %s aborted at %s: %s"):format(from, at, msg)
         end
