@@ -195,4 +195,50 @@ describe("UCX", function()
         assert.is_true(s2:join())
         close_pair(p)
     end))
+    it("hands a message a killed tag receive had matched to the first receive already waiting for it",
+       async(function()
+        local p = pair()
+        local function recv(len) return pluvio.spawn(function() return p.sw:tag_recv(5, 0xff, len) end) end
+        local function result(task)
+            return assert(pluvio.timeout(5, function() return { task:join() } end))
+        end
+        -- done before the kill: the first of two receives waiting in UCX takes it
+        local killed = recv(100)
+        pluvio.yield()
+        local first, second = recv(100), recv(100)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(5, "precious"))
+        while killed:status() == "waiting" do pluvio.yield() end
+        killed:kill()
+        assert.same({ "precious", 5ULL }, result(first))
+        assert.is_true(p.ep:tag_send(5, "next"))
+        assert.same({ "next", 5ULL }, result(second))
+        -- still fetching (rendezvous) at the kill: the waiting receive gets it once it is in
+        local size = 4 * 1048576
+        local big = uh.payload(size, 7)
+        killed = recv(size)
+        pluvio.yield()
+        local waiting = recv(size)
+        local sender = pluvio.spawn(function() return p.ep:tag_send(5, big) end)
+        while sender:status() ~= "waiting" do pluvio.yield() end
+        pluvio.yield()
+        killed:kill()
+        assert.is_not_nil(p.sw.limbo[1], "the killed receive's fetch had ended: the spec missed its case")
+        local got = result(waiting)
+        assert.is_true(sender:join())
+        assert.equal(size, #got[1])
+        assert.is_true(got[1] == big)
+        -- the receive it went to killed too before it ran: the next one waiting takes it
+        killed = recv(100)
+        pluvio.yield()
+        first, second = recv(100), recv(100)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(5, "handed on"))
+        while killed:status() == "waiting" do pluvio.yield() end
+        killed:kill()
+        first:kill()
+        assert.same({ "handed on", 5ULL }, result(second))
+        assert.equal(0, p.sw:stats().ops_in_flight)
+        close_pair(p)
+    end))
 end)

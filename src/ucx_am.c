@@ -662,16 +662,19 @@ static void tag_recv_done(void *request, ucs_status_t status, const ucp_tag_recv
     struct ucx_op *op = user_data;
 
     (void)request;
-    if (info && !(status == UCS_ERR_CANCELED && op->orphaned)) {    /* (UCX's info is stale then) */
+    /* (UCX's info is stale after our cancels; a nudged one keeps the tag
+     * it was nudged for) */
+    if (info && !(status == UCS_ERR_CANCELED && (op->orphaned || op->nudge == UCX_NUDGED))) {
         op->length = info->length;
         op->sender_tag = info->sender_tag;
     }
     /* A cancel a task can see says that no peer can feed the receive:
      * ours (tag_recv_orphan: it matched nothing, length 0), or UCX's, of a
      * rendezvous message it matched whose endpoint was closed since (its
-     * length and tag: the data is out of reach).  A kill's or a worker's
-     * close's cancel reaches nobody. */
-    if (status == UCS_ERR_CANCELED)
+     * length and tag: the data is out of reach).  A nudge's says that a
+     * message kept from a killed receive waits for the task (ECANCELED).
+     * A kill's or a worker's close's cancel reaches nobody. */
+    if (status == UCS_ERR_CANCELED && op->nudge != UCX_NUDGED)
         status = UCS_ERR_NOT_CONNECTED;
     if (status == UCS_OK)   /* (not a receive that failed: no message, or one too long) */
         op->w->stats.tag_received++;
@@ -685,6 +688,50 @@ static void tag_recv_orphan(pl_ucx_worker_t *w, struct ucx_op *op)
 {
     op->orphaned = true;
     ucp_request_cancel(w->ucp, op);
+}
+
+/* A message a killed tag receive had matched is kept for the next
+ * tag_recv (ucx.lua's take_rescued), but a receive posted already waits in
+ * UCX for a later one: cancel the first posted that would match sender_tag
+ * (UCX gives a message to the first), unless it matched one of its own by
+ * now, so that its task takes the kept message instead.  Whether a receive
+ * was cancelled.  (A scan of the ops, but only when a killed receive had
+ * matched a message: rare.) */
+bool ucx_tag_nudge_for(pl_ucx_worker_t *w, uint64_t sender_tag)
+{
+    for (;;) {
+        struct ucx_op *first = NULL;
+
+        for (uint32_t i = 0; i < w->nops && w->passive_in_flight > 0; i++) {
+            struct ucx_op *op = ucx_op_get(w, i);
+
+            if (op->passive && op->state == UOP_IN_FLIGHT && !op->orphaned && op->nudge == 0 &&
+                (sender_tag & op->want_mask) == (op->want_tag & op->want_mask) &&
+                (!first || op->posted < first->posted))
+                first = op;
+        }
+        if (!first)
+            return false;
+        first->nudge = UCX_NUDGED;      /* (read by tag_recv_done, in the cancel) */
+        first->sender_tag = sender_tag;
+        ucp_request_cancel(w->ucp, first);
+        if (first->state != UOP_IN_FLIGHT)
+            return true;
+        first->nudge = UCX_NUDGE_LATE;  /* being fetched: it ends on its own */
+    }
+}
+
+/* Killed tag receives ended with messages (in UCX callbacks, where no
+ * other request may be cancelled): a receive for each, as above. */
+void ucx_tags_nudge(pl_ucx_worker_t *w)
+{
+    w->tags_rescued = false;
+    for (uint32_t i = 0; i < w->nops; i++) {
+        struct ucx_op *op = ucx_op_get(w, i);
+
+        if (op->rescue && op->state == UOP_DONE && op->status == 0 && !op->claimed)
+            op->claimed = ucx_tag_nudge_for(w, op->sender_tag);
+    }
 }
 
 /* A scan of the ops, but only as the last peer goes (rare), and only
@@ -721,6 +768,9 @@ int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, 
     /* it waits for a peer: flow control may pause it.  Counted before the
      * call, whose callback may run inside it (a message already there). */
     op->passive = true;
+    op->want_tag = tag;
+    op->want_mask = mask;
+    op->posted = ++w->tags_posted;
     w->passive_in_flight++;
     rc = ucx_op_result(w, op, ucp_tag_recv_nbx(w->ucp, buf, len, tag, mask, &p));
     if (rc <= 0)                /* refused: no callback will come */

@@ -60,6 +60,9 @@ struct ucx_op {
     uint8_t state;
     bool passive;           /* waits for a peer (tag receive): needs no progress of ours */
     bool orphaned;          /* a tag receive cancelled as no peer was left: ENOTCONN */
+    uint8_t nudge;          /* a tag receive: UCX_NUDGED, UCX_NUDGE_LATE or 0 (ucx_tags_nudge) */
+    bool claimed;           /* a rescue op that ended with a message: a receive was
+                             * nudged for it */
     bool rescue;            /* an abandoned tag receive: it ends DONE, not freed, for
                              * pl_ucx_op_take (a message it matched is not lost) */
     uint8_t sends;          /* a send the stats count once it succeeds: UCX_SENDS_AM, _TAG or 0;
@@ -67,13 +70,20 @@ struct ucx_op {
     uint32_t task_slot, task_gen;
     int32_t status;
     size_t length;
-    uint64_t sender_tag;
+    uint64_t sender_tag;    /* (a nudged receive's: the tag it was nudged for) */
+    uint64_t want_tag, want_mask;   /* a tag receive's */
+    uint64_t posted;        /* a tag receive's: the order UCX matches them in */
     int ep;                 /* endpoint it runs on, -1, UCX_OP_EP_CLOSE or UCX_OP_PULL */
     struct pl_ucx_worker *w;
     uint32_t next_free;
 };
 
 enum { UCX_SENDS_AM = 1, UCX_SENDS_TAG = 2 };
+
+/* A nudge cancelled the tag receive, which ends with -ECANCELED: its task
+ * takes the message kept from a killed one; or found it matched a message
+ * of its own already (it ends as usual). */
+enum { UCX_NUDGED = 1, UCX_NUDGE_LATE = 2 };
 
 /* The ep of an op that closes an endpoint (its entry is gone by then). */
 #define UCX_OP_EP_CLOSE (-2)
@@ -234,6 +244,9 @@ struct pl_ucx_worker {
     uint32_t aborting;      /* entries in EP_ABORTING */
     bool listener_dropped;  /* a listener was closed by its collection: wake the readers */
     bool tags_recheck;      /* a peer failed (in a UCX callback): ucx_tags_orphan due */
+    bool tags_rescued;      /* a killed tag receive ended with a message (in a UCX
+                             * callback): ucx_tags_nudge due */
+    uint64_t tags_posted;   /* tag receives posted so far (struct ucx_op's posted) */
     uint32_t listeners_closing;     /* of listeners: closing (ucx_listeners_settle) */
 
     struct ucx_msg *msgs;
@@ -305,5 +318,7 @@ void ucx_tags_discard(pl_ucx_worker_t *w);
 /* A peer went: if none is left, end the tag receives nothing matched yet
  * with -ENOTCONN (no message can come for them any more). */
 void ucx_tags_orphan(pl_ucx_worker_t *w);
+void ucx_tags_nudge(pl_ucx_worker_t *w);
+bool ucx_tag_nudge_for(pl_ucx_worker_t *w, uint64_t sender_tag);
 
 #endif /* PL_UCX_INTERNAL_H */

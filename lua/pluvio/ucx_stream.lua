@@ -98,6 +98,20 @@ function M.install(U)
         return nil
     end
 
+    -- A kept message (take_tag_rescued's data and tag) as tag_recv returns
+    -- it: the data, or its length once copied to ptr; nil, err when it is
+    -- longer than cap.
+    local function deliver_rescued(data, stag, ptr, cap)
+        if #data > cap then
+            return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
+                               "len_or_buf has room for (it is dropped)", stag, #data, cap), EMSGSIZE)
+        elseif ptr then
+            ffi.copy(ptr, data, #data)
+            return #data, stag
+        end
+        return data, stag
+    end
+
     -- tag_recv(tag, mask, len_or_buf): receive a tagged message: with a length,
     -- returns the data as a string and the sender's tag; with a registered
     -- buffer, the byte count and the sender's tag.  A message that came
@@ -136,14 +150,7 @@ function M.install(U)
         if self.tag_rescued[1] then
             local data, stag = take_tag_rescued(self, utag, umask)
             if data then
-                if #data > cap then
-                    return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
-                                       "len_or_buf has room for (it is dropped)", stag, #data, cap), EMSGSIZE)
-                elseif ptr then
-                    ffi.copy(ptr, data, #data)
-                    return #data, stag
-                end
-                return data, stag
+                return deliver_rescued(data, stag, ptr, cap)
             end
         end
         if not ptr then
@@ -157,7 +164,12 @@ function M.install(U)
         local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
                                      "tag receive", scratch or len_or_buf)
         t.io_tag_ptr = nil
-        if rc < 0 then             -- (scratch, if any, is left to the collector, as UCX may hold it)
+        if rc == ECANCELED then     -- cancelled to take a message a killed receive had matched
+            if scratch then         -- (UCX is done with it: it ended the op)
+                self.scratch:put(scratch)
+            end
+            return self:tag_recv(tag, mask, len_or_buf)
+        elseif rc < 0 then          -- (scratch, if any, is left to the collector, as UCX may hold it)
             if rc == EMSGSIZE then  -- UCX reports the whole message's length and tag, and drops it
                 return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
                                    "len_or_buf has room for (it is dropped)", stag, len, cap), rc)
