@@ -471,9 +471,10 @@ uint64_t pl_checksum64(const void *data, size_t len, uint64_t seed);
 void pl_fill_pattern(void *data, size_t len, uint64_t seed, uint64_t offset);
 
 /*
- * UCX reactor (ucx.c, ucx_am.c).  A context owns workers; a worker owns its
- * endpoints, listeners, Active Message streams and op slots (UCX requests
- * allocated by us, never per message).  Endpoints, listeners and messages
+ * UCX reactor (ucx_context.c, ucx_worker.c, ucx_am.c and the other
+ * ucx_*.c).  A context owns workers; a worker owns its endpoints,
+ * listeners, Active Message streams and op slots (UCX requests allocated
+ * by us, never per message).  Endpoints, listeners and messages
  * are small integer handles within their worker.  UCX callbacks only record
  * what happened and wake tasks; tasks are resumed by the executor.
  * Operations return 0 when they completed at once, an op id > 0 while in

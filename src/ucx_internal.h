@@ -269,6 +269,16 @@ struct pl_ucx_worker {
 #define UCX_NONE UINT32_MAX
 
 int pl_ucx_errno(ucs_status_t status);
+/* Slot index of w, which must exist (index < w->nops); ucx_op_get
+ * checks.  The ucp request's private part comes first (request_size). */
+static inline struct ucx_op *ucx_op_at(pl_ucx_worker_t *w, uint32_t index)
+{
+    char *chunk = w->op_chunks[index / UCX_OPS_PER_CHUNK];
+
+    return (struct ucx_op *)(chunk + (index % UCX_OPS_PER_CHUNK) * w->op_stride +
+                             w->ctx->request_size);
+}
+
 struct ucx_op *ucx_op_get(pl_ucx_worker_t *w, uint32_t index);
 int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct ucx_op **out);
 void ucx_op_free(pl_ucx_worker_t *w, struct ucx_op *op);
