@@ -141,7 +141,7 @@ int pl_uring_shutdown(pl_uring_t *u, double timeout)
         struct io_uring_cqe *cqe;
         int64_t left;
 
-        uring_reap(u);
+        uring_reap(u, INT32_MAX);
         left = deadline - pl_clock_ns();
         if (u->in_flight == 0 || left <= 0)
             break;

@@ -173,7 +173,8 @@ static inline struct uring_buf *uring_held_buf(pl_uring_t *u, int index)
     return &u->bufs[index];
 }
 
-/* uring.c */
+/* uring.c, uring_submit.c, uring_complete.c */
+int uring_ops_grow(pl_uring_t *u);
 struct io_uring_sqe *uring_sqe_full(pl_uring_t *u);
 int uring_submit(pl_uring_t *u);
 void uring_prep_rw(pl_uring_t *u, uint32_t i, struct io_uring_sqe *sqe);
@@ -184,7 +185,7 @@ int uring_op_begin(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int
                    uint32_t len, uint64_t offset, struct io_uring_sqe **sqe_out);
 int uring_start_other(pl_uring_t *u, uint32_t slot, uint32_t gen, struct io_uring_sqe **sqe_out);
 int uring_start_on_fd(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd, struct io_uring_sqe **sqe_out);
-int uring_reap(pl_uring_t *u);
+int uring_reap(pl_uring_t *u, int budget);
 void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res);
 void uring_op_drop_fd(struct uring_op *op, int32_t res);
 void uring_fd_closing(pl_uring_t *u, int fd);

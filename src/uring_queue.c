@@ -100,7 +100,7 @@ int pl_uring_queue_take(pl_uring_t *u, int qi, pl_uring_result_t *out)
     if (!q)
         return -EBADF;
     if (q->done_len == 0 && q->in_flight > 0 && io_uring_cq_ready(&u->ring) > 0)
-        uring_reap(u);
+        uring_reap(u, INT32_MAX);
     if (q->done_len == 0)
         return q->in_flight == 0 ? -ENOENT : -EAGAIN;
     op = q->done[q->done_head];
