@@ -195,7 +195,8 @@ describe("UCX", function()
         assert.is_true(s2:join())
         close_pair(p)
     end))
-    it("hands a message a killed tag receive had matched to the first receive already waiting for it",
+    it("hands a message a killed tag receive had matched to the receive already waiting that UCX would " ..
+       "have given it",
        async(function()
         local p = pair()
         local function recv(len) return pluvio.spawn(function() return p.sw:tag_recv(5, 0xff, len) end) end
@@ -238,6 +239,36 @@ describe("UCX", function()
         killed:kill()
         first:kill()
         assert.same({ "handed on", 5ULL }, result(second))
+        -- each kept message to the receive UCX would have given it, whatever
+        -- order the kills came in
+        local function recv_tag(t, m) return pluvio.spawn(function() return p.sw:tag_recv(t, m, 100) end) end
+        local kb, ka = recv_tag(2, 0xff), recv_tag(1, 0xff)
+        pluvio.yield()
+        local only2, any = recv_tag(2, 0xff), recv_tag(0, 0)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(2, "b"))
+        assert.is_true(p.ep:tag_send(1, "a"))
+        while kb:status() == "waiting" or ka:status() == "waiting" do pluvio.yield() end
+        ka:kill()
+        kb:kill()
+        assert.same({ "b", 2ULL }, result(only2))
+        assert.same({ "a", 1ULL }, result(any))
+        -- a receive posted after the kill waits for the next message
+        killed = recv(100)
+        pluvio.yield()
+        first = recv(100)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(5, "m"))
+        while killed:status() == "waiting" do pluvio.yield() end
+        killed:kill()
+        local sender = pluvio.spawn(function()
+            pluvio.sleep(0.01)
+            return p.ep:tag_send(5, "n")
+        end)
+        assert.same({ "n", 5ULL }, { p.sw:tag_recv(5, 0xff, 100) })    -- before first ran again
+        assert.is_true(sender:join())
+        assert.same({ "m", 5ULL }, result(first))
+        assert.same({}, p.sw.tag_rescued)
         assert.equal(0, p.sw:stats().ops_in_flight)
         close_pair(p)
     end))

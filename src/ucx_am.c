@@ -662,19 +662,18 @@ static void tag_recv_done(void *request, ucs_status_t status, const ucp_tag_recv
     struct ucx_op *op = user_data;
 
     (void)request;
-    /* (UCX's info is stale after our cancels; a nudged one keeps the tag
-     * it was nudged for) */
-    if (info && !(status == UCS_ERR_CANCELED && (op->orphaned || op->nudge == UCX_NUDGED))) {
+    /* (UCX's info is stale after our cancels) */
+    if (info && !(status == UCS_ERR_CANCELED && (op->orphaned || op->handover == UCX_HANDOVER_CANCEL))) {
         op->length = info->length;
         op->sender_tag = info->sender_tag;
     }
     /* A cancel a task can see says that no peer can feed the receive:
      * ours (tag_recv_orphan: it matched nothing, length 0), or UCX's, of a
      * rendezvous message it matched whose endpoint was closed since (its
-     * length and tag: the data is out of reach).  A nudge's says that a
-     * message kept from a killed receive waits for the task (ECANCELED).
-     * A kill's or a worker's close's cancel reaches nobody. */
-    if (status == UCS_ERR_CANCELED && op->nudge != UCX_NUDGED)
+     * length and tag: the data is out of reach).  A kill's or a worker's
+     * close's cancel reaches nobody, and a hand-over's result is written
+     * over (ucx_tag_hand_over). */
+    if (status == UCS_ERR_CANCELED)
         status = UCS_ERR_NOT_CONNECTED;
     if (status == UCS_OK)   /* (not a receive that failed: no message, or one too long) */
         op->w->stats.tag_received++;
@@ -690,47 +689,80 @@ static void tag_recv_orphan(pl_ucx_worker_t *w, struct ucx_op *op)
     ucp_request_cancel(w->ucp, op);
 }
 
-/* A message a killed tag receive had matched is kept for the next
- * tag_recv (ucx.lua's take_rescued), but a receive posted already waits in
- * UCX for a later one: cancel the first posted that would match sender_tag
- * (UCX gives a message to the first), unless it matched one of its own by
- * now, so that its task takes the kept message instead.  Whether a receive
- * was cancelled.  (A scan of the ops, but only when a killed receive had
- * matched a message: rare.) */
-bool ucx_tag_nudge_for(pl_ucx_worker_t *w, uint64_t sender_tag)
+/* The tag receive posted first (UCX gives a message to the first) still
+ * waiting in UCX for a message with sender_tag, and not known to have
+ * matched one of its own; NULL if none.  (A scan of the ops, but only
+ * when a killed receive had matched a message: rare.) */
+static struct ucx_op *tag_recv_first(pl_ucx_worker_t *w, uint64_t sender_tag)
 {
-    for (;;) {
-        struct ucx_op *first = NULL;
+    struct ucx_op *first = NULL;
 
-        for (uint32_t i = 0; i < w->nops && w->passive_in_flight > 0; i++) {
-            struct ucx_op *op = ucx_op_get(w, i);
+    for (uint32_t i = 0; i < w->nops && w->passive_in_flight > 0; i++) {
+        struct ucx_op *op = ucx_op_get(w, i);
 
-            if (op->passive && op->state == UOP_IN_FLIGHT && !op->orphaned && op->nudge == 0 &&
-                (sender_tag & op->want_mask) == (op->want_tag & op->want_mask) &&
-                (!first || op->posted < first->posted))
-                first = op;
-        }
-        if (!first)
-            return false;
-        first->nudge = UCX_NUDGED;      /* (read by tag_recv_done, in the cancel) */
-        first->sender_tag = sender_tag;
-        ucp_request_cancel(w->ucp, first);
-        if (first->state != UOP_IN_FLIGHT)
-            return true;
-        first->nudge = UCX_NUDGE_LATE;  /* being fetched: it ends on its own */
+        if (op->passive && op->state == UOP_IN_FLIGHT && !op->orphaned && op->handover == 0 &&
+            (sender_tag & op->want_mask) == (op->want_tag & op->want_mask) &&
+            (!first || op->posted < first->posted))
+            first = op;
     }
+    return first;
+}
+
+/* m, a tag receive whose task was killed, ended with a message, which is
+ * kept for the next tag_recv (ucx.lua's take_rescued).  But a receive
+ * already waiting in UCX would have been given it, had m not been there:
+ * it is, here.  The first posted that matches is cancelled, which UCX
+ * does at once unless it matched a message of its own meanwhile (then the
+ * next is tried), and it ends as if UCX had received m into it: the data,
+ * or EMSGSIZE with m's length when it has no room (the message dropped,
+ * as UCX drops it).  m is then spent (ECANCELED): the Lua side keeps
+ * nothing.  Whether it was handed over.  (m's memory is its killed task's,
+ * kept until the Lua side takes m's result.) */
+bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m)
+{
+    struct ucx_op *r;
+
+    while ((r = tag_recv_first(w, m->sender_tag))) {
+        r->handover = UCX_HANDOVER_CANCEL;
+        ucp_request_cancel(w->ucp, r);
+        if (r->state == UOP_IN_FLIGHT) {
+            r->handover = UCX_HANDOVER_REFUSED;     /* being fetched: it ends on its own */
+            continue;
+        }
+        /* ended by the cancel (its task woken), not taken yet */
+        r->length = m->length;
+        r->sender_tag = m->sender_tag;
+        r->status = m->length <= r->cap ? 0 : -EMSGSIZE;
+        if (r->status == 0 && m->length > 0)
+            memcpy(r->buf, m->buf, m->length);
+        m->status = -ECANCELED;
+        return true;
+    }
+    return false;
 }
 
 /* Killed tag receives ended with messages (in UCX callbacks, where no
- * other request may be cancelled): a receive for each, as above. */
-void ucx_tags_nudge(pl_ucx_worker_t *w)
+ * other request may be cancelled): each to a receive waiting, as above,
+ * in the order they were posted, which is the order UCX matched them. */
+void ucx_tags_hand_over(pl_ucx_worker_t *w)
 {
-    w->tags_rescued = false;
-    for (uint32_t i = 0; i < w->nops; i++) {
-        struct ucx_op *op = ucx_op_get(w, i);
+    uint64_t after = 0;
 
-        if (op->rescue && op->state == UOP_DONE && op->status == 0 && !op->claimed)
-            op->claimed = ucx_tag_nudge_for(w, op->sender_tag);
+    w->tags_rescued = false;
+    for (;;) {
+        struct ucx_op *next = NULL;
+
+        for (uint32_t i = 0; i < w->nops; i++) {
+            struct ucx_op *op = ucx_op_get(w, i);
+
+            if (op->rescue && op->state == UOP_DONE && op->status == 0 && op->posted > after &&
+                (!next || op->posted < next->posted))
+                next = op;
+        }
+        if (!next)
+            return;
+        after = next->posted;
+        ucx_tag_hand_over(w, next);
     }
 }
 
@@ -770,6 +802,8 @@ int pl_ucx_tag_recv(pl_ucx_worker_t *w, uint64_t tag, uint64_t mask, void *buf, 
     op->passive = true;
     op->want_tag = tag;
     op->want_mask = mask;
+    op->buf = buf;
+    op->cap = len;
     op->posted = ++w->tags_posted;
     w->passive_in_flight++;
     rc = ucx_op_result(w, op, ucp_tag_recv_nbx(w->ucp, buf, len, tag, mask, &p));

@@ -60,9 +60,8 @@ struct ucx_op {
     uint8_t state;
     bool passive;           /* waits for a peer (tag receive): needs no progress of ours */
     bool orphaned;          /* a tag receive cancelled as no peer was left: ENOTCONN */
-    uint8_t nudge;          /* a tag receive: UCX_NUDGED, UCX_NUDGE_LATE or 0 (ucx_tags_nudge) */
-    bool claimed;           /* a rescue op that ended with a message: a receive was
-                             * nudged for it */
+    uint8_t handover;       /* a tag receive: UCX_HANDOVER_CANCEL, _REFUSED or 0
+                             * (ucx_tag_hand_over) */
     bool rescue;            /* an abandoned tag receive: it ends DONE, not freed, for
                              * pl_ucx_op_take (a message it matched is not lost) */
     uint8_t sends;          /* a send the stats count once it succeeds: UCX_SENDS_AM, _TAG or 0;
@@ -70,9 +69,13 @@ struct ucx_op {
     uint32_t task_slot, task_gen;
     int32_t status;
     size_t length;
-    uint64_t sender_tag;    /* (a nudged receive's: the tag it was nudged for) */
-    uint64_t want_tag, want_mask;   /* a tag receive's */
-    uint64_t posted;        /* a tag receive's: the order UCX matches them in */
+    uint64_t sender_tag;
+    /* a tag receive's: what it matches, its memory, and the order UCX
+     * matches receives in */
+    uint64_t want_tag, want_mask;
+    void *buf;
+    size_t cap;
+    uint64_t posted;
     int ep;                 /* endpoint it runs on, -1, UCX_OP_EP_CLOSE or UCX_OP_PULL */
     struct pl_ucx_worker *w;
     uint32_t next_free;
@@ -80,10 +83,10 @@ struct ucx_op {
 
 enum { UCX_SENDS_AM = 1, UCX_SENDS_TAG = 2 };
 
-/* A nudge cancelled the tag receive, which ends with -ECANCELED: its task
- * takes the message kept from a killed one; or found it matched a message
- * of its own already (it ends as usual). */
-enum { UCX_NUDGED = 1, UCX_NUDGE_LATE = 2 };
+/* A tag receive being cancelled to be handed a message a killed one had
+ * matched; or one found to have matched a message of its own already (it
+ * ends as usual, and is not asked again). */
+enum { UCX_HANDOVER_CANCEL = 1, UCX_HANDOVER_REFUSED = 2 };
 
 /* The ep of an op that closes an endpoint (its entry is gone by then). */
 #define UCX_OP_EP_CLOSE (-2)
@@ -245,7 +248,7 @@ struct pl_ucx_worker {
     bool listener_dropped;  /* a listener was closed by its collection: wake the readers */
     bool tags_recheck;      /* a peer failed (in a UCX callback): ucx_tags_orphan due */
     bool tags_rescued;      /* a killed tag receive ended with a message (in a UCX
-                             * callback): ucx_tags_nudge due */
+                             * callback): ucx_tags_hand_over due */
     uint64_t tags_posted;   /* tag receives posted so far (struct ucx_op's posted) */
     uint32_t listeners_closing;     /* of listeners: closing (ucx_listeners_settle) */
 
@@ -328,7 +331,7 @@ void ucx_tags_discard(pl_ucx_worker_t *w);
 /* A peer went: if none is left, end the tag receives nothing matched yet
  * with -ENOTCONN (no message can come for them any more). */
 void ucx_tags_orphan(pl_ucx_worker_t *w);
-void ucx_tags_nudge(pl_ucx_worker_t *w);
-bool ucx_tag_nudge_for(pl_ucx_worker_t *w, uint64_t sender_tag);
+void ucx_tags_hand_over(pl_ucx_worker_t *w);
+bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m);
 
 #endif /* PL_UCX_INTERNAL_H */

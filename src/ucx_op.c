@@ -62,8 +62,7 @@ int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct u
     op->state = UOP_IN_FLIGHT;
     op->passive = false;
     op->orphaned = false;
-    op->nudge = 0;
-    op->claimed = false;
+    op->handover = 0;
     op->rescue = false;
     op->sends = 0;
     op->task_slot = slot;
@@ -212,11 +211,11 @@ int pl_ucx_op_take(pl_ucx_worker_t *w, int id, pl_ucx_result_t *out)
         return -ESRCH;
     if (op->state != UOP_DONE)
         return 0;
+    if (op->rescue && op->status == 0)  /* (taken before a poll handed it over) */
+        ucx_tag_hand_over(w, op);
     out->status = op->status;
     out->length = (double)op->length;
     out->sender_tag = op->sender_tag;
-    if (op->rescue && op->status == 0 && !op->claimed)  /* (taken before a poll nudged) */
-        ucx_tag_nudge_for(w, op->sender_tag);
     ucx_op_free(w, op);
     return 1;
 }
@@ -253,12 +252,8 @@ int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id, int keep)
     if (!op || op->state == UOP_FREE || op->state == UOP_ABANDONED)
         return -ESRCH;
     if (op->state == UOP_DONE) {
-        /* a message it matched goes to a receive waiting in UCX, if any,
-         * and so does one it was nudged to take (ucx_tags_nudge) */
-        if (keep && op->passive && op->status == 0 && !op->claimed)
-            op->claimed = ucx_tag_nudge_for(w, op->sender_tag);
-        else if (op->passive && op->nudge == UCX_NUDGED && op->status == -ECANCELED)
-            ucx_tag_nudge_for(w, op->sender_tag);
+        if (keep && op->passive && op->status == 0)     /* to a receive waiting in UCX, if any */
+            ucx_tag_hand_over(w, op);
         if (!(keep && op->passive))
             ucx_op_free(w, op);
         return 0;

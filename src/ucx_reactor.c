@@ -144,8 +144,8 @@ static int ucx_poll(pl_reactor_t *self, pl_runtime_t *rt, int budget)
             ucx_eps_reap(w);
         if (w->listeners_closing)
             ucx_listeners_settle(w, UCX_SETTLE_DUE);
-        if (w->tags_rescued)    /* (first: a receive it nudges takes a message, not ENOTCONN) */
-            ucx_tags_nudge(w);
+        if (w->tags_rescued)    /* (first: a receive handed a message takes it, not ENOTCONN) */
+            ucx_tags_hand_over(w);
         if (w->listener_dropped) {
             w->listener_dropped = false;
             ucx_streams_wake_all(w);

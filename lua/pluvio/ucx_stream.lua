@@ -164,12 +164,7 @@ function M.install(U)
         local rc, len, stag = run_op(self, t, C.pl_ucx_tag_recv(self.w, tag, mask, ptr, cap, t.slot, t.gen),
                                      "tag receive", scratch or len_or_buf)
         t.io_tag_ptr = nil
-        if rc == ECANCELED then     -- cancelled to take a message a killed receive had matched
-            if scratch then         -- (UCX is done with it: it ended the op)
-                self.scratch:put(scratch)
-            end
-            return self:tag_recv(tag, mask, len_or_buf)
-        elseif rc < 0 then          -- (scratch, if any, is left to the collector, as UCX may hold it)
+        if rc < 0 then             -- (scratch, if any, is left to the collector, as UCX may hold it)
             if rc == EMSGSIZE then  -- UCX reports the whole message's length and tag, and drops it
                 return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
                                    "len_or_buf has room for (it is dropped)", stag, len, cap), rc)
