@@ -123,6 +123,9 @@ void ucx_reactors_forget(const pl_runtime_t *rt);
 
 /* runtime.c */
 int pl_ready_push(pl_runtime_t *rt, uint32_t slot);
+/* Take up to max tasks to run off the ready ring into out (a zombie's slot
+ * is freed, a task that parked again after its wake is left); the count. */
+int pl_ready_drain(pl_runtime_t *rt, uint32_t *out, int max);
 /* The runtime of this thread's whose task (slot, gen) is live, hint first,
  * or NULL.  Generations are unique in the process, so one has it at most. */
 pl_runtime_t *pl_task_home(pl_runtime_t *hint, uint32_t slot, uint32_t gen);
@@ -141,6 +144,14 @@ static inline bool pl_task_is_waiting(const pl_runtime_t *rt, uint32_t slot, uin
         return false;
     t = &rt->tasks[slot];
     return t->state == PL_TASK_WAITING && t->gen == gen && t->wait == kind && t->wait_arg == arg;
+}
+
+/* Task slot of rt, NULL when free or out of range. */
+static inline struct pl_task *pl_task_get(pl_runtime_t *rt, uint32_t slot)
+{
+    if (slot >= rt->capacity || rt->tasks[slot].state == PL_TASK_FREE)
+        return NULL;
+    return &rt->tasks[slot];
 }
 
 /* Is (slot, gen) a live task of rt? */

@@ -154,7 +154,8 @@ typedef struct pl_reactor_info {
     double completions;
 } pl_reactor_info_t;
 
-/* Runtime (runtime.c).  capacity is the initial task-table size; it grows. */
+/* Runtime (runtime.c; its reactors and the tick: tick.c).  capacity is the
+ * initial task-table size; it grows. */
 pl_runtime_t *pl_runtime_new(uint32_t capacity, int *err);
 void pl_runtime_free(pl_runtime_t *rt);
 int pl_runtime_set_affinity(pl_runtime_t *rt, int cpu);
