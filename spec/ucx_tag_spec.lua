@@ -253,6 +253,49 @@ describe("UCX", function()
         kb:kill()
         assert.same({ "b", 2ULL }, result(only2))
         assert.same({ "a", 1ULL }, result(any))
+        -- killed together in any order, same tag: in the order they were posted
+        local m1, m2 = recv(100), recv(100)
+        pluvio.yield()
+        first, second = recv(100), recv(100)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(5, "X1"))
+        assert.is_true(p.ep:tag_send(5, "X2"))
+        while m1:status() == "waiting" or m2:status() == "waiting" do pluvio.yield() end
+        m2:kill()
+        m1:kill()
+        assert.same({ "X1", 5ULL }, result(first))
+        assert.same({ "X2", 5ULL }, result(second))
+        -- one killed receive still fetching holds back the one posted after it
+        size = 64 * 1048576
+        big = uh.payload(size, 9)
+        m1, m2 = recv(size), recv(size)
+        pluvio.yield()
+        first, second = recv(size), recv(size)
+        pluvio.yield()
+        local s1 = pluvio.spawn(function() return p.ep:tag_send(5, big) end)      -- rendezvous
+        local s2 = pluvio.spawn(function() return p.ep:tag_send(5, "small") end)  -- eager
+        while m2:status() == "waiting" do pluvio.yield() end
+        assert.equal("waiting", m1:status(), "the first fetch had ended: the spec missed its case")
+        m1:kill()
+        m2:kill()
+        got = result(first)
+        assert.is_true(got[1] == big)
+        assert.same({ "small", 5ULL }, result(second))
+        assert.is_true(s1:join())
+        assert.is_true(s2:join())
+        -- handed to a receive with no room: EMSGSIZE, and not counted as received
+        local counted = p.sw:stats().tag_received
+        killed = recv(100)
+        pluvio.yield()
+        local small = recv(4)
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(5, "too long"))
+        while killed:status() == "waiting" do pluvio.yield() end
+        killed:kill()
+        got = result(small)
+        assert.equal("EMSGSIZE", got[3])
+        assert.matches("tag 0x5 has 8 bytes, more than the 4 len_or_buf has room for", got[2])
+        assert.equal(counted, p.sw:stats().tag_received)
         -- a receive posted after the kill waits for the next message
         killed = recv(100)
         pluvio.yield()

@@ -708,6 +708,29 @@ static struct ucx_op *tag_recv_first(pl_ucx_worker_t *w, uint64_t sender_tag)
     return first;
 }
 
+/* Whether tag receives a and b match some tag in common. */
+static bool wants_overlap(const struct ucx_op *a, const struct ucx_op *b)
+{
+    uint64_t both = a->want_mask & b->want_mask;
+
+    return (a->want_tag & both) == (b->want_tag & both);
+}
+
+/* Whether a receive killed that was posted before m could still hand r a
+ * message first: one still fetching what it matched, or one held itself.
+ * UCX matched messages to receives in the order they were posted. */
+static bool hand_over_blocked(pl_ucx_worker_t *w, const struct ucx_op *m, const struct ucx_op *r)
+{
+    for (uint32_t i = 0; i < w->nops; i++) {
+        const struct ucx_op *k = ucx_op_get(w, i);
+
+        if (k->rescue && k->posted < m->posted && wants_overlap(k, r) &&
+            (k->state == UOP_ABANDONED || (k->state == UOP_DONE && k->held)))
+            return true;
+    }
+    return false;
+}
+
 /* m, a tag receive whose task was killed, ended with a message, which is
  * kept for the next tag_recv (ucx.lua's take_rescued).  But a receive
  * already waiting in UCX would have been given it, had m not been there:
@@ -715,14 +738,21 @@ static struct ucx_op *tag_recv_first(pl_ucx_worker_t *w, uint64_t sender_tag)
  * does at once unless it matched a message of its own meanwhile (then the
  * next is tried), and it ends as if UCX had received m into it: the data,
  * or EMSGSIZE with m's length when it has no room (the message dropped,
- * as UCX drops it).  m is then spent (ECANCELED): the Lua side keeps
- * nothing.  Whether it was handed over.  (m's memory is its killed task's,
- * kept until the Lua side takes m's result.) */
+ * as UCX drops it, and not counted as received).  m is then spent
+ * (ECANCELED): the Lua side keeps nothing.  While a receive killed before
+ * m was posted may still give that receive its message, m is held (not
+ * settled: its memory stays kept) and tried again when that one ends
+ * (ucx_tags_hand_over).  Whether it was handed over.  (m's memory is its
+ * killed task's, kept until the Lua side takes m's result.) */
 bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m)
 {
     struct ucx_op *r;
 
     while ((r = tag_recv_first(w, m->sender_tag))) {
+        if (hand_over_blocked(w, m, r)) {
+            m->held = true;
+            return false;
+        }
         r->handover = UCX_HANDOVER_CANCEL;
         ucp_request_cancel(w->ucp, r);
         if (r->state == UOP_IN_FLIGHT) {
@@ -735,15 +765,20 @@ bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m)
         r->status = m->length <= r->cap ? 0 : -EMSGSIZE;
         if (r->status == 0 && m->length > 0)
             memcpy(r->buf, m->buf, m->length);
+        else if (w->stats.tag_received > 0)
+            w->stats.tag_received--;        /* (counted when m's receive ended) */
         m->status = -ECANCELED;
+        m->held = false;
         return true;
     }
+    m->held = false;
     return false;
 }
 
-/* Killed tag receives ended with messages (in UCX callbacks, where no
- * other request may be cancelled): each to a receive waiting, as above,
- * in the order they were posted, which is the order UCX matched them. */
+/* Killed tag receives ended (in UCX callbacks, where no other request may
+ * be cancelled): each message to a receive waiting, as above, in the order
+ * the killed receives were posted, which is the order UCX matched them.
+ * One held that goes now is settled for the Lua side's sweep. */
 void ucx_tags_hand_over(pl_ucx_worker_t *w)
 {
     uint64_t after = 0;
@@ -751,6 +786,7 @@ void ucx_tags_hand_over(pl_ucx_worker_t *w)
     w->tags_rescued = false;
     for (;;) {
         struct ucx_op *next = NULL;
+        bool was_held;
 
         for (uint32_t i = 0; i < w->nops; i++) {
             struct ucx_op *op = ucx_op_get(w, i);
@@ -762,7 +798,10 @@ void ucx_tags_hand_over(pl_ucx_worker_t *w)
         if (!next)
             return;
         after = next->posted;
+        was_held = next->held;
         ucx_tag_hand_over(w, next);
+        if (was_held && !next->held)
+            w->abandoned_settled++;
     }
 }
 

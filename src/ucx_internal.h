@@ -62,6 +62,8 @@ struct ucx_op {
     bool orphaned;          /* a tag receive cancelled as no peer was left: ENOTCONN */
     uint8_t handover;       /* a tag receive: UCX_HANDOVER_CANCEL, _REFUSED or 0
                              * (ucx_tag_hand_over) */
+    bool held;              /* a rescue op, DONE, whose message waits for a receive
+                             * killed before it to be handed over first: not settled */
     bool rescue;            /* an abandoned tag receive: it ends DONE, not freed, for
                              * pl_ucx_op_take (a message it matched is not lost) */
     uint8_t sends;          /* a send the stats count once it succeeds: UCX_SENDS_AM, _TAG or 0;

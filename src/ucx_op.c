@@ -63,6 +63,7 @@ int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct u
     op->passive = false;
     op->orphaned = false;
     op->handover = 0;
+    op->held = false;
     op->rescue = false;
     op->sends = 0;
     op->task_slot = slot;
@@ -122,8 +123,9 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status)
         op->status = pl_ucx_errno(status);      /* for the sweep's pl_ucx_op_take */
         op->state = UOP_DONE;
         w->abandoned_settled++;
-        if (status == UCS_OK)   /* a receive waiting in UCX may take it (not from here) */
-            w->tags_rescued = true;
+        /* a receive waiting in UCX may take it, and those held behind it
+         * may go now, failed or not (ucx_tags_hand_over: not from here) */
+        w->tags_rescued = true;
     } else if (op->state == UOP_ABANDONED) {
         ucx_op_free(w, op);
     } else {
@@ -209,10 +211,8 @@ int pl_ucx_op_take(pl_ucx_worker_t *w, int id, pl_ucx_result_t *out)
 
     if (!op || op->state == UOP_FREE || op->state == UOP_ABANDONED)
         return -ESRCH;
-    if (op->state != UOP_DONE)
+    if (op->state != UOP_DONE || op->held)
         return 0;
-    if (op->rescue && op->status == 0)  /* (taken before a poll handed it over) */
-        ucx_tag_hand_over(w, op);
     out->status = op->status;
     out->length = (double)op->length;
     out->sender_tag = op->sender_tag;
@@ -227,11 +227,19 @@ uint32_t pl_ucx_op_gen(pl_ucx_worker_t *w, int id)
     return op ? op->gen : 0;
 }
 
+/* A killed tag receive's message that UCX's callback ended is handed to a
+ * receive waiting in UCX here if the Lua side's sweep (which asks this
+ * first) comes before the poll; one held (for the poll, or behind an
+ * earlier killed receive) is not settled yet. */
 int pl_ucx_op_settled(pl_ucx_worker_t *w, int id, uint32_t gen)
 {
-    const struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;
+    struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;
 
-    return !op || op->gen != gen || op->state == UOP_FREE || op->state == UOP_DONE;
+    if (!op || op->gen != gen || op->state == UOP_FREE)
+        return 1;
+    if (op->state == UOP_DONE && op->rescue && op->status == 0 && !op->held)
+        ucx_tag_hand_over(w, op);
+    return op->state == UOP_DONE && !op->held;
 }
 
 uint32_t pl_ucx_abandoned_settled(const pl_ucx_worker_t *w)
@@ -252,8 +260,14 @@ int pl_ucx_op_abandon(pl_ucx_worker_t *w, int id, int keep)
     if (!op || op->state == UOP_FREE || op->state == UOP_ABANDONED)
         return -ESRCH;
     if (op->state == UOP_DONE) {
-        if (keep && op->passive && op->status == 0)     /* to a receive waiting in UCX, if any */
-            ucx_tag_hand_over(w, op);
+        /* its message, if any, goes at the next poll, in the order the
+         * receives were posted (ucx_tags_hand_over: several may be killed
+         * together, in any order); held till then */
+        if (keep && op->passive) {
+            op->rescue = true;
+            op->held = op->status == 0;
+            w->tags_rescued = true;
+        }
         if (!(keep && op->passive))
             ucx_op_free(w, op);
         return 0;

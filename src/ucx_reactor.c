@@ -48,7 +48,7 @@ static bool worker_paused(const pl_ucx_worker_t *w)
  * and then it is polled again (an idle paused receiver sleeps). */
 static bool worker_busy(pl_ucx_worker_t *w)
 {
-    return w->listener_dropped || w->tags_recheck ||
+    return w->listener_dropped || w->tags_recheck || w->tags_rescued ||
            (!worker_paused(w) && (w->in_flight > 0 || ucx_worker_has_peers(w)));
 }
 
