@@ -315,4 +315,23 @@ describe("UCX", function()
         assert.equal(0, p.sw:stats().ops_in_flight)
         close_pair(p)
     end))
+    it("hands a killed receive's message to the receive waiting, not ENOTCONN, when the last peer goes " ..
+       "right after the kill", async(function()
+        local p = pair()
+        local function recv() return pluvio.spawn(function() return p.sw:tag_recv(5, 0xff, 100) end) end
+        local killed = recv()
+        pluvio.yield()
+        local waiting = recv()
+        pluvio.yield()
+        assert.is_true(p.ep:tag_send(5, "last"))
+        while killed:status() == "waiting" do pluvio.yield() end
+        killed:kill()
+        p.listener:close()
+        p.sep:close()               -- the last peer: no poll since the kill
+        assert.same({ "last", 5ULL }, { waiting:join() })
+        p.ep:close()
+        p.cw:close()
+        p.sw:close()
+        p.ctx:close()
+    end))
 end)

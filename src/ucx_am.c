@@ -812,6 +812,8 @@ void ucx_tags_orphan(pl_ucx_worker_t *w)
     w->tags_recheck = false;
     if (w->passive_in_flight == 0 || ucx_worker_has_peers(w))
         return;
+    if (w->tags_rescued)    /* (a receive handed a message takes it, not ENOTCONN) */
+        ucx_tags_hand_over(w);
     for (uint32_t i = 0; i < w->nops; i++) {
         struct ucx_op *op = ucx_op_get(w, i);
         if (op->passive && op->state == UOP_IN_FLIGHT && !op->orphaned)
