@@ -316,7 +316,7 @@ describe("UCX", function()
         close_pair(p)
     end))
     it("hands a killed receive's message to the receive waiting, not ENOTCONN, when the last peer goes " ..
-       "right after the kill", async(function()
+       "right after the kill or while it is held", async(function()
         local p = pair()
         local function recv() return pluvio.spawn(function() return p.sw:tag_recv(5, 0xff, 100) end) end
         local killed = recv()
@@ -329,6 +329,33 @@ describe("UCX", function()
         p.listener:close()
         p.sep:close()               -- the last peer: no poll since the kill
         assert.same({ "last", 5ULL }, { waiting:join() })
+        p.ep:close()
+        p.cw:close()
+        p.sw:close()
+        p.ctx:close()
+        -- its message held behind a killed receive still fetching (polled since)
+        p = pair()
+        local size = 64 * 1048576
+        local big = uh.payload(size, 11)
+        local function recv_big() return pluvio.spawn(function() return p.sw:tag_recv(5, 0xff, size) end) end
+        local fetching, done = recv_big(), recv_big()
+        pluvio.yield()
+        waiting = recv_big()
+        pluvio.yield()
+        local s1 = pluvio.spawn(function() return p.ep:tag_send(5, big) end)      -- rendezvous
+        local s2 = pluvio.spawn(function() return p.ep:tag_send(5, "small") end)  -- eager
+        while done:status() == "waiting" do pluvio.yield() end
+        assert.equal("waiting", fetching:status(), "the fetch had ended: the spec missed its case")
+        fetching:kill()
+        done:kill()
+        pluvio.yield()
+        p.listener:close()
+        p.sep:close()
+        local got = assert(pluvio.timeout(5, function() return { waiting:join() } end))
+        assert.is_true(got[1] == big)
+        assert.same({ "small", 5ULL }, { p.sw:tag_recv(5, 0xff, size) })
+        assert.is_true(s1:join())
+        assert.is_true(s2:join())
         p.ep:close()
         p.cw:close()
         p.sw:close()

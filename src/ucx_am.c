@@ -796,17 +796,34 @@ void ucx_tags_hand_over(pl_ucx_worker_t *w)
                 next = op;
         }
         if (!next)
-            return;
+            break;
         after = next->posted;
         was_held = next->held;
         ucx_tag_hand_over(w, next);
         if (was_held && !next->held)
             w->abandoned_settled++;
     }
+    if (!ucx_worker_has_peers(w))   /* receives left for these may have none now */
+        w->tags_recheck = true;
+}
+
+/* Whether a killed receive may still hand r a message: one still
+ * fetching what it matched, or one whose message waits for a poll. */
+static bool tag_recv_may_be_handed(pl_ucx_worker_t *w, const struct ucx_op *r)
+{
+    for (uint32_t i = 0; i < w->nops; i++) {
+        const struct ucx_op *k = ucx_op_get(w, i);
+
+        if (k->rescue && wants_overlap(k, r) &&
+            (k->state == UOP_ABANDONED || (k->state == UOP_DONE && k->status == 0)))
+            return true;
+    }
+    return false;
 }
 
 /* A scan of the ops, but only as the last peer goes (rare), and only
- * with a tag receive in flight. */
+ * with a tag receive in flight.  A receive a killed one may still hand a
+ * message is left for that (ucx_tags_hand_over looks again after). */
 void ucx_tags_orphan(pl_ucx_worker_t *w)
 {
     w->tags_recheck = false;
@@ -816,7 +833,8 @@ void ucx_tags_orphan(pl_ucx_worker_t *w)
         ucx_tags_hand_over(w);
     for (uint32_t i = 0; i < w->nops; i++) {
         struct ucx_op *op = ucx_op_get(w, i);
-        if (op->passive && op->state == UOP_IN_FLIGHT && !op->orphaned)
+        if (op->passive && op->state == UOP_IN_FLIGHT && !op->orphaned &&
+            !tag_recv_may_be_handed(w, op))
             tag_recv_orphan(w, op);
     }
 }
