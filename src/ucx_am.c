@@ -744,7 +744,7 @@ static bool hand_over_blocked(pl_ucx_worker_t *w, const struct ucx_op *m, const 
  * settled: its memory stays kept) and tried again when that one ends
  * (ucx_tags_hand_over).  Whether it was handed over.  (m's memory is its
  * killed task's, kept until the Lua side takes m's result.) */
-bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m)
+static bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m)
 {
     struct ucx_op *r;
 
@@ -765,7 +765,7 @@ bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m)
         r->status = m->length <= r->cap ? 0 : -EMSGSIZE;
         if (r->status == 0 && m->length > 0)
             memcpy(r->buf, m->buf, m->length);
-        else if (w->stats.tag_received > 0)
+        else if (r->status != 0 && w->stats.tag_received > 0)
             w->stats.tag_received--;        /* (counted when m's receive ended) */
         m->status = -ECANCELED;
         m->held = false;

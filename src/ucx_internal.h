@@ -334,6 +334,5 @@ void ucx_tags_discard(pl_ucx_worker_t *w);
  * with -ENOTCONN (no message can come for them any more). */
 void ucx_tags_orphan(pl_ucx_worker_t *w);
 void ucx_tags_hand_over(pl_ucx_worker_t *w);
-bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m);
 
 #endif /* PL_UCX_INTERNAL_H */

@@ -122,6 +122,7 @@ void ucx_op_finish(struct ucx_op *op, ucs_status_t status)
     if (op->state == UOP_ABANDONED && op->rescue) {
         op->status = pl_ucx_errno(status);      /* for the sweep's pl_ucx_op_take */
         op->state = UOP_DONE;
+        op->held = status == UCS_OK;    /* its message goes at the next poll */
         w->abandoned_settled++;
         /* a receive waiting in UCX may take it, and those held behind it
          * may go now, failed or not (ucx_tags_hand_over: not from here) */
@@ -227,19 +228,14 @@ uint32_t pl_ucx_op_gen(pl_ucx_worker_t *w, int id)
     return op ? op->gen : 0;
 }
 
-/* A killed tag receive's message that UCX's callback ended is handed to a
- * receive waiting in UCX here if the Lua side's sweep (which asks this
- * first) comes before the poll; one held (for the poll, or behind an
- * earlier killed receive) is not settled yet. */
+/* A killed tag receive's message is held until a poll hands it over or
+ * finds nobody waiting for it (ucx_tags_hand_over): not settled till then,
+ * so the Lua side's sweep keeps its memory. */
 int pl_ucx_op_settled(pl_ucx_worker_t *w, int id, uint32_t gen)
 {
-    struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;
+    const struct ucx_op *op = id > 0 ? ucx_op_get(w, (uint32_t)id - 1) : NULL;
 
-    if (!op || op->gen != gen || op->state == UOP_FREE)
-        return 1;
-    if (op->state == UOP_DONE && op->rescue && op->status == 0 && !op->held)
-        ucx_tag_hand_over(w, op);
-    return op->state == UOP_DONE && !op->held;
+    return !op || op->gen != gen || op->state == UOP_FREE || (op->state == UOP_DONE && !op->held);
 }
 
 uint32_t pl_ucx_abandoned_settled(const pl_ucx_worker_t *w)
