@@ -807,15 +807,16 @@ void ucx_tags_hand_over(pl_ucx_worker_t *w)
         w->tags_recheck = true;
 }
 
-/* Whether a killed receive may still hand r a message: one still
- * fetching what it matched, or one whose message waits for a poll. */
+/* Whether a killed receive may still hand r a message: one posted before
+ * r (a message for r went to r first) still fetching what it matched, or
+ * whose message is held for a poll.  (One no longer held had its poll.) */
 static bool tag_recv_may_be_handed(pl_ucx_worker_t *w, const struct ucx_op *r)
 {
     for (uint32_t i = 0; i < w->nops; i++) {
         const struct ucx_op *k = ucx_op_get(w, i);
 
-        if (k->rescue && wants_overlap(k, r) &&
-            (k->state == UOP_ABANDONED || (k->state == UOP_DONE && k->status == 0)))
+        if (k->rescue && k->posted < r->posted && wants_overlap(k, r) &&
+            (k->state == UOP_ABANDONED || (k->state == UOP_DONE && k->held)))
             return true;
     }
     return false;
