@@ -716,15 +716,16 @@ static bool wants_overlap(const struct ucx_op *a, const struct ucx_op *b)
     return (a->want_tag & both) == (b->want_tag & both);
 }
 
-/* Whether a receive killed that was posted before m could still hand r a
- * message first: one still fetching what it matched, or one held itself.
- * UCX matched messages to receives in the order they were posted. */
-static bool hand_over_blocked(pl_ucx_worker_t *w, const struct ucx_op *m, const struct ucx_op *r)
+/* Whether a killed receive posted before the posted-th may still hand r
+ * a message: one still fetching what it matched, or whose message is held
+ * for a poll (one no longer held had its poll).  UCX matched messages to
+ * receives in the order they were posted. */
+static bool killed_may_hand(pl_ucx_worker_t *w, uint64_t posted, const struct ucx_op *r)
 {
     for (uint32_t i = 0; i < w->nops; i++) {
         const struct ucx_op *k = ucx_op_get(w, i);
 
-        if (k->rescue && k->posted < m->posted && wants_overlap(k, r) &&
+        if (k->rescue && k->posted < posted && wants_overlap(k, r) &&
             (k->state == UOP_ABANDONED || (k->state == UOP_DONE && k->held)))
             return true;
     }
@@ -749,7 +750,7 @@ static bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m)
     struct ucx_op *r;
 
     while ((r = tag_recv_first(w, m->sender_tag))) {
-        if (hand_over_blocked(w, m, r)) {
+        if (killed_may_hand(w, m->posted, r)) {     /* that one goes first */
             m->held = true;
             return false;
         }
@@ -807,24 +808,10 @@ void ucx_tags_hand_over(pl_ucx_worker_t *w)
         w->tags_recheck = true;
 }
 
-/* Whether a killed receive may still hand r a message: one posted before
- * r (a message for r went to r first) still fetching what it matched, or
- * whose message is held for a poll.  (One no longer held had its poll.) */
-static bool tag_recv_may_be_handed(pl_ucx_worker_t *w, const struct ucx_op *r)
-{
-    for (uint32_t i = 0; i < w->nops; i++) {
-        const struct ucx_op *k = ucx_op_get(w, i);
-
-        if (k->rescue && k->posted < r->posted && wants_overlap(k, r) &&
-            (k->state == UOP_ABANDONED || (k->state == UOP_DONE && k->held)))
-            return true;
-    }
-    return false;
-}
-
 /* A scan of the ops, but only as the last peer goes (rare), and only
  * with a tag receive in flight.  A receive a killed one may still hand a
- * message is left for that (ucx_tags_hand_over looks again after). */
+ * message is left for that (killed_may_hand; ucx_tags_hand_over looks
+ * again after). */
 void ucx_tags_orphan(pl_ucx_worker_t *w)
 {
     w->tags_recheck = false;
@@ -835,7 +822,7 @@ void ucx_tags_orphan(pl_ucx_worker_t *w)
     for (uint32_t i = 0; i < w->nops; i++) {
         struct ucx_op *op = ucx_op_get(w, i);
         if (op->passive && op->state == UOP_IN_FLIGHT && !op->orphaned &&
-            !tag_recv_may_be_handed(w, op))
+            !killed_may_hand(w, op->posted, op))   /* (only one posted before it could) */
             tag_recv_orphan(w, op);
     }
 }
