@@ -6,6 +6,15 @@ local uh = require "ucx_helpers"
 local async = helper.async
 local pair, close_pair = helper.ucx_pair, helper.ucx_close_pair
 
+-- Yield until none of the tasks is parked any more (its receive matched a
+-- message; it has not run since).
+local function until_woken(...)
+    for i = 1, select("#", ...) do
+        local t = select(i, ...)
+        while t:status() == "waiting" do pluvio.yield() end
+    end
+end
+
 describe("UCX", function()
     it("sends and receives tagged messages", async(function()
         local p = pair()
@@ -123,7 +132,7 @@ describe("UCX", function()
         local r = pluvio.spawn(function() return p.sw:tag_recv(5, 0xff, 100) end)
         pluvio.yield()
         assert.is_true(p.ep:tag_send(5, "precious"))
-        while r:status() == "waiting" do pluvio.yield() end
+        until_woken(r)
         r:kill()
         assert.same({ "precious", true }, { pluvio.timeout(5, function()
             local data, tag = p.sw:tag_recv(5, 0xff, 100)
@@ -184,7 +193,7 @@ describe("UCX", function()
         local s1 = pluvio.spawn(function() return p.ep:tag_send(5, big) end)         -- rendezvous
         local s2 = pluvio.spawn(function() return p.ep:tag_send(5, "second") end)    -- eager
         assert.is_true(p.ep:tag_send(7, "other"))
-        while second:status() == "waiting" do pluvio.yield() end
+        until_woken(second)
         first:kill(); second:kill()                 -- the first still fetches its message, or did
         assert.equal("other", p.sw:tag_recv(7, 0xff, 100))  -- not held up by tag 5's fetch
         local got = p.sw:tag_recv(5, 0xff, size)
@@ -209,7 +218,7 @@ describe("UCX", function()
         local first, second = recv(100), recv(100)
         pluvio.yield()
         assert.is_true(p.ep:tag_send(5, "precious"))
-        while killed:status() == "waiting" do pluvio.yield() end
+        until_woken(killed)
         killed:kill()
         assert.same({ "precious", 5ULL }, result(first))
         assert.is_true(p.ep:tag_send(5, "next"))
@@ -235,7 +244,7 @@ describe("UCX", function()
         first, second = recv(100), recv(100)
         pluvio.yield()
         assert.is_true(p.ep:tag_send(5, "handed on"))
-        while killed:status() == "waiting" do pluvio.yield() end
+        until_woken(killed)
         killed:kill()
         first:kill()
         assert.same({ "handed on", 5ULL }, result(second))
@@ -248,7 +257,7 @@ describe("UCX", function()
         pluvio.yield()
         assert.is_true(p.ep:tag_send(2, "b"))
         assert.is_true(p.ep:tag_send(1, "a"))
-        while kb:status() == "waiting" or ka:status() == "waiting" do pluvio.yield() end
+        until_woken(kb, ka)
         ka:kill()
         kb:kill()
         assert.same({ "b", 2ULL }, result(only2))
@@ -260,7 +269,7 @@ describe("UCX", function()
         pluvio.yield()
         assert.is_true(p.ep:tag_send(5, "X1"))
         assert.is_true(p.ep:tag_send(5, "X2"))
-        while m1:status() == "waiting" or m2:status() == "waiting" do pluvio.yield() end
+        until_woken(m1, m2)
         m2:kill()
         m1:kill()
         assert.same({ "X1", 5ULL }, result(first))
@@ -274,7 +283,7 @@ describe("UCX", function()
         pluvio.yield()
         local s1 = pluvio.spawn(function() return p.ep:tag_send(5, big) end)      -- rendezvous
         local s2 = pluvio.spawn(function() return p.ep:tag_send(5, "small") end)  -- eager
-        while m2:status() == "waiting" do pluvio.yield() end
+        until_woken(m2)
         assert.equal("waiting", m1:status(), "the first fetch had ended: the spec missed its case")
         m1:kill()
         m2:kill()
@@ -290,7 +299,7 @@ describe("UCX", function()
         local small = recv(4)
         pluvio.yield()
         assert.is_true(p.ep:tag_send(5, "too long"))
-        while killed:status() == "waiting" do pluvio.yield() end
+        until_woken(killed)
         killed:kill()
         got = result(small)
         assert.equal("EMSGSIZE", got[3])
@@ -329,7 +338,7 @@ describe("UCX", function()
         waiting = recv(100)
         pluvio.yield()
         assert.is_true(p.ep:tag_send(5, ""))
-        while killed:status() == "waiting" do pluvio.yield() end
+        until_woken(killed)
         killed:kill()
         assert.same({ "", 5ULL }, result(waiting))
         assert.equal(counted + 1, p.sw:stats().tag_received)
@@ -339,7 +348,7 @@ describe("UCX", function()
         first = recv(100)
         pluvio.yield()
         assert.is_true(p.ep:tag_send(5, "m"))
-        while killed:status() == "waiting" do pluvio.yield() end
+        until_woken(killed)
         killed:kill()
         local sender = pluvio.spawn(function()
             pluvio.sleep(0.01)
@@ -361,7 +370,7 @@ describe("UCX", function()
         local waiting = recv()
         pluvio.yield()
         assert.is_true(p.ep:tag_send(5, "last"))
-        while killed:status() == "waiting" do pluvio.yield() end
+        until_woken(killed)
         killed:kill()
         p.listener:close()
         p.sep:close()               -- the last peer: no poll since the kill
@@ -381,7 +390,7 @@ describe("UCX", function()
         pluvio.yield()
         local s1 = pluvio.spawn(function() return p.ep:tag_send(5, big) end)      -- rendezvous
         local s2 = pluvio.spawn(function() return p.ep:tag_send(5, "small") end)  -- eager
-        while done:status() == "waiting" do pluvio.yield() end
+        until_woken(done)
         assert.equal("waiting", fetching:status(), "the fetch had ended: the spec missed its case")
         fetching:kill()
         done:kill()
@@ -405,7 +414,7 @@ describe("UCX", function()
         killed = pluvio.spawn(function() return p.sw:tag_recv(9, 0, 100) end)   -- any tag
         pluvio.yield()
         assert.is_true(p.ep:tag_send(9, "for the killed one"))
-        while killed:status() == "waiting" do pluvio.yield() end
+        until_woken(killed)
         killed:kill()
         pluvio.yield()
         p.listener:close()

@@ -672,7 +672,7 @@ static void tag_recv_done(void *request, ucs_status_t status, const ucp_tag_recv
      * rendezvous message it matched whose endpoint was closed since (its
      * length and tag: the data is out of reach).  A kill's or a worker's
      * close's cancel reaches nobody, and a hand-over's result is written
-     * over (ucx_tag_hand_over). */
+     * over (tag_hand_over). */
     if (status == UCS_ERR_CANCELED)
         status = UCS_ERR_NOT_CONNECTED;
     if (status == UCS_OK)   /* (not a receive that failed: no message, or one too long) */
@@ -745,7 +745,7 @@ static bool killed_may_hand(pl_ucx_worker_t *w, uint64_t posted, const struct uc
  * settled: its memory stays kept) and tried again when that one ends
  * (ucx_tags_hand_over).  Whether it was handed over.  (m's memory is its
  * killed task's, kept until the Lua side takes m's result.) */
-static bool ucx_tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m)
+static bool tag_hand_over(pl_ucx_worker_t *w, struct ucx_op *m)
 {
     struct ucx_op *r;
 
@@ -800,7 +800,7 @@ void ucx_tags_hand_over(pl_ucx_worker_t *w)
             break;
         after = next->posted;
         was_held = next->held;
-        ucx_tag_hand_over(w, next);
+        tag_hand_over(w, next);
         if (was_held && !next->held)
             w->abandoned_settled++;
     }

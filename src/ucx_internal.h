@@ -61,9 +61,10 @@ struct ucx_op {
     bool passive;           /* waits for a peer (tag receive): needs no progress of ours */
     bool orphaned;          /* a tag receive cancelled as no peer was left: ENOTCONN */
     uint8_t handover;       /* a tag receive: UCX_HANDOVER_CANCEL, _REFUSED or 0
-                             * (ucx_tag_hand_over) */
-    bool held;              /* a rescue op, DONE, whose message waits for a receive
-                             * killed before it to be handed over first: not settled */
+                             * (ucx_am.c's tag_hand_over) */
+    bool held;              /* a rescue op, DONE with a message, that waits for the
+                             * poll's ucx_tags_hand_over (and, there, for receives
+                             * killed before it): not settled till then */
     bool rescue;            /* an abandoned tag receive: it ends DONE, not freed, for
                              * pl_ucx_op_take (a message it matched is not lost) */
     uint8_t sends;          /* a send the stats count once it succeeds: UCX_SENDS_AM, _TAG or 0;
@@ -249,8 +250,8 @@ struct pl_ucx_worker {
     uint32_t aborting;      /* entries in EP_ABORTING */
     bool listener_dropped;  /* a listener was closed by its collection: wake the readers */
     bool tags_recheck;      /* a peer failed (in a UCX callback): ucx_tags_orphan due */
-    bool tags_rescued;      /* a killed tag receive ended with a message (in a UCX
-                             * callback): ucx_tags_hand_over due */
+    bool tags_rescued;      /* a tag receive was killed, or a killed one ended (in a
+                             * UCX callback): ucx_tags_hand_over due */
     uint64_t tags_posted;   /* tag receives posted so far (struct ucx_op's posted) */
     uint32_t listeners_closing;     /* of listeners: closing (ucx_listeners_settle) */
 

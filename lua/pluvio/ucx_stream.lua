@@ -98,20 +98,6 @@ function M.install(U)
         return nil
     end
 
-    -- A kept message (take_tag_rescued's data and tag) as tag_recv returns
-    -- it: the data, or its length once copied to ptr; nil, err when it is
-    -- longer than cap.
-    local function deliver_rescued(data, stag, ptr, cap)
-        if #data > cap then
-            return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
-                               "len_or_buf has room for (it is dropped)", stag, #data, cap), EMSGSIZE)
-        elseif ptr then
-            ffi.copy(ptr, data, #data)
-            return #data, stag
-        end
-        return data, stag
-    end
-
     -- tag_recv(tag, mask, len_or_buf): receive a tagged message: with a length,
     -- returns the data as a string and the sender's tag; with a registered
     -- buffer, the byte count and the sender's tag.  A message that came
@@ -150,7 +136,14 @@ function M.install(U)
         if self.tag_rescued[1] then
             local data, stag = take_tag_rescued(self, utag, umask)
             if data then
-                return deliver_rescued(data, stag, ptr, cap)
+                if #data > cap then
+                    return fail(format("tag_recv: the message with tag 0x%x has %d bytes, more than the %d " ..
+                                       "len_or_buf has room for (it is dropped)", stag, #data, cap), EMSGSIZE)
+                elseif ptr then
+                    ffi.copy(ptr, data, #data)
+                    return #data, stag
+                end
+                return data, stag
             end
         end
         if not ptr then
