@@ -156,6 +156,31 @@ describe("an io_uring reactor registered on two runtimes", function()
         assert.is_true(b:register_reactor("io_uring", r))
     end)
 
+    it("hands a buffer acquired in the first, released in the second, to the second's waiter", function()
+        -- (the release woke the waiter in the first runtime, which failed:
+        -- the waiter waited for good, a deadlock)
+        local r = uring.reactor { buffer_count = 1, buffer_size = 4096 }
+        local a, b = pluvio.Runtime.new(), pluvio.Runtime.new()
+        a:register_reactor("io_uring", r)
+        local kept = a:run(function()
+            local buf = r:acquire_buffer()
+            buf:detach()                            -- outlives the run
+            return buf
+        end)
+        assert.is_true(b:register_reactor("io_uring", r))
+        assert.equal("got it", b:run(function()
+            local waiter = pluvio.spawn(function()
+                local got = r:acquire_buffer()
+                got:release()
+                return "got it"
+            end)
+            pluvio.yield()                          -- waiter waits: the pool is empty
+            assert.is_true(kept:release())
+            return pluvio.timeout(5, function() return waiter:join() end)
+        end))
+        assert.equal(1, r:stats().buffers_free)
+    end)
+
     it("is not taken while an I/O queue's task the first left parked waits on the queue's reads", function()
         local r = uring.reactor { buffer_count = 2, buffer_size = 4096 }
         local a, b = pluvio.Runtime.new(), pluvio.Runtime.new()

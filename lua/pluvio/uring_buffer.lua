@@ -156,6 +156,17 @@ function Buffer:settle()
     return self
 end
 
+-- The buffer back to its pool, or to the first task waiting for one: a
+-- task of the runtime the reactor serves now, which need not be the one
+-- the buffer was acquired in (a detached buffer outlives its run, and the
+-- reactor may serve another runtime since: waking that one's waiter in the
+-- old runtime failed, and the waiter waited for good).  A reactor
+-- registered on none lends its buffers to one runtime: the buffer's.
+local function give_back(b)
+    local r = b.reactor
+    C.pl_uring_buffer_release(r.u, (r.rt or b.rt).crt, b.index)
+end
+
 -- release(): give the buffer back to the pool (to the first waiter, if any).
 function Buffer:release()
     if getmetatable(self) ~= Buffer then
@@ -168,7 +179,7 @@ function Buffer:release()
     if self.task then
         self.task:_disown(self)
     end
-    C.pl_uring_buffer_release(self.reactor.u, self.rt.crt, self.index)
+    give_back(self)
     return true
 end
 
@@ -232,7 +243,7 @@ function Buffer:_task_exit(t)
         self.gone = format(" when its task %q ended (give it to another task, or detach it, to keep it)",
                            t and t:name() or "?")
         self.reactor.buffers_reclaimed = self.reactor.buffers_reclaimed + 1
-        C.pl_uring_buffer_release(self.reactor.u, self.rt.crt, self.index)
+        give_back(self)
     end
 end
 
