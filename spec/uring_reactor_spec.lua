@@ -292,6 +292,24 @@ describe("IoUringReactor", function()
         assert.matches('File.open: no io_uring reactor is registered on this runtime', err)
     end)
 
+    it("is the first one registered when a runtime has several, whatever their names", function()
+        -- (the lookup walked the name -> reactor table: the order of its keys)
+        for _, names in ipairs({ { "a", "b" }, { "b", "a" }, { "zz", "io_uring" }, { "io_uring", "zz" } }) do
+            local rt = pluvio.Runtime.new()
+            local first, second = uring.reactor {}, uring.reactor {}
+            rt:register_reactor(names[1], first)
+            rt:register_reactor(names[2], second)
+            rt:run(function()
+                assert.equal(first, uring.current())
+                local buf = uring.acquire_buffer()
+                local f = assert(uring.File.open("/dev/null", "r"))
+                assert.equal(0, f:read_fixed(buf, 0))       -- (a buffer of second's raised here)
+                f:close()
+                buf:release()
+            end)
+        end
+    end)
+
     it("is registered on one runtime only, which keeps its files and its waiting tasks", function()
         -- a second registration (a nested runtime, say) used to move the
         -- reactor: its polls woke the tasks parked in the first runtime's

@@ -51,6 +51,7 @@ local function new_runtime(capacity)
         gen_out = ffi.new("uint32_t[1]"),
         info_out = ffi.new("pl_task_info_t"),
         reactors = {},            -- name -> object (keeps C reactors alive)
+        reactor_order = {},       -- the objects in the order they were registered
         lua_reactors = {},        -- array of { name, reactor }
         failed = setmetatable({}, WEAK_KEYS),     -- failed tasks, weakly (note_failed)
         n_failed = 0,
@@ -180,6 +181,7 @@ function Runtime:register_reactor(name, reactor)
               "functions (got " .. type(reactor) .. ")", 2)
     end
     self.reactors[name] = reactor
+    self.reactor_order[#self.reactor_order + 1] = reactor
     return true
 end
 

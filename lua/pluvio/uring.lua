@@ -311,10 +311,11 @@ local function reactor_of(rt, fname, depth)
     if r then
         return r
     end
-    for _, obj in walk, rt.reactors do
-        if getmetatable(obj) == IoUringReactor then
-            rt._uring = obj
-            return obj
+    local order = rt.reactor_order
+    for i = 1, #order do
+        if getmetatable(order[i]) == IoUringReactor then
+            rt._uring = order[i]
+            return order[i]
         end
     end
     if rt.auto_reactors then
