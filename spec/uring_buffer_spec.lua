@@ -15,6 +15,7 @@ describe("registered buffers", function()
         local r = uring.current()
         local path = os.tmpname()
         local f = assert(uring.File.open(path, "r"))
+        assert.equal(r:options().buffer_count, r:stats().buffers_free)   -- (0 until the pool was mapped)
         local held = r:acquire_buffer()          -- (maps the pool)
         local free = r:stats().buffers_free
         for name, fn in pairs({ ["uring.acquire_buffer"] = function() return uring.acquire_buffer() end,

@@ -50,10 +50,10 @@ describe("readv and writev", function()
         assert.equal(sb, b:checksum(4096))
         assert.has_error(function() d:writev(0, { a }, { 100 }) end,
             "DmaFile:writev: O_DIRECT length 100 of part 1 is not a multiple of " .. d.offset_align ..
-            " (the file's block size) on " .. path)
+            " (the file's O_DIRECT alignment) on " .. path)
         assert.has_error(function() d:readv(1, { a }) end,
             "DmaFile:readv: O_DIRECT offset 1 is not a multiple of " .. d.offset_align ..
-            " (the file's block size) on " .. path)
+            " (the file's O_DIRECT alignment) on " .. path)
         d:close()
         os.remove(path)
     end))

@@ -248,7 +248,8 @@ typedef struct pl_file_stat {
     double size, blocks, blksize, mode, uid, gid, nlink, ino;
     double atime, mtime, ctime, btime;
     double dio_mem_align, dio_offset_align;   /* 0 when not reported */
-    double dev_major, dev_minor;
+    double dev_major, dev_minor;              /* the file system's device */
+    double rdev_major, rdev_minor;            /* a device file's own device (else 0) */
 } pl_file_stat_t;
 
 typedef struct pl_uring_stats {

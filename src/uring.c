@@ -285,7 +285,8 @@ void pl_uring_get_stats(pl_uring_t *u, pl_uring_stats_t *out)
 {
     *out = u->stats;
     out->in_flight = u->in_flight;
-    out->buffers_free = u->nfree_bufs;
+    /* the pool is mapped at the first acquire: until then all of it is free */
+    out->buffers_free = u->bufs ? u->nfree_bufs : u->opts.buffer_count;
 }
 
 static int uring_stats(pl_reactor_t *self, pl_stat_t *out, int max)

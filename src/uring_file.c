@@ -171,6 +171,8 @@ void pl_uring_statx_decode(const void *statx_buf, pl_file_stat_t *out)
     }
     out->dev_major = st->stx_dev_major;
     out->dev_minor = st->stx_dev_minor;
+    out->rdev_major = st->stx_rdev_major;
+    out->rdev_minor = st->stx_rdev_minor;
 }
 
 /* No IORING_OP_FTRUNCATE before Linux 6.9: truncate is a quick metadata
@@ -192,12 +194,15 @@ int pl_file_flags(const char *mode, int direct)
 
     char m[3];
     size_t n = 0;
+    bool binary = false;
 
-    /* a "b" after the first letter, as fopen takes it ("rb", "r+b",
+    /* one "b" after the first letter, as fopen takes it ("rb", "r+b",
      * "wb+"): Linux has no text mode, so it changes nothing */
     for (const char *p = mode; *p; p++) {
-        if (*p == 'b' && p != mode)
+        if (*p == 'b' && p != mode && !binary) {
+            binary = true;
             continue;
+        }
         if (n == sizeof(m) - 1)
             return -EINVAL;
         m[n++] = *p;

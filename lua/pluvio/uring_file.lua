@@ -116,11 +116,11 @@ function M.install(U)
         end
         local a = f.offset_align
         if offset % a ~= 0 then
-            error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s",
+            error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's O_DIRECT alignment) on %s",
                          file_fname(fname, f), offset, a, f.path), 3)
         end
         if len % a ~= 0 then
-            error(format("%s: O_DIRECT length %d is not a multiple of %d (the file's block size) on %s",
+            error(format("%s: O_DIRECT length %d is not a multiple of %d (the file's O_DIRECT alignment) on %s",
                          file_fname(fname, f), len, a, f.path), 3)
         end
         local at = addr and tonumber(ffi_cast("uintptr_t", addr))
@@ -165,6 +165,13 @@ function M.install(U)
 
     local statx_buf_size = C.pl_uring_statx_size()
 
+    -- statx's type field, by the S_IFMT bits of the mode (no symbolic link:
+    -- uring.statx follows them, f:statx holds the file).
+    local FILE_TYPES = {
+        [0x8000] = "file", [0x4000] = "directory", [0x6000] = "block device",
+        [0x2000] = "char device", [0x1000] = "fifo", [0xC000] = "socket",
+    }
+
     local function stat_table(raw)
         local s = ffi.new("pl_file_stat_t")
         C.pl_uring_statx_decode(raw, s)
@@ -174,10 +181,8 @@ function M.install(U)
             atime = s.atime, mtime = s.mtime, ctime = s.ctime, btime = s.btime,
             dio_mem_align = s.dio_mem_align, dio_offset_align = s.dio_offset_align,
             dev_major = s.dev_major, dev_minor = s.dev_minor,
-            type = bit.band(s.mode, 0xF000) == 0x8000 and "file"
-                or bit.band(s.mode, 0xF000) == 0x4000 and "directory"
-                or bit.band(s.mode, 0xF000) == 0xA000 and "link"
-                or bit.band(s.mode, 0xF000) == 0x6000 and "block device" or "other",
+            rdev_major = s.rdev_major, rdev_minor = s.rdev_minor,
+            type = FILE_TYPES[bit.band(s.mode, 0xF000)] or "other",
         }
     end
 
@@ -246,8 +251,11 @@ function M.install(U)
         local fd = run_op(r, t, C.pl_uring_openat(r.u, t.slot, t.gen, path, flags, perms), path, path)
         if fd < 0 then
             local hint = ""
-            if direct and fd == -22 then
-                hint = " (this file system may not support O_DIRECT: use uring.File)"
+            if direct and fd == -22 then    -- (a kill here leaves nothing open)
+                local st = statx_op(r, t, AT_FDCWD, path, 0, path)
+                local kind = st and st.type ~= "file" and st.type ~= "block device" and st.type
+                hint = kind and format(" (O_DIRECT needs a regular file or a block device, and this is a %s)", kind)
+                    or " (this file system may not support O_DIRECT: use uring.File)"
             end
             -- (not the file: its O_DIRECT rules, which fail would cite, are not known yet)
             local _, msg, code = fail({ path = path }, "open", fd, format(" (mode %q)", mode))
@@ -471,8 +479,8 @@ function M.install(U)
             if f.direct then
                 local a = f.offset_align
                 if len % a ~= 0 then
-                    error(format("%s: O_DIRECT length %d of part %d is not a multiple of %d (the file's " ..
-                                 "block size) on %s", file_fname(fname, f), len, i, a, f.path), 3)
+                    error(format("%s: O_DIRECT length %d of part %d is not a multiple of %d (the file's O_DIRECT " ..
+                                 "alignment) on %s", file_fname(fname, f), len, i, a, f.path), 3)
                 end
                 local at = tonumber(ffi_cast("uintptr_t", ptr))
                 if at % f.mem_align ~= 0 then
@@ -492,7 +500,7 @@ function M.install(U)
             error(format("%s: the parts hold %d bytes; one operation moves at most %d", file_fname(fname, f), total, MAX_IO), 3)
         end
         if f.direct and offset % f.offset_align ~= 0 then
-            error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s",
+            error(format("%s: O_DIRECT offset %d is not a multiple of %d (the file's O_DIRECT alignment) on %s",
                          file_fname(fname, f), offset, f.offset_align, f.path), 3)
         end
         return n, total, keep   -- C counts registered parts in use, as for read_fixed
