@@ -372,14 +372,14 @@ describe("File and DmaFile", function()
         local a = f.offset_align
         assert.is_true(a >= 512)
         assert.has_error(function() f:read(1, a) end,
-            ("DmaFile:read: O_DIRECT offset 1 is not a multiple of %d (the file's block size) on %s"):format(a, path))
+            ("DmaFile:read: O_DIRECT offset 1 is not a multiple of %d (the file's O_DIRECT alignment) on %s"):format(a, path))
         assert.has_error(function() f:write(0, "abc") end,
-            ("DmaFile:write: O_DIRECT length 3 is not a multiple of %d (the file's block size) on %s"):format(a, path))
+            ("DmaFile:write: O_DIRECT length 3 is not a multiple of %d (the file's O_DIRECT alignment) on %s"):format(a, path))
         local buf = f:acquire_buffer()
         assert.has_error(function() f:write_fixed(buf, a + 1, a) end,
-            ("DmaFile:write_fixed: O_DIRECT offset %d is not a multiple of %d (the file's block size) on %s"):format(a + 1, a, path))
+            ("DmaFile:write_fixed: O_DIRECT offset %d is not a multiple of %d (the file's O_DIRECT alignment) on %s"):format(a + 1, a, path))
         assert.has_error(function() f:read_fixed(buf, 0, a - 1) end,
-            ("DmaFile:read_fixed: O_DIRECT length %d is not a multiple of %d (the file's block size) on %s"):format(a - 1, a, path))
+            ("DmaFile:read_fixed: O_DIRECT length %d is not a multiple of %d (the file's O_DIRECT alignment) on %s"):format(a - 1, a, path))
         buf:release()
         assert.equal(0, uring.current():stats().in_flight)
         f:close()
@@ -451,9 +451,9 @@ describe("File and DmaFile", function()
         local a = st.dio_offset_align > 0 and st.dio_offset_align or 512
         assert.equal(a, d.offset_align)
         assert.has_error(function() d:read(1, a) end,
-            ("DmaFile:read: O_DIRECT offset 1 is not a multiple of %d (the file's block size) on direct fd"):format(a))
+            ("DmaFile:read: O_DIRECT offset 1 is not a multiple of %d (the file's O_DIRECT alignment) on direct fd"):format(a))
         assert.has_error(function() d:write(0, "abc") end,
-            ("DmaFile:write: O_DIRECT length 3 is not a multiple of %d (the file's block size) on direct fd"):format(a))
+            ("DmaFile:write: O_DIRECT length 3 is not a multiple of %d (the file's O_DIRECT alignment) on direct fd"):format(a))
         fixed_round_trip(d, 5, 0, 8192)
         assert.equal(8192, d:statx().size)
         assert.is_true(bit.band(fd_flags(fd), O_DIRECT) ~= 0)      -- still O_DIRECT
@@ -798,10 +798,10 @@ describe("File and DmaFile", function()
         local buf = f:acquire_buffer()
         local bs = f.offset_align          -- (the block size the file learned at open)
         assert.has_error(function() f:read_fixed(buf, 1) end, format("DmaFile:read_fixed: O_DIRECT offset 1 is not " ..
-            "a multiple of %d (the file's block size) on %s", bs, path))
+            "a multiple of %d (the file's O_DIRECT alignment) on %s", bs, path))
         assert.has_error(function() f:read(-1, 4096) end, "DmaFile:read: offset must be an integer from 0 to 2^62 (got -1)")
         assert.has_error(function() f:write(0, "x") end, format("DmaFile:write: O_DIRECT length 1 is not a " ..
-            "multiple of %d (the file's block size) on %s", bs, path))
+            "multiple of %d (the file's O_DIRECT alignment) on %s", bs, path))
         buf:release()
         f:close()
         assert.has_error(function() f:read(0, 4096) end, "DmaFile:read: the file is closed (" .. path .. ")")
@@ -828,6 +828,14 @@ describe("File and DmaFile", function()
         for _, mode in ipairs({ "rb", "r+b", "rb+", "wb", "ab+" }) do      -- as io.open's
             assert(uring.File.open(path, mode)):close()
         end
+        for _, mode in ipairs({ "rbb", "rb+b" }) do                        -- (any number of them went)
+            assert.has_error(function() uring.File.open(path, mode) end,
+                'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got "' ..
+                mode .. '")')
+        end
+        assert.has_error(function() uring.File.open(path, ("r"):rep(1e6)) end,   -- (a 1 MB message)
+            'File.open: mode must be one of "r", "w", "a", "r+", "w+", "a+", each also with a "b" (got "' ..
+            ("r"):rep(60) .. '"... (1000000 bytes))')
         assert.has_error(function() uring.File.open(42) end, "File.open: path must be a string (got number)")
         assert.has_error(function() f.read({}, 0, 1) end,
             "File:read: call it as a method on a file (f:read(...)); got table as self")
@@ -995,10 +1003,18 @@ describe("File and DmaFile", function()
         if d then
             d:close()
         else
-            assert.equal("EINVAL", code)
+            assert.equal("EINVAL", code)        -- (it blamed the file system)
             assert.equal(format('open %s (mode "r"): EINVAL: Invalid argument ' ..
-                                "(this file system may not support O_DIRECT: use uring.File)", dir), err)
+                                "(O_DIRECT needs a regular file or a block device, and this is a directory)",
+                                dir), err)
         end
         assert.is_true(uring.rmdir(dir))
+        d, err = uring.DmaFile.open("/dev/null", "r")
+        if d then
+            d:close()
+        else
+            assert.equal('open /dev/null (mode "r"): EINVAL: Invalid argument ' ..
+                         "(O_DIRECT needs a regular file or a block device, and this is a char device)", err)
+        end
     end))
 end)

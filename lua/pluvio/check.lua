@@ -5,8 +5,15 @@ local M = {}
 
 local type, floor, tostring, format, pcall = type, math.floor, tostring, string.format, pcall
 
+-- A value as an error message shows it: a long string by its start and
+-- its length (a 1 MB mode string made a 1 MB message).
+local SHOW_MAX = 200
+
 local function show(v)
     if type(v) == "string" then
+        if #v > SHOW_MAX then
+            return format("%q... (%d bytes)", v:sub(1, 60), #v)
+        end
         return format("%q", v)
     elseif type(v) == "number" and v % 1 == 0 and v > -2 ^ 64 and v < 2 ^ 64 then
         return format("%.0f", v)    -- every digit: tostring writes 2^53 as 9.007199254741e+15
