@@ -665,6 +665,33 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
         assert.is_true(tonumber(small) > 1000)      -- 4 KiB buffers: about 7 MiB of them
     end)
 
+    it("give runs one after the other the default pool each, collecting the pools of runs nobody refers to", function()
+        -- (the second run's acquire raised ENOMEM: the first's pool, pinned
+        -- until a collection ran its finalizer, held the whole limit; each
+        -- test of a busted suite, through pluvio.wrap, is such a run)
+        local path = helper.tmp_path(".lua")
+        local f = assert(io.open(path, "w"))
+        f:write([[
+            local pluvio = require "pluvio"
+            local uring = require "pluvio.uring"
+            for i = 1, 4 do
+                local rt = pluvio.Runtime.new()
+                rt:register_reactor("io", uring.reactor())      -- the default pool: what the limit holds
+                rt:run(function()
+                    local bufs = {}
+                    for k = 1, uring.current():options().buffer_count do bufs[k] = uring.acquire_buffer() end
+                    for k = 1, #bufs do bufs[k]:release() end
+                end)
+                print("run " .. i)
+            end
+        ]])
+        f:close()
+        local status, out, err = as_user(helper.quote(path))
+        os.remove(path)
+        assert.equal(0, status, err)
+        assert.equal("run 1\nrun 2\nrun 3\nrun 4\n", out)
+    end)
+
     it("run the demo with a window that fits, and refuse a given one that does not in one line", function()
         local pipeline = helper.quote(helper.root .. "/examples/pipeline.lua")
         local status, out, err = as_user(pipeline .. " --size 8m --quiet")

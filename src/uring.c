@@ -123,6 +123,12 @@ void pl_uring_free(pl_uring_t *u)
                 "operations %g s after cancelling them: their memory (op slots%s) is leaked, "
                 "not freed under the kernel\n", u->in_flight, URING_SHUTDOWN_WAIT,
                 u->buf_mem ? ", registered buffers" : "");
+    /* unregistered now, the pool's pages stop counting against the
+     * locked-memory limit at once: the ring's own teardown, which would
+     * unregister them too, runs later in a kernel worker, and a reactor
+     * made right after this one could not register its pool meanwhile */
+    if (u->ring_ready && u->bufs && kernel_done)
+        io_uring_unregister_buffers(&u->ring);
     if (u->ring_ready)
         io_uring_queue_exit(&u->ring);
     if (u->buf_mem && kernel_done)

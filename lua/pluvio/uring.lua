@@ -16,6 +16,7 @@ local park, current_task, WAIT = pluvio._park, pluvio._current_task, pluvio._WAI
 local io_task, yielded, linger = pluvio._io_task, pluvio._yielded, pluvio._linger
 local co_yield = coroutine.yield
 local WAIT_IO, WAIT_BUFFER = pluvio._WAIT_KIND.IO, pluvio._WAIT_KIND.BUFFER
+local full_collect = pluvio._full_collect
 local errstr = core.errstr
 local ffi_string, ffi_cast = ffi.string, ffi.cast
 local type, format, setmetatable, getmetatable = type, string.format, setmetatable, getmetatable
@@ -480,6 +481,14 @@ end
 local function acquire(r, t, rt, fname)
     local u, crt = r.u, rt.crt
     local idx = C.pl_uring_buffer_acquire(u, crt, t.slot, t.gen)
+    if idx == ENOMEM and C.pl_uring_buffer_ptr(u, 0) == nil then
+        -- the pool could not be registered: under a locked-memory limit,
+        -- perhaps because the pools of earlier runtimes nobody refers to
+        -- still hold it (a finalizer frees them: each run of pluvio.run, or
+        -- of a busted suite's pluvio.wrap, makes its own reactor)
+        full_collect()
+        idx = C.pl_uring_buffer_acquire(u, crt, t.slot, t.gen)
+    end
     if idx == EAGAIN then
         t.wait_obj = r
         repeat
