@@ -29,14 +29,45 @@ describe("sockets and runtimes", function()
         local s = acc:join()
         local sender = pluvio.spawn(function() return c:send(("b"):rep(32 * 1048576)) end)
         pluvio.sleep(0.02)              -- it parks: the peer does not read
+        local refused = pluvio.channel(1)
         local t = pluvio.spawn(function()
             sender:kill()               -- its send is kept on the socket until the kernel says how much went
             local co = coroutine.create(function() return c:send("x") end)
-            return coroutine.resume(co)
+            refused:send({ coroutine.resume(co) })
+            pluvio.sleep(8)             -- lives on: the refused send took the turn and kept it
         end)
-        local ok, err = t:join()
+        local got = refused:recv()
+        assert.is_false(got[1])
+        assert.matches("TcpSocket:send: called from a coroutine that is not a pluvio task", got[2], 1, true)
+        -- the next send is not held up: it learns at once that the stream is cut
+        local none, err = pluvio.timeout(5, function() return c:send("y") end)
+        assert.is_nil(none)
+        assert.matches("^send .*: an earlier send was killed after %d+ of its 33554432 bytes", err)
+        t:kill()
+        c:close(); s:close(); l:close()
+    end))
+
+    it("pass a send's turn on when the plain coroutine that sent is resumed by another and raises", async(function()
+        local l = assert(uring.tcp_listen("127.0.0.1", 0))
+        local acc = pluvio.spawn(function() return assert(l:accept()) end)
+        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+        local s = acc:join()
+        local co
+        local a = pluvio.spawn(function()
+            co = coroutine.create(function() return c:send("from coroutine") end)
+            assert(coroutine.resume(co))    -- the send starts as a's, and the coroutine yields out
+            pluvio.sleep(8)                 -- a lives on
+        end)
+        pluvio.sleep(0.05)                  -- the send went out (resumed before that, it would be cancelled)
+        local ok, err = coroutine.resume(co)     -- resumed by another: it raises, its send is given up
         assert.is_false(ok)
         assert.matches("TcpSocket:send: called from a coroutine that is not a pluvio task", err, 1, true)
+        -- (the turn stayed a's until a ended: this send waited 8 s)
+        assert.equal(6, pluvio.timeout(5, function() return c:send("from b") end))
+        local got = ""
+        while #got < 20 do got = got .. assert(pluvio.timeout(5, function() return s:recv(100) end)) end
+        assert.equal("from coroutinefrom b", got)
+        a:kill()
         c:close(); s:close(); l:close()
     end))
 

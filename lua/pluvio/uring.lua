@@ -361,7 +361,7 @@ end
 -- (the string or scratch space the kernel reads or fills) then stays
 -- referenced until the kernel is done with it.  t.io_rescue (a socket,
 -- set by the receive around its run_op) takes over the op instead, whose
--- result its task will now never take (rescue:_rescue(r, op, keep) ->
+-- result its task will now never take (rescue:_rescue(r, op, keep, t) ->
 -- true if it took it over): bytes a recv took from a stream, a datagram,
 -- must not be lost.  Not set here: a store of
 -- nil to a key the task never had, on every file read, made the JIT's
@@ -434,7 +434,7 @@ function IoUringReactor:_abandon(t)
     if keep ~= nil then
         self.pins[op] = false   -- to the limbo below, or taken by the rescue
     end
-    if rescue and rescue:_rescue(self, op, keep) then  -- the socket's now (uring_net.lua)
+    if rescue and rescue:_rescue(self, op, keep, t) then  -- the socket's now (uring_net.lua)
         return
     end
     local gen = C.pl_uring_op_gen(u, op)

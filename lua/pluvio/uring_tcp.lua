@@ -233,13 +233,26 @@ function M.install(U)
         end
     end
 
+    -- A send its task will not take the end of (the task was killed, or the
+    -- plain coroutine that started it was resumed by another and raised,
+    -- or the task started its next operation) is stopped as receives are,
+    -- and the turn goes on at once: else the sends behind it waited until
+    -- that task's end (for good, from a task that lives on).
+    local stop = TcpSocket._rescue
+    function TcpSocket:_rescue(r, op, keep, t)
+        local taken = stop(self, r, op, keep)
+        if type(keep) == "string" and self.writer == t then      -- (a send's keep is its data)
+            next_writer(self)
+        end
+        return taken
+    end
+
     -- send(data): send all of data (a short send is continued); returns
     -- #data or nil, err.  Sends from several tasks go out one after the
     -- other, whole, in the order they were called.
     local function send(self, t, r, data)
         if has_rescues(self) then   -- a killed send among them: how much went out?
-            current_task("TcpSocket:send", 1)  -- (it may wait: a plain coroutine raises here, see API.md)
-            take_rescues(self, t, r, "TcpSocket:send")
+            take_rescues(self, t, r, "TcpSocket:send")      -- (TcpSocket:send checked the coroutine)
         end
         if self.fd < 0 then         -- another task closed it meanwhile
             return failed("send", self, ECANCELED)
@@ -264,6 +277,9 @@ function M.install(U)
         end
         local t, r = context("TcpSocket:send")
         home("TcpSocket:send", self, r)
+        if has_rescues(self) then   -- (send waits for them: a plain coroutine raises before it takes the turn)
+            current_task("TcpSocket:send")
+        end
         claim_writer(self, t, "TcpSocket:send")
         return release_writer(self, t, send(self, t, r, data))
     end
