@@ -466,6 +466,10 @@ function M.install(U)
         elseif n < 0 then
             return host_failed("send_to", host, port, n)
         end
+        if #data > 65507 and self.family == 6 and addr_text(addrs[0]):find("^%[::ffff:%d") then
+            error(format("UdpSocket:send_to: a datagram to an IPv4 address holds at most 65507 bytes " ..
+                         "(got %d, to %s)", #data, host_port(host, port)), 2)
+        end
         local rc = run_op(r, t, C.pl_uring_sendto(r.u, t.slot, t.gen, self.fd, data, #data, addrs[0]), self,
                           data)
         if rc < 0 then

@@ -254,11 +254,11 @@ function M.install(U)
         if has_rescues(self) then   -- a killed send among them: how much went out?
             take_rescues(self, t, r, "TcpSocket:send")      -- (TcpSocket:send checked the coroutine)
         end
-        if self.fd < 0 then         -- another task closed it meanwhile
-            return failed("send", self, ECANCELED)
+        if self.fd < 0 then         -- another task closed it meanwhile (4th: none of it went)
+            return failed("send", self, ECANCELED, 0)
         end
         if self.cut then
-            return nil, format("send %s: %s", self.name, self.cut), "ECANCELED"
+            return nil, format("send %s: %s", self.name, self.cut), "ECANCELED", 0
         end
         t.io_rescue = self          -- (see await)
         local rc, bytes = run_op(r, t, C.pl_uring_send(r.u, t.slot, t.gen, self.fd, data, #data), self, data)
@@ -432,7 +432,7 @@ function M.install(U)
                 have = #table.concat(parts)
             elseif self.fd < 0 then     -- another task closed it while this one took a piece
                 gather(self)
-                return failed("recv", self, ECANCELED)
+                return failed("recv", self, ECANCELED, have)
             else
                 local s, rc = recv_raw(self, t, r, math.min(n - have, RECV_CHUNK))
                 if rc <= 0 then
@@ -442,7 +442,7 @@ function M.install(U)
                                "EOF", have
                     end
                     if rc == ECANCELED then     -- closed under it: its bytes went with it
-                        return failed("recv", self, rc)
+                        return failed("recv", self, rc, have)
                     elseif have == 0 then
                         return failed("recv", self, rc, 0)
                     end
