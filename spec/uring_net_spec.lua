@@ -72,6 +72,60 @@ describe("sockets and runtimes", function()
         c:close(); s:close(); l:close()
     end))
 
+    it("keep what a killed receive got when a close after their run is refused", function()
+        -- (the refused close dropped it: the socket stayed open, and its
+        -- next recv skipped those bytes)
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
+        local c, s, sender
+        rt:block_on(function()
+            local l = assert(uring.tcp_listen("127.0.0.1", 0))
+            local srv = pluvio.spawn(function() return assert(l:accept()) end)
+            c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+            s = srv:join()
+            l:close()
+            sender = pluvio.spawn(function() return s:send(("B"):rep(32 * 1048576)) end)   -- c reads nothing
+            local receiver = pluvio.spawn(function() return s:recv(10) end)
+            pluvio.sleep(0.001)
+            receiver:kill()                 -- its recv is stopped; the cancel goes out next tick...
+            helper.libc.write(c.fd, "AAAA", 4)  -- ...after these bytes, which the stopped recv takes
+            pluvio.sleep(0.01)
+            assert.equal("waiting", sender:status())
+        end)
+        local ok, err = pcall(s.close, s)   -- the sender still has its op on s
+        assert.is_false(ok)
+        assert.matches("still has an operation on it", err, 1, true)
+        rt:run(function()
+            local drain = pluvio.spawn(function() return #c:recv_exact(32 * 1048576) end)
+            assert.equal(32 * 1048576, sender:join())
+            assert.equal(32 * 1048576, drain:join())
+            assert.equal("AAAA", pluvio.timeout(5, s.recv, s, 10))
+            c:close()
+            s:close()
+        end)
+    end)
+
+    it("close after their run a socket whose only operation left is a killed receive's", function()
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
+        local c, s, receiver
+        rt:block_on(function()
+            local l = assert(uring.tcp_listen("127.0.0.1", 0))
+            local srv = pluvio.spawn(function() return assert(l:accept()) end)
+            c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+            s = srv:join()
+            l:close()
+            receiver = pluvio.spawn(function() return s:recv(10) end)
+            pluvio.yield()
+        end)
+        receiver:kill()                     -- its recv is stopped: the cancel waits for the next run
+        assert.is_true(s:close())           -- (nobody waits on it: the close goes ahead)
+        rt:run(function()
+            assert.same({ nil, "closed", "EOF" }, { pluvio.timeout(5, c.recv, c, 10) })
+            c:close()
+        end)
+    end)
+
     it("stay open after their run when a task that run left parked still receives on them", function()
         -- (the receive holds the socket's number, not the socket: closed at
         -- once, the number went to the next socket made, and the receive,

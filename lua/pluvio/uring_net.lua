@@ -353,12 +353,19 @@ function M.install(U)
 
     -- Close: cancel what other tasks wait for on the fd, then close it (one
     -- op, so that a kill while it waits cannot leave the socket open).
-    local function close_socket(obj, fname)
+    -- also(obj), if given, once the close goes ahead (a refused one leaves
+    -- the socket as it was).
+    local function close_socket(obj, fname, also)
         local home_r, rc = obj.reactor, nil
         local ended = run_ended(home_r)
         if ended then                   -- at once, as a file's close
-            drop_rescues(obj, home_r)   -- (nobody will take what they got)
             rc = close_idle(home_r, obj.fd)
+            if rc then                  -- (refused, the socket stays as it was: its next
+                drop_rescues(obj, home_r)   -- receive takes what they got; closed, nobody will)
+            end
+        end
+        if rc and also then
+            also(obj)
         end
         if rc then
             forget_fd(obj)
@@ -378,6 +385,9 @@ function M.install(U)
             return failed("close", obj, op)
         end
         forget_fd(obj)
+        if also then
+            also(obj)
+        end
         -- before the wait: a closer killed there never came back to drop
         -- them, and a listener's connection an accept had taken stayed open
         -- (the close's cancel ends the ops; dropped, they close what they get)

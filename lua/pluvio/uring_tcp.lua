@@ -123,17 +123,22 @@ function M.install(U)
         return connected(r, fd)
     end
 
+    -- Connections no accept took (killed accepts had): their clients see
+    -- the end.  Once the close goes ahead: a refused one leaves them.
+    local function close_held(self)
+        local held = self.held
+        for i = #held, 1, -1 do
+            C.pl_file_close_sync(held[i])
+            held[i] = nil           -- (in place: the guard has the list)
+        end
+    end
+
     function TcpListener:close()
         if getmetatable(self) ~= TcpListener then
             error("TcpListener:close: call it as a method on a listener", 2)
         end
         if self.fd < 0 then return false end
-        local held = self.held
-        for i = #held, 1, -1 do     -- connections no accept took: their clients see the end
-            C.pl_file_close_sync(held[i])
-            held[i] = nil           -- (in place: the guard has the list)
-        end
-        return close_socket(self, "TcpListener:close")
+        return close_socket(self, "TcpListener:close", close_held)
     end
 
     -- Why no address of a name took the connection: the last error, and
