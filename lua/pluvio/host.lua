@@ -379,7 +379,11 @@ function M.main(opts)
         io.stderr:write(M.format_stats(rt))
     end
     local sig = C.pl_signal_caught()
-    if sig ~= 0 then    -- the run's error says only that: nothing to report
+    if sig ~= 0 then    -- the run's error says what its tasks were waiting on
+        if not ok and type(err) == "string" and err:find("^interrupted by ") then
+            -- (a nested run's, raised through the task running it, has a traceback)
+            io.stderr:write("pluvio: ", (err:gsub("\nstack traceback:.*$", "")), "\n")
+        end
         C.pl_signals_end()
         return 128 + sig
     end

@@ -405,8 +405,21 @@ end
 -- error; drive cancels the tasks, and the host ends by that signal).
 local SIGNAL_NAMES = { [2] = "SIGINT", [15] = "SIGTERM" }
 
-local function interrupted(sig)
-    return "interrupted by " .. (SIGNAL_NAMES[sig] or ("signal " .. sig))
+-- The error names the signal and, for a run that seemed to hang, what its
+-- tasks were waiting on (the first INTERRUPTED_SHOWN of them).
+local INTERRUPTED_SHOWN = 10
+
+local function interrupted(sig, rt)
+    local lines, list = {}, rt:tasks()
+    for i = 1, math.min(#list, INTERRUPTED_SHOWN) do
+        local e = list[i]
+        lines[i] = format("  %s %s", tostring(e.task), e.waits_on and "waits on " .. e.waits_on or "was " .. e.state)
+    end
+    if #list > INTERRUPTED_SHOWN then
+        lines[#lines + 1] = format("  ... and %d more", #list - INTERRUPTED_SHOWN)
+    end
+    return format("interrupted by %s; its tasks then:\n%s", SIGNAL_NAMES[sig] or ("signal " .. sig),
+                  table.concat(lines, "\n"))
 end
 
 -- The loop: tick, resume, repeat, until done() says so or no task is live
@@ -416,7 +429,7 @@ local function loop(rt, done)
     while rt.nlive > 0 and not done(rt) do
         local sig = C.pl_signal_caught()
         if sig ~= 0 then
-            return nil, interrupted(sig)
+            return nil, interrupted(sig, rt)
         end
         local flags = C.PL_TICK_MAY_BLOCK
         if rt.lua_reactors[1] then
