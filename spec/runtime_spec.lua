@@ -388,6 +388,39 @@ describe("pluvio.run and pluvio.wrap", function()
         assert.matches("^no position\n", select(2, pcall(pluvio.wrap(error), "no position", 0)))   -- (a C body)
     end)
 
+    it("stops a wrapped run at its timeout, saying what its tasks waited on, and cancels them", function()
+        -- (a task left in an accept, on a pipe: the test hung for good)
+        local cleaned = false
+        local hung = pluvio.wrap(function()
+            pluvio.spawn_named("server", function()
+                pluvio.current():on_exit(function() cleaned = true end)
+                pluvio.sleep(1e6)
+            end)
+            return "body done"
+        end, { timeout = 0.2 })
+        local t0 = pluvio.now()
+        local ok, err = pcall(hung)
+        assert.is_false(ok)
+        assert.matches("^[^\n]*runtime_spec%.lua:%d+: timeout: the run did not end within 0%.2 s; its tasks then:\n" ..
+                       '  task "server" %(#2, waiting%) waits on sleep$', err)
+        assert.is_true(cleaned)
+        assert.is_true(pluvio.now() - t0 >= 0.2 and pluvio.now() - t0 < 5)
+        -- a deadlock is still reported at once, and a run that ends in time is not stopped
+        local t1 = pluvio.now()
+        ok, err = pcall(pluvio.wrap(function() pluvio.channel(1):recv() end, { timeout = 5 }))
+        assert.is_false(ok)
+        assert.matches("deadlock: 1 task waits", err, 1, true)
+        assert.is_true(pluvio.now() - t1 < 1)
+        assert.equal(42, pluvio.wrap(function(x) pluvio.sleep(0.01); return x end, { timeout = 5 })(42))
+        for _, case in ipairs({ { 5, "opts must be a table ({timeout = seconds}) (got 5)" },
+                                { { timout = 1 }, 'opts has one field, timeout; unknown (got "timout")' },
+                                { { timeout = 0 }, "opts.timeout must be more than 0 seconds (got 0)" },
+                                { { timeout = 0 / 0 }, "opts.timeout must be a finite number" } }) do
+            assert.has_error(function() pluvio.wrap(print, case[1]) end)
+            assert.matches("pluvio.wrap: " .. case[2], select(2, pcall(pluvio.wrap, print, case[1])), 1, true)
+        end
+    end)
+
     it("does not keep the rings of its earlier calls open until the collector runs", function()
         -- A suite with a large live heap runs hundreds of tests between two
         -- collections: each call's runtime and io_uring reactor (a ring fd

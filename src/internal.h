@@ -82,6 +82,7 @@ struct pl_runtime {
     struct io_uring ring;   /* the one place the runtime blocks */
     int64_t switch_cyc;     /* when (pl_cycles) the last task stopped running (or the batch began) */
     int64_t spin_ns;
+    int64_t wake_by_ns;     /* a sleep ends by then (pl_clock_ns), 0: no bound */
     uint32_t wait_retries;  /* sleeps in a row that the kernel refused for now (EAGAIN, EBUSY) */
 
     pl_runtime_stats_t stats;

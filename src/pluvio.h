@@ -166,6 +166,10 @@ int pl_runtime_reactor_info(pl_runtime_t *rt, int index, pl_reactor_info_t *out)
 int pl_runtime_reactor_stats(pl_runtime_t *rt, int index, pl_stat_t *out, int max);
 void pl_runtime_stats(pl_runtime_t *rt, pl_runtime_stats_t *out);
 void pl_runtime_set_spin(pl_runtime_t *rt, double seconds);
+/* Sleep no later than at (pl_now's clock; 0: no bound), for a run with a
+ * time limit.  Unlike a timer, it does not keep tasks from a deadlock
+ * report. */
+void pl_runtime_wake_by(pl_runtime_t *rt, double at);
 
 /* One turn of the loop: poll reactors, fire timers, block when nothing is
  * ready (if allowed), then move up to max ready slots into out.  Returns the

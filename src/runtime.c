@@ -186,6 +186,11 @@ void pl_runtime_set_spin(pl_runtime_t *rt, double seconds)
     rt->spin_ns = seconds > 0 ? (int64_t)(seconds * 1e9) : 0;
 }
 
+void pl_runtime_wake_by(pl_runtime_t *rt, double at)
+{
+    rt->wake_by_ns = at > 0 ? (int64_t)(at * 1e9) : 0;
+}
+
 /* ---- the ready ring ------------------------------------------------------ */
 
 /* Queue a live slot unless it is queued already; returns 1 if queued now. */

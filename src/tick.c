@@ -356,6 +356,11 @@ static int block(pl_runtime_t *rt)
         return rc;
     if (next >= 0)
         d = next > t0 ? next - t0 : 0;
+    if (rt->wake_by_ns > 0) {
+        int64_t left = rt->wake_by_ns > t0 ? rt->wake_by_ns - t0 : 0;
+        if (d < 0 || d > left)
+            d = left;
+    }
     for (int i = 0; i < rt->nreactors; i++) {
         pl_reactor_t *r = rt->reactors[i].reactor;
         if (r->max_wait_ns > 0 && (d < 0 || d > r->max_wait_ns) &&

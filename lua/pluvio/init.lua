@@ -129,14 +129,35 @@ local function collect_wrapped_runtimes()
     wrapped_collect_at = n + WRAPPED_UNCOLLECTED
 end
 
--- pluvio.wrap(fn): a plain function that runs fn in a new runtime, for
--- busted's it() and other synchronous callers.
-function M.wrap(fn)
+-- pluvio.wrap(fn[, {timeout = s}]): a plain function that runs fn in a new
+-- runtime, for busted's it() and other synchronous callers; with a
+-- timeout, a run still going after s seconds (a task left waiting on I/O
+-- that never comes) is stopped, its tasks cancelled, and the call raises.
+function M.wrap(fn, opts)
     check.func("pluvio.wrap", "fn", fn)
+    local limit
+    if type(opts) ~= "nil" then
+        if type(opts) ~= "table" then
+            check.fail("pluvio.wrap", "opts must be a table ({timeout = seconds})", opts)
+        end
+        for k in walk, opts do
+            if k ~= "timeout" then
+                check.fail("pluvio.wrap", "opts has one field, timeout; unknown", k)
+            end
+        end
+        limit = opts.timeout
+        if type(limit) ~= "nil" then
+            check.number("pluvio.wrap", "opts.timeout", limit, 0, 1e9)
+            if limit == 0 then
+                check.fail("pluvio.wrap", "opts.timeout must be more than 0 seconds", limit)
+            end
+        end
+    end
     return function(...)
         collect_wrapped_runtimes()
         local rt = M.default_runtime()
         wrapped_runtimes[rt] = true
+        rt.time_limit = limit
         return wrapped_results(rt, fn, pcall(rt.run, rt, fn, ...))
     end
 end

@@ -405,31 +405,39 @@ end
 -- error; drive cancels the tasks, and the host ends by that signal).
 local SIGNAL_NAMES = { [2] = "SIGINT", [15] = "SIGTERM" }
 
--- The error names the signal and, for a run that seemed to hang, what its
--- tasks were waiting on (the first INTERRUPTED_SHOWN of them).
-local INTERRUPTED_SHOWN = 10
+-- What the tasks of a run that seemed to hang were waiting on (the first
+-- STOPPED_SHOWN of them), for the error that stops it.
+local STOPPED_SHOWN = 10
 
-local function interrupted(sig, rt)
+local function stopped_tasks(rt)
     local lines, list = {}, rt:tasks()
-    for i = 1, math.min(#list, INTERRUPTED_SHOWN) do
+    for i = 1, math.min(#list, STOPPED_SHOWN) do
         local e = list[i]
         lines[i] = format("  %s %s", tostring(e.task), e.waits_on and "waits on " .. e.waits_on or "was " .. e.state)
     end
-    if #list > INTERRUPTED_SHOWN then
-        lines[#lines + 1] = format("  ... and %d more", #list - INTERRUPTED_SHOWN)
+    if #list > STOPPED_SHOWN then
+        lines[#lines + 1] = format("  ... and %d more", #list - STOPPED_SHOWN)
     end
+    return table.concat(lines, "\n")
+end
+
+local function interrupted(sig, rt)
     return format("interrupted by %s; its tasks then:\n%s", SIGNAL_NAMES[sig] or ("signal " .. sig),
-                  table.concat(lines, "\n"))
+                  stopped_tasks(rt))
 end
 
 -- The loop: tick, resume, repeat, until done() says so or no task is live
 -- (or the host caught a signal: pl_signals_catch).
 local function loop(rt, done)
-    local crt, ready = rt.crt, rt.ready
+    local crt, ready, deadline = rt.crt, rt.ready, rt.deadline
     while rt.nlive > 0 and not done(rt) do
         local sig = C.pl_signal_caught()
         if sig ~= 0 then
             return nil, interrupted(sig, rt)
+        end
+        if deadline and C.pl_now() >= deadline then     -- (pluvio.wrap's timeout)
+            return nil, format("timeout: the run did not end within %g s; its tasks then:\n%s", rt.time_limit,
+                               stopped_tasks(rt))
         end
         local flags = C.PL_TICK_MAY_BLOCK
         if rt.lua_reactors[1] then
@@ -534,11 +542,19 @@ local function drive(rt, fname, until_all, fn, ...)
     rt.main_task, rt.outer_task = main, outer_task
     rt.done = until_all and run_done or block_on_done
     rt.outer = outer_rt     -- (the runs under way: see report_running_unjoined)
+    if rt.time_limit then   -- (set by pluvio.wrap; the loop stops the run then)
+        rt.deadline = C.pl_now() + rt.time_limit
+        C.pl_runtime_wake_by(rt.crt, rt.deadline)
+    end
     task.set_current_rt(rt)
     if outer_rt then
         pass_turns(outer_rt)
     end
     local ok, lok, lerr = pcall(loop, rt, rt.done)
+    if rt.deadline then
+        rt.deadline = nil
+        C.pl_runtime_wake_by(rt.crt, 0)
+    end
     local was_killed = ok and lok and outer_killed(rt)
     -- Cancel what is left while rt is still the current runtime: clean-ups
     -- that spawn put their tasks here, and those are cancelled too.
