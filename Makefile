@@ -22,7 +22,11 @@ VERSION     = 0.1.0
 # -fno-semantic-interposition: nobody interposes libpluvio's functions (only
 # pluvio.map's are exported), so a call inside a file may be inlined
 # (callgrind: 3 % fewer instructions per 4 KiB read at QD 32)
-PL_CFLAGS  = -DPL_VERSION='"$(VERSION)"' -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC \
+# The C interface's stamp: a checksum of the FFI region of the header, built
+# into the library and written into the cdef, so that Lua modules never
+# drive a libpluvio.so of another interface (core.lua compares them).
+PL_ABI    := $(shell sed -n '/^\/\* PL_CDEF_BEGIN \*\/$$/,/^\/\* PL_CDEF_END \*\/$$/p' src/pluvio.h | cksum | cut -d' ' -f1)
+PL_CFLAGS  = -DPL_VERSION='"$(VERSION)"' -DPL_ABI='"$(PL_ABI)"' -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC \
              -fno-semantic-interposition $(SANITIZE) $(CFLAGS)
 CORE_SRC   = src/runtime.c src/tick.c src/timer.c src/error.c src/uring.c src/uring_submit.c src/uring_complete.c src/uring_rest.c src/uring_cancel.c src/uring_file.c src/uring_buf.c \
              src/uring_net.c src/uring_queue.c src/checksum.c src/interrupt.c src/ucx_context.c src/ucx_op.c src/ucx_waitq.c src/ucx_worker.c src/ucx_reactor.c src/ucx_conn.c src/ucx_listener.c src/ucx_addr.c src/ucx_log.c src/ucx_am.c src/ucx_sock.c src/histogram.c
@@ -74,7 +78,7 @@ $(FLOOR): examples/uring_c_bench.c src/pluvio.h $(LIB)
 # The FFI cdef is the marked region of the public header: one source of truth.
 $(CDEF): src/pluvio.h Makefile
 	{ echo '-- Generated from src/pluvio.h by make; do not edit.'; \
-	  echo 'return [==['; \
+	  echo 'return [==[/* abi $(PL_ABI) */'; \
 	  sed -n '/^\/\* PL_CDEF_BEGIN \*\/$$/,/^\/\* PL_CDEF_END \*\/$$/{/PL_CDEF_/d;p}' src/pluvio.h; \
 	  echo ']==]'; } > $@
 

@@ -131,6 +131,30 @@ describe("libpluvio.so", function()
         sh("rm -rf " .. q(dir))
     end)
 
+    it("is refused when it was built for another version of Pluvio than the Lua modules", function()
+        -- (the modules drove whatever libpluvio.so came first on package.cpath:
+        -- an older make install's, whose functions took other arguments)
+        local paths = ("LUA_PATH=%s "):format(q(root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;"))
+        local dir = tmpdir()
+        for _, case in ipairs({
+            { 'const char *pl_abi(void) { return "12345"; }', "(its interface 12345, theirs %d+)" },
+            { "int pl_something_old;", "(it has no interface stamp, theirs %d+)" },
+        }) do
+            local src = dir .. "/old.c"
+            local f = assert(io.open(src, "w"))
+            f:write(case[1], "\n")
+            f:close()
+            assert.equal(0, (sh("cc -shared -fPIC -o " .. q(dir .. "/libpluvio.so") .. " " .. q(src))))
+            local status, _, err = sh(CLEAN_ENV .. paths .. "PLUVIO_LIB=" .. q(dir .. "/libpluvio.so") ..
+                                      " luajit -e " .. q('require "pluvio"'))
+            assert.are_not.equal(0, status)
+            assert.matches("pluvio: the libpluvio.so at " .. dir:gsub("%p", "%%%0") .. "/libpluvio.so was built for " ..
+                           "another version of Pluvio than these Lua modules " .. case[2]:gsub("[()]", "%%%0") ..
+                           ": install both from one build", err)
+        end
+        sh("rm -rf " .. q(dir))
+    end)
+
     it("says it needs LuaJIT when another Lua loads it (busted without --lua=luajit)", function()
         if sh("command -v lua >/dev/null && ! lua -v 2>&1 | grep -q LuaJIT") ~= 0 then
             pending("no Lua but LuaJIT installed as lua")

@@ -64,3 +64,12 @@ const char *pl_version(void)
 {
     return PL_VERSION;
 }
+
+#ifndef PL_ABI
+#define PL_ABI "unstamped"
+#endif
+
+const char *pl_abi(void)
+{
+    return PL_ABI;
+}

@@ -187,6 +187,15 @@ static int traceback(lua_State *L)
     return 1;
 }
 
+/* An error message without the "pluvio: " the modules' own start with
+ * (the host puts its own in front). */
+static const char *unprefixed(const char *msg)
+{
+    if (!msg)
+        return "(error object is not a string)";
+    return strncmp(msg, "pluvio: ", 8) == 0 ? msg + 8 : msg;
+}
+
 /* Call require("pluvio.host").main(opts) with the actions table at stack
  * index 1; returns the exit status. */
 static int run_host(lua_State *L, const struct options *o, int argc, char **argv)
@@ -195,7 +204,7 @@ static int run_host(lua_State *L, const struct options *o, int argc, char **argv
     lua_getglobal(L, "require");
     lua_pushstring(L, "pluvio.host");
     if (lua_pcall(L, 1, 1, 2) != 0) {
-        fprintf(stderr, "pluvio: cannot load the Pluvio modules: %s\n", lua_tostring(L, -1));
+        fprintf(stderr, "pluvio: cannot load the Pluvio modules: %s\n", unprefixed(lua_tostring(L, -1)));
         return 1;
     }
     lua_getfield(L, -1, "main");
@@ -214,7 +223,7 @@ static int run_host(lua_State *L, const struct options *o, int argc, char **argv
     lua_pushboolean(L, o->stdin_closed);
     lua_setfield(L, -2, "stdin_closed");
     if (lua_pcall(L, 1, 1, 2) != 0) {
-        fprintf(stderr, "pluvio: %s\n", lua_tostring(L, -1));
+        fprintf(stderr, "pluvio: %s\n", unprefixed(lua_tostring(L, -1)));
         return 1;
     }
     return (int)lua_tointeger(L, -1);

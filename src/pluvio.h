@@ -692,6 +692,9 @@ enum { PL_EWILDCARD = 4099 };
 const char *pl_strerror(int err);
 const char *pl_errname(int err);
 const char *pl_version(void);
+/* The stamp of this interface (a checksum of the header's FFI region, made
+ * by the Makefile): the Lua modules refuse a library of another. */
+const char *pl_abi(void);
 /* Ctrl-C for the host's prompt (interrupt.c): pl_interrupt_watch makes
  * SIGINT write a byte to a pipe instead of ending the process, and returns
  * the pipe's read end for a task to read (one byte per interrupt), or

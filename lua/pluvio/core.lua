@@ -11,7 +11,8 @@ end
 
 local M = {}
 
-ffi.cdef(require "pluvio.cdef")
+local CDEF = require "pluvio.cdef"
+ffi.cdef(CDEF)
 
 -- The library sits where package.cpath finds C modules (LuaRocks' layout),
 -- or where PLUVIO_LIB points; returns its path and where that came from.
@@ -23,9 +24,25 @@ local function find_library()
     path = package.searchpath("libpluvio", package.cpath)
     if not path then
         error("pluvio: cannot find libpluvio.so in package.cpath (" .. package.cpath ..
-              "); install Pluvio (make install or luarocks make) or set PLUVIO_LIB", 0)
+              "); install Pluvio (make install or luarocks make) and set LUA_CPATH to where it went, " ..
+              "or set PLUVIO_LIB to the library", 0)
     end
     return path, "package.cpath"
+end
+
+-- The library must be built from the header these modules' cdef came
+-- from: one of another version (an older make install found first on
+-- package.cpath, say) would take calls it does not know as it reads them,
+-- and corrupt memory rather than fail.
+local function check_interface(lib, path)
+    local want = CDEF:match("^/%* abi (%w+) %*/")
+    local ok, have = pcall(function() return ffi.string(lib.pl_abi()) end)
+    if not ok or have ~= want then
+        error(("pluvio: the libpluvio.so at %s was built for another version of Pluvio than " ..
+               "these Lua modules (%s, %s): install both from one build (make install, or " ..
+               "luarocks make), or point PLUVIO_LIB at the library built with them"):format(path,
+               ok and "its interface " .. have or "it has no interface stamp", "theirs " .. tostring(want)), 0)
+    end
 end
 
 -- (ffi.load's own message names neither the variable nor the search: a
@@ -36,6 +53,7 @@ local function load_library()
     if not ok then
         error(("pluvio: cannot load libpluvio.so from %s (%s): %s"):format(from, path, tostring(lib)), 0)
     end
+    check_interface(lib, path)
     return lib
 end
 
