@@ -239,7 +239,7 @@ describe("registered buffers", function()
         with_reactor({ buffer_count = 1, buffer_size = 4096 }, function(r)
             local b = r:acquire_buffer()
             assert.has_error(function() b:fill(300) end, "Buffer:fill: byte must be an integer from 0 to 255 (got 300)")
-            assert.has_error(function() b:tostring(5000) end, "Buffer:tostring: length must be an integer from 0 to 4096 (got 5000)")
+            assert.has_error(function() b:tostring(5000) end, "Buffer:tostring: len must be an integer from 0 to 4096 (got 5000)")
             -- (the data and the offset are the arguments: no "length" was given)
             assert.has_error(function() b:write("abc", 4095) end,
                 "Buffer:write: data of 3 bytes does not fit at offset 4095 (the buffer holds 4096 bytes)")

@@ -97,7 +97,7 @@ describe("File and DmaFile", function()
         local f = assert(uring.File.open(path, "w+"))
         local b = uring.acquire_buffer()
         assert.has_error(function() f:read_fixed(b, 0, null) end,
-            "File:read_fixed: length must be an integer from 0 to 1048576 (got cdata<void *>: NULL)")
+            "File:read_fixed: len must be an integer from 0 to 1048576 (got cdata<void *>: NULL)")
         assert.has_error(function() f:readv(0, { b }, null) end,
             "File:readv: lens must be nil or a list of byte counts (got cdata<void *>: NULL)")
         assert.has_error(function() f:fallocate(0, 4096, false) end,
@@ -105,7 +105,7 @@ describe("File and DmaFile", function()
         assert.has_error(function() b:fill(65, 4, false) end,
             "Buffer:fill: offset must be an integer from 0 to 1048576 (got false)")
         assert.has_error(function() b:tostring(null) end,
-            "Buffer:tostring: length must be an integer from 0 to 1048576 (got cdata<void *>: NULL)")
+            "Buffer:tostring: len must be an integer from 0 to 1048576 (got cdata<void *>: NULL)")
         assert.is_nil(uring.statx(path .. ".d"))      -- nothing was made
         b:release()
         f:close()
@@ -582,7 +582,7 @@ describe("File and DmaFile", function()
             local f = assert(cls.open(path, "w+"))
             -- the kernel's EINVAL named no argument (on a DmaFile it blamed the O_DIRECT alignment)
             assert.has_error(function() f:fallocate(0, 0) end,
-                kind .. ":fallocate: length must be an integer from 1 to 4611686018427387904 (got 0)")
+                kind .. ":fallocate: len must be an integer from 1 to 4611686018427387904 (got 0)")
             assert.has_error(function() f.fallocate(0, 4096) end,
                 "File:fallocate: call it as a method on a file (f:fallocate(...)); got number as self")
             assert.equal(0, f:statx().size)
@@ -814,7 +814,7 @@ describe("File and DmaFile", function()
         assert.has_error(function() f:read(-1, 1) end, "File:read: offset must be an integer from 0 to 2^62 (got -1)")
         assert.has_error(function() f:read(2 ^ 62 + 2048, 1) end,     -- (it said ">= 0" of that one)
                          "File:read: offset must be an integer from 0 to 2^62 (got 4611686018427389952)")
-        assert.has_error(function() f:read(0, 1.5) end, "File:read: length must be an integer from 0 to 2147479552 (got 1.5)")
+        assert.has_error(function() f:read(0, 1.5) end, "File:read: len must be an integer from 0 to 2147479552 (got 1.5)")
         assert.has_error(function() f:write(0, 42) end, "File:write: data must be a string (got number)")
         assert.has_error(function() f:read_fixed("buf", 0) end, "File:read_fixed: buf must be a registered buffer (got string)")
         assert.has_error(function() uring.File.open(path, "rw") end,

@@ -449,7 +449,7 @@ describe("IoQueue", function()
             assert.error_matches(function() q:read_fixed(f, buf, -1) end,
                 "IoQueue:read_fixed: offset must be an integer from 0 to 2%^62 %(got %-1%)")
             assert.error_matches(function() q:read_fixed(f, buf, 0, buf:size() + 1) end,
-                "IoQueue:read_fixed: length must be an integer from 0 to")
+                "IoQueue:read_fixed: len must be an integer from 0 to")
             assert.error_matches(function() q:read_fixed(d, buf, 100, 4096) end,
                 "IoQueue:read_fixed: O_DIRECT offset 100 is not a multiple of")
             assert.error_matches(function() q.read_fixed(nil, f, buf, 0) end,

@@ -83,7 +83,7 @@ local function span(fname, b, len, off)
     if type(len) == "nil" then
         len = b.len - off
     elseif type(len) ~= "number" or len % 1 ~= 0 or len < 0 or off + len > b.len then
-        error(format("%s: length must be an integer from 0 to %d (got %s)", fname, b.len - off,
+        error(format("%s: len must be an integer from 0 to %d (got %s)", fname, b.len - off,
                      check.show(len)), 3)
     end
     return len, off

@@ -139,7 +139,7 @@ function M.install(U)
     local function check_len(fname, len, max, f, min)
         min = min or 0
         if type(len) ~= "number" or len ~= len or len % 1 ~= 0 or len < min or len > max then
-            error(format("%s: length must be an integer from %d to %d (got %s)", file_fname(fname, f), min, max,
+            error(format("%s: len must be an integer from %d to %d (got %s)", file_fname(fname, f), min, max,
                          check.show(len)), 3)
         end
     end
