@@ -372,18 +372,26 @@ else
     end
     local result_stream = w:am_stream(RESULT)
 
+    -- the steps' lines, their times in one column
+    local labels = { "1. generated " .. src_path, "2-4. read, sent, received, written " .. bench.bytes(o.size),
+                     "5. verified (checksums match)" }
+    local width = math.max(#labels[1], #labels[2], #labels[3])
+    local function step(label, seconds, rest)
+        say("  %-" .. width .. "s %6.2f s%s\n", label, seconds, rest or "")
+    end
+
     local t = pluvio.now()
     generate(src_path)
     result.generate_s = pluvio.now() - t
-    say("  1. generated %-28s %6.2f s\n", src_path, result.generate_s)
+    step(labels[1], result.generate_s)
 
     t = pluvio.now()
     local sent, acked = send(ep, ack_stream, src_path, progress)
     result.transfer_s = pluvio.now() - t
     progress:done()
     result.mib_s = sent / result.transfer_s / 1048576
-    say("  2-4. read, sent, received, written %s %12.2f s  (%.0f MiB/s, %d chunks acknowledged)\n",
-        bench.bytes(sent), result.transfer_s, result.mib_s, acked)
+    step("2-4. read, sent, received, written " .. bench.bytes(sent), result.transfer_s,
+         ("  (%.0f MiB/s, %d chunks acknowledged)"):format(result.mib_s, acked))
 
     t = pluvio.now()
     local local_sum = checksum_file(src_path, o.size)
@@ -400,7 +408,7 @@ else
     result.verify_s = pluvio.now() - t
     result.source_checksum, result.received_checksum = local_sum, remote_sum
     result.ok = local_sum == remote_sum
-    say("  5. verified %-29s %6.2f s\n", result.ok and "(checksums match)" or "(CHECKSUMS DIFFER)", result.verify_s)
+    step(result.ok and labels[3] or "5. verified (CHECKSUMS DIFFER)", result.verify_s)
     say("     source   %s\n     received %s\n", local_sum, remote_sum)
     local st = rt:stats()
     say("  runtime: %d tasks, %d ticks, %.2f s blocked in the kernel\n", st.tasks_spawned, st.ticks, st.time_blocked)
