@@ -22,7 +22,8 @@ local spec = {
             "Stream a file through io_uring and UCX and verify it on both ends.",
     options = {
         { "size", "size", 64 * 1048576, "bytes to generate and move", min = 1 },
-        { "chunk", "size", 1048576, "bytes per Active Message", max = 1073741824 },
+        { "chunk", "size", nil, "bytes per Active Message (default 1m; less for --server and --connect " ..
+          "when the locked-memory limit, ulimit -l, holds too few)", max = 1073741824 },
         { "window", "integer", nil, "chunks in flight (default 8, fewer when the locked-memory limit, " ..
           "ulimit -l, holds fewer registered buffers)", min = 1, max = 256 },
         { "dir", "string", nil, "where the files go (default: a temporary directory)" },
@@ -82,8 +83,10 @@ end
 local function join_all(tasks)
     for i = 1, #tasks do joined(tasks[i]) end
 end
-if o.chunk < 4096 or o.chunk % 4096 ~= 0 then fail("--chunk must be a multiple of 4096 (got " .. o.chunk .. ")") end
-if o.size < o.chunk then fail(("--size must be at least --chunk %d (got %d)"):format(o.chunk, o.size)) end
+if o.chunk and (o.chunk < 4096 or o.chunk % 4096 ~= 0) then
+    fail("--chunk must be a multiple of 4096 (got " .. o.chunk .. ")")
+end
+if o.size < (o.chunk or 4096) then fail(("--size must be at least --chunk %d (got %d)"):format(o.chunk or 4096, o.size)) end
 if o.size % 4096 ~= 0 then fail("--size must be a multiple of 4096 (got " .. o.size .. ")") end
 if o.server and o.connect then fail("choose --server or --connect, not both") end
 local connect_host, connect_port
@@ -92,27 +95,42 @@ if o.connect then       -- checked before anything is generated
     if not connect_host then fail("--connect must be HOST:PORT, the port from 1 to 65535 (got " .. o.connect .. ")") end
 end
 
--- The pool is 2 * window + 4 buffers of a chunk: the default window is
--- lowered to what the locked-memory limit holds (a user's is 8 MiB: 6
--- buffers of 1 MiB beside the rings; root has none).
+-- The pool is 2 * window + 4 buffers of a chunk with both ends here, and
+-- window + 2 for one end: the default window is lowered to what the
+-- locked-memory limit holds (a user's is 8 MiB: 6 buffers of 1 MiB beside
+-- the rings; root has none).  The limit is the user's: one end of two
+-- takes half of it, since the other may run on this machine too, and the
+-- default chunk is then lowered too (both ends lower it alike: a server
+-- takes chunks up to its own).
+local two_ends = o.server or o.connect
+local function pool_of(w) return two_ends and w + 2 or 2 * w + 4 end
 local window_note = ""
 do
-    local want = o.window or 8
-    local n, lockable = bench.fit_pool(o.chunk, function(w) return 2 * w + 4 end, want, o.window, 256)
-    if not n then
-        fail(("--window %d takes %s: lower --window or --chunk, or raise the limit"):format(o.window or 1, lockable))
+    local want, chunk = o.window or 8, o.chunk or 1048576
+    while true do
+        local n, lockable = bench.fit_pool(chunk, pool_of, want, o.window, 256, two_ends and 2 or 1)
+        if n then
+            if n < want or chunk < (o.chunk or 1048576) then
+                window_note = (" (the locked-memory limit holds %d buffers of %s%s)"):format(lockable,
+                    bench.bytes(chunk), two_ends and " for this end" or "")
+            end
+            o.window, o.chunk = n, chunk
+            break
+        end
+        if o.chunk or o.window or chunk <= 65536 then      -- (a --window given is not fitted)
+            fail(("--window %d takes %s: lower --window or --chunk, or raise the limit"):format(o.window or 1,
+                 lockable))
+        end
+        chunk = chunk / 2
     end
-    if n < want then
-        window_note = (" (the locked-memory limit holds %d buffers of a chunk)"):format(lockable)
-    end
-    o.window = n
 end
+if o.size < o.chunk then fail(("--size must be at least --chunk %d (got %d)"):format(o.chunk, o.size)) end
 
 local DATA, ACK, DONE, RESULT, HELLO = 20, 21, 22, 23, 24
 local SEED = 2026
 
 local rt = pluvio.runtime()
-local reactor = uring.reactor { buffer_size = o.chunk, buffer_count = 2 * o.window + 4, queue_size = 256 }
+local reactor = uring.reactor { buffer_size = o.chunk, buffer_count = pool_of(o.window), queue_size = 256 }
 rt:register_reactor("pipeline", reactor)
 local open = o.direct and uring.DmaFile.open or uring.File.open
 

@@ -92,7 +92,8 @@ local fit_note = ""
 do
     local chunk, window = o.chunk or 1048576, o.window or 8
     while true do
-        local n, lockable = bench.fit_pool(chunk, function(w) return 3 * w + 4 end, window, o.window, 256)
+        local n, lockable = bench.fit_pool(chunk, function(w) return 3 * w + 4 end, window, o.window, 256,
+                                           (o.server or o.connect) and 2 or 1)   -- (see pipeline.lua)
         if n then
             if n < window or chunk < (o.chunk or 1048576) then
                 fit_note = (" (the locked-memory limit holds %d buffers of %s)"):format(lockable, bench.bytes(chunk))

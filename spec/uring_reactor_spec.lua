@@ -704,6 +704,29 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
                        "limit %(ulimit %-l%) holds %d+: lower %-%-window or %-%-chunk, or raise the limit\n$", err)
     end)
 
+    it("run the demo's two ends on one machine, each in its half of the user's limit", function()
+        -- (each end took the whole limit: the second one's pool could not
+        -- be registered, and both ends failed)
+        local _, uid = helper.sh("id -u")
+        local drop = uid:match("^0\n") and "setpriv --bounding-set=-ipc_lock -- " or ""
+        local host = drop .. "timeout -k 5 60 " .. helper.quote(helper.host) .. " " ..
+                     helper.quote(helper.root .. "/examples/pipeline.lua")
+        local out = os.tmpname()
+        local status, client, err = helper.sh("ulimit -l 8192; " .. host .. " --server --port 0 --size 8m >" ..
+            helper.quote(out) .. " 2>&1 & for i in $(seq 200); do grep -q 'receiving on' " .. helper.quote(out) ..
+            " && break; sleep 0.05; done; port=$(sed -n 's/.*receiving on 127.0.0.1:\\([0-9]*\\).*/\\1/p' " ..
+            helper.quote(out) .. "); " .. host .. " --connect 127.0.0.1:$port --size 8m --quiet; rc=$?; wait; exit $rc")
+        local f = assert(io.open(out))
+        local server = f:read("*a")
+        f:close()
+        os.remove(out)
+        assert.equal(0, status, client .. err .. server)
+        assert.matches("512 KiB chunks, 2 in flight (the locked-memory limit holds 4 buffers of 512 KiB for this end)",
+                       client, 1, true)
+        assert.matches("verified (checksums match)", client, 1, true)
+        assert.matches("pipeline: received 8 MiB in", server, 1, true)
+    end)
+
     -- (remoteio and ucx_bench failed with tracebacks from every task)
     it("run remoteio and ucx_bench with smaller defaults that fit, and refuse sizes that cannot in one line", function()
         local ex = helper.root .. "/examples/"

@@ -377,8 +377,9 @@ int pl_uring_buffers_register(pl_uring_t *u);
  * (RLIMIT_MEMLOCK) holds beside a ring of queue_size entries and a few
  * small rings of other reactors (the kernel counts rings against the limit
  * too), or -1 when no limit applies (unlimited, or the process has
- * CAP_IPC_LOCK). */
-int pl_uring_memlock_buffers(uint32_t buffer_size, uint32_t queue_size);
+ * CAP_IPC_LOCK).  The limit is the user's: with share > 1, in a 1/share
+ * part of it (one of share processes of the user, each with its rings). */
+int pl_uring_memlock_buffers(uint32_t buffer_size, uint32_t queue_size, uint32_t share);
 /* The locked-memory limit (RLIMIT_MEMLOCK, soft) in KiB, or -1 when unlimited. */
 double pl_memlock_limit_kib(void);
 int pl_uring_buffer_count(pl_uring_t *u);

@@ -82,15 +82,16 @@ static bool may_lock_unlimited(void)
 #define RING_BYTES_PER_ENTRY 96
 #define OTHER_RINGS ((size_t)1 << 20)
 
-int pl_uring_memlock_buffers(uint32_t buffer_size, uint32_t queue_size)
+int pl_uring_memlock_buffers(uint32_t buffer_size, uint32_t queue_size, uint32_t share)
 {
     struct rlimit rl;
-    size_t n = 0, reserve = OTHER_RINGS + (size_t)queue_size * RING_BYTES_PER_ENTRY, budget;
+    size_t n = 0, reserve = OTHER_RINGS + (size_t)queue_size * RING_BYTES_PER_ENTRY, budget, part;
 
     if (buffer_size == 0 || may_lock_unlimited() || getrlimit(RLIMIT_MEMLOCK, &rl) != 0 ||
         rl.rlim_cur == RLIM_INFINITY)
         return -1;
-    budget = rl.rlim_cur > reserve ? rl.rlim_cur - reserve : 0;
+    part = rl.rlim_cur / (share > 0 ? share : 1);
+    budget = part > reserve ? part - reserve : 0;
     while (n < MAX_BUFFERS && pool_mapped((n + 1) * (size_t)buffer_size) <= budget)
         n++;
     return (int)n;

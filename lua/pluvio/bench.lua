@@ -180,14 +180,21 @@ local function convert(o, name, v)
     return v
 end
 
--- fit_pool(buffer_size, count_of, want[, min[, queue_size]]): the largest
--- n from min (default 1) to want whose pool of count_of(n) registered
--- buffers of buffer_size bytes the locked-memory limit holds
+-- fit_pool(buffer_size, count_of, want[, min[, queue_size[, share]]]): the
+-- largest n from min (default 1) to want whose pool of count_of(n)
+-- registered buffers of buffer_size bytes the locked-memory limit holds
 -- (uring.lockable_buffers), and that limit's count (nil: no limit, n is
 -- want); or nil and why not, for a one-line error: a script's window or
--- number of tasks, lowered to what a user's ulimit -l (8 MiB) holds.
-function M.fit_pool(buffer_size, count_of, want, min, queue_size)
+-- number of tasks, lowered to what a user's ulimit -l (8 MiB) holds.  The
+-- limit is the user's, not the process's: share processes of one user
+-- (default 1) get an equal part of it each (each with its own rings), and
+-- the count is that part's.
+function M.fit_pool(buffer_size, count_of, want, min, queue_size, share)
     check.integer("bench.fit_pool", "want", want, 1, 2 ^ 31)
+    if type(share) == "nil" then
+        share = 1
+    end
+    check.integer("bench.fit_pool", "share", share, 1, 1024)
     if type(count_of) ~= "function" then
         check.fail("bench.fit_pool", "count_of must be a function (n -> buffers)", count_of)
     end
@@ -195,7 +202,7 @@ function M.fit_pool(buffer_size, count_of, want, min, queue_size)
         min = 1
     end
     check.integer("bench.fit_pool", "min", min, 1, want)
-    local lockable = require("pluvio.uring").lockable_buffers(buffer_size, queue_size)
+    local lockable = require("pluvio.uring").lockable_buffers(buffer_size, queue_size, share)
     if not lockable then
         return want, nil
     end
@@ -204,8 +211,9 @@ function M.fit_pool(buffer_size, count_of, want, min, queue_size)
             return n, lockable
         end
     end
-    return nil, format("%d registered buffers of %s, and the locked-memory limit (ulimit -l) holds %d",
-                       count_of(min), M.bytes(buffer_size), lockable)
+    return nil, format("%d registered buffers of %s, and the locked-memory limit (ulimit -l) holds %d%s",
+                       count_of(min), M.bytes(buffer_size), lockable,
+                       share > 1 and format(" (its part for 1 of %d processes)", share) or "")
 end
 
 -- connect_socket(worker, host, port[, seconds]): worker:connect_socket,

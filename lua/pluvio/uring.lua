@@ -133,7 +133,7 @@ local function new_reactor(fname, opts)
         count_given = opts.buffer_count ~= nil
     end
     if not count_given then     -- a default pool fits the locked-memory limit (8 MiB for a user)
-        local room = C.pl_uring_memlock_buffers(o.buffer_size, o.queue_size)
+        local room = C.pl_uring_memlock_buffers(o.buffer_size, o.queue_size, 1)
         if room >= 1 and room < o.buffer_count then
             o.buffer_count = room
         end
@@ -505,7 +505,7 @@ local function acquire(r, t, rt, fname)
         if C.pl_uring_buffer_ptr(u, 0) ~= nil then      -- registered: the wait found no memory
             error(format("%s: cannot wait for a registered buffer: %s", fname, errstr(idx)), 3)
         end
-        local room = C.pl_uring_memlock_buffers(o.buffer_size, o.queue_size)
+        local room = C.pl_uring_memlock_buffers(o.buffer_size, o.queue_size, 1)
         local holds = room >= 0 and format("; the limit, %d KiB, holds about %d of these beside the rings",
                                            C.pl_memlock_limit_kib(), room) or ""
         error(format("%s: cannot register %d buffers of %d bytes: %s " ..
@@ -645,11 +645,13 @@ M._internal = {
     live_buffer = require("pluvio.uring_buffer").live_buffer,
 }
 
--- uring.lockable_buffers(buffer_size[, queue_size]): how many registered
--- buffers of that size the locked-memory limit holds beside a ring of
--- queue_size entries (default uring.DEFAULTS.queue_size), or nil when no
--- limit applies (root, CAP_IPC_LOCK, ulimit -l unlimited).
-function M.lockable_buffers(buffer_size, queue_size)
+-- uring.lockable_buffers(buffer_size[, queue_size[, share]]): how many
+-- registered buffers of that size the locked-memory limit holds beside a
+-- ring of queue_size entries (default uring.DEFAULTS.queue_size), or nil
+-- when no limit applies (root, CAP_IPC_LOCK, ulimit -l unlimited); in a
+-- 1/share part of it (default 1: all), for one of share processes of the
+-- user (the limit is the user's).
+function M.lockable_buffers(buffer_size, queue_size, share)
     check_option("uring.lockable_buffers", "buffer_size", buffer_size, 3)
     if type(queue_size) == "nil" then
         queue_size = M.DEFAULTS.queue_size
@@ -657,7 +659,11 @@ function M.lockable_buffers(buffer_size, queue_size)
     else
         check_option("uring.lockable_buffers", "queue_size", queue_size, 3)
     end
-    local n = C.pl_uring_memlock_buffers(buffer_size, queue_size)
+    if type(share) == "nil" then
+        share = 1
+    end
+    check.integer("uring.lockable_buffers", "share", share, 1, 1024)
+    local n = C.pl_uring_memlock_buffers(buffer_size, queue_size, share)
     if n < 0 then
         return nil
     end
