@@ -158,6 +158,7 @@ function M.wrap(fn, opts)
         local rt = M.default_runtime()
         wrapped_runtimes[rt] = true
         rt.time_limit = limit
+        rt.raises_unjoined = true
         return wrapped_results(rt, fn, pcall(rt.run, rt, fn, ...))
     end
 end

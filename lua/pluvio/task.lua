@@ -412,8 +412,11 @@ local function report_failure(rt, t)
     t.reported = true
     rt.n_unjoined = rt.n_unjoined + 1
     local what = format("%s failed and was never joined: %s", tostring(t), error_text(t.results[2]))
+    local first = rt.first_unjoined == nil
     rt.first_unjoined = rt.first_unjoined or what
-    io.stderr:write("pluvio: " .. what .. "\n")
+    if not (first and rt.raises_unjoined) then     -- (pluvio.wrap raises the first: said once)
+        io.stderr:write("pluvio: " .. what .. "\n")
+    end
 end
 
 -- The guard's finalizer.  It may run anywhere (inside a task, at exit):
