@@ -492,6 +492,20 @@ describe("sockets over io_uring", function()
         if not helper.ipv6_loopback() then pending(helper.NO_IPV6) end
     end))
 
+    it("says that a link-local IPv6 address needs its interface when the kernel refuses one without", async(function()
+        if not helper.ipv6_loopback() then
+            pending(helper.NO_IPV6)
+            return
+        end
+        local none, err, code = uring.udp_bind("fe80::1", 0)             -- (a bare EINVAL said nothing of why)
+        assert.is_nil(none)
+        assert.equal("bind [fe80::1]:0: EINVAL: Invalid argument (a link-local IPv6 address needs its " ..
+                     "interface: fe80::1%eth0, say)", err)
+        assert.equal("EINVAL", code)
+        none, err = uring.tcp_listen("FE80::1", 0)
+        assert.matches("(a link-local IPv6 address needs its interface: FE80::1%eth0, say)", err, 1, true)
+    end))
+
     it("says when a host name cannot be resolved", async(function()
         local ok, err, code = uring.tcp_connect("no-such-host.invalid", 80)
         assert.is_nil(ok)

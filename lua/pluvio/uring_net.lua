@@ -21,7 +21,7 @@ local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(
 
 local M = {}
 
-local ENXIO, EAFNOSUPPORT, ECANCELED, ENETUNREACH = -6, -97, -125, -101
+local ENXIO, EAFNOSUPPORT, ECANCELED, ENETUNREACH, EINVAL = -6, -97, -125, -101, -22
 local MAX_ADDRS = 16        -- the most of a name's addresses tcp_connect tries
 
 local function errname(rc)
@@ -113,7 +113,17 @@ function M.install(U)
     -- nil, message, errno name[, bytes done before the error]
     -- A failure naming host:port (note: which of its addresses, when it has
     -- several); ENXIO is the lookup's own (uring_net.c).
+    -- A link-local IPv6 address (fe80::/10) names no interface by itself:
+    -- the kernel refuses it without one (EINVAL), which says nothing of why.
+    local function zone_note(host, rc)
+        if rc == EINVAL and host:lower():find("^fe[89ab]%x:") and not host:find("%", 1, true) then
+            return " (a link-local IPv6 address needs its interface: " .. host .. "%eth0, say)"
+        end
+        return ""
+    end
+
     local function host_failed(what, host, port, rc, note)
+        note = (note or "") .. zone_note(host, rc)
         if rc == WILDCARD then
             return check.wildcard_refused(what, host, port)
         end
@@ -122,7 +132,7 @@ function M.install(U)
                                "getaddrinfo: a numeric address or one from /etc/hosts)", what,
                                host_port(host, port), check.show(host)), "ENXIO"
         end
-        return nil, format("%s %s: %s%s", what, host_port(host, port), errstr(rc), note or ""), errname(rc)
+        return nil, format("%s %s: %s%s", what, host_port(host, port), errstr(rc), note), errname(rc)
     end
 
     -- The address of host:port a listener or UDP socket binds: the first
@@ -488,7 +498,8 @@ function M.install(U)
                                    "only one bound to \"::\" reaches IPv4 addresses)",
                                    host_port(host, port), check.show(host), self.name), "EAFNOSUPPORT"
             end
-            return failed("send_to " .. host_port(host, port) .. " from", self, rc)
+            local none, err, code, bytes = failed("send_to " .. host_port(host, port) .. " from", self, rc)
+            return none, err .. zone_note(host, rc), code, bytes
         end
         return rc
     end
