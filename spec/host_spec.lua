@@ -54,6 +54,18 @@ describe("pluvio (the host)", function()
         assert.matches("^pluvio: [^\n]+%.lua:2: bad thing\nstack traceback:", err)
     end)
 
+    it("shows an -e chunk's or an -l module's error without the host's own frames", function()
+        local status, out, err = sh(q(host) .. [[ -e 'error("e-chunk")']])
+        assert.equal(1, status)
+        assert.equal("", out)
+        assert.equal("pluvio: (command line):1: e-chunk\nstack traceback:\n\t[C]: in function 'error'\n" ..
+                     "\t(command line):1: in function 'f'\n", err)          -- (and host.lua:N: in function 'fn')
+        status, out, err = sh(q(host) .. " -l no_such_module_here")
+        assert.equal(1, status)
+        assert.matches("^pluvio: module 'no_such_module_here' not found:", err)
+        assert.is_nil(err:find("stack traceback", 1, true))
+    end)
+
     it("says so when the script's error object cannot be printed, rather than blame the script's line", function()
         local status, out, err = sh(q(host) .. [[ -e 'error(setmetatable({}, {__tostring = function() error("no words", 0) end}))']])
         assert.equal(1, status)

@@ -141,7 +141,14 @@ local function error_shown(e)
     if t ~= "string" and t ~= "number" and not (mt and mt.__tostring) then
         return "(error object is a " .. t .. " value)"
     end
-    return shown(e)
+    local s = shown(e)
+    while true do       -- the host's own frames under an -e chunk or -l module: not the user's
+        local cut = s:match("^(.*)\n\t[^\n]*pluvio/host%.lua:%d+: in [^\n]*$")
+        if not cut then     -- (an -l module's error: the host's error() was all of its traceback)
+            return s:match("^(.*)\nstack traceback:\n\t%[C%]: in function 'error'$") or s
+        end
+        s = cut
+    end
 end
 
 -- Ctrl-C at the prompt (pl_interrupt_watch): a task reads the interrupts;
