@@ -72,18 +72,27 @@ describe("sockets and runtimes", function()
         c:close(); s:close(); l:close()
     end))
 
+    -- A runtime of its own, and a connected pair made in it (c the client's end).
+    local function runtime_pair()
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
+        local c, s = rt:block_on(function()
+            local l = assert(uring.tcp_listen("127.0.0.1", 0))
+            local srv = pluvio.spawn(function() return assert(l:accept()) end)
+            local client = assert(uring.tcp_connect("127.0.0.1", l:port()))
+            local server = srv:join()
+            l:close()
+            return client, server
+        end)
+        return rt, c, s
+    end
+
     it("keep what a killed receive got when a close after their run is refused", function()
         -- (the refused close dropped it: the socket stayed open, and its
         -- next recv skipped those bytes)
-        local rt = pluvio.Runtime.new()
-        rt:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
-        local c, s, sender
+        local rt, c, s = runtime_pair()
+        local sender
         rt:block_on(function()
-            local l = assert(uring.tcp_listen("127.0.0.1", 0))
-            local srv = pluvio.spawn(function() return assert(l:accept()) end)
-            c = assert(uring.tcp_connect("127.0.0.1", l:port()))
-            s = srv:join()
-            l:close()
             sender = pluvio.spawn(function() return s:send(("B"):rep(32 * 1048576)) end)   -- c reads nothing
             local receiver = pluvio.spawn(function() return s:recv(10) end)
             pluvio.sleep(0.001)
@@ -106,15 +115,9 @@ describe("sockets and runtimes", function()
     end)
 
     it("close after their run a socket whose only operation left is a killed receive's", function()
-        local rt = pluvio.Runtime.new()
-        rt:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
-        local c, s, receiver
+        local rt, c, s = runtime_pair()
+        local receiver
         rt:block_on(function()
-            local l = assert(uring.tcp_listen("127.0.0.1", 0))
-            local srv = pluvio.spawn(function() return assert(l:accept()) end)
-            c = assert(uring.tcp_connect("127.0.0.1", l:port()))
-            s = srv:join()
-            l:close()
             receiver = pluvio.spawn(function() return s:recv(10) end)
             pluvio.yield()
         end)
