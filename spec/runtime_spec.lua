@@ -363,6 +363,14 @@ describe("pluvio.run and pluvio.wrap", function()
         assert.equal('task "a" (#2, failed) failed and was never joined: first\n', out)
         assert.equal('pluvio: task "b" (#3, failed) failed and was never joined: second\n' ..
                      "stack traceback:\n\t[C]: in function 'error'\n\t(command line):1: in function 'fn'\n", stderr)
+        -- but when the call raises another error (here the deadlock the failure caused), it is written
+        status, out, stderr = helper.sh(helper.quote(helper.host) .. " -e " .. helper.quote(
+            'local ok, e = pcall(pluvio.wrap(function() local ch = pluvio.channel(1); ' ..
+            'pluvio.spawn_named("producer", function() error("disk full", 0) end); ch:recv() end)); ' ..
+            'print(e:match("deadlock: [^\\n]*"))'))
+        assert.equal(0, status, stderr)
+        assert.matches("^deadlock: 1 task waits", out)
+        assert.matches('^pluvio: task "producer" %(#2, failed%) failed and was never joined: disk full\n', stderr)
         local joined = pluvio.wrap(function()
             local t = pluvio.spawn(function() error("seen") end)
             assert.is_nil(t:join())
@@ -421,6 +429,13 @@ describe("pluvio.run and pluvio.wrap", function()
         assert.matches("deadlock: 1 task waits", err, 1, true)
         assert.is_true(pluvio.now() - t1 < 1)
         assert.equal(42, pluvio.wrap(function(x) pluvio.sleep(0.01); return x end, { timeout = 5 })(42))
+        -- a run nested in the wrapped one stops at its deadline too (its own loop slept on)
+        ok, err = pcall(pluvio.wrap(function()
+            pluvio.run(function() pluvio.sleep(1e6) end)
+        end, { timeout = 0.2 }))
+        assert.is_false(ok)
+        assert.matches("timeout: the run did not end within 0.2 s; its tasks then:\n" ..
+                       '  task "main" (#1, waiting) waits on sleep', err, 1, true)
         for _, case in ipairs({ { 5, "opts must be a table ({timeout = seconds}) (got 5)" },
                                 { { timout = 1 }, 'opts has one field, timeout; unknown (got "timout")' },
                                 { { timeout = 0 }, "opts.timeout must be more than 0 seconds (got 0)" },

@@ -84,6 +84,13 @@ end
 -- fn's results, unless fn raised or a task failed and nobody joined it: a
 -- test passes only if nothing failed unseen.
 local function wrapped_results(rt, fn, ok, ...)
+    rt.raises_unjoined = nil
+    if rt.unjoined_unsaid then  -- (report_failure left the first to the error below)
+        rt.unjoined_unsaid = nil
+        if not ok then          -- another error is raised: that failure is written, as outside wrap
+            io.stderr:write("pluvio: " .. rt.first_unjoined .. "\n")
+        end
+    end
     if not ok then
         error(positioned(fn, (...)), 0)
     end

@@ -436,7 +436,7 @@ local function loop(rt, done)
             return nil, interrupted(sig, rt)
         end
         if deadline and C.pl_now() >= deadline then     -- (pluvio.wrap's timeout)
-            return nil, format("timeout: the run did not end within %g s; its tasks then:\n%s", rt.time_limit,
+            return nil, format("timeout: the run did not end within %g s; its tasks then:\n%s", rt.deadline_limit,
                                stopped_tasks(rt))
         end
         local flags = C.PL_TICK_MAY_BLOCK
@@ -542,9 +542,18 @@ local function drive(rt, fname, until_all, fn, ...)
     rt.main_task, rt.outer_task = main, outer_task
     rt.done = until_all and run_done or block_on_done
     rt.outer = outer_rt     -- (the runs under way: see report_running_unjoined)
-    if rt.time_limit then   -- (set by pluvio.wrap; the loop stops the run then)
-        rt.deadline = C.pl_now() + rt.time_limit
-        C.pl_runtime_wake_by(rt.crt, rt.deadline)
+    -- A time limit (pluvio.wrap's): the loop stops the run at its deadline,
+    -- and a run nested in a task of a limited one stops at that one's.
+    local deadline, limit = nil, nil
+    if rt.time_limit then
+        deadline, limit = C.pl_now() + rt.time_limit, rt.time_limit
+    end
+    if outer_rt and outer_rt.deadline and (not deadline or outer_rt.deadline < deadline) then
+        deadline, limit = outer_rt.deadline, outer_rt.deadline_limit
+    end
+    if deadline then
+        rt.deadline, rt.deadline_limit = deadline, limit
+        C.pl_runtime_wake_by(rt.crt, deadline)
     end
     task.set_current_rt(rt)
     if outer_rt then
@@ -552,7 +561,7 @@ local function drive(rt, fname, until_all, fn, ...)
     end
     local ok, lok, lerr = pcall(loop, rt, rt.done)
     if rt.deadline then
-        rt.deadline = nil
+        rt.deadline, rt.deadline_limit = nil, nil
         C.pl_runtime_wake_by(rt.crt, 0)
     end
     local was_killed = ok and lok and outer_killed(rt)

@@ -414,7 +414,9 @@ local function report_failure(rt, t)
     local what = format("%s failed and was never joined: %s", tostring(t), error_text(t.results[2]))
     local first = rt.first_unjoined == nil
     rt.first_unjoined = rt.first_unjoined or what
-    if not (first and rt.raises_unjoined) then     -- (pluvio.wrap raises the first: said once)
+    if first and rt.raises_unjoined then   -- pluvio.wrap raises the first, or writes it if it raises another error
+        rt.unjoined_unsaid = true
+    else
         io.stderr:write("pluvio: " .. what .. "\n")
     end
 end
