@@ -729,6 +729,21 @@ describe("pluvio (the host) on SIGINT and SIGTERM", function()
         assert.equal("", err)           -- (Ctrl-C lists the tasks; SIGTERM stops services)
     end)
 
+    it("lists what the tasks waited on also when the run Ctrl-C stopped was wrapped", function()
+        -- (pluvio.wrap puts the position of its function in front: the listing was left out)
+        local p = start_host([[
+            local ready = ...
+            pluvio.wrap(function()
+                io.open(ready, "w"):close()
+                pluvio.sleep(100)
+            end)()
+        ]])
+        local rc, _, err = ended(p, signal(p, "INT"))
+        assert.equal(130, rc, err)
+        assert.matches('^pluvio: [^\n]*%.lua:%d+: interrupted by SIGINT; its tasks then:\n' ..
+                       '  task "main" %(#1, waiting%) waits on sleep\n$', err)
+    end)
+
     it("ends a script that never waits on the second SIGINT, at once", function()
         local p = start_host([[
             local ready = ...
