@@ -103,6 +103,7 @@ end
 -- default chunk is then lowered too (both ends lower it alike: a server
 -- takes chunks up to its own).
 local two_ends = o.server or o.connect
+local chunk_given = o.chunk ~= nil
 local function pool_of(w) return two_ends and w + 2 or 2 * w + 4 end
 local window_note = ""
 do
@@ -369,9 +370,12 @@ else
         if not m then fail("the server at " .. o.connect .. " did not say hello within 10 s") end
         local server_chunk = tonumber(m.header)
         m:release()
-        if o.chunk > server_chunk then
+        if o.chunk > server_chunk and chunk_given then
             fail(("--chunk %s is larger than the server's --chunk %s (the size of its buffers)")
                 :format(bench.bytes(o.chunk), bench.bytes(server_chunk)))
+        elseif o.chunk > server_chunk then     -- (its limit lowered its default: so does this end)
+            say("  (the server takes chunks of up to %s: this run's are that size)\n", bench.bytes(server_chunk))
+            o.chunk = server_chunk
         end
     else
         -- loopback: the receiving end is a second worker in this process

@@ -89,6 +89,7 @@ if o.mode ~= "write" and o.mode ~= "read" then fail("--mode must be write or rea
 -- limit (a user's ulimit -l: 8 MiB) the defaults are lowered to what it
 -- holds: the window first, then the chunk, down to 64 KiB.
 local fit_note = ""
+local chunk_given = o.chunk ~= nil
 do
     local chunk, window = o.chunk or 1048576, o.window or 8
     while true do
@@ -253,9 +254,11 @@ local function run_client(ep, replies, meta, path)
     if not hello then fail("the server did not say hello within 10 s") end
     local server_chunk = tonumber(hello.header:match("^chunk (%d+)$"))
     hello:release()
-    if o.chunk > server_chunk then
+    if o.chunk > server_chunk and chunk_given then
         fail(("--chunk %s is larger than the server's --chunk %s (the size of its buffers)")
             :format(bench.bytes(o.chunk), bench.bytes(server_chunk)))
+    elseif o.chunk > server_chunk then     -- (its limit lowered its default: so does this end)
+        o.chunk = server_chunk
     end
     local progress = bench.progress("remoteio " .. o.mode, o.quiet)
     local t0, moved = pluvio.now(), 0

@@ -651,13 +651,14 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
             local ok, e = pcall(rt.run, rt, function() local b = big:acquire_buffer(); return b end)
             assert(not ok)
             print(e:match("^[^\n]*"))
-            print(n, uring.lockable_buffers(4096, 1))
+            print(n, uring.lockable_buffers(4096, 1), big:stats().buffers_free)
         ]])
         f:close()
         local status, out, err = as_user(helper.quote(path))
         os.remove(path)
         assert.equal(0, status, err)
-        local line, n, small = out:match("^(.-)\n(%d+)\t(%d+)\n$")
+        local line, n, small, free = out:match("^(.-)\n(%d+)\t(%d+)\t(%d+)\n$")
+        assert.equal("0", free)             -- (a pool that could not be registered: none free, not 16)
         assert.is_string(line, out)
         assert.matches("cannot register 16 buffers of 1048576 bytes: ENOMEM: Cannot allocate memory (lower " ..
                        "buffer_count or buffer_size, or raise the locked-memory limit: ulimit -l; the limit, 8192 " ..
@@ -704,27 +705,43 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
                        "limit %(ulimit %-l%) holds %d+: lower %-%-window or %-%-chunk, or raise the limit\n$", err)
     end)
 
-    it("run the demo's two ends on one machine, each in its half of the user's limit", function()
-        -- (each end took the whole limit: the second one's pool could not
-        -- be registered, and both ends failed)
+    -- pipeline.lua --server under the limit and a --connect client as a
+    -- user too, or (unlimited) as root: the client's output, the server's.
+    local function pipeline_ends(client_limited)
         local _, uid = helper.sh("id -u")
         local drop = uid:match("^0\n") and "setpriv --bounding-set=-ipc_lock -- " or ""
-        local host = drop .. "timeout -k 5 60 " .. helper.quote(helper.host) .. " " ..
+        local host = "timeout -k 5 60 " .. helper.quote(helper.host) .. " " ..
                      helper.quote(helper.root .. "/examples/pipeline.lua")
         local out = os.tmpname()
-        local status, client, err = helper.sh("ulimit -l 8192; " .. host .. " --server --port 0 --size 8m >" ..
-            helper.quote(out) .. " 2>&1 & for i in $(seq 200); do grep -q 'receiving on' " .. helper.quote(out) ..
+        local status, client, err = helper.sh("(ulimit -l 8192; " .. drop .. host .. " --server --port 0 --size 8m >" ..
+            helper.quote(out) .. " 2>&1) & for i in $(seq 200); do grep -q 'receiving on' " .. helper.quote(out) ..
             " && break; sleep 0.05; done; port=$(sed -n 's/.*receiving on 127.0.0.1:\\([0-9]*\\).*/\\1/p' " ..
-            helper.quote(out) .. "); " .. host .. " --connect 127.0.0.1:$port --size 8m --quiet; rc=$?; wait; exit $rc")
+            helper.quote(out) .. "); " .. (client_limited and "ulimit -l 8192; " .. drop or "") .. host ..
+            " --connect 127.0.0.1:$port --size 8m --quiet; rc=$?; wait; exit $rc")
         local f = assert(io.open(out))
         local server = f:read("*a")
         f:close()
         os.remove(out)
         assert.equal(0, status, client .. err .. server)
-        assert.matches("512 KiB chunks, 2 in flight (the locked-memory limit holds 4 buffers of 512 KiB for this end)",
-                       client, 1, true)
         assert.matches("verified (checksums match)", client, 1, true)
         assert.matches("pipeline: received 8 MiB in", server, 1, true)
+        return client, server
+    end
+
+    it("run the demo's two ends on one machine, each in its half of the user's limit", function()
+        -- (each end took the whole limit: the second one's pool could not
+        -- be registered, and both ends failed)
+        local client = pipeline_ends(true)
+        assert.matches("512 KiB chunks, 2 in flight (the locked-memory limit holds 4 buffers of 512 KiB for this end)",
+                       client, 1, true)
+    end)
+
+    it("run the demo's client, unlimited, with the smaller chunks of a server under the limit", function()
+        -- (a client's default chunk larger than the server's failed the run: "--chunk 1 MiB is larger
+        -- than the server's --chunk 512 KiB", though nobody gave --chunk)
+        local client = pipeline_ends(false)
+        assert.matches("1 MiB chunks, 8 in flight\n  (the server takes chunks of up to 512 KiB: this run's are " ..
+                       "that size)", client, 1, true)
     end)
 
     -- (remoteio and ucx_bench failed with tracebacks from every task)
