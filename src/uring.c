@@ -291,8 +291,9 @@ void pl_uring_get_stats(pl_uring_t *u, pl_uring_stats_t *out)
 {
     *out = u->stats;
     out->in_flight = u->in_flight;
-    /* the pool is mapped at the first acquire: until then all of it is free */
-    out->buffers_free = u->bufs ? u->nfree_bufs : u->opts.buffer_count;
+    /* the pool is mapped at the first acquire: until then all of it is
+     * free, unless registering it failed (then none is) */
+    out->buffers_free = u->bufs ? u->nfree_bufs : u->pool_refused ? 0 : u->opts.buffer_count;
 }
 
 static int uring_stats(pl_reactor_t *self, pl_stat_t *out, int max)

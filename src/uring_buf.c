@@ -121,6 +121,7 @@ int pl_uring_buffers_register(pl_uring_t *u)
         return 0;
     u->buf_mem_len = size * n;
     u->buf_mem = map_pool(u->buf_mem_len, &u->buf_map_len);
+    u->pool_refused = !u->buf_mem;
     if (!u->buf_mem)
         return -ENOMEM;
     u->bufs = calloc(n, sizeof(*u->bufs));
@@ -139,9 +140,12 @@ int pl_uring_buffers_register(pl_uring_t *u)
     u->nfree_bufs = n;
     rc = io_uring_register_buffers(&u->ring, iov, n);
     free(iov);
-    if (rc == 0)
+    if (rc == 0) {
+        u->pool_refused = false;
         return 0;
+    }
 fail:
+    u->pool_refused = true;
     munmap(u->buf_mem, u->buf_map_len);
     u->buf_mem = NULL;
     free(u->bufs);

@@ -144,6 +144,7 @@ struct pl_uring {
     size_t buf_map_len;        /* the mapping (rounded up to huge pages) */
     struct uring_buf *bufs;
     uint32_t free_buf, nfree_bufs;
+    bool pool_refused;      /* the last try to register the pool failed */
 
     struct buf_waiter *waiters;     /* FIFO ring */
     uint32_t waiters_cap, waiters_head, waiters_len;
