@@ -5,6 +5,14 @@ local uring = require "pluvio.uring"
 local helper = require "helper"
 local async = helper.async
 
+-- A listener on loopback and a connected pair: the client's end, the server's.
+local function pair()
+    local l = assert(uring.tcp_listen("127.0.0.1", 0))
+    local srv = pluvio.spawn(function() return assert(l:accept()) end)
+    local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+    return l, c, srv:join()
+end
+
 describe("sockets and runtimes", function()
     it("refuse to bind a host that stands for the wildcard address without naming it", async(function()
         -- (getaddrinfo takes "0" as 0.0.0.0: a port in the host's place listened on every interface)
@@ -23,10 +31,7 @@ describe("sockets and runtimes", function()
     end))
 
     it("refuse a send from a plain coroutine that would wait for a killed send's end", async(function()
-        local l = assert(uring.tcp_listen("127.0.0.1", 0))
-        local acc = pluvio.spawn(function() return assert(l:accept()) end)
-        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
-        local s = acc:join()
+        local l, c, s = pair()
         local sender = pluvio.spawn(function() return c:send(("b"):rep(32 * 1048576)) end)
         pluvio.sleep(0.02)              -- it parks: the peer does not read
         local refused = pluvio.channel(1)
@@ -49,10 +54,7 @@ describe("sockets and runtimes", function()
     end))
 
     it("pass a send's turn on when the plain coroutine that sent is resumed by another and raises", async(function()
-        local l = assert(uring.tcp_listen("127.0.0.1", 0))
-        local acc = pluvio.spawn(function() return assert(l:accept()) end)
-        local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
-        local s = acc:join()
+        local l, c, s = pair()
         local co
         local a = pluvio.spawn(function()
             co = coroutine.create(function() return c:send("from coroutine") end)
@@ -77,10 +79,7 @@ describe("sockets and runtimes", function()
         local rt = pluvio.Runtime.new()
         rt:register_reactor("io_uring", uring.reactor { buffer_count = 0 })
         local c, s = rt:block_on(function()
-            local l = assert(uring.tcp_listen("127.0.0.1", 0))
-            local srv = pluvio.spawn(function() return assert(l:accept()) end)
-            local client = assert(uring.tcp_connect("127.0.0.1", l:port()))
-            local server = srv:join()
+            local l, client, server = pair()
             l:close()
             return client, server
         end)
@@ -453,13 +452,6 @@ describe("a TCP socket's send", function()
 end)
 
 -- A listener, a client socket and the server's end of its connection.
-local function pair()
-    local l = assert(uring.tcp_listen("127.0.0.1", 0))
-    local srv = pluvio.spawn(function() return assert(l:accept()) end)
-    local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
-    return l, c, srv:join()
-end
-
 describe("TCP sends from several tasks", function()
     -- The stream's bytes as runs of one letter: "A2097152 B2097152 ...".
     local function runs(got)
