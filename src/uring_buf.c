@@ -119,9 +119,9 @@ int pl_uring_buffers_register(pl_uring_t *u)
         return -ENOBUFS;
     if (u->bufs)
         return 0;
+    u->pool_refused = true;     /* until the registration below succeeds */
     u->buf_mem_len = size * n;
     u->buf_mem = map_pool(u->buf_mem_len, &u->buf_map_len);
-    u->pool_refused = !u->buf_mem;
     if (!u->buf_mem)
         return -ENOMEM;
     u->bufs = calloc(n, sizeof(*u->bufs));
@@ -145,7 +145,6 @@ int pl_uring_buffers_register(pl_uring_t *u)
         return 0;
     }
 fail:
-    u->pool_refused = true;
     munmap(u->buf_mem, u->buf_map_len);
     u->buf_mem = NULL;
     free(u->bufs);

@@ -215,12 +215,15 @@ void uring_fd_closing(pl_uring_t *u, int fd)
     }
 }
 
-/* Whether an op in flight for a task works on fd. */
-bool uring_fd_busy(pl_uring_t *u, int fd)
+/* Whether an op in flight works on fd; with live_in, only one whose task
+ * is live there (not a socket's stopped receive or send, whose task was
+ * killed: the socket keeps it, and drops it when its close goes ahead). */
+bool uring_fd_busy(pl_uring_t *u, int fd, const pl_runtime_t *live_in)
 {
     for (uint32_t i = 0; i < u->nops; i++) {
         const struct uring_op *op = uring_op(u, i);
-        if (op->fd == fd && op->state == OP_IN_FLIGHT)
+        if (op->fd == fd && op->state == OP_IN_FLIGHT &&
+            (!live_in || pl_task_is_live(live_in, op->task_slot, op->task_gen)))
             return true;
     }
     return false;

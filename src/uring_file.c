@@ -92,23 +92,9 @@ int pl_uring_close(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
  * and one completion. */
 int pl_uring_close_file(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
 {
-    if (uring_fd_busy(u, fd))
+    if (uring_fd_busy(u, fd, NULL))
         return pl_uring_close_socket(u, slot, gen, fd);
     return pl_uring_close(u, slot, gen, fd);
-}
-
-/* Whether a live task of the reactor's runtime has an op in flight on fd
- * (not a socket's stopped receive or send, whose task was killed: the
- * socket keeps it, and drops it when the close goes ahead). */
-static bool fd_held_by_task(pl_uring_t *u, int fd)
-{
-    for (uint32_t i = 0; i < u->nops; i++) {
-        const struct uring_op *op = uring_op(u, i);
-        if (op->fd == fd && op->state == OP_IN_FLIGHT &&
-            (!u->rt || pl_task_is_live(u->rt, op->task_slot, op->task_gen)))
-            return true;
-    }
-    return false;
 }
 
 /* A file whose runtime is not running (its run ended): closed at once,
@@ -116,7 +102,7 @@ static bool fd_held_by_task(pl_uring_t *u, int fd)
  * that their fd number is no longer theirs, as for the ring's close. */
 int pl_uring_close_idle(pl_uring_t *u, int fd)
 {
-    if (fd_held_by_task(u, fd))
+    if (uring_fd_busy(u, fd, u->rt))     /* (u->rt NULL: any op) */
         return -EBUSY;
     uring_fd_closing(u, fd);
     return close(fd) < 0 ? -errno : 0;

@@ -190,7 +190,7 @@ int uring_reap(pl_uring_t *u, int budget);
 void uring_op_complete(pl_uring_t *u, uint32_t i, int32_t res);
 void uring_op_drop_fd(struct uring_op *op, int32_t res);
 void uring_fd_closing(pl_uring_t *u, int fd);
-bool uring_fd_busy(pl_uring_t *u, int fd);
+bool uring_fd_busy(pl_uring_t *u, int fd, const pl_runtime_t *live_in);
 int uring_start_rw(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kind, int fd,
                    void *addr, uint32_t len, uint64_t offset, int buf_index, uint32_t queue);
 
