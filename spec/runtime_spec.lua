@@ -113,6 +113,23 @@ describe("Runtime:run", function()
         assert.equal(1, rt:stats().tasks_cancelled)
     end)
 
+    it("gives the line of the frame the VM raised in, which LuaJIT leaves out of a dead coroutine's traceback", function()
+        local rt = pluvio.Runtime.new()
+        local function inner(x) return x.y end
+        local err = rt:run(function()
+            local _, e = pluvio.spawn(function()
+                pluvio.sleep(0)
+                local v = inner(nil)
+                return v
+            end):join()
+            return e
+        end)
+        local line = debug.getinfo(inner, "S").linedefined
+        assert.matches("^[^\n]*runtime_spec%.lua:" .. line .. ": attempt to index local 'x'", err)
+        assert.matches("\nstack traceback:\n\t[^\n]*runtime_spec%.lua:" .. line .. ": in function 'inner'\n\t" ..
+                       "[^\n]*runtime_spec%.lua:" .. (line + 4) .. ": in function", err)
+    end)
+
     it("cancels the tasks left by a failed main task while it is still the running runtime", function()
         local rt = pluvio.Runtime.new()
         local spawned, spawn_err, seen_rt

@@ -281,9 +281,22 @@ local function task_error(co, e)
     elseif type(e) ~= "string" and type(e) ~= "number" then
         return e
     end
-    local tb = traceback(co, tostring(e))
+    e = tostring(e)
+    local tb = traceback(co, e)
     local cut = tb:find("\n[^\n]*pluvio/task%.lua:%d+: in function <[^\n]*pluvio/task%.lua:%d+>%s*$")
-    return cut and tb:sub(1, cut - 1) or tb
+    tb = cut and tb:sub(1, cut - 1) or tb
+    -- LuaJIT gives a dead coroutine's top frame no line.  That frame is a
+    -- Lua function only when the VM raised there (attempt to index nil...),
+    -- and the VM put the frame's position in front of the message: use it.
+    local src, line = e:match("^([^\n]-):(%d+): ")
+    if src then
+        local at = "\nstack traceback:\n\t" .. src
+        local s = #e + #at
+        if tb:sub(#e + 1, s) == at and tb:sub(s + 1, s + 5) == ": in " then
+            tb = tb:sub(1, s) .. ":" .. line .. tb:sub(s + 1)
+        end
+    end
+    return tb
 end
 
 -- An error as a report on stderr shows it: an error object whose
