@@ -74,6 +74,30 @@ describe("sockets and runtimes", function()
         c:close(); s:close(); l:close()
     end))
 
+    it("pass the turn on when a plain coroutine's shutdown is given up", async(function()
+        local l, c, s = pair()
+        local co
+        local a = pluvio.spawn(function()
+            co = coroutine.create(function() return c:shutdown("w") end)
+            local ok, state = coroutine.resume(co)
+            assert(ok)
+            pluvio.sleep(8)                 -- a lives on
+            return state
+        end)
+        pluvio.sleep(0.05)
+        local ok, err = coroutine.resume(co)     -- resumed by another: it raises, its shutdown is given up
+        assert.is_false(ok)
+        assert.matches("TcpSocket:shutdown: called from a coroutine that is not a pluvio task", err, 1, true)
+        -- (the turn stayed a's until a ended: this send waited 8 s)
+        local none, serr, code, sent = pluvio.timeout(5, function() return c:send("late") end)
+        assert.is_nil(none)
+        assert.matches("EPIPE", serr)
+        assert.same({ "EPIPE", 0 }, { code, sent })
+        assert.same({ nil, "closed", "EOF" }, { pluvio.timeout(5, function() return s:recv(100) end) })
+        a:kill()
+        c:close(); s:close(); l:close()
+    end))
+
     -- A runtime of its own, and a connected pair made in it (c the client's end).
     local function runtime_pair()
         local rt = pluvio.Runtime.new()

@@ -243,8 +243,16 @@ function M.install(U)
     -- or the task started its next operation) is stopped as receives are,
     -- and the turn goes on at once: else the sends behind it waited until
     -- that task's end (for good, from a task that lives on).
+    -- A shutdown given up (keep nil) is not stopped: it has nothing to
+    -- keep, and the ring's abandon cancels it; only its turn goes on.
     local stop = TcpSocket._rescue
     function TcpSocket:_rescue(r, op, keep, t)
+        if keep == nil then
+            if self.writer == t then
+                next_writer(self)
+            end
+            return false
+        end
         local taken = stop(self, r, op, keep)
         if type(keep) == "string" and self.writer == t then      -- (a send's keep is its data)
             next_writer(self)
@@ -480,7 +488,9 @@ function M.install(U)
         if self.fd < 0 then         -- another task closed it meanwhile
             return failed("shutdown", self, ECANCELED)
         end
+        t.io_rescue = self          -- (given up, it passes the turn on: _rescue)
         local rc = run_op(r, t, C.pl_uring_sock_shutdown(r.u, t.slot, t.gen, self.fd, how), self)
+        t.io_rescue = nil
         if rc < 0 then
             return failed("shutdown", self, rc)
         end
