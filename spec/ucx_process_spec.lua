@@ -230,10 +230,12 @@ describe("UCX across processes", function()
         local rt = pluvio.runtime()
         -- busy: spinning, each wait for a reply polls the worker in the
         -- task's place many times over, and the worker is never armed
-        -- (0.5 s: a reply later than the spin, from a server starved on a
-        -- loaded machine, let the runtime sleep, which starts the count of
-        -- polls without sleep again: no drop in an ASan run under load)
-        rt:set_spin(0.5)
+        -- (5 s: a reply later than the spin, from a server starved on a
+        -- loaded machine, lets the runtime sleep, which starts the count of
+        -- polls without sleep again: 0.5 s saw no drop in an ASan run under
+        -- load, nor once in a plain run beside three other test processes
+        -- on two cores.  A reply on time ends the spin at once.)
+        rt:set_spin(5)
         local s0 = c.w:stats()
         for i = 1, 20 do
             assert(c.ep:am_send(1, "busy " .. i, "x", true))
