@@ -201,7 +201,7 @@ describe("bench.json, bench.json_decode, bench.table, bench.writable and the his
                          "bench.svg: spec.series must be a list of {t, value} pairs (got 5)")
         local ok, err = pcall(bench.svg, svg, { series = { { 1, "x" }, { 2, "y" } } })
         assert.is_false(ok)
-        assert.matches("bench.svg: spec.series[1] must be a pair of numbers {t, value} (got table", err, 1, true)
+        assert.matches("bench.svg: spec.series[1] must be a pair of finite numbers {t, value} (got table", err, 1, true)
         os.remove(svg)
         assert.has_error(function() bench.writable(nil) end, "bench.writable: path must be a string (got nil)")
         assert.has_error(function() bench.writable("/tmp/x\0y") end,
@@ -213,6 +213,77 @@ describe("bench.json, bench.json_decode, bench.table, bench.writable and the his
                          "Histogram:record_stamp: stamp must be a finite number (a bench.stamp()) (got inf)")
         assert.has_error(function() bench.stamp_after("x") end, 'bench.stamp_after: seconds must be a number (got "x")')
         assert.equal(0, h:count())
+    end)
+end)
+
+describe("pluvio.bench's checks", function()
+    local ffi = require "ffi"
+    local NULL = ffi.cast("void *", 0)
+
+    -- (each wrote a broken file or a wrong figure, or raised from inside
+    -- bench.lua, or under another function's name: a fuzz of the API)
+    it("refuse what is not finite where a figure or a file would be wrong", function()
+        local svg = os.tmpname()
+        for _, series in ipairs({ { { 0, 1 }, { 1, 0 / 0 } }, { { 0, 1 }, { 1 / 0, 2 } } }) do
+            local ok, err = pcall(bench.svg, svg, { series = series })     -- ("nan" coordinates)
+            assert.is_false(ok)
+            assert.matches("bench.svg: spec.series[2] must be a pair of finite numbers {t, value} (got table", err,
+                           1, true)
+        end
+        os.remove(svg)
+        assert.is_nil(bench.parse_size(("9"):rep(400) .. "t"))     -- (inf)
+        assert.has_error(function() bench.bytes(1 / 0) end, "bench.bytes: n must be a finite number (got inf)")
+        assert.has_error(function() bench.bytes(0 / 0) end, "bench.bytes: n must be a finite number (got nan)")
+        assert.has_error(function() bench.human(0.5, "ms") end, 'bench.human: unit must be nil or "s" (seconds) (got "ms")')
+        assert.same({ "inf", "-inf", "nan" }, { bench.human(1 / 0), bench.human(-1 / 0, "s"), bench.human(0 / 0) })
+    end)
+
+    it("name the argument, not a line of bench.lua or another function", function()
+        local function err_of(f, ...)
+            local ok, err = pcall(f, ...)
+            assert.is_false(ok)
+            return (err:gsub("^[^:]*:%d+: ", ""))
+        end
+        local svg = os.tmpname()
+        assert.equal("bench.svg: spec.histogram must be a bench.Histogram (got cdata<void *>: NULL)",
+                     err_of(bench.svg, svg, { histogram = NULL }))
+        assert.equal("bench.svg: spec.series must be a list of {t, value} pairs (got cdata<void *>: NULL)",
+                     err_of(bench.svg, svg, { series = NULL }))
+        assert.equal("bench.svg: spec.series_label must be nil or a string (got 5)",
+                     err_of(bench.svg, svg, { series_label = 5 }))
+        assert.equal("bench.svg: spec.title must be nil or a string (got true)", err_of(bench.svg, svg, { title = true }))
+        os.remove(svg)
+        assert.equal("bench.table: cols must be nil or a list of column names (got cdata<void *>: NULL)",
+                     err_of(bench.table, { { a = 1 } }, NULL))
+        assert.equal("bench.table: rows[1].__units must be nil or a table of units by column (got 5)",
+                     err_of(bench.table, { { a = 1, __units = 5 } }, { "a" }))
+        assert.equal("bench.table: rows[2].__order must be nil or a list of column names (got 5)",
+                     err_of(bench.table, { { a = 1 }, { a = 1, __order = 5 } }))
+        assert.equal("bench.table: rows[1].__order[2] must be a column name (a string) (got 3)",
+                     err_of(bench.table, { { a = 1, __order = { "a", 3 } } }))
+        assert.equal("bench.fit_pool: buffer_size must be an integer from 4096 to 1073741824 (got 0)",
+                     err_of(bench.fit_pool, 0, function() return 1 end, 4))
+        assert.equal("bench.fit_pool: queue_size must be an integer from 1 to 32768 (got 0)",
+                     err_of(bench.fit_pool, 4096, function() return 1 end, 4, 1, 0))
+        for _, w in ipairs({ 5, {}, "w" }) do
+            assert.matches("^bench.connect_socket: worker must be a UCX worker %(ctx:create_worker%(%)%) %(got ",
+                           err_of(bench.connect_socket, w, "127.0.0.1", 1))
+        end
+        assert.equal("bench.parse_args: spec.options[1].min of --sizes: only integer, number and size options " ..
+                     "take a bound (this one is list)",
+                     err_of(bench.parse_args, { options = { { "sizes", "list", "4k", "h", min = 1 } } }, {}))
+        assert.equal('bench.help: spec.options[1].max of --n must be a number (got "9")',
+                     err_of(bench.help, { options = { { "n", "integer", 1, "h", max = "9" } } }))
+        local p = bench.progress("x", true)
+        assert.equal("Progress:update: call it as a method on a progress line (obj:update(...)); got nil as self",
+                     err_of(p.update, nil, "t"))
+        assert.equal("Progress:done: call it as a method on a progress line (obj:done(...)); got string as self",
+                     err_of(p.done, "x"))
+        assert.equal("Histogram:merge: h must be a bench.Histogram (got nil)",
+                     err_of(bench.Histogram.new().merge, bench.Histogram.new(), nil))
+        local raising = setmetatable({}, { __tostring = function() error("no words") end })
+        assert.is_nil(bench.parse_size(raising))                   -- (its error, not nil)
+        assert.is_nil(bench.host_port(raising))
     end)
 end)
 

@@ -100,7 +100,7 @@ end
 function Histogram:merge(other)
     check.self("Histogram:merge", self, Histogram, "a histogram")
     if getmetatable(other) ~= Histogram then
-        error("Histogram:merge: expected a histogram (got " .. type(other) .. ")", 2)
+        check.fail("Histogram:merge", "h must be a bench.Histogram", other)
     end
     C.pl_hist_merge(self.h, other.h)
     return self
@@ -137,13 +137,19 @@ end
 function M.parse_size(s)
     if type(s) == "number" then
         return s
+    elseif type(s) ~= "string" then
+        return nil
     end
-    local num, unit = tostring(s):lower():match("^(%d+%.?%d*)%s*([kmgt]?)i?b?$")
+    local num, unit = s:lower():match("^(%d+%.?%d*)%s*([kmgt]?)i?b?$")
     if not num then
         return nil
     end
     local mult = ({ [""] = 1, k = 1024, m = 1024 ^ 2, g = 1024 ^ 3, t = 1024 ^ 4 })[unit]
-    return floor(tonumber(num) * mult)
+    local n = floor(tonumber(num) * mult)
+    if n == HUGE then       -- (400 digits: no size, not infinity)
+        return nil
+    end
+    return n
 end
 
 -- A value of an option of kind integer, number, size or list, from the
@@ -202,7 +208,7 @@ function M.fit_pool(buffer_size, count_of, want, min, queue_size, share)
         min = 1
     end
     check.integer("bench.fit_pool", "min", min, 1, want)
-    local lockable = require("pluvio.uring").lockable_buffers(buffer_size, queue_size, share)
+    local lockable = require("pluvio.uring")._lockable_buffers("bench.fit_pool", buffer_size, queue_size, share)
     if not lockable then
         return want, nil
     end
@@ -227,7 +233,15 @@ function M.connect_socket(worker, host, port, seconds)
     if type(seconds) ~= "number" or seconds ~= seconds or seconds <= 0 or seconds > 1e9 then
         check.fail("bench.connect_socket", "seconds must be a number from 0 to 1e9 (not 0)", seconds)
     end
+    local ucx = require "pluvio.ucx"
+    if getmetatable(worker) ~= ucx.Worker then
+        check.fail("bench.connect_socket", "worker must be a UCX worker (ctx:create_worker())", worker)
+    end
     local pluvio = require "pluvio"
+    if not pluvio.runtime() then       -- (else pluvio.timeout's words, naming it)
+        error("bench.connect_socket: not inside a pluvio task (call it from a function run by " ..
+              "pluvio.run / rt:run, or from a script run by the pluvio host)", 2)
+    end
     local ep, err, code = pluvio.timeout(seconds, worker.connect_socket, worker, host, port)
     if ep == nil and err == "timeout" and code == nil then
         return nil, format("connect to %s: no UCX connection within %g s (is a UCX listener there?)",
@@ -266,6 +280,7 @@ end
 -- the help and exits 0 (--help), or prints a one-line error and exits 2.
 -- A spec as parse_args and help take it: a table with an options list.
 local KINDS = { string = true, integer = true, number = true, size = true, flag = true, list = true }
+local BOUNDED = { integer = true, number = true, size = true }     -- (min and max)
 
 local function check_spec(fname, spec)
     if type(spec) ~= "table" or type(spec.options) ~= "table" then
@@ -286,6 +301,15 @@ local function check_spec(fname, spec)
             what = format("[4], the help of --%s, must be a string (got %s)", o[1], check.show(o[4]))
         elseif o.choices ~= nil and type(o.choices) ~= "table" then
             what = format(".choices of --%s must be a list (got %s)", o[1], check.show(o.choices))
+        else
+            for _, b in ipairs({ "min", "max" }) do
+                if type(o[b]) ~= "nil" and not (BOUNDED[o[2]] and type(o[b]) == "number") then
+                    what = BOUNDED[o[2]] and format(".%s of --%s must be a number (got %s)", b, o[1], check.show(o[b]))
+                        or format(".%s of --%s: only integer, number and size options take a bound (this one is %s)",
+                                  b, o[1], o[2])
+                    break
+                end
+            end
         end
         if what then
             error(format("%s: spec.options[%d]%s", fname, i, what), 3)
@@ -389,7 +413,10 @@ end
 -- host_port("HOST:PORT" or "[v6]:PORT"): host and port, or nil when the
 -- text is not that (a port to connect to: 1 to 65535).
 function M.host_port(s)
-    local host, port = tostring(s):match("^%[?([^%]]+)%]?:(%d+)$")
+    if type(s) ~= "string" then
+        return nil
+    end
+    local host, port = s:match("^%[?([^%]]+)%]?:(%d+)$")
     port = tonumber(port)
     if not host or not port or port < 1 or port > 65535 then
         return nil
@@ -467,6 +494,12 @@ function M.human(v, unit)
     if type(v) ~= "number" then
         check.fail("bench.human", "v must be a number", v)
     end
+    if type(unit) ~= "nil" and unit ~= "s" then
+        check.fail("bench.human", 'unit must be nil or "s" (seconds)', unit)
+    end
+    if v ~= v or v == HUGE or v == -HUGE then    -- (not "infG", "nan ns")
+        return v ~= v and "nan" or v > 0 and "inf" or "-inf"
+    end
     local a = math.abs(v)
     if unit == "s" then
         if a < 999.5e-9 then return format("%.0f ns", v * 1e9) end
@@ -484,8 +517,8 @@ end
 
 -- Byte counts for people: 65536 -> "64 KiB".
 function M.bytes(n)
-    if type(n) ~= "number" then
-        check.fail("bench.bytes", "n must be a number", n)
+    if type(n) ~= "number" or n ~= n or n == HUGE or n == -HUGE then    -- ("inf KiB", "nan B")
+        check.fail("bench.bytes", "n must be a finite number", n)
     end
     local units = { "B", "KiB", "MiB", "GiB", "TiB" }
     local i = 1
@@ -505,12 +538,27 @@ function M.table(rows, cols)
     if type(rows) ~= "table" then
         check.fail("bench.table", "rows must be a list of tables", rows)
     end
-    if cols ~= nil and type(cols) ~= "table" then
+    if type(cols) ~= "nil" and type(cols) ~= "table" then   -- (not ~= nil: a NULL pointer equals nil)
         check.fail("bench.table", "cols must be nil or a list of column names", cols)
     end
     for i, r in ipairs(rows) do
         if type(r) ~= "table" then
             check.fail("bench.table", format("rows[%d] must be a table", i), r)
+        end
+        local units, order = rawget(r, "__units"), rawget(r, "__order")
+        if type(units) ~= "nil" and type(units) ~= "table" then
+            check.fail("bench.table", format("rows[%d].__units must be nil or a table of units by column", i), units)
+        end
+        if type(order) ~= "nil" then
+            if type(order) ~= "table" then
+                check.fail("bench.table", format("rows[%d].__order must be nil or a list of column names", i), order)
+            end
+            for j, name in ipairs(order) do
+                if type(name) ~= "string" then
+                    check.fail("bench.table", format("rows[%d].__order[%d] must be a column name (a string)", i, j),
+                               name)
+                end
+            end
         end
     end
     for i, name in ipairs(cols or {}) do
@@ -565,6 +613,7 @@ function M.progress(label, quiet)
 end
 
 function Progress:update(text)
+    check.self("Progress:update", self, Progress, "a progress line")
     if not self.on then return end
     local now = C.pl_now()
     if now - self.t0 < 1 or now - self.last < 0.25 then return end
@@ -574,6 +623,7 @@ function Progress:update(text)
 end
 
 function Progress:done()
+    check.self("Progress:done", self, Progress, "a progress line")
     if self.shown then io.stderr:write("\r\27[K") end
 end
 
@@ -593,17 +643,25 @@ function M.svg(path, spec)
     if type(spec) ~= "table" then
         check.fail("bench.svg", "spec must be a table", spec)
     end
-    if spec.histogram ~= nil and getmetatable(spec.histogram) ~= Histogram then
+    -- (type() ~= "nil", not ~= nil: a NULL pointer equals nil)
+    if type(spec.histogram) ~= "nil" and getmetatable(spec.histogram) ~= Histogram then
         check.fail("bench.svg", "spec.histogram must be a bench.Histogram", spec.histogram)
     end
-    if spec.series ~= nil then
+    if type(spec.series) ~= "nil" then
         if type(spec.series) ~= "table" then
             check.fail("bench.svg", "spec.series must be a list of {t, value} pairs", spec.series)
         end
         for i, e in ipairs(spec.series) do
-            if type(e) ~= "table" or type(e[1]) ~= "number" or type(e[2]) ~= "number" then
-                check.fail("bench.svg", format("spec.series[%d] must be a pair of numbers {t, value}", i), e)
+            local t, v = type(e) == "table" and e[1], type(e) == "table" and e[2]
+            if type(t) ~= "number" or type(v) ~= "number" or t ~= t or v ~= v or
+                    t == HUGE or t == -HUGE or v == HUGE or v == -HUGE then     -- (NaN wrote "nan" coordinates)
+                check.fail("bench.svg", format("spec.series[%d] must be a pair of finite numbers {t, value}", i), e)
             end
+        end
+    end
+    for _, k in ipairs({ "title", "series_label" }) do
+        if type(spec[k]) ~= "nil" and type(spec[k]) ~= "string" then
+            check.fail("bench.svg", format("spec.%s must be nil or a string", k), spec[k])
         end
     end
     local W, H, pad = 960, 360, 50

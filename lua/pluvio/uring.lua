@@ -651,22 +651,30 @@ M._internal = {
 -- when no limit applies (root, CAP_IPC_LOCK, ulimit -l unlimited); in a
 -- 1/share part of it (default 1: all), for one of share processes of the
 -- user (the limit is the user's).
-function M.lockable_buffers(buffer_size, queue_size, share)
-    check_option("uring.lockable_buffers", "buffer_size", buffer_size, 3)
+-- (fname: the public function the user called, which called this one:
+-- bench.fit_pool's errors name it.)
+local function lockable_buffers(fname, buffer_size, queue_size, share)
+    check_option(fname, "buffer_size", buffer_size, 4)
     if type(queue_size) == "nil" then
         queue_size = M.DEFAULTS.queue_size
-        check_option("uring.lockable_buffers: uring.DEFAULTS", "queue_size", queue_size, 3)
+        check_option(fname .. ": uring.DEFAULTS", "queue_size", queue_size, 4)
     else
-        check_option("uring.lockable_buffers", "queue_size", queue_size, 3)
+        check_option(fname, "queue_size", queue_size, 4)
     end
     if type(share) == "nil" then
         share = 1
     end
-    check.integer("uring.lockable_buffers", "share", share, 1, 1024)
+    check.integer(fname, "share", share, 1, 1024, 4)
     local n = C.pl_uring_memlock_buffers(buffer_size, queue_size, share)
     if n < 0 then
         return nil
     end
+    return n
+end
+M._lockable_buffers = lockable_buffers
+
+function M.lockable_buffers(buffer_size, queue_size, share)
+    local n = lockable_buffers("uring.lockable_buffers", buffer_size, queue_size, share)
     return n
 end
 
