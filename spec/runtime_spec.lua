@@ -599,9 +599,9 @@ describe("Runtime:register_reactor", function()
     -- (it was taken and not counted: a poll that returned "lots" went unnoticed)
     it("stops the run when a Lua reactor's poll returns what is not a count, and takes nil as none", function()
         for _, case in ipairs({ { "lots", 'reactor "r": poll() returned "lots"; it must return how many ' ..
-                                          'operations it completed (a number >= 0)' },
+                                          'operations it completed (a finite number >= 0)' },
                                 { -1, 'reactor "r": poll() returned -1; it must return how many operations ' ..
-                                      'it completed (a number >= 0)' } }) do
+                                      'it completed (a finite number >= 0)' } }) do
             local rt = pluvio.Runtime.new()
             rt:register_reactor("r", { status = function() return "pending" end,
                                        poll = function() return case[1] end })
@@ -615,6 +615,68 @@ describe("Runtime:register_reactor", function()
                                        poll = function() polls = polls + 1 end })
         assert.equal("ok", rt:run(function() pluvio.sleep(0.001); return "ok" end))
         assert.equal(0, rt:stats().reactors.quiet.completions)
+    end)
+
+    -- (a count past the array read beyond it, a NULL name crashed in
+    -- ffi.string: rt:stats() and the host's --stats died with SIGSEGV)
+    it("raises in rt:stats() for a C reactor's stats hook that breaks its contract, and keeps its own figures", function()
+        local ffi = require "ffi"
+        local mode
+        local cbs = {
+            status = ffi.cast("int (*)(pl_reactor_t *)", function() return 0 end),
+            poll = ffi.cast("int (*)(pl_reactor_t *, pl_runtime_t *, int)", function() return 0 end),
+            stats = ffi.cast("int (*)(pl_reactor_t *, pl_stat_t *, int)", function(_, out, max)
+                if mode == "many" then return max + 1000 end
+                out[0].name, out[0].value = "polls", 7      -- (not the runtime's)
+                if mode == "null" then out[0].name = nil end
+                out[1].name, out[1].value = "mine", 5
+                return 2
+            end),
+        }
+        local v = ffi.new("pl_reactor_t[1]")
+        v[0].kind, v[0].status, v[0].poll, v[0].stats = "mock", cbs.status, cbs.poll, cbs.stats
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("c", ffi.cast("pl_reactor_t *", v))
+        local r = rt:stats().reactors.c
+        assert.same({ "mock", "idle", 0, 5 }, { r.kind, r.status, r.polls, r.mine })
+        mode = "many"
+        assert.has_error(function() rt:stats() end,
+                         'Runtime:stats: reactor "c": its stats hook returned 1032 figures, more than the 32 it was given')
+        mode = "null"
+        assert.has_error(function() rt:stats() end, 'Runtime:stats: reactor "c": its stats hook gave figure 0 no name')
+        rt = nil    -- luacheck: ignore
+        collectgarbage()
+        for _, cb in pairs(cbs) do cb:free() end
+    end)
+
+    it("raises in rt:stats() for a Lua reactor's stats() that gives no table, and keeps its own figures", function()
+        local figures
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("l", { status = function() return "idle" end, poll = function() return 0 end,
+                                   stats = function() return figures end })
+        figures = { kind = "fake", polls = -1, mine = 3 }
+        local r = rt:stats().reactors.l
+        assert.same({ "lua", 0, 3 }, { r.kind, r.polls, r.mine })
+        figures = nil
+        assert.has_error(function() rt:stats() end,
+                         'Runtime:stats: reactor "l": stats() returned nil; it must return a table of figures')
+    end)
+
+    it("refuse a table given a runtime's or a reactor's metatable by hand, which C would take as one", function()
+        local uring = require "pluvio.uring"
+        local fake = setmetatable({}, pluvio.Runtime)
+        for _, m in ipairs({ "set_spin", "stats", "tasks", "run" }) do
+            assert.has_error(function() fake[m](fake, m == "run" and function() end or 1) end,
+                "Runtime:" .. m .. ": self has the metatable of a runtime but is none (make runtimes with " ..
+                "pluvio.Runtime.new)")
+        end
+        local r = setmetatable({}, uring.IoUringReactor)
+        for _, m in ipairs({ "acquire_buffer", "stats", "c_reactor" }) do
+            assert.has_error(function() r[m](r) end, "IoUringReactor:" .. m .. ": self has the metatable of an " ..
+                "io_uring reactor but is none (make reactors with uring.reactor or the builder)")
+        end
+        assert.has_error(function() pluvio.Runtime.new():reactor(5) end,
+                         "Runtime:reactor: name must be a string (got number)")
     end)
 
     it("rejects a duplicate name, a table without poll or status, and other types", function()

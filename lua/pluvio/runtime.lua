@@ -77,8 +77,18 @@ function Runtime.new(capacity)
     return new_runtime(capacity)
 end
 
+-- self, a runtime: the metatable, and the C runtime behind it (a table
+-- given the metatable by hand has none, and C would follow a NULL pointer).
+local function runtime_self(fname, self)
+    check.self(fname, self, Runtime, "a runtime", 4)
+    if type(rawget(self, "crt")) ~= "cdata" then
+        error(format("%s: self has the metatable of a runtime but is none (make runtimes with pluvio.Runtime.new)",
+                     fname), 3)
+    end
+end
+
 function Runtime:set_affinity(cpu)
-    check.self("Runtime:set_affinity", self, Runtime, "a runtime")
+    runtime_self("Runtime:set_affinity", self)
     local n = C.pl_runtime_cpu_count()
     if type(cpu) ~= "number" or cpu ~= cpu or cpu % 1 ~= 0 or cpu < 0 or cpu >= n then
         error(format("Runtime:set_affinity: cpu %s does not exist (this machine has %d CPU%s: 0-%d)",
@@ -94,7 +104,7 @@ end
 -- Busy-poll for up to seconds before blocking when idle (trades CPU for
 -- wake-up latency).  0 turns it off.
 function Runtime:set_spin(seconds)
-    check.self("Runtime:set_spin", self, Runtime, "a runtime")
+    runtime_self("Runtime:set_spin", self)
     check.number("Runtime:set_spin", "seconds", seconds, 0, 10)
     C.pl_runtime_set_spin(self.crt, seconds)
 end
@@ -139,7 +149,7 @@ end
 -- r:poll(budget) -> completions and r:status() -> "idle"|"pending"|"ready".
 function Runtime:register_reactor(name, reactor)
     local fname = "Runtime:register_reactor"
-    check.self(fname, self, Runtime, "a runtime")
+    runtime_self(fname, self)
     check.string(fname, "name", name)
     if name == "" or #name >= 64 then
         check.fail(fname, "name must be 1 to 63 characters", name)
@@ -186,11 +196,13 @@ function Runtime:register_reactor(name, reactor)
 end
 
 function Runtime:reactor(name)
-    check.self("Runtime:reactor", self, Runtime, "a runtime")
+    runtime_self("Runtime:reactor", self)
+    check.string("Runtime:reactor", "name", name)
     return self.reactors[name]
 end
 
 local LUA_STATUS = { idle = 0, pending = 1, ready = 2 }
+local C_STATUS = { [0] = "idle", "pending", "ready" }
 
 -- Poll the Lua reactors; returns the pl_tick flags they call for.
 local function poll_lua_reactors(rt)
@@ -207,11 +219,11 @@ local function poll_lua_reactors(rt)
         if code ~= 0 then
             local n = e.reactor:poll(BATCH)
             e.polls = e.polls + 1
-            if type(n) == "number" and n == n and n >= 0 then
+            if type(n) == "number" and n >= 0 and n < math.huge then
                 e.completions = e.completions + n
             elseif n ~= nil then    -- (nil: a poll that says nothing completed nothing)
                 error(format('reactor "%s": poll() returned %s; it must return how many operations it ' ..
-                             'completed (a number >= 0)', e.name, check.show(n)), 0)
+                             'completed (a finite number >= 0)', e.name, check.show(n)), 0)
             end
             busy = true
         end
@@ -237,7 +249,7 @@ end
 
 -- One entry per live task: name, state, what it waits on, resumes, run time.
 function Runtime:tasks()
-    check.self("Runtime:tasks", self, Runtime, "a runtime")
+    runtime_self("Runtime:tasks", self)
     local list, info = {}, self.info_out
     for slot, t in walk, self.slots do
         if C.pl_task_info(self.crt, slot, info) == 0 then
@@ -257,7 +269,7 @@ function Runtime:tasks()
 end
 
 function Runtime:stats()
-    check.self("Runtime:stats", self, Runtime, "a runtime")
+    runtime_self("Runtime:stats", self)
     local s = ffi.new("pl_runtime_stats_t")
     C.pl_runtime_stats(self.crt, s)
     local out = {
@@ -273,21 +285,40 @@ function Runtime:stats()
     local figures = ffi.new("pl_stat_t[32]")
     for i = 0, s.reactors - 1 do
         if C.pl_runtime_reactor_info(self.crt, i, info) == 0 then
-            local r = { kind = ffi.string(info.kind), status = ({ "idle", "pending", "ready" })[info.status + 1],
+            local name = ffi.string(info.name)
+            local r = { kind = ffi.string(info.kind), status = C_STATUS[info.status] or "bad status " .. info.status,
                         polls = info.polls, completions = info.completions }
             local n = C.pl_runtime_reactor_stats(self.crt, i, figures, 32)
-            for k = 0, n - 1 do
-                r[ffi.string(figures[k].name)] = figures[k].value
+            if n > 32 then      -- (a C reactor's hook that broke its contract: not a read past the array)
+                error(format('Runtime:stats: reactor "%s": its stats hook returned %d figures, more than the 32 ' ..
+                             'it was given', name, n), 2)
             end
-            out.reactors[ffi.string(info.name)] = r
+            for k = 0, n - 1 do
+                local f = figures[k]
+                if f.name == nil then
+                    error(format('Runtime:stats: reactor "%s": its stats hook gave figure %d no name', name, k), 2)
+                end
+                local key = ffi.string(f.name)
+                if r[key] == nil then       -- (the runtime's own figures stay)
+                    r[key] = f.value
+                end
+            end
+            out.reactors[name] = r
         end
     end
     for _, e in ipairs(self.lua_reactors) do
         local r = { kind = "lua", status = tostring(e.reactor:status()),
                     polls = e.polls, completions = e.completions }
         if type(e.reactor.stats) == "function" then
-            for k, v in walk, e.reactor:stats() do
-                r[k] = v
+            local figures = e.reactor:stats()
+            if type(figures) ~= "table" then
+                error(format('Runtime:stats: reactor "%s": stats() returned %s; it must return a table of figures',
+                             e.name, check.show(figures)), 2)
+            end
+            for k, v in walk, figures do
+                if r[k] == nil then         -- (the runtime's own figures stay)
+                    r[k] = v
+                end
             end
         end
         out.reactors[e.name] = r
@@ -524,7 +555,7 @@ end
 -- only the main one (block_on).  Returns the main task's results; raises its
 -- error (and then cancels the tasks left).
 local function drive(rt, fname, until_all, fn, ...)
-    check.self(fname, rt, Runtime, "a runtime")
+    runtime_self(fname, rt)
     check.func(fname, "fn", fn)
     if rt.running then
         error(fname .. ": this runtime is already running (a task cannot run its own runtime)", 2)   -- (drive is tail-called: 2 is the user)
@@ -633,7 +664,7 @@ end
 
 -- How many failed tasks were never joined (the host exits 1 when > 0).
 function Runtime:unjoined_failures()
-    check.self("Runtime:unjoined_failures", self, Runtime, "a runtime")
+    runtime_self("Runtime:unjoined_failures", self)
     return self.n_unjoined
 end
 

@@ -231,8 +231,19 @@ function IoUringReactor.builder()
     return setmetatable({ opts = {} }, Builder)
 end
 
+-- self, an io_uring reactor: the metatable, and the ring behind it (a
+-- table given the metatable by hand has none, and C would follow a NULL
+-- pointer).
+local function reactor_self(fname, self)
+    check.self(fname, self, IoUringReactor, "an io_uring reactor", 4)
+    if type(rawget(self, "u")) ~= "cdata" then
+        error(format("%s: self has the metatable of an io_uring reactor but is none (make reactors with " ..
+                     "uring.reactor or the builder)", fname), 3)
+    end
+end
+
 function IoUringReactor:c_reactor()
-    check.self("IoUringReactor:c_reactor", self, IoUringReactor, "an io_uring reactor")
+    reactor_self("IoUringReactor:c_reactor", self)
     return C.pl_uring_reactor(self.u)
 end
 
@@ -271,7 +282,7 @@ end
 
 -- Called by rt:register_reactor: ops park their task in C from now on.
 function IoUringReactor:attach(rt)
-    check.self("IoUringReactor:attach", self, IoUringReactor, "an io_uring reactor")
+    reactor_self("IoUringReactor:attach", self)
     if getmetatable(rt) ~= pluvio.Runtime then    -- (a table without crt detached the reactor)
         error(format("IoUringReactor:attach: rt must be a runtime (got %s)", type(rt)), 2)
     end
@@ -284,7 +295,7 @@ function IoUringReactor:attach(rt)
 end
 
 function IoUringReactor:options()
-    check.self("IoUringReactor:options", self, IoUringReactor, "an io_uring reactor")
+    reactor_self("IoUringReactor:options", self)
     local o = {}
     for k, v in walk, self.opts do o[k] = v end
     return o
@@ -293,7 +304,7 @@ end
 -- Figures: sqes, enters, completions, in_flight, in_flight_max,
 -- buffer_waits, buffers_free, resubmits, cancels, buffers_reclaimed.
 function IoUringReactor:stats()
-    check.self("IoUringReactor:stats", self, IoUringReactor, "an io_uring reactor")
+    reactor_self("IoUringReactor:stats", self)
     local s = ffi.new("pl_uring_stats_t")
     C.pl_uring_get_stats(self.u, s)
     return {
@@ -525,7 +536,7 @@ end
 -- pool is empty.  The buffer belongs to the calling task: it is released
 -- when the task ends if not before.
 function IoUringReactor:acquire_buffer()
-    check.self("IoUringReactor:acquire_buffer", self, IoUringReactor, "an io_uring reactor")
+    reactor_self("IoUringReactor:acquire_buffer", self)
     local t, rt = current_task("IoUringReactor:acquire_buffer")
     if self.rt and self.rt ~= rt then   -- its releases would wake tasks of that runtime only
         error("IoUringReactor:acquire_buffer: the reactor is registered on another runtime", 2)
