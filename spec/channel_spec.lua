@@ -153,6 +153,12 @@ describe("pluvio.channel", function()
         local ch = pluvio.channel(1)
         assert.has_error(function() ch:send(nil) end,
             "Channel:send: value must not be nil (recv returns nil only when closed)")
+        -- (a NULL pointer, which equals nil, was refused in the words for nil)
+        local NULL = require("ffi").cast("void *", 0)
+        for _, f in ipairs({ "send", "try_send" }) do
+            assert.has_error(function() ch[f](ch, NULL) end, "Channel:" .. f .. ": value must not be a NULL " ..
+                "pointer, which equals nil (recv returns nil only when closed): send a sentinel of your own instead")
+        end
         ch:close()
         assert.has_error(function() ch:send(1) end, "Channel:send: the channel is closed")
     end))

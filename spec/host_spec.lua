@@ -451,9 +451,13 @@ describe("pluvio (the host)", function()
             local status, out, err = helper.run_script(
                 "local m = dofile(" .. ("%q"):format(dir .. "/slow.lua") .. ")\n" ..
                 "print(m.head, m.name, dofile == pluvio.dofile)\n" ..
-                "print(pcall(dofile, " .. ("%q"):format(dir .. "/none.lua") .. "))\n")
+                "print(pcall(dofile, " .. ("%q"):format(dir .. "/none.lua") .. "))\n" ..
+                "print(pcall(dofile, " .. ("%q"):format(dir .. "/slow.lua\0.bak") .. "))\n")
             assert.equal(0, status, err)
-            assert.equal("-- The pluvi\tnil\ttrue\nfalse\tcannot open " .. dir .. "/none.lua: No such file or directory\n", out)
+            -- (a NUL byte: LuaJIT's loadfile ran slow.lua)
+            assert.equal("-- The pluvi\tnil\ttrue\nfalse\tcannot open " .. dir .. "/none.lua: No such file or directory\n" ..
+                         "false\tpluvio.dofile: path must not contain a NUL byte (got \"" .. dir .. "/slow.lua\\0.bak\")\n",
+                         out)
         end)
 
         it("loads a -l module whose top level waits, found through LUA_PATH, before the -e code", function()

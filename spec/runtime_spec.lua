@@ -455,8 +455,12 @@ describe("pluvio.run and pluvio.wrap", function()
                        '  task "main" (#1, waiting) waits on sleep', err, 1, true)
         for _, case in ipairs({ { 5, "opts must be a table ({timeout = seconds}) (got 5)" },
                                 { { timout = 1 }, 'opts has one field, timeout; unknown (got "timout")' },
-                                { { timeout = 0 }, "opts.timeout must be more than 0 seconds (got 0)" },
-                                { { timeout = 0 / 0 }, "opts.timeout must be a finite number" } }) do
+                                { { timeout = 0 }, "opts.timeout must be a number of seconds, more than 0 and at " ..
+                                                   "most 1e9 (got 0)" },
+                                { { timeout = 0 / 0 }, "opts.timeout must be a number of seconds, more than 0 and " ..
+                                                       "at most 1e9 (got nan)" },
+                                { { timeout = "5" }, 'opts.timeout must be a number of seconds, more than 0 and ' ..
+                                                     'at most 1e9 (got "5")' } }) do
             assert.has_error(function() pluvio.wrap(print, case[1]) end)
             assert.matches("pluvio.wrap: " .. case[2], select(2, pcall(pluvio.wrap, print, case[1])), 1, true)
         end

@@ -675,6 +675,18 @@ describe("pluvio.suspend and Task:wake", function()
         t:wake()
         assert.equal("woken", t:join())
     end))
+
+    -- (its error replaced the wait: suspend raised it)
+    it("shows a what whose __tostring raises in the words for it", async(function()
+        local what = setmetatable({}, { __tostring = function() error("no words") end })
+        local t = pluvio.spawn(function() pluvio.suspend(what); return "woken" end)
+        pluvio.yield()
+        local entry
+        for _, e in ipairs(pluvio.runtime():tasks()) do if e.task == t then entry = e end end
+        assert.equal("a table whose __tostring failed", entry.waits_on)
+        t:wake()
+        assert.equal("woken", t:join())
+    end))
 end)
 
 describe("failed tasks", function()

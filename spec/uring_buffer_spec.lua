@@ -242,9 +242,9 @@ describe("registered buffers", function()
             assert.has_error(function() b:tostring(5000) end, "Buffer:tostring: len must be an integer from 0 to 4096 (got 5000)")
             -- (the data and the offset are the arguments: no "length" was given)
             assert.has_error(function() b:write("abc", 4095) end,
-                "Buffer:write: data of 3 bytes does not fit at offset 4095 (the buffer holds 4096 bytes)")
+                "Buffer:write: str of 3 bytes does not fit at offset 4095 (the buffer holds 4096 bytes)")
             assert.has_error(function() b:write(("x"):rep(4097)) end,
-                "Buffer:write: data of 4097 bytes does not fit at offset 0 (the buffer holds 4096 bytes)")
+                "Buffer:write: str of 4097 bytes does not fit at offset 0 (the buffer holds 4096 bytes)")
             assert.has_error(function() b:write("", 4097) end,
                 "Buffer:write: offset must be an integer from 0 to 4096 (got 4097)")
             assert.equal(0, b:write("", 4096))
@@ -293,7 +293,7 @@ describe("registered buffers", function()
         assert.has_error(function() direct:write_fixed(rel, 0) end, "DmaFile:write_fixed: the buffer was released")
         assert.has_error(function() direct:write(0, 5) end, "DmaFile:write: data must be a string (got number)")
         assert.has_error(function() direct:readv(0, b) end,
-                         "DmaFile:readv: parts must be a list of registered buffers (got a single buffer: write {buf})")
+                         "DmaFile:readv: bufs must be a list of registered buffers (got a single buffer: write {buf})")
         assert.has_error(function() direct:writev(0, {}) end, "DmaFile:writev: parts must hold 1 to 16 entries (got 0)")
         plain:close(); direct:close()
         uring.unlink(path)

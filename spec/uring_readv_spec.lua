@@ -119,7 +119,7 @@ describe("readv and writev", function()
         local f = assert(uring.File.open(path, "w+"))
         local a = uring.acquire_buffer()
         assert.has_error(function() f:readv(0, "x") end,
-            'File:readv: parts must be a list of registered buffers (got "x")')
+            'File:readv: bufs must be a list of registered buffers (got "x")')
         assert.has_error(function() f:writev(0, {}) end, "File:writev: parts must hold 1 to 16 entries (got 0)")
         local many = {}
         for i = 1, 17 do many[i] = "x" end

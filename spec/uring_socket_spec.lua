@@ -587,6 +587,9 @@ describe("sockets over io_uring", function()
         assert.same({ 1, 10, 10, 3, 0 }, settings(a))
         assert.is_true(c:keepalive(false))
         assert.same({ 0, 0 }, { settings(c)[1], settings(c)[5] })
+        assert.has_error(function() a:keepalive(false, 5, 3) end,   -- (ignored: keepalive went off)
+            "TcpSocket:keepalive: keepalive(false) turns keepalive off and takes no interval or count")
+        assert.same({ 1, 10, 10, 3, 0 }, settings(a))
         assert.is_true(c:keepalive(32767, 32767, 127))      -- Linux's most
         assert.same({ 1, 32767, 32767, 127, 0 }, settings(c))
         for _, case in ipairs({

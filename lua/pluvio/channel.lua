@@ -161,12 +161,22 @@ local function take(self)
     return v
 end
 
+-- A value a receiver would take for the channel's end: nil, and a NULL
+-- pointer, which equals nil (raises at the sender's caller).
+local function no_nil(fname, v)
+    if type(v) == "nil" then
+        error(fname .. ": value must not be nil (recv returns nil only when closed)", 3)
+    end
+    error(fname .. ": value must not be a NULL pointer, which equals nil (recv returns nil only when " ..
+          "closed): send a sentinel of your own instead", 3)
+end
+
 -- send(v): queue v (not nil); parks while the channel is full.  Sending on a
 -- closed channel raises.
 function Channel:send(v)
     check.self("Channel:send", self, Channel, "a channel")
     if v == nil then
-        error("Channel:send: value must not be nil (recv returns nil only when closed)", 2)
+        no_nil("Channel:send", v)
     end
     if self.closed then
         error("Channel:send: the channel is closed", 2)
@@ -226,7 +236,7 @@ end
 function Channel:try_send(v)
     check.self("Channel:try_send", self, Channel, "a channel")
     if v == nil then
-        error("Channel:try_send: value must not be nil (recv returns nil only when closed)", 2)
+        no_nil("Channel:try_send", v)
     end
     if self.closed then
         error("Channel:try_send: the channel is closed", 2)

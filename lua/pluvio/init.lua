@@ -153,11 +153,8 @@ function M.wrap(fn, opts)
             end
         end
         limit = opts.timeout
-        if type(limit) ~= "nil" then
-            check.number("pluvio.wrap", "opts.timeout", limit, 0, 1e9)
-            if limit == 0 then
-                check.fail("pluvio.wrap", "opts.timeout must be more than 0 seconds", limit)
-            end
+        if type(limit) ~= "nil" and (type(limit) ~= "number" or not (limit > 0 and limit <= 1e9)) then
+            check.fail("pluvio.wrap", "opts.timeout must be a number of seconds, more than 0 and at most 1e9", limit)
         end
     end
     return function(...)
@@ -243,9 +240,19 @@ end
 -- Low level: park the running task until task:wake() is called on it (or a
 -- spurious wake-up: callers loop on their condition).  what is shown in
 -- rt:tasks() and deadlock reports.
+-- What a task suspends for, in words (a __tostring that raises would
+-- replace the wait with its error).
+local function show_wait(what)
+    if type(what) == "string" then
+        return what
+    end
+    local ok, s = pcall(tostring, what)
+    return ok and type(s) == "string" and s or format("a %s whose __tostring failed", type(what))
+end
+
 function M.suspend(what)
     local t = running_task("pluvio.suspend")
-    park(t, C.PL_WAIT_OTHER, 0, what ~= nil and tostring(what) or "suspend", "pluvio.suspend")
+    park(t, C.PL_WAIT_OTHER, 0, type(what) ~= "nil" and show_wait(what) or "suspend", "pluvio.suspend")
 end
 
 local function task_arg(fname, i, v)
@@ -363,6 +370,9 @@ M.require = require("pluvio.loader").new(M)
 function M.dofile(path)
     if type(path) ~= "nil" and type(path) ~= "string" then
         error("bad argument #1 to 'dofile' (string expected, got " .. type(path) .. ")", 2)
+    end
+    if type(path) == "string" and path:find("\0", 1, true) then   -- (loadfile would load the part before it)
+        error("pluvio.dofile: path must not contain a NUL byte (got " .. check.show(path) .. ")", 2)
     end
     local chunk, err = loadfile(path)
     if not chunk then

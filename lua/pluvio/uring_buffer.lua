@@ -113,10 +113,10 @@ end
 -- write(str[, off]): copy a string into the buffer at off (default 0).
 function Buffer:write(str, off)
     usable("Buffer:write", self)
-    check.string("Buffer:write", "data", str)
+    check.string("Buffer:write", "str", str)
     local _, o = span("Buffer:write", self, 0, off)
     if #str > self.len - o then     -- (span would name a length the caller never gave)
-        error(format("Buffer:write: data of %d bytes does not fit at offset %d (the buffer holds %d bytes)",
+        error(format("Buffer:write: str of %d bytes does not fit at offset %d (the buffer holds %d bytes)",
                      #str, o, self.len), 2)
     end
     ffi_copy(self.base + o, str, #str)

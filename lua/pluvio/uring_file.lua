@@ -429,13 +429,14 @@ function M.install(U)
     -- copies); returns their count, total bytes and what the op must keep.
     local function vector(fname, f, r, offset, parts, lens, strings_ok)
         local kinds = strings_ok and "registered buffers or strings" or "registered buffers"
+        local pname = strings_ok and "parts" or "bufs"      -- (as the docs name readv's and writev's)
         if type(parts) ~= "table" or getmetatable(parts) == Buffer then
             local got = type(parts) == "table" and "a single buffer: write {buf}" or check.show(parts)
-            error(format("%s: parts must be a list of %s (got %s)", file_fname(fname, f), kinds, got), 3)
+            error(format("%s: %s must be a list of %s (got %s)", file_fname(fname, f), pname, kinds, got), 3)
         end
         local n, max = #parts, C.PL_URING_IOV_MAX
         if n < 1 or n > max then
-            error(format("%s: parts must hold 1 to %d entries (got %d)", file_fname(fname, f), max, n), 3)
+            error(format("%s: %s must hold 1 to %d entries (got %d)", file_fname(fname, f), pname, max, n), 3)
         end
         local last = table.maxn(parts)  -- (# may stop at a hole: the parts after it were dropped)
         if last ~= n then

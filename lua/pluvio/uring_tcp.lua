@@ -521,6 +521,9 @@ function M.install(U)
     function TcpSocket:keepalive(idle, interval, count)
         live("TcpSocket:keepalive", self, TcpSocket, "a socket")
         if idle == false then
+            if type(interval) ~= "nil" or type(count) ~= "nil" then  -- (taken for a setting, and dropped)
+                error("TcpSocket:keepalive: keepalive(false) turns keepalive off and takes no interval or count", 2)
+            end
             idle, interval, count = 0, 0, 0
         else
             check.integer("TcpSocket:keepalive", "idle", idle, 1, MAX_KEEPIDLE)
