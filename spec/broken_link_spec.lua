@@ -61,12 +61,20 @@ while true do
 end
 ]]
 
+-- Namespaces an earlier run left (killed, its shell's trap never ran):
+-- those whose process, the number at the end of the name, is gone.
+local STALE = [[
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^pluvio_link_'); do
+    kill -0 "${ns##*_}" 2>/dev/null || ip netns del "$ns" 2>/dev/null
+done]]
+
 -- The whole scenario as one shell script: the server (10.77.0.1) prints
 -- "listening", then the client (10.77.0.2) starts; once the server prints
 -- "ready" the link goes down.  Exits 200 when the namespaces cannot be
 -- made.  retries: TCP's retransmission limit there (tcp_retries2); arg:
 -- both scripts' argument.
 local SCENARIO = [[
+%s
 A=pluvio_link_a_$$ B=pluvio_link_b_$$ D=%s HOST=%s RETRIES=%d ARG=%s
 trap 'ip netns del $A 2>/dev/null; ip netns del $B 2>/dev/null' EXIT
 ip netns add $A && ip netns add $B &&
@@ -105,7 +113,7 @@ local function over_broken_link(server, client, retries, arg)
         f:write(code)
         f:close()
     end
-    local status, out, err = helper.sh(format(SCENARIO, q(dir), q(helper.host), retries, q(arg or "")))
+    local status, out, err = helper.sh(format(SCENARIO, STALE, q(dir), q(helper.host), retries, q(arg or "")))
     local function slurp(name)
         local f = io.open(dir .. "/" .. name)
         local s = f and f:read("*a") or ""
@@ -127,6 +135,51 @@ local function over_broken_link(server, client, retries, arg)
     assert(tonumber(out:match("seconds (%d+)")) < 50, report)
     return out, report
 end
+
+describe("a UCX listener on an address of an interface UCX_NET_DEVICES leaves out", function()
+    -- (UCX took the connection there and dropped it, with an ERROR line on
+    -- the listener's side only: the client waited for good)
+    it("is refused with ENODEV, naming the interface and the setting", function()
+        local dir = helper.tmp_path(".dev")
+        assert(os.execute("mkdir " .. q(dir)) == 0)
+        local f = assert(io.open(dir .. "/listen.lua", "w"))
+        f:write([[
+local ucx = require "pluvio.ucx"
+local ctx = assert(ucx.Context.new())
+local w = assert(ctx:create_worker())
+for _, host in ipairs({ "10.78.0.1", "127.0.0.1" }) do
+    local l, err, code = w:create_listener(host, 0)
+    print(host, l and "listening" or err, code)
+    if l then l:close() end
+end
+w:close(); ctx:close()
+]])
+        f:close()
+        local status, out, err = helper.sh(format([[
+%s
+N=pluvio_link_d_$$
+trap 'ip netns del $N 2>/dev/null' EXIT
+ip netns add $N && ip -n $N link set lo up &&
+ip -n $N link add v0 type veth peer name v1 && ip -n $N addr add 10.78.0.1/24 dev v0 &&
+ip -n $N link set v0 up && ip -n $N link set v1 up || exit 200
+for devs in lo v0 lo,v0; do
+    echo "== $devs"
+    UCX_NET_DEVICES=$devs ip netns exec $N timeout -k 5 60 %s %s/listen.lua
+done]], STALE, q(helper.host), q(dir)))
+        os.execute("rm -rf " .. q(dir))
+        if status == 200 then
+            pending("cannot make a network namespace and a veth pair (needs root and ip): " .. err)
+            return
+        end
+        assert.equal(0, status, err)
+        local refused = "%s\tlisten on %s:0: the address is on interface %s, which UCX_NET_DEVICES=%s leaves out: UCX " ..
+                        "would take a client's connection there and drop it, and the client would wait for good " ..
+                        "(add %s to UCX_NET_DEVICES, or listen on an address of one of its interfaces)\tENODEV\n"
+        assert.equal("== lo\n" .. format(refused, "10.78.0.1", "10.78.0.1", "v0", "lo", "v0") .. "127.0.0.1\tlistening\tnil\n" ..
+                     "== v0\n10.78.0.1\tlistening\tnil\n" .. format(refused, "127.0.0.1", "127.0.0.1", "lo", "v0", "lo") ..
+                     "== lo,v0\n10.78.0.1\tlistening\tnil\n127.0.0.1\tlistening\tnil\n", out)
+    end)
+end)
 
 describe("UCX over a link that breaks (no peer answers any more)", function()
     it("fails a rendezvous send waiting for its receiver, and the receiver's wait, " ..

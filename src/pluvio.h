@@ -558,6 +558,7 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
 int pl_ucx_connect_socket(pl_ucx_worker_t *w, const char *host, int port, int *ep_out,
                           uint32_t slot, uint32_t gen);
 int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port);
+const char *pl_ucx_listen_why(pl_ucx_worker_t *w);     /* after -ENODEV: why, in words */
 int pl_ucx_listener_port(pl_ucx_worker_t *w, int listener);
 /* The address bound, "ip:port" or "[v6]:port" ("" for a closed listener). */
 const char *pl_ucx_listener_address(pl_ucx_worker_t *w, int listener);

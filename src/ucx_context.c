@@ -50,24 +50,34 @@ const char *pl_ucx_status_string(int err)
 
 /* ---- context ------------------------------------------------------------- */
 
-/* Whether the configuration asks for UCX's unified mode, whose worker
- * addresses leave out lengths the peer takes from its own transports (UCX
- * has no getter: its printed configuration says it, from the environment
- * and the configuration files alike). */
-static bool config_unified(const ucp_config_t *config)
+/* What UCX has no getter for, from its printed configuration (the
+ * environment and the configuration files alike): whether it asks for
+ * unified mode, whose worker addresses leave out lengths the peer takes
+ * from its own transports, and the network devices it may use (a listener
+ * on an interface outside them takes connections UCX then drops). */
+static void config_read_back(const ucp_config_t *config, pl_ucx_context_t *c)
 {
-    char *text = NULL;
+    char *text = NULL, *dev;
     size_t len = 0;
-    bool unified = false;
     FILE *f = open_memstream(&text, &len);
 
     if (!f)
-        return false;
+        return;
     ucp_config_print(config, f, NULL, UCS_CONFIG_PRINT_CONFIG);
-    if (fclose(f) == 0 && text)
-        unified = strstr(text, "UNIFIED_MODE=y") != NULL;
+    if (fclose(f) == 0 && text) {
+        c->unified = strstr(text, "UNIFIED_MODE=y") != NULL;
+        dev = strncmp(text, "UCX_NET_DEVICES=", 16) == 0 ? text - 1 : strstr(text, "\nUCX_NET_DEVICES=");
+        if (dev) {      /* (a line's start: not UCX_IB_NET_DEVICES...) */
+            size_t n;
+            dev += 1 + 16;
+            n = strcspn(dev, "\n");
+            if (n < sizeof(c->net_devices)) {
+                memcpy(c->net_devices, dev, n);
+                c->net_devices[n] = '\0';
+            }
+        }
+    }
     free(text);
-    return unified;
 }
 
 /* UCX's tcp transport keeps a connection alive with TCP's own keepalive,
@@ -112,7 +122,7 @@ pl_ucx_context_t *pl_ucx_context_new(int wakeup, int *err)
     }
     st = ucp_config_read(NULL, NULL, &config);
     if (st == UCS_OK) {
-        c->unified = config_unified(config);
+        config_read_back(config, c);
         c->keepalive = keepalive_both_ways(config);
         st = ucp_init(&params, config, &c->ucp);
         ucp_config_release(config);

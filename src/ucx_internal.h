@@ -48,6 +48,7 @@ struct pl_ucx_context {
     bool wakeup;            /* workers have event fds (UCP_FEATURE_WAKEUP) */
     bool unified;           /* UCX_UNIFIED_MODE: addresses only UCX can read (worker_address_valid) */
     bool keepalive;         /* Pluvio turned TCP's keepalive off for UCX's own (keepalive_both_ways) */
+    char net_devices[256];  /* UCX_NET_DEVICES as UCX read it ("all", "lo,eth0"); "" if too long */
 };
 
 enum ucx_op_state { UOP_FREE, UOP_IN_FLIGHT, UOP_DONE, UOP_ABANDONED };
@@ -221,6 +222,7 @@ struct ucx_stream {
 
 struct pl_ucx_worker {
     pl_ucx_context_t *ctx;
+    char listen_why[768];   /* why pl_ucx_listen said ENODEV */
     ucp_worker_h ucp;
     int efd;
     pl_runtime_t *rt;       /* runtime of the reactor progressing it */

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
+#include <ifaddrs.h>
 #include <linux/tcp.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -69,6 +70,78 @@ static void conn_request(ucp_conn_request_h req, void *arg)
     ucx_waitq_wake_one(l->w, &l->acceptors);
 }
 
+/* UCX's device list: "all", or names ("lo,eth0:1,mlx5_0:1"); "" when
+ * it could not be read back. */
+static bool every_device(const char *list)
+{
+    return strcmp(list, "all") == 0 || list[0] == '\0';
+}
+
+/* Whether name is in that list: an entry or its part before a ':' names
+ * it, or it names the entry's (an alias "eth0:1"), so that only a plain
+ * miss refuses. */
+static bool device_listed(const char *list, const char *name)
+{
+    size_t nlen = strcspn(name, ":");
+
+    while (*list) {
+        size_t len = strcspn(list, ","), base = strcspn(list, ":");
+        if (base > len)
+            base = len;
+        if ((len == strlen(name) && strncmp(list, name, len) == 0) ||
+            (base == strlen(name) && strncmp(list, name, base) == 0) ||
+            (len == nlen && strncmp(list, name, len) == 0))
+            return true;
+        list += len;
+        if (*list == ',')
+            list++;
+    }
+    return false;
+}
+
+/* UCX takes a connection on a listener's address and then drops it when
+ * the address's interface is not among its devices (UCX_NET_DEVICES): it
+ * logs an ERROR in the listening process, and the client waits for good.
+ * So such a listener is refused (-ENODEV, the reason in w->listen_why).
+ * A wildcard address, whose connections come in on any interface, is
+ * left alone. */
+static int device_check(pl_ucx_worker_t *w, const struct sockaddr_storage *ss)
+{
+    struct ifaddrs *all, *a;
+    const char *found = NULL;
+    int rc = 0;
+
+    if (every_device(w->ctx->net_devices) || getifaddrs(&all) < 0)
+        return 0;   /* (every device: nothing to check; or no list of interfaces) */
+    for (a = all; a && !found; a = a->ifa_next) {
+        if (!a->ifa_addr || a->ifa_addr->sa_family != ss->ss_family)
+            continue;
+        if (ss->ss_family == AF_INET &&
+            ((const struct sockaddr_in *)a->ifa_addr)->sin_addr.s_addr ==
+            ((const struct sockaddr_in *)ss)->sin_addr.s_addr)
+            found = a->ifa_name;
+        else if (ss->ss_family == AF_INET6 &&
+                 memcmp(&((const struct sockaddr_in6 *)a->ifa_addr)->sin6_addr,
+                        &((const struct sockaddr_in6 *)ss)->sin6_addr, sizeof(struct in6_addr)) == 0)
+            found = a->ifa_name;
+    }
+    if (found && !device_listed(w->ctx->net_devices, found)) {
+        snprintf(w->listen_why, sizeof(w->listen_why),
+                 "the address is on interface %s, which UCX_NET_DEVICES=%s leaves out: UCX would take a "
+                 "client's connection there and drop it, and the client would wait for good (add %s to "
+                 "UCX_NET_DEVICES, or listen on an address of one of its interfaces)",
+                 found, w->ctx->net_devices, found);
+        rc = -ENODEV;
+    }
+    freeifaddrs(all);
+    return rc;
+}
+
+const char *pl_ucx_listen_why(pl_ucx_worker_t *w)
+{
+    return w->listen_why;
+}
+
 int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
 {
     struct sockaddr_storage ss;
@@ -84,6 +157,8 @@ int pl_ucx_listen(pl_ucx_worker_t *w, const char *host, int port)
 
     if (rc == 0 && pl_net_sockaddr_unasked_wildcard(host, (const struct sockaddr *)&ss))
         rc = -PL_EWILDCARD;     /* (as an io_uring listener: uring_net.c) */
+    if (rc == 0)
+        rc = device_check(w, &ss);
     if (rc == 0)
         rc = bind_probe(&ss, len);
     if (rc < 0)

@@ -18,7 +18,7 @@ local type, format, setmetatable, getmetatable = type, string.format, setmetatab
 
 local M = {}
 
-local ENXIO, EBADF, EAGAIN, ENOMEM, EINVAL, EMFILE = -6, -9, -11, -12, -22, -24
+local ENXIO, EBADF, EAGAIN, ENOMEM, ENODEV, EINVAL, EMFILE = -6, -9, -11, -12, -19, -22, -24
 local EBADMSG, EOPNOTSUPP, EAFNOSUPPORT, EADDRINUSE, ECONNRESET, ENOTCONN = -74, -95, -97, -98, -104, -107
 local ECONNREFUSED, ECANCELED = -111, -125
 local MAX_AM_ID = 255
@@ -222,6 +222,9 @@ function M.install(U)
             return check.wildcard_refused("listen on", host, port)
         elseif i == EAFNOSUPPORT then
             return ipv6_refused("listen on", host, port)
+        elseif i == ENODEV then     -- (an interface UCX does not use: pl_ucx_listen)
+            return nil, format("listen on %s: %s", host_port(host, port), ffi_string(C.pl_ucx_listen_why(self.w))),
+                   "ENODEV"
         elseif i == EMFILE and count(self.listeners) >= MAX_LISTENERS then    -- (not the process's fds)
             return nil, format("listen on %s: a worker has at most %d listeners open (close one first)",
                                host_port(host, port), MAX_LISTENERS), "EMFILE"
