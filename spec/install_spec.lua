@@ -105,6 +105,8 @@ describe("rockspec/pluvio-scm-1.rockspec", function()
         assert.equal(0, status, out .. err)
         assert.matches("-I" .. ucx .. "/include", out, 1, true)
         assert.matches("-L" .. ucx .. "/lib", out, 1, true)
+        assert.matches(" -Wextra ", out, 1, true)      -- the rock's compile lines: warnings on...
+        assert.is_nil(out:find("-Werror", 1, true))     -- ...but a newer compiler's do not stop the install
         local _, dyn = sh("readelf -d " .. q(tree .. "/lib/lua/5.1/libpluvio.so"))
         assert.matches(ucx .. "/lib", dyn, 1, true)     -- (RUNPATH)
         check_tree(tree)
