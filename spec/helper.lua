@@ -15,7 +15,9 @@ M.quote = shell_quote
 -- host links its runtime itself, and other tools would report their leaks.
 function M.sh(cmd)
     local out, err = os.tmpname(), os.tmpname()
-    local ok, how, code = os.execute("unset LD_PRELOAD; (" .. cmd .. ") >" .. out .. " 2>" .. err)
+    -- (exec: the shell's own words go to err too, "Hangup" for a command
+    -- a signal ended, which otherwise landed among busted's output)
+    local ok, how, code = os.execute("unset LD_PRELOAD; exec >" .. out .. " 2>" .. err .. "; (" .. cmd .. ")")
     local function slurp(p)
         local f = io.open(p, "rb")
         local s = f and f:read("*a") or ""

@@ -362,12 +362,17 @@ describe("pluvio.run and pluvio.wrap", function()
     end)
 
     it("fails the wrapped call when a task failed and nobody joined it", function()
+        local written, stderr = {}, io.stderr     -- (what wrap writes: here, not among busted's output)
+        io.stderr = { write = function(_, s) written[#written + 1] = s end }
         local ok, err = pcall(pluvio.wrap(function()
             pluvio.spawn_named("forgotten", function() error("lost write") end)
             pluvio.spawn(function() error("second") end)
             pluvio.sleep(0.001)
             return "main's result"
         end))
+        io.stderr = stderr
+        assert.matches('^pluvio: task "task%-3" %(#3, failed%) failed and was never joined: [^\n]*: second\n',
+                       table.concat(written))
         assert.is_false(ok)
         assert.matches('^pluvio%.wrap: 2 task%(s%) failed and nobody joined them; the first: task "forgotten" ' ..
                        '%(#2, failed%) failed and was never joined: .*lost write', err)
