@@ -797,7 +797,7 @@ describe("pluvio.bench", function()
         assert.has_error(function() h:record_stamp(true) end,
             "Histogram:record_stamp: stamp must be a finite number (a bench.stamp()) (got true)")
         assert.has_error(function() bench.human("x") end, 'bench.human: v must be a number (got "x")')
-        assert.has_error(function() bench.bytes(nil) end, "bench.bytes: n must be a number (got nil)")
+        assert.has_error(function() bench.bytes(nil) end, "bench.bytes: n must be a finite number (got nil)")
         assert.has_error(function() bench.svg(nil, {}) end, "bench.svg: path must be a string (got nil)")
         assert.has_error(function() bench.svg("/tmp/x.svg") end, "bench.svg: spec must be a table (got nil)")
         assert.has_error(function() bench.progress(42) end, "bench.progress: label must be a string (got number)")
