@@ -676,6 +676,31 @@ describe("pluvio.suspend and Task:wake", function()
         assert.equal("woken", t:join())
     end))
 
+    it("lists where in the user's code each task waits, and in a deadlock's report", function()
+        local rt = pluvio.Runtime.new()
+        local ch = pluvio.channel()
+        local lines = {}
+        local function take() local v = ch:recv(); return v end     -- (not a tail call: its line shows)
+        lines.take = debug.getinfo(take, "S").linedefined
+        local ok, err = pcall(rt.run, rt, function()
+            local reader = pluvio.spawn_named("reader", function() return take() end)
+            pluvio.spawn_named("own", pluvio.suspend, "its own function")  -- (no line of the spec's)
+            pluvio.yield()
+            local list = pluvio.runtime():tasks()
+            assert.same({ nil, "spec/task_spec.lua:" .. lines.take, nil },
+                        { list[1].where, list[2].where and list[2].where:match("spec/task_spec%.lua:%d+$"),
+                          list[3].where })
+            lines.main = debug.getinfo(1, "l").currentline + 1
+            reader:join()
+        end)
+        assert.is_false(ok)
+        assert.matches('task "main" (#1, waiting) waits on join of task "reader" (#2, waiting) at ' ..
+                       "spec/task_spec.lua:" .. lines.main .. "\n", err, 1, true)
+        assert.matches('task "reader" (#2, waiting) waits on channel (0/1) at spec/task_spec.lua:' .. lines.take ..
+                       "\n", err, 1, true)
+        assert.matches('task "own" %(#3, waiting%) waits on its own function$', err)
+    end)
+
     -- (its error replaced the wait: suspend raised it)
     it("shows a what whose __tostring raises in the words for it", async(function()
         local what = setmetatable({}, { __tostring = function() error("no words") end })

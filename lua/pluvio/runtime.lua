@@ -247,6 +247,24 @@ local function describe_wait(t, kind)
     return WAIT_NAMES[kind] or "something"
 end
 
+-- Where a parked task waits in the user's code: "file:line" of the
+-- innermost frame of its coroutine that is not Pluvio's own (nor C), or
+-- nil (a task not started yet, or one whose function is Pluvio's).  Asked
+-- only when listed: nothing is recorded per wait.
+local getinfo = debug.getinfo
+
+local function wait_site(co)
+    for level = 0, 200 do
+        local info = getinfo(co, level, "Sl")
+        if not info then
+            return nil
+        end
+        if info.currentline > 0 and not info.source:find("pluvio/[%w_]+%.lua$") then
+            return info.short_src .. ":" .. info.currentline
+        end
+    end
+end
+
 -- One entry per live task: name, state, what it waits on, resumes, run time.
 function Runtime:tasks()
     runtime_self("Runtime:tasks", self)
@@ -258,6 +276,7 @@ function Runtime:tasks()
                 state = t == self.current and "running" or STATE_NAMES[info.state] or "waiting",
                 waits_on = t ~= self.current and info.state == C.PL_TASK_WAITING
                     and describe_wait(t, info.wait) or nil,
+                where = t ~= self.current and info.state == C.PL_TASK_WAITING and t.co and wait_site(t.co) or nil,
                 resumes = info.resumes, run_time = info.run_s,
                 deadline = info.deadline >= 0 and info.deadline or nil,
                 task = t,
@@ -329,7 +348,8 @@ end
 local function deadlock_message(rt)
     local lines = {}
     for _, e in ipairs(rt:tasks()) do
-        lines[#lines + 1] = format("  %s waits on %s", tostring(e.task), e.waits_on or e.state)
+        lines[#lines + 1] = format("  %s waits on %s%s", tostring(e.task), e.waits_on or e.state,
+                                   e.where and " at " .. e.where or "")
     end
     return format("deadlock: %d task%s wait%s and nothing can wake %s " ..
                   "(no task ready, no I/O in flight, no timer armed):\n%s",
@@ -444,7 +464,8 @@ local function stopped_tasks(rt)
     local lines, list = {}, rt:tasks()
     for i = 1, math.min(#list, STOPPED_SHOWN) do
         local e = list[i]
-        lines[i] = format("  %s %s", tostring(e.task), e.waits_on and "waits on " .. e.waits_on or "was " .. e.state)
+        lines[i] = format("  %s %s%s", tostring(e.task), e.waits_on and "waits on " .. e.waits_on or "was " .. e.state,
+                          e.where and " at " .. e.where or "")
     end
     if #list > STOPPED_SHOWN then
         lines[#lines + 1] = format("  ... and %d more", #list - STOPPED_SHOWN)
