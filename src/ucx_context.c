@@ -57,7 +57,7 @@ const char *pl_ucx_status_string(int err)
  * on an interface outside them takes connections UCX then drops). */
 static void config_read_back(const ucp_config_t *config, pl_ucx_context_t *c)
 {
-    char *text = NULL, *dev;
+    char *text = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
 
@@ -65,16 +65,18 @@ static void config_read_back(const ucp_config_t *config, pl_ucx_context_t *c)
         return;
     ucp_config_print(config, f, NULL, UCS_CONFIG_PRINT_CONFIG);
     if (fclose(f) == 0 && text) {
+        const char *dev = strstr(text, "\nUCX_NET_DEVICES=");  /* (a line's start: not UCX_IB_NET_DEVICES) */
+        size_t n;
+
         c->unified = strstr(text, "UNIFIED_MODE=y") != NULL;
-        dev = strncmp(text, "UCX_NET_DEVICES=", 16) == 0 ? text - 1 : strstr(text, "\nUCX_NET_DEVICES=");
-        if (dev) {      /* (a line's start: not UCX_IB_NET_DEVICES...) */
-            size_t n;
-            dev += 1 + 16;
-            n = strcspn(dev, "\n");
-            if (n < sizeof(c->net_devices)) {
-                memcpy(c->net_devices, dev, n);
-                c->net_devices[n] = '\0';
-            }
+        if (strncmp(text, "UCX_NET_DEVICES=", 16) == 0)
+            dev = text + 16;    /* (the first line, as UCX 1.13 prints it) */
+        else if (dev)
+            dev += 17;
+        n = dev ? strcspn(dev, "\n") : sizeof(c->net_devices);
+        if (n < sizeof(c->net_devices)) {
+            memcpy(c->net_devices, dev, n);
+            c->net_devices[n] = '\0';
         }
     }
     free(text);
