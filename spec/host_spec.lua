@@ -645,15 +645,15 @@ end)
 -- action (a shell's `&` ignores it in the job unless told otherwise:
 -- default_int = false keeps that); returns the process's files.  The
 -- script gets the path of a file to make once it wants its signal.
-local function start_host(code, default_int)
+local function start_host(code, default_int, env)
     local p = { script = helper.tmp_path(".lua"), ready = helper.tmp_path(".ready"), out = os.tmpname(),
                 err = os.tmpname(), rc = os.tmpname(), pid = os.tmpname() }
     local f = assert(io.open(p.script, "w"))
     f:write(code)
     f:close()
     os.remove(p.rc)
-    helper.exec(("(%s %s %s %s >%s 2>%s & echo $! >%s; wait $!; echo $? >%s) </dev/null >/dev/null 2>&1 &"):format(
-        default_int == false and "" or "env --default-signal=INT", q(host), q(p.script), q(p.ready),
+    helper.exec(("(%s %s %s %s %s >%s 2>%s & echo $! >%s; wait $!; echo $? >%s) </dev/null >/dev/null 2>&1 &"):format(
+        default_int == false and "env" or "env --default-signal=INT", env or "", q(host), q(p.script), q(p.ready),
         q(p.out), q(p.err), q(p.pid), q(p.rc)))
     return p
 end
@@ -732,6 +732,18 @@ describe("pluvio (the host) on SIGINT and SIGTERM", function()
         assert.equal(143, rc, err)
         assert.equal("inner main cleaned\nouter main cleaned\n", out)
         assert.equal("", err)           -- (Ctrl-C lists the tasks; SIGTERM stops services)
+    end)
+
+    it("lists the tasks on SIGTERM too when PLUVIO_SIGTERM_REPORT=1 (a batch job's time limit)", function()
+        local p = start_host([[
+            local ready = ...
+            io.open(ready, "w"):close()
+            pluvio.sleep(100)
+        ]], nil, "PLUVIO_SIGTERM_REPORT=1")
+        local rc, _, err = ended(p, signal(p, "TERM"))
+        assert.equal(143, rc, err)
+        assert.matches('^pluvio: interrupted by SIGTERM; its tasks then:\n' ..
+                       '  task "main" %(#1, waiting%) waits on sleep at [^\n]*%.lua:3\n$', err)
     end)
 
     it("lists what the tasks waited on also when the run Ctrl-C stopped was wrapped", function()

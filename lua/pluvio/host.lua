@@ -387,8 +387,10 @@ function M.main(opts)
     end
     local sig = C.pl_signal_caught()
     if sig ~= 0 then    -- after Ctrl-C, the run's error says what its tasks were waiting on
-        -- (SIGTERM is how services are stopped: not a question of what hung)
-        if sig == 2 and not ok and type(err) == "string" and err:find("interrupted by SIG", 1, true) then
+        -- (SIGTERM is how services are stopped: not a question of what hung;
+        -- but a batch job's time limit is one, when its user asks)
+        local report = sig == 2 or (sig == 15 and os.getenv("PLUVIO_SIGTERM_REPORT") == "1")
+        if report and not ok and type(err) == "string" and err:find("interrupted by SIG", 1, true) then
             -- (a nested run's, raised through the task running it, has a traceback)
             io.stderr:write("pluvio: ", (err:gsub("\nstack traceback:.*$", "")), "\n")
         end
