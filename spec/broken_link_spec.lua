@@ -173,7 +173,7 @@ done]], STALE, q(helper.host), q(dir)))
         end
         assert.equal(0, status, err)
         local refused = "%s\tlisten on %s:0: the address is on interface %s, which UCX_NET_DEVICES=%s leaves out: UCX " ..
-                        "would take a client's connection there and drop it, and the client would wait for good " ..
+                        "would take a client's connection there and drop it, the client failing or waiting for good " ..
                         "(add %s to UCX_NET_DEVICES, or listen on an address of one of its interfaces)\tENODEV\n"
         assert.equal("== lo\n" .. format(refused, "10.78.0.1", "10.78.0.1", "v0", "lo", "v0") .. "127.0.0.1\tlistening\tnil\n" ..
                      "== v0\n10.78.0.1\tlistening\tnil\n" .. format(refused, "127.0.0.1", "127.0.0.1", "lo", "v0", "lo") ..

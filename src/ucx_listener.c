@@ -101,7 +101,8 @@ static bool device_listed(const char *list, const char *name)
 
 /* UCX takes a connection on a listener's address and then drops it when
  * the address's interface is not among its devices (UCX_NET_DEVICES): it
- * logs an ERROR in the listening process, and the client waits for good.
+ * logs an ERROR in the listening process, and the client fails or (across
+ * a veth) waits for good.
  * So such a listener is refused (-ENODEV, the reason in w->listen_why).
  * A wildcard address, whose connections come in on any interface, is
  * left alone. */
@@ -128,7 +129,7 @@ static int device_check(pl_ucx_worker_t *w, const struct sockaddr_storage *ss)
     if (found && !device_listed(w->ctx->net_devices, found)) {
         snprintf(w->listen_why, sizeof(w->listen_why),
                  "the address is on interface %s, which UCX_NET_DEVICES=%s leaves out: UCX would take a "
-                 "client's connection there and drop it, and the client would wait for good (add %s to "
+                 "client's connection there and drop it, the client failing or waiting for good (add %s to "
                  "UCX_NET_DEVICES, or listen on an address of one of its interfaces)",
                  found, w->ctx->net_devices, found);
         rc = -ENODEV;
