@@ -183,12 +183,15 @@ end)
 
 describe("UCX over a link that breaks (no peer answers any more)", function()
     it("fails a rendezvous send waiting for its receiver, and the receiver's wait, " ..
-       "with ETIMEDOUT and ENOTCONN instead of waiting for good", function()
+       "with ETIMEDOUT (or ECONNRESET) and ENOTCONN instead of waiting for good", function()
         -- (UCX 1.13's TCP keepalive was only on the sockets it connected:
         -- the client, whose socket was accepted, waited for good)
         local _, report = over_broken_link(UCX_SERVER, UCX_CLIENT, 3)
         if not report then return end
-        assert(report:match("client\tnil\tam_send to 10%.77%.0%.1:13370: ETIMEDOUT: [^\n]*\tETIMEDOUT\n"),
+        -- (ETIMEDOUT from UCX's keepalive, or ECONNRESET when TCP's
+        -- retransmissions, 3 here, give up first: a loaded machine, one CI run)
+        assert(report:match("client\tnil\tam_send to 10%.77%.0%.1:13370: ETIMEDOUT: [^\n]*\tETIMEDOUT\n") or
+               report:match("client\tnil\tam_send to 10%.77%.0%.1:13370: ECONNRESET: [^\n]*\tECONNRESET\n"),
                report)
         assert(report:match("server\tnil\twait_msg: no peer can send to AM stream 1 any more [^\n]*\tENOTCONN\n"),
                report)
