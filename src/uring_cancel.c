@@ -33,6 +33,23 @@ static void op_cancel(pl_uring_t *u, uint32_t i)
     op->cancel_due = false;
 }
 
+/* Cancel each op in the kernel on fd by its own user_data (a close's,
+ * when the ring holds many ops: see pl_uring_close_socket); returns how
+ * many it cancelled. */
+uint32_t uring_cancel_each_on_fd(pl_uring_t *u, int fd)
+{
+    uint32_t n = 0;
+
+    for (uint32_t i = 0; i < u->nops; i++) {
+        const struct uring_op *op = uring_op(u, i);
+        if (op->fd == fd && op->state == OP_IN_FLIGHT && !op->rest_due && !op->cancel_due) {
+            op_cancel(u, i);
+            n++;
+        }
+    }
+    return n;
+}
+
 /* Send the cancels that found no free SQE (op_cancel), for the ops still
  * in the kernel; called before SQEs go out.  A rare path: the scan of
  * every slot costs nothing while no cancel is due. */

@@ -204,6 +204,7 @@ void uring_due_wait(pl_uring_t *u);
 
 /* uring_cancel.c */
 void uring_cancels_retry(pl_uring_t *u);
+uint32_t uring_cancel_each_on_fd(pl_uring_t *u, int fd);
 
 /* uring_queue.c */
 void uring_queues_free(pl_uring_t *u);
