@@ -48,7 +48,8 @@ struct pl_ucx_context {
     bool wakeup;            /* workers have event fds (UCP_FEATURE_WAKEUP) */
     bool unified;           /* UCX_UNIFIED_MODE: addresses only UCX can read (worker_address_valid) */
     bool keepalive;         /* Pluvio turned TCP's keepalive off for UCX's own (keepalive_both_ways) */
-    char net_devices[256];  /* UCX_NET_DEVICES as UCX read it ("all", "lo,eth0"); "" if too long */
+    char net_devices[256];  /* UCX_NET_DEVICES as UCX read it ("all", "lo,eth0"); "" if set empty,
+                             * too long or not read back (no listener check: every_device) */
 };
 
 enum ucx_op_state { UOP_FREE, UOP_IN_FLIGHT, UOP_DONE, UOP_ABANDONED };

@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <ifaddrs.h>
+#include <net/if.h>
 #include <linux/tcp.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -70,11 +71,31 @@ static void conn_request(ucp_conn_request_h req, void *arg)
     ucx_waitq_wake_one(l->w, &l->acceptors);
 }
 
-/* UCX's device list: "all", or names ("lo,eth0:1,mlx5_0:1"); "" when
- * it could not be read back. */
+/* Whether UCX's device list ("all", or names: "lo,eth0", "mlx5_0:1,ib0")
+ * leaves no network interface out that this check can judge: "all", ""
+ * (not read back, or set empty), or an entry that is no interface of this
+ * machine, such as an RDMA device and port ("mlx5_0:1"): rdmacm takes a
+ * listener's connections on the RDMA device that carries the address
+ * (ib0's), under that device's name, which getifaddrs does not give. */
 static bool every_device(const char *list)
 {
-    return strcmp(list, "all") == 0 || list[0] == '\0';
+    char name[IF_NAMESIZE];
+
+    if (strcmp(list, "all") == 0 || list[0] == '\0')
+        return true;
+    while (*list) {
+        size_t len = strcspn(list, ",");
+        if (len == 0 || len >= sizeof(name))
+            return true;
+        memcpy(name, list, len);
+        name[len] = '\0';
+        if (if_nametoindex(name) == 0)
+            return true;
+        list += len;
+        if (*list == ',')
+            list++;
+    }
+    return false;
 }
 
 /* Whether name is in that list: an entry or its part before a ':' names
