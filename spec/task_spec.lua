@@ -701,6 +701,21 @@ describe("pluvio.suspend and Task:wake", function()
         assert.matches('task "own" %(#3, waiting%) waits on its own function$', err)
     end)
 
+    -- (a frame was taken for Pluvio's own by its path: any file in a
+    -- directory named pluvio)
+    it("takes a script in a directory named pluvio for the user's code", function()
+        local dir = helper.tmp_path(".d")
+        assert(os.execute("mkdir -p " .. dir .. "/pluvio") == 0)
+        local f = assert(io.open(dir .. "/pluvio/job.lua", "w"))
+        f:write("local ch = pluvio.channel(1)\nlocal v = ch:recv()\nreturn v\n")
+        f:close()
+        local status, _, err = helper.sh(helper.quote(helper.host) .. " " .. helper.quote(dir .. "/pluvio/job.lua"))
+        os.execute("rm -rf " .. dir)
+        assert.equal(1, status, err)
+        assert.matches('task "main" (#1, waiting) waits on channel (0/1) at ' .. dir .. "/pluvio/job.lua:2\n", err,
+                       1, true)
+    end)
+
     -- (its error replaced the wait: suspend raised it)
     it("shows a what whose __tostring raises in the words for it", async(function()
         local what = setmetatable({}, { __tostring = function() error("no words") end })
