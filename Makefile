@@ -12,8 +12,8 @@ LDFLAGS     ?=
 BUILD       ?= build
 SANITIZE    ?=
 # Warnings fail the project's own builds; the rock (rockspec) builds with
-# WERROR= so that the new warnings of a newer compiler do not fail an install.
-WERROR      ?= -Werror
+# PL_WERROR= so that the new warnings of a newer compiler do not fail an install.
+PL_WERROR   ?= -Werror
 
 DEB_PACKAGES = build-essential pkg-config luajit libluajit-5.1-dev liburing-dev \
                libucx-dev ucx-utils lua-busted luarocks fio
@@ -29,7 +29,7 @@ VERSION     = 0.1.0
 # into the library and written into the cdef, so that Lua modules never
 # drive a libpluvio.so of another interface (core.lua compares them).
 PL_ABI    := $(shell sed -n '/^\/\* PL_CDEF_BEGIN \*\/$$/,/^\/\* PL_CDEF_END \*\/$$/p' src/pluvio.h | cksum | cut -d' ' -f1)
-PL_CFLAGS  = -DPL_VERSION='"$(VERSION)"' -DPL_ABI='"$(PL_ABI)"' -std=c11 -Wall -Wextra $(WERROR) -D_GNU_SOURCE -fPIC \
+PL_CFLAGS  = -DPL_VERSION='"$(VERSION)"' -DPL_ABI='"$(PL_ABI)"' -std=c11 -Wall -Wextra $(PL_WERROR) -D_GNU_SOURCE -fPIC \
              -fno-semantic-interposition $(SANITIZE) $(CFLAGS)
 CORE_SRC   = src/runtime.c src/tick.c src/timer.c src/error.c src/uring.c src/uring_submit.c src/uring_complete.c src/uring_rest.c src/uring_cancel.c src/uring_file.c src/uring_buf.c \
              src/uring_net.c src/uring_queue.c src/checksum.c src/interrupt.c src/ucx_context.c src/ucx_op.c src/ucx_waitq.c src/ucx_worker.c src/ucx_reactor.c src/ucx_conn.c src/ucx_listener.c src/ucx_addr.c src/ucx_log.c src/ucx_am.c src/ucx_sock.c src/histogram.c

@@ -34,11 +34,11 @@ build = {
     -- headers, libraries, and the run path to them; afresh, in a build
     -- directory of its own ("rock"), so that a `make` build of the checkout,
     -- or one with other flags, is not taken as it is
-    -- (WERROR empty: a compiler newer than the project's may warn of more,
+    -- (PL_WERROR empty: a compiler newer than the project's may warn of more,
     -- which must not fail an install)
     build_variables = {
         BUILD = "build-rock",
-        WERROR = "",
+        PL_WERROR = "",
         CFLAGS = "$(CFLAGS) -I$(UCX_INCDIR) -I$(URING_INCDIR)",
         LDFLAGS = "-L$(UCX_LIBDIR) -L$(URING_LIBDIR) -Wl,-rpath,$(UCX_LIBDIR) -Wl,-rpath,$(URING_LIBDIR)",
     },

@@ -257,6 +257,8 @@ describe("pluvio.bench's checks", function()
                      err_of(bench.table, { { a = 1 } }, NULL))
         assert.equal("bench.table: rows[1].__units must be nil or a table of units by column (got 5)",
                      err_of(bench.table, { { a = 1, __units = 5 } }, { "a" }))
+        assert.equal('bench.table: rows[1].__units["a"] must be "s" (seconds) (got "ms")',
+                     err_of(bench.table, { { a = 1, __units = { a = "ms" } } }, { "a" }))
         assert.equal("bench.table: rows[2].__order must be nil or a list of column names (got 5)",
                      err_of(bench.table, { { a = 1 }, { a = 1, __order = 5 } }))
         assert.equal("bench.table: rows[1].__order[2] must be a column name (a string) (got 3)",

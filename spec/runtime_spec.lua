@@ -612,6 +612,8 @@ describe("Runtime:register_reactor", function()
         for _, case in ipairs({ { "lots", 'reactor "r": poll() returned "lots"; it must return how many ' ..
                                           'operations it completed (a finite number >= 0)' },
                                 { -1, 'reactor "r": poll() returned -1; it must return how many operations ' ..
+                                      'it completed (a finite number >= 0)' },
+                                { 1 / 0, 'reactor "r": poll() returned inf; it must return how many operations ' ..
                                       'it completed (a finite number >= 0)' } }) do
             local rt = pluvio.Runtime.new()
             rt:register_reactor("r", { status = function() return "pending" end,

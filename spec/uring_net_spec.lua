@@ -379,6 +379,7 @@ describe("a TCP listener", function()
             fd = raw_client(l)              -- connected by the kernel at once
             pluvio.yield()                  -- one accept took it and is woken, behind this task
             local took = accepts[1]:status() == "waiting" and 2 or 1
+            assert.equal("ready", accepts[took]:status())       -- its accept is done, its task not run yet
             assert.equal("waiting", accepts[3 - took]:status())
             accepts[took]:kill()            -- its accept is done: its connection is held for the next one
             accepts.left = accepts[3 - took]

@@ -549,6 +549,12 @@ function M.table(rows, cols)
         if type(units) ~= "nil" and type(units) ~= "table" then
             check.fail("bench.table", format("rows[%d].__units must be nil or a table of units by column", i), units)
         end
+        for col, unit in pairs(units or {}) do      -- (human's units: checked here, at the caller's line)
+            if unit ~= "s" then
+                check.fail("bench.table", format('rows[%d].__units[%s] must be "s" (seconds)', i, check.show(col)),
+                           unit)
+            end
+        end
         if type(order) ~= "nil" then
             if type(order) ~= "table" then
                 check.fail("bench.table", format("rows[%d].__order must be nil or a list of column names", i), order)

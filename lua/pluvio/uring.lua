@@ -652,7 +652,7 @@ M._internal = {
     run_ended = run_ended, close_idle = close_idle, close_guard = close_guard, forget_fd = forget_fd,
     left_busy = left_busy,
     WAIT = WAIT, park = park, WAIT_IO = WAIT_IO, yielded = yielded, OP_INLINE = OP_INLINE,
-    io_task = io_task, acquire = acquire,
+    io_task = io_task, acquire = acquire, reactor_self = reactor_self,
     live_buffer = require("pluvio.uring_buffer").live_buffer,
 }
 

@@ -103,7 +103,7 @@ function M.install(U)
 
     -- reactor:io_queue(): an I/O queue on this reactor for the running task.
     function IoUringReactor:io_queue()
-        check.self("IoUringReactor:io_queue", self, IoUringReactor, "an io_uring reactor")
+        I.reactor_self("IoUringReactor:io_queue", self)
         local t, rt = running_task("IoUringReactor:io_queue")
         if self.rt ~= rt then       -- its completions would reach that runtime only, or none
             error("IoUringReactor:io_queue: the reactor is " ..
