@@ -4,6 +4,13 @@ local bench = require "pluvio.bench"
 local pluvio = require "pluvio"
 local helper = require "helper"
 
+-- The error f(...) raises, without its position.
+local function err_of(f, ...)
+    local ok, err = pcall(f, ...)
+    assert.is_false(ok)
+    return (err:gsub("^[^:]*:%d+: ", ""))
+end
+
 describe("bench.human", function()
     it("prints figures from 1000 to 9999 without an exponent", function()
         assert.equal("6620", bench.human(6620.4))
@@ -152,11 +159,6 @@ describe("bench.parse_args and bench.help", function()
     -- (each raised a Lua error from inside bench.lua, or, for an unknown
     -- kind, was taken and its values passed through unchecked)
     it("raise for an option entry without a name or with an unknown kind, and for an argument not a string", function()
-        local function err_of(f, ...)
-            local ok, err = pcall(f, ...)
-            assert.is_false(ok)
-            return (err:gsub("^[^:]*:%d+: ", ""))
-        end
         for _, f in ipairs({ "parse_args", "help" }) do
             assert.equal("bench." .. f .. ": spec.options[1] must be a table {name, kind, default, help} (got 5)",
                          err_of(bench[f], { options = { 5 } }, {}))
@@ -239,11 +241,6 @@ describe("pluvio.bench's checks", function()
     end)
 
     it("name the argument, not a line of bench.lua or another function", function()
-        local function err_of(f, ...)
-            local ok, err = pcall(f, ...)
-            assert.is_false(ok)
-            return (err:gsub("^[^:]*:%d+: ", ""))
-        end
         local svg = os.tmpname()
         assert.equal("bench.svg: spec.histogram must be a bench.Histogram (got cdata<void *>: NULL)",
                      err_of(bench.svg, svg, { histogram = NULL }))
