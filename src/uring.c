@@ -158,7 +158,7 @@ int pl_uring_ops_pending(pl_uring_t *u, const pl_runtime_t *rt, uint32_t *first)
 {
     int n = 0;
 
-    for (uint32_t i = 0; i < u->nops; i++) {
+    for (uint32_t i = uring_op_scan(u, 0); i < u->nops; i = uring_op_scan(u, i + 1)) {
         const struct uring_op *op = uring_op(u, i);
         if (op->state == OP_IN_FLIGHT && pl_task_is_live(rt, op->task_slot, op->task_gen) && n++ == 0)
             *first = op->task_slot;

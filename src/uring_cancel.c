@@ -40,7 +40,7 @@ uint32_t uring_cancel_each_on_fd(pl_uring_t *u, int fd)
 {
     uint32_t n = 0;
 
-    for (uint32_t i = 0; i < u->nops; i++) {
+    for (uint32_t i = uring_op_scan(u, 0); i < u->nops; i = uring_op_scan(u, i + 1)) {
         const struct uring_op *op = uring_op(u, i);
         if (op->fd == fd && op->state == OP_IN_FLIGHT && !op->rest_due && !op->cancel_due) {
             op_cancel(u, i);
@@ -57,7 +57,7 @@ void uring_cancels_retry(pl_uring_t *u)
 {
     uint32_t due = 0;
 
-    for (uint32_t i = 0; i < u->nops; i++) {
+    for (uint32_t i = uring_op_scan(u, 0); i < u->nops; i = uring_op_scan(u, i + 1)) {
         struct uring_op *op = uring_op(u, i);
 
         if (!op->cancel_due)
@@ -143,7 +143,7 @@ int pl_uring_shutdown(pl_uring_t *u, double timeout)
     drop_untaken(u, NONE);  /* (the cancels of abandoned ops among them) */
     while (u->rests_head != NONE)   /* (first: a cancel's SQE would go to them) */
         uring_rest_end(u, u->rests_head, -ECANCELED);
-    for (uint32_t i = 0; i < u->nops; i++) {
+    for (uint32_t i = uring_op_scan(u, 0); i < u->nops; i = uring_op_scan(u, i + 1)) {
         uint8_t state = uring_op(u, i)->state;
         if (state == OP_IN_FLIGHT || state == OP_DONE)  /* (done: its task never took it) */
             op_abandon(u, i, false);    /* (nothing untaken is left: no scan per op) */

@@ -204,7 +204,7 @@ int uring_reap(pl_uring_t *u, int budget)
  * SQE finds none waiting: due rests get SQEs first.) */
 void uring_fd_closing(pl_uring_t *u, int fd)
 {
-    for (uint32_t i = 0; i < u->nops; i++) {
+    for (uint32_t i = uring_op_scan(u, 0); i < u->nops; i = uring_op_scan(u, i + 1)) {
         struct uring_op *op = uring_op(u, i);
         if (op->fd == fd && (op->state == OP_IN_FLIGHT || op->state == OP_ABANDONED)) {
             op->no_continue = true;
@@ -220,7 +220,7 @@ void uring_fd_closing(pl_uring_t *u, int fd)
  * killed: the socket keeps it, and drops it when its close goes ahead). */
 bool uring_fd_busy(pl_uring_t *u, int fd, const pl_runtime_t *live_in)
 {
-    for (uint32_t i = 0; i < u->nops; i++) {
+    for (uint32_t i = uring_op_scan(u, 0); i < u->nops; i = uring_op_scan(u, i + 1)) {
         const struct uring_op *op = uring_op(u, i);
         if (op->fd == fd && op->state == OP_IN_FLIGHT &&
             (!live_in || pl_task_is_live(live_in, op->task_slot, op->task_gen)))

@@ -132,6 +132,7 @@ struct pl_uring {
     bool shut_down;             /* pl_uring_shutdown waited once: do not wait again */
 
     struct uring_op *op_chunks[URING_MAX_OP_CHUNKS];   /* slots never move */
+    uint16_t chunk_used[URING_MAX_OP_CHUNKS];   /* slots of each chunk not free (uring_op_scan) */
     uint32_t nops, free_op;
     uint32_t in_flight;     /* ops the kernel has (including abandoned), and rests due */
     uint32_t abandoned_settled;     /* abandoned ops freed so far (wraps) */
@@ -243,6 +244,20 @@ static inline void uring_op_free(pl_uring_t *u, uint32_t i)
     op->gen++;
     op->next_free = u->free_op;
     u->free_op = i;
+    u->chunk_used[i / URING_OPS_PER_CHUNK]--;
+}
+
+/* The first op slot from i on in a chunk that has a slot in use: scans of
+ * every op (a close's, for its fd's ops) skip the chunks all free.  Slots
+ * are never given back, so after a burst of 50,000 ops every connection's
+ * close walked all of them: 84 us a connect, accept and two closes became
+ * 383 us, for good.  Freed slots are reused last in, first out, so the few
+ * a steady load has in use sit in a few chunks. */
+static inline uint32_t uring_op_scan(const pl_uring_t *u, uint32_t i)
+{
+    while (i < u->nops && u->chunk_used[i / URING_OPS_PER_CHUNK] == 0)
+        i = (i / URING_OPS_PER_CHUNK + 1) * URING_OPS_PER_CHUNK;
+    return i;
 }
 
 /* The user_data of op i's SQEs: its generation and index, so that a

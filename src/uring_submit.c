@@ -95,6 +95,7 @@ static inline int op_new(pl_uring_t *u, uint32_t slot, uint32_t gen, uint8_t kin
     i = u->free_op;
     op = uring_op(u, i);
     u->free_op = op->next_free;
+    u->chunk_used[i / URING_OPS_PER_CHUNK]++;
     op->state = OP_IN_FLIGHT;
     op->kind = kind;
     op->task_slot = slot;
