@@ -437,6 +437,35 @@ describe("UCX", function()
         assert.has_error(function() p.sw:address() end, "Worker:address: the worker is closed")
     end))
 
+    -- (UCX.md: let a rendezvous message go before closing the connect_addr
+    -- endpoint it came over; closed first, the reply waited for good)
+    it("ends a rendezvous reply to a connect_addr client that takes or releases it before its close",
+       async(function()
+        local ctx = assert(ucx.Context.new())
+        local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+        local inbox, replies = server:am_stream(1), client:am_stream(2)
+        local ep = assert(client:connect_addr(server:address()))
+        for _, how in ipairs({ "take", "release" }) do
+            assert(ep:am_send(1, "question", "?", true))
+            local q = assert(inbox:wait_msg())
+            local replier = pluvio.spawn(function()
+                return q:reply(2, "answer", ("y"):rep(1048576), false, "rndv")
+            end)
+            local r = assert(replies:wait_msg())
+            assert.is_true(r:is_rndv())
+            if how == "take" then
+                assert.equal(1048576, #assert(r:data()))
+            else
+                r:release()
+            end
+            assert.is_true(pluvio.timeout(5, replier.join, replier), how)
+        end
+        assert.is_true(ep:close())
+        assert.equal(0, server:stats().ops_in_flight)
+        assert.is_true(server:close() and client:close())
+        ctx:close()
+    end))
+
     it("refuses need_reply on a connect_addr endpoint with peer_errors, which UCX cannot answer safely", async(function()
         local p = pair()
         local ep = assert(p.cw:connect_addr(p.sw:address(), { peer_errors = true }))
