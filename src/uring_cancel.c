@@ -33,16 +33,17 @@ static void op_cancel(pl_uring_t *u, uint32_t i)
     op->cancel_due = false;
 }
 
-/* Cancel each op in the kernel on fd by its own user_data (a close's,
- * when the ring holds many ops: see pl_uring_close_socket); returns how
- * many it cancelled. */
+/* Cancel each op in the kernel on fd by its own user_data, but for the
+ * close of fd itself (a close's, when the ring holds many ops: see
+ * pl_uring_close_socket); returns how many it cancelled. */
 uint32_t uring_cancel_each_on_fd(pl_uring_t *u, int fd)
 {
     uint32_t n = 0;
 
     for (uint32_t i = uring_op_scan(u, 0); i < u->nops; i = uring_op_scan(u, i + 1)) {
         const struct uring_op *op = uring_op(u, i);
-        if (op->fd == fd && op->state == OP_IN_FLIGHT && !op->rest_due && !op->cancel_due) {
+        if (op->fd == fd && op->state == OP_IN_FLIGHT && op->fd_owner != FD_CLOSE && !op->rest_due &&
+            !op->cancel_due) {
             op_cancel(u, i);
             n++;
         }

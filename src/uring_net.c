@@ -376,7 +376,7 @@ int pl_uring_op_peer(pl_uring_t *u, int i, char *out, int cap)
  * the socket open (the close runs at its issue; cancelling it is too late).
  *
  * With many ops in flight in the ring, each op on fd is cancelled by its
- * own user_data instead, ahead of the close (the same submit, in order):
+ * own user_data instead, right behind the close (the same submit, in order):
  * Linux's cancel by fd (IORING_ASYNC_CANCEL_FD) walks every poll request
  * of the ring, again for each one it cancels, in one io_uring_enter with
  * no preemption point.  Closing 8,000 sockets that each had a task parked
@@ -392,8 +392,14 @@ int pl_uring_close_socket(pl_uring_t *u, uint32_t slot, uint32_t gen, int fd)
     int rc;
 
     if (u->in_flight > CANCEL_BY_FD_MAX) {
-        uring_cancel_each_on_fd(u, fd);
-        return pl_uring_close(u, slot, gen, fd);
+        /* the close first: one that cannot start (no op slot, no SQE)
+         * leaves the socket open, and its ops must go on; once it is
+         * queued, the cancels follow it (the ops hold their own reference
+         * to the file, and ops on a closing fd are not continued) */
+        rc = pl_uring_close(u, slot, gen, fd);
+        if (rc >= 0)
+            uring_cancel_each_on_fd(u, fd);
+        return rc;
     }
     /* (rests of short transfers due would take the free SQEs first: sent
      * with the flush, or, refused, they leave none for the pair) */
