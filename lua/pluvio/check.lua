@@ -112,4 +112,16 @@ function M.self(fname, v, mt, what, level)
     return v
 end
 
+-- self as check.self takes it, and made by pluvio: its C handle (field
+-- key) is there.  A table given the metatable by hand has none, and C
+-- would follow a NULL pointer.  maker: how such objects are made.
+function M.made(fname, v, mt, what, key, maker, level)
+    level = level or 3
+    M.self(fname, v, mt, what, level + 1)
+    if type(rawget(v, key)) ~= "cdata" then
+        error(format("%s: self has the metatable of %s but is none (make %s)", fname, what, maker), level)
+    end
+    return v
+end
+
 return M

@@ -77,14 +77,9 @@ function Runtime.new(capacity)
     return new_runtime(capacity)
 end
 
--- self, a runtime: the metatable, and the C runtime behind it (a table
--- given the metatable by hand has none, and C would follow a NULL pointer).
+-- self, a runtime that Runtime.new made (check.made).
 local function runtime_self(fname, self)
-    check.self(fname, self, Runtime, "a runtime", 4)
-    if type(rawget(self, "crt")) ~= "cdata" then
-        error(format("%s: self has the metatable of a runtime but is none (make runtimes with pluvio.Runtime.new)",
-                     fname), 3)
-    end
+    check.made(fname, self, Runtime, "a runtime", "crt", "runtimes with pluvio.Runtime.new", 4)
 end
 
 function Runtime:set_affinity(cpu)

@@ -231,15 +231,9 @@ function IoUringReactor.builder()
     return setmetatable({ opts = {} }, Builder)
 end
 
--- self, an io_uring reactor: the metatable, and the ring behind it (a
--- table given the metatable by hand has none, and C would follow a NULL
--- pointer).
+-- self, an io_uring reactor that uring.reactor made (check.made).
 local function reactor_self(fname, self)
-    check.self(fname, self, IoUringReactor, "an io_uring reactor", 4)
-    if type(rawget(self, "u")) ~= "cdata" then
-        error(format("%s: self has the metatable of an io_uring reactor but is none (make reactors with " ..
-                     "uring.reactor or the builder)", fname), 3)
-    end
+    check.made(fname, self, IoUringReactor, "an io_uring reactor", "u", "reactors with uring.reactor or the builder", 4)
 end
 
 function IoUringReactor:c_reactor()
