@@ -53,18 +53,26 @@ describe("sockets and runtimes", function()
         c:close(); s:close(); l:close()
     end))
 
-    it("pass a send's turn on when the plain coroutine that sent is resumed by another and raises", async(function()
-        local l, c, s = pair()
+    -- A task a starts op in a plain coroutine, which yields out, and lives
+    -- on; once op went out, another resumes that coroutine, which raises
+    -- (fname's refusal) and so gives op up.  Returns a.
+    local function given_up_in_coroutine(op, fname)
         local co
         local a = pluvio.spawn(function()
-            co = coroutine.create(function() return c:send("from coroutine") end)
-            assert(coroutine.resume(co))    -- the send starts as a's, and the coroutine yields out
+            co = coroutine.create(op)
+            assert(coroutine.resume(co))    -- op starts as a's, and the coroutine yields out
             pluvio.sleep(8)                 -- a lives on
         end)
-        pluvio.sleep(0.05)                  -- the send went out (resumed before that, it would be cancelled)
-        local ok, err = coroutine.resume(co)     -- resumed by another: it raises, its send is given up
+        pluvio.sleep(0.05)                  -- op went out (resumed before that, it would be cancelled)
+        local ok, err = coroutine.resume(co)
         assert.is_false(ok)
-        assert.matches("TcpSocket:send: called from a coroutine that is not a pluvio task", err, 1, true)
+        assert.matches(fname .. ": called from a coroutine that is not a pluvio task", err, 1, true)
+        return a
+    end
+
+    it("pass a send's turn on when the plain coroutine that sent is resumed by another and raises", async(function()
+        local l, c, s = pair()
+        local a = given_up_in_coroutine(function() return c:send("from coroutine") end, "TcpSocket:send")
         -- (the turn stayed a's until a ended: this send waited 8 s)
         assert.equal(6, pluvio.timeout(5, function() return c:send("from b") end))
         local got = ""
@@ -76,18 +84,7 @@ describe("sockets and runtimes", function()
 
     it("pass the turn on when a plain coroutine's shutdown is given up", async(function()
         local l, c, s = pair()
-        local co
-        local a = pluvio.spawn(function()
-            co = coroutine.create(function() return c:shutdown("w") end)
-            local ok, state = coroutine.resume(co)
-            assert(ok)
-            pluvio.sleep(8)                 -- a lives on
-            return state
-        end)
-        pluvio.sleep(0.05)
-        local ok, err = coroutine.resume(co)     -- resumed by another: it raises, its shutdown is given up
-        assert.is_false(ok)
-        assert.matches("TcpSocket:shutdown: called from a coroutine that is not a pluvio task", err, 1, true)
+        local a = given_up_in_coroutine(function() return c:shutdown("w") end, "TcpSocket:shutdown")
         -- (the turn stayed a's until a ended: this send waited 8 s)
         local none, serr, code, sent = pluvio.timeout(5, function() return c:send("late") end)
         assert.is_nil(none)
