@@ -688,6 +688,12 @@ describe("Runtime:register_reactor", function()
             assert.has_error(function() r[m](r) end, "IoUringReactor:" .. m .. ": self has the metatable of an " ..
                 "io_uring reactor but is none (make reactors with uring.reactor or the builder)")
         end
+        -- registered, in register_reactor's words and at the caller's line
+        -- (it raised from inside runtime.lua)
+        local ok, err = pcall(function() pluvio.Runtime.new():register_reactor("io", r) end)
+        assert.is_false(ok)
+        assert.matches("^[^:]*runtime_spec%.lua:%d+: Runtime:register_reactor: reactor is not usable: " ..
+                       "IoUringReactor:c_reactor: self has the metatable", err)
         assert.has_error(function() pluvio.Runtime.new():reactor(5) end,
                          "Runtime:reactor: name must be a string (got number)")
     end)

@@ -109,7 +109,11 @@ local function c_reactor_of(r, fname)
         return r
     end
     if type(r) == "table" and type(r.c_reactor) == "function" then
-        local cr = r:c_reactor()
+        local ok, cr = pcall(r.c_reactor, r)
+        if not ok then      -- (a table made by hand with a reactor's methods): in our words, at the caller
+            error(format("%s: reactor is not usable: %s", fname,
+                         tostring(cr):gsub("^[^\n]-:%d+: ", "")), 3)
+        end
         if not (type(cr) == "cdata" and ffi.istype("pl_reactor_t *", cr)) then
             error(format("%s: reactor:c_reactor() must return a pl_reactor_t * (got %s)", fname,
                          check.show(cr)), 3)
