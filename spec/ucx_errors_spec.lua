@@ -405,6 +405,50 @@ describe("UCX misuse and failures", function()
         end
     end)
 
+    -- (UCX 1.13 ended the process in ucp_init, an assertion of its async
+    -- thread, or in ucp_ep_create, "failed to set active message handler";
+    -- with no descriptor at all it made a context without tcp, whose
+    -- connects all failed EHOSTUNREACH later, or said EIO or ETIMEDOUT)
+    it("refuses Context.new and connect_addr with EMFILE when the process has too few file descriptors " ..
+       "left for them, and works once it has", function()
+        for _, free in ipairs({ 0, 1, 2, 4 }) do
+            local status, out, err = helper.run_script([[
+                local pluvio = require "pluvio"
+                local ucx = require "pluvio.ucx"
+                local ctx = assert(ucx.Context.new())
+                local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+                local inbox = server:am_stream(1)
+                local held = {}
+                while true do
+                    local h = io.open("/dev/null")
+                    if not h then break end
+                    held[#held + 1] = h
+                end
+                for _ = 1, ]] .. free .. [[ do table.remove(held):close() end
+                print(ucx.Context.new())
+                print(client:connect_addr(server:address(), { peer_errors = true }))
+                print(client:connect_addr(server:address()))
+                for _, h in ipairs(held) do h:close() end
+                local ctx2 = assert(ucx.Context.new())
+                local w = assert(ctx2:create_worker())
+                local l = assert(w:create_listener("127.0.0.1", 0))
+                local accepting = pluvio.spawn(function() return l:accept() end)
+                assert(w:connect_socket("127.0.0.1", l:port()))
+                assert(accepting:join())
+                local ep = assert(client:connect_addr(server:address()))
+                assert(ep:am_send(1, "h", "works"))
+                assert(inbox:wait_msg():data() == "works")
+                ctx2:close(); ctx:close()
+            ]], nil, "ulimit -n 128;")
+            assert.equal(0, status, err)
+            assert.equal("", err)
+            local fds = "EMFILE: Too many open files (a connection takes a few file descriptors: close files, " ..
+                        "or raise the limit, ulimit -n)\tEMFILE\n"
+            assert.equal("nil\tContext.new: cannot initialise UCX: EMFILE: Too many open files\tEMFILE\n" ..
+                         "nil\tconnect_addr: " .. fds .. "nil\tconnect_addr: " .. fds, out)
+        end
+    end)
+
     it("refuses a len for string or nil data instead of ignoring it", async(function()
         local p = pair()
         assert.matches("ucx_errors_spec%.lua:%d+: Endpoint:am_send: len applies to a registered buffer only %(data is a string%)",

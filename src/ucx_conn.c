@@ -219,6 +219,10 @@ static void ep_peer_gone(pl_ucx_worker_t *w)
     }
 }
 
+/* Descriptors a connect must have room for (its lanes' sockets, the shared
+ * memory it attaches; a listener's in this process). */
+#define UCX_CONNECT_FDS 8
+
 int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_errors)
 {
     ucp_ep_params_t p = {
@@ -239,6 +243,12 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
         return rc;
     if (!ucx_ep_room(w))
         return -EMFILE;
+    /* UCX 1.13 out of descriptors in the middle of ucp_ep_create ends the
+     * process ("failed to set active message handler"), or with none at
+     * all fails it as EIO or ETIMEDOUT: refused first, as EMFILE */
+    rc = ucx_fd_headroom(UCX_CONNECT_FDS);
+    if (rc < 0)
+        return rc;
     /* UCX makes the endpoints two workers open to each other by address
      * one connection; one whose peer_errors differs from the peer's is
      * refused (EOPNOTSUPP, said by the Lua side), with an ERROR line UCX
@@ -303,8 +313,6 @@ void ucx_sockaddr_text(const struct sockaddr_storage *ss, char *out, size_t cap)
         snprintf(out, cap, "?");
     }
 }
-
-#define UCX_CONNECT_FDS 8    /* descriptors a connect_socket must have room for */
 
 /* Create the endpoint, then flush it so the caller waits for wire-up: the
  * first large message then goes rendezvous, as it should. */

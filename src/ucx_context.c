@@ -13,6 +13,7 @@
 #include "ucx_internal.h"
 
 #define PL_UCX_KEEPALIVE_INTERVAL "5s"    /* UCX's own keepalive, when Pluvio turns it on */
+#define UCX_CONTEXT_FDS 16      /* descriptors ucp_init must have room for (it takes about 5) */
 
 int pl_ucx_errno(ucs_status_t status)
 {
@@ -120,6 +121,15 @@ pl_ucx_context_t *pl_ucx_context_new(int wakeup, int *err)
 
     if (!c) {
         *err = -ENOMEM;
+        return NULL;
+    }
+    /* UCX 1.13 short of descriptors in ucp_init ends the process (its
+     * async thread's epoll or pipe: an assertion), or with none at all
+     * leaves tcp out of the context for good (EHOSTUNREACH on every
+     * connect): refused first, as EMFILE */
+    *err = ucx_fd_headroom(UCX_CONTEXT_FDS);
+    if (*err < 0) {
+        free(c);
         return NULL;
     }
     st = ucp_config_read(NULL, NULL, &config);

@@ -44,6 +44,17 @@ function M.install(U)
                            what, w.max_endpoints), "EMFILE"
     end
 
+    -- A connect's EMFILE: the worker's endpoints are all taken, or the
+    -- process's file descriptors (C checks there is room for a few).
+    local function connect_emfile(w, what)
+        if not w.w or C.pl_ucx_worker_ep_room(w.w) == 0 then
+            return no_ep_room(w, what)
+        end
+        local _, msg, name = fail(what, EMFILE)
+        return nil, msg .. " (a connection takes a few file descriptors: close files, " ..
+                    "or raise the limit, ulimit -n)", name
+    end
+
     -- What C is told when an endpoint's or a listener's object is collected
     -- (drop: pl_ucx_ep_drop or pl_ucx_listener_drop, with its handle).  The
     -- guard holds the handle, -1 once the object was closed (so that a late
@@ -111,7 +122,7 @@ function M.install(U)
             return nil, "connect_addr: addr is damaged: its bytes are not those Worker:address() returned " ..
                         "(its checksum does not match)", "EBADMSG"
         elseif h == EMFILE then
-            return no_ep_room(self, "connect_addr")
+            return connect_emfile(self, "connect_addr")
         elseif h == EOPNOTSUPP then
             return nil, "connect_addr: EOPNOTSUPP: the peer's endpoint to this worker " .. OTHER_PEER_ERRORS, "EOPNOTSUPP"
         elseif h < 0 then
@@ -180,12 +191,8 @@ function M.install(U)
                 return ipv6_refused("connect to", host, port)
             end
             local fname = what
-            if rc == EMFILE and (not self.w or C.pl_ucx_worker_ep_room(self.w) == 0) then
-                return no_ep_room(self, fname)      -- (else the process's: the resolver's files)
-            elseif rc == EMFILE then
-                local _, msg, name = fail(fname, rc)
-                return nil, msg .. " (a connection takes a few file descriptors: close files, " ..
-                            "or raise the limit, ulimit -n)", name
+            if rc == EMFILE then
+                return connect_emfile(self, fname)
             end
             if rc == ENOTCONN or rc == ECONNREFUSED then    -- UCX 1.13 says ENOTCONN for a refusal
                 local _, msg, name = fail(fname, rc)
