@@ -572,6 +572,10 @@ int pl_ucx_listener_close(pl_ucx_worker_t *w, int listener);
 /* The listener's Lua object was collected: close it, waking nobody now. */
 int pl_ucx_listener_drop(pl_ucx_worker_t *w, int listener);
 int pl_ucx_ep_status(pl_ucx_worker_t *w, int ep);
+/* 1 when ep, a connect_addr endpoint without peer_errors, leads to a
+ * worker of this process's reactor that was closed since (its status is
+ * then -ECONNRESET), else 0. */
+int pl_ucx_ep_peer_closed(pl_ucx_worker_t *w, int ep);
 const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep);
 int pl_ucx_ep_flush(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
 int pl_ucx_ep_close(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);

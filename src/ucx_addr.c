@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ucx_internal.h"
@@ -216,6 +217,10 @@ int pl_ucx_worker_address(pl_ucx_worker_t *w, void *buf, int cap)
     if (st != UCS_OK)
         return pl_ucx_errno(st);
     w->address_shared = true;
+    if (!w->addr && (w->addr = malloc(len)) != NULL) {     /* (for ucx_reactor_local_worker) */
+        memcpy(w->addr, addr, len);
+        w->addr_len = len;
+    }
     if ((size_t)cap >= len + ADDR_SEAL_LEN) {
         uint32_t n = (uint32_t)len;
         uint64_t sum = pl_checksum64(addr, len, ADDR_SEAL_SEED);

@@ -115,6 +115,8 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
     w->eps[i].error = 0;
     w->eps[i].dropped = false;
     w->eps[i].p2p_peer = false;
+    w->eps[i].peer_closed = false;
+    w->eps[i].local_peer = 0;
     w->eps[i].connecting = false;
     snprintf(w->eps[i].peer, UCX_PEER_LEN, "%s", peer);
     return ep_handle(w, i);
@@ -174,7 +176,16 @@ int pl_ucx_ep_status(pl_ucx_worker_t *w, int ep)
         return -EBADF;
     if (e->state == EP_FAILED)
         return e->error ? e->error : -ECONNRESET;
+    if (e->state == EP_OPEN && e->peer_closed)
+        return -ECONNRESET;
     return e->state == EP_OPEN ? 0 : -ENOTCONN;
+}
+
+int pl_ucx_ep_peer_closed(pl_ucx_worker_t *w, int ep)
+{
+    const struct ucx_ep *e = ucx_ep_get(w, ep);
+
+    return e && e->state == EP_OPEN && e->peer_closed;
 }
 
 const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep)
@@ -190,7 +201,7 @@ const char *pl_ucx_ep_peer(pl_ucx_worker_t *w, int ep)
  * reply endpoint: its peer is counted already (its own endpoint to us). */
 static bool ep_is_peer(const struct ucx_ep *e)
 {
-    return e->owned && (e->state == EP_OPEN || e->state == EP_CLOSING);
+    return e->owned && !e->peer_closed && (e->state == EP_OPEN || e->state == EP_CLOSING);
 }
 
 bool ucx_worker_has_peers(pl_ucx_worker_t *w)
@@ -262,7 +273,9 @@ int pl_ucx_connect_addr(pl_ucx_worker_t *w, const void *addr, int len, int peer_
     if (h < 0) {
         ucp_ep_destroy(ep);
     } else {
-        ucx_ep_get(w, h)->p2p_peer = peer_errors != 0;
+        struct ucx_ep *e = ucx_ep_get(w, h);
+        e->p2p_peer = peer_errors != 0;
+        e->local_peer = peer_errors ? 0 : ucx_reactor_local_worker(w, addr, (size_t)len);
         w->addr_connected = true;
     }
     return h;
@@ -366,9 +379,29 @@ int ucx_ep_open(pl_ucx_worker_t *w, int ep, struct ucx_ep **e)
     *e = ucx_ep_get(w, ep);
     if (!*e)
         return -EBADF;
-    if ((*e)->state != EP_OPEN)
+    if ((*e)->state != EP_OPEN || (*e)->peer_closed)
         return pl_ucx_ep_status(w, ep);
     return 0;
+}
+
+/* The worker with this serial (of w's reactor) is closing: w's connect_addr
+ * endpoints without peer_errors to it refuse new operations from now on
+ * (-ECONNRESET), as a failed endpoint does; UCX would take them and, over
+ * shared memory, never end a rendezvous one.  ep:close() stays graceful. */
+void ucx_eps_local_peer_closed(pl_ucx_worker_t *w, uint64_t serial)
+{
+    bool any = false;
+
+    for (int i = 0; i < w->neps; i++) {
+        struct ucx_ep *e = &w->eps[i];
+        if (e->state != EP_FREE && e->local_peer == serial) {
+            e->local_peer = 0;
+            e->peer_closed = true;
+            any = true;
+        }
+    }
+    if (any)
+        ep_peer_gone(w);
 }
 
 int ucx_ep_op_new(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen, struct ucx_ep **e,

@@ -122,6 +122,8 @@ struct ucx_ep {
     bool dropped;           /* its Lua object was collected (pl_ucx_ep_drop) */
     bool p2p_peer;          /* connect_addr with peer_errors: its wire-up is let finish at close */
     bool connecting;        /* connect_socket's wire-up: no op on it has ended yet */
+    bool peer_closed;       /* connect_addr to a worker of this reactor that was closed since */
+    uint64_t local_peer;    /* connect_addr without peer_errors: that worker's serial, else 0 */
     int64_t abort_at;       /* EP_ABORTING: closed by then at the latest (pl_clock_ns) */
     uint32_t closer_slot, closer_gen;
     char peer[UCX_PEER_LEN];
@@ -230,6 +232,9 @@ struct pl_ucx_worker {
     struct pl_ucx_reactor *reactor;     /* progressing it, or NULL */
     bool address_shared;    /* anyone holding address() may send to it */
     bool addr_connected;    /* it made an endpoint by connect_addr (worker_quiesce) */
+    uint64_t serial;        /* unique in the process (ucx_ep's local_peer) */
+    void *addr;             /* UCX's part of address(), once handed out (connect_addr's lookup) */
+    size_t addr_len;
     int8_t addr_layout;     /* address_extent reads this UCX's addresses: 1, not: -1, not known yet: 0 */
     bool watched;           /* its event fd is in the reactor's epoll set */
     uint32_t polls_awake;   /* reactor polls since it was last armed (ucx_poll) */
@@ -328,6 +333,9 @@ unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt, 
  * (connect_socket) to l's address. */
 bool ucx_reactor_connecting_to(const pl_ucx_worker_t *w, const struct ucx_listener *l);
 void ucx_reactor_remove_worker(pl_ucx_worker_t *w);
+uint64_t ucx_reactor_local_worker(const pl_ucx_worker_t *w, const void *addr, size_t len);
+void ucx_reactor_worker_closing(const pl_ucx_worker_t *w);
+void ucx_eps_local_peer_closed(pl_ucx_worker_t *w, uint64_t serial);
 void ucx_streams_free(pl_ucx_worker_t *w);
 ucs_status_t ucx_am_handlers_init(pl_ucx_worker_t *w);
 void ucx_msgs_forget_ep(pl_ucx_worker_t *w, ucp_ep_h ep, int err);

@@ -70,6 +70,33 @@ unsigned ucx_reactor_progress_peers(pl_ucx_worker_t *w, const pl_runtime_t *rt, 
     return got;
 }
 
+/* The serial of the worker of w's reactor (not w) whose address addr (len
+ * bytes, UCX's part) is, or 0.  A connect_addr endpoint without
+ * peer_errors to it is told when it closes (ucx_reactor_worker_closing):
+ * UCX reports nothing then, and over shared memory a rendezvous send
+ * started on it later waited for good (its RTS written into the closed
+ * worker's FIFO), holding its worker in limbo at close. */
+uint64_t ucx_reactor_local_worker(const pl_ucx_worker_t *w, const void *addr, size_t len)
+{
+    const pl_ucx_reactor_t *r = w->reactor;
+
+    for (int i = 0; r && i < r->nworkers; i++) {
+        const pl_ucx_worker_t *peer = r->workers[i];
+        if (peer != w && peer->addr && peer->addr_len <= len && memcmp(peer->addr, addr, peer->addr_len) == 0)
+            return peer->serial;
+    }
+    return 0;
+}
+
+void ucx_reactor_worker_closing(const pl_ucx_worker_t *w)
+{
+    const pl_ucx_reactor_t *r = w->reactor;
+
+    for (int i = 0; r && i < r->nworkers; i++)
+        if (r->workers[i] != w)
+            ucx_eps_local_peer_closed(r->workers[i], w->serial);
+}
+
 /* Whether peer (an endpoint's, "ip:port") is l's address: the same, or
  * the same port when l bound the wildcard address. */
 static bool peer_is(const char *peer, const struct ucx_listener *l)

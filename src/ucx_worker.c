@@ -28,6 +28,8 @@
 /* 0 when n (at most UCX_WORKER_FDS) more can be had, else why not
  * (-EMFILE).  The first is an eventfd, not an open of a path: a sandbox
  * may close /dev/null to us, and its EACCES was taken for EMFILE. */
+static uint64_t worker_serials;     /* the last worker's serial (ucx_ep's local_peer) */
+
 int ucx_fd_headroom(int n)
 {
     int fds[UCX_WORKER_FDS], k = 0, rc = 0;
@@ -93,6 +95,7 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
         return NULL;
     }
     w->max_am_header = attr.max_am_header;
+    w->serial = ++worker_serials;
     c->workers++;
     return w;
 }
@@ -334,6 +337,7 @@ static void worker_destroy(pl_ucx_worker_t *w)
     for (int k = 0; k < w->nchunks; k++)
         free(w->op_chunks[k]);
     free(w->msgs);
+    free(w->addr);
     free(w);
     if (--ctx->workers == 0 && ctx->released)
         pl_ucx_context_close(ctx);
@@ -357,6 +361,7 @@ int pl_ucx_worker_close(pl_ucx_worker_t *w, pl_runtime_t *rt)
     bool settled;
 
     w->rt = rt;
+    ucx_reactor_worker_closing(w);      /* (before the quiesce: its peers' new sends fail) */
     worker_quiesce(w, rt);
     for (int i = 0; i < w->neps; i++) {
         struct ucx_ep *e = &w->eps[i];

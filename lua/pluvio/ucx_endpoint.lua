@@ -383,8 +383,11 @@ function M.install(U)
 
     -- Why the endpoint failed, after its errno text.
     local function failed_note(ep)
-        if C.pl_ucx_ep_status(ep.worker.w, ep.h) == EOPNOTSUPP then
+        local w, h = ep.worker.w, ep.h
+        if C.pl_ucx_ep_status(w, h) == EOPNOTSUPP then
             return " (the peer's endpoint to this worker " .. OTHER_PEER_ERRORS .. ")"
+        elseif C.pl_ucx_ep_peer_closed(w, h) == 1 then
+            return " (the worker it connects to, in this process, was closed)"
         end
         return PEER_FAILED
     end
