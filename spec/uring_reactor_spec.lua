@@ -377,6 +377,59 @@ describe("IoUringReactor", function()
     end)
 end)
 
+describe("a reactor the kernel refuses", function()
+    -- (the first operation that made the default reactor raised where the
+    -- same EMFILE from its own open was nil, err, code)
+    it("makes the operation that needed it on first use return nil, err, code, and works once it can", function()
+        local status, out, err = helper.run_script([[
+            local uring = require "pluvio.uring"
+            local held = {}
+            while true do
+                local h = io.open("/dev/null")
+                if not h then break end
+                held[#held + 1] = h
+            end
+            for _, call in ipairs({ function() return uring.File.open("/dev/null") end,
+                                    function() return uring.statx("/") end,
+                                    function() return uring.tcp_listen("127.0.0.1", 0) end,
+                                    function() return uring.udp_bind("127.0.0.1", 0) end,
+                                    function() return uring.read_some(0, 1) end }) do
+                print(call())
+            end
+            local ok, e = pcall(uring.acquire_buffer)
+            print(ok, (e:gsub("^[^:]*:%d+: ", "")))
+            for _, h in ipairs(held) do h:close() end
+            local file = assert(uring.File.open("/dev/null"))
+            print(file:read(0, 1) == "", uring.current():options().queue_size)
+        ]], nil, "ulimit -n 32;")
+        assert.equal(0, status, err)
+        local why = ": cannot set up io_uring with queue_size 256: EMFILE: Too many open files (a ring takes " ..
+                    "a file descriptor: close files, or raise the limit, ulimit -n)"
+        assert.equal(table.concat({
+            "nil\tFile.open" .. why .. "\tEMFILE",
+            "nil\turing.statx" .. why .. "\tEMFILE",
+            "nil\turing.tcp_listen" .. why .. "\tEMFILE",
+            "nil\turing.udp_bind" .. why .. "\tEMFILE",
+            "nil\turing.read_some" .. why .. "\tEMFILE",
+            "false\turing.acquire_buffer" .. why,
+            "true\t256",
+        }, "\n") .. "\n", out)
+    end)
+
+    it("says the memory, not the locked-memory limit, refused a pool when no limit applies", function()
+        if uring.lockable_buffers(4096) ~= nil then
+            pending("a locked-memory limit applies to this process (not root)")
+            return
+        end
+        local rt = pluvio.Runtime.new()
+        rt:register_reactor("io", uring.reactor { buffer_size = 1073741824, buffer_count = 16384 })
+        local ok, e = pcall(rt.run, rt, function() return uring.acquire_buffer() end)
+        assert.is_false(ok)
+        assert.matches("uring.acquire_buffer: cannot register 16384 buffers of 1073741824 bytes: ENOMEM: " ..
+                       "Cannot allocate memory (lower buffer_count or buffer_size)\n", e, 1, true)
+    end)
+end)
+
 describe("freeing a reactor", function()
     local O_NONBLOCK, F_SETFL = 2048, 4
 
@@ -664,6 +717,22 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
                        "buffer_count or buffer_size, or raise the locked-memory limit: ulimit -l; the limit, 8192 " ..
                        "KiB, holds about " .. n .. " of these beside the rings)", line, 1, true)
         assert.is_true(tonumber(small) > 1000)      -- 4 KiB buffers: about 7 MiB of them
+    end)
+
+    -- (a default pool of which not one buffer fit kept the default 16)
+    it("give a default pool at least 1 buffer when none fits", function()
+        local path = helper.tmp_path(".lua")
+        local f = assert(io.open(path, "w"))
+        f:write([[
+            local uring = require "pluvio.uring"
+            assert(uring.lockable_buffers(64 * 1048576) == 0)
+            print(uring.reactor({ buffer_size = 64 * 1048576 }):options().buffer_count)
+        ]])
+        f:close()
+        local status, out, err = as_user(helper.quote(path))
+        os.remove(path)
+        assert.equal(0, status, err)
+        assert.equal("1\n", out)
     end)
 
     it("give runs one after the other the default pool each, collecting the pools of runs nobody refers to", function()

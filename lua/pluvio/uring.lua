@@ -25,6 +25,7 @@ local walk = next          -- walk tables with `for k, v in walk, t`, not pairs(
 local M = {}
 
 local EAGAIN, ENOBUFS, ENOMEM, EPERM, EBUSY, EBADF = -11, -105, -12, -1, -16, -9
+local EMFILE, ENFILE = -24, -23
 local MAX_IO = 0x7ffff000          -- Linux caps one read/write at this many bytes
 local OP_INLINE = C.PL_URING_OP_INLINE
 -- Scratch memory for read()/write() of strings (core.scratch_pool: page
@@ -111,7 +112,10 @@ local function free_reactor(p, pins, limbo, life)
     C.pl_uring_free(p)
 end
 
-local function new_reactor(fname, opts)
+-- A reactor from opts (the rest from M.DEFAULTS).  One the kernel refuses
+-- raises, or with soft (made on first use by an operation that returns
+-- nil, err, code) gives nil, err, code.
+local function new_reactor(fname, opts, soft)
     local o = {}
     local defaults = M.DEFAULTS         -- public: a script may have changed them
     for k, v in walk, defaults do
@@ -134,8 +138,8 @@ local function new_reactor(fname, opts)
     end
     if not count_given then     -- a default pool fits the locked-memory limit (8 MiB for a user)
         local room = C.pl_uring_memlock_buffers(o.buffer_size, o.queue_size, 1)
-        if room >= 1 and room < o.buffer_count then
-            o.buffer_count = room
+        if room >= 0 and room < o.buffer_count then
+            o.buffer_count = math.max(room, 1)  -- (none fits: the first acquire says so)
         end
     end
     local copts = ffi.new("pl_uring_options_t", {
@@ -153,9 +157,15 @@ local function new_reactor(fname, opts)
             hint = " (the kernel refused SQPOLL: it needs CAP_SYS_NICE or a newer kernel; drop sqpoll)"
         elseif err[0] == ENOMEM then
             hint = " (lower queue_size, or raise the locked-memory limit: ulimit -l)"
+        elseif err[0] == EMFILE or err[0] == ENFILE then
+            hint = " (a ring takes a file descriptor: close files, or raise the limit, ulimit -n)"
         end
-        error(format("%s: cannot set up io_uring with queue_size %d: %s%s",
-                     fname, o.queue_size, errstr(err[0]), hint), 3)
+        local msg = format("%s: cannot set up io_uring with queue_size %d: %s%s",
+                           fname, o.queue_size, errstr(err[0]), hint)
+        if soft then
+            return nil, msg, ffi_string(C.pl_errname(err[0]))
+        end
+        error(msg, 3)
     end
     return setmetatable({
         u = ffi.gc(u, function(p) free_reactor(p, pins, limbo, life) end),
@@ -311,8 +321,9 @@ function IoUringReactor:stats()
 end
 
 -- The io_uring reactor of the running runtime: the first registered one,
--- or (on default runtimes: pluvio.run, the host) one made on first use.
-local function reactor_of(rt, fname, depth)
+-- or (on default runtimes: pluvio.run, the host) one made on first use
+-- (with soft, one the kernel refuses gives nil, err, code: new_reactor).
+local function reactor_of(rt, fname, depth, soft)
     local r = rt._uring
     if r then
         return r
@@ -325,7 +336,11 @@ local function reactor_of(rt, fname, depth)
         end
     end
     if rt.auto_reactors then
-        r = new_reactor(fname, nil)
+        local msg, code
+        r, msg, code = new_reactor(fname, nil, soft)
+        if not r then
+            return nil, msg, code
+        end
         rt:register_reactor("io_uring", r)
         rt._uring = r
         return r
@@ -342,13 +357,31 @@ local function context(fname, depth)
     return t, reactor_of(rt, fname, depth), rt
 end
 
+-- The same for an operation that returns nil, err, code when it fails
+-- (an open, a connect): a reactor made for it on first use that the
+-- kernel refuses (no file descriptor, no locked memory left) is such a
+-- failure, and gives nil, err, code here.
+local function op_context(fname, depth)
+    depth = 1 + (depth or 0)
+    local t, rt = io_task(fname, depth)
+    local r, msg, code = reactor_of(rt, fname, depth, true)
+    if not r then
+        return nil, msg, code
+    end
+    return t, r, rt
+end
+
 -- The same for operations that take input (a socket's bytes, a
 -- connection): they check first that they run in the task's own coroutine,
 -- since an operation a plain coroutine leaves behind may take input that
--- nobody then gets.
-local function receive_context(fname)
+-- nobody then gets.  soft: as op_context.
+local function receive_context(fname, soft)
     local t, rt = current_task(fname, 1)
-    return t, reactor_of(rt, fname, 1), rt
+    local r, msg, code = reactor_of(rt, fname, 1, soft)
+    if not r then
+        return nil, msg, code
+    end
+    return t, r, rt
 end
 
 -- uring.current(): the io_uring reactor of the running runtime.
@@ -511,11 +544,13 @@ local function acquire(r, t, rt, fname)
             error(format("%s: cannot wait for a registered buffer: %s", fname, errstr(idx)), 3)
         end
         local room = C.pl_uring_memlock_buffers(o.buffer_size, o.queue_size, 1)
-        local holds = room >= 0 and format("; the limit, %d KiB, holds about %d of these beside the rings",
-                                           C.pl_memlock_limit_kib(), room) or ""
-        error(format("%s: cannot register %d buffers of %d bytes: %s " ..
-                     "(lower buffer_count or buffer_size, or raise the locked-memory limit: ulimit -l%s)",
-                     fname, o.buffer_count, o.buffer_size, errstr(idx), holds), 3)
+        local advice = "lower buffer_count or buffer_size"     -- (no limit applies: the memory itself)
+        if room >= 0 then
+            advice = format("%s, or raise the locked-memory limit: ulimit -l; the limit, %d KiB, holds about " ..
+                            "%d of these beside the rings", advice, C.pl_memlock_limit_kib(), room)
+        end
+        error(format("%s: cannot register %d buffers of %d bytes: %s (%s)",
+                     fname, o.buffer_count, o.buffer_size, errstr(idx), advice), 3)
     end
     local b = setmetatable({
         reactor = r, index = idx, task = t, rt = rt,     -- task: its owner, or false
@@ -618,7 +653,10 @@ end
 function M.read_some(fd, len)
     check.integer("uring.read_some", "fd", fd, 0, 2 ^ 31 - 1)
     check.integer("uring.read_some", "len", len, 1, MAX_IO)
-    local t, r = receive_context("uring.read_some")
+    local t, r, code = receive_context("uring.read_some", true)
+    if not t then
+        return nil, r, code
+    end
     local what = "input on fd " .. fd
     local rc
     repeat
@@ -641,7 +679,7 @@ end
 -- What the installed parts (files, sockets, I/O queues) build on; uring_file.lua adds
 -- fixed_io and fixed_result for the queues.
 M._internal = {
-    context = context, receive_context = receive_context, current_task = current_task, run_op = run_op,
+    context = context, op_context = op_context, receive_context = receive_context, current_task = current_task, run_op = run_op,
     bounce_get = bounce_get, bounce_put = bounce_put,
     run_ended = run_ended, close_idle = close_idle, close_guard = close_guard, forget_fd = forget_fd,
     left_busy = left_busy,

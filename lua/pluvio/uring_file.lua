@@ -31,6 +31,7 @@ end
 function M.install(U)
     local I = U._internal
     local context, current_task, io_task, run_op = I.context, I.current_task, I.io_task, I.run_op
+    local op_context = I.op_context
     local bounce_get, bounce_put, acquire = I.bounce_get, I.bounce_put, I.acquire
     local run_ended, close_idle, close_guard, forget_fd = I.run_ended, I.close_idle, I.close_guard, I.forget_fd
     local left_busy, live_buffer, Buffer = I.left_busy, I.live_buffer, U.Buffer
@@ -247,7 +248,10 @@ function M.install(U)
             perms = 420     -- 0644
         end
         check_perms(fname, perms, 4)
-        local t, r = context(fname, 1)
+        local t, r, code = op_context(fname, 1)
+        if not t then
+            return nil, r, code
+        end
         local fd = run_op(r, t, C.pl_uring_openat(r.u, t.slot, t.gen, path, flags, perms), path, path)
         if fd < 0 then
             local hint = ""
@@ -678,7 +682,10 @@ function M.install(U)
 
     function U.statx(path)
         check_path("uring.statx", "path", path)
-        local t, r = context("uring.statx")
+        local t, r, code = op_context("uring.statx")
+        if not t then
+            return nil, r, code
+        end
         local st, rc = statx_op(r, t, AT_FDCWD, path, 0, path)
         if not st then
             return path_fail("statx", path, rc)
@@ -688,7 +695,10 @@ function M.install(U)
 
     function U.unlink(path)
         check_path("uring.unlink", "path", path)
-        local t, r = context("uring.unlink")
+        local t, r, code = op_context("uring.unlink")
+        if not t then
+            return nil, r, code
+        end
         local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, 0), path, path)
         if rc < 0 then
             return path_fail("unlink", path, rc)
@@ -698,7 +708,10 @@ function M.install(U)
 
     function U.rmdir(path)
         check_path("uring.rmdir", "path", path)
-        local t, r = context("uring.rmdir")
+        local t, r, code = op_context("uring.rmdir")
+        if not t then
+            return nil, r, code
+        end
         local rc = run_op(r, t, C.pl_uring_unlinkat(r.u, t.slot, t.gen, path, AT_REMOVEDIR), path, path)
         if rc < 0 then
             return path_fail("rmdir", path, rc)
@@ -709,7 +722,10 @@ function M.install(U)
     function U.rename(from, to)
         check_path("uring.rename", "from", from)
         check_path("uring.rename", "to", to)
-        local t, r = context("uring.rename")
+        local t, r, code = op_context("uring.rename")
+        if not t then
+            return nil, r, code
+        end
         local rc = run_op(r, t, C.pl_uring_renameat(r.u, t.slot, t.gen, from, to), from, { from, to })
         if rc < 0 then
             return path_fail("rename", from .. " -> " .. to, rc)
@@ -723,7 +739,10 @@ function M.install(U)
             perms = 493     -- 0755
         end
         check_perms("uring.mkdir", perms, 3)
-        local t, r = context("uring.mkdir")
+        local t, r, code = op_context("uring.mkdir")
+        if not t then
+            return nil, r, code
+        end
         local rc = run_op(r, t, C.pl_uring_mkdirat(r.u, t.slot, t.gen, path, perms), path, path)
         if rc < 0 then
             return path_fail("mkdir", path, rc)

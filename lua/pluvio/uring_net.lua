@@ -92,6 +92,7 @@ end
 function M.install(U)
     local I = U._internal
     local context, run_op, bounce_get, bounce_put = I.context, I.run_op, I.bounce_get, I.bounce_put
+    local op_context = I.op_context
     local receive_context = I.receive_context
     local run_ended, close_idle, close_guard, forget_fd = I.run_ended, I.close_idle, I.close_guard, I.forget_fd
     local left_busy = I.left_busy
@@ -428,7 +429,10 @@ function M.install(U)
     function U.udp_bind(host, port)
         host = check.host("uring.udp_bind", host)
         check_port("uring.udp_bind", port)
-        local _, r = context("uring.udp_bind")
+        local t, r, code = op_context("uring.udp_bind")
+        if not t then
+            return nil, r, code
+        end
         local addr, n = bind_addr(host, port, 1)
         if not addr then
             return host_failed("bind", host, port, n)

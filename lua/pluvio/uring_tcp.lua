@@ -30,6 +30,7 @@ local MAX_KEEPIDLE, MAX_KEEPCNT = 32767, 127    -- Linux's most for TCP_KEEPIDLE
 function M.install(U)
     local I = U._internal
     local context, run_op, bounce_get, bounce_put = I.context, I.run_op, I.bounce_get, I.bounce_put
+    local op_context = I.op_context
     local receive_context, current_task, close_guard = I.receive_context, I.current_task, I.close_guard
     local errname, addr_text, sock_name = I.errname, I.addr_text, I.sock_name
     local bound_port, bound_address, check_port, check_data = I.bound_port, I.bound_address, I.check_port, I.check_data
@@ -48,7 +49,10 @@ function M.install(U)
             backlog = 128
         end
         check.integer("uring.tcp_listen", "backlog", backlog, 1, 65535)
-        local _, r = context("uring.tcp_listen")
+        local t, r, code = op_context("uring.tcp_listen")
+        if not t then
+            return nil, r, code
+        end
         local addr, n = bind_addr(host, port, 0)
         if not addr then
             return host_failed("listen on", host, port, n)
@@ -161,7 +165,10 @@ function M.install(U)
     function U.tcp_connect(host, port)
         host = check.host("uring.tcp_connect", host)
         check_port("uring.tcp_connect", port, 1)
-        local t, r = context("uring.tcp_connect")
+        local t, r, code = op_context("uring.tcp_connect")
+        if not t then
+            return nil, r, code
+        end
         local list = ffi.new("pl_net_addr_t[?]", MAX_ADDRS)     -- its own: connecting yields
         local n = C.pl_net_resolve(host, port, 0, 0, list, MAX_ADDRS)
         if n < 0 then
