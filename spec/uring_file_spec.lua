@@ -1017,4 +1017,60 @@ describe("File and DmaFile", function()
                          "(O_DIRECT needs a regular file or a block device, and this is a char device)", err)
         end
     end))
+
+    -- (a scratch piece that could not be mapped raised, and ended the task,
+    -- where every other I/O failure is nil, err, code)
+    it("returns nil, err, ENOMEM when a read's or write's scratch memory cannot be mapped, and goes on", function()
+        local env, remove_shim = helper.preload_shim([[
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stddef.h>
+#include <sys/mman.h>
+int pl_test_fail_mmaps;
+void *mmap(void *a, size_t n, int prot, int flags, int fd, off_t off)
+{
+    static void *(*real)(void *, size_t, int, int, int, off_t);
+
+    if (pl_test_fail_mmaps && n >= 2097152) {
+        errno = ENOMEM;
+        return MAP_FAILED;
+    }
+    if (!real)
+        real = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(RTLD_NEXT, "mmap");
+    return real(a, n, prot, flags, fd, off);
+}
+]])
+        local status, out, err = helper.run_script([[
+            local uring = require "pluvio.uring"
+            local ucx = require "pluvio.ucx"
+            local ffi = require "ffi"
+            ffi.cdef "int pl_test_fail_mmaps;"
+            local zero = assert(uring.File.open("/dev/zero"))
+            local path = os.tmpname()
+            local out = assert(uring.File.open(path, "w+"))
+            local ctx = assert(ucx.Context.new())
+            local w = assert(ctx:create_worker())
+            local data = ("x"):rep(2097152)
+            ffi.C.pl_test_fail_mmaps = 1
+            print(zero:read(0, 2097152))
+            local none, e, code, n = out:write(0, data)
+            print(none, (e:gsub(path:gsub("%p", "%%%0"), "PATH")), code, n)
+            print(uring.read_some(zero:fileno(), 2097152))
+            print(w:tag_recv(1, 0, 2097152))
+            ffi.C.pl_test_fail_mmaps = 0
+            print(#zero:read(0, 2097152), out:write(0, data), #uring.read_some(zero:fileno(), 2097152))
+            out:close(); os.remove(path); ctx:close()
+        ]], nil, "UCX_MEM_EVENTS=no " .. env)     -- (else UCX's own mmap hook goes round the shim)
+        remove_shim()
+        assert.equal(0, status, err)
+        local note = " (no memory for 2097152 bytes of scratch space to hold the data)"
+        assert.equal(table.concat({
+            "nil\tread /dev/zero (offset 0, 2097152 bytes): ENOMEM: Cannot allocate memory" .. note .. "\tENOMEM\t0",
+            "nil\twrite PATH (offset 0, 2097152 bytes): ENOMEM: Cannot allocate memory" .. note .. "\tENOMEM\t0",
+            "nil\tread fd 5: ENOMEM: Cannot allocate memory" .. note .. "\tENOMEM",
+            "nil\ttag_recv: ENOMEM: Cannot allocate memory" .. note .. "\tENOMEM",
+            "2097152\t2097152\t2097152",
+        }, "\n") .. "\n", out)
+    end)
 end)

@@ -82,8 +82,10 @@ end
 
 local PAGE = 4096
 
--- At least len bytes (fname names the caller if they cannot be mapped).
-function Scratch:get(len, fname)
+-- At least len bytes, or nil, -errno when they cannot be mapped (the
+-- address space or vm.max_map_count exhausted): the operation that needed
+-- them fails with it (M.NO_SCRATCH says why), as any other I/O failure.
+function Scratch:get(len)
     local class = PAGE
     while class < len do class = class * 2 end
     local list = self.lists[class]
@@ -99,10 +101,16 @@ function Scratch:get(len, fname)
     end
     local p = C.pl_scratch_alloc(class)
     if p == nil then
-        error(("%s: cannot map %d bytes of scratch memory (%s)"):format(fname, class, M.errstr(-ffi.errno())), 0)
+        return nil, -ffi.errno()
     end
     p = ffi.gc(ffi.cast("uint8_t *", p), function(q) C.pl_scratch_free(q, class) end)
     return { ptr = p, class = class }
+end
+
+-- What an operation whose scratch memory (of len bytes) could not be
+-- mapped adds to its errno text.
+function M.no_scratch(len)
+    return (" (no memory for %d bytes of scratch space to hold the data)"):format(len)
 end
 
 -- An entry the kernel or UCX is done with: kept, or unmapped now.

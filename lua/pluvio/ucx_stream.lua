@@ -147,7 +147,12 @@ function M.install(U)
             end
         end
         if not ptr then
-            scratch = self.scratch:get(cap, "Worker:tag_recv")
+            local err
+            scratch, err = self.scratch:get(cap)
+            if not scratch then
+                local _, msg, code = fail("tag_recv", err)
+                return nil, msg .. core.no_scratch(cap), code
+            end
             ptr = scratch.ptr
         end
         local seq = self.tag_posted + 1
@@ -487,7 +492,11 @@ function M.install(U)
         end
         -- rendezvous: pulled into the worker's scratch memory (a task killed
         -- during a pull leaves its piece to UCX)
-        local scratch = w.scratch:get(len, "Message:data")
+        local scratch, err = w.scratch:get(len)
+        if not scratch then     -- (the message is as it was: to take again, or release)
+            local _, msg, code = fail("receive AM data", err)
+            return nil, msg .. core.no_scratch(len), code
+        end
         local n, err, code = take(self, "Message:data", scratch.ptr, len, scratch)
         if not n then
             return nil, err, code

@@ -459,11 +459,12 @@ local function limbo_sweep(r)
     end
 end
 
-local function bounce_get(r, len, fname)
+-- Scratch space of at least len bytes, or nil, -errno (Scratch:get).
+local function bounce_get(r, len)
     if r.limbo[1] then
         limbo_sweep(r)
     end
-    return r.bounce:get(len, fname)
+    return r.bounce:get(len)
 end
 
 function IoUringReactor:_abandon(t)
@@ -662,7 +663,11 @@ function M.read_some(fd, len)
     repeat
         rc = run_op(r, t, C.pl_uring_poll_in(r.u, t.slot, t.gen, fd), what)
         if rc >= 0 then
-            local scratch = bounce_get(r, len, "uring.read_some")
+            local scratch, err = bounce_get(r, len)
+            if not scratch then
+                return nil, format("read fd %d: %s%s", fd, errstr(err), core.no_scratch(len)),
+                       ffi_string(C.pl_errname(err))
+            end
             rc = C.pl_fd_read(fd, scratch.ptr, len)
             if rc >= 0 then
                 local s = ffi_string(scratch.ptr, rc)

@@ -382,7 +382,11 @@ function M.install(U)
         check_len("File:read", len, MAX_IO, self)
         check_direct("File:read", self, offset, len)
         local t, r = file_task("File:read", self)
-        local scratch = bounce_get(r, len, "File:read")
+        local scratch, err = bounce_get(r, len)
+        if not scratch then
+            local _, msg, code = fail(self, "read", err, format(" (offset %d, %d bytes)", offset, len))
+            return nil, msg .. core.no_scratch(len), code, 0
+        end
         local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
                                   self, scratch)
         if res < 0 then
@@ -415,7 +419,11 @@ function M.install(U)
         end
         check_direct("File:write", self, offset, len)
         local t, r = file_task("File:write", self)
-        local scratch = bounce_get(r, len, "File:write")
+        local scratch, err = bounce_get(r, len)
+        if not scratch then
+            local _, msg, code = fail(self, "write", err, format(" (offset %d, %d bytes)", offset, len))
+            return nil, msg .. core.no_scratch(len), code, 0
+        end
         ffi_copy(scratch.ptr, data, len)
         local res, bytes = run_op(r, t, C.pl_uring_write(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
                                   self, scratch)

@@ -555,7 +555,11 @@ function M.install(U)
             local d = table.remove(held, 1)
             return datagram(d[1], d[2], d[3], max)
         end
-        local scratch = bounce_get(r, max, "UdpSocket:recv_from")
+        local scratch, err = bounce_get(r, max)
+        if not scratch then
+            local _, msg, code = failed("recv_from", self, err)
+            return nil, msg .. core.no_scratch(max), code
+        end
         scratch.len = max                   -- what the kernel may fill, for _keep
         local op = C.pl_uring_recvfrom(r.u, t.slot, t.gen, self.fd, scratch.ptr, max)
         if op < 0 then

@@ -305,7 +305,10 @@ function M.install(U)
     end
 
     local function recv_raw(self, t, r, max)
-        local scratch = bounce_get(r, max, "TcpSocket:recv")
+        local scratch, err = bounce_get(r, max)
+        if not scratch then
+            return nil, err
+        end
         t.io_rescue = self          -- (see await)
         local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self, scratch)
         t.io_rescue = nil
