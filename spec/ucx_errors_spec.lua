@@ -405,6 +405,48 @@ describe("UCX misuse and failures", function()
         end
     end)
 
+    -- (UCX's thread logged its accept's failure about 300,000 times a second:
+    -- 221 MB of stderr in 3 s in a review)
+    it("shows a line UCX logs in a loop at most 10 times a second, and how many it did not show", function()
+        local client = helper.tmp_path(".lua")
+        local f = assert(io.open(client, "w"))
+        f:write([[
+            local pluvio = require "pluvio"
+            local ucx = require "pluvio.ucx"
+            local w = assert(assert(ucx.Context.new()):create_worker())
+            pluvio.timeout(2, function() return w:connect_socket("127.0.0.1", tonumber(arg[1])) end)
+            os.exit(0)
+        ]])
+        f:close()
+        local status, out, err = helper.run_script([[
+            local pluvio = require "pluvio"
+            local ucx = require "pluvio.ucx"
+            local w = assert(assert(ucx.Context.new()):create_worker())
+            local l = assert(w:create_listener("127.0.0.1", 0))
+            assert(os.execute(string.format("%s %s %d >/dev/null 2>&1 &", arg[1], arg[2], l:port())) == 0)
+            local held = {}
+            while true do       -- the listener's accept has no descriptor left
+                local h = io.open("/dev/null")
+                if not h then break end
+                held[#held + 1] = h
+            end
+            pluvio.sleep(2.5)
+            for _, h in ipairs(held) do h:close() end
+            print("done")
+            os.exit(0)
+        ]], helper.quote(helper.host) .. " " .. helper.quote(client), "ulimit -n 128;")
+        os.remove(client)
+        assert.equal(0, status, err)
+        assert.equal("done\n", out)
+        local lines, accepts = 0, 0
+        for line in err:gmatch("[^\n]+") do
+            lines = lines + 1
+            if line:find("accept() failed", 1, true) then accepts = accepts + 1 end
+        end
+        assert.is_true(accepts >= 10 and lines <= 60, lines .. " lines: " .. err:sub(1, 2000))
+        assert.matches("pluvio: UCX logged %d+ more lines from sock%.c:%d+, not shown %(at most 10 a second%)", err:sub(1, 20000))
+    end)
+
     -- (UCX 1.13 ended the process in ucp_init, an assertion of its async
     -- thread, or in ucp_ep_create, "failed to set active message handler";
     -- with no descriptor at all it made a context without tcp, whose

@@ -1,7 +1,8 @@
 /*
  * ucx_log.c - what the core does about UCX's process-wide side effects:
  * its log lines around calls whose failures the caller gets anyway (held,
- * then dropped or printed), the debug signal libucs takes as it loads, and
+ * then dropped or printed), a line it logs in a loop (at most a few a
+ * second), the debug signal libucs takes as it loads, and
  * the stream its log goes to (stderr, not stdout).
  */
 #include <pthread.h>
@@ -31,6 +32,62 @@
 static _Thread_local struct ucx_log_hold *log_hold;
 static pthread_once_t log_handler_once = PTHREAD_ONCE_INIT;
 
+/* ---- a line logged in a loop ----------------------------------------------- */
+
+/* UCX 1.13 logs some failures in a loop: its thread's accept() short of
+ * file descriptors printed 240,000 lines a second (221 MB of stderr in
+ * 3 s, a batch job's disk filling).  An error or warning from one place
+ * in UCX's source is printed at most LOG_BURST times a second; the rest
+ * are counted, and the count is printed with the first of a later second.
+ * (Any thread: UCX's own logs too.) */
+#define LOG_BURST 10
+#define LOG_SITES 8     /* places tracked at once, the oldest replaced */
+
+struct log_site {
+    const char *file;
+    unsigned line;
+    int64_t second;
+    unsigned shown, dropped;
+};
+
+static struct log_site log_sites[LOG_SITES];
+static unsigned log_sites_next;
+static pthread_mutex_t log_sites_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static bool log_flooded(const char *file, unsigned line)
+{
+    int64_t now = pl_clock_ns() / 1000000000;
+    struct log_site *s = NULL;
+    unsigned dropped = 0;
+    bool drop;
+    int i;
+
+    pthread_mutex_lock(&log_sites_lock);
+    for (i = 0; i < LOG_SITES && !s; i++)
+        if (log_sites[i].file == file && log_sites[i].line == line)
+            s = &log_sites[i];
+    if (!s) {
+        s = &log_sites[log_sites_next++ % LOG_SITES];
+        *s = (struct log_site){ .file = file, .line = line, .second = now };
+    }
+    if (s->second != now) {
+        dropped = s->dropped;
+        *s = (struct log_site){ .file = file, .line = line, .second = now };
+    }
+    drop = s->shown >= LOG_BURST;
+    if (drop)
+        s->dropped++;
+    else
+        s->shown++;
+    pthread_mutex_unlock(&log_sites_lock);
+    if (dropped > 0) {
+        const char *base = strrchr(file, '/');
+        fprintf(stderr, "pluvio: UCX logged %u more lines from %s:%u, not shown (at most %d a second)\n",
+                dropped, base ? base + 1 : file, line, LOG_BURST);
+    }
+    return drop;
+}
+
 static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const char *function,
                                           ucs_log_level_t level, const ucs_log_component_config_t *comp,
                                           const char *fmt, va_list ap)
@@ -38,8 +95,10 @@ static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const
     struct ucx_log_hold *h = log_hold;
     struct ucx_log_line *l;
 
-    if (!h || level > UCS_LOG_LEVEL_WARN)
+    if (level > UCS_LOG_LEVEL_WARN)
         return UCS_LOG_FUNC_RC_CONTINUE;
+    if (!h)
+        return log_flooded(file, line) ? UCS_LOG_FUNC_RC_STOP : UCS_LOG_FUNC_RC_CONTINUE;
     if (h->drop) {
         char text[sizeof(h->lines[0].text)];
         va_list copy;
@@ -134,4 +193,5 @@ __attribute__((constructor)) static void ucx_side_effects(void)
 {
     ucx_give_back_debug_signal();
     ucx_log_to_stderr();
+    pthread_once(&log_handler_once, log_handler_push);  /* (the flood limit: from the start) */
 }
