@@ -405,6 +405,38 @@ describe("UCX misuse and failures", function()
         end
     end)
 
+    -- (UCX 1.13 allows a worker UCX_ASYNC_MAX_EVENTS async handlers, 1024 by
+    -- default, one per connection by socket address: the 1,020th failed,
+    -- and the worker's destroy then crashed; Pluvio asks for 16384, and
+    -- keeps a worker's endpoints within what a lower setting holds)
+    it("keeps a worker's connections within UCX's limit of async handlers, with EMFILE past it", function()
+        local status, out, err = helper.run_script([[
+            local pluvio = require "pluvio"
+            local ucx = require "pluvio.ucx"
+            local ctx = assert(ucx.Context.new())
+            local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+            local l = assert(server:create_listener("127.0.0.1", 0))
+            local hold = {}
+            for i = 1, 200 do
+                local acc = pluvio.spawn(function() return l:accept() end)
+                local ep, why, code = client:connect_socket("127.0.0.1", l:port())
+                if not ep then
+                    acc:kill()
+                    print(i, (why:gsub(":%d+:", ":PORT:")), code)
+                    break
+                end
+                hold[#hold + 1] = ep
+                hold[#hold + 1] = assert(acc:join())
+            end
+            for _, ep in ipairs(hold) do assert(ep:close()) end
+            l:close(); client:close(); server:close(); ctx:close()
+            print("closed")
+        ]], nil, "UCX_ASYNC_MAX_EVENTS=256")
+        assert.equal(0, status, err)
+        assert.equal("161\tconnect to 127.0.0.1:PORT: this worker has at most 160 endpoints open, reply endpoints " ..
+                     "included (close one first)\tEMFILE\nclosed\n", out)
+    end)
+
     -- (UCX's thread logged its accept's failure about 300,000 times a second:
     -- 221 MB of stderr in 3 s in a review)
     it("shows a line UCX logs in a loop at most 10 times a second, and how many it did not show", function()

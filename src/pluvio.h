@@ -587,7 +587,8 @@ int pl_ucx_ep_drained(pl_ucx_worker_t *w, int ep, uint32_t slot, uint32_t gen);
  * it needs no op slot, so it fails only for a stale handle (-EBADF). */
 int pl_ucx_ep_abort(pl_ucx_worker_t *w, int ep);
 /* At most n endpoints open at once, 1 to 4096 (the default); for a new
- * worker, before its first endpoint.  -EINVAL out of range. */
+ * worker, before its first endpoint.  Returns the number set: n, or fewer
+ * when UCX_ASYNC_MAX_EVENTS holds fewer connections; -EINVAL out of range. */
 int pl_ucx_worker_max_endpoints(pl_ucx_worker_t *w, int n);
 /* 1 when the worker's endpoint table has a free entry (after freeing the
  * dropped failed ones), else 0: tells its EMFILE from the process's. */

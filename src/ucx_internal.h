@@ -298,6 +298,9 @@ int ucx_op_new(pl_ucx_worker_t *w, uint32_t slot, uint32_t gen, int ep, struct u
 void ucx_op_free(pl_ucx_worker_t *w, struct ucx_op *op);
 void ucx_op_finish(struct ucx_op *op, ucs_status_t status);
 int ucx_fd_headroom(int n);
+/* n, or fewer when UCX's limit of async handlers per worker holds fewer
+ * connections (UCX_ASYNC_MAX_EVENTS). */
+int ucx_max_endpoints(int n);
 int ucx_op_result(pl_ucx_worker_t *w, struct ucx_op *op, ucs_status_ptr_t sp);
 void ucx_op_param(ucp_request_param_t *p, struct ucx_op *op);
 void ucx_op_param_recv(ucp_request_param_t *p, struct ucx_op *op);

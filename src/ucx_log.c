@@ -189,9 +189,25 @@ static void ucx_log_to_stderr(void)
     }
 }
 
+/* ---- async handlers ---------------------------------------------------------- */
+
+/* UCX 1.13 gives one worker at most UCX_ASYNC_MAX_EVENTS async handlers,
+ * 1024 by default, and a connection by socket address takes one: the
+ * 1,020th connection of a worker failed, and its destroy then crashed
+ * (ucx_max_endpoints).  Unless the user chose, 16384, for a worker's 4096
+ * endpoints with room to spare (it costs 128 KiB per worker). */
+static void ucx_async_room(void)
+{
+    const char *asked = getenv("UCX_ASYNC_MAX_EVENTS");
+
+    if (!asked || !*asked)
+        (void)ucs_global_opts_set_value("ASYNC_MAX_EVENTS", "16384");
+}
+
 __attribute__((constructor)) static void ucx_side_effects(void)
 {
     ucx_give_back_debug_signal();
     ucx_log_to_stderr();
+    ucx_async_room();
     pthread_once(&log_handler_once, log_handler_push);  /* (the flood limit: from the start) */
 }

@@ -14,6 +14,8 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <ucs/config/global_opts.h>
+
 #include "ucx_internal.h"
 
 #define UCX_CLOSE_WAIT_NS 2000000000LL   /* longest a worker's close waits for UCX */
@@ -70,7 +72,7 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     w->free_msg = UCX_NONE;
     w->op_stride = (c->request_size + sizeof(struct ucx_op) + 15) & ~(size_t)15;
     w->efd = -1;
-    w->max_eps = UCX_MAX_ENDPOINTS;
+    w->max_eps = ucx_max_endpoints(UCX_MAX_ENDPOINTS);
     *err = ucx_fd_headroom(UCX_WORKER_FDS);
     if (*err < 0) {
         free(w);
@@ -100,12 +102,30 @@ pl_ucx_worker_t *pl_ucx_worker_new(pl_ucx_context_t *c, int *err)
     return w;
 }
 
+/* UCX 1.13 gives one worker's async context at most UCX_ASYNC_MAX_EVENTS
+ * handlers (1024 by default; Pluvio asks for 16384: ucx_log.c).  A
+ * connection by socket address takes one on each side, a listener one,
+ * the transports a few.  Past the limit UCX fails the connection, and on
+ * the accepting side leaves a freed endpoint on its listener's list: the
+ * worker's destroy then crashed.  So a worker's endpoints stay within
+ * what the limit holds beside its 64 listeners and its transports' own. */
+#define UCX_ASYNC_RESERVE 96
+
+int ucx_max_endpoints(int n)
+{
+    long room = (long)ucs_global_opts.async_max_events - UCX_ASYNC_RESERVE;
+
+    if (room < 1)
+        room = 1;
+    return n < room ? n : (int)room;
+}
+
 int pl_ucx_worker_max_endpoints(pl_ucx_worker_t *w, int n)
 {
     if (n < 1 || n > UCX_MAX_ENDPOINTS)
         return -EINVAL;
-    w->max_eps = n;
-    return 0;
+    w->max_eps = ucx_max_endpoints(n);
+    return w->max_eps;
 }
 
 double pl_ucx_worker_max_am_header(pl_ucx_worker_t *w)

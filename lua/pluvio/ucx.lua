@@ -345,7 +345,7 @@ function Context:create_worker(opts)
     if w == nil then
         return nil, "Context:create_worker: cannot create a UCX worker: " .. errstr(err[0]), errname(err[0])
     end
-    C.pl_ucx_worker_max_endpoints(w, max_eps)
+    max_eps = C.pl_ucx_worker_max_endpoints(w, max_eps)    -- (fewer under a low UCX_ASYNC_MAX_EVENTS)
     -- limbo.op_keep, op_keep2: what each op in flight reads or fills (see run_op)
     local life, limbo = { open = true }, { op_keep = {}, op_keep2 = {} }
     local worker = setmetatable({
