@@ -1923,4 +1923,23 @@ describe("Worker:connect_socket", function()
         assert.is_true(pluvio.now() - t0 < 1)
         ctx:close()
     end))
+
+    -- (each stayed in the table for good: after 4,096 such, connect_addr gave EMFILE)
+    it("frees a dropped connect_addr endpoint to a worker of this reactor that was closed", async(function()
+        local ctx = assert(ucx.Context.new())
+        local a = assert(ctx:create_worker())
+        for _ = 1, 20 do
+            local b = assert(ctx:create_worker())
+            local ep = assert(a:connect_addr(b:address()))
+            assert(ep:am_send(1, "h", "x", false, "eager"))
+            if _ % 2 == 0 then b:close() end    -- closed before the drop, or after it
+            ep = nil                            -- luacheck: ignore (dropped)
+            collectgarbage(); collectgarbage()
+            b:close()
+        end
+        collectgarbage(); collectgarbage()
+        pluvio.sleep(0.01)
+        assert.equal(0, a:stats().endpoints)
+        ctx:close()
+    end))
 end)

@@ -124,6 +124,14 @@ int ucx_ep_add(pl_ucx_worker_t *w, ucp_ep_h ep, bool owned, const char *peer)
 
 static void ep_collect(pl_ucx_worker_t *w, int ep);
 
+/* Nothing more can go over it: it failed, or it leads to a worker of this
+ * reactor that was closed since (peer_closed).  Once its object is
+ * collected too, it is freed. */
+static bool ep_dead(const struct ucx_ep *e)
+{
+    return e->state == EP_FAILED || (e->state == EP_OPEN && e->peer_closed);
+}
+
 /* A holder of a reply endpoint's entry lets go: the last one frees it.
  * An owned entry (a message came on an endpoint we accepted or connected)
  * stays; but once its own object was collected too (dropped) and it
@@ -138,7 +146,7 @@ void pl_ucx_ep_unhold(pl_ucx_worker_t *w, int ep)
         return;
     if (!e->owned)
         e->state = EP_FREE;
-    else if (e->dropped && e->state == EP_FAILED)
+    else if (e->dropped && ep_dead(e))
         ep_collect(w, ep);
 }
 
@@ -398,6 +406,8 @@ void ucx_eps_local_peer_closed(pl_ucx_worker_t *w, uint64_t serial)
             e->local_peer = 0;
             e->peer_closed = true;
             any = true;
+            if (e->dropped && e->owned && e->holds == 0)
+                ep_collect(w, ep_handle(w, i));     /* its object is gone: freed now */
         }
     }
     if (any)
@@ -672,7 +682,7 @@ int pl_ucx_ep_drop(pl_ucx_worker_t *w, int ep)
     if (!e || !e->owned)
         return 0;
     e->dropped = true;
-    if (e->state == EP_FAILED && e->holds == 0) {
+    if (ep_dead(e) && e->holds == 0) {
         ep_collect(w, ep);
         return 1;
     }
@@ -687,7 +697,7 @@ void ucx_eps_reap(pl_ucx_worker_t *w)
     w->reap = 0;
     for (int i = 0; i < w->neps; i++) {
         struct ucx_ep *e = &w->eps[i];
-        if (e->state == EP_FAILED && e->dropped && e->owned && e->holds == 0)
+        if (ep_dead(e) && e->dropped && e->owned && e->holds == 0)
             ep_collect(w, ep_handle(w, i));
         else if (e->state == EP_ABORTING && (!e->connecting || now >= e->abort_at))
             ep_abort_now(w, e);
