@@ -7,6 +7,7 @@
  */
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,57 +36,112 @@ static pthread_once_t log_handler_once = PTHREAD_ONCE_INIT;
 /* ---- a line logged in a loop ----------------------------------------------- */
 
 /* UCX 1.13 logs some failures in a loop: its thread's accept() short of
- * file descriptors printed 240,000 lines a second (221 MB of stderr in
+ * file descriptors printed 300,000 lines a second (221 MB of stderr in
  * 3 s, a batch job's disk filling).  An error or warning from one place
  * in UCX's source is printed at most LOG_BURST times a second; the rest
- * are counted, and the count is printed with the first of a later second.
- * (Any thread: UCX's own logs too.) */
+ * are counted.  A count is printed, where UCX prints (UCX_LOG_FILE), as a
+ * line of that place's: with the place's first line of a later second,
+ * with any later line once its second is over (a flood that stopped), when
+ * the place is replaced in the table, and at exit.  (Any thread: UCX's own
+ * logs too; the least recently used place is the one replaced.) */
 #define LOG_BURST 10
-#define LOG_SITES 8     /* places tracked at once, the oldest replaced */
+#define LOG_SITES 32
 
 struct log_site {
-    const char *file;
+    const char *file, *function;
     unsigned line;
+    ucs_log_level_t level;
+    const ucs_log_component_config_t *comp;
     int64_t second;
+    uint64_t used;          /* log_uses when last logged (least recently used: replaced) */
     unsigned shown, dropped;
 };
 
 static struct log_site log_sites[LOG_SITES];
-static unsigned log_sites_next;
+static uint64_t log_uses;
 static pthread_mutex_t log_sites_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static bool log_flooded(const char *file, unsigned line)
+/* (varargs only to hand UCX's handler the va_list it takes) */
+static void log_site_say(const struct log_site *s, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    ucs_log_default_handler(s->file, s->line, s->function, s->level, s->comp, fmt, ap);
+    va_end(ap);
+}
+
+static void log_site_report(const struct log_site *s)
+{
+    log_site_say(s, "pluvio: %u more lines from here not shown (at most %d a second)", s->dropped, LOG_BURST);
+}
+
+/* The counts of the places whose second is over, taken out of the table
+ * into out (at most LOG_SITES), for printing once the lock is let go. */
+static int log_sites_due(int64_t now, struct log_site *out)
+{
+    int n = 0;
+
+    for (int i = 0; i < LOG_SITES; i++)
+        if (log_sites[i].dropped > 0 && log_sites[i].second != now) {
+            out[n++] = log_sites[i];
+            log_sites[i].dropped = 0;
+        }
+    return n;
+}
+
+static bool log_flooded(const char *file, unsigned line, const char *function, ucs_log_level_t level,
+                        const ucs_log_component_config_t *comp)
 {
     int64_t now = pl_clock_ns() / 1000000000;
-    struct log_site *s = NULL;
-    unsigned dropped = 0;
+    struct log_site due[LOG_SITES + 1], *s = NULL;
+    int n, i;
     bool drop;
-    int i;
 
     pthread_mutex_lock(&log_sites_lock);
+    n = log_sites_due(now, due);
     for (i = 0; i < LOG_SITES && !s; i++)
         if (log_sites[i].file == file && log_sites[i].line == line)
             s = &log_sites[i];
     if (!s) {
-        s = &log_sites[log_sites_next++ % LOG_SITES];
+        s = &log_sites[0];
+        for (i = 1; i < LOG_SITES; i++)
+            if (log_sites[i].used < s->used)
+                s = &log_sites[i];
+        if (s->dropped > 0)         /* (of this second: replaced before it was over) */
+            due[n++] = *s;
         *s = (struct log_site){ .file = file, .line = line, .second = now };
     }
     if (s->second != now) {
-        dropped = s->dropped;
-        *s = (struct log_site){ .file = file, .line = line, .second = now };
+        s->second = now;
+        s->shown = 0;
     }
+    s->function = function;     /* (for the count's line, as UCX would print one of them) */
+    s->level = level;
+    s->comp = comp;
+    s->used = ++log_uses;
     drop = s->shown >= LOG_BURST;
     if (drop)
         s->dropped++;
     else
         s->shown++;
     pthread_mutex_unlock(&log_sites_lock);
-    if (dropped > 0) {
-        const char *base = strrchr(file, '/');
-        fprintf(stderr, "pluvio: UCX logged %u more lines from %s:%u, not shown (at most %d a second)\n",
-                dropped, base ? base + 1 : file, line, LOG_BURST);
-    }
+    for (i = 0; i < n; i++)
+        log_site_report(&due[i]);
     return drop;
+}
+
+/* At exit: the counts not printed yet. */
+__attribute__((destructor)) static void log_sites_flush(void)
+{
+    struct log_site due[LOG_SITES];
+    int n;
+
+    pthread_mutex_lock(&log_sites_lock);
+    n = log_sites_due(INT64_MIN, due);
+    pthread_mutex_unlock(&log_sites_lock);
+    for (int i = 0; i < n; i++)
+        log_site_report(&due[i]);
 }
 
 static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const char *function,
@@ -98,7 +154,7 @@ static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const
     if (level > UCS_LOG_LEVEL_WARN)
         return UCS_LOG_FUNC_RC_CONTINUE;
     if (!h)
-        return log_flooded(file, line) ? UCS_LOG_FUNC_RC_STOP : UCS_LOG_FUNC_RC_CONTINUE;
+        return log_flooded(file, line, function, level, comp) ? UCS_LOG_FUNC_RC_STOP : UCS_LOG_FUNC_RC_CONTINUE;
     if (h->drop) {
         char text[sizeof(h->lines[0].text)];
         va_list copy;
@@ -109,8 +165,8 @@ static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const
         if (strcmp(text, h->drop) == 0)
             return UCS_LOG_FUNC_RC_STOP;
     }
-    if (h->n == UCX_LOG_HELD)
-        return UCS_LOG_FUNC_RC_CONTINUE;
+    if (h->n == UCX_LOG_HELD)       /* (full: printed now, as any line outside a hold) */
+        return log_flooded(file, line, function, level, comp) ? UCS_LOG_FUNC_RC_STOP : UCS_LOG_FUNC_RC_CONTINUE;
     l = &h->lines[h->n++];
     *l = (struct ucx_log_line){ .file = file, .line = line, .function = function,
                                 .level = level, .comp = comp };
