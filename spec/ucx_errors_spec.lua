@@ -520,7 +520,8 @@ describe("UCX misuse and failures", function()
             assert.equal("", err)
             local fds = "EMFILE: Too many open files (a connection takes a few file descriptors: close files, " ..
                         "or raise the limit, ulimit -n)\tEMFILE\n"
-            assert.equal("nil\tContext.new: cannot initialise UCX: EMFILE: Too many open files\tEMFILE\n" ..
+            assert.equal("nil\tContext.new: cannot initialise UCX: EMFILE: Too many open files (a context takes " ..
+                         "a few file descriptors: close files, or raise the limit, ulimit -n)\tEMFILE\n" ..
                          "nil\tconnect_addr: " .. fds .. "nil\tconnect_addr: " .. fds, out)
         end
     end)

@@ -1032,7 +1032,7 @@ void *mmap(void *a, size_t n, int prot, int flags, int fd, off_t off)
 {
     static void *(*real)(void *, size_t, int, int, int, off_t);
 
-    if (pl_test_fail_mmaps && n >= 2097152) {
+    if (pl_test_fail_mmaps && n >= 1048576) {
         errno = ENOMEM;
         return MAP_FAILED;
     }
@@ -1052,7 +1052,13 @@ void *mmap(void *a, size_t n, int prot, int flags, int fd, off_t off)
             local ctx = assert(ucx.Context.new())
             local w = assert(ctx:create_worker())
             local data = ("x"):rep(2097152)
+            local l = assert(uring.tcp_listen("127.0.0.1", 0))
+            local c = assert(uring.tcp_connect("127.0.0.1", l:port()))
+            local s = assert(l:accept())
+            assert(c:send("abc"))
             ffi.C.pl_test_fail_mmaps = 1
+            print(s:recv(1048576))
+            print(s:recv_exact(1048576))
             print(zero:read(0, 2097152))
             local none, e, code, n = out:write(0, data)
             print(none, (e:gsub(path:gsub("%p", "%%%0"), "PATH")), code, n)
@@ -1060,17 +1066,24 @@ void *mmap(void *a, size_t n, int prot, int flags, int fd, off_t off)
             print(w:tag_recv(1, 0, 2097152))
             ffi.C.pl_test_fail_mmaps = 0
             print(#zero:read(0, 2097152), out:write(0, data), #uring.read_some(zero:fileno(), 2097152))
+            print(s:recv(1048576))
             out:close(); os.remove(path); ctx:close()
         ]], nil, "UCX_MEM_EVENTS=no " .. env)     -- (else UCX's own mmap hook goes round the shim)
         remove_shim()
         assert.equal(0, status, err)
         local note = " (no memory for 2097152 bytes of scratch space to hold the data)"
+        local recv = "recv 127.0.0.1:PORT: ENOMEM: Cannot allocate memory (no memory for 1048576 bytes of scratch " ..
+                     "space to hold the data)"
+        out = out:gsub("127%.0%.0%.1:%d+", "127.0.0.1:PORT")
         assert.equal(table.concat({
+            "nil\t" .. recv .. "\tENOMEM",
+            "nil\t" .. recv .. "\tENOMEM\t0",
             "nil\tread /dev/zero (offset 0, 2097152 bytes): ENOMEM: Cannot allocate memory" .. note .. "\tENOMEM\t0",
             "nil\twrite PATH (offset 0, 2097152 bytes): ENOMEM: Cannot allocate memory" .. note .. "\tENOMEM\t0",
             "nil\tread fd 5: ENOMEM: Cannot allocate memory" .. note .. "\tENOMEM",
             "nil\ttag_recv: ENOMEM: Cannot allocate memory" .. note .. "\tENOMEM",
             "2097152\t2097152\t2097152",
+            "abc",
         }, "\n") .. "\n", out)
     end)
 end)

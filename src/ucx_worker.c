@@ -27,11 +27,11 @@
  * so a worker is made only with room to spare, else EMFILE. */
 #define UCX_WORKER_FDS 32
 
+static uint64_t worker_serials;     /* the last worker's serial (ucx_ep's local_peer) */
+
 /* 0 when n (at most UCX_WORKER_FDS) more can be had, else why not
  * (-EMFILE).  The first is an eventfd, not an open of a path: a sandbox
  * may close /dev/null to us, and its EACCES was taken for EMFILE. */
-static uint64_t worker_serials;     /* the last worker's serial (ucx_ep's local_peer) */
-
 int ucx_fd_headroom(int n)
 {
     int fds[UCX_WORKER_FDS], k = 0, rc = 0;

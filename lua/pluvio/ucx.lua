@@ -228,7 +228,9 @@ function Context.new(opts)
     local err = ffi.new("int[1]")
     local c = C.pl_ucx_context_new(wakeup and 1 or 0, err)
     if c == nil then
-        return nil, "Context.new: cannot initialise UCX: " .. errstr(err[0]), errname(err[0])
+        local hint = err[0] == EMFILE and " (a context takes a few file descriptors: close files, " ..
+                     "or raise the limit, ulimit -n)" or ""
+        return nil, "Context.new: cannot initialise UCX: " .. errstr(err[0]) .. hint, errname(err[0])
     end
     -- Finalizers may run in any order at exit: C frees a released context
     -- with its last worker, so neither order trips a UCX assertion.  Its

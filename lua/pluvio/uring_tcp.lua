@@ -307,7 +307,7 @@ function M.install(U)
     local function recv_raw(self, t, r, max)
         local scratch, err = bounce_get(r, max)
         if not scratch then
-            return nil, err
+            return nil, err, core.no_scratch(max)
         end
         t.io_rescue = self          -- (see await)
         local rc = run_op(r, t, C.pl_uring_recv(r.u, t.slot, t.gen, self.fd, scratch.ptr, max), self, scratch)
@@ -425,9 +425,12 @@ function M.install(U)
                 return s
             end
         end
-        local rc
-        s, rc = recv_raw(self, t, r, math.min(max, RECV_CHUNK))
-        if rc < 0 then
+        local rc, note
+        s, rc, note = recv_raw(self, t, r, math.min(max, RECV_CHUNK))
+        if note then
+            local _, msg, code = failed("recv", self, rc)
+            return nil, msg .. note, code
+        elseif rc < 0 then
             return failed("recv", self, rc)
         elseif rc == 0 then
             return nil, "closed", "EOF"
@@ -457,9 +460,14 @@ function M.install(U)
                 gather(self)
                 return failed("recv", self, ECANCELED, have)
             else
-                local s, rc = recv_raw(self, t, r, math.min(n - have, RECV_CHUNK))
+                local s, rc, note = recv_raw(self, t, r, math.min(n - have, RECV_CHUNK))
                 if rc <= 0 then
                     gather(self)
+                    if note then        -- (what came before is kept for the next recv)
+                        local after = have > 0 and format(" (after %d of %d bytes, kept for the next recv)",
+                                                          have, n) or ""
+                        return nil, format("recv %s: %s%s%s", self.name, errstr(rc), note, after), errname(rc), have
+                    end
                     if rc == 0 then
                         return nil, format("recv %s: connection closed after %d of %d bytes", self.name, have, n),
                                "EOF", have
