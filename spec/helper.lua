@@ -158,6 +158,30 @@ function M.run_script(code, args, env)
     return status, out, err, path
 end
 
+-- A new temporary file holding code (ext: its name's end, ".lua" by
+-- default); returns its path (remove it when done).
+function M.write_tmp(code, ext)
+    local path = M.tmp_path(ext or ".lua")
+    local f = assert(io.open(path, "w"))
+    f:write(code)
+    f:close()
+    return path
+end
+
+-- Lua source to put before a script for M.run_script: hold_fds() opens
+-- /dev/null until the process has no file descriptor left, and returns
+-- the files (close some to have as many free again).
+M.HOLD_FDS = [[
+local function hold_fds()
+    local held = {}
+    while true do
+        local h = io.open("/dev/null")
+        if not h then return held end
+        held[#held + 1] = h
+    end
+end
+]]
+
 -- Compile a stand-in for library functions (C source) to a shared object
 -- preloaded into a script run by M.run_script, to make them fail on cue.
 -- Returns the env for run_script and a function that removes the object.

@@ -349,16 +349,11 @@ describe("UCX misuse and failures", function()
 
     it("says the process ran out of file descriptors when the resolver did, not that the host is unknown",
        function()
-        local status, out, err = helper.run_script([[
+        local status, out, err = helper.run_script(helper.HOLD_FDS .. [[
             local ucx = require "pluvio.ucx"
             local ctx = assert(ucx.Context.new())
             local w = assert(ctx:create_worker())
-            local held = {}
-            while true do
-                local h = io.open("/dev/null")
-                if not h then break end
-                held[#held + 1] = h
-            end
+            local held = hold_fds()
             print(w:create_listener("localhost", 0))
             print(w:connect_socket("localhost", 4242))
             for _, h in ipairs(held) do h:close() end
@@ -370,38 +365,49 @@ describe("UCX misuse and failures", function()
                      "file descriptors: close files, or raise the limit, ulimit -n)\tEMFILE\n", out)
     end)
 
-    -- (UCX 1.13 then waited for good, logging its accept's failure a
-    -- million times a second, or said EIO)
-    it("refuses a connect_socket with EMFILE when the process has too few file descriptors left for it, " ..
-       "and connects once it has", function()
-        for _, free in ipairs({ 0, 1, 2, 5 }) do
-            local status, out, err = helper.run_script([[
+    -- (UCX 1.13 then waited for good in connect_socket, logging its accept's
+    -- failure a million times a second, or said EIO; it ended the process
+    -- in Context.new, an assertion of its async thread, or in
+    -- connect_addr, "failed to set active message handler", and with no
+    -- descriptor at all it made a context without tcp, whose connects all
+    -- failed EHOSTUNREACH later, or said EIO or ETIMEDOUT)
+    it("refuses Context.new, connect_socket and connect_addr with EMFILE when the process has too few file " ..
+       "descriptors left for them, and works once it has", function()
+        for _, free in ipairs({ 0, 1, 2, 4, 5 }) do
+            local status, out, err = helper.run_script(helper.HOLD_FDS .. [[
                 local pluvio = require "pluvio"
                 local ucx = require "pluvio.ucx"
                 local ctx = assert(ucx.Context.new())
                 local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
+                local inbox = server:am_stream(1)
                 local l = assert(server:create_listener("127.0.0.1", 0))
                 local accepting = pluvio.spawn(function() return l:accept() end)
-                local held = {}
-                while true do
-                    local h = io.open("/dev/null")
-                    if not h then break end
-                    held[#held + 1] = h
-                end
+                local held = hold_fds()
                 for _ = 1, ]] .. free .. [[ do table.remove(held):close() end
                 local none, why, code = pluvio.timeout(10, function()
                     return client:connect_socket("127.0.0.1", l:port())
                 end)
                 print(none, (why:gsub(":%d+:", ":PORT:")), code)
+                print(ucx.Context.new())
+                print(client:connect_addr(server:address(), { peer_errors = true }))
+                print(client:connect_addr(server:address()))
                 for _, h in ipairs(held) do h:close() end
                 assert(client:connect_socket("127.0.0.1", l:port()))
                 assert(accepting:join())
+                local ep = assert(client:connect_addr(server:address()))
+                assert(ep:am_send(1, "h", "works"))
+                assert(inbox:wait_msg():data() == "works")
+                assert(assert(ucx.Context.new()):create_worker())
                 ctx:close()
             ]], nil, "ulimit -n 128;")
             assert.equal(0, status, err)
             assert.equal("", err)
-            assert.equal("nil\tconnect to 127.0.0.1:PORT: EMFILE: Too many open files (a connection takes a " ..
-                         "few file descriptors: close files, or raise the limit, ulimit -n)\tEMFILE\n", out)
+            local fds = "EMFILE: Too many open files (a connection takes a few file descriptors: close files, " ..
+                        "or raise the limit, ulimit -n)\tEMFILE\n"
+            assert.equal("nil\tconnect to 127.0.0.1:PORT: " .. fds ..
+                         "nil\tContext.new: cannot initialise UCX: EMFILE: Too many open files (a context takes " ..
+                         "a few file descriptors: close files, or raise the limit, ulimit -n)\tEMFILE\n" ..
+                         "nil\tconnect_addr: " .. fds .. "nil\tconnect_addr: " .. fds, out)
         end
     end)
 
@@ -440,28 +446,20 @@ describe("UCX misuse and failures", function()
     -- (UCX's thread logged its accept's failure about 300,000 times a second:
     -- 221 MB of stderr in 3 s in a review)
     it("shows a line UCX logs in a loop at most 10 times a second, and how many it did not show", function()
-        local client = helper.tmp_path(".lua")
-        local f = assert(io.open(client, "w"))
-        f:write([[
+        local client = helper.write_tmp([[
             local pluvio = require "pluvio"
             local ucx = require "pluvio.ucx"
             local w = assert(assert(ucx.Context.new()):create_worker())
             pluvio.timeout(2, function() return w:connect_socket("127.0.0.1", tonumber(arg[1])) end)
             os.exit(0)
         ]])
-        f:close()
-        local status, out, err = helper.run_script([[
+        local status, out, err = helper.run_script(helper.HOLD_FDS .. [[
             local pluvio = require "pluvio"
             local ucx = require "pluvio.ucx"
             local w = assert(assert(ucx.Context.new()):create_worker())
             local l = assert(w:create_listener("127.0.0.1", 0))
             assert(os.execute(string.format("%s %s %d >/dev/null 2>&1 &", arg[1], arg[2], l:port())) == 0)
-            local held = {}
-            while true do       -- the listener's accept has no descriptor left
-                local h = io.open("/dev/null")
-                if not h then break end
-                held[#held + 1] = h
-            end
+            local held = hold_fds()       -- the listener's accept has no descriptor left
             pluvio.sleep(2.5)
             for _, h in ipairs(held) do h:close() end
             print("done")
@@ -479,51 +477,6 @@ describe("UCX misuse and failures", function()
         -- (a count per second, and the last at exit)
         assert.matches("sock%.c:%d+ +UCX +ERROR pluvio: %d+ more lines from here not shown %(at most 10 a second%)\n$",
                        err:sub(-2000))
-    end)
-
-    -- (UCX 1.13 ended the process in ucp_init, an assertion of its async
-    -- thread, or in ucp_ep_create, "failed to set active message handler";
-    -- with no descriptor at all it made a context without tcp, whose
-    -- connects all failed EHOSTUNREACH later, or said EIO or ETIMEDOUT)
-    it("refuses Context.new and connect_addr with EMFILE when the process has too few file descriptors " ..
-       "left for them, and works once it has", function()
-        for _, free in ipairs({ 0, 1, 2, 4 }) do
-            local status, out, err = helper.run_script([[
-                local pluvio = require "pluvio"
-                local ucx = require "pluvio.ucx"
-                local ctx = assert(ucx.Context.new())
-                local server, client = assert(ctx:create_worker()), assert(ctx:create_worker())
-                local inbox = server:am_stream(1)
-                local held = {}
-                while true do
-                    local h = io.open("/dev/null")
-                    if not h then break end
-                    held[#held + 1] = h
-                end
-                for _ = 1, ]] .. free .. [[ do table.remove(held):close() end
-                print(ucx.Context.new())
-                print(client:connect_addr(server:address(), { peer_errors = true }))
-                print(client:connect_addr(server:address()))
-                for _, h in ipairs(held) do h:close() end
-                local ctx2 = assert(ucx.Context.new())
-                local w = assert(ctx2:create_worker())
-                local l = assert(w:create_listener("127.0.0.1", 0))
-                local accepting = pluvio.spawn(function() return l:accept() end)
-                assert(w:connect_socket("127.0.0.1", l:port()))
-                assert(accepting:join())
-                local ep = assert(client:connect_addr(server:address()))
-                assert(ep:am_send(1, "h", "works"))
-                assert(inbox:wait_msg():data() == "works")
-                ctx2:close(); ctx:close()
-            ]], nil, "ulimit -n 128;")
-            assert.equal(0, status, err)
-            assert.equal("", err)
-            local fds = "EMFILE: Too many open files (a connection takes a few file descriptors: close files, " ..
-                        "or raise the limit, ulimit -n)\tEMFILE\n"
-            assert.equal("nil\tContext.new: cannot initialise UCX: EMFILE: Too many open files (a context takes " ..
-                         "a few file descriptors: close files, or raise the limit, ulimit -n)\tEMFILE\n" ..
-                         "nil\tconnect_addr: " .. fds .. "nil\tconnect_addr: " .. fds, out)
-        end
     end)
 
     it("refuses a len for string or nil data instead of ignoring it", async(function()

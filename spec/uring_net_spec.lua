@@ -833,15 +833,10 @@ describe("socket errors", function()
        function()
         -- glibc's files backend cannot open /etc/hosts: getaddrinfo says
         -- EAI_NONAME ("no such name"), with errno EMFILE
-        local status, out, err = helper.run_script([[
+        local status, out, err = helper.run_script(helper.HOLD_FDS .. [[
             local uring = require "pluvio.uring"
             local l = assert(uring.tcp_listen("127.0.0.1", 0))
-            local held = {}
-            while true do
-                local h = io.open("/dev/null")
-                if not h then break end
-                held[#held + 1] = h
-            end
+            local held = hold_fds()
             print(select(2, uring.tcp_connect("localhost", 4242)))
             print(select(2, uring.udp_bind("localhost", 0)))
             for _, h in ipairs(held) do h:close() end

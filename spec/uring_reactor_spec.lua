@@ -381,14 +381,9 @@ describe("a reactor the kernel refuses", function()
     -- (the first operation that made the default reactor raised where the
     -- same EMFILE from its own open was nil, err, code)
     it("makes the operation that needed it on first use return nil, err, code, and works once it can", function()
-        local status, out, err = helper.run_script([[
+        local status, out, err = helper.run_script(helper.HOLD_FDS .. [[
             local uring = require "pluvio.uring"
-            local held = {}
-            while true do
-                local h = io.open("/dev/null")
-                if not h then break end
-                held[#held + 1] = h
-            end
+            local held = hold_fds()
             for _, call in ipairs({ function() return uring.File.open("/dev/null") end,
                                     function() return uring.statx("/") end,
                                     function() return uring.tcp_listen("127.0.0.1", 0) end,
@@ -686,9 +681,7 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
     end
 
     it("fit the default pool to the limit, and say what the limit holds when a given count overruns it", function()
-        local path = helper.tmp_path(".lua")
-        local f = assert(io.open(path, "w"))
-        f:write([[
+        local path = helper.write_tmp([[
             local uring = require "pluvio.uring"
             local n = assert(uring.lockable_buffers(1048576))
             assert(n >= 1 and n < 8, n)
@@ -706,7 +699,6 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
             print(e:match("^[^\n]*"))
             print(n, uring.lockable_buffers(4096, 1), big:stats().buffers_free)
         ]])
-        f:close()
         local status, out, err = as_user(helper.quote(path))
         os.remove(path)
         assert.equal(0, status, err)
@@ -721,14 +713,11 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
 
     -- (a default pool of which not one buffer fit kept the default 16)
     it("give a default pool at least 1 buffer when none fits", function()
-        local path = helper.tmp_path(".lua")
-        local f = assert(io.open(path, "w"))
-        f:write([[
+        local path = helper.write_tmp([[
             local uring = require "pluvio.uring"
             assert(uring.lockable_buffers(64 * 1048576) == 0)
             print(uring.reactor({ buffer_size = 64 * 1048576 }):options().buffer_count)
         ]])
-        f:close()
         local status, out, err = as_user(helper.quote(path))
         os.remove(path)
         assert.equal(0, status, err)
@@ -739,9 +728,7 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
         -- (the second run's acquire raised ENOMEM: the first's pool, pinned
         -- until a collection ran its finalizer, held the whole limit; each
         -- test of a busted suite, through pluvio.wrap, is such a run)
-        local path = helper.tmp_path(".lua")
-        local f = assert(io.open(path, "w"))
-        f:write([[
+        local path = helper.write_tmp([[
             local pluvio = require "pluvio"
             local uring = require "pluvio.uring"
             for i = 1, 4 do
@@ -755,7 +742,6 @@ describe("registered buffers under a user's locked-memory limit (8 MiB)", functi
                 print("run " .. i)
             end
         ]])
-        f:close()
         local status, out, err = as_user(helper.quote(path))
         os.remove(path)
         assert.equal(0, status, err)

@@ -22,12 +22,17 @@
 #define UCX_PEER_LEN 64
 #define UCX_LOG_HELD 4
 
-/* UCX log lines held during a call whose failure we return (ucx.c). */
-struct ucx_log_line {
+/* Where in UCX's source a log line comes from, and its level. */
+struct ucx_log_place {
     const char *file, *function;
     unsigned line;
     ucs_log_level_t level;
     const ucs_log_component_config_t *comp;
+};
+
+/* UCX log lines held during a call whose failure we return (ucx.c). */
+struct ucx_log_line {
+    struct ucx_log_place at;
     char text[256];
 };
 

@@ -48,10 +48,7 @@ static pthread_once_t log_handler_once = PTHREAD_ONCE_INIT;
 #define LOG_SITES 32
 
 struct log_site {
-    const char *file, *function;
-    unsigned line;
-    ucs_log_level_t level;
-    const ucs_log_component_config_t *comp;
+    struct ucx_log_place at;
     int64_t second;
     uint64_t used;          /* log_uses when last logged (least recently used: replaced) */
     unsigned shown, dropped;
@@ -61,19 +58,20 @@ static struct log_site log_sites[LOG_SITES];
 static uint64_t log_uses;
 static pthread_mutex_t log_sites_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* (varargs only to hand UCX's handler the va_list it takes) */
-static void log_site_say(const struct log_site *s, const char *fmt, ...)
+/* A line as UCX prints one of at's, where it prints (varargs only to hand
+ * UCX's handler the va_list it takes). */
+static void log_say(const struct ucx_log_place *at, const char *fmt, ...)
 {
     va_list ap;
 
     va_start(ap, fmt);
-    ucs_log_default_handler(s->file, s->line, s->function, s->level, s->comp, fmt, ap);
+    ucs_log_default_handler(at->file, at->line, at->function, at->level, at->comp, fmt, ap);
     va_end(ap);
 }
 
 static void log_site_report(const struct log_site *s)
 {
-    log_site_say(s, "pluvio: %u more lines from here not shown (at most %d a second)", s->dropped, LOG_BURST);
+    log_say(&s->at, "pluvio: %u more lines from here not shown (at most %d a second)", s->dropped, LOG_BURST);
 }
 
 /* The counts of the places whose second is over, taken out of the table
@@ -101,7 +99,7 @@ static bool log_flooded(const char *file, unsigned line, const char *function, u
     pthread_mutex_lock(&log_sites_lock);
     n = log_sites_due(now, due);
     for (i = 0; i < LOG_SITES && !s; i++)
-        if (log_sites[i].file == file && log_sites[i].line == line)
+        if (log_sites[i].at.file == file && log_sites[i].at.line == line)
             s = &log_sites[i];
     if (!s) {
         s = &log_sites[0];
@@ -110,15 +108,14 @@ static bool log_flooded(const char *file, unsigned line, const char *function, u
                 s = &log_sites[i];
         if (s->dropped > 0)         /* (of this second: replaced before it was over) */
             due[n++] = *s;
-        *s = (struct log_site){ .file = file, .line = line, .second = now };
+        *s = (struct log_site){ .at = { .file = file, .line = line }, .second = now };
     }
     if (s->second != now) {
         s->second = now;
         s->shown = 0;
     }
-    s->function = function;     /* (for the count's line, as UCX would print one of them) */
-    s->level = level;
-    s->comp = comp;
+    s->at = (struct ucx_log_place){ .file = file, .function = function, .line = line, .level = level,
+                                    .comp = comp };     /* (for the count's line) */
     s->used = ++log_uses;
     drop = s->shown >= LOG_BURST;
     if (drop)
@@ -168,8 +165,8 @@ static ucs_log_func_rc_t log_hold_handler(const char *file, unsigned line, const
     if (h->n == UCX_LOG_HELD)       /* (full: printed now, as any line outside a hold) */
         return log_flooded(file, line, function, level, comp) ? UCS_LOG_FUNC_RC_STOP : UCS_LOG_FUNC_RC_CONTINUE;
     l = &h->lines[h->n++];
-    *l = (struct ucx_log_line){ .file = file, .line = line, .function = function,
-                                .level = level, .comp = comp };
+    *l = (struct ucx_log_line){ .at = { .file = file, .line = line, .function = function,
+                                        .level = level, .comp = comp } };
     vsnprintf(l->text, sizeof(l->text), fmt, ap);
     return UCS_LOG_FUNC_RC_STOP;
 }
@@ -187,23 +184,13 @@ void ucx_log_hold(struct ucx_log_hold *h, const char *drop)
     log_hold = h;
 }
 
-/* (varargs only to hand UCX's handler the va_list it takes) */
-static void log_print(const struct ucx_log_line *l, ...)
-{
-    va_list ap;
-
-    va_start(ap, l);
-    ucs_log_default_handler(l->file, l->line, l->function, l->level, l->comp, "%s", ap);
-    va_end(ap);
-}
-
 void ucx_log_release(struct ucx_log_hold *h, bool failed)
 {
     int i;
 
     log_hold = NULL;
     for (i = 0; !failed && i < h->n; i++)
-        log_print(&h->lines[i], h->lines[i].text);
+        log_say(&h->lines[i].at, "%s", h->lines[i].text);
 }
 
 /* ---- SIGHUP --------------------------------------------------------------- */
