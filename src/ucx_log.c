@@ -128,13 +128,15 @@ static bool log_flooded(const char *file, unsigned line, const char *function, u
     return drop;
 }
 
-/* At exit: the counts not printed yet. */
+/* At exit: the counts not printed yet.  (trylock: a child forked while
+ * another thread held the lock would otherwise hang in exit.) */
 __attribute__((destructor)) static void log_sites_flush(void)
 {
     struct log_site due[LOG_SITES];
     int n;
 
-    pthread_mutex_lock(&log_sites_lock);
+    if (pthread_mutex_trylock(&log_sites_lock) != 0)
+        return;
     n = log_sites_due(INT64_MIN, due);
     pthread_mutex_unlock(&log_sites_lock);
     for (int i = 0; i < n; i++)
