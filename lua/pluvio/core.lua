@@ -113,6 +113,11 @@ function M.no_scratch(len)
     return (" (no memory for %d bytes of scratch space to hold the data)"):format(len)
 end
 
+-- A failure (nil, msg, ...) with note added to its message.
+function M.noted(note, none, msg, ...)
+    return none, msg .. note, ...
+end
+
 -- An entry the kernel or UCX is done with: kept, or unmapped now.
 function Scratch:put(e)
     local kept = self.kept + e.class

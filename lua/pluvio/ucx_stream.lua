@@ -150,8 +150,7 @@ function M.install(U)
             local err
             scratch, err = self.scratch:get(cap)
             if not scratch then
-                local _, msg, code = fail("tag_recv", err)
-                return nil, msg .. core.no_scratch(cap), code
+                return core.noted(core.no_scratch(cap), fail("tag_recv", err))
             end
             ptr = scratch.ptr
         end
@@ -494,8 +493,7 @@ function M.install(U)
         -- during a pull leaves its piece to UCX)
         local scratch, err = w.scratch:get(len)
         if not scratch then     -- (the message is as it was: to take again, or release)
-            local _, msg, code = fail("receive AM data", err)
-            return nil, msg .. core.no_scratch(len), code
+            return core.noted(core.no_scratch(len), fail("receive AM data", err))
         end
         local n, err, code = take(self, "Message:data", scratch.ptr, len, scratch)
         if not n then

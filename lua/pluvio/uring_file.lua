@@ -384,8 +384,7 @@ function M.install(U)
         local t, r = file_task("File:read", self)
         local scratch, err = bounce_get(r, len)
         if not scratch then
-            local _, msg, code = fail(self, "read", err, format(" (offset %d, %d bytes)", offset, len))
-            return nil, msg .. core.no_scratch(len), code, 0
+            return core.noted(core.no_scratch(len), fail(self, "read", err, format(" (offset %d, %d bytes)", offset, len)))
         end
         local res, bytes = run_op(r, t, C.pl_uring_read(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),
                                   self, scratch)
@@ -421,8 +420,7 @@ function M.install(U)
         local t, r = file_task("File:write", self)
         local scratch, err = bounce_get(r, len)
         if not scratch then
-            local _, msg, code = fail(self, "write", err, format(" (offset %d, %d bytes)", offset, len))
-            return nil, msg .. core.no_scratch(len), code, 0
+            return core.noted(core.no_scratch(len), fail(self, "write", err, format(" (offset %d, %d bytes)", offset, len)))
         end
         ffi_copy(scratch.ptr, data, len)
         local res, bytes = run_op(r, t, C.pl_uring_write(r.u, t.slot, t.gen, self.fd, scratch.ptr, len, offset, -1),

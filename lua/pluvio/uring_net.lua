@@ -557,8 +557,7 @@ function M.install(U)
         end
         local scratch, err = bounce_get(r, max)
         if not scratch then
-            local _, msg, code = failed("recv_from", self, err)
-            return nil, msg .. core.no_scratch(max), code
+            return core.noted(core.no_scratch(max), failed("recv_from", self, err))
         end
         scratch.len = max                   -- what the kernel may fill, for _keep
         local op = C.pl_uring_recvfrom(r.u, t.slot, t.gen, self.fd, scratch.ptr, max)

@@ -427,7 +427,7 @@ function M.install(U)
         end
         local rc, note
         s, rc, note = recv_raw(self, t, r, math.min(max, RECV_CHUNK))
-        if note then
+        if note then            -- no scratch memory
             local _, msg, code = failed("recv", self, rc)
             return nil, msg .. note, code
         elseif rc < 0 then
@@ -463,11 +463,6 @@ function M.install(U)
                 local s, rc, note = recv_raw(self, t, r, math.min(n - have, RECV_CHUNK))
                 if rc <= 0 then
                     gather(self)
-                    if note then        -- (what came before is kept for the next recv)
-                        local after = have > 0 and format(" (after %d of %d bytes, kept for the next recv)",
-                                                          have, n) or ""
-                        return nil, format("recv %s: %s%s%s", self.name, errstr(rc), note, after), errname(rc), have
-                    end
                     if rc == 0 then
                         return nil, format("recv %s: connection closed after %d of %d bytes", self.name, have, n),
                                "EOF", have
@@ -475,12 +470,13 @@ function M.install(U)
                     if rc == ECANCELED then     -- closed under it: its bytes went with it
                         return failed("recv", self, rc, have)
                     elseif have == 0 then
-                        return failed("recv", self, rc, 0)
+                        return core.noted(note or "", failed("recv", self, rc, 0))
                     end
-                    -- a reset or time-out: the bytes that came before it are
-                    -- kept, as at the peer's close, and the error says so
-                    return nil, format("recv %s: %s (after %d of %d bytes, kept for the next recv)", self.name,
-                                       errstr(rc), have, n), errname(rc), have
+                    -- a reset, a time-out, no scratch memory (note): the bytes
+                    -- that came before it are kept, as at the peer's close,
+                    -- and the error says so
+                    return nil, format("recv %s: %s%s (after %d of %d bytes, kept for the next recv)", self.name,
+                                       errstr(rc), note or "", have, n), errname(rc), have
                 end
                 parts[#parts + 1] = s
                 have = have + rc
